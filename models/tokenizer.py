@@ -1,0 +1,74 @@
+"""Tokenization with the `tokenizers` library: no padding, explicit truncation, over-length detection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer
+
+Direction = Literal["right", "left"]
+
+
+class InputTooLong(ValueError):
+    """An input has more tokens than the limit and truncation was not asked for."""
+
+    def __init__(self, index: int, length: int, limit: int):
+        super().__init__(f"input {index} has {length} tokens, more than the limit of {limit}; shorten it or ask for truncation")
+        self.index, self.length, self.limit = index, length, limit
+
+
+class InvalidTokens(ValueError):
+    """Token-id input that the model cannot take (empty, or ids outside the vocabulary)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one input, with or without special tokens as the tokenizer adds them."""
+
+    ids: list[int]
+    truncated: bool
+
+
+class TextTokenizer:
+    """Wraps one tokenizer.json; one copy per truncation direction, so nothing is mutated per call."""
+
+    def __init__(self, tokenizer_file: str | Path, max_length: int, vocab_size: int):
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self._by_direction: dict[str, Tokenizer] = {}
+        for direction in ("right", "left"):
+            tok = Tokenizer.from_file(str(tokenizer_file))
+            tok.no_padding()
+            tok.enable_truncation(max_length, direction=direction)
+            self._by_direction[direction] = tok
+        self._full = Tokenizer.from_file(str(tokenizer_file))
+        self._full.no_padding()
+        self._full.no_truncation()
+
+    def encode(self, texts: list[str], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
+        """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate."""
+        encodings = self._by_direction[direction].encode_batch(texts)
+        out = []
+        for i, enc in enumerate(encodings):
+            truncated = bool(enc.overflowing)
+            if truncated and not truncate:
+                length = len(self._full.encode(texts[i]).ids)
+                raise InputTooLong(i, length, self.max_length)
+            out.append(Encoded(list(enc.ids), truncated))
+        return out
+
+    def check_ids(self, sequences: list[list[int]]) -> list[Encoded]:
+        """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does."""
+        out = []
+        for i, ids in enumerate(sequences):
+            if not ids:
+                raise InvalidTokens(f"input {i} is an empty list of token ids")
+            if len(ids) > self.max_length:
+                raise InputTooLong(i, len(ids), self.max_length)
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidTokens(f"input {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            out.append(Encoded(list(ids), False))
+        return out

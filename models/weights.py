@@ -1,0 +1,81 @@
+"""Map Hugging Face BERT / RoBERTa / DistilBERT safetensors onto PackedEncoder's parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models.config import EncoderConfig, ModelFolderError
+from models.encoder import PackedEncoder
+
+_PREFIXES = ("bert.", "roberta.", "distilbert.", "model.")
+
+
+def _bert_names(i: int) -> dict[str, list[str]]:
+    p = f"encoder.layer.{i}."
+    return {
+        "qkv": [p + "attention.self.query", p + "attention.self.key", p + "attention.self.value"],
+        "attn_out": [p + "attention.output.dense"],
+        "attn_norm": [p + "attention.output.LayerNorm"],
+        "ffn_in": [p + "intermediate.dense"],
+        "ffn_out": [p + "output.dense"],
+        "ffn_norm": [p + "output.LayerNorm"],
+    }
+
+
+def _distilbert_names(i: int) -> dict[str, list[str]]:
+    p = f"transformer.layer.{i}."
+    return {
+        "qkv": [p + "attention.q_lin", p + "attention.k_lin", p + "attention.v_lin"],
+        "attn_out": [p + "attention.out_lin"],
+        "attn_norm": [p + "sa_layer_norm"],
+        "ffn_in": [p + "ffn.lin1"],
+        "ffn_out": [p + "ffn.lin2"],
+        "ffn_norm": [p + "output_layer_norm"],
+    }
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        out[name] = t
+    return out
+
+
+def load_encoder(cfg: EncoderConfig, weight_files: list[Path]) -> PackedEncoder:
+    """Build a PackedEncoder and fill it from safetensors files; every parameter must be found."""
+    src: dict[str, torch.Tensor] = {}
+    for f in weight_files:
+        src.update(_strip_prefix(load_file(str(f))))
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return src[name]
+        except KeyError:
+            raise ModelFolderError(f"weight {name!r} is missing from {', '.join(p.name for p in weight_files)}") from None
+
+    state: dict[str, torch.Tensor] = {
+        "word_embeddings.weight": take("embeddings.word_embeddings.weight"),
+        "position_embeddings.weight": take("embeddings.position_embeddings.weight"),
+        "embed_norm.weight": take("embeddings.LayerNorm.weight"),
+        "embed_norm.bias": take("embeddings.LayerNorm.bias"),
+    }
+    h = cfg.hidden_size
+    state["token_type_embeddings.weight"] = (
+        take("embeddings.token_type_embeddings.weight") if cfg.type_vocab_size > 0 else torch.zeros(1, h)
+    )
+    names_of = _distilbert_names if cfg.model_type == "distilbert" else _bert_names
+    for i in range(cfg.num_layers):
+        for ours, theirs in names_of(i).items():
+            state[f"layers.{i}.{ours}.weight"] = torch.cat([take(n + ".weight") for n in theirs])
+            state[f"layers.{i}.{ours}.bias"] = torch.cat([take(n + ".bias") for n in theirs])
+
+    model = PackedEncoder(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Admission, batch planning and the batching worker; imports neither FastAPI nor torch."""

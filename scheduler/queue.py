@@ -1,0 +1,92 @@
+"""Bounded admission queue shared by the event loop (producers) and one worker thread (consumer)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.errors import NotReady, Overloaded
+from scheduler.planner import Limits, plan
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One input sequence waiting for its embedding. `future` resolves to the model's output row."""
+
+    ids: list[int]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+    # Filled by the worker, read by the route for timing headers.
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class BatchQueue:
+    """Holds pending WorkItems up to `max_size`; hands the worker one planned batch at a time."""
+
+    def __init__(self, max_size: int, limits: Limits, policy: str = "token_budget"):
+        self.max_size = max_size
+        self.limits = limits
+        self.policy = policy
+        self._pending: list[WorkItem] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Sequences waiting (not yet taken by the worker)."""
+        return len(self._pending)
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Admit all of `items` or none: raise Overloaded when they would pass the bound."""
+        with self._cond:
+            if self._closed:
+                raise NotReady("the server is shutting down")
+            if len(self._pending) + len(items) > self.max_size:
+                raise Overloaded(f"queue is full ({len(self._pending)} of {self.max_size} waiting)")
+            self._pending.extend(items)
+            self._cond.notify()
+
+    def next_batch(self, timeout: float | None = None) -> list[WorkItem] | None:
+        """Block until work is pending, then remove and return the planner's first batch.
+
+        Returns None when closed and empty, or [] after `timeout` seconds with nothing pending.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
+                return []
+            if not self._pending:
+                return None
+            first = plan([it.length for it in self._pending], self.limits, self.policy)[0]
+            taken = set(first.indices)
+            batch = [self._pending[i] for i in first.indices]
+            self._pending = [it for i, it in enumerate(self._pending) if i not in taken]
+            return batch
+
+    def close(self) -> None:
+        """Refuse new work; the worker drains what is pending, then next_batch returns None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def fail_pending(self, exc: Exception) -> int:
+        """Fail every waiting item with `exc` (used when the worker cannot run); returns how many."""
+        with self._cond:
+            pending, self._pending = self._pending, []
+        for it in pending:
+            if it.future.set_running_or_notify_cancel():
+                it.future.set_exception(exc)
+        return len(pending)
+
+
+def resolve(items: list[WorkItem], outputs: Any) -> None:
+    """Hand row i of `outputs` to item i."""
+    for item, row in zip(items, outputs):
+        item.future.set_result(row)

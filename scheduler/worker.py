@@ -1,0 +1,83 @@
+"""The batching worker: one thread per device, plan → run → complete."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Protocol, Sequence
+
+from scheduler.errors import BackendError
+from scheduler.queue import BatchQueue, WorkItem, resolve
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """Anything that turns a batch of token-id lists into one output row each."""
+
+    def embed(self, sequences: list[list[int]]) -> Sequence: ...
+
+
+class Observer(Protocol):
+    """Counter hooks the server implements with Prometheus; the worker knows nothing of HTTP."""
+
+    def batch_done(self, items: list[WorkItem], seconds: float) -> None: ...
+
+    def dropped(self, count: int) -> None: ...
+
+    def batch_failed(self, count: int) -> None: ...
+
+
+class BatchWorker:
+    """Runs batches from `queue` on `runner` in its own thread until the queue closes and drains."""
+
+    def __init__(self, queue: BatchQueue, runner: Runner, observer: Observer, clock: Callable[[], float] = time.perf_counter):
+        self.queue = queue
+        self.runner = runner
+        self.observer = observer
+        self.clock = clock
+        self._thread = threading.Thread(target=self._loop, name="turboserve-worker", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while (batch := self.queue.next_batch()) is not None:
+            live = self._admit(batch)
+            if live:
+                self._run(live)
+        log.info("worker stopped: queue closed and drained")
+
+    def _admit(self, batch: list[WorkItem]) -> list[WorkItem]:
+        """Drop items whose client went away (their future was cancelled) before any compute."""
+        live = [it for it in batch if it.future.set_running_or_notify_cancel()]
+        if len(live) < len(batch):
+            self.observer.dropped(len(batch) - len(live))
+        return live
+
+    def _run(self, batch: list[WorkItem]) -> None:
+        started = self.clock()
+        for it in batch:
+            it.queue_seconds = started - it.enqueued_at
+        try:
+            outputs = self.runner.embed([it.ids for it in batch])
+        except Exception as exc:  # one bad batch fails its own requests only; the loop goes on
+            log.exception("batch of %d sequences failed", len(batch))
+            self.observer.batch_failed(len(batch))
+            error = BackendError(f"model failed on this batch: {type(exc).__name__}")
+            for it in batch:
+                it.future.set_exception(error)
+            return
+        seconds = self.clock() - started
+        for it in batch:
+            it.inference_seconds = seconds
+        self.observer.batch_done(batch, seconds)
+        resolve(batch, outputs)
