@@ -1,0 +1,127 @@
+"""Build the FastAPI app: routes, error mapping, edge middleware, and a lifespan that loads the model
+in the background (routes answer 503 until it is warm) and drains the queue on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import server
+from configs.settings import Settings
+from models.runtime import Embedder, ModelInfo, load_model
+from models.tokenizer import TextTokenizer
+from server import routes_kserve, routes_openai, routes_tei
+from server.engine import Engine
+from server.errors import KINDS, VALIDATION, ErrorKind, api_family, describe_validation, error_body, kind_of
+from server.metrics import Metrics
+from server.middleware import EdgeMiddleware
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], tuple[Embedder, TextTokenizer, ModelInfo]]
+
+
+def default_loader(settings: Settings) -> Loader:
+    """Load the configured model folder (or the embedded default)."""
+    m = settings.model
+
+    def load():
+        if m.num_threads:
+            import torch  # noqa: PLC0415 - only the real model needs it
+
+            torch.set_num_threads(m.num_threads)
+        return load_model(m.path, m.name, m.device, m.dtype, m.max_input_length, m.pooling, m.normalize,
+                          m.matryoshka_dimensions)
+
+    return load
+
+
+def _warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
+    """One short and one longest input through the model, so the first request pays no warm-up."""
+    short = tokenizer.encode(["warm up"])[0].ids
+    longest = tokenizer.encode(["warm " * tokenizer.max_length], truncate=True)[0].ids
+    embedder.embed([short, longest])
+
+
+def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Metrics) -> None:
+    try:
+        embedder, tokenizer, info = loader()
+        if settings.model.warmup:
+            _warm_up(embedder, tokenizer)
+        engine = Engine(settings, embedder, tokenizer, info, metrics)
+        engine.start()
+        app.state.engine = engine
+        metrics.ready.set(1)
+        log.info("model %s ready (dim %d, max input %d tokens)", info.name, info.dim, info.max_input_length)
+    except Exception as exc:
+        app.state.load_error = f"{type(exc).__name__}: {exc}"
+        log.exception("model failed to load; the server stays unready")
+
+
+def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
+    """The whole HTTP application; `loader` defaults to the configured model (tests pass a small one)."""
+    metrics = Metrics()
+    loader = loader or default_loader(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.loader_thread = threading.Thread(
+            target=_start_engine, args=(app, settings, loader, metrics), name="turboserve-loader", daemon=True)
+        app.state.loader_thread.start()
+        yield
+        app.state.draining = True
+        app.state.loader_thread.join()
+        if app.state.engine is not None:
+            app.state.engine.stop(timeout=30)
+
+    app = FastAPI(title="turboserve", version=server.__version__, lifespan=lifespan)
+    app.state.engine = None
+    app.state.load_error = None
+    app.state.draining = False
+    app.state.metrics = metrics
+    app.state.started_at = int(time.time())
+    retry_after = str(settings.scheduler.retry_after_s)
+
+    def render(request: Request, kind: ErrorKind, message: str) -> Response:
+        status, body = error_body(api_family(request.url.path), kind, message)
+        headers = {"Retry-After": retry_after} if kind.status in (429, 503) else None
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        return render(request, kind_of(exc), str(exc))
+
+    for cls in KINDS:
+        app.add_exception_handler(cls, domain_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return render(request, VALIDATION, describe_validation(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return render(request, ErrorKind(exc.status_code, "invalid_request_error", code, "Validation"), str(exc.detail))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes_openai.router)
+    app.include_router(routes_tei.router)
+    app.include_router(routes_kserve.router)
+
+    if settings.server.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(EdgeMiddleware, metrics=metrics, payload_limit=settings.server.payload_limit,
+                       api_key=settings.server.api_key)
+    return app

@@ -1,0 +1,31 @@
+"""Small accessors the routes share."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request, Response
+
+from scheduler.errors import NotReady
+from server.engine import Engine
+from server.middleware import SCOPE_KEY, Timing
+
+
+def engine_of(request: Request) -> Engine:
+    """The ready engine, or NotReady (503) while the model loads or the server drains."""
+    engine = request.app.state.engine
+    if request.app.state.draining:
+        raise NotReady("server is shutting down")
+    if engine is None:
+        failed = request.app.state.load_error
+        raise NotReady(f"model failed to load: {failed}" if failed else "model is loading")
+    return engine
+
+
+def timing_of(request: Request) -> Timing:
+    return request.scope[SCOPE_KEY]
+
+
+def json_response(payload, status: int = 200) -> Response:
+    """Serialise with json.dumps directly: far cheaper than FastAPI's encoder on long float lists."""
+    return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")

@@ -1,0 +1,125 @@
+"""The bridge between async routes and the batching worker: tokenize, admit, await, post-process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from configs.settings import Settings
+from models.runtime import Embedder, ModelInfo, finish_embedding
+from models.tokenizer import Encoded, TextTokenizer
+from scheduler.errors import DeadlineExceeded
+from scheduler.planner import Limits
+from scheduler.queue import BatchQueue, WorkItem
+from scheduler.worker import BatchWorker
+from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge
+from server.metrics import Metrics
+from server.middleware import Timing
+
+log = logging.getLogger(__name__)
+
+# Inputs longer than this (in characters, all together) are tokenized off the event loop.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client closes its connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Engine:
+    """One model on one device: its tokenizer, queue and worker thread."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, tokenizer: TextTokenizer, info: ModelInfo, metrics: Metrics):
+        self.settings = settings
+        self.info = info
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        sched = settings.scheduler
+        self.queue = BatchQueue(sched.max_queue_size, Limits(sched.max_batch_tokens, sched.max_batch_requests), sched.policy)
+        self.worker = BatchWorker(self.queue, embedder, metrics)
+        metrics.queue_depth.set_function(lambda: self.queue.depth)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self, timeout: float) -> None:
+        """Refuse new work, let the worker finish what was admitted."""
+        self.queue.close()
+        self.worker.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self.worker.alive
+
+    def check_batch(self, count: int) -> None:
+        if count == 0:
+            raise EmptyInput("input is empty: give at least one text")
+        limit = self.settings.server.max_client_batch_size
+        if count > limit:
+            raise TooLarge(f"{count} inputs in one request, more than max_client_batch_size={limit}")
+
+    async def tokenize(self, inputs: list[str] | list[list[int]], timing: Timing, truncate: bool = False,
+                       direction: Literal["right", "left"] = "right") -> list[Encoded]:
+        """Tokenize texts (or check token ids); raise the errors the routes map to 4xx."""
+        self.check_batch(len(inputs))
+        started = time.perf_counter()
+        if inputs and isinstance(inputs[0], list):
+            encoded = self.tokenizer.check_ids(inputs)  # type: ignore[arg-type]
+        else:
+            for i, text in enumerate(inputs):
+                if not isinstance(text, str):
+                    raise InvalidRequest(f"input {i} must be a string")
+                if not text:
+                    raise EmptyInput(f"input {i} is an empty string")
+            if sum(len(t) for t in inputs) > _INLINE_TOKENIZE_CHARS:
+                encoded = await run_in_threadpool(self.tokenizer.encode, inputs, truncate, direction)
+            else:
+                encoded = self.tokenizer.encode(inputs, truncate, direction)  # type: ignore[arg-type]
+        timing.tokenization = time.perf_counter() - started
+        timing.tokens = sum(len(e.ids) for e in encoded)
+        return encoded
+
+    async def run(self, encoded: list[Encoded], request: Request, timing: Timing) -> np.ndarray:
+        """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled."""
+        items = [WorkItem(e.ids) for e in encoded]
+        self.queue.submit(items)  # raises Overloaded / NotReady
+        results = asyncio.gather(*(asyncio.wrap_future(it.future) for it in items))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        done, _ = await asyncio.wait({results, gone}, timeout=self.settings.server.request_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if results not in done:
+            for it in items:
+                it.future.cancel()  # the worker skips cancelled items and counts them as dropped
+            results.cancel()
+            if gone in done:
+                raise ClientDisconnected("client closed the connection before the answer was ready")
+            raise DeadlineExceeded(f"no answer within request_timeout_s={self.settings.server.request_timeout_s}")
+        rows = results.result()  # raises BackendError if the batch failed
+        timing.queue = max(it.queue_seconds for it in items)
+        timing.inference = max(it.inference_seconds for it in items)
+        return np.stack(rows)
+
+    def finish(self, pooled: np.ndarray, normalize: bool, dimensions: int | None = None) -> np.ndarray:
+        """Apply normalisation and Matryoshka truncation; `dimensions` must already be checked."""
+        return finish_embedding(pooled, normalize, dimensions)
+
+    def check_dimensions(self, dimensions: int | None) -> int | None:
+        """None when the full size is asked for; raise InvalidRequest when the model cannot truncate."""
+        if dimensions is None or dimensions == self.info.dim:
+            return None
+        allowed = self.info.matryoshka_dimensions
+        if dimensions not in allowed:
+            sizes = ", ".join(map(str, allowed)) if allowed else "none besides the full size"
+            raise InvalidRequest(
+                f"dimensions={dimensions} is not supported by model {self.info.name} "
+                f"(output size {self.info.dim}; Matryoshka sizes: {sizes})")
+        return dimensions

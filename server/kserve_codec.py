@@ -1,0 +1,128 @@
+"""Open Inference Protocol (KServe v2) bodies, including Triton's binary tensor data extension.
+
+A request may be JSON alone, or JSON followed by raw tensor bytes, with the JSON's length in the
+`Inference-Header-Content-Length` header; each input carried in binary names its byte count in
+`parameters.binary_data_size`. BYTES elements are a 4-byte little-endian length, then the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import InvalidRequest
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    texts: list[str]
+    binary_output: bool
+    parameters: dict
+
+
+def _decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
+    texts, offset = [], 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise InvalidRequest(f"binary BYTES data ends before element {i}")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise InvalidRequest(f"binary BYTES element {i} runs past the data")
+        texts.append(_utf8(raw[offset:offset + n], i))
+        offset += n
+    if offset != len(raw):
+        raise InvalidRequest(f"binary BYTES data has {len(raw) - offset} bytes beyond {count} elements")
+    return texts
+
+
+def _utf8(value: bytes, i: int) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"element {i} is not valid UTF-8") from None
+
+
+def _flatten(data) -> list:
+    if isinstance(data, list):
+        return [x for item in data for x in _flatten(item)]
+    return [data]
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request whose single BYTES input holds the texts to embed."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidRequest(f"{HEADER_LENGTH}={header_length!r} does not fit a body of {len(body)} bytes")
+        json_part, binary = body[: int(header_length)], body[int(header_length):]
+    else:
+        json_part, binary = body, b""
+    try:
+        doc = json.loads(json_part)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise InvalidRequest("request must be a JSON object with a non-empty 'inputs' list")
+    if len(doc["inputs"]) != 1:
+        raise InvalidRequest(f"expected exactly one input (BYTES texts), got {len(doc['inputs'])}")
+    tensor = doc["inputs"][0]
+    if not isinstance(tensor, dict):
+        raise InvalidRequest("each input must be an object with name, shape, datatype, data")
+    if tensor.get("datatype") != "BYTES":
+        raise InvalidRequest(f"input {tensor.get('name')!r} must have datatype BYTES, not {tensor.get('datatype')!r}")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) not in (1, 2) \
+            or (len(shape) == 2 and shape[1] != 1):
+        raise InvalidRequest(f"input shape must be [n] or [n, 1], got {shape!r}")
+    count = shape[0]
+    params = tensor.get("parameters") or {}
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if not isinstance(size, int) or size != len(binary):
+            raise InvalidRequest(f"binary_data_size={size!r} but {len(binary)} bytes follow the JSON header")
+        texts = _decode_bytes_tensor(binary, count)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise InvalidRequest("input has neither 'data' nor binary data")
+        flat = _flatten(data)
+        if len(flat) != count:
+            raise InvalidRequest(f"shape says {count} elements, data holds {len(flat)}")
+        if not all(isinstance(x, str) for x in flat):
+            raise InvalidRequest("BYTES data must be strings")
+        texts = flat
+    outputs = doc.get("outputs") or []
+    request_params = doc.get("parameters") or {}
+    if not isinstance(outputs, list) or not isinstance(request_params, dict):
+        raise InvalidRequest("'outputs' must be a list and 'parameters' an object")
+    for out in outputs:
+        if not isinstance(out, dict) or out.get("name") != "embedding":
+            raise InvalidRequest("the only output is 'embedding'")
+    binary_output = bool(request_params.get("binary_data_output", False)) or any(
+        bool((out.get("parameters") or {}).get("binary_data", False)) for out in outputs)
+    request_id = doc.get("id")
+    return InferRequest(str(request_id) if request_id is not None else None, texts, binary_output, request_params)
+
+
+def encode_infer_response(model: str, request_id: str | None, vectors: np.ndarray, binary: bool) -> tuple[bytes, dict]:
+    """(body, extra headers) for the 'embedding' FP32 output of shape [n, dim]."""
+    output: dict = {"name": "embedding", "datatype": "FP32", "shape": list(vectors.shape)}
+    raw = b""
+    if binary:
+        raw = vectors.astype("<f4").tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        output["data"] = vectors.reshape(-1).tolist()
+    doc: dict = {"model_name": model, "model_version": "1", "outputs": [output]}
+    if request_id is not None:
+        doc["id"] = request_id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not binary:
+        return head, {"content-type": "application/json"}
+    return head + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

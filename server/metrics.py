@@ -1,0 +1,52 @@
+"""Prometheus metrics, one registry per app; also the worker's Observer."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from scheduler.queue import WorkItem
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class Metrics:
+    """All turboserve_* series. Methods are counter increments, nothing more."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.request_duration = Histogram(
+            "turboserve_request_duration_seconds", "Time from request arrival to response start.", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("turboserve_requests", "Requests answered, by route and status.", ["route", "status"], registry=r)
+        self.queue_wait = Histogram(
+            "turboserve_queue_wait_seconds", "Time a sequence waited before its batch started.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram(
+            "turboserve_inference_duration_seconds", "Model time of one batch.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("turboserve_batch_size", "Sequences in one batch.", buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("turboserve_batch_tokens", "Packed tokens in one batch.", buckets=_TOKEN_BUCKETS, registry=r)
+        self.tokens = Counter("turboserve_tokens", "Input tokens computed.", registry=r)
+        self.dropped_total = Counter(
+            "turboserve_requests_dropped", "Sequences dropped before compute because their client went away or timed out.",
+            registry=r)
+        self.batch_failures = Counter("turboserve_batch_failures", "Sequences whose batch raised an error.", registry=r)
+        self.queue_depth = Gauge("turboserve_queue_depth", "Sequences waiting for a batch.", registry=r)
+        self.ready = Gauge("turboserve_ready", "1 when the model is loaded and warm.", registry=r)
+
+    # Observer hooks, called from the worker thread.
+    def batch_done(self, items: list[WorkItem], seconds: float) -> None:
+        tokens = sum(it.length for it in items)
+        self.inference_duration.observe(seconds)
+        self.batch_size.observe(len(items))
+        self.batch_tokens.observe(tokens)
+        self.tokens.inc(tokens)
+        for it in items:
+            self.queue_wait.observe(it.queue_seconds)
+
+    def dropped(self, count: int) -> None:
+        self.dropped_total.inc(count)
+
+    def batch_failed(self, count: int) -> None:
+        self.batch_failures.inc(count)

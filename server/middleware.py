@@ -1,0 +1,141 @@
+"""The edge of every request, as plain ASGI: request id, API key, body limit, timing headers,
+request metrics, and the last-resort 500 that never carries a traceback."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from server.errors import INTERNAL, TooLarge, Unauthorized, api_family, error_body, kind_of
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SCOPE_KEY = "turboserve"
+# Routes reachable without the API key (probes and scrapers carry none).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+@dataclass
+class Timing:
+    """Per-request timings the routes fill in; sent back as TEI-style headers (milliseconds)."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    tokenization: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+    tokens: int = 0
+
+
+def _header(scope: dict, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+class EdgeMiddleware:
+    """Wraps the FastAPI app; every response leaves through `send` here."""
+
+    def __init__(self, app, metrics: Metrics, payload_limit: int, api_key: str | None):
+        self.app = app
+        self.metrics = metrics
+        self.payload_limit = payload_limit
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming_id = _header(scope, b"x-request-id")
+        request_id = incoming_id.decode("latin-1")[:128] if incoming_id else uuid.uuid4().hex
+        timing = Timing(request_id)
+        scope[SCOPE_KEY] = timing
+        family = api_family(scope["path"])
+        sent = {"status": 0}
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+                total = time.perf_counter() - timing.started
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"x-request-id", request_id.encode("latin-1")),
+                    (b"x-total-time", f"{total * 1000:.3f}".encode()),
+                    (b"x-tokenization-time", f"{timing.tokenization * 1000:.3f}".encode()),
+                    (b"x-queue-time", f"{timing.queue * 1000:.3f}".encode()),
+                    (b"x-inference-time", f"{timing.inference * 1000:.3f}".encode()),
+                    (b"x-compute-tokens", str(timing.tokens).encode()),
+                ]
+                message = {**message, "headers": headers}
+                route = scope.get("route")
+                label = getattr(route, "path", "unmatched")
+                self.metrics.request_duration.labels(label).observe(total)
+                self.metrics.requests.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        async def refuse(exc: Exception, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+            status, body = error_body(family, kind_of(exc), str(exc))
+            await send_with_headers({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
+            await send_with_headers({"type": "http.response.body", "body": body})
+
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            given = _header(scope, b"authorization") or b""
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                await refuse(Unauthorized("missing or wrong API key (Authorization: Bearer <key>)"),
+                             [(b"www-authenticate", b"Bearer")])
+                return
+
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.payload_limit:
+            await refuse(TooLarge(f"request body of {int(declared)} bytes is over the {self.payload_limit}-byte limit"))
+            return
+        body, too_large = await self._read_body(receive)
+        if too_large:
+            await refuse(TooLarge(f"request body is over the {self.payload_limit}-byte limit"))
+            return
+        try:
+            await self.app(scope, self._replay(body, receive), send_with_headers)
+        except Exception:
+            log.exception("unhandled error in request %s %s (request id %s)", scope.get("method"), scope["path"], request_id)
+            if sent["status"]:
+                raise  # the response already started; nothing clean is left to send
+            status, payload = error_body(family, INTERNAL, f"internal error; request id {request_id}")
+            await send_with_headers({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+            await send_with_headers({"type": "http.response.body", "body": payload})
+
+    async def _read_body(self, receive) -> tuple[bytes, bool]:
+        """Read the whole body, stopping once it passes the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", False  # disconnected while sending; the app sees the disconnect next
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.payload_limit:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
+
+    @staticmethod
+    def _replay(body: bytes, receive):
+        """A receive() that yields the buffered body once, then the real channel (for disconnects)."""
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay

@@ -1,0 +1,84 @@
+"""OpenAI embeddings API: POST /v1/embeddings, GET /v1/models."""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from server.deps import engine_of, json_response, timing_of
+from server.errors import ModelNotFound
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+class EmbeddingRequest(BaseModel):
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, texts, token ids, or lists of token ids (ids are used as given).")
+    model: str = Field(description="Served model name (see GET /v1/models).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Truncate to this size and renormalise (Matryoshka models).")
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(body: EmbeddingRequest, request: Request):
+    engine = engine_of(request)
+    if body.model != engine.info.name:
+        raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
+    dimensions = engine.check_dimensions(body.dimensions)
+    inputs = body.input
+    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]  # one text, or one list of token ids
+    timing = timing_of(request)
+    encoded = await engine.tokenize(inputs, timing)
+    vectors = engine.finish(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)
+    if body.encoding_format == "base64":
+        rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        rows = vectors.tolist()
+    return json_response({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+        "model": engine.info.name,
+        "usage": {"prompt_tokens": timing.tokens, "total_tokens": timing.tokens},
+    })
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request):
+    engine = engine_of(request)
+    return {"object": "list", "data": [{"id": engine.info.name, "object": "model",
+                                        "created": request.app.state.started_at, "owned_by": "turboserve"}]}
