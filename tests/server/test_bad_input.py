@@ -1,0 +1,119 @@
+"""Every bad-input case answers in its API's own error shape, never a 500, and the server keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import MODEL
+
+LONG = " ".join(f"w{i}" for i in range(100))  # far over the dummy's 32-token limit
+TOO_MANY = ["x"] * 33  # max_client_batch_size is 32
+
+
+def _check_shape(family: str, body: dict) -> None:
+    if family == "openai":
+        assert set(body) == {"error"}
+        assert {"message", "type", "code"} <= set(body["error"])
+        assert body["error"]["message"]
+    elif family == "tei":
+        assert set(body) == {"error", "error_type"} and body["error"]
+    else:
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in str(body)
+
+
+OPENAI = [
+    ("malformed json", b'{"input": "x", "model": ', 400),
+    ("wrong type", {"input": 5, "model": MODEL}, 400),
+    ("missing model", {"input": "x"}, 400),
+    ("empty list", {"input": [], "model": MODEL}, 400),
+    ("empty string", {"input": "", "model": MODEL}, 400),
+    ("empty string in list", {"input": ["ok", ""], "model": MODEL}, 400),
+    ("too many inputs", {"input": TOO_MANY, "model": MODEL}, 413),
+    ("too long", {"input": LONG, "model": MODEL}, 413),
+    ("token id out of vocab", {"input": [[101, 99999999]], "model": MODEL}, 400),
+    ("negative token id", {"input": [-1, 5], "model": MODEL}, 400),
+    ("empty token list", {"input": [[]], "model": MODEL}, 400),
+    ("unknown model", {"input": "x", "model": "nope"}, 404),
+    ("bad encoding", {"input": "x", "model": MODEL, "encoding_format": "hex"}, 400),
+    ("dimensions zero", {"input": "x", "model": MODEL, "dimensions": 0}, 400),
+    ("dimensions unsupported", {"input": "x", "model": MODEL, "dimensions": 5}, 400),
+]
+TEI = [
+    ("malformed json", b"{not json", 422),
+    ("wrong type", {"inputs": {"a": 1}}, 422),
+    ("bad direction", {"inputs": "x", "truncation_direction": "up"}, 422),
+    ("empty list", {"inputs": []}, 400),
+    ("empty string", {"inputs": ""}, 400),
+    ("too many inputs", {"inputs": TOO_MANY}, 413),
+    ("too long", {"inputs": LONG}, 413),
+    ("token id out of vocab", {"inputs": [[1, 2, 40000]]}, 422),
+    ("prompt name", {"inputs": "x", "prompt_name": "query"}, 422),
+]
+INFER = f"/v2/models/{MODEL}/infer"
+KSERVE = [
+    ("malformed json", INFER, b"[[[", 400),
+    ("no inputs", INFER, {"inputs": []}, 400),
+    ("wrong datatype", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "INT32", "data": [1]}]}, 400),
+    ("shape mismatch", INFER, {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}, 400),
+    ("bad shape", INFER, {"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]}, 400),
+    ("non-string data", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [3]}]}, 400),
+    ("empty string", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [""]}]}, 400),
+    ("too many", INFER, {"inputs": [{"name": "text", "shape": [33], "datatype": "BYTES", "data": TOO_MANY}]}, 413),
+    ("too long", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [LONG]}]}, 413),
+    ("unknown output", INFER, {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                               "outputs": [{"name": "logits"}]}, 400),
+    ("unknown model", "/v2/models/nope/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 404),
+]
+
+
+def _post(client, path, body):
+    if isinstance(body, bytes):
+        return client.post(path, content=body, headers={"content-type": "application/json"})
+    return client.post(path, json=body)
+
+
+@pytest.mark.parametrize("case,body,status", OPENAI, ids=[c[0] for c in OPENAI])
+def test_openai_bad_input(client, case, body, status):
+    r = _post(client, "/v1/embeddings", body)
+    assert r.status_code == status, r.text
+    _check_shape("openai", r.json())
+    assert client.post("/v1/embeddings", json={"input": "still serving", "model": MODEL}).status_code == 200
+
+
+@pytest.mark.parametrize("case,body,status", TEI, ids=[c[0] for c in TEI])
+def test_tei_bad_input(client, case, body, status):
+    r = _post(client, "/embed", body)
+    assert r.status_code == status, r.text
+    _check_shape("tei", r.json())
+    assert client.post("/embed", json={"inputs": "still serving"}).status_code == 200
+
+
+@pytest.mark.parametrize("case,path,body,status", KSERVE, ids=[c[0] for c in KSERVE])
+def test_kserve_bad_input(client, case, path, body, status):
+    r = _post(client, path, body)
+    assert r.status_code == status, r.text
+    _check_shape("kserve", r.json())
+
+
+def test_kserve_binary_header_errors(client):
+    r = client.post(INFER, content=b'{"inputs": []}', headers={"inference-header-content-length": "999"})
+    assert r.status_code == 400 and "does not fit" in r.json()["error"]
+    head = b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":9}}]}'
+    r = client.post(INFER, content=head + b"\x05\x00\x00\x00abc", headers={"inference-header-content-length": str(len(head))})
+    assert r.status_code == 400, r.text  # declared 9 bytes, 7 follow
+    head7 = head.replace(b'"binary_data_size":9', b'"binary_data_size":7')
+    r = client.post(INFER, content=head7 + b"\x09\x00\x00\x00abc", headers={"inference-header-content-length": str(len(head7))})
+    assert r.status_code == 400 and "runs past" in r.json()["error"]  # element claims 9 bytes, 3 follow
+
+
+def test_unknown_routes_and_methods_keep_family_shape(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404
+    _check_shape("openai", r.json())
+    r = client.get("/embed")
+    assert r.status_code == 405
+    _check_shape("tei", r.json())
+    r = client.get("/v2/models/nope")
+    assert r.status_code == 404
+    _check_shape("kserve", r.json())

@@ -1,0 +1,113 @@
+"""Test support: a small deterministic engine (after infinity's DummyTransformer) and a real uvicorn
+server on a free loopback port, run in a thread so tests can reach into the app."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+from configs.settings import Settings, load_settings
+from models.config import default_model_path
+from models.runtime import ModelInfo
+from models.tokenizer import TextTokenizer
+from server.app import create_app
+
+MODEL = "dummy"
+
+
+class DummyEmbedder:
+    """Deterministic, batch-invariant vectors from token ids; can be gated or made to fail."""
+
+    def __init__(self, dim: int = 8):
+        self.dim = dim
+        self.batches: list[list[list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # set when a batch starts (then waits on the gate)
+        self.fail_next = False
+
+    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("test gate was never opened")
+        self.batches.append(sequences)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected failure")
+        return np.stack([expected_vector(ids, self.dim) for ids in sequences])
+
+
+def expected_vector(ids: list[int], dim: int = 8) -> np.ndarray:
+    """What DummyEmbedder returns (pooled, before normalisation) for one sequence."""
+    tokens = np.asarray(ids, dtype=np.float64)[:, None]
+    j = np.arange(1, dim + 1, dtype=np.float64)[None, :]
+    return np.cos(tokens * j * 0.01).mean(axis=0).astype(np.float32) + np.float32(0.1)
+
+
+def dummy_loader(embedder: DummyEmbedder, max_length: int = 32, matryoshka: tuple[int, ...] = (4,),
+                 ready: threading.Event | None = None):
+    """A loader that serves DummyEmbedder with the embedded model's real tokenizer."""
+
+    def load():
+        if ready is not None:
+            ready.wait(timeout=30)
+        tokenizer = TextTokenizer(default_model_path() / "tokenizer.json", max_length, 30522)
+        info = ModelInfo(MODEL, "dummy", "bert", embedder.dim, max_length, "mean", True, matryoshka, "float32", "cpu")
+        return embedder, tokenizer, info
+
+    return load
+
+
+def settings(**sections: dict[str, Any]) -> Settings:
+    base = {"server": {"port": 0}, "model": {"warmup": False}}
+    for key, values in sections.items():
+        base.setdefault(key, {}).update(values)
+    return load_settings(None, base)
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 (free port) in a daemon thread."""
+
+    def __init__(self, app, wait_ready: bool = True):
+        self.app = app
+        self.wait_ready = wait_ready
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        if self.wait_ready:
+            self.app.state.loader_thread.join(timeout=120)
+            if self.app.state.engine is None:
+                raise RuntimeError(f"model did not load: {self.app.state.load_error}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+def dummy_server(embedder: DummyEmbedder | None = None, wait_ready: bool = True, loader_kwargs: dict | None = None,
+                 **sections: dict[str, Any]) -> ServerThread:
+    embedder = embedder or DummyEmbedder()
+    app = create_app(settings(**sections), dummy_loader(embedder, **(loader_kwargs or {})))
+    app.state.embedder = embedder
+    return ServerThread(app, wait_ready)
