@@ -1,0 +1,467 @@
+"""Load generator for turboserve: replay the bench workload over loopback HTTP and report throughput.
+
+    .venv/bin/python bench/loadgen.py --spawn --concurrency 32 --requests 600 --baseline --single
+
+Phases, in order (the server is never loaded while something else is being timed):
+
+1. baseline (--baseline): SentenceTransformer(...).encode(texts, batch_size=32) in this process on the
+   very texts of the load phase, after a warm-up call; before the server is started (--spawn) or
+   while it is idle (--url).
+2. load: `--concurrency` client tasks send one text per request until `--requests` are done or
+   `--duration` seconds pass (hard stop: requests still in flight are cancelled and counted apart);
+   a warm-up of `--warmup` requests (other texts) comes first and is not counted.
+3. single (--single): `--single-count` sequential requests of one ~16-token text; p50 of client latency
+   and of the server's x-inference-time header; then, in this process with the server idle, the
+   model's raw forward time for the same text (models.runtime.load_model), and overhead = difference.
+
+Only loopback addresses are accepted. `--json FILE` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.workload import count_tokens, make_texts  # noqa: E402
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+ROUTES = {"tei": "/embed", "openai": "/v1/embeddings"}
+
+
+# ---------------------------------------------------------------------------------------------- utils
+
+def percentile(values, q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default); None for no values."""
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _fmt(value, unit: str = "", digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def check_loopback(url: str) -> None:
+    """Refuse any URL whose host is not a loopback address: this tool must not load other machines."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise SystemExit(f"loadgen: {url} is not a loopback address (127.0.0.0/8, ::1 or localhost)")
+
+
+def machine_info() -> dict:
+    """CPU model, core count, Python and torch versions, for the record."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def body_for(route: str, text: str) -> bytes:
+    """The request body of one text, encoded once so the client spends no time on it while timing."""
+    payload = {"inputs": text} if route == "tei" else {"input": text, "model": MODEL_NAME}
+    return json.dumps(payload).encode()
+
+
+def _header_ms(response: httpx.Response, name: str) -> float | None:
+    value = response.headers.get(name)
+    try:
+        return float(value) / 1000 if value is not None else None
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- spawn
+
+class SpawnedServer:
+    """`turboserve serve` on a free loopback port, as a subprocess whose log goes to a temp file."""
+
+    def __init__(self, extra_args: list[str], startup_timeout: float):
+        self.port = self._free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        exe = Path(sys.executable).parent / "turboserve"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+        self.cmd = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
+        self.log = tempfile.NamedTemporaryFile("w+b", prefix="turboserve-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def _free_port() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def start(self) -> None:
+        print(f"spawning: {' '.join(self.cmd)}  (log: {self.log.name})", flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        with httpx.Client(base_url=self.url, trust_env=False, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"loadgen: the server exited with {self.proc.returncode} while starting:\n{self.tail()}")
+                try:
+                    if client.get("/health").status_code == 200:
+                        print(f"server ready at {self.url} after {self.startup_timeout - (deadline - time.monotonic()):.1f}s",
+                              flush=True)
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"loadgen: the server did not answer GET /health with 200 in {self.startup_timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGINT (uvicorn's graceful stop), then SIGKILL if it does not exit within 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+@dataclass
+class Sample:
+    """One finished request."""
+
+    latency: float
+    status: int
+    tokens: int
+    inference: float | None = None  # x-inference-time, seconds
+    queue: float | None = None  # x-queue-time, seconds
+    server_total: float | None = None  # x-total-time, seconds
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    route: str
+    requested: int
+    completed: int = 0
+    ok: int = 0
+    cancelled_at_deadline: int = 0
+    elapsed_s: float = 0.0
+    requests_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    mean_tokens: float = 0.0
+    latency_ms: dict = field(default_factory=dict)
+    server_inference_ms: dict = field(default_factory=dict)
+    server_queue_ms: dict = field(default_factory=dict)
+    server_total_ms: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+
+
+async def _one(client: httpx.AsyncClient, path: str, body: bytes, tokens: int) -> Sample | tuple[str, str]:
+    started = time.perf_counter()
+    try:
+        resp = await client.post(path, content=body, headers={"content-type": "application/json"})
+        await resp.aread()
+    except httpx.HTTPError as exc:
+        return (type(exc).__name__, str(exc)[:200])
+    latency = time.perf_counter() - started
+    return Sample(latency, resp.status_code, tokens, _header_ms(resp, "x-inference-time"),
+                  _header_ms(resp, "x-queue-time"), _header_ms(resp, "x-total-time"))
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"p50": _ms(percentile(values, 50)), "p90": _ms(percentile(values, 90)), "p99": _ms(percentile(values, 99)),
+            "mean": _ms(float(np.mean(values))), "max": _ms(max(values))}
+
+
+async def run_load(url: str, route: str, texts: list[str], tokens: list[int], concurrency: int, duration: float,
+                   warmup_texts: list[str], timeout: float) -> LoadResult:
+    """Warm up, then replay `texts` (one per request) with `concurrency` workers; stop at `duration` seconds."""
+    path = ROUTES[route]
+    bodies = [body_for(route, t) for t in texts]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    result = LoadResult(concurrency, route, len(texts))
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
+        # Warm-up: open the connections and get the server past any first-request costs.
+        if warmup_texts:
+            warm = [body_for(route, t) for t in warmup_texts]
+            sem = asyncio.Semaphore(concurrency)
+
+            async def warm_one(b: bytes):
+                async with sem:
+                    return await _one(client, path, b, 0)
+
+            outs = await asyncio.gather(*(warm_one(b) for b in warm))
+            bad = [o for o in outs if not isinstance(o, Sample) or o.status != 200]
+            if bad:
+                print(f"warning: {len(bad)} of {len(warm)} warm-up requests failed, e.g. {bad[0]}", flush=True)
+
+        samples: list[Sample] = []
+        failures: Counter = Counter()
+        next_index = 0
+
+        async def worker():
+            nonlocal next_index
+            while next_index < len(bodies):
+                i = next_index
+                next_index += 1
+                out = await _one(client, path, bodies[i], tokens[i])
+                if isinstance(out, Sample):
+                    samples.append(out)
+                else:
+                    failures[out[0]] += 1
+
+        started = time.perf_counter()
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        done, pending = await asyncio.wait(tasks, timeout=duration)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        elapsed = time.perf_counter() - started
+        if pending:
+            # Each worker still running had exactly one request in flight.
+            result.cancelled_at_deadline = len(pending)
+    ok = [s for s in samples if s.status == 200]
+    result.completed = len(samples)
+    result.ok = len(ok)
+    result.elapsed_s = round(elapsed, 3)
+    result.requests_per_s = round(len(ok) / elapsed, 3)
+    result.tokens_per_s = round(sum(s.tokens for s in ok) / elapsed, 1)
+    result.mean_tokens = round(float(np.mean([s.tokens for s in ok])), 1) if ok else 0.0
+    result.latency_ms = _summary([s.latency for s in ok])
+    result.server_inference_ms = _summary([s.inference for s in ok if s.inference is not None])
+    result.server_queue_ms = _summary([s.queue for s in ok if s.queue is not None])
+    result.server_total_ms = _summary([s.server_total for s in ok if s.server_total is not None])
+    errors = Counter(f"HTTP {s.status}" for s in samples if s.status != 200)
+    errors.update(failures)
+    result.errors = dict(errors)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- single
+
+async def run_single(url: str, route: str, text: str, count: int, timeout: float) -> dict:
+    """`count` sequential requests of one short text (after 10 warm-up ones); p50 client and server times."""
+    path = ROUTES[route]
+    body = body_for(route, text)
+    latencies, inference, server_total, errors = [], [], [], Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) as client:
+        for _ in range(10):
+            await _one(client, path, body, 0)
+        for _ in range(count):
+            out = await _one(client, path, body, 0)
+            if isinstance(out, Sample) and out.status == 200:
+                latencies.append(out.latency)
+                if out.inference is not None:
+                    inference.append(out.inference)
+                if out.server_total is not None:
+                    server_total.append(out.server_total)
+            else:
+                errors[f"HTTP {out.status}" if isinstance(out, Sample) else out[0]] += 1
+    return {"count": count, "ok": len(latencies), "errors": dict(errors),
+            "client_latency_ms": _summary(latencies), "server_inference_ms": _summary(inference),
+            "server_total_ms": _summary(server_total)}
+
+
+def forward_time(text: str, runs: int) -> dict:
+    """The model's raw forward time for one text in this process: emb.embed([ids]), p50 over `runs` after warm-up."""
+    from models.runtime import load_model  # noqa: PLC0415
+
+    emb, tok, _info = load_model(None)
+    ids = tok.encode([text])[0].ids
+    for _ in range(10):
+        emb.embed([ids])
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        emb.embed([ids])
+        times.append(time.perf_counter() - started)
+    return {"tokens": len(ids), "runs": runs, "forward_ms": _summary(times)}
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+def run_baseline(texts: list[str], batch_size: int) -> dict:
+    """SentenceTransformer.encode on the same texts in this process, after a warm-up call."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch  # noqa: PLC0415
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    from models.config import default_model_path  # noqa: PLC0415
+
+    model = SentenceTransformer(str(default_model_path()), device="cpu")
+    model.encode(texts[: batch_size * 2], batch_size=batch_size)  # warm-up
+    started = time.perf_counter()
+    model.encode(texts, batch_size=batch_size)
+    elapsed = time.perf_counter() - started
+    return {"texts": len(texts), "batch_size": batch_size, "elapsed_s": round(elapsed, 3),
+            "texts_per_s": round(len(texts) / elapsed, 3), "torch_threads": torch.get_num_threads(),
+            "max_seq_length": model.max_seq_length}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only; default %(default)s)")
+    where.add_argument("--spawn", action="store_true", help="start `turboserve serve` on a free loopback port and stop it at the end")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the spawned server, repeatable (e.g. --server-arg=--config --server-arg=FILE)")
+    p.add_argument("--route", choices=sorted(ROUTES), default="tei", help="tei: POST /embed; openai: POST /v1/embeddings")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (default %(default)s)")
+    p.add_argument("--requests", type=int, default=600, help="timed requests, one text each (default %(default)s)")
+    p.add_argument("--duration", type=float, default=300.0, help="hard stop of the load phase, seconds (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed warm-up requests first (default %(default)s)")
+    p.add_argument("--min-tokens", type=int, default=8, help="shortest text, tokens with specials (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest text (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds (default %(default)s)")
+    p.add_argument("--baseline", action="store_true", help="also time SentenceTransformer.encode on the same texts in-process")
+    p.add_argument("--baseline-batch-size", type=int, default=32, help="batch_size of the baseline encode (default %(default)s)")
+    p.add_argument("--single", action="store_true", help="also measure sequential single-request latency vs raw forward time")
+    p.add_argument("--single-count", type=int, default=50, help="requests / forward runs of the single phase (default %(default)s)")
+    p.add_argument("--single-tokens", type=int, default=16, help="token length of the single-phase text (default %(default)s)")
+    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the spawned server's /health")
+    p.add_argument("--json", metavar="FILE", help="write all numbers as JSON")
+    return p
+
+
+def _print_load(r: LoadResult) -> None:
+    print(f"\n== load: {r.ok}/{r.requested} ok in {r.elapsed_s:.2f}s at concurrency {r.concurrency} ({ROUTES[r.route]})")
+    print(f"  throughput : {r.requests_per_s:.2f} req/s, {r.tokens_per_s:.0f} tokens/s (mean {r.mean_tokens} tokens/request)")
+    lat = r.latency_ms
+    print(f"  latency    : p50 {_fmt(lat.get('p50'), ' ms')}  p90 {_fmt(lat.get('p90'), ' ms')}  "
+          f"p99 {_fmt(lat.get('p99'), ' ms')}  max {_fmt(lat.get('max'), ' ms')}")
+    for label, d in (("server total", r.server_total_ms), ("server queue", r.server_queue_ms),
+                     ("server infer", r.server_inference_ms)):
+        if d:
+            print(f"  {label:<11}: p50 {_fmt(d.get('p50'), ' ms')}  p99 {_fmt(d.get('p99'), ' ms')}")
+    if r.cancelled_at_deadline:
+        print(f"  hard stop  : {r.cancelled_at_deadline} requests in flight were cancelled at the deadline")
+    print(f"  errors     : {r.errors or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.concurrency < 1 or args.requests < 1:
+        raise SystemExit("loadgen: --concurrency and --requests must be at least 1")
+    if not args.spawn:
+        check_loopback(args.url)
+    report: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(), "args": vars(args)}
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        report["git_commit"] = commit or None
+    except (OSError, subprocess.TimeoutExpired):
+        report["git_commit"] = None
+
+    texts = make_texts(args.requests, args.min_tokens, args.max_tokens, args.seed)
+    tokens = count_tokens(texts)
+    warmup_texts = make_texts(args.warmup, args.min_tokens, args.max_tokens, args.seed + 1000) if args.warmup else []
+    single_text = make_texts(1, args.single_tokens, args.single_tokens, args.seed + 2000)[0]
+    print(f"workload: {len(texts)} texts, tokens min {min(tokens)} mean {np.mean(tokens):.1f} max {max(tokens)} "
+          f"(total {sum(tokens)})", flush=True)
+    report["workload"] = {"texts": len(texts), "min_tokens": min(tokens), "max_tokens": max(tokens),
+                          "mean_tokens": round(float(np.mean(tokens)), 2), "total_tokens": sum(tokens)}
+
+    if args.baseline:  # before the server exists (--spawn) or while it is idle (--url)
+        print("baseline: SentenceTransformer.encode in-process ...", flush=True)
+        report["baseline"] = run_baseline(texts, args.baseline_batch_size)
+        b = report["baseline"]
+        print(f"== baseline: {b['texts_per_s']:.2f} texts/s ({b['texts']} texts in {b['elapsed_s']:.2f}s, "
+              f"batch_size {b['batch_size']}, {b['torch_threads']} torch threads)", flush=True)
+
+    spawned = SpawnedServer(args.server_arg, args.startup_timeout) if args.spawn else None
+    url = spawned.url if spawned else args.url
+    try:
+        if spawned:
+            spawned.start()
+        with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:
+            try:
+                report["server_info"] = client.get("/info").json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise SystemExit(f"loadgen: cannot reach {url}/info: {exc}")
+        load = asyncio.run(run_load(url, args.route, texts, tokens, args.concurrency, args.duration, warmup_texts,
+                                    args.timeout))
+        report["load"] = asdict(load)
+        _print_load(load)
+        if args.single:
+            report["single"] = asyncio.run(run_single(url, args.route, single_text, args.single_count, args.timeout))
+    finally:
+        if spawned:
+            spawned.stop()
+            report["server_log_tail"] = spawned.tail(15)
+
+    if args.single:
+        # The server is stopped (--spawn) or idle (--url) while the raw forward is timed.
+        report["single"]["forward"] = forward_time(single_text, args.single_count)
+        s = report["single"]
+        client_p50 = s["client_latency_ms"].get("p50")
+        fwd_p50 = s["forward"]["forward_ms"]["p50"]
+        s["overhead_ms"] = round(client_p50 - fwd_p50, 3) if client_p50 is not None else None
+        infer_p50 = s["server_inference_ms"].get("p50")
+        print(f"\n== single: {s['ok']}/{s['count']} sequential requests of {s['forward']['tokens']} tokens")
+        print(f"  client latency p50 {_fmt(client_p50, ' ms', 3)}, server x-total-time p50 "
+              f"{_fmt(s['server_total_ms'].get('p50'), ' ms', 3)}, x-inference-time p50 {_fmt(infer_p50, ' ms', 3)}")
+        print(f"  raw forward p50 {_fmt(fwd_p50, ' ms', 3)} (in-process emb.embed, {s['forward']['runs']} runs)")
+        print(f"  overhead = client p50 - forward p50 = {_fmt(s['overhead_ms'], ' ms', 3)}  (target <= 2 ms)")
+        if s["errors"]:
+            print(f"  errors: {s['errors']}")
+
+    if args.baseline and report.get("load"):
+        ratio = report["load"]["requests_per_s"] / report["baseline"]["texts_per_s"]
+        report["throughput_ratio"] = round(ratio, 3)
+        print(f"\n== server / baseline throughput: {report['load']['requests_per_s']:.2f} / "
+              f"{report['baseline']['texts_per_s']:.2f} = {ratio:.3f}x  (target >= 1.0x)")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    failed = report.get("load", {}).get("ok", 0) == 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

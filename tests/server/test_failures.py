@@ -1,0 +1,140 @@
+"""Overload, not-ready, failing batches, timeouts and disconnects: every admitted request is answered
+or fails explicitly, and the server keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.support import MODEL, DummyEmbedder, dummy_server
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def metric(srv, name: str) -> float:
+    value = srv.app.state.metrics.registry.get_sample_value(name)
+    return value or 0.0
+
+
+def test_not_ready_until_loaded_then_ready():
+    loaded = threading.Event()
+    with dummy_server(wait_ready=False, loader_kwargs={"ready": loaded}) as s, s.client() as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy"
+        assert c.get("/v2/health/live").status_code == 200
+        assert c.get("/v2/health/ready").status_code == 503
+        r = c.post("/v1/embeddings", json={"input": "x", "model": MODEL})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "retry-after" in r.headers
+        loaded.set()
+        s.app.state.loader_thread.join(10)
+        assert c.get("/health").status_code == 200
+        assert c.post("/embed", json={"inputs": "x"}).status_code == 200
+
+
+def test_failed_batch_fails_only_its_requests():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder) as s, s.client() as c:
+        embedder.fail_next = True
+        r = c.post("/v1/embeddings", json={"input": "boom", "model": MODEL})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "backend_error"
+        assert "injected failure" not in r.text
+        assert c.post("/embed", json={"inputs": "next one"}).status_code == 200
+        embedder.fail_next = True
+        r = c.post("/embed", json={"inputs": "boom"})
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend"
+        assert c.get("/health").status_code == 200
+        assert metric(s, "turboserve_batch_failures_total") == 2
+
+
+def test_queue_full_is_429_with_retry_after_and_recovers():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, scheduler={"max_queue_size": 2, "max_batch_requests": 1}) as s, \
+            ThreadPoolExecutor(4) as pool, s.client() as c:
+        embedder.gate.clear()
+        embedder.entered.clear()
+        running = pool.submit(c.post, "/embed", json={"inputs": "first"})
+        assert embedder.entered.wait(10)  # the worker holds "first"; the queue is empty again
+        queued = [pool.submit(c.post, "/embed", json={"inputs": f"q{i}"}) for i in range(2)]
+        engine = s.app.state.engine
+        wait_for(lambda: engine.queue.depth == 2)
+        r = c.post("/embed", json={"inputs": "one too many"})
+        assert r.status_code == 429 and r.json()["error_type"] == "Overloaded"
+        assert r.headers["retry-after"] == "1"
+        r = c.post("/v1/embeddings", json={"input": ["a"], "model": MODEL})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        embedder.gate.set()
+        assert running.result(10).status_code == 200
+        assert [f.result(10).status_code for f in queued] == [200, 200]
+        assert c.post("/embed", json={"inputs": "after"}).status_code == 200
+
+
+def test_request_timeout_is_504_and_never_computed():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"request_timeout_s": 0.3}) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
+        embedder.gate.clear()
+        embedder.entered.clear()
+        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
+        assert embedder.entered.wait(10)
+        late = c.post("/embed", json={"inputs": "too late"})
+        assert late.status_code == 504
+        embedder.gate.set()
+        blocker.result(10)
+        wait_for(lambda: metric(s, "turboserve_requests_dropped_total") == 1)
+        late_ids = s.app.state.engine.tokenizer.encode(["too late"])[0].ids
+        assert all(late_ids not in batch for batch in embedder.batches)
+
+
+def test_disconnected_client_is_dropped_before_compute():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
+        embedder.gate.clear()
+        embedder.entered.clear()
+        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
+        assert embedder.entered.wait(10)
+        engine = s.app.state.engine
+        host, port = s.url.removeprefix("http://").split(":")
+        body = b'{"inputs": "walked away"}'
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: engine.queue.depth == 1)
+        waiting = engine.queue._pending[0]
+        sock.close()
+        # The route notices the disconnect and cancels; the worker then skips the item.
+        wait_for(waiting.future.cancelled)
+        embedder.gate.set()
+        assert blocker.result(10).status_code == 200
+        wait_for(lambda: metric(s, "turboserve_requests_dropped_total") == 1)
+        gone_ids = engine.tokenizer.encode(["walked away"])[0].ids
+        assert all(gone_ids not in batch for batch in embedder.batches)
+        assert c.post("/embed", json={"inputs": "next"}).status_code == 200
+
+
+def test_requests_are_batched_under_the_limits():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, scheduler={"max_batch_requests": 4, "max_batch_tokens": 64}) as s, \
+            ThreadPoolExecutor(12) as pool, httpx.Client(base_url=s.url, timeout=30) as c:
+        embedder.gate.clear()
+        embedder.entered.clear()
+        first = pool.submit(c.post, "/embed", json={"inputs": "first"})
+        assert embedder.entered.wait(10)
+        rest = [pool.submit(c.post, "/embed", json={"inputs": f"request number {i}"}) for i in range(10)]
+        wait_for(lambda: s.app.state.engine.queue.depth == 10)
+        embedder.gate.set()
+        assert first.result(10).status_code == 200
+        assert all(f.result(10).status_code == 200 for f in rest)
+        later = embedder.batches[1:]
+        assert sum(len(b) for b in later) == 10
+        assert max(len(b) for b in later) == 4  # batched, and never over the request cap
+        assert all(sum(len(ids) for ids in b) <= 64 for b in later)
