@@ -90,6 +90,71 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+class CpuMeter:
+    """CPU seconds used over a phase: by the whole machine, by this process, and by `pids` (e.g. the server).
+
+    Reads /proc; on a shared machine `other_s` (busy time of every other process) shows how much
+    CPU the measurement had to share. All fields are None where /proc is not there.
+    """
+
+    def __init__(self, pids: tuple[int, ...] = ()):
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _machine_busy(self) -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / self.tick  # guest time is already inside user
+
+    def _pid_cpu(self, pid: int) -> float | None:
+        try:
+            parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(parts[11]) + int(parts[12])) / self.tick  # utime + stime, all threads
+
+    def snapshot(self) -> tuple:
+        own = os.times()
+        return (time.perf_counter(), self._machine_busy(), own.user + own.system,
+                [self._pid_cpu(p) for p in self.pids])
+
+    def since(self, start: tuple) -> dict:
+        """Seconds of wall time and CPU time since `start` (a snapshot)."""
+        end = self.snapshot()
+        wall = end[0] - start[0]
+        out = {"wall_s": round(wall, 3), "loadgen_cpu_s": round(end[2] - start[2], 3)}
+        watched = 0.0
+        for pid, a, b in zip(self.pids, start[3], end[3]):
+            if a is not None and b is not None:
+                out[f"pid{pid}_cpu_s"] = round(b - a, 3)
+                watched += b - a
+        if start[1] is not None and end[1] is not None:
+            busy = end[1] - start[1]
+            out["machine_busy_s"] = round(busy, 3)
+            out["machine_capacity_s"] = round(wall * (os.cpu_count() or 1), 3)
+            out["other_s"] = round(max(0.0, busy - out["loadgen_cpu_s"] - watched), 3)
+        try:
+            out["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        except OSError:
+            pass
+        return out
+
+
+def _print_cpu(cpu: dict) -> None:
+    if "machine_busy_s" not in cpu:
+        return
+    server = next((v for k, v in cpu.items() if k.startswith("pid")), None)
+    parts = [f"machine busy {cpu['machine_busy_s']:.1f} of {cpu['machine_capacity_s']:.1f} CPU-s",
+             f"loadgen {cpu['loadgen_cpu_s']:.1f}"]
+    if server is not None:
+        parts.append(f"server {server:.1f}")
+    parts.append(f"other processes {cpu['other_s']:.1f}")
+    print(f"  cpu        : {', '.join(parts)} (loadavg {' '.join(cpu.get('loadavg_end', []))})")
+
+
 def body_for(route: str, text: str) -> bytes:
     """The request body of one text, encoded once so the client spends no time on it while timing."""
     payload = {"inputs": text} if route == "tei" else {"input": text, "model": MODEL_NAME}
@@ -193,6 +258,7 @@ class LoadResult:
     server_queue_ms: dict = field(default_factory=dict)
     server_total_ms: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)
 
 
 async def _one(client: httpx.AsyncClient, path: str, body: bytes, tokens: int) -> Sample | tuple[str, str]:
@@ -215,7 +281,7 @@ def _summary(values: list[float]) -> dict:
 
 
 async def run_load(url: str, route: str, texts: list[str], tokens: list[int], concurrency: int, duration: float,
-                   warmup_texts: list[str], timeout: float) -> LoadResult:
+                   warmup_texts: list[str], timeout: float, server_pid: int | None = None) -> LoadResult:
     """Warm up, then replay `texts` (one per request) with `concurrency` workers; stop at `duration` seconds."""
     path = ROUTES[route]
     bodies = [body_for(route, t) for t in texts]
@@ -251,6 +317,8 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
                 else:
                     failures[out[0]] += 1
 
+        meter = CpuMeter((server_pid,) if server_pid else ())
+        cpu_start = meter.snapshot()
         started = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         done, pending = await asyncio.wait(tasks, timeout=duration)
@@ -258,6 +326,7 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         elapsed = time.perf_counter() - started
+        result.cpu = meter.since(cpu_start)
         if pending:
             # Each worker still running had exactly one request in flight.
             result.cancelled_at_deadline = len(pending)
@@ -298,9 +367,16 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
                     server_total.append(out.server_total)
             else:
                 errors[f"HTTP {out.status}" if isinstance(out, Sample) else out[0]] += 1
+        # The HTTP floor: GET /health does no model work, so its latency is client + uvicorn + loopback.
+        health = []
+        for _ in range(count):
+            started = time.perf_counter()
+            resp = await client.get("/health")
+            if resp.status_code == 200:
+                health.append(time.perf_counter() - started)
     return {"count": count, "ok": len(latencies), "errors": dict(errors),
             "client_latency_ms": _summary(latencies), "server_inference_ms": _summary(inference),
-            "server_total_ms": _summary(server_total)}
+            "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health)}
 
 
 def forward_time(text: str, runs: int) -> dict:
@@ -331,12 +407,14 @@ def run_baseline(texts: list[str], batch_size: int) -> dict:
 
     model = SentenceTransformer(str(default_model_path()), device="cpu")
     model.encode(texts[: batch_size * 2], batch_size=batch_size)  # warm-up
+    meter = CpuMeter()
+    start = meter.snapshot()
     started = time.perf_counter()
     model.encode(texts, batch_size=batch_size)
     elapsed = time.perf_counter() - started
     return {"texts": len(texts), "batch_size": batch_size, "elapsed_s": round(elapsed, 3),
             "texts_per_s": round(len(texts) / elapsed, 3), "torch_threads": torch.get_num_threads(),
-            "max_seq_length": model.max_seq_length}
+            "max_seq_length": model.max_seq_length, "cpu": meter.since(start)}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -379,6 +457,7 @@ def _print_load(r: LoadResult) -> None:
             print(f"  {label:<11}: p50 {_fmt(d.get('p50'), ' ms')}  p99 {_fmt(d.get('p99'), ' ms')}")
     if r.cancelled_at_deadline:
         print(f"  hard stop  : {r.cancelled_at_deadline} requests in flight were cancelled at the deadline")
+    _print_cpu(r.cpu)
     print(f"  errors     : {r.errors or 'none'}")
 
 
@@ -412,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         b = report["baseline"]
         print(f"== baseline: {b['texts_per_s']:.2f} texts/s ({b['texts']} texts in {b['elapsed_s']:.2f}s, "
               f"batch_size {b['batch_size']}, {b['torch_threads']} torch threads)", flush=True)
+        _print_cpu(b["cpu"])
 
     spawned = SpawnedServer(args.server_arg, args.startup_timeout) if args.spawn else None
     url = spawned.url if spawned else args.url
@@ -424,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             except (httpx.HTTPError, ValueError) as exc:
                 raise SystemExit(f"loadgen: cannot reach {url}/info: {exc}")
         load = asyncio.run(run_load(url, args.route, texts, tokens, args.concurrency, args.duration, warmup_texts,
-                                    args.timeout))
+                                    args.timeout, spawned.proc.pid if spawned else None))
         report["load"] = asdict(load)
         _print_load(load)
         if args.single:
@@ -445,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== single: {s['ok']}/{s['count']} sequential requests of {s['forward']['tokens']} tokens")
         print(f"  client latency p50 {_fmt(client_p50, ' ms', 3)}, server x-total-time p50 "
               f"{_fmt(s['server_total_ms'].get('p50'), ' ms', 3)}, x-inference-time p50 {_fmt(infer_p50, ' ms', 3)}")
+        print(f"  GET /health p50 {_fmt(s['health_latency_ms'].get('p50'), ' ms', 3)} (HTTP round trip, no model work)")
         print(f"  raw forward p50 {_fmt(fwd_p50, ' ms', 3)} (in-process emb.embed, {s['forward']['runs']} runs)")
         print(f"  overhead = client p50 - forward p50 = {_fmt(s['overhead_ms'], ' ms', 3)}  (target <= 2 ms)")
         if s["errors"]:

@@ -7,12 +7,27 @@ file given with `--config`, then the defaults below.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# The YAML file's contents while load_settings builds a Settings; read by _YamlSource only.
+_yaml_data: ContextVar[dict[str, Any]] = ContextVar("turboserve_yaml_data", default={})
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The --config file as the lowest-priority settings source."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get())
 
 
 class _Section(BaseModel):
@@ -79,19 +94,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # YAML values arrive through init kwargs (see load_settings), so explicit overrides are
-        # merged over them before construction; env vars still win over the YAML file.
-        return env_settings, init_settings
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+        # First wins: explicit overrides (init kwargs), then the environment, then the YAML file.
+        return init_settings, env_settings, _YamlSource(settings_cls)
 
 
 def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -112,8 +116,8 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         data = loaded
-    settings = Settings(**data)
-    if overrides:
-        # Overrides beat the environment: re-validate the merged result.
-        settings = Settings.model_validate(_deep_merge(settings.model_dump(), overrides))
-    return settings
+    token = _yaml_data.set(data)
+    try:
+        return Settings(**(overrides or {}))
+    finally:
+        _yaml_data.reset(token)

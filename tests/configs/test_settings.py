@@ -1,0 +1,65 @@
+"""Settings: defaults, bounds, cross-field checks, YAML < env < explicit overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from configs.settings import Settings, load_settings
+
+DEFAULT_YAML = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def test_default_yaml_loads():
+    s = load_settings(DEFAULT_YAML)
+    assert s.server.port == 8000 and s.model.name == "all-MiniLM-L6-v2" and s.model.path is None
+
+
+def test_bounds_name_the_field():
+    with pytest.raises(ValidationError) as err:
+        Settings(scheduler={"max_batch_tokens": 0})
+    assert err.value.errors()[0]["loc"] == ("scheduler", "max_batch_tokens")
+    with pytest.raises(ValidationError) as err:
+        Settings(server={"port": 70000})
+    assert err.value.errors()[0]["loc"] == ("server", "port")
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValidationError) as err:
+        Settings(scheduler={"max_batch_tokenz": 5})
+    assert "max_batch_tokenz" in str(err.value)
+
+
+def test_cross_field_message_names_both_values():
+    with pytest.raises(ValidationError, match=r"scheduler.max_batch_tokens=100 must be >= model.max_input_length=512"):
+        Settings(scheduler={"max_batch_tokens": 100}, model={"max_input_length": 512})
+
+
+def test_precedence_yaml_env_override(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  port: 9001\nscheduler:\n  max_batch_tokens: 4096\n  max_queue_size: 7\n")
+    assert load_settings(cfg).server.port == 9001
+    monkeypatch.setenv("TURBOSERVE_SERVER__PORT", "9002")
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__MAX_BATCH_TOKENS", "2048")
+    s = load_settings(cfg)
+    assert (s.server.port, s.scheduler.max_batch_tokens, s.scheduler.max_queue_size) == (9002, 2048, 7)
+    s = load_settings(cfg, {"server": {"port": 9003}})
+    assert (s.server.port, s.scheduler.max_batch_tokens) == (9003, 2048)
+
+
+def test_bad_env_value_names_the_field(monkeypatch):
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__MAX_QUEUE_SIZE", "lots")
+    with pytest.raises(ValidationError) as err:
+        load_settings()
+    assert err.value.errors()[0]["loc"] == ("scheduler", "max_queue_size")
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_settings(bad)

@@ -1,0 +1,51 @@
+"""Tokenizer wrapper: special tokens, truncation both ways, over-length and token-id checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.config import default_model_path
+from models.tokenizer import InputTooLong, InvalidTokens, TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TextTokenizer(default_model_path() / "tokenizer.json", 16, 30522)
+
+
+def test_adds_special_tokens_without_padding(tok):
+    a, b = tok.encode(["hello", "hello world again"])
+    assert a.ids[0] == 101 and a.ids[-1] == 102 and len(a.ids) == 3
+    assert len(b.ids) == 5 and not a.truncated
+
+
+def test_over_length_refused_with_real_length(tok):
+    text = " ".join(["word"] * 40)
+    with pytest.raises(InputTooLong) as err:
+        tok.encode(["short", text])
+    assert err.value.index == 1 and err.value.length == 42 and err.value.limit == 16
+
+
+def test_truncation_keeps_special_tokens_and_chosen_end(tok):
+    text = " ".join(str(i) for i in range(40))
+    right = tok.encode([text], truncate=True, direction="right")[0]
+    left = tok.encode([text], truncate=True, direction="left")[0]
+    assert len(right.ids) == len(left.ids) == 16 and right.truncated
+    assert right.ids[0] == left.ids[0] == 101 and right.ids[-1] == left.ids[-1] == 102
+    assert tok._full.decode(right.ids).startswith("0 1 2")
+    assert tok._full.decode(left.ids).endswith("38 39")
+
+
+def test_unicode_and_control_characters(tok):
+    out = tok.encode(["\u0000\u0007", "😀 日本語 Ünïcödé", "\t\n"])
+    assert all(e.ids[0] == 101 and e.ids[-1] == 102 for e in out)
+
+
+def test_token_id_checks(tok):
+    assert tok.check_ids([[0, 30521]])[0].ids == [0, 30521]
+    with pytest.raises(InvalidTokens, match="outside the vocabulary"):
+        tok.check_ids([[30522]])
+    with pytest.raises(InvalidTokens, match="empty"):
+        tok.check_ids([[]])
+    with pytest.raises(InputTooLong):
+        tok.check_ids([list(range(17))])

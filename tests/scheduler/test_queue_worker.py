@@ -1,0 +1,102 @@
+"""Admission and the worker loop, with plain threads and a fake runner (no HTTP, no torch)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from scheduler.errors import BackendError, NotReady, Overloaded
+from scheduler.planner import Limits
+from scheduler.queue import BatchQueue, WorkItem
+from scheduler.worker import BatchWorker
+
+
+class Recorder:
+    def __init__(self):
+        self.batches, self.dropped_count, self.failed = [], 0, 0
+
+    def batch_done(self, items, seconds):
+        self.batches.append([it.ids for it in items])
+
+    def dropped(self, count):
+        self.dropped_count += count
+
+    def batch_failed(self, count):
+        self.failed += count
+
+
+class SumRunner:
+    def __init__(self, fail_on=None):
+        self.fail_on = fail_on
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def embed(self, sequences):
+        self.gate.wait(10)
+        if self.fail_on is not None and self.fail_on in [s[0] for s in sequences]:
+            raise RuntimeError("bad batch")
+        return [sum(s) for s in sequences]
+
+
+def test_admission_is_all_or_nothing():
+    q = BatchQueue(3, Limits(100, 10))
+    q.submit([WorkItem([1]), WorkItem([2])])
+    with pytest.raises(Overloaded):
+        q.submit([WorkItem([3]), WorkItem([4])])
+    assert q.depth == 2
+    q.submit([WorkItem([3])])
+    assert q.depth == 3
+
+
+def test_next_batch_follows_the_plan_and_keeps_the_rest():
+    q = BatchQueue(10, Limits(5, 10))
+    items = [WorkItem([0] * n) for n in (2, 2, 2, 1)]
+    q.submit(items)
+    assert q.next_batch() == items[:2]
+    assert q.next_batch() == items[2:]
+    assert q.next_batch(timeout=0.01) == []
+
+
+def test_worker_resolves_every_item_and_drains_on_close():
+    q, rec = BatchQueue(100, Limits(6, 3)), Recorder()
+    worker = BatchWorker(q, SumRunner(), rec)
+    items = [WorkItem([i, 1]) for i in range(10)]
+    q.submit(items)
+    worker.start()
+    assert [it.future.result(5) for it in items] == [i + 1 for i in range(10)]
+    q.close()
+    worker.join(5)
+    assert not worker.alive
+    assert all(len(b) <= 3 for b in rec.batches)
+    with pytest.raises(NotReady):
+        q.submit([WorkItem([1])])
+
+
+def test_a_failing_batch_fails_only_its_items():
+    q, rec = BatchQueue(100, Limits(2, 1)), Recorder()
+    worker = BatchWorker(q, SumRunner(fail_on=7), rec)
+    good, bad, after = WorkItem([1]), WorkItem([7]), WorkItem([2])
+    q.submit([good, bad, after])
+    worker.start()
+    assert good.future.result(5) == 1
+    with pytest.raises(BackendError):
+        bad.future.result(5)
+    assert after.future.result(5) == 2
+    assert worker.alive and rec.failed == 1
+    q.close()
+    worker.join(5)
+
+
+def test_cancelled_items_are_dropped_before_compute():
+    q, rec = BatchQueue(100, Limits(100, 10)), Recorder()
+    runner = SumRunner()
+    worker = BatchWorker(q, runner, rec)
+    keep, drop = WorkItem([4]), WorkItem([5])
+    q.submit([keep, drop])
+    assert drop.future.cancel()
+    worker.start()
+    assert keep.future.result(5) == 4
+    q.close()
+    worker.join(5)
+    assert rec.dropped_count == 1 and rec.batches == [[[4]]]
