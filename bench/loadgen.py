@@ -40,10 +40,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
-from bench.workload import count_tokens, make_texts  # noqa: E402
+from bench.workload import count_tokens, make_texts
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 ROUTES = {"tei": "/embed", "openai": "/v1/embeddings"}
@@ -181,7 +181,9 @@ class SpawnedServer:
         exe = Path(sys.executable).parent / "turboserve"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
         self.cmd = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix="turboserve-", suffix=".log", delete=False)
+        fd, log_name = tempfile.mkstemp(prefix="turboserve-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log_name)
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -191,10 +193,11 @@ class SpawnedServer:
             return s.getsockname()[1]
 
     def start(self) -> None:
-        print(f"spawning: {' '.join(self.cmd)}  (log: {self.log.name})", flush=True)
+        print(f"spawning: {' '.join(self.cmd)}  (log: {self.log_path})", flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
-                                     start_new_session=True)
+        with self.log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                         start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(base_url=self.url, trust_env=False, timeout=2.0) as client:
             while time.monotonic() < deadline:
@@ -212,8 +215,7 @@ class SpawnedServer:
         raise SystemExit(f"loadgen: the server did not answer GET /health with 200 in {self.startup_timeout}s:\n{self.tail()}")
 
     def tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
         """SIGINT (uvicorn's graceful stop), then SIGKILL if it does not exit within 30 s."""
@@ -321,7 +323,7 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
         cpu_start = meter.snapshot()
         started = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(tasks, timeout=duration)
+        _done, pending = await asyncio.wait(tasks, timeout=duration)
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -349,7 +351,7 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
 
 # ---------------------------------------------------------------------------------------------- single
 
-async def run_single(url: str, route: str, text: str, count: int, timeout: float) -> dict:
+async def run_single(url: str, route: str, text: str, count: int, timeout: float, server_pid: int | None = None) -> dict:
     """`count` sequential requests of one short text (after 10 warm-up ones); p50 client and server times."""
     path = ROUTES[route]
     body = body_for(route, text)
@@ -357,6 +359,8 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
     async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) as client:
         for _ in range(10):
             await _one(client, path, body, 0)
+        meter = CpuMeter((server_pid,) if server_pid else ())
+        cpu_start = meter.snapshot()
         for _ in range(count):
             out = await _one(client, path, body, 0)
             if isinstance(out, Sample) and out.status == 200:
@@ -367,6 +371,7 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
                     server_total.append(out.server_total)
             else:
                 errors[f"HTTP {out.status}" if isinstance(out, Sample) else out[0]] += 1
+        cpu = meter.since(cpu_start)
         # The HTTP floor: GET /health does no model work, so its latency is client + uvicorn + loopback.
         health = []
         for _ in range(count):
@@ -376,23 +381,25 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
                 health.append(time.perf_counter() - started)
     return {"count": count, "ok": len(latencies), "errors": dict(errors),
             "client_latency_ms": _summary(latencies), "server_inference_ms": _summary(inference),
-            "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health)}
+            "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health), "cpu": cpu}
 
 
 def forward_time(text: str, runs: int) -> dict:
     """The model's raw forward time for one text in this process: emb.embed([ids]), p50 over `runs` after warm-up."""
-    from models.runtime import load_model  # noqa: PLC0415
+    from models.runtime import load_model
 
     emb, tok, _info = load_model(None)
     ids = tok.encode([text])[0].ids
     for _ in range(10):
         emb.embed([ids])
     times = []
+    meter = CpuMeter()
+    cpu_start = meter.snapshot()
     for _ in range(runs):
         started = time.perf_counter()
         emb.embed([ids])
         times.append(time.perf_counter() - started)
-    return {"tokens": len(ids), "runs": runs, "forward_ms": _summary(times)}
+    return {"tokens": len(ids), "runs": runs, "forward_ms": _summary(times), "cpu": meter.since(cpu_start)}
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -400,10 +407,10 @@ def forward_time(text: str, runs: int) -> dict:
 def run_baseline(texts: list[str], batch_size: int) -> dict:
     """SentenceTransformer.encode on the same texts in this process, after a warm-up call."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch  # noqa: PLC0415
-    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+    import torch
+    from sentence_transformers import SentenceTransformer
 
-    from models.config import default_model_path  # noqa: PLC0415
+    from models.config import default_model_path
 
     model = SentenceTransformer(str(default_model_path()), device="cpu")
     model.encode(texts[: batch_size * 2], batch_size=batch_size)  # warm-up
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(), "args": vars(args)}
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+                                text=True, timeout=10, check=False).stdout.strip()
         report["git_commit"] = commit or None
     except (OSError, subprocess.TimeoutExpired):
         report["git_commit"] = None
@@ -508,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         report["load"] = asdict(load)
         _print_load(load)
         if args.single:
-            report["single"] = asyncio.run(run_single(url, args.route, single_text, args.single_count, args.timeout))
+            report["single"] = asyncio.run(run_single(url, args.route, single_text, args.single_count, args.timeout,
+                                                      spawned.proc.pid if spawned else None))
     finally:
         if spawned:
             spawned.stop()
@@ -527,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(s['server_total_ms'].get('p50'), ' ms', 3)}, x-inference-time p50 {_fmt(infer_p50, ' ms', 3)}")
         print(f"  GET /health p50 {_fmt(s['health_latency_ms'].get('p50'), ' ms', 3)} (HTTP round trip, no model work)")
         print(f"  raw forward p50 {_fmt(fwd_p50, ' ms', 3)} (in-process emb.embed, {s['forward']['runs']} runs)")
+        print("  requests:", end="")
+        _print_cpu(s["cpu"])
+        print("  forward: ", end="")
+        _print_cpu(s["forward"]["cpu"])
         print(f"  overhead = client p50 - forward p50 = {_fmt(s['overhead_ms'], ' ms', 3)}  (target <= 2 ms)")
         if s["errors"]:
             print(f"  errors: {s['errors']}")

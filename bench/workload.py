@@ -19,8 +19,9 @@ import importlib
 import inspect
 import random
 import re
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -77,11 +78,11 @@ def corpus_words() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
-def load_tokenizer() -> "Tokenizer":
+def load_tokenizer() -> Tokenizer:
     """The served model's tokenizer (tokenizer.json of the embedded all-MiniLM-L6-v2), no padding or truncation."""
-    from tokenizers import Tokenizer  # noqa: PLC0415
+    from tokenizers import Tokenizer
 
-    from models.config import default_model_path  # noqa: PLC0415
+    from models.config import default_model_path
 
     tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
     tok.no_padding()
@@ -89,20 +90,20 @@ def load_tokenizer() -> "Tokenizer":
     return tok
 
 
-def count_tokens(texts: Sequence[str], tokenizer: "Tokenizer | None" = None) -> list[int]:
+def count_tokens(texts: Sequence[str], tokenizer: Tokenizer | None = None) -> list[int]:
     """Token count of each text with special tokens, as the server counts and runs them."""
     tok = tokenizer or load_tokenizer()
     return [len(enc.ids) for enc in tok.encode_batch(list(texts), add_special_tokens=True)]
 
 
-def _word_costs(words: Sequence[str], tok: "Tokenizer") -> list[int]:
+def _word_costs(words: Sequence[str], tok: Tokenizer) -> list[int]:
     """Tokens each word adds on its own (no special tokens); BERT pre-tokenizes on spaces, so they add up."""
     unique = sorted(set(words))
     counts = dict(zip(unique, (len(e.ids) for e in tok.encode_batch(unique, add_special_tokens=False))))
     return [counts[w] for w in words]
 
 
-def _special_overhead(tok: "Tokenizer") -> int:
+def _special_overhead(tok: Tokenizer) -> int:
     """Tokens the post-processor adds around one sequence ([CLS] and [SEP]: 2)."""
     return len(tok.encode("a", add_special_tokens=True).ids) - len(tok.encode("a", add_special_tokens=False).ids)
 
@@ -123,7 +124,7 @@ def target_lengths(n: int, min_tokens: int = 8, max_tokens: int = 256, seed: int
 
 
 def make_texts(n: int, min_tokens: int = 8, max_tokens: int = 256, seed: int = 0,
-               tokenizer: "Tokenizer | None" = None) -> list[str]:
+               tokenizer: Tokenizer | None = None) -> list[str]:
     """Return n English texts whose token counts (with special tokens) are uniform in [min_tokens, max_tokens].
 
     Each text is a run of consecutive corpus words starting at a seeded random position; words that

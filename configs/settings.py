@@ -17,17 +17,17 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # The YAML file's contents while load_settings builds a Settings; read by _YamlSource only.
-_yaml_data: ContextVar[dict[str, Any]] = ContextVar("turboserve_yaml_data", default={})
+_yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("turboserve_yaml_data", default=None)
 
 
 class _YamlSource(PydanticBaseSettingsSource):
     """The --config file as the lowest-priority settings source."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return _yaml_data.get().get(field_name), field_name, False
+        return (_yaml_data.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_yaml_data.get())
+        return dict(_yaml_data.get() or {})
 
 
 class _Section(BaseModel):

@@ -21,7 +21,15 @@ from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
 from server import routes_kserve, routes_openai, routes_tei
 from server.engine import Engine
-from server.errors import KINDS, VALIDATION, ErrorKind, api_family, describe_validation, error_body, kind_of
+from server.errors import (
+    KINDS,
+    VALIDATION,
+    ErrorKind,
+    api_family,
+    describe_validation,
+    error_body,
+    kind_of,
+)
 from server.metrics import Metrics
 from server.middleware import EdgeMiddleware
 

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from configs.settings import Settings
-from models.runtime import Embedder, ModelInfo, finish_embedding
+from models.runtime import Embedder, ModelInfo
 from models.tokenizer import Encoded, TextTokenizer
 from scheduler.errors import DeadlineExceeded
 from scheduler.planner import Limits
@@ -66,9 +66,11 @@ class Engine:
         if count > limit:
             raise TooLarge(f"{count} inputs in one request, more than max_client_batch_size={limit}")
 
-    async def tokenize(self, inputs: list[str] | list[list[int]], timing: Timing, truncate: bool = False,
-                       direction: Literal["right", "left"] = "right") -> list[Encoded]:
-        """Tokenize texts (or check token ids); raise the errors the routes map to 4xx."""
+    async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]], timing: Timing,
+                       truncate: bool = False, direction: Literal["right", "left"] = "right") -> list[Encoded]:
+        """Tokenize a text, texts, token ids or lists of them; raise the errors the routes map to 4xx."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # one text, or one list of token ids
         self.check_batch(len(inputs))
         started = time.perf_counter()
         if inputs and isinstance(inputs[0], list):
@@ -107,10 +109,6 @@ class Engine:
         timing.queue = max(it.queue_seconds for it in items)
         timing.inference = max(it.inference_seconds for it in items)
         return np.stack(rows)
-
-    def finish(self, pooled: np.ndarray, normalize: bool, dimensions: int | None = None) -> np.ndarray:
-        """Apply normalisation and Matryoshka truncation; `dimensions` must already be checked."""
-        return finish_embedding(pooled, normalize, dimensions)
 
     def check_dimensions(self, dimensions: int | None) -> int | None:
         """None when the full size is asked for; raise InvalidRequest when the model cannot truncate."""

@@ -9,7 +9,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from server.errors import INTERNAL, TooLarge, Unauthorized, api_family, error_body, kind_of
+from server.errors import (
+    INTERNAL,
+    TooLarge,
+    Unauthorized,
+    api_family,
+    error_body,
+    kind_of,
+)
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)

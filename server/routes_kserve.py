@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 import server
+from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server.deps import engine_of, timing_of
 from server.engine import Engine
@@ -84,6 +85,6 @@ async def infer(name: str, request: Request, version: str | None = None):
     truncate = bool(parsed.parameters.get("truncate", False))
     encoded = await engine.tokenize(parsed.texts, timing, truncate)
     normalize = bool(parsed.parameters.get("normalize", engine.info.normalize))
-    vectors = engine.finish(await engine.run(encoded, request, timing), normalize)
+    vectors = finish_embedding(await engine.run(encoded, request, timing), normalize)
     body, headers = encode_infer_response(engine.info.name, parsed.id, vectors, parsed.binary_output)
     return Response(body, headers=headers)

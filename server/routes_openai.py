@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from models.runtime import finish_embedding
 from server.deps import engine_of, json_response, timing_of
 from server.errors import ModelNotFound
 
@@ -59,12 +60,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     if body.model != engine.info.name:
         raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
     dimensions = engine.check_dimensions(body.dimensions)
-    inputs = body.input
-    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-        inputs = [inputs]  # one text, or one list of token ids
     timing = timing_of(request)
-    encoded = await engine.tokenize(inputs, timing)
-    vectors = engine.finish(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)
+    encoded = await engine.tokenize(body.input, timing)
+    vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)
     if body.encoding_format == "base64":
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:

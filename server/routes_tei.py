@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, field_validator
 
 import server
+from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server.deps import engine_of, json_response, timing_of
 from server.errors import InvalidRequest
@@ -36,12 +37,9 @@ async def embed(body: EmbedRequest, request: Request):
     if body.prompt_name is not None:
         raise InvalidRequest("prompt_name is not supported: this model defines no prompts")
     dimensions = engine.check_dimensions(body.dimensions)
-    inputs = body.inputs
-    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-        inputs = [inputs]
     timing = timing_of(request)
-    encoded = await engine.tokenize(inputs, timing, bool(body.truncate), body.truncation_direction)
-    vectors = engine.finish(await engine.run(encoded, request, timing), body.normalize, dimensions)
+    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction)
+    vectors = finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
     return json_response(vectors.tolist())
 
 
