@@ -101,13 +101,16 @@ class CpuMeter:
         self.pids = pids
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    def _machine_busy(self) -> float | None:
+    def _machine_busy(self) -> tuple[float, float] | None:
+        """(busy, steal) CPU seconds of the whole machine since boot; steal is time the hypervisor took."""
         try:
             fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         except (OSError, ValueError):
             return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return (sum(fields[:8]) - idle) / self.tick  # guest time is already inside user
+        fields += [0] * (8 - len(fields))
+        idle = fields[3] + fields[4]  # idle + iowait
+        steal = fields[7]
+        return (sum(fields[:7]) - idle) / self.tick, steal / self.tick  # guest time is already inside user
 
     def _pid_cpu(self, pid: int) -> float | None:
         try:
@@ -132,8 +135,9 @@ class CpuMeter:
                 out[f"pid{pid}_cpu_s"] = round(b - a, 3)
                 watched += b - a
         if start[1] is not None and end[1] is not None:
-            busy = end[1] - start[1]
+            busy = end[1][0] - start[1][0]
             out["machine_busy_s"] = round(busy, 3)
+            out["steal_s"] = round(end[1][1] - start[1][1], 3)
             out["machine_capacity_s"] = round(wall * (os.cpu_count() or 1), 3)
             out["other_s"] = round(max(0.0, busy - out["loadgen_cpu_s"] - watched), 3)
         try:
@@ -151,7 +155,7 @@ def _print_cpu(cpu: dict) -> None:
              f"loadgen {cpu['loadgen_cpu_s']:.1f}"]
     if server is not None:
         parts.append(f"server {server:.1f}")
-    parts.append(f"other processes {cpu['other_s']:.1f}")
+    parts.append(f"other processes {cpu['other_s']:.1f}, hypervisor steal {cpu['steal_s']:.1f}")
     print(f"  cpu        : {', '.join(parts)} (loadavg {' '.join(cpu.get('loadavg_end', []))})")
 
 
@@ -384,28 +388,43 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
             "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health), "cpu": cpu}
 
 
-def forward_time(text: str, runs: int) -> dict:
-    """The model's raw forward time for one text in this process: emb.embed([ids]), p50 over `runs` after warm-up."""
+def forward_time(text: str, runs: int, gap_s: float = 0.005) -> dict:
+    """The model's raw forward time for one text in this process: emb.embed([ids]), p50 over `runs` after warm-up.
+
+    `forward_ms` times the runs back to back (the reference the overhead is computed against).
+    `forward_paced_ms` sleeps `gap_s` before each run, as the server's worker idles between sequential
+    requests: torch's OpenMP threads then leave their spin-wait, and the forward is measurably slower.
+    """
     from models.runtime import load_model
 
     emb, tok, _info = load_model(None)
     ids = tok.encode([text])[0].ids
     for _ in range(10):
         emb.embed([ids])
-    times = []
+    times, paced = [], []
     meter = CpuMeter()
     cpu_start = meter.snapshot()
     for _ in range(runs):
         started = time.perf_counter()
         emb.embed([ids])
         times.append(time.perf_counter() - started)
-    return {"tokens": len(ids), "runs": runs, "forward_ms": _summary(times), "cpu": meter.since(cpu_start)}
+    cpu = meter.since(cpu_start)
+    for _ in range(runs):
+        time.sleep(gap_s)
+        started = time.perf_counter()
+        emb.embed([ids])
+        paced.append(time.perf_counter() - started)
+    return {"tokens": len(ids), "runs": runs, "forward_ms": _summary(times), "cpu": cpu,
+            "paced_gap_ms": gap_s * 1000, "forward_paced_ms": _summary(paced)}
 
 
 # ---------------------------------------------------------------------------------------------- baseline
 
-def run_baseline(texts: list[str], batch_size: int) -> dict:
-    """SentenceTransformer.encode on the same texts in this process, after a warm-up call."""
+def run_baseline(texts: list[str], batch_size: int, runs: int = 1) -> dict:
+    """SentenceTransformer.encode on the same texts in this process, after a warm-up call.
+
+    With runs > 1 the encode is timed that many times; texts_per_s is the median run's.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from sentence_transformers import SentenceTransformer
@@ -416,11 +435,15 @@ def run_baseline(texts: list[str], batch_size: int) -> dict:
     model.encode(texts[: batch_size * 2], batch_size=batch_size)  # warm-up
     meter = CpuMeter()
     start = meter.snapshot()
-    started = time.perf_counter()
-    model.encode(texts, batch_size=batch_size)
-    elapsed = time.perf_counter() - started
-    return {"texts": len(texts), "batch_size": batch_size, "elapsed_s": round(elapsed, 3),
-            "texts_per_s": round(len(texts) / elapsed, 3), "torch_threads": torch.get_num_threads(),
+    times = []
+    for _ in range(max(1, runs)):
+        started = time.perf_counter()
+        model.encode(texts, batch_size=batch_size)
+        times.append(time.perf_counter() - started)
+    elapsed = float(np.median(times))
+    return {"texts": len(texts), "batch_size": batch_size, "runs": len(times), "elapsed_s": round(elapsed, 3),
+            "texts_per_s": round(len(texts) / elapsed, 3),
+            "texts_per_s_each": [round(len(texts) / t, 3) for t in times], "torch_threads": torch.get_num_threads(),
             "max_seq_length": model.max_seq_length, "cpu": meter.since(start)}
 
 
@@ -431,6 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only; default %(default)s)")
     where.add_argument("--spawn", action="store_true", help="start `turboserve serve` on a free loopback port and stop it at the end")
+    p.add_argument("--server-pid", type=int, help="with --url: the server's process id, to report its CPU time apart")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the spawned server, repeatable (e.g. --server-arg=--config --server-arg=FILE)")
     p.add_argument("--route", choices=sorted(ROUTES), default="tei", help="tei: POST /embed; openai: POST /v1/embeddings")
@@ -444,6 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds (default %(default)s)")
     p.add_argument("--baseline", action="store_true", help="also time SentenceTransformer.encode on the same texts in-process")
     p.add_argument("--baseline-batch-size", type=int, default=32, help="batch_size of the baseline encode (default %(default)s)")
+    p.add_argument("--baseline-runs", type=int, default=1, help="time the baseline encode this many times, report the median")
     p.add_argument("--single", action="store_true", help="also measure sequential single-request latency vs raw forward time")
     p.add_argument("--single-count", type=int, default=50, help="requests / forward runs of the single phase (default %(default)s)")
     p.add_argument("--single-tokens", type=int, default=16, help="token length of the single-phase text (default %(default)s)")
@@ -494,10 +519,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.baseline:  # before the server exists (--spawn) or while it is idle (--url)
         print("baseline: SentenceTransformer.encode in-process ...", flush=True)
-        report["baseline"] = run_baseline(texts, args.baseline_batch_size)
+        report["baseline"] = run_baseline(texts, args.baseline_batch_size, args.baseline_runs)
         b = report["baseline"]
+        each = f", runs: {', '.join(f'{x:.2f}' for x in b['texts_per_s_each'])}" if b["runs"] > 1 else ""
         print(f"== baseline: {b['texts_per_s']:.2f} texts/s ({b['texts']} texts in {b['elapsed_s']:.2f}s, "
-              f"batch_size {b['batch_size']}, {b['torch_threads']} torch threads)", flush=True)
+              f"batch_size {b['batch_size']}, {b['torch_threads']} torch threads{each})", flush=True)
         _print_cpu(b["cpu"])
 
     spawned = SpawnedServer(args.server_arg, args.startup_timeout) if args.spawn else None
@@ -505,18 +531,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if spawned:
             spawned.start()
+        server_pid = spawned.proc.pid if spawned else args.server_pid
         with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:
             try:
                 report["server_info"] = client.get("/info").json()
             except (httpx.HTTPError, ValueError) as exc:
                 raise SystemExit(f"loadgen: cannot reach {url}/info: {exc}")
         load = asyncio.run(run_load(url, args.route, texts, tokens, args.concurrency, args.duration, warmup_texts,
-                                    args.timeout, spawned.proc.pid if spawned else None))
+                                    args.timeout, server_pid))
         report["load"] = asdict(load)
         _print_load(load)
         if args.single:
             report["single"] = asyncio.run(run_single(url, args.route, single_text, args.single_count, args.timeout,
-                                                      spawned.proc.pid if spawned else None))
+                                                      server_pid))
     finally:
         if spawned:
             spawned.stop()
@@ -534,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  client latency p50 {_fmt(client_p50, ' ms', 3)}, server x-total-time p50 "
               f"{_fmt(s['server_total_ms'].get('p50'), ' ms', 3)}, x-inference-time p50 {_fmt(infer_p50, ' ms', 3)}")
         print(f"  GET /health p50 {_fmt(s['health_latency_ms'].get('p50'), ' ms', 3)} (HTTP round trip, no model work)")
-        print(f"  raw forward p50 {_fmt(fwd_p50, ' ms', 3)} (in-process emb.embed, {s['forward']['runs']} runs)")
+        print(f"  raw forward p50 {_fmt(fwd_p50, ' ms', 3)} (in-process emb.embed, {s['forward']['runs']} runs back to back); "
+              f"paced ({s['forward']['paced_gap_ms']:.0f} ms idle before each) p50 "
+              f"{_fmt(s['forward']['forward_paced_ms'].get('p50'), ' ms', 3)}")
         print("  requests:", end="")
         _print_cpu(s["cpu"])
         print("  forward: ", end="")

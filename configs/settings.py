@@ -83,6 +83,11 @@ class Settings(BaseSettings):
                 f"scheduler.max_batch_tokens={self.scheduler.max_batch_tokens} must be >= "
                 f"model.max_input_length={limit}: a longest input would never fit in a batch"
             )
+        if self.server.max_client_batch_size > self.scheduler.max_queue_size:
+            raise ValueError(
+                f"server.max_client_batch_size={self.server.max_client_batch_size} must be <= "
+                f"scheduler.max_queue_size={self.scheduler.max_queue_size}: a largest request could never be admitted"
+            )
         return self
 
     @classmethod

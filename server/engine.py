@@ -86,7 +86,6 @@ class Engine:
             else:
                 encoded = self.tokenizer.encode(inputs, truncate, direction)  # type: ignore[arg-type]
         timing.tokenization = time.perf_counter() - started
-        timing.tokens = sum(len(e.ids) for e in encoded)
         return encoded
 
     async def run(self, encoded: list[Encoded], request: Request, timing: Timing) -> np.ndarray:
@@ -94,6 +93,8 @@ class Engine:
         items = [WorkItem(e.ids) for e in encoded]
         self.queue.submit(items)  # raises Overloaded / NotReady
         results = asyncio.gather(*(asyncio.wrap_future(it.future) for it in items))
+        # If we stop waiting, nobody reads the gather; consume its outcome so asyncio does not log it.
+        results.add_done_callback(lambda f: f.cancelled() or f.exception())
         gone = asyncio.ensure_future(_wait_disconnect(request))
         done, _ = await asyncio.wait({results, gone}, timeout=self.settings.server.request_timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -103,9 +104,12 @@ class Engine:
                 it.future.cancel()  # the worker skips cancelled items and counts them as dropped
             results.cancel()
             if gone in done:
+                log.info("request %s: client disconnected; %d queued sequences dropped", timing.request_id, len(items))
                 raise ClientDisconnected("client closed the connection before the answer was ready")
+            log.warning("request %s: no answer within %.1fs", timing.request_id, self.settings.server.request_timeout_s)
             raise DeadlineExceeded(f"no answer within request_timeout_s={self.settings.server.request_timeout_s}")
         rows = results.result()  # raises BackendError if the batch failed
+        timing.tokens = sum(it.length for it in items)
         timing.queue = max(it.queue_seconds for it in items)
         timing.inference = max(it.inference_seconds for it in items)
         return np.stack(rows)

@@ -63,3 +63,8 @@ def test_bad_yaml_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         load_settings(bad)
+
+
+def test_client_batch_must_fit_the_queue():
+    with pytest.raises(ValidationError, match=r"server.max_client_batch_size=64 must be <= scheduler.max_queue_size=10"):
+        Settings(server={"max_client_batch_size": 64}, scheduler={"max_queue_size": 10})

@@ -59,7 +59,7 @@ def test_failed_batch_fails_only_its_requests():
 
 def test_queue_full_is_429_with_retry_after_and_recovers():
     embedder = DummyEmbedder()
-    with dummy_server(embedder, scheduler={"max_queue_size": 2, "max_batch_requests": 1}) as s, \
+    with dummy_server(embedder, server={"max_client_batch_size": 2}, scheduler={"max_queue_size": 2, "max_batch_requests": 1}) as s, \
             ThreadPoolExecutor(4) as pool, s.client() as c:
         embedder.gate.clear()
         embedder.entered.clear()
