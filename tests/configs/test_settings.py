@@ -39,12 +39,12 @@ def test_cross_field_message_names_both_values():
 
 def test_precedence_yaml_env_override(tmp_path, monkeypatch):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("server:\n  port: 9001\nscheduler:\n  max_batch_tokens: 4096\n  max_queue_size: 7\n")
+    cfg.write_text("server:\n  port: 9001\nscheduler:\n  max_batch_tokens: 4096\n  max_queue_size: 70\n")
     assert load_settings(cfg).server.port == 9001
     monkeypatch.setenv("TURBOSERVE_SERVER__PORT", "9002")
     monkeypatch.setenv("TURBOSERVE_SCHEDULER__MAX_BATCH_TOKENS", "2048")
     s = load_settings(cfg)
-    assert (s.server.port, s.scheduler.max_batch_tokens, s.scheduler.max_queue_size) == (9002, 2048, 7)
+    assert (s.server.port, s.scheduler.max_batch_tokens, s.scheduler.max_queue_size) == (9002, 2048, 70)
     s = load_settings(cfg, {"server": {"port": 9003}})
     assert (s.server.port, s.scheduler.max_batch_tokens) == (9003, 2048)
 
