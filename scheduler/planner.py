@@ -1,9 +1,19 @@
-"""Batch planning as a pure function: lengths and limits in, batches out. No clock, no queue, no torch."""
+"""Batch planning as pure functions: pending requests, limits, cost model and `now` in; an ordered plan
+out. No clock, no queue, no torch. The worker runs `plan.batches[0]` (after `plan.wait_until`, if any)
+and plans again; the rest of the plan is the prediction that deadlines and waits are judged by.
+
+Policies: `dp` (ours, scheduler/dp.py) and the baselines users pick instead: `fifo` (fixed-size batches
+in arrival order), `token_budget` (TEI's greedy token budget), `triton` (preferred batch sizes plus a
+maximum queue delay) and `sort_slice` (infinity: sort by length, slice).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
+
+from scheduler.cost_model import CostModel
 
 
 @dataclass(frozen=True)
@@ -19,25 +29,56 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Request:
+    """The planner's view of one pending sequence. Times are seconds on the caller's clock."""
+
+    length: int
+    arrival: float = 0.0
+    deadline: float = math.inf
+    priority: int = 0  # higher runs first
+
+
+@dataclass(frozen=True)
 class Batch:
-    """Indices into the pending list (in the order they run) and the batch's packed token count."""
+    """Indices into the pending list and the batch's packed token count."""
 
     indices: tuple[int, ...]
     tokens: int
 
 
-def plan_token_budget(lengths: Sequence[int], limits: Limits) -> list[Batch]:
-    """TEI-style greedy batching in arrival order under a token budget and a request cap.
+@dataclass(frozen=True)
+class Plan:
+    """Ordered batches (batches[0] runs next) and what the cost model predicts of them."""
 
-    Packed execution pays for real tokens only, so the budget counts the sum of lengths, not
-    max length × count. An input longer than the budget on its own still gets a batch of one:
-    every pending index appears in exactly one batch.
-    """
+    batches: list[Batch]
+    cost: float = 0.0  # predicted seconds to run every batch
+    late: tuple[int, ...] = ()  # indices predicted to miss their deadline
+    infeasible: tuple[int, ...] = ()  # indices that would miss even if run alone right now
+    wait_until: float | None = None  # hold batches[0] until then, unless the pending set changes
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of every policy; each reads its own."""
+
+    name: str = "dp"
+    fixed_batch_size: int = 32  # fifo
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)  # triton
+    max_queue_delay: float = 0.005  # fifo, triton: seconds the oldest request may wait for a fuller batch
+    max_wait: float = 0.0  # dp: seconds the oldest request may wait for a cheaper batch
+    efficient_fraction: float = 0.9  # dp: wait only while per-token cost is above 1/this of the best
+    extra: dict = field(default_factory=dict)
+
+
+def chunk(order: Sequence[int], lengths: Sequence[int], limits: Limits, size: int | None = None) -> list[Batch]:
+    """Cut `order` into consecutive batches of at most `size` requests within the limits."""
+    cap = min(size or limits.max_batch_requests, limits.max_batch_requests)
     batches: list[Batch] = []
     current: list[int] = []
     tokens = 0
-    for i, n in enumerate(lengths):
-        if current and (tokens + n > limits.max_batch_tokens or len(current) == limits.max_batch_requests):
+    for i in order:
+        n = lengths[i]
+        if current and (tokens + n > limits.max_batch_tokens or len(current) == cap):
             batches.append(Batch(tuple(current), tokens))
             current, tokens = [], 0
         current.append(i)
@@ -47,13 +88,90 @@ def plan_token_budget(lengths: Sequence[int], limits: Limits) -> list[Batch]:
     return batches
 
 
-POLICIES = {"token_budget": plan_token_budget}
+def evaluate(batches: list[Batch], requests: Sequence[Request], cost: CostModel | None, now: float,
+             wait_until: float | None = None) -> Plan:
+    """Predict each batch's finish time from `now` and list the requests that would be late."""
+    if cost is None:
+        return Plan(batches, wait_until=wait_until)
+    t = max(now, wait_until or now)
+    late, total = [], 0.0
+    for b in batches:
+        seconds = cost.predict_lengths([requests[i].length for i in b.indices])
+        t += seconds
+        total += seconds
+        late.extend(i for i in b.indices if requests[i].deadline < t)
+    infeasible = ()
+    if late:  # only a late request can be infeasible
+        infeasible = tuple(i for i in late if now + cost.predict_one(1, requests[i].length, requests[i].length ** 2)
+                           > requests[i].deadline)
+    return Plan(batches, total, tuple(sorted(late)), infeasible, wait_until)
 
 
-def plan(lengths: Sequence[int], limits: Limits, policy: str = "token_budget") -> list[Batch]:
-    """Plan all pending requests (given by token length, in arrival order) into batches."""
+def plan_token_budget(requests, limits, cost, now, config) -> Plan:
+    """TEI: greedy in arrival order under the token budget and request cap; never waits."""
+    lengths = [r.length for r in requests]
+    return evaluate(chunk(range(len(requests)), lengths, limits), requests, cost, now)
+
+
+def _oldest_arrival(requests) -> float:
+    return min(r.arrival for r in requests)
+
+
+def plan_fifo(requests, limits, cost, now, config) -> Plan:
+    """Fixed-size batches in arrival order; a short first batch waits up to max_queue_delay to fill."""
+    lengths = [r.length for r in requests]
+    batches = chunk(range(len(requests)), lengths, limits, config.fixed_batch_size)
+    full = min(config.fixed_batch_size, limits.max_batch_requests)
+    wait = None
+    if len(batches) == 1 and len(batches[0].indices) < full and batches[0].tokens < limits.max_batch_tokens:
+        wait = _oldest_arrival(requests) + config.max_queue_delay
+    return evaluate(batches, requests, cost, now, wait)
+
+
+def plan_triton(requests, limits, cost, now, config) -> Plan:
+    """Triton's dynamic batcher: the largest preferred size the queue can fill runs now; with fewer
+    requests than the smallest preferred size, wait up to max_queue_delay, then run what is there."""
+    lengths = [r.length for r in requests]
+    sizes = sorted(s for s in config.preferred_batch_sizes if s <= limits.max_batch_requests) or [limits.max_batch_requests]
+    fillable = [s for s in sizes if s <= len(requests)]
+    size = fillable[-1] if fillable else limits.max_batch_requests
+    batches = chunk(range(len(requests)), lengths, limits, size)
+    wait = None if fillable else _oldest_arrival(requests) + config.max_queue_delay
+    return evaluate(batches, requests, cost, now, wait)
+
+
+def plan_sort_slice(requests, limits, cost, now, config) -> Plan:
+    """infinity: sort the pending requests by length and slice them into full batches; never waits."""
+    lengths = [r.length for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: lengths[i])
+    return evaluate(chunk(order, lengths, limits), requests, cost, now)
+
+
+def _plan_dp(requests, limits, cost, now, config) -> Plan:
+    from scheduler.dp import plan_dp  # noqa: PLC0415 - dp builds on this module's types
+
+    return plan_dp(requests, limits, cost, now, config)
+
+
+POLICIES = {
+    "dp": _plan_dp,
+    "token_budget": plan_token_budget,
+    "fifo": plan_fifo,
+    "triton": plan_triton,
+    "sort_slice": plan_sort_slice,
+}
+
+
+def plan(requests: Sequence[Request], limits: Limits, cost: CostModel | None = None, now: float = 0.0,
+         config: PolicyConfig | None = None) -> Plan:
+    """Plan every pending request into ordered batches with the configured policy."""
+    config = config or PolicyConfig()
     try:
-        planner = POLICIES[policy]
+        planner = POLICIES[config.name]
     except KeyError:
-        raise ValueError(f"unknown scheduler policy {policy!r}; known: {', '.join(POLICIES)}") from None
-    return planner(lengths, limits)
+        raise ValueError(f"unknown scheduler policy {config.name!r}; known: {', '.join(POLICIES)}") from None
+    if not requests:
+        return Plan([])
+    if config.name == "dp" and cost is None:
+        raise ValueError("the dp policy needs a cost model")
+    return planner(requests, limits, cost, now, config)

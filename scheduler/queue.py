@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from scheduler.cost_model import CostModel
 from scheduler.errors import NotReady, Overloaded
-from scheduler.planner import Limits, plan
+from scheduler.planner import Limits, PolicyConfig, Request, plan
 
 
 @dataclass(eq=False)
@@ -18,6 +20,8 @@ class WorkItem:
 
     ids: list[int]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    deadline: float = math.inf  # on the same clock as enqueued_at
+    priority: int = 0
     future: Future = field(default_factory=Future)
     # Filled by the worker, read by the route for timing headers.
     queue_seconds: float = 0.0
@@ -31,10 +35,13 @@ class WorkItem:
 class BatchQueue:
     """Holds pending WorkItems up to `max_size`; hands the worker one planned batch at a time."""
 
-    def __init__(self, max_size: int, limits: Limits, policy: str = "token_budget"):
+    def __init__(self, max_size: int, limits: Limits, policy: PolicyConfig | None = None,
+                 cost: CostModel | None = None, clock: Callable[[], float] = time.perf_counter):
         self.max_size = max_size
         self.limits = limits
-        self.policy = policy
+        self.policy = policy or PolicyConfig("token_budget")
+        self.cost = cost
+        self.clock = clock
         self._pending: list[WorkItem] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -55,20 +62,28 @@ class BatchQueue:
             self._cond.notify()
 
     def next_batch(self, timeout: float | None = None) -> list[WorkItem] | None:
-        """Block until work is pending, then remove and return the planner's first batch.
+        """Block until the policy releases a batch; remove and return it.
 
+        Plans again whenever work arrives while the policy holds a batch back for a fuller one.
         Returns None when closed and empty, or [] after `timeout` seconds with nothing pending.
         """
         with self._cond:
-            if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
-                return []
-            if not self._pending:
-                return None
-            first = plan([it.length for it in self._pending], self.limits, self.policy)[0]
-            taken = set(first.indices)
-            batch = [self._pending[i] for i in first.indices]
-            self._pending = [it for i, it in enumerate(self._pending) if i not in taken]
-            return batch
+            while True:
+                if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
+                    return []
+                if not self._pending:
+                    return None
+                now = self.clock()
+                requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority) for it in self._pending]
+                decided = plan(requests, self.limits, self.cost, now, self.policy)
+                if decided.wait_until is not None and decided.wait_until > now and not self._closed:
+                    self._cond.wait(decided.wait_until - now)  # a new arrival wakes us to plan again
+                    continue
+                first = decided.batches[0]
+                taken = set(first.indices)
+                batch = [self._pending[i] for i in first.indices]
+                self._pending = [it for i, it in enumerate(self._pending) if i not in taken]
+                return batch
 
     def close(self) -> None:
         """Refuse new work; the worker drains what is pending, then next_batch returns None."""

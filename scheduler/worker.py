@@ -22,7 +22,7 @@ class Runner(Protocol):
 class Observer(Protocol):
     """Counter hooks the server implements with Prometheus; the worker knows nothing of HTTP."""
 
-    def batch_done(self, items: list[WorkItem], seconds: float) -> None: ...
+    def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None: ...
 
     def dropped(self, count: int) -> None: ...
 
@@ -79,5 +79,8 @@ class BatchWorker:
         seconds = self.clock() - started
         for it in batch:
             it.inference_seconds = seconds
-        self.observer.batch_done(batch, seconds)
+        cost = self.queue.cost
+        # Refine the cost model online; the error is that of the prediction made before this batch.
+        error = cost.observe([it.length for it in batch], seconds) if cost is not None else None
+        self.observer.batch_done(batch, seconds, error)
         resolve(batch, outputs)

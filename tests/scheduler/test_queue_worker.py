@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from scheduler.errors import BackendError, NotReady, Overloaded
-from scheduler.planner import Limits
+from scheduler.cost_model import CostModel
+from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
 
@@ -16,7 +17,7 @@ class Recorder:
     def __init__(self):
         self.batches, self.dropped_count, self.failed = [], 0, 0
 
-    def batch_done(self, items, seconds):
+    def batch_done(self, items, seconds, cost_error):
         self.batches.append([it.ids for it in items])
 
     def dropped(self, count):
@@ -56,6 +57,23 @@ def test_next_batch_follows_the_plan_and_keeps_the_rest():
     assert q.next_batch() == items[:2]
     assert q.next_batch() == items[2:]
     assert q.next_batch(timeout=0.01) == []
+
+
+def test_dp_queue_runs_the_urgent_request_first_and_refines_its_model():
+    clock = [10.0]
+    cost = CostModel.linear(0.01, 0.001)
+    q = BatchQueue(100, Limits(400, 8), PolicyConfig("dp"), cost, clock=lambda: clock[0])
+    relaxed = [WorkItem([0] * 200, enqueued_at=10.0, deadline=20.0) for _ in range(2)]
+    urgent = WorkItem([0] * 10, enqueued_at=10.0, deadline=10.05)
+    q.submit([*relaxed, urgent])
+    assert q.next_batch()[0] is urgent
+    rec = Recorder()
+    worker = BatchWorker(q, SumRunner(), rec)
+    worker.start()
+    assert [it.future.result(5) for it in relaxed] == [0, 0]
+    q.close()
+    worker.join(5)
+    assert cost.observations == 1  # the worker refined the model from the batch it ran
 
 
 def test_worker_resolves_every_item_and_drains_on_close():

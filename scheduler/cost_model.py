@@ -1,0 +1,165 @@
+"""Batch latency model for packed execution, measured on the device and refined online.
+
+A packed batch's time is driven by its number of sequences n, its total tokens T (every GEMM) and its
+sum of squared lengths S2 (attention). The model is a non-negative linear fit
+    t = c0 + c1·n + c2·T + c3·S2
+times a correction factor interpolated (in log T) between measured token-count knots: the factor
+absorbs what a line misses (GEMM efficiency at small T, cache effects at large T). Observed batch
+times refine the factor at the nearest knots with an EWMA. Pure numpy: no torch, no clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FEATURES = ("batch", "sequence", "token", "squared_token")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One profiled grid cell: `n` sequences of `length` tokens each ran in `seconds` (median)."""
+
+    n: int
+    length: int
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return self.n * self.length
+
+    @property
+    def sq_tokens(self) -> int:
+        return self.n * self.length * self.length
+
+
+def _nonnegative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares on relative error with coefficients >= 0 (drop negative terms and refit)."""
+    w = 1.0 / np.maximum(y, 1e-9)  # relative error: short and long batches count alike
+    active = list(range(x.shape[1]))
+    while True:
+        coef_active, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
+        if (coef_active >= 0).all() or len(active) == 1:
+            coef = np.zeros(x.shape[1])
+            coef[active] = np.maximum(coef_active, 0)
+            return coef
+        active.pop(int(np.argmin(coef_active)))
+
+
+@dataclass
+class CostModel:
+    """Predicts batch seconds; `observe` refines it from real batches."""
+
+    coef: list[float]  # seconds per batch, per sequence, per token, per squared token
+    knots: list[float]  # token counts (ascending) where correction factors are kept
+    factors: list[float]  # multiplicative correction at each knot
+    key: dict = field(default_factory=dict)
+    cells: list[Cell] = field(default_factory=list)
+    alpha: float = 0.2  # EWMA weight of one observation
+    observations: int = 0
+
+    @classmethod
+    def fit(cls, cells: Sequence[Cell], key: dict | None = None, alpha: float = 0.2) -> "CostModel":
+        """Fit the line to profiled cells, then per-knot factors to its residuals."""
+        if not cells:
+            raise ValueError("cannot fit a cost model to no cells")
+        x = np.array([[1.0, c.n, c.tokens, c.sq_tokens] for c in cells])
+        y = np.array([c.seconds for c in cells])
+        coef = _nonnegative_fit(x, y)
+        base = x @ coef
+        knots = sorted({float(c.tokens) for c in cells})
+        factors = []
+        for k in knots:  # geometric mean of observed/predicted of the cells at this token count
+            ratios = [c.seconds / max(b, 1e-12) for c, b in zip(cells, base) if c.tokens == k]
+            factors.append(float(np.exp(np.mean(np.log(ratios)))))
+        return cls(list(map(float, coef)), knots, factors, dict(key or {}), list(cells), alpha)
+
+    @classmethod
+    def linear(cls, per_batch: float, per_token: float, per_sq_token: float = 0.0, per_sequence: float = 0.0) -> "CostModel":
+        """A hand-set model (tests, simulations without a device)."""
+        return cls([per_batch, per_sequence, per_token, per_sq_token], [1.0], [1.0])
+
+    def _factor(self, tokens):
+        if len(self.knots) == 1:
+            return self.factors[0]
+        logt = np.log(np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))
+        return np.interp(logt, np.log(self.knots), self.factors)
+
+    def predict(self, n, tokens, sq_tokens):
+        """Seconds for batches of n sequences, `tokens` total tokens, `sq_tokens` sum of squared lengths
+        (numpy arrays of one shape, or scalars)."""
+        c0, c1, c2, c3 = self.coef
+        return (c0 + c1 * np.asarray(n, dtype=np.float64) + c2 * np.asarray(tokens, dtype=np.float64)
+                + c3 * np.asarray(sq_tokens, dtype=np.float64)) * self._factor(tokens)
+
+    def predict_one(self, n: float, tokens: float, sq_tokens: float) -> float:
+        """Scalar `predict` in plain Python (no numpy call overhead: planners call it often)."""
+        c0, c1, c2, c3 = self.coef
+        base = c0 + c1 * n + c2 * tokens + c3 * sq_tokens
+        knots, factors = self.knots, self.factors
+        if len(knots) == 1 or tokens <= knots[0]:
+            return base * factors[0]
+        if tokens >= knots[-1]:
+            return base * factors[-1]
+        hi = bisect.bisect_right(knots, tokens)
+        lo = hi - 1
+        w = (math.log(tokens) - math.log(knots[lo])) / (math.log(knots[hi]) - math.log(knots[lo]))
+        return base * (factors[lo] + w * (factors[hi] - factors[lo]))
+
+    def predict_lengths(self, lengths: Sequence[int]) -> float:
+        """Seconds for one packed batch of sequences with these lengths."""
+        return self.predict_one(len(lengths), sum(lengths), sum(x * x for x in lengths))
+
+    def observe(self, lengths: Sequence[int], seconds: float) -> float:
+        """Fold one measured batch into the knots around its token count; return the signed relative
+        error of the prediction made before the update ((predicted - observed) / observed)."""
+        predicted = self.predict_lengths(lengths)
+        error = (predicted - seconds) / max(seconds, 1e-12)
+        tokens = float(sum(lengths))
+        ratio = seconds / max(predicted, 1e-12)
+        if len(self.knots) == 1:
+            weights = [1.0]
+        else:
+            pos = float(np.interp(math.log(max(tokens, 1.0)), np.log(self.knots), np.arange(len(self.knots))))
+            lo = int(math.floor(pos))
+            hi = min(lo + 1, len(self.knots) - 1)
+            weights = [0.0] * len(self.knots)
+            weights[lo] += 1.0 - (pos - lo)
+            weights[hi] += pos - lo
+        for i, wgt in enumerate(weights):
+            if wgt > 0:
+                a = self.alpha * wgt
+                self.factors[i] *= math.exp(a * math.log(ratio))  # EWMA in log space
+        self.observations += 1
+        return error
+
+    def to_json(self) -> dict:
+        return {"coef": self.coef, "knots": self.knots, "factors": self.factors, "key": self.key,
+                "cells": [asdict(c) for c in self.cells], "alpha": self.alpha}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "CostModel":
+        return cls(list(doc["coef"]), list(doc["knots"]), list(doc["factors"]), dict(doc.get("key", {})),
+                   [Cell(**c) for c in doc.get("cells", [])], float(doc.get("alpha", 0.2)))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def summary(self) -> dict:
+        """What /info shows."""
+        return {"coefficients_seconds": dict(zip(FEATURES, self.coef)), "knots_tokens": self.knots,
+                "factors": [round(f, 4) for f in self.factors], "observations": self.observations, "key": self.key}

@@ -1,0 +1,75 @@
+"""Measure the runtime's batch latency over a grid at start-up, and cache the fitted model on disk.
+
+The profiler times a callable that runs one batch; it never imports torch itself. The cache key holds
+everything that changes the answer: model, device, dtype, software versions, threads and the grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from scheduler.cost_model import Cell, CostModel
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[list[int]], None]  # runs one packed batch with these sequence lengths
+
+
+def grid(max_batch_requests: int, max_input_length: int, token_cap: int) -> list[tuple[int, int]]:
+    """(n, length) cells: n in powers of two up to the request cap, lengths doubling from 8 up to the
+    input limit, keeping cells of at most `token_cap` tokens (larger batches are extrapolated)."""
+    ns = sorted({1 << k for k in range(max_batch_requests.bit_length()) if 1 << k <= max_batch_requests} | {max_batch_requests})
+    lengths = sorted({8 << k for k in range(16) if 8 << k <= max_input_length} | {max_input_length})
+    return [(n, length) for length in lengths for n in ns if n * length <= token_cap]
+
+
+def measure(run: RunBatch, cells: list[tuple[int, int]], runs: int = 3, warmup: int = 1,
+            progress: bool = True) -> list[Cell]:
+    """Median seconds of `runs` timed runs per cell, after `warmup` untimed ones; shows a progress bar."""
+    from tqdm import tqdm  # noqa: PLC0415 - only profiling needs it
+
+    out = []
+    for n, length in tqdm(cells, desc="profiling batch latency", unit="cell", disable=not progress):
+        lengths = [length] * n
+        for _ in range(warmup):
+            run(lengths)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            run(lengths)
+            times.append(time.perf_counter() - started)
+        out.append(Cell(n, length, statistics.median(times)))
+    return out
+
+
+def cache_path(directory: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(directory).expanduser() / f"cost-{digest}.json"
+
+
+def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cells: list[tuple[int, int]],
+                    runs: int = 3, progress: bool = True, alpha: float = 0.2) -> tuple[CostModel, bool]:
+    """The cached model for `key` if one is saved, else a freshly profiled and saved one.
+    Returns (model, loaded_from_cache)."""
+    path = cache_path(directory, key) if directory else None
+    if path is not None and path.exists():
+        try:
+            model = CostModel.load(path)
+            if model.key == key:
+                log.info("cost model loaded from %s", path)
+                return model, True
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable cost model %s: %s", path, exc)
+    started = time.perf_counter()
+    model = CostModel.fit(measure(run, cells, runs, progress=progress), key, alpha)
+    log.info("profiled %d cells in %.1fs", len(cells), time.perf_counter() - started)
+    if path is not None:
+        model.save(path)
+        log.info("cost model saved to %s", path)
+    return model, False

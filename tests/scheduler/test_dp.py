@@ -1,0 +1,167 @@
+"""The DP planner against brute force, and its guarantees: every request once, limits, deadlines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduler.brute_force import deadlines_feasible, min_cost_any, min_cost_consecutive
+from scheduler.cost_model import Cell, CostModel
+from scheduler.dp import cost_dp
+from scheduler.planner import Limits, PolicyConfig, Request, plan
+
+COSTS = st.builds(
+    CostModel.linear,
+    per_batch=st.floats(0.0, 0.05),
+    per_token=st.floats(1e-6, 1e-3),
+    per_sq_token=st.floats(0.0, 1e-5),
+    per_sequence=st.floats(0.0, 1e-2),
+)
+
+
+@st.composite
+def curved_costs(draw):
+    """Fitted models whose correction factors bend the line (GEMM efficiency and the like)."""
+    base = draw(COSTS)
+    model = CostModel(list(base.coef), [8.0, 64.0, 512.0, 4096.0], [draw(st.floats(0.5, 2.0)) for _ in range(4)])
+    return model
+
+
+LIMITS = st.builds(Limits, max_batch_tokens=st.integers(16, 600), max_batch_requests=st.integers(1, 8))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 200), max_size=9), limits=LIMITS, cost=st.one_of(COSTS, curved_costs()))
+def test_cost_dp_equals_brute_force_over_consecutive_splits(lengths, limits, cost):
+    lengths = sorted(lengths)
+    segments, total = cost_dp(lengths, limits, cost)
+    assert [i for s, e in segments for i in range(s, e)] == list(range(len(lengths)))
+    assert math.isclose(total, min_cost_consecutive(lengths, limits, cost), rel_tol=1e-9, abs_tol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 200), max_size=7), cap=st.integers(1, 8), cost=COSTS)
+def test_without_a_binding_token_budget_sorted_cuts_are_optimal(lengths, cap, cost):
+    # With packed costs linear in (n, T, S2) and only a request cap, the sorted DP is the true optimum.
+    limits = Limits(10**6, cap)
+    _, total = cost_dp(sorted(lengths), limits, cost)
+    assert math.isclose(total, min_cost_any(lengths, limits, cost), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_a_token_budget_breaks_sorted_cuts_and_packing_repairs_it():
+    # Found by Hypothesis: sorted cuts need 3 batches, pairing 1+15 and 1+2 needs 2.
+    lengths, limits, cost = [1, 1, 2, 15], Limits(16, 2), CostModel.linear(0.03, 0.001)
+    _, sorted_cost = cost_dp(lengths, limits, cost)
+    optimum = min_cost_any(lengths, limits, cost)
+    assert sorted_cost > optimum
+    assert plan([Request(n) for n in lengths], limits, cost, 0.0, PolicyConfig("dp")).cost == pytest.approx(optimum)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 300), max_size=60), limits=LIMITS, cost=st.one_of(COSTS, curved_costs()))
+def test_never_costs_more_than_a_baseline(lengths, limits, cost):
+    requests = [Request(n) for n in lengths]
+    ours = plan(requests, limits, cost, 0.0, PolicyConfig("dp")).cost
+    for name in ("token_budget", "sort_slice"):
+        assert ours <= plan(requests, limits, cost, 0.0, PolicyConfig(name)).cost * (1 + 1e-9) + 1e-12
+    if len(cost.knots) == 1:  # flat efficiency: fewer, fuller batches never cost more
+        for name in ("fifo", "triton"):
+            config = PolicyConfig(name, fixed_batch_size=limits.max_batch_requests,
+                                  preferred_batch_sizes=(limits.max_batch_requests,))
+            assert ours <= plan(requests, limits, cost, 0.0, config).cost * (1 + 1e-9) + 1e-12
+
+
+REQUESTS = st.lists(
+    st.builds(Request, length=st.integers(1, 300), arrival=st.just(0.0),
+              deadline=st.one_of(st.just(math.inf), st.floats(0.0, 3.0)), priority=st.integers(0, 1)),
+    max_size=40)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=REQUESTS, limits=LIMITS, cost=st.one_of(COSTS, curved_costs()))
+def test_every_request_once_within_limits_and_priorities_first(requests, limits, cost):
+    p = plan(requests, limits, cost, 0.0, PolicyConfig("dp"))
+    flat = sorted(i for b in p.batches for i in b.indices)
+    assert flat == list(range(len(requests)))
+    for b in p.batches:
+        assert len(b.indices) <= limits.max_batch_requests
+        assert b.tokens == sum(requests[i].length for i in b.indices)
+        assert b.tokens <= limits.max_batch_tokens or len(b.indices) == 1
+    priorities = [max(requests[i].priority for i in b.indices) for b in p.batches]
+    lowest_so_far = [min(requests[i].priority for i in b.indices) for b in p.batches]
+    for earlier, later in zip(lowest_so_far, priorities[1:]):
+        assert later <= earlier  # strict classes: a higher class never waits behind a lower one
+    assert set(p.infeasible) <= set(p.late)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(st.builds(Request, length=st.integers(1, 100), arrival=st.just(0.0),
+                                   deadline=st.floats(0.0, 0.5)), min_size=1, max_size=6),
+       limits=st.builds(Limits, max_batch_tokens=st.integers(50, 300), max_batch_requests=st.integers(1, 4)),
+       cost=COSTS)
+def test_deadlines_met_whenever_a_feasible_plan_exists(requests, limits, cost):
+    p = plan(requests, limits, cost, 0.0, PolicyConfig("dp"))
+    if deadlines_feasible(requests, limits, cost, 0.0):
+        assert p.late == ()
+    else:
+        assert p.late  # and it says so
+
+
+def test_edge_cases():
+    cost = CostModel.linear(0.01, 0.001)
+    limits = Limits(512, 8)
+    assert plan([], limits, cost).batches == []
+    one = plan([Request(10)], limits, cost)
+    assert [b.indices for b in one.batches] == [(0,)]
+    equal = plan([Request(16) for _ in range(20)], limits, cost)
+    assert len(equal.batches) == 3  # 20 requests, 8 a batch: the fewest batches
+    longest = plan([Request(512), Request(3)], limits, cost)
+    assert sorted(len(b.indices) for b in longest.batches) == [1, 1]
+    too_long = plan([Request(900)], limits, cost)  # over the budget alone: still planned, alone
+    assert [b.indices for b in too_long.batches] == [(0,)]
+    past = plan([Request(10, 0.0, -1.0), Request(20, 0.0, -2.0)], limits, cost, now=0.0)
+    assert set(past.late) == set(past.infeasible) == {0, 1}
+    assert sorted(i for b in past.batches for i in b.indices) == [0, 1]
+
+
+def test_urgent_short_request_runs_before_a_cheaper_big_batch():
+    cost = CostModel.linear(0.01, 0.001)
+    limits = Limits(1000, 8)
+    requests = [Request(200, 0.0, 10.0) for _ in range(4)] + [Request(10, 0.0, 0.05)]
+    p = plan(requests, limits, cost, 0.0, PolicyConfig("dp"))
+    assert p.late == ()
+    assert 4 in p.batches[0].indices and p.batches[0].tokens < 400
+
+
+def test_bounded_wait_only_when_it_pays_and_is_safe():
+    # A large per-batch overhead makes a fuller batch much cheaper per token.
+    cost = CostModel.linear(0.05, 0.0001)
+    limits = Limits(4096, 32)
+    config = PolicyConfig("dp", max_wait=0.02)
+    relaxed = plan([Request(16, arrival=1.0, deadline=9.0)], limits, cost, 1.001, config)
+    assert relaxed.wait_until == pytest.approx(1.02)
+    tight = plan([Request(16, arrival=1.0, deadline=1.06)], limits, cost, 1.001, config)
+    assert tight.wait_until is None or tight.wait_until <= 1.06 - 0.05
+    full = plan([Request(16, arrival=1.0, deadline=9.0) for _ in range(32)], limits, cost, 1.001, config)
+    assert full.wait_until is None
+    flat = CostModel.linear(0.0, 0.001)  # no per-batch overhead: waiting buys nothing
+    assert plan([Request(16, arrival=1.0, deadline=9.0)], limits, flat, 1.001, config).wait_until is None
+
+
+def test_cost_model_fit_predict_and_refine(tmp_path):
+    truth = CostModel.linear(0.003, 2e-4, 1e-7, 1e-4)
+    cells = [Cell(n, length, truth.predict_lengths([length] * n)) for n in (1, 2, 4, 8) for length in (8, 32, 128)]
+    fitted = CostModel.fit(cells, {"model": "x"})
+    for n, length in [(3, 50), (8, 128), (1, 8)]:
+        assert fitted.predict_lengths([length] * n) == pytest.approx(truth.predict_lengths([length] * n), rel=1e-3)
+    fitted.save(tmp_path / "c.json")
+    again = CostModel.load(tmp_path / "c.json")
+    assert again.key == {"model": "x"} and again.predict_lengths([10, 20]) == pytest.approx(fitted.predict_lengths([10, 20]))
+    # The device got 30% slower: online refinement converges to it.
+    lengths = [100] * 4
+    for _ in range(40):
+        error = again.observe(lengths, 1.3 * truth.predict_lengths(lengths))
+    assert abs(error) < 0.02
