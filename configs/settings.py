@@ -59,11 +59,22 @@ class ModelSettings(_Section):
 
 
 class SchedulerSettings(_Section):
-    policy: Literal["token_budget"] = Field("token_budget", description="Batch planner (the DP planner arrives with the scheduler issue).")
+    policy: Literal["dp", "token_budget", "fifo", "triton", "sort_slice"] = Field(
+        "dp", description="Batch planner: dp (ours), or a baseline: token_budget (TEI), fifo, triton, sort_slice (infinity).")
     max_batch_tokens: int = Field(16384, ge=1, description="Most tokens in one batch (packed, so no padding counts).")
     max_batch_requests: int = Field(64, ge=1, description="Most sequences in one batch.")
     max_queue_size: int = Field(1024, ge=1, description="Most sequences waiting; more are refused with 429.")
     retry_after_s: int = Field(1, ge=1, description="Seconds sent in `Retry-After` with a 429.")
+    slo_ms: float = Field(2000.0, gt=0, description="Default latency objective; a request's deadline is arrival + SLO (header x-slo-ms overrides).")
+    fixed_batch_size: int = Field(32, ge=1, description="fifo: batch size it waits to fill.")
+    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32], description="triton: preferred batch sizes.")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="fifo, triton: most ms the oldest request waits for a fuller batch.")
+    max_wait_ms: float = Field(5.0, ge=0, description="dp: most ms the oldest request waits for a cheaper batch (never past a deadline).")
+    cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
+    profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
+    profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")
+    profile_max_tokens: int = Field(2048, ge=8, description="Largest batch (tokens) measured; bigger ones are extrapolated.")
+    cost_model_alpha: float = Field(0.2, gt=0, le=1, description="Weight of one observed batch in the online refinement (EWMA).")
 
 
 class Settings(BaseSettings):

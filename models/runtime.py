@@ -106,3 +106,23 @@ def finish_embedding(vector: np.ndarray, normalize: bool, dimensions: int | None
         norm = np.linalg.norm(vector, axis=-1, keepdims=True)
         vector = vector / np.maximum(norm, 1e-12)
     return vector.astype(np.float32, copy=False)
+
+
+def runtime_facts(info: ModelInfo) -> dict:
+    """What a measured cost depends on besides the model: device name, software versions, threads."""
+    import platform  # noqa: PLC0415
+
+    device = torch.device(info.device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo", encoding="utf-8"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"device": info.device, "device_name": name, "dtype": info.dtype, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}

@@ -31,6 +31,7 @@ from server.errors import (
     kind_of,
 )
 from server.metrics import Metrics
+from server.profiling import build_cost_model
 from server.middleware import EdgeMiddleware
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,10 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
         embedder, tokenizer, info = loader()
         if settings.model.warmup:
             _warm_up(embedder, tokenizer)
-        engine = Engine(settings, embedder, tokenizer, info, metrics)
+        # Every policy gets the cost model: dp plans with it, and all of them report its predictions.
+        cost, loaded = build_cost_model(settings, embedder, info)
+        log.info("cost model %s: %s", "loaded" if loaded else "measured", cost.summary()["coefficients_seconds"])
+        engine = Engine(settings, embedder, tokenizer, info, metrics, cost)
         engine.start()
         app.state.engine = engine
         metrics.ready.set(1)

@@ -28,12 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="served model name (model.name)")
     serve.add_argument("--device", help="torch device (model.device)")
     serve.add_argument("--api-key", help="require this bearer token (server.api_key)")
+    prof = sub.add_parser("profile", help="measure the batch cost model for the configured model and device, and save it")
+    prof.add_argument("--config", help="YAML settings file")
+    prof.add_argument("--model", help="Hugging Face model folder (model.path)")
+    prof.add_argument("--device", help="torch device (model.device)")
+    prof.add_argument("--runs", type=int, help="timed runs per cell (scheduler.profile_runs)")
+    prof.add_argument("--max-tokens", type=int, help="largest batch measured, in tokens (scheduler.profile_max_tokens)")
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    pairs = {("server", "host"): args.host, ("server", "port"): args.port, ("model", "path"): args.model,
-             ("model", "name"): args.model_name, ("model", "device"): args.device, ("server", "api_key"): args.api_key}
+    flags = {"host": ("server", "host"), "port": ("server", "port"), "model": ("model", "path"),
+             "model_name": ("model", "name"), "device": ("model", "device"), "api_key": ("server", "api_key"),
+             "runs": ("scheduler", "profile_runs"), "max_tokens": ("scheduler", "profile_max_tokens")}
+    pairs = {place: getattr(args, flag, None) for flag, place in flags.items()}
     out: dict[str, dict[str, Any]] = {}
     for (section, key), value in pairs.items():
         if value is not None:
@@ -49,7 +57,8 @@ def _explain(exc: ValidationError) -> str:
     return "invalid settings:\n" + "\n".join(lines)
 
 
-def serve(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace):
+    """Settings from the flags, or None after printing why they are invalid."""
     from configs.settings import load_settings  # noqa: PLC0415 - keep --help fast
     from models.config import ModelFolderError, default_model_path, read_model_folder  # noqa: PLC0415
 
@@ -57,14 +66,47 @@ def serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, _overrides(args))
     except ValidationError as exc:
         print(f"turboserve: {_explain(exc)}", file=sys.stderr)
-        return 2
+        return None
     except ValueError as exc:
         print(f"turboserve: {exc}", file=sys.stderr)
-        return 2
+        return None
     try:  # refuse a bad model folder now, not after the port is open
         read_model_folder(settings.model.path or default_model_path())
     except ModelFolderError as exc:
         print(f"turboserve: model.path: {exc}", file=sys.stderr)
+        return None
+    return settings
+
+
+def profile(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from server.app import _warm_up, default_loader  # noqa: PLC0415
+    from server.profiling import build_cost_model  # noqa: PLC0415
+
+    settings = settings.model_copy(update={"scheduler": settings.scheduler.model_copy(update={"profile": "always"})})
+    embedder, tokenizer, info = default_loader(settings)()
+    _warm_up(embedder, tokenizer)
+    cost, _ = build_cost_model(settings, embedder, info, progress=True)
+    print(f"{'n':>4} {'length':>6} {'tokens':>7} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+    for c in cost.cells:
+        predicted = cost.predict_lengths([c.length] * c.n)
+        print(f"{c.n:>4} {c.length:>6} {c.tokens:>7} {c.seconds * 1000:>12.2f} {predicted * 1000:>13.2f} "
+              f"{(predicted - c.seconds) / c.seconds:>+7.1%}")
+    coef = cost.summary()["coefficients_seconds"]
+    print("fit: " + ", ".join(f"{k} {v * 1e3:.4g} ms" for k, v in coef.items()))
+    if settings.scheduler.cost_model_dir:
+        from server.profiling import cost_key  # noqa: PLC0415
+        from scheduler.profiler import cache_path  # noqa: PLC0415
+
+        print(f"saved to {cache_path(settings.scheduler.cost_model_dir, cost_key(settings, info))}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
         return 2
 
     import uvicorn  # noqa: PLC0415
@@ -80,9 +122,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    return 2
+    return {"serve": serve, "profile": profile}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from starlette.requests import Request
 from configs.settings import Settings
 from models.runtime import Embedder, ModelInfo
 from models.tokenizer import Encoded, TextTokenizer
+from scheduler.cost_model import CostModel
 from scheduler.errors import DeadlineExceeded
-from scheduler.planner import Limits
+from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
 from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge
@@ -37,13 +38,24 @@ async def _wait_disconnect(request: Request) -> None:
 class Engine:
     """One model on one device: its tokenizer, queue and worker thread."""
 
-    def __init__(self, settings: Settings, embedder: Embedder, tokenizer: TextTokenizer, info: ModelInfo, metrics: Metrics):
+    def __init__(self, settings: Settings, embedder: Embedder, tokenizer: TextTokenizer, info: ModelInfo, metrics: Metrics,
+                 cost: CostModel | None = None):
         self.settings = settings
         self.info = info
         self.tokenizer = tokenizer
         self.embedder = embedder
+        self.cost = cost
+        self.metrics = metrics
         sched = settings.scheduler
-        self.queue = BatchQueue(sched.max_queue_size, Limits(sched.max_batch_tokens, sched.max_batch_requests), sched.policy)
+        policy = PolicyConfig(
+            name=sched.policy,
+            fixed_batch_size=sched.fixed_batch_size,
+            preferred_batch_sizes=tuple(sched.preferred_batch_sizes),
+            max_queue_delay=sched.max_queue_delay_ms / 1000,
+            max_wait=sched.max_wait_ms / 1000,
+        )
+        limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
+        self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
         self.worker = BatchWorker(self.queue, embedder, metrics)
         metrics.queue_depth.set_function(lambda: self.queue.depth)
 
@@ -58,6 +70,14 @@ class Engine:
     @property
     def healthy(self) -> bool:
         return self.worker.alive
+
+    def scheduler_info(self) -> dict:
+        """The policy, the cost model and how well it predicts live batches (for /info)."""
+        out: dict = {"policy": self.settings.scheduler.policy, "slo_ms": self.settings.scheduler.slo_ms}
+        if self.cost is not None:
+            out["cost_model"] = self.cost.summary()
+            out["cost_model_error"] = self.metrics.cost_error_summary()
+        return out
 
     def check_batch(self, count: int) -> None:
         if count == 0:
@@ -88,9 +108,34 @@ class Engine:
         timing.tokenization = time.perf_counter() - started
         return encoded
 
+    def scheduling(self, request: Request) -> tuple[float, int]:
+        """(SLO seconds, priority) from the x-slo-ms and x-priority headers, else the server defaults."""
+        slo_ms = self.settings.scheduler.slo_ms
+        raw = request.headers.get("x-slo-ms")
+        if raw is not None:
+            try:
+                slo_ms = float(raw)
+            except ValueError:
+                slo_ms = -1.0
+            if not 0 < slo_ms <= 86_400_000:
+                raise InvalidRequest(f"x-slo-ms must be a number of milliseconds in (0, 86400000], got {raw!r}")
+        priority = 0
+        raw = request.headers.get("x-priority")
+        if raw is not None:
+            named = {"low": -1, "normal": 0, "high": 1}
+            try:
+                priority = named[raw.lower()] if raw.lower() in named else int(raw)
+            except ValueError:
+                priority = 99
+            if not -10 <= priority <= 10:
+                raise InvalidRequest(f"x-priority must be low, normal, high or an integer in [-10, 10], got {raw!r}")
+        return slo_ms / 1000, priority
+
     async def run(self, encoded: list[Encoded], request: Request, timing: Timing) -> np.ndarray:
         """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled."""
-        items = [WorkItem(e.ids) for e in encoded]
+        slo, priority = self.scheduling(request)
+        now = time.perf_counter()
+        items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority) for e in encoded]
         self.queue.submit(items)  # raises Overloaded / NotReady
         results = asyncio.gather(*(asyncio.wrap_future(it.future) for it in items))
         # If we stop waiting, nobody reads the gather; consume its outcome so asyncio does not log it.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from scheduler.queue import WorkItem
@@ -34,10 +37,17 @@ class Metrics:
         self.batch_failures = Counter("turboserve_batch_failures", "Sequences whose batch raised an error.", registry=r)
         self.queue_depth = Gauge("turboserve_queue_depth", "Sequences waiting for a batch.", registry=r)
         self.ready = Gauge("turboserve_ready", "1 when the model is loaded and warm.", registry=r)
+        self.cost_error = Histogram(
+            "turboserve_cost_model_error_ratio", "|predicted - observed| / observed batch time, before refinement.",
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
+        self._recent_errors: deque[float] = deque(maxlen=512)
 
     # Observer hooks, called from the worker thread.
-    def batch_done(self, items: list[WorkItem], seconds: float) -> None:
+    def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None:
         tokens = sum(it.length for it in items)
+        if cost_error is not None:
+            self.cost_error.observe(abs(cost_error))
+            self._recent_errors.append(cost_error)
         self.inference_duration.observe(seconds)
         self.batch_size.observe(len(items))
         self.batch_tokens.observe(tokens)
@@ -50,3 +60,12 @@ class Metrics:
 
     def batch_failed(self, count: int) -> None:
         self.batch_failures.inc(count)
+
+    def cost_error_summary(self) -> dict:
+        """Median and p90 of |relative error| over the last batches, and the signed median (bias)."""
+        errors = list(self._recent_errors)
+        if not errors:
+            return {"batches": 0}
+        absolute = sorted(abs(e) for e in errors)
+        return {"batches": len(errors), "median_abs": statistics.median(absolute),
+                "p90_abs": absolute[int(0.9 * (len(absolute) - 1))], "median_signed": statistics.median(errors)}

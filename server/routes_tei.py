@@ -58,6 +58,7 @@ class Info(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+    scheduler: dict | None = None
 
 
 @router.get("/info", response_model=Info)
@@ -77,6 +78,7 @@ async def info(request: Request):
         "auto_truncate": False,
         "tokenization_workers": 1,
         "version": server.__version__,
+        "scheduler": engine.scheduler_info(),
     }
 
 

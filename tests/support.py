@@ -64,7 +64,8 @@ def dummy_loader(embedder: DummyEmbedder, max_length: int = 32, matryoshka: tupl
 
 
 def settings(**sections: dict[str, Any]) -> Settings:
-    base = {"server": {"port": 0}, "model": {"warmup": False}}
+    base = {"server": {"port": 0}, "model": {"warmup": False},
+            "scheduler": {"cost_model_dir": None, "profile_runs": 1, "profile_max_tokens": 256}}
     for key, values in sections.items():
         base.setdefault(key, {}).update(values)
     return load_settings(None, base)
@@ -95,6 +96,9 @@ class ServerThread:
             self.app.state.loader_thread.join(timeout=120)
             if self.app.state.engine is None:
                 raise RuntimeError(f"model did not load: {self.app.state.load_error}")
+            embedder = getattr(self.app.state, "embedder", None)
+            if embedder is not None:
+                embedder.batches.clear()  # forget the cost-model profiling runs
         return self
 
     def __exit__(self, *exc) -> None:

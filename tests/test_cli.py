@@ -46,11 +46,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SMALL_PROFILE = {"TURBOSERVE_SCHEDULER__PROFILE_MAX_TOKENS": "128", "TURBOSERVE_SCHEDULER__PROFILE_RUNS": "1"}
+
+
 @pytest.mark.slow
-def test_serve_the_embedded_model_and_stop_on_sigterm():
+def test_profile_measures_and_saves_then_serve_loads_it(tmp_path):
+    env = {**SMALL_PROFILE, "TURBOSERVE_SCHEDULER__COST_MODEL_DIR": str(tmp_path)}
+    out = run("profile", env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "measured ms" in out.stdout and "saved to" in out.stdout
+    saved = list(tmp_path.glob("cost-*.json"))
+    assert len(saved) == 1
+    _serve_and_stop(env, expect_log="cost model loaded")
+
+
+@pytest.mark.slow
+def test_serve_the_embedded_model_and_stop_on_sigterm(tmp_path):
+    _serve_and_stop({**SMALL_PROFILE, "TURBOSERVE_SCHEDULER__COST_MODEL_DIR": str(tmp_path)}, expect_log="cost model measured")
+
+
+def _serve_and_stop(env: dict, expect_log: str):
     port = _free_port()
     proc = subprocess.Popen([str(BIN), "serve", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 120
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
@@ -68,7 +86,9 @@ def test_serve_the_embedded_model_and_stop_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it.
         assert proc.wait(30) in (0, -signal.SIGTERM)
-        assert "Application shutdown complete" in proc.stdout.read()
+        log = proc.stdout.read()
+        assert "Application shutdown complete" in log
+        assert expect_log in log
     finally:
         if proc.poll() is None:
             proc.kill()
