@@ -264,11 +264,19 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
 
 
 def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig) -> Plan:
-    """The DP policy: priority classes in turn, each planned by cost DP with deadline repair."""
+    """The DP policy: priority classes in turn, each planned by cost DP with deadline repair.
+
+    Within a priority, requests that would miss their deadline even if run alone right now go behind
+    those that can still make it: under overload the server spends its time on requests it can still
+    answer in time (they are still served, never dropped, and reported as infeasible)."""
     groups: list[list[int]] = []
     t = now
-    for priority in sorted({r.priority for r in requests}, reverse=True):
-        members = [i for i, r in enumerate(requests) if r.priority == priority]
+    classes: dict[tuple[int, bool], list[int]] = {}
+    for i, r in enumerate(requests):
+        hopeless = now + cost.predict_one(1, r.length, r.length * r.length) > r.deadline
+        classes.setdefault((r.priority, not hopeless), []).append(i)
+    for key in sorted(classes, reverse=True):
+        members = classes[key]
         class_groups = _plan_class(members, requests, limits, cost, t)
         groups.extend(class_groups)
         t = _late_count(class_groups, requests, cost, t)[1]

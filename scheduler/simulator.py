@@ -1,0 +1,138 @@
+"""Discrete-event simulation of one batching worker under a request trace, with a cost model as the
+device. The same planners the server runs decide every batch; the simulated clock is the only clock."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from scheduler.cost_model import CostModel
+from scheduler.planner import Limits, PolicyConfig, Request, plan
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Arrival times (seconds, ascending) and token lengths of the requests."""
+
+    arrivals: list[float]
+    lengths: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.arrivals) != len(self.lengths):
+            raise ValueError("arrivals and lengths differ in count")
+
+
+def poisson_arrivals(rate: float, count: int, rng: random.Random) -> list[float]:
+    """`count` arrivals of a Poisson process of `rate` per second, from 0."""
+    t, out = 0.0, []
+    for _ in range(count):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def bursty_arrivals(rate: float, count: int, rng: random.Random, burst: int = 16) -> list[float]:
+    """Bursts of `burst` simultaneous requests arriving as a Poisson process, averaging `rate` per second."""
+    out: list[float] = []
+    t = 0.0
+    while len(out) < count:
+        t += rng.expovariate(rate / burst)
+        out.extend([t] * min(burst, count - len(out)))
+    return out
+
+
+def lengths_uniform(lo: int, hi: int) -> Callable[[random.Random], int]:
+    return lambda rng: rng.randint(lo, hi)
+
+
+def lengths_lognormal(median: float, sigma: float, lo: int, hi: int) -> Callable[[random.Random], int]:
+    return lambda rng: int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def lengths_empirical(values: Sequence[int]) -> Callable[[random.Random], int]:
+    """Draw from observed token lengths (e.g. of a real text corpus)."""
+    values = list(values)
+    return lambda rng: rng.choice(values)
+
+
+def make_trace(rate: float, count: int, lengths: Callable[[random.Random], int], seed: int = 0,
+               bursty: bool = False) -> Trace:
+    rng = random.Random(seed)
+    arrivals = (bursty_arrivals if bursty else poisson_arrivals)(rate, count, rng)
+    return Trace(arrivals, [lengths(rng) for _ in range(count)])
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one policy did with one trace."""
+
+    policy: str
+    completed: int
+    duration: float  # first arrival to last completion
+    throughput: float  # requests per second
+    goodput: float  # requests per second that met the SLO
+    p50: float
+    p99: float
+    slo_attainment: float
+    padding_ratio: float  # share of padding had the batches been run padded to their longest input
+    batches: int
+    mean_batch: float
+
+    def row(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
+             planner_cost: CostModel | None = None) -> Result:
+    """Run `trace` through one worker whose batch times are `device`'s predictions.
+
+    The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`.
+    """
+    planner_cost = planner_cost or device
+    n = len(trace.arrivals)
+    finish = [math.nan] * n
+    pending: list[int] = []
+    next_arrival, now = 0, 0.0
+    batches = batch_requests = 0
+    padded_tokens = real_tokens = 0
+    while next_arrival < n or pending:
+        while next_arrival < n and trace.arrivals[next_arrival] <= now:
+            pending.append(next_arrival)
+            next_arrival += 1
+        if not pending:
+            now = trace.arrivals[next_arrival]
+            continue
+        requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo) for i in pending]
+        decided = plan(requests, limits, planner_cost, now, config)
+        upcoming = trace.arrivals[next_arrival] if next_arrival < n else math.inf
+        if decided.wait_until is not None and decided.wait_until > now:
+            now = min(decided.wait_until, upcoming)  # wait, unless a new arrival comes first
+            if now == decided.wait_until and upcoming > now:
+                decided = plan(requests, limits, planner_cost, now, PolicyConfig(**{**config.__dict__, "max_wait": 0.0,
+                                                                                     "max_queue_delay": 0.0}))
+            else:
+                continue
+        chosen = [pending[i] for i in decided.batches[0].indices]
+        lengths = [trace.lengths[i] for i in chosen]
+        now += device.predict_lengths(lengths)
+        for i in chosen:
+            finish[i] = now
+        taken = set(chosen)
+        pending = [i for i in pending if i not in taken]
+        batches += 1
+        batch_requests += len(chosen)
+        real_tokens += sum(lengths)
+        padded_tokens += max(lengths) * len(lengths)
+    latencies = sorted(f - a for f, a in zip(finish, trace.arrivals))
+    duration = max(finish) - trace.arrivals[0]
+    good = sum(lat <= slo for lat in latencies)
+    return Result(config.name, n, duration, n / duration, good / duration, _percentile(latencies, 0.5),
+                  _percentile(latencies, 0.99), good / n, 1 - real_tokens / padded_tokens, batches, batch_requests / batches)
