@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/default.yaml
 
-.PHONY: serve test install install-dev bench clean
+.PHONY: serve test install install-dev bench simulate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ serve: install
 test: install-dev
 	$(BIN)/python -m pytest -q
 
-bench: install-dev
-	$(BIN)/python bench/loadgen.py --spawn --concurrency 32 --requests 600 --baseline
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[dev,bench]' --config-settings editable_mode=compat
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/loadgen.py --spawn --concurrency 32 --requests 600 --baseline --single
+
+simulate: $(VENV)/.installed-bench
+	$(BIN)/turboserve profile
+	$(BIN)/python bench/simulate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,149 @@
+"""Simulate every batching policy over the same traces with the cost model measured on this machine,
+sweep the offered load, print a table, and plot p99 latency and SLO attainment vs load (PNG).
+
+    .venv/bin/python bench/simulate.py                      # uses the saved cost model of `turboserve profile`
+    .venv/bin/python bench/simulate.py --cost FILE --slo-ms 2000 --out bench/out
+
+Length distributions: uniform 8-256 tokens, log-normal (median 64), and the token lengths of real
+English paragraphs (standard-library docstrings, tokenized with the served model's tokenizer).
+Arrivals: Poisson, and Poisson bursts of 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.planner import Limits, PolicyConfig  # noqa: E402
+from scheduler.simulator import (  # noqa: E402
+    lengths_empirical,
+    lengths_lognormal,
+    lengths_uniform,
+    make_trace,
+    simulate,
+)
+
+POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
+
+
+def corpus_lengths(max_tokens: int = 256) -> list[int]:
+    """Token counts (with [CLS]/[SEP]) of the paragraphs of standard-library docstrings."""
+    from bench.workload import CORPUS_MODULES, _docstrings, load_tokenizer  # noqa: PLC0415
+
+    tok = load_tokenizer()
+    paragraphs = [p.strip() for m in CORPUS_MODULES for d in _docstrings(m) for p in d.split("\n\n") if len(p.split()) >= 3]
+    return [min(len(e.ids), max_tokens) for e in tok.encode_batch(paragraphs)]
+
+
+def policy_config(name: str, args) -> PolicyConfig:
+    return PolicyConfig(name, fixed_batch_size=args.fixed_batch_size, preferred_batch_sizes=(8, 16, 32),
+                        max_queue_delay=args.delay_ms / 1000, max_wait=args.delay_ms / 1000)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cost", help="saved cost model JSON (default: the newest in ~/.cache/turboserve)")
+    ap.add_argument("--slo-ms", type=float, default=2000.0)
+    ap.add_argument("--requests", type=int, default=1500, help="requests per trace")
+    ap.add_argument("--loads", default="0.3,0.5,0.7,0.8,0.85,0.9,0.95,1.0,1.05,1.1,1.2", help="offered load / capacity")
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-batch-requests", type=int, default=64)
+    ap.add_argument("--fixed-batch-size", type=int, default=32)
+    ap.add_argument("--delay-ms", type=float, default=5.0, help="fifo/triton max queue delay and dp max wait")
+    ap.add_argument("--out", default="bench/out", help="folder for the PNG and the JSON")
+    args = ap.parse_args()
+
+    path = args.cost or max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
+    cost = CostModel.load(path)
+    limits = Limits(args.max_batch_tokens, args.max_batch_requests)
+    slo = args.slo_ms / 1000
+    corpus = corpus_lengths()
+    distributions = {
+        "uniform 8-256": (lengths_uniform(8, 256), 132),
+        "lognormal median 64": (lengths_lognormal(64, 0.7, 4, 256), None),
+        f"english paragraphs ({len(corpus)})": (lengths_empirical(corpus), sum(corpus) / len(corpus)),
+    }
+    rows = []
+    for dist_name, (draw, mean_len) in distributions.items():
+        if mean_len is None:
+            import random  # noqa: PLC0415
+
+            rng = random.Random(0)
+            sample = [draw(rng) for _ in range(5000)]
+            mean_len = sum(sample) / len(sample)
+        # Capacity: requests/s at full batches of the mean length.
+        n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean_len)))
+        capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full)
+        for bursty in (False, True):
+            for load in (float(x) for x in args.loads.split(",")):
+                trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty)
+                for name in POLICIES:
+                    r = simulate(trace, policy_config(name, args), limits, cost, slo)
+                    rows.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
+                                 "load": load, "offered_rps": round(load * capacity, 3), **r.row()})
+                    print(f"{dist_name:28} {'burst' if bursty else 'poiss'} load {load:4.2f} {name:12} "
+                          f"thr {r.throughput:6.2f}/s good {r.goodput:6.2f}/s p50 {r.p50:7.3f}s p99 {r.p99:8.3f}s "
+                          f"slo {r.slo_attainment:6.1%} batch {r.mean_batch:5.1f} pad {r.padding_ratio:5.1%}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulation.json").write_text(json.dumps({"cost_model": path, "slo_s": slo, "rows": rows}, indent=1))
+    summarize(rows, slo)
+    plot(rows, out / "simulation.png", slo)
+    print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")
+    return 0
+
+
+def summarize(rows: list[dict], slo: float) -> None:
+    """Per trace family: the load where FIFO's p99 first crosses the SLO, and each policy's goodput there
+    and at the highest load (ratios to FIFO)."""
+    print("\nAt the load where fifo's p99 crosses the SLO, and at the highest load:")
+    families = sorted({(r["distribution"], r["arrivals"]) for r in rows})
+    for dist, arrivals in families:
+        fam = [r for r in rows if r["distribution"] == dist and r["arrivals"] == arrivals]
+        loads = sorted({r["load"] for r in fam})
+        crossing = next((ld for ld in loads if next(r for r in fam if r["load"] == ld and r["policy"] == "fifo")["p99"] > slo), None)
+        for label, ld in (("fifo crosses", crossing), ("highest", loads[-1])):
+            if ld is None:
+                continue
+            at = {r["policy"]: r for r in fam if r["load"] == ld}
+            fifo = at["fifo"]["goodput"] or 1e-9
+            parts = " ".join(f"{p} {at[p]['goodput']:.2f} ({at[p]['goodput'] / fifo:.2f}x)" for p in POLICIES)
+            print(f"  {dist:28} {arrivals:12} {label:12} load {ld:4.2f}: goodput/s {parts}")
+
+
+def plot(rows: list[dict], path: Path, slo: float) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    families = sorted({(r["distribution"], r["arrivals"]) for r in rows})
+    fig, axes = plt.subplots(2, len(families), figsize=(4.2 * len(families), 7.5), squeeze=False)
+    for col, (dist, arrivals) in enumerate(families):
+        fam = [r for r in rows if r["distribution"] == dist and r["arrivals"] == arrivals]
+        for name in POLICIES:
+            pts = sorted((r["load"], r["p99"], r["slo_attainment"]) for r in fam if r["policy"] == name)
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=name)
+        axes[0][col].axhline(slo, color="grey", ls="--", lw=0.8)
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_title(f"{dist}\n{arrivals}", fontsize=9)
+        axes[0][col].set_ylabel("p99 latency (s)")
+        axes[1][col].set_ylabel("SLO attainment")
+        axes[1][col].set_xlabel("offered load / capacity")
+        axes[1][col].set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Simulated with the cost model measured on this machine (SLO {slo:g}s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
