@@ -154,34 +154,40 @@ def _as_batches(groups: list[list[int]], requests: Sequence[Request]) -> list[Ba
     return [Batch(tuple(g), sum(requests[i].length for i in g)) for g in groups]
 
 
-def _run_order(groups: list[list[int]], requests: Sequence[Request], cost: CostModel) -> list[list[int]]:
+def _run_order(groups: list[list[int]], requests: Sequence[Request], price: "GroupCost") -> list[list[int]]:
     """Earliest deadline first; among equal deadlines the cheaper batch first (shortest job first)."""
-    return sorted(groups, key=lambda g: (min(requests[i].deadline for i in g),
-                                         cost.predict_lengths([requests[i].length for i in g])))
+    return sorted(groups, key=lambda g: (min(requests[i].deadline for i in g), price(g)))
 
 
-def _late_count(groups: list[list[int]], requests: Sequence[Request], cost: CostModel, t: float) -> tuple[int, float]:
+def _late_count(groups: list[list[int]], requests: Sequence[Request], price: "GroupCost", t: float) -> tuple[int, float]:
     late = 0
     for g in groups:
-        t += cost.predict_lengths([requests[i].length for i in g])
+        t += price(g)
         late += sum(requests[i].deadline < t for i in g)
     return late, t
 
 
 def first_fit_decreasing(members: list[int], lengths: Sequence[int], limits: Limits) -> list[list[int]]:
     """Bin packing: longest first, each into the first batch with room under both limits."""
+    order = sorted(members, key=lambda m: -lengths[m])
+    smallest = lengths[order[-1]] if order else 0
     bins: list[list[int]] = []
-    room: list[int] = []  # tokens left in each bin
-    for i in sorted(members, key=lambda m: -lengths[m]):
+    room: list[int] = []  # tokens left, per bin
+    open_bins: list[int] = []  # bins that can still take the smallest request, in creation order
+    for i in order:
         n = lengths[i]
-        for b, left in enumerate(room):
-            if n <= left and len(bins[b]) < limits.max_batch_requests:
+        for pos, b in enumerate(open_bins):
+            if n <= room[b]:
                 bins[b].append(i)
                 room[b] -= n
+                if len(bins[b]) == limits.max_batch_requests or room[b] < smallest:
+                    del open_bins[pos]  # full: never scanned again
                 break
         else:
             bins.append([i])
             room.append(limits.max_batch_tokens - n)
+            if limits.max_batch_requests > 1 and room[-1] >= smallest:
+                open_bins.append(len(bins) - 1)
     return bins
 
 
@@ -199,28 +205,48 @@ def _greedy(members: list[int], lengths: Sequence[int], limits: Limits) -> list[
     return groups
 
 
-def _total(groups: list[list[int]], lengths: Sequence[int], cost: CostModel) -> float:
-    return sum(cost.predict_lengths([lengths[i] for i in g]) for g in groups)
+class GroupCost:
+    """Predicted seconds of index groups, memoised: a plan's groups are priced several times."""
+
+    def __init__(self, requests: Sequence[Request], cost: CostModel):
+        self.lengths = [r.length for r in requests]
+        self.cost = cost
+        self._memo: dict[tuple[int, ...], float] = {}
+
+    def __call__(self, group: Sequence[int]) -> float:
+        key = tuple(group)
+        seconds = self._memo.get(key)
+        if seconds is None:
+            ls = self.lengths
+            tokens = sum(ls[i] for i in group)
+            squares = sum(ls[i] * ls[i] for i in group)
+            seconds = self._memo[key] = self.cost.predict_one(len(group), tokens, squares)
+        return seconds
 
 
-def cheapest_partition(members: list[int], lengths: Sequence[int], limits: Limits, cost: CostModel) -> list[list[int]]:
+def _total(groups: list[list[int]], price: GroupCost) -> float:
+    return sum(price(g) for g in groups)
+
+
+def cheapest_partition(members: list[int], price: GroupCost, limits: Limits) -> list[list[int]]:
     """The cheapest predicted of: the paper's DP over sorted lengths, first-fit-decreasing, and TEI's
     arrival-order greedy (so it never costs more than the token-budget baseline)."""
+    lengths = price.lengths
     by_length = sorted(members, key=lambda i: lengths[i])
-    segments, dp_cost = cost_dp([lengths[i] for i in by_length], limits, cost)
+    segments, dp_cost = cost_dp([lengths[i] for i in by_length], limits, price.cost)
     best, best_cost = [by_length[s:e] for s, e in segments], dp_cost
     for candidate in (first_fit_decreasing(members, lengths, limits), _greedy(sorted(members), lengths, limits)):
-        c = _total(candidate, lengths, cost)
+        c = _total(candidate, price)
         if c < best_cost:
             best, best_cost = candidate, c
     return best
 
 
-def _plan_class(members: list[int], requests: Sequence[Request], limits: Limits, cost: CostModel,
+def _plan_class(members: list[int], requests: Sequence[Request], limits: Limits, price: GroupCost,
                 start_time: float) -> list[list[int]]:
-    lengths = [r.length for r in requests]
-    groups = _run_order(cheapest_partition(members, lengths, limits, cost), requests, cost)
-    late, finish = _late_count(groups, requests, cost, start_time)
+    cost = price.cost
+    groups = _run_order(cheapest_partition(members, price, limits), requests, price)
+    late, finish = _late_count(groups, requests, price, start_time)
     if late == 0:
         return groups
     # Repair: the most urgent requests (a few batches' worth) in deadline order, then the rest by cost.
@@ -231,8 +257,8 @@ def _plan_class(members: list[int], requests: Sequence[Request], limits: Limits,
                            limits, cost, start_time)
     edf_groups = [urgent[s:e] for s, e in segments]
     if rest:
-        edf_groups += _run_order(cheapest_partition(rest, lengths, limits, cost), requests, cost)
-    edf_late, edf_finish = _late_count(edf_groups, requests, cost, start_time)
+        edf_groups += _run_order(cheapest_partition(rest, price, limits), requests, price)
+    edf_late, edf_finish = _late_count(edf_groups, requests, price, start_time)
     if (edf_late, edf_finish) < (late, finish):
         groups, late = edf_groups, edf_late
     if late and len(members) <= EXACT_LIMIT:
@@ -271,15 +297,18 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     answer in time (they are still served, never dropped, and reported as infeasible)."""
     groups: list[list[int]] = []
     t = now
+    lengths = np.array([r.length for r in requests], dtype=np.float64)
+    alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
+    hopeless = now + alone > np.array([r.deadline for r in requests])
     classes: dict[tuple[int, bool], list[int]] = {}
     for i, r in enumerate(requests):
-        hopeless = now + cost.predict_one(1, r.length, r.length * r.length) > r.deadline
-        classes.setdefault((r.priority, not hopeless), []).append(i)
+        classes.setdefault((r.priority, not hopeless[i]), []).append(i)
+    price = GroupCost(requests, cost)
     for key in sorted(classes, reverse=True):
         members = classes[key]
-        class_groups = _plan_class(members, requests, limits, cost, t)
+        class_groups = _plan_class(members, requests, limits, price, t)
         groups.extend(class_groups)
-        t = _late_count(class_groups, requests, cost, t)[1]
+        t = _late_count(class_groups, requests, price, t)[1]
     plan = evaluate(_as_batches(groups, requests), requests, cost, now)
     wait = _bounded_wait(plan, requests, limits, cost, now, config)
     return plan if wait is None else Plan(plan.batches, plan.cost, plan.late, plan.infeasible, wait)

@@ -1,0 +1,135 @@
+"""Live proof of the scheduler: the real server with each policy over the same recorded trace, beside
+the simulator's prediction for that trace with the server's own cost model.
+
+    .venv/bin/python bench/live_policies.py --loads 0.9,1.1 --requests 300 --slo-ms 2000
+
+The trace (Poisson arrivals at load x capacity, texts of 8-256 tokens from bench/workload.py) is
+written to --out/trace-<load>.json and replayed open-loop: request i is sent at its arrival time
+whatever happened to the earlier ones. Each policy gets a fresh server (the cost model is measured
+once and loaded by the others). Loopback only; every run is bounded by the trace and --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+
+from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
+from bench.workload import count_tokens, make_texts  # noqa: E402
+from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.planner import Limits, PolicyConfig  # noqa: E402
+from scheduler.simulator import Trace, poisson_arrivals, simulate  # noqa: E402
+
+POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
+
+
+async def replay(url: str, arrivals: list[float], texts: list[str], slo_ms: float, timeout: float) -> list[tuple[float, int]]:
+    """Send text i at arrivals[i] seconds from the start; (latency s, status) per request."""
+    out: list[tuple[float, int]] = [(float("nan"), 0)] * len(texts)
+    limits = httpx.Limits(max_connections=len(texts), max_keepalive_connections=len(texts))
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as client:
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            delay = start + arrivals[i] - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent = time.perf_counter()
+            try:
+                r = await client.post("/embed", json={"inputs": texts[i]}, headers={"x-slo-ms": str(slo_ms)})
+                out[i] = (time.perf_counter() - sent, r.status_code)
+            except httpx.HTTPError:
+                out[i] = (time.perf_counter() - sent, -1)
+
+        await asyncio.gather(*(one(i) for i in range(len(texts))))
+    return out
+
+
+def summarize(policy: str, results: list[tuple[float, int]], arrivals: list[float], slo: float) -> dict:
+    ok = [lat for lat, status in results if status == 200]
+    finish = max(a + lat for a, (lat, _) in zip(arrivals, results))
+    duration = finish - arrivals[0]
+    good = sum(lat <= slo for lat in ok)
+    return {"policy": policy, "completed": len(ok), "errors": len(results) - len(ok), "throughput": len(ok) / duration,
+            "goodput": good / duration, "p50": percentile(ok, 50), "p99": percentile(ok, 99),
+            "slo_attainment": good / len(results)}
+
+
+def scrape(url: str) -> dict:
+    with httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
+        info = c.get("/info").json()
+        metrics = c.get("/metrics").text
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith(("turboserve_batch_size_sum", "turboserve_batch_size_count")):
+            name, value = line.split()
+            values[name] = float(value)
+    mean_batch = values.get("turboserve_batch_size_sum", 0) / max(values.get("turboserve_batch_size_count", 1), 1)
+    return {"mean_batch": mean_batch, "cost_model_error": info.get("scheduler", {}).get("cost_model_error", {})}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loads", default="0.9,1.1")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--slo-ms", type=float, default=2000.0)
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slo = args.slo_ms / 1000
+    texts = make_texts(args.requests, 8, 256, seed=11)
+    lengths = count_tokens(texts)
+    report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
+    cost_path = None
+    for load in (float(x) for x in args.loads.split(",")):
+        for policy in args.policies.split(","):
+            os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
+            server = SpawnedServer([], startup_timeout=300)
+            server.start()
+            try:
+                if cost_path is None:  # capacity from the server's own cost model
+                    import glob  # noqa: PLC0415
+
+                    cost_path = max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
+                cost = CostModel.load(cost_path)
+                mean = sum(lengths) / len(lengths)
+                n_full = min(64, int(16384 // mean))
+                capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
+                import random  # noqa: PLC0415
+
+                arrivals = poisson_arrivals(load * capacity, len(texts), random.Random(7))
+                (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": arrivals, "lengths": lengths, "texts": texts}))
+                results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
+                live = summarize(policy, results, arrivals, slo) | scrape(server.url)
+            finally:
+                server.stop()
+            sim = simulate(Trace(arrivals, lengths), PolicyConfig(policy, max_wait=0.005, max_queue_delay=0.005),
+                           Limits(16384, 64), cost, slo).row()
+            run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim}
+            report["runs"].append(run)
+            err = live["cost_model_error"]
+            print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
+                  f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
+                  f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
+                  f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
+                  f"slo {sim['slo_attainment']:6.1%}", flush=True)
+    (out / "live_policies.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'live_policies.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

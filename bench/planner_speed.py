@@ -1,0 +1,57 @@
+"""Planning time of every policy for 1,000 pending requests (no model, no server).
+
+    .venv/bin/python bench/planner_speed.py [--pending 1000] [--repeats 50]
+
+Three cases for dp: no deadlines, deadlines all can meet, and overload (most deadlines already lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.planner import Limits, PolicyConfig, Request, plan  # noqa: E402
+
+COST = CostModel.linear(0.0127, 0.000247, 4e-7, 0.000243)  # shape measured on the 2-core CPU
+
+
+def cases(n: int, rng: random.Random) -> dict[str, list[Request]]:
+    lengths = [rng.randint(8, 256) for _ in range(n)]
+    return {
+        "no deadlines": [Request(x) for x in lengths],
+        "loose deadlines": [Request(x, 0.0, rng.uniform(60, 120)) for x in lengths],
+        "overload": [Request(x, 0.0, rng.uniform(0.5, 5)) for x in lengths],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pending", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    limits = Limits(16384, 64)
+    rng = random.Random(0)
+    print(f"{'policy':14} {'case':16} {'median ms':>10} {'p90 ms':>8}")
+    for case, requests in cases(args.pending, rng).items():
+        for name in ("dp", "token_budget", "fifo", "triton", "sort_slice"):
+            if name != "dp" and case != "no deadlines":
+                continue
+            times = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                plan(requests, limits, COST, 0.0, PolicyConfig(name))
+                times.append((time.perf_counter() - started) * 1000)
+            times.sort()
+            print(f"{name:14} {case:16} {statistics.median(times):10.2f} {times[int(0.9 * len(times))]:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
