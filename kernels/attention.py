@@ -1,35 +1,64 @@
-"""Variable-length self-attention over packed sequences (no padding is ever computed on)."""
+"""Variable-length self-attention over packed sequences (no padding is ever computed on).
+
+On CUDA the packed Q, K, V become nested (jagged) tensors and torch's scaled_dot_product_attention
+runs its fused flash / memory-efficient kernels on them directly, with no padding. This was chosen over
+a hand-written CuPy attention kernel because those kernels are already tiled, fused and
+tensor-core based; the choice is to be confirmed by measurement on a GPU (bench/gpu_kernels.py
+compares both paths). Elsewhere, and if the nested path is refused, attention runs one SDPA call per
+sequence.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+_nested_failed = False
 
-def varlen_attention_reference(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int) -> torch.Tensor:
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
     """Attention of each packed sequence with itself, one SDPA call per sequence.
 
-    qkv: [total_tokens, 3 * hidden], the fused Q, K, V projections of all sequences back to back.
-    cu_seqlens: [batch + 1] token offsets, cu_seqlens[0] == 0, cu_seqlens[-1] == total_tokens.
-    Returns ctx: [total_tokens, hidden].
+    q, k, v: [total_tokens, heads, head_dim] (views are fine); cu_seqlens: [batch + 1] token offsets,
+    cu_seqlens[0] == 0 and cu_seqlens[-1] == total_tokens. Returns ctx: [total_tokens, heads * head_dim].
     """
-    total, three_hidden = qkv.shape
-    hidden = three_hidden // 3
-    head_dim = hidden // num_heads
-    # [T, 3, heads, d] -> [3, heads, T, d]: per-sequence slices are then views along T.
-    qkv_h = qkv.view(total, 3, num_heads, head_dim).permute(1, 2, 0, 3)
-    ctx = torch.empty(num_heads, total, head_dim, dtype=qkv.dtype, device=qkv.device)
+    total, heads, head_dim = q.shape
+    ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        q, k, v = qkv_h[:, :, start:end]  # each [heads, L, d]
-        ctx[:, start:end] = F.scaled_dot_product_attention(q, k, v)
-    # [heads, T, d] -> [T, heads * d]
-    return ctx.transpose(0, 1).reshape(total, hidden)
+        # [L, heads, d] -> [heads, L, d]
+        out = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+                                             v[start:end].transpose(0, 1))
+        ctx[start:end] = out.transpose(0, 1)
+    return ctx.view(total, heads * head_dim)
 
 
-def varlen_attention(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int) -> torch.Tensor:
+def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+    """The same through nested jagged tensors: one fused SDPA call for the whole batch."""
+    total, heads, head_dim = q.shape
+    offsets = torch.tensor(cu_seqlens, dtype=torch.int64, device=q.device)
+
+    def jagged(t: torch.Tensor) -> torch.Tensor:  # [T, heads, d] -> [B, heads, j, d]
+        return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v))
+    return out.transpose(1, 2).values().reshape(total, heads * head_dim)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
     """Dispatcher; checks shapes on entry. See varlen_attention_reference for the contract."""
-    if qkv.dim() != 2 or qkv.shape[1] % 3 != 0 or (qkv.shape[1] // 3) % num_heads != 0:
-        raise ValueError(f"qkv must be [tokens, 3*hidden] with hidden divisible by {num_heads=}; got {tuple(qkv.shape)}")
-    if not cu_seqlens or cu_seqlens[0] != 0 or cu_seqlens[-1] != qkv.shape[0]:
-        raise ValueError(f"cu_seqlens must run from 0 to {qkv.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
-    return varlen_attention_reference(qkv, cu_seqlens, num_heads)
+    global _nested_failed
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [tokens, heads, head_dim] shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not cu_seqlens or cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
+    if q.is_cuda and not _nested_failed:
+        try:
+            return varlen_attention_nested(q, k, v, cu_seqlens)
+        except (RuntimeError, NotImplementedError) as exc:  # older torch, unsupported head size, ...
+            _nested_failed = True
+            log.warning("nested-tensor attention unavailable (%s); using one SDPA call per sequence", exc)
+    return varlen_attention_reference(q, k, v, cu_seqlens)

@@ -1,22 +1,85 @@
-"""Residual add followed by LayerNorm, the reduction that closes every encoder sub-block."""
+"""Bias add + residual add + LayerNorm, fused: the reduction that closes every encoder sub-block.
+
+out = LayerNorm(x + bias + residual) * gamma + beta over the last dim, with the model's own eps.
+The CUDA kernel gives each row to one warp (8 rows a block, any hidden size): one pass computes the
+mean and variance with Welford's method in fp32 merged across lanes by shuffles (no E[x²]−E[x]²
+cancellation), a second pass re-reads the row (from L1/L2) and writes the normalised output.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels import cuda
 
-def add_layernorm_reference(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last dim, with the model's own eps. x, residual: [tokens, hidden]."""
-    return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+CUDA_SOURCE = r"""
+extern "C" __global__ void bias_residual_layernorm(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual,
+    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta, scalar_t* __restrict__ out,
+    int rows, int hidden, float eps, int has_bias)
+{
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const scalar_t* xr = x + row * hidden;
+    const scalar_t* rr = residual + row * hidden;
+    float n = 0.f, mean = 0.f, m2 = 0.f;
+    for (int c = lane; c < hidden; c += 32) {
+        float v = to_f(xr[c]) + to_f(rr[c]) + (has_bias ? to_f(bias[c]) : 0.f);
+        n += 1.f;
+        float d = v - mean;
+        mean += d / n;
+        m2 += d * (v - mean);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {  // merge (n, mean, m2) across lanes
+        float nb = __shfl_xor_sync(0xffffffffu, n, offset);
+        float meanb = __shfl_xor_sync(0xffffffffu, mean, offset);
+        float m2b = __shfl_xor_sync(0xffffffffu, m2, offset);
+        float nt = n + nb;
+        if (nt > 0.f) {
+            float d = meanb - mean;
+            mean += d * (nb / nt);
+            m2 += m2b + d * d * (n * nb / nt);
+            n = nt;
+        }
+    }
+    mean = __shfl_sync(0xffffffffu, mean, 0);  // every lane uses lane 0's bits
+    m2 = __shfl_sync(0xffffffffu, m2, 0);
+    const float rstd = rsqrtf(m2 / (float)hidden + eps);
+    scalar_t* o = out + row * hidden;
+    for (int c = lane; c < hidden; c += 32) {
+        float v = to_f(xr[c]) + to_f(rr[c]) + (has_bias ? to_f(bias[c]) : 0.f);
+        o[c] = from_f((v - mean) * rstd * to_f(gamma[c]) + to_f(beta[c]));
+    }
+}
+"""
+ROWS_PER_BLOCK = 8
 
 
-def add_layernorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """Dispatcher; see add_layernorm_reference."""
-    if x.shape != residual.shape:
-        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
-    return add_layernorm_reference(x, residual, weight, bias, eps)
+def bias_residual_layernorm_reference(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                                      gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x + bias + residual) in plain torch. x, residual: [rows, hidden]; bias, gamma, beta: [hidden]."""
+    y = x + residual if bias is None else x + bias + residual
+    return F.layer_norm(y, (x.shape[-1],), gamma, beta, eps)
+
+
+def bias_residual_layernorm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                            gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Dispatcher: the fused CUDA kernel for CUDA tensors, the reference otherwise."""
+    if x.dim() != 2 or x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must be the same [rows, hidden]")
+    if not (x.is_cuda and cuda.available()):
+        return bias_residual_layernorm_reference(x, bias, residual, gamma, beta, eps)
+    rows, hidden = x.shape
+    for name, t, shape in (("x", x, None), ("residual", residual, None), ("gamma", gamma, (hidden,)),
+                           ("beta", beta, (hidden,))):
+        cuda.check_cuda_tensor(t, name, x.dtype, shape)
+    if bias is not None:
+        cuda.check_cuda_tensor(bias, "bias", x.dtype, (hidden,))
+    out = torch.empty_like(x)
+    if rows:
+        cuda.launch(CUDA_SOURCE, "bias_residual_layernorm", x.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
+                    (32 * ROWS_PER_BLOCK,), (x, bias if bias is not None else x, residual, gamma, beta, out, rows,
+                                             hidden, float(eps), bias is not None))
+    return out

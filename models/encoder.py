@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kernels.activation import activation, check_activation
+from kernels.activation import bias_activation, check_activation
 from kernels.attention import varlen_attention
-from kernels.layernorm import add_layernorm
+from kernels.layernorm import bias_residual_layernorm
+from kernels.qkv import split_qkv
 from models.config import EncoderConfig
 
 
@@ -56,11 +58,18 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-        # x: [T, H]
-        ctx = varlen_attention(self.qkv(x), cu_seqlens, self.num_heads)  # [T, H]
-        x = add_layernorm(self.attn_out(ctx), x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
-        inner = activation(self.ffn_in(x), self.act)  # [T, I]
-        return add_layernorm(self.ffn_out(inner), x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps)
+        # x: [T, H]. On CUDA the GEMMs leave their bias to the fused kernel that follows them; on CPU
+        # the bias rides in the GEMM (addmm) and the ops get none.
+        fused = x.is_cuda
+
+        def gemm(layer: nn.Linear, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return (F.linear(inp, layer.weight), layer.bias) if fused else (F.linear(inp, layer.weight, layer.bias), None)
+
+        q, k, v = split_qkv(*gemm(self.qkv, x), self.num_heads)  # each [T, heads, d]
+        ctx = varlen_attention(q, k, v, cu_seqlens)  # [T, H]
+        x = bias_residual_layernorm(*gemm(self.attn_out, ctx), x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
+        inner = bias_activation(*gemm(self.ffn_in, x), self.act)  # [T, I]
+        return bias_residual_layernorm(*gemm(self.ffn_out, inner), x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps)
 
 
 class PackedEncoder(nn.Module):

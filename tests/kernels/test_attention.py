@@ -1,4 +1,4 @@
-"""Packed attention equals ordinary padded, masked attention on the real tokens."""
+"""Packed attention equals ordinary padded, masked attention on the real tokens (CPU reference path)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import varlen_attention
-from kernels.layernorm import add_layernorm
+from kernels.qkv import split_qkv
 
 
 def test_varlen_attention_matches_padded_masked_attention():
@@ -18,7 +18,7 @@ def test_varlen_attention_matches_padded_masked_attention():
     for n in lengths:
         cu.append(cu[-1] + n)
     qkv = torch.randn(cu[-1], 3 * hidden)
-    got = varlen_attention(qkv, cu, heads)
+    got = varlen_attention(*split_qkv(qkv, None, heads), cu)
     width = max(lengths)
     padded = torch.zeros(len(lengths), width, 3 * hidden)
     mask = torch.zeros(len(lengths), 1, 1, width, dtype=torch.bool)
@@ -32,16 +32,10 @@ def test_varlen_attention_matches_padded_masked_attention():
 
 
 def test_varlen_attention_checks_its_inputs():
-    with pytest.raises(ValueError, match="qkv must be"):
-        varlen_attention(torch.zeros(4, 10), [0, 4], 2)
+    q = torch.zeros(4, 2, 3)
+    with pytest.raises(ValueError, match="share one"):
+        varlen_attention(q, q, torch.zeros(4, 2, 4), [0, 4])
     with pytest.raises(ValueError, match="cu_seqlens"):
-        varlen_attention(torch.zeros(4, 24), [0, 3], 2)
-
-
-def test_add_layernorm_uses_the_given_eps():
-    x, r = torch.randn(3, 16), torch.randn(3, 16)
-    w, b = torch.ones(16), torch.zeros(16)
-    torch.testing.assert_close(add_layernorm(x, r, w, b, 1e-12), F.layer_norm(x + r, (16,), w, b, 1e-12))
-    assert not torch.allclose(add_layernorm(x, r, w, b, 10.0), add_layernorm(x, r, w, b, 1e-12))
-    with pytest.raises(ValueError):
-        add_layernorm(x, r[:2], w, b, 1e-5)
+        varlen_attention(q, q, q, [0, 3])
+    with pytest.raises(ValueError, match="qkv must be"):
+        split_qkv(torch.zeros(4, 10), None, 2)

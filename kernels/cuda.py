@@ -1,0 +1,125 @@
+"""Compiling and launching this package's CUDA kernels with CuPy, on torch's current stream.
+
+Each op file holds its CUDA source; this module prepends the shared header, compiles one module per
+(source, dtype) with NVRTC the first time a CUDA tensor needs it, and launches kernels with raw device
+pointers from torch tensors: no copy, no CuPy array (CuPy has no bfloat16), the same stream as torch.
+`compile_ptx` builds PTX without any device, which is what CI uses to prove every kernel compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+# Scalar type of a module: float, __half or __nv_bfloat16, carried as raw bits so that no CUDA header
+# is needed; math is always in fp32 (to_f / from_f convert with the PTX cvt instructions).
+COMMON_HEADER = r"""
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#if SCALAR_KIND == 0
+typedef float scalar_t;
+__device__ __forceinline__ float to_f(scalar_t v) { return v; }
+__device__ __forceinline__ scalar_t from_f(float v) { return v; }
+#elif SCALAR_KIND == 1
+typedef unsigned short scalar_t;
+__device__ __forceinline__ float to_f(scalar_t v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ scalar_t from_f(float v) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+#else
+typedef unsigned short scalar_t;
+__device__ __forceinline__ float to_f(scalar_t v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ scalar_t from_f(float v) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+#endif
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+"""
+
+SCALAR_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ARCHES = ("compute_80", "compute_90")
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415 - CuPy >= 13
+    except ImportError:  # pragma: no cover - older CuPy
+        from cupy.cuda import nvrtc  # noqa: PLC0415
+    return nvrtc
+
+
+def full_source(source: str, dtype: torch.dtype) -> str:
+    if dtype not in SCALAR_KIND:
+        raise TypeError(f"no CUDA kernels for {dtype}; use float32, float16 or bfloat16")
+    return f"#define SCALAR_KIND {SCALAR_KIND[dtype]}\n{COMMON_HEADER}\n{source}"
+
+
+def compile_ptx(source: str, dtype: torch.dtype, arch: str, name: str = "kernel.cu") -> str:
+    """Compile to PTX with NVRTC, needing no device; raise RuntimeError with NVRTC's log on failure."""
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(full_source(source, dtype), name, [], [])
+    try:
+        nvrtc.compileProgram(prog, [f"-arch={arch}", "-std=c++17"])
+        ptx = nvrtc.getPTX(prog)
+    except Exception as exc:
+        raise RuntimeError(f"NVRTC failed on {name} for {dtype} {arch}:\n{nvrtc.getProgramLog(prog)}") from exc
+    finally:
+        nvrtc.destroyProgram(prog)
+    return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+
+def available() -> bool:
+    """Whether CUDA kernels can run here: a CUDA device and CuPy."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _module(source: str, dtype: torch.dtype):
+    import cupy  # noqa: PLC0415
+
+    return cupy.RawModule(code=full_source(source, dtype), options=("-std=c++17",))
+
+
+def kernel(source: str, name: str, dtype: torch.dtype):
+    """The compiled kernel `name` of `source` for `dtype` (compiled once, then cached)."""
+    return _module(source, dtype).get_function(name)
+
+
+def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream; tensors in `args` pass as raw device pointers."""
+    import cupy  # noqa: PLC0415
+
+    converted = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            converted.append(np.uint64(a.data_ptr()))
+        elif isinstance(a, float):
+            converted.append(np.float32(a))
+        elif isinstance(a, (bool, int)):
+            converted.append(np.int32(a))
+        else:
+            converted.append(a)
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem, stream=stream)
+
+
+def check_cuda_tensor(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None) -> None:
+    """Entry checks for a kernel argument: device, dtype, contiguity, optional shape."""
+    if not t.is_cuda or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CUDA {dtype} tensor; got {t.dtype} on {t.device}, "
+                         f"contiguous={t.is_contiguous()}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(t.shape)}")

@@ -1,0 +1,82 @@
+"""Masked, scaled softmax over the last dim of padded attention scores (any length).
+
+probs = softmax(scores * scale with masked keys at -inf); a row whose keys are all masked gives zeros,
+not NaN. The CUDA kernel gives each row to one warp: one pass keeps a running max and a rescaled sum
+(online softmax, fp32), lanes merge by shuffles, a second pass writes exp(v - max) / sum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kernels import cuda
+
+CUDA_SOURCE = r"""
+extern "C" __global__ void masked_softmax(
+    const scalar_t* __restrict__ scores, const unsigned char* __restrict__ key_mask, scalar_t* __restrict__ out,
+    long long rows, int length, int rows_per_batch, float scale, int has_mask)
+{
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const scalar_t* s = scores + row * length;
+    const unsigned char* keep = has_mask ? key_mask + (row / rows_per_batch) * length : 0;
+    float m = -INFINITY, z = 0.f;
+    for (int c = lane; c < length; c += 32) {
+        if (has_mask && !keep[c]) continue;
+        float v = to_f(s[c]) * scale;
+        float m_new = fmaxf(m, v);
+        z = z * __expf(m - m_new) + __expf(v - m_new);
+        m = m_new;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float mb = __shfl_xor_sync(0xffffffffu, m, offset);
+        float zb = __shfl_xor_sync(0xffffffffu, z, offset);
+        float m_new = fmaxf(m, mb);
+        if (m_new == -INFINITY) continue;  // both halves empty so far
+        z = (m == -INFINITY ? 0.f : z * __expf(m - m_new)) + (mb == -INFINITY ? 0.f : zb * __expf(mb - m_new));
+        m = m_new;
+    }
+    m = __shfl_sync(0xffffffffu, m, 0);
+    z = __shfl_sync(0xffffffffu, z, 0);
+    const float inv = (m == -INFINITY) ? 0.f : 1.f / z;
+    scalar_t* o = out + row * length;
+    for (int c = lane; c < length; c += 32) {
+        bool masked = has_mask && !keep[c];
+        o[c] = from_f(masked || m == -INFINITY ? 0.f : __expf(to_f(s[c]) * scale - m) * inv);
+    }
+}
+"""
+ROWS_PER_BLOCK = 8
+
+
+def masked_softmax_reference(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """scores: [batch, heads, queries, keys]; key_mask: [batch, keys] bool (True = keep) or None."""
+    x = scores.float() * scale
+    if key_mask is not None:
+        x = x.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # all-masked rows: zeros
+    return probs.to(scores.dtype)
+
+
+def masked_softmax(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Dispatcher: the CUDA kernel for CUDA tensors, the reference otherwise."""
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [batch, heads, queries, keys]; got {tuple(scores.shape)}")
+    batch, heads, queries, keys = scores.shape
+    if key_mask is not None and (key_mask.shape != (batch, keys) or key_mask.dtype != torch.bool):
+        raise ValueError(f"key_mask must be bool [{batch}, {keys}]; got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if not (scores.is_cuda and cuda.available()):
+        return masked_softmax_reference(scores, key_mask, scale)
+    cuda.check_cuda_tensor(scores, "scores", scores.dtype)
+    if key_mask is not None:
+        cuda.check_cuda_tensor(key_mask, "key_mask", torch.bool)
+    out = torch.empty_like(scores)
+    rows = batch * heads * queries
+    if rows and keys:
+        cuda.launch(CUDA_SOURCE, "masked_softmax", scores.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
+                    (32 * ROWS_PER_BLOCK,), (scores, key_mask if key_mask is not None else scores, out,
+                                             np.int64(rows), keys, heads * queries, float(scale),
+                                             key_mask is not None))
+    return out
