@@ -24,7 +24,7 @@ RUN pip install torch==2.13.0
 
 # The project itself, as a regular (non-editable) install; the source tree is not kept.
 COPY . /tmp/turboserve
-RUN pip install /tmp/turboserve \
+RUN pip install "/tmp/turboserve[gpu]" \
     && rm -rf /tmp/turboserve
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin turboserve

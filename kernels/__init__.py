@@ -1,5 +1,15 @@
-"""One op a file: a plain-torch `<op>_reference` beside a dispatcher `<op>`.
+"""One op a file: a plain-torch `<op>_reference` beside a dispatcher `<op>` that runs a fused CUDA
+kernel (CuPy, compiled with NVRTC) for CUDA tensors and the reference otherwise."""
 
-The dispatchers pick a fused CuPy kernel for CUDA tensors once those kernels exist (GPU kernels issue);
-today every device runs the reference.
-"""
+from __future__ import annotations
+
+
+def compile_all(dtype) -> int:
+    """Compile every CUDA kernel for `dtype` now (warm-up, before the server reports ready);
+    returns how many modules were built. Needs a CUDA device and CuPy."""
+    from kernels import activation, cuda, layernorm, qkv, softmax  # noqa: PLC0415
+
+    sources = [layernorm.CUDA_SOURCE, softmax.CUDA_SOURCE, activation.CUDA_SOURCE, qkv.CUDA_SOURCE]
+    for source in sources:
+        cuda._module(source, dtype)  # noqa: SLF001 - the cache lives there
+    return len(sources)

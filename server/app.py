@@ -55,7 +55,15 @@ def default_loader(settings: Settings) -> Loader:
 
 
 def _warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
-    """One short and one longest input through the model, so the first request pays no warm-up."""
+    """Compile every CUDA kernel (on a GPU), then one short and one longest input through the model,
+    so the first request pays no warm-up."""
+    device = getattr(embedder, "device", None)
+    if device is not None and device.type == "cuda":
+        from kernels import compile_all  # noqa: PLC0415
+        from kernels.cuda import available  # noqa: PLC0415
+
+        if available():
+            compile_all(next(embedder.encoder.parameters()).dtype)
     short = tokenizer.encode(["warm up"])[0].ids
     longest = tokenizer.encode(["warm " * tokenizer.max_length], truncate=True)[0].ids
     embedder.embed([short, longest])

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Everything this project checks on a GPU, in one command that installs nothing:
+#   the gpu-marked tests, then the kernel and encoder benchmark. Results land in $OUT (or bench/out).
+# On the device machine:  PYTHONPATH=. bash bench/gpu_check.sh
+set -uo pipefail
+out=${OUT:-bench/out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+PYTHONPATH=. python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.txt"
+tests=${PIPESTATUS[0]}
+PYTHONPATH=. python3 bench/gpu_kernels.py --out "$out" 2>&1 | tee "$out/gpu_bench.txt"
+bench=${PIPESTATUS[0]}
+echo "gpu tests exit $tests, benchmark exit $bench"
+exit $(( tests != 0 || bench != 0 ))

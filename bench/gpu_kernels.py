@@ -1,0 +1,241 @@
+"""GPU benchmark of the kernels and the encoder; one command, no network, nothing installed.
+
+    PYTHONPATH=. python3 bench/gpu_kernels.py --out $OUT      # on the GPU machine
+    .venv/bin/python bench/gpu_kernels.py --smoke              # tiny shapes on CPU: checks the script only
+
+1. Device-to-device copy bandwidth (the ceiling of these memory-bound kernels).
+2. Each kernel's achieved GB/s at BERT shapes vs that ceiling and vs torch's own ops.
+3. Varlen attention: nested-tensor SDPA vs one SDPA call per sequence vs padded SDPA with a mask.
+4. The encoder (all-MiniLM-L6-v2-sized and BERT-base-sized, seeded random weights from a config) on
+   mixed lengths 8-512, fp16: ours (packed) vs transformers eager fp16 with SDPA (padded batches) vs
+   torch.compile of it. Prints a table; writes gpu_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels.activation import bias_activation  # noqa: E402
+from kernels.attention import varlen_attention_nested, varlen_attention_reference  # noqa: E402
+from kernels.layernorm import bias_residual_layernorm  # noqa: E402
+from kernels.qkv import split_qkv  # noqa: E402
+from kernels.softmax import masked_softmax  # noqa: E402
+
+ENCODERS = {
+    "all-MiniLM-L6-v2 size": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert-base size": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+
+
+def timer(fn, device: str, repeats: int) -> float:
+    """Median seconds of fn() after warm-up (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, mb: int, repeats: int) -> float:
+    x = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / timer(lambda: y.copy_(x), device, repeats) / 1e9
+
+
+def kernel_rows(device: str, dtype, smoke: bool, repeats: int, copy_gbs: float) -> list[dict]:
+    rows = []
+    esize = torch.tensor([], dtype=dtype).element_size()
+    t = 64 if smoke else 4096
+    shapes = [(t, 768)] if smoke else [(4096, 768), (16384, 768), (16384, 1024), (65536, 768)]
+    for r, h in shapes:
+        x, res = torch.randn(r, h, device=device, dtype=dtype), torch.randn(r, h, device=device, dtype=dtype)
+        b, g, be = (torch.randn(h, device=device, dtype=dtype) for _ in range(3))
+        ours = timer(lambda: bias_residual_layernorm(x, b, res, g, be, 1e-12), device, repeats)
+        torch_fused = timer(lambda: F.layer_norm(x + b + res, (h,), g, be, 1e-12), device, repeats)
+        summed = x + b + res
+        torch_ln = timer(lambda: F.layer_norm(summed, (h,), g, be, 1e-12), device, repeats)
+        rows.append(_row("bias+residual+layernorm", f"{r}x{h}", 3 * r * h * esize, ours,
+                         {"torch add+add+layer_norm": torch_fused, "torch layer_norm alone": torch_ln}, copy_gbs))
+    soft = [(2, 12, 64, 64)] if smoke else [(32, 12, 128, 128), (8, 12, 512, 512), (4, 16, 1024, 1024)]
+    for shape in soft:
+        s = torch.randn(*shape, device=device, dtype=dtype)
+        mask = torch.rand(shape[0], shape[-1], device=device) > 0.1
+        ours = timer(lambda: masked_softmax(s, mask, 0.125), device, repeats)
+        ref = timer(lambda: torch.softmax((s * 0.125).masked_fill(~mask[:, None, None, :], float("-inf")), -1), device, repeats)
+        plain = timer(lambda: torch.softmax(s, -1), device, repeats)
+        n = s.numel()
+        rows.append(_row("masked softmax", "x".join(map(str, shape)), 2 * n * esize, ours,
+                         {"torch scale+mask+softmax": ref, "torch softmax alone": plain}, copy_gbs))
+    for r, c in ([(64, 1536)] if smoke else [(16384, 1536), (16384, 3072)]):
+        x, b = torch.randn(r, c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
+        ours = timer(lambda: bias_activation(x, b, "gelu"), device, repeats)
+        ref = timer(lambda: F.gelu(x + b), device, repeats)
+        rows.append(_row("bias+gelu(erf)", f"{r}x{c}", 2 * r * c * esize, ours, {"torch add+gelu": ref}, copy_gbs))
+    for r, h in ([(64, 768)] if smoke else [(16384, 768), (16384, 1024)]):
+        qkv, b = torch.randn(r, 3 * h, device=device, dtype=dtype), torch.randn(3 * h, device=device, dtype=dtype)
+        ours = timer(lambda: split_qkv(qkv, b, 12), device, repeats)
+        ref = timer(lambda: (qkv + b).view(r, 3, h).transpose(0, 1).contiguous(), device, repeats)
+        rows.append(_row("qkv split+bias", f"{r}x{3 * h}", 2 * r * 3 * h * esize, ours, {"torch add+transpose": ref}, copy_gbs))
+    return rows
+
+
+def _row(op, shape, nbytes, ours, peers, copy_gbs) -> dict:
+    gbs = nbytes / ours / 1e9
+    return {"op": op, "shape": shape, "ours_us": ours * 1e6, "ours_gbs": gbs, "of_copy": gbs / copy_gbs,
+            **{f"{k}_us": v * 1e6 for k, v in peers.items()},
+            "speedup_vs_first_peer": next(iter(peers.values())) / ours}
+
+
+def attention_rows(device: str, dtype, smoke: bool, repeats: int) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for label, lengths in ([("mixed 8-64 x4", [rng.randint(8, 64) for _ in range(4)])] if smoke else [
+            ("mixed 8-512 x64", [rng.randint(8, 512) for _ in range(64)]),
+            ("short 8-64 x256", [rng.randint(8, 64) for _ in range(256)]),
+            ("long 512 x16", [512] * 16)]):
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        q, k, v = (torch.randn(cu[-1], 12, 64, device=device, dtype=dtype) for _ in range(3))
+        row = {"attention": label, "tokens": cu[-1]}
+        row["per_sequence_us"] = timer(lambda: varlen_attention_reference(q, k, v, cu), device, repeats) * 1e6
+        try:
+            row["nested_us"] = timer(lambda: varlen_attention_nested(q, k, v, cu), device, repeats) * 1e6
+        except (RuntimeError, NotImplementedError) as exc:
+            row["nested_error"] = str(exc)[:200]
+        width = max(lengths)
+        pad = torch.zeros(len(lengths), 12, width, 64, device=device, dtype=dtype)
+        mask = torch.zeros(len(lengths), 1, 1, width, dtype=torch.bool, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, ..., :n] = True
+        row["padded_masked_us"] = timer(lambda: F.scaled_dot_product_attention(pad, pad, pad, attn_mask=mask), device, repeats) * 1e6
+        out.append(row)
+    return out
+
+
+def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool) -> list[dict]:
+    import transformers as tf  # noqa: PLC0415
+
+    from models.config import EncoderConfig  # noqa: PLC0415
+    from models.encoder import PackedBatch  # noqa: PLC0415
+    from models.weights import load_encoder  # noqa: PLC0415
+
+    rng = random.Random(1)
+    lengths = [rng.randint(8, 64 if smoke else 512) for _ in range(16 if smoke else 256)]
+    seqs = [[rng.randint(1000, 29000) for _ in range(n)] for n in lengths]
+    tokens = sum(lengths)
+    rows = []
+    for name, dims in (list(ENCODERS.items())[:1] if smoke else ENCODERS.items()):
+        cfg = tf.BertConfig(vocab_size=30522, max_position_embeddings=512, attn_implementation="sdpa", **dims)
+        torch.manual_seed(0)
+        hf = tf.BertModel(cfg, add_pooling_layer=False).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            ours = load_encoder(EncoderConfig.from_dict(cfg.to_dict()), [Path(tmp) / "model.safetensors"])
+        ours = ours.to(device, dtype)
+        hf = hf.to(device, dtype)
+        batch = PackedBatch.from_ids(seqs, 0, device)
+
+        def run_ours():
+            with torch.inference_mode():
+                ours(batch)
+
+        # The peer runs padded batches of 32 length-sorted sequences (as sentence-transformers does).
+        order = sorted(range(len(seqs)), key=lambda i: lengths[i])
+        chunks = []
+        for s in range(0, len(order), 32):
+            part = [seqs[i] for i in order[s:s + 32]]
+            width = max(map(len, part))
+            width = (width + 63) // 64 * 64  # buckets keep torch.compile from recompiling per width
+            ids = torch.tensor([p + [0] * (width - len(p)) for p in part], device=device)
+            am = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in part], device=device)
+            chunks.append((ids, am))
+
+        def run_hf(model):
+            with torch.inference_mode():
+                for ids, am in chunks:
+                    model(input_ids=ids, attention_mask=am)
+
+        row = {"encoder": name, "dtype": str(dtype), "sequences": len(seqs), "tokens": tokens}
+        row["ours_s"] = timer(run_ours, device, repeats)
+        row["hf_eager_sdpa_s"] = timer(lambda: run_hf(hf), device, repeats)
+        if compile_:
+            try:
+                compiled = torch.compile(hf)
+                row["hf_compiled_s"] = timer(lambda: run_hf(compiled), device, repeats)
+            except Exception as exc:  # noqa: BLE001 - report, don't die
+                row["hf_compiled_error"] = str(exc)[:200]
+        row["ours_tokens_per_s"] = tokens / row["ours_s"]
+        row["vs_eager"] = row["hf_eager_sdpa_s"] / row["ours_s"]
+        if "hf_compiled_s" in row:
+            row["vs_compiled"] = row["hf_compiled_s"] / row["ours_s"]
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, measures nothing)")
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke to check the script on CPU")
+        return 2
+    repeats = 2 if args.smoke else args.repeats
+    dtype = torch.float32 if args.smoke else torch.float16
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__}
+    report["copy_gbs"] = copy_bandwidth(device, 8 if args.smoke else 1024, repeats)
+    print(f"{report['device']}: device-to-device copy {report['copy_gbs']:.0f} GB/s")
+    report["kernels"] = {}
+    for dt in ([dtype] if args.smoke else [torch.float16, torch.bfloat16]):
+        report["kernels"][str(dt)] = rows = kernel_rows(device, dt, args.smoke, repeats, report["copy_gbs"])
+        print(f"\n{'op':26} {'shape':18} {dt!s:>15} {'GB/s':>7} {'of copy':>8} {'vs torch':>9}")
+        for r in rows:
+            print(f"{r['op']:26} {r['shape']:18} {r['ours_us']:12.1f} us {r['ours_gbs']:7.0f} {r['of_copy']:8.0%} "
+                  f"{r['speedup_vs_first_peer']:8.2f}x")
+    report["attention"] = attention_rows(device, dtype, args.smoke, repeats)
+    print()
+    for r in report["attention"]:
+        print(f"attention {r['attention']:18} per-seq {r['per_sequence_us']:9.0f} us  nested "
+              f"{r.get('nested_us', float('nan')):9.0f} us  padded+mask {r['padded_masked_us']:9.0f} us")
+    report["encoders"] = encoder_rows(device, dtype, args.smoke, max(3, repeats // 4), not args.no_compile and not args.smoke)
+    print()
+    for r in report["encoders"]:
+        print(f"encoder {r['encoder']:22} {r['tokens']} tokens: ours {r['ours_s'] * 1e3:8.2f} ms "
+              f"({r['ours_tokens_per_s']:,.0f} tok/s), {r['vs_eager']:.2f}x eager"
+              + (f", {r['vs_compiled']:.2f}x torch.compile" if "vs_compiled" in r else ""))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_kernels.json").write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out / 'gpu_kernels.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
