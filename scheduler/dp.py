@@ -271,8 +271,10 @@ def _plan_class(members: list[int], requests: Sequence[Request], limits: Limits,
 def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost: CostModel, now: float,
                   config: PolicyConfig) -> float | None:
     """When one batch holds everything and growing it would still cut the cost per token, wait for more
-    arrivals: at most until the oldest has waited max_wait, and never past any request's slack."""
-    if config.max_wait <= 0 or len(plan.batches) != 1 or plan.late:
+    arrivals: at most until the oldest has waited max_wait, never past any request's slack, and only
+    when the pending requests' own arrival rate predicts another arrival in that window (an isolated
+    request at low load runs at once)."""
+    if config.max_wait <= 0 or len(plan.batches) != 1 or plan.late or len(requests) < 2:
         return None
     batch = plan.batches[0]
     if len(batch.indices) >= limits.max_batch_requests:
@@ -284,9 +286,14 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
     per_token_full = float(cost.predict(n_full, full_tokens, full_tokens * mean_len)) / full_tokens
     if per_token_full >= per_token_now * config.efficient_fraction:
         return None  # a fuller batch would not be cheaper enough per token to be worth a wait
+    arrivals = [r.arrival for r in requests]
+    oldest, newest = min(arrivals), max(arrivals)
     slack = min(r.deadline for r in requests) - (now + plan.cost)
-    until = min(min(r.arrival for r in requests) + config.max_wait, now + slack)
-    return until if until > now else None
+    until = min(oldest + config.max_wait, now + slack)
+    rate = (len(arrivals) - 1) / max(newest - oldest, 1e-6)  # arrivals per second seen in the queue
+    if until <= now or rate * (until - now) < 1.0:
+        return None
+    return until
 
 
 def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig) -> Plan:

@@ -141,14 +141,19 @@ def test_bounded_wait_only_when_it_pays_and_is_safe():
     cost = CostModel.linear(0.05, 0.0001)
     limits = Limits(4096, 32)
     config = PolicyConfig("dp", max_wait=0.02)
-    relaxed = plan([Request(16, arrival=1.0, deadline=9.0)], limits, cost, 1.001, config)
-    assert relaxed.wait_until == pytest.approx(1.02)
-    tight = plan([Request(16, arrival=1.0, deadline=1.06)], limits, cost, 1.001, config)
-    assert tight.wait_until is None or tight.wait_until <= 1.06 - 0.05
+    busy = [Request(16, arrival=1.0, deadline=9.0), Request(16, arrival=1.001, deadline=9.0)]  # ~1000/s arriving
+    assert plan(busy, limits, cost, 1.001, config).wait_until == pytest.approx(1.02)
+    alone = plan([Request(16, arrival=1.0, deadline=9.0)], limits, cost, 1.001, config)
+    assert alone.wait_until is None  # nothing suggests another arrival: run at once
+    slow = [Request(16, arrival=1.0, deadline=9.0), Request(16, arrival=1.5, deadline=9.0)]  # 2/s: none expected
+    assert plan(slow, limits, cost, 1.5, config).wait_until is None
+    tight = [Request(16, arrival=1.0, deadline=1.06), Request(16, arrival=1.001, deadline=9.0)]
+    p = plan(tight, limits, cost, 1.001, config)
+    assert p.wait_until is None or p.wait_until <= 1.06 - p.cost
     full = plan([Request(16, arrival=1.0, deadline=9.0) for _ in range(32)], limits, cost, 1.001, config)
     assert full.wait_until is None
     flat = CostModel.linear(0.0, 0.001)  # no per-batch overhead: waiting buys nothing
-    assert plan([Request(16, arrival=1.0, deadline=9.0)], limits, flat, 1.001, config).wait_until is None
+    assert plan(busy, limits, flat, 1.001, config).wait_until is None
 
 
 def test_cost_model_fit_predict_and_refine(tmp_path):
