@@ -43,6 +43,7 @@ class ServerSettings(_Section):
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty turns CORS off.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     request_timeout_s: float = Field(60.0, gt=0, description="Most seconds a request may wait for its result (504 after).")
+    access_log: bool = Field(False, description="uvicorn's line per request (costs a few % of the event loop under load).")
 
 
 class ModelSettings(_Section):

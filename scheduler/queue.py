@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -12,6 +13,8 @@ from typing import Any, Callable
 from scheduler.cost_model import CostModel
 from scheduler.errors import NotReady, Overloaded
 from scheduler.planner import Limits, PolicyConfig, Request, plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -75,7 +78,11 @@ class BatchQueue:
                     return None
                 now = self.clock()
                 requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority) for it in self._pending]
-                decided = plan(requests, self.limits, self.cost, now, self.policy)
+                try:
+                    decided = plan(requests, self.limits, self.cost, now, self.policy)
+                except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
+                    log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
+                    decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
                 if decided.wait_until is not None and decided.wait_until > now and not self._closed:
                     self._cond.wait(decided.wait_until - now)  # a new arrival wakes us to plan again
                     continue

@@ -50,10 +50,20 @@ class BatchWorker:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while (batch := self.queue.next_batch()) is not None:
-            live = self._admit(batch)
-            if live:
-                self._run(live)
+        batch: list[WorkItem] = []
+        try:
+            while (batch := self.queue.next_batch()) is not None:
+                live = self._admit(batch)
+                if live:
+                    self._run(live)
+        except Exception:  # the loop itself broke: refuse new work and fail what waits, never hang it
+            log.exception("batching worker crashed")
+            self.queue.close()
+            stopped = BackendError("the batching worker stopped")
+            for it in batch or []:
+                if not it.future.done():
+                    it.future.set_exception(stopped)
+            self.queue.fail_pending(stopped)
         log.info("worker stopped: queue closed and drained")
 
     def _admit(self, batch: list[WorkItem]) -> list[WorkItem]:

@@ -116,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level,
-                timeout_graceful_shutdown=30)
+                access_log=settings.server.access_log, timeout_graceful_shutdown=30)
     return 0
 
 

@@ -15,7 +15,7 @@ from configs.settings import Settings
 from models.runtime import Embedder, ModelInfo
 from models.tokenizer import Encoded, TextTokenizer
 from scheduler.cost_model import CostModel
-from scheduler.errors import DeadlineExceeded
+from scheduler.errors import DeadlineExceeded, NotReady
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
@@ -136,6 +136,8 @@ class Engine:
         slo, priority = self.scheduling(request)
         now = time.perf_counter()
         items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority) for e in encoded]
+        if not self.worker.alive:
+            raise NotReady("the batching worker has stopped")
         self.queue.submit(items)  # raises Overloaded / NotReady
         results = asyncio.gather(*(asyncio.wrap_future(it.future) for it in items))
         # If we stop waiting, nobody reads the gather; consume its outcome so asyncio does not log it.

@@ -138,3 +138,44 @@ def test_requests_are_batched_under_the_limits():
         assert sum(len(b) for b in later) == 10
         assert max(len(b) for b in later) == 4  # batched, and never over the request cap
         assert all(sum(len(ids) for ids in b) <= 64 for b in later)
+
+
+def test_a_crashed_worker_fails_waiting_requests_and_refuses_new_ones():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
+        engine = s.app.state.engine
+        embedder.gate.clear()
+        embedder.entered.clear()
+        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
+        assert embedder.entered.wait(10)
+        waiting = pool.submit(c.post, "/embed", json={"inputs": "waiting"})
+        wait_for(lambda: engine.queue.depth == 1)
+
+        def broken_observer(*args):
+            raise RuntimeError("bug in the loop")
+
+        engine.worker.observer.batch_done = broken_observer  # the loop itself fails after this batch
+        embedder.gate.set()
+        blocker.result(10)
+        r = waiting.result(10)
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend"  # failed, not left hanging
+        wait_for(lambda: not engine.worker.alive)
+        assert c.get("/health").status_code == 503
+        r = c.post("/v1/embeddings", json={"input": "x", "model": MODEL})
+        assert r.status_code == 503 and "worker has stopped" in r.json()["error"]["message"]
+
+
+def test_planner_failure_falls_back_and_keeps_serving(monkeypatch):
+    import scheduler.queue  # noqa: PLC0415
+
+    real_plan = scheduler.queue.plan
+
+    def flaky(requests, limits, cost, now, config):
+        if config.name == "dp":
+            raise RuntimeError("planner bug")
+        return real_plan(requests, limits, cost, now, config)
+
+    with dummy_server() as s, s.client() as c:
+        monkeypatch.setattr(scheduler.queue, "plan", flaky)
+        assert c.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
+        assert s.app.state.engine.worker.alive
