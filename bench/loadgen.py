@@ -276,6 +276,8 @@ class LoadResult:
     server_total_ms: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
     cpu: dict = field(default_factory=dict)
+    # Every successful request in completion order: (client latency ms, tokens); for offline analysis.
+    per_request: list = field(default_factory=list)
 
 
 async def _one(client: httpx.AsyncClient, path: str, body: bytes, tokens: int) -> Sample | tuple[str, str]:
@@ -355,6 +357,7 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
     result.tokens_per_s = round(sum(s.tokens for s in ok) / elapsed, 1)
     result.mean_tokens = round(float(np.mean([s.tokens for s in ok])), 1) if ok else 0.0
     result.latency_ms = _summary([s.latency for s in ok])
+    result.per_request = [(round(s.latency * 1000, 2), s.tokens) for s in ok]
     result.server_inference_ms = _summary([s.inference for s in ok if s.inference is not None])
     result.server_queue_ms = _summary([s.queue for s in ok if s.queue is not None])
     result.server_total_ms = _summary([s.server_total for s in ok if s.server_total is not None])
@@ -384,7 +387,7 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
     ids = tok.encode([text])[0].ids
     path = ROUTES[route]
     body = body_for(route, text)
-    latencies, inference, server_total, forward, paced, errors = [], [], [], [], [], Counter()
+    latencies, inference, queue, server_total, forward, paced, errors = [], [], [], [], [], [], Counter()
     async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) as client:
         for _ in range(10):  # warm-up, untimed
             await _one(client, path, body, 0)
@@ -400,6 +403,8 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
                     latencies.append(out.latency)
                     if out.inference is not None:
                         inference.append(out.inference)
+                    if out.queue is not None:
+                        queue.append(out.queue)
                     if out.server_total is not None:
                         server_total.append(out.server_total)
                 else:
@@ -426,7 +431,7 @@ async def run_single(url: str, route: str, text: str, count: int, timeout: float
                 health.append(time.perf_counter() - started)
     return {"count": count, "ok": len(latencies), "tokens": len(ids), "block": block, "errors": dict(errors),
             "client_latency_ms": _summary(latencies), "server_inference_ms": _summary(inference),
-            "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health),
+            "server_queue_ms": _summary(queue), "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health),
             "forward_ms": _summary(forward), "paced_gap_ms": gap_s * 1000, "forward_paced_ms": _summary(paced),
             "cpu": cpu}
 
@@ -602,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== single: {s['ok']}/{s['count']} sequential requests of {s['tokens']} tokens "
               f"(alternating with in-process forwards in blocks of {s['block']})")
         print(f"  client latency p50 {_fmt(client_p50, ' ms', 3)}, server x-total-time p50 "
-              f"{_fmt(s['server_total_ms'].get('p50'), ' ms', 3)}, x-inference-time p50 "
+              f"{_fmt(s['server_total_ms'].get('p50'), ' ms', 3)}, x-queue-time p50 "
+              f"{_fmt(s['server_queue_ms'].get('p50'), ' ms', 3)}, x-inference-time p50 "
               f"{_fmt(s['server_inference_ms'].get('p50'), ' ms', 3)}")
         print(f"  GET /health p50 {_fmt(s['health_latency_ms'].get('p50'), ' ms', 3)} (HTTP round trip, no model work)")
         print(f"  raw forward p50 {_fmt(fwd_p50, ' ms', 3)} (in-process emb.embed, back to back); "
