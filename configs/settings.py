@@ -70,6 +70,7 @@ class SchedulerSettings(_Section):
     fixed_batch_size: int = Field(32, ge=1, description="fifo: batch size it waits to fill.")
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32], description="triton: preferred batch sizes.")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="fifo, triton: most ms the oldest request waits for a fuller batch.")
+    late_grace_slos: float = Field(4.0, ge=0, description="dp: a request that can no longer meet its deadline runs after the others until this many SLOs past it.")
     max_wait_ms: float = Field(5.0, ge=0, description="dp: most ms the oldest request waits for a cheaper batch (never past a deadline).")
     cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")

@@ -302,16 +302,16 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     Within a priority, requests that would miss their deadline even if run alone right now go behind
     those that can still make it: under overload the server spends its time on requests it can still
     answer in time (they are still served, never dropped, and reported as infeasible). The demotion
-    lasts one SLO past the deadline; after that a late request rejoins its class in deadline order, so
-    no request starves behind a stream of fresh ones."""
+    lasts `late_grace` SLOs past the deadline; after that a late request rejoins its class in deadline
+    order, so no request starves behind a stream of fresh ones."""
     groups: list[list[int]] = []
     t = now
     lengths = np.array([r.length for r in requests], dtype=np.float64)
     alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
     deadlines = np.array([r.deadline for r in requests])
     arrivals = np.array([r.arrival for r in requests])
-    # Demote while it is hopeless, but only until one SLO (deadline - arrival) past its deadline.
-    hopeless = (now + alone > deadlines) & (now < 2 * deadlines - arrivals)
+    # Demote while it is hopeless, but only until late_grace SLOs (deadline - arrival) past its deadline.
+    hopeless = (now + alone > deadlines) & (now < deadlines + config.late_grace * (deadlines - arrivals))
     classes: dict[tuple[int, bool], list[int]] = {}
     for i, r in enumerate(requests):
         classes.setdefault((r.priority, not hopeless[i]), []).append(i)

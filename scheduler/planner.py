@@ -67,6 +67,7 @@ class PolicyConfig:
     max_queue_delay: float = 0.005  # fifo, triton: seconds the oldest request may wait for a fuller batch
     max_wait: float = 0.0  # dp: seconds the oldest request may wait for a cheaper batch
     efficient_fraction: float = 0.9  # dp: wait only while per-token cost is above 1/this of the best
+    late_grace: float = 4.0  # dp: a hopeless request goes behind the others until this many SLOs past its deadline
     extra: dict = field(default_factory=dict)
 
 

@@ -53,6 +53,7 @@ class Engine:
             preferred_batch_sizes=tuple(sched.preferred_batch_sizes),
             max_queue_delay=sched.max_queue_delay_ms / 1000,
             max_wait=sched.max_wait_ms / 1000,
+            late_grace=sched.late_grace_slos,
         )
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
