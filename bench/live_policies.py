@@ -78,6 +78,24 @@ def scrape(url: str) -> dict:
     return {"mean_batch": mean_batch, "cost_model_error": info.get("scheduler", {}).get("cost_model_error", {})}
 
 
+def print_medians(runs: list[dict]) -> None:
+    """Median over repeats of each (load, policy): live and simulated goodput, SLO attainment, p99."""
+    import statistics  # noqa: PLC0415
+
+    print("\nmedians over repeats:")
+    print(f"{'load':>5} {'policy':12} {'runs':>4} {'live good/s':>11} {'sim good/s':>10} {'live slo':>8} {'sim slo':>8} "
+          f"{'live p99':>8} {'sim p99':>8} {'cost err':>8}")
+    for load in sorted({r["load"] for r in runs}):
+        for policy in dict.fromkeys(r["live"]["policy"] for r in runs):
+            mine = [r for r in runs if r["load"] == load and r["live"]["policy"] == policy]
+            med = lambda f: statistics.median(f(r) for r in mine)  # noqa: E731
+            print(f"{load:5.2f} {policy:12} {len(mine):4d} {med(lambda r: r['live']['goodput']):11.2f} "
+                  f"{med(lambda r: r['sim']['goodput']):10.2f} {med(lambda r: r['live']['slo_attainment']):8.1%} "
+                  f"{med(lambda r: r['sim']['slo_attainment']):8.1%} {med(lambda r: r['live']['p99']):8.2f} "
+                  f"{med(lambda r: r['sim']['p99']):8.2f} "
+                  f"{med(lambda r: r['live']['cost_model_error'].get('median_abs', float('nan'))):8.1%}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loads", default="0.9,1.1")
@@ -85,6 +103,7 @@ def main() -> int:
     ap.add_argument("--slo-ms", type=float, default=2000.0)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     out = Path(args.out)
@@ -94,39 +113,40 @@ def main() -> int:
     lengths = count_tokens(texts)
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
     cost_path = None
-    for load in (float(x) for x in args.loads.split(",")):
-        for policy in args.policies.split(","):
-            os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
-            server = SpawnedServer([], startup_timeout=300)
-            server.start()
-            try:
-                if cost_path is None:  # capacity from the server's own cost model
-                    import glob  # noqa: PLC0415
+    plan_runs = [(float(ld), p) for ld in args.loads.split(",") for _ in range(args.repeats) for p in args.policies.split(",")]
+    for load, policy in plan_runs:
+        os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
+        server = SpawnedServer([], startup_timeout=300)
+        server.start()
+        try:
+            if cost_path is None:  # capacity from the server's own cost model
+                import glob  # noqa: PLC0415
 
-                    cost_path = max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
-                cost = CostModel.load(cost_path)
-                mean = sum(lengths) / len(lengths)
-                n_full = min(64, int(16384 // mean))
-                capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
-                import random  # noqa: PLC0415
+                cost_path = max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
+            cost = CostModel.load(cost_path)
+            mean = sum(lengths) / len(lengths)
+            n_full = min(64, int(16384 // mean))
+            capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
+            import random  # noqa: PLC0415
 
-                arrivals = poisson_arrivals(load * capacity, len(texts), random.Random(7))
-                (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": arrivals, "lengths": lengths, "texts": texts}))
-                results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
-                live = summarize(policy, results, arrivals, slo) | scrape(server.url)
-            finally:
-                server.stop()
-            sim = simulate(Trace(arrivals, lengths), PolicyConfig(policy, max_wait=0.005, max_queue_delay=0.005),
-                           Limits(16384, 64), cost, slo).row()
-            run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim}
-            report["runs"].append(run)
-            err = live["cost_model_error"]
-            print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
-                  f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
-                  f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
-                  f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
-                  f"slo {sim['slo_attainment']:6.1%}", flush=True)
+            arrivals = poisson_arrivals(load * capacity, len(texts), random.Random(7))
+            (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": arrivals, "lengths": lengths, "texts": texts}))
+            results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
+            live = summarize(policy, results, arrivals, slo) | scrape(server.url)
+        finally:
+            server.stop()
+        sim = simulate(Trace(arrivals, lengths), PolicyConfig(policy, max_wait=0.005, max_queue_delay=0.005),
+                       Limits(16384, 64), cost, slo).row()
+        run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim}
+        report["runs"].append(run)
+        err = live["cost_model_error"]
+        print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
+              f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
+              f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
+              f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
+              f"slo {sim['slo_attainment']:6.1%}", flush=True)
     (out / "live_policies.json").write_text(json.dumps(report, indent=1))
+    print_medians(report["runs"])
     print(f"wrote {out / 'live_policies.json'}")
     return 0
 
