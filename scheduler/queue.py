@@ -70,27 +70,31 @@ class BatchQueue:
         Plans again whenever work arrives while the policy holds a batch back for a fuller one.
         Returns None when closed and empty, or [] after `timeout` seconds with nothing pending.
         """
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
                     return []
                 if not self._pending:
                     return None
-                now = self.clock()
-                requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority) for it in self._pending]
-                try:
-                    decided = plan(requests, self.limits, self.cost, now, self.policy)
-                except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
-                    log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
-                    decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
-                if decided.wait_until is not None and decided.wait_until > now and not self._closed:
-                    self._cond.wait(decided.wait_until - now)  # a new arrival wakes us to plan again
-                    continue
-                first = decided.batches[0]
-                taken = set(first.indices)
-                batch = [self._pending[i] for i in first.indices]
-                self._pending = [it for i, it in enumerate(self._pending) if i not in taken]
-                return batch
+                snapshot, closed = list(self._pending), self._closed
+            # Plan outside the lock: producers (the event loop) never wait for the planner.
+            now = self.clock()
+            requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority) for it in snapshot]
+            try:
+                decided = plan(requests, self.limits, self.cost, now, self.policy)
+            except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
+                log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
+                decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
+            if decided.wait_until is not None and decided.wait_until > now and not closed:
+                with self._cond:
+                    if len(self._pending) == len(snapshot):  # nothing arrived while planning
+                        self._cond.wait(decided.wait_until - now)  # an arrival wakes us to plan again
+                continue
+            batch = [snapshot[i] for i in decided.batches[0].indices]
+            taken = {id(it) for it in batch}
+            with self._cond:  # only this thread removes items, so every chosen one is still pending
+                self._pending = [it for it in self._pending if id(it) not in taken]
+            return batch
 
     def close(self) -> None:
         """Refuse new work; the worker drains what is pending, then next_batch returns None."""
