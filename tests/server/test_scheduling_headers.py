@@ -1,0 +1,51 @@
+"""Per-request scheduling through the real HTTP stack: x-priority orders work, x-slo-ms is validated."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.server.test_failures import wait_for
+from tests.support import MODEL, DummyEmbedder, dummy_server
+
+
+def test_high_priority_runs_before_earlier_normal_requests():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, scheduler={"max_batch_requests": 1}) as s, ThreadPoolExecutor(4) as pool, \
+            s.client() as c:
+        embedder.gate.clear()
+        embedder.entered.clear()
+        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
+        assert embedder.entered.wait(10)
+        engine = s.app.state.engine
+        normal = pool.submit(c.post, "/embed", json={"inputs": "normal request"})
+        wait_for(lambda: engine.queue.depth == 1)
+        urgent = pool.submit(c.post, "/embed", json={"inputs": "urgent request"}, headers={"x-priority": "high"})
+        wait_for(lambda: engine.queue.depth == 2)
+        embedder.gate.set()
+        assert [f.result(10).status_code for f in (blocker, normal, urgent)] == [200, 200, 200]
+        ids = {t: engine.tokenizer.encode([t])[0].ids for t in ("normal request", "urgent request")}
+        order = [b[0] for b in embedder.batches[1:]]
+        assert order.index(ids["urgent request"]) < order.index(ids["normal request"])
+
+
+@pytest.mark.parametrize("headers", [{"x-slo-ms": "soon"}, {"x-slo-ms": "-5"}, {"x-priority": "urgent!"},
+                                     {"x-priority": "99"}])
+def test_bad_scheduling_headers_are_refused_in_each_api_shape(client, headers):
+    r = client.post("/v1/embeddings", json={"input": "x", "model": MODEL}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/embed", json={"inputs": "x"}, headers=headers)
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+
+
+def test_good_scheduling_headers_are_accepted(client):
+    r = client.post("/embed", json={"inputs": "x"}, headers={"x-slo-ms": "250", "x-priority": "low"})
+    assert r.status_code == 200
+
+
+def test_info_reports_the_scheduler(client):
+    info = client.get("/info").json()["scheduler"]
+    assert info["policy"] == "dp" and info["slo_ms"] == 2000.0
+    assert set(info["cost_model"]["coefficients_seconds"]) == {"batch", "sequence", "token", "squared_token"}
+    assert "cost_model_error" in info
