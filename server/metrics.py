@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -37,6 +38,8 @@ class Metrics:
         self.batch_failures = Counter("turboserve_batch_failures", "Sequences whose batch raised an error.", registry=r)
         self.queue_depth = Gauge("turboserve_queue_depth", "Sequences waiting for a batch.", registry=r)
         self.ready = Gauge("turboserve_ready", "1 when the model is loaded and warm.", registry=r)
+        self.deadline_missed = Counter(
+            "turboserve_deadline_missed", "Sequences whose batch finished after their deadline (arrival + SLO).", registry=r)
         self.cost_error = Histogram(
             "turboserve_cost_model_error_ratio", "|predicted - observed| / observed batch time, before refinement.",
             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
@@ -52,8 +55,13 @@ class Metrics:
         self.batch_size.observe(len(items))
         self.batch_tokens.observe(tokens)
         self.tokens.inc(tokens)
+        finished = time.perf_counter()  # the clock WorkItem deadlines are on
+        missed = 0
         for it in items:
             self.queue_wait.observe(it.queue_seconds)
+            missed += finished > it.deadline
+        if missed:
+            self.deadline_missed.inc(missed)
 
     def dropped(self, count: int) -> None:
         self.dropped_total.inc(count)

@@ -49,3 +49,11 @@ def test_info_reports_the_scheduler(client):
     assert info["policy"] == "dp" and info["slo_ms"] == 2000.0
     assert set(info["cost_model"]["coefficients_seconds"]) == {"batch", "sequence", "token", "squared_token"}
     assert "cost_model_error" in info
+
+
+def test_missed_deadlines_are_counted(srv, client):
+    before = srv.app.state.metrics.registry.get_sample_value("turboserve_deadline_missed_total")
+    r = client.post("/embed", json={"inputs": "late"}, headers={"x-slo-ms": "0.001"})  # a 1 us deadline
+    assert r.status_code == 200  # still answered
+    after = srv.app.state.metrics.registry.get_sample_value("turboserve_deadline_missed_total")
+    assert after == before + 1
