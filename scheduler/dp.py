@@ -304,6 +304,8 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     answer in time (they are still served, never dropped, and reported as infeasible). The demotion
     lasts `late_grace` SLOs past the deadline; after that a late request rejoins its class in deadline
     order, so no request starves behind a stream of fresh ones."""
+    if len(requests) == 1:  # nothing to choose: skip the numpy machinery (~0.3 ms) on the latency path
+        return evaluate([Batch((0,), requests[0].length)], requests, cost, now)
     groups: list[list[int]] = []
     t = now
     lengths = np.array([r.length for r in requests], dtype=np.float64)
