@@ -27,6 +27,8 @@ from scheduler.planner import Batch, Limits, Plan, PolicyConfig, Request, evalua
 
 EXACT_LIMIT = 8  # classes this small get an exact search when the heuristics leave someone late
 URGENT_BATCHES = 4  # the deadline repair looks at this many full batches' worth of the most urgent requests
+HORIZON = 256  # requests planned in full detail (at least 4 full batches); the rest, which the worker
+#                will plan again before it reaches them, are cut in deadline-then-length order
 
 
 def _window_costs(lengths: np.ndarray, limits: Limits, cost: CostModel) -> np.ndarray:
@@ -318,11 +320,20 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     for i, r in enumerate(requests):
         classes.setdefault((r.priority, not hopeless[i]), []).append(i)
     price = GroupCost(requests, cost)
+    horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)
     for key in sorted(classes, reverse=True):
         members = classes[key]
-        class_groups = _plan_class(members, requests, limits, price, t)
+        if len(members) > horizon:  # beyond the horizon: a cheap cut, re-planned before it runs
+            idx = np.asarray(members)
+            members = idx[np.lexsort((lengths[idx], deadlines[idx]))].tolist()  # by deadline, then length
+            members, beyond = members[:horizon], members[horizon:]
+        else:
+            beyond = []
+        class_groups = _plan_class(members, requests, limits, price, t) if members else []
+        class_groups += _greedy(beyond, price.lengths, limits)
+        horizon -= len(members)
         groups.extend(class_groups)
         t = _late_count(class_groups, requests, price, t)[1]
-    plan = evaluate(_as_batches(groups, requests), requests, cost, now)
+    plan = evaluate(_as_batches(groups, requests), requests, cost, now, price=price)
     wait = _bounded_wait(plan, requests, limits, cost, now, config)
     return plan if wait is None else Plan(plan.batches, plan.cost, plan.late, plan.infeasible, wait)
