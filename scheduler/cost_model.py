@@ -141,12 +141,12 @@ class CostModel:
 
     def to_json(self) -> dict:
         return {"coef": self.coef, "knots": self.knots, "factors": self.factors, "key": self.key,
-                "cells": [asdict(c) for c in self.cells], "alpha": self.alpha}
+                "cells": [asdict(c) for c in self.cells], "alpha": self.alpha, "observations": self.observations}
 
     @classmethod
     def from_json(cls, doc: dict) -> "CostModel":
         return cls(list(doc["coef"]), list(doc["knots"]), list(doc["factors"]), dict(doc.get("key", {})),
-                   [Cell(**c) for c in doc.get("cells", [])], float(doc.get("alpha", 0.2)))
+                   [Cell(**c) for c in doc.get("cells", [])], float(doc.get("alpha", 0.2)), int(doc.get("observations", 0)))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

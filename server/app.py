@@ -31,7 +31,7 @@ from server.errors import (
     kind_of,
 )
 from server.metrics import Metrics
-from server.profiling import build_cost_model
+from server.profiling import build_cost_model, save_refined
 from server.middleware import EdgeMiddleware
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         app.state.loader_thread.join()
         if app.state.engine is not None:
             app.state.engine.stop(timeout=30)
+            if app.state.engine.cost is not None:
+                save_refined(settings, app.state.engine.cost)
 
     app = FastAPI(title="turboserve", version=server.__version__, lifespan=lifespan)
     app.state.engine = None

@@ -32,3 +32,10 @@ def build_cost_model(settings: Settings, embedder: Embedder, info: ModelInfo, pr
     if s.profile == "always" and s.cost_model_dir:
         cache_path(s.cost_model_dir, key).unlink(missing_ok=True)
     return load_or_profile(run, key, s.cost_model_dir, cells, s.profile_runs, progress, s.cost_model_alpha)
+
+
+def save_refined(settings: Settings, cost: CostModel) -> None:
+    """Write the online-refined model back over the measured one, so the next start (and the simulator)
+    begins from what live batches showed, event-loop contention included."""
+    if settings.scheduler.cost_model_dir and cost.observations:
+        cost.save(cache_path(settings.scheduler.cost_model_dir, cost.key))

@@ -57,3 +57,14 @@ def test_missed_deadlines_are_counted(srv, client):
     assert r.status_code == 200  # still answered
     after = srv.app.state.metrics.registry.get_sample_value("turboserve_deadline_missed_total")
     assert after == before + 1
+
+
+def test_refined_cost_model_is_saved_at_shutdown(tmp_path):
+    from scheduler.cost_model import CostModel  # noqa: PLC0415
+
+    with dummy_server(scheduler={"cost_model_dir": str(tmp_path)}) as s, s.client() as c:
+        measured = list(tmp_path.glob("cost-*.json"))
+        assert len(measured) == 1 and CostModel.load(measured[0]).observations == 0
+        for i in range(3):
+            assert c.post("/embed", json={"inputs": f"text {i}"}).status_code == 200
+    assert CostModel.load(measured[0]).observations >= 3
