@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import os
 import sys
@@ -112,17 +113,14 @@ def main() -> int:
     texts = make_texts(args.requests, 8, 256, seed=11)
     lengths = count_tokens(texts)
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
-    cost_path = None
     plan_runs = [(float(ld), p) for ld in args.loads.split(",") for _ in range(args.repeats) for p in args.policies.split(",")]
     for load, policy in plan_runs:
         os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
         server = SpawnedServer([], startup_timeout=300)
         server.start()
         try:
-            if cost_path is None:  # capacity from the server's own cost model
-                import glob  # noqa: PLC0415
-
-                cost_path = max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
+            # Capacity from the server's own cost model, as refined and saved by the previous runs.
+            cost_path = max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
             cost = CostModel.load(cost_path)
             mean = sum(lengths) / len(lengths)
             n_full = min(64, int(16384 // mean))
