@@ -93,6 +93,11 @@ def _module(source: str, dtype: torch.dtype):
     return cupy.RawModule(code=full_source(source, dtype), options=("-std=c++17",))
 
 
+def compile_module(source: str, dtype: torch.dtype):
+    """Compile `source` for `dtype` now (once; later calls hit the cache). Needs a device."""
+    return _module(source, dtype)
+
+
 def kernel(source: str, name: str, dtype: torch.dtype):
     """The compiled kernel `name` of `source` for `dtype` (compiled once, then cached)."""
     return _module(source, dtype).get_function(name)

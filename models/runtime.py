@@ -118,10 +118,8 @@ def runtime_facts(info: ModelInfo) -> dict:
     else:
         name = platform.processor() or platform.machine()
         try:
-            for line in open("/proc/cpuinfo", encoding="utf-8"):
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+            with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+                name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), name)
         except OSError:
             pass
     return {"device": info.device, "device_name": name, "dtype": info.dtype, "torch": torch.__version__,

@@ -54,7 +54,7 @@ def default_loader(settings: Settings) -> Loader:
     return load
 
 
-def _warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
+def warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
     """Compile every CUDA kernel (on a GPU), then one short and one longest input through the model,
     so the first request pays no warm-up."""
     device = getattr(embedder, "device", None)
@@ -73,7 +73,7 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
     try:
         embedder, tokenizer, info = loader()
         if settings.model.warmup:
-            _warm_up(embedder, tokenizer)
+            warm_up(embedder, tokenizer)
         # Every policy gets the cost model: dp plans with it, and all of them report its predictions.
         cost, loaded = build_cost_model(settings, embedder, info)
         log.info("cost model %s: %s", "loaded" if loaded else "measured", cost.summary()["coefficients_seconds"])

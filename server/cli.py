@@ -82,12 +82,12 @@ def profile(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
-    from server.app import _warm_up, default_loader  # noqa: PLC0415
+    from server.app import warm_up, default_loader  # noqa: PLC0415
     from server.profiling import build_cost_model  # noqa: PLC0415
 
     settings = settings.model_copy(update={"scheduler": settings.scheduler.model_copy(update={"profile": "always"})})
     embedder, tokenizer, info = default_loader(settings)()
-    _warm_up(embedder, tokenizer)
+    warm_up(embedder, tokenizer)
     cost, _ = build_cost_model(settings, embedder, info, progress=True)
     print(f"{'n':>4} {'length':>6} {'tokens':>7} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
     for c in cost.cells:

@@ -26,8 +26,7 @@ COSTS = st.builds(
 def curved_costs(draw):
     """Fitted models whose correction factors bend the line (GEMM efficiency and the like)."""
     base = draw(COSTS)
-    model = CostModel(list(base.coef), [8.0, 64.0, 512.0, 4096.0], [draw(st.floats(0.5, 2.0)) for _ in range(4)])
-    return model
+    return CostModel(list(base.coef), [8.0, 64.0, 512.0, 4096.0], [draw(st.floats(0.5, 2.0)) for _ in range(4)])
 
 
 LIMITS = st.builds(Limits, max_batch_tokens=st.integers(16, 600), max_batch_requests=st.integers(1, 8))
