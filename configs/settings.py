@@ -57,6 +57,9 @@ class ModelSettings(_Section):
     matryoshka_dimensions: list[int] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for; defaults to the model config's.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default leaves torch's choice.")
     warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
+    memory_arena: bool = Field(True, description="Plan every intermediate tensor of a batch into reusable chunks from its lifetime.")
+    arena_min_chunk_mib: float = Field(2.0, gt=0, description="Smallest chunk the memory arena allocates, in MiB.")
+    arena_release_after: int = Field(64, ge=1, description="Batches a chunk may go unused before the arena frees it.")
 
 
 class SchedulerSettings(_Section):
