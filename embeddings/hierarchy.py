@@ -1,0 +1,204 @@
+"""The lookup hierarchy: device cache -> volatile tier -> persistent tier -> default vector.
+
+`ParameterServer.lookup(table, keys)` de-duplicates the batch's keys, answers what the device
+cache holds, asks the volatile tier (memory or Redis) for the rest, then the persistent tier,
+and answers the table's default vector for keys no tier holds. Rows found lower are inserted
+upward (persistent hits into the volatile tier, every fetched row into the device cache).
+
+High-hit-rate mode (`async_defaults=True`, off by default; HPS's behaviour): when the device
+cache answers more than `hit_rate_threshold` of a batch's unique keys, the batch's misses are
+answered with the table's default vector at once and fetched into the cache by a background
+thread. Every default served that way is counted in `defaults_async`; defaults for keys no tier
+holds are counted in `defaults_missing`. Below the threshold, misses are fetched synchronously.
+
+Updates (`update`) write the persistent tier first (fsynced: an acknowledged update survives a
+crash), then the rows the volatile tier holds, then refresh (or, with `refresh_on_update=False`,
+invalidate) the rows the device cache holds, so the next lookup sees the new value.
+
+One lock serialises lookups, updates and the background fetches, so a background fetch can
+never write a row older than an update that came before it into a cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import torch
+
+from embeddings.device_cache import DeviceCache
+from embeddings.persistent import PersistentTier
+from embeddings.tier import TableSpec, Tier, check_keys, check_vectors
+
+logger = logging.getLogger(__name__)
+
+
+class ParameterServer:
+    """Embedding rows of named tables, looked up through a hierarchy of tiers.
+
+    persistent: the source of truth (required). volatile: an in-memory or Redis tier, or None.
+    device_cache: a DeviceCache, or None. async_defaults, hit_rate_threshold: high-hit-rate mode
+    (see the module docstring). refresh_on_update: refresh cached rows on update (else evict them).
+    max_pending: most background fetch batches queued; more are dropped (and counted).
+    """
+
+    def __init__(self, persistent: PersistentTier, volatile: Tier | None = None, device_cache: DeviceCache | None = None,
+                 async_defaults: bool = False, hit_rate_threshold: float = 0.9, refresh_on_update: bool = True,
+                 max_pending: int = 64) -> None:
+        if not 0.0 <= hit_rate_threshold <= 1.0:
+            raise ValueError(f"hit_rate_threshold={hit_rate_threshold} must be in [0, 1]")
+        self.persistent, self.volatile, self.device_cache = persistent, volatile, device_cache
+        self.async_defaults, self.hit_rate_threshold = async_defaults, hit_rate_threshold
+        self.refresh_on_update = refresh_on_update
+        self.device = device_cache.device if device_cache is not None else torch.device("cpu")
+        self._lock = threading.RLock()
+        self._counts = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0,
+                        "background_fetched": 0, "background_dropped": 0}
+        self._pending: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=max_pending)
+        self._worker: threading.Thread | None = None
+        for spec in persistent.tables.values():
+            self._register(spec)
+
+    @property
+    def tiers(self) -> list[Tier]:
+        """The tiers present, top (device) to bottom (persistent)."""
+        return [t for t in (self.device_cache, self.volatile, self.persistent) if t is not None]
+
+    @property
+    def tables(self) -> dict[str, TableSpec]:
+        """Every table, by name (the persistent tier's record)."""
+        return dict(self.persistent.tables)
+
+    def _register(self, spec: TableSpec) -> None:
+        for tier in (self.device_cache, self.volatile):
+            if tier is not None:
+                tier.create_table(spec)
+
+    def create_table(self, name: str, dim: int, default: torch.Tensor | None = None, rows: int | None = None) -> TableSpec:
+        """Create a table in every tier; a table the persistent tier already stores keeps its stored dim and default."""
+        with self._lock:
+            self.persistent.create_table(TableSpec(name, dim, default, rows))
+            spec = self.persistent.tables[name]
+            self._register(spec)
+            return spec
+
+    def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of keys: vectors [n, dim] float32 on the cache's device, found [n] bool (False: default served)."""
+        keys = check_keys(keys).cpu()
+        spec = self.persistent.spec(table)
+        uniq, inverse = torch.unique(keys, return_inverse=True)  # uniq: [u], inverse: [n]
+        with self._lock:
+            self._count(keys=keys.numel(), unique_keys=uniq.numel())
+            if self.device_cache is not None:
+                vectors, found = self.device_cache.lookup(table, uniq)  # [u, dim], [u] on the device
+                miss = torch.nonzero(~found.cpu()).squeeze(1)  # [m] positions in uniq
+            else:
+                vectors = spec.default.to(self.device).expand(uniq.numel(), -1).clone()
+                found = torch.zeros(uniq.numel(), dtype=torch.bool, device=self.device)
+                miss = torch.arange(uniq.numel())
+            if miss.numel():
+                hit_rate = 1.0 - miss.numel() / max(1, uniq.numel())
+                if self.async_defaults and self.device_cache is not None and hit_rate > self.hit_rate_threshold:
+                    self._count(defaults_async=miss.numel())
+                    self._enqueue(table, uniq[miss])
+                else:
+                    fetched, got = self._fetch(table, uniq[miss])  # [m, dim], [m] on the CPU
+                    hit = miss[got].to(self.device)
+                    vectors[hit] = fetched[got].to(self.device)
+                    found[hit] = True
+                    self._count(defaults_missing=int((~got).sum()))
+        return vectors[inverse.to(self.device)], found[inverse.to(self.device)]
+
+    def _fetch(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows below the device cache (volatile, then persistent), inserted upward. keys: [m] unique, CPU."""
+        if self.volatile is not None:
+            vectors, found = self.volatile.lookup(table, keys)  # [m, dim], [m]
+        else:
+            vectors, found = torch.empty(keys.numel(), self.persistent.spec(table).dim), torch.zeros(keys.numel(), dtype=torch.bool)
+        lower = torch.nonzero(~found).squeeze(1)
+        if lower.numel():
+            p_vectors, p_found = self.persistent.lookup(table, keys[lower])
+            vectors[lower] = p_vectors
+            found[lower] = p_found
+            if self.volatile is not None and bool(p_found.any()):
+                self.volatile.insert(table, keys[lower][p_found], p_vectors[p_found])
+        if self.device_cache is not None and bool(found.any()):
+            self.device_cache.insert(table, keys[found], vectors[found])
+        return vectors, found
+
+    def _enqueue(self, table: str, keys: torch.Tensor) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._background, name="embedding-fetch", daemon=True)
+            self._worker.start()
+        try:
+            self._pending.put_nowait((table, keys))
+        except queue.Full:
+            self._count(background_dropped=keys.numel())
+
+    def _background(self) -> None:
+        """The background fetcher: fetch queued misses into the caches until a None arrives."""
+        while True:
+            item = self._pending.get()
+            try:
+                if item is None:
+                    return
+                table, keys = item
+                with self._lock:
+                    # another batch may have fetched some of them meanwhile
+                    if self.device_cache is not None:
+                        _, cached = self.device_cache.lookup(table, keys)
+                        keys = keys[~cached.cpu()]
+                    if keys.numel():
+                        self._fetch(table, keys)
+                    self._count(background_fetched=keys.numel())
+            except Exception:  # a failed background fetch must not kill the fetcher
+                logger.exception("embedding background fetch failed")
+            finally:
+                self._pending.task_done()
+
+    def drain(self) -> None:
+        """Wait until every queued background fetch is done."""
+        self._pending.join()
+
+    def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor, sync: bool | None = None) -> None:
+        """Write rows: persistent first (fsynced unless sync=False), then volatile, then the device cache."""
+        keys = check_keys(keys).cpu()
+        vectors = check_vectors(self.persistent.spec(table), keys, vectors).cpu()
+        with self._lock:
+            self.persistent.update(table, keys, vectors, sync=sync)
+            if self.volatile is not None:
+                self.volatile.update(table, keys, vectors)
+            if self.device_cache is not None:
+                if self.refresh_on_update:
+                    self.device_cache.update(table, keys, vectors)
+                else:
+                    self.device_cache.evict(table, keys)
+
+    def delete(self, table: str, keys: torch.Tensor) -> None:
+        """Remove rows from every tier (later lookups answer the default vector)."""
+        keys = check_keys(keys).cpu()
+        with self._lock:
+            self.persistent.evict(table, keys)
+            for tier in (self.volatile, self.device_cache):
+                if tier is not None:
+                    tier.evict(table, keys)
+
+    def _count(self, **increments: int) -> None:
+        for key, value in increments.items():
+            self._counts[key] += int(value)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters by tier name (hits, misses, errors, evictions, ...) and under "server" the hierarchy's own."""
+        out = {tier.name: tier.counters() for tier in self.tiers}
+        with self._lock:
+            out["server"] = dict(self._counts)
+        return out
+
+    def close(self) -> None:
+        """Stop the background fetcher and close every tier."""
+        if self._worker is not None and self._worker.is_alive():
+            self._pending.put(None)
+            self._worker.join()
+        for tier in self.tiers:
+            tier.close()

@@ -1,0 +1,315 @@
+"""The volatile tier in Redis (one node or a Redis Cluster), shared by the server's replicas.
+
+Layout: each table is split into `partitions` partitions (same hash as the in-memory tier). A
+partition is one Redis hash `<prefix>{<table>:<p>}` (field = the key as 8 little-endian bytes,
+value = the row's raw float32 bytes) plus, for `evict_oldest`, a sorted set `<prefix>{<table>:<p>}:t`
+of write times. The hash tag `{table:p}` puts both on one cluster slot, so a partition lives on
+one node and every command touches one node. A batch is one pipeline (HMGET / HSET per partition).
+
+Capacity: after an insert, a partition over `capacity_per_partition` rows is brought down to
+`target_fill * capacity` by `evict_random` (HRANDFIELD) or `evict_oldest` (the least recently
+written rows). `evict_least_used` would need a counter write per hit and is not offered here.
+
+Failures: every call runs behind a circuit breaker. A Redis error (unreachable, timeout, cluster
+down) counts in `errors`, opens the breaker for a backoff that doubles from `backoff_s` up to
+`max_backoff_s`, and the call answers as if Redis held nothing (lookup: all misses; writes: not
+applied). While open, calls skip Redis (counted in `skipped`); the first call after the backoff
+tries again and a success closes the breaker. A write that fails leaves a row Redis may hold stale,
+so its keys are remembered (up to `max_dirty` per table) and deleted from Redis on recovery;
+past that bound the table's partitions are dropped whole on recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Literal
+
+import numpy as np
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, keys_to_numpy, last_occurrence
+from embeddings.volatile import group_by, partition_of
+
+logger = logging.getLogger(__name__)
+
+
+def _fields(keys: np.ndarray) -> list[bytes]:
+    """Hash field names: each key's 8 little-endian bytes."""
+    raw = keys.astype("<i8").tobytes()
+    return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+
+
+class RedisTier(Tier):
+    """Partitioned rows in Redis hashes, pipelined, behind a circuit breaker.
+
+    urls: one `redis://host:port[/db]` URL (single node), or the startup nodes of a cluster with
+    `cluster=True`. partitions, capacity_per_partition, overflow_policy (evict_random |
+    evict_oldest), target_fill: as the in-memory tier. prefix: key name prefix. timeout_s: socket
+    connect/read timeout. backoff_s, max_backoff_s: circuit breaker backoff. Thread-safe.
+    """
+
+    name = "redis"
+
+    def __init__(self, urls: str | list[str] = "redis://127.0.0.1:6379", cluster: bool = False, partitions: int = 16,
+                 capacity_per_partition: int = 1 << 20,
+                 overflow_policy: Literal["evict_random", "evict_oldest"] = "evict_oldest",
+                 target_fill: float = 0.8, prefix: str = "turboserve:emb:", timeout_s: float = 0.25,
+                 backoff_s: float = 0.1, max_backoff_s: float = 5.0, max_dirty: int = 100_000) -> None:
+        super().__init__()
+        if overflow_policy not in ("evict_random", "evict_oldest"):
+            raise ValueError(f"redis tier: overflow_policy={overflow_policy!r} must be evict_random or evict_oldest")
+        if partitions < 1 or capacity_per_partition < 1 or not 0.0 < target_fill <= 1.0:
+            raise ValueError(f"{partitions=} and {capacity_per_partition=} must be >= 1, {target_fill=} in (0, 1]")
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.cluster, self.partitions, self.capacity = cluster, partitions, capacity_per_partition
+        self.policy, self.target_fill, self.prefix = overflow_policy, target_fill, prefix
+        self.timeout_s, self.backoff_s, self.max_backoff_s, self.max_dirty = timeout_s, backoff_s, max_backoff_s, max_dirty
+        self._client: Any = None
+        self._lock = threading.Lock()  # breaker state and the dirty sets
+        self._failures = 0
+        self._open_until = 0.0
+        self._dirty: dict[str, set[int] | None] = {}  # None: too many, drop the table on recovery
+        self._counts["skipped"] = 0  # calls not sent because the breaker was open
+
+    # -- connection and circuit breaker -------------------------------------------------------
+    def _connect(self) -> Any:
+        common = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, retry=Retry(NoBackoff(), 0))
+        if not self.cluster:
+            return redis.Redis.from_url(self.urls[0], **common)
+        nodes = []
+        for url in self.urls:
+            hostport = url.split("://", 1)[-1].split("/", 1)[0]
+            host, _, port = hostport.rpartition(":")
+            nodes.append(ClusterNode(host, int(port)))
+        return RedisCluster(startup_nodes=nodes, cluster_error_retry_attempts=1, **common)
+
+    @property
+    def available(self) -> bool:
+        """False while the circuit breaker is open (Redis failed recently)."""
+        return time.monotonic() >= self._open_until
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(client) behind the breaker; None when skipped or failed (never raises a RedisError)."""
+        if time.monotonic() < self._open_until:
+            self.count(skipped=1)
+            return None
+        try:
+            if self._client is None:
+                self._client = self._connect()
+            if self._failures:
+                self._recover(self._client)
+            result = fn(self._client)
+        except redis.RedisError as exc:
+            with self._lock:
+                self._failures += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self._failures - 1))
+                self._open_until = time.monotonic() + delay
+            self.count(errors=1)
+            if self.cluster or isinstance(exc, redis.ConnectionError):
+                self._client = None  # a fresh client rediscovers nodes and connections
+            logger.warning("redis tier: %s: %s; answering misses for %.2f s", type(exc).__name__, exc, delay)
+            return None
+        if self._failures:
+            logger.info("redis tier: recovered after %d failed calls", self._failures)
+            self._failures = 0
+        return result
+
+    def _recover(self, client: Any) -> None:
+        """Before the first call after a failure: delete rows whose writes may have been missed."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, {}
+        pipe = client.pipeline(transaction=False)
+        for table, keys in dirty.items():
+            if keys is None:
+                for p in range(self.partitions):
+                    pipe.delete(self._hash(table, p), self._hash(table, p) + ":t")
+                continue
+            k = np.fromiter(keys, np.int64, len(keys))
+            for p, pos in group_by(partition_of(k, self.partitions), self.partitions):
+                pipe.hdel(self._hash(table, p), *_fields(k[pos]))
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            with self._lock:  # still down: keep them for the next try
+                for table, keys in dirty.items():
+                    self._mark_dirty(table, keys)
+            raise
+
+    def _mark_dirty(self, table: str, keys: Any) -> None:
+        old = self._dirty.get(table, set())
+        if old is None or keys is None or len(old) + len(keys) > self.max_dirty:
+            self._dirty[table] = None
+        else:
+            old.update(int(k) for k in keys)
+            self._dirty[table] = old
+
+    def _hash(self, table: str, p: int) -> str:
+        return f"{self.prefix}{{{table}:{p}}}"
+
+    # -- the tier interface ---------------------------------------------------------------------
+    def create_table(self, spec: TableSpec) -> None:
+        """Register the table (Redis needs no schema; rows of a table made by another replica are shared)."""
+        super().create_table(spec)
+
+    def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows held: vectors [n, dim], found [n] (CPU). All misses when Redis is unavailable."""
+        spec = self.spec(table)
+        k = keys_to_numpy(check_keys(keys))
+        out = np.empty((k.size, spec.dim), dtype=np.float32)  # [n, dim]
+        out[:] = spec.default.numpy()
+        found = np.zeros(k.size, dtype=bool)
+        groups = group_by(partition_of(k, self.partitions), self.partitions)
+
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for p, pos in groups:
+                pipe.hmget(self._hash(table, p), _fields(k[pos]))
+            return pipe.execute()
+
+        replies = self._call(run) if k.size else None
+        width = 4 * spec.dim
+        hit_pos: list[int] = []
+        hit_rows: list[bytes] = []
+        for (_, pos), values in zip(groups, replies or []):
+            for i, v in zip(pos.tolist(), values):
+                if v is not None and len(v) == width:
+                    hit_pos.append(i)
+                    hit_rows.append(v)
+        if hit_pos:
+            out[hit_pos] = np.frombuffer(b"".join(hit_rows), dtype=np.float32).reshape(-1, spec.dim)
+            found[hit_pos] = True
+        hits = int(found.sum())
+        self.count(hits=hits, misses=k.size - hits)
+        return torch.from_numpy(out), torch.from_numpy(found)
+
+    def _rows(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.spec(table)
+        keys = check_keys(keys)
+        vecs = check_vectors(spec, keys, vectors).cpu().numpy()
+        uniq, last_pos = last_occurrence(keys_to_numpy(keys))
+        return uniq, vecs[last_pos]
+
+    def _write_failed(self, table: str, keys: np.ndarray) -> None:
+        with self._lock:
+            self._mark_dirty(table, keys.tolist())
+
+    def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
+        """HSET the rows (one pipeline), then trim partitions over capacity; dropped if Redis is down."""
+        uniq, rows = self._rows(table, keys, vectors)
+        if uniq.size == 0:
+            return
+        groups = group_by(partition_of(uniq, self.partitions), self.partitions)
+        now = time.time()
+
+        def run(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            for p, pos in groups:
+                fields, name = _fields(uniq[pos]), self._hash(table, p)
+                pipe.hset(name, mapping=dict(zip(fields, (r.tobytes() for r in rows[pos]))))
+                if self.policy == "evict_oldest":
+                    pipe.zadd(name + ":t", dict.fromkeys(fields, now))
+                pipe.hlen(name)
+            replies = pipe.execute()
+            sizes = replies[2::3] if self.policy == "evict_oldest" else replies[1::2]
+            self._trim(client, table, [(p, size) for (p, _), size in zip(groups, sizes) if size > self.capacity])
+            return True
+
+        if self._call(run) is None:
+            self._write_failed(table, uniq)
+
+    def _trim(self, client: Any, table: str, over: list[tuple[int, int]]) -> None:
+        """Evict rows of the partitions over capacity down to the target fill."""
+        if not over:
+            return
+        target = int(self.capacity * self.target_fill)
+        pipe = client.pipeline(transaction=False)
+        for p, size in over:
+            name = self._hash(table, p)
+            if self.policy == "evict_oldest":
+                pipe.zrange(name + ":t", 0, size - target - 1)
+            else:
+                pipe.hrandfield(name, size - target)
+        victims = pipe.execute()
+        pipe = client.pipeline(transaction=False)
+        for (p, _), fields in zip(over, victims):
+            if fields:
+                pipe.hdel(self._hash(table, p), *fields)
+                if self.policy == "evict_oldest":
+                    pipe.zrem(self._hash(table, p) + ":t", *fields)
+                self.count(evictions=len(fields))
+        pipe.execute()
+
+    def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:
+        """Overwrite the rows Redis holds (HMGET to find them, then HSET); returns how many."""
+        uniq, rows = self._rows(table, keys, vectors)
+        if uniq.size == 0:
+            return 0
+        groups = group_by(partition_of(uniq, self.partitions), self.partitions)
+
+        def run(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)
+            for p, pos in groups:
+                pipe.hmget(self._hash(table, p), _fields(uniq[pos]))
+            held = pipe.execute()
+            pipe = client.pipeline(transaction=False)
+            written = 0
+            for (p, pos), values in zip(groups, held):
+                mapping = {f: rows[i].tobytes() for f, i, v in zip(_fields(uniq[pos]), pos.tolist(), values) if v is not None}
+                if mapping:
+                    pipe.hset(self._hash(table, p), mapping=mapping)
+                    written += len(mapping)
+            pipe.execute()
+            return written
+
+        written = self._call(run)
+        if written is None:
+            self._write_failed(table, uniq)
+            return 0
+        return written
+
+    def evict(self, table: str, keys: torch.Tensor) -> int:
+        """HDEL the rows; returns how many Redis held (0 when it is down: they are remembered as dirty)."""
+        self.spec(table)
+        uniq = np.unique(keys_to_numpy(check_keys(keys)))
+        if uniq.size == 0:
+            return 0
+        groups = group_by(partition_of(uniq, self.partitions), self.partitions)
+
+        def run(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)
+            for p, pos in groups:
+                pipe.hdel(self._hash(table, p), *_fields(uniq[pos]))
+                if self.policy == "evict_oldest":
+                    pipe.zrem(self._hash(table, p) + ":t", *_fields(uniq[pos]))
+            replies = pipe.execute()
+            return int(sum(replies[:: 2 if self.policy == "evict_oldest" else 1]))
+
+        dropped = self._call(run)
+        if dropped is None:
+            self._write_failed(table, uniq)
+            return 0
+        return dropped
+
+    def fill(self, table: str) -> list[int] | None:
+        """Rows held in each partition of the table (HLEN), or None when Redis is unavailable."""
+        self.spec(table)
+
+        def run(client: Any) -> list[int]:
+            pipe = client.pipeline(transaction=False)
+            for p in range(self.partitions):
+                pipe.hlen(self._hash(table, p))
+            return [int(n) for n in pipe.execute()]
+
+        return self._call(run)
+
+    def close(self) -> None:
+        """Close the connections."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
