@@ -82,6 +82,37 @@ class SchedulerSettings(_Section):
     cost_model_alpha: float = Field(0.2, gt=0, le=1, description="Weight of one observed batch in the online refinement (EWMA).")
 
 
+class EmbeddingSettings(_Section):
+    """The hierarchical embedding parameter server (device cache -> volatile tier -> RocksDB)."""
+
+    enabled: bool = Field(False, description="Serve embedding tables through the parameter server.")
+    path: str = Field("~/.cache/turboserve/embeddings", min_length=1, description="RocksDB directory of the persistent tier (every row of every table).")
+    sync_writes: bool = Field(True, description="fsync RocksDB's write-ahead log before an update is acknowledged (survives a machine crash).")
+    cache_rows: int | None = Field(None, ge=1, description="Device cache rows per table; unset: cache_fraction of the table's rows.")
+    cache_fraction: float = Field(0.2, gt=0, le=1, description="Device cache size as a fraction of each table's rows (HPS's default 0.2).")
+    cache_ways: int = Field(16, ge=1, le=1024, description="Slots per set of the set-associative device cache.")
+    cache_policy: Literal["lru", "lfu"] = Field("lru", description="Device cache replacement within a set: least recently or least frequently used.")
+    cache_device: str | None = Field(None, description="torch device of the cache; default CUDA when present, else CPU.")
+    volatile_backend: Literal["memory", "redis", "redis_cluster"] = Field("memory", description="Volatile tier: this process's memory, one Redis node, or a Redis Cluster.")
+    redis_urls: list[str] = Field(default_factory=lambda: ["redis://127.0.0.1:6379"], min_length=1, description="redis: the node's URL; redis_cluster: startup nodes.")
+    redis_timeout_s: float = Field(0.25, gt=0, le=60, description="Redis connect and read timeout; a slower call counts as a miss.")
+    partitions: int = Field(16, ge=1, le=4096, description="Volatile tier partitions per table (by key hash).")
+    partition_capacity: int = Field(1 << 20, ge=1, description="Most rows in one volatile partition.")
+    overflow_policy: Literal["evict_random", "evict_least_used", "evict_oldest"] = Field("evict_oldest", description="Which rows a full partition evicts (least_used: memory backend only).")
+    target_fill: float = Field(0.8, gt=0, le=1, description="Fraction of capacity a full partition is evicted down to.")
+    async_defaults: bool = Field(False, description="High-hit-rate mode: above hit_rate_threshold, misses get default vectors now and are fetched in the background.")
+    hit_rate_threshold: float = Field(0.9, ge=0, le=1, description="Device cache hit rate of a batch above which async_defaults applies.")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "EmbeddingSettings":
+        if self.volatile_backend != "memory" and self.overflow_policy == "evict_least_used":
+            raise ValueError(f"embeddings.overflow_policy={self.overflow_policy!r} needs volatile_backend='memory', "
+                             f"not {self.volatile_backend!r}")
+        if self.volatile_backend == "redis" and len(self.redis_urls) != 1:
+            raise ValueError(f"embeddings.volatile_backend='redis' takes one URL, got redis_urls={self.redis_urls}")
+        return self
+
+
 class Settings(BaseSettings):
     """All of turboserve's settings, grouped by the component that reads them."""
 
@@ -90,6 +121,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "Settings":
