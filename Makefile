@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/default.yaml
 
-.PHONY: serve test install install-dev bench simulate clean
+.PHONY: serve test redis-server install install-dev bench simulate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ install-dev: $(VENV)/.installed-dev
 serve: install
 	$(BIN)/turboserve serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: install-dev
+# The embedding tests start real Redis servers (Debian's redis-server).
+redis-server:
+	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q redis-server || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server); }
+
+test: install-dev redis-server
 	$(BIN)/python -m pytest -q
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev
