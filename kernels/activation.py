@@ -34,27 +34,36 @@ def check_activation(kind: str) -> None:
         raise ValueError(f"unsupported activation {kind!r}; supported: {', '.join(_KINDS)}")
 
 
-def bias_activation_reference(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+def bias_activation_reference(x: torch.Tensor, bias: torch.Tensor | None, kind: str,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
     """act(x + bias) in plain torch. x: [tokens, intermediate]; bias: [intermediate] or None."""
     check_activation(kind)
     if bias is not None:
         x = x + bias
     code = _KINDS[kind]
     if code in (0, 1):
-        return F.gelu(x, approximate="none" if code == 0 else "tanh")
-    return F.relu(x) if code == 2 else F.silu(x)
+        result = F.gelu(x, approximate="none" if code == 0 else "tanh")
+    else:
+        result = F.relu(x) if code == 2 else F.silu(x)
+    return result if out is None else out.copy_(result)
 
 
-def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """Dispatcher: the fused CUDA kernel for CUDA tensors, the reference otherwise."""
+def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatcher: the fused CUDA kernel for CUDA tensors, the reference otherwise.
+
+    out: optional tensor shaped like x to write; it may be x itself (element-wise, so in place is safe).
+    """
     check_activation(kind)
     if not (x.is_cuda and cuda.available()):
-        return bias_activation_reference(x, bias, kind)
+        return bias_activation_reference(x, bias, kind, out)
     cuda.check_cuda_tensor(x, "x", x.dtype)
     cols = x.shape[-1]
     if bias is not None:
         cuda.check_cuda_tensor(bias, "bias", x.dtype, (cols,))
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        cuda.check_cuda_tensor(out, "out", x.dtype, tuple(x.shape))
     total = x.numel()
     if total:
         blocks = min((total + 255) // 256, 65535)

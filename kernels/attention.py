@@ -19,14 +19,16 @@ log = logging.getLogger(__name__)
 _nested_failed = False
 
 
-def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                               out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each packed sequence with itself, one SDPA call per sequence.
 
     q, k, v: [total_tokens, heads, head_dim] (views are fine); cu_seqlens: [batch + 1] token offsets,
-    cu_seqlens[0] == 0 and cu_seqlens[-1] == total_tokens. Returns ctx: [total_tokens, heads * head_dim].
+    cu_seqlens[0] == 0 and cu_seqlens[-1] == total_tokens. Returns ctx: [total_tokens, heads * head_dim],
+    written into `out` when given (contiguous, that shape).
     """
     total, heads, head_dim = q.shape
-    ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device)
+    ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device) if out is None else out.view(total, heads, head_dim)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         # [L, heads, d] -> [heads, L, d]
         out = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
@@ -35,7 +37,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return ctx.view(total, heads * head_dim)
 
 
-def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """The same through nested jagged tensors: one fused SDPA call for the whole batch."""
     total, heads, head_dim = q.shape
     offsets = torch.tensor(cu_seqlens, dtype=torch.int64, device=q.device)
@@ -43,11 +46,13 @@ def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     def jagged(t: torch.Tensor) -> torch.Tensor:  # [T, heads, d] -> [B, heads, j, d]
         return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v))
-    return out.transpose(1, 2).values().reshape(total, heads * head_dim)
+    ctx = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values()
+    # SDPA has no out=; its output is copied into the planned buffer when one is given.
+    return ctx.reshape(total, heads * head_dim) if out is None else out.copy_(ctx.reshape(total, heads * head_dim))
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatcher; checks shapes on entry. See varlen_attention_reference for the contract."""
     global _nested_failed
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
@@ -55,10 +60,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not cu_seqlens or cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
+    if out is not None and (out.shape != (q.shape[0], q.shape[1] * q.shape[2]) or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [tokens, heads*head_dim] tensor; got {tuple(out.shape)}")
     if q.is_cuda and not _nested_failed:
         try:
-            return varlen_attention_nested(q, k, v, cu_seqlens)
+            return varlen_attention_nested(q, k, v, cu_seqlens, out)
         except (RuntimeError, NotImplementedError) as exc:  # older torch, unsupported head size, ...
             _nested_failed = True
             log.warning("nested-tensor attention unavailable (%s); using one SDPA call per sequence", exc)
-    return varlen_attention_reference(q, k, v, cu_seqlens)
+    return varlen_attention_reference(q, k, v, cu_seqlens, out)

@@ -58,26 +58,34 @@ ROWS_PER_BLOCK = 8
 
 
 def bias_residual_layernorm_reference(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                                      gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+                                      gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+                                      out: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm(x + bias + residual) in plain torch. x, residual: [rows, hidden]; bias, gamma, beta: [hidden]."""
     y = x + residual if bias is None else x + bias + residual
-    return F.layer_norm(y, (x.shape[-1],), gamma, beta, eps)
+    result = F.layer_norm(y, (x.shape[-1],), gamma, beta, eps)
+    return result if out is None else out.copy_(result)
 
 
 def bias_residual_layernorm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                            gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Dispatcher: the fused CUDA kernel for CUDA tensors, the reference otherwise."""
+                            gamma: torch.Tensor, beta: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatcher: the fused CUDA kernel for CUDA tensors, the reference otherwise.
+
+    out: optional [rows, hidden] tensor to write (not aliasing x or residual); a new one otherwise.
+    """
     if x.dim() != 2 or x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must be the same [rows, hidden]")
     if not (x.is_cuda and cuda.available()):
-        return bias_residual_layernorm_reference(x, bias, residual, gamma, beta, eps)
+        return bias_residual_layernorm_reference(x, bias, residual, gamma, beta, eps, out)
     rows, hidden = x.shape
     for name, t, shape in (("x", x, None), ("residual", residual, None), ("gamma", gamma, (hidden,)),
                            ("beta", beta, (hidden,))):
         cuda.check_cuda_tensor(t, name, x.dtype, shape)
     if bias is not None:
         cuda.check_cuda_tensor(bias, "bias", x.dtype, (hidden,))
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        cuda.check_cuda_tensor(out, "out", x.dtype, tuple(x.shape))
     if rows:
         cuda.launch(CUDA_SOURCE, "bias_residual_layernorm", x.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
                     (32 * ROWS_PER_BLOCK,), (x, bias if bias is not None else x, residual, gamma, beta, out, rows,

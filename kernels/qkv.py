@@ -39,8 +39,12 @@ def split_qkv_reference(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads:
     return q, k, v
 
 
-def split_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int):
-    """Dispatcher: the CUDA kernel for CUDA tensors (contiguous outputs), the reference otherwise."""
+def split_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, out: torch.Tensor | None = None):
+    """Dispatcher: the CUDA kernel for CUDA tensors (contiguous outputs), the reference otherwise.
+
+    out: optional [3, tokens, hidden] tensor the CUDA kernel writes (the reference returns views or
+    new tensors and ignores it).
+    """
     if qkv.dim() != 2 or qkv.shape[1] % 3 or (qkv.shape[1] // 3) % num_heads:
         raise ValueError(f"qkv must be [tokens, 3*hidden] with hidden divisible by {num_heads=}; got {tuple(qkv.shape)}")
     if not (qkv.is_cuda and cuda.available()):
@@ -50,7 +54,10 @@ def split_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int):
     cuda.check_cuda_tensor(qkv, "qkv", qkv.dtype)
     if bias is not None:
         cuda.check_cuda_tensor(bias, "bias", qkv.dtype, (three_hidden,))
-    out = torch.empty(3, tokens, hidden, dtype=qkv.dtype, device=qkv.device)
+    if out is None:
+        out = torch.empty(3, tokens, hidden, dtype=qkv.dtype, device=qkv.device)
+    else:
+        cuda.check_cuda_tensor(out, "out", qkv.dtype, (3, tokens, hidden))
     total = qkv.numel()
     if total:
         blocks = min((total + 255) // 256, 65535)

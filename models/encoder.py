@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels.activation import bias_activation, check_activation
+from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import varlen_attention
 from kernels.layernorm import bias_residual_layernorm
 from kernels.qkv import split_qkv
@@ -57,19 +59,52 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-        # x: [T, H]. On CUDA the GEMMs leave their bias to the fused kernel that follows them; on CPU
-        # the bias rides in the GEMM (addmm) and the ops get none.
-        fused = x.is_cuda
+    def forward(self, x: torch.Tensor, cu_seqlens: list[int], ws: Workspace) -> torch.Tensor:
+        """x: [T, H] -> [T, H]; every intermediate comes from `ws` and is written in place or with out=."""
+        tokens, hidden = x.shape
+        new = partial(ws.empty, dtype=x.dtype, device=x.device)
+        if x.is_cuda:
+            # GEMMs without bias; the fused kernel that follows each adds it.
+            qkv = torch.mm(x, self.qkv.weight.t(), out=new((tokens, 3 * hidden)))
+            q, k, v = split_qkv(qkv, self.qkv.bias, self.num_heads, out=new((3, tokens, hidden)))
+            ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)))
+            proj = torch.mm(ctx, self.attn_out.weight.t(), out=new((tokens, hidden)))
+            x = bias_residual_layernorm(proj, self.attn_out.bias, x, self.attn_norm.weight, self.attn_norm.bias, self.eps,
+                                        out=new((tokens, hidden)))
+            inner = torch.mm(x, self.ffn_in.weight.t(), out=new((tokens, self.ffn_in.out_features)))
+            bias_activation(inner, self.ffn_in.bias, self.act, out=inner)
+            proj = torch.mm(inner, self.ffn_out.weight.t(), out=new((tokens, hidden)))
+            return bias_residual_layernorm(proj, self.ffn_out.bias, x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps,
+                                           out=new((tokens, hidden)))
+        # CPU: the bias rides in the GEMM (addmm), the residual is added in place, LayerNorm writes out=.
+        qkv = torch.addmm(self.qkv.bias, x, self.qkv.weight.t(), out=new((tokens, 3 * hidden)))
+        q, k, v = split_qkv(qkv, None, self.num_heads)  # views of qkv
+        ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)))
+        proj = torch.addmm(self.attn_out.bias, ctx, self.attn_out.weight.t(), out=new((tokens, hidden)))
+        x = _layer_norm(proj.add_(x), self.attn_norm, ws)
+        inner = torch.addmm(self.ffn_in.bias, x, self.ffn_in.weight.t(), out=new((tokens, self.ffn_in.out_features)))
+        _activation_(inner, self.act)
+        proj = torch.addmm(self.ffn_out.bias, inner, self.ffn_out.weight.t(), out=new((tokens, hidden)))
+        return _layer_norm(proj.add_(x), self.ffn_norm, ws)
 
-        def gemm(layer: nn.Linear, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return (F.linear(inp, layer.weight), layer.bias) if fused else (F.linear(inp, layer.weight, layer.bias), None)
 
-        q, k, v = split_qkv(*gemm(self.qkv, x), self.num_heads)  # each [T, heads, d]
-        ctx = varlen_attention(q, k, v, cu_seqlens)  # [T, H]
-        x = bias_residual_layernorm(*gemm(self.attn_out, ctx), x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
-        inner = bias_activation(*gemm(self.ffn_in, x), self.act)  # [T, I]
-        return bias_residual_layernorm(*gemm(self.ffn_out, inner), x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps)
+def _layer_norm(y: torch.Tensor, norm: nn.LayerNorm, ws: Workspace) -> torch.Tensor:
+    """LayerNorm of y [T, H] into a new workspace tensor; the row statistics go to the workspace too."""
+    tokens, hidden = y.shape
+    out = ws.empty((tokens, hidden), dtype=y.dtype, device=y.device)
+    stats = ws.empty((2, tokens, 1), dtype=torch.float32, device=y.device)  # mean, rstd
+    torch.ops.aten.native_layer_norm.out(y, [hidden], norm.weight, norm.bias, norm.eps, out0=out, out1=stats[0], out2=stats[1])
+    return out
+
+
+def _activation_(x: torch.Tensor, kind: str) -> None:
+    """The model's activation, in place (same kernels as F.gelu / F.relu / F.silu)."""
+    if kind in ("gelu", "gelu_new"):
+        torch.ops.aten.gelu_(x, approximate="none" if kind == "gelu" else "tanh")
+    elif kind == "relu":
+        torch.relu_(x)
+    else:
+        F.silu(x, inplace=True)
 
 
 class PackedEncoder(nn.Module):
@@ -87,13 +122,30 @@ class PackedEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, ws: Workspace | None = None) -> torch.Tensor:
+        """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
+        ws = ws or FreshWorkspace()
+        tokens, hidden = batch.input_ids.shape[0], self.cfg.hidden_size
+        weight = self.word_embeddings.weight
+        new = partial(ws.empty, dtype=weight.dtype, device=weight.device)
         # All inputs are single-segment, so every token has token type 0.
-        x = self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.position_ids)
-        x = self.embed_norm(x + self.token_type_embeddings.weight[0])  # [T, H]
+        x = torch.index_select(weight, 0, batch.input_ids, out=new((tokens, hidden)))
+        pos = torch.index_select(self.position_embeddings.weight, 0, batch.position_ids, out=new((tokens, hidden)))
+        if weight.is_cuda:
+            pos.add_(self.token_type_embeddings.weight[0])
+            x = bias_residual_layernorm(x, None, pos, self.embed_norm.weight, self.embed_norm.bias, self.embed_norm.eps,
+                                        out=new((tokens, hidden)))
+        else:
+            x = _layer_norm(x.add_(pos).add_(self.token_type_embeddings.weight[0]), self.embed_norm, ws)  # [T, H]
         for layer in self.layers:
-            x = layer(x, batch.cu_seqlens)
+            x = layer(x, batch.cu_seqlens, ws)
         return x
+
+    def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
+        """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""
+        device = self.word_embeddings.weight.device
+        batch = PackedBatch.from_ids([[0] * tokens], self.cfg.position_offset, device)
+        return self(batch, ws)
 
 
 def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:

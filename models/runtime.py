@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kernels.arena import Arena, new_arena
 from models.config import ModelFolderError, default_model_path, read_model_folder
 from models.encoder import PackedBatch, pool
 from models.tokenizer import TextTokenizer
@@ -48,25 +49,34 @@ class ModelInfo:
 
 
 class EncoderEmbedder:
-    """A PackedEncoder plus pooling on one device; `embed` runs in the worker thread."""
+    """A PackedEncoder plus pooling on one device; `embed` runs in the worker thread.
 
-    def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device):
+    With an arena, every intermediate of a batch is a view into the arena's planned chunks; the pooled
+    output is a fresh tensor, so nothing returned points into the arena.
+    """
+
+    def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None):
         self.encoder = encoder
         self.pooling = pooling
         self.position_offset = position_offset
         self.device = device
+        self.arena = arena
         self.dim = encoder.cfg.hidden_size
 
     @torch.inference_mode()
     def embed(self, sequences: list[list[int]]) -> np.ndarray:
         batch = PackedBatch.from_ids(sequences, self.position_offset, self.device)
-        hidden = self.encoder(batch)  # [T, H]
-        return pool(hidden, batch, self.pooling).cpu().numpy()  # [B, H]
+        if self.arena is None:
+            return pool(self.encoder(batch), batch, self.pooling).cpu().numpy()  # [B, H]
+        with self.arena.batch(batch.input_ids.shape[0]) as ws:
+            hidden = self.encoder(batch, ws)  # [T, H], in the arena
+            return pool(hidden, batch, self.pooling).cpu().numpy()
 
 
 def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",
                max_input_length: int | None = None, pooling: str | None = None, normalize: bool | None = None,
-               matryoshka_dimensions: list[int] | None = None) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
+               matryoshka_dimensions: list[int] | None = None, memory_arena: bool = True, arena_min_chunk_mib: float = 2.0,
+               arena_release_after: int = 64) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
     """Load a model folder (or the embedded default when path is None) ready to serve."""
     folder_path = Path(path) if path else default_model_path()
     folder = read_model_folder(folder_path)
@@ -81,7 +91,11 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     encoder = load_encoder(cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
     log.info("loaded %s (%s, %d layers) in %.2fs", folder_path, cfg.model_type, cfg.num_layers, time.perf_counter() - started)
     mode = pooling or folder.pooling.mode
-    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device)
+    arena = None
+    if memory_arena:
+        with torch.inference_mode():
+            arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
     info = ModelInfo(
         name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
