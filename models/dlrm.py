@@ -18,7 +18,8 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ class DLRMConfig:
         return {"model_type": "dlrm", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "DLRMConfig":
+    def from_dict(cls, cfg: dict) -> DLRMConfig:
         if cfg.get("model_type") != "dlrm":
             raise ValueError(f"model_type {cfg.get('model_type')!r} is not 'dlrm'")
         try:
@@ -199,7 +200,8 @@ class DLRM(nn.Module):
             rows = lookup(table, query)  # [u, d]
             if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (query.numel(), d):
                 shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
-                raise RuntimeError(f"lookup({table!r}) returned {shape} for {query.numel()} keys; expected ({query.numel()}, {d})")
+                u = query.numel()
+                raise RuntimeError(f"lookup({table!r}) returned {shape} for {u} keys; expected ({u}, {d})")
             rows = rows.to(device=device, dtype=torch.float32)
             if inverse is not None:
                 rows = rows[inverse.to(device)]  # [n, d]
@@ -324,7 +326,7 @@ class TableLookup:
         self.tables = dict(tables)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, config: DLRMConfig, mmap: bool = True) -> "TableLookup":
+    def from_folder(cls, folder: str | Path, config: DLRMConfig, mmap: bool = True) -> TableLookup:
         return cls({t: np.load(Path(folder) / f"{t}.npy", mmap_mode="r" if mmap else None) for t in config.tables})
 
     def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor:
