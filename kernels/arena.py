@@ -157,7 +157,7 @@ def token_bucket(tokens: int) -> int:
     """Tokens rounded up to its plan bucket: steps of 1/32 of the power of two below (≤ 3.2% slack), at least 16."""
     if tokens <= 16:
         return 16
-    step = max(16, 1 << (int(math.log2(tokens)) - 5))
+    step = max(16, 1 << max(0, tokens.bit_length() - 6))
     return -(-tokens // step) * step
 
 
