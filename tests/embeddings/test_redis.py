@@ -1,0 +1,155 @@
+"""Redis tier against real redis-server processes: semantics, layout, capacity, cluster, outages."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from embeddings.device_cache import DeviceCache
+from embeddings.hierarchy import ParameterServer
+from embeddings.persistent import PersistentTier
+from embeddings.redis_tier import RedisTier
+from embeddings.tier import TableSpec
+from embeddings.volatile import partition_of
+
+pytestmark = pytest.mark.redis
+DIM = 3
+DEFAULT = torch.full((DIM,), -1.0)
+
+
+def rows(keys, scale=1.0):
+    return torch.as_tensor(keys, dtype=torch.float32)[:, None] * scale + torch.arange(DIM, dtype=torch.float32) / 10
+
+
+def make(urls, cluster=False, **kwargs):
+    kwargs = {"partitions": 4, "backoff_s": 0.05, "max_backoff_s": 0.2, "timeout_s": 0.2, **kwargs}
+    tier = RedisTier(urls, cluster=cluster, **kwargs)
+    tier.create_table(TableSpec("t", DIM, DEFAULT))
+    return tier
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def check_semantics(tier):
+    tier.insert("t", torch.tensor([1, 2, 3, 2]), torch.cat([rows([1, 2, 3]), rows([2], 5)]))
+    vectors, found = tier.lookup("t", torch.tensor([2, 4, 1, 2]))
+    assert found.tolist() == [True, False, True, True]
+    assert torch.equal(vectors, torch.stack([rows([2], 5)[0], DEFAULT, rows([1])[0], rows([2], 5)[0]]))
+    assert tier.update("t", torch.tensor([1, 9]), rows([1, 9], 2)) == 1  # 9 is not held: not added
+    vectors, found = tier.lookup("t", torch.tensor([1, 9]))
+    assert found.tolist() == [True, False] and torch.equal(vectors[0], rows([1], 2)[0])
+    assert tier.evict("t", torch.tensor([1, 1, 8])) == 1
+    assert tier.lookup("t", torch.tensor([1, 3]))[1].tolist() == [False, True]
+    assert tier.counters()["errors"] == 0
+
+
+def test_single_node_semantics_and_layout(redis_node):
+    tier = make(redis_node.url)
+    check_semantics(tier)
+    client = redis.Redis(port=redis_node.port)
+    p = int(partition_of(np.array([3]), 4)[0])
+    raw = client.hget(f"turboserve:emb:{{t:{p}}}", np.array([3], "<i8").tobytes())
+    assert np.frombuffer(raw, np.float32).tolist() == rows([3])[0].tolist()
+    tier.close()
+
+
+@pytest.mark.parametrize("policy", ["evict_random", "evict_oldest"])
+def test_capacity_per_partition(redis_node, policy):
+    tier = make(redis_node.url, partitions=2, capacity_per_partition=20, overflow_policy=policy, target_fill=0.5)
+    for start in range(0, 200, 25):
+        keys = torch.arange(start, start + 25)
+        tier.insert("t", keys, rows(keys.tolist()))
+        assert max(tier.fill("t")) <= 20
+    held = torch.arange(200)[tier.lookup("t", torch.arange(200))[1]]
+    assert tier.counters()["evictions"] > 0 and 0 < held.numel() <= 40
+    if policy == "evict_oldest":
+        assert held.min() >= 150  # only rows of the last two batches can remain
+    tier.close()
+
+
+def test_cluster_semantics_and_one_node_per_partition(redis_cluster):
+    tier = make([n.url for n in redis_cluster], cluster=True, partitions=16)
+    check_semantics(tier)
+    tier.insert("t", torch.arange(1000), rows(range(1000)))
+    vectors, found = tier.lookup("t", torch.arange(1000))
+    assert found.all() and torch.equal(vectors, rows(range(1000)))
+    client = redis.Redis(port=redis_cluster[0].port)
+    slots = [client.cluster("keyslot", f"turboserve:emb:{{t:{p}}}") for p in range(16)]
+    assert all(client.cluster("keyslot", f"turboserve:emb:{{t:{p}}}:t") == s for p, s in enumerate(slots))
+    holders = set()
+    for node in redis_cluster:
+        node_client = redis.Redis(port=node.port)
+        if any(node_client.cluster("countkeysinslot", s) for s in slots):
+            holders.add(node.port)
+        node_client.close()
+    assert len(holders) >= 2  # partitions spread over the nodes
+    tier.close()
+
+
+def test_redis_down_falls_back_to_persistent_and_recovers(redis_node, tmp_path):
+    volatile = make(redis_node.url)
+    server = ParameterServer(PersistentTier(tmp_path / "db", sync=False), volatile, DeviceCache(8, 2, device="cpu"))
+    server.create_table("t", DIM, DEFAULT)
+    server.update("t", torch.arange(100), rows(range(100)))
+    keys = torch.arange(0, 100, 3)  # 34 keys: more than the device cache holds
+    for _ in range(2):
+        vectors, found = server.lookup("t", keys)
+        assert found.all() and torch.equal(vectors, rows(keys.tolist()))
+    assert volatile.counters()["hits"] > 0
+
+    redis_node.stop()
+    expected = rows(keys.tolist())
+    for step in range(5):
+        vectors, found = server.lookup("t", keys)  # no exception: Redis answers misses, RocksDB the rows
+        assert found.all() and torch.equal(vectors, expected), step
+        server.update("t", torch.tensor([3]), rows([3], 10 + step))
+        expected[1] = rows([3], 10 + step)[0]
+    assert volatile.counters()["errors"] >= 1 and not volatile.available
+    vectors, _ = server.lookup("t", torch.tensor([3]))
+    assert torch.equal(vectors[0], rows([3], 14)[0])
+
+    redis_node.start()  # same port, empty
+    hits_before = volatile.counters()["hits"]
+
+    def recovered():
+        vectors, found = server.lookup("t", keys)
+        assert found.all() and torch.equal(vectors, expected)
+        return volatile.counters()["hits"] > hits_before
+
+    wait_until(recovered)
+    assert volatile.available
+    server.close()
+
+
+def test_writes_missed_during_an_outage_are_invalidated_on_recovery(redis_node):
+    tier = make(redis_node.url, timeout_s=0.1)
+    tier.insert("t", torch.tensor([1, 2]), rows([1, 2]))
+    admin = redis.Redis(port=redis_node.port)
+    admin.client_pause(600, all=True)  # Redis keeps its data but stops answering for 0.6 s
+    assert tier.update("t", torch.tensor([1]), rows([1], 7)) == 0  # times out: Redis may still hold the old row
+    assert tier.counters()["errors"] == 1
+    redis.Redis(port=redis_node.port, socket_timeout=5).ping()  # answered once the pause ends
+    wait_until(lambda: tier.available)
+    vectors, found = tier.lookup("t", torch.tensor([1, 2]))
+    assert found.tolist() == [False, True]  # the stale row 1 was deleted, row 2 kept
+    tier.close()
+
+
+def test_unreachable_redis_never_raises(tmp_path):
+    tier = make("redis://127.0.0.1:1")
+    vectors, found = tier.lookup("t", torch.tensor([1, 2]))
+    assert not found.any() and torch.equal(vectors, DEFAULT.expand(2, -1))
+    tier.insert("t", torch.tensor([1]), rows([1]))
+    assert tier.update("t", torch.tensor([1]), rows([1])) == 0 and tier.evict("t", torch.tensor([1])) == 0
+    assert tier.fill("t") is None
+    counts = tier.counters()
+    assert counts["errors"] + counts["skipped"] == 5 and counts["errors"] >= 1
