@@ -250,6 +250,7 @@ def _belady_single(nxt: list[int], capacity: int, resident: bytearray, bypass: b
     heap: list[int] = []  # -next use
     push, replace = heapq.heappush, heapq.heapreplace
     hits = size = 0
+    dead = len(nxt)  # next uses from here on mean "never again"
     for t, q in enumerate(nxt):
         if resident[t]:  # a hit: this access's entry is spent, its key now waits for q
             hits += 1
@@ -263,8 +264,10 @@ def _belady_single(nxt: list[int], capacity: int, resident: bytearray, bypass: b
         else:
             while not resident[-heap[0]]:
                 heapq.heappop(heap)
-            if bypass and q > -heap[0]:
-                continue  # used later than every resident: keep it out
+            if q > -heap[0] and (bypass or -heap[0] >= dead):
+                # Used later than every resident: keep it out. Without bypass too when the victim would be
+                # dead (never used again): it or the new, dead key take the slot, hits are the same.
+                continue
             resident[-heap[0]] = 0
             resident[q] = 1
             replace(heap, -q)
