@@ -12,8 +12,13 @@ Empty slots are always filled first. Within one insert batch the rows it refresh
 evicted by the batch's new keys, and when more new keys map to a set than it has free or
 evictable slots, the ones earlier in the batch win.
 
-Memory (`memory_bytes`, exact): per table, slots = num_sets * ways, and
-    slots * (4 * dim + 8 [key] + 1 [occupied] + 8 [last use] (+ 8 [use count], lfu only)) bytes,
+An empty slot holds its set's `empty` key, one that hashes to another set, so a lookup is a plain
+compare with no occupancy mask (with a single set no such key exists: there the key -2^63 marks
+empty slots and is never cached).
+
+Memory (`memory_bytes`, exact): per table, with slots = num_sets * ways,
+    slots * (4 * dim + 8 [key] + 8 [last use] (+ 8 [use count], lfu only)) + 8 * num_sets [empty key]
+    + 4 * dim [default vector] bytes,
 see `DeviceCache.bytes_per_table`.
 """
 
@@ -46,8 +51,8 @@ def set_of(keys: torch.Tensor, num_sets: int) -> torch.Tensor:
 class _Slots:
     """One table's cache arrays; slot i of set s is row s * ways + i."""
 
-    keys: torch.Tensor  # [num_sets, ways] int64
-    occupied: torch.Tensor  # [num_sets, ways] bool
+    keys: torch.Tensor  # [num_sets, ways] int64, `empty` where the slot is free
+    empty: torch.Tensor  # [num_sets, 1] int64, a key that never maps to the set
     last: torch.Tensor  # [num_sets, ways] int64, tick of the last use
     freq: torch.Tensor | None  # [num_sets, ways] int64, uses since insertion (lfu only)
     values: torch.Tensor  # [num_sets * ways, dim] float32
@@ -61,6 +66,21 @@ class _Slots:
     @property
     def ways(self) -> int:
         return self.keys.shape[1]
+
+    def occupied(self, sets: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """[len(sets), ways] bool: which slots of the sets hold a key."""
+        return self.keys[sets] != self.empty[sets]
+
+
+def empty_keys(num_sets: int) -> torch.Tensor:
+    """[num_sets, 1] int64: for each set a key that maps to another set (-2^63 when there is one set)."""
+    if num_sets == 1:
+        return torch.full((1, 1), torch.iinfo(torch.int64).min, dtype=torch.int64)
+    candidates = torch.arange(256)
+    where = set_of(candidates, num_sets)
+    a, b = candidates[0], candidates[where != where[0]][0]  # two keys in different sets
+    sets = torch.arange(num_sets)
+    return torch.where(sets == where[0], b, a)[:, None]
 
 
 class DeviceCache(Tier):
@@ -97,9 +117,15 @@ class DeviceCache(Tier):
         return self.capacity
 
     @staticmethod
-    def bytes_per_table(slots: int, dim: int, policy: str) -> int:
-        """Exact bytes of one table's cache with `slots` slots (the formula of `memory_bytes`)."""
-        return slots * (4 * dim + 8 + 1 + 8 + (8 if policy == "lfu" else 0))
+    def bytes_per_table(num_sets: int, ways: int, dim: int, policy: str) -> int:
+        """Exact bytes of one table's cache (the formula of `memory_bytes`)."""
+        return num_sets * ways * (4 * dim + 8 + 8 + (8 if policy == "lfu" else 0)) + 8 * num_sets + 4 * dim
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # On the CPU numpy's allocation: large arrays get transparent huge pages (fewer TLB misses).
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.int64))
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def create_table(self, spec: TableSpec) -> None:
         """Allocate the table's sets (a no-op if it exists)."""
@@ -108,23 +134,24 @@ class DeviceCache(Tier):
             return
         num_sets = math.ceil(self.capacity_rows(spec) / self.ways)
         shape, dev = (num_sets, self.ways), self.device
+        empty = empty_keys(num_sets).to(dev)
+        keys = self._zeros(shape, torch.int64)
+        keys.copy_(empty.expand(shape))
         self._slots[spec.name] = _Slots(
-            keys=torch.zeros(shape, dtype=torch.int64, device=dev),
-            occupied=torch.zeros(shape, dtype=torch.bool, device=dev),
-            last=torch.zeros(shape, dtype=torch.int64, device=dev),
-            freq=torch.zeros(shape, dtype=torch.int64, device=dev) if self.policy == "lfu" else None,
-            values=torch.zeros(num_sets * self.ways, spec.dim, dtype=torch.float32, device=dev),
+            keys=keys, empty=empty, last=self._zeros(shape, torch.int64),
+            freq=self._zeros(shape, torch.int64) if self.policy == "lfu" else None,
+            values=self._zeros((num_sets * self.ways, spec.dim), torch.float32),
             default=spec.default.to(dev),
         )
         logger.info("device cache: table %s, %d sets x %d ways on %s, %d bytes", spec.name, num_sets, self.ways,
-                    dev, self.bytes_per_table(num_sets * self.ways, spec.dim, self.policy))
+                    dev, self.bytes_per_table(num_sets, self.ways, spec.dim, self.policy))
 
     @property
     def memory_bytes(self) -> int:
         """Exact bytes held: the sum of `nbytes` of every table's tensors (see the module docstring)."""
         total = 0
         for s in self._slots.values():
-            for t in (s.keys, s.occupied, s.last, s.freq, s.values, s.default):
+            for t in (s.keys, s.empty, s.last, s.freq, s.values, s.default):
                 if t is not None:
                     total += t.nbytes
         return total
@@ -137,9 +164,11 @@ class DeviceCache(Tier):
         """Where keys are cached. keys: [n] on the device -> (set [n], found [n] bool, flat slot [n])."""
         sets = set_of(keys, s.num_sets)  # [n]
         # index_select: several times faster than advanced indexing on the CPU
-        match = (s.keys.index_select(0, sets) == keys[:, None]) & s.occupied.index_select(0, sets)  # [n, ways]
-        found = match.any(dim=1)
-        way = match.to(torch.uint8).argmax(dim=1)  # a key is in at most one way
+        match = s.keys.index_select(0, sets) == keys[:, None]  # [n, ways]; empty slots never match
+        found, way = match.view(torch.uint8).max(dim=1)  # a key is in at most one way
+        found = found.view(torch.bool)
+        if s.num_sets == 1:
+            found &= keys != s.empty[0, 0]
         return sets, found, sets * s.ways + way
 
     def _empty(self, n: int, dim: int) -> torch.Tensor:
@@ -196,9 +225,11 @@ class DeviceCache(Tier):
         hit_flat = flat[found]
         s.values[hit_flat] = vectors[found]
         self._touch(s, hit_flat)
-        protected = torch.zeros_like(s.occupied)
+        protected = torch.zeros_like(s.keys, dtype=torch.bool)
         protected.view(-1)[hit_flat] = True
         new = ~found
+        if s.num_sets == 1:
+            new &= keys != s.empty[0, 0]  # the empty marker cannot be cached
         if not bool(new.any()):
             return
         nkeys, nsets, nvec = keys[new], sets[new], vectors[new]
@@ -213,7 +244,7 @@ class DeviceCache(Tier):
         score = s.last[touched]  # [t, ways]
         if s.freq is not None:
             score = (s.freq[touched].clamp(max=(1 << 22) - 1) << 40) | score
-        score = torch.where(s.occupied[touched], score, torch.full_like(score, -1))
+        score = torch.where(s.occupied(touched), score, torch.full_like(score, -1))
         prot = protected[touched]
         score = torch.where(prot, torch.full_like(score, _INT64_MAX), score)
         victims = torch.sort(score, dim=1, stable=True).indices  # [t, ways]
@@ -221,9 +252,8 @@ class DeviceCache(Tier):
         ok = rank < room[group]
         way = victims[group[ok], rank[ok]]
         dest = nsets[ok] * self.ways + way  # [k] flat slots
-        evicted = int(s.occupied.view(-1)[dest].sum())
+        evicted = int((s.keys.view(-1)[dest] != s.empty[nsets[ok], 0]).sum())
         s.keys.view(-1)[dest] = nkeys[ok]
-        s.occupied.view(-1)[dest] = True
         s.values[dest] = nvec[ok]
         s.last.view(-1)[dest] = s.tick
         if s.freq is not None:
@@ -246,15 +276,16 @@ class DeviceCache(Tier):
         """Drop the cached rows of keys; return how many were cached."""
         s = self._slots_of(table)
         keys = torch.unique(check_keys(keys).to(self.device))
-        _, found, flat = self._find(s, keys)
-        s.occupied.view(-1)[flat[found]] = False
+        sets, found, flat = self._find(s, keys)
+        s.keys.view(-1)[flat[found]] = s.empty[sets[found], 0]
         return int(found.sum())
 
     def cached_keys(self, table: str) -> torch.Tensor:
         """All keys cached for the table, sorted ([k] int64 on the CPU); for tests and inspection."""
         s = self._slots_of(table)
-        return torch.sort(s.keys[s.occupied].cpu()).values
+        return torch.sort(s.keys[s.occupied()].cpu()).values
 
     def clear(self, table: str) -> None:
         """Empty the table's cache."""
-        self._slots_of(table).occupied.zero_()
+        s = self._slots_of(table)
+        s.keys.copy_(s.empty.expand_as(s.keys))

@@ -11,6 +11,7 @@ from embeddings.device_cache import DeviceCache, set_of
 from embeddings.tier import TableSpec
 
 G = 0x9E3779B97F4A7C15
+MIN = -(1 << 63)
 
 
 def ref_set(key: int, num_sets: int) -> int:
@@ -53,7 +54,7 @@ class RefCache:
                 slot[1] = self.tick
                 slot[2] += 1
                 protected.add((ref_set(key, self.num_sets), way))
-            else:
+            elif not (self.num_sets == 1 and key == MIN):  # the single-set empty marker
                 new.setdefault(ref_set(key, self.num_sets), []).append(key)
         for s, keys_in_set in new.items():
             def victim_rank(way):
@@ -139,8 +140,20 @@ def test_memory_bytes_is_the_sum_of_tensor_sizes_and_the_formula():
         cache = DeviceCache(0.1, 16, policy, device="cpu")
         cache.create_table(TableSpec("a", 64, rows=10_000))  # 1000 rows -> 63 sets of 16 = 1008 slots
         cache.create_table(TableSpec("b", 8, rows=100))  # 10 rows -> 1 set = 16 slots
-        expected = DeviceCache.bytes_per_table(1008, 64, policy) + DeviceCache.bytes_per_table(16, 8, policy)
-        assert cache.memory_bytes == expected + 4 * (64 + 8)  # + the default vectors
+        expected = DeviceCache.bytes_per_table(63, 16, 64, policy) + DeviceCache.bytes_per_table(1, 16, 8, policy)
+        assert cache.memory_bytes == expected
+        per_slot = 4 * 64 + 16 + (8 if policy == "lfu" else 0)
+        assert DeviceCache.bytes_per_table(63, 16, 64, policy) == 1008 * per_slot + 8 * 63 + 4 * 64
+
+
+@pytest.mark.parametrize("capacity,ways", [(4, 4), (64, 4)])
+def test_empty_slot_markers_are_never_found(capacity, ways):
+    cache = make(capacity=capacity, ways=ways)
+    probe = torch.cat([torch.arange(-300, 300), torch.tensor([MIN, MIN + 1, -MIN - 1])])
+    assert not cache.lookup("t", probe)[1].any()
+    cache.insert("t", torch.tensor([0, MIN, 1]), rows([0, MIN, 1]))
+    found = cache.lookup("t", probe)[1]
+    assert set(probe[found].tolist()) == ({0, 1} if capacity == 4 else {0, MIN, 1})
 
 
 def test_fractional_capacity_needs_the_table_rows():
@@ -165,7 +178,8 @@ def test_eviction_order_in_a_set(policy):
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["lookup", "insert"]), st.lists(st.integers(-20, 40), min_size=1, max_size=12)),
+    st.tuples(st.sampled_from(["lookup", "insert"]),
+              st.lists(st.one_of(st.integers(-20, 40), st.just(MIN)), min_size=1, max_size=12)),
     min_size=1, max_size=30)
 
 

@@ -162,5 +162,5 @@ def test_factory_builds_from_settings(tmp_path):
     server = build_parameter_server(settings)
     server.create_table("t", DIM, rows=64)
     assert isinstance(server.volatile, VolatileTier) and server.device_cache.policy == "lfu"
-    assert server.device_cache.memory_bytes == DeviceCache.bytes_per_table(32, DIM, "lfu") + 4 * DIM
+    assert server.device_cache.memory_bytes == DeviceCache.bytes_per_table(8, 4, DIM, "lfu")  # 32 rows in sets of 4
     server.close()
