@@ -2,7 +2,7 @@
 
 1. Cost DP (the paper). Sort by length, l1 <= ... <= ln; a batch is a consecutive run j..i;
    best[i] = min over j of best[j-1] + cost(j..i), within the request cap and token budget; O(n·B).
-   The cost matrix for every (i, batch size) is built in one vectorised call. Cutting the sorted order
+   The cost matrix for every (i, batch size) is built in a few vectorised calls. Cutting the sorted order
    is optimal for padded execution, not for packed execution under a token budget, where pairing long
    with short inputs fills batches better (bin packing): so first-fit-decreasing packing and the
    arrival-order greedy split (TEI's) are candidates too, and the cheapest predicted partition wins.
@@ -18,42 +18,54 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from scheduler.cost_model import CostModel
+from scheduler.packing import Pending, first_fit_decreasing, greedy
 from scheduler.planner import Batch, Limits, Plan, PolicyConfig, Request, evaluate
 
 EXACT_LIMIT = 8  # classes this small get an exact search when the heuristics leave someone late
 URGENT_BATCHES = 4  # the deadline repair looks at this many full batches' worth of the most urgent requests
+CHUNK_CELLS = 4096  # cost-matrix cells computed at once (32 KiB temporaries)
 HORIZON = 256  # requests planned in full detail (at least 4 full batches); the rest, which the worker
 #                will plan again before it reaches them, are cut in deadline-then-length order
 
 
-def _window_costs(lengths: np.ndarray, limits: Limits, cost: CostModel) -> np.ndarray:
-    """C[i, k]: seconds of the batch made of positions i-k .. i (0-based, inclusive); inf if over a limit."""
+def _window_costs(lengths: np.ndarray, limits: Limits, cost: CostModel) -> Iterator[np.ndarray]:
+    """C[i, k]: seconds of the batch made of positions i-k .. i (0-based, inclusive); inf if over a limit
+    or if it would reach before position 0. Yields it in blocks of consecutive rows, [rows, width],
+    each of at most CHUNK_CELLS cells: the DPs read rows in order, and small temporaries are reused
+    from the heap where whole-matrix ones (~128 KiB each at n=256) cost fresh pages on every call."""
     n = len(lengths)
     width = min(limits.max_batch_requests, n)
-    # Prefix sums padded in front with a huge negative value: windows reaching before position 0 get a
-    # huge token count and fail the budget test, and row i of a sliding-window view holds the prefix
-    # sums before every candidate start without any gather.
-    pad = np.full(width, -1e15)
-    p1 = np.concatenate([pad, [0.0], np.cumsum(lengths, dtype=np.float64)])
-    p2 = np.concatenate([pad, [0.0], np.cumsum(lengths.astype(np.float64) ** 2)])
-    before1 = np.lib.stride_tricks.sliding_window_view(p1[1:-1], width)[:, ::-1]  # [n, width]
-    before2 = np.lib.stride_tricks.sliding_window_view(p2[1:-1], width)[:, ::-1]
-    tokens = p1[width + 1:, None] - before1
-    squares = p2[width + 1:, None] - before2
-    c = cost.predict(np.arange(1, width + 1), tokens, squares)
-    over = tokens > limits.max_batch_tokens
-    over[:, 0] = False  # an over-long single input still runs alone
-    c[over] = np.inf
-    return c
+    # p[0], p[1]: prefix sums of lengths and of squared lengths, after `width` huge negative pads, so
+    # windows reaching before position 0 get a huge token count and fail the budget test.
+    p = np.zeros((2, n + width + 1))
+    p[:, :width] = -1e15
+    np.cumsum(lengths, out=p[0, width + 1:])
+    np.cumsum(np.square(lengths), out=p[1, width + 1:])
+    # before[:, i, k]: both sums before position i-k, a strided view (no gather): [2, n, width]
+    s0, s1 = p.strides
+    before = np.lib.stride_tricks.as_strided(p[:, width:], (2, n, width), (s0, s1, -s1), writeable=False)
+    sizes = np.arange(1, width + 1)
+    step = max(1, CHUNK_CELLS // width)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        tokens, squares = p[:, width + 1 + lo:width + 1 + hi, None] - before[:, lo:hi]
+        c = cost.predict(sizes, tokens, squares)
+        over = tokens > limits.max_batch_tokens
+        if lo < width:  # rows whose longer windows reach before position 0, whatever the budget
+            over[:width - lo] |= sizes > np.arange(lo + 1, min(hi, width) + 1)[:, None]
+        over[:, 0] = False  # an over-long single input still runs alone
+        c[over] = np.inf
+        yield c
 
 
-def _walk_back(choice: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """Recover [start, end) segments from the DP's argmins; covers 0..n exactly once."""
+def _walk_back(choice: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """Recover [start, end) segments from the DP's choices (choice[i]: size - 1 of the last batch of the
+    best plan of the first i); covers 0..n exactly once."""
     segments = []
     end = n
     while end > 0:
@@ -67,53 +79,65 @@ def _walk_back(choice: np.ndarray, n: int) -> list[tuple[int, int]]:
 def cost_dp(lengths: Sequence[int], limits: Limits, cost: CostModel) -> tuple[list[tuple[int, int]], float]:
     """Min-total-cost partition of `lengths` (already in the order to cut) into consecutive batches.
     Returns ([start, end) segments, predicted total seconds)."""
-    arr = np.asarray(lengths, dtype=np.int64)
+    arr = np.asarray(lengths, dtype=np.float64)
     n = len(arr)
     if n == 0:
         return [], 0.0
-    c = _window_costs(arr, limits, cost)
-    width = c.shape[1]
-    # Columns reversed so that row i-1 lines up with best[i-width .. i-1] as a forward slice.
-    c_rev = np.ascontiguousarray(c[:, ::-1])
-    best = np.zeros(n + 1)
-    choice = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, width):  # fewer than `width` predecessors
-        totals = best[:i] + c_rev[i - 1, width - i:]
-        k = int(totals.argmin())
-        best[i], choice[i] = totals[k], i - 1 - k
+    width = min(limits.max_batch_requests, n)
+    # best is padded in front with width-1 zeros for "prefixes" before position 0 (their windows cost
+    # inf), and each cost row is reversed, so that a row lines up with the best plans it can follow as
+    # one forward slice: every step is the same three numpy calls.
+    best = np.zeros(n + width)  # best[width - 1 + j]: cheapest plan of the first j
     totals = np.empty(width)
-    for i in range(width, n + 1):
-        np.add(best[i - width:i], c_rev[i - 1], out=totals)
-        k = int(totals.argmin())
-        best[i], choice[i] = totals[k], width - 1 - k
-    return _walk_back(choice, n), float(best[n])
+    picks = [0]  # picks[i]: width - 1 - choice[i]; picks[0] is never read
+    i = 0
+    for block in _window_costs(arr, limits, cost):
+        for row in block[:, ::-1]:  # the best plan of the first i + 1
+            np.add(best[i:i + width], row, out=totals)
+            k = totals.argmin()  # ties: the largest last batch
+            best[i + width] = totals[k]
+            picks.append(k)
+            i += 1
+    return _walk_back(width - 1 - np.array(picks), n), float(best[-1])
 
 
 def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limits, cost: CostModel,
                 start_time: float) -> list[tuple[int, int]]:
     """Consecutive batches over requests in deadline order minimising (late count, finish time)."""
-    arr = np.asarray(lengths, dtype=np.int64)
-    due = np.asarray(deadlines, dtype=np.float64)
+    arr = np.asarray(lengths, dtype=np.float64)
+    due = np.asarray(deadlines, dtype=np.float64) - start_time  # [n], ascending; times from the start
     n = len(arr)
-    c = _window_costs(arr, limits, cost)
-    width = c.shape[1]
-    ks = np.arange(width)
-    late = np.zeros(n + 1)
-    finish = np.full(n + 1, np.inf)
-    finish[0] = start_time
-    choice = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        m = min(width, i)
-        k = ks[:m]
-        prev = i - 1 - k
-        t = finish[i - 1::-1][:m] + c[i - 1, :m]
-        # deadlines ascend, so the late ones among prev..i-1 are a prefix of the window
-        below = np.minimum(np.maximum(due.searchsorted(t) - prev, 0), k + 1)
-        score = late[i - 1::-1][:m] + below
-        # lexicographic (late count, finish): finish times relative to the start are far below 1e7 s
-        best = int((score * 1e7 + (t - start_time)).argmin())
-        late[i], finish[i], choice[i] = score[best], t[best], best
-    return _walk_back(choice, n)
+    width = min(limits.max_batch_requests, n)
+    # State j (the first j requests planned) lives in slot n - j of these arrays, so that the states a
+    # batch ending at request i-1 can follow, j = i-1-k for last batch sizes k+1 = 1..width, are one
+    # forward slice in k order (argmin ties go to the smallest last batch). Slots past n stand for
+    # states before 0: infinite finish, never chosen.
+    finish = np.full(n + width, np.inf)  # seconds after start_time
+    finish[n] = 0.0
+    late_less_j = np.zeros(n + width, dtype=np.intp)  # late[j] - j: late count before the batch, less its start
+    state = np.arange(n, -width, -1)  # j of each slot
+    scaled = np.arange(n + 1) * 1e7  # scaled[late]: the late count's weight in the lexicographic key
+    t, key = np.empty(width), np.empty(width)
+    picks = [0]
+    i = 0
+    for block in _window_costs(arr, limits, cost):
+        for row in block:  # the best plan of the first i + 1 requests
+            i += 1
+            a = n - i + 1
+            np.add(finish[a:a + width], row, out=t)
+            # late in the batch: due before t among j..i-1; deadlines ascend, so they are a prefix of
+            # the batch, and clip(reached, j, i) - j counts them (the - j is folded into late_less_j)
+            score = due[:i].searchsorted(t)
+            np.maximum(score, state[a:a + width], out=score)
+            score += late_less_j[a:a + width]
+            # lexicographic (late count, finish): finish times from the start are far below 1e7 s
+            scaled.take(score, out=key)
+            key += t
+            k = key.argmin()
+            finish[a - 1] = t[k]
+            late_less_j[a - 1] = score[k] - i
+            picks.append(k)
+    return _walk_back(picks, n)
 
 
 def exact_feasible(members: list[int], requests: Sequence[Request], limits: Limits, cost: CostModel,
@@ -152,122 +176,55 @@ def exact_feasible(members: list[int], requests: Sequence[Request], limits: Limi
     return batches
 
 
-def _as_batches(groups: list[list[int]], requests: Sequence[Request]) -> list[Batch]:
-    return [Batch(tuple(g), sum(requests[i].length for i in g)) for g in groups]
-
-
-def _run_order(groups: list[list[int]], requests: Sequence[Request], price: "GroupCost") -> list[list[int]]:
-    """Earliest deadline first; among equal deadlines the cheaper batch first (shortest job first)."""
-    return sorted(groups, key=lambda g: (min(requests[i].deadline for i in g), price(g)))
-
-
-def _late_count(groups: list[list[int]], requests: Sequence[Request], price: "GroupCost", t: float) -> tuple[int, float]:
-    late = 0
-    for g in groups:
-        t += price(g)
-        late += sum(requests[i].deadline < t for i in g)
-    return late, t
-
-
-def first_fit_decreasing(members: list[int], lengths: Sequence[int], limits: Limits) -> list[list[int]]:
-    """Bin packing: longest first, each into the first batch with room under both limits."""
-    order = sorted(members, key=lambda m: -lengths[m])
-    smallest = lengths[order[-1]] if order else 0
-    bins: list[list[int]] = []
-    room: list[int] = []  # tokens left, per bin
-    open_bins: list[int] = []  # bins that can still take the smallest request, in creation order
-    for i in order:
-        n = lengths[i]
-        for pos, b in enumerate(open_bins):
-            if n <= room[b]:
-                bins[b].append(i)
-                room[b] -= n
-                if len(bins[b]) == limits.max_batch_requests or room[b] < smallest:
-                    del open_bins[pos]  # full: never scanned again
-                break
-        else:
-            bins.append([i])
-            room.append(limits.max_batch_tokens - n)
-            if limits.max_batch_requests > 1 and room[-1] >= smallest:
-                open_bins.append(len(bins) - 1)
-    return bins
-
-
-def _greedy(members: list[int], lengths: Sequence[int], limits: Limits) -> list[list[int]]:
-    """Arrival order, each batch filled until the next request would break a limit (TEI)."""
-    groups: list[list[int]] = []
-    tokens = 0
-    for i in members:
-        if groups and len(groups[-1]) < limits.max_batch_requests and tokens + lengths[i] <= limits.max_batch_tokens:
-            groups[-1].append(i)
-            tokens += lengths[i]
-        else:
-            groups.append([i])
-            tokens = lengths[i]
-    return groups
-
-
-class GroupCost:
-    """Predicted seconds of index groups, memoised: a plan's groups are priced several times."""
-
-    def __init__(self, requests: Sequence[Request], cost: CostModel):
-        self.lengths = [r.length for r in requests]
-        self.cost = cost
-        self._memo: dict[tuple[int, ...], float] = {}
-
-    def __call__(self, group: Sequence[int]) -> float:
-        key = tuple(group)
-        seconds = self._memo.get(key)
-        if seconds is None:
-            ls = self.lengths
-            tokens = sum(ls[i] for i in group)
-            squares = sum(ls[i] * ls[i] for i in group)
-            seconds = self._memo[key] = self.cost.predict_one(len(group), tokens, squares)
-        return seconds
-
-
-def _total(groups: list[list[int]], price: GroupCost) -> float:
-    return sum(price(g) for g in groups)
-
-
-def cheapest_partition(members: list[int], price: GroupCost, limits: Limits) -> list[list[int]]:
+def cheapest_partition(members: list[int], pending: Pending, limits: Limits) -> list[list[int]]:
     """The cheapest predicted of: the paper's DP over sorted lengths, first-fit-decreasing, and TEI's
     arrival-order greedy (so it never costs more than the token-budget baseline)."""
-    lengths = price.lengths
-    by_length = sorted(members, key=lambda i: lengths[i])
-    segments, dp_cost = cost_dp([lengths[i] for i in by_length], limits, price.cost)
-    best, best_cost = [by_length[s:e] for s, e in segments], dp_cost
-    for candidate in (first_fit_decreasing(members, lengths, limits), _greedy(sorted(members), lengths, limits)):
-        c = _total(candidate, price)
+    idx = np.asarray(members)
+    by_length = idx[np.argsort(pending.length_arr[idx], kind="stable")]
+    segments, best_cost = cost_dp(pending.length_arr[by_length], limits, pending.cost)
+    by_length = by_length.tolist()
+    best = [by_length[s:e] for s, e in segments]
+    for candidate in (first_fit_decreasing(members, pending.lengths, limits), greedy(sorted(members), pending, limits)):
+        c = pending.total(candidate)
         if c < best_cost:
             best, best_cost = candidate, c
     return best
 
 
-def _plan_class(members: list[int], requests: Sequence[Request], limits: Limits, price: GroupCost,
-                start_time: float) -> list[list[int]]:
-    cost = price.cost
-    groups = _run_order(cheapest_partition(members, price, limits), requests, price)
-    late, finish = _late_count(groups, requests, price, start_time)
+def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time: float) -> list[list[int]]:
+    cost = pending.cost
+    groups = pending.run_order(cheapest_partition(members, pending, limits))
+    late, finish = pending.late_count(groups, start_time)
     if late == 0:
         return groups
     # Repair: the most urgent requests (a few batches' worth) in deadline order, then the rest by cost.
-    by_deadline = sorted(members, key=lambda i: (requests[i].deadline, requests[i].length))
+    idx = np.asarray(members)
+    by_deadline = idx[np.lexsort((pending.length_arr[idx], pending.deadline_arr[idx]))]  # stable
     horizon = URGENT_BATCHES * limits.max_batch_requests
-    urgent, rest = by_deadline[:horizon], by_deadline[horizon:]
-    segments = deadline_dp([requests[i].length for i in urgent], [requests[i].deadline for i in urgent],
-                           limits, cost, start_time)
+    urgent, rest = by_deadline[:horizon], by_deadline[horizon:].tolist()
+    segments = deadline_dp(pending.length_arr[urgent], pending.deadline_arr[urgent], limits, cost, start_time)
+    urgent = urgent.tolist()
     edf_groups = [urgent[s:e] for s, e in segments]
     if rest:
-        edf_groups += _run_order(cheapest_partition(rest, price, limits), requests, price)
-    edf_late, edf_finish = _late_count(edf_groups, requests, price, start_time)
+        edf_groups += pending.run_order(cheapest_partition(rest, pending, limits))
+    edf_late, edf_finish = pending.late_count(edf_groups, start_time)
     if (edf_late, edf_finish) < (late, finish):
         groups, late = edf_groups, edf_late
     if late and len(members) <= EXACT_LIMIT:
-        exact = exact_feasible(members, requests, limits, cost, start_time)
+        exact = exact_feasible(members, pending.requests, limits, cost, start_time)
         if exact is not None:
             return exact
     return groups
+
+
+def _evaluate(groups: list[list[int]], pending: Pending, now: float, alone: np.ndarray) -> Plan:
+    """`planner.evaluate` for dp's groups, vectorised over requests; `alone[i]`: request i's seconds
+    alone, the same prediction the demotion of hopeless requests uses."""
+    flat, late, _ = pending.late_mask(groups, now)
+    late_idx = flat[late]  # in run order
+    infeasible = late_idx[now + alone[late_idx] > pending.deadline_arr[late_idx]]
+    return Plan(pending.batches(groups), pending.total(groups), tuple(sorted(late_idx.tolist())),
+                tuple(infeasible.tolist()))
 
 
 def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost: CostModel, now: float,
@@ -308,32 +265,36 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     order, so no request starves behind a stream of fresh ones."""
     if len(requests) == 1:  # nothing to choose: skip the numpy machinery (~0.3 ms) on the latency path
         return evaluate([Batch((0,), requests[0].length)], requests, cost, now)
+    pending = Pending(requests, cost)
+    lengths, deadlines = pending.length_arr, pending.deadline_arr
+    alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
+    hopeless = now + alone > deadlines
+    if hopeless.any():
+        # Demote while it is hopeless, but only until late_grace SLOs (deadline - arrival) past its
+        # deadline (an infinite deadline with late_grace 0 gives nan there: never hopeless, as it should be).
+        arrivals = np.array([r.arrival for r in requests], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            hopeless &= now < deadlines + config.late_grace * (deadlines - arrivals)
+    # Classes by (priority, can still make it), highest first; members in index order.
+    priorities = [r.priority for r in requests]
+    if hopeless.any() or min(priorities) != max(priorities):
+        code = np.array(priorities, dtype=np.int64) * 2 + ~hopeless
+        classes = [np.flatnonzero(code == key) for key in np.unique(code)[::-1]]
+    else:
+        classes = [np.arange(len(requests))]
     groups: list[list[int]] = []
     t = now
-    lengths = np.array([r.length for r in requests], dtype=np.float64)
-    alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
-    deadlines = np.array([r.deadline for r in requests])
-    arrivals = np.array([r.arrival for r in requests])
-    # Demote while it is hopeless, but only until late_grace SLOs (deadline - arrival) past its deadline.
-    hopeless = (now + alone > deadlines) & (now < deadlines + config.late_grace * (deadlines - arrivals))
-    classes: dict[tuple[int, bool], list[int]] = {}
-    for i, r in enumerate(requests):
-        classes.setdefault((r.priority, not hopeless[i]), []).append(i)
-    price = GroupCost(requests, cost)
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)
-    for key in sorted(classes, reverse=True):
-        members = classes[key]
+    for members in classes:
         if len(members) > horizon:  # beyond the horizon: a cheap cut, re-planned before it runs
-            idx = np.asarray(members)
-            members = idx[np.lexsort((lengths[idx], deadlines[idx]))].tolist()  # by deadline, then length
-            members, beyond = members[:horizon], members[horizon:]
-        else:
-            beyond = []
-        class_groups = _plan_class(members, requests, limits, price, t) if members else []
-        class_groups += _greedy(beyond, price.lengths, limits)
+            members = members[np.lexsort((lengths[members], deadlines[members]))]  # by deadline, then length
+        members = members.tolist()
+        members, beyond = members[:horizon], members[horizon:]
+        class_groups = _plan_class(members, pending, limits, t) if members else []
+        class_groups += greedy(beyond, pending, limits)
         horizon -= len(members)
         groups.extend(class_groups)
-        t = _late_count(class_groups, requests, price, t)[1]
-    plan = evaluate(_as_batches(groups, requests), requests, cost, now, price=price)
+        t = pending.ends(class_groups, t)[-1] if class_groups else t
+    plan = _evaluate(groups, pending, now, alone)
     wait = _bounded_wait(plan, requests, limits, cost, now, config)
     return plan if wait is None else Plan(plan.batches, plan.cost, plan.late, plan.infeasible, wait)

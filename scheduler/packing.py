@@ -1,0 +1,135 @@
+"""The dp planner's parts besides its two DPs: the pending set as arrays with memoised batch prices,
+first-fit-decreasing bin packing, TEI's greedy split, and the finish times and lateness of a plan.
+
+Everything here runs once or a few times per plan over up to ~1,000 requests, so the per-request work is
+numpy or a plain list access; Python loops run per batch, or per request only where a step depends on
+the one before (bin packing).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Sequence
+
+import numpy as np
+
+from scheduler.cost_model import CostModel
+from scheduler.planner import Batch, Limits, Request
+
+
+class Pending:
+    """The pending requests as arrays, and predicted seconds of index groups, memoised: a plan's groups
+    are priced several times. Groups are priced a partition at a time (token sums by numpy, then the
+    cost model's scalar `predict_one` on exact integer sums, so a batch has one price however reached)."""
+
+    def __init__(self, requests: Sequence[Request], cost: CostModel):
+        self.requests = requests
+        self.cost = cost
+        self.lengths = [r.length for r in requests]  # [n], for scalar loops
+        self.length_int = np.array(self.lengths, dtype=np.int64)  # [n]
+        self.length_arr = self.length_int.astype(np.float64)  # [n]
+        self.deadline_arr = np.array([r.deadline for r in requests], dtype=np.float64)  # [n]
+        self._memo: dict[tuple[int, ...], tuple[float, int]] = {}  # group -> (seconds, tokens)
+
+    def _entries(self, groups: list[list[int]]) -> list[tuple[float, int]]:
+        keys = [tuple(g) for g in groups]
+        memo = self._memo
+        missing = [k for k in keys if k not in memo]
+        if missing:
+            sizes = [len(k) for k in missing]
+            flat = np.fromiter(chain.from_iterable(missing), dtype=np.intp)  # [members of missing]
+            starts = np.cumsum([0, *sizes[:-1]])
+            lengths = self.length_int[flat]
+            tokens = np.add.reduceat(lengths, starts).tolist()
+            squares = np.add.reduceat(lengths * lengths, starts).tolist()
+            predict = self.cost.predict_one
+            for key, n, tok, sq in zip(missing, sizes, tokens, squares):
+                memo[key] = (predict(n, tok, sq), tok)
+        return [memo[k] for k in keys]
+
+    def prices(self, groups: list[list[int]]) -> list[float]:
+        """Predicted seconds of each batch."""
+        return [seconds for seconds, _ in self._entries(groups)]
+
+    def batches(self, groups: list[list[int]]) -> list[Batch]:
+        return [Batch(tuple(g), tokens) for g, (_, tokens) in zip(groups, self._entries(groups))]
+
+    def ends(self, groups: list[list[int]], t: float) -> list[float]:
+        """Finish time of each batch run in turn from `t` (summed in order, as `evaluate` does)."""
+        out = []
+        for seconds in self.prices(groups):
+            t += seconds
+            out.append(t)
+        return out
+
+    def late_mask(self, groups: list[list[int]], t: float) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """(flat: the indices in run order, late: whether each misses its deadline, batch end times)."""
+        ends = self.ends(groups, t)
+        flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)  # [planned]
+        finish = np.repeat(ends, [len(g) for g in groups])  # [planned]: its batch's end
+        return flat, self.deadline_arr[flat] < finish, ends
+
+    def late_count(self, groups: list[list[int]], t: float) -> tuple[int, float]:
+        """(requests that miss their deadline, finish time) of `groups` run in turn from `t`."""
+        if not groups:
+            return 0, t
+        _, late, ends = self.late_mask(groups, t)
+        return int(np.count_nonzero(late)), ends[-1]
+
+    def total(self, groups: list[list[int]]) -> float:
+        total = 0.0
+        for seconds in self.prices(groups):
+            total += seconds
+        return total
+
+    def run_order(self, groups: list[list[int]]) -> list[list[int]]:
+        """Earliest deadline first; among equal deadlines the cheaper batch first (shortest job first)."""
+        if len(groups) < 2:
+            return groups
+        flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)
+        starts = np.cumsum([0, *map(len, groups[:-1])])
+        due = np.minimum.reduceat(self.deadline_arr[flat], starts).tolist()
+        prices = self.prices(groups)
+        return [groups[g] for g in sorted(range(len(groups)), key=lambda g: (due[g], prices[g]))]
+
+
+def first_fit_decreasing(members: list[int], lengths: Sequence[int], limits: Limits) -> list[list[int]]:
+    """Bin packing: longest first, each into the first batch with room under both limits."""
+    order = sorted(members, key=lambda m: -lengths[m])
+    smallest = lengths[order[-1]] if order else 0
+    bins: list[list[int]] = []
+    room: list[int] = []  # tokens left, per bin
+    open_bins: list[int] = []  # bins that can still take the smallest request, in creation order
+    for i in order:
+        n = lengths[i]
+        for pos, b in enumerate(open_bins):
+            if n <= room[b]:
+                bins[b].append(i)
+                room[b] -= n
+                if len(bins[b]) == limits.max_batch_requests or room[b] < smallest:
+                    del open_bins[pos]  # full: never scanned again
+                break
+        else:
+            bins.append([i])
+            room.append(limits.max_batch_tokens - n)
+            if limits.max_batch_requests > 1 and room[-1] >= smallest:
+                open_bins.append(len(bins) - 1)
+    return bins
+
+
+def greedy(members: list[int], pending: Pending, limits: Limits) -> list[list[int]]:
+    """In the given order, each batch filled until the next request would break a limit (TEI). One
+    searchsorted a batch: lengths are non-negative, so the requests that fit are a prefix."""
+    if not members:
+        return []
+    # cum[j]: tokens of members[:j]
+    cum = np.concatenate(([0.0], np.cumsum(pending.length_arr[members])))  # [m + 1]
+    # most members[:end] that fit from each start: the budget, then the request cap, then at least one
+    fit = cum.searchsorted(cum + limits.max_batch_tokens, side="right") - 1  # [m + 1]
+    groups = []
+    start, m, cap = 0, len(members), limits.max_batch_requests
+    while start < m:
+        end = max(min(int(fit[start]), start + cap), start + 1)
+        groups.append(members[start:end])
+        start = end
+    return groups
