@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import deque
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -208,6 +209,8 @@ class Arena:
         self._chunks: list[torch.Tensor | None] = []  # uint8 buffers; None once released
         self._last_used: list[int] = []
         self._plans: dict[int, MemoryPlan] = {}
+        self._largest_bucket = 0
+        self._recent_peaks: deque[int] = deque(maxlen=release_after)
         self._lock = threading.Lock()
 
     @property
@@ -223,30 +226,64 @@ class Arena:
             self.stats.plan_hits += 1
             return cached
         started = time.perf_counter()
+        sizes, first, last = self.lifetimes.sizes(bucket), self.lifetimes.first, self.lifetimes.last
         live = [i for i, c in enumerate(self._chunks) if c is not None]
-        plan = plan_memory(self.lifetimes.sizes(bucket), self.lifetimes.first, self.lifetimes.last,
-                           [self._chunks[i].nbytes for i in live], self.min_chunk, self.growth)
-        # Map the plan's chunk numbers onto ours, allocating the new ones.
+        plan = plan_memory(sizes, first, last, [self._chunks[i].nbytes for i in live], self.min_chunk, self.growth)
+        largest = self._plans.get(self._largest_bucket)
+        consolidate = False
+        if plan.new_chunks and bucket <= self._largest_bucket and largest is not None:
+            # Every tensor of a smaller bucket is no bigger than in the largest bucket's plan, so that
+            # placement holds for this batch too: take it rather than grow the arena.
+            plan = largest
+        elif plan.new_chunks:
+            # A batch larger than any before needs more room. Start over with one chunk that fits
+            # its plan exactly: no batch is running (we hold the lock), so the old chunks can go now.
+            # The arena stays at the size of one plan for the largest batch seen, instead of a pile of
+            # chunks sized for ever larger batches; every smaller batch then fits in the same chunk.
+            whole = plan_memory(sizes, first, last, [1 << 62])  # one unbounded chunk
+            size = align(max(self.min_chunk, whole.peak_bytes))
+            for i in live:
+                self._chunks[i] = None
+                self.stats.chunk_releases += 1
+            live, consolidate = [], True
+            plan = MemoryPlan(whole.chunk, whole.offset, whole.sizes, [size], [0], whole.used_chunks)
+        if plan is not largest:
+            plan = self._allocate(plan, live)
+        if consolidate:
+            self._plans.clear()  # their chunks are gone
+        self._plans[bucket] = plan
+        self._largest_bucket = max(self._largest_bucket, bucket)
+        self.stats.plan_misses += 1
+        self.stats.last_plan_seconds = time.perf_counter() - started
+        self.stats.plan_seconds = self.stats.plan_seconds[-999:] + [self.stats.last_plan_seconds]
+        return plan
+
+    def _allocate(self, plan: MemoryPlan, live: list[int]) -> MemoryPlan:
+        """Allocate the plan's new chunks and renumber its chunks as ours (`live` are the existing ones)."""
         mapping = list(live)
         for c in plan.new_chunks:
             self._chunks.append(torch.empty(plan.chunk_sizes[c], dtype=torch.uint8, device=self.device))
             self._last_used.append(self.stats.batches)
             self.stats.chunk_allocations += 1
             mapping.append(len(self._chunks) - 1)
-        plan = MemoryPlan([mapping[c] for c in plan.chunk], plan.offset, plan.sizes,
+        return MemoryPlan([mapping[c] for c in plan.chunk], plan.offset, plan.sizes,
                           [c.nbytes if c is not None else 0 for c in self._chunks], [mapping[c] for c in plan.new_chunks],
                           frozenset(mapping[c] for c in plan.used_chunks))
-        if plan.new_chunks:
-            # The chunk set grew: older plans re-pack on their next use, so the small chunks they
-            # held fall idle and get released.
-            self._plans.clear()
-        self._plans[bucket] = plan
-        self.stats.plan_misses += 1
-        self.stats.last_plan_seconds = time.perf_counter() - started
-        self.stats.plan_seconds = self.stats.plan_seconds[-999:] + [self.stats.last_plan_seconds]
-        return plan
 
-    def _release_idle(self) -> None:
+    def _release_idle(self, plan: MemoryPlan) -> None:
+        """Free chunks no batch used for `release_after` batches, and shrink a set that grew for batches
+        that stopped coming: when the last `release_after` batches all touched at most half of the
+        reserved bytes, everything is given back and the next batch plans afresh."""
+        self._recent_peaks.append(plan.peak_bytes)
+        if len(self._recent_peaks) == self.release_after and 2 * max(self._recent_peaks) <= self.reserved_bytes:
+            for i, chunk in enumerate(self._chunks):
+                if chunk is not None:
+                    self._chunks[i] = None
+                    self.stats.chunk_releases += 1
+            self._plans.clear()
+            self._largest_bucket = 0
+            self._recent_peaks.clear()
+            return
         for i, chunk in enumerate(self._chunks):
             if chunk is not None and self.stats.batches - self._last_used[i] > self.release_after:
                 self._chunks[i] = None
@@ -264,7 +301,7 @@ class Arena:
             self.stats.batches += 1
             for c in plan.used_chunks:
                 self._last_used[c] = self.stats.batches
-            self._release_idle()
+            self._release_idle(plan)
 
 
 def new_arena(forward: Callable[[object, int], torch.Tensor], device: torch.device | str, min_chunk_mib: float = 2.0,
