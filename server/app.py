@@ -78,6 +78,8 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
         cost, loaded = build_cost_model(settings, embedder, info)
         log.info("cost model %s: %s", "loaded" if loaded else "measured", cost.summary()["coefficients_seconds"])
         engine = Engine(settings, embedder, tokenizer, info, metrics, cost)
+        if getattr(embedder, "arena", None) is not None:
+            metrics.watch_arena(embedder.arena)
         engine.start()
         app.state.engine = engine
         metrics.ready.set(1)

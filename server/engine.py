@@ -78,6 +78,13 @@ class Engine:
         if self.cost is not None:
             out["cost_model"] = self.cost.summary()
             out["cost_model_error"] = self.metrics.cost_error_summary()
+        arena = getattr(self.embedder, "arena", None)
+        if arena is not None:
+            st = arena.stats
+            out["memory_arena"] = {"reserved_bytes": arena.reserved_bytes, "intermediates": len(arena.lifetimes),
+                                   "chunk_allocations": st.chunk_allocations, "chunk_releases": st.chunk_releases,
+                                   "plan_hits": st.plan_hits, "plan_misses": st.plan_misses,
+                                   "last_plan_ms": round(1e3 * st.last_plan_seconds, 3)}
         return out
 
     def check_batch(self, count: int) -> None:

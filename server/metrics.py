@@ -69,6 +69,16 @@ class Metrics:
     def batch_failed(self, count: int) -> None:
         self.batch_failures.inc(count)
 
+    def watch_arena(self, arena) -> None:
+        """Export the memory arena's size and chunk traffic, read at scrape time."""
+        r = self.registry
+        Gauge("turboserve_memory_arena_bytes", "Bytes the memory arena holds for intermediates.",
+              registry=r).set_function(lambda: arena.reserved_bytes)
+        Gauge("turboserve_memory_arena_chunk_allocations", "Chunks the memory arena has allocated since start.",
+              registry=r).set_function(lambda: arena.stats.chunk_allocations)
+        Gauge("turboserve_memory_arena_plan_misses", "Batches whose memory plan was not cached.",
+              registry=r).set_function(lambda: arena.stats.plan_misses)
+
     def cost_error_summary(self) -> dict:
         """Median and p90 of |relative error| over the last batches, and the signed median (bias)."""
         errors = list(self._recent_errors)
