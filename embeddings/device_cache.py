@@ -193,7 +193,7 @@ class DeviceCache(Tier):
         hits = int(found.sum())
         if hits < keys.numel():
             vectors[~found] = s.default
-            self._touch(s, flat[found])
+            self._touch(s, flat.index_select(0, torch.nonzero(found).squeeze(1)))
         else:
             self._touch(s, flat)
         self.count(hits=hits, misses=keys.numel() - hits)
@@ -209,7 +209,7 @@ class DeviceCache(Tier):
         first = torch.full_like(uniq, keys.numel()).scatter_reduce(0, inv, pos, "amin")
         last = torch.full_like(uniq, -1).scatter_reduce(0, inv, pos, "amax")
         order = torch.argsort(first)
-        return uniq[order], vectors[last[order]]
+        return uniq.index_select(0, order), vectors.index_select(0, last.index_select(0, order))
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """Cache the rows, evicting by policy; a cached key gets the new vector and counts a use."""
@@ -221,43 +221,48 @@ class DeviceCache(Tier):
         keys, vectors = self._dedupe(keys.to(self.device), vectors.to(self.device))
         s.tick += 1
         sets, found, flat = self._find(s, keys)
+        # index_select / index_copy_ throughout: advanced indexing is several times slower on the CPU.
         # Refresh the rows already cached; the batch may not evict them.
-        hit_flat = flat[found]
-        s.values[hit_flat] = vectors[found]
+        hit = torch.nonzero(found).squeeze(1)
+        hit_flat = flat.index_select(0, hit)  # unique: the keys are
+        s.values.index_copy_(0, hit_flat, vectors.index_select(0, hit))
         self._touch(s, hit_flat)
         protected = torch.zeros_like(s.keys, dtype=torch.bool)
-        protected.view(-1)[hit_flat] = True
+        protected.view(-1).index_fill_(0, hit_flat, True)
         new = ~found
         if s.num_sets == 1:
             new &= keys != s.empty[0, 0]  # the empty marker cannot be cached
-        if not bool(new.any()):
+        idx = torch.nonzero(new).squeeze(1)  # [m] positions of the new keys in the batch
+        if idx.numel() == 0:
             return
-        nkeys, nsets, nvec = keys[new], sets[new], vectors[new]
         # Group the new keys by set, keeping batch order within a set; rank = position in its group.
+        nsets = sets.index_select(0, idx)
         order = torch.argsort(nsets, stable=True)
-        nkeys, nsets, nvec = nkeys[order], nsets[order], nvec[order]
+        idx, nsets = idx.index_select(0, order), nsets.index_select(0, order)
         touched, counts = torch.unique_consecutive(nsets, return_counts=True)  # [t], [t]
         group = torch.repeat_interleave(torch.arange(touched.numel(), device=self.device), counts)  # [m]
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(nkeys.numel(), device=self.device) - starts[group]  # [m]
+        rank = torch.arange(idx.numel(), device=self.device) - starts.index_select(0, group)  # [m]
         # Victim order per touched set: empty first, then by policy score; protected slots never.
-        score = s.last[touched]  # [t, ways]
+        score = s.last.index_select(0, touched)  # [t, ways]
         if s.freq is not None:
-            score = (s.freq[touched].clamp(max=(1 << 22) - 1) << 40) | score
-        score = torch.where(s.occupied(touched), score, torch.full_like(score, -1))
-        prot = protected[touched]
+            score = (s.freq.index_select(0, touched).clamp(max=(1 << 22) - 1) << 40) | score
+        occupied = s.keys.index_select(0, touched) != s.empty.index_select(0, touched)
+        score = torch.where(occupied, score, torch.full_like(score, -1))
+        prot = protected.index_select(0, touched)
         score = torch.where(prot, torch.full_like(score, _INT64_MAX), score)
         victims = torch.sort(score, dim=1, stable=True).indices  # [t, ways]
         room = self.ways - prot.sum(dim=1)  # [t]
-        ok = rank < room[group]
-        way = victims[group[ok], rank[ok]]
-        dest = nsets[ok] * self.ways + way  # [k] flat slots
-        evicted = int((s.keys.view(-1)[dest] != s.empty[nsets[ok], 0]).sum())
-        s.keys.view(-1)[dest] = nkeys[ok]
-        s.values[dest] = nvec[ok]
-        s.last.view(-1)[dest] = s.tick
+        ok = torch.nonzero(rank < room.index_select(0, group)).squeeze(1)  # [k] new keys that get a slot
+        group, rank, src = group.index_select(0, ok), rank.index_select(0, ok), idx.index_select(0, ok)
+        dsets = nsets.index_select(0, ok)
+        dest = dsets * self.ways + victims.view(-1).index_select(0, group * self.ways + rank)  # [k] flat slots
+        evicted = int((s.keys.view(-1).index_select(0, dest) != s.empty.view(-1).index_select(0, dsets)).sum())
+        s.keys.view(-1).index_copy_(0, dest, keys.index_select(0, src))
+        s.values.index_copy_(0, dest, vectors.index_select(0, src))
+        s.last.view(-1).index_fill_(0, dest, s.tick)
         if s.freq is not None:
-            s.freq.view(-1)[dest] = 1
+            s.freq.view(-1).index_fill_(0, dest, 1)
         self.count(evictions=evicted)
 
     def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:

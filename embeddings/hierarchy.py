@@ -108,7 +108,8 @@ class ParameterServer:
                     vectors[hit] = fetched[got].to(self.device)
                     found[hit] = True
                     self._count(defaults_missing=int((~got).sum()))
-        return vectors[inverse.to(self.device)], found[inverse.to(self.device)]
+        inverse = inverse.to(self.device)
+        return vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
 
     def _fetch(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows below the device cache (volatile, then persistent), inserted upward. keys: [m] unique, CPU."""
