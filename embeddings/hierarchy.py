@@ -103,10 +103,11 @@ class ParameterServer:
                     self._count(defaults_async=miss.numel())
                     self._enqueue(table, uniq[miss])
                 else:
-                    fetched, got = self._fetch(table, uniq[miss])  # [m, dim], [m] on the CPU
-                    hit = miss[got].to(self.device)
-                    vectors[hit] = fetched[got].to(self.device)
-                    found[hit] = True
+                    fetched, got = self._fetch(table, uniq.index_select(0, miss))  # [m, dim], [m] on the CPU
+                    got_idx = torch.nonzero(got).squeeze(1)
+                    hit = miss.index_select(0, got_idx).to(self.device)
+                    vectors.index_copy_(0, hit, fetched.index_select(0, got_idx).to(self.device))
+                    found.index_fill_(0, hit, True)
                     self._count(defaults_missing=int((~got).sum()))
         inverse = inverse.to(self.device)
         return vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
@@ -119,13 +120,15 @@ class ParameterServer:
             vectors, found = torch.empty(keys.numel(), self.persistent.spec(table).dim), torch.zeros(keys.numel(), dtype=torch.bool)
         lower = torch.nonzero(~found).squeeze(1)
         if lower.numel():
-            p_vectors, p_found = self.persistent.lookup(table, keys[lower])
-            vectors[lower] = p_vectors
-            found[lower] = p_found
+            lower_keys = keys.index_select(0, lower)
+            p_vectors, p_found = self.persistent.lookup(table, lower_keys)
+            vectors.index_copy_(0, lower, p_vectors)
+            found.index_copy_(0, lower, p_found)
             if self.volatile is not None and bool(p_found.any()):
-                self.volatile.insert(table, keys[lower][p_found], p_vectors[p_found])
-        if self.device_cache is not None and bool(found.any()):
-            self.device_cache.insert(table, keys[found], vectors[found])
+                self.volatile.insert(table, lower_keys[p_found], p_vectors[p_found])
+        held = torch.nonzero(found).squeeze(1)
+        if self.device_cache is not None and held.numel():
+            self.device_cache.insert(table, keys.index_select(0, held), vectors.index_select(0, held))
         return vectors, found
 
     def _enqueue(self, table: str, keys: torch.Tensor) -> None:

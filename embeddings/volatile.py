@@ -55,23 +55,31 @@ class _Partition:
         self.keys = np.zeros(n, dtype=np.int64)  # [slots]
         self.uses = np.zeros(n, dtype=np.int64)  # [slots] lookup hits since insertion
         self.last = np.zeros(n, dtype=np.int64)  # [slots] tick of the last insert or hit
-        self.free = list(range(n - 1, -1, -1))
+        self.free: list[int] = []  # freed slots below `fresh`
+        self.fresh = 0  # slots from here on were never used
 
     def slots_of(self, keys: list[int]) -> np.ndarray:
         """Slot of each key, -1 where absent."""
         get = self.index.get
         return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
 
-    def grow(self, need: int) -> None:
-        """Make at least `need` free slots, within capacity."""
-        old = self.keys.size
-        new = min(self.capacity, max(2 * old, old - len(self.free) + need))
-        if new <= old:
-            return
-        self.vectors = np.concatenate([self.vectors, np.zeros((new - old, self.vectors.shape[1]), np.float32)])
-        for name in ("keys", "uses", "last"):
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(new - old, np.int64)]))
-        self.free.extend(range(new - 1, old - 1, -1))
+    def take(self, n: int) -> np.ndarray:
+        """n free slots (freed ones first, then never used ones), growing the slabs within capacity."""
+        reused = self.free[len(self.free) - min(n, len(self.free)):]
+        del self.free[len(self.free) - len(reused):]
+        extra = n - len(reused)
+        if self.fresh + extra > self.keys.size:
+            self._grow(min(self.capacity, max(2 * self.keys.size, self.fresh + extra)))
+        fresh = np.arange(self.fresh, self.fresh + extra, dtype=np.int64)
+        self.fresh += extra
+        return np.concatenate([np.array(reused, dtype=np.int64), fresh])
+
+    def _grow(self, size: int) -> None:
+        for name in ("vectors", "keys", "uses", "last"):
+            old = getattr(self, name)
+            new = np.zeros((size, *old.shape[1:]), dtype=old.dtype)
+            new[:old.shape[0]] = old
+            setattr(self, name, new)
 
     def drop(self, slots: np.ndarray) -> None:
         """Free the slots."""
@@ -181,9 +189,7 @@ class VolatileTier(Tier):
             # existing rows to keep: down to the target fill, and at least the batch's own
             keep = max(protected.size, min(int(part.capacity * self.target_fill), part.capacity - keys.size))
             self._evict_down(part, protected, size - keep)
-        part.grow(keys.size)
-        slots = np.array(part.free[len(part.free) - keys.size:][::-1], dtype=np.int64)
-        del part.free[len(part.free) - keys.size:]
+        slots = part.take(keys.size)
         part.keys[slots], part.vectors[slots] = keys, vecs
         part.uses[slots], part.last[slots] = 0, self._tick
         part.index.update(zip(keys.tolist(), slots.tolist()))
