@@ -104,7 +104,7 @@ class EmbeddingSettings(_Section):
     hit_rate_threshold: float = Field(0.9, ge=0, le=1, description="Device cache hit rate of a batch above which async_defaults applies.")
 
     @model_validator(mode="after")
-    def _check_backend(self) -> "EmbeddingSettings":
+    def _check_backend(self) -> EmbeddingSettings:
         if self.volatile_backend != "memory" and self.overflow_policy == "evict_least_used":
             raise ValueError(f"embeddings.overflow_policy={self.overflow_policy!r} needs volatile_backend='memory', "
                              f"not {self.volatile_backend!r}")

@@ -93,8 +93,8 @@ class DeviceCache(Tier):
 
     name = "device"
 
-    def __init__(self, capacity: int | float = 0.2, ways: int = 16, policy: Literal["lru", "lfu"] = "lru",
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, capacity: int | float = 0.2, ways: int = 16,  # noqa: PYI041 (int: rows, float: a fraction)
+                 policy: Literal["lru", "lfu"] = "lru", device: torch.device | str | None = None) -> None:
         super().__init__()
         if isinstance(capacity, float) and not 0.0 < capacity <= 1.0:
             raise ValueError(f"capacity={capacity} as a fraction must be in (0, 1]")

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import redis
@@ -79,7 +80,7 @@ class RedisTier(Tier):
 
     # -- connection and circuit breaker -------------------------------------------------------
     def _connect(self) -> Any:
-        common = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, retry=Retry(NoBackoff(), 0))
+        common = {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s, "retry": Retry(NoBackoff(), 0)}
         if not self.cluster:
             return redis.Redis.from_url(self.urls[0], **common)
         nodes = []

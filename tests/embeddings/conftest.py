@@ -93,14 +93,17 @@ def redis_cluster(tmp_path_factory):
             node = RedisProcess(free_port(with_bus=True), base / f"n{i}", cluster=True)
             node.start()
             nodes.append(node)
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
-        client = redis.Redis(port=nodes[0].port)
-        deadline = time.monotonic() + 20
-        while client.cluster("info").get("cluster_state") != "ok":
-            assert time.monotonic() < deadline, "cluster did not reach state ok"
+        created = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+                                  "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stdout + created.stderr
+        # every node must know every slot's owner before a client may route to it
+        clients = [redis.Redis(port=n.port) for n in nodes]
+        deadline = time.monotonic() + 30
+        while not all(c.cluster("info").get("cluster_state") == "ok" and len(c.cluster("slots")) == 3 for c in clients):
+            assert time.monotonic() < deadline, "cluster did not reach state ok on every node"
             time.sleep(0.05)
-        client.close()
+        for c in clients:
+            c.close()
         yield nodes
     finally:
         for node in nodes:

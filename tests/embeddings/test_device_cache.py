@@ -57,7 +57,7 @@ class RefCache:
             elif not (self.num_sets == 1 and key == MIN):  # the single-set empty marker
                 new.setdefault(ref_set(key, self.num_sets), []).append(key)
         for s, keys_in_set in new.items():
-            def victim_rank(way):
+            def victim_rank(way, s=s):
                 slot = self.sets[s][way]
                 if (s, way) in protected:
                     return (2, 0, 0, way)

@@ -121,14 +121,14 @@ def test_high_hit_rate_mode_serves_defaults_and_fetches_in_the_background(tmp_pa
     vectors, found = server.lookup("t", batch)
     assert found.all() and torch.equal(vectors, rows(batch.tolist()))
     # below the threshold the misses are fetched at once
-    vectors, found = server.lookup("t", torch.arange(100, 120))
+    _, found = server.lookup("t", torch.arange(100, 120))
     assert found.all() and server.stats()["server"]["defaults_async"] == 1
     server.close()
 
 
 def test_async_defaults_is_off_by_default(ps):
     ps.lookup("t", torch.arange(10))
-    vectors, found = ps.lookup("t", torch.cat([torch.arange(10), torch.tensor([50])]))
+    _, found = ps.lookup("t", torch.cat([torch.arange(10), torch.tensor([50])]))
     assert found.all() and ps.stats()["server"]["defaults_async"] == 0
 
 

@@ -139,7 +139,7 @@ def test_writes_missed_during_an_outage_are_invalidated_on_recovery(redis_node):
     assert tier.counters()["errors"] == 1
     redis.Redis(port=redis_node.port, socket_timeout=5).ping()  # answered once the pause ends
     wait_until(lambda: tier.available)
-    vectors, found = tier.lookup("t", torch.tensor([1, 2]))
+    _, found = tier.lookup("t", torch.tensor([1, 2]))
     assert found.tolist() == [False, True]  # the stale row 1 was deleted, row 2 kept
     tier.close()
 
