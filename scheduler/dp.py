@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from scheduler.planner import Batch, Limits, Plan, PolicyConfig, Request, evalua
 EXACT_LIMIT = 8  # classes this small get an exact search when the heuristics leave someone late
 URGENT_BATCHES = 4  # the deadline repair looks at this many full batches' worth of the most urgent requests
 CHUNK_CELLS = 4096  # cost-matrix cells computed at once (32 KiB temporaries)
+RELAX_MAX_BATCHES = 8  # the cost DP relaxes all rows at once up to this many full batches of requests
+RELAX_SLACK = 4  # relaxation rounds allowed beyond one per full batch (a plan may hold smaller ones)
 HORIZON = 256  # requests planned in full detail (at least 4 full batches); the rest, which the worker
 #                will plan again before it reaches them, are cut in deadline-then-length order
 
@@ -85,28 +87,67 @@ def cost_dp(lengths: Sequence[int], limits: Limits, cost: CostModel) -> tuple[li
         return [], 0.0
     width = min(limits.max_batch_requests, n)
     # best is padded in front with width-1 zeros for "prefixes" before position 0 (their windows cost
-    # inf), and each cost row is reversed, so that a row lines up with the best plans it can follow as
-    # one forward slice: every step is the same three numpy calls.
+    # inf), and each cost row is reversed, so that row i lines up with the best plans it can follow,
+    # best[i:i + width], as one forward slice. argmin ties go to the largest last batch.
     best = np.zeros(n + width)  # best[width - 1 + j]: cheapest plan of the first j
+    full_batches = max(-(-n // width), math.ceil(arr.sum() / limits.max_batch_tokens))  # the fewest possible
+    if full_batches <= RELAX_MAX_BATCHES:  # a few batches a plan: relax every row at once
+        c_rev = np.empty((n, width))  # [n, width]
+        for block, lo in zip(_window_costs(arr, limits, cost), range(0, n, max(1, CHUNK_CELLS // width))):
+            c_rev[lo:lo + len(block)] = block[:, ::-1]
+        picks = _relax(best, c_rev, full_batches + RELAX_SLACK)
+        if picks is not None:
+            return _walk_back(width - 1 - picks, n), float(best[-1])
+        blocks = [c_rev]  # plans of many small batches: not settled, go row by row
+    else:
+        blocks = (block[:, ::-1] for block in _window_costs(arr, limits, cost))
+    # One row at a time (the recurrence itself): three numpy calls a step.
     totals = np.empty(width)
     picks = [0]  # picks[i]: width - 1 - choice[i]; picks[0] is never read
     i = 0
-    for block in _window_costs(arr, limits, cost):
-        for row in block[:, ::-1]:  # the best plan of the first i + 1
+    for block in blocks:
+        for row in block:  # the best plan of the first i + 1
             np.add(best[i:i + width], row, out=totals)
-            k = totals.argmin()  # ties: the largest last batch
+            k = totals.argmin()
             best[i + width] = totals[k]
             picks.append(k)
             i += 1
     return _walk_back(width - 1 - np.array(picks), n), float(best[-1])
 
 
+def _relax(best: np.ndarray, c_rev: np.ndarray, rounds: int) -> np.ndarray | None:
+    """Bellman-Ford over the prefixes, every row at once: after r rounds best holds the cheapest plans
+    of at most r batches, so it settles after (batches in a plan) + 1 rounds, to exactly the values
+    (and argmins) of the row-by-row recurrence, that being the one fixed point. Returns [0, *argmins],
+    or None if it has not settled within `rounds`."""
+    n, width = c_rev.shape
+    best[width:] = np.inf
+    view = np.lib.stride_tricks.sliding_window_view(best, width)[:n]  # [n, width]: what row i can follow
+    totals = np.empty((n, width))
+    rows = np.arange(n)
+    for _ in range(rounds):
+        np.add(view, c_rev, out=totals)
+        k = totals.argmin(axis=1)
+        settled = totals[rows, k]
+        if np.array_equal(settled, best[width:]):
+            return np.concatenate(([0], k))
+        best[width:] = settled
+    return None
+
+
 def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limits, cost: CostModel,
                 start_time: float) -> list[tuple[int, int]]:
-    """Consecutive batches over requests in deadline order minimising (late count, finish time)."""
+    """Consecutive batches over requests in deadline order minimising (late count, finish time).
+
+    The best plan of each prefix in turn, six numpy calls a step: the bulk of planning under overload.
+    Times are kept relative to start_time (finish sums start at 0): the comparisons of absolute times up
+    to float rounding (a plan that ties to the last bits may come out the other way), one call a step
+    fewer."""
     arr = np.asarray(lengths, dtype=np.float64)
     due = np.asarray(deadlines, dtype=np.float64) - start_time  # [n], ascending; times from the start
     n = len(arr)
+    if n == 0:
+        return []
     width = min(limits.max_batch_requests, n)
     # State j (the first j requests planned) lives in slot n - j of these arrays, so that the states a
     # batch ending at request i-1 can follow, j = i-1-k for last batch sizes k+1 = 1..width, are one
@@ -218,13 +259,13 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
 
 
 def _evaluate(groups: list[list[int]], pending: Pending, now: float, alone: np.ndarray) -> Plan:
-    """`planner.evaluate` for dp's groups, vectorised over requests; `alone[i]`: request i's seconds
-    alone, the same prediction the demotion of hopeless requests uses."""
-    flat, late, _ = pending.late_mask(groups, now)
+    """`planner.evaluate` for dp's groups, vectorised over requests. Infeasible is judged by `alone[i]`,
+    request i's seconds alone, the vectorised prediction the demotion of hopeless requests uses (evaluate
+    uses the scalar one: the same model, equal up to float rounding)."""
+    batches, total, flat, late = pending.evaluate(groups, now)
     late_idx = flat[late]  # in run order
     infeasible = late_idx[now + alone[late_idx] > pending.deadline_arr[late_idx]]
-    return Plan(pending.batches(groups), pending.total(groups), tuple(sorted(late_idx.tolist())),
-                tuple(infeasible.tolist()))
+    return Plan(batches, total, tuple(np.sort(late_idx).tolist()), tuple(infeasible.tolist()))
 
 
 def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost: CostModel, now: float,
@@ -278,7 +319,8 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     # Classes by (priority, can still make it), highest first; members in index order.
     priorities = [r.priority for r in requests]
     if hopeless.any() or min(priorities) != max(priorities):
-        code = np.array(priorities, dtype=np.int64) * 2 + ~hopeless
+        rank = np.unique(np.array(priorities), return_inverse=True)[1].reshape(-1)  # any ints: no overflow
+        code = rank * 2 + ~hopeless
         classes = [np.flatnonzero(code == key) for key in np.unique(code)[::-1]]
     else:
         classes = [np.arange(len(requests))]

@@ -8,8 +8,8 @@ the one before (bin packing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
-from typing import Sequence
 
 import numpy as np
 
@@ -25,14 +25,15 @@ class Pending:
     def __init__(self, requests: Sequence[Request], cost: CostModel):
         self.requests = requests
         self.cost = cost
+        n = len(requests)
         self.lengths = [r.length for r in requests]  # [n], for scalar loops
-        self.length_int = np.array(self.lengths, dtype=np.int64)  # [n]
+        self.length_int = np.fromiter(self.lengths, dtype=np.int64, count=n)  # [n]
         self.length_arr = self.length_int.astype(np.float64)  # [n]
-        self.deadline_arr = np.array([r.deadline for r in requests], dtype=np.float64)  # [n]
+        self.deadline_arr = np.fromiter([r.deadline for r in requests], dtype=np.float64, count=n)  # [n]
         self._memo: dict[tuple[int, ...], tuple[float, int]] = {}  # group -> (seconds, tokens)
 
-    def _entries(self, groups: list[list[int]]) -> list[tuple[float, int]]:
-        keys = [tuple(g) for g in groups]
+    def _entries(self, groups: list[list[int]], keys: list[tuple[int, ...]] | None = None) -> list[tuple[float, int]]:
+        keys = keys or [tuple(g) for g in groups]
         memo = self._memo
         missing = [k for k in keys if k not in memo]
         if missing:
@@ -51,8 +52,19 @@ class Pending:
         """Predicted seconds of each batch."""
         return [seconds for seconds, _ in self._entries(groups)]
 
-    def batches(self, groups: list[list[int]]) -> list[Batch]:
-        return [Batch(tuple(g), tokens) for g, (_, tokens) in zip(groups, self._entries(groups))]
+    def evaluate(self, groups: list[list[int]], t: float) -> tuple[list[Batch], float, np.ndarray, np.ndarray]:
+        """What a Plan holds of `groups` run in turn from `t`: (batches, total seconds, the indices in
+        run order, whether each misses its deadline)."""
+        keys = [tuple(g) for g in groups]
+        batches, ends, total = [], [], 0.0
+        for key, (seconds, tokens) in zip(keys, self._entries(groups, keys)):
+            batches.append(Batch(key, tokens))
+            t += seconds
+            total += seconds
+            ends.append(t)
+        flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)  # [planned]
+        late = self.deadline_arr[flat] < np.repeat(ends, [len(g) for g in groups])
+        return batches, total, flat, late
 
     def ends(self, groups: list[list[int]], t: float) -> list[float]:
         """Finish time of each batch run in turn from `t` (summed in order, as `evaluate` does)."""
@@ -62,19 +74,14 @@ class Pending:
             out.append(t)
         return out
 
-    def late_mask(self, groups: list[list[int]], t: float) -> tuple[np.ndarray, np.ndarray, list[float]]:
-        """(flat: the indices in run order, late: whether each misses its deadline, batch end times)."""
-        ends = self.ends(groups, t)
-        flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)  # [planned]
-        finish = np.repeat(ends, [len(g) for g in groups])  # [planned]: its batch's end
-        return flat, self.deadline_arr[flat] < finish, ends
-
     def late_count(self, groups: list[list[int]], t: float) -> tuple[int, float]:
         """(requests that miss their deadline, finish time) of `groups` run in turn from `t`."""
         if not groups:
             return 0, t
-        _, late, ends = self.late_mask(groups, t)
-        return int(np.count_nonzero(late)), ends[-1]
+        ends = self.ends(groups, t)
+        flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)  # [planned]
+        finish = np.repeat(ends, [len(g) for g in groups])  # [planned]: its batch's end
+        return int(np.count_nonzero(self.deadline_arr[flat] < finish)), ends[-1]
 
     def total(self, groups: list[list[int]]) -> float:
         total = 0.0

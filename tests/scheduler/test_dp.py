@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scheduler import dp
 from scheduler.brute_force import deadlines_feasible, min_cost_any, min_cost_consecutive
 from scheduler.cost_model import Cell, CostModel
 from scheduler.dp import cost_dp
-from scheduler.planner import Limits, PolicyConfig, Request, plan
+from scheduler.planner import Limits, PolicyConfig, Request, evaluate, plan
 
 COSTS = st.builds(
     CostModel.linear,
@@ -169,3 +170,68 @@ def test_cost_model_fit_predict_and_refine(tmp_path):
     for _ in range(40):
         error = again.observe(lengths, 1.3 * truth.predict_lengths(lengths))
     assert abs(error) < 0.02
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 400), max_size=120), limits=LIMITS, cost=st.one_of(COSTS, curved_costs()))
+def test_cost_dp_relaxation_equals_the_row_by_row_recurrence(lengths, limits, cost):
+    # Relaxing every row at once must settle on the recurrence's own values and argmins, bit for bit.
+    lengths = sorted(lengths)
+    relaxed = cost_dp(lengths, limits, cost)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dp, "RELAX_MAX_BATCHES", 0)  # never relax: row by row
+        assert cost_dp(lengths, limits, cost) == relaxed
+
+
+def deadline_dp_reference(lengths, deadlines, limits, cost, start_time):
+    """The EDF DP written plainly: every state, every last batch, late ones counted one by one."""
+    n = len(lengths)
+    late, finish, choice = [0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1)
+    for i in range(1, n + 1):
+        best = None
+        for k in range(min(limits.max_batch_requests, i)):  # last batch: j .. i-1
+            j = i - 1 - k
+            batch = lengths[j:i]
+            if k and sum(batch) > limits.max_batch_tokens:
+                continue
+            t = finish[j] + float(cost.predict(k + 1, float(sum(batch)), float(sum(x * x for x in batch))))
+            score = late[j] + sum(deadlines[x] - start_time < t for x in range(j, i))
+            key = score * 1e7 + t
+            if best is None or key < best[0]:
+                best = (key, score, t, k)
+        _, late[i], finish[i], choice[i] = best
+    return dp._walk_back(choice, n)
+
+
+@settings(max_examples=150, deadline=None)
+@given(jobs=st.lists(st.tuples(st.integers(1, 300), st.floats(0.0, 2.0)), max_size=40), limits=LIMITS,
+       cost=st.one_of(COSTS, curved_costs()), start=st.sampled_from([0.0, 0.25, 1000.0]))
+def test_deadline_dp_equals_the_plain_recurrence(jobs, limits, cost, start):
+    jobs.sort(key=lambda j: j[1])
+    lengths, deadlines = [n for n, _ in jobs], [start + d for _, d in jobs]
+    got = dp.deadline_dp(lengths, deadlines, limits, cost, start)
+    assert got == deadline_dp_reference(lengths, deadlines, limits, cost, start)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=REQUESTS, limits=LIMITS, cost=COSTS, now=st.sampled_from([0.0, 1.5]))
+def test_plan_reports_what_evaluate_predicts(requests, limits, cost, now):
+    # dp prices and checks its plan vectorised; it must report what the shared evaluate() would.
+    p = plan(requests, limits, cost, now, PolicyConfig("dp"))
+    again = evaluate(p.batches, requests, cost, now)
+    assert (p.cost, p.late, p.infeasible) == (again.cost, again.late, again.infeasible)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(requests=st.lists(st.builds(Request, length=st.integers(1, 300), arrival=st.just(0.0),
+                                   deadline=st.one_of(st.just(math.inf), st.floats(0.0, 20.0)),
+                                   priority=st.integers(0, 1)), min_size=257, max_size=700),
+       cap=st.sampled_from([4, 16, 64]))
+def test_past_the_horizon_every_request_once_within_limits(requests, cap):
+    limits, cost = Limits(4096, cap), CostModel.linear(0.01, 2e-4, 1e-7, 1e-4)
+    p = plan(requests, limits, cost, 0.0, PolicyConfig("dp"))
+    assert sorted(i for b in p.batches for i in b.indices) == list(range(len(requests)))
+    for b in p.batches:
+        assert len(b.indices) <= cap and (b.tokens <= 4096 or len(b.indices) == 1)
+    priorities = [requests[b.indices[0]].priority for b in p.batches]
+    assert priorities == sorted(priorities, reverse=True)
