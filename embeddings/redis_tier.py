@@ -32,6 +32,7 @@ import redis
 import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, keys_to_numpy, last_occurrence
@@ -106,7 +107,7 @@ class RedisTier(Tier):
             if self._failures:
                 self._recover(self._client)
             result = fn(self._client)
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:  # the latter: cluster discovery failed
             with self._lock:
                 self._failures += 1
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self._failures - 1))
@@ -136,7 +137,7 @@ class RedisTier(Tier):
                 pipe.hdel(self._hash(table, p), *_fields(k[pos]))
         try:
             pipe.execute()
-        except redis.RedisError:
+        except (redis.RedisError, RedisClusterException):
             with self._lock:  # still down: keep them for the next try
                 for table, keys in dirty.items():
                     self._mark_dirty(table, keys)

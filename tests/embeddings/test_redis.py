@@ -153,3 +153,35 @@ def test_unreachable_redis_never_raises(tmp_path):
     assert tier.fill("t") is None
     counts = tier.counters()
     assert counts["errors"] + counts["skipped"] == 5 and counts["errors"] >= 1
+
+
+def test_unreachable_cluster_never_raises():
+    tier = make(["redis://127.0.0.1:1", "redis://127.0.0.1:2"], cluster=True)
+    assert not tier.lookup("t", torch.tensor([1]))[1].any()
+    tier.insert("t", torch.tensor([1]), rows([1]))
+    assert tier.counters()["errors"] >= 1
+
+
+def test_a_cluster_node_down_and_back(redis_cluster, tmp_path):
+    """Last in the module: it restarts a node of the shared cluster."""
+    volatile = make([n.url for n in redis_cluster], cluster=True, partitions=16)
+    server = ParameterServer(PersistentTier(tmp_path / "db", sync=False), volatile, DeviceCache(8, 2, device="cpu"))
+    server.create_table("t", DIM, DEFAULT)
+    keys = torch.arange(500, 600)
+    server.update("t", keys, rows(keys.tolist()))
+    server.lookup("t", keys)
+    redis_cluster[2].stop()
+    for _ in range(3):
+        vectors, found = server.lookup("t", keys)
+        assert found.all() and torch.equal(vectors, rows(keys.tolist()))
+    assert volatile.counters()["errors"] >= 1
+    redis_cluster[2].start()  # rejoins with its nodes.conf
+    hits_before = volatile.counters()["hits"]
+
+    def recovered():
+        vectors, found = server.lookup("t", keys)
+        assert found.all() and torch.equal(vectors, rows(keys.tolist()))
+        return volatile.counters()["hits"] > hits_before + 50
+
+    wait_until(recovered, timeout=30)
+    server.close()
