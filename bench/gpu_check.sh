@@ -10,5 +10,8 @@ PYTHONPATH=. python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$
 tests=${PIPESTATUS[0]}
 PYTHONPATH=. python3 bench/gpu_kernels.py --out "$out" 2>&1 | tee "$out/gpu_bench.txt"
 bench=${PIPESTATUS[0]}
+PYTHONPATH=. python3 bench/memory_arena.py --device cuda --dtype float16 --batches 1000 --run 200 --out "$out" 2>&1 | tee "$out/memory_arena.txt"
+arena=${PIPESTATUS[0]}
+bench=$(( bench != 0 || arena != 0 ))
 echo "gpu tests exit $tests, benchmark exit $bench"
 exit $(( tests != 0 || bench != 0 ))

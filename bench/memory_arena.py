@@ -114,12 +114,13 @@ def run_pass(model: PackedEncoder, arena: Arena, trace: list[list[int]], device:
     batches = [PackedBatch.from_ids([[rng.randrange(1000, 20000) for _ in range(n)] for n in lengths], 0, device)
                for lengths in trace]
     cuda = device.startswith("cuda")
-    weights = sum(p.nbytes for p in model.parameters())
     times = {"fresh": [], "arena": []}
+    base = 0
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_reserved()  # weights, inputs, and the arena if it holds chunks now
     allocated = 0
     for batch in batches:  # plan-less
         started = time.perf_counter()
@@ -129,7 +130,7 @@ def run_pass(model: PackedEncoder, arena: Arena, trace: list[list[int]], device:
             torch.cuda.synchronize()
         times["fresh"].append(time.perf_counter() - started)
         allocated = max(allocated, ws.allocated_bytes)
-    torch_reserved = torch.cuda.max_memory_reserved() - weights if cuda else None
+    torch_reserved = torch.cuda.max_memory_reserved() - base if cuda else None
     stats = torch.cuda.memory_stats() if cuda else {}
     fresh_mallocs = stats.get("num_device_alloc")
     if cuda:

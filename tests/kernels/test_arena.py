@@ -149,3 +149,27 @@ def test_token_buckets_are_tight_and_monotonic():
         b = token_bucket(tokens)
         assert b >= tokens and b >= prev and b - tokens < max(16, tokens / 32)
         prev = b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.inference_mode()
+def test_arena_on_gpu_matches_planless_and_allocates_nothing_when_warm(dtype):
+    model = _tiny("bert", "gelu", hidden=64).to("cuda", dtype)
+    arena = Arena(record_lifetimes(model.record_forward), "cuda", min_chunk=1 << 20)
+    rng = random.Random(3)
+    shapes = [[rng.randint(1, 300) for _ in range(rng.randint(1, 12))] for _ in range(20)]
+    for lengths in shapes + shapes:
+        batch = _batch(rng, model, lengths)
+        batch = PackedBatch(batch.input_ids.cuda(), batch.position_ids.cuda(), batch.cu_seqlens, batch.seq_index.cuda())
+        want = model(batch, FreshWorkspace())
+        with arena.batch(batch.input_ids.shape[0]) as ws:
+            got = model(batch, ws).clone()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    warm = arena.stats.chunk_allocations
+    for lengths in shapes:
+        batch = _batch(rng, model, lengths)
+        batch = PackedBatch(batch.input_ids.cuda(), batch.position_ids.cuda(), batch.cu_seqlens, batch.seq_index.cuda())
+        with arena.batch(batch.input_ids.shape[0]) as ws:
+            model(batch, ws)
+    assert arena.stats.chunk_allocations == warm
