@@ -199,6 +199,10 @@ class DeviceCache(Tier):
         self.count(hits=hits, misses=keys.numel() - hits)
         return vectors, found
 
+    def contains(self, table: str, keys: torch.Tensor) -> torch.Tensor:
+        """found [n] bool on the device: which keys are cached (not a use, not counted)."""
+        return self._find(self._slots_of(table), check_keys(keys).to(self.device))[1]
+
     @staticmethod
     def _dedupe(keys: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unique keys in order of first occurrence, each with its last occurrence's vector."""

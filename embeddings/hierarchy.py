@@ -151,8 +151,7 @@ class ParameterServer:
                 with self._lock:
                     # another batch may have fetched some of them meanwhile
                     if self.device_cache is not None:
-                        _, cached = self.device_cache.lookup(table, keys)
-                        keys = keys[~cached.cpu()]
+                        keys = keys[~self.device_cache.contains(table, keys).cpu()]
                     if keys.numel():
                         self._fetch(table, keys)
                     self._count(background_fetched=keys.numel())

@@ -116,8 +116,10 @@ def test_high_hit_rate_mode_serves_defaults_and_fetches_in_the_background(tmp_pa
     vectors, found = server.lookup("t", batch)
     assert found.tolist() == [True] * 19 + [False] and torch.equal(vectors[-1], DEFAULT)
     assert server.stats()["server"]["defaults_async"] == 1
+    device_before = server.stats()["device"]
     server.drain()
     assert server.stats()["server"]["background_fetched"] == 1
+    assert server.stats()["device"] == dict(device_before, evictions=server.stats()["device"]["evictions"])
     vectors, found = server.lookup("t", batch)
     assert found.all() and torch.equal(vectors, rows(batch.tolist()))
     # below the threshold the misses are fetched at once
