@@ -14,8 +14,8 @@ Failures: every call runs behind a circuit breaker. A Redis error (unreachable, 
 down) counts in `errors`, opens the breaker for a backoff that doubles from `backoff_s` up to
 `max_backoff_s`, and the call answers as if Redis held nothing (lookup: all misses; writes: not
 applied). While open, calls skip Redis (counted in `skipped`); the first call after the backoff
-tries again and a success closes the breaker. A write that fails leaves a row Redis may hold stale,
-so its keys are remembered (up to `max_dirty` per table) and deleted from Redis on recovery;
+tries again and a success closes the breaker. An update or evict that fails leaves a row Redis may
+hold stale, so its keys are remembered (up to `max_dirty` per table) and deleted from Redis on recovery;
 past that bound the table's partitions are dropped whole on recovery.
 """
 
@@ -202,7 +202,7 @@ class RedisTier(Tier):
             self._mark_dirty(table, keys.tolist())
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
-        """HSET the rows (one pipeline), then trim partitions over capacity; dropped if Redis is down."""
+        """HSET the rows (one pipeline), then trim partitions over capacity; dropped (not retried) if Redis is down."""
         uniq, rows = self._rows(table, keys, vectors)
         if uniq.size == 0:
             return
@@ -222,8 +222,9 @@ class RedisTier(Tier):
             self._trim(client, table, [(p, size) for (p, _), size in zip(groups, sizes) if size > self.capacity])
             return True
 
-        if self._call(run) is None:
-            self._write_failed(table, uniq)
+        # A dropped insert is not remembered: the hierarchy inserts only rows Redis just missed,
+        # so nothing stale is left behind (and an outage's many fills would flood the dirty set).
+        self._call(run)
 
     def _trim(self, client: Any, table: str, over: list[tuple[int, int]]) -> None:
         """Evict rows of the partitions over capacity down to the target fill."""
