@@ -209,6 +209,7 @@ class Arena:
         self._chunks: list[torch.Tensor | None] = []  # uint8 buffers; None once released
         self._last_used: list[int] = []
         self._plans: dict[int, MemoryPlan] = {}
+        self._views: dict[int, tuple[MemoryPlan, list]] = {}  # id(plan) -> its views (they pin the chunks)
         self._largest_bucket = 0
         self._recent_peaks: deque[int] = deque(maxlen=release_after)
         self._lock = threading.Lock()
@@ -245,6 +246,7 @@ class Arena:
             for i in live:
                 self._chunks[i] = None
                 self.stats.chunk_releases += 1
+            self._views.clear()
             live, consolidate = [], True
             plan = MemoryPlan(whole.chunk, whole.offset, whole.sizes, [size], [0], whole.used_chunks)
         if plan is not largest:
@@ -280,6 +282,7 @@ class Arena:
                 if chunk is not None:
                     self._chunks[i] = None
                     self.stats.chunk_releases += 1
+                    self._views.clear()
             self._plans.clear()
             self._largest_bucket = 0
             self._recent_peaks.clear()
@@ -288,6 +291,7 @@ class Arena:
             if chunk is not None and self.stats.batches - self._last_used[i] > self.release_after:
                 self._chunks[i] = None
                 self.stats.chunk_releases += 1
+                self._views.clear()
                 self._plans = {b: p for b, p in self._plans.items() if i not in p.used_chunks}
 
     @contextmanager
@@ -295,8 +299,11 @@ class Arena:
         """A workspace for one forward of `tokens` tokens; the views are valid until the block ends."""
         with self._lock:
             plan = self.plan(tokens)
-            views = [(self._chunks[c][off:off + size], size) for c, off, size in zip(plan.chunk, plan.offset, plan.sizes)]
-            ws = _ArenaWorkspace(views)
+            cached = self._views.get(id(plan))
+            if cached is None or cached[0] is not plan:
+                views = [(self._chunks[c][off:off + size], size) for c, off, size in zip(plan.chunk, plan.offset, plan.sizes)]
+                cached = self._views[id(plan)] = (plan, views)
+            ws = _ArenaWorkspace(cached[1])
             yield ws
             self.stats.batches += 1
             for c in plan.used_chunks:
