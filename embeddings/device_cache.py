@@ -179,9 +179,10 @@ class DeviceCache(Tier):
 
     def _touch(self, s: _Slots, flat: torch.Tensor) -> None:
         """Record a use of the slots (duplicates count once: gather, add, scatter)."""
-        s.last.view(-1)[flat] = s.tick
+        s.last.view(-1).index_fill_(0, flat, s.tick)
         if s.freq is not None:
-            s.freq.view(-1)[flat] += 1
+            freq = s.freq.view(-1)
+            freq.index_copy_(0, flat, freq.index_select(0, flat) + 1)  # duplicates write the same value
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows: vectors [n, dim] and found [n], on the cache's device. Hits count as uses."""
