@@ -31,7 +31,7 @@ serve: install
 # The embedding tests start real Redis servers (Debian's redis-server).
 redis-server:
 	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get install -y -q redis-server || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server); }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server || ($$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server); }
 
 test: install-dev redis-server
 	$(BIN)/python -m pytest -q
