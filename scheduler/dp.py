@@ -159,20 +159,21 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
     state = np.arange(n, -width, -1)  # j of each slot
     scaled = np.arange(n + 1) * 1e7  # scaled[late]: the late count's weight in the lexicographic key
     t, key = np.empty(width), np.empty(width)
+    add, maximum, take = np.add, np.maximum, scaled.take
     picks = [0]
     i = 0
     for block in _window_costs(arr, limits, cost):
         for row in block:  # the best plan of the first i + 1 requests
             i += 1
             a = n - i + 1
-            np.add(finish[a:a + width], row, out=t)
+            add(finish[a:a + width], row, out=t)
             # late in the batch: due before t among j..i-1; deadlines ascend, so they are a prefix of
             # the batch, and clip(reached, j, i) - j counts them (the - j is folded into late_less_j)
             score = due[:i].searchsorted(t)
-            np.maximum(score, state[a:a + width], out=score)
+            maximum(score, state[a:a + width], out=score)
             score += late_less_j[a:a + width]
             # lexicographic (late count, finish): finish times from the start are far below 1e7 s
-            scaled.take(score, out=key)
+            take(score, out=key)
             key += t
             k = key.argmin()
             finish[a - 1] = t[k]
@@ -318,7 +319,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
             hopeless &= now < deadlines + config.late_grace * (deadlines - arrivals)
     # Classes by (priority, can still make it), highest first; members in index order.
     priorities = [r.priority for r in requests]
-    if hopeless.any() or min(priorities) != max(priorities):
+    if hopeless.any() or priorities.count(priorities[0]) != len(priorities):
         rank = np.unique(np.array(priorities), return_inverse=True)[1].reshape(-1)  # any ints: no overflow
         code = rank * 2 + ~hopeless
         classes = [np.flatnonzero(code == key) for key in np.unique(code)[::-1]]

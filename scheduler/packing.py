@@ -102,7 +102,7 @@ class Pending:
 
 def first_fit_decreasing(members: list[int], lengths: Sequence[int], limits: Limits) -> list[list[int]]:
     """Bin packing: longest first, each into the first batch with room under both limits."""
-    order = sorted(members, key=lambda m: -lengths[m])
+    order = sorted(members, key=lengths.__getitem__, reverse=True)  # stable: ties keep member order
     smallest = lengths[order[-1]] if order else 0
     bins: list[list[int]] = []
     room: list[int] = []  # tokens left, per bin
