@@ -102,6 +102,14 @@ class EmbeddingSettings(_Section):
     target_fill: float = Field(0.8, gt=0, le=1, description="Fraction of capacity a full partition is evicted down to.")
     async_defaults: bool = Field(False, description="High-hit-rate mode: above hit_rate_threshold, misses get default vectors now and are fetched in the background.")
     hit_rate_threshold: float = Field(0.9, ge=0, le=1, description="Device cache hit rate of a batch above which async_defaults applies.")
+    max_keys: int = Field(65536, ge=1, description="Most keys in one lookup, update or recommendation request (413 above).")
+    update_stream: str | None = Field(None, description="Redis stream of online updates to consume; empty: no consumer.")
+    update_stream_url: str | None = Field(None, description="Redis holding the update stream; default the first of redis_urls.")
+    update_group: str = Field("turboserve", min_length=1, description="Consumer group of the update stream.")
+    update_consumer: str | None = Field(None, description="Consumer name in the group; default the host name (stable across restarts).")
+    update_batch: int = Field(64, ge=1, le=100_000, description="Most stream entries read at once.")
+    update_block_ms: int = Field(1000, ge=1, le=60_000, description="How long one stream read waits for new entries, in ms.")
+    update_claim_idle_ms: int = Field(30_000, ge=0, description="Entries another consumer left pending this long are taken over (XAUTOCLAIM).")
 
     @model_validator(mode="after")
     def _check_backend(self) -> EmbeddingSettings:
@@ -113,6 +121,14 @@ class EmbeddingSettings(_Section):
         return self
 
 
+class RecommendSettings(_Section):
+    """A DLRM recommendation model whose embedding rows live in the parameter server (needs embeddings.enabled)."""
+
+    model_path: str | None = Field(None, description="DLRM folder (config.json + model.safetensors); empty: no recommendation model.")
+    name: str | None = Field(None, description="Served name of the DLRM (KServe path); defaults to the folder's name.")
+    max_batch: int = Field(4096, ge=1, description="Most samples in one recommendation request (413 above).")
+
+
 class Settings(BaseSettings):
     """All of turboserve's settings, grouped by the component that reads them."""
 
@@ -122,6 +138,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    recommend: RecommendSettings = Field(default_factory=RecommendSettings)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "Settings":

@@ -1,0 +1,231 @@
+"""Online updates from a Redis stream, applied through `ParameterServer.update`.
+
+Message format: one stream entry is one update of one table, with three fields:
+
+    table    the table's name, UTF-8
+    keys     n int64 keys, little-endian (8n bytes)
+    vectors  n rows of the table's dim float32s, little-endian, row-major (4·n·dim bytes)
+
+`encode_update` builds the fields and `publish_update` XADDs them (a trainer needs only numpy and redis-py:
+`r.xadd(stream, {"table": t, "keys": k.astype("<i8").tobytes(), "vectors": v.astype("<f4").tobytes()})`).
+
+Delivery is at least once, through a consumer group: XREADGROUP, apply (persistent tier first, fsynced),
+then XACK. A consumer that dies between the two leaves the entry pending; at start (and every
+`claim_idle_ms`) the consumer takes over entries other consumers left pending that long (XAUTOCLAIM) and
+re-reads its own pending entries before new ones, so every entry is applied at least once, in stream order
+for one consumer. Re-applying an update writes the same rows again, so a redelivery is harmless.
+
+An entry that can never apply (missing field, unknown table, sizes that do not match the table's dim) is
+logged, counted as `rejected`, copied to `<stream>:rejected` with a `reason` field, and acknowledged.
+An update that fails otherwise (the persistent tier raised) is not acknowledged: it is retried after a
+backoff. When Redis goes away the consumer backs off (doubling from `backoff_s` to `max_backoff_s`),
+reconnects, and re-creates the group if Redis came back empty; it never exits until `stop()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+
+from embeddings.hierarchy import ParameterServer
+
+logger = logging.getLogger(__name__)
+
+
+class RejectedUpdate(ValueError):
+    """A stream entry that can never be applied (malformed, unknown table, wrong sizes)."""
+
+
+def encode_update(table: str, keys: np.ndarray | list[int], vectors: np.ndarray) -> dict[str, bytes]:
+    """The stream fields of one update: keys [n] int64, vectors [n, dim] float32."""
+    k = np.asarray(keys, dtype=np.int64).reshape(-1)
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[0] != k.size:
+        raise ValueError(f"vectors must be [{k.size}, dim], got {v.shape}")
+    return {"table": table.encode(), "keys": k.astype("<i8").tobytes(), "vectors": v.astype("<f4").tobytes()}
+
+
+def publish_update(client: redis.Redis, stream: str, table: str, keys: np.ndarray | list[int], vectors: np.ndarray) -> bytes:
+    """XADD one update to the stream; returns the entry id."""
+    return client.xadd(stream, encode_update(table, keys, vectors))  # type: ignore[arg-type]
+
+
+def decode_update(fields: dict[bytes, bytes], dims: dict[str, int]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(table, keys [n] int64, vectors [n, dim] float32) of one entry; RejectedUpdate says what is wrong."""
+    missing = [f for f in (b"table", b"keys", b"vectors") if f not in fields]
+    if missing:
+        raise RejectedUpdate(f"missing field(s) {b', '.join(missing).decode()}")
+    try:
+        table = fields[b"table"].decode()
+    except UnicodeDecodeError:
+        raise RejectedUpdate("table is not UTF-8") from None
+    if table not in dims:
+        raise RejectedUpdate(f"no table {table!r} (known: {sorted(dims)})")
+    raw_keys, raw_vectors, dim = fields[b"keys"], fields[b"vectors"], dims[table]
+    if len(raw_keys) % 8:
+        raise RejectedUpdate(f"keys hold {len(raw_keys)} bytes, not a multiple of 8 (int64)")
+    n = len(raw_keys) // 8
+    if len(raw_vectors) != 4 * n * dim:
+        raise RejectedUpdate(f"vectors hold {len(raw_vectors)} bytes; {n} keys of table {table!r} (dim {dim}) need {4 * n * dim}")
+    vectors = np.frombuffer(raw_vectors, dtype="<f4").reshape(n, dim)
+    if not np.isfinite(vectors).all():
+        raise RejectedUpdate("vectors hold NaN or infinity")
+    return table, np.frombuffer(raw_keys, dtype="<i8").astype(np.int64), vectors.astype(np.float32)
+
+
+class UpdateConsumer:
+    """A background thread applying a Redis stream's updates to a ParameterServer (see the module docstring).
+
+    url: the Redis holding the stream. stream, group, consumer: names (consumer defaults to the host name, so a
+    restarted server finds its own pending entries). batch: most entries per read. block_ms: how long one read
+    waits for new entries. claim_idle_ms: pending entries idle this long are taken over from other consumers.
+    """
+
+    def __init__(self, server: ParameterServer, url: str, stream: str, group: str = "turboserve",
+                 consumer: str | None = None, batch: int = 64, block_ms: int = 1000, claim_idle_ms: int = 30_000,
+                 backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
+        if batch < 1 or block_ms < 1 or claim_idle_ms < 0:
+            raise ValueError(f"{batch=} and {block_ms=} must be >= 1, {claim_idle_ms=} >= 0")
+        self.server, self.url, self.stream, self.group = server, url, stream, group
+        self.consumer = consumer or socket.gethostname()
+        self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._client: redis.Redis | None = None
+        self._own_pending = True  # re-read our own pending entries before new ones
+        self._next_claim = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the consumer thread (returns at once; Redis may still be unreachable)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="embedding-updates", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the thread to stop and wait for it (an entry being applied is finished and acknowledged first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout if timeout is not None else self.block_ms / 1000 + 10)
+        self._drop_client()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def counters(self) -> dict[str, int]:
+        """applied (entries), rows, rejected, claimed, redis_errors, update_errors."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for key, value in increments.items():
+                self._counts[key] += int(value)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = self.backoff_s
+        while not self._stop.is_set():
+            try:
+                self.step()
+                backoff = self.backoff_s
+                continue
+            except redis.RedisError as exc:
+                self._count(redis_errors=1)
+                logger.warning("update stream %s: %s: %s; retrying in %.2f s", self.stream, type(exc).__name__, exc, backoff)
+                self._drop_client()
+            except Exception:  # the update itself failed: leave it pending and retry it
+                self._count(update_errors=1)
+                logger.exception("update stream %s: applying an update failed; retrying in %.2f s", self.stream, backoff)
+                self._own_pending = True
+            self._stop.wait(backoff)
+            backoff = min(self.max_backoff_s, backoff * 2)
+
+    def step(self) -> int:
+        """One read: connect (and set up) if needed, claim stale entries when due, apply what arrives.
+        Returns the number of entries handled. Raises redis errors (the loop backs off on them)."""
+        client = self._connect()
+        if time.monotonic() >= self._next_claim:
+            self._claim(client)
+        start = "0" if self._own_pending else ">"
+        reply = client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch,
+                                  block=None if self._own_pending else self.block_ms)
+        entries = reply[0][1] if reply else []
+        if self._own_pending and not entries:
+            self._own_pending = False  # none of ours left pending: read new entries from now on
+        for entry_id, fields in entries:
+            self._handle(client, entry_id, fields)
+        return len(entries)
+
+    def _connect(self) -> redis.Redis:
+        if self._client is None:
+            # A blocking read must be able to wait block_ms before the socket times out.
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=self.block_ms / 1000 + 5)
+            try:
+                client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+                logger.info("update stream %s: created group %s", self.stream, self.group)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._client, self._own_pending, self._next_claim = client, True, 0.0
+            logger.info("update stream %s: consuming as %s/%s", self.stream, self.group, self.consumer)
+        return self._client
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except redis.RedisError:
+                pass
+
+    def _claim(self, client: redis.Redis) -> None:
+        """Take over entries other consumers left pending for claim_idle_ms (XAUTOCLAIM), to read them as ours."""
+        cursor, claimed = "0-0", 0
+        while True:
+            # (redis-py drops the cursor of a JUSTID reply, so the entries come back whole; they are re-read below)
+            reply = client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=cursor,
+                                      count=self.batch)
+            cursor = reply[0]
+            claimed += len(reply[1])
+            if cursor in (b"0-0", "0-0"):
+                break
+        if claimed:
+            self._count(claimed=claimed)
+            self._own_pending = True
+            logger.info("update stream %s: claimed %d pending entries of stopped consumers", self.stream, claimed)
+        self._next_claim = time.monotonic() + max(1.0, self.claim_idle_ms / 1000)
+
+    def _handle(self, client: redis.Redis, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        """Apply one entry (persistent tier first, synced), then XACK it; reject the malformed."""
+        if fields:
+            dims = {name: spec.dim for name, spec in self.server.tables.items()}
+            try:
+                table, keys, vectors = decode_update(fields, dims)
+            except RejectedUpdate as exc:
+                self._reject(client, entry_id, fields, str(exc))
+                return
+            self.server.update(table, torch.from_numpy(keys), torch.from_numpy(vectors))
+            self._count(applied=1, rows=keys.size)
+        # fields empty or None: the entry was deleted from the stream (XDEL/XTRIM) while pending
+        client.xack(self.stream, self.group, entry_id)
+
+    def _reject(self, client: redis.Redis, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
+        logger.warning("update stream %s: rejected entry %s: %s", self.stream, entry_id.decode(), reason)
+        dead: dict[Any, Any] = {**fields, b"reason": reason.encode(), b"id": entry_id}
+        pipe = client.pipeline(transaction=True)
+        pipe.xadd(f"{self.stream}:rejected", dead)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.execute()
+        self._count(rejected=1)
