@@ -1,4 +1,5 @@
-"""`turboserve` command line: `turboserve serve [--config FILE] [--host] [--port] [--model PATH]`."""
+"""`turboserve` command line: `turboserve serve [--config FILE] [--host] [--port] [--model PATH]`,
+`turboserve profile`, `turboserve import-embeddings --table T --file F`."""
 
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", help="torch device (model.device)")
     prof.add_argument("--runs", type=int, help="timed runs per cell (scheduler.profile_runs)")
     prof.add_argument("--max-tokens", type=int, help="largest batch measured, in tokens (scheduler.profile_max_tokens)")
+    imp = sub.add_parser("import-embeddings", help="import an embedding table into the persistent tier (RocksDB)",
+                         description="Import one table's rows from .npy, .safetensors or .csv into the RocksDB store of "
+                                     "the embedding parameter server (embeddings.path). Stop a server using it first.")
+    imp.add_argument("--table", required=True, help="table name (a DLRM's config names its tables)")
+    imp.add_argument("--file", required=True, help="the rows: .npy [rows, dim], .safetensors, or .csv")
+    imp.add_argument("--format", choices=["auto", "npy", "safetensors", "csv"], default="auto",
+                     help="file format (default: from the suffix)")
+    imp.add_argument("--tensor", help="safetensors: the tensor to import (default: the one named like the table, or the only one)")
+    imp.add_argument("--csv-layout", choices=["keyed", "ordered"], default="keyed",
+                     help="csv: 'keyed' lines are key,v0,v1,...; 'ordered' lines are v0,v1,... and line i is key i")
+    imp.add_argument("--default-vector", help="vector answered for keys the table lacks: one number or dim comma-separated "
+                                              "numbers (default zeros; only when the table is created)")
+    imp.add_argument("--path", help="RocksDB directory (embeddings.path)")
+    imp.add_argument("--config", help="YAML settings file (for embeddings.path)")
+    imp.add_argument("--chunk-rows", type=int, default=65536, help="rows per atomic write (default 65536)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -120,9 +137,35 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_embeddings(args: argparse.Namespace) -> int:
+    from configs.settings import load_settings  # noqa: PLC0415
+    from server.import_tables import ImportFailed, import_table  # noqa: PLC0415
+
+    overrides = {"embeddings": {"path": args.path}} if args.path else {}
+    try:
+        settings = load_settings(args.config, overrides)
+    except ValidationError as exc:
+        print(f"turboserve: {_explain(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"turboserve: {exc}", file=sys.stderr)
+        return 2
+    if args.chunk_rows < 1:
+        print(f"turboserve: --chunk-rows {args.chunk_rows} must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        summary = import_table(settings.embeddings.path, args.table, args.file, args.format, args.tensor, args.csv_layout,
+                               args.default_vector, args.chunk_rows, progress=not args.no_progress)
+    except ImportFailed as exc:
+        print(f"turboserve: {exc}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"serve": serve, "profile": profile}[args.command](args)
+    return {"serve": serve, "profile": profile, "import-embeddings": import_embeddings}[args.command](args)
 
 
 if __name__ == "__main__":
