@@ -20,7 +20,7 @@ import server
 from configs.settings import Settings
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
-from server import routes_kserve, routes_openai, routes_tei
+from server import routes_kserve, routes_openai, routes_recommend, routes_tei
 from server.engine import Engine
 from server.errors import (
     KINDS,
@@ -33,6 +33,7 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.profiling import build_cost_model, save_refined
+from server.recommend import build_recommender
 from server.middleware import EdgeMiddleware
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ def warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
 
 
 def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Metrics) -> None:
+    recommender = None
     try:
+        if settings.embeddings.enabled:  # first: a bad DLRM folder or table fails fast
+            recommender = build_recommender(settings)
         embedder, tokenizer, info = loader()
         if settings.model.warmup:
             warm_up(embedder, tokenizer)
@@ -82,6 +86,9 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
         if getattr(embedder, "arena", None) is not None:
             metrics.watch_arena(embedder.arena)
         engine.start()
+        if recommender is not None:
+            metrics.watch_embeddings(recommender.ps, recommender.consumer)
+            app.state.recommender = recommender
         app.state.engine = engine
         # Everything loaded so far (model, tokenizer, libraries) lives as long as the process: move it out
         # of the collector's reach, so a full collection later scans only request garbage (a gen-2 pass
@@ -92,6 +99,8 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
     except Exception as exc:
         app.state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model failed to load; the server stays unready")
+        if recommender is not None and app.state.recommender is None:
+            recommender.close()
 
 
 def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
@@ -111,10 +120,14 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             app.state.engine.stop(timeout=30)
             if app.state.engine.cost is not None:
                 save_refined(settings, app.state.engine.cost)
+        if app.state.recommender is not None:
+            app.state.recommender.close()
 
     app = FastAPI(title="turboserve", version=server.__version__, lifespan=lifespan)
     app.state.engine = None
     app.state.load_error = None
+    app.state.recommender = None
+    app.state.embeddings_enabled = settings.embeddings.enabled
     app.state.draining = False
     app.state.metrics = metrics
     app.state.started_at = int(time.time())
@@ -147,6 +160,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_tei.router)
     app.include_router(routes_kserve.router)
+    app.include_router(routes_recommend.router)
 
     if settings.server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["*"],

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from fastapi import Request, Response
 
 from scheduler.errors import NotReady
 from server.engine import Engine
+from server.errors import NotEnabled
 from server.middleware import SCOPE_KEY, Timing
+
+if TYPE_CHECKING:
+    from server.recommend import Recommender
 
 
 def engine_of(request: Request) -> Engine:
@@ -29,3 +34,16 @@ def timing_of(request: Request) -> Timing:
 def json_response(payload, status: int = 200) -> Response:
     """Serialise with json.dumps directly: far cheaper than FastAPI's encoder on long float lists."""
     return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+def recommender_of(request: Request) -> Recommender:
+    """The ready Recommender; NotEnabled (404) when embeddings are off, NotReady (503) while loading or draining."""
+    state = request.app.state
+    if not state.embeddings_enabled:
+        raise NotEnabled("the embedding parameter server is off on this server (embeddings.enabled=false)")
+    if state.draining:
+        raise NotReady("server is shutting down")
+    if state.recommender is None:
+        failed = state.load_error
+        raise NotReady(f"model failed to load: {failed}" if failed else "model is loading")
+    return state.recommender

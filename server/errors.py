@@ -34,6 +34,14 @@ class ModelNotFound(LookupError):
     """The request names a model this server does not serve."""
 
 
+class NotEnabled(LookupError):
+    """The request needs a part of the server its settings leave off (the embedding parameter server, a DLRM)."""
+
+
+class TableNotFound(LookupError):
+    """The request names an embedding table the parameter server does not hold."""
+
+
 class Unauthorized(PermissionError):
     """Missing or wrong API key."""
 
@@ -59,6 +67,8 @@ KINDS: dict[type, ErrorKind] = {
     TooLarge: ErrorKind(413, "invalid_request_error", "payload_too_large", "Validation"),
     InputTooLong: ErrorKind(413, "invalid_request_error", "context_length_exceeded", "Validation"),
     ModelNotFound: ErrorKind(404, "invalid_request_error", "model_not_found", "Validation"),
+    TableNotFound: ErrorKind(404, "invalid_request_error", "table_not_found", "Validation"),
+    NotEnabled: ErrorKind(404, "invalid_request_error", "not_enabled", "Validation"),
     Unauthorized: ErrorKind(401, "authentication_error", "invalid_api_key", "Unauthorized"),
     Overloaded: ErrorKind(429, "rate_limit_error", "overloaded", "Overloaded"),
     NotReady: ErrorKind(503, "service_unavailable", "not_ready", "Unhealthy"),

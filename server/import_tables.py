@@ -70,7 +70,7 @@ def read_npy(path: Path, chunk_rows: int) -> Source:
 
 
 def read_safetensors(path: Path, table: str, tensor: str | None, chunk_rows: int) -> Source:
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open
 
     try:
         handle = safe_open(str(path), framework="pt")
@@ -177,9 +177,9 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
                  csv_layout: str = "keyed", default_vector: str | None = None, chunk_rows: int = 65536,
                  progress: bool = True) -> str:
     """Import one table; returns the summary line. Rows are written in chunks of chunk_rows (one atomic batch each)."""
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
-    from embeddings.persistent import PersistentTier  # noqa: PLC0415
+    from embeddings.persistent import PersistentTier
 
     path = Path(file)
     if not path.is_file():
@@ -198,11 +198,11 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
     db_path = os.path.expanduser(db_path)
     try:
         tier = PersistentTier(db_path, sync=False)
-    except Exception as exc:  # rocksdict raises a plain Exception (e.g. "IO error: lock ...")
+    except Exception as exc:  # noqa: BLE001 - rocksdict raises a plain Exception (e.g. "IO error: lock ...")
         raise ImportFailed(f"cannot open the embedding store at {db_path}: {exc} (is a server using it? stop it first)") from None
     written = 0
     try:
-        from embeddings.tier import TableSpec  # noqa: PLC0415
+        from embeddings.tier import TableSpec
 
         existing = tier.tables.get(table)
         if existing is not None and existing.dim != source.dim:

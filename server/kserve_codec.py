@@ -55,8 +55,8 @@ def _flatten(data) -> list:
     return [data]
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
-    """Parse an infer request whose single BYTES input holds the texts to embed."""
+def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """(the JSON document, the binary tensor bytes after it) of an infer request."""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise InvalidRequest(f"{HEADER_LENGTH}={header_length!r} does not fit a body of {len(body)} bytes")
@@ -69,6 +69,12 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InvalidRequest("request must be a JSON object with a non-empty 'inputs' list")
+    return doc, binary
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request whose single BYTES input holds the texts to embed."""
+    doc, binary = _split(body, header_length)
     if len(doc["inputs"]) != 1:
         raise InvalidRequest(f"expected exactly one input (BYTES texts), got {len(doc['inputs'])}")
     tensor = doc["inputs"][0]
@@ -126,3 +132,91 @@ def encode_infer_response(model: str, request_id: str | None, vectors: np.ndarra
     if not binary:
         return head, {"content-type": "application/json"}
     return head + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
+# Numeric KServe datatypes and their little-endian numpy types.
+NUMPY_TYPES = {"BOOL": "?", "INT8": "i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2",
+               "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+
+
+@dataclass
+class TensorRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]  # requested output names; empty: all
+    binary_output: bool
+
+
+def _numeric(tensor: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One numeric input as an array of its shape; returns it and the binary offset after it."""
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if datatype not in NUMPY_TYPES:
+        raise InvalidRequest(f"input {name!r}: datatype {datatype!r} is not a numeric type ({', '.join(NUMPY_TYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    dtype, count = np.dtype(NUMPY_TYPES[datatype]), int(np.prod(shape, dtype=np.int64))
+    params = tensor.get("parameters") or {}
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
+            raise InvalidRequest(f"input {name!r}: binary_data_size={size!r} does not hold {count} {datatype} values "
+                                 f"within the {len(binary) - offset} binary bytes left")
+        return np.frombuffer(binary, dtype, count, offset).reshape(shape), offset + size
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InvalidRequest(f"input {name!r} has neither 'data' nor binary data")
+    flat = _flatten(data)
+    if len(flat) != count:
+        raise InvalidRequest(f"input {name!r}: shape {shape} says {count} elements, data holds {len(flat)}")
+    integral = dtype.kind in "iu"
+    for x in flat:
+        if isinstance(x, bool) != (datatype == "BOOL") or not isinstance(x, (int, float)) or (integral and not isinstance(x, int)):
+            raise InvalidRequest(f"input {name!r}: {x!r} is not a {datatype} value")
+    try:
+        return np.asarray(flat, dtype=dtype).reshape(shape), offset
+    except OverflowError:
+        raise InvalidRequest(f"input {name!r}: a value is out of the {datatype} range") from None
+
+
+def parse_tensors(body: bytes, header_length: str | None) -> TensorRequest:
+    """Parse an infer request of numeric tensors (JSON data or Triton binary data), by input name."""
+    doc, binary = _split(body, header_length)
+    inputs, offset = {}, 0
+    for tensor in doc["inputs"]:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InvalidRequest("each input must be an object with name, shape, datatype, data")
+        if tensor["name"] in inputs:
+            raise InvalidRequest(f"input {tensor['name']!r} is given twice")
+        inputs[tensor["name"]], offset = _numeric(tensor, binary, offset)
+    if offset != len(binary):
+        raise InvalidRequest(f"{len(binary) - offset} binary bytes follow the JSON header beyond the inputs' data")
+    outputs = doc.get("outputs") or []
+    request_params = doc.get("parameters") or {}
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs) or not isinstance(request_params, dict):
+        raise InvalidRequest("'outputs' must be a list of objects and 'parameters' an object")
+    binary_output = bool(request_params.get("binary_data_output", False)) or any(
+        bool((out.get("parameters") or {}).get("binary_data", False)) for out in outputs)
+    request_id = doc.get("id")
+    return TensorRequest(str(request_id) if request_id is not None else None, inputs,
+                         [str(o.get("name")) for o in outputs], binary_output)
+
+
+def encode_tensors(model: str, request_id: str | None, outputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict]:
+    """(body, extra headers) for FP32 outputs by name, in JSON or as binary tensor data."""
+    docs, raws = [], []
+    for name, array in outputs.items():
+        out: dict = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if binary:
+            raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+            out["parameters"] = {"binary_data_size": len(raw)}
+            raws.append(raw)
+        else:
+            out["data"] = array.reshape(-1).tolist()
+        docs.append(out)
+    doc: dict = {"model_name": model, "model_version": "1", "outputs": docs}
+    if request_id is not None:
+        doc["id"] = request_id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not binary:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(raws), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from scheduler.queue import WorkItem
 
@@ -79,6 +82,14 @@ class Metrics:
         Gauge("turboserve_memory_arena_plan_misses", "Batches whose memory plan was not cached.",
               registry=r).set_function(lambda: arena.stats.plan_misses)
 
+    def watch_embeddings(self, ps, consumer=None) -> None:
+        """Export the parameter server's tier counters and, with a stream consumer, its message counts."""
+        from embeddings.metrics import EmbeddingCollector  # noqa: PLC0415 - only servers with embeddings need it
+
+        self.registry.register(EmbeddingCollector(ps))
+        if consumer is not None:
+            self.registry.register(_StreamCollector(consumer))
+
     def cost_error_summary(self) -> dict:
         """Median and p90 of |relative error| over the last batches, and the signed median (bias)."""
         errors = list(self._recent_errors)
@@ -87,3 +98,25 @@ class Metrics:
         absolute = sorted(abs(e) for e in errors)
         return {"batches": len(errors), "median_abs": statistics.median(absolute),
                 "p90_abs": absolute[int(0.9 * (len(absolute) - 1))], "median_signed": statistics.median(errors)}
+
+
+class _StreamCollector(Collector):
+    """`turboserve_embedding_stream_messages_total{outcome}` (applied | rejected), `..._rows_total`,
+    `..._claimed_total` and `turboserve_embedding_stream_errors_total{kind}` (redis | update), read at scrape time."""
+
+    def __init__(self, consumer) -> None:
+        self.consumer = consumer
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.consumer.counters()
+        messages = CounterMetricFamily("turboserve_embedding_stream_messages", "Update stream entries handled.", labels=["outcome"])
+        messages.add_metric(["applied"], c["applied"])
+        messages.add_metric(["rejected"], c["rejected"])
+        yield messages
+        yield CounterMetricFamily("turboserve_embedding_stream_rows", "Rows written by applied stream entries.", value=c["rows"])
+        yield CounterMetricFamily("turboserve_embedding_stream_claimed", "Pending entries taken over from stopped consumers.",
+                                  value=c["claimed"])
+        errors = CounterMetricFamily("turboserve_embedding_stream_errors", "Failed stream reads and updates.", labels=["kind"])
+        errors.add_metric(["redis"], c["redis_errors"])
+        errors.add_metric(["update"], c["update_errors"])
+        yield errors

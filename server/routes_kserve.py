@@ -1,16 +1,22 @@
-"""KServe v2 / Open Inference Protocol routes; `tritonclient.http` works against them unmodified."""
+"""KServe v2 / Open Inference Protocol routes; `tritonclient.http` works against them unmodified.
+Two models may be served: the text encoder (BYTES `text` -> FP32 `embedding`) and a DLRM (see _infer_dlrm)."""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 import server
 from models.runtime import finish_embedding
 from scheduler.errors import NotReady
-from server.deps import engine_of, timing_of
+from server.deps import engine_of, recommender_of, timing_of
 from server.engine import Engine
-from server.errors import ModelNotFound
-from server.kserve_codec import HEADER_LENGTH, encode_infer_response, parse_infer
+from server.errors import InvalidRequest, ModelNotFound
+from server.kserve_codec import HEADER_LENGTH, encode_infer_response, encode_tensors, parse_infer, parse_tensors
+from server.recommend import Recommender, bags_from_matrix
 
 router = APIRouter(prefix="/v2", tags=["kserve"])
 
@@ -31,10 +37,20 @@ _INFER_BODY = {
 }
 
 
+def _dlrm(request: Request, name: str) -> Recommender | None:
+    """The recommender when `name` is its DLRM's served name (checked before the encoder's)."""
+    rec = request.app.state.recommender
+    if rec is None or rec.model is None or name != rec.name:
+        return None
+    return recommender_of(request)
+
+
 def _model(request: Request, name: str) -> Engine:
     engine = engine_of(request)
     if name != engine.info.name:
-        raise ModelNotFound(f"model {name!r} is not served here; this server serves {engine.info.name!r}")
+        rec = request.app.state.recommender
+        served = [engine.info.name] + ([rec.name] if rec is not None and rec.model is not None else [])
+        raise ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
     return engine
 
 
@@ -57,6 +73,9 @@ async def ready(request: Request):
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
 async def model_metadata(name: str, request: Request, version: str | None = None):
+    rec = _dlrm(request, name)
+    if rec is not None:
+        return rec.metadata()
     engine = _model(request, name)
     return {
         "name": engine.info.name,
@@ -70,6 +89,8 @@ async def model_metadata(name: str, request: Request, version: str | None = None
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, request: Request, version: str | None = None):
+    if _dlrm(request, name) is not None:
+        return {"name": name, "ready": True}
     engine = _model(request, name)
     if not engine.healthy:
         raise NotReady("the batching worker has stopped")
@@ -79,6 +100,9 @@ async def model_ready(name: str, request: Request, version: str | None = None):
 @router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
 async def infer(name: str, request: Request, version: str | None = None):
+    rec = _dlrm(request, name)
+    if rec is not None:
+        return await _infer_dlrm(rec, request)
     engine = _model(request, name)
     parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
     timing = timing_of(request)
@@ -87,4 +111,26 @@ async def infer(name: str, request: Request, version: str | None = None):
     normalize = bool(parsed.parameters.get("normalize", engine.info.normalize))
     vectors = finish_embedding(await engine.run(encoded, request, timing), normalize)
     body, headers = encode_infer_response(engine.info.name, parsed.id, vectors, parsed.binary_output)
+    return Response(body, headers=headers)
+
+
+async def _infer_dlrm(rec: Recommender, request: Request) -> Response:
+    """DLRM inputs: `dense` FP32 [B, num_dense]; per sparse feature an INT64 (or INT32) tensor [B] (one key a
+    sample) or [B, k] (k keys a sample, -1 pads a shorter bag). Output: `scores` FP32 [B]."""
+    parsed = parse_tensors(await request.body(), request.headers.get(HEADER_LENGTH))
+    unknown = [o for o in parsed.outputs if o != "scores"]
+    if unknown:
+        raise InvalidRequest(f"the only output is 'scores', not {unknown}")
+    inputs = dict(parsed.inputs)
+    dense = inputs.pop("dense", None)
+    if dense is None:
+        raise InvalidRequest("input 'dense' (FP32 [batch, num_dense]) is missing")
+    if dense.dtype.kind != "f":
+        raise InvalidRequest(f"input 'dense' must be FP32, got {dense.dtype}")
+    sparse = {name: bags_from_matrix(name, values) for name, values in inputs.items()}
+    timing = timing_of(request)
+    started = time.perf_counter()
+    scores = await run_in_threadpool(rec.score, dense.astype(np.float32), sparse)
+    timing.inference = time.perf_counter() - started
+    body, headers = encode_tensors(rec.name, parsed.id, {"scores": scores}, parsed.binary_output)
     return Response(body, headers=headers)

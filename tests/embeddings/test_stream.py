@@ -12,7 +12,7 @@ import torch
 from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
-from embeddings.stream import UpdateConsumer, decode_update, encode_update, publish_update, RejectedUpdate
+from embeddings.stream import RejectedUpdate, UpdateConsumer, decode_update, encode_update, publish_update
 from embeddings.volatile import VolatileTier
 
 pytestmark = pytest.mark.redis

@@ -1,0 +1,72 @@
+"""Recommendation and embedding-table routes (OpenAI-style JSON and errors, under /v1):
+POST /v1/recommend, POST /v1/embeddings/lookup, POST /v1/embeddings/update.
+The DLRM's KServe v2 routes live in routes_kserve.py beside the encoder's."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, StrictFloat, StrictInt
+from starlette.concurrency import run_in_threadpool
+
+from server.deps import json_response, recommender_of, timing_of
+from server.recommend import Bag, bags_from_rows
+
+router = APIRouter(prefix="/v1", tags=["recommend"])
+
+Number = StrictInt | StrictFloat  # no numeric strings, no booleans
+
+
+class RecommendRequest(BaseModel):
+    dense: list[list[Number]] = Field(description="Dense features, one row of num_dense numbers per sample.")
+    sparse: dict[str, list[StrictInt | list[StrictInt]]] = Field(
+        description="Per sparse feature, one entry per sample: a key, or a list of keys (a bag, pooled).")
+    model: str | None = Field(None, description="The recommendation model's served name (checked when given).")
+
+
+class LookupRequest(BaseModel):
+    table: str
+    keys: list[StrictInt]
+
+
+class UpdateRequest(BaseModel):
+    table: str
+    keys: list[StrictInt]
+    vectors: list[list[Number]] = Field(description="One row of the table's dim numbers per key.")
+
+
+async def _timed(request: Request, fn, *args):
+    """Run fn off the event loop, its time reported as x-inference-time."""
+    started = time.perf_counter()
+    try:
+        return await run_in_threadpool(fn, *args)
+    finally:
+        timing_of(request).inference = time.perf_counter() - started
+
+
+@router.post("/recommend")
+async def recommend(body: RecommendRequest, request: Request):
+    rec = recommender_of(request)
+    rec.require_model(body.model)
+    sparse: dict[str, Bag] = {name: bags_from_rows(name, rows) for name, rows in body.sparse.items()}
+    dense = np.asarray(body.dense, dtype=np.float32) if body.dense else np.zeros((0, 0), np.float32)
+    scores = await _timed(request, rec.score, dense, sparse)
+    return json_response({"model": rec.name, "scores": scores.tolist()})
+
+
+@router.post("/embeddings/lookup")
+async def lookup(body: LookupRequest, request: Request):
+    rec = recommender_of(request)
+    dim = rec.dim(body.table)
+    vectors, found = await _timed(request, rec.lookup, body.table, body.keys)
+    return json_response({"table": body.table, "dim": dim, "vectors": vectors.tolist(), "found": found.tolist()})
+
+
+@router.post("/embeddings/update")
+async def update(body: UpdateRequest, request: Request):
+    rec = recommender_of(request)
+    rec.dim(body.table)
+    n = await _timed(request, rec.update, body.table, body.keys, body.vectors)
+    return json_response({"table": body.table, "updated": n})

@@ -1,0 +1,419 @@
+"""Recommendation serving end to end: tables imported into RocksDB, a DLRM over the parameter server, the
+/v1 routes and KServe v2 (tritonclient.http), online updates (HTTP and Redis stream), Redis outages,
+restart durability of acknowledged updates, and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+import tritonclient.http as triton
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from embeddings.stream import publish_update
+from models.dlrm import DLRMConfig, SparseFeature, TableLookup, load_dlrm, save_dlrm, save_random_tables
+from server.import_tables import import_table
+from tests.embeddings.conftest import RedisProcess, free_port
+from tests.support import MODEL, dummy_server
+
+NAME = "ctr"
+CONFIG = DLRMConfig(num_dense=3, bottom_mlp=(8, 4), top_mlp=(8, 1), embedding_dim=4,
+                    sparse_features=(SparseFeature("user", "users", 200), SparseFeature("item", "items", 100),
+                                     SparseFeature("history", "items", 100)))
+BIN = Path(sys.executable).with_name("turboserve")
+
+
+def wait_until(condition, timeout=1.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def dlrm(tmp_path_factory):
+    """A DLRM folder (named NAME), its tables as .npy, and a RocksDB store with them imported (plus 'scratch')."""
+    base = tmp_path_factory.mktemp("dlrm")
+    folder = save_dlrm(base / NAME, CONFIG, seed=0)
+    tables = save_random_tables(base / "tables", CONFIG, seed=1)
+    db = base / "db"
+    for table, path in tables.items():
+        import_table(str(db), table, str(path), progress=False)
+    np.save(base / "scratch.npy", np.zeros((50, 3), np.float32))
+    import_table(str(db), "scratch", str(base / "scratch.npy"), default_vector="-1", progress=False)
+    reference = load_dlrm(folder, TableLookup.from_folder(base / "tables", CONFIG))
+    return {"folder": folder, "tables": tables, "db": db, "reference": reference, "base": base}
+
+
+def embedding_sections(dlrm, **extra):
+    emb = {"enabled": True, "path": str(dlrm["db"]), "cache_rows": 32, "cache_ways": 4, "cache_device": "cpu", "max_keys": 64}
+    emb.update(extra)
+    return {"embeddings": emb, "recommend": {"model_path": str(dlrm["folder"]), "max_batch": 8}}
+
+
+@pytest.fixture(scope="module")
+def srv(dlrm):
+    with dummy_server(**embedding_sections(dlrm)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(srv):
+    with srv.client() as c:
+        yield c
+
+
+def bags(rows):
+    """JSON rows (key or list of keys per sample) as (keys, offsets) tensors."""
+    lists = [[r] if isinstance(r, int) else r for r in rows]
+    lengths = torch.tensor([len(x) for x in lists])
+    return torch.tensor([k for x in lists for k in x], dtype=torch.int64), torch.cumsum(lengths, 0) - lengths
+
+
+def reference_scores(dlrm, dense, sparse):
+    with torch.inference_mode():
+        return dlrm["reference"](torch.tensor(dense, dtype=torch.float32), {f: bags(r) for f, r in sparse.items()}).numpy()
+
+
+DENSE = [[0.5, -1.0, 2.0], [0.0, 0.25, -0.5], [1.5, 1.5, 1.5]]
+SPARSE = {"user": [3, 199, 3], "item": [7, 0, 99], "history": [[1, 2, 3], [], [7, 7, 50, 99]]}
+
+
+# -- JSON routes ------------------------------------------------------------------------------------------
+def test_recommend_equals_the_dlrm_on_the_npy_tables(dlrm, client):
+    r = client.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == NAME
+    np.testing.assert_allclose(r.json()["scores"], reference_scores(dlrm, DENSE, SPARSE), atol=1e-5, rtol=0)
+    assert float(r.headers["x-inference-time"]) > 0
+
+
+def test_lookup_returns_the_imported_rows_and_the_default_for_absent_keys(dlrm, client):
+    table = np.load(dlrm["tables"]["users"])
+    r = client.post("/v1/embeddings/lookup", json={"table": "users", "keys": [0, 17, 199, 17]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["table"] == "users" and body["dim"] == 4 and body["found"] == [True] * 4
+    np.testing.assert_array_equal(np.array(body["vectors"], np.float32), table[[0, 17, 199, 17]])
+    r = client.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [1, 1000]})
+    assert r.json()["found"] == [True, False] and r.json()["vectors"][1] == [-1.0, -1.0, -1.0]
+
+
+def test_http_update_is_acknowledged_visible_and_refreshes_the_device_cache(srv, client):
+    rec = srv.app.state.recommender
+    client.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [5]})  # now in the device cache
+    assert rec.ps.device_cache.contains("scratch", torch.tensor([5])).item()
+    r = client.post("/v1/embeddings/update", json={"table": "scratch", "keys": [5, 6], "vectors": [[1, 2, 3], [4, 5, 6.5]]})
+    assert r.status_code == 200 and r.json() == {"table": "scratch", "updated": 2}
+
+    def seen():
+        got = client.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [5, 6]}).json()["vectors"]
+        return got == [[1, 2, 3], [4, 5, 6.5]]
+
+    wait_until(seen, what="HTTP update visible")
+    cached, found = rec.ps.device_cache.lookup("scratch", torch.tensor([5]))
+    assert found.item() and cached[0].tolist() == [1, 2, 3]
+    stored, found = rec.ps.persistent.lookup("scratch", torch.tensor([6]))
+    assert found.item() and stored[0].tolist() == [4, 5, 6.5]
+
+
+def test_embedding_metrics_and_request_metrics(client):
+    client.post("/v1/recommend", json={"dense": DENSE[:1], "sparse": {f: v[:1] for f, v in SPARSE.items()}})
+    text = client.get("/metrics").text
+    for needle in ('turboserve_embedding_cache_hits_total{tier="device"}', 'turboserve_embedding_cache_misses_total{tier="persistent"}',
+                   'turboserve_embedding_defaults_total{reason="missing"}', "turboserve_embedding_device_cache_bytes",
+                   'turboserve_requests_total{route="/v1/recommend",status="200"}'):
+        assert needle in text, needle
+
+
+def test_encoder_still_served_beside_the_dlrm(client):
+    r = client.post("/v1/embeddings", json={"model": MODEL, "input": "hello"})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 8
+
+
+# -- KServe v2 through tritonclient.http -----------------------------------------------------------------
+@pytest.fixture
+def tc(srv):
+    c = triton.InferenceServerClient(srv.url.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+def test_kserve_metadata_and_ready(tc):
+    assert tc.is_model_ready(NAME) and tc.is_model_ready(MODEL)
+    meta = tc.get_model_metadata(NAME)
+    assert meta["platform"] == "turboserve_dlrm"
+    assert meta["inputs"][0] == {"name": "dense", "datatype": "FP32", "shape": [-1, 3]}
+    assert [i["name"] for i in meta["inputs"][1:]] == ["user", "item", "history"]
+    assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
+
+
+@pytest.mark.parametrize("binary_in,binary_out", [(True, True), (False, False), (True, False), (False, True)])
+def test_kserve_infer_equals_the_dlrm(dlrm, tc, binary_in, binary_out):
+    history = np.array([[1, 2, 3, -1], [-1, -1, -1, -1], [7, 7, 50, 99]], dtype=np.int64)  # -1 pads a bag
+    inputs = []
+    for name, array, dtype in [("dense", np.array(DENSE, np.float32), "FP32"),
+                               ("user", np.array(SPARSE["user"], np.int64), "INT64"),
+                               ("item", np.array(SPARSE["item"], np.int64)[:, None], "INT64"),
+                               ("history", history, "INT64")]:
+        inp = triton.InferInput(name, list(array.shape), dtype)
+        inp.set_data_from_numpy(array, binary_data=binary_in)
+        inputs.append(inp)
+    result = tc.infer(NAME, inputs, outputs=[triton.InferRequestedOutput("scores", binary_data=binary_out)], request_id="r1")
+    scores = result.as_numpy("scores")
+    assert scores.shape == (3,) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, reference_scores(dlrm, DENSE, SPARSE), atol=1e-5, rtol=0)
+    assert result.get_response()["id"] == "r1"
+
+
+def test_kserve_errors_reach_the_client(tc):
+    dense = triton.InferInput("dense", [1, 3], "FP32")
+    dense.set_data_from_numpy(np.zeros((1, 3), np.float32))
+    user = triton.InferInput("user", [1], "INT64")
+    user.set_data_from_numpy(np.array([500], np.int64))  # cardinality 200
+    with pytest.raises(InferenceServerException) as err:
+        tc.infer(NAME, [dense, user])
+    assert err.value.status() == "400" and "missing ['history', 'item']" in err.value.message()
+    item, history = triton.InferInput("item", [1], "INT64"), triton.InferInput("history", [1], "INT64")
+    item.set_data_from_numpy(np.array([1], np.int64))
+    history.set_data_from_numpy(np.array([1], np.int64))
+    with pytest.raises(InferenceServerException) as err:
+        tc.infer(NAME, [dense, user, item, history])
+    assert err.value.status() == "400" and "key 500" in err.value.message() and "out of range" in err.value.message()
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def _sparse(**changes):
+    return {**SPARSE, **changes}
+
+
+@pytest.mark.parametrize("path,body,status,code,needle", [
+    ("/v1/embeddings/lookup", {"table": "nope", "keys": [1]}, 404, "table_not_found", "no embedding table 'nope'"),
+    ("/v1/embeddings/lookup", {"table": "users", "keys": [1.5]}, 400, "invalid_request", "keys"),
+    ("/v1/embeddings/lookup", {"table": "users", "keys": ["1"]}, 400, "invalid_request", "keys"),
+    ("/v1/embeddings/lookup", {"table": "users", "keys": [True]}, 400, "invalid_request", "keys"),
+    ("/v1/embeddings/lookup", {"table": "users", "keys": [2 ** 63]}, 400, "invalid_request", "out of the int64 range"),
+    ("/v1/embeddings/lookup", {"table": "users", "keys": list(range(65))}, 413, "payload_too_large", "embeddings.max_keys=64"),
+    ("/v1/embeddings/update", {"table": "scratch", "keys": [1], "vectors": [[1, 2]]}, 400, "invalid_request", "has dim 3"),
+    ("/v1/embeddings/update", {"table": "scratch", "keys": [1, 2], "vectors": [[1, 2, 3]]}, 400, "invalid_request", "[2, 3]"),
+    ("/v1/embeddings/update", {"table": "scratch", "keys": [1, 2], "vectors": [[1, 2, 3], [1]]}, 400, "invalid_request", "3 values"),
+    ("/v1/embeddings/update", {"table": "nope", "keys": [1], "vectors": [[1]]}, 404, "table_not_found", "nope"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(user=[3, 200, 3])}, 400, "invalid_request", "key 200"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(user=[3, -1, 3])}, 400, "invalid_request", "key -1"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(user=[3, 4])}, 400, "invalid_request", "2 samples"),
+    ("/v1/recommend", {"dense": [[1, 2]] * 3, "sparse": SPARSE}, 400, "invalid_request", "[batch, 3]"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": {"user": SPARSE["user"]}}, 400, "invalid_request", "missing ['history', 'item']"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(extra=[1, 2, 3])}, 400, "invalid_request", "unknown ['extra']"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(user=["a", 1, 2])}, 400, "invalid_request", "sparse.user"),
+    ("/v1/recommend", {"dense": [[0, 0, 0]] * 9, "sparse": {f: [1] * 9 for f in SPARSE}}, 413, "payload_too_large", "max_batch=8"),
+    ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(history=[list(range(30))] * 3)}, 413, "payload_too_large", "max_keys"),
+    ("/v1/recommend", {"model": "other", "dense": DENSE, "sparse": SPARSE}, 404, "model_not_found", "'ctr'"),
+])
+def test_bad_input_is_a_4xx_in_openai_style(client, path, body, status, code, needle):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and needle in err["message"], err
+    assert "Traceback" not in r.text
+
+
+def test_bad_kserve_tensors_are_400_in_kserve_style(client):
+    ok = {"name": "dense", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}
+    for inputs, needle in [
+        ([ok, {"name": "user", "shape": [1], "datatype": "FP32", "data": [1.5]}], "integers"),
+        ([ok, {"name": "user", "shape": [2], "datatype": "INT64", "data": [1]}], "says 2 elements"),
+        ([{**ok, "datatype": "INT64"}], "must be FP32"),
+        ([ok, {"name": "user", "shape": [1], "datatype": "INT64", "data": ["1"]}], "not a INT64 value"),
+    ]:
+        r = client.post(f"/v2/models/{NAME}/infer", json={"inputs": inputs})
+        assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+def test_routes_answer_404_when_embeddings_are_off():
+    with dummy_server() as s, s.client() as c:
+        r = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_enabled"
+        assert "embeddings.enabled=false" in r.json()["error"]["message"]
+        r = c.post("/v1/embeddings/lookup", json={"table": "users", "keys": [1]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_enabled"
+        r = c.post(f"/v2/models/{NAME}/infer", json={"inputs": [{"name": "dense", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}]})
+        assert r.status_code == 404 and "not served here" in r.json()["error"]
+        assert "turboserve_embedding" not in c.get("/metrics").text
+
+
+def test_parameter_server_without_a_dlrm_serves_tables_only(dlrm, tmp_path):
+    sections = embedding_sections(dlrm, path=str(tmp_path / "db"))
+    import_table(str(tmp_path / "db"), "users", str(dlrm["tables"]["users"]), progress=False)
+    with dummy_server(embeddings=sections["embeddings"]) as s, s.client() as c:
+        assert c.post("/v1/embeddings/lookup", json={"table": "users", "keys": [1]}).json()["found"] == [True]
+        r = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
+        assert r.status_code == 404 and "recommend.model_path" in r.json()["error"]["message"]
+
+
+# -- Redis: the update stream and a volatile tier that goes away ------------------------------------------
+@pytest.fixture
+def redis_node(tmp_path):
+    node = RedisProcess(free_port(), tmp_path / "redis")
+    node.start()
+    yield node
+    node.stop()
+
+
+def copy_db(dlrm, dest: Path) -> Path:
+    """A private copy of the imported store (a test that writes must not disturb the shared one)."""
+    for table, path in dlrm["tables"].items():
+        import_table(str(dest), table, str(path), progress=False)
+    np.save(dest.parent / "scratch.npy", np.zeros((50, 3), np.float32))
+    import_table(str(dest), "scratch", str(dest.parent / "scratch.npy"), progress=False)
+    return dest
+
+
+@pytest.mark.redis
+def test_stream_update_is_visible_over_http_within_a_second(dlrm, redis_node, tmp_path):
+    sections = embedding_sections(dlrm, path=str(copy_db(dlrm, tmp_path / "db")), update_stream="updates",
+                                  update_stream_url=redis_node.url, update_block_ms=50)
+    r = redis.Redis(port=redis_node.port)
+    with dummy_server(**sections) as s, s.client() as c:
+        assert c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [9]}).json()["vectors"] == [[0, 0, 0]]
+        publish_update(r, "updates", "scratch", [9], np.array([[7, 8, 9]], np.float32))
+        wait_until(lambda: c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [9]}).json()["vectors"] == [[7, 8, 9]],
+                   what="stream update visible")
+        cached, found = s.app.state.recommender.ps.device_cache.lookup("scratch", torch.tensor([9]))
+        assert found.item() and cached[0].tolist() == [7, 8, 9]
+        assert 'turboserve_embedding_stream_messages_total{outcome="applied"} 1.0' in c.get("/metrics").text
+    r.close()
+
+
+@pytest.mark.redis
+def test_redis_volatile_tier_outage_keeps_answering_and_recovers(dlrm, redis_node, tmp_path):
+    sections = embedding_sections(dlrm, path=str(copy_db(dlrm, tmp_path / "db")), volatile_backend="redis",
+                                  redis_urls=[redis_node.url], redis_timeout_s=0.1, cache_rows=4)
+    users = np.load(dlrm["tables"]["users"])
+    r = redis.Redis(port=redis_node.port)
+
+    def check(c, keys):
+        got = c.post("/v1/embeddings/lookup", json={"table": "users", "keys": keys})
+        assert got.status_code == 200
+        np.testing.assert_array_equal(np.array(got.json()["vectors"], np.float32), users[keys])
+        rec = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
+        assert rec.status_code == 200
+        np.testing.assert_allclose(rec.json()["scores"], reference_scores(dlrm, DENSE, SPARSE), atol=1e-5, rtol=0)
+
+    with dummy_server(**sections) as s, s.client() as c:
+        check(c, [1, 2, 3])
+        assert r.dbsize() > 0  # rows went up into Redis
+        redis_node.stop()
+        for start in range(10, 60, 10):  # fresh keys: the device cache cannot answer them
+            check(c, list(range(start, start + 5)))
+        assert s.app.state.recommender.ps.stats()["redis"]["errors"] >= 1
+        update = c.post("/v1/embeddings/update", json={"table": "scratch", "keys": [3], "vectors": [[3, 3, 3]]})
+        assert update.status_code == 200  # RocksDB took it; Redis is only a cache
+        assert c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [3]}).json()["vectors"] == [[3, 3, 3]]
+        redis_node.start()  # same port, empty
+        r = redis.Redis(port=redis_node.port)
+        fresh = iter(range(100, 200, 3))
+
+        def refilled():
+            check(c, [next(fresh)])
+            return r.dbsize() > 0
+
+        wait_until(refilled, timeout=15, what="Redis tier used again")
+    r.close()
+
+
+# -- restart durability: the real server, killed with SIGKILL right after acknowledging ------------------
+def _start(config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN), "serve", "--config", str(config)], stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    with httpx.Client(base_url=url, timeout=5) as c:
+        while True:
+            try:
+                if c.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, f"server did not become healthy:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_acknowledged_updates_survive_kill_9(dlrm, redis_node, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    db = copy_db(dlrm, tmp_path / "db")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"port": port},
+        "model": {"warmup": False},
+        "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1, "profile_max_tokens": 16,
+                      "max_batch_requests": 2},
+        **embedding_sections(dlrm, path=str(db), update_stream="updates", update_stream_url=redis_node.url,
+                             update_consumer="replica-1", update_block_ms=100),
+    }))
+    log = tmp_path / "serve.log"
+    r = redis.Redis(port=redis_node.port)
+    expected: dict[int, list[float]] = {}
+
+    proc = _start(config, log)
+    try:
+        _wait_healthy(proc, url, log)
+        with httpx.Client(base_url=url, timeout=10) as c:  # HTTP: kill right after each 200
+            for key in range(3):
+                vector = [float(key), 1.5, -2.0]
+                resp = c.post("/v1/embeddings/update", json={"table": "scratch", "keys": [key], "vectors": [vector]})
+                assert resp.status_code == 200
+                expected[key] = vector
+                if key == 2:
+                    _kill(proc)
+        proc = _start(config, log)
+        _wait_healthy(proc, url, log)
+        for key in range(10, 13):  # the stream: kill right after each XACK
+            vector = [float(key), 0.5, 0.25]
+            entry = publish_update(r, "updates", "scratch", [key], np.array([vector], np.float32))
+            expected[key] = vector
+
+            def acked(entry=entry):
+                info = r.xpending("updates", "turboserve")
+                groups = {g["name"]: g for g in r.xinfo_groups("updates")}
+                return info["pending"] == 0 and groups[b"turboserve"]["last-delivered-id"] == entry
+
+            wait_until(acked, timeout=5, what="XACK")
+        _kill(proc)
+        # an entry published while no server runs is applied after the restart
+        publish_update(r, "updates", "scratch", [20], np.array([[20, 20, 20]], np.float32))
+        expected[20] = [20.0, 20.0, 20.0]
+        proc = _start(config, log)
+        _wait_healthy(proc, url, log)
+        with httpx.Client(base_url=url, timeout=10) as c:
+            def all_there():
+                got = c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": list(expected)}).json()
+                return got["vectors"] == list(expected.values())
+
+            wait_until(all_there, timeout=5, what="every acknowledged update after restart")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        r.close()
