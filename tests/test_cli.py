@@ -93,3 +93,101 @@ def _serve_and_stop(env: dict, expect_log: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- turboserve import-embeddings ---------------------------------------------------------------------
+def _stored(db, table, keys):
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from embeddings.persistent import PersistentTier  # noqa: PLC0415
+
+    tier = PersistentTier(db, read_only=True)
+    try:
+        vectors, found = tier.lookup(table, torch.tensor(keys, dtype=torch.int64))
+        return np.asarray(vectors), np.asarray(found), tier.tables[table]
+    finally:
+        tier.close()
+
+
+def test_import_embeddings_npy_through_the_entry_point_then_lookups_return_the_rows(tmp_path):
+    import numpy as np  # noqa: PLC0415
+
+    rows = np.random.default_rng(0).standard_normal((70_000, 8)).astype(np.float32)  # more than one 64k chunk
+    np.save(tmp_path / "users.npy", rows)
+    db = tmp_path / "db"
+    out = run("import-embeddings", "--table", "users", "--file", str(tmp_path / "users.npy"), "--path", str(db),
+              "--default-vector", "0.5")
+    assert out.returncode == 0, out.stderr
+    assert "imported 70,000 rows of dim 8 into table 'users'" in out.stdout
+    assert "importing users" in out.stderr  # the progress bar
+    vectors, found, spec = _stored(db, "users", [0, 65_536, 69_999, 70_000])
+    assert found.tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(vectors[:3], rows[[0, 65_536, 69_999]])
+    assert vectors[3].tolist() == [0.5] * 8 and spec.rows == 70_000
+
+
+def test_import_embeddings_safetensors_and_csv(tmp_path):
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from server.cli import main  # noqa: PLC0415
+
+    db = str(tmp_path / "db")
+    items = torch.randn(30, 4)
+    other = torch.randn(5, 4).to(torch.bfloat16)
+    save_file({"items": items, "other": other}, str(tmp_path / "tables.safetensors"))
+    assert main(["import-embeddings", "--table", "items", "--file", str(tmp_path / "tables.safetensors"), "--path", db,
+                 "--no-progress"]) == 0  # the tensor named like the table
+    assert main(["import-embeddings", "--table", "small", "--file", str(tmp_path / "tables.safetensors"), "--tensor", "other",
+                 "--path", db, "--no-progress", "--chunk-rows", "2"]) == 0
+    vectors, found, _ = _stored(db, "items", [0, 29])
+    assert found.all() and np.array_equal(vectors, items[[0, 29]].numpy())
+    vectors, found, _ = _stored(db, "small", [4])
+    assert found.all() and np.array_equal(vectors[0], other[4].float().numpy())  # bfloat16 read as float32
+
+    (tmp_path / "keyed.csv").write_text("key,a,b\n10,0.5,1\n-3,2,2.5\n1000000000000,1e3,-1\n")
+    assert main(["import-embeddings", "--table", "k", "--file", str(tmp_path / "keyed.csv"), "--path", db, "--no-progress"]) == 0
+    vectors, found, _ = _stored(db, "k", [10, -3, 1_000_000_000_000, 0])
+    assert found.tolist() == [True, True, True, False]
+    assert vectors[:3].tolist() == [[0.5, 1], [2, 2.5], [1000, -1]]
+    (tmp_path / "ordered.txt").write_text("1,2,3\n4,5,6\n")
+    assert main(["import-embeddings", "--table", "o", "--file", str(tmp_path / "ordered.txt"), "--format", "csv",
+                 "--csv-layout", "ordered", "--path", db, "--no-progress"]) == 0
+    vectors, found, _ = _stored(db, "o", [0, 1])
+    assert found.all() and vectors.tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+@pytest.mark.parametrize("setup,args,needle", [
+    ({}, ["--table", "t", "--file", "missing.npy"], "no such file"),
+    ({"t.npy": (5, 3)}, ["--table", "users", "--file", "t.npy"], "stored with dim 8"),
+    ({"bad.csv": "1,2,3\n4,5\n"}, ["--table", "t", "--file", "bad.csv"], "line 2 has 2 fields, expected 3"),
+    ({"bad.csv": "1,2,3\n4,x,5\n"}, ["--table", "t", "--file", "bad.csv"], "line 2 holds a value that is not a number"),
+    ({"bad.csv": "1,2,3\n4.5,1,5\n"}, ["--table", "t", "--file", "bad.csv"], "key '4.5' is not an integer"),
+    ({"t.npy": (5, 3)}, ["--table", "t", "--file", "t.npy", "--default-vector", "1,2"], "--default-vector has 2 values"),
+    ({"t.bin": "x"}, ["--table", "t", "--file", "t.bin"], "pass --format"),
+    ({"two.safetensors": None}, ["--table", "t", "--file", "two.safetensors"], "pick one with --tensor"),
+])
+def test_import_embeddings_errors_exit_2_without_a_traceback(tmp_path, capsys, setup, args, needle):
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from server.cli import main  # noqa: PLC0415
+
+    db = str(tmp_path / "db")
+    np.save(tmp_path / "users.npy", np.zeros((4, 8), np.float32))
+    assert main(["import-embeddings", "--table", "users", "--file", str(tmp_path / "users.npy"), "--path", db, "--no-progress"]) == 0
+    for name, content in setup.items():
+        if name.endswith(".npy"):
+            np.save(tmp_path / name, np.zeros(content, np.float32))
+        elif name.endswith(".safetensors"):
+            save_file({"a": torch.zeros(2, 2), "b": torch.zeros(2, 2)}, str(tmp_path / name))
+        else:
+            (tmp_path / name).write_text(content)
+    capsys.readouterr()
+    args = [str(tmp_path / a) if a.endswith((".npy", ".csv", ".bin", ".safetensors")) else a for a in args]
+    assert main(["import-embeddings", *args, "--path", db, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.startswith("turboserve: ")
