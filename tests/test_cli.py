@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
+
+from embeddings.persistent import PersistentTier
+from server.cli import main
 
 BIN = Path(sys.executable).with_name("turboserve")
 
@@ -97,11 +103,6 @@ def _serve_and_stop(env: dict, expect_log: str):
 
 # -- turboserve import-embeddings ---------------------------------------------------------------------
 def _stored(db, table, keys):
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    from embeddings.persistent import PersistentTier  # noqa: PLC0415
-
     tier = PersistentTier(db, read_only=True)
     try:
         vectors, found = tier.lookup(table, torch.tensor(keys, dtype=torch.int64))
@@ -111,8 +112,6 @@ def _stored(db, table, keys):
 
 
 def test_import_embeddings_npy_through_the_entry_point_then_lookups_return_the_rows(tmp_path):
-    import numpy as np  # noqa: PLC0415
-
     rows = np.random.default_rng(0).standard_normal((70_000, 8)).astype(np.float32)  # more than one 64k chunk
     np.save(tmp_path / "users.npy", rows)
     db = tmp_path / "db"
@@ -128,11 +127,7 @@ def test_import_embeddings_npy_through_the_entry_point_then_lookups_return_the_r
 
 
 def test_import_embeddings_safetensors_and_csv(tmp_path):
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
 
-    from server.cli import main  # noqa: PLC0415
 
     db = str(tmp_path / "db")
     items = torch.randn(30, 4)
@@ -170,11 +165,7 @@ def test_import_embeddings_safetensors_and_csv(tmp_path):
     ({"two.safetensors": None}, ["--table", "t", "--file", "two.safetensors"], "pick one with --tensor"),
 ])
 def test_import_embeddings_errors_exit_2_without_a_traceback(tmp_path, capsys, setup, args, needle):
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
 
-    from server.cli import main  # noqa: PLC0415
 
     db = str(tmp_path / "db")
     np.save(tmp_path / "users.npy", np.zeros((4, 8), np.float32))
