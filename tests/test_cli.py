@@ -127,8 +127,6 @@ def test_import_embeddings_npy_through_the_entry_point_then_lookups_return_the_r
 
 
 def test_import_embeddings_safetensors_and_csv(tmp_path):
-
-
     db = str(tmp_path / "db")
     items = torch.randn(30, 4)
     other = torch.randn(5, 4).to(torch.bfloat16)
@@ -165,8 +163,6 @@ def test_import_embeddings_safetensors_and_csv(tmp_path):
     ({"two.safetensors": None}, ["--table", "t", "--file", "two.safetensors"], "pick one with --tensor"),
 ])
 def test_import_embeddings_errors_exit_2_without_a_traceback(tmp_path, capsys, setup, args, needle):
-
-
     db = str(tmp_path / "db")
     np.save(tmp_path / "users.npy", np.zeros((4, 8), np.float32))
     assert main(["import-embeddings", "--table", "users", "--file", str(tmp_path / "users.npy"), "--path", db, "--no-progress"]) == 0
