@@ -28,6 +28,8 @@ class Observer(Protocol):
 
     def batch_failed(self, count: int) -> None: ...
 
+    def batch_split(self, count: int) -> None: ...
+
 
 class BatchWorker:
     """Runs batches from `queue` on `runner` in its own thread until the queue closes and drains."""
@@ -77,20 +79,48 @@ class BatchWorker:
         started = self.clock()
         for it in batch:
             it.queue_seconds = started - it.enqueued_at
+        done: list[tuple[WorkItem, object]] = []
+        whole = self._compute(batch, done)
+        if not done:
+            return
+        seconds = self.clock() - started
+        items = [it for it, _ in done]
+        for it in items:
+            it.inference_seconds = seconds
+        cost = self.queue.cost
+        # Refine the cost model online (only from a batch that ran whole); the error is that of the
+        # prediction made before this batch.
+        error = cost.observe([it.length for it in batch], seconds) if cost is not None and whole else None
+        self.observer.batch_done(items, seconds, error)
+        resolve(items, [row for _, row in done])
+
+    def _compute(self, batch: list[WorkItem], done: list[tuple[WorkItem, object]]) -> bool:
+        """Run `batch`, appending (item, row) to `done`; True if it ran whole, in one call.
+
+        Out of memory splits the batch in halves and runs them one after the other, down to single
+        sequences; any other error (or a lone sequence that still does not fit) fails the requests of
+        the part that raised it, and only those. The loop goes on either way.
+        """
         try:
-            outputs = self.runner.embed([it.ids for it in batch])
-        except Exception as exc:  # one bad batch fails its own requests only; the loop goes on
+            done.extend(zip(batch, self.runner.embed([it.ids for it in batch])))
+            return True
+        except Exception as exc:  # noqa: BLE001 - the model's errors are many; each batch is isolated
+            if is_out_of_memory(exc) and len(batch) > 1:
+                half = len(batch) // 2
+                log.warning("out of memory on a batch of %d sequences (%d tokens): retrying it in halves",
+                            len(batch), sum(it.length for it in batch))
+                self.observer.batch_split(len(batch))
+                self._compute(batch[:half], done)
+                self._compute(batch[half:], done)
+                return False
             log.exception("batch of %d sequences failed", len(batch))
             self.observer.batch_failed(len(batch))
             error = BackendError(f"model failed on this batch: {type(exc).__name__}")
             for it in batch:
                 it.future.set_exception(error)
-            return
-        seconds = self.clock() - started
-        for it in batch:
-            it.inference_seconds = seconds
-        cost = self.queue.cost
-        # Refine the cost model online; the error is that of the prediction made before this batch.
-        error = cost.observe([it.length for it in batch], seconds) if cost is not None else None
-        self.observer.batch_done(batch, seconds, error)
-        resolve(batch, outputs)
+            return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, a host MemoryError, or a backend error that says so (no torch import here)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()

@@ -39,6 +39,7 @@ class Metrics:
             "turboserve_requests_dropped", "Sequences dropped before compute because their client went away or timed out.",
             registry=r)
         self.batch_failures = Counter("turboserve_batch_failures", "Sequences whose batch raised an error.", registry=r)
+        self.batch_splits = Counter("turboserve_batch_splits", "Batches split in halves after running out of memory.", registry=r)
         self.queue_depth = Gauge("turboserve_queue_depth", "Sequences waiting for a batch.", registry=r)
         self.ready = Gauge("turboserve_ready", "1 when the model is loaded and warm.", registry=r)
         self.deadline_missed = Counter(
@@ -71,6 +72,9 @@ class Metrics:
 
     def batch_failed(self, count: int) -> None:
         self.batch_failures.inc(count)
+
+    def batch_split(self, count: int) -> None:
+        self.batch_splits.inc()
 
     def watch_arena(self, arena) -> None:
         """Export the memory arena's size and chunk traffic, read at scrape time."""

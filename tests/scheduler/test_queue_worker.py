@@ -15,7 +15,7 @@ from scheduler.worker import BatchWorker
 
 class Recorder:
     def __init__(self):
-        self.batches, self.dropped_count, self.failed = [], 0, 0
+        self.batches, self.dropped_count, self.failed, self.splits = [], 0, 0, []
 
     def batch_done(self, items, seconds, cost_error):
         self.batches.append([it.ids for it in items])
@@ -25,6 +25,9 @@ class Recorder:
 
     def batch_failed(self, count):
         self.failed += count
+
+    def batch_split(self, count):
+        self.splits.append(count)
 
 
 class SumRunner:
@@ -118,3 +121,53 @@ def test_cancelled_items_are_dropped_before_compute():
     q.close()
     worker.join(5)
     assert rec.dropped_count == 1 and rec.batches == [[[4]]]
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError, which the worker recognises by name."""
+
+
+class TightRunner(SumRunner):
+    """Runs out of memory on any batch above `fits` tokens; a `poison` sequence fails on its own."""
+
+    def __init__(self, fits, poison=None):
+        super().__init__()
+        self.fits, self.poison, self.calls = fits, poison, []
+
+    def embed(self, sequences):
+        self.calls.append(len(sequences))
+        if sum(len(s) for s in sequences) > self.fits:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.poison is not None and [self.poison] in sequences:
+            raise ValueError("bad input")
+        return [sum(s) for s in sequences]
+
+
+def test_out_of_memory_splits_the_batch_and_every_request_succeeds():
+    q, rec = BatchQueue(100, Limits(1000, 8)), Recorder()
+    runner = TightRunner(fits=2)
+    worker = BatchWorker(q, runner, rec)
+    items = [WorkItem([i]) for i in range(8)]
+    q.submit(items)
+    worker.start()
+    assert [it.future.result(5) for it in items] == list(range(8))
+    assert runner.calls == [8, 4, 2, 2, 4, 2, 2] and rec.splits == [8, 4, 4] and rec.failed == 0
+    assert sorted(x for b in rec.batches for x in b) == [[i] for i in range(8)]
+    q.close()
+    worker.join(5)
+
+
+def test_split_halves_fail_alone_and_a_lone_sequence_that_never_fits_fails_cleanly():
+    q, rec = BatchQueue(100, Limits(1000, 8)), Recorder()
+    worker = BatchWorker(q, TightRunner(fits=1, poison=5), rec)  # split down to single sequences
+    items = [WorkItem([i]) for i in range(4)] + [WorkItem([5]), WorkItem([6])] + [WorkItem([9] * 4)]
+    q.submit(items)
+    worker.start()
+    assert [it.future.result(5) for it in items[:4] + [items[5]]] == [0, 1, 2, 3, 6]
+    for it in (items[4], items[6]):  # the poisoned sequence, and the one too long to ever fit
+        with pytest.raises(BackendError):
+            it.future.result(5)
+    assert worker.alive and rec.failed == 2
+    q.submit([WorkItem([1, 1])])  # the worker keeps serving
+    q.close()
+    worker.join(5)
