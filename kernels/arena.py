@@ -231,7 +231,6 @@ class Arena:
         live = [i for i, c in enumerate(self._chunks) if c is not None]
         plan = plan_memory(sizes, first, last, [self._chunks[i].nbytes for i in live], self.min_chunk, self.growth)
         largest = self._plans.get(self._largest_bucket)
-        consolidate = False
         if plan.new_chunks and bucket <= self._largest_bucket and largest is not None:
             # Every tensor of a smaller bucket is no bigger than in the largest bucket's plan, so that
             # placement holds for this batch too: take it rather than grow the arena.
@@ -247,12 +246,11 @@ class Arena:
                 self._chunks[i] = None
                 self.stats.chunk_releases += 1
             self._views.clear()
-            live, consolidate = [], True
+            self._plans.clear()  # their chunks are gone (cleared now: the allocation below may fail)
+            live = []
             plan = MemoryPlan(whole.chunk, whole.offset, whole.sizes, [size], [0], whole.used_chunks)
         if plan is not largest:
             plan = self._allocate(plan, live)
-        if consolidate:
-            self._plans.clear()  # their chunks are gone
         self._plans[bucket] = plan
         self._largest_bucket = max(self._largest_bucket, bucket)
         self.stats.plan_misses += 1

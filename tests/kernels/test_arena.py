@@ -173,3 +173,27 @@ def test_arena_on_gpu_matches_planless_and_allocates_nothing_when_warm(dtype):
         with arena.batch(batch.input_ids.shape[0]) as ws:
             model(batch, ws)
     assert arena.stats.chunk_allocations == warm
+
+
+@torch.inference_mode()
+def test_a_failed_chunk_allocation_leaves_the_arena_usable(monkeypatch):
+    model = _tiny("bert", "gelu")
+    arena = Arena(record_lifetimes(model.record_forward), "cpu", min_chunk=4096)
+    rng = random.Random(2)
+    small, big = _batch(rng, model, [20]), _batch(rng, model, [300, 300])
+    with arena.batch(20) as ws:
+        model(small, ws)
+    real_empty = torch.empty
+
+    def no_memory(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    with pytest.raises(torch.OutOfMemoryError), arena.batch(600) as ws:
+        model(big, ws)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    for batch in (small, big):  # both plan again and run, with the same outputs as without the arena
+        with arena.batch(batch.input_ids.shape[0]) as ws:
+            assert torch.equal(model(batch, ws), model(batch, FreshWorkspace()))
