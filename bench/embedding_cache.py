@@ -31,6 +31,8 @@
    same trace (the device hit rate is steady by then), against the same model looking rows up straight from the
    persistent tier. Both see the same fresh batches each round; their scores must agree. One request = one sample
    scored. The time inside the ParameterServer is split by tier method (device lookup/insert, volatile ...).
+4. Fixed cost of one call: median ms of one lookup / insert of new random keys (dim 16): DeviceCache with 100
+   keys in caches of 16k to 4M slots; VolatileTier and PersistentTier with 100, 1,000 and 16,384 keys.
 
 torch runs with --threads intra-op threads (default 1): on a machine shared with other busy processes, two
 OpenMP threads on two cores made every small torch op 10-60x slower (a thread waits at each op's barrier for
@@ -511,6 +513,57 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+# --- 4. fixed cost of one call ------------------------------------------------------------------------------------
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def call_costs(cache_slots_list: tuple[int, ...] = (1 << 14, 1 << 17, 1 << 20, 1 << 22), sizes: tuple[int, ...] = (100, 1000, 16384),
+               dim: int = 16, repeats: int = 30, seed: int = 0, workdir: Path | None = None) -> list[dict]:
+    """Median ms of one lookup / insert call of new random keys: DeviceCache by cache size (100 keys), VolatileTier
+    and PersistentTier by keys a call. Explains the per-table cost of a multi-table batch (part 3)."""
+    rng = np.random.default_rng(seed)
+
+    def new_keys(n: int) -> torch.Tensor:
+        return torch.from_numpy(rng.integers(0, 1 << 40, n))
+
+    rows = []
+    for slots in cache_slots_list:
+        cache = DeviceCache(slots, 16, "lru", "cpu")
+        cache.create_table(TableSpec("t", dim, rows=slots))
+        cache.insert("t", new_keys(min(slots, 1 << 16)), torch.zeros(min(slots, 1 << 16), dim))
+        zeros = torch.zeros(100, dim)
+        rows.append({"tier": "device cache", "slots": slots, "keys": 100,
+                     "lookup_ms": _median_ms(lambda c=cache: c.lookup("t", new_keys(100)), repeats),
+                     "insert_ms": _median_ms(lambda c=cache, z=zeros: c.insert("t", new_keys(100), z), repeats)})
+    own_tmp = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="embedding_cache_calls_")) if workdir is None else workdir
+    volatile = VolatileTier(16, 1 << 20)
+    persistent = PersistentTier(workdir / "rocksdb", sync=False)
+    try:
+        for tier in (volatile, persistent):
+            tier.create_table(TableSpec("t", dim))
+        for n in sizes:
+            held = new_keys(n)
+            zeros = torch.zeros(n, dim)
+            for tier in (volatile, persistent):
+                tier.insert("t", held, zeros)
+                rows.append({"tier": tier.name, "slots": None, "keys": n,
+                             "lookup_ms": _median_ms(lambda t=tier, k=held: t.lookup("t", k), repeats),
+                             "insert_ms": _median_ms(lambda t=tier, z=zeros, n=n: t.insert("t", new_keys(n), z), max(3, repeats // 3))})
+        return rows
+    finally:
+        persistent.close()
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 
 def format_report(results: dict) -> str:
@@ -541,6 +594,13 @@ def format_report(results: dict) -> str:
         for r in tp:
             lines.append(f"{r['tier']:24} {r['keys_per_s'] / 1e6:9.3f} {r['GB_per_s']:7.3f} {r['ms_per_batch']:9.2f} "
                          f"{r['vs_persistent']:9.1f}x {r['phase']['other_share']!s:>10}")
+    calls = results.get("calls")
+    if calls:
+        lines.append("")
+        lines.append("One call (new random keys; device cache: 100 keys, by cache size)")
+        lines.append(f"{'tier':14} {'slots':>9} {'keys':>6} {'lookup ms':>9} {'insert ms':>9}")
+        for c in calls:
+            lines.append(f"{c['tier']:14} {c['slots'] or '':>9} {c['keys']:6} {c['lookup_ms']:9.3f} {c['insert_ms']:9.3f}")
     for d in results.get("dlrm", []):
         lines.append("")
         lines.append(f"DLRM end to end (batch {d['batch']}, 26 tables, {d['rows']:,} rows dim {d['dim']}, α {d['alpha']}, "
@@ -562,7 +622,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a ~30 s smoke run of every path")
     p.add_argument("--out", help="folder for embedding_cache.json")
-    p.add_argument("--only", default="hit,throughput,dlrm", help="comma-separated parts to run: hit, throughput, dlrm")
+    p.add_argument("--only", default="hit,throughput,dlrm,calls", help="comma-separated parts: hit, throughput, dlrm, calls")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hit-scale", type=float, default=None, help="table rows = 10,131,227 × this (default 0.2; quick 0.02)")
@@ -618,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"2. throughput: batches of {args.tp_batch:,} keys, dim 64")
         results["throughput"] = throughput(rows, 64, args.tp_batch, batches=4 if quick else 8, rounds=3 if quick else 7,
                                            use_redis=not args.no_redis, seed=args.seed, log=log)
+    if "calls" in parts:
+        log("4. fixed cost of one call")
+        results["calls"] = call_costs(repeats=5 if quick else 30)
     if "dlrm" in parts:
         scale = args.dlrm_scale or (0.005 if quick else 0.1)
         fractions = tuple(float(x) for x in args.dlrm_cache.split(","))

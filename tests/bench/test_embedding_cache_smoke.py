@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench.embedding_cache import cache_slots, dlrm_end_to_end, hit_rate_grid, main, throughput
+from bench.embedding_cache import cache_slots, call_costs, dlrm_end_to_end, hit_rate_grid, main, throughput
 
 RATES = ("device_lru", "device_lfu", "lru_ref", "lfu_ref", "belady", "belady_bypass")
 
@@ -55,10 +55,16 @@ def test_dlrm_paths_agree():
     assert d["server_lookup_ms_per_batch"] <= d["server_ms_per_batch"]
 
 
+def test_call_costs_positive():
+    rows = call_costs(cache_slots_list=(256,), sizes=(10,), dim=4, repeats=2)
+    assert [(r["tier"], r["keys"]) for r in rows] == [("device cache", 100), ("volatile", 10), ("persistent", 10)]
+    assert all(r["lookup_ms"] > 0 and r["insert_ms"] > 0 for r in rows)
+
+
 def test_main_quick_path_writes_json(tmp_path, capsys):
     assert main(["--quick", "--hit-scale", "0.0005", "--hit-batch", "128", "--hit-batches", "10", "--tp-rows", "2048",
                  "--tp-batch", "512", "--dlrm-scale", "0.0005", "--dlrm-warm", "2", "--dlrm-batch", "64",
-                 "--out", str(tmp_path)]) == 0
+                 "--only", "hit,throughput,dlrm", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "embedding_cache.json").read_text())
     assert {"hit_rates", "throughput", "dlrm", "machine", "commit"} <= set(results)
     assert len(results["hit_rates"]["cells"]) == 12 and len(results["dlrm"]) == 2
