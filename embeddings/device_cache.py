@@ -232,8 +232,8 @@ class DeviceCache(Tier):
         hit_flat = flat.index_select(0, hit)  # unique: the keys are
         s.values.index_copy_(0, hit_flat, vectors.index_select(0, hit))
         self._touch(s, hit_flat)
-        protected = torch.zeros_like(s.keys, dtype=torch.bool)
-        protected.view(-1).index_fill_(0, hit_flat, True)
+        # The refreshed slots are exactly those whose last use is this call's tick (ticks only grow), so the
+        # protected mask is read off the touched sets below: no O(capacity) mask per call.
         new = ~found
         if s.num_sets == 1:
             new &= keys != s.empty[0, 0]  # the empty marker cannot be cached
@@ -250,11 +250,11 @@ class DeviceCache(Tier):
         rank = torch.arange(idx.numel(), device=self.device) - starts.index_select(0, group)  # [m]
         # Victim order per touched set: empty first, then by policy score; protected slots never.
         score = s.last.index_select(0, touched)  # [t, ways]
+        prot = score == s.tick  # [t, ways] slots this batch refreshed
         if s.freq is not None:
             score = (s.freq.index_select(0, touched).clamp(max=(1 << 22) - 1) << 40) | score
         occupied = s.keys.index_select(0, touched) != s.empty.index_select(0, touched)
         score = torch.where(occupied, score, torch.full_like(score, -1))
-        prot = protected.index_select(0, touched)
         score = torch.where(prot, torch.full_like(score, _INT64_MAX), score)
         victims = torch.sort(score, dim=1, stable=True).indices  # [t, ways]
         room = self.ways - prot.sum(dim=1)  # [t]

@@ -85,32 +85,55 @@ class ParameterServer:
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of keys: vectors [n, dim] float32 on the cache's device, found [n] bool (False: default served)."""
-        keys = check_keys(keys).cpu()
-        spec = self.persistent.spec(table)
-        uniq, inverse = torch.unique(keys, return_inverse=True)  # uniq: [u], inverse: [n]
+        return self.lookup_many({table: keys})[table]
+
+    def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`lookup` of several tables at once (a DLRM batch: one request per table), each answer as `lookup`'s.
+
+        Every table and key tensor is checked before any tier is asked; the lock is taken once and the
+        server's counters are updated once for the whole call."""
+        checked = {}
+        for table, keys in requests.items():
+            keys = check_keys(keys).cpu()
+            spec = self.persistent.spec(table)  # KeyError naming an unknown table, before any work
+            checked[table] = (spec, keys, *torch.unique(keys, return_inverse=True))  # uniq: [u], inverse: [n]
+        answers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        totals = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0}
         with self._lock:
-            self._count(keys=keys.numel(), unique_keys=uniq.numel())
-            if self.device_cache is not None:
-                vectors, found = self.device_cache.lookup(table, uniq)  # [u, dim], [u] on the device
-                miss = torch.nonzero(~found.cpu()).squeeze(1)  # [m] positions in uniq
+            for table, (spec, keys, uniq, inverse) in checked.items():
+                totals["keys"] += keys.numel()
+                totals["unique_keys"] += uniq.numel()
+                answers[table] = self._lookup_unique(table, spec, uniq, totals)
+            self._count(**totals)
+        out = {}
+        for table, (vectors, found) in answers.items():
+            inverse = checked[table][3].to(self.device)
+            out[table] = vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
+        return out
+
+    def _lookup_unique(self, table: str, spec: TableSpec, uniq: torch.Tensor,
+                       totals: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of unique keys uniq [u] (CPU): vectors [u, dim], found [u] on the device; adds to totals. Lock held."""
+        if self.device_cache is not None:
+            vectors, found = self.device_cache.lookup(table, uniq)  # [u, dim], [u] on the device
+            miss = torch.nonzero(~found.cpu()).squeeze(1)  # [m] positions in uniq
+        else:
+            vectors = spec.default.to(self.device).expand(uniq.numel(), -1).clone()
+            found = torch.zeros(uniq.numel(), dtype=torch.bool, device=self.device)
+            miss = torch.arange(uniq.numel())
+        if miss.numel():
+            hit_rate = 1.0 - miss.numel() / max(1, uniq.numel())
+            if self.async_defaults and self.device_cache is not None and hit_rate > self.hit_rate_threshold:
+                totals["defaults_async"] += miss.numel()
+                self._enqueue(table, uniq[miss])
             else:
-                vectors = spec.default.to(self.device).expand(uniq.numel(), -1).clone()
-                found = torch.zeros(uniq.numel(), dtype=torch.bool, device=self.device)
-                miss = torch.arange(uniq.numel())
-            if miss.numel():
-                hit_rate = 1.0 - miss.numel() / max(1, uniq.numel())
-                if self.async_defaults and self.device_cache is not None and hit_rate > self.hit_rate_threshold:
-                    self._count(defaults_async=miss.numel())
-                    self._enqueue(table, uniq[miss])
-                else:
-                    fetched, got = self._fetch(table, uniq.index_select(0, miss))  # [m, dim], [m] on the CPU
-                    got_idx = torch.nonzero(got).squeeze(1)
-                    hit = miss.index_select(0, got_idx).to(self.device)
-                    vectors.index_copy_(0, hit, fetched.index_select(0, got_idx).to(self.device))
-                    found.index_fill_(0, hit, True)
-                    self._count(defaults_missing=int((~got).sum()))
-        inverse = inverse.to(self.device)
-        return vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
+                fetched, got = self._fetch(table, uniq.index_select(0, miss))  # [m, dim], [m] on the CPU
+                got_idx = torch.nonzero(got).squeeze(1)
+                hit = miss.index_select(0, got_idx).to(self.device)
+                vectors.index_copy_(0, hit, fetched.index_select(0, got_idx).to(self.device))
+                found.index_fill_(0, hit, True)
+                totals["defaults_missing"] += int((~got).sum())
+        return vectors, found
 
     def _fetch(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows below the device cache (volatile, then persistent), inserted upward. keys: [m] unique, CPU."""
@@ -205,3 +228,22 @@ class ParameterServer:
             self._worker.join()
         for tier in self.tiers:
             tier.close()
+
+
+class PrefetchedLookup:
+    """A `lookup(table, keys) -> rows` callable for a model that asks one table at a time (models/dlrm.py), answered
+    from one `ParameterServer.lookup_many` of the whole batch made up front.
+
+    keys_by_table: every key tensor the batch holds for each table. The rows fetched are those of each table's
+    unique keys (sorted: `torch.unique`, as `DLRM.pool` queries them); a call with other keys goes to `lookup`."""
+
+    def __init__(self, ps: ParameterServer, keys_by_table: dict[str, list[torch.Tensor]]) -> None:
+        self.ps = ps
+        self.queries = {t: torch.unique(torch.cat(ks)) for t, ks in keys_by_table.items() if sum(k.numel() for k in ks)}
+        self.rows = ps.lookup_many(self.queries)
+
+    def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor:
+        query = self.queries.get(table)
+        if query is not None and query.shape == keys.shape and torch.equal(query, keys.cpu()):
+            return self.rows[table][0]
+        return self.ps.lookup(table, keys)[0]

@@ -136,15 +136,24 @@ class VolatileTier(Tier):
         out[:] = spec.default.numpy()
         found = np.zeros(k.size, dtype=bool)
         self._tick += 1
-        for p, pos in group_by(partition_of(k, self.partitions), self.partitions):
-            part = parts[p]
-            slots = part.slots_of(k[pos].tolist())
-            hit = slots >= 0
-            slots, pos = slots[hit], pos[hit]
-            out[pos] = part.vectors[slots]
-            found[pos] = True
-            part.uses[slots] += 1
-            part.last[slots] = self._tick
+        # One Python pass over the keys (each probe in its partition's dict), then per partition with hits only
+        # the three vectorised row operations: 16 partitions of a 100-key call cost ~3 numpy ops each, not ~10.
+        part = partition_of(k, self.partitions)  # [n]
+        gets = [q.index.get for q in parts]
+        slots = np.fromiter((gets[p](key, -1) for p, key in zip(part.tolist(), k.tolist())), dtype=np.int64,
+                            count=k.size)  # [n] slot in the key's partition, -1 where absent
+        pos = np.flatnonzero(slots >= 0)  # [h] batch positions of the hits
+        found[pos] = True
+        if self.partitions == 1:
+            groups = [(0, pos)] if pos.size else []
+        else:
+            groups = group_by(part[pos], self.partitions)  # positions into pos, by partition
+            groups = [(p, pos[i]) for p, i in groups]
+        for p, hpos in groups:
+            q, hs = parts[p], slots[hpos]
+            out[hpos] = q.vectors[hs]
+            q.uses[hs] += 1
+            q.last[hs] = self._tick
         hits = int(found.sum())
         self.count(hits=hits, misses=k.size - hits)
         return torch.from_numpy(out), torch.from_numpy(found)

@@ -16,7 +16,7 @@ import torch
 
 from configs.settings import Settings
 from embeddings.factory import build_parameter_server
-from embeddings.hierarchy import ParameterServer
+from embeddings.hierarchy import ParameterServer, PrefetchedLookup
 from embeddings.stream import UpdateConsumer
 from models.dlrm import DLRM, load_dlrm, read_dlrm_folder
 from server.errors import InvalidRequest, ModelNotFound, NotEnabled, TableNotFound, TooLarge
@@ -151,15 +151,16 @@ class Recommender:
                 raise InvalidRequest(f"key {bad} of sparse feature {name!r} is out of range [0, {f.cardinality}) "
                                      f"of table {f.table!r}")
             bags[name] = (torch.from_numpy(bag.keys), torch.from_numpy(bag.offsets))
+        keys_by_table: dict[str, list[torch.Tensor]] = {}
+        for f in cfg.sparse_features:
+            keys_by_table.setdefault(f.table, []).append(bags[f.name][0])
         with torch.inference_mode():
             try:
-                scores = model(torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), bags, self._rows)
+                rows = PrefetchedLookup(self.ps, keys_by_table)  # every table in one ParameterServer call
+                scores = model(torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), bags, rows)
             except ValueError as exc:  # the model's own checks, should one slip past those above
                 raise InvalidRequest(str(exc)) from None
         return scores.float().cpu().numpy()
-
-    def _rows(self, table: str, keys: torch.Tensor) -> torch.Tensor:
-        return self.ps.lookup(table, keys)[0]
 
     def metadata(self) -> dict:
         """KServe v2 model metadata of the DLRM."""

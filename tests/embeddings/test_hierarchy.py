@@ -166,3 +166,37 @@ def test_factory_builds_from_settings(tmp_path):
     assert isinstance(server.volatile, VolatileTier) and server.device_cache.policy == "lfu"
     assert server.device_cache.memory_bytes == DeviceCache.bytes_per_table(8, 4, DIM, "lfu")  # 32 rows in sets of 4
     server.close()
+
+
+def _two_table_server(path):
+    server = ParameterServer(PersistentTier(path, sync=False), VolatileTier(4, 16, "evict_oldest", 0.75),
+                             DeviceCache(8, 4, "lru", device="cpu"))
+    for name, scale in (("a", 1.0), ("b", -2.0)):
+        server.create_table(name, DIM, DEFAULT, rows=1000)
+        server.update(name, torch.arange(60), rows(range(60), scale))
+    return server
+
+
+def test_lookup_many_equals_lookup_per_table(tmp_path):
+    many, single = _two_table_server(tmp_path / "many"), _two_table_server(tmp_path / "single")
+    rng = np.random.default_rng(0)
+    try:
+        for _ in range(30):  # small caches: evictions in every tier, and misses answered by the default
+            requests = {t: torch.from_numpy(rng.integers(0, 80, int(rng.integers(0, 25)))) for t in ("a", "b")}
+            got = many.lookup_many(requests)
+            assert list(got) == ["a", "b"]
+            for table, keys in requests.items():
+                vectors, found = single.lookup(table, keys)
+                assert torch.equal(got[table][0], vectors) and torch.equal(got[table][1], found)
+        assert many.stats() == single.stats()
+        assert many.device_cache.cached_keys("a").tolist() == single.device_cache.cached_keys("a").tolist()
+        assert many.volatile.keys("b").tolist() == single.volatile.keys("b").tolist()
+    finally:
+        many.close()
+        single.close()
+
+
+def test_lookup_many_checks_every_table_first(ps):
+    with pytest.raises(KeyError):
+        ps.lookup_many({"t": torch.tensor([1, 2]), "nope": torch.tensor([1])})
+    assert ps.stats()["server"]["keys"] == 0 and ps.stats()["device"]["misses"] == 0
