@@ -92,24 +92,33 @@ class ParameterServer:
 
         Every table and key tensor is checked before any tier is asked; the lock is taken once and the
         server's counters are updated once for the whole call."""
+        out = {}
+        for table, (_, inverse, vectors, found) in self._lookup_distinct(requests, inverse=True).items():
+            inverse = inverse.to(self.device)
+            out[table] = vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
+        return out
+
+    def lookup_distinct(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """As `lookup_many`, answered per distinct key: for each table (uniq [u] sorted, as `torch.unique`,
+        vectors [u, dim], found [u]); what a caller that de-duplicates keys itself needs (models/dlrm.py)."""
+        return {t: (uniq, vectors, found) for t, (uniq, _, vectors, found) in self._lookup_distinct(requests).items()}
+
+    def _lookup_distinct(self, requests: dict[str, torch.Tensor], inverse: bool = False) -> dict[str, tuple]:
         checked = {}
         for table, keys in requests.items():
             keys = check_keys(keys).cpu()
             spec = self.persistent.spec(table)  # KeyError naming an unknown table, before any work
-            checked[table] = (spec, keys, *torch.unique(keys, return_inverse=True))  # uniq: [u], inverse: [n]
-        answers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            uniq, inv = torch.unique(keys, return_inverse=True) if inverse else (torch.unique(keys), None)
+            checked[table] = (spec, keys.numel(), uniq, inv)  # uniq: [u], inv: [n]
+        answers = {}
         totals = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0}
         with self._lock:
-            for table, (spec, keys, uniq, inverse) in checked.items():
-                totals["keys"] += keys.numel()
+            for table, (spec, n, uniq, inv) in checked.items():
+                totals["keys"] += n
                 totals["unique_keys"] += uniq.numel()
-                answers[table] = self._lookup_unique(table, spec, uniq, totals)
+                answers[table] = (uniq, inv, *self._lookup_unique(table, spec, uniq, totals))
             self._count(**totals)
-        out = {}
-        for table, (vectors, found) in answers.items():
-            inverse = checked[table][3].to(self.device)
-            out[table] = vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
-        return out
+        return answers
 
     def _lookup_unique(self, table: str, spec: TableSpec, uniq: torch.Tensor,
                        totals: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,15 +244,15 @@ class PrefetchedLookup:
     from one `ParameterServer.lookup_many` of the whole batch made up front.
 
     keys_by_table: every key tensor the batch holds for each table. The rows fetched are those of each table's
-    unique keys (sorted: `torch.unique`, as `DLRM.pool` queries them); a call with other keys goes to `lookup`."""
+    distinct keys (sorted: `torch.unique`, as `DLRM.pool` queries them); a call with other keys goes to `lookup`."""
 
     def __init__(self, ps: ParameterServer, keys_by_table: dict[str, list[torch.Tensor]]) -> None:
         self.ps = ps
-        self.queries = {t: torch.unique(torch.cat(ks)) for t, ks in keys_by_table.items() if sum(k.numel() for k in ks)}
-        self.rows = ps.lookup_many(self.queries)
+        requests = {t: torch.cat(ks) for t, ks in keys_by_table.items() if sum(k.numel() for k in ks)}
+        self.rows = ps.lookup_distinct(requests)  # table -> (uniq [u], vectors [u, dim], found [u])
 
     def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor:
-        query = self.queries.get(table)
-        if query is not None and query.shape == keys.shape and torch.equal(query, keys.cpu()):
-            return self.rows[table][0]
+        uniq, vectors, _ = self.rows.get(table, (None, None, None))
+        if uniq is not None and uniq.shape == keys.shape and torch.equal(uniq, keys.cpu()):
+            return vectors
         return self.ps.lookup(table, keys)[0]

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from configs.settings import EmbeddingSettings
 from embeddings.device_cache import DeviceCache
 from embeddings.factory import build_parameter_server
-from embeddings.hierarchy import ParameterServer
+from embeddings.hierarchy import ParameterServer, PrefetchedLookup
 from embeddings.metrics import EmbeddingCollector
 from embeddings.persistent import PersistentTier
 from embeddings.volatile import VolatileTier
@@ -200,3 +200,14 @@ def test_lookup_many_checks_every_table_first(ps):
     with pytest.raises(KeyError):
         ps.lookup_many({"t": torch.tensor([1, 2]), "nope": torch.tensor([1])})
     assert ps.stats()["server"]["keys"] == 0 and ps.stats()["device"]["misses"] == 0
+
+
+def test_lookup_distinct_and_prefetched_lookup(ps):
+    got = ps.lookup_distinct({"t": torch.tensor([9, 3, 9, 700])})
+    uniq, vectors, found = got["t"]
+    assert uniq.tolist() == [3, 9, 700] and found.tolist() == [True, True, False]
+    assert torch.equal(vectors, torch.stack([rows([3])[0], rows([9])[0], DEFAULT]))
+    assert ps.stats()["server"] == dict(ps.stats()["server"], keys=4, unique_keys=3, defaults_missing=1)
+    rows_of = PrefetchedLookup(ps, {"t": [torch.tensor([9, 3]), torch.tensor([9, 700])]})
+    assert torch.equal(rows_of("t", torch.tensor([3, 9, 700])), vectors)  # the DLRM's query: answered up front
+    assert torch.equal(rows_of("t", torch.tensor([5])), rows([5]))  # any other: a lookup of its own
