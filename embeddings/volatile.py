@@ -17,6 +17,7 @@ than a partition holds, the last `capacity` of them are kept.
 from __future__ import annotations
 
 import logging
+from itertools import repeat
 from typing import Literal
 
 import numpy as np
@@ -136,24 +137,25 @@ class VolatileTier(Tier):
         out[:] = spec.default.numpy()
         found = np.zeros(k.size, dtype=bool)
         self._tick += 1
-        # One Python pass over the keys (each probe in its partition's dict), then per partition with hits only
-        # the three vectorised row operations: 16 partitions of a 100-key call cost ~3 numpy ops each, not ~10.
+        # One C-level pass of dict probes over the keys sorted by partition (each partition's dict is probed in a
+        # burst: cache-friendly), then per partition with hits only the three vectorised row operations.
         part = partition_of(k, self.partitions)  # [n]
-        gets = [q.index.get for q in parts]
-        slots = np.fromiter((gets[p](key, -1) for p, key in zip(part.tolist(), k.tolist())), dtype=np.int64,
-                            count=k.size)  # [n] slot in the key's partition, -1 where absent
-        pos = np.flatnonzero(slots >= 0)  # [h] batch positions of the hits
+        order = np.argsort(part, kind="stable")  # [n]
+        part_sorted = part[order]
+        index_of = [q.index for q in parts]
+        slots = np.fromiter(map(dict.get, map(index_of.__getitem__, part_sorted.tolist()), k[order].tolist(),
+                                repeat(-1)), dtype=np.int64, count=k.size)  # [n] slot, -1 where absent; sorted order
+        hit = np.flatnonzero(slots >= 0)  # [h] into the sorted order, grouped by partition
+        pos, slots, part_sorted = order[hit], slots[hit], part_sorted[hit]  # [h] batch positions, slots, partitions
         found[pos] = True
-        if self.partitions == 1:
-            groups = [(0, pos)] if pos.size else []
-        else:
-            groups = group_by(part[pos], self.partitions)  # positions into pos, by partition
-            groups = [(p, pos[i]) for p, i in groups]
-        for p, hpos in groups:
-            q, hs = parts[p], slots[hpos]
-            out[hpos] = q.vectors[hs]
-            q.uses[hs] += 1
-            q.last[hs] = self._tick
+        bounds = np.searchsorted(part_sorted, np.arange(self.partitions + 1))
+        for p in range(self.partitions):
+            lo, hi = bounds[p], bounds[p + 1]
+            if hi > lo:
+                q, hs, hpos = parts[p], slots[lo:hi], pos[lo:hi]
+                out[hpos] = q.vectors[hs]
+                q.uses[hs] += 1
+                q.last[hs] = self._tick
         hits = int(found.sum())
         self.count(hits=hits, misses=k.size - hits)
         return torch.from_numpy(out), torch.from_numpy(found)
