@@ -44,6 +44,7 @@ class ServerSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     request_timeout_s: float = Field(60.0, gt=0, description="Most seconds a request may wait for its result (504 after).")
     access_log: bool = Field(False, description="uvicorn's line per request (costs a few % of the event loop under load).")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM: most seconds to finish admitted requests before exiting.")
 
 
 class ModelSettings(_Section):

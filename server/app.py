@@ -129,6 +129,20 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.recommender = None
     app.state.embeddings_enabled = settings.embeddings.enabled
     app.state.draining = False
+    edge_state = {"in_flight": 0}
+
+    def begin_drain() -> None:
+        """Readiness off and new requests refused (503) from now on; admitted ones carry on."""
+        app.state.draining = True
+        metrics.ready.set(0)
+
+    def busy() -> int:
+        """Requests being answered plus sequences queued or running (0 once everything admitted is done)."""
+        engine = app.state.engine
+        return edge_state["in_flight"] + (engine.queue.depth if engine is not None else 0)
+
+    app.state.begin_drain = begin_drain
+    app.state.busy = busy
     app.state.metrics = metrics
     app.state.started_at = int(time.time())
     retry_after = str(settings.scheduler.retry_after_s)
@@ -166,5 +180,5 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(EdgeMiddleware, metrics=metrics, payload_limit=settings.server.payload_limit,
-                       api_key=settings.server.api_key)
+                       api_key=settings.server.api_key, counters=edge_state)
     return app

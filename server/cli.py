@@ -130,10 +130,14 @@ def serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app  # noqa: PLC0415
 
+    from server.drain import DrainingServer  # noqa: PLC0415
+
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level,
-                access_log=settings.server.access_log, timeout_graceful_shutdown=30)
+    timeout = settings.server.shutdown_timeout_s
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level,
+                            access_log=settings.server.access_log, timeout_graceful_shutdown=timeout)
+    DrainingServer(config, app.state.begin_drain, app.state.busy, timeout).run()
     return 0
 
 

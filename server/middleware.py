@@ -48,8 +48,9 @@ def _header(scope: dict, name: bytes) -> bytes | None:
 class EdgeMiddleware:
     """Wraps the FastAPI app; every response leaves through `send` here."""
 
-    def __init__(self, app, metrics: Metrics, payload_limit: int, api_key: str | None):
+    def __init__(self, app, metrics: Metrics, payload_limit: int, api_key: str | None, counters: dict | None = None):
         self.app = app
+        self.counters = counters if counters is not None else {"in_flight": 0}  # read by the SIGTERM drain
         self.metrics = metrics
         self.payload_limit = payload_limit
         self.api_key = api_key.encode() if api_key else None
@@ -58,6 +59,13 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        self.counters["in_flight"] += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.counters["in_flight"] -= 1
+
+    async def _handle(self, scope, receive, send):
         incoming_id = _header(scope, b"x-request-id")
         request_id = incoming_id.decode("latin-1")[:128] if incoming_id else uuid.uuid4().hex
         timing = Timing(request_id)

@@ -1,0 +1,103 @@
+"""SIGTERM under load: readiness drops at once, new requests get 503, every admitted request completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.embeddings.conftest import free_port
+
+BIN = Path(sys.executable).with_name("turboserve")
+TEXTS = [f"sentence number {i} about draining a server gracefully under load" for i in range(16)]
+
+
+def _serve(tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path]:
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"port": port, "shutdown_timeout_s": 20},
+        "model": {"warmup": False},
+        "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1, "profile_max_tokens": 16},
+    }))
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([str(BIN), "serve", "--config", str(config)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return proc, log
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_admitted_requests_and_refuses_new_ones(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, log = _serve(tmp_path, port)
+    results: list[tuple[float, float, object]] = []  # (sent, answered, status or exception)
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client():
+        # A fresh connection a request, as many independent clients would; stop once refused (as a load
+        # balancer does when readiness drops).
+        with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = c.post("/embed", json={"inputs": TEXTS})
+                    outcome = (r.status_code, len(r.json()) if r.status_code == 200 else r.json(), r.headers.get("retry-after"))
+                except httpx.ConnectError:
+                    outcome = "refused"
+                except httpx.TransportError as exc:  # connected, then lost: an admitted request dropped
+                    outcome = f"lost: {exc!r}"
+                with lock:
+                    results.append((sent, time.monotonic(), outcome))
+                if outcome == "refused" or (isinstance(outcome, tuple) and outcome[0] == 503):
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for r in results if r[2][0] == 200) < 6:  # the load is on
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        term_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        # Readiness turns false at once, while the process is still up and draining.
+        ready = httpx.get(f"{url}/v2/health/ready", timeout=5)
+        assert ready.status_code == 503
+        assert proc.wait(25) == 0  # exits by itself, within shutdown_timeout_s (+ start-up of the drain)
+        exited_at = time.monotonic()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert exited_at - term_at < 21, text[-2000:]
+    lost = [r for r in results if isinstance(r[2], str) and r[2].startswith("lost")]
+    assert not lost, lost
+    admitted = [r for r in results if r[0] < term_at]
+    # Every request sent before SIGTERM was answered 200 with one vector per input, even those that ran after it.
+    assert admitted and all(r[2][0] == 200 and r[2][1] == len(TEXTS) for r in admitted), admitted
+    assert any(r[1] > term_at and r[2][0] == 200 for r in admitted), "no request was in flight at SIGTERM"
+    refused = [r for r in results if isinstance(r[2], tuple) and r[2][0] == 503]
+    assert refused and all(r[2][2] for r in refused)  # 503 with Retry-After during the drain
+    assert all(r[2][0] in (200, 503) for r in results if isinstance(r[2], tuple))
+    assert "draining" in text and "drained in" in text
