@@ -11,6 +11,8 @@ import json
 import logging
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from models.config import ModelFolderError
 from models.tokenizer import InputTooLong, InvalidTokens
 from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
@@ -79,6 +81,42 @@ KINDS: dict[type, ErrorKind] = {
 }
 VALIDATION = KINDS[InvalidRequest]
 INTERNAL = ErrorKind(500, "server_error", "internal_error", "Backend")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """The OpenAI family's error body."""
+
+    error: OpenAIErrorDetail
+
+
+class TEIError(BaseModel):
+    """The TEI family's error body."""
+
+    error: str
+    error_type: str
+
+
+class KServeError(BaseModel):
+    """The KServe v2 family's error body."""
+
+    error: str
+
+
+ERROR_MODELS: dict[str, type[BaseModel]] = {"openai": OpenAIError, "tei": TEIError, "kserve": KServeError}
+
+
+def error_responses(family: str) -> dict[int | str, dict]:
+    """OpenAPI `responses` for a router of `family`: every status KINDS can answer with, in the family's body
+    shape (499 is left out: the client is gone and sees nothing)."""
+    statuses = {(kind.tei_status or kind.status) if family == "tei" else kind.status for kind in (*KINDS.values(), INTERNAL)}
+    return {status: {"model": ERROR_MODELS[family], "description": "error"} for status in sorted(statuses - {499})}
 
 
 def api_family(path: str) -> str:

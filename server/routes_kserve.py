@@ -14,11 +14,11 @@ from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server.deps import engine_of, recommender_of, timing_of
 from server.engine import Engine
-from server.errors import InvalidRequest, ModelNotFound
+from server.errors import InvalidRequest, ModelNotFound, error_responses
 from server.kserve_codec import HEADER_LENGTH, encode_infer_response, encode_tensors, parse_infer, parse_tensors
 from server.recommend import Recommender, bags_from_matrix
 
-router = APIRouter(prefix="/v2", tags=["kserve"])
+router = APIRouter(prefix="/v2", tags=["kserve"], responses=error_responses("kserve"))
 
 _INFER_BODY = {
     "requestBody": {

@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 
 from models.runtime import finish_embedding
 from server.deps import engine_of, json_response, timing_of
-from server.errors import ModelNotFound
+from server.errors import ModelNotFound, error_responses
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("openai"))
 
 
 class EmbeddingRequest(BaseModel):

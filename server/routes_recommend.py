@@ -12,9 +12,10 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from server.deps import json_response, recommender_of, timing_of
+from server.errors import InvalidRequest, error_responses
 from server.recommend import Bag, bags_from_rows
 
-router = APIRouter(prefix="/v1", tags=["recommend"])
+router = APIRouter(prefix="/v1", tags=["recommend"], responses=error_responses("openai"))
 
 Number = StrictInt | StrictFloat  # no numeric strings, no booleans
 
@@ -51,6 +52,8 @@ async def recommend(body: RecommendRequest, request: Request):
     rec = recommender_of(request)
     rec.require_model(body.model)
     sparse: dict[str, Bag] = {name: bags_from_rows(name, rows) for name, rows in body.sparse.items()}
+    if len({len(row) for row in body.dense}) > 1:  # ragged rows would make np.asarray raise (a 500)
+        raise InvalidRequest(f"dense rows must all have the same length, got {sorted({len(row) for row in body.dense})}")
     dense = np.asarray(body.dense, dtype=np.float32) if body.dense else np.zeros((0, 0), np.float32)
     scores = await _timed(request, rec.score, dense, sparse)
     return json_response({"model": rec.name, "scores": scores.tolist()})

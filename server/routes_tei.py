@@ -11,9 +11,9 @@ import server
 from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server.deps import engine_of, json_response, timing_of
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, error_responses
 
-router = APIRouter(tags=["tei"])
+router = APIRouter(tags=["tei"], responses=error_responses("tei"))
 
 
 class EmbedRequest(BaseModel):
