@@ -8,6 +8,7 @@ A request may be JSON alone, or JSON followed by raw tensor bytes, with the JSON
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -72,6 +73,14 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return doc, binary
 
 
+def _params(holder: dict, what: str) -> dict:
+    """A `parameters` member: absent, null, or an object (anything else is a 400, not a TypeError)."""
+    params = holder.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest(f"{what}: 'parameters' must be an object")
+    return params
+
+
 def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     """Parse an infer request whose single BYTES input holds the texts to embed."""
     doc, binary = _split(body, header_length)
@@ -87,7 +96,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
             or (len(shape) == 2 and shape[1] != 1):
         raise InvalidRequest(f"input shape must be [n] or [n, 1], got {shape!r}")
     count = shape[0]
-    params = tensor.get("parameters") or {}
+    params = _params(tensor, "input")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size != len(binary):
@@ -111,7 +120,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(out, dict) or out.get("name") != "embedding":
             raise InvalidRequest("the only output is 'embedding'")
     binary_output = bool(request_params.get("binary_data_output", False)) or any(
-        bool((out.get("parameters") or {}).get("binary_data", False)) for out in outputs)
+        bool(_params(out, "output").get("binary_data", False)) for out in outputs)
     request_id = doc.get("id")
     return InferRequest(str(request_id) if request_id is not None else None, texts, binary_output, request_params)
 
@@ -150,18 +159,18 @@ class TensorRequest:
 def _numeric(tensor: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     """One numeric input as an array of its shape; returns it and the binary offset after it."""
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if datatype not in NUMPY_TYPES:
+    if not isinstance(datatype, str) or datatype not in NUMPY_TYPES:
         raise InvalidRequest(f"input {name!r}: datatype {datatype!r} is not a numeric type ({', '.join(NUMPY_TYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    dtype, count = np.dtype(NUMPY_TYPES[datatype]), int(np.prod(shape, dtype=np.int64))
-    params = tensor.get("parameters") or {}
+    dtype, count = np.dtype(NUMPY_TYPES[datatype]), math.prod(shape)  # Python ints: no int64 overflow
+    params = _params(tensor, f"input {name!r}")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
             raise InvalidRequest(f"input {name!r}: binary_data_size={size!r} does not hold {count} {datatype} values "
                                  f"within the {len(binary) - offset} binary bytes left")
-        return np.frombuffer(binary, dtype, count, offset).reshape(shape), offset + size
+        return _shaped(name, datatype, shape, lambda: np.frombuffer(binary, dtype, count, offset)), offset + size
     data = tensor.get("data")
     if not isinstance(data, list):
         raise InvalidRequest(f"input {name!r} has neither 'data' nor binary data")
@@ -172,10 +181,15 @@ def _numeric(tensor: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]
     for x in flat:
         if isinstance(x, bool) != (datatype == "BOOL") or not isinstance(x, (int, float)) or (integral and not isinstance(x, int)):
             raise InvalidRequest(f"input {name!r}: {x!r} is not a {datatype} value")
+    return _shaped(name, datatype, shape, lambda: np.asarray(flat, dtype=dtype)), offset
+
+
+def _shaped(name, datatype: str, shape: list[int], flat) -> np.ndarray:
+    """flat() reshaped to `shape`; a value out of range, or a dimension numpy cannot hold (an empty [0, 2**70]), is a 400."""
     try:
-        return np.asarray(flat, dtype=dtype).reshape(shape), offset
-    except OverflowError:
-        raise InvalidRequest(f"input {name!r}: a value is out of the {datatype} range") from None
+        return flat().reshape(shape)
+    except (OverflowError, ValueError):
+        raise InvalidRequest(f"input {name!r}: a value is out of the {datatype} range, or shape {shape} is too large") from None
 
 
 def parse_tensors(body: bytes, header_length: str | None) -> TensorRequest:
@@ -195,7 +209,7 @@ def parse_tensors(body: bytes, header_length: str | None) -> TensorRequest:
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs) or not isinstance(request_params, dict):
         raise InvalidRequest("'outputs' must be a list of objects and 'parameters' an object")
     binary_output = bool(request_params.get("binary_data_output", False)) or any(
-        bool((out.get("parameters") or {}).get("binary_data", False)) for out in outputs)
+        bool(_params(out, "output").get("binary_data", False)) for out in outputs)
     request_id = doc.get("id")
     return TensorRequest(str(request_id) if request_id is not None else None, inputs,
                          [str(o.get("name")) for o in outputs], binary_output)

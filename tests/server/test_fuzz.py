@@ -138,3 +138,24 @@ def test_openapi_declares_error_responses(client):
             ref = operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"]
             family = "TEIError" if not path.startswith(("/v1", "/v2")) else "OpenAIError" if path.startswith("/v1") else "KServeError"
             assert ref.endswith("/" + family), (path, ref)
+
+
+@pytest.mark.parametrize("tensor", [
+    {"name": "dense", "shape": [1, 3], "datatype": {}, "data": [0.1, 0.2, 0.3]},  # found by bench/fuzz.py: a 500
+    {"name": "dense", "shape": [1, 3], "datatype": "FP32", "data": [0.1, 0.2, 0.3], "parameters": 5},
+    {"name": "dense", "shape": [0, 2**70], "datatype": "FP32", "data": []},
+    {"name": "dense", "shape": [2**70], "datatype": "FP32", "data": [0.1]},
+])
+def test_malformed_dlrm_tensors_are_a_400(client, tensor):
+    response = client.post(f"/v2/models/{DLRM_NAME}/infer", json={"inputs": [tensor]})
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+
+
+@pytest.mark.parametrize("model", [MODEL, DLRM_NAME])
+def test_non_object_parameters_are_a_400(client, model):
+    tensor = ({"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]} if model == MODEL
+              else {"name": "dense", "shape": [1, 3], "datatype": "FP32", "data": [0.1, 0.2, 0.3]})
+    for body in ({"inputs": [{**tensor, "parameters": [1]}]}, {"inputs": [tensor], "outputs": [{"name": "x", "parameters": 3}]}):
+        response = client.post(f"/v2/models/{model}/infer", json=body)
+        assert response.status_code == 400, (body, response.text)
