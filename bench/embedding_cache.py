@@ -76,6 +76,7 @@ from embeddings.persistent import PersistentTier
 from embeddings.redis_tier import RedisTier
 from embeddings.tier import TableSpec, Tier
 from embeddings.volatile import VolatileTier
+from models.runtime import cpu_name
 from models.dlrm import DLRMConfig, SparseFeature, load_dlrm, save_dlrm
 
 LARGEST_CRITEO = max(CRITEO_KAGGLE_CARDINALITIES)
@@ -86,14 +87,7 @@ UNIFORM = 0.0  # alpha 0 means uniform keys in cache_trace
 
 def machine_info() -> dict:
     """CPU model, cores, versions and torch threads, for the record."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 

@@ -84,14 +84,9 @@ def check_loopback(url: str) -> None:
 
 def machine_info() -> dict:
     """CPU model, core count, Python and torch versions, for the record."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from models.runtime import cpu_name  # noqa: PLC0415
+
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 

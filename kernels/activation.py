@@ -60,10 +60,7 @@ def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, kind: str, out: 
     cols = x.shape[-1]
     if bias is not None:
         cuda.check_cuda_tensor(bias, "bias", x.dtype, (cols,))
-    if out is None:
-        out = torch.empty_like(x)
-    else:
-        cuda.check_cuda_tensor(out, "out", x.dtype, tuple(x.shape))
+    out = cuda.output(out, tuple(x.shape), x)
     total = x.numel()
     if total:
         blocks = min((total + 255) // 256, 65535)

@@ -121,6 +121,14 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
     kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem, stream=stream)
 
 
+def output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A kernel's output: `out` after the entry checks when the caller gives one, else a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    check_cuda_tensor(out, "out", like.dtype, shape)
+    return out
+
+
 def check_cuda_tensor(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None) -> None:
     """Entry checks for a kernel argument: device, dtype, contiguity, optional shape."""
     if not t.is_cuda or t.dtype != dtype or not t.is_contiguous():

@@ -82,10 +82,7 @@ def bias_residual_layernorm(x: torch.Tensor, bias: torch.Tensor | None, residual
         cuda.check_cuda_tensor(t, name, x.dtype, shape)
     if bias is not None:
         cuda.check_cuda_tensor(bias, "bias", x.dtype, (hidden,))
-    if out is None:
-        out = torch.empty_like(x)
-    else:
-        cuda.check_cuda_tensor(out, "out", x.dtype, tuple(x.shape))
+    out = cuda.output(out, tuple(x.shape), x)
     if rows:
         cuda.launch(CUDA_SOURCE, "bias_residual_layernorm", x.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
                     (32 * ROWS_PER_BLOCK,), (x, bias if bias is not None else x, residual, gamma, beta, out, rows,

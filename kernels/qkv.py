@@ -54,10 +54,7 @@ def split_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, out:
     cuda.check_cuda_tensor(qkv, "qkv", qkv.dtype)
     if bias is not None:
         cuda.check_cuda_tensor(bias, "bias", qkv.dtype, (three_hidden,))
-    if out is None:
-        out = torch.empty(3, tokens, hidden, dtype=qkv.dtype, device=qkv.device)
-    else:
-        cuda.check_cuda_tensor(out, "out", qkv.dtype, (3, tokens, hidden))
+    out = cuda.output(out, (3, tokens, hidden), qkv)
     total = qkv.numel()
     if total:
         blocks = min((total + 255) // 256, 65535)

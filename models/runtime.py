@@ -122,19 +122,21 @@ def finish_embedding(vector: np.ndarray, normalize: bool, dimensions: int | None
     return vector.astype(np.float32, copy=False)
 
 
-def runtime_facts(info: ModelInfo) -> dict:
-    """What a measured cost depends on besides the model: device name, software versions, threads."""
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
     import platform  # noqa: PLC0415
 
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            found = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), None)
+    except OSError:
+        found = None
+    return found or platform.processor() or platform.machine() or "unknown"
+
+
+def runtime_facts(info: ModelInfo) -> dict:
+    """What a measured cost depends on besides the model: device name, software versions, threads."""
     device = torch.device(info.device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-                name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), name)
-        except OSError:
-            pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": info.device, "device_name": name, "dtype": info.dtype, "torch": torch.__version__,
             "threads": torch.get_num_threads()}

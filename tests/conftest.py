@@ -1,8 +1,19 @@
-"""Suite-wide hooks: `gpu` tests skip themselves where no CUDA device is present."""
+"""Suite-wide hooks: `gpu` tests skip themselves where no CUDA device is present; the `redis_node` fixture."""
 
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.fixture
+def redis_node(tmp_path):
+    """A fresh single redis-server on a free loopback port, terminated after the test."""
+    from tests.embeddings.conftest import RedisProcess, free_port  # noqa: PLC0415
+
+    node = RedisProcess(free_port(), tmp_path / "redis")
+    node.start()
+    yield node
+    node.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -74,13 +74,6 @@ class RedisProcess:
         self.proc = None
 
 
-@pytest.fixture
-def redis_node(tmp_path):
-    """A fresh single redis-server, terminated after the test."""
-    node = RedisProcess(free_port(), tmp_path / "redis")
-    node.start()
-    yield node
-    node.stop()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from embeddings.stream import publish_update
 from models.dlrm import DLRMConfig, SparseFeature, TableLookup, load_dlrm, save_dlrm, save_random_tables
 from server.import_tables import import_table
-from tests.embeddings.conftest import RedisProcess, free_port
+from tests.embeddings.conftest import free_port
 from tests.support import MODEL, dummy_server
 
 NAME = "ctr"
@@ -261,12 +261,6 @@ def test_parameter_server_without_a_dlrm_serves_tables_only(dlrm, tmp_path):
 
 
 # -- Redis: the update stream and a volatile tier that goes away ------------------------------------------
-@pytest.fixture
-def redis_node(tmp_path):
-    node = RedisProcess(free_port(), tmp_path / "redis")
-    node.start()
-    yield node
-    node.stop()
 
 
 def copy_db(dlrm, dest: Path) -> Path:
