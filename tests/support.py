@@ -3,8 +3,12 @@ server on a free loopback port, run in a thread so tests can reach into the app.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -115,3 +119,27 @@ def dummy_server(embedder: DummyEmbedder | None = None, wait_ready: bool = True,
     app = create_app(settings(**sections), dummy_loader(embedder, **(loader_kwargs or {})))
     app.state.embedder = embedder
     return ServerThread(app, wait_ready)
+
+
+# -- the real `turboserve serve` as a subprocess ----------------------------------------------------------
+BIN = Path(sys.executable).with_name("turboserve")
+
+
+def spawn_server(config: Path, log: Path) -> subprocess.Popen:
+    """`turboserve serve --config config`, its output appended to `log` (so restarts share one log)."""
+    return subprocess.Popen([str(BIN), "serve", "--config", str(config)], stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180.0) -> None:
+    """Poll GET /health until 200; fail with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=5) as c:
+        while True:
+            try:
+                if c.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, f"server did not become healthy:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)

@@ -4,10 +4,8 @@ restart durability of acknowledged updates, and bad input."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,13 +22,12 @@ from embeddings.stream import publish_update
 from models.dlrm import DLRMConfig, SparseFeature, TableLookup, load_dlrm, save_dlrm, save_random_tables
 from server.import_tables import import_table
 from tests.embeddings.conftest import free_port
-from tests.support import MODEL, dummy_server
+from tests.support import MODEL, dummy_server, spawn_server, wait_healthy
 
 NAME = "ctr"
 CONFIG = DLRMConfig(num_dense=3, bottom_mlp=(8, 4), top_mlp=(8, 1), embedding_dim=4,
                     sparse_features=(SparseFeature("user", "users", 200), SparseFeature("item", "items", 100),
                                      SparseFeature("history", "items", 100)))
-BIN = Path(sys.executable).with_name("turboserve")
 
 
 def wait_until(condition, timeout=1.0, what="condition"):
@@ -326,24 +323,6 @@ def test_redis_volatile_tier_outage_keeps_answering_and_recovers(dlrm, redis_nod
 
 
 # -- restart durability: the real server, killed with SIGKILL right after acknowledging ------------------
-def _start(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN), "serve", "--config", str(config)], stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 180
-    with httpx.Client(base_url=url, timeout=5) as c:
-        while True:
-            try:
-                if c.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, f"server did not become healthy:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
-
-
 def _kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -368,9 +347,9 @@ def test_acknowledged_updates_survive_kill_9(dlrm, redis_node, tmp_path):
     r = redis.Redis(port=redis_node.port)
     expected: dict[int, list[float]] = {}
 
-    proc = _start(config, log)
+    proc = spawn_server(config, log)
     try:
-        _wait_healthy(proc, url, log)
+        wait_healthy(proc, url, log)
         with httpx.Client(base_url=url, timeout=10) as c:  # HTTP: kill right after each 200
             for key in range(3):
                 vector = [float(key), 1.5, -2.0]
@@ -379,8 +358,8 @@ def test_acknowledged_updates_survive_kill_9(dlrm, redis_node, tmp_path):
                 expected[key] = vector
                 if key == 2:
                     _kill(proc)
-        proc = _start(config, log)
-        _wait_healthy(proc, url, log)
+        proc = spawn_server(config, log)
+        wait_healthy(proc, url, log)
         for key in range(10, 13):  # the stream: kill right after each XACK
             vector = [float(key), 0.5, 0.25]
             entry = publish_update(r, "updates", "scratch", [key], np.array([vector], np.float32))
@@ -396,8 +375,8 @@ def test_acknowledged_updates_survive_kill_9(dlrm, redis_node, tmp_path):
         # an entry published while no server runs is applied after the restart
         publish_update(r, "updates", "scratch", [20], np.array([[20, 20, 20]], np.float32))
         expected[20] = [20.0, 20.0, 20.0]
-        proc = _start(config, log)
-        _wait_healthy(proc, url, log)
+        proc = spawn_server(config, log)
+        wait_healthy(proc, url, log)
         with httpx.Client(base_url=url, timeout=10) as c:
             def all_there():
                 got = c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": list(expected)}).json()

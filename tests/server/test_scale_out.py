@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,8 +14,8 @@ import pytest
 import yaml
 
 from tests.embeddings.conftest import free_port
+from tests.support import spawn_server
 
-BIN = Path(sys.executable).with_name("turboserve")
 SITE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "turboserve.conf"
 TEXTS = [f"replica test sentence {i}, long enough to take a little while" for i in range(8)]
 
@@ -29,8 +27,7 @@ def _replica(tmp_path: Path, name: str, port: int) -> subprocess.Popen:
         "model": {"warmup": False},
         "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1, "profile_max_tokens": 16},
     }))
-    return subprocess.Popen([str(BIN), "serve", "--config", str(config)], stdout=open(tmp_path / f"{name}.log", "w"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return spawn_server(config, tmp_path / f"{name}.log")
 
 
 def _nginx(tmp_path: Path, listen: int, upstreams: list[int]) -> subprocess.Popen:
