@@ -13,13 +13,18 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 FEATURES = ("batch", "sequence", "token", "squared_token")
+
+# Online refinement that moved a knot further than this factor from the measurement reflects a passing
+# condition (another process on the host, a throttled device), not the runtime: it is neither saved nor
+# trusted when loaded.
+MAX_DRIFT = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class CostModel:
     observations: int = 0
 
     @classmethod
-    def fit(cls, cells: Sequence[Cell], key: dict | None = None, alpha: float = 0.2) -> "CostModel":
+    def fit(cls, cells: Sequence[Cell], key: dict | None = None, alpha: float = 0.2) -> CostModel:
         """Fit the line to profiled cells, then per-knot factors to its residuals."""
         if not cells:
             raise ValueError("cannot fit a cost model to no cells")
@@ -81,7 +86,7 @@ class CostModel:
         return cls(list(map(float, coef)), knots, factors, dict(key or {}), list(cells), alpha)
 
     @classmethod
-    def linear(cls, per_batch: float, per_token: float, per_sq_token: float = 0.0, per_sequence: float = 0.0) -> "CostModel":
+    def linear(cls, per_batch: float, per_token: float, per_sq_token: float = 0.0, per_sequence: float = 0.0) -> CostModel:
         """A hand-set model (tests, simulations without a device)."""
         return cls([per_batch, per_sequence, per_token, per_sq_token], [1.0], [1.0])
 
@@ -139,12 +144,26 @@ class CostModel:
         self.observations += 1
         return error
 
+    def measured(self) -> CostModel:
+        """The model as profiled, before any online refinement (self when no cells are kept)."""
+        if not self.cells:
+            return self
+        return CostModel.fit(self.cells, self.key, self.alpha)
+
+    def drift(self) -> float:
+        """How far online refinement has moved the model from what was measured: the largest factor
+        between a knot's refined and measured correction (1.0 = unchanged; 2.0 = twice or half)."""
+        measured = self.measured().factors if self.cells else [1.0] * len(self.factors)
+        if len(measured) != len(self.factors):
+            measured = [1.0] * len(self.factors)
+        return float(max(math.exp(abs(math.log(f / m))) for f, m in zip(self.factors, measured)))
+
     def to_json(self) -> dict:
         return {"coef": self.coef, "knots": self.knots, "factors": self.factors, "key": self.key,
                 "cells": [asdict(c) for c in self.cells], "alpha": self.alpha, "observations": self.observations}
 
     @classmethod
-    def from_json(cls, doc: dict) -> "CostModel":
+    def from_json(cls, doc: dict) -> CostModel:
         return cls(list(doc["coef"]), list(doc["knots"]), list(doc["factors"]), dict(doc.get("key", {})),
                    [Cell(**c) for c in doc.get("cells", [])], float(doc.get("alpha", 0.2)), int(doc.get("observations", 0)))
 
@@ -156,7 +175,7 @@ class CostModel:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostModel":
+    def load(cls, path: str | Path) -> CostModel:
         return cls.from_json(json.loads(Path(path).read_text()))
 
     def summary(self) -> dict:

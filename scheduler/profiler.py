@@ -11,10 +11,10 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from scheduler.cost_model import Cell, CostModel
+from scheduler.cost_model import MAX_DRIFT, Cell, CostModel
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def grid(max_batch_requests: int, max_input_length: int, token_cap: int) -> list
 def measure(run: RunBatch, cells: list[tuple[int, int]], runs: int = 3, warmup: int = 1,
             progress: bool = True) -> list[Cell]:
     """Median seconds of `runs` timed runs per cell, after `warmup` untimed ones; shows a progress bar."""
-    from tqdm import tqdm  # noqa: PLC0415 - only profiling needs it
+    from tqdm import tqdm
 
     out = []
     for n, length in tqdm(cells, desc="profiling batch latency", unit="cell", disable=not progress):
@@ -63,6 +63,10 @@ def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cell
             model = CostModel.load(path)
             if model.key == key:
                 log.info("cost model loaded from %s", path)
+                if model.drift() > MAX_DRIFT:
+                    log.warning("saved cost model drifted %.1fx from its measurement; starting from the measurement",
+                                model.drift())
+                    model = model.measured()
                 return model, True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable cost model %s: %s", path, exc)

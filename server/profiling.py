@@ -3,11 +3,15 @@ measure it (with a progress bar) and save it."""
 
 from __future__ import annotations
 
+import logging
+
 import server
 from configs.settings import Settings
 from models.runtime import Embedder, ModelInfo, runtime_facts
-from scheduler.cost_model import CostModel
+from scheduler.cost_model import MAX_DRIFT, CostModel
 from scheduler.profiler import cache_path, grid, load_or_profile
+
+log = logging.getLogger(__name__)
 
 PROFILE_TOKEN_ID = 1000  # any in-vocabulary id: the cost depends on shapes, not on which tokens
 
@@ -34,8 +38,17 @@ def build_cost_model(settings: Settings, embedder: Embedder, info: ModelInfo, pr
     return load_or_profile(run, key, s.cost_model_dir, cells, s.profile_runs, progress, s.cost_model_alpha)
 
 
-def save_refined(settings: Settings, cost: CostModel) -> None:
+def save_refined(settings: Settings, cost: CostModel) -> bool:
     """Write the online-refined model back over the measured one, so the next start (and the simulator)
-    begins from what live batches showed, event-loop contention included."""
-    if settings.scheduler.cost_model_dir and cost.observations:
-        cost.save(cache_path(settings.scheduler.cost_model_dir, cost.key))
+    begins from what live batches showed, event-loop contention included. Refuses (and says so) when
+    the refinement drifted more than MAX_DRIFT× from the measurement; True when saved."""
+    if not (settings.scheduler.cost_model_dir and cost.observations):
+        return False
+    drift = cost.drift()
+    if drift > MAX_DRIFT:
+        log.warning("refined cost model not saved: live batches ran %.1fx away from the measured model "
+                    "(limit %.1fx); the host was probably busy. Run `turboserve profile` to re-measure.",
+                    drift, MAX_DRIFT)
+        return False
+    cost.save(cache_path(settings.scheduler.cost_model_dir, cost.key))
+    return True

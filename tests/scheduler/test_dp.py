@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from scheduler import dp
 from scheduler.brute_force import deadlines_feasible, min_cost_any, min_cost_consecutive
-from scheduler.cost_model import Cell, CostModel
+from scheduler.cost_model import MAX_DRIFT, Cell, CostModel
 from scheduler.dp import cost_dp
 from scheduler.planner import Limits, PolicyConfig, Request, evaluate, plan
+from scheduler.profiler import cache_path, load_or_profile
 
 COSTS = st.builds(
     CostModel.linear,
@@ -170,6 +171,27 @@ def test_cost_model_fit_predict_and_refine(tmp_path):
     for _ in range(40):
         error = again.observe(lengths, 1.3 * truth.predict_lengths(lengths))
     assert abs(error) < 0.02
+
+
+def test_a_drifted_refinement_is_not_trusted_from_disk(tmp_path):
+    # A busy host makes live batches slow; refinement follows it in memory, but a model that drifted
+    # past MAX_DRIFT from its measurement must not become the next start's model.
+    truth = CostModel.linear(0.003, 2e-4, 1e-7, 1e-4)
+    cells = [Cell(n, length, truth.predict_lengths([length] * n)) for n in (1, 2, 4) for length in (8, 32)]
+    key = {"model": "x"}
+    model = CostModel.fit(cells, key)
+    assert model.drift() == pytest.approx(1.0)
+    for _ in range(60):
+        model.observe([32] * 2, 5 * truth.predict_lengths([32] * 2))
+    assert model.drift() > MAX_DRIFT
+    model.save(cache_path(tmp_path, key))
+
+    def never(lengths):
+        raise AssertionError("a saved model exists: nothing should be measured")
+
+    loaded, from_cache = load_or_profile(never, key, tmp_path, [(1, 8)])
+    assert from_cache and loaded.drift() == pytest.approx(1.0)
+    assert loaded.predict_lengths([32, 32]) == pytest.approx(truth.predict_lengths([32, 32]), rel=0.05)
 
 
 @settings(max_examples=150, deadline=None)
