@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -30,6 +30,10 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(_yaml_data.get() or {})
 
 
+# Routes reachable without the API key by default: probes and scrapers carry none.
+OPEN_PATHS = ("/health", "/metrics", "/v2/health/live", "/v2/health/ready")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,14 +41,40 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
-    api_key: str | None = Field(None, description="If set, every route but health and metrics needs `Authorization: Bearer <key>`.")
+    api_key: SecretStr | None = Field(None, description="If set, every route but api_key_open_paths needs `Authorization: Bearer <key>`.")
+    api_key_file: str | None = Field(None, description="File holding the API key (e.g. a mounted Kubernetes secret), read at start; not with api_key.")
+    api_key_open_paths: list[str] = Field(default_factory=lambda: list(OPEN_PATHS), description="Paths reachable without the API key (exact match); [] puts the probes and /metrics behind it too.")
     payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body accepted, in bytes (413 above).")
     max_client_batch_size: int = Field(32, ge=1, description="Most inputs in one request (413 above).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty turns CORS off.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="text: one readable line per record; json: one JSON object per line, for every log line (app and access).")
     request_timeout_s: float = Field(60.0, gt=0, description="Most seconds a request may wait for its result (504 after).")
-    access_log: bool = Field(False, description="uvicorn's line per request (costs a few % of the event loop under load).")
+    access_log: bool = Field(False, description="One line per request after its response: request id, route, status, bytes, timings (costs event-loop time under load).")
+    model_dirs: list[str] = Field(default_factory=list, description="If set, model.path and recommend.model_path must resolve (symlinks followed) inside one of these folders; empty: anywhere. The embedded model is always allowed.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM: most seconds to finish admitted requests before exiting.")
+
+    @model_validator(mode="after")
+    def _check_security(self) -> ServerSettings:
+        bad = [p for p in self.api_key_open_paths if not p.startswith("/")]
+        if bad:
+            raise ValueError(f"server.api_key_open_paths entries must start with '/': {bad}")
+        if any(not d.strip() for d in self.model_dirs):
+            raise ValueError("server.model_dirs holds an empty entry; leave the list empty for no restriction")
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("set one of server.api_key and server.api_key_file, not both")
+            path = Path(self.api_key_file).expanduser()
+            try:
+                key = path.read_text().strip()  # a secret file usually ends with a newline
+            except OSError as exc:
+                raise ValueError(f"cannot read server.api_key_file {str(path)!r}: {exc.strerror}") from None
+            if not key:
+                raise ValueError(f"server.api_key_file {str(path)!r} is empty")
+            self.api_key = SecretStr(key)
+        if self.api_key is not None and not self.api_key.get_secret_value():
+            raise ValueError("server.api_key is empty; leave it unset for no key")
+        return self
 
 
 class ModelSettings(_Section):
@@ -142,7 +172,7 @@ class Settings(BaseSettings):
     recommend: RecommendSettings = Field(default_factory=RecommendSettings)
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> "Settings":
+    def _check_cross_fields(self) -> Settings:
         limit = self.model.max_input_length
         if limit is not None and self.scheduler.max_batch_tokens < limit:
             raise ValueError(
@@ -192,3 +222,25 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
         return Settings(**(overrides or {}))
     finally:
         _yaml_data.reset(token)
+
+
+class PathNotAllowed(ValueError):
+    """A model path that resolves outside server.model_dirs."""
+
+
+def check_model_dirs(settings: Settings) -> None:
+    """Raise PathNotAllowed when server.model_dirs is set and model.path or recommend.model_path resolves
+    (after `~` and every symlink) outside all of them. model.path unset (the embedded model) always passes.
+
+    The folder itself is checked, not each file inside it: links inside an allowed folder are trusted.
+    """
+    if not settings.server.model_dirs:
+        return
+    allowed = [Path(d).expanduser().resolve() for d in settings.server.model_dirs]
+    for name, value in (("model.path", settings.model.path), ("recommend.model_path", settings.recommend.model_path)):
+        if not value:
+            continue
+        resolved = Path(value).expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in allowed):
+            where = f" (resolves to {resolved})" if str(resolved) != value else ""
+            raise PathNotAllowed(f"{name} {value}{where} is outside server.model_dirs: {', '.join(map(str, allowed))}")

@@ -7,18 +7,18 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import server
-from configs.settings import Settings
+from configs.settings import Settings, check_model_dirs
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
 from server import routes_kserve, routes_openai, routes_recommend, routes_tei
@@ -34,9 +34,9 @@ from server.errors import (
     kind_of,
 )
 from server.metrics import Metrics
+from server.middleware import EdgeMiddleware
 from server.profiling import build_cost_model, save_refined
 from server.recommend import build_recommender
-from server.middleware import EdgeMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def default_loader(settings: Settings) -> Loader:
 
     def load():
         if m.num_threads:
-            import torch  # noqa: PLC0415 - only the real model needs it
+            import torch  # only the real model needs it
 
             torch.set_num_threads(m.num_threads)
         return load_model(m.path, m.name, m.device, m.dtype, m.max_input_length, m.pooling, m.normalize,
@@ -63,8 +63,8 @@ def warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
     so the first request pays no warm-up."""
     device = getattr(embedder, "device", None)
     if device is not None and device.type == "cuda":
-        from kernels import compile_all  # noqa: PLC0415
-        from kernels.cuda import available  # noqa: PLC0415
+        from kernels import compile_all
+        from kernels.cuda import available
 
         if available():
             compile_all(next(embedder.encoder.parameters()).dtype)
@@ -106,7 +106,11 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
 
 
 def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
-    """The whole HTTP application; `loader` defaults to the configured model (tests pass a small one)."""
+    """The whole HTTP application; `loader` defaults to the configured model (tests pass a small one).
+
+    Raises PathNotAllowed when a model path lies outside server.model_dirs.
+    """
+    check_model_dirs(settings)
     metrics = Metrics()
     loader = loader or default_loader(settings)
 
@@ -192,9 +196,13 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
 
     app.openapi = openapi
 
+    key = settings.server.api_key
+    app.add_middleware(EdgeMiddleware, metrics=metrics, payload_limit=settings.server.payload_limit,
+                       api_key=key.get_secret_value() if key is not None else None, counters=edge_state,
+                       open_paths=settings.server.api_key_open_paths, access_log=settings.server.access_log)
     if settings.server.cors_origins:
+        # Outermost (added last): a browser's preflight carries no API key, so CORS answers it before the
+        # key check; other responses, a 401 included, get the CORS headers the browser needs to read them.
         app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(EdgeMiddleware, metrics=metrics, payload_limit=settings.server.payload_limit,
-                       api_key=settings.server.api_key, counters=edge_state)
     return app

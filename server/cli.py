@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -28,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="Hugging Face model folder (model.path); default: embedded all-MiniLM-L6-v2")
     serve.add_argument("--model-name", help="served model name (model.name)")
     serve.add_argument("--device", help="torch device (model.device)")
-    serve.add_argument("--api-key", help="require this bearer token (server.api_key)")
+    serve.add_argument("--api-key", help="require this bearer token (server.api_key); visible in ps, prefer --api-key-file")
+    serve.add_argument("--api-key-file", help="read the bearer token from this file (server.api_key_file)")
+    serve.add_argument("--log-format", choices=["text", "json"], help="text, or one JSON object per line (server.log_format)")
+    serve.add_argument("--access-log", action="store_true", default=None, help="one log line per request (server.access_log)")
     prof = sub.add_parser("profile", help="measure the batch cost model for the configured model and device, and save it")
     prof.add_argument("--config", help="YAML settings file")
     prof.add_argument("--model", help="Hugging Face model folder (model.path)")
@@ -57,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"host": ("server", "host"), "port": ("server", "port"), "model": ("model", "path"),
              "model_name": ("model", "name"), "device": ("model", "device"), "api_key": ("server", "api_key"),
+             "api_key_file": ("server", "api_key_file"), "log_format": ("server", "log_format"),
+             "access_log": ("server", "access_log"),
              "runs": ("scheduler", "profile_runs"), "max_tokens": ("scheduler", "profile_max_tokens")}
     pairs = {place: getattr(args, flag, None) for flag, place in flags.items()}
     out: dict[str, dict[str, Any]] = {}
@@ -70,14 +74,17 @@ def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         field = ".".join(str(x) for x in err["loc"]) or "settings"
-        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})" if err["loc"] else f"  {err['msg']}")
+        given = err.get("input")
+        # A section-level check gets the whole section as input: never echo it (it may hold the API key).
+        got = f" (got {given!r})" if err["loc"] and not isinstance(given, dict) and "api_key" not in field else ""
+        lines.append(f"  {field}: {err['msg']}{got}" if err["loc"] else f"  {err['msg']}")
     return "invalid settings:\n" + "\n".join(lines)
 
 
 def _settings(args: argparse.Namespace):
     """Settings from the flags, or None after printing why they are invalid."""
-    from configs.settings import load_settings  # noqa: PLC0415 - keep --help fast
-    from models.config import ModelFolderError, default_model_path, read_model_folder  # noqa: PLC0415
+    from configs.settings import PathNotAllowed, check_model_dirs, load_settings  # imported here: keep --help fast
+    from models.config import ModelFolderError, default_model_path, read_model_folder
 
     try:
         settings = load_settings(args.config, _overrides(args))
@@ -85,6 +92,11 @@ def _settings(args: argparse.Namespace):
         print(f"turboserve: {_explain(exc)}", file=sys.stderr)
         return None
     except ValueError as exc:
+        print(f"turboserve: {exc}", file=sys.stderr)
+        return None
+    try:  # refuse a model outside server.model_dirs before reading anything from it
+        check_model_dirs(settings)
+    except PathNotAllowed as exc:
         print(f"turboserve: {exc}", file=sys.stderr)
         return None
     try:  # refuse a bad model folder now, not after the port is open
@@ -99,8 +111,8 @@ def profile(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
-    from server.app import warm_up, default_loader  # noqa: PLC0415
-    from server.profiling import build_cost_model  # noqa: PLC0415
+    from server.app import default_loader, warm_up
+    from server.profiling import build_cost_model
 
     settings = settings.model_copy(update={"scheduler": settings.scheduler.model_copy(update={"profile": "always"})})
     embedder, tokenizer, info = default_loader(settings)()
@@ -114,8 +126,8 @@ def profile(args: argparse.Namespace) -> int:
     coef = cost.summary()["coefficients_seconds"]
     print("fit: " + ", ".join(f"{k} {v * 1e3:.4g} ms" for k, v in coef.items()))
     if settings.scheduler.cost_model_dir:
-        from server.profiling import cost_key  # noqa: PLC0415
-        from scheduler.profiler import cache_path  # noqa: PLC0415
+        from scheduler.profiler import cache_path
+        from server.profiling import cost_key
 
         print(f"saved to {cache_path(settings.scheduler.cost_model_dir, cost_key(settings, info))}")
     return 0
@@ -126,24 +138,26 @@ def serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
 
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
-    from server.app import create_app  # noqa: PLC0415
+    from server.app import create_app
+    from server.drain import DrainingServer
+    from server.logs import configure_logging
 
-    from server.drain import DrainingServer  # noqa: PLC0415
-
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = settings.server
+    configure_logging(s.log_level, s.log_format, s.access_log)
     app = create_app(settings)
-    timeout = settings.server.shutdown_timeout_s
-    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level,
-                            access_log=settings.server.access_log, timeout_graceful_shutdown=timeout)
-    DrainingServer(config, app.state.begin_drain, app.state.busy, timeout).run()
+    # log_config=None keeps the handlers configured above; uvicorn's own access line stays off, the access
+    # line is EdgeMiddleware's (it has the request id and the timings).
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=s.shutdown_timeout_s)
+    DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s).run()
     return 0
 
 
 def import_embeddings(args: argparse.Namespace) -> int:
-    from configs.settings import load_settings  # noqa: PLC0415
-    from server.import_tables import ImportFailed, import_table  # noqa: PLC0415
+    from configs.settings import load_settings
+    from server.import_tables import ImportFailed, import_table
 
     overrides = {"embeddings": {"path": args.path}} if args.path else {}
     try:

@@ -1,5 +1,5 @@
 """The edge of every request, as plain ASGI: request id, API key, body limit, timing headers,
-request metrics, and the last-resort 500 that never carries a traceback."""
+request metrics, the access log line, and the last-resort 500 that never carries a traceback."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from server.errors import (
@@ -17,13 +18,13 @@ from server.errors import (
     error_body,
     kind_of,
 )
+from server.logs import ACCESS_LOGGER, REQUEST_ID, printable
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 SCOPE_KEY = "turboserve"
-# Routes reachable without the API key (probes and scrapers carry none).
-OPEN_PATHS = frozenset({"/health", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 @dataclass
@@ -48,12 +49,15 @@ def _header(scope: dict, name: bytes) -> bytes | None:
 class EdgeMiddleware:
     """Wraps the FastAPI app; every response leaves through `send` here."""
 
-    def __init__(self, app, metrics: Metrics, payload_limit: int, api_key: str | None, counters: dict | None = None):
+    def __init__(self, app, metrics: Metrics, payload_limit: int, api_key: str | None, counters: dict | None = None,
+                 open_paths: Iterable[str] = (), access_log: bool = False):
         self.app = app
         self.counters = counters if counters is not None else {"in_flight": 0}  # read by the SIGTERM drain
         self.metrics = metrics
         self.payload_limit = payload_limit
         self.api_key = api_key.encode() if api_key else None
+        self.open_paths = frozenset(open_paths)  # reachable without the key (probes and scrapers carry none)
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -70,11 +74,22 @@ class EdgeMiddleware:
         request_id = incoming_id.decode("latin-1")[:128] if incoming_id else uuid.uuid4().hex
         timing = Timing(request_id)
         scope[SCOPE_KEY] = timing
+        REQUEST_ID.set(request_id)  # this task's context only: uvicorn runs each request in its own task
+        sent = {"status": 0, "bytes": 0}
+        try:
+            await self._respond(scope, receive, send, timing, sent)
+        finally:
+            if self.access_log:
+                self._log_access(scope, timing, sent)
+
+    async def _respond(self, scope, receive, send, timing: Timing, sent: dict) -> None:
+        request_id = timing.request_id
         family = api_family(scope["path"])
-        sent = {"status": 0}
 
         async def send_with_headers(message):
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.body":
+                sent["bytes"] += len(message.get("body", b""))
+            elif message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 total = time.perf_counter() - timing.started
                 headers = list(message.get("headers", []))
@@ -99,7 +114,7 @@ class EdgeMiddleware:
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
             await send_with_headers({"type": "http.response.body", "body": body})
 
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+        if self.api_key is not None and scope["path"] not in self.open_paths:
             given = _header(scope, b"authorization") or b""
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, self.api_key):
@@ -125,6 +140,30 @@ class EdgeMiddleware:
             await send_with_headers({"type": "http.response.start", "status": status, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
             await send_with_headers({"type": "http.response.body", "body": payload})
+
+    @staticmethod
+    def _log_access(scope, timing: Timing, sent: dict) -> None:
+        """One access line: after the response (or its failure), so status, bytes and timings are final."""
+        client = scope.get("client")
+        user_agent = _header(scope, b"user-agent")
+        route = scope.get("route")
+        # No response started: the client went away first (nginx's 499, as the request counter says).
+        status = sent["status"] or 499
+        access_log.info("%s %s %d", scope.get("method"), printable(scope["path"]), status, extra={"fields": {
+            "request_id": timing.request_id,
+            "method": scope.get("method"),
+            "path": scope["path"],
+            "route": getattr(route, "path", None),
+            "status": status,
+            "duration_ms": round((time.perf_counter() - timing.started) * 1000, 3),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "bytes_out": sent["bytes"],
+            "tokens": timing.tokens,
+            "tokenization_ms": round(timing.tokenization * 1000, 3),
+            "queue_ms": round(timing.queue * 1000, 3),
+            "inference_ms": round(timing.inference * 1000, 3),
+            "user_agent": user_agent.decode("latin-1") if user_agent else None,
+        }})
 
     async def _read_body(self, receive) -> tuple[bytes, bool]:
         """Read the whole body, stopping once it passes the limit."""
