@@ -6,15 +6,20 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from scheduler.cost_model import CostModel
 from scheduler.errors import NotReady, Overloaded
 from scheduler.planner import Limits, PolicyConfig, Request, plan
 
 log = logging.getLogger(__name__)
+
+# Why a queued item was dropped before compute (the `reason` label of turboserve_requests_dropped_total).
+DEADLINE = "deadline"  # its hard deadline (the request timeout) passed while it waited
+DISCONNECT = "disconnect"  # its client went away
 
 
 @dataclass(eq=False)
@@ -23,9 +28,14 @@ class WorkItem:
 
     ids: list[int]
     enqueued_at: float = field(default_factory=time.perf_counter)
-    deadline: float = math.inf  # on the same clock as enqueued_at
+    deadline: float = math.inf  # soft: the planner's target (arrival + SLO); late items still run
     priority: int = 0
     future: Future = field(default_factory=Future)
+    # Hard: past this instant (same clock) the answer is useless (the request timed out), so the worker
+    # fails the item with DeadlineExceeded instead of computing it, even if nobody cancelled it yet.
+    expires_at: float = math.inf
+    # Set by whoever cancels the future, before cancelling, so the drop is counted under the right reason.
+    drop_reason: str = DISCONNECT
     # Filled by the worker, read by the route for timing headers.
     queue_seconds: float = 0.0
     inference_seconds: float = 0.0
@@ -64,11 +74,28 @@ class BatchQueue:
             self._pending.extend(items)
             self._cond.notify()
 
+    def check_room(self, count: int) -> None:
+        """Raise Overloaded now if `count` more sequences would not fit, so a caller can refuse before doing
+        any work for them (tokenizing); submit() still decides, as the queue may fill in between."""
+        if len(self._pending) + count > self.max_size:  # a racy read is fine: this is only an early answer
+            raise Overloaded(f"queue is full ({len(self._pending)} of {self.max_size} waiting)")
+
+    def withdraw(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Take `items` out of the queue if still waiting (their requests gave up), freeing their room at once;
+        returns those removed. Items the worker already took are left to it (it sees the cancelled futures)."""
+        gone = {id(it) for it in items}
+        with self._cond:
+            removed = [it for it in self._pending if id(it) in gone]
+            if removed:
+                self._pending = [it for it in self._pending if id(it) not in gone]
+        return removed
+
     def next_batch(self, timeout: float | None = None) -> list[WorkItem] | None:
         """Block until the policy releases a batch; remove and return it.
 
-        Plans again whenever work arrives while the policy holds a batch back for a fuller one.
-        Returns None when closed and empty, or [] after `timeout` seconds with nothing pending.
+        Plans again whenever work arrives while the policy holds a batch back for a fuller one. Items whose
+        request gave up (cancelled future) or whose hard deadline passed come out first, as a batch of
+        their own, for the worker to drop. Returns None when closed and empty, or [] after `timeout` seconds with nothing pending.
         """
         while True:
             with self._cond:
@@ -77,8 +104,11 @@ class BatchQueue:
                 if not self._pending:
                     return None
                 snapshot, closed = list(self._pending), self._closed
-            # Plan outside the lock: producers (the event loop) never wait for the planner.
             now = self.clock()
+            dead = [it for it in snapshot if it.expires_at <= now or it.future.cancelled()]
+            if dead and (taken := self._take(dead)):
+                return taken  # alone and unplanned: the worker drops them, and no batch is planned around them
+            # Plan outside the lock: producers (the event loop) never wait for the planner.
             requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority) for it in snapshot]
             try:
                 decided = plan(requests, self.limits, self.cost, now, self.policy)
@@ -90,11 +120,19 @@ class BatchQueue:
                     if len(self._pending) == len(snapshot):  # nothing arrived while planning
                         self._cond.wait(decided.wait_until - now)  # an arrival wakes us to plan again
                 continue
-            batch = [snapshot[i] for i in decided.batches[0].indices]
+            batch = self._take([snapshot[i] for i in decided.batches[0].indices])
+            if batch:
+                return batch
+
+    def _take(self, chosen: list[WorkItem]) -> list[WorkItem]:
+        """Remove `chosen` from the queue; return those still in it. withdraw() may have removed some since the
+        snapshot, so each item is either withdrawn or taken by the worker, never both."""
+        with self._cond:
+            waiting = {id(it) for it in self._pending}
+            batch = [it for it in chosen if id(it) in waiting]
             taken = {id(it) for it in batch}
-            with self._cond:  # only this thread removes items, so every chosen one is still pending
-                self._pending = [it for it in self._pending if id(it) not in taken]
-            return batch
+            self._pending = [it for it in self._pending if id(it) not in taken]
+        return batch
 
     def close(self) -> None:
         """Refuse new work; the worker drains what is pending, then next_batch returns None."""

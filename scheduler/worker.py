@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from scheduler.errors import BackendError
-from scheduler.queue import BatchQueue, WorkItem, resolve
+from scheduler.errors import BackendError, DeadlineExceeded
+from scheduler.queue import DEADLINE, BatchQueue, WorkItem, resolve
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class Observer(Protocol):
 
     def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None: ...
 
-    def dropped(self, count: int) -> None: ...
+    def dropped(self, count: int, reason: str) -> None: ...
 
     def batch_failed(self, count: int) -> None: ...
 
@@ -69,10 +70,22 @@ class BatchWorker:
         log.info("worker stopped: queue closed and drained")
 
     def _admit(self, batch: list[WorkItem]) -> list[WorkItem]:
-        """Drop items whose client went away (their future was cancelled) before any compute."""
-        live = [it for it in batch if it.future.set_running_or_notify_cancel()]
-        if len(live) < len(batch):
-            self.observer.dropped(len(batch) - len(live))
+        """Drop, before any compute, items whose request gave up (cancelled future: counted under the reason
+        it was given) and items past their hard deadline (failed with DeadlineExceeded), even if the event
+        loop has not got round to cancelling them; return the rest, now marked running."""
+        now = self.clock()
+        live: list[WorkItem] = []
+        dropped: dict[str, int] = {}
+        for it in batch:
+            if not it.future.set_running_or_notify_cancel():
+                dropped[it.drop_reason] = dropped.get(it.drop_reason, 0) + 1
+            elif it.expires_at <= now:
+                it.future.set_exception(DeadlineExceeded("the request timed out while queued; it was not computed"))
+                dropped[DEADLINE] = dropped.get(DEADLINE, 0) + 1
+            else:
+                live.append(it)
+        for reason, count in dropped.items():
+            self.observer.dropped(count, reason)
         return live
 
     def _run(self, batch: list[WorkItem]) -> None:
@@ -104,7 +117,7 @@ class BatchWorker:
         try:
             done.extend(zip(batch, self.runner.embed([it.ids for it in batch])))
             return True
-        except Exception as exc:  # noqa: BLE001 - the model's errors are many; each batch is isolated
+        except Exception as exc:
             if is_out_of_memory(exc) and len(batch) > 1:
                 half = len(batch) // 2
                 log.warning("out of memory on a batch of %d sequences (%d tokens): retrying it in halves",

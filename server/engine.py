@@ -17,7 +17,7 @@ from models.tokenizer import Encoded, TextTokenizer
 from scheduler.cost_model import CostModel
 from scheduler.errors import DeadlineExceeded, NotReady
 from scheduler.planner import Limits, PolicyConfig
-from scheduler.queue import BatchQueue, WorkItem
+from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
 from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge
 from server.metrics import Metrics
@@ -100,6 +100,8 @@ class Engine:
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
         self.check_batch(len(inputs))
+        # Under overload most requests are refused: refuse before tokenizing, so a 429 costs next to nothing.
+        self.queue.check_room(len(inputs))
         started = time.perf_counter()
         if inputs and isinstance(inputs[0], list):
             encoded = self.tokenizer.check_ids(inputs)  # type: ignore[arg-type]
@@ -139,35 +141,68 @@ class Engine:
                 raise InvalidRequest(f"x-priority must be low, normal, high or an integer in [-10, 10], got {raw!r}")
         return slo_ms / 1000, priority
 
+    def request_timeout(self, request: Request) -> float:
+        """Seconds this request may take in all (from arrival): x-request-timeout-ms, capped at
+        server.request_timeout_s, which is also the default."""
+        limit = self.settings.server.request_timeout_s
+        raw = request.headers.get("x-request-timeout-ms")
+        if raw is None:
+            return limit
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = -1.0
+        if not ms > 0:  # also refuses NaN
+            raise InvalidRequest(f"x-request-timeout-ms must be a positive number of milliseconds, got {raw!r}")
+        return min(ms / 1000, limit)
+
     async def run(self, encoded: list[Encoded], request: Request, timing: Timing) -> np.ndarray:
         """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled."""
         slo, priority = self.scheduling(request)
+        timeout = self.request_timeout(request)
         now = time.perf_counter()
-        items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority) for e in encoded]
+        expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
+        items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority, expires_at=expires_at)
+                 for e in encoded]
         if not self.worker.alive:
             raise NotReady("the batching worker has stopped")
+        if expires_at <= now:
+            self.metrics.dropped(len(items), DEADLINE)
+            raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; the request was not computed")
         self.queue.submit(items)  # raises Overloaded / NotReady
         results = asyncio.gather(*(asyncio.wrap_future(it.future) for it in items))
         # If we stop waiting, nobody reads the gather; consume its outcome so asyncio does not log it.
         results.add_done_callback(lambda f: f.cancelled() or f.exception())
         gone = asyncio.ensure_future(_wait_disconnect(request))
-        done, _ = await asyncio.wait({results, gone}, timeout=self.settings.server.request_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({results, gone}, timeout=expires_at - now, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if results not in done:
-            for it in items:
-                it.future.cancel()  # the worker skips cancelled items and counts them as dropped
+            reason = DISCONNECT if gone in done else DEADLINE
+            self._give_up(items, reason)
             results.cancel()
-            if gone in done:
-                log.info("request %s: client disconnected; %d queued sequences dropped", timing.request_id, len(items))
+            if reason == DISCONNECT:
+                log.info("request %s: client disconnected; its queued sequences were dropped", timing.request_id)
                 raise ClientDisconnected("client closed the connection before the answer was ready")
-            log.warning("request %s: no answer within %.1fs", timing.request_id, self.settings.server.request_timeout_s)
-            raise DeadlineExceeded(f"no answer within request_timeout_s={self.settings.server.request_timeout_s}")
-        rows = results.result()  # raises BackendError if the batch failed
+            log.warning("request %s: no answer within %.3fs; its queued sequences were dropped", timing.request_id, timeout)
+            raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; the request was not computed")
+        # Raises BackendError if the batch failed, DeadlineExceeded if the worker found it expired first.
+        rows = results.result()
         timing.tokens = sum(it.length for it in items)
         timing.queue = max(it.queue_seconds for it in items)
         timing.inference = max(it.inference_seconds for it in items)
         return np.stack(rows)
+
+    def _give_up(self, items: list[WorkItem], reason: str) -> None:
+        """Drop this request's sequences that were not computed yet, counted once under `reason`: those still
+        queued are withdrawn here (their room frees at once); those the worker already took but has not
+        started, it skips when it sees the cancelled future. A batch already running finishes unread."""
+        for it in items:
+            it.drop_reason = reason  # before cancelling: the worker reads it when it skips the item
+        withdrawn = self.queue.withdraw(items)
+        for it in items:
+            it.future.cancel()
+        if withdrawn:
+            self.metrics.dropped(len(withdrawn), reason)
 
     def check_dimensions(self, dimensions: int | None) -> int | None:
         """None when the full size is asked for; raise InvalidRequest when the model cannot truncate."""

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.queue import WorkItem
+from scheduler.queue import DEADLINE, DISCONNECT, WorkItem
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -36,8 +36,10 @@ class Metrics:
         self.batch_tokens = Histogram("turboserve_batch_tokens", "Packed tokens in one batch.", buckets=_TOKEN_BUCKETS, registry=r)
         self.tokens = Counter("turboserve_tokens", "Input tokens computed.", registry=r)
         self.dropped_total = Counter(
-            "turboserve_requests_dropped", "Sequences dropped before compute because their client went away or timed out.",
-            registry=r)
+            "turboserve_requests_dropped", "Sequences dropped before compute, by reason: deadline (the request timed "
+            "out while queued) or disconnect (its client went away).", ["reason"], registry=r)
+        for reason in (DEADLINE, DISCONNECT):  # export both series from the start, at 0
+            self.dropped_total.labels(reason)
         self.batch_failures = Counter("turboserve_batch_failures", "Sequences whose batch raised an error.", registry=r)
         self.batch_splits = Counter("turboserve_batch_splits", "Batches split in halves after running out of memory.", registry=r)
         self.queue_depth = Gauge("turboserve_queue_depth", "Sequences waiting for a batch.", registry=r)
@@ -67,8 +69,8 @@ class Metrics:
         if missed:
             self.deadline_missed.inc(missed)
 
-    def dropped(self, count: int) -> None:
-        self.dropped_total.inc(count)
+    def dropped(self, count: int, reason: str) -> None:
+        self.dropped_total.labels(reason).inc(count)
 
     def batch_failed(self, count: int) -> None:
         self.batch_failures.inc(count)
@@ -88,7 +90,7 @@ class Metrics:
 
     def watch_embeddings(self, ps, consumer=None) -> None:
         """Export the parameter server's tier counters and, with a stream consumer, its message counts."""
-        from embeddings.metrics import EmbeddingCollector  # noqa: PLC0415 - only servers with embeddings need it
+        from embeddings.metrics import EmbeddingCollector
 
         self.registry.register(EmbeddingCollector(ps))
         if consumer is not None:

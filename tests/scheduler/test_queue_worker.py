@@ -6,22 +6,26 @@ import threading
 
 import pytest
 
-from scheduler.errors import BackendError, NotReady, Overloaded
+from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
-from scheduler.queue import BatchQueue, WorkItem
+from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
 
 
 class Recorder:
     def __init__(self):
-        self.batches, self.dropped_count, self.failed, self.splits = [], 0, 0, []
+        self.batches, self.dropped_by, self.failed, self.splits = [], {}, 0, []
 
     def batch_done(self, items, seconds, cost_error):
         self.batches.append([it.ids for it in items])
 
-    def dropped(self, count):
-        self.dropped_count += count
+    @property
+    def dropped_count(self):
+        return sum(self.dropped_by.values())
+
+    def dropped(self, count, reason):
+        self.dropped_by[reason] = self.dropped_by.get(reason, 0) + count
 
     def batch_failed(self, count):
         self.failed += count
@@ -120,7 +124,64 @@ def test_cancelled_items_are_dropped_before_compute():
     assert keep.future.result(5) == 4
     q.close()
     worker.join(5)
-    assert rec.dropped_count == 1 and rec.batches == [[[4]]]
+    assert rec.dropped_by == {DISCONNECT: 1} and rec.batches == [[[4]]]
+
+
+def test_expired_items_fail_with_deadline_exceeded_and_are_never_computed():
+    clock = [100.0]
+    q, rec = BatchQueue(100, Limits(100, 10), clock=lambda: clock[0]), Recorder()
+    runner = SumRunner()
+    worker = BatchWorker(q, runner, rec, clock=lambda: clock[0])
+    fresh = WorkItem([3], enqueued_at=99.0, expires_at=101.0)
+    stale = [WorkItem([7], enqueued_at=99.0, expires_at=100.0), WorkItem([8], enqueued_at=99.0, expires_at=99.5)]
+    given_up = WorkItem([9], enqueued_at=99.0, expires_at=101.0)
+    given_up.drop_reason = DEADLINE  # as the engine marks it before cancelling on its own timeout
+    q.submit([fresh, *stale, given_up])
+    assert given_up.future.cancel()  # nobody cancelled the stale ones: the worker must notice the clock alone
+    worker.start()
+    assert fresh.future.result(5) == 3
+    for it in stale:
+        with pytest.raises(DeadlineExceeded):
+            it.future.result(5)
+    q.close()
+    worker.join(5)
+    assert rec.dropped_by == {DEADLINE: 3} and rec.batches == [[[3]]]
+
+
+def test_an_item_that_expires_between_planning_and_admission_is_not_computed():
+    clock = [0.0]
+    q, rec = BatchQueue(100, Limits(100, 10), clock=lambda: clock[0]), Recorder()
+    worker = BatchWorker(q, SumRunner(), rec, clock=lambda: clock[0] + 1.0)  # admission sees a later instant
+    item = WorkItem([5], enqueued_at=0.0, expires_at=0.5)
+    q.submit([item])
+    worker.start()
+    with pytest.raises(DeadlineExceeded):
+        item.future.result(5)
+    q.close()
+    worker.join(5)
+    assert rec.dropped_by == {DEADLINE: 1} and rec.batches == []
+
+
+def test_withdraw_frees_room_at_once_and_never_hands_an_item_out_twice():
+    q = BatchQueue(2, Limits(100, 10))
+    a, b = WorkItem([1]), WorkItem([2])
+    q.submit([a, b])
+    with pytest.raises(Overloaded):
+        q.check_room(1)
+    assert q.withdraw([a, WorkItem([3])]) == [a]  # one not queued is ignored
+    q.check_room(1)
+    q.submit([WorkItem([4])])
+    assert [it.ids for it in q.next_batch()] == [[2], [4]]
+    assert q.withdraw([b]) == []  # already taken by the worker: not withdrawn (the worker counts it)
+    assert q.depth == 0
+
+
+def test_check_room_counts_the_whole_request():
+    q = BatchQueue(3, Limits(100, 10))
+    q.submit([WorkItem([1])])
+    q.check_room(2)
+    with pytest.raises(Overloaded):
+        q.check_room(3)
 
 
 class OutOfMemoryError(RuntimeError):

@@ -21,8 +21,8 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def metric(srv, name: str) -> float:
-    value = srv.app.state.metrics.registry.get_sample_value(name)
+def metric(srv, name: str, labels: dict[str, str] | None = None) -> float:
+    value = srv.app.state.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
 
@@ -90,7 +90,7 @@ def test_request_timeout_is_504_and_never_computed():
         assert late.status_code == 504
         embedder.gate.set()
         blocker.result(10)
-        wait_for(lambda: metric(s, "turboserve_requests_dropped_total") == 1)
+        wait_for(lambda: metric(s, "turboserve_requests_dropped_total", {"reason": "deadline"}) == 1)
         late_ids = s.app.state.engine.tokenizer.encode(["too late"])[0].ids
         assert all(late_ids not in batch for batch in embedder.batches)
 
@@ -115,7 +115,7 @@ def test_disconnected_client_is_dropped_before_compute():
         wait_for(waiting.future.cancelled)
         embedder.gate.set()
         assert blocker.result(10).status_code == 200
-        wait_for(lambda: metric(s, "turboserve_requests_dropped_total") == 1)
+        wait_for(lambda: metric(s, "turboserve_requests_dropped_total", {"reason": "disconnect"}) == 1)
         gone_ids = engine.tokenizer.encode(["walked away"])[0].ids
         assert all(gone_ids not in batch for batch in embedder.batches)
         assert c.post("/embed", json={"inputs": "next"}).status_code == 200
