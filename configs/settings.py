@@ -136,11 +136,13 @@ class EmbeddingSettings(_Section):
     max_keys: int = Field(65536, ge=1, description="Most keys in one lookup, update or recommendation request (413 above).")
     update_stream: str | None = Field(None, description="Redis stream of online updates to consume; empty: no consumer.")
     update_stream_url: str | None = Field(None, description="Redis holding the update stream; default the first of redis_urls.")
-    update_group: str = Field("turboserve", min_length=1, description="Consumer group of the update stream.")
+    update_group: str = Field("turboserve", min_length=1, description="Consumer group of the update stream; {consumer} and {hostname} are filled in. Replicas sharing one stream need one group each, e.g. 'turboserve-{consumer}'.")
     update_consumer: str | None = Field(None, description="Consumer name in the group; default the host name (stable across restarts).")
     update_batch: int = Field(64, ge=1, le=100_000, description="Most stream entries read at once.")
     update_block_ms: int = Field(1000, ge=1, le=60_000, description="How long one stream read waits for new entries, in ms.")
     update_claim_idle_ms: int = Field(30_000, ge=0, description="Entries another consumer left pending this long are taken over (XAUTOCLAIM).")
+    update_publish: bool = Field(True, description="With update_stream: an HTTP update, once written here, is also XADDed to the stream so every replica applies it.")
+    update_stream_maxlen: int | None = Field(1_000_000, ge=1, description="Published updates trim the stream to about this many entries; null: never trimmed.")
 
     @model_validator(mode="after")
     def _check_backend(self) -> EmbeddingSettings:
@@ -149,6 +151,10 @@ class EmbeddingSettings(_Section):
                              f"not {self.volatile_backend!r}")
         if self.volatile_backend == "redis" and len(self.redis_urls) != 1:
             raise ValueError(f"embeddings.volatile_backend='redis' takes one URL, got redis_urls={self.redis_urls}")
+        try:  # the same placeholders embeddings/stream.py's group_name fills in
+            self.update_group.format(consumer="c", hostname="h")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"embeddings.update_group={self.update_group!r} may hold only {{consumer}} and {{hostname}}") from None
         return self
 
 

@@ -80,21 +80,39 @@ def decode_update(fields: dict[bytes, bytes], dims: dict[str, int]) -> tuple[str
     return table, np.frombuffer(raw_keys, dtype="<i8").astype(np.int64), vectors.astype(np.float32)
 
 
+def group_name(template: str, consumer: str) -> str:
+    """The consumer group named by a template: `{consumer}` and `{hostname}` filled in, e.g.
+    `group_name("turboserve-{consumer}", "pod-a") == "turboserve-pod-a"`; ValueError for another placeholder."""
+    try:
+        name = template.format(consumer=consumer, hostname=socket.gethostname())
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"update group {template!r}: only {{consumer}} and {{hostname}} may be filled in ({exc!r})") from None
+    if not name:
+        raise ValueError(f"update group {template!r} names an empty group")
+    return name
+
+
 class UpdateConsumer:
     """A background thread applying a Redis stream's updates to a ParameterServer (see the module docstring).
 
-    url: the Redis holding the stream. stream, group, consumer: names (consumer defaults to the host name, so a
-    restarted server finds its own pending entries). batch: most entries per read. block_ms: how long one read
-    waits for new entries. claim_idle_ms: pending entries idle this long are taken over from other consumers.
+    url: the Redis holding the stream. stream, consumer: names (consumer defaults to the host name, so a
+    restarted server finds its own pending entries). group: the consumer group, a `group_name` template.
+    batch: most entries per read. block_ms: how long one read waits for new entries. claim_idle_ms: pending
+    entries idle this long are taken over from other consumers. publishes: whether HTTP updates are published
+    to the stream (`publish`). maxlen: `publish` trims the stream to about this many entries (None: never).
     """
 
     def __init__(self, server: ParameterServer, url: str, stream: str, group: str = "turboserve",
                  consumer: str | None = None, batch: int = 64, block_ms: int = 1000, claim_idle_ms: int = 30_000,
-                 backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
-        if batch < 1 or block_ms < 1 or claim_idle_ms < 0:
-            raise ValueError(f"{batch=} and {block_ms=} must be >= 1, {claim_idle_ms=} >= 0")
-        self.server, self.url, self.stream, self.group = server, url, stream, group
+                 backoff_s: float = 0.1, max_backoff_s: float = 5.0, publishes: bool = True,
+                 maxlen: int | None = None) -> None:
+        if batch < 1 or block_ms < 1 or claim_idle_ms < 0 or (maxlen is not None and maxlen < 1):
+            raise ValueError(f"{batch=}, {block_ms=} and {maxlen=} must be >= 1, {claim_idle_ms=} >= 0")
+        self.server, self.url, self.stream = server, url, stream
         self.consumer = consumer or socket.gethostname()
+        self.group = group_name(group, self.consumer)
+        self.publishes, self.maxlen = publishes, maxlen
+        self._publisher: redis.Redis | None = None  # its own connection pool: the reader's may be dropped any time
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self._client: redis.Redis | None = None
@@ -103,7 +121,8 @@ class UpdateConsumer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0}
+        self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
+                        "published": 0}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,13 +137,31 @@ class UpdateConsumer:
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else self.block_ms / 1000 + 10)
         self._drop_client()
+        with self._lock:
+            publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()
+
+    def publish(self, table: str, keys: np.ndarray | list[int], vectors: np.ndarray | list[list[float]]) -> bytes:
+        """XADD one update (already written here) for every replica's consumer; returns the entry id.
+
+        Raises redis errors: the caller must not report the update as propagated."""
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=5.0)
+            client = self._publisher
+        fields = encode_update(table, keys, np.asarray(vectors, dtype=np.float32))
+        # approximate trimming (~) costs nothing per XADD; exact MAXLEN would rewrite a macro node each time
+        entry_id = client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+        self._count(published=1)
+        return entry_id
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def counters(self) -> dict[str, int]:
-        """applied (entries), rows, rejected, claimed, redis_errors, update_errors."""
+        """applied (entries), rows, rejected, claimed, redis_errors, update_errors, published (by `publish`)."""
         with self._lock:
             return dict(self._counts)
 

@@ -4,17 +4,21 @@ The DLRM's KServe v2 routes live in routes_kserve.py beside the encoder's."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
+import redis
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
+from scheduler.errors import BackendError
 from server.deps import json_response, recommender_of, timing_of
 from server.errors import InvalidRequest, error_responses
 from server.recommend import Bag, bags_from_rows
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["recommend"], responses=error_responses("openai"))
 
 Number = StrictInt | StrictFloat  # no numeric strings, no booleans
@@ -69,7 +73,20 @@ async def lookup(body: LookupRequest, request: Request):
 
 @router.post("/embeddings/update")
 async def update(body: UpdateRequest, request: Request):
+    """Write rows here (RocksDB first, fsynced), then, with an update stream, publish them to every replica."""
     rec = recommender_of(request)
     rec.dim(body.table)
     n = await _timed(request, rec.update, body.table, body.keys, body.vectors)
-    return json_response({"table": body.table, "updated": n})
+    consumer = rec.consumer
+    if consumer is None or not consumer.publishes:
+        return json_response({"table": body.table, "updated": n})
+    # After the local write, so a 200 means durable here; this replica's consumer re-applies the entry in
+    # stream order like every other replica, which is what makes all of them end on the same value.
+    try:
+        entry_id = await run_in_threadpool(consumer.publish, body.table, body.keys, body.vectors)
+    except redis.RedisError as exc:
+        log.warning("update of table %r written here but not published to %s: %s", body.table, consumer.stream, exc)
+        raise BackendError(f"the update was written on this replica but could not be published to the update stream "
+                           f"{consumer.stream!r} ({type(exc).__name__}), so other replicas do not have it; retry the "
+                           f"request (an update is idempotent)") from None
+    return json_response({"table": body.table, "updated": n, "stream_id": entry_id.decode()})

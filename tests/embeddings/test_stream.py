@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
-from embeddings.stream import RejectedUpdate, UpdateConsumer, decode_update, encode_update, publish_update
+from embeddings.stream import RejectedUpdate, UpdateConsumer, decode_update, encode_update, group_name, publish_update
 from embeddings.volatile import VolatileTier
 
 pytestmark = pytest.mark.redis
@@ -185,3 +186,99 @@ def test_survives_redis_going_away_and_resumes(ps, redis_node, client):
     finally:
         c.stop()
     assert not c.alive
+
+
+# -- replicas: one group each (fan-out), and publishing what a replica took over HTTP ----------------------
+
+
+def test_group_name_fills_in_consumer_and_hostname():
+    assert group_name("turboserve", "pod-a") == "turboserve"
+    assert group_name("turboserve-{consumer}", "pod-a") == "turboserve-pod-a"
+    assert group_name("g-{hostname}", "x") == f"g-{socket.gethostname()}"
+    with pytest.raises(ValueError, match="only {consumer} and {hostname}"):
+        group_name("turboserve-{pod}", "pod-a")
+    with pytest.raises(ValueError, match="only {consumer} and {hostname}"):
+        group_name("turboserve-{", "pod-a")
+
+
+@pytest.fixture
+def ps2(tmp_path):
+    """A second replica: its own RocksDB copy and caches, holding the same rows as `ps`."""
+    server = ParameterServer(PersistentTier(tmp_path / "db2"), VolatileTier(4, 64, "evict_oldest", 0.75),
+                             DeviceCache(32, 4, "lru", device="cpu"))
+    server.create_table("t", DIM, rows=1000)
+    server.update("t", torch.arange(10), torch.from_numpy(rows(range(10))))
+    yield server
+    server.close()
+
+
+def test_replicas_in_their_own_groups_each_apply_every_update(ps, ps2, redis_node, client):
+    for replica in (ps, ps2):
+        np.testing.assert_array_equal(vector(replica, 4), rows([4])[0])  # cached on both devices
+    a = consumer(ps, redis_node, consumer="replica-a", group="turboserve-{consumer}")
+    b = consumer(ps2, redis_node, consumer="replica-b", group="turboserve-{consumer}")
+    assert (a.group, b.group) == ("turboserve-replica-a", "turboserve-replica-b")
+    a.start()
+    b.start()
+    try:
+        new = rows([4], scale=-3.0)
+        publish_update(client, STREAM, "t", [4], new)  # a trainer's update
+        for replica in (ps, ps2):
+            wait_until(lambda replica=replica: np.array_equal(vector(replica, 4), new[0]), timeout=1.0, what="both replicas")
+        # what replica a took over HTTP (written there first), published for b
+        ps.update("t", torch.tensor([5]), torch.from_numpy(rows([5], scale=7.0)))
+        entry = a.publish("t", [5], rows([5], scale=7.0))
+        wait_until(lambda: np.array_equal(vector(ps2, 5), rows([5], scale=7.0)[0]), timeout=1.0, what="published update on b")
+        assert {g["name"].decode() for g in client.xinfo_groups(STREAM)} == {"turboserve-replica-a", "turboserve-replica-b"}
+        wait_until(lambda: all(g["pending"] == 0 and g["last-delivered-id"] == entry for g in client.xinfo_groups(STREAM)),
+                   what="both groups acknowledged")
+        assert all(g["last-delivered-id"] == entry for g in client.xinfo_groups(STREAM))
+        # each replica applied both entries (a re-applies its own: stream order decides on every replica)
+        wait_until(lambda: a.counters()["applied"] == 2 and b.counters()["applied"] == 2, what="2 applies each")
+        assert a.counters()["published"] == 1 and b.counters()["published"] == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_every_replica_ends_on_the_last_value_in_stream_order(ps, ps2, redis_node, client):
+    """Two replicas take conflicting HTTP updates of one key at once: each writes its own first, then both
+    apply the stream in order, so both end on the value published last."""
+    a = consumer(ps, redis_node, consumer="replica-a", group="turboserve-{consumer}")
+    b = consumer(ps2, redis_node, consumer="replica-b", group="turboserve-{consumer}")
+    a.start()
+    b.start()
+    try:
+        for round_ in range(20):
+            va, vb = rows([6], scale=100.0 + round_), rows([6], scale=-100.0 - round_)
+            ps.update("t", torch.tensor([6]), torch.from_numpy(va))
+            ps2.update("t", torch.tensor([6]), torch.from_numpy(vb))
+            first, second = (a, va), (b, vb)
+            if round_ % 2:
+                first, second = second, first
+            first[0].publish("t", [6], first[1])
+            last = second[0].publish("t", [6], second[1])
+            want = second[1][0]
+
+            def settled(last=last):
+                return all(g["last-delivered-id"] == last and g["pending"] == 0 for g in client.xinfo_groups(STREAM))
+
+            wait_until(settled, timeout=2.0, what="both groups past the last entry")
+            for replica in (ps, ps2):
+                np.testing.assert_array_equal(vector(replica, 6), want)
+                stored, _ = replica.persistent.lookup("t", torch.tensor([6]))
+                np.testing.assert_array_equal(stored[0].numpy(), want)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_publish_trims_the_stream_and_fails_loudly_without_redis(ps, redis_node, client):
+    c = consumer(ps, redis_node, maxlen=10)
+    for key in range(300):
+        c.publish("t", [key % 10], rows([key % 10]))
+    assert client.xlen(STREAM) < 300  # approximate trimming: whole macro nodes go
+    redis_node.stop()
+    with pytest.raises(redis.RedisError):
+        c.publish("t", [1], rows([1]))
+    c.stop()
