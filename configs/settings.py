@@ -122,7 +122,7 @@ class EmbeddingSettings(_Section):
     cache_rows: int | None = Field(None, ge=1, description="Device cache rows per table; unset: cache_fraction of the table's rows.")
     cache_fraction: float = Field(0.2, gt=0, le=1, description="Device cache size as a fraction of each table's rows (HPS's default 0.2).")
     cache_ways: int = Field(16, ge=1, le=1024, description="Slots per set of the set-associative device cache.")
-    cache_policy: Literal["lru", "lfu"] = Field("lru", description="Device cache replacement within a set: least recently or least frequently used.")
+    cache_policy: Literal["lru", "lfu", "tinylfu"] = Field("lru", description="Device cache replacement within a set: least recently used, least frequently used, or TinyLFU (frequency sketch of every key, with admission).")
     cache_device: str | None = Field(None, description="torch device of the cache; default CUDA when present, else CPU.")
     volatile_backend: Literal["memory", "redis", "redis_cluster"] = Field("memory", description="Volatile tier: this process's memory, one Redis node, or a Redis Cluster.")
     redis_urls: list[str] = Field(default_factory=lambda: ["redis://127.0.0.1:6379"], min_length=1, description="redis: the node's URL; redis_cluster: startup nodes.")

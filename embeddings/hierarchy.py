@@ -110,58 +110,74 @@ class ParameterServer:
             spec = self.persistent.spec(table)  # KeyError naming an unknown table, before any work
             uniq, inv = torch.unique(keys, return_inverse=True) if inverse else (torch.unique(keys), None)
             checked[table] = (spec, keys.numel(), uniq, inv)  # uniq: [u], inv: [n]
-        answers = {}
         totals = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0}
+        for spec, n, uniq, inv in checked.values():
+            totals["keys"] += n
+            totals["unique_keys"] += uniq.numel()
         with self._lock:
-            for table, (spec, n, uniq, inv) in checked.items():
-                totals["keys"] += n
-                totals["unique_keys"] += uniq.numel()
-                answers[table] = (uniq, inv, *self._lookup_unique(table, spec, uniq, totals))
+            rows = self._lookup_unique({t: uniq for t, (_, _, uniq, _) in checked.items()}, totals)
             self._count(**totals)
-        return answers
+        return {t: (uniq, inv, *rows[t]) for t, (_, _, uniq, inv) in checked.items()}
 
-    def _lookup_unique(self, table: str, spec: TableSpec, uniq: torch.Tensor,
-                       totals: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of unique keys uniq [u] (CPU): vectors [u, dim], found [u] on the device; adds to totals. Lock held."""
+    def _lookup_unique(self, uniqs: dict[str, torch.Tensor],
+                       totals: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rows of each table's unique keys uniq [u] (CPU): vectors [u, dim], found [u] on the device, each tier
+        asked once for every table together; adds to totals. Lock held."""
         if self.device_cache is not None:
-            vectors, found = self.device_cache.lookup(table, uniq)  # [u, dim], [u] on the device
-            miss = torch.nonzero(~found.cpu()).squeeze(1)  # [m] positions in uniq
+            answers = self.device_cache.lookup_many(uniqs)  # table -> ([u, dim], [u]) on the device
         else:
-            vectors = spec.default.to(self.device).expand(uniq.numel(), -1).clone()
-            found = torch.zeros(uniq.numel(), dtype=torch.bool, device=self.device)
-            miss = torch.arange(uniq.numel())
-        if miss.numel():
+            answers = {t: (self.persistent.defaults(t, u.numel(), self.device),
+                           torch.zeros(u.numel(), dtype=torch.bool, device=self.device)) for t, u in uniqs.items()}
+        misses = {}  # table -> [m] positions in uniq
+        for table, uniq in uniqs.items():
+            miss = torch.nonzero(~answers[table][1].cpu()).squeeze(1)
+            if not miss.numel():
+                continue
             hit_rate = 1.0 - miss.numel() / max(1, uniq.numel())
             if self.async_defaults and self.device_cache is not None and hit_rate > self.hit_rate_threshold:
                 totals["defaults_async"] += miss.numel()
-                self._enqueue(table, uniq[miss])
+                self._enqueue(table, uniq.index_select(0, miss))
             else:
-                fetched, got = self._fetch(table, uniq.index_select(0, miss))  # [m, dim], [m] on the CPU
+                misses[table] = miss
+        if misses:
+            fetched = self._fetch({t: uniqs[t].index_select(0, m) for t, m in misses.items()})  # CPU
+            for table, miss in misses.items():
+                vectors, found = answers[table]
+                got_vectors, got = fetched[table]  # [m, dim], [m]
                 got_idx = torch.nonzero(got).squeeze(1)
                 hit = miss.index_select(0, got_idx).to(self.device)
-                vectors.index_copy_(0, hit, fetched.index_select(0, got_idx).to(self.device))
+                vectors.index_copy_(0, hit, got_vectors.index_select(0, got_idx).to(self.device))
                 found.index_fill_(0, hit, True)
-                totals["defaults_missing"] += int((~got).sum())
-        return vectors, found
+                totals["defaults_missing"] += miss.numel() - got_idx.numel()
+        return answers
 
-    def _fetch(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows below the device cache (volatile, then persistent), inserted upward. keys: [m] unique, CPU."""
+    def _fetch(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rows below the device cache (volatile, then persistent), inserted upward; one call per tier for every
+        table (the persistent tier: one multi-get per table). requests: table -> keys [m] unique, CPU."""
         if self.volatile is not None:
-            vectors, found = self.volatile.lookup(table, keys)  # [m, dim], [m]
+            answers = self.volatile.lookup_many(requests)  # table -> ([m, dim], [m])
         else:
-            vectors, found = torch.empty(keys.numel(), self.persistent.spec(table).dim), torch.zeros(keys.numel(), dtype=torch.bool)
-        lower = torch.nonzero(~found).squeeze(1)
-        if lower.numel():
-            lower_keys = keys.index_select(0, lower)
+            answers = {t: (torch.empty(k.numel(), self.persistent.spec(t).dim), torch.zeros(k.numel(), dtype=torch.bool))
+                       for t, k in requests.items()}
+        lower = {t: torch.nonzero(~found).squeeze(1) for t, (_, found) in answers.items()}
+        lower = {t: idx for t, idx in lower.items() if idx.numel()}
+        promote = {}
+        for table, idx in lower.items():
+            vectors, found = answers[table]
+            lower_keys = requests[table].index_select(0, idx)
             p_vectors, p_found = self.persistent.lookup(table, lower_keys)
-            vectors.index_copy_(0, lower, p_vectors)
-            found.index_copy_(0, lower, p_found)
-            if self.volatile is not None and bool(p_found.any()):
-                self.volatile.insert(table, lower_keys[p_found], p_vectors[p_found])
-        held = torch.nonzero(found).squeeze(1)
-        if self.device_cache is not None and held.numel():
-            self.device_cache.insert(table, keys.index_select(0, held), vectors.index_select(0, held))
-        return vectors, found
+            vectors.index_copy_(0, idx, p_vectors)
+            found.index_copy_(0, idx, p_found)
+            if bool(p_found.any()):
+                promote[table] = lower_keys[p_found], p_vectors[p_found]
+        if self.volatile is not None and promote:
+            self.volatile.insert_many(promote, unique=True)
+        if self.device_cache is not None:
+            held = {t: torch.nonzero(found).squeeze(1) for t, (_, found) in answers.items()}
+            rows = {t: (requests[t].index_select(0, h), answers[t][0].index_select(0, h)) for t, h in held.items() if h.numel()}
+            if rows:
+                self.device_cache.insert_many(rows, unique=True)
+        return answers
 
     def _enqueue(self, table: str, keys: torch.Tensor) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -185,7 +201,7 @@ class ParameterServer:
                     if self.device_cache is not None:
                         keys = keys[~self.device_cache.contains(table, keys).cpu()]
                     if keys.numel():
-                        self._fetch(table, keys)
+                        self._fetch({table: keys})
                     self._count(background_fetched=keys.numel())
             except Exception:  # a failed background fetch must not kill the fetcher
                 logger.exception("embedding background fetch failed")

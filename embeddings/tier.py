@@ -136,6 +136,16 @@ class Tier(ABC):
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """Put the rows (add or overwrite). With duplicate keys the last one's vector wins."""
 
+    def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`lookup` of several tables (a DLRM batch); a tier that can answer them in one call overrides this."""
+        return {table: self.lookup(table, keys) for table, keys in requests.items()}
+
+    def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
+        """`insert` of several tables: rows = {table: (keys, vectors)}. unique: no key repeats within a table
+        (a tier may skip its de-duplication)."""
+        for table, (keys, vectors) in rows.items():
+            self.insert(table, keys, vectors)
+
     @abstractmethod
     def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:
         """Overwrite the rows the tier holds; return how many were written."""

@@ -131,34 +131,47 @@ class VolatileTier(Tier):
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows held: vectors [n, dim] and found [n] (CPU tensors); a hit counts as a use."""
-        parts, spec = self._table(table), self.spec(table)
-        k = keys_to_numpy(check_keys(keys))
-        out = np.empty((k.size, spec.dim), dtype=np.float32)  # [n, dim]
-        out[:] = spec.default.numpy()
+        return self.lookup_many({table: keys})[table]
+
+    def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`lookup` of several tables in one pass: the dict probes of every table's keys in one C-level loop."""
+        tables = list(requests)
+        specs = [self.spec(t) for t in tables]
+        ks = [keys_to_numpy(check_keys(requests[t])) for t in tables]
+        counts = np.array([k.size for k in ks], dtype=np.int64)
+        starts = np.cumsum(counts) - counts  # [T] first batch position of each table
+        k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
+        outs = [np.empty((c, spec.dim), dtype=np.float32) for c, spec in zip(counts.tolist(), specs)]
+        for out, spec in zip(outs, specs):
+            out[:] = spec.default.numpy()
         found = np.zeros(k.size, dtype=bool)
         self._tick += 1
-        # One C-level pass of dict probes over the keys sorted by partition (each partition's dict is probed in a
-        # burst: cache-friendly), then per partition with hits only the three vectorised row operations.
-        part = partition_of(k, self.partitions)  # [n]
+        # One C-level pass of dict probes over the keys sorted by (table, partition) (each partition's dict is
+        # probed in a burst: cache-friendly), then per partition with hits only three vectorised row operations.
+        P = self.partitions
+        part = partition_of(k, P)  # [n]
+        if len(ks) > 1:
+            part += np.repeat(np.arange(len(ks), dtype=np.int64) * P, counts)  # [n] table * P + partition
         order = np.argsort(part, kind="stable")  # [n]
         part_sorted = part[order]
+        parts = [q for t in tables for q in self._table(t)]  # [T * P]
         index_of = [q.index for q in parts]
         slots = np.fromiter(map(dict.get, map(index_of.__getitem__, part_sorted.tolist()), k[order].tolist(),
                                 repeat(-1)), dtype=np.int64, count=k.size)  # [n] slot, -1 where absent; sorted order
-        hit = np.flatnonzero(slots >= 0)  # [h] into the sorted order, grouped by partition
+        hit = np.flatnonzero(slots >= 0)  # [h] into the sorted order, grouped by (table, partition)
         pos, slots, part_sorted = order[hit], slots[hit], part_sorted[hit]  # [h] batch positions, slots, partitions
         found[pos] = True
-        bounds = np.searchsorted(part_sorted, np.arange(self.partitions + 1))
-        for p in range(self.partitions):
-            lo, hi = bounds[p], bounds[p + 1]
-            if hi > lo:
-                q, hs, hpos = parts[p], slots[lo:hi], pos[lo:hi]
-                out[hpos] = q.vectors[hs]
-                q.uses[hs] += 1
-                q.last[hs] = self._tick
+        bounds = np.searchsorted(part_sorted, np.arange(len(parts) + 1))
+        for g in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():  # (table, partition) groups with hits
+            lo, hi, t = bounds[g], bounds[g + 1], g // P
+            q, hs = parts[g], slots[lo:hi]
+            outs[t][pos[lo:hi] - starts[t]] = q.vectors[hs]
+            q.uses[hs] += 1
+            q.last[hs] = self._tick
         hits = int(found.sum())
         self.count(hits=hits, misses=k.size - hits)
-        return torch.from_numpy(out), torch.from_numpy(found)
+        return {t: (torch.from_numpy(out), torch.from_numpy(f))
+                for t, out, f in zip(tables, outs, np.split(found, np.cumsum(counts)[:-1]))}
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """Put the rows; a full partition first evicts by policy down to its target fill."""
