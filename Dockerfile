@@ -27,7 +27,11 @@ COPY . /tmp/turboserve
 RUN pip install "/tmp/turboserve[gpu]" \
     && rm -rf /tmp/turboserve
 
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin turboserve
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin turboserve \
+    && mkdir /models
+# Model folders (model.path, recommend.model_path) must lie under /models: mount them there, read-only.
+# The embedded all-MiniLM-L6-v2 is always allowed.
+ENV TURBOSERVE_SERVER__MODEL_DIRS='["/models"]'
 USER turboserve
 WORKDIR /home/turboserve
 

@@ -9,6 +9,7 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
+from configs.settings import load_settings
 from server.app import create_app
 from tests.support import settings
 
@@ -57,9 +58,36 @@ def test_manifests_match_the_server():
     assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == docs["Service"]["spec"]["ports"][0]["name"]
     exported = generate_latest(app.state.metrics.registry).decode()
     for metric in docs["HorizontalPodAutoscaler"]["spec"]["metrics"]:
-        assert re.search(rf"^{metric['pods']['metric']['name']}\b", exported, re.M)
+        assert re.search(rf"^{metric['pods']['metric']['name']}\b", exported, re.MULTILINE)
 
     # The pod runs as the image's non-root user.
     dockerfile = (K8S.parents[1] / "Dockerfile").read_text()
     uid = int(re.search(r"useradd --uid (\d+)", dockerfile).group(1))
     assert pod["spec"]["securityContext"]["runAsUser"] == uid and pod["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def test_image_runs_as_non_root_with_model_dirs_and_probes_need_no_key(monkeypatch):
+    dockerfile = (K8S.parents[1] / "Dockerfile").read_text()
+    user = re.search(r"useradd --uid (\d+) .* (\w+)\s*(?:\\|$)", dockerfile, re.MULTILINE)
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    # The last USER before ENTRYPOINT is the one the server runs as: the created, non-root one.
+    assert users and users[-1] == user.group(2) and users[-1] not in ("root", "0") and int(user.group(1)) >= 1000
+    assert dockerfile.index(f"USER {users[-1]}") < dockerfile.index("ENTRYPOINT")
+
+    # The image's and the pod's environment make valid settings that confine models to /models, and the
+    # probes and the scrape path stay reachable even when an API key is added.
+    for name, value in re.findall(r"^ENV (TURBOSERVE_\w+)='(.*)'$", dockerfile, re.MULTILINE):
+        monkeypatch.setenv(name, value)
+    (container,) = _docs()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    for e in container["env"]:
+        monkeypatch.setenv(e["name"], e["value"])
+    monkeypatch.setenv("TURBOSERVE_SERVER__API_KEY", "k")
+    s = load_settings()
+    assert s.server.model_dirs == ["/models"] and s.server.log_format == "json"
+    probes = {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+    scraped = {e["path"] for e in _docs()["ServiceMonitor"]["spec"]["endpoints"]}
+    assert probes | scraped <= set(s.server.api_key_open_paths)
+    client = TestClient(create_app(s))
+    for path in probes | scraped:
+        assert client.get(path).status_code != 401, path
+    assert client.get("/v1/models").status_code == 401
