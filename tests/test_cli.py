@@ -23,7 +23,7 @@ BIN = Path(sys.executable).with_name("turboserve")
 
 
 def run(*args, env=None, timeout=60):
-    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([str(BIN), *args], check=False, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 
@@ -32,6 +32,8 @@ def test_help():
     assert out.returncode == 0 and "serve" in out.stdout
     out = run("serve", "--help")
     assert out.returncode == 0 and "--config" in out.stdout and "--model" in out.stdout
+    for flag in ("--api-key-file", "--log-format", "--access-log"):
+        assert flag in out.stdout, flag
 
 
 @pytest.mark.parametrize("args,env,needle", [
@@ -39,6 +41,8 @@ def test_help():
     ([], {"TURBOSERVE_SCHEDULER__MAX_BATCH_TOKENS": "0"}, "scheduler.max_batch_tokens"),
     (["--model", "/nonexistent/model"], {}, "model.path"),
     (["--config", "/nonexistent.yaml"], {}, "cannot read config file"),
+    ([], {"TURBOSERVE_SERVER__LOG_FORMAT": "xml"}, "server.log_format"),
+    (["--api-key-file", "/nonexistent/key"], {}, "cannot read server.api_key_file"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_field(args, env, needle):
     out = run("serve", *args, env=env)

@@ -68,3 +68,22 @@ def test_bad_yaml_file(tmp_path):
 def test_client_batch_must_fit_the_queue():
     with pytest.raises(ValidationError, match=r"server.max_client_batch_size=64 must be <= scheduler.max_queue_size=10"):
         Settings(server={"max_client_batch_size": 64}, scheduler={"max_queue_size": 10})
+
+
+def test_security_and_log_fields_validate_naming_the_field():
+    s = Settings()
+    assert (s.server.log_format, s.server.access_log, s.server.model_dirs, s.server.api_key) == ("text", False, [], None)
+    with pytest.raises(ValidationError) as err:
+        Settings(server={"log_format": "xml"})
+    assert err.value.errors()[0]["loc"] == ("server", "log_format")
+    with pytest.raises(ValidationError, match="server.model_dirs holds an empty entry"):
+        Settings(server={"model_dirs": ["/models", " "]})
+    key = Settings(server={"api_key": "hunter2"})
+    assert key.server.api_key.get_secret_value() == "hunter2" and "hunter2" not in repr(key)
+
+
+def test_model_dirs_and_log_format_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TURBOSERVE_SERVER__MODEL_DIRS", '["/models", "~/more"]')
+    monkeypatch.setenv("TURBOSERVE_SERVER__LOG_FORMAT", "json")
+    s = load_settings()
+    assert s.server.model_dirs == ["/models", "~/more"] and s.server.log_format == "json"

@@ -175,3 +175,32 @@ def test_pickle_weights_are_refused_by_name(tmp_path, suffix):
         read_model_folder(tmp_path)
     out = run_cli("serve", "--model", str(tmp_path))
     assert out.returncode == 2 and "pickle-based weights are refused" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- tokens per input, on every embedding route ----------------------------------------------------------------
+def _routes(text: str, truncate: bool | None):
+    kserve = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+    if truncate is not None:
+        kserve["parameters"] = {"truncate": truncate}
+    tei = {"inputs": text} if truncate is None else {"inputs": text, "truncate": truncate}
+    return {"/v1/embeddings": {"input": text, "model": MODEL}, "/embed": tei, f"/v2/models/{MODEL}/infer": kserve}
+
+
+def test_tokens_per_input_limit_on_every_route():
+    # The dummy serves max_input_length=32: "a" x 30 plus [CLS] and [SEP] is exactly at the limit.
+    at_limit, over = " ".join(["a"] * 30), " ".join(["a"] * 31)
+    with dummy_server() as s, s.client() as c:
+        tokenizer = s.app.state.engine.tokenizer
+        assert len(tokenizer.encode([at_limit])[0].ids) == 32 and len(tokenizer.encode([over], truncate=True)[0].ids) == 32
+        for path, body in _routes(at_limit, None).items():
+            assert c.post(path, json=body).status_code == 200, path
+        for path, body in _routes(over, None).items():
+            r = c.post(path, json=body)
+            assert r.status_code == 413 and "32" in r.text, (path, r.text)
+        for path, body in _routes(over, False).items():
+            if path != "/v1/embeddings":  # OpenAI has no truncate field
+                assert c.post(path, json=body).status_code == 413, path
+        for path, body in _routes(over, True).items():  # TEI and KServe cut it to the limit instead
+            if path != "/v1/embeddings":
+                r = c.post(path, json=body)
+                assert r.status_code == 200 and r.headers["x-compute-tokens"] == "32", path
