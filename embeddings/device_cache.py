@@ -13,7 +13,7 @@ Memory (`memory_bytes`, exact): per table, with slots = num_sets * ways,
     slots * (4 * dim + 8 [key] + 8 [last use] (+ 8 [use count], lfu only)) + 8 * num_sets [empty key]
     + 4 * dim [default vector] bytes,
 see `DeviceCache.bytes_per_table`; with tinylfu, plus the sketch of each pool (4 rows of int32 counters,
-as many per row as the pool's slots rounded up to a power of two: `FrequencySketch.nbytes`).
+2 per row for each of the pool's slots, rounded up to a power of two: `FrequencySketch.nbytes`).
 """
 
 from __future__ import annotations

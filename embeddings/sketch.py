@@ -2,9 +2,11 @@
 
 `depth` rows of `width` int32 counters (width a power of two). A key's counters are picked by `depth`
 multiplicative hashes (top bits of key * an odd constant); `add` increments them, `estimate` answers
-their minimum, which over-counts only by collisions. Every `sample` additions all counters are halved
-(Caffeine's reset), so the estimates follow the recent frequency of a key rather than its lifetime
-count. Every operation is a whole-batch torch op on the sketch's device.
+their minimum, which over-counts only by collisions. With `conservative` update (the default) `add` raises
+only the counters at the key's minimum, to minimum + 1, which over-counts less (and counts a key repeated
+within one call once). Every `sample` additions all counters are halved (Caffeine's reset), so the
+estimates follow the recent frequency of a key rather than its lifetime count. Every operation is a
+whole-batch torch op on the sketch's device.
 
 Memory: depth * width * 4 bytes (`nbytes`).
 """
@@ -27,7 +29,7 @@ class FrequencySketch:
     next power of two >= width_hint * width_factor. sample_factor: halve every sample_factor * width_hint adds."""
 
     def __init__(self, width_hint: int, depth: int = 4, width_factor: float = 1.0, sample_factor: int = 10,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", conservative: bool = True) -> None:
         if not 1 <= depth <= len(_MULTIPLIERS):
             raise ValueError(f"depth={depth} must be in [1, {len(_MULTIPLIERS)}]")
         if width_hint < 1 or width_factor <= 0 or sample_factor < 1:
@@ -35,7 +37,7 @@ class FrequencySketch:
         bits = max(6, (max(1, int(width_hint * width_factor)) - 1).bit_length())
         self.width, self.depth, self.shift = 1 << bits, depth, 64 - bits
         self.sample = sample_factor * width_hint
-        self.added = 0
+        self.added, self.conservative = 0, conservative
         self.counts = torch.zeros(depth * self.width, dtype=torch.int32, device=device)  # [depth * width]
         self._mult = torch.tensor([_signed(m) for m in _MULTIPLIERS[:depth]], dtype=torch.int64, device=device)
         self._row = torch.arange(depth, dtype=torch.int64, device=device) * self.width  # [depth] row offsets
@@ -52,11 +54,17 @@ class FrequencySketch:
         return ((h >> self.shift) & (self.width - 1)) + self._row
 
     def add(self, keys: torch.Tensor) -> None:
-        """Count one use of each key (a key repeated n times counts n); halve every counter each `sample` adds."""
+        """Count one use of each key (repeats in one call: n uses, or one with conservative update); halve every
+        counter each `sample` adds."""
         if keys.numel() == 0:
             return
-        idx = self._index(keys.reshape(-1)).view(-1)  # [n * depth]
-        self.counts.index_add_(0, idx, torch.ones(1, dtype=torch.int32, device=idx.device).expand(idx.numel()))
+        idx = self._index(keys.reshape(-1))  # [n, depth]
+        if self.conservative:  # raise only the counters at the minimum: less over-counting from collisions
+            est = self.counts[idx].amin(dim=-1, keepdim=True) + 1  # [n, 1]
+            self.counts.scatter_reduce_(0, idx.view(-1), est.expand_as(idx).reshape(-1), "amax")
+        else:
+            idx = idx.view(-1)
+            self.counts.index_add_(0, idx, torch.ones(1, dtype=torch.int32, device=idx.device).expand(idx.numel()))
         self.added += keys.numel()
         if self.added >= self.sample:
             self.counts.bitwise_right_shift_(1)

@@ -1,0 +1,193 @@
+"""Part 3 of bench/embedding_cache.py: a DLRM end to end through the ParameterServer vs the persistent tier alone."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.cache_trace import criteo_cardinalities, make_trace
+from bench.embcache.common import Phase
+from embeddings.device_cache import DeviceCache
+from embeddings.hierarchy import ParameterServer, PrefetchedLookup
+from embeddings.persistent import PersistentTier
+from embeddings.tier import TableSpec, Tier
+from embeddings.volatile import VolatileTier
+from models.dlrm import DLRMConfig, SparseFeature, load_dlrm, save_dlrm
+
+
+def dlrm_config(cardinalities: np.ndarray, dim: int, bottom: tuple[int, ...], top: tuple[int, ...]) -> DLRMConfig:
+    features = tuple(SparseFeature(f"C{i + 1}", f"C{i + 1}", int(n)) for i, n in enumerate(cardinalities))
+    return DLRMConfig(num_dense=13, bottom_mlp=(*bottom, dim), top_mlp=(*top, 1), embedding_dim=dim, sparse_features=features)
+
+
+def fill_tables(persistent: PersistentTier, config: DLRMConfig, seed: int, chunk: int = 1 << 18) -> None:
+    """Every row of every table, uniform in ±1/sqrt(rows) (DLRM's init, as `save_random_tables`), seeded per table."""
+    for index, (table, rows) in enumerate(config.tables.items()):
+        persistent.create_table(TableSpec(table, config.embedding_dim, rows=rows))
+        rng, bound = np.random.default_rng([seed, index]), 1 / math.sqrt(rows)
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            vectors = rng.uniform(-bound, bound, (stop - start, config.embedding_dim)).astype(np.float32)
+            persistent.insert(table, torch.arange(start, stop), torch.from_numpy(vectors), sync=False)
+    persistent.flush()
+
+
+class TimedLookup:
+    """A lookup callable for the DLRM that adds up the time spent in it. With a ParameterServer and the model's
+    config, `for_batch` first fetches every table of the batch in one `lookup_many` (timed too), as
+    server/recommend.py does; without, it is the callable itself."""
+
+    def __init__(self, fn: Callable[[str, torch.Tensor], torch.Tensor], server: ParameterServer | None = None,
+                 config: DLRMConfig | None = None) -> None:
+        self.fn, self.seconds, self.server, self.config = fn, 0.0, server, config
+
+    def for_batch(self, sparse: dict) -> TimedLookup:
+        if self.server is None or self.config is None:
+            return self
+        t0 = time.perf_counter()
+        keys_by_table: dict[str, list[torch.Tensor]] = {}
+        for f in self.config.sparse_features:
+            keys_by_table.setdefault(f.table, []).append(sparse[f.name][0])
+        self.fn = PrefetchedLookup(self.server, keys_by_table)
+        self.seconds += time.perf_counter() - t0
+        return self
+
+    def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        rows = self.fn(table, keys)
+        self.seconds += time.perf_counter() - t0
+        return rows
+
+
+class OpTimer:
+    """Seconds spent in each tier method while `active` (wraps the methods of the given tier objects)."""
+
+    def __init__(self, tiers: list[Tier], methods: tuple[str, ...] = ("lookup", "insert")) -> None:
+        self.active, self.seconds = False, {f"{t.name}.{m}": 0.0 for t in tiers for m in methods}
+        for tier in tiers:
+            for method in methods:
+                setattr(tier, method, self._wrap(getattr(tier, method), f"{tier.name}.{method}"))
+
+    def _wrap(self, fn: Callable, name: str) -> Callable:
+        def timed(*args, **kwargs):
+            if not self.active:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return timed
+
+
+def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha: float = 1.05,
+                    cache_fractions: tuple[float, ...] = (0.05, 0.2), warm_batches: int = 800, timed_batches: int = 10,
+                    rounds: int = 3, bottom: tuple[int, ...] = (512, 256, 64), top: tuple[int, ...] = (512, 256),
+                    seed: int = 0, workdir: Path | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Samples/s of a DLRM through a warm ParameterServer vs straight from the persistent tier; one dict per cache size.
+
+    Warm-up: `warm_batches` batches of the trace looked up through the ParameterServer (16 batches a call, no model;
+    the device cache reaches the same steady hit rate as with one batch a call). Timed: `rounds` rounds of
+    `timed_batches` further batches, each round through both paths (who goes first alternates)."""
+    cards = criteo_cardinalities(scale)
+    config = dlrm_config(cards, dim, bottom, top)
+    own_tmp = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="embedding_cache_dlrm_")) if workdir is None else workdir
+    persistent = PersistentTier(workdir / "rocksdb", sync=False)
+    results = []
+    try:
+        with Phase("fill") as fill:
+            fill_tables(persistent, config, seed)
+        log(f"  26 tables, {int(cards.sum()):,} rows of dim {dim} (Criteo × {scale}, largest {int(cards.max()):,}) "
+            f"written to RocksDB in {fill.wall_s:.1f} s")
+        model = load_dlrm(save_dlrm(workdir / "model", config, seed), device="cpu")
+        total = warm_batches + rounds * timed_batches
+        trace = make_trace(cards, batches=total, batch_size=batch, alpha=alpha, seed=seed + 1)
+        dense_rng = np.random.default_rng([seed, 2])
+        dense = [torch.from_numpy(dense_rng.standard_normal((batch, 13), dtype=np.float32)) for _ in range(total)]
+        offsets = torch.arange(batch)
+
+        def sparse(b: int) -> dict:
+            return {f.name: (torch.from_numpy(trace.keys[i][b * batch:(b + 1) * batch]), offsets)
+                    for i, f in enumerate(config.sparse_features)}
+
+        direct = TimedLookup(lambda t, k: persistent.lookup(t, k)[0])
+        for fraction in cache_fractions:
+            cache = DeviceCache(fraction, 16, "lru", "cpu")
+            volatile = VolatileTier(16, 1 << 20)
+            server = ParameterServer(persistent, volatile, cache)
+            via_server = TimedLookup(lambda t, k, server=server: server.lookup(t, k)[0], server, config)
+            with Phase("warm") as warm:
+                for g in range(0, warm_batches, 16):
+                    hi = min(warm_batches, g + 16)
+                    for i, f in enumerate(config.sparse_features):
+                        server.lookup(f.table, torch.from_numpy(trace.keys[i][g * batch:hi * batch]))
+            log(f"  cache {fraction:.0%}: warmed on {warm_batches} batches in {warm.wall_s:.1f} s; device cache "
+                f"{cache.memory_bytes / 2**20:.1f} MiB")
+            ops = OpTimer([cache, volatile, persistent])
+            before = server.stats()
+            per_batch: dict[str, list[float]] = {"server": [], "persistent": []}
+            lookup_s: dict[str, list[float]] = {"server": [], "persistent": []}
+            max_diff = 0.0
+            with torch.inference_mode(), Phase("timed") as timed:
+                for r in range(rounds):
+                    chunk = range(warm_batches + r * timed_batches, warm_batches + (r + 1) * timed_batches)
+                    scores: dict[str, list[torch.Tensor]] = {}
+                    order = (("server", via_server), ("persistent", direct))
+                    for name, fn in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
+                        fn.seconds, ops.active = 0.0, name == "server"
+                        t0 = time.perf_counter()
+                        scores[name] = [model(dense[b], sb, fn.for_batch(sb)) for b in chunk for sb in (sparse(b),)]
+                        per_batch[name].append((time.perf_counter() - t0) / len(chunk))
+                        lookup_s[name].append(fn.seconds / len(chunk))
+                        ops.active = False
+                    for a, b in zip(scores["server"], scores["persistent"]):
+                        max_diff = max(max_diff, float((a - b).abs().max()))
+            after = server.stats()
+            for tier in (cache, volatile, persistent):  # drop the timing wrappers
+                for method in ("lookup", "insert"):
+                    vars(tier).pop(method, None)
+            if max_diff > 1e-5:
+                raise AssertionError(f"DLRM scores through the ParameterServer differ from the persistent path by {max_diff}")
+            delta = {tier: {k: v - before[tier].get(k, 0) for k, v in after[tier].items()} for tier in after}
+            n_timed = rounds * timed_batches
+            med = {k: float(np.median(v)) for k, v in per_batch.items()}
+            med_lookup = {k: float(np.median(v)) for k, v in lookup_s.items()}
+            breakdown = {k: 1e3 * v / n_timed for k, v in ops.seconds.items()}
+            breakdown["server own (dedup, gather, locks)"] = 1e3 * float(np.mean(lookup_s["server"])) - sum(breakdown.values())
+            dev, vol = delta["device"], delta["volatile"]
+            result = {
+                "scale": scale, "dim": dim, "batch": batch, "alpha": alpha, "cache_fraction": fraction,
+                "rows": int(cards.sum()), "largest_table": int(cards.max()), "bottom_mlp": [*bottom, dim],
+                "top_mlp": [*top, 1], "warm_batches": warm_batches, "timed_batches": timed_batches, "rounds": rounds,
+                "device_cache_bytes": cache.memory_bytes, "fill_s": round(fill.wall_s, 1), "warm_s": round(warm.wall_s, 1),
+                "server_samples_per_s": batch / med["server"], "persistent_samples_per_s": batch / med["persistent"],
+                "server_ms_per_batch": 1e3 * med["server"], "persistent_ms_per_batch": 1e3 * med["persistent"],
+                "server_lookup_ms_per_batch": 1e3 * med_lookup["server"],
+                "persistent_lookup_ms_per_batch": 1e3 * med_lookup["persistent"],
+                "ratio": med["persistent"] / med["server"], "lookup_ratio": med_lookup["persistent"] / med_lookup["server"],
+                "server_lookup_breakdown_ms_per_batch": breakdown,
+                "device_hit_rate_timed": dev["hits"] / max(1, dev["hits"] + dev["misses"]),
+                "volatile_hit_rate_of_misses": vol["hits"] / max(1, vol["hits"] + vol["misses"]),
+                "unique_keys_per_batch": delta["server"]["unique_keys"] / n_timed,
+                "max_score_diff": max_diff, "rounds_ms": {k: [round(1e3 * x, 2) for x in v] for k, v in per_batch.items()},
+                "phase": timed.record(),
+            }
+            results.append(result)
+            log(f"  cache {fraction:.0%}: ParameterServer {result['server_samples_per_s']:,.0f} samples/s "
+                f"({result['server_ms_per_batch']:.1f} ms a batch, lookups {result['server_lookup_ms_per_batch']:.1f} ms) "
+                f"vs persistent {result['persistent_samples_per_s']:,.0f} samples/s ({result['persistent_ms_per_batch']:.1f} "
+                f"ms, lookups {result['persistent_lookup_ms_per_batch']:.1f} ms): {result['ratio']:.2f}x; device hit rate "
+                f"{result['device_hit_rate_timed']:.3f}; others took {result['phase']['other_share']} of the CPU")
+        return results
+    finally:
+        persistent.close()
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)

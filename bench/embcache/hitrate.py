@@ -1,0 +1,98 @@
+"""Part 1 of bench/embedding_cache.py: device-cache hit rates against LRU/LFU references and Belady's optimum."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from bench.cache_trace import belady_hits, lfu_hits, lru_hits, sample_keys
+from bench.embcache.common import UNIFORM
+from embeddings.device_cache import DeviceCache
+from embeddings.tier import TableSpec
+
+
+def cache_slots(rows: int, fraction: float, ways: int) -> int:
+    """Slots of a cache of `fraction` of `rows`, rounded up to whole sets (what DeviceCache allocates)."""
+    return math.ceil(math.ceil(fraction * rows) / ways) * ways
+
+
+def device_cache_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, ways: int, policy: str) -> tuple[int, int]:
+    """(hits, lookups) of a DeviceCache on the batches after the warm-up; lookups = distinct keys per batch."""
+    cache = DeviceCache(slots, ways, policy, "cpu")  # type: ignore[arg-type]
+    cache.create_table(TableSpec("t", 1, rows=slots))
+    assert cache.slots("t") == slots, "cache_slots must match DeviceCache's rounding"
+    hits = lookups = 0
+    k = torch.from_numpy(keys)
+    for b in range(keys.size // batch):
+        uniq = torch.unique(k[b * batch:(b + 1) * batch])  # as ParameterServer.lookup
+        _, found = cache.lookup("t", uniq)
+        miss = uniq[~found]
+        if miss.numel():
+            cache.insert("t", miss, torch.zeros(miss.numel(), 1))
+        if b >= warm_batches:
+            hits += int(found.sum())
+            lookups += uniq.numel()
+    return hits, lookups
+
+
+def online_reference_hits(fn: Callable, keys: np.ndarray, batch: int, warm_batches: int, slots: int) -> tuple[int, int]:
+    """(hits, lookups) of an online reference (lru_hits, lfu_hits) after the warm-up: whole trace minus warm-up."""
+    whole = fn(keys, slots, batch_size=batch)
+    warm = fn(keys[:warm_batches * batch], slots, batch_size=batch)
+    return whole.hits - warm.hits, whole.lookups - warm.lookups
+
+
+def belady_measured_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, bypass: bool) -> tuple[int, int]:
+    """(hits, lookups) of Belady on the batches after the warm-up, from the best state the warm-up allows.
+
+    The warm-up part becomes one batch of its distinct keys: Belady keeps the `slots` of them used soonest after
+    it (no hits in that batch: the cache starts empty), then runs on the measured batches."""
+    split = warm_batches * batch
+    warm = np.unique(keys[:split])
+    measured = keys[split:keys.size // batch * batch]
+    offsets = np.concatenate([[0], warm.size + np.arange(0, measured.size + 1, batch)]).astype(np.int64)
+    result = belady_hits(np.concatenate([warm, measured]), slots, offsets=offsets, bypass=bypass)
+    return result.hits, result.lookups - warm.size
+
+
+def hit_rate_grid(rows: int, fractions: tuple[float, ...], alphas: tuple[float, ...], batch: int, batches: int,
+                  warm_batches: int, ways: int = 16, seed: int = 0, lfu_reference: bool = False,
+                  log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Hit rates of every policy for every (key distribution, cache size); one dict per cell."""
+    cells = []
+    for alpha in alphas:
+        keys = sample_keys(rows, alpha, batch * batches, seed)
+        for fraction in fractions:
+            slots = cache_slots(rows, fraction, ways)
+            t0 = time.perf_counter()
+            cell: dict = {"alpha": alpha, "distribution": "uniform" if alpha == UNIFORM else f"α={alpha}",
+                          "fraction": fraction, "slots": slots}
+            runs: dict[str, tuple[int, int]] = {
+                "device_lru": device_cache_hits(keys, batch, warm_batches, slots, ways, "lru"),
+                "device_lfu": device_cache_hits(keys, batch, warm_batches, slots, ways, "lfu"),
+                "device_tinylfu": device_cache_hits(keys, batch, warm_batches, slots, ways, "tinylfu"),
+                "lru_ref": online_reference_hits(lru_hits, keys, batch, warm_batches, slots),
+                "belady": belady_measured_hits(keys, batch, warm_batches, slots, bypass=False),
+                "belady_bypass": belady_measured_hits(keys, batch, warm_batches, slots, bypass=True),
+            }
+            if lfu_reference:
+                runs["lfu_ref"] = online_reference_hits(lfu_hits, keys, batch, warm_batches, slots)
+            lookups = {n for _, n in runs.values()}
+            assert len(lookups) == 1, f"policies counted different lookups: {runs}"
+            cell["lookups"] = lookups.pop()
+            for name, (hits, n) in runs.items():
+                cell[name] = hits / n if n else 0.0
+            best = max(cell["device_lru"], cell["device_lfu"], cell["device_tinylfu"])
+            for policy in ("lru", "lfu", "tinylfu"):
+                cell[f"device_{policy}_vs_belady"] = cell[f"device_{policy}"] / cell["belady"] if cell["belady"] else 1.0
+            cell["best_device_vs_belady"] = best / cell["belady"] if cell["belady"] else 1.0
+            cell["seconds"] = round(time.perf_counter() - t0, 2)
+            cells.append(cell)
+            log(f"  {cell['distribution']:8} {fraction:5.0%}: device LRU {cell['device_lru']:.4f} LFU "
+                f"{cell['device_lfu']:.4f} TinyLFU {cell['device_tinylfu']:.4f}, LRU ref {cell['lru_ref']:.4f}, Belady {cell['belady']:.4f} "
+                f"(bypass {cell['belady_bypass']:.4f}) [{cell['seconds']} s]")
+    return cells
