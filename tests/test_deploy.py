@@ -47,7 +47,7 @@ def test_manifests_match_the_server():
     assert client.get("/v2/health/nothing").status_code == 404
 
     # The grace period covers the preStop pause plus the server's drain.
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}  # valueFrom entries (downward API) have none
     drain = float(env["TURBOSERVE_SERVER__SHUTDOWN_TIMEOUT_S"])
     assert pod["spec"]["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"]["seconds"] + drain
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
@@ -80,7 +80,7 @@ def test_image_runs_as_non_root_with_model_dirs_and_probes_need_no_key(monkeypat
         monkeypatch.setenv(name, value)
     (container,) = _docs()["Deployment"]["spec"]["template"]["spec"]["containers"]
     for e in container["env"]:
-        monkeypatch.setenv(e["name"], e["value"])
+        monkeypatch.setenv(e["name"], e.get("value", "turboserve-0"))  # valueFrom (downward API): the pod name
     monkeypatch.setenv("TURBOSERVE_SERVER__API_KEY", "k")
     s = load_settings()
     assert s.server.model_dirs == ["/models"] and s.server.log_format == "json"
