@@ -143,6 +143,7 @@ class EmbeddingSettings(_Section):
     update_claim_idle_ms: int = Field(30_000, ge=0, description="Entries another consumer left pending this long are taken over (XAUTOCLAIM).")
     update_publish: bool = Field(True, description="With update_stream: an HTTP update, once written here, is also XADDed to the stream so every replica applies it.")
     update_stream_maxlen: int | None = Field(1_000_000, ge=1, description="Published updates trim the stream to about this many entries; null: never trimmed.")
+    update_settle_s: float = Field(2.0, ge=0, le=600, description="Seconds after applying a stream entry that the rows Redis and the device cache hold are rewritten from RocksDB (undoes an older row a lagging replica put in the shared Redis); 0: never.")
 
     @model_validator(mode="after")
     def _check_backend(self) -> EmbeddingSettings:

@@ -226,6 +226,20 @@ class ParameterServer:
                 else:
                     self.device_cache.evict(table, keys)
 
+    def refresh(self, table: str, keys: torch.Tensor) -> int:
+        """Rewrite the rows of keys that the volatile tier and the device cache hold with the persistent tier's;
+        returns how many keys the persistent tier has. Replicas sharing a Redis tier call it a little after an
+        update (embeddings/stream.py) to undo an older row another replica wrote there meanwhile."""
+        keys = check_keys(keys).cpu()
+        with self._lock:  # the rows read and the rows written are the same version: no update in between
+            vectors, found = self.persistent.lookup(table, keys)
+            keys, vectors = keys[found], vectors[found]
+            if keys.numel():
+                for tier in (self.volatile, self.device_cache):
+                    if tier is not None:
+                        tier.update(table, keys, vectors)
+            return int(keys.numel())
+
     def delete(self, table: str, keys: torch.Tensor) -> None:
         """Remove rows from every tier (later lookups answer the default vector)."""
         keys = check_keys(keys).cpu()

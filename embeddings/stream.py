@@ -20,6 +20,17 @@ logged, counted as `rejected`, copied to `<stream>:rejected` with a `reason` fie
 An update that fails otherwise (the persistent tier raised) is not acknowledged: it is retried after a
 backoff. When Redis goes away the consumer backs off (doubling from `backoff_s` to `max_backoff_s`),
 reconnects, and re-creates the group if Redis came back empty; it never exits until `stop()`.
+
+Replicas (fan-out): a consumer group hands each entry to ONE of its consumers, so replicas that must all
+apply every update (each has its own RocksDB copy and device cache) each read in their own group: the
+group name is a template, `{consumer}` and `{hostname}` filled in (`"turboserve-{consumer}"` with the pod
+name as the consumer). `UpdateConsumer.publish` XADDs an update taken over HTTP to the same stream, after
+the answering replica wrote it, so the other replicas apply it too; the answering replica re-applies its
+own entry in stream order, which is what makes every replica end on the same value (README: Scale-out).
+Redis is one tier for all replicas, and a replica that has not applied an entry yet can still put the old
+row there (a lookup filling it from its own RocksDB) after a faster replica wrote the new one; so every
+applied entry is settled `settle_s` later: the rows Redis and the device cache hold are rewritten from this
+replica's RocksDB (`ParameterServer.refresh`), which undoes such a write and anything cached from it.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -100,18 +112,22 @@ class UpdateConsumer:
     batch: most entries per read. block_ms: how long one read waits for new entries. claim_idle_ms: pending
     entries idle this long are taken over from other consumers. publishes: whether HTTP updates are published
     to the stream (`publish`). maxlen: `publish` trims the stream to about this many entries (None: never).
+    settle_s: seconds after applying an entry that its rows are settled (`ParameterServer.refresh`); 0: never.
     """
+
+    MAX_SETTLING = 100_000  # entries waiting to settle; older ones are dropped past this (counted)
 
     def __init__(self, server: ParameterServer, url: str, stream: str, group: str = "turboserve",
                  consumer: str | None = None, batch: int = 64, block_ms: int = 1000, claim_idle_ms: int = 30_000,
                  backoff_s: float = 0.1, max_backoff_s: float = 5.0, publishes: bool = True,
-                 maxlen: int | None = None) -> None:
-        if batch < 1 or block_ms < 1 or claim_idle_ms < 0 or (maxlen is not None and maxlen < 1):
-            raise ValueError(f"{batch=}, {block_ms=} and {maxlen=} must be >= 1, {claim_idle_ms=} >= 0")
+                 maxlen: int | None = None, settle_s: float = 2.0) -> None:
+        if batch < 1 or block_ms < 1 or claim_idle_ms < 0 or (maxlen is not None and maxlen < 1) or settle_s < 0:
+            raise ValueError(f"{batch=}, {block_ms=} and {maxlen=} must be >= 1, {claim_idle_ms=} and {settle_s=} >= 0")
         self.server, self.url, self.stream = server, url, stream
         self.consumer = consumer or socket.gethostname()
         self.group = group_name(group, self.consumer)
-        self.publishes, self.maxlen = publishes, maxlen
+        self.publishes, self.maxlen, self.settle_s = publishes, maxlen, settle_s
+        self._settling: deque[tuple[float, str, torch.Tensor]] = deque()  # (due, table, keys), in due order
         self._publisher: redis.Redis | None = None  # its own connection pool: the reader's may be dropped any time
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
@@ -122,7 +138,7 @@ class UpdateConsumer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
-                        "published": 0}
+                        "published": 0, "settled": 0, "settle_dropped": 0}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,7 +177,8 @@ class UpdateConsumer:
         return self._thread is not None and self._thread.is_alive()
 
     def counters(self) -> dict[str, int]:
-        """applied (entries), rows, rejected, claimed, redis_errors, update_errors, published (by `publish`)."""
+        """applied (entries), rows, rejected, claimed, redis_errors, update_errors, published (by `publish`),
+        settled (entries whose rows were settled), settle_dropped (entries too many to settle)."""
         with self._lock:
             return dict(self._counts)
 
@@ -195,9 +212,13 @@ class UpdateConsumer:
         client = self._connect()
         if time.monotonic() >= self._next_claim:
             self._claim(client)
+        self._settle_due()
         start = "0" if self._own_pending else ">"
+        block = self.block_ms
+        if self._settling:  # wake up for the next entry to settle
+            block = max(1, min(block, int((self._settling[0][0] - time.monotonic()) * 1000) + 1))
         reply = client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch,
-                                  block=None if self._own_pending else self.block_ms)
+                                  block=None if self._own_pending else block)
         entries = reply[0][1] if reply else []
         if self._own_pending and not entries:
             self._own_pending = False  # none of ours left pending: read new entries from now on
@@ -255,8 +276,23 @@ class UpdateConsumer:
                 return
             self.server.update(table, torch.from_numpy(keys), torch.from_numpy(vectors))
             self._count(applied=1, rows=keys.size)
+            if self.settle_s > 0:
+                if len(self._settling) >= self.MAX_SETTLING:
+                    self._settling.popleft()
+                    self._count(settle_dropped=1)
+                self._settling.append((time.monotonic() + self.settle_s, table, torch.from_numpy(keys)))
         # fields empty or None: the entry was deleted from the stream (XDEL/XTRIM) while pending
         client.xack(self.stream, self.group, entry_id)
+
+    def _settle_due(self) -> None:
+        """Settle the entries whose time has come (removed only once settled: a failure retries them)."""
+        now = time.monotonic()
+        while self._settling and self._settling[0][0] <= now:
+            _, table, keys = self._settling[0]
+            if table in self.server.tables:
+                self.server.refresh(table, keys)
+            self._settling.popleft()
+            self._count(settled=1)
 
     def _reject(self, client: redis.Redis, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         logger.warning("update stream %s: rejected entry %s: %s", self.stream, entry_id.decode(), reason)

@@ -203,7 +203,8 @@ def build_recommender(settings: Settings) -> Recommender:
         if emb.update_stream:
             consumer = UpdateConsumer(ps, emb.update_stream_url or emb.redis_urls[0], emb.update_stream, emb.update_group,
                                       emb.update_consumer, emb.update_batch, emb.update_block_ms, emb.update_claim_idle_ms,
-                                      publishes=emb.update_publish, maxlen=emb.update_stream_maxlen)
+                                      publishes=emb.update_publish, maxlen=emb.update_stream_maxlen,
+                                      settle_s=emb.update_settle_s)
             consumer.start()
     except BaseException:
         ps.close()

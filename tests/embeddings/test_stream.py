@@ -13,6 +13,7 @@ import torch
 from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
+from embeddings.redis_tier import RedisTier
 from embeddings.stream import RejectedUpdate, UpdateConsumer, decode_update, encode_update, group_name, publish_update
 from embeddings.volatile import VolatileTier
 
@@ -282,3 +283,34 @@ def test_publish_trims_the_stream_and_fails_loudly_without_redis(ps, redis_node,
     with pytest.raises(redis.RedisError):
         c.publish("t", [1], rows([1]))
     c.stop()
+
+
+def test_an_old_row_a_lagging_replica_put_in_redis_is_settled(tmp_path, redis_node, client):
+    """Replica a applies an update; replica b has not yet, and a lookup there fills the shared Redis with the
+    old row, which a then caches on a device-cache miss. Settling (settle_s after the apply) undoes both."""
+    def replica(name):
+        server = ParameterServer(PersistentTier(tmp_path / name), RedisTier(redis_node.url, partitions=4),
+                                 DeviceCache(32, 4, "lru", device="cpu"))
+        server.create_table("t", DIM, rows=1000)
+        server.persistent.update("t", torch.arange(10), torch.from_numpy(rows(range(10))))  # as imported
+        return server
+
+    a, b = replica("a"), replica("b")
+    c = consumer(a, redis_node, consumer="a", group="g-{consumer}", settle_s=1.0)
+    c.start()
+    try:
+        new, old = rows([7], scale=-2.0)[0], rows([7])[0]
+        publish_update(client, STREAM, "t", [7], new[None])
+        wait_until(lambda: np.array_equal(a.persistent.lookup("t", torch.tensor([7]))[0][0].numpy(), new), what="a applied")
+        applied = time.monotonic()
+        np.testing.assert_array_equal(vector(b, 7), old)  # b is behind: its RocksDB's old row goes up into Redis
+        np.testing.assert_array_equal(vector(a, 7), old)  # the race: a's device cache misses, Redis answers old
+        assert time.monotonic() - applied < 1.0, "too slow to see the race before settling"
+        wait_until(lambda: np.array_equal(vector(a, 7), new), timeout=3.0, what="settled on a")
+        held, found = b.volatile.lookup("t", torch.tensor([7]))
+        assert found.item() and np.array_equal(held[0].numpy(), new)  # and in Redis, for every replica
+        assert c.counters()["settled"] == 1
+    finally:
+        c.stop()
+        a.close()
+        b.close()
