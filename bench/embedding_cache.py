@@ -27,7 +27,7 @@
    dim 16, DLRM's Criteo Kaggle MLPs (bottom 512-256-64-16, top 512-256-1), seeded random weights (`save_dlrm`,
    `load_dlrm`) and rows (uniform ±1/sqrt(rows), as `save_random_tables`) in a temp RocksDB. Batches of 1,024
    samples, one key per sample per feature, α 1.05 (`make_trace`). Through a ParameterServer (device cache
-   --dlrm-cache of each table's rows, 16-way LRU; in-memory volatile tier), warmed on --dlrm-warm batches of the
+   --dlrm-cache of each table's rows, 16-way, --dlrm-policy (LRU); in-memory volatile tier), warmed on --dlrm-warm batches of the
    same trace (the device hit rate is steady by then), against the same model looking rows up straight from the
    persistent tier. Both see the same fresh batches each round; their scores must agree. One request = one sample
    scored. The time inside the ParameterServer is split by tier method (device lookup/insert, volatile ...).
@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dlrm-batch", type=int, default=1024, help="samples a batch")
     p.add_argument("--dlrm-cache", default="0.05,0.2", help="device cache fractions, comma-separated")
     p.add_argument("--dlrm-warm", type=int, default=None, help="warm-up batches (default 800; quick 32)")
+    p.add_argument("--dlrm-policy", default="lru", choices=("lru", "lfu", "tinylfu"), help="device cache policy")
     return p
 
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"3. DLRM end to end, device cache {', '.join(f'{f:.0%}' for f in fractions)}")
         results["dlrm"] = dlrm_end_to_end(scale, args.dlrm_dim, args.dlrm_batch, 1.05, fractions,
                                           warm_batches=args.dlrm_warm or (32 if quick else 800),
-                                          timed_batches=3 if quick else 10, rounds=2 if quick else 3, seed=args.seed, log=log)
+                                          timed_batches=3 if quick else 10, rounds=2 if quick else 3, seed=args.seed, log=log,
+                                          policy=args.dlrm_policy)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["loadavg_end"] = os.getloadavg()
     print()

@@ -66,31 +66,42 @@ class TimedLookup:
         return rows
 
 
-class OpTimer:
-    """Seconds spent in each tier method while `active` (wraps the methods of the given tier objects)."""
+METHODS = ("lookup", "insert", "lookup_many", "insert_many")
 
-    def __init__(self, tiers: list[Tier], methods: tuple[str, ...] = ("lookup", "insert")) -> None:
-        self.active, self.seconds = False, {f"{t.name}.{m}": 0.0 for t in tiers for m in methods}
+
+class OpTimer:
+    """Seconds spent in each tier method while `active` (wraps the methods of the given tier objects). A method
+    called from inside another timed one (DeviceCache.lookup -> lookup_many) is counted in the outer one only;
+    `calls` counts the outer calls."""
+
+    def __init__(self, tiers: list[Tier], methods: tuple[str, ...] = METHODS) -> None:
+        self.active, self.depth = False, 0
+        self.seconds = {f"{t.name}.{m}": 0.0 for t in tiers for m in methods}
+        self.calls = dict.fromkeys(self.seconds, 0)
         for tier in tiers:
             for method in methods:
                 setattr(tier, method, self._wrap(getattr(tier, method), f"{tier.name}.{method}"))
 
     def _wrap(self, fn: Callable, name: str) -> Callable:
         def timed(*args, **kwargs):
-            if not self.active:
+            if not self.active or self.depth:
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
+            self.depth += 1
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.depth -= 1
                 self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
         return timed
 
 
 def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha: float = 1.05,
                     cache_fractions: tuple[float, ...] = (0.05, 0.2), warm_batches: int = 800, timed_batches: int = 10,
                     rounds: int = 3, bottom: tuple[int, ...] = (512, 256, 64), top: tuple[int, ...] = (512, 256),
-                    seed: int = 0, workdir: Path | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+                    seed: int = 0, workdir: Path | None = None, log: Callable[[str], None] = lambda s: None,
+                    policy: str = "lru") -> list[dict]:
     """Samples/s of a DLRM through a warm ParameterServer vs straight from the persistent tier; one dict per cache size.
 
     Warm-up: `warm_batches` batches of the trace looked up through the ParameterServer (16 batches a call, no model;
@@ -120,15 +131,15 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
 
         direct = TimedLookup(lambda t, k: persistent.lookup(t, k)[0])
         for fraction in cache_fractions:
-            cache = DeviceCache(fraction, 16, "lru", "cpu")
+            cache = DeviceCache(fraction, 16, policy, "cpu")  # type: ignore[arg-type]
             volatile = VolatileTier(16, 1 << 20)
             server = ParameterServer(persistent, volatile, cache)
             via_server = TimedLookup(lambda t, k, server=server: server.lookup(t, k)[0], server, config)
             with Phase("warm") as warm:
                 for g in range(0, warm_batches, 16):
                     hi = min(warm_batches, g + 16)
-                    for i, f in enumerate(config.sparse_features):
-                        server.lookup(f.table, torch.from_numpy(trace.keys[i][g * batch:hi * batch]))
+                    server.lookup_many({f.table: torch.from_numpy(trace.keys[i][g * batch:hi * batch])
+                                        for i, f in enumerate(config.sparse_features)})
             log(f"  cache {fraction:.0%}: warmed on {warm_batches} batches in {warm.wall_s:.1f} s; device cache "
                 f"{cache.memory_bytes / 2**20:.1f} MiB")
             ops = OpTimer([cache, volatile, persistent])
@@ -152,7 +163,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                         max_diff = max(max_diff, float((a - b).abs().max()))
             after = server.stats()
             for tier in (cache, volatile, persistent):  # drop the timing wrappers
-                for method in ("lookup", "insert"):
+                for method in METHODS:
                     vars(tier).pop(method, None)
             if max_diff > 1e-5:
                 raise AssertionError(f"DLRM scores through the ParameterServer differ from the persistent path by {max_diff}")
@@ -160,11 +171,12 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
             n_timed = rounds * timed_batches
             med = {k: float(np.median(v)) for k, v in per_batch.items()}
             med_lookup = {k: float(np.median(v)) for k, v in lookup_s.items()}
-            breakdown = {k: 1e3 * v / n_timed for k, v in ops.seconds.items()}
+            breakdown = {k: 1e3 * v / n_timed for k, v in ops.seconds.items() if ops.calls[k]}
+            calls_per_batch = {k: v / n_timed for k, v in ops.calls.items() if v}
             breakdown["server own (dedup, gather, locks)"] = 1e3 * float(np.mean(lookup_s["server"])) - sum(breakdown.values())
             dev, vol = delta["device"], delta["volatile"]
             result = {
-                "scale": scale, "dim": dim, "batch": batch, "alpha": alpha, "cache_fraction": fraction,
+                "scale": scale, "dim": dim, "batch": batch, "alpha": alpha, "cache_fraction": fraction, "policy": policy,
                 "rows": int(cards.sum()), "largest_table": int(cards.max()), "bottom_mlp": [*bottom, dim],
                 "top_mlp": [*top, 1], "warm_batches": warm_batches, "timed_batches": timed_batches, "rounds": rounds,
                 "device_cache_bytes": cache.memory_bytes, "fill_s": round(fill.wall_s, 1), "warm_s": round(warm.wall_s, 1),
@@ -173,7 +185,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                 "server_lookup_ms_per_batch": 1e3 * med_lookup["server"],
                 "persistent_lookup_ms_per_batch": 1e3 * med_lookup["persistent"],
                 "ratio": med["persistent"] / med["server"], "lookup_ratio": med_lookup["persistent"] / med_lookup["server"],
-                "server_lookup_breakdown_ms_per_batch": breakdown,
+                "server_lookup_breakdown_ms_per_batch": breakdown, "tier_calls_per_batch": calls_per_batch,
                 "device_hit_rate_timed": dev["hits"] / max(1, dev["hits"] + dev["misses"]),
                 "volatile_hit_rate_of_misses": vol["hits"] / max(1, vol["hits"] + vol["misses"]),
                 "unique_keys_per_batch": delta["server"]["unique_keys"] / n_timed,

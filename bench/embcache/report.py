@@ -41,7 +41,7 @@ def format_report(results: dict) -> str:
     for d in results.get("dlrm", []):
         lines.append("")
         lines.append(f"DLRM end to end (batch {d['batch']}, 26 tables, {d['rows']:,} rows dim {d['dim']}, α {d['alpha']}, "
-                     f"device cache {d['cache_fraction']:.0%}, warm)")
+                     f"device cache {d['cache_fraction']:.0%} {d.get('policy', 'lru')}, warm)")
         lines.append(f"{'path':22} {'samples/s':>10} {'ms/batch':>9} {'lookup ms':>9}")
         lines.append(f"{'ParameterServer':22} {d['server_samples_per_s']:10,.0f} {d['server_ms_per_batch']:9.1f} "
                      f"{d['server_lookup_ms_per_batch']:9.1f}")
@@ -52,4 +52,6 @@ def format_report(results: dict) -> str:
                      f"{d['unique_keys_per_batch']:,.0f} unique keys a batch")
         parts = ", ".join(f"{k} {v:.1f}" for k, v in d["server_lookup_breakdown_ms_per_batch"].items())
         lines.append(f"ParameterServer lookup ms a batch: {parts}")
+        calls = ", ".join(f"{k} {v:.0f}" for k, v in d.get("tier_calls_per_batch", {}).items())
+        lines.append(f"tier calls a batch: {calls}")
     return "\n".join(lines)
