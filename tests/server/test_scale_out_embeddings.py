@@ -27,11 +27,12 @@ from embeddings.redis_tier import RedisTier
 from embeddings.stream import publish_update
 from embeddings.tier import TableSpec
 from models.dlrm import DLRMConfig, SparseFeature, save_dlrm, save_random_tables
+from server.import_tables import import_table
 from tests.embeddings.conftest import free_port
 from tests.server.test_scale_out import _healthy, _nginx
-from tests.support import BIN, spawn_server, wait_healthy
+from tests.support import BIN, dummy_server, spawn_server, wait_healthy
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = pytest.mark.redis
 
 CONFIG = DLRMConfig(num_dense=3, bottom_mlp=(8, 4), top_mlp=(8, 1), embedding_dim=4,
                     sparse_features=(SparseFeature("user", "users", 200), SparseFeature("item", "items", 100)))
@@ -118,6 +119,7 @@ def _visible_everywhere(urls: list[str], table: str, keys: list[int], want: np.n
     return lags
 
 
+@pytest.mark.slow
 def test_replicas_share_redis_see_every_update_and_survive_sigterm(tmp_path, redis_node):
     ports, front = [free_port(), free_port()], free_port()
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -244,3 +246,22 @@ def test_replicas_share_redis_see_every_update_and_survive_sigterm(tmp_path, red
             stored, _ = store.lookup("users", torch.tensor([5, 6]))
             np.testing.assert_array_equal(stored.numpy(), [[9.0] * 4, [6.0] * 4])
         store.close()
+
+
+def test_an_http_update_the_stream_cannot_take_is_reported_not_acknowledged(tmp_path, redis_node):
+    """Written here but not published: other replicas would never see it, so the client gets a 500 saying so
+    (and may retry: updates are idempotent), never a 200."""
+    np.save(tmp_path / "users.npy", np.zeros((20, 4), np.float32))
+    import_table(str(tmp_path / "db"), "users", str(tmp_path / "users.npy"), progress=False)
+    sections = {"embeddings": {"enabled": True, "path": str(tmp_path / "db"), "cache_rows": 8, "cache_device": "cpu",
+                               "update_stream": STREAM, "update_stream_url": redis_node.url, "update_block_ms": 50}}
+    r = redis.Redis(port=redis_node.port)
+    with dummy_server(**sections) as s, s.client() as c:
+        ok = c.post("/v1/embeddings/update", json={"table": "users", "keys": [1], "vectors": [[1.0] * 4]})
+        assert ok.status_code == 200 and ok.json()["stream_id"].encode() == r.xrange(STREAM)[-1][0]
+        redis_node.stop()
+        bad = c.post("/v1/embeddings/update", json={"table": "users", "keys": [2], "vectors": [[2.0] * 4]})
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "backend_error", bad.text
+        assert "written on this replica" in bad.json()["error"]["message"] and STREAM in bad.json()["error"]["message"]
+        np.testing.assert_array_equal(_rows(s.url, "users", [1, 2]), [[1.0] * 4, [2.0] * 4])
+    r.close()
