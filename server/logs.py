@@ -8,7 +8,7 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 # The id of the request being handled, set by EdgeMiddleware; app log lines written while handling it
 # (on the event loop or in a threadpool call, both of which copy the context) carry it.
@@ -68,13 +68,13 @@ class TextFormatter(logging.Formatter):
         return line + "".join(f" {k}={printable(v)}" for k, v in fields.items()) if fields else line
 
 
-def configure_logging(level: str, fmt: Literal["text", "json"], access_log: bool) -> None:
-    """Send every record (ours, uvicorn's, `warnings`) through one stderr handler in `fmt`.
+def configure_logging(level: str, fmt: Literal["text", "json"], access_log: bool, stream: TextIO | None = None) -> None:
+    """Send every record (ours, uvicorn's, `warnings`) through one handler in `fmt`, on `stream` (stderr).
 
     Run uvicorn with `log_config=None` so it keeps these handlers; its own access line stays off (the
     access line is EdgeMiddleware's, which knows the request id and timings).
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
