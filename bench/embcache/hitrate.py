@@ -46,6 +46,19 @@ def online_reference_hits(fn: Callable, keys: np.ndarray, batch: int, warm_batch
     return whole.hits - warm.hits, whole.lookups - warm.lookups
 
 
+def static_frequency_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int) -> tuple[int, int]:
+    """(hits, lookups) after the warm-up of a cache frozen with the `slots` keys the warm-up used most (counted per
+    batch's distinct keys): what knowing every key's frequency (from the past only) buys an online policy."""
+    def distinct(lo: int, hi: int) -> np.ndarray:
+        return np.concatenate([np.unique(keys[b * batch:(b + 1) * batch]) for b in range(lo, hi)])
+
+    warm = distinct(0, warm_batches)
+    measured = distinct(warm_batches, keys.size // batch)
+    uniq, counts = np.unique(warm, return_counts=True)
+    top = uniq[np.argsort(-counts, kind="stable")[:slots]]
+    return int(np.isin(measured, top).sum()), int(measured.size)
+
+
 def belady_measured_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, bypass: bool) -> tuple[int, int]:
     """(hits, lookups) of Belady on the batches after the warm-up, from the best state the warm-up allows.
 
@@ -78,6 +91,7 @@ def hit_rate_grid(rows: int, fractions: tuple[float, ...], alphas: tuple[float, 
                 "lru_ref": online_reference_hits(lru_hits, keys, batch, warm_batches, slots),
                 "belady": belady_measured_hits(keys, batch, warm_batches, slots, bypass=False),
                 "belady_bypass": belady_measured_hits(keys, batch, warm_batches, slots, bypass=True),
+                "static_frequency": static_frequency_hits(keys, batch, warm_batches, slots),
             }
             if lfu_reference:
                 runs["lfu_ref"] = online_reference_hits(lfu_hits, keys, batch, warm_batches, slots)

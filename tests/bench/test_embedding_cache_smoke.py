@@ -9,7 +9,7 @@ import torch
 
 from bench.embedding_cache import cache_slots, call_costs, dlrm_end_to_end, hit_rate_grid, main, throughput
 
-RATES = ("device_lru", "device_lfu", "lru_ref", "lfu_ref", "belady", "belady_bypass")
+RATES = ("device_lru", "device_lfu", "device_tinylfu", "lru_ref", "lfu_ref", "static_frequency", "belady", "belady_bypass")
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,8 @@ def test_hit_rates_are_rates_and_belady_bounds_them():
         assert all(0.0 <= c[k] <= 1.0 for k in RATES), c
         # LRU and LFU references insert every miss: the demand-paging optimum bounds them; bypass bounds everything
         assert c["belady"] >= max(c["lru_ref"], c["lfu_ref"]), c
-        assert c["belady_bypass"] >= max(c["belady"], c["device_lru"], c["device_lfu"]), c
+        assert c["belady_bypass"] >= max(c["belady"], c["device_lru"], c["device_lfu"], c["device_tinylfu"]), c
+        assert c["belady_bypass"] >= c["static_frequency"], c  # a frozen cache is one policy with bypass
     skewed = [c for c in cells if c["alpha"] == 1.05]
     assert all(c["belady"] > 0.2 for c in skewed)
     assert skewed[1]["belady"] >= skewed[0]["belady"]  # a bigger cache cannot do worse at the optimum
