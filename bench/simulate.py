@@ -58,10 +58,17 @@ def main() -> int:
     ap.add_argument("--fixed-batch-size", type=int, default=32)
     ap.add_argument("--delay-ms", type=float, default=5.0, help="fifo/triton max queue delay and dp max wait")
     ap.add_argument("--out", default="bench/out", help="folder for the PNG and the JSON")
+    ap.add_argument("--refined", action="store_true",
+                    help="use the saved model as refined by live batches (default: as measured by `turboserve profile`)")
+    ap.add_argument("--bisect-steps", type=int, default=10, help="bisection steps per policy for the SLO capacity (0: skip)")
+    ap.add_argument("--capacity-requests", type=int, default=5000,
+                    help="requests per trace when bisecting the SLO capacity (long enough that an unstable queue shows)")
     args = ap.parse_args()
 
     path = args.cost or max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
     cost = CostModel.load(path)
+    cost = cost if args.refined else cost.measured()
+    print(f"cost model {path} ({'refined' if args.refined else 'as measured'}; drift {cost.drift():.2f}x)")
     limits = Limits(args.max_batch_tokens, args.max_batch_requests)
     slo = args.slo_ms / 1000
     corpus = corpus_lengths()
@@ -70,7 +77,7 @@ def main() -> int:
         "lognormal median 64": (lengths_lognormal(64, 0.7, 4, 256), None),
         f"english paragraphs ({len(corpus)})": (lengths_empirical(corpus), sum(corpus) / len(corpus)),
     }
-    rows = []
+    rows, capacities = [], []
     for dist_name, (draw, mean_len) in distributions.items():
         if mean_len is None:
             import random  # noqa: PLC0415
@@ -91,13 +98,70 @@ def main() -> int:
                     print(f"{dist_name:28} {'burst' if bursty else 'poiss'} load {load:4.2f} {name:12} "
                           f"thr {r.throughput:6.2f}/s good {r.goodput:6.2f}/s p50 {r.p50:7.3f}s p99 {r.p99:8.3f}s "
                           f"slo {r.slo_attainment:6.1%} batch {r.mean_batch:5.1f} pad {r.padding_ratio:5.1%}", flush=True)
+            if args.bisect_steps:
+                lengths = make_trace(capacity, args.capacity_requests, draw, seed=1, bursty=bursty).lengths
+                ceiling = throughput_ceiling(lengths, limits, cost)  # the bisection's traces share these lengths
+                for name in POLICIES:
+                    load = slo_capacity(name, args, draw, bursty, capacity, limits, cost, slo)
+                    capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
+                                       "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
+                                       "ceiling_rps": round(ceiling, 3)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulation.json").write_text(json.dumps({"cost_model": path, "slo_s": slo, "rows": rows}, indent=1))
+    (out / "simulation.json").write_text(json.dumps({"cost_model": path, "refined": args.refined, "slo_s": slo,
+                                                     "rows": rows, "slo_capacity": capacities}, indent=1))
     summarize(rows, slo)
+    summarize_capacity(capacities)
     plot(rows, out / "simulation.png", slo)
-    print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")
+    if capacities:
+        plot_capacity(capacities, out / "slo_capacity.png", slo)
+    print(f"wrote {out / 'simulation.json'} and the PNGs in {out}")
     return 0
+
+
+def slo_capacity(name: str, args, draw, bursty: bool, capacity: float, limits: Limits, cost: CostModel,
+                 slo: float) -> float:
+    """The highest offered load (fraction of `capacity`) at which `name` keeps p99 within the SLO and keeps
+    up with the arrivals, on this trace family (bisection on the seeded trace)."""
+    lo, hi = 0.0, 2.0
+    for _ in range(args.bisect_steps):
+        mid = (lo + hi) / 2
+        trace = make_trace(mid * capacity, args.capacity_requests, draw, seed=1, bursty=bursty)
+        r = simulate(trace, policy_config(name, args), limits, cost, slo)
+        offered = len(trace.arrivals) / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
+        # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
+        if r.p99 <= slo and r.throughput >= 0.97 * offered:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def throughput_ceiling(lengths: list[int], limits: Limits, cost: CostModel) -> float:
+    """Requests/s no policy can beat on these lengths: run as the cheapest batches the limits allow
+    (sorted, cut greedily at the request and token caps), i.e. the device never idle and every batch full."""
+    seconds, batch = 0.0, []
+    for length in sorted(lengths):
+        if batch and (len(batch) == limits.max_batch_requests or sum(batch) + length > limits.max_batch_tokens):
+            seconds += cost.predict_lengths(batch)
+            batch = []
+        batch.append(length)
+    seconds += cost.predict_lengths(batch)
+    return len(lengths) / seconds
+
+
+def summarize_capacity(capacities: list[dict]) -> None:
+    """Per trace family: the most requests/s each policy serves with p99 within the SLO, as a ratio to fifo,
+    and as a share of the throughput ceiling."""
+    if not capacities:
+        return
+    print("\nThroughput within the SLO (highest load with p99 <= SLO), ratio to fifo, share of the ceiling:")
+    for dist, arrivals in sorted({(c["distribution"], c["arrivals"]) for c in capacities}):
+        fam = {c["policy"]: c for c in capacities if c["distribution"] == dist and c["arrivals"] == arrivals}
+        fifo = fam["fifo"]["rps"] or 1e-9
+        ceiling = fam["fifo"]["ceiling_rps"]
+        parts = " ".join(f"{p} {fam[p]['rps']:.2f} ({fam[p]['rps'] / fifo:.2f}x, {fam[p]['rps'] / ceiling:.0%})" for p in POLICIES)
+        print(f"  {dist:28} {arrivals:12} ceiling {ceiling:.2f}/s: {parts}")
 
 
 def summarize(rows: list[dict], slo: float) -> None:
@@ -141,6 +205,31 @@ def plot(rows: list[dict], path: Path, slo: float) -> None:
         axes[1][col].set_ylim(0, 1.02)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Simulated with the cost model measured on this machine (SLO {slo:g}s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_capacity(capacities: list[dict], path: Path, slo: float) -> None:
+    """Bars: requests/s within the SLO per policy, one group per trace family, the ceiling as a tick."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    families = sorted({(c["distribution"], c["arrivals"]) for c in capacities})
+    fig, ax = plt.subplots(figsize=(2.2 * len(families) + 2, 4.5))
+    width = 0.8 / len(POLICIES)
+    for k, name in enumerate(POLICIES):
+        values = []
+        for dist, arrivals in families:
+            fam = {c["policy"]: c for c in capacities if c["distribution"] == dist and c["arrivals"] == arrivals}
+            values.append(fam[name]["rps"] / fam[name]["ceiling_rps"])
+        ax.bar([i + (k - len(POLICIES) / 2 + 0.5) * width for i in range(len(families))], values, width, label=name)
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(range(len(families)), [f"{d}\n{a}" for d, a in families], fontsize=8)
+    ax.set_ylabel("requests/s with p99 within the SLO\n(share of the throughput ceiling)")
+    ax.set_title(f"Throughput within the SLO ({slo:g}s), simulated with the cost model measured on this machine", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
