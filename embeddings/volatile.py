@@ -3,7 +3,8 @@
 Each table is split into `partitions` partitions by a multiplicative hash of the key. A partition
 is a dict (key -> slot) over numpy slabs (`vectors [slots, dim]`, `keys`, `uses`, `last`), grown by
 doubling up to `capacity` rows. The per-key work is one dict probe; gathering and scattering the
-rows is vectorised numpy.
+rows is vectorised numpy. `lookup_many` / `insert_many` take every table of a batch in one pass: one
+C-level loop of dict probes over all keys, then the row writes per (table, partition) with keys.
 
 Overflow: when an insert would take a partition past `capacity`, rows are evicted first, down to
 `target_fill * capacity` (so overflow work is amortised over many inserts), chosen by policy:
@@ -64,16 +65,18 @@ class _Partition:
         get = self.index.get
         return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
 
-    def take(self, n: int) -> np.ndarray:
-        """n free slots (freed ones first, then never used ones), growing the slabs within capacity."""
+    def take(self, n: int) -> np.ndarray | slice:
+        """n free slots (freed ones first, then never used ones), growing the slabs within capacity; a slice when
+        they are all never used ones (contiguous: slice writes are cheaper than scattered ones)."""
         reused = self.free[len(self.free) - min(n, len(self.free)):]
         del self.free[len(self.free) - len(reused):]
         extra = n - len(reused)
         if self.fresh + extra > self.keys.size:
             self._grow(min(self.capacity, max(2 * self.keys.size, self.fresh + extra)))
-        fresh = np.arange(self.fresh, self.fresh + extra, dtype=np.int64)
-        self.fresh += extra
-        return np.concatenate([np.array(reused, dtype=np.int64), fresh])
+        start, self.fresh = self.fresh, self.fresh + extra
+        if not reused:
+            return slice(start, start + extra)
+        return np.concatenate([np.array(reused, dtype=np.int64), np.arange(start, start + extra, dtype=np.int64)])
 
     def _grow(self, size: int) -> None:
         for name in ("vectors", "keys", "uses", "last"):
@@ -175,13 +178,14 @@ class VolatileTier(Tier):
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """Put the rows; a full partition first evicts by policy down to its target fill."""
-        self._write(table, keys, vectors, add=True)
+        self.insert_many({table: (keys, vectors)})
 
     def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:
         """Overwrite the rows held (not a use); return how many were."""
-        return self._write(table, keys, vectors, add=False)
+        return self._write(table, keys, vectors)
 
-    def _write(self, table: str, keys: torch.Tensor, vectors: torch.Tensor, add: bool) -> int:
+    def _write(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:
+        """Overwrite the rows held (update); inserts go through `insert_many`."""
         parts, spec = self._table(table), self.spec(table)
         keys = check_keys(keys)
         vecs = check_vectors(spec, keys, vectors).cpu().numpy()
@@ -198,10 +202,54 @@ class VolatileTier(Tier):
             held = slots >= 0
             part.vectors[slots[held]] = pvecs[held]
             written += int(held.sum())
-            if add:
-                part.last[slots[held]] = self._tick
-                written += self._add(part, slots[held], pkeys[~held], pvecs[~held])
         return written
+
+    def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
+        """`insert` of several tables in one pass: the dict probes of every table's keys in one C-level loop, then per
+        (table, partition) with keys the row writes. unique: no key repeats within a table (skips de-duplication)."""
+        tables = list(rows)
+        if not tables:
+            return
+        P, ks, vs = self.partitions, [], []
+        for table in tables:
+            keys = check_keys(rows[table][0])
+            vecs = check_vectors(self.spec(table), keys, rows[table][1]).cpu().numpy()
+            k = keys_to_numpy(keys)
+            if not unique:  # the last occurrence wins, in batch order of last occurrences (as `_write`)
+                uniq, last_pos = last_occurrence(k)
+                order = np.argsort(last_pos, kind="stable")
+                k, vecs = uniq[order], vecs[last_pos[order]]
+            ks.append(k)
+            vs.append(vecs)
+        counts = np.array([k.size for k in ks], dtype=np.int64)
+        k = np.concatenate(ks)  # [n]
+        group = partition_of(k, P) + np.repeat(np.arange(len(tables), dtype=np.int64) * P, counts)  # [n]
+        order = np.argsort(group, kind="stable")  # [n]: grouped, batch order within a group
+        k, group = k[order], group[order]
+        same_dim = len({v.shape[1] for v in vs}) == 1
+        v = np.concatenate(vs)[order] if same_dim else None  # [n, dim] in group order
+        starts = np.cumsum(counts) - counts
+        parts = [q for t in tables for q in self._table(t)]  # [T * P]
+        index_of = [q.index for q in parts]
+        slots = np.fromiter(map(dict.get, map(index_of.__getitem__, group.tolist()), k.tolist(), repeat(-1)),
+                            dtype=np.int64, count=k.size)  # [n] slot, -1 where absent
+        held_before = np.concatenate([[0], np.cumsum(slots >= 0)]).tolist()
+        bounds = np.searchsorted(group, np.arange(len(parts) + 1)).tolist()
+        self._tick += 1
+        for g in range(len(parts)):
+            lo, hi = bounds[g], bounds[g + 1]
+            if hi == lo:
+                continue
+            part, t = parts[g], g // P
+            gv = v[lo:hi] if v is not None else vs[t][order[lo:hi] - starts[t]]  # [hi - lo, dim]
+            if held_before[hi] == held_before[lo]:  # every key is new (the ParameterServer's promoted rows)
+                self._add(part, slots[:0], k[lo:hi], gv)
+                continue
+            s = slots[lo:hi]
+            held = s >= 0
+            part.vectors[s[held]] = gv[held]
+            part.last[s[held]] = self._tick
+            self._add(part, s[held], k[lo:hi][~held], gv[~held])
 
     def _add(self, part: _Partition, protected: np.ndarray, keys: np.ndarray, vecs: np.ndarray) -> int:
         """Add new rows to a partition, evicting first if it would overflow; return rows added."""
@@ -216,7 +264,8 @@ class VolatileTier(Tier):
         slots = part.take(keys.size)
         part.keys[slots], part.vectors[slots] = keys, vecs
         part.uses[slots], part.last[slots] = 0, self._tick
-        part.index.update(zip(keys.tolist(), slots.tolist()))
+        numbers = range(slots.start, slots.stop) if isinstance(slots, slice) else slots.tolist()
+        part.index.update(zip(keys.tolist(), numbers))
         return keys.size
 
     def _evict_down(self, part: _Partition, protected: np.ndarray, n: int) -> None:
