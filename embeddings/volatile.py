@@ -144,7 +144,11 @@ class VolatileTier(Tier):
         counts = np.array([k.size for k in ks], dtype=np.int64)
         starts = np.cumsum(counts) - counts  # [T] first batch position of each table
         k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
-        outs = [np.empty((c, spec.dim), dtype=np.float32) for c, spec in zip(counts.tolist(), specs)]
+        if len({spec.dim for spec in specs}) == 1:  # one output for every table; each table's part is a view
+            whole = np.empty((k.size, specs[0].dim), dtype=np.float32)  # [n, dim]
+            outs = np.split(whole, np.cumsum(counts)[:-1])
+        else:
+            whole, outs = None, [np.empty((c, spec.dim), dtype=np.float32) for c, spec in zip(counts.tolist(), specs)]
         for out, spec in zip(outs, specs):
             out[:] = spec.default.numpy()
         found = np.zeros(k.size, dtype=bool)
@@ -164,13 +168,22 @@ class VolatileTier(Tier):
         hit = np.flatnonzero(slots >= 0)  # [h] into the sorted order, grouped by (table, partition)
         pos, slots, part_sorted = order[hit], slots[hit], part_sorted[hit]  # [h] batch positions, slots, partitions
         found[pos] = True
-        bounds = np.searchsorted(part_sorted, np.arange(len(parts) + 1))
-        for g in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():  # (table, partition) groups with hits
-            lo, hi, t = bounds[g], bounds[g + 1], g // P
+        bounds = np.searchsorted(part_sorted, np.arange(len(parts) + 1)).tolist()
+        rows = np.empty((hit.size, outs[0].shape[1]), dtype=np.float32) if whole is not None else None  # [h, dim]
+        for g in range(len(parts)):  # (table, partition) groups with hits
+            lo, hi = bounds[g], bounds[g + 1]
+            if hi == lo:
+                continue
             q, hs = parts[g], slots[lo:hi]
-            outs[t][pos[lo:hi] - starts[t]] = q.vectors[hs]
+            if rows is not None:  # a contiguous write here, one scatter of every row after the loop
+                np.take(q.vectors, hs, axis=0, out=rows[lo:hi])
+            else:
+                t = g // P
+                outs[t][pos[lo:hi] - starts[t]] = q.vectors[hs]
             q.uses[hs] += 1
             q.last[hs] = self._tick
+        if rows is not None:
+            whole[pos] = rows
         hits = int(found.sum())
         self.count(hits=hits, misses=k.size - hits)
         return {t: (torch.from_numpy(out), torch.from_numpy(f))

@@ -38,7 +38,9 @@ def format_report(results: dict) -> str:
         lines.append("One call (new random keys; device cache: 100 keys, by cache size)")
         lines.append(f"{'tier':14} {'slots':>9} {'keys':>6} {'lookup ms':>9} {'insert ms':>9}")
         for c in calls:
-            lines.append(f"{c['tier']:14} {c['slots'] or '':>9} {c['keys']:6} {c['lookup_ms']:9.3f} {c['insert_ms']:9.3f}")
+            grouped = (f"  (one call a table: lookup {c['per_table_lookup_ms']:.3f}, insert {c['per_table_insert_ms']:.3f})"
+                       if "per_table_lookup_ms" in c else "")
+            lines.append(f"{c['tier']:14} {c['slots'] or '':>9} {c['keys']:6} {c['lookup_ms']:9.3f} {c['insert_ms']:9.3f}{grouped}")
     for d in results.get("dlrm", []):
         lines.append("")
         lines.append(f"DLRM end to end (batch {d['batch']}, 26 tables, {d['rows']:,} rows dim {d['dim']}, α {d['alpha']}, "

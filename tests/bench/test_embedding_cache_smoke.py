@@ -57,9 +57,11 @@ def test_dlrm_paths_agree():
 
 
 def test_call_costs_positive():
-    rows = call_costs(cache_slots_list=(256,), sizes=(10,), dim=4, repeats=2)
-    assert [(r["tier"], r["keys"]) for r in rows] == [("device cache", 100), ("volatile", 10), ("persistent", 10)]
+    rows = call_costs(cache_slots_list=(256,), sizes=(10,), dim=4, repeats=2, tables=3)
+    assert [(r["tier"], r["keys"]) for r in rows] == [("device cache", 100), ("volatile", 10), ("persistent", 10),
+                                                      ("device x3 tables", 300), ("volatile x3 tables", 300)]
     assert all(r["lookup_ms"] > 0 and r["insert_ms"] > 0 for r in rows)
+    assert all(r["per_table_lookup_ms"] > 0 and r["per_table_insert_ms"] > 0 for r in rows[3:])
 
 
 def test_main_quick_path_writes_json(tmp_path, capsys):

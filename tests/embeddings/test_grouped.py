@@ -87,10 +87,11 @@ def test_device_lookup_many_answers_each_tables_default():
     assert cache.counters()["hits"] == 2 and cache.counters()["misses"] == 4
 
 
-def test_volatile_lookup_many_equals_lookup_per_table():
+@pytest.mark.parametrize("tables", [TABLES, TABLES[:3]], ids=["mixed dims", "one dim"])
+def test_volatile_lookup_many_equals_lookup_per_table(tables):
     def make():
         tier = VolatileTier(4, 64)
-        for name, dim, _, default in TABLES:
+        for name, dim, _, default in tables:
             tier.create_table(TableSpec(name, dim, torch.full((dim,), default)))
             tier.insert(name, torch.arange(0, 40, 2), rows(range(0, 40, 2), dim, len(name)))
         return tier
@@ -98,47 +99,48 @@ def test_volatile_lookup_many_equals_lookup_per_table():
     many, single = make(), make()
     rng = np.random.default_rng(1)
     for _ in range(20):
-        batch = {name: torch.from_numpy(rng.integers(-5, 45, int(rng.integers(0, 30)))) for name, *_ in TABLES[::-1]}
+        batch = {name: torch.from_numpy(rng.integers(-5, 45, int(rng.integers(0, 30)))) for name, *_ in tables[::-1]}
         got = many.lookup_many(batch)
         assert list(got) == list(batch)
         for t, k in batch.items():
             vectors, found = single.lookup(t, k)
             assert torch.equal(got[t][0], vectors) and torch.equal(got[t][1], found)
     assert many.counters() == single.counters()
-    many.insert_many({t: (torch.arange(300), torch.zeros(300, d)) for t, d, *_ in TABLES})
-    assert all(max(many.fill(t)) <= 64 for t, *_ in TABLES)  # each table's partitions keep their capacity
+    many.insert_many({t: (torch.arange(300), torch.zeros(300, d)) for t, d, *_ in tables})
+    assert all(max(many.fill(t)) <= 64 for t, *_ in tables)  # each table's partitions keep their capacity
 
 
-def _server(path, policy="lru", volatile=True):
+def _server(path, policy="lru", volatile=True, tables=TABLES):
     server = ParameterServer(PersistentTier(path, sync=False), VolatileTier(2, 8, "evict_oldest", 0.75) if volatile else None,
                              DeviceCache(8, 4, policy, device="cpu"))
-    for name, dim, cap, default in TABLES:
+    for name, dim, cap, default in tables:
         server.create_table(name, dim, torch.full((dim,), default), rows=cap)
         server.update(name, torch.arange(0, 50, 3), rows(range(0, 50, 3), dim, len(name)))
     return server
 
 
-@pytest.mark.parametrize("policy,volatile", [("lru", True), ("lfu", True), ("lru", False)])
-def test_parameter_server_many_equals_one_lookup_per_table(tmp_path, policy, volatile):
+@pytest.mark.parametrize("policy,volatile,tables", [("lru", True, TABLES), ("lfu", True, TABLES), ("lru", False, TABLES),
+                                                    ("lru", True, TABLES[:3])], ids=["lru", "lfu", "no volatile", "one dim"])
+def test_parameter_server_many_equals_one_lookup_per_table(tmp_path, policy, volatile, tables):
     """Misses, defaults (keys no tier holds), updates between lookups, evictions in the device and volatile tiers."""
-    many, single = _server(tmp_path / "many", policy, volatile), _server(tmp_path / "single", policy, volatile)
+    many, single = _server(tmp_path / "many", policy, volatile, tables), _server(tmp_path / "single", policy, volatile, tables)
     rng = np.random.default_rng(2)
-    dims = {name: dim for name, dim, *_ in TABLES}
+    dims = {name: dim for name, dim, *_ in tables}
     try:
         for step in range(40):
-            batch = {name: torch.from_numpy(rng.integers(-3, 60, int(rng.integers(0, 20)))) for name, *_ in TABLES}
+            batch = {name: torch.from_numpy(rng.integers(-3, 60, int(rng.integers(0, 20)))) for name, *_ in tables}
             got = many.lookup_many(batch)
             for t, keys in batch.items():
                 vectors, found = single.lookup(t, keys)
                 assert torch.equal(got[t][1], found), (step, t)
                 assert torch.equal(got[t][0], vectors), (step, t)
             if step % 5 == 4:  # an update: every tier must answer the new rows afterwards
-                t = TABLES[step % len(TABLES)][0]
+                t = tables[step % len(tables)][0]
                 keys = torch.from_numpy(rng.integers(0, 60, 6))
                 for server in (many, single):
                     server.update(t, keys, rows(keys.tolist(), dims[t], -7.0))
-        after = many.lookup_many({t: torch.arange(-3, 60) for t, *_ in TABLES})
-        for t, *_ in TABLES:
+        after = many.lookup_many({t: torch.arange(-3, 60) for t, *_ in tables})
+        for t, *_ in tables:
             assert torch.equal(after[t][0], single.lookup(t, torch.arange(-3, 60))[0])
         assert many.stats() == single.stats()
         assert many.stats()["server"]["defaults_missing"] > 0 and many.stats()["device"]["evictions"] > 0
