@@ -4,6 +4,11 @@
 cache holds, asks the volatile tier (memory or Redis) for the rest, then the persistent tier,
 and answers the table's default vector for keys no tier holds. Rows found lower are inserted
 upward (persistent hits into the volatile tier, every fetched row into the device cache).
+`lookup_many` (a DLRM batch: every table at once) asks each tier once for all the tables
+(`Tier.lookup_many` / `insert_many`: one op sequence in the device cache, one pass in the volatile
+tier; RocksDB has no multi-get across column families, so one multi-get per table with misses),
+so a batch of 26 tables costs a handful of tier calls, not 26 times as many; `lookup` is a
+`lookup_many` of one table.
 
 High-hit-rate mode (`async_defaults=True`, off by default; HPS's behaviour): when the device
 cache answers more than `hit_rate_threshold` of a batch's unique keys, the batch's misses are
