@@ -47,7 +47,7 @@ op_st = st.tuples(st.sampled_from(["lookup", "insert", "update", "evict"]),
                   st.fixed_dictionaries({}, optional={name: keys_st for name, *_ in TABLES}))
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(ops=st.lists(op_st, min_size=1, max_size=25), policy=st.sampled_from(["lru", "lfu"]))
 def test_device_cache_many_equals_one_call_per_table(ops, policy):
     many, single = make_cache(policy), make_cache(policy)

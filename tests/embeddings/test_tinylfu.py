@@ -63,15 +63,17 @@ def test_admission_keeps_a_one_off_key_out_of_a_set_of_frequent_ones():
     assert found.all() and torch.equal(vectors, rows([99]))
 
 
-def test_victim_is_the_least_frequent_resident():
+def test_victim_is_the_least_recent_resident_and_admission_compares_with_it():
     cache = make(capacity=4, ways=4)
     cache.insert("t", torch.tensor([1, 2, 3, 4]), rows([1, 2, 3, 4]))  # empty slots: admitted without counts
-    for k, uses in ((1, 5), (2, 1), (3, 4), (4, 3)):
+    for k, uses in ((2, 1), (1, 5), (3, 4), (4, 3)):  # 2 is the least recently used, with 1 use
         for _ in range(uses):
             cache.lookup("t", torch.tensor([k]))
-    for _ in range(3):
-        cache.lookup("t", torch.tensor([50]))
-    cache.insert("t", torch.tensor([50]), rows([50]))  # 3 uses: beats key 2 (1 use), the least frequent
+    cache.lookup("t", torch.tensor([50]))
+    cache.insert("t", torch.tensor([50]), rows([50]))  # 1 use against the victim's 1: refused
+    assert cache.cached_keys("t").tolist() == [1, 2, 3, 4]
+    cache.lookup("t", torch.tensor([50]))
+    cache.insert("t", torch.tensor([50]), rows([50]))  # 2 uses against 1: takes key 2's slot
     assert cache.cached_keys("t").tolist() == [1, 3, 4, 50]
 
 
