@@ -43,14 +43,21 @@ COSINE_TOLERANCE = 1e-4
 class Connection:
     """One HTTP/1.1 keep-alive connection; bodies must carry Content-Length (all of turboserve's do)."""
 
+    # uvicorn closes a keep-alive connection idle for 5 s (timeout_keep_alive); reusing one it is closing
+    # loses the request in flight, so reconnect before that, as HTTP client pools do.
+    MAX_IDLE_S = 4.0
+
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.last_used = 0.0
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
                       ) -> tuple[int, dict[str, str], bytes]:
         """(status, lower-cased headers, body); reconnects when the server closed the connection."""
+        if self.writer is not None and (time.monotonic() - self.last_used > self.MAX_IDLE_S or self.reader.at_eof()):
+            self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -68,6 +75,7 @@ class Connection:
         except BaseException:
             self.close()
             raise
+        self.last_used = time.monotonic()
         if got.get("connection", "").lower() == "close":
             self.close()
         return status, got, payload
@@ -230,6 +238,20 @@ class Sampler:
         conn.close()
 
 
+async def server_counts(host: str, port: int) -> dict[str, float]:
+    """turboserve_requests_total{route="/embed"} by status, and the drop counters, from /metrics."""
+    conn = Connection(host, port)
+    _, _, text = await conn.request("GET", "/metrics")
+    conn.close()
+    out: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        if line.startswith('turboserve_requests_total{route="/embed"'):
+            out[line.split('status="')[1].split('"')[0]] = float(line.split()[-1])
+        elif line.startswith("turboserve_requests_dropped_total{"):
+            out["dropped_" + line.split('reason="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
 def summarize(loop: OpenLoop, slo_s: float) -> dict:
     """Status counts, latencies and checks of one open-loop phase."""
     out = loop.outcomes
@@ -283,11 +305,13 @@ async def run_phases(server: SpawnedServer, args: argparse.Namespace) -> dict:
     stop = asyncio.Event()
     sampling = asyncio.ensure_future(sampler.run(stop))
     rss_before = rss_bytes(pid) if pid else None
+    counts_before = await server_counts(host, port)
     phases = [OpenLoop("overload", args.factor * capacity, args.seconds),
               OpenLoop("recovery", args.normal * capacity, args.recover_seconds)]
     for k, loop in enumerate(phases):
         await loop.run(host, port, texts, refs, args.max_in_flight, seed=k)
     rss_after = rss_bytes(pid) if pid else None
+    counts_after = await server_counts(host, port)
     stop.set()
     await sampling
     depths = [d for _, d, _ in sampler.samples]
@@ -304,12 +328,18 @@ async def run_phases(server: SpawnedServer, args: argparse.Namespace) -> dict:
         "rss_mib": {"before": rss_before and round(rss_before / 2**20, 1), "peak": rss and round(max(rss) / 2**20, 1),
                     "after": rss_after and round(rss_after / 2**20, 1)},
         "lost": sum(o.status == -1 for loop in phases for o in loop.outcomes),
+        # What the server says it answered over the two phases, to compare with what the client received.
+        "server_answered": {k: counts_after.get(k, 0) - counts_before.get(k, 0) for k in counts_after
+                            if counts_after.get(k, 0) != counts_before.get(k, 0)},
+        "client_received": {str(st): sum(o.status == st for loop in phases for o in loop.outcomes)
+                            for st in sorted({o.status for loop in phases for o in loop.outcomes})},
     }
     if rss_before and rss_after:
         report["rss_mib"]["after_vs_before"] = round(rss_after / rss_before - 1, 4)
         report["rss_within_10pct"] = abs(rss_after / rss_before - 1) <= 0.10
     print(f"queue depth max {report['queue_depth_max']} of bound {args.max_queue_size} ({len(depths)} samples, "
           f"{sampler.errors} failed); RSS MiB {report['rss_mib']}; lost {report['lost']}", flush=True)
+    print(f"server answered {report['server_answered']}; client received {report['client_received']}", flush=True)
     return report
 
 
