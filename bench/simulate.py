@@ -44,7 +44,7 @@ def corpus_lengths(max_tokens: int = 256) -> list[int]:
 
 def policy_config(name: str, args) -> PolicyConfig:
     return PolicyConfig(name, fixed_batch_size=args.fixed_batch_size, preferred_batch_sizes=(8, 16, 32),
-                        max_queue_delay=args.delay_ms / 1000, max_wait=args.delay_ms / 1000)
+                        max_queue_delay=args.delay_ms / 1000, max_wait=args.delay_ms / 1000, late_grace=args.late_grace)
 
 
 def main() -> int:
@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--max-batch-requests", type=int, default=64)
     ap.add_argument("--fixed-batch-size", type=int, default=32)
     ap.add_argument("--delay-ms", type=float, default=5.0, help="fifo/triton max queue delay and dp max wait")
+    ap.add_argument("--late-grace", type=float, default=4.0, help="dp: SLOs past its deadline a hopeless request stays demoted")
     ap.add_argument("--out", default="bench/out", help="folder for the PNG and the JSON")
     ap.add_argument("--refined", action="store_true",
                     help="use the saved model as refined by live batches (default: as measured by `turboserve profile`)")
