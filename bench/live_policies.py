@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ import httpx  # noqa: E402
 
 from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
-from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.cost_model import FEATURES, CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.simulator import Trace, poisson_arrivals, simulate  # noqa: E402
 
@@ -64,6 +63,13 @@ def summarize(policy: str, results: list[tuple[float, int]], arrivals: list[floa
     return {"policy": policy, "completed": len(ok), "errors": len(results) - len(ok), "throughput": len(ok) / duration,
             "goodput": good / duration, "p50": percentile(ok, 50), "p99": percentile(ok, 99),
             "slo_attainment": good / len(results)}
+
+
+def server_cost_model(url: str) -> CostModel:
+    """The cost model a running server plans with, rebuilt from its /info."""
+    with httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
+        doc = c.get("/info").json()["scheduler"]["cost_model"]
+    return CostModel([doc["coefficients_seconds"][f] for f in FEATURES], list(doc["knots_tokens"]), list(doc["factors"]))
 
 
 def scrape(url: str) -> dict:
@@ -119,9 +125,9 @@ def main() -> int:
         server = SpawnedServer([], startup_timeout=300)
         server.start()
         try:
-            # Capacity from the server's own cost model, as refined and saved by the previous runs.
-            cost_path = max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
-            cost = CostModel.load(cost_path)
+            # Capacity and the simulation from the cost model this server starts with (as measured, or as
+            # refined and saved by the previous runs), read from its /info.
+            cost = server_cost_model(server.url)
             mean = sum(lengths) / len(lengths)
             n_full = min(64, int(16384 // mean))
             capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
