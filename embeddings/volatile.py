@@ -144,7 +144,7 @@ class VolatileTier(Tier):
         counts = np.array([k.size for k in ks], dtype=np.int64)
         starts = np.cumsum(counts) - counts  # [T] first batch position of each table
         k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
-        if len({spec.dim for spec in specs}) == 1:  # one output for every table; each table's part is a view
+        if len(specs) > 1 and len({spec.dim for spec in specs}) == 1:  # one output for every table; each part a view
             whole = np.empty((k.size, specs[0].dim), dtype=np.float32)  # [n, dim]
             outs = np.split(whole, np.cumsum(counts)[:-1])
         else:
@@ -176,7 +176,7 @@ class VolatileTier(Tier):
                 continue
             q, hs = parts[g], slots[lo:hi]
             if rows is not None:  # a contiguous write here, one scatter of every row after the loop
-                np.take(q.vectors, hs, axis=0, out=rows[lo:hi])
+                np.take(q.vectors, hs, axis=0, out=rows[lo:hi], mode="clip")  # clip: unbuffered (slots are valid)
             else:
                 t = g // P
                 outs[t][pos[lo:hi] - starts[t]] = q.vectors[hs]
