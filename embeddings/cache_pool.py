@@ -143,7 +143,9 @@ class Pool:
         if len(tables) == 1:
             t = tables[0]
             base: int | torch.Tensor = self.bases[t]
-            sets = set_of(flat, self.sizes[t]) + base
+            sets = set_of(flat, self.sizes[t])
+            if base:
+                sets += base
             single = self.sizes[t] == 1
             marker = (flat == INT64_MIN) if single else None
         else:

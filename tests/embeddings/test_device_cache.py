@@ -184,7 +184,7 @@ ops = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=ops, ways=st.sampled_from([1, 2, 4]), num_sets=st.sampled_from([1, 2, 3]), policy=st.sampled_from(["lru", "lfu"]))
+@given(ops=ops, ways=st.sampled_from([1, 2, 4, 16]), num_sets=st.sampled_from([1, 2, 3]), policy=st.sampled_from(["lru", "lfu"]))
 def test_matches_the_reference_model(ops, ways, num_sets, policy):
     cache = make(capacity=ways * num_sets, ways=ways, policy=policy)
     ref = RefCache(num_sets, ways, policy)
