@@ -107,7 +107,8 @@ class Metrics:
 
 
 class _StreamCollector(Collector):
-    """`turboserve_embedding_stream_messages_total{outcome}` (applied | rejected), `..._rows_total`,
+    """`turboserve_embedding_stream_messages_total{outcome}` (applied | rejected | published), `..._rows_total`,
+    `..._settled_total`, `..._settle_dropped_total`,
     `..._claimed_total` and `turboserve_embedding_stream_errors_total{kind}` (redis | update), read at scrape time."""
 
     def __init__(self, consumer) -> None:
@@ -118,7 +119,12 @@ class _StreamCollector(Collector):
         messages = CounterMetricFamily("turboserve_embedding_stream_messages", "Update stream entries handled.", labels=["outcome"])
         messages.add_metric(["applied"], c["applied"])
         messages.add_metric(["rejected"], c["rejected"])
+        messages.add_metric(["published"], c.get("published", 0))  # HTTP updates this replica put on the stream
         yield messages
+        yield CounterMetricFamily("turboserve_embedding_stream_settled", "Applied entries whose rows were re-read from "
+                                  "RocksDB into Redis and the device cache after update_settle_s.", value=c.get("settled", 0))
+        yield CounterMetricFamily("turboserve_embedding_stream_settle_dropped", "Applied entries not settled: too many "
+                                  "waiting.", value=c.get("settle_dropped", 0))
         yield CounterMetricFamily("turboserve_embedding_stream_rows", "Rows written by applied stream entries.", value=c["rows"])
         yield CounterMetricFamily("turboserve_embedding_stream_claimed", "Pending entries taken over from stopped consumers.",
                                   value=c["claimed"])

@@ -201,10 +201,13 @@ def test_replicas_share_redis_see_every_update_and_survive_sigterm(tmp_path, red
         tier.close()
 
         # Load through nginx reached Redis on both replicas; each applied every entry in its own group.
+        published = 0.0
         for url in urls:
             text = httpx.get(f"{url}/metrics", timeout=10).text
             assert _metric(text, "turboserve_embedding_cache_hits_total", '{tier="redis"}') > len(fresh)
             assert _metric(text, "turboserve_embedding_stream_messages_total", '{outcome="applied"}') >= 3
+            published += _metric(text, "turboserve_embedding_stream_messages_total", '{outcome="published"}')
+        assert published >= 2  # the HTTP updates (to replica 0, and through nginx) went out on the stream
         assert {g["name"] for g in r.xinfo_groups(STREAM)} == {b"turboserve-replica0", b"turboserve-replica1"}
 
         # SIGTERM one replica mid-load; during its drain, one more update of each kind reaches the other.
