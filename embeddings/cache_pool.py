@@ -231,10 +231,6 @@ class Pool:
             self.freq.view(-1).index_fill_(0, dest, 1)
         return dest.numel(), int(taken.sum())
 
-    def _table_of_sets(self, sets: torch.Tensor) -> torch.Tensor:
-        """Pool table index of each global set [t]."""
-        return torch.searchsorted(self._base_t, sets, right=True) - 1
-
     def table_of(self, at: Located, positions: torch.Tensor) -> torch.Tensor:
         """Pool table index of batch positions [m] of a located batch."""
         ends = torch.tensor(np.cumsum(at.counts), dtype=torch.int64, device=self.device)
