@@ -4,7 +4,8 @@ Layout: each table is split into `partitions` partitions (same hash as the in-me
 partition is one Redis hash `<prefix>{<table>:<p>}` (field = the key as 8 little-endian bytes,
 value = the row's raw float32 bytes) plus, for `evict_oldest`, a sorted set `<prefix>{<table>:<p>}:t`
 of write times. The hash tag `{table:p}` puts both on one cluster slot, so a partition lives on
-one node and every command touches one node. A batch is one pipeline (HMGET / HSET per partition).
+one node and every command touches one node. A batch is one pipeline (HMGET / HSET per partition), and
+`lookup_many` / `insert_many` put every table of a batch in one pipeline.
 
 Capacity: after an insert, a partition over `capacity_per_partition` rows is brought down to
 `target_fill * capacity` by `evict_random` (HRANDFIELD) or `evict_oldest` (the least recently
@@ -161,34 +162,41 @@ class RedisTier(Tier):
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows held: vectors [n, dim], found [n] (CPU). All misses when Redis is unavailable."""
-        spec = self.spec(table)
-        k = keys_to_numpy(check_keys(keys))
-        out = np.empty((k.size, spec.dim), dtype=np.float32)  # [n, dim]
-        out[:] = spec.default.numpy()
-        found = np.zeros(k.size, dtype=bool)
-        groups = group_by(partition_of(k, self.partitions), self.partitions)
+        return self.lookup_many({table: keys})[table]
+
+    def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`lookup` of several tables in one pipeline (HMGET per table partition); all misses when Redis is down."""
+        specs = {t: self.spec(t) for t in requests}
+        ks = {t: keys_to_numpy(check_keys(k)) for t, k in requests.items()}
+        groups = [(t, p, pos) for t, k in ks.items() for p, pos in group_by(partition_of(k, self.partitions), self.partitions)]
 
         def run(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
-            for p, pos in groups:
-                pipe.hmget(self._hash(table, p), _fields(k[pos]))
+            for t, p, pos in groups:
+                pipe.hmget(self._hash(t, p), _fields(ks[t][pos]))
             return pipe.execute()
 
-        replies = self._call(run) if k.size else None
-        width = 4 * spec.dim
-        hit_pos: list[int] = []
-        hit_rows: list[bytes] = []
-        for (_, pos), values in zip(groups, replies or []):
+        replies = self._call(run) if groups else None
+        hit_pos: dict[str, list[int]] = {t: [] for t in requests}
+        hit_rows: dict[str, list[bytes]] = {t: [] for t in requests}
+        for (t, _, pos), values in zip(groups, replies or []):
+            width, hp, hr = 4 * specs[t].dim, hit_pos[t], hit_rows[t]
             for i, v in zip(pos.tolist(), values):
                 if v is not None and len(v) == width:
-                    hit_pos.append(i)
-                    hit_rows.append(v)
-        if hit_pos:
-            out[hit_pos] = np.frombuffer(b"".join(hit_rows), dtype=np.float32).reshape(-1, spec.dim)
-            found[hit_pos] = True
-        hits = int(found.sum())
-        self.count(hits=hits, misses=k.size - hits)
-        return torch.from_numpy(out), torch.from_numpy(found)
+                    hp.append(i)
+                    hr.append(v)
+        answers, hits, total = {}, 0, 0
+        for t, spec in specs.items():
+            out = np.empty((ks[t].size, spec.dim), dtype=np.float32)  # [n, dim]
+            out[:] = spec.default.numpy()
+            found = np.zeros(ks[t].size, dtype=bool)
+            if hit_pos[t]:
+                out[hit_pos[t]] = np.frombuffer(b"".join(hit_rows[t]), dtype=np.float32).reshape(-1, spec.dim)
+                found[hit_pos[t]] = True
+            hits, total = hits + len(hit_pos[t]), total + ks[t].size
+            answers[t] = torch.from_numpy(out), torch.from_numpy(found)
+        self.count(hits=hits, misses=total - hits)
+        return answers
 
     def _rows(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         spec = self.spec(table)
@@ -203,23 +211,40 @@ class RedisTier(Tier):
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """HSET the rows (one pipeline), then trim partitions over capacity; dropped (not retried) if Redis is down."""
-        uniq, rows = self._rows(table, keys, vectors)
-        if uniq.size == 0:
+        self.insert_many({table: (keys, vectors)})
+
+    def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
+        """`insert` of several tables in one pipeline (then one trim per table with partitions over capacity).
+        unique: no key repeats within a table (skips the de-duplication)."""
+        batches = {}
+        for table, (keys, vectors) in rows.items():
+            if unique:
+                k = check_keys(keys)
+                uniq, vecs = keys_to_numpy(k), check_vectors(self.spec(table), k, vectors).cpu().numpy()
+            else:
+                uniq, vecs = self._rows(table, keys, vectors)
+            if uniq.size:
+                batches[table] = uniq, vecs
+        groups = [(t, p, pos) for t, (uniq, _) in batches.items()
+                  for p, pos in group_by(partition_of(uniq, self.partitions), self.partitions)]
+        if not groups:
             return
-        groups = group_by(partition_of(uniq, self.partitions), self.partitions)
         now = time.time()
 
         def run(client: Any) -> None:
             pipe = client.pipeline(transaction=False)
-            for p, pos in groups:
-                fields, name = _fields(uniq[pos]), self._hash(table, p)
-                pipe.hset(name, mapping=dict(zip(fields, (r.tobytes() for r in rows[pos]))))
+            for t, p, pos in groups:
+                (uniq, vecs), name = batches[t], self._hash(t, p)
+                fields = _fields(uniq[pos])
+                pipe.hset(name, mapping=dict(zip(fields, (r.tobytes() for r in vecs[pos]))))
                 if self.policy == "evict_oldest":
                     pipe.zadd(name + ":t", dict.fromkeys(fields, now))
                 pipe.hlen(name)
             replies = pipe.execute()
             sizes = replies[2::3] if self.policy == "evict_oldest" else replies[1::2]
-            self._trim(client, table, [(p, size) for (p, _), size in zip(groups, sizes) if size > self.capacity])
+            for table in batches:
+                self._trim(client, table, [(p, size) for (t, p, _), size in zip(groups, sizes)
+                                           if t == table and size > self.capacity])
             return True
 
         # A dropped insert is not remembered: the hierarchy inserts only rows Redis just missed,

@@ -147,3 +147,38 @@ def test_parameter_server_many_equals_one_lookup_per_table(tmp_path, policy, vol
     finally:
         many.close()
         single.close()
+
+
+@pytest.mark.redis
+def test_redis_lookup_many_and_insert_many_equal_one_call_per_table(redis_node):
+    """One pipeline for every table answers what one pipeline per table answers (two key prefixes on one node)."""
+    from embeddings.redis_tier import RedisTier
+
+    def make(prefix):
+        tier = RedisTier(redis_node.url, partitions=3, capacity_per_partition=6, overflow_policy="evict_oldest",
+                         target_fill=0.5, prefix=prefix, timeout_s=2.0)
+        for name, dim, _, default in TABLES:
+            tier.create_table(TableSpec(name, dim, torch.full((dim,), default)))
+        return tier
+
+    many, single = make("many:"), make("single:")
+    dims = {name: dim for name, dim, *_ in TABLES}
+    rng = np.random.default_rng(3)
+    try:
+        for step in range(12):
+            batch = {t: torch.from_numpy(rng.integers(0, 25, int(rng.integers(0, 12)))) for t, *_ in TABLES}
+            if step % 2:
+                got = many.lookup_many(batch)
+                for t, k in batch.items():
+                    vectors, found = single.lookup(t, k)
+                    assert torch.equal(got[t][0], vectors) and torch.equal(got[t][1], found), (step, t)
+            else:  # duplicates: the last vector wins; partitions over capacity are trimmed in both
+                many.insert_many({t: (k, rows(k.tolist(), dims[t], step + 1)) for t, k in batch.items()})
+                for t, k in batch.items():
+                    single.insert(t, k, rows(k.tolist(), dims[t], step + 1))
+        for t, *_ in TABLES:
+            assert many.fill(t) == single.fill(t) and max(many.fill(t)) <= 6
+        assert many.counters() == single.counters() and many.counters()["hits"] > 0
+    finally:
+        many.close()
+        single.close()
