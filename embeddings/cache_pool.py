@@ -199,7 +199,7 @@ class Pool:
         idx, nsets = idx.index_select(0, order), nsets.index_select(0, order)
         touched, counts = torch.unique_consecutive(nsets, return_counts=True)  # [t], [t]
         starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(touched.numel(), device=dev), counts)  # [m] set of each key
+        group = torch.repeat_interleave(counts)  # [m] index of each key's set in `touched`
         rank = torch.arange(idx.numel(), device=dev) - starts.index_select(0, group)  # [m] position in its set
         # Victim order per touched set: empty first, then by policy score; protected (refreshed) slots never.
         last = self.last.index_select(0, touched)  # [t, ways]
@@ -215,8 +215,9 @@ class Pool:
         room = ways - prot.sum(dim=1)  # [t]
         ok = torch.nonzero(rank < room.index_select(0, group)).squeeze(1)  # [k] new keys that get a slot
         group, rank, idx, nsets = (x.index_select(0, ok) for x in (group, rank, idx, nsets))
-        way = victims.view(-1).index_select(0, group * ways + rank)  # [k]
-        at_victim = group * ways + way  # [k] into the [t, ways] arrays
+        row = group * ways  # [k] start of each key's set in the [t, ways] arrays
+        way = victims.view(-1).index_select(0, row + rank)  # [k]
+        at_victim = row + way  # [k] into the [t, ways] arrays
         taken = occupied.view(-1).index_select(0, at_victim)  # [k] the victim slot holds a key
         if self.sketch is not None:  # admission: a new key must be estimated more frequent than the key it evicts
             salt = at.hkeys.index_select(0, idx) ^ at.keys.index_select(0, idx)  # [k] its table's salt
