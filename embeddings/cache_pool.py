@@ -108,6 +108,7 @@ class Pool:
 
     @property
     def num_sets(self) -> int:
+        """Sets of every table of the pool."""
         return self.keys.shape[0]
 
     def add_table(self, num_sets: int, default: torch.Tensor) -> int:
