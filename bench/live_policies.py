@@ -120,6 +120,7 @@ def main() -> int:
     lengths = count_tokens(texts)
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
     plan_runs = [(float(ld), p) for ld in args.loads.split(",") for _ in range(args.repeats) for p in args.policies.split(",")]
+    traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
         os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
         server = SpawnedServer([], startup_timeout=300)
@@ -128,13 +129,16 @@ def main() -> int:
             # Capacity and the simulation from the cost model this server starts with (as measured, or as
             # refined and saved by the previous runs), read from its /info.
             cost = server_cost_model(server.url)
-            mean = sum(lengths) / len(lengths)
-            n_full = min(64, int(16384 // mean))
-            capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
-            import random  # noqa: PLC0415
+            if load not in traces:  # one trace a load, replayed to every policy and round alike
+                mean = sum(lengths) / len(lengths)
+                n_full = min(64, int(16384 // mean))
+                capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
+                import random  # noqa: PLC0415
 
-            arrivals = poisson_arrivals(load * capacity, len(texts), random.Random(7))
-            (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": arrivals, "lengths": lengths, "texts": texts}))
+                traces[load] = (capacity, poisson_arrivals(load * capacity, len(texts), random.Random(7)))
+                (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
+                                                                    "texts": texts}))
+            capacity, arrivals = traces[load]
             results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
             live = summarize(policy, results, arrivals, slo) | scrape(server.url)
         finally:
