@@ -27,8 +27,9 @@ MODEL = "dummy"
 class DummyEmbedder:
     """Deterministic, batch-invariant vectors from token ids; can be gated or made to fail."""
 
-    def __init__(self, dim: int = 8):
+    def __init__(self, dim: int = 8, delay_s: float = 0.0):
         self.dim = dim
+        self.delay_s = delay_s  # a fixed time a batch, for tests that need batch timings stable
         self.batches: list[list[list[int]]] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -40,6 +41,8 @@ class DummyEmbedder:
         if not self.gate.wait(timeout=30):
             raise TimeoutError("test gate was never opened")
         self.batches.append(sequences)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected failure")

@@ -62,9 +62,25 @@ def test_missed_deadlines_are_counted(srv, client):
 def test_refined_cost_model_is_saved_at_shutdown(tmp_path):
     from scheduler.cost_model import CostModel  # noqa: PLC0415
 
-    with dummy_server(scheduler={"cost_model_dir": str(tmp_path)}) as s, s.client() as c:
+    # Batches of a steady 10 ms: the live batches agree with the profile, so the refinement is saved.
+    with dummy_server(DummyEmbedder(delay_s=0.01), scheduler={"cost_model_dir": str(tmp_path)}) as s, s.client() as c:
         measured = list(tmp_path.glob("cost-*.json"))
         assert len(measured) == 1 and CostModel.load(measured[0]).observations == 0
         for i in range(3):
             assert c.post("/embed", json={"inputs": f"text {i}"}).status_code == 200
     assert CostModel.load(measured[0]).observations >= 3
+
+
+def test_a_refinement_far_from_the_profile_is_not_saved(tmp_path):
+    from scheduler.cost_model import MAX_DRIFT, CostModel  # noqa: PLC0415
+
+    # The host turns 8x slower after profiling (another process, say): serving adapts in memory, but the
+    # saved model stays the measured one, so the next start does not inherit a passing condition.
+    embedder = DummyEmbedder(delay_s=0.005)
+    with dummy_server(embedder, scheduler={"cost_model_dir": str(tmp_path)}) as s, s.client() as c:
+        embedder.delay_s = 0.04
+        for i in range(12):
+            assert c.post("/embed", json={"inputs": f"text {i}"}).status_code == 200
+        assert s.app.state.engine.cost.drift() > MAX_DRIFT
+    (saved,) = tmp_path.glob("cost-*.json")
+    assert CostModel.load(saved).observations == 0
