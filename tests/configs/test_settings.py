@@ -87,3 +87,11 @@ def test_model_dirs_and_log_format_from_the_environment(monkeypatch):
     monkeypatch.setenv("TURBOSERVE_SERVER__LOG_FORMAT", "json")
     s = load_settings()
     assert s.server.model_dirs == ["/models", "~/more"] and s.server.log_format == "json"
+
+
+def test_every_setting_is_in_the_readme_table():
+    # Users look settings up in the README's table; a new field without a row is a documentation bug.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f"{section}.{name}" for section, field in Settings.model_fields.items()
+               for name in field.annotation.model_fields if f"| `{section}.{name}` |" not in readme]
+    assert not missing, f"settings without a row in README.md's table: {missing}"
