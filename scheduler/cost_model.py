@@ -154,8 +154,6 @@ class CostModel:
         """How far online refinement has moved the model from what was measured: the largest factor
         between a knot's refined and measured correction (1.0 = unchanged; 2.0 = twice or half)."""
         measured = self.measured().factors if self.cells else [1.0] * len(self.factors)
-        if len(measured) != len(self.factors):
-            measured = [1.0] * len(self.factors)
         return float(max(math.exp(abs(math.log(f / m))) for f, m in zip(self.factors, measured)))
 
     def to_json(self) -> dict:

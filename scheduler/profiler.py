@@ -63,9 +63,9 @@ def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cell
             model = CostModel.load(path)
             if model.key == key:
                 log.info("cost model loaded from %s", path)
-                if model.drift() > MAX_DRIFT:
-                    log.warning("saved cost model drifted %.1fx from its measurement; starting from the measurement",
-                                model.drift())
+                drift = model.drift()
+                if drift > MAX_DRIFT:
+                    log.warning("saved cost model drifted %.1fx from its measurement; starting from the measurement", drift)
                     model = model.measured()
                 return model, True
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture
 def redis_node(tmp_path):
     """A fresh single redis-server on a free loopback port, terminated after the test."""
-    from tests.embeddings.conftest import RedisProcess, free_port  # noqa: PLC0415
+    from tests.processes import RedisProcess, free_port  # noqa: PLC0415
 
     node = RedisProcess(free_port(), tmp_path / "redis")
     node.start()

@@ -36,6 +36,15 @@ class DummyEmbedder:
         self.entered = threading.Event()  # set when a batch starts (then waits on the gate)
         self.fail_next = False
 
+    def occupy(self, pool, client, text: str = "blocker"):
+        """Post `text` to /embed from `pool` and return its future once its batch holds the worker (waiting on
+        the gate): whatever is sent next waits in the queue until `gate.set()`."""
+        self.gate.clear()
+        self.entered.clear()
+        future = pool.submit(client.post, "/embed", json={"inputs": text})
+        assert self.entered.wait(10), "the worker never started the occupying batch"
+        return future
+
     def embed(self, sequences: list[list[int]]) -> np.ndarray:
         self.entered.set()
         if not self.gate.wait(timeout=30):
@@ -146,3 +155,14 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 1
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, f"server did not become healthy:\n{log.read_text()[-3000:]}"
             time.sleep(0.1)
+
+
+def stop_load_and_processes(stop: threading.Event, threads, procs) -> None:
+    """End a multi-process test: signal the load threads, join them, then terminate whatever still runs."""
+    stop.set()
+    for t in threads:
+        t.join(60)
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)

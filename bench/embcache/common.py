@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,49 +66,6 @@ def pid_cpu_s(pid: int) -> float:
         return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server on a free loopback port, no persistence, stopped by `stop` (as tests/embeddings/conftest.py)."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (make redis-server installs Debian's)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--save", "", "--appendonly", "no", "--bind",
-                                      "127.0.0.1", "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        client, deadline = redis.Redis(port=self.port, socket_connect_timeout=0.2), time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.01)
-        client.close()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def cpu_s(self) -> float:
-        return pid_cpu_s(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 def fill_tier(tier: Tier | ParameterServer, table: str, keys: np.ndarray, vectors: np.ndarray, chunk: int = 1 << 16) -> None:

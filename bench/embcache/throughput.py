@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.embcache.common import LARGEST_CRITEO, Phase, RedisServer, fill_tier
+from bench.embcache.common import LARGEST_CRITEO, Phase, fill_tier, pid_cpu_s
 from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
 from embeddings.redis_tier import RedisTier
 from embeddings.tier import TableSpec, Tier
 from embeddings.volatile import VolatileTier
+from tests.processes import RedisProcess, free_port
 
 
 def time_lookups(lookup: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], batches: list[torch.Tensor],
@@ -72,12 +73,12 @@ def throughput(rows: int = 1 << 19, dim: int = 64, batch: int = 16384, batches: 
             ("volatile (memory)", lambda k: volatile.lookup("t", k), None),
         ]
         if use_redis:
-            redis_server = RedisServer(workdir / "redis")
+            redis_server = RedisProcess(free_port(), workdir / "redis").start()
             redis_tier = RedisTier(redis_server.url, partitions=16, capacity_per_partition=max(1 << 20, rows), timeout_s=5.0)
             redis_tier.create_table(spec)
             tiers.append(redis_tier)
             fill_tier(redis_tier, "t", keys, vectors)
-            candidates.append(("redis", lambda k: redis_tier.lookup("t", k), redis_server.cpu_s))
+            candidates.append(("redis", lambda k: redis_tier.lookup("t", k), lambda: pid_cpu_s(redis_server.proc.pid)))
         candidates += [("persistent (RocksDB)", lambda k: persistent.lookup("t", k), None),
                        ("ParameterServer (warm)", lambda k: server.lookup("t", k), None)]
         for name, fn, watched in candidates:

@@ -33,12 +33,18 @@ def wait_until(condition, timeout=5.0, what="condition"):
         time.sleep(0.01)
 
 
-@pytest.fixture
-def ps(tmp_path):
-    server = ParameterServer(PersistentTier(tmp_path / "db"), VolatileTier(4, 64, "evict_oldest", 0.75),
+def _replica(path) -> ParameterServer:
+    """A parameter server with its own RocksDB copy and caches, holding rows 0..9 of table "t"."""
+    server = ParameterServer(PersistentTier(path), VolatileTier(4, 64, "evict_oldest", 0.75),
                              DeviceCache(32, 4, "lru", device="cpu"))
     server.create_table("t", DIM, rows=1000)
     server.update("t", torch.arange(10), torch.from_numpy(rows(range(10))))
+    return server
+
+
+@pytest.fixture
+def ps(tmp_path):
+    server = _replica(tmp_path / "db")
     yield server
     server.close()
 
@@ -205,10 +211,7 @@ def test_group_name_fills_in_consumer_and_hostname():
 @pytest.fixture
 def ps2(tmp_path):
     """A second replica: its own RocksDB copy and caches, holding the same rows as `ps`."""
-    server = ParameterServer(PersistentTier(tmp_path / "db2"), VolatileTier(4, 64, "evict_oldest", 0.75),
-                             DeviceCache(32, 4, "lru", device="cpu"))
-    server.create_table("t", DIM, rows=1000)
-    server.update("t", torch.arange(10), torch.from_numpy(rows(range(10))))
+    server = _replica(tmp_path / "db2")
     yield server
     server.close()
 

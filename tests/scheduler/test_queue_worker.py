@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
 from scheduler.cost_model import CostModel
+from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker

@@ -14,7 +14,7 @@ import yaml
 
 from models.config import default_model_path
 from server.logs import ACCESS_FIELDS, ACCESS_LOGGER, JsonFormatter, TextFormatter
-from tests.embeddings.conftest import free_port
+from tests.processes import free_port
 from tests.support import dummy_server, spawn_server, wait_healthy
 
 KEY = "access-log-key"

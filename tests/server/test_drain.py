@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.embeddings.conftest import free_port
+from tests.processes import free_port
 from tests.support import spawn_server, wait_healthy
 
 TEXTS = [f"sentence number {i} about draining a server gracefully under load" for i in range(16)]

@@ -61,10 +61,7 @@ def test_queue_full_is_429_with_retry_after_and_recovers():
     embedder = DummyEmbedder()
     with dummy_server(embedder, server={"max_client_batch_size": 2}, scheduler={"max_queue_size": 2, "max_batch_requests": 1}) as s, \
             ThreadPoolExecutor(4) as pool, s.client() as c:
-        embedder.gate.clear()
-        embedder.entered.clear()
-        running = pool.submit(c.post, "/embed", json={"inputs": "first"})
-        assert embedder.entered.wait(10)  # the worker holds "first"; the queue is empty again
+        running = embedder.occupy(pool, c, "first")  # the worker holds "first"; the queue is empty again
         queued = [pool.submit(c.post, "/embed", json={"inputs": f"q{i}"}) for i in range(2)]
         engine = s.app.state.engine
         wait_for(lambda: engine.queue.depth == 2)
@@ -82,10 +79,7 @@ def test_queue_full_is_429_with_retry_after_and_recovers():
 def test_request_timeout_is_504_and_never_computed():
     embedder = DummyEmbedder()
     with dummy_server(embedder, server={"request_timeout_s": 0.3}) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
-        embedder.gate.clear()
-        embedder.entered.clear()
-        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
-        assert embedder.entered.wait(10)
+        blocker = embedder.occupy(pool, c)
         late = c.post("/embed", json={"inputs": "too late"})
         assert late.status_code == 504
         embedder.gate.set()
@@ -98,10 +92,7 @@ def test_request_timeout_is_504_and_never_computed():
 def test_disconnected_client_is_dropped_before_compute():
     embedder = DummyEmbedder()
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
-        embedder.gate.clear()
-        embedder.entered.clear()
-        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
-        assert embedder.entered.wait(10)
+        blocker = embedder.occupy(pool, c)
         engine = s.app.state.engine
         host, port = s.url.removeprefix("http://").split(":")
         body = b'{"inputs": "walked away"}'
@@ -125,10 +116,7 @@ def test_requests_are_batched_under_the_limits():
     embedder = DummyEmbedder()
     with dummy_server(embedder, scheduler={"max_batch_requests": 4, "max_batch_tokens": 64}) as s, \
             ThreadPoolExecutor(12) as pool, httpx.Client(base_url=s.url, timeout=30) as c:
-        embedder.gate.clear()
-        embedder.entered.clear()
-        first = pool.submit(c.post, "/embed", json={"inputs": "first"})
-        assert embedder.entered.wait(10)
+        first = embedder.occupy(pool, c, "first")
         rest = [pool.submit(c.post, "/embed", json={"inputs": f"request number {i}"}) for i in range(10)]
         wait_for(lambda: s.app.state.engine.queue.depth == 10)
         embedder.gate.set()
@@ -144,10 +132,7 @@ def test_a_crashed_worker_fails_waiting_requests_and_refuses_new_ones():
     embedder = DummyEmbedder()
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
         engine = s.app.state.engine
-        embedder.gate.clear()
-        embedder.entered.clear()
-        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
-        assert embedder.entered.wait(10)
+        blocker = embedder.occupy(pool, c)
         waiting = pool.submit(c.post, "/embed", json={"inputs": "waiting"})
         wait_for(lambda: engine.queue.depth == 1)
 

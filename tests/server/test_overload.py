@@ -14,7 +14,7 @@ import yaml
 
 from bench.overload import Connection, OpenLoop, Sampler, closed_loop, references
 from bench.workload import make_texts
-from tests.embeddings.conftest import free_port
+from tests.processes import free_port
 from tests.server.test_failures import wait_for
 from tests.support import MODEL, DummyEmbedder, dummy_server, spawn_server, wait_healthy
 
@@ -35,11 +35,8 @@ def test_a_request_past_its_timeout_is_504_in_each_family_and_never_computed():
     embedder = DummyEmbedder()
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
         engine = s.app.state.engine
-        embedder.gate.clear()
-        embedder.entered.clear()
         before = tokens(s)
-        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
-        assert embedder.entered.wait(10)  # the worker is busy: whatever comes next waits in the queue
+        blocker = embedder.occupy(pool, c)  # the worker is busy: whatever comes next waits in the queue
         late = {"x-request-timeout-ms": "200"}
         started = time.monotonic()
         r = c.post("/v1/embeddings", json={"input": ["late one", "late two"], "model": MODEL}, headers=late)
@@ -81,10 +78,7 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped():
     embedder = DummyEmbedder()
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
         engine = s.app.state.engine
-        embedder.gate.clear()
-        embedder.entered.clear()
-        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
-        assert embedder.entered.wait(10)
+        blocker = embedder.occupy(pool, c)
         host, port = s.url.removeprefix("http://").split(":")
         body = b'{"input": ["walked", "away"], "model": "%s"}' % MODEL.encode()
         sock = socket.create_connection((host, int(port)), timeout=5)

@@ -19,7 +19,7 @@ import yaml
 from models.dlrm import save_dlrm, save_random_tables
 from server.app import create_app
 from server.import_tables import import_table
-from tests.embeddings.conftest import free_port
+from tests.processes import free_port
 from tests.server.test_recommend import CONFIG, DENSE, NAME, SPARSE
 from tests.support import ServerThread, settings
 

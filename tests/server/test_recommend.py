@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from embeddings.stream import publish_update
 from models.dlrm import DLRMConfig, SparseFeature, TableLookup, load_dlrm, save_dlrm, save_random_tables
 from server.import_tables import import_table
-from tests.embeddings.conftest import free_port
+from tests.processes import free_port
 from tests.support import MODEL, dummy_server, spawn_server, wait_healthy
 
 NAME = "ctr"

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.embeddings.conftest import free_port
-from tests.support import spawn_server
+from tests.processes import free_port
+from tests.support import spawn_server, stop_load_and_processes
 
 SITE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "turboserve.conf"
 TEXTS = [f"replica test sentence {i}, long enough to take a little while" for i in range(8)]
@@ -110,13 +110,7 @@ def test_a_replica_restart_behind_nginx_fails_no_request(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-        for proc in [*replicas, proxy]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(20)
+        stop_load_and_processes(stop, threads, [*replicas, proxy])
     failures = [o for o in outcomes if o[1] != 200]
     assert not failures, failures
     during = [o for o in outcomes if term_at < o[0] < exited_at]

@@ -28,9 +28,9 @@ from embeddings.stream import publish_update
 from embeddings.tier import TableSpec
 from models.dlrm import DLRMConfig, SparseFeature, save_dlrm, save_random_tables
 from server.import_tables import import_table
-from tests.embeddings.conftest import free_port
+from tests.processes import free_port
 from tests.server.test_scale_out import _healthy, _nginx
-from tests.support import BIN, dummy_server, spawn_server, wait_healthy
+from tests.support import BIN, dummy_server, spawn_server, stop_load_and_processes, wait_healthy
 
 pytestmark = pytest.mark.redis
 
@@ -224,13 +224,7 @@ def test_replicas_share_redis_see_every_update_and_survive_sigterm(tmp_path, red
             assert time.monotonic() < exited_at + 30
             time.sleep(0.05)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-        for proc in [*replicas, proxy]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(20)
+        stop_load_and_processes(stop, threads, [*replicas, proxy])
         r.close()
     print(f"update visible after (s): {[round(x, 3) for x in lags]}; {len(outcomes)} requests, "
           f"{len([o for o in outcomes if term_at < o[0] < exited_at])} during the drain")

@@ -14,10 +14,7 @@ def test_high_priority_runs_before_earlier_normal_requests():
     embedder = DummyEmbedder()
     with dummy_server(embedder, scheduler={"max_batch_requests": 1}) as s, ThreadPoolExecutor(4) as pool, \
             s.client() as c:
-        embedder.gate.clear()
-        embedder.entered.clear()
-        blocker = pool.submit(c.post, "/embed", json={"inputs": "blocker"})
-        assert embedder.entered.wait(10)
+        blocker = embedder.occupy(pool, c)
         engine = s.app.state.engine
         normal = pool.submit(c.post, "/embed", json={"inputs": "normal request"})
         wait_for(lambda: engine.queue.depth == 1)
