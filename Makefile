@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e . --config-settings editable_mode=compat
 	touch $@
 
+# PyPI's `kernels` (pulled in by transformers >= 5.25, now excluded by pyproject.toml) has the import name of
+# this repository's kernels/ package; a venv that once had it gets it removed here.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -c "import importlib.metadata as m; m.distribution('kernels')" 2>/dev/null && $(BIN)/pip uninstall -y -q kernels || true
 	touch $@
 
 install: $(VENV)/.installed
