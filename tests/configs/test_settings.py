@@ -15,6 +15,8 @@ DEFAULT_YAML = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 def test_default_yaml_loads():
     s = load_settings(DEFAULT_YAML)
     assert s.server.port == 8000 and s.model.name == "all-MiniLM-L6-v2" and s.model.path is None
+    # `make serve` runs with this file: it must plan with the DP planner like a server with no file.
+    assert s.scheduler.policy == Settings().scheduler.policy == "dp"
 
 
 def test_bounds_name_the_field():
