@@ -2,11 +2,16 @@
 the simulator's prediction for that trace with the server's own cost model.
 
     .venv/bin/python bench/live_policies.py --loads 0.9,1.1 --requests 300 --slo-ms 2000
+    .venv/bin/python bench/live_policies.py --at-sim-capacity --arrivals bursts --slo-ms 2000
 
-The trace (Poisson arrivals at load x capacity, texts of 8-256 tokens from bench/workload.py) is
-written to --out/trace-<load>.json and replayed open-loop: request i is sent at its arrival time
-whatever happened to the earlier ones. Each policy gets a fresh server (the cost model is measured
-once and loaded by the others). Loopback only; every run is bounded by the trace and --timeout.
+The trace (Poisson arrivals, or Poisson bursts of 16, at load x capacity; texts of 8-256 tokens from
+bench/workload.py) is written to --out/trace-<load>.json and replayed open-loop: request i is sent at its
+arrival time whatever happened to the earlier ones. Each policy gets a fresh server (the cost model is
+measured once and loaded by the others). Loopback only; every run is bounded by the trace and --timeout.
+
+--at-sim-capacity replaces --loads by the issue's own measure: the simulator's SLO capacity of fifo and of
+dp on this very trace (the highest load each keeps p99 within the SLO, by bisection with the server's cost
+model), so the live runs check whether dp holds the SLO at its capacity where fifo does not.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -25,10 +31,13 @@ sys.path.insert(0, str(REPO_ROOT))
 import httpx  # noqa: E402
 
 from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
+from bench.simulate import slo_capacity  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
+from configs.settings import SchedulerSettings  # noqa: E402
 from scheduler.cost_model import FEATURES, CostModel  # noqa: E402
-from scheduler.planner import Limits, PolicyConfig  # noqa: E402
-from scheduler.simulator import Trace, poisson_arrivals, simulate  # noqa: E402
+from scheduler.planner import Limits  # noqa: E402
+from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
+from server.engine import policy_config  # noqa: E402
 
 POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
 
@@ -63,6 +72,41 @@ def summarize(policy: str, results: list[tuple[float, int]], arrivals: list[floa
     return {"policy": policy, "completed": len(ok), "errors": len(results) - len(ok), "throughput": len(ok) / duration,
             "goodput": good / duration, "p50": percentile(ok, 50), "p99": percentile(ok, 99),
             "slo_attainment": good / len(results)}
+
+
+def sim_config(policy: str):
+    """The knobs a server started by this script plans with (settings defaults, this policy)."""
+    return policy_config(SchedulerSettings(policy=policy))
+
+
+def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> float:
+    """Requests/s at full batches of the mean length: the unit of --loads."""
+    mean = sum(lengths) / len(lengths)
+    n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean)))
+    return n_full / cost.predict_lengths([round(mean)] * n_full)
+
+
+def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict) -> list[float]:
+    """The simulated SLO capacity (load) of fifo and of dp on this trace, with the cost model a fresh
+    server plans with; every policy's capacity goes into the report."""
+    server = SpawnedServer([], startup_timeout=300)
+    server.start()
+    try:
+        cost = server_cost_model(server.url)
+    finally:
+        server.stop()
+    capacity = full_batch_capacity(lengths, limits, cost)
+    found = {}
+    for policy in POLICIES:
+        found[policy] = slo_capacity(lambda x: Trace(arrivals_at(x * capacity, len(lengths), random.Random(7)), lengths),
+                                     sim_config(policy), limits, cost, slo, steps=10)
+    for policy, load in found.items():
+        print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
+              f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)
+    report["sim_capacity"] = {"unit_rps": capacity, "loads": found,
+                              "dp_over_fifo": found["dp"] / max(found["fifo"], 1e-9)}
+    print(f"dp / fifo simulated SLO capacity: {report['sim_capacity']['dp_over_fifo']:.2f}x", flush=True)
+    return [round(found["fifo"], 4), round(found["dp"], 4)]
 
 
 def server_cost_model(url: str) -> CostModel:
@@ -112,6 +156,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="poisson")
+    ap.add_argument("--at-sim-capacity", action="store_true",
+                    help="loads: the simulated SLO capacities of fifo and dp on this trace (instead of --loads)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +166,12 @@ def main() -> int:
     texts = make_texts(args.requests, 8, 256, seed=11)
     lengths = count_tokens(texts)
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
-    plan_runs = [(float(ld), p) for ld in args.loads.split(",") for _ in range(args.repeats) for p in args.policies.split(",")]
+    limits = Limits(SchedulerSettings().max_batch_tokens, SchedulerSettings().max_batch_requests)
+    arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
+    loads = [float(ld) for ld in args.loads.split(",")]
+    if args.at_sim_capacity:
+        loads = sim_capacities(lengths, arrivals_at, limits, slo, report)
+    plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
         os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
@@ -130,12 +182,8 @@ def main() -> int:
             # refined and saved by the previous runs), read from its /info.
             cost = server_cost_model(server.url)
             if load not in traces:  # one trace a load, replayed to every policy and round alike
-                mean = sum(lengths) / len(lengths)
-                n_full = min(64, int(16384 // mean))
-                capacity = n_full / cost.predict_lengths([round(mean)] * n_full)
-                import random  # noqa: PLC0415
-
-                traces[load] = (capacity, poisson_arrivals(load * capacity, len(texts), random.Random(7)))
+                capacity = full_batch_capacity(lengths, limits, cost)
+                traces[load] = (capacity, arrivals_at(load * capacity, len(texts), random.Random(7)))
                 (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
                                                                     "texts": texts}))
             capacity, arrivals = traces[load]
@@ -143,8 +191,7 @@ def main() -> int:
             live = summarize(policy, results, arrivals, slo) | scrape(server.url)
         finally:
             server.stop()
-        sim = simulate(Trace(arrivals, lengths), PolicyConfig(policy, max_wait=0.005, max_queue_delay=0.005),
-                       Limits(16384, 64), cost, slo).row()
+        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()
         run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim}
         report["runs"].append(run)
         err = live["cost_model_error"]

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.simulator import (  # noqa: E402
+    Trace,
     lengths_empirical,
     lengths_lognormal,
     lengths_uniform,
@@ -103,7 +105,8 @@ def main() -> int:
                 lengths = make_trace(capacity, args.capacity_requests, draw, seed=1, bursty=bursty).lengths
                 ceiling = throughput_ceiling(lengths, limits, cost)  # the bisection's traces share these lengths
                 for name in POLICIES:
-                    load = slo_capacity(name, args, draw, bursty, capacity, limits, cost, slo)
+                    load = slo_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1, bursty=bursty),
+                                        policy_config(name, args), limits, cost, slo, args.bisect_steps)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                        "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
                                        "ceiling_rps": round(ceiling, 3)})
@@ -120,15 +123,15 @@ def main() -> int:
     return 0
 
 
-def slo_capacity(name: str, args, draw, bursty: bool, capacity: float, limits: Limits, cost: CostModel,
-                 slo: float) -> float:
-    """The highest offered load (fraction of `capacity`) at which `name` keeps p99 within the SLO and keeps
-    up with the arrivals, on this trace family (bisection on the seeded trace)."""
+def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
+                 slo: float, steps: int) -> float:
+    """The highest offered load x (trace_at(x): the seeded trace at that load) at which the policy keeps p99
+    within the SLO and keeps up with the arrivals: bisection over [0, 2]."""
     lo, hi = 0.0, 2.0
-    for _ in range(args.bisect_steps):
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        trace = make_trace(mid * capacity, args.capacity_requests, draw, seed=1, bursty=bursty)
-        r = simulate(trace, policy_config(name, args), limits, cost, slo)
+        trace = trace_at(mid)
+        r = simulate(trace, config, limits, cost, slo)
         offered = len(trace.arrivals) / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
         # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
         if r.p99 <= slo and r.throughput >= 0.97 * offered:

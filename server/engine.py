@@ -11,7 +11,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from configs.settings import Settings
+from configs.settings import SchedulerSettings, Settings
 from models.runtime import Embedder, ModelInfo
 from models.tokenizer import Encoded, TextTokenizer
 from scheduler.cost_model import CostModel
@@ -35,6 +35,18 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def policy_config(sched: SchedulerSettings) -> PolicyConfig:
+    """The planner's knobs from the scheduler settings (also what the live benchmark simulates)."""
+    return PolicyConfig(
+        name=sched.policy,
+        fixed_batch_size=sched.fixed_batch_size,
+        preferred_batch_sizes=tuple(sched.preferred_batch_sizes),
+        max_queue_delay=sched.max_queue_delay_ms / 1000,
+        max_wait=sched.max_wait_ms / 1000,
+        late_grace=sched.late_grace_slos,
+    )
+
+
 class Engine:
     """One model on one device: its tokenizer, queue and worker thread."""
 
@@ -47,14 +59,7 @@ class Engine:
         self.cost = cost
         self.metrics = metrics
         sched = settings.scheduler
-        policy = PolicyConfig(
-            name=sched.policy,
-            fixed_batch_size=sched.fixed_batch_size,
-            preferred_batch_sizes=tuple(sched.preferred_batch_sizes),
-            max_queue_delay=sched.max_queue_delay_ms / 1000,
-            max_wait=sched.max_wait_ms / 1000,
-            late_grace=sched.late_grace_slos,
-        )
+        policy = policy_config(sched)
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
         self.worker = BatchWorker(self.queue, embedder, metrics)
