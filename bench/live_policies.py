@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,20 @@ def summarize(policy: str, results: list[tuple[float, int]], arrivals: list[floa
     return {"policy": policy, "completed": len(ok), "errors": len(results) - len(ok), "throughput": len(ok) / duration,
             "goodput": good / duration, "p50": percentile(ok, 50), "p99": percentile(ok, 99),
             "slo_attainment": good / len(results)}
+
+
+def first_cost_models(cost_dir: Path) -> dict[Path, bytes]:
+    """The cost models in cost_dir, measured now by a server started for that if there are none."""
+    if not list(cost_dir.glob("cost-*.json")):
+        server = SpawnedServer([], startup_timeout=300)
+        server.start()
+        server.stop()
+    return {path: path.read_bytes() for path in cost_dir.glob("cost-*.json")}
+
+
+def restore_cost_models(cost_dir: Path, saved: dict[Path, bytes]) -> None:
+    for path, content in saved.items():
+        path.write_bytes(content)
 
 
 def sim_config(policy: str):
@@ -157,6 +172,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="poisson")
+    ap.add_argument("--fresh-profile", action="store_true",
+                    help="measure a new cost model (default: reuse the one of an earlier run in --out)")
     ap.add_argument("--at-sim-capacity", action="store_true",
                     help="loads: the simulated SLO capacities of fifo and dp on this trace (instead of --loads)")
     args = ap.parse_args()
@@ -167,6 +184,14 @@ def main() -> int:
     lengths = count_tokens(texts)
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
     limits = Limits(SchedulerSettings().max_batch_tokens, SchedulerSettings().max_batch_requests)
+    # Every server of this run starts from one cost model: measured by the first server into a folder of
+    # this run, then put back before each server starts (each refines and saves it as it serves, which
+    # would otherwise hand the next policy, and its simulation, a different model).
+    cost_dir = out / "cost-models"
+    os.environ["TURBOSERVE_SCHEDULER__COST_MODEL_DIR"] = str(cost_dir.resolve())
+    if args.fresh_profile:
+        shutil.rmtree(cost_dir, ignore_errors=True)
+    saved = first_cost_models(cost_dir)
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     loads = [float(ld) for ld in args.loads.split(",")]
     if args.at_sim_capacity:
@@ -174,6 +199,7 @@ def main() -> int:
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
+        restore_cost_models(cost_dir, saved)
         os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
         server = SpawnedServer([], startup_timeout=300)
         server.start()

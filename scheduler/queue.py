@@ -64,14 +64,24 @@ class BatchQueue:
         """Sequences waiting (not yet taken by the worker)."""
         return len(self._pending)
 
-    def submit(self, items: list[WorkItem]) -> None:
-        """Admit all of `items` or none: raise Overloaded when they would pass the bound."""
+    def submit(self, items: list[WorkItem], wake: bool = True) -> None:
+        """Admit all of `items` or none: raise Overloaded when they would pass the bound.
+
+        wake=False leaves an idle worker asleep until wake(): the event loop admits every request of one
+        loop iteration (a burst) before the worker plans, instead of the first one running alone. A worker
+        that comes back for its next batch takes what is pending either way."""
         with self._cond:
             if self._closed:
                 raise NotReady("the server is shutting down")
             if len(self._pending) + len(items) > self.max_size:
                 raise Overloaded(f"queue is full ({len(self._pending)} of {self.max_size} waiting)")
             self._pending.extend(items)
+            if wake:
+                self._cond.notify()
+
+    def wake(self) -> None:
+        """Let the worker plan what submit(wake=False) admitted."""
+        with self._cond:
             self._cond.notify()
 
     def check_room(self, count: int) -> None:

@@ -62,6 +62,7 @@ class Engine:
         policy = policy_config(sched)
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
+        self._wake_pending = False
         self.worker = BatchWorker(self.queue, embedder, metrics)
         metrics.queue_depth.set_function(lambda: self.queue.depth)
 
@@ -174,7 +175,10 @@ class Engine:
         if expires_at <= now:
             self.metrics.dropped(len(items), DEADLINE)
             raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; the request was not computed")
-        self.queue.submit(items)  # raises Overloaded / NotReady
+        self.queue.submit(items, wake=False)  # raises Overloaded / NotReady
+        if not self._wake_pending:  # wake the worker once, after the other requests of this loop iteration
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake)
         results = asyncio.gather(*(asyncio.wrap_future(it.future) for it in items))
         # If we stop waiting, nobody reads the gather; consume its outcome so asyncio does not log it.
         results.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -196,6 +200,10 @@ class Engine:
         timing.queue = max(it.queue_seconds for it in items)
         timing.inference = max(it.inference_seconds for it in items)
         return np.stack(rows)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self.queue.wake()
 
     def _give_up(self, items: list[WorkItem], reason: str) -> None:
         """Drop this request's sequences that were not computed yet, counted once under `reason`: those still

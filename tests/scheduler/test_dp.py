@@ -13,6 +13,7 @@ from scheduler.brute_force import deadlines_feasible, min_cost_any, min_cost_con
 from scheduler.cost_model import MAX_DRIFT, Cell, CostModel
 from scheduler.dp import cost_dp
 from scheduler.planner import Limits, PolicyConfig, Request, evaluate, plan
+from scheduler import profiler
 from scheduler.profiler import cache_path, load_or_profile
 
 COSTS = st.builds(
@@ -192,6 +193,29 @@ def test_a_drifted_refinement_is_not_trusted_from_disk(tmp_path):
     loaded, from_cache = load_or_profile(never, key, tmp_path, [(1, 8)])
     assert from_cache and loaded.drift() == pytest.approx(1.0)
     assert loaded.predict_lengths([32, 32]) == pytest.approx(truth.predict_lengths([32, 32]), rel=0.05)
+
+
+def test_a_slow_spell_during_one_cell_does_not_enter_the_profile(monkeypatch):
+    # A fake clock: every run takes the true time, but all runs of cell (32, 64) in the first pass take 3x
+    # (another process held the core). The profile keeps each cell's lowest median over the passes.
+    truth = CostModel.linear(0.005, 1.5e-4, 1e-7, 3e-4)
+    clock = [0.0]
+    seen = []
+
+    def run(lengths):
+        seen.append((len(lengths), lengths[0]))
+        first_pass = len(seen) <= len(cells) * 4  # 1 warm-up + 3 timed runs a cell
+        slow = 3.0 if first_pass and (len(lengths), lengths[0]) == (32, 64) else 1.0
+        clock[0] += slow * truth.predict_lengths(lengths)
+
+    monkeypatch.setattr(profiler.time, "perf_counter", lambda: clock[0])
+    cells = profiler.grid(64, 256, 2048)
+    measured = {(c.n, c.length): c.seconds for c in profiler.measure(run, cells, runs=3, progress=False)}
+    assert len(seen) == len(cells) * 4 * 2  # two passes
+    for n, length in cells:
+        assert measured[n, length] == pytest.approx(truth.predict_lengths([length] * n))
+    one_pass = {(c.n, c.length): c.seconds for c in profiler.measure(run, cells[:1], runs=3, progress=False, passes=1)}
+    assert len(one_pass) == 1
 
 
 @settings(max_examples=150, deadline=None)

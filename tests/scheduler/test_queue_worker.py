@@ -232,3 +232,21 @@ def test_split_halves_fail_alone_and_a_lone_sequence_that_never_fits_fails_clean
     q.submit([WorkItem([1, 1])])  # the worker keeps serving
     q.close()
     worker.join(5)
+
+
+def test_submit_without_wake_leaves_an_idle_worker_asleep_until_wake():
+    """The event loop admits a burst with wake=False and wakes the worker once: it plans all of it."""
+    q = BatchQueue(100, Limits(1000, 64), PolicyConfig("token_budget"))
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(q.next_batch(timeout=5)))
+    waiting.start()
+    q.submit([WorkItem([1])], wake=False)
+    waiting.join(0.3)
+    assert waiting.is_alive() and not got  # admitted, but the worker was not told
+    q.submit([WorkItem([2]), WorkItem([3])], wake=False)
+    q.wake()
+    waiting.join(5)
+    assert [it.ids for it in got[0]] == [[1], [2], [3]]  # one batch for the whole burst
+    # A worker coming back for its next batch takes what is pending without being woken.
+    q.submit([WorkItem([4])], wake=False)
+    assert [it.ids for it in q.next_batch(timeout=0.01)] == [[4]]
