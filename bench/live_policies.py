@@ -84,6 +84,23 @@ def first_cost_models(cost_dir: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in cost_dir.glob("cost-*.json")}
 
 
+def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: float, count: int, timeout: float) -> None:
+    """Serve `count` of the trace's texts (Poisson, at 0.6x the model's capacity) with dp and stop the
+    server, which saves its model as refined by those live batches: the batch times of this machine as
+    it is now, with the load generator beside the server, where the profile saw an idle machine (this
+    VM's speed also changes by up to 2x from one spell to the next)."""
+    os.environ["TURBOSERVE_SCHEDULER__POLICY"] = "dp"
+    server = SpawnedServer([], startup_timeout=300)
+    server.start()
+    try:
+        rate = 0.6 * full_batch_capacity(lengths, limits, server_cost_model(server.url))
+        picked = [texts[i % len(texts)] for i in range(count)]
+        results = asyncio.run(replay(server.url, poisson_arrivals(rate, count, random.Random(3)), picked, slo_ms, timeout))
+        print(f"calibration: {count} requests at {rate:.1f}/s, {sum(st == 200 for _, st in results)} answered", flush=True)
+    finally:
+        server.stop()
+
+
 def restore_cost_models(cost_dir: Path, saved: dict[Path, bytes]) -> None:
     for path, content in saved.items():
         path.write_bytes(content)
@@ -150,7 +167,7 @@ def print_medians(runs: list[dict]) -> None:
 
     print("\nmedians over repeats:")
     print(f"{'load':>5} {'policy':12} {'runs':>4} {'live good/s':>11} {'sim good/s':>10} {'live slo':>8} {'sim slo':>8} "
-          f"{'live p99':>8} {'sim p99':>8} {'cost err':>8}")
+          f"{'live p99':>8} {'sim p99':>8} {'cost err':>8} {'sim@end good/s':>14} {'sim@end slo':>11}")
     for load in sorted({r["load"] for r in runs}):
         for policy in dict.fromkeys(r["live"]["policy"] for r in runs):
             mine = [r for r in runs if r["load"] == load and r["live"]["policy"] == policy]
@@ -159,7 +176,9 @@ def print_medians(runs: list[dict]) -> None:
                   f"{med(lambda r: r['sim']['goodput']):10.2f} {med(lambda r: r['live']['slo_attainment']):8.1%} "
                   f"{med(lambda r: r['sim']['slo_attainment']):8.1%} {med(lambda r: r['live']['p99']):8.2f} "
                   f"{med(lambda r: r['sim']['p99']):8.2f} "
-                  f"{med(lambda r: r['live']['cost_model_error'].get('median_abs', float('nan'))):8.1%}")
+                  f"{med(lambda r: r['live']['cost_model_error'].get('median_abs', float('nan'))):8.1%} "
+                  f"{med(lambda r: r.get('sim_end', r['sim'])['goodput']):14.2f} "
+                  f"{med(lambda r: r.get('sim_end', r['sim'])['slo_attainment']):11.1%}")
 
 
 def main() -> int:
@@ -172,6 +191,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="poisson")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="before the runs, refine the cost model with N live requests (see calibrate())")
     ap.add_argument("--fresh-profile", action="store_true",
                     help="measure a new cost model (default: reuse the one of an earlier run in --out)")
     ap.add_argument("--at-sim-capacity", action="store_true",
@@ -192,6 +213,9 @@ def main() -> int:
     if args.fresh_profile:
         shutil.rmtree(cost_dir, ignore_errors=True)
     saved = first_cost_models(cost_dir)
+    if args.calibrate:
+        calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout)
+        saved = first_cost_models(cost_dir)
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     loads = [float(ld) for ld in args.loads.split(",")]
     if args.at_sim_capacity:
@@ -215,17 +239,22 @@ def main() -> int:
             capacity, arrivals = traces[load]
             results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
             live = summarize(policy, results, arrivals, slo) | scrape(server.url)
+            end_cost = server_cost_model(server.url)  # as this run's batches refined it
         finally:
             server.stop()
         sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()
-        run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim}
+        # The same trace with the model as this run left it: how much of a gap is the machine's speed
+        # during the run (this VM drifts) rather than the policy.
+        sim_end = simulate(Trace(arrivals, lengths), sim_config(policy), limits, end_cost, slo).row()
+        run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim, "sim_end": sim_end}
         report["runs"].append(run)
         err = live["cost_model_error"]
         print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
               f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
               f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
               f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
-              f"slo {sim['slo_attainment']:6.1%}", flush=True)
+              f"slo {sim['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s "
+              f"slo {sim_end['slo_attainment']:6.1%}", flush=True)
     (out / "live_policies.json").write_text(json.dumps(report, indent=1))
     print_medians(report["runs"])
     print(f"wrote {out / 'live_policies.json'}")
