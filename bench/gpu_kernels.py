@@ -137,7 +137,9 @@ def attention_rows(device: str, dtype, smoke: bool, repeats: int) -> list[dict]:
 
 
 def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool) -> list[dict]:
-    import transformers as tf  # noqa: PLC0415
+    from tests.hf_import import import_transformers  # noqa: PLC0415
+
+    tf = import_transformers()
 
     from models.config import EncoderConfig  # noqa: PLC0415
     from models.encoder import PackedBatch  # noqa: PLC0415

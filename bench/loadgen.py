@@ -439,6 +439,10 @@ class Baseline:
     def __init__(self, batch_size: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
+
+        from tests.hf_import import import_transformers
+
+        import_transformers()  # before sentence_transformers: see tests/hf_import.py
         from sentence_transformers import SentenceTransformer
 
         from models.config import default_model_path

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
+
+try:  # PyPI's `kernels` beside ours (a machine set up by others): let transformers bind it first
+    importlib.metadata.distribution("kernels")
+except importlib.metadata.PackageNotFoundError:
+    pass
+else:
+    from tests.hf_import import import_transformers
+
+    import_transformers()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """This repository's `kernels/` package and PyPI's `kernels` (Hugging Face's kernel hub, required by
 transformers >= 5.25) share one import name: with both installed, whichever is first on sys.path hides the
 other, and either turboserve (no kernels.arena) or transformers (no kernels.CUDAProperties) fails to import.
-pyproject.toml keeps transformers below 5.25 for that reason."""
+pyproject.toml keeps transformers below 5.25 for that reason; where someone else set up the machine (the GPU
+machine), tests/hf_import.py lets transformers bind PyPI's package first and gives the name back to ours."""
 
 import importlib.metadata
 from pathlib import Path
