@@ -199,23 +199,3 @@ def test_matches_the_reference_model(ops, ways, num_sets, policy):
             cache.insert("t", torch.tensor(keys), rows(keys))
             ref.insert(keys)
         assert cache.cached_keys("t").tolist() == ref.keys()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_cuda_cache_behaves_as_the_cpu_cache(policy):
-    cpu = DeviceCache(64, 8, policy, device="cpu")
-    gpu = DeviceCache(64, 8, policy, device="cuda")
-    for cache in (cpu, gpu):
-        cache.create_table(TableSpec("t", 3))
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(50):
-        keys = torch.randint(-50, 200, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen)
-        if torch.rand(1, generator=gen) < 0.5:
-            cpu.insert("t", keys, rows(keys.tolist()))
-            gpu.insert("t", keys.cuda(), rows(keys.tolist()).cuda())
-        else:
-            (cv, cf), (gv, gf) = cpu.lookup("t", keys), gpu.lookup("t", keys.cuda())
-            assert gv.is_cuda and torch.equal(cf, gf.cpu()) and torch.equal(cv, gv.cpu())
-        assert torch.equal(cpu.cached_keys("t"), gpu.cached_keys("t"))
-    assert cpu.memory_bytes == gpu.memory_bytes
