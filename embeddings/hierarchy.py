@@ -20,6 +20,13 @@ Updates (`update`) write the persistent tier first (fsynced: an acknowledged upd
 crash), then the rows the volatile tier holds, then refresh (or, with `refresh_on_update=False`,
 invalidate) the rows the device cache holds, so the next lookup sees the new value.
 
+A volatile tier shared by replicas (Redis) may only receive rows this replica knows to be current:
+`shared_current` (set by the update-stream consumer, embeddings/stream.py) says whether this replica had
+applied every update in the stream a moment ago. While it is not, rows read from its own RocksDB are not
+filled into the shared tier (they may predate an update other replicas applied), its updates and refreshes
+evict the keys from the shared tier instead of writing them (a later fill by a current replica puts the
+right row back), and counts `volatile_fills_skipped`.
+
 One lock serialises lookups, updates and the background fetches, so a background fetch can
 never write a row older than an update that came before it into a cache.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -56,10 +64,12 @@ class ParameterServer:
         self.persistent, self.volatile, self.device_cache = persistent, volatile, device_cache
         self.async_defaults, self.hit_rate_threshold = async_defaults, hit_rate_threshold
         self.refresh_on_update = refresh_on_update
+        # None: the volatile tier is this replica's own. Else: may rows go into the shared tier now?
+        self.shared_current: Callable[[], bool] | None = None
         self.device = device_cache.device if device_cache is not None else torch.device("cpu")
         self._lock = threading.RLock()
         self._counts = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0,
-                        "background_fetched": 0, "background_dropped": 0}
+                        "background_fetched": 0, "background_dropped": 0, "volatile_fills_skipped": 0}
         self._pending: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=max_pending)
         self._worker: threading.Thread | None = None
         for spec in persistent.tables.values():
@@ -176,7 +186,10 @@ class ParameterServer:
             if bool(p_found.any()):
                 promote[table] = lower_keys[p_found], p_vectors[p_found]
         if self.volatile is not None and promote:
-            self.volatile.insert_many(promote, unique=True)
+            if self._volatile_writable():
+                self.volatile.insert_many(promote, unique=True)
+            else:
+                self._count(volatile_fills_skipped=sum(k.numel() for k, _ in promote.values()))
         if self.device_cache is not None:
             held = {t: torch.nonzero(found).squeeze(1) for t, (_, found) in answers.items()}
             rows = {t: (requests[t].index_select(0, h), answers[t][0].index_select(0, h)) for t, h in held.items() if h.numel()}
@@ -224,7 +237,10 @@ class ParameterServer:
         with self._lock:
             self.persistent.update(table, keys, vectors, sync=sync)
             if self.volatile is not None:
-                self.volatile.update(table, keys, vectors)
+                if self._volatile_writable():
+                    self.volatile.update(table, keys, vectors)
+                else:  # behind the stream: a newer row may be there; drop it rather than overwrite it
+                    self.volatile.evict(table, keys)
             if self.device_cache is not None:
                 if self.refresh_on_update:
                     self.device_cache.update(table, keys, vectors)
@@ -240,10 +256,19 @@ class ParameterServer:
             vectors, found = self.persistent.lookup(table, keys)
             keys, vectors = keys[found], vectors[found]
             if keys.numel():
-                for tier in (self.volatile, self.device_cache):
-                    if tier is not None:
-                        tier.update(table, keys, vectors)
+                if self.volatile is not None:
+                    if self._volatile_writable():
+                        self.volatile.update(table, keys, vectors)
+                    else:
+                        self.volatile.evict(table, keys)
+                if self.device_cache is not None:
+                    self.device_cache.update(table, keys, vectors)
             return int(keys.numel())
+
+    def _volatile_writable(self) -> bool:
+        """May rows from this replica go into the volatile tier now (always, unless it is shared and this
+        replica is behind the update stream)?"""
+        return self.shared_current is None or self.shared_current()
 
     def delete(self, table: str, keys: torch.Tensor) -> None:
         """Remove rows from every tier (later lookups answer the default vector)."""

@@ -31,11 +31,19 @@ Redis is one tier for all replicas, and a replica that has not applied an entry 
 row there (a lookup filling it from its own RocksDB) after a faster replica wrote the new one; so every
 applied entry is settled `settle_s` later: the rows Redis and the device cache hold are rewritten from this
 replica's RocksDB (`ParameterServer.refresh`), which undoes such a write and anything cached from it.
+That alone fails for a replica more than `settle_s` behind (its old rows would land after the settling), so
+a replica puts rows into a shared Redis only while it is current: `current()` is true while, within
+`block_ms` + CURRENT_MARGIN_S, a read of the stream returned every entry there was (fewer than `batch`) and
+they were applied. Behind that, its lookups fill only its device cache and its updates evict the keys from
+Redis (ParameterServer.shared_current). A replica can then write an old row into Redis only for an entry
+added in the last block_ms + CURRENT_MARGIN_S, which is less than `settle_s` (the default 2 s, against 1.25
+s): the replicas that applied it settle it afterwards.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -47,8 +55,12 @@ import redis
 import torch
 
 from embeddings.hierarchy import ParameterServer
+from embeddings.redis_tier import RedisTier
 
 logger = logging.getLogger(__name__)
+
+
+CURRENT_MARGIN_S = 0.25  # slack on top of block_ms for a read that returned everything to count as recent
 
 
 class RejectedUpdate(ValueError):
@@ -139,6 +151,13 @@ class UpdateConsumer:
         self._lock = threading.Lock()
         self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
                         "published": 0, "settled": 0, "settle_dropped": 0}
+        self._caught_up_at = -math.inf  # monotonic time as of which every entry of the stream was applied
+        if isinstance(server.volatile, RedisTier):  # shared with other replicas: fill it only while current
+            if settle_s and settle_s <= block_ms / 1000 + CURRENT_MARGIN_S:
+                logger.warning("update stream %s: settle_s=%s should exceed block_ms/1000 + %s, or an old row a "
+                               "replica wrote just before it saw an entry can outlive the settling",
+                               stream, settle_s, CURRENT_MARGIN_S)
+            server.shared_current = self.current
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -206,6 +225,10 @@ class UpdateConsumer:
             self._stop.wait(backoff)
             backoff = min(self.max_backoff_s, backoff * 2)
 
+    def current(self) -> bool:
+        """Had this replica applied every entry of the stream within the last block_ms + CURRENT_MARGIN_S?"""
+        return time.monotonic() - self._caught_up_at <= self.block_ms / 1000 + CURRENT_MARGIN_S
+
     def step(self) -> int:
         """One read: connect (and set up) if needed, claim stale entries when due, apply what arrives.
         Returns the number of entries handled. Raises redis errors (the loop backs off on them)."""
@@ -217,13 +240,20 @@ class UpdateConsumer:
         block = self.block_ms
         if self._settling:  # wake up for the next entry to settle
             block = max(1, min(block, int((self._settling[0][0] - time.monotonic()) * 1000) + 1))
+        reading_new = not self._own_pending
+        # Our own pending entries, and the first new ones, without blocking: a replica knows it is current as
+        # soon as it has applied what the stream holds, not a block_ms later.
+        waits = reading_new and self._caught_up_at > -math.inf
         reply = client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch,
-                                  block=None if self._own_pending else block)
+                                  block=block if waits else None)
+        answered = time.monotonic()  # Redis sent every new entry it had (up to `batch`) just before this
         entries = reply[0][1] if reply else []
         if self._own_pending and not entries:
             self._own_pending = False  # none of ours left pending: read new entries from now on
         for entry_id, fields in entries:
             self._handle(client, entry_id, fields)
+        if reading_new and len(entries) < self.batch:  # the read returned all there was, now applied
+            self._caught_up_at = answered
         return len(entries)
 
     def _connect(self) -> redis.Redis:

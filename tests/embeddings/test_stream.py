@@ -317,3 +317,71 @@ def test_an_old_row_a_lagging_replica_put_in_redis_is_settled(tmp_path, redis_no
         c.stop()
         a.close()
         b.close()
+
+
+def _shared_replica(tmp_path, redis_node, name):
+    """A replica with its own RocksDB (rows 0..9 as imported) and device cache, over the shared Redis."""
+    server = ParameterServer(PersistentTier(tmp_path / name), RedisTier(redis_node.url, partitions=4),
+                             DeviceCache(32, 4, "lru", device="cpu"))
+    server.create_table("t", DIM, rows=1000)
+    server.persistent.update("t", torch.arange(10), torch.from_numpy(rows(range(10))))
+    return server
+
+
+def in_redis(server, key):
+    held, found = server.volatile.lookup("t", torch.tensor([key]))
+    return held[0].numpy() if found.item() else None
+
+
+def test_a_replica_far_behind_the_stream_never_puts_its_old_row_in_redis(tmp_path, redis_node, client):
+    """b's consumer is stopped (b is behind by more than settle_s): a applies an update and settles it; then a
+    lookup on b must not fill Redis with b's old row, which a would cache on its next device-cache miss (the
+    hole settling alone leaves). b still answers (its own old row, until it catches up); a sees the new row."""
+    a, b = _shared_replica(tmp_path, redis_node, "a"), _shared_replica(tmp_path, redis_node, "b")
+    ca = consumer(a, redis_node, consumer="a", group="g-{consumer}", settle_s=0.3)
+    cb = consumer(b, redis_node, consumer="b", group="g-{consumer}", settle_s=0.3)  # never started: behind
+    ca.start()
+    try:
+        new, old = rows([7], scale=-2.0)[0], rows([7])[0]
+        publish_update(client, STREAM, "t", [7], new[None])
+        wait_until(lambda: ca.counters()["settled"] == 1, what="a applied and settled the update")
+        assert ca.current() and not cb.current()
+        np.testing.assert_array_equal(vector(b, 7), old)  # b answers from its own RocksDB...
+        assert in_redis(b, 7) is None  # ...but keeps the row out of the shared tier
+        assert b.stats()["server"]["volatile_fills_skipped"] == 1
+        a.device_cache.clear("t")
+        np.testing.assert_array_equal(vector(a, 7), new)  # a: miss, Redis has nothing, its RocksDB: new
+        np.testing.assert_array_equal(in_redis(a, 7), new)  # and a, current, fills Redis
+        # b's own (late) update of an older value, while it is behind: evicted from Redis, not written
+        b.update("t", torch.tensor([7]), torch.from_numpy(old[None]))
+        assert in_redis(a, 7) is None
+        # Once b's consumer runs and catches up, b is current and fills Redis again.
+        cb.start()
+        wait_until(cb.current, what="b caught up")
+        wait_until(lambda: np.array_equal(b.persistent.lookup("t", torch.tensor([7]))[0][0].numpy(), new), what="b applied")
+        b.device_cache.clear("t")
+        np.testing.assert_array_equal(vector(b, 7), new)
+        np.testing.assert_array_equal(in_redis(b, 7), new)
+    finally:
+        ca.stop()
+        cb.stop()
+        a.close()
+        b.close()
+
+
+def test_current_follows_the_reads_and_an_idle_stream_stays_current(ps, redis_node, client):
+    c = consumer(ps, redis_node, block_ms=100)
+    assert not c.current()  # nothing read yet: not known to be current
+    c.start()
+    try:
+        wait_until(c.current, what="current after the first read")
+        samples = []
+        for _ in range(30):  # an idle stream: every read times out, each one renews it
+            samples.append(c.current())
+            time.sleep(0.02)
+        assert all(samples)
+        c.stop()
+        time.sleep(0.1 + 0.25 + 0.05)  # block_ms + CURRENT_MARGIN_S after the last read: no longer known
+        assert not c.current()
+    finally:
+        c.stop()

@@ -129,6 +129,7 @@ def test_embedding_metrics_and_request_metrics(client):
     text = client.get("/metrics").text
     for needle in ('turboserve_embedding_cache_hits_total{tier="device"}', 'turboserve_embedding_cache_misses_total{tier="persistent"}',
                    'turboserve_embedding_defaults_total{reason="missing"}', "turboserve_embedding_device_cache_bytes",
+                   "turboserve_embedding_shared_fills_skipped_total 0.0",
                    'turboserve_requests_total{route="/v1/recommend",status="200"}'):
         assert needle in text, needle
 
