@@ -191,6 +191,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="poisson")
+    ap.add_argument("--rps", type=float, default=0.0,
+                    help="offer this many requests/s (one load), whatever the cost model's capacity (to compare setups)")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="before the runs, refine the cost model with N live requests (see calibrate())")
     ap.add_argument("--fresh-profile", action="store_true",
@@ -217,7 +219,7 @@ def main() -> int:
         calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout)
         saved = first_cost_models(cost_dir)
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
-    loads = [float(ld) for ld in args.loads.split(",")]
+    loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
         loads = sim_capacities(lengths, arrivals_at, limits, slo, report)
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
@@ -233,7 +235,8 @@ def main() -> int:
             cost = server_cost_model(server.url)
             if load not in traces:  # one trace a load, replayed to every policy and round alike
                 capacity = full_batch_capacity(lengths, limits, cost)
-                traces[load] = (capacity, arrivals_at(load * capacity, len(texts), random.Random(7)))
+                rate = args.rps if args.rps else load * capacity
+                traces[load] = (capacity, arrivals_at(rate, len(texts), random.Random(7)))
                 (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
                                                                     "texts": texts}))
             capacity, arrivals = traces[load]
@@ -246,7 +249,7 @@ def main() -> int:
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
         sim_end = simulate(Trace(arrivals, lengths), sim_config(policy), limits, end_cost, slo).row()
-        run = {"load": load, "offered_rps": load * capacity, "live": live, "sim": sim, "sim_end": sim_end}
+        run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim, "sim_end": sim_end}
         report["runs"].append(run)
         err = live["cost_model_error"]
         print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
