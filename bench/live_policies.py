@@ -84,18 +84,20 @@ def first_cost_models(cost_dir: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in cost_dir.glob("cost-*.json")}
 
 
-def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: float, count: int, timeout: float) -> None:
-    """Serve `count` of the trace's texts (Poisson, at 0.6x the model's capacity) with dp and stop the
-    server, which saves its model as refined by those live batches: the batch times of this machine as
-    it is now, with the load generator beside the server, where the profile saw an idle machine (this
-    VM's speed also changes by up to 2x from one spell to the next)."""
+def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: float, count: int, timeout: float,
+              arrivals_at) -> None:
+    """Serve `count` of the trace's texts (arrivals as the runs', at 0.6x the model's capacity) with dp and
+    stop the server, which saves its model as refined by those live batches: the batch times of this machine
+    as it is now, with the load generator beside the server and the runs' kind of traffic (bursts slow the
+    batches that run while they are admitted), where the profile saw an idle machine (this VM's speed also
+    changes by up to 2x from one spell to the next)."""
     os.environ["TURBOSERVE_SCHEDULER__POLICY"] = "dp"
     server = SpawnedServer([], startup_timeout=300)
     server.start()
     try:
         rate = 0.6 * full_batch_capacity(lengths, limits, server_cost_model(server.url))
         picked = [texts[i % len(texts)] for i in range(count)]
-        results = asyncio.run(replay(server.url, poisson_arrivals(rate, count, random.Random(3)), picked, slo_ms, timeout))
+        results = asyncio.run(replay(server.url, arrivals_at(rate, count, random.Random(3)), picked, slo_ms, timeout))
         print(f"calibration: {count} requests at {rate:.1f}/s, {sum(st == 200 for _, st in results)} answered", flush=True)
     finally:
         server.stop()
@@ -214,11 +216,11 @@ def main() -> int:
     os.environ["TURBOSERVE_SCHEDULER__COST_MODEL_DIR"] = str(cost_dir.resolve())
     if args.fresh_profile:
         shutil.rmtree(cost_dir, ignore_errors=True)
+    arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     saved = first_cost_models(cost_dir)
     if args.calibrate:
-        calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout)
+        calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at)
         saved = first_cost_models(cost_dir)
-    arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
         loads = sim_capacities(lengths, arrivals_at, limits, slo, report)
