@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ABSENT_ON_DEVICE = ("fastapi", "uvicorn", "starlette", "pydantic", "pydantic_settings", "redis", "rocksdict", "hypothesis",
                     "openai", "tritonclient", "schemathesis", "sentence_transformers", "yaml", "matplotlib")
@@ -39,3 +41,19 @@ def test_every_gpu_test_file_collects_without_the_packages_the_device_lacks(tmp_
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     collected = int(re.search(r"(\d+)/\d+ tests collected|(\d+) tests collected", out.stdout).group(0).split()[0].split("/")[0])
     assert collected >= 100, out.stdout[-2000:]
+
+
+def test_the_device_cache_benchmark_runs_with_only_what_the_device_has(tmp_path):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ABSENT_ON_DEVICE:
+        (stubs / f"{name}.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    env = {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "bench/device_cache_gpu.py", "--device", "cpu", "--rows", "32768", "--repeats", "2",
+                          "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    import json  # noqa: PLC0415
+
+    cells = json.loads((tmp_path / "out" / "device_cache_gpu.json").read_text())["cells"]
+    assert {(c["dim"], c["batch"], c["policy"]) for c in cells} >= {(64, 16384, "lru"), (64, 16384, "tinylfu")}
+    assert all(c["mkeys_s"] > 0 and c["gbs"] == pytest.approx(c["batch"] * c["dim"] * 4 / c["seconds"] / 1e9) for c in cells)

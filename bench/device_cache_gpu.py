@@ -1,0 +1,78 @@
+"""Device-cache lookup throughput on its own, for issue 6's "16k keys, dim 64, fully cached: >= 100 GB/s on an
+H100": batched lookups of keys the cache holds, as keys/s and GB/s of rows returned, beside the device's
+measured copy bandwidth. Only torch and embeddings/device_cache.py: it runs on the GPU machine (no RocksDB,
+no Redis there), from bench/gpu_check.sh.
+
+    PYTHONPATH=. python3 bench/device_cache_gpu.py [--device cuda] [--out DIR]
+
+Each cell: a cache of 2x the rows (16-way sets at half load keep all but the keys of overfull sets), filled
+with seeded random rows; batches drawn from the keys it holds; the median of --repeats timed lookups
+(CUDA events on a GPU), after warm-up. GB/s counts the rows returned (keys x dim x 4 bytes); the copy column
+is that figure over a device-to-device copy's (read + write) bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_kernels import copy_bandwidth, timer  # noqa: E402
+from embeddings.device_cache import DeviceCache  # noqa: E402
+from embeddings.tier import TableSpec  # noqa: E402
+
+
+def cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int, copy_gbs: float, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    keys = torch.from_numpy(rng.choice(1 << 40, rows, replace=False).astype(np.int64))
+    cache = DeviceCache(2 * rows, 16, policy, device)
+    cache.create_table(TableSpec("t", dim, rows=rows))
+    for start in range(0, rows, 1 << 16):
+        part = keys[start:start + (1 << 16)]
+        cache.insert("t", part.to(device), torch.randn(part.numel(), dim, generator=torch.Generator().manual_seed(start)).to(device))
+    held = keys[cache.contains("t", keys.to(device)).cpu()]
+    repeat = batch > held.numel()  # small --rows (a smoke run): keys repeat within a batch
+    batches = [held[torch.from_numpy(rng.choice(held.numel(), batch, replace=repeat))].to(device) for _ in range(8)]
+    _, found = cache.lookup("t", batches[0])
+    assert bool(found.all()), "not fully cached"
+    turn = iter(range(1 << 62))
+    seconds = timer(lambda: cache.lookup("t", batches[next(turn) % len(batches)]), device, repeats)
+    gbs = batch * dim * 4 / seconds / 1e9
+    return {"rows": rows, "dim": dim, "batch": batch, "policy": policy, "seconds": seconds, "mkeys_s": batch / seconds / 1e6,
+            "gbs": gbs, "of_copy": gbs / copy_gbs, "cache_bytes": cache.memory_bytes}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", type=int, default=1 << 20)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    copy_gbs = copy_bandwidth(args.device, 256 if args.device == "cuda" else 64, 10)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{name}: device-to-device copy {copy_gbs:.0f} GB/s; cache of {2 * args.rows:,} slots, {args.rows:,} rows held")
+    print(f"{'dim':>4} {'batch':>8} {'policy':8} {'us':>9} {'M keys/s':>9} {'GB/s':>7} {'of copy':>8}")
+    results = []
+    for dim in (16, 64, 128):
+        for batch in (16384, 131072):
+            for policy in ("lru", "tinylfu") if (dim, batch) == (64, 16384) else ("lru",):
+                r = cell(args.device, args.rows, dim, batch, policy, args.repeats, copy_gbs)
+                results.append(r)
+                print(f"{dim:4d} {batch:8d} {policy:8} {r['seconds'] * 1e6:9.1f} {r['mkeys_s']:9.1f} {r['gbs']:7.1f} "
+                      f"{r['of_copy']:8.1%}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "device_cache_gpu.json").write_text(json.dumps({"device": name, "copy_gbs": copy_gbs, "cells": results}, indent=1))
+    print(f"wrote {out / 'device_cache_gpu.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
