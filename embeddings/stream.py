@@ -36,7 +36,7 @@ a replica puts rows into a shared Redis only while it is current: `current()` is
 `block_ms` + CURRENT_MARGIN_S, a read of the stream returned every entry there was (fewer than `batch`) and
 they were applied. Behind that, its lookups fill only its device cache and its updates evict the keys from
 Redis (ParameterServer.shared_current). A replica can then write an old row into Redis only for an entry
-added in the last block_ms + CURRENT_MARGIN_S, which is less than `settle_s` (the default 2 s, against 1.25
+added in the last block_ms + CURRENT_MARGIN_S, which is less than `settle_s` (the default 2 s, against 1.5
 s): the replicas that applied it settle it afterwards.
 """
 
@@ -60,7 +60,8 @@ from embeddings.redis_tier import RedisTier
 logger = logging.getLogger(__name__)
 
 
-CURRENT_MARGIN_S = 0.25  # slack on top of block_ms for a read that returned everything to count as recent
+CURRENT_MARGIN_S = 0.5  # slack on top of block_ms for a read that returned everything to count as recent
+#                        (a busy host can delay the consumer thread; 1.5 s in all by default, under settle_s's 2 s)
 
 
 class RejectedUpdate(ValueError):

@@ -14,7 +14,15 @@ from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
 from embeddings.redis_tier import RedisTier
-from embeddings.stream import RejectedUpdate, UpdateConsumer, decode_update, encode_update, group_name, publish_update
+from embeddings.stream import (
+    CURRENT_MARGIN_S,
+    RejectedUpdate,
+    UpdateConsumer,
+    decode_update,
+    encode_update,
+    group_name,
+    publish_update,
+)
 from embeddings.volatile import VolatileTier
 
 pytestmark = pytest.mark.redis
@@ -299,7 +307,8 @@ def test_an_old_row_a_lagging_replica_put_in_redis_is_settled(tmp_path, redis_no
         return server
 
     a, b = replica("a"), replica("b")
-    c = consumer(a, redis_node, consumer="a", group="g-{consumer}", settle_s=1.0)
+    # block 300 ms: a stays current (within 0.8 s of its last read) even on a busy host; settling after 1 s
+    c = consumer(a, redis_node, consumer="a", group="g-{consumer}", settle_s=1.0, block_ms=300)
     c.start()
     try:
         new, old = rows([7], scale=-2.0)[0], rows([7])[0]
@@ -338,8 +347,8 @@ def test_a_replica_far_behind_the_stream_never_puts_its_old_row_in_redis(tmp_pat
     lookup on b must not fill Redis with b's old row, which a would cache on its next device-cache miss (the
     hole settling alone leaves). b still answers (its own old row, until it catches up); a sees the new row."""
     a, b = _shared_replica(tmp_path, redis_node, "a"), _shared_replica(tmp_path, redis_node, "b")
-    ca = consumer(a, redis_node, consumer="a", group="g-{consumer}", settle_s=0.3)
-    cb = consumer(b, redis_node, consumer="b", group="g-{consumer}", settle_s=0.3)  # never started: behind
+    ca = consumer(a, redis_node, consumer="a", group="g-{consumer}", settle_s=1.0, block_ms=300)
+    cb = consumer(b, redis_node, consumer="b", group="g-{consumer}", settle_s=1.0, block_ms=300)  # never started: behind
     ca.start()
     try:
         new, old = rows([7], scale=-2.0)[0], rows([7])[0]
@@ -381,7 +390,7 @@ def test_current_follows_the_reads_and_an_idle_stream_stays_current(ps, redis_no
             time.sleep(0.02)
         assert all(samples)
         c.stop()
-        time.sleep(0.1 + 0.25 + 0.05)  # block_ms + CURRENT_MARGIN_S after the last read: no longer known
+        time.sleep(0.1 + CURRENT_MARGIN_S + 0.05)  # block_ms + CURRENT_MARGIN_S after the last read: no longer known
         assert not c.current()
     finally:
         c.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import activation, layernorm, qkv, softmax
+from kernels import activation, cache_lookup, layernorm, qkv, softmax
 from kernels.cuda import ARCHES, compile_ptx
 
 KERNELS = {
@@ -14,6 +14,7 @@ KERNELS = {
     "masked_softmax": softmax.CUDA_SOURCE,
     "bias_activation": activation.CUDA_SOURCE,
     "split_qkv": qkv.CUDA_SOURCE,
+    "cache_lookup": cache_lookup.CUDA_SOURCE,
 }
 
 
