@@ -8,7 +8,8 @@ key's set, compare, scatter), never a Python loop per key, so they run on the GP
 there and on the CPU otherwise.
 
 Policies (`policy`): `lru`, `lfu`, `tinylfu` (see cache_pool's docstring). On a CUDA device with CuPy, an
-`lru` lookup is one fused kernel (kernels/cache_lookup.py) with the same results as the op sequence.
+`lru` lookup is one fused kernel (kernels/cache_lookup.py) with the same results as the op sequence, once
+the kernel has been checked against its reference on that device (else the op sequence, with an error logged).
 
 Memory (`memory_bytes`, exact): per table, with slots = num_sets * ways,
     slots * (4 * dim + 8 [key] + 8 [last use] (+ 8 [use count], lfu only)) + 8 * num_sets [empty key]
@@ -28,8 +29,8 @@ import torch
 
 from embeddings.cache_pool import Located, Pool, set_of
 from embeddings.tier import TableSpec, Tier, check_keys, check_vectors
-from kernels import cuda as kernels_cuda
 from kernels.cache_lookup import cache_lookup
+from kernels.cache_lookup import verified as fused_lookup_ok
 
 __all__ = ["DeviceCache", "set_of"]
 
@@ -130,7 +131,7 @@ class DeviceCache(Tier):
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         hits = misses = 0
         for pool, idx, names in self._by_pool(list(checked)).values():
-            if pool.device.type == "cuda" and pool.policy == "lru" and kernels_cuda.available():
+            if pool.device.type == "cuda" and pool.policy == "lru" and fused_lookup_ok(str(self.device)):
                 # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes.
                 keys = [checked[n] for n in names]
                 flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)

@@ -14,10 +14,15 @@ is the same computation in torch ops (what embeddings/cache_pool.py does for the
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import numpy as np
 import torch
 
 from kernels import cuda
+
+log = logging.getLogger(__name__)
 
 GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # 2^64 / golden ratio as a signed int64 (products wrap)
 INT64_MIN = -(1 << 63)
@@ -120,3 +125,41 @@ def cache_lookup(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.
                     (32 * KEYS_PER_BLOCK,), (keys, np.int64(n), parts, parts.shape[1], pool_keys, pool_keys.shape[1],
                                              values, defaults, dim, np.int64(tick), last, rows, found, slot))
     return rows, found, slot
+
+
+@functools.lru_cache(maxsize=None)
+def verified(device: str) -> bool:
+    """Whether the kernel runs on `device` and equals its reference there, checked once per device: callers
+    use the kernel only then, so a kernel that fails to build or disagrees costs speed, never a wrong row."""
+    if not (torch.device(device).type == "cuda" and cuda.available()):
+        return False
+    try:
+        if agrees(device, cache_lookup):
+            return True
+        log.error("the fused cache lookup kernel disagrees with its reference on %s; using the torch ops", device)
+    except Exception:  # a build or launch failure: fall back, loudly
+        log.exception("the fused cache lookup kernel failed on %s; using the torch ops", device)
+    return False
+
+
+def agrees(device: str, impl) -> bool:
+    """Does impl (cache_lookup's signature) on `device` give the reference's rows, found, slots and ticks on a
+    small pool: tables of 8, 3 and 1 sets (the last with its empty marker looked up), 4 and 40 ways, widths 3
+    and 64?"""
+    gen = torch.Generator().manual_seed(0)
+    for ways, dim in ((4, 3), (40, 64)):
+        sets = [8, 3, 1]
+        total = sum(sets)
+        pool_keys = torch.randint(-50, 50, (total, ways), generator=gen)
+        values = torch.randn(total * ways, dim, generator=gen)
+        defaults = torch.randn(len(sets), dim, generator=gen)
+        last = torch.zeros(total, ways, dtype=torch.int64)
+        keys = torch.cat([torch.randint(-50, 50, (n,), generator=gen) for n in (40, 9, 3)] + [torch.tensor([INT64_MIN])])
+        parts = torch.tensor([[40, 49, 53], [0, 8, 11], sets, [0, 1, 2]])
+        ref_last = last.clone()
+        ref = cache_lookup_reference(pool_keys, values, defaults, ref_last, keys, parts, 3)
+        dev = [t.to(device) for t in (pool_keys, values, defaults, last, keys, parts)]
+        got = impl(*dev, 3)
+        if not all(torch.equal(r, g.cpu()) for r, g in zip(ref, got)) or not torch.equal(dev[3].cpu(), ref_last):
+            return False
+    return True

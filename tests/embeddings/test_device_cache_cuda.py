@@ -68,6 +68,13 @@ def test_fused_lookup_kernel_equals_its_reference(ways, dim):
 
 
 @pytest.mark.gpu
+def test_the_kernel_passes_its_own_start_up_check():
+    from kernels.cache_lookup import verified  # noqa: PLC0415
+
+    assert verified("cuda")  # else the cache runs the op sequence and logs why
+
+
+@pytest.mark.gpu
 def test_the_cuda_lru_cache_runs_the_fused_kernel_and_keeps_the_cpu_caches_ticks(monkeypatch):
     import embeddings.device_cache as dc  # noqa: PLC0415
 

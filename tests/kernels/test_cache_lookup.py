@@ -60,3 +60,20 @@ def test_dispatcher_uses_the_reference_off_cuda_and_checks_shapes():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="parts"):
         cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, keys, parts[:3], 7)
+
+
+def test_the_self_check_accepts_the_reference_and_rejects_a_wrong_kernel():
+    from kernels.cache_lookup import agrees, verified  # noqa: PLC0415
+
+    assert agrees("cpu", cache_lookup_reference)
+
+    def wrong_tick(*args):
+        rows, found, slot = cache_lookup_reference(*args[:-1], args[-1] + 1)
+        return rows, found, slot
+
+    def wrong_default(*args):
+        rows, found, slot = cache_lookup_reference(*args)
+        return torch.where(found[:, None], rows, 0.0), found, slot
+
+    assert not agrees("cpu", wrong_tick) and not agrees("cpu", wrong_default)
+    assert not verified("cpu")  # the kernel is only for CUDA devices
