@@ -24,11 +24,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_kernels import copy_bandwidth, timer  # noqa: E402
+from embeddings import device_cache  # noqa: E402
 from embeddings.device_cache import DeviceCache  # noqa: E402
 from embeddings.tier import TableSpec  # noqa: E402
 
 
-def cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int, copy_gbs: float, seed: int = 0) -> dict:
+def cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int, copy_gbs: float, seed: int = 0,
+         fused: bool = True) -> dict:
+    """One row of the table; fused=False makes an lru cache run the torch op sequence instead of the kernel."""
+    saved = device_cache.fused_lookup_ok
+    if not fused:
+        device_cache.fused_lookup_ok = lambda device: False
+    try:
+        return _cell(device, rows, dim, batch, policy, repeats, copy_gbs, seed) | {
+            "path": "fused kernel" if policy == "lru" and device_cache.fused_lookup_ok(device) else "torch ops"}
+    finally:
+        device_cache.fused_lookup_ok = saved
+
+
+def _cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int, copy_gbs: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     keys = torch.from_numpy(rng.choice(1 << 40, rows, replace=False).astype(np.int64))
     cache = DeviceCache(2 * rows, 16, policy, device)
@@ -58,15 +72,16 @@ def main() -> int:
     copy_gbs = copy_bandwidth(args.device, 256 if args.device == "cuda" else 64, 10)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}: device-to-device copy {copy_gbs:.0f} GB/s; cache of {2 * args.rows:,} slots, {args.rows:,} rows held")
-    print(f"{'dim':>4} {'batch':>8} {'policy':8} {'us':>9} {'M keys/s':>9} {'GB/s':>7} {'of copy':>8}")
+    print(f"{'dim':>4} {'batch':>8} {'policy':8} {'path':13} {'us':>9} {'M keys/s':>9} {'GB/s':>7} {'of copy':>8}")
     results = []
     for dim in (16, 64, 128):
         for batch in (16384, 131072):
-            for policy in ("lru", "tinylfu") if (dim, batch) == (64, 16384) else ("lru",):
-                r = cell(args.device, args.rows, dim, batch, policy, args.repeats, copy_gbs)
+            variants = [("lru", True)] + ([("lru", False), ("tinylfu", True)] if (dim, batch) == (64, 16384) else [])
+            for policy, fused in variants:
+                r = cell(args.device, args.rows, dim, batch, policy, args.repeats, copy_gbs, fused=fused)
                 results.append(r)
-                print(f"{dim:4d} {batch:8d} {policy:8} {r['seconds'] * 1e6:9.1f} {r['mkeys_s']:9.1f} {r['gbs']:7.1f} "
-                      f"{r['of_copy']:8.1%}", flush=True)
+                print(f"{dim:4d} {batch:8d} {policy:8} {r['path']:13} {r['seconds'] * 1e6:9.1f} {r['mkeys_s']:9.1f} "
+                      f"{r['gbs']:7.1f} {r['of_copy']:8.1%}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_cache_gpu.json").write_text(json.dumps({"device": name, "copy_gbs": copy_gbs, "cells": results}, indent=1))
