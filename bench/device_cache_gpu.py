@@ -24,28 +24,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_kernels import copy_bandwidth, timer  # noqa: E402
-from embeddings import device_cache  # noqa: E402
 from embeddings.device_cache import DeviceCache  # noqa: E402
 from embeddings.tier import TableSpec  # noqa: E402
+from kernels.cache_lookup import verified as fused_lookup_ok  # noqa: E402
 
 
 def cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int, copy_gbs: float, seed: int = 0,
          fused: bool = True) -> dict:
     """One row of the table; fused=False makes an lru cache run the torch op sequence instead of the kernel."""
-    saved = device_cache.fused_lookup_ok
-    if not fused:
-        device_cache.fused_lookup_ok = lambda device: False
-    try:
-        return _cell(device, rows, dim, batch, policy, repeats, copy_gbs, seed) | {
-            "path": "fused kernel" if policy == "lru" and device_cache.fused_lookup_ok(device) else "torch ops"}
-    finally:
-        device_cache.fused_lookup_ok = saved
-
-
-def _cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int, copy_gbs: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     keys = torch.from_numpy(rng.choice(1 << 40, rows, replace=False).astype(np.int64))
-    cache = DeviceCache(2 * rows, 16, policy, device)
+    cache = DeviceCache(2 * rows, 16, policy, device, fused=fused)
     cache.create_table(TableSpec("t", dim, rows=rows))
     for start in range(0, rows, 1 << 16):
         part = keys[start:start + (1 << 16)]
@@ -58,8 +47,9 @@ def _cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: in
     turn = iter(range(1 << 62))
     seconds = timer(lambda: cache.lookup("t", batches[next(turn) % len(batches)]), device, repeats)
     gbs = batch * dim * 4 / seconds / 1e9
-    return {"rows": rows, "dim": dim, "batch": batch, "policy": policy, "seconds": seconds, "mkeys_s": batch / seconds / 1e6,
-            "gbs": gbs, "of_copy": gbs / copy_gbs, "cache_bytes": cache.memory_bytes}
+    path = "fused kernel" if fused and policy == "lru" and fused_lookup_ok(device) else "torch ops"
+    return {"rows": rows, "dim": dim, "batch": batch, "policy": policy, "path": path, "seconds": seconds,
+            "mkeys_s": batch / seconds / 1e6, "gbs": gbs, "of_copy": gbs / copy_gbs, "cache_bytes": cache.memory_bytes}
 
 
 def main() -> int:

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from embeddings.sketch import FrequencySketch
+from kernels.cache_lookup import set_of
 
-# Knuth's multiplicative constant 2^64 / golden ratio, as a signed int64 (int64 products wrap).
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _SALT = 0x632BE59BD9B4E019  # mixes a table's base set into the sketch's key, so equal keys of two tables differ
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
@@ -40,12 +39,6 @@ _SCORE_MAX = (1 << 22) - 1  # frequency bits of a victim score: (frequency << 40
 # tinylfu's sketch: 2 counters a slot per row (4 rows: 32 bytes a slot), halved every 100 lookups a slot. Tuned on
 # bench/embedding_cache.py's hit-rate traces (1% cache, α 1.05): 1x/10 (Caffeine's) 0.499, 2x/100 0.540, 4x/100 0.545.
 SKETCH_WIDTH, SKETCH_SAMPLE = 2.0, 100
-
-
-def set_of(keys: torch.Tensor, num_sets: int | torch.Tensor) -> torch.Tensor:
-    """The set each key maps to: high 32 bits of key * golden ratio, modulo num_sets (an int or [n])."""
-    h = keys * _GOLDEN  # wraps modulo 2^64
-    return ((h >> 32) & 0xFFFFFFFF) % num_sets
 
 
 def empty_keys(num_sets: int) -> torch.Tensor:

@@ -44,13 +44,14 @@ class DeviceCache(Tier):
 
     capacity: rows per table (int >= 1), or a fraction (0 < float <= 1) of each table's `rows`.
     ways: slots per set. policy: "lru", "lfu" or "tinylfu". device: where the tensors live; default CUDA
-    when present, else CPU. Not thread-safe: the ParameterServer serialises calls.
+    when present, else CPU. fused: on CUDA, look up with the fused kernel when it passed its check (False:
+    always the op sequence; for comparisons). Not thread-safe: the ParameterServer serialises calls.
     """
 
     name = "device"
 
     def __init__(self, capacity: int | float = 0.2, ways: int = 16,  # noqa: PYI041 (int: rows, float: a fraction)
-                 policy: Policy = "lru", device: torch.device | str | None = None) -> None:
+                 policy: Policy = "lru", device: torch.device | str | None = None, fused: bool = True) -> None:
         super().__init__()
         if isinstance(capacity, float) and not 0.0 < capacity <= 1.0:
             raise ValueError(f"capacity={capacity} as a fraction must be in (0, 1]")
@@ -60,7 +61,7 @@ class DeviceCache(Tier):
             raise ValueError(f"ways={ways} must be >= 1")
         if policy not in ("lru", "lfu", "tinylfu"):
             raise ValueError(f"policy={policy!r} must be 'lru', 'lfu' or 'tinylfu'")
-        self.capacity, self.ways, self.policy = capacity, ways, policy
+        self.capacity, self.ways, self.policy, self.fused = capacity, ways, policy, fused
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self._pools: dict[int, Pool] = {}  # by dim
         self._where: dict[str, tuple[Pool, int]] = {}  # table -> (its pool, its index there)
@@ -131,41 +132,42 @@ class DeviceCache(Tier):
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         hits = misses = 0
         for pool, idx, names in self._by_pool(list(checked)).values():
-            if pool.device.type == "cuda" and pool.policy == "lru" and fused_lookup_ok(str(self.device)):
-                # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes.
-                keys = [checked[n] for n in names]
-                flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)
-                counts = [k.numel() for k in keys]
-                parts = torch.tensor([np.cumsum(counts).tolist(), [pool.bases[t] for t in idx], [pool.sizes[t] for t in idx],
-                                      idx], dtype=torch.int64).to(self.device)
-                pool.tick += 1
-                vectors, found, _ = cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, flat_keys, parts, pool.tick)
-                h = int(found.sum())
-                hits, misses = hits + h, misses + flat_keys.numel() - h
-                for name, v, f in zip(names, vectors.split(counts), found.split(counts)):
-                    out[name] = v, f
-                continue
-            at = pool.locate(idx, [checked[n] for n in names])
-            pool.tick += 1
-            found, flat = pool.find(at)
-            vectors = torch.index_select(pool.values, 0, flat, out=self._empty(at.keys.numel(), pool.dim))  # [n, dim]
-            h = int(found.sum())
-            if h < at.keys.numel():
-                miss = torch.nonzero(~found).squeeze(1)  # [m]
-                if len(idx) == 1:
-                    vectors.index_copy_(0, miss, pool.defaults[idx[0]].expand(miss.numel(), -1))
-                else:
-                    vectors.index_copy_(0, miss, pool.defaults.index_select(0, pool.table_of(at, miss)))
-                pool.touch(flat.index_select(0, torch.nonzero(found).squeeze(1)))
-            else:
-                pool.touch(flat)
-            if pool.sketch is not None:
-                pool.sketch.add(at.hkeys)
-            hits, misses = hits + h, misses + at.keys.numel() - h
-            for name, v, f in zip(names, vectors.split(at.counts), found.split(at.counts)):
+            keys = [checked[n] for n in names]
+            vectors, found, h = self._lookup_pool(pool, idx, keys)
+            counts = [k.numel() for k in keys]
+            hits, misses = hits + h, misses + sum(counts) - h
+            for name, v, f in zip(names, vectors.split(counts), found.split(counts)):
                 out[name] = v, f
         self.count(hits=hits, misses=misses)
         return {t: out[t] for t in requests}
+
+    def _lookup_pool(self, pool: Pool, idx: list[int], keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rows [n, dim], found [n] and the number found, of the keys of tables `idx` of one pool (concatenated);
+        hits count as uses."""
+        pool.tick += 1
+        if self.fused and pool.device.type == "cuda" and pool.policy == "lru" and fused_lookup_ok(str(self.device)):
+            # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes.
+            flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)
+            parts = torch.tensor([np.cumsum([k.numel() for k in keys]).tolist(), [pool.bases[t] for t in idx],
+                                  [pool.sizes[t] for t in idx], idx], dtype=torch.int64).to(self.device)
+            vectors, found, _ = cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, flat_keys, parts, pool.tick)
+            return vectors, found, int(found.sum())
+        at = pool.locate(idx, keys)
+        found, flat = pool.find(at)
+        vectors = torch.index_select(pool.values, 0, flat, out=self._empty(at.keys.numel(), pool.dim))  # [n, dim]
+        h = int(found.sum())
+        if h < at.keys.numel():
+            miss = torch.nonzero(~found).squeeze(1)  # [m]
+            if len(idx) == 1:
+                vectors.index_copy_(0, miss, pool.defaults[idx[0]].expand(miss.numel(), -1))
+            else:
+                vectors.index_copy_(0, miss, pool.defaults.index_select(0, pool.table_of(at, miss)))
+            pool.touch(flat.index_select(0, torch.nonzero(found).squeeze(1)))
+        else:
+            pool.touch(flat)
+        if pool.sketch is not None:
+            pool.sketch.add(at.hkeys)
+        return vectors, found, h
 
     def contains(self, table: str, keys: torch.Tensor) -> torch.Tensor:
         """found [n] bool on the device: which keys are cached (not a use, not counted)."""

@@ -236,11 +236,7 @@ class ParameterServer:
         vectors = check_vectors(self.persistent.spec(table), keys, vectors).cpu()
         with self._lock:
             self.persistent.update(table, keys, vectors, sync=sync)
-            if self.volatile is not None:
-                if self._volatile_writable():
-                    self.volatile.update(table, keys, vectors)
-                else:  # behind the stream: a newer row may be there; drop it rather than overwrite it
-                    self.volatile.evict(table, keys)
+            self._write_volatile(table, keys, vectors)
             if self.device_cache is not None:
                 if self.refresh_on_update:
                     self.device_cache.update(table, keys, vectors)
@@ -256,14 +252,20 @@ class ParameterServer:
             vectors, found = self.persistent.lookup(table, keys)
             keys, vectors = keys[found], vectors[found]
             if keys.numel():
-                if self.volatile is not None:
-                    if self._volatile_writable():
-                        self.volatile.update(table, keys, vectors)
-                    else:
-                        self.volatile.evict(table, keys)
+                self._write_volatile(table, keys, vectors)
                 if self.device_cache is not None:
                     self.device_cache.update(table, keys, vectors)
             return int(keys.numel())
+
+    def _write_volatile(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Rewrite the rows the volatile tier holds; while this replica is behind a shared tier's update
+        stream, drop them instead (a newer row may be there: never overwrite it with an older one)."""
+        if self.volatile is None:
+            return
+        if self._volatile_writable():
+            self.volatile.update(table, keys, vectors)
+        else:
+            self.volatile.evict(table, keys)
 
     def _volatile_writable(self) -> bool:
         """May rows from this replica go into the volatile tier now (always, unless it is shared and this

@@ -58,6 +58,7 @@ class RedisTier(Tier):
     """
 
     name = "redis"
+    shared = True
 
     def __init__(self, urls: str | list[str] = "redis://127.0.0.1:6379", cluster: bool = False, partitions: int = 16,
                  capacity_per_partition: int = 1 << 20,

@@ -55,7 +55,6 @@ import redis
 import torch
 
 from embeddings.hierarchy import ParameterServer
-from embeddings.redis_tier import RedisTier
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class UpdateConsumer:
         self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
                         "published": 0, "settled": 0, "settle_dropped": 0}
         self._caught_up_at = -math.inf  # monotonic time as of which every entry of the stream was applied
-        if isinstance(server.volatile, RedisTier):  # shared with other replicas: fill it only while current
+        if server.volatile is not None and server.volatile.shared:  # other replicas use it: write only while current
             if settle_s and settle_s <= block_ms / 1000 + CURRENT_MARGIN_S:
                 logger.warning("update stream %s: settle_s=%s should exceed block_ms/1000 + %s, or an old row a "
                                "replica wrote just before it saw an entry can outlive the settling",

@@ -93,6 +93,9 @@ class Tier(ABC):
 
     #: the tier's name in counters and metrics (`device`, `volatile`, `redis`, `persistent`)
     name: str = "tier"
+    #: whether other processes (replicas) read and write the same rows (Redis): what a replica puts there
+    #: must not be older than what the others did (embeddings/stream.py)
+    shared: bool = False
 
     def __init__(self) -> None:
         self.tables: dict[str, TableSpec] = {}

@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # 2^64 / golden ratio as a signed int64 (products wrap)
 INT64_MIN = -(1 << 63)
 
+
+def set_of(keys: torch.Tensor, num_sets: int | torch.Tensor) -> torch.Tensor:
+    """The set each key maps to within its table: high 32 bits of key * golden ratio, modulo num_sets (an int
+    or [n]); the kernel below computes the same (multiplicative, Fibonacci hashing: sequential keys spread)."""
+    h = keys * GOLDEN  # wraps modulo 2^64
+    return ((h >> 32) & 0xFFFFFFFF) % num_sets
+
 CUDA_SOURCE = r"""
 extern "C" __global__ void cache_lookup(
     const long long* __restrict__ keys, long long n,
@@ -95,8 +102,7 @@ def cache_lookup_reference(pool_keys: torch.Tensor, values: torch.Tensor, defaul
     ends, first, sets, default_row = (parts[r] for r in range(4))
     table = torch.searchsorted(ends, torch.arange(keys.numel(), device=keys.device), right=True).clamp(max=parts.shape[1] - 1)
     size = sets.index_select(0, table)
-    h = keys * GOLDEN  # wraps modulo 2^64
-    set_ = first.index_select(0, table) + ((h >> 32) & 0xFFFFFFFF) % size
+    set_ = first.index_select(0, table) + set_of(keys, size)
     match = pool_keys.index_select(0, set_) == keys[:, None]  # [n, ways]
     hit, way = match.to(torch.uint8).max(dim=1)
     hit = hit.bool() & ~((size == 1) & (keys == INT64_MIN))
