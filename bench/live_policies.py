@@ -179,8 +179,8 @@ def print_medians(runs: list[dict]) -> None:
                   f"{med(lambda r: r['sim']['slo_attainment']):8.1%} {med(lambda r: r['live']['p99']):8.2f} "
                   f"{med(lambda r: r['sim']['p99']):8.2f} "
                   f"{med(lambda r: r['live']['cost_model_error'].get('median_abs', float('nan'))):8.1%} "
-                  f"{med(lambda r: r.get('sim_end', r['sim'])['goodput']):14.2f} "
-                  f"{med(lambda r: r.get('sim_end', r['sim'])['slo_attainment']):11.1%}")
+                  f"{med(lambda r: r['sim_end']['goodput']):14.2f} "
+                  f"{med(lambda r: r['sim_end']['slo_attainment']):11.1%}")
 
 
 def main() -> int:
