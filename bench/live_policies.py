@@ -31,21 +31,23 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
+from bench.host_load import LiveBatch, fit_host, live_batches  # noqa: E402
 from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.simulate import slo_capacity  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from configs.settings import SchedulerSettings  # noqa: E402
 from scheduler.cost_model import FEATURES, CostModel  # noqa: E402
 from scheduler.planner import Limits  # noqa: E402
-from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
+from scheduler.simulator import HostLoad, Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 from server.engine import policy_config  # noqa: E402
 
 POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
 
 
-async def replay(url: str, arrivals: list[float], texts: list[str], slo_ms: float, timeout: float) -> list[tuple[float, int]]:
-    """Send text i at arrivals[i] seconds from the start; (latency s, status) per request."""
-    out: list[tuple[float, int]] = [(float("nan"), 0)] * len(texts)
+async def replay(url: str, arrivals: list[float], texts: list[str], slo_ms: float, timeout: float) -> list[dict]:
+    """Send text i at arrivals[i] seconds from the start. Per request: latency, status, when it was sent and
+    answered (seconds from the start) and the server's x-inference-time and x-total-time (seconds; 0 if absent)."""
+    out: list[dict] = [{}] * len(texts)
     limits = httpx.Limits(max_connections=len(texts), max_keepalive_connections=len(texts))
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as client:
         start = time.perf_counter()
@@ -55,19 +57,24 @@ async def replay(url: str, arrivals: list[float], texts: list[str], slo_ms: floa
             if delay > 0:
                 await asyncio.sleep(delay)
             sent = time.perf_counter()
+            status, inference, total = -1, 0.0, 0.0
             try:
                 r = await client.post("/embed", json={"inputs": texts[i]}, headers={"x-slo-ms": str(slo_ms)})
-                out[i] = (time.perf_counter() - sent, r.status_code)
+                status = r.status_code
+                inference, total = (float(r.headers.get(h, 0)) / 1000 for h in ("x-inference-time", "x-total-time"))
             except httpx.HTTPError:
-                out[i] = (time.perf_counter() - sent, -1)
+                pass
+            received = time.perf_counter()
+            out[i] = {"latency": received - sent, "status": status, "sent": sent - start, "received": received - start,
+                      "inference": inference, "total": total}
 
         await asyncio.gather(*(one(i) for i in range(len(texts))))
     return out
 
 
-def summarize(policy: str, results: list[tuple[float, int]], arrivals: list[float], slo: float) -> dict:
-    ok = [lat for lat, status in results if status == 200]
-    finish = max(a + lat for a, (lat, _) in zip(arrivals, results))
+def summarize(policy: str, results: list[dict], arrivals: list[float], slo: float) -> dict:
+    ok = [r["latency"] for r in results if r["status"] == 200]
+    finish = max(a + r["latency"] for a, r in zip(arrivals, results))
     duration = finish - arrivals[0]
     good = sum(lat <= slo for lat in ok)
     return {"policy": policy, "completed": len(ok), "errors": len(results) - len(ok), "throughput": len(ok) / duration,
@@ -85,22 +92,25 @@ def first_cost_models(cost_dir: Path) -> dict[Path, bytes]:
 
 
 def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: float, count: int, timeout: float,
-              arrivals_at) -> None:
+              arrivals_at) -> tuple[CostModel, list[LiveBatch]]:
     """Serve `count` of the trace's texts (arrivals as the runs', at 0.6x the model's capacity) with dp and
     stop the server, which saves its model as refined by those live batches: the batch times of this machine
-    as it is now, with the load generator beside the server and the runs' kind of traffic (bursts slow the
-    batches that run while they are admitted), where the profile saw an idle machine (this VM's speed also
-    changes by up to 2x from one spell to the next)."""
+    as it is now, with the load generator beside the server and the runs' kind of traffic, where the profile
+    saw an idle machine (this VM's speed also changes by up to 2x from one spell to the next). Returns that
+    refined model and the calibration's batches, put back together from the answers (for fit_host)."""
     os.environ["TURBOSERVE_SCHEDULER__POLICY"] = "dp"
     server = SpawnedServer([], startup_timeout=300)
     server.start()
     try:
         rate = 0.6 * full_batch_capacity(lengths, limits, server_cost_model(server.url))
-        picked = [texts[i % len(texts)] for i in range(count)]
-        results = asyncio.run(replay(server.url, arrivals_at(rate, count, random.Random(3)), picked, slo_ms, timeout))
-        print(f"calibration: {count} requests at {rate:.1f}/s, {sum(st == 200 for _, st in results)} answered", flush=True)
+        picked = [i % len(texts) for i in range(count)]
+        results = asyncio.run(replay(server.url, arrivals_at(rate, count, random.Random(3)), [texts[i] for i in picked],
+                                     slo_ms, timeout))
+        refined = server_cost_model(server.url)
+        print(f"calibration: {count} requests at {rate:.1f}/s, {sum(r['status'] == 200 for r in results)} answered", flush=True)
     finally:
         server.stop()
+    return refined, live_batches(results, [lengths[i] for i in picked])
 
 
 def restore_cost_models(cost_dir: Path, saved: dict[Path, bytes]) -> None:
@@ -120,20 +130,16 @@ def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> 
     return n_full / cost.predict_lengths([round(mean)] * n_full)
 
 
-def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict) -> list[float]:
-    """The simulated SLO capacity (load) of fifo and of dp on this trace, with the cost model a fresh
-    server plans with; every policy's capacity goes into the report."""
-    server = SpawnedServer([], startup_timeout=300)
-    server.start()
-    try:
-        cost = server_cost_model(server.url)
-    finally:
-        server.stop()
+def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict, cost: CostModel,
+                   device: CostModel, host: HostLoad) -> list[float]:
+    """The simulated SLO capacity (load) of fifo and of dp on this trace: the planners see `cost` (the model
+    the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
+    the report."""
     capacity = full_batch_capacity(lengths, limits, cost)
     found = {}
     for policy in POLICIES:
         found[policy] = slo_capacity(lambda x: Trace(arrivals_at(x * capacity, len(lengths), random.Random(7)), lengths),
-                                     sim_config(policy), limits, cost, slo, steps=10)
+                                     sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host)
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
               f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)
@@ -141,6 +147,16 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
                               "dp_over_fifo": found["dp"] / max(found["fifo"], 1e-9)}
     print(f"dp / fifo simulated SLO capacity: {report['sim_capacity']['dp_over_fifo']:.2f}x", flush=True)
     return [round(found["fifo"], 4), round(found["dp"], 4)]
+
+
+def current_cost_model() -> CostModel:
+    """The cost model a fresh server plans with (read from the /info of one started for that)."""
+    server = SpawnedServer([], startup_timeout=300)
+    server.start()
+    try:
+        return server_cost_model(server.url)
+    finally:
+        server.stop()
 
 
 def server_cost_model(url: str) -> CostModel:
@@ -164,12 +180,14 @@ def scrape(url: str) -> dict:
 
 
 def print_medians(runs: list[dict]) -> None:
-    """Median over repeats of each (load, policy): live and simulated goodput, SLO attainment, p99."""
+    """Median over repeats of each (load, policy): live and simulated goodput, SLO attainment, p99; the
+    simulation with the device alone beside it."""
     import statistics  # noqa: PLC0415
 
     print("\nmedians over repeats:")
     print(f"{'load':>5} {'policy':12} {'runs':>4} {'live good/s':>11} {'sim good/s':>10} {'live slo':>8} {'sim slo':>8} "
-          f"{'live p99':>8} {'sim p99':>8} {'cost err':>8} {'sim@end good/s':>14} {'sim@end slo':>11}")
+          f"{'live p99':>8} {'sim p99':>8} {'cost err':>8} {'live/sim good':>13} {'device-only good/s':>18} "
+          f"{'device-only slo':>15}")
     for load in sorted({r["load"] for r in runs}):
         for policy in dict.fromkeys(r["live"]["policy"] for r in runs):
             mine = [r for r in runs if r["load"] == load and r["live"]["policy"] == policy]
@@ -179,8 +197,9 @@ def print_medians(runs: list[dict]) -> None:
                   f"{med(lambda r: r['sim']['slo_attainment']):8.1%} {med(lambda r: r['live']['p99']):8.2f} "
                   f"{med(lambda r: r['sim']['p99']):8.2f} "
                   f"{med(lambda r: r['live']['cost_model_error'].get('median_abs', float('nan'))):8.1%} "
-                  f"{med(lambda r: r['sim_end']['goodput']):14.2f} "
-                  f"{med(lambda r: r['sim_end']['slo_attainment']):11.1%}")
+                  f"{med(lambda r: r['live']['goodput'] / max(r['sim']['goodput'], 1e-9)):13.2f} "
+                  f"{med(lambda r: r['sim_device']['goodput']):18.2f} "
+                  f"{med(lambda r: r['sim_device']['slo_attainment']):15.1%}")
 
 
 def main() -> int:
@@ -197,6 +216,9 @@ def main() -> int:
                     help="offer this many requests/s (one load), whatever the cost model's capacity (to compare setups)")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="before the runs, refine the cost model with N live requests (see calibrate())")
+    ap.add_argument("--device-only", action="store_true",
+                    help="simulate the device alone (default with --calibrate: the device plus the host's request "
+                         "handling as fitted on the calibration's batches, see bench/host_load.py)")
     ap.add_argument("--fresh-profile", action="store_true",
                     help="measure a new cost model (default: reuse the one of an earlier run in --out)")
     ap.add_argument("--at-sim-capacity", action="store_true",
@@ -218,12 +240,23 @@ def main() -> int:
         shutil.rmtree(cost_dir, ignore_errors=True)
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     saved = first_cost_models(cost_dir)
+    host, speed = HostLoad(), 1.0  # the simulated device: the cost model alone, unless calibration fits more
     if args.calibrate:
-        calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at)
+        refined, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at)
         saved = first_cost_models(cost_dir)
+        if not args.device_only:
+            fit = fit_host(batches, refined)
+            host, speed = fit.host, fit.speed
+            report["host_fit"] = {"per_arrival_s": host.per_arrival, "per_completion_s": host.per_completion,
+                                  "speed": speed, "batches": fit.batches, "median_error_before": fit.median_error_before,
+                                  "median_error_after": fit.median_error_after}
+            print(f"host fit on {fit.batches} calibration batches: {host.per_arrival * 1000:.2f} ms an arrival, "
+                  f"{host.per_completion * 1000:.2f} ms an answer, speed {speed:.3f}; median batch-time error "
+                  f"{fit.median_error_before:.1%} (cost model) -> {fit.median_error_after:.1%} (with the host)", flush=True)
     loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
-        loads = sim_capacities(lengths, arrivals_at, limits, slo, report)
+        start = current_cost_model()
+        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, start, start.scaled(speed), host)
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
@@ -247,19 +280,21 @@ def main() -> int:
             end_cost = server_cost_model(server.url)  # as this run's batches refined it
         finally:
             server.stop()
-        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()
+        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost.scaled(speed), slo, cost, host).row()
+        sim_device = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
         sim_end = simulate(Trace(arrivals, lengths), sim_config(policy), limits, end_cost, slo).row()
-        run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim, "sim_end": sim_end}
+        run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim,
+               "sim_device": sim_device, "sim_end": sim_end}
         report["runs"].append(run)
         err = live["cost_model_error"]
         print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
               f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
               f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
               f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
-              f"slo {sim['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s "
-              f"slo {sim_end['slo_attainment']:6.1%}", flush=True)
+              f"slo {sim['slo_attainment']:6.1%} | device only: good {sim_device['goodput']:6.2f}/s "
+              f"slo {sim_device['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s", flush=True)
     (out / "live_policies.json").write_text(json.dumps(report, indent=1))
     print_medians(report["runs"])
     print(f"wrote {out / 'live_policies.json'}")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.simulator import (  # noqa: E402
+    HostLoad,
     Trace,
     lengths_empirical,
     lengths_lognormal,
@@ -66,7 +67,12 @@ def main() -> int:
     ap.add_argument("--bisect-steps", type=int, default=10, help="bisection steps per policy for the SLO capacity (0: skip)")
     ap.add_argument("--capacity-requests", type=int, default=5000,
                     help="requests per trace when bisecting the SLO capacity (long enough that an unstable queue shows)")
+    ap.add_argument("--host-ms", default="0,0", metavar="ARRIVAL,COMPLETION",
+                    help="the host's request handling, ms added to the running batch per arrival and to the next batch "
+                         "per answer (HostLoad; bench/live_policies.py --calibrate fits it on a CPU host; 0,0: a GPU host)")
     args = ap.parse_args()
+    per_arrival, per_completion = (float(x) / 1000 for x in args.host_ms.split(","))
+    host = HostLoad(per_arrival, per_completion)
 
     path = args.cost or max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
     cost = CostModel.load(path)
@@ -95,7 +101,7 @@ def main() -> int:
             for load in (float(x) for x in args.loads.split(",")):
                 trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty)
                 for name in POLICIES:
-                    r = simulate(trace, policy_config(name, args), limits, cost, slo)
+                    r = simulate(trace, policy_config(name, args), limits, cost, slo, host=host)
                     rows.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                  "load": load, "offered_rps": round(load * capacity, 3), **r.row()})
                     print(f"{dist_name:28} {'burst' if bursty else 'poiss'} load {load:4.2f} {name:12} "
@@ -106,14 +112,15 @@ def main() -> int:
                 ceiling = throughput_ceiling(lengths, limits, cost)  # the bisection's traces share these lengths
                 for name in POLICIES:
                     load = slo_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1, bursty=bursty),
-                                        policy_config(name, args), limits, cost, slo, args.bisect_steps)
+                                        policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                        "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
                                        "ceiling_rps": round(ceiling, 3)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps({"cost_model": path, "refined": args.refined, "slo_s": slo,
-                                                     "rows": rows, "slo_capacity": capacities}, indent=1))
+                                                     "host": host.__dict__, "rows": rows, "slo_capacity": capacities},
+                                                    indent=1))
     summarize(rows, slo)
     summarize_capacity(capacities)
     plot(rows, out / "simulation.png", slo)
@@ -124,14 +131,15 @@ def main() -> int:
 
 
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
-                 slo: float, steps: int) -> float:
+                 slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None) -> float:
     """The highest offered load x (trace_at(x): the seeded trace at that load) at which the policy keeps p99
-    within the SLO and keeps up with the arrivals: bisection over [0, 2]."""
+    within the SLO and keeps up with the arrivals: bisection over [0, 2]. `cost` is the device; the planner
+    sees `planner_cost` (default: the same) and `host` adds the host's request handling (default: none)."""
     lo, hi = 0.0, 2.0
     for _ in range(steps):
         mid = (lo + hi) / 2
         trace = trace_at(mid)
-        r = simulate(trace, config, limits, cost, slo)
+        r = simulate(trace, config, limits, cost, slo, planner_cost, host)
         offered = len(trace.arrivals) / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
         # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
         if r.p99 <= slo and r.throughput >= 0.97 * offered:

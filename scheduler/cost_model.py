@@ -14,7 +14,7 @@ import bisect
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +44,10 @@ class Cell:
         return self.n * self.length * self.length
 
 
-def _nonnegative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares on relative error with coefficients >= 0 (drop negative terms and refit)."""
-    w = 1.0 / np.maximum(y, 1e-9)  # relative error: short and long batches count alike
+def nonnegative_fit(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
+    """Least squares with coefficients >= 0 (drop the most negative term and refit), on relative error
+    (short and long batches count alike) or, with relative=False, on absolute error."""
+    w = 1.0 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
     active = list(range(x.shape[1]))
     while True:
         coef_active, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
@@ -76,7 +77,7 @@ class CostModel:
             raise ValueError("cannot fit a cost model to no cells")
         x = np.array([[1.0, c.n, c.tokens, c.sq_tokens] for c in cells])
         y = np.array([c.seconds for c in cells])
-        coef = _nonnegative_fit(x, y)
+        coef = nonnegative_fit(x, y)
         base = x @ coef
         knots = sorted({float(c.tokens) for c in cells})
         factors = []
@@ -143,6 +144,10 @@ class CostModel:
                 self.factors[i] *= math.exp(a * math.log(ratio))  # EWMA in log space
         self.observations += 1
         return error
+
+    def scaled(self, factor: float) -> CostModel:
+        """The same model predicting `factor` times its batch seconds (a machine that runs slower or faster)."""
+        return replace(self, coef=[c * factor for c in self.coef], cells=list(self.cells))
 
     def measured(self) -> CostModel:
         """The model as profiled, before any online refinement (self when no cells are kept)."""

@@ -90,19 +90,50 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+@dataclass(frozen=True)
+class HostLoad:
+    """The request handling a host does beside the device, as time it adds to the batch running then.
+
+    On a CPU host the "device" is the same cores that parse, tokenize and answer requests (and, in a
+    benchmark, run the load generator), so a batch that runs while requests arrive or while the previous
+    batch's answers are written takes longer than the idle-machine cost model says. `per_arrival` seconds
+    are added to the running batch for each request that arrives during it, `per_completion` seconds to a
+    batch for each request the batch just before it answered (answers are written while the next batch
+    runs). On a GPU host both are ~0: the device does not share the cores.
+    """
+
+    per_arrival: float = 0.0
+    per_completion: float = 0.0
+
+
+def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], first: int, host: HostLoad) -> float:
+    """When a batch that starts at `start` with `seconds` of device time ends, with the host's work: the
+    answers of the `after` requests of the batch before, and every arrival (from index `first`) while it runs."""
+    end = start + seconds + host.per_completion * after
+    if host.per_arrival <= 0:
+        return end
+    i = first
+    while i < len(arrivals) and arrivals[i] < end:  # each arrival lengthens the batch, which can take in more
+        end += host.per_arrival
+        i += 1
+    return end
+
+
 def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
-             planner_cost: CostModel | None = None) -> Result:
-    """Run `trace` through one worker whose batch times are `device`'s predictions.
+             planner_cost: CostModel | None = None, host: HostLoad | None = None) -> Result:
+    """Run `trace` through one worker whose batch times are `device`'s predictions (plus `host`'s work, if given).
 
     The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`.
     """
     planner_cost = planner_cost or device
+    host = host or HostLoad()
     n = len(trace.arrivals)
     finish = [math.nan] * n
     pending: list[int] = []
     next_arrival, now = 0, 0.0
     batches = batch_requests = 0
     padded_tokens = real_tokens = 0
+    last_end, last_size = -math.inf, 0
     while next_arrival < n or pending:
         while next_arrival < n and trace.arrivals[next_arrival] <= now:
             pending.append(next_arrival)
@@ -122,7 +153,9 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
                 continue
         chosen = [pending[i] for i in decided.batches[0].indices]
         lengths = [trace.lengths[i] for i in chosen]
-        now += device.predict_lengths(lengths)
+        after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
+        now = _batch_end(now, device.predict_lengths(lengths), after, trace.arrivals, next_arrival, host)
+        last_end, last_size = now, len(chosen)
         for i in chosen:
             finish[i] = now
         taken = set(chosen)

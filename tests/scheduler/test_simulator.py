@@ -6,7 +6,7 @@ import random
 
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
-from scheduler.simulator import bursty_arrivals, lengths_uniform, make_trace, simulate
+from scheduler.simulator import HostLoad, Trace, bursty_arrivals, lengths_uniform, make_trace, simulate
 
 COST = CostModel.linear(0.0127, 0.00025, 4e-7, 0.00024)  # the shape measured on a 2-core CPU
 LIMITS = Limits(16384, 64)
@@ -43,3 +43,35 @@ def test_under_overload_dp_keeps_serving_requests_in_time():
 def test_bursts_arrive_together():
     arrivals = bursty_arrivals(100.0, 64, random.Random(0), burst=16)
     assert len(arrivals) == 64 and len(set(arrivals)) == 4
+
+
+def test_host_load_lengthens_the_batches_it_overlaps():
+    # One request a batch, 0.1 s each. Three requests arrive while the first runs: 0.05 s each on top
+    # (0.25 s); each later batch runs right after one answered request: 0.02 s on top (0.12 s).
+    trace = Trace([0.0, 0.01, 0.02, 0.03], [10] * 4)
+    one_at_a_time = PolicyConfig("fifo", fixed_batch_size=1, max_queue_delay=0.0)
+    cost = CostModel.linear(0.1, 0.0)
+    plain = simulate(trace, one_at_a_time, Limits(16384, 1), cost, slo=10.0)
+    loaded = simulate(trace, one_at_a_time, Limits(16384, 1), cost, slo=10.0, host=HostLoad(0.05, 0.02))
+    assert abs(plain.duration - 0.4) < 1e-9
+    assert abs(loaded.duration - (0.25 + 3 * 0.12)) < 1e-9
+    assert abs(loaded.p50 - (0.25 + 2 * 0.12 - 0.02)) < 1e-9  # the third request: arrived at 0.02
+
+
+def test_an_arrival_during_the_host_work_lengthens_the_batch_too():
+    # The batch's own time ends at 0.1, the first arrival's work takes it to 0.15, past the second arrival.
+    trace = Trace([0.0, 0.09, 0.12], [10] * 3)
+    r = simulate(trace, PolicyConfig("fifo", fixed_batch_size=1, max_queue_delay=0.0), Limits(16384, 1),
+                 CostModel.linear(0.1, 0.0), slo=10.0, host=HostLoad(0.05, 0.0))
+    # Batches end at 0.2 (0.1 + two arrivals' 0.05), 0.3 and 0.4; had the second arrival not counted: 0.35.
+    assert abs(r.duration - 0.4) < 1e-9
+    assert abs(r.p50 - (0.3 - 0.09)) < 1e-9
+
+
+def test_no_host_load_is_the_device_alone():
+    trace = make_trace(30.0, 300, lengths_uniform(8, 256), seed=4, bursty=True)
+    for name in ("dp", "fifo"):
+        assert simulate(trace, PolicyConfig(name), LIMITS, COST, 1.0) == simulate(trace, PolicyConfig(name), LIMITS, COST, 1.0,
+                                                                                  host=HostLoad())
+        heavier = simulate(trace, PolicyConfig(name), LIMITS, COST, 1.0, host=HostLoad(0.004, 0.002))
+        assert heavier.p99 > simulate(trace, PolicyConfig(name), LIMITS, COST, 1.0).p99

@@ -1,0 +1,64 @@
+"""bench/host_load: batches put back together from a replay's answers, and the host's load fitted on them."""
+
+import random
+
+import pytest
+
+from bench.host_load import LiveBatch, fit_host, live_batches
+from scheduler.cost_model import CostModel
+
+COST = CostModel.linear(0.01, 0.0005, 0.0, 0.0002)
+
+
+def record(received: float, total: float, inference: float, status: int = 200) -> dict:
+    return {"status": status, "received": received, "total": total, "inference": inference, "sent": received - total}
+
+
+def test_batches_are_rebuilt_from_the_shared_inference_time():
+    # Batch A: requests 0-1, forward 0.2 s ending at 1.2; batch B: requests 2-4 right after, 0.3 s to 1.5.
+    # Request 2 and 3 were taken in at 1.1 and 1.15 (during A), request 4 at 1.3 (during B).
+    records = [record(1.201, 0.3, 0.2), record(1.203, 0.25, 0.2),
+               record(1.502, 1.502 - 1.1, 0.3), record(1.504, 1.504 - 1.15, 0.3), record(1.506, 1.506 - 1.3, 0.3),
+               record(9.0, 0.1, 0.0, status=503)]  # refused: no batch
+    lengths = [10, 20, 30, 40, 50, 60]
+    a, b = live_batches(records, lengths)
+    assert a.lengths == [10, 20] and b.lengths == [30, 40, 50]
+    assert a.start == pytest.approx(1.001) and a.end == pytest.approx(1.201)
+    assert a.arrivals == 2 and a.after == 0
+    assert b.arrivals == 1 and b.after == 2  # B started 1 ms after A ended: A's answers went out during B
+
+
+def test_the_fit_recovers_a_known_host_load():
+    rng = random.Random(5)
+    batches = []
+    for _ in range(200):
+        lengths = [rng.randint(8, 256) for _ in range(rng.randint(1, 32))]
+        arrivals, after = rng.randint(0, 40), rng.choice([0, rng.randint(1, 32)])
+        seconds = 1.1 * COST.predict_lengths(lengths) + 0.004 * arrivals + 0.002 * after
+        seconds *= 1 + rng.uniform(-0.02, 0.02)
+        batches.append(LiveBatch(0.0, seconds, lengths, arrivals, after))
+    fit = fit_host(batches, COST)
+    assert fit.speed == pytest.approx(1.1, rel=0.03)
+    assert fit.host.per_arrival == pytest.approx(0.004, rel=0.1)
+    assert fit.host.per_completion == pytest.approx(0.002, rel=0.2)
+    assert fit.median_error_after < 0.02 < fit.median_error_before
+
+
+def test_a_host_that_costs_nothing_fits_as_nothing():
+    rng = random.Random(6)
+    batches = [LiveBatch(0.0, COST.predict_lengths(ls), ls, rng.randint(0, 40), rng.randint(0, 32))
+               for ls in ([rng.randint(8, 256) for _ in range(rng.randint(1, 32))] for _ in range(50))]
+    fit = fit_host(batches, COST)
+    assert fit.speed == pytest.approx(1.0, rel=1e-6)
+    assert fit.host.per_arrival == pytest.approx(0.0, abs=1e-9) and fit.host.per_completion == pytest.approx(0.0, abs=1e-9)
+
+
+def test_too_few_batches_are_refused():
+    with pytest.raises(ValueError, match="too few"):
+        fit_host([LiveBatch(0.0, 0.1, [10], 0, 0)] * 3, COST)
+
+
+def test_two_batches_of_the_same_duration_stay_apart():
+    records = [record(1.0, 0.2, 0.1), record(1.001, 0.2, 0.1), record(1.2, 0.2, 0.1), record(1.202, 0.2, 0.1)]
+    first, second = live_batches(records, [1, 2, 3, 4])
+    assert first.lengths == [1, 2] and second.lengths == [3, 4]
