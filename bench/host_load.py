@@ -5,11 +5,11 @@ x-inference-time (the batch's forward). Requests of one batch share that value, 
 back together: a batch ends just before its first answer arrives and starts x-inference-time earlier. For
 each batch, against the cost model's prediction p for its lengths:
 
-    observed = (1 + s) * p + per_arrival * (requests that arrived while it ran)
-                           + per_completion * (requests the batch just before it answered)
+    observed = speed * p + per_arrival * (requests the server took in while it ran)
+                         + per_completion * (requests the batch just before it answered)
 
-fitted by least squares. `s` is the machine's speed against the model at the time (the VM drifts); the other
-two are what request handling costs the batches on this host.
+`speed` is the machine's against the model at the time (the VM drifts), measured on the batches that ran
+with neither beside them; the other two are what request handling costs the batches on this host.
 """
 
 from __future__ import annotations
@@ -64,23 +64,29 @@ def live_batches(records: list[dict], lengths: list[int]) -> list[LiveBatch]:
 @dataclass(frozen=True)
 class HostFit:
     host: HostLoad
-    speed: float  # observed / predicted for a batch with no host work beside it (1 + s)
+    speed: float  # observed / predicted for a batch with no host work beside it (median)
     batches: int
     median_error_before: float  # |predicted - observed| / observed, the cost model alone
     median_error_after: float  # the same with the fitted speed and host terms
 
 
-def fit_host(batches: list[LiveBatch], cost: CostModel) -> HostFit:
-    """Least-squares fit (absolute seconds, coefficients >= 0) of the speed and the two host terms over these
-    batches: the host's work costs seconds whatever the batch, so long batches are not down-weighted."""
+def fit_host(batches: list[LiveBatch], cost: CostModel, min_quiet: int = 5) -> HostFit:
+    """The machine's speed against `cost` (the profile, taken on an idle machine), from the batches that ran
+    with no host work beside them (no arrival, no answers of a batch before); then the two host terms,
+    least squares (absolute seconds, >= 0) on what every batch took beyond that. Not in one fit: the requests
+    that arrive during a batch grow with its length, so a joint fit can trade the speed for the host terms."""
     if len(batches) < 8:
         raise ValueError(f"{len(batches)} batches are too few to fit the host's load")
     predicted = np.array([cost.predict_lengths(b.lengths) for b in batches])
     observed = np.array([b.end - b.start for b in batches])
-    x = np.column_stack([predicted, [b.arrivals for b in batches], [b.after for b in batches]]).astype(np.float64)
-    coef = nonnegative_fit(x, observed, relative=False)
-    speed, per_arrival, per_completion = map(float, coef)
-    fitted = x @ coef
-    return HostFit(HostLoad(per_arrival, per_completion), speed, len(batches),
+    quiet = np.array([b.arrivals == 0 and b.after == 0 for b in batches])
+    if quiet.sum() < min_quiet:
+        raise ValueError(f"{int(quiet.sum())} of {len(batches)} batches ran with no host work beside them: too few "
+                         "to measure the machine's speed")
+    speed = float(np.median(observed[quiet] / predicted[quiet]))
+    x = np.column_stack([[b.arrivals for b in batches], [b.after for b in batches]]).astype(np.float64)
+    coef = nonnegative_fit(x, observed - speed * predicted, relative=False) if x.any() else np.zeros(2)
+    fitted = speed * predicted + x @ coef
+    return HostFit(HostLoad(float(coef[0]), float(coef[1])), speed, len(batches),
                    float(np.median(np.abs(predicted - observed) / observed)),
                    float(np.median(np.abs(fitted - observed) / observed)))

@@ -92,25 +92,28 @@ def first_cost_models(cost_dir: Path) -> dict[Path, bytes]:
 
 
 def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: float, count: int, timeout: float,
-              arrivals_at) -> tuple[CostModel, list[LiveBatch]]:
+              arrivals_at, out: Path) -> tuple[CostModel, list[LiveBatch]]:
     """Serve `count` of the trace's texts (arrivals as the runs', at 0.6x the model's capacity) with dp and
     stop the server, which saves its model as refined by those live batches: the batch times of this machine
     as it is now, with the load generator beside the server and the runs' kind of traffic, where the profile
-    saw an idle machine (this VM's speed also changes by up to 2x from one spell to the next). Returns that
-    refined model and the calibration's batches, put back together from the answers (for fit_host)."""
+    saw an idle machine (this VM's speed also changes by up to 2x from one spell to the next). Returns the
+    model the server started with (the profile) and the calibration's batches, put back together from the
+    answers (for fit_host); the answers go to out/calibration.json."""
     os.environ["TURBOSERVE_SCHEDULER__POLICY"] = "dp"
     server = SpawnedServer([], startup_timeout=300)
     server.start()
     try:
-        rate = 0.6 * full_batch_capacity(lengths, limits, server_cost_model(server.url))
-        picked = [i % len(texts) for i in range(count)]
-        results = asyncio.run(replay(server.url, arrivals_at(rate, count, random.Random(3)), [texts[i] for i in picked],
-                                     slo_ms, timeout))
-        refined = server_cost_model(server.url)
+        start = server_cost_model(server.url)
+        rate = 0.6 * full_batch_capacity(lengths, limits, start)
+        picked = [lengths[i % len(texts)] for i in range(count)]
+        arrivals = arrivals_at(rate, count, random.Random(3))
+        results = asyncio.run(replay(server.url, arrivals, [texts[i % len(texts)] for i in range(count)], slo_ms, timeout))
         print(f"calibration: {count} requests at {rate:.1f}/s, {sum(r['status'] == 200 for r in results)} answered", flush=True)
     finally:
         server.stop()
-    return refined, live_batches(results, [lengths[i] for i in picked])
+    (out / "calibration.json").write_text(json.dumps({"arrivals": arrivals, "lengths": picked, "results": results,
+                                                      "start_model": start.to_json()}))
+    return start, live_batches(results, picked)
 
 
 def restore_cost_models(cost_dir: Path, saved: dict[Path, bytes]) -> None:
@@ -240,13 +243,15 @@ def main() -> int:
         shutil.rmtree(cost_dir, ignore_errors=True)
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     saved = first_cost_models(cost_dir)
-    host, speed = HostLoad(), 1.0  # the simulated device: the cost model alone, unless calibration fits more
+    # The simulated device: the cost model the servers start with, unless the calibration fits the profile's
+    # speed and the host's load (then the profile at that speed, plus the host).
+    host, speed, device = HostLoad(), 1.0, None
     if args.calibrate:
-        refined, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at)
+        profiled, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at, out)
         saved = first_cost_models(cost_dir)
         if not args.device_only:
-            fit = fit_host(batches, refined)
-            host, speed = fit.host, fit.speed
+            fit = fit_host(batches, profiled)
+            host, speed, device = fit.host, fit.speed, profiled.scaled(fit.speed)
             report["host_fit"] = {"per_arrival_s": host.per_arrival, "per_completion_s": host.per_completion,
                                   "speed": speed, "batches": fit.batches, "median_error_before": fit.median_error_before,
                                   "median_error_after": fit.median_error_after}
@@ -256,7 +261,7 @@ def main() -> int:
     loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
         start = current_cost_model()
-        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, start, start.scaled(speed), host)
+        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, start, device or start, host)
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
@@ -280,7 +285,7 @@ def main() -> int:
             end_cost = server_cost_model(server.url)  # as this run's batches refined it
         finally:
             server.stop()
-        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost.scaled(speed), slo, cost, host).row()
+        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device or cost, slo, cost, host).row()
         sim_device = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
