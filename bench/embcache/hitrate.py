@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.cache_trace import belady_hits, lfu_hits, lru_hits, sample_keys
+from bench.cache_trace import KeyHash, belady_hits, lfu_hits, lru_hits, sample_keys
 from bench.embcache.common import UNIFORM
 from embeddings.device_cache import DeviceCache
 from embeddings.tier import TableSpec
@@ -59,6 +59,21 @@ def static_frequency_hits(keys: np.ndarray, batch: int, warm_batches: int, slots
     return int(np.isin(measured, top).sum()), int(measured.size)
 
 
+def static_oracle_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, rows: int, alpha: float,
+                       seed: int) -> tuple[int, int]:
+    """(hits, lookups) after the warm-up of a cache frozen with the `slots` most probable keys of the
+    distribution the trace is drawn from (rank r is drawn with probability ∝ (r + 1)^-alpha; sample_keys hashes
+    ranks with KeyHash(rows, seed)). The keys are independent draws, so no online policy (one that does not see
+    the future) expects more hits than this one (Aho, Denning and Ullman 1971: under the independent reference
+    model the optimal online policy keeps the most probable keys); Belady sees the future."""
+    if alpha == UNIFORM:  # every key equally likely: any frozen set of `slots` keys is as good
+        top = np.arange(slots, dtype=np.int64)
+    else:
+        top = KeyHash(rows, seed)(np.arange(slots, dtype=np.int64))
+    measured = np.concatenate([np.unique(keys[b * batch:(b + 1) * batch]) for b in range(warm_batches, keys.size // batch)])
+    return int(np.isin(measured, top).sum()), int(measured.size)
+
+
 def belady_measured_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, bypass: bool) -> tuple[int, int]:
     """(hits, lookups) of Belady on the batches after the warm-up, from the best state the warm-up allows.
 
@@ -92,6 +107,7 @@ def hit_rate_grid(rows: int, fractions: tuple[float, ...], alphas: tuple[float, 
                 "belady": belady_measured_hits(keys, batch, warm_batches, slots, bypass=False),
                 "belady_bypass": belady_measured_hits(keys, batch, warm_batches, slots, bypass=True),
                 "static_frequency": static_frequency_hits(keys, batch, warm_batches, slots),
+                "static_oracle": static_oracle_hits(keys, batch, warm_batches, slots, rows, alpha, seed),
             }
             if lfu_reference:
                 runs["lfu_ref"] = online_reference_hits(lfu_hits, keys, batch, warm_batches, slots)
@@ -108,5 +124,6 @@ def hit_rate_grid(rows: int, fractions: tuple[float, ...], alphas: tuple[float, 
             cells.append(cell)
             log(f"  {cell['distribution']:8} {fraction:5.0%}: device LRU {cell['device_lru']:.4f} LFU "
                 f"{cell['device_lfu']:.4f} TinyLFU {cell['device_tinylfu']:.4f}, LRU ref {cell['lru_ref']:.4f}, Belady {cell['belady']:.4f} "
-                f"(bypass {cell['belady_bypass']:.4f}) [{cell['seconds']} s]")
+                f"(bypass {cell['belady_bypass']:.4f}), most probable keys frozen {cell['static_oracle']:.4f} "
+                f"[{cell['seconds']} s]")
     return cells
