@@ -281,6 +281,7 @@ def main() -> int:
                                                                     "texts": texts}))
             capacity, arrivals = traces[load]
             results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
+            (out / f"answers-{load}-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
             live = summarize(policy, results, arrivals, slo) | scrape(server.url)
             end_cost = server_cost_model(server.url)  # as this run's batches refined it
         finally:

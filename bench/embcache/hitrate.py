@@ -59,19 +59,45 @@ def static_frequency_hits(keys: np.ndarray, batch: int, warm_batches: int, slots
     return int(np.isin(measured, top).sum()), int(measured.size)
 
 
-def static_oracle_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, rows: int, alpha: float,
-                       seed: int) -> tuple[int, int]:
-    """(hits, lookups) after the warm-up of a cache frozen with the `slots` most probable keys of the
-    distribution the trace is drawn from (rank r is drawn with probability ∝ (r + 1)^-alpha; sample_keys hashes
-    ranks with KeyHash(rows, seed)). The keys are independent draws, so no online policy (one that does not see
-    the future) expects more hits than this one (Aho, Denning and Ullman 1971: under the independent reference
-    model the optimal online policy keeps the most probable keys); Belady sees the future."""
-    if alpha == UNIFORM:  # every key equally likely: any frozen set of `slots` keys is as good
-        top = np.arange(slots, dtype=np.int64)
-    else:
-        top = KeyHash(rows, seed)(np.arange(slots, dtype=np.int64))
-    measured = np.concatenate([np.unique(keys[b * batch:(b + 1) * batch]) for b in range(warm_batches, keys.size // batch)])
-    return int(np.isin(measured, top).sum()), int(measured.size)
+def static_oracle_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, rows: int, seed: int) -> tuple[int, int]:
+    """(hits, lookups) after the warm-up of the best online policy for these traces: a cache holding, before each
+    batch, the `slots` most probable keys among those looked up so far (a key's first lookup misses, as it must
+    for every policy, Belady included). sample_keys draws rank r with probability ∝ (r + 1)^-alpha, independently,
+    and hashes it with KeyHash(rows, seed), so the most probable keys are those of the lowest ranks. Under such
+    independent draws no online policy (one that does not see the future) expects more hits (Aho, Denning and
+    Ullman 1971: the best online policy keeps the most probable pages); Belady sees the future. For uniform keys
+    the ranks are arbitrary and any preference among seen keys is as good: still the bound in expectation."""
+    ranks = KeyHash(rows, seed).inverse(keys)
+    held = np.empty(0, dtype=np.int64)  # the ranks cached before the current batch (the `slots` lowest seen)
+    hits = lookups = 0
+    for b in range(keys.size // batch):
+        batch_ranks = np.unique(ranks[b * batch:(b + 1) * batch])
+        if b >= warm_batches:
+            hits += int(np.isin(batch_ranks, held, assume_unique=True).sum())
+            lookups += batch_ranks.size
+        seen = np.union1d(held, batch_ranks)
+        held = seen if seen.size <= slots else np.partition(seen, slots - 1)[:slots]
+    return hits, lookups
+
+
+def ideal_lfu_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, rows: int) -> tuple[int, int]:
+    """(hits, lookups) after the warm-up of an ideal frequency policy: fully associative, exact counts of every key
+    ever looked up (no sketch, no ageing), holding before each batch the `slots` keys counted most so far (per
+    batch's distinct keys; ties in any order). What learning popularity from the trace can reach at best on
+    independent draws, where static_oracle_hits knows it."""
+    counts = np.zeros(rows, dtype=np.int64)
+    held = np.zeros(rows, dtype=bool)
+    hits = lookups = 0
+    for b in range(keys.size // batch):
+        distinct = np.unique(keys[b * batch:(b + 1) * batch])
+        if b >= warm_batches:
+            hits += int(held[distinct].sum())
+            lookups += distinct.size
+        counts[distinct] += 1
+        top = np.argpartition(-counts, slots - 1)[:slots] if slots < rows else np.arange(rows)
+        held[:] = False
+        held[top[counts[top] > 0]] = True
+    return hits, lookups
 
 
 def belady_measured_hits(keys: np.ndarray, batch: int, warm_batches: int, slots: int, bypass: bool) -> tuple[int, int]:
@@ -107,7 +133,8 @@ def hit_rate_grid(rows: int, fractions: tuple[float, ...], alphas: tuple[float, 
                 "belady": belady_measured_hits(keys, batch, warm_batches, slots, bypass=False),
                 "belady_bypass": belady_measured_hits(keys, batch, warm_batches, slots, bypass=True),
                 "static_frequency": static_frequency_hits(keys, batch, warm_batches, slots),
-                "static_oracle": static_oracle_hits(keys, batch, warm_batches, slots, rows, alpha, seed),
+                "static_oracle": static_oracle_hits(keys, batch, warm_batches, slots, rows, seed),
+                "ideal_lfu": ideal_lfu_hits(keys, batch, warm_batches, slots, rows),
             }
             if lfu_reference:
                 runs["lfu_ref"] = online_reference_hits(lfu_hits, keys, batch, warm_batches, slots)
@@ -124,6 +151,6 @@ def hit_rate_grid(rows: int, fractions: tuple[float, ...], alphas: tuple[float, 
             cells.append(cell)
             log(f"  {cell['distribution']:8} {fraction:5.0%}: device LRU {cell['device_lru']:.4f} LFU "
                 f"{cell['device_lfu']:.4f} TinyLFU {cell['device_tinylfu']:.4f}, LRU ref {cell['lru_ref']:.4f}, Belady {cell['belady']:.4f} "
-                f"(bypass {cell['belady_bypass']:.4f}), most probable keys frozen {cell['static_oracle']:.4f} "
+                f"(bypass {cell['belady_bypass']:.4f}), ideal LFU {cell['ideal_lfu']:.4f}, oracle {cell['static_oracle']:.4f} "
                 f"[{cell['seconds']} s]")
     return cells

@@ -13,14 +13,16 @@ def format_report(results: dict) -> str:
         lines.append(f"Hit rate on the measured half ({h['rows']:,} rows, batches of {h['batch']} keys, "
                      f"{h['batches']} batches, {h['ways']}-way device cache)")
         lines.append(f"{'keys':8} {'cache':>5} {'dev LRU':>8} {'dev LFU':>8} {'dev TLFU':>8} {'LRU ref':>8}"
-                     + (f" {'LFU ref':>8}" if lfu else "") + f" {'static':>8} {'oracle':>8} {'Belady':>8} {'bypass':>8} {'LRU/B':>6} {'LFU/B':>6} {'TLFU/B':>6} "
-                     f"{'oracle/B':>8}")
+                     + (f" {'LFU ref':>8}" if lfu else "") + f" {'static':>8} {'LFU∞':>8} {'oracle':>8} {'Belady':>8} {'bypass':>8} {'LRU/B':>6} {'LFU/B':>6} {'TLFU/B':>6} "
+                     f"{'LFU∞/B':>7} {'oracle/B':>8}")
         for c in hr["cells"]:
             lines.append(f"{c['distribution']:8} {c['fraction']:5.0%} {c['device_lru']:8.4f} {c['device_lfu']:8.4f} "
                          f"{c['device_tinylfu']:8.4f} {c['lru_ref']:8.4f}" + (f" {c['lfu_ref']:8.4f}" if lfu else "")
-                         + f" {c.get('static_frequency', float('nan')):8.4f} {c.get('static_oracle', float('nan')):8.4f} "
+                         + f" {c.get('static_frequency', float('nan')):8.4f} {c.get('ideal_lfu', float('nan')):8.4f} "
+                         f"{c.get('static_oracle', float('nan')):8.4f} "
                          f"{c['belady']:8.4f} {c['belady_bypass']:8.4f} {c['device_lru_vs_belady']:6.1%} "
                          f"{c['device_lfu_vs_belady']:6.1%} {c['device_tinylfu_vs_belady']:6.1%} "
+                         f"{c.get('ideal_lfu', float('nan')) / c['belady'] if c['belady'] else 1.0:7.1%} "
                          f"{c.get('static_oracle', float('nan')) / c['belady'] if c['belady'] else 1.0:8.1%}")
         t = hr["target"]
         lines.append(f"target best device policy >= 95% of Belady at α 1.05-1.2: worst {t['worst']:.1%} -> "

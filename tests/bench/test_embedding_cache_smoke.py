@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from bench.cache_trace import KeyHash
+from bench.embcache.hitrate import ideal_lfu_hits, static_oracle_hits
 from bench.embedding_cache import cache_slots, call_costs, dlrm_end_to_end, hit_rate_grid, main, throughput
 
-RATES = ("device_lru", "device_lfu", "device_tinylfu", "lru_ref", "lfu_ref", "static_frequency", "static_oracle", "belady",
+RATES = ("device_lru", "device_lfu", "device_tinylfu", "lru_ref", "lfu_ref", "static_frequency", "static_oracle", "ideal_lfu", "belady",
          "belady_bypass")
 
 
@@ -33,7 +36,7 @@ def test_hit_rates_are_rates_and_belady_bounds_them():
         # LRU and LFU references insert every miss: the demand-paging optimum bounds them; bypass bounds everything
         assert c["belady"] >= max(c["lru_ref"], c["lfu_ref"]), c
         assert c["belady_bypass"] >= max(c["belady"], c["device_lru"], c["device_lfu"], c["device_tinylfu"]), c
-        assert c["belady_bypass"] >= max(c["static_frequency"], c["static_oracle"]), c  # a frozen cache bypasses
+        assert c["belady_bypass"] >= max(c["static_frequency"], c["static_oracle"], c["ideal_lfu"]), c  # all bypass
     skewed = [c for c in cells if c["alpha"] == 1.05]
     assert all(c["belady"] > 0.2 for c in skewed)
     assert skewed[1]["belady"] >= skewed[0]["belady"]  # a bigger cache cannot do worse at the optimum
@@ -78,3 +81,18 @@ def test_main_quick_path_writes_json(tmp_path, capsys):
     assert len(results["hit_rates"]["cells"]) == 12 and len(results["dlrm"]) == 2
     out = capsys.readouterr().out
     assert "Belady" in out and "ParameterServer" in out and "samples/s" in out
+
+
+def test_oracle_keeps_the_most_probable_keys_seen_and_misses_first_lookups():
+    # One key a batch, 2 slots; ranks 0 and 1 are the most probable. Before each batch the cache holds the two
+    # lowest ranks seen so far: 0 miss, 1 miss, 5 miss, 0 hit, 5 miss (not held), 1 hit, 0 hit.
+    ranks = np.array([0, 1, 5, 0, 5, 1, 0])
+    keys = KeyHash(8, 4)(ranks)
+    assert static_oracle_hits(keys, batch=1, warm_batches=0, slots=2, rows=8, seed=4) == (3, 7)
+    assert static_oracle_hits(keys, batch=1, warm_batches=3, slots=2, rows=8, seed=4) == (3, 4)
+
+
+def test_ideal_lfu_holds_the_keys_counted_most():
+    # 3 3 3 1 1 2 3 1 2 with 2 slots: 2 never displaces 3 or 1, counted more: hits at 3 3 . 1 . 3 1 .
+    keys = np.array([3, 3, 3, 1, 1, 2, 3, 1, 2])
+    assert ideal_lfu_hits(keys, batch=1, warm_batches=0, slots=2, rows=8) == (5, 9)
