@@ -1,5 +1,7 @@
 """The host's request handling as the simulator's HostLoad, measured from a live run's responses.
 
+    .venv/bin/python bench/host_load.py bench/out/RUN     # re-simulate a finished live_policies.py --calibrate run
+
 A live replay records, per request, when it was sent and answered (client clock) and the server's
 x-inference-time (the batch's forward). Requests of one batch share that value, so the batches can be put
 back together: a batch ends just before its first answer arrives and starts x-inference-time earlier. For
@@ -10,11 +12,19 @@ each batch, against the cost model's prediction p for its lengths:
 
 `speed` is the machine's against the model at the time (the VM drifts), measured on the batches that ran
 with neither beside them; the other two are what request handling costs the batches on this host.
+
+`run_speed` measures, with the host terms known, how fast the machine ran during one live run (one number:
+the median over its batches). Simulating each run at its own speed (`sim@run` in bench/live_policies.py, and
+this file's command line for a finished run folder) separates what the simulator gets wrong from how this
+VM's speed changed between the calibration and the run.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -90,3 +100,64 @@ def fit_host(batches: list[LiveBatch], cost: CostModel, min_quiet: int = 5) -> H
     return HostFit(HostLoad(float(coef[0]), float(coef[1])), speed, len(batches),
                    float(np.median(np.abs(predicted - observed) / observed)),
                    float(np.median(np.abs(fitted - observed) / observed)))
+
+
+def run_speed(batches: list[LiveBatch], cost: CostModel, host: HostLoad) -> float:
+    """How fast the machine ran against `cost` during these batches, the host's work taken out: the median of
+    (observed - host terms) / predicted."""
+    if not batches:
+        raise ValueError("no batches to measure the machine's speed on")
+    return float(np.median([((b.end - b.start) - host.per_arrival * b.arrivals - host.per_completion * b.after)
+                            / cost.predict_lengths(b.lengths) for b in batches]))
+
+
+def resimulate(folder: Path) -> list[dict]:
+    """Every run of a finished `bench/live_policies.py --calibrate` folder simulated again at the speed the
+    machine ran during that run (the calibration's profile and host terms; the planner sees the model the
+    run's server started with). One dict a run: load, policy, speed, live and sim@run goodput and attainment."""
+    from bench.live_policies import sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
+    from scheduler.simulator import Trace, simulate  # noqa: PLC0415
+
+    report = json.loads((folder / "live_policies.json").read_text())
+    calibration = json.loads((folder / "calibration.json").read_text())
+    profile = CostModel.from_json(calibration["start_model"])
+    fit = fit_host(live_batches(calibration["results"], calibration["lengths"]), profile)
+    if "slo_s" in report:
+        slo = report["slo_s"]
+    else:  # a folder written before the report said it: the command line did
+        words = report["command"].split()
+        slo = float(words[words.index("--slo-ms") + 1]) / 1000 if "--slo-ms" in words else 2.0
+    out = []
+    for i, run in enumerate(report["runs"]):
+        policy, load = run["live"]["policy"], run["load"]
+        trace = json.loads((folder / f"trace-{load}.json").read_text())
+        answers = json.loads((folder / f"answers-{load}-{policy}-{i}.json").read_text())
+        planner = CostModel.from_json(run["start_model"]) if "start_model" in run else profile.scaled(fit.speed)
+        speed = run_speed(live_batches(answers, trace["lengths"]), profile, fit.host)
+        sim = simulate(Trace(trace["arrivals"], trace["lengths"]), sim_config(policy), simulation_limits(),
+                       profile.scaled(speed), slo, planner, fit.host)
+        out.append({"load": load, "policy": policy, "speed": speed, "live_goodput": run["live"]["goodput"],
+                    "sim_run_goodput": sim.goodput, "live_slo": run["live"]["slo_attainment"],
+                    "sim_run_slo": sim.slo_attainment, "sim_goodput": run["sim"]["goodput"]})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.split("\n\n")[1])
+        return 2
+    rows = resimulate(Path(argv[0]))
+    print(f"{'load':>5} {'policy':12} {'speed':>5} {'live good/s':>11} {'sim@run':>8} {'live/sim@run':>12} "
+          f"{'sim (calibration)':>17} {'live slo':>8} {'sim@run slo':>11}")
+    for r in rows:
+        print(f"{r['load']:5.2f} {r['policy']:12} {r['speed']:5.2f} {r['live_goodput']:11.2f} {r['sim_run_goodput']:8.2f} "
+              f"{r['live_goodput'] / max(r['sim_run_goodput'], 1e-9) - 1:+12.0%} {r['sim_goodput']:17.2f} "
+              f"{r['live_slo']:8.1%} {r['sim_run_slo']:11.1%}")
+    within = sum(abs(r["live_goodput"] / max(r["sim_run_goodput"], 1e-9) - 1) <= 0.15 for r in rows)
+    print(f"live within 15% of sim@run (goodput): {within} of {len(rows)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main(sys.argv[1:]))

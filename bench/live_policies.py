@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
-from bench.host_load import LiveBatch, fit_host, live_batches  # noqa: E402
+from bench.host_load import LiveBatch, fit_host, live_batches, run_speed  # noqa: E402
 from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.simulate import slo_capacity  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
@@ -121,6 +121,11 @@ def restore_cost_models(cost_dir: Path, saved: dict[Path, bytes]) -> None:
         path.write_bytes(content)
 
 
+def simulation_limits() -> Limits:
+    """The batch limits a server started by this script has (settings defaults)."""
+    return Limits(SchedulerSettings().max_batch_tokens, SchedulerSettings().max_batch_requests)
+
+
 def sim_config(policy: str):
     """The knobs a server started by this script plans with (settings defaults, this policy)."""
     return policy_config(SchedulerSettings(policy=policy))
@@ -190,7 +195,7 @@ def print_medians(runs: list[dict]) -> None:
     print("\nmedians over repeats:")
     print(f"{'load':>5} {'policy':12} {'runs':>4} {'live good/s':>11} {'sim good/s':>10} {'live slo':>8} {'sim slo':>8} "
           f"{'live p99':>8} {'sim p99':>8} {'cost err':>8} {'live/sim good':>13} {'device-only good/s':>18} "
-          f"{'device-only slo':>15}")
+          f"{'device-only slo':>15} {'sim@run good/s':>14}")
     for load in sorted({r["load"] for r in runs}):
         for policy in dict.fromkeys(r["live"]["policy"] for r in runs):
             mine = [r for r in runs if r["load"] == load and r["live"]["policy"] == policy]
@@ -202,7 +207,8 @@ def print_medians(runs: list[dict]) -> None:
                   f"{med(lambda r: r['live']['cost_model_error'].get('median_abs', float('nan'))):8.1%} "
                   f"{med(lambda r: r['live']['goodput'] / max(r['sim']['goodput'], 1e-9)):13.2f} "
                   f"{med(lambda r: r['sim_device']['goodput']):18.2f} "
-                  f"{med(lambda r: r['sim_device']['slo_attainment']):15.1%}")
+                  f"{med(lambda r: r['sim_device']['slo_attainment']):15.1%} "
+                  f"{med(lambda r: r['sim_run']['goodput'] if 'sim_run' in r else float('nan')):14.2f}")
 
 
 def main() -> int:
@@ -233,7 +239,8 @@ def main() -> int:
     texts = make_texts(args.requests, 8, 256, seed=11)
     lengths = count_tokens(texts)
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
-    limits = Limits(SchedulerSettings().max_batch_tokens, SchedulerSettings().max_batch_requests)
+    limits = simulation_limits()
+    report["slo_s"] = slo
     # Every server of this run starts from one cost model: measured by the first server into a folder of
     # this run, then put back before each server starts (each refines and saves it as it serves, which
     # would otherwise hand the next policy, and its simulation, a different model).
@@ -245,7 +252,7 @@ def main() -> int:
     saved = first_cost_models(cost_dir)
     # The simulated device: the cost model the servers start with, unless the calibration fits the profile's
     # speed and the host's load (then the profile at that speed, plus the host).
-    host, speed, device = HostLoad(), 1.0, None
+    host, speed, device, profiled = HostLoad(), 1.0, None, None
     if args.calibrate:
         profiled, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at, out)
         saved = first_cost_models(cost_dir)
@@ -292,7 +299,11 @@ def main() -> int:
         # during the run (this VM drifts) rather than the policy.
         sim_end = simulate(Trace(arrivals, lengths), sim_config(policy), limits, end_cost, slo).row()
         run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim,
-               "sim_device": sim_device, "sim_end": sim_end}
+               "sim_device": sim_device, "sim_end": sim_end, "start_model": cost.to_json()}
+        if device is not None:  # and at the speed the machine ran during this run (see bench/host_load.py)
+            run["speed"] = run_speed(live_batches(results, lengths), profiled, host)
+            run["sim_run"] = simulate(Trace(arrivals, lengths), sim_config(policy), limits, profiled.scaled(run["speed"]),
+                                      slo, cost, host).row()
         report["runs"].append(run)
         err = live["cost_model_error"]
         print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
@@ -300,7 +311,9 @@ def main() -> int:
               f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
               f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
               f"slo {sim['slo_attainment']:6.1%} | device only: good {sim_device['goodput']:6.2f}/s "
-              f"slo {sim_device['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s", flush=True)
+              f"slo {sim_device['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s"
+              + (f" | sim@run (speed {run['speed']:.2f}): good {run['sim_run']['goodput']:6.2f}/s" if "sim_run" in run else ""),
+              flush=True)
     (out / "live_policies.json").write_text(json.dumps(report, indent=1))
     print_medians(report["runs"])
     print(f"wrote {out / 'live_policies.json'}")

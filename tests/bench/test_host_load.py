@@ -1,11 +1,13 @@
 """bench/host_load: batches put back together from a replay's answers, and the host's load fitted on them."""
 
+import json
 import random
 
 import pytest
 
-from bench.host_load import LiveBatch, fit_host, live_batches
+from bench.host_load import LiveBatch, fit_host, live_batches, resimulate, run_speed
 from scheduler.cost_model import CostModel
+from scheduler.simulator import HostLoad
 
 COST = CostModel.linear(0.01, 0.0005, 0.0, 0.0002)
 
@@ -67,3 +69,48 @@ def test_two_batches_of_the_same_duration_stay_apart():
     records = [record(1.0, 0.2, 0.1), record(1.001, 0.2, 0.1), record(1.2, 0.2, 0.1), record(1.202, 0.2, 0.1)]
     first, second = live_batches(records, [1, 2, 3, 4])
     assert first.lengths == [1, 2] and second.lengths == [3, 4]
+
+
+def test_run_speed_takes_the_host_out():
+    host = HostLoad(0.004, 0.002)
+    batches = []
+    for k in range(30):
+        lengths = [16 * (k % 5 + 1)] * (k % 3 + 1)
+        arrivals, after = k % 7, k % 4
+        seconds = 1.25 * COST.predict_lengths(lengths) + 0.004 * arrivals + 0.002 * after
+        batches.append(LiveBatch(0.0, seconds, lengths, arrivals, after))
+    assert run_speed(batches, COST, host) == pytest.approx(1.25)
+    with pytest.raises(ValueError):
+        run_speed([], COST, host)
+
+
+def write_lone_requests(folder, name: str, lengths: list[int], arrivals: list[float], model: CostModel, speed: float):
+    """Answers of requests served one at a time, far apart: each its own batch of speed x the model's time."""
+    records = []
+    for length, arrival in zip(lengths, arrivals):
+        seconds = speed * model.predict_lengths([length])
+        received = arrival + seconds + 0.001
+        records.append({"status": 200, "sent": arrival, "received": received, "latency": received - arrival,
+                        "inference": seconds, "total": received - arrival})
+    (folder / name).write_text(json.dumps(records))
+    return records
+
+
+def test_resimulate_finds_each_runs_speed(tmp_path):
+    lengths = [random.Random(1).randint(8, 128) for _ in range(40)]
+    arrivals = [0.5 * i for i in range(40)]  # far apart: every batch is alone, with nothing beside it
+    model = CostModel.linear(0.01, 0.0005, 0.0, 0.0002)
+    calibration = write_lone_requests(tmp_path, "calibration-answers.json", lengths, arrivals, model, 1.1)
+    (tmp_path / "calibration.json").write_text(json.dumps({"arrivals": arrivals, "lengths": lengths, "results": calibration,
+                                                           "start_model": model.to_json()}))
+    (tmp_path / "trace-0.5.json").write_text(json.dumps({"arrivals": arrivals, "lengths": lengths}))
+    runs = []
+    for i, (policy, speed) in enumerate([("dp", 1.3), ("fifo", 0.9)]):
+        write_lone_requests(tmp_path, f"answers-0.5-{policy}-{i}.json", lengths, arrivals, model, speed)
+        runs.append({"load": 0.5, "live": {"policy": policy, "goodput": 2.0, "slo_attainment": 1.0},
+                     "sim": {"goodput": 2.0}})
+    (tmp_path / "live_policies.json").write_text(json.dumps({"command": "live_policies.py --slo-ms 1000", "runs": runs}))
+    rows = resimulate(tmp_path)
+    assert [r["policy"] for r in rows] == ["dp", "fifo"]
+    assert rows[0]["speed"] == pytest.approx(1.3, rel=1e-3) and rows[1]["speed"] == pytest.approx(0.9, rel=1e-3)
+    assert all(r["sim_run_slo"] == 1.0 for r in rows)  # 0.1 s batches, 0.5 s apart, SLO 1 s
