@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("--host-ms", default="0,0", metavar="ARRIVAL,COMPLETION",
                     help="the host's request handling, ms added to the running batch per arrival and to the next batch "
                          "per answer (HostLoad; bench/live_policies.py --calibrate fits it on a CPU host; 0,0: a GPU host)")
+    ap.add_argument("--refine", action="store_true",
+                    help="the planners' model learns from every simulated batch time (host work included), as the "
+                         "server's does from live batches; without it a planner never sees the host's share")
     args = ap.parse_args()
     per_arrival, per_completion = (float(x) / 1000 for x in args.host_ms.split(","))
     host = HostLoad(per_arrival, per_completion)
@@ -101,7 +104,7 @@ def main() -> int:
             for load in (float(x) for x in args.loads.split(",")):
                 trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty)
                 for name in POLICIES:
-                    r = simulate(trace, policy_config(name, args), limits, cost, slo, host=host)
+                    r = simulate(trace, policy_config(name, args), limits, cost, slo, host=host, refine=args.refine)
                     rows.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                  "load": load, "offered_rps": round(load * capacity, 3), **r.row()})
                     print(f"{dist_name:28} {'burst' if bursty else 'poiss'} load {load:4.2f} {name:12} "
@@ -112,14 +115,15 @@ def main() -> int:
                 ceiling = throughput_ceiling(lengths, limits, cost)  # the bisection's traces share these lengths
                 for name in POLICIES:
                     load = slo_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1, bursty=bursty),
-                                        policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host)
+                                        policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
+                                        refine=args.refine)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                        "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
                                        "ceiling_rps": round(ceiling, 3)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps({"cost_model": path, "refined": args.refined, "slo_s": slo,
-                                                     "host": host.__dict__, "rows": rows, "slo_capacity": capacities},
+                                                     "host": host.__dict__, "refine": args.refine, "rows": rows, "slo_capacity": capacities},
                                                     indent=1))
     summarize(rows, slo)
     summarize_capacity(capacities)
@@ -131,7 +135,8 @@ def main() -> int:
 
 
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
-                 slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None) -> float:
+                 slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None,
+                 refine: bool = False) -> float:
     """The highest offered load x (trace_at(x): the seeded trace at that load) at which the policy keeps p99
     within the SLO and keeps up with the arrivals: bisection over [0, 2]. `cost` is the device; the planner
     sees `planner_cost` (default: the same) and `host` adds the host's request handling (default: none)."""
@@ -139,7 +144,7 @@ def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limit
     for _ in range(steps):
         mid = (lo + hi) / 2
         trace = trace_at(mid)
-        r = simulate(trace, config, limits, cost, slo, planner_cost, host)
+        r = simulate(trace, config, limits, cost, slo, planner_cost, host, refine)
         offered = len(trace.arrivals) / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
         # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
         if r.p99 <= slo and r.throughput >= 0.97 * offered:

@@ -120,12 +120,16 @@ def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], 
 
 
 def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
-             planner_cost: CostModel | None = None, host: HostLoad | None = None) -> Result:
+             planner_cost: CostModel | None = None, host: HostLoad | None = None, refine: bool = False) -> Result:
     """Run `trace` through one worker whose batch times are `device`'s predictions (plus `host`'s work, if given).
 
-    The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`.
+    The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`. With `refine`
+    the planner's model (a copy) learns from every simulated batch's time, host work included, as the
+    server's model does from live batches.
     """
     planner_cost = planner_cost or device
+    if refine:
+        planner_cost = CostModel.from_json(planner_cost.to_json())
     host = host or HostLoad()
     n = len(trace.arrivals)
     finish = [math.nan] * n
@@ -154,7 +158,10 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         chosen = [pending[i] for i in decided.batches[0].indices]
         lengths = [trace.lengths[i] for i in chosen]
         after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
+        started = now
         now = _batch_end(now, device.predict_lengths(lengths), after, trace.arrivals, next_arrival, host)
+        if refine:
+            planner_cost.observe(lengths, now - started)
         last_end, last_size = now, len(chosen)
         for i in chosen:
             finish[i] = now

@@ -75,3 +75,18 @@ def test_no_host_load_is_the_device_alone():
                                                                                   host=HostLoad())
         heavier = simulate(trace, PolicyConfig(name), LIMITS, COST, 1.0, host=HostLoad(0.004, 0.002))
         assert heavier.p99 > simulate(trace, PolicyConfig(name), LIMITS, COST, 1.0).p99
+
+
+def test_refine_lets_the_planner_learn_what_the_device_really_takes():
+    # The device is 40% slower than the planner's model. Planning with the stale model, dp keeps choosing
+    # plans it thinks meet the deadlines; refining from the simulated batch times, its model learns the truth
+    # and it does at least as well. The caller's model is not touched.
+    trace = make_trace(0.95 * 64 / COST.predict_lengths([132] * 64) / 1.4, 600, lengths_uniform(8, 256), seed=2)
+    slow = COST.scaled(1.4)
+    stale = simulate(trace, PolicyConfig("dp"), LIMITS, slow, 1.0, planner_cost=COST)
+    planner = CostModel.from_json(COST.to_json())
+    learned = simulate(trace, PolicyConfig("dp"), LIMITS, slow, 1.0, planner_cost=planner, refine=True)
+    assert planner.to_json() == COST.to_json()
+    assert learned.goodput >= stale.goodput
+    exact = simulate(trace, PolicyConfig("dp"), LIMITS, slow, 1.0)
+    assert learned.slo_attainment >= exact.slo_attainment - 0.02
