@@ -68,6 +68,7 @@ class PolicyConfig:
     max_wait: float = 0.0  # dp: seconds the oldest request may wait for a cheaper batch
     efficient_fraction: float = 0.9  # dp: wait only while per-token cost is above 1/this of the best
     late_grace: float = 4.0  # dp: a hopeless request goes behind the others until this many SLOs past its deadline
+    shed_longest: bool = True  # dp: when not every deadline can be met, the longest requests go behind (Moore-Hodgson)
     extra: dict = field(default_factory=dict)
 
 

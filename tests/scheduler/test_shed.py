@@ -1,0 +1,66 @@
+"""dp under overload: Moore-Hodgson's rule puts the requests that would make the most others late behind."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.cost_model import CostModel
+from scheduler.dp import shed_for_deadlines
+from scheduler.planner import Limits, PolicyConfig, Request, plan
+
+
+def on_time(kept: list[int], shares: np.ndarray, deadlines: np.ndarray, start: float) -> bool:
+    """Do these requests, run one after another in deadline order from `start`, all meet their deadlines?"""
+    t = start
+    for i in sorted(kept, key=lambda i: deadlines[i]):
+        t += shares[i]
+        if t > deadlines[i] + 1e-9:
+            return False
+    return True
+
+
+def test_the_longest_so_far_goes():
+    # Shares 2, 2, 3 due at 3, 4, 5: the third ends at 7; dropping it (the longest) lets the others make it.
+    shares, deadlines = np.array([2.0, 2.0, 3.0]), np.array([3.0, 4.0, 5.0])
+    assert shed_for_deadlines(np.arange(3), shares, deadlines, 0.0).tolist() == [2]
+    # Nothing late: nothing dropped.
+    assert shed_for_deadlines(np.arange(3), shares, np.array([3.0, 5.0, 8.0]), 0.0).size == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 60)), min_size=1, max_size=8), st.integers(0, 5))
+def test_the_fewest_are_dropped_and_the_rest_make_it(jobs, start):
+    shares = np.array([float(p) for p, _ in jobs])
+    deadlines = np.array([float(d) for _, d in jobs])
+    members = np.arange(len(jobs))
+    dropped = shed_for_deadlines(members, shares, deadlines, float(start)).tolist()
+    kept = [i for i in members.tolist() if i not in dropped]
+    assert len(set(dropped)) == len(dropped)
+    assert on_time(kept, shares, deadlines, float(start))
+    # Brute force: no larger set of requests can all be on time.
+    best = max(k for k in range(len(jobs) + 1)
+               if any(on_time(list(c), shares, deadlines, float(start)) for c in itertools.combinations(members.tolist(), k)))
+    assert len(kept) == best
+
+
+def test_only_the_horizon_is_considered():
+    shares, deadlines = np.array([5.0, 1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    assert shed_for_deadlines(np.arange(4), shares, deadlines, 0.0, horizon=1).tolist() == [0]
+    assert shed_for_deadlines(np.arange(4), shares, deadlines, 0.0, horizon=4).tolist() == [0]
+
+
+def test_under_overload_dp_plans_more_requests_in_time_with_shedding():
+    # Everything due in 0.5 s; 6 long inputs would take most of it, 30 short ones fit easily. Deadline order
+    # would run long inputs first (they are due a little earlier); shedding puts them behind.
+    cost = CostModel.linear(0.01, 0.0005, 0.0, 0.0002)
+    requests = [Request(256, 0.0, 0.45 + 0.001 * i) for i in range(6)] + [Request(16, 0.0, 0.5) for _ in range(30)]
+    limits = Limits(4096, 8)
+    shed = plan(requests, limits, cost, 0.0, PolicyConfig("dp"))
+    kept_all = plan(requests, limits, cost, 0.0, PolicyConfig("dp", shed_longest=False))
+    assert len(shed.late) < len(kept_all.late)
+    assert all(requests[i].length == 256 for i in shed.late)  # what goes late is long
+    assert sorted(i for b in shed.batches for i in b.indices) == list(range(36))  # still planned, not dropped
