@@ -44,6 +44,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         max_queue_delay=sched.max_queue_delay_ms / 1000,
         max_wait=sched.max_wait_ms / 1000,
         late_grace=sched.late_grace_slos,
+        shed_longest=sched.shed_longest,
     )
 
 

@@ -64,3 +64,14 @@ def test_under_overload_dp_plans_more_requests_in_time_with_shedding():
     assert len(shed.late) < len(kept_all.late)
     assert all(requests[i].length == 256 for i in shed.late)  # what goes late is long
     assert sorted(i for b in shed.batches for i in b.indices) == list(range(36))  # still planned, not dropped
+
+
+def test_the_setting_reaches_the_planner(monkeypatch):
+    from configs.settings import SchedulerSettings  # noqa: PLC0415
+    from server.engine import policy_config  # noqa: PLC0415
+
+    assert policy_config(SchedulerSettings()).shed_longest is True
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__SHED_LONGEST", "false")
+    from configs.settings import Settings  # noqa: PLC0415
+
+    assert policy_config(Settings().scheduler).shed_longest is False
