@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.cost_model import CostModel, nonnegative_fit
-from scheduler.simulator import HostLoad
+from scheduler.planner import Limits, PolicyConfig
+from scheduler.simulator import HostLoad, Result, Trace, simulate
 
 BACK_TO_BACK_S = 0.01  # a batch that starts this soon after the one before runs while that one's answers go out
 
@@ -111,31 +112,32 @@ def run_speed(batches: list[LiveBatch], cost: CostModel, host: HostLoad) -> floa
                             / cost.predict_lengths(b.lengths) for b in batches]))
 
 
+def simulate_at_run_speed(trace: Trace, config: PolicyConfig, limits: Limits, answers: list[dict], profile: CostModel,
+                          host: HostLoad, planner: CostModel, slo: float) -> tuple[float, Result]:
+    """One live run (its trace and answers) simulated again at the speed the machine ran during it: the profile
+    at `run_speed`, plus `host`; the planner sees `planner` (the model the run's server started with)."""
+    speed = run_speed(live_batches(answers, trace.lengths), profile, host)
+    return speed, simulate(trace, config, limits, profile.scaled(speed), slo, planner, host)
+
+
 def resimulate(folder: Path) -> list[dict]:
-    """Every run of a finished `bench/live_policies.py --calibrate` folder simulated again at the speed the
-    machine ran during that run (the calibration's profile and host terms; the planner sees the model the
-    run's server started with). One dict a run: load, policy, speed, live and sim@run goodput and attainment."""
+    """Every run of a finished `bench/live_policies.py --calibrate` folder through `simulate_at_run_speed`, with
+    the calibration's profile and host terms. One dict a run: load, policy, speed, live and sim@run goodput and
+    attainment."""
     from bench.live_policies import sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
-    from scheduler.simulator import Trace, simulate  # noqa: PLC0415
 
     report = json.loads((folder / "live_policies.json").read_text())
     calibration = json.loads((folder / "calibration.json").read_text())
     profile = CostModel.from_json(calibration["start_model"])
-    fit = fit_host(live_batches(calibration["results"], calibration["lengths"]), profile)
-    if "slo_s" in report:
-        slo = report["slo_s"]
-    else:  # a folder written before the report said it: the command line did
-        words = report["command"].split()
-        slo = float(words[words.index("--slo-ms") + 1]) / 1000 if "--slo-ms" in words else 2.0
+    host = fit_host(live_batches(calibration["results"], calibration["lengths"]), profile).host
     out = []
     for i, run in enumerate(report["runs"]):
         policy, load = run["live"]["policy"], run["load"]
         trace = json.loads((folder / f"trace-{load}.json").read_text())
         answers = json.loads((folder / f"answers-{load}-{policy}-{i}.json").read_text())
-        planner = CostModel.from_json(run["start_model"]) if "start_model" in run else profile.scaled(fit.speed)
-        speed = run_speed(live_batches(answers, trace["lengths"]), profile, fit.host)
-        sim = simulate(Trace(trace["arrivals"], trace["lengths"]), sim_config(policy), simulation_limits(),
-                       profile.scaled(speed), slo, planner, fit.host)
+        speed, sim = simulate_at_run_speed(Trace(trace["arrivals"], trace["lengths"]), sim_config(policy),
+                                           simulation_limits(), answers, profile, host,
+                                           CostModel.from_json(run["start_model"]), report["slo_s"])
         out.append({"load": load, "policy": policy, "speed": speed, "live_goodput": run["live"]["goodput"],
                     "sim_run_goodput": sim.goodput, "live_slo": run["live"]["slo_attainment"],
                     "sim_run_slo": sim.slo_attainment, "sim_goodput": run["sim"]["goodput"]})

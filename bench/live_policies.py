@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
-from bench.host_load import LiveBatch, fit_host, live_batches, run_speed  # noqa: E402
+from bench.host_load import LiveBatch, fit_host, live_batches, simulate_at_run_speed  # noqa: E402
 from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.simulate import slo_capacity  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
@@ -301,9 +301,9 @@ def main() -> int:
         run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim,
                "sim_device": sim_device, "sim_end": sim_end, "start_model": cost.to_json()}
         if device is not None:  # and at the speed the machine ran during this run (see bench/host_load.py)
-            run["speed"] = run_speed(live_batches(results, lengths), profiled, host)
-            run["sim_run"] = simulate(Trace(arrivals, lengths), sim_config(policy), limits, profiled.scaled(run["speed"]),
-                                      slo, cost, host).row()
+            run["speed"], sim_run = simulate_at_run_speed(Trace(arrivals, lengths), sim_config(policy), limits, results,
+                                                          profiled, host, cost, slo)
+            run["sim_run"] = sim_run.row()
         report["runs"].append(run)
         err = live["cost_model_error"]
         print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "

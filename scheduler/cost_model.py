@@ -147,7 +147,8 @@ class CostModel:
 
     def scaled(self, factor: float) -> CostModel:
         """The same model predicting `factor` times its batch seconds (a machine that runs slower or faster)."""
-        return replace(self, coef=[c * factor for c in self.coef], cells=list(self.cells))
+        return replace(self, coef=[c * factor for c in self.coef], knots=list(self.knots), factors=list(self.factors),
+                       key=dict(self.key), cells=list(self.cells))
 
     def measured(self) -> CostModel:
         """The model as profiled, before any online refinement (self when no cells are kept)."""

@@ -13,17 +13,12 @@
    meets every deadline whenever one exists. Requests that would be late even alone are reported.
 4. Bounded wait: with everything in one batch that is still cheap per token to grow, hold it while no
    deadline is put at risk and the oldest request has waited less than max_wait.
-5. Overload. Requests that would miss their deadline even alone go behind the others; and when the rest
-   still cannot all make it, the requests whose time would make the most others late go behind too
-   (Moore-Hodgson's rule for the fewest late jobs: in deadline order, whenever the running total passes a
-   deadline, drop the longest so far), each request counted at its share of a full batch of its length.
-   Without it dp served requests in deadline order and kept every long one, so shortest-first (infinity's
-   sort-and-slice) answered more requests in time than dp once the load passed capacity.
+5. Overload. Requests that would miss their deadline even alone go behind the others, and so do those
+   Moore-Hodgson's rule sheds when the rest still cannot all make it (scheduler/shed.py).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterator, Sequence
 
@@ -32,6 +27,7 @@ import numpy as np
 from scheduler.cost_model import CostModel
 from scheduler.packing import Pending, first_fit_decreasing, greedy
 from scheduler.planner import Batch, Limits, Plan, PolicyConfig, Request, evaluate
+from scheduler.shed import shed_overload
 
 EXACT_LIMIT = 8  # classes this small get an exact search when the heuristics leave someone late
 URGENT_BATCHES = 4  # the deadline repair looks at this many full batches' worth of the most urgent requests
@@ -266,28 +262,6 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
     return groups
 
 
-def _shed_overload(pending: Pending, limits: Limits, cost: CostModel, now: float, hopeless: np.ndarray,
-                   priorities: np.ndarray) -> np.ndarray:
-    """`hopeless`, plus the requests `shed_for_deadlines` drops from each priority class (highest first, each
-    starting after the work the classes above keep)."""
-    deadlines = pending.deadline_arr
-    if not np.isfinite(deadlines).any():
-        return hopeless
-    shares = batch_shares(pending.length_arr, limits, cost)
-    horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # as plan_dp plans in detail
-    out = hopeless.copy()
-    start = now
-    for level in np.unique(priorities)[::-1]:
-        members = np.flatnonzero((priorities == level) & ~hopeless)
-        if not members.size:
-            continue
-        dropped = shed_for_deadlines(members, shares, deadlines, start, horizon)
-        out[dropped] = True
-        kept = np.setdiff1d(members, dropped, assume_unique=True)
-        start += float(shares[kept].sum())
-    return out
-
-
 def _evaluate(groups: list[list[int]], pending: Pending, now: float, alone: np.ndarray) -> Plan:
     """`planner.evaluate` for dp's groups, vectorised over requests. Infeasible is judged by `alone[i]`,
     request i's seconds alone, the vectorised prediction the demotion of hopeless requests uses (evaluate
@@ -326,40 +300,6 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
     return until
 
 
-def batch_shares(lengths: np.ndarray, limits: Limits, cost: CostModel) -> np.ndarray:
-    """Seconds each request takes as one of a full batch of requests of its own length: what it costs the
-    device when the queue is long enough to fill batches."""
-    per_batch = np.maximum(1, np.minimum(limits.max_batch_requests, limits.max_batch_tokens // np.maximum(lengths, 1)))
-    return cost.predict(per_batch, per_batch * lengths, per_batch * lengths * lengths) / per_batch
-
-
-def shed_for_deadlines(members: np.ndarray, shares: np.ndarray, deadlines: np.ndarray, start: float,
-                       horizon: int | None = None) -> np.ndarray:
-    """Moore-Hodgson over `members` (request i takes shares[i] seconds, due at deadlines[i]): in deadline order,
-    whenever the running total from `start` passes the current request's deadline, drop the longest kept so
-    far. Returns the dropped members: the fewest whose removal lets every other meet its deadline (on one
-    machine running the requests one after another; batches only approximate that). Only the first `horizon`
-    in deadline order are considered (the planner re-plans before it reaches the others)."""
-    order = members[np.argsort(deadlines[members], kind="stable")][:horizon]
-    ends = start + np.cumsum(shares[order])
-    late = np.flatnonzero(ends > deadlines[order])
-    if not late.size:  # the common case, vectorised: nothing to drop
-        return np.empty(0, dtype=members.dtype)
-    first = int(late[0])  # everything before the first late request is kept as it is
-    kept = [(-share, i) for share, i in zip(shares[order[:first]].tolist(), order[:first].tolist())]  # max-heap
-    heapq.heapify(kept)
-    dropped = []
-    t = float(ends[first - 1]) if first else start
-    for i, share, due in zip(order[first:].tolist(), shares[order[first:]].tolist(), deadlines[order[first:]].tolist()):
-        heapq.heappush(kept, (-share, i))
-        t += share
-        if t > due:
-            longest, j = heapq.heappop(kept)
-            t += longest
-            dropped.append(j)
-    return np.array(dropped, dtype=members.dtype)
-
-
 def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig) -> Plan:
     """The DP policy: priority classes in turn, each planned by cost DP with deadline repair.
 
@@ -381,8 +321,9 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         with np.errstate(invalid="ignore"):
             hopeless &= now < deadlines + config.late_grace * (deadlines - arrivals)
     priorities = [r.priority for r in requests]
+    horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     if config.shed_longest:
-        hopeless = _shed_overload(pending, limits, cost, now, hopeless, np.array(priorities))
+        hopeless = shed_overload(pending, limits, now, hopeless, np.array(priorities), horizon)
     # Classes by (priority, can still make it), highest first; members in index order.
     if hopeless.any() or priorities.count(priorities[0]) != len(priorities):
         rank = np.unique(np.array(priorities), return_inverse=True)[1].reshape(-1)  # any ints: no overflow
@@ -392,7 +333,6 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         classes = [np.arange(len(requests))]
     groups: list[list[int]] = []
     t = now
-    horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)
     for members in classes:
         if len(members) > horizon:  # beyond the horizon: a cheap cut, re-planned before it runs
             members = members[np.lexsort((lengths[members], deadlines[members]))]  # by deadline, then length

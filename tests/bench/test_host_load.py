@@ -108,8 +108,8 @@ def test_resimulate_finds_each_runs_speed(tmp_path):
     for i, (policy, speed) in enumerate([("dp", 1.3), ("fifo", 0.9)]):
         write_lone_requests(tmp_path, f"answers-0.5-{policy}-{i}.json", lengths, arrivals, model, speed)
         runs.append({"load": 0.5, "live": {"policy": policy, "goodput": 2.0, "slo_attainment": 1.0},
-                     "sim": {"goodput": 2.0}})
-    (tmp_path / "live_policies.json").write_text(json.dumps({"command": "live_policies.py --slo-ms 1000", "runs": runs}))
+                     "sim": {"goodput": 2.0}, "start_model": model.to_json()})
+    (tmp_path / "live_policies.json").write_text(json.dumps({"slo_s": 1.0, "runs": runs}))
     rows = resimulate(tmp_path)
     assert [r["policy"] for r in rows] == ["dp", "fifo"]
     assert rows[0]["speed"] == pytest.approx(1.3, rel=1e-3) and rows[1]["speed"] == pytest.approx(0.9, rel=1e-3)

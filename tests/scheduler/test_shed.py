@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.cost_model import CostModel
-from scheduler.dp import shed_for_deadlines
 from scheduler.planner import Limits, PolicyConfig, Request, plan
+from scheduler.shed import shed_for_deadlines
 
 
 def on_time(kept: list[int], shares: np.ndarray, deadlines: np.ndarray, start: float) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from scheduler.cost_model import CostModel
+import pytest
+
+from scheduler.cost_model import Cell, CostModel
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.simulator import HostLoad, Trace, bursty_arrivals, lengths_uniform, make_trace, simulate
 
@@ -90,3 +92,14 @@ def test_refine_lets_the_planner_learn_what_the_device_really_takes():
     assert learned.goodput >= stale.goodput
     exact = simulate(trace, PolicyConfig("dp"), LIMITS, slow, 1.0)
     assert learned.slo_attainment >= exact.slo_attainment - 0.02
+
+
+def test_a_scaled_model_is_its_own():
+    # The live bench simulates the profile scaled to a run's speed; refining one must not move the other.
+    model = CostModel.fit([Cell(n, length, 0.01 + 0.001 * n * length) for n in (1, 2, 4) for length in (8, 32)])
+    before = model.predict_lengths([32, 32])
+    faster = model.scaled(0.5)
+    assert faster.predict_lengths([32, 32]) == pytest.approx(0.5 * before)
+    for _ in range(20):
+        faster.observe([32, 32], 3 * before)
+    assert model.predict_lengths([32, 32]) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import redis
@@ -11,7 +12,7 @@ import torch
 from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
-from embeddings.stream import UpdateConsumer
+from embeddings.stream import UpdateConsumer, publish_update
 from embeddings.volatile import VolatileTier
 
 DIM = 4
@@ -41,6 +42,26 @@ def replica_server(path) -> ParameterServer:
 def consumer(ps, redis_node, **kwargs):
     kwargs = {"consumer": "c1", "block_ms": 50, "claim_idle_ms": 60_000, "backoff_s": 0.02, "max_backoff_s": 0.2, **kwargs}
     return UpdateConsumer(ps, redis_node.url, STREAM, **kwargs)
+
+
+@contextmanager
+def running(ps, redis_node, **kwargs):
+    """A started `consumer`, stopped on the way out."""
+    c = consumer(ps, redis_node, **kwargs)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def left_pending(client, reader: str, keys, scale: float) -> int:
+    """One update per key published, then read by consumer `reader` of group "turboserve", which crashed before
+    acknowledging them; returns how many it read."""
+    client.xgroup_create(STREAM, "turboserve", id="0", mkstream=True)
+    for key in keys:
+        publish_update(client, STREAM, "t", [key], rows([key], scale=scale))
+    return len(client.xreadgroup("turboserve", reader, {STREAM: ">"}, count=10)[0][1])
 
 
 def pending(client) -> int:

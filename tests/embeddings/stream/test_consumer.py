@@ -11,7 +11,7 @@ import redis
 import torch
 
 from embeddings.stream import CURRENT_MARGIN_S, RejectedUpdate, decode_update, encode_update, group_name, publish_update
-from tests.embeddings.stream.support import DIM, STREAM, consumer, pending, rows, vector, wait_until
+from tests.embeddings.stream.support import DIM, STREAM, consumer, left_pending, pending, rows, running, vector, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -30,9 +30,7 @@ def test_message_format_round_trips():
 def test_update_is_visible_within_a_second_and_refreshes_the_device_cache(ps, redis_node, client):
     np.testing.assert_array_equal(vector(ps, 3), rows([3])[0])  # now cached on the device
     assert ps.device_cache.contains("t", torch.tensor([3])).item()
-    c = consumer(ps, redis_node)
-    c.start()
-    try:
+    with running(ps, redis_node) as c:
         new = rows([3, 42], scale=-5.0)
         sent = time.monotonic()
         publish_update(client, STREAM, "t", [3, 42], new)
@@ -43,17 +41,13 @@ def test_update_is_visible_within_a_second_and_refreshes_the_device_cache(ps, re
         assert found.item() and np.array_equal(cached[0].numpy(), new[0])  # refreshed in place, not only evicted
         wait_until(lambda: pending(client) == 0, what="XACK")
         assert c.counters()["applied"] == 1 and c.counters()["rows"] == 2
-    finally:
-        c.stop()
     # acknowledged means in RocksDB: a fresh persistent tier over the same directory has the row
     stored, found = ps.persistent.lookup("t", torch.tensor([42]))
     assert found.item() and np.array_equal(stored[0].numpy(), new[1])
 
 
 def test_bad_entries_are_rejected_acknowledged_and_kept_aside(ps, redis_node, client):
-    c = consumer(ps, redis_node)
-    c.start()
-    try:
+    with running(ps, redis_node) as c:
         client.xadd(STREAM, {"table": "t", "keys": b"\x01\x02\x03"})
         client.xadd(STREAM, {"table": "nope", "keys": np.array([1], "<i8").tobytes(), "vectors": rows([1]).tobytes()})
         client.xadd(STREAM, {"table": "t", "keys": np.array([1], "<i8").tobytes(), "vectors": rows([1, 2]).tobytes()})
@@ -63,39 +57,24 @@ def test_bad_entries_are_rejected_acknowledged_and_kept_aside(ps, redis_node, cl
         reasons = [fields[b"reason"].decode() for _, fields in client.xrange(f"{STREAM}:rejected")]
         assert "missing field(s) vectors" in reasons[0] and "no table 'nope'" in reasons[1] and "need 16" in reasons[2]
         np.testing.assert_array_equal(vector(ps, 5), rows([5], scale=9.0)[0])
-    finally:
-        c.stop()
 
 
 def test_pending_entries_of_a_crashed_consumer_are_claimed_at_start(ps, redis_node, client):
-    client.xgroup_create(STREAM, "turboserve", id="0", mkstream=True)
-    publish_update(client, STREAM, "t", [7], rows([7], scale=3.0))
-    publish_update(client, STREAM, "t", [8], rows([8], scale=3.0))
     # a consumer that read both entries and died before acknowledging them
-    assert len(client.xreadgroup("turboserve", "dead", {STREAM: ">"}, count=10)[0][1]) == 2
+    assert left_pending(client, "dead", [7, 8], scale=3.0) == 2
     assert pending(client) == 2
-    c = consumer(ps, redis_node, claim_idle_ms=0)
-    c.start()
-    try:
+    with running(ps, redis_node, claim_idle_ms=0) as c:
         wait_until(lambda: pending(client) == 0, what="claimed and acknowledged")
         assert c.counters()["claimed"] == 2 and c.counters()["applied"] == 2
         np.testing.assert_array_equal(vector(ps, 8), rows([8], scale=3.0)[0])
-    finally:
-        c.stop()
 
 
 def test_own_pending_entries_are_reapplied_after_a_restart(ps, redis_node, client):
-    client.xgroup_create(STREAM, "turboserve", id="0", mkstream=True)
-    publish_update(client, STREAM, "t", [6], rows([6], scale=2.0))
-    client.xreadgroup("turboserve", "c1", {STREAM: ">"}, count=10)  # read by "c1", which then crashed
-    c = consumer(ps, redis_node)  # the same consumer name, restarted; not idle long enough to be claimed
-    c.start()
-    try:
+    left_pending(client, "c1", [6], scale=2.0)  # read by "c1", which then crashed
+    with running(ps, redis_node) as c:  # the same consumer name, restarted; not idle long enough to be claimed
         wait_until(lambda: pending(client) == 0, what="own pending applied")
         assert c.counters()["claimed"] == 0 and c.counters()["applied"] == 1
         np.testing.assert_array_equal(vector(ps, 6), rows([6], scale=2.0)[0])
-    finally:
-        c.stop()
 
 
 def test_a_failed_update_is_not_acknowledged_and_is_retried(ps, redis_node, client, monkeypatch):
@@ -108,21 +87,15 @@ def test_a_failed_update_is_not_acknowledged_and_is_retried(ps, redis_node, clie
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ps, "update", flaky)
-    c = consumer(ps, redis_node)
-    c.start()
-    try:
+    with running(ps, redis_node) as c:
         publish_update(client, STREAM, "t", [9], rows([9], scale=4.0))
         wait_until(lambda: c.counters()["update_errors"] == 1, what="first attempt failed")
         wait_until(lambda: c.counters()["applied"] == 1 and pending(client) == 0, what="retried and acknowledged")
         np.testing.assert_array_equal(vector(ps, 9), rows([9], scale=4.0)[0])
-    finally:
-        c.stop()
 
 
 def test_survives_redis_going_away_and_resumes(ps, redis_node, client):
-    c = consumer(ps, redis_node)
-    c.start()
-    try:
+    with running(ps, redis_node) as c:
         publish_update(client, STREAM, "t", [1], rows([1], scale=5.0))
         wait_until(lambda: c.counters()["applied"] == 1, what="first update")
         redis_node.stop()
@@ -134,8 +107,6 @@ def test_survives_redis_going_away_and_resumes(ps, redis_node, client):
         publish_update(client2, STREAM, "t", [2], rows([2], scale=5.0))
         wait_until(lambda: np.array_equal(vector(ps, 2), rows([2], scale=5.0)[0]), what="update after recovery")
         client2.close()
-    finally:
-        c.stop()
     assert not c.alive
 
 

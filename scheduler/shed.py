@@ -1,0 +1,74 @@
+"""dp under overload: which requests go behind the others when not every deadline can be met.
+
+Moore-Hodgson's rule gives the fewest late jobs on one machine: in deadline order, whenever the running total
+passes a deadline, drop the longest job so far. dp applies it before planning, each request counted at its
+share of a full batch of its length, and the requests it drops go behind, with those that would be late even
+alone (served after the others, never dropped). Without it dp served requests in deadline order and kept every
+long one, so shortest-first (infinity's sort-and-slice) answered more requests in time than dp once the load
+passed capacity (bench/RESULTS.md, section 2, session 5).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from scheduler.cost_model import CostModel
+from scheduler.packing import Pending
+from scheduler.planner import Limits
+
+
+def batch_shares(lengths: np.ndarray, limits: Limits, cost: CostModel) -> np.ndarray:
+    """Seconds each request takes as one of a full batch of requests of its own length: what it costs the
+    device when the queue is long enough to fill batches."""
+    per_batch = np.maximum(1, np.minimum(limits.max_batch_requests, limits.max_batch_tokens // np.maximum(lengths, 1)))
+    return cost.predict(per_batch, per_batch * lengths, per_batch * lengths * lengths) / per_batch
+
+
+def shed_for_deadlines(members: np.ndarray, shares: np.ndarray, deadlines: np.ndarray, start: float,
+                       horizon: int | None = None) -> np.ndarray:
+    """Moore-Hodgson over `members` (request i takes shares[i] seconds, due at deadlines[i]): in deadline order,
+    whenever the running total from `start` passes the current request's deadline, drop the longest kept so
+    far. Returns the dropped members: the fewest whose removal lets every other meet its deadline (on one
+    machine running the requests one after another; batches only approximate that). Only the first `horizon`
+    in deadline order are considered (the planner re-plans before it reaches the others)."""
+    order = members[np.argsort(deadlines[members], kind="stable")][:horizon]
+    ends = start + np.cumsum(shares[order])
+    late = np.flatnonzero(ends > deadlines[order])
+    if not late.size:  # the common case, vectorised: nothing to drop
+        return np.empty(0, dtype=members.dtype)
+    first = int(late[0])  # everything before the first late request is kept as it is
+    kept = [(-share, i) for share, i in zip(shares[order[:first]].tolist(), order[:first].tolist())]  # max-heap
+    heapq.heapify(kept)
+    dropped = []
+    t = float(ends[first - 1]) if first else start
+    for i, share, due in zip(order[first:].tolist(), shares[order[first:]].tolist(), deadlines[order[first:]].tolist()):
+        heapq.heappush(kept, (-share, i))
+        t += share
+        if t > due:
+            longest, j = heapq.heappop(kept)
+            t += longest
+            dropped.append(j)
+    return np.array(dropped, dtype=members.dtype)
+
+
+def shed_overload(pending: Pending, limits: Limits, now: float, hopeless: np.ndarray, priorities: np.ndarray,
+                  horizon: int) -> np.ndarray:
+    """`hopeless`, plus the requests `shed_for_deadlines` drops from each priority class (highest first, each
+    starting after the work the classes above keep; the first `horizon` of each in deadline order)."""
+    deadlines = pending.deadline_arr
+    if not np.isfinite(deadlines).any():
+        return hopeless
+    shares = batch_shares(pending.length_arr, limits, pending.cost)
+    out = hopeless.copy()
+    start = now
+    for level in np.unique(priorities)[::-1]:
+        members = np.flatnonzero((priorities == level) & ~hopeless)
+        if not members.size:
+            continue
+        dropped = shed_for_deadlines(members, shares, deadlines, start, horizon)
+        out[dropped] = True
+        kept = np.setdiff1d(members, dropped, assume_unique=True)
+        start += float(shares[kept].sum())
+    return out
