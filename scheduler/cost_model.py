@@ -26,6 +26,11 @@ FEATURES = ("batch", "sequence", "token", "squared_token")
 # trusted when loaded.
 MAX_DRIFT = 2.0
 
+# `overrun` tracks this quantile of log(observed / predicted) batch seconds, moving by STEP (in log units)
+# per observed batch: up 0.045 when a batch overruns it, down 0.005 otherwise.
+OVERRUN_QUANTILE = 0.9
+OVERRUN_STEP = 0.05
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -69,6 +74,8 @@ class CostModel:
     cells: list[Cell] = field(default_factory=list)
     alpha: float = 0.2  # EWMA weight of one observation
     observations: int = 0
+    overrun: float = 0.0  # running OVERRUN_QUANTILE of log(observed / predicted); not saved (it describes
+    #                       the conditions of this run, like a passing drift, not the runtime)
 
     @classmethod
     def fit(cls, cells: Sequence[Cell], key: dict | None = None, alpha: float = 0.2) -> CostModel:
@@ -143,7 +150,15 @@ class CostModel:
                 a = self.alpha * wgt
                 self.factors[i] *= math.exp(a * math.log(ratio))  # EWMA in log space
         self.observations += 1
+        # Stochastic-approximation quantile: moves up by STEP * q when a batch overran it, down by
+        # STEP * (1 - q) otherwise, so it settles where a fraction q of batches stay below it.
+        self.overrun += OVERRUN_STEP * (OVERRUN_QUANTILE - (math.log(ratio) < self.overrun))
         return error
+
+    def pessimism(self) -> float:
+        """How much longer than predicted a batch runs 1 time in 10, lately (>= 1): 1.0 for a model that
+        has not overrun, e.g. one just profiled; on a CPU host that also handles the requests, 1.5-5."""
+        return math.exp(max(0.0, self.overrun))
 
     def scaled(self, factor: float) -> CostModel:
         """The same model predicting `factor` times its batch seconds (a machine that runs slower or faster)."""
@@ -185,4 +200,5 @@ class CostModel:
     def summary(self) -> dict:
         """What /info shows."""
         return {"coefficients_seconds": dict(zip(FEATURES, self.coef)), "knots_tokens": self.knots,
-                "factors": [round(f, 4) for f in self.factors], "observations": self.observations, "key": self.key}
+                "factors": [round(f, 4) for f in self.factors], "observations": self.observations,
+                "overrun_p90_ratio": round(self.pessimism(), 4), "key": self.key}

@@ -9,12 +9,16 @@
 2. Priorities are strict classes: a higher class's batches all run before a lower class's.
 3. Deadlines. Batches run earliest-deadline first. If that order still leaves a request late, an
    EDF DP (requests in deadline order, consecutive batches, minimising (late count, finish time)) is
-   tried, and for classes of at most EXACT_LIMIT requests an exact subset search finds a plan that
+   tried; it may leave a request out (late, run after the others) rather than spend device time on a
+   request it cannot serve in time. For classes of at most EXACT_LIMIT requests an exact subset search finds a plan that
    meets every deadline whenever one exists. Requests that would be late even alone are reported.
 4. Bounded wait: with everything in one batch that is still cheap per token to grow, hold it while no
    deadline is put at risk and the oldest request has waited less than max_wait.
 5. Overload. Requests that would miss their deadline even alone go behind the others, and so do those
-   Moore-Hodgson's rule sheds when the rest still cannot all make it (scheduler/shed.py).
+   Moore-Hodgson's rule sheds when the rest still cannot all make it (scheduler/shed.py). While it
+   sheds, time saved is worth requests served later, so the EDF DP weighs a late request as
+   LATE_COST_SHARES median requests' device time instead of putting it before any amount of time:
+   it no longer keeps a request in time at the price of small, inefficient batches.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import numpy as np
 from scheduler.cost_model import CostModel
 from scheduler.packing import Pending, first_fit_decreasing, greedy
 from scheduler.planner import Batch, Limits, Plan, PolicyConfig, Request, evaluate
-from scheduler.shed import shed_overload
+from scheduler.shed import batch_shares, shed_overload
 
 EXACT_LIMIT = 8  # classes this small get an exact search when the heuristics leave someone late
 URGENT_BATCHES = 4  # the deadline repair looks at this many full batches' worth of the most urgent requests
 CHUNK_CELLS = 4096  # cost-matrix cells computed at once (32 KiB temporaries)
 RELAX_MAX_BATCHES = 8  # the cost DP relaxes all rows at once up to this many full batches of requests
 RELAX_SLACK = 4  # relaxation rounds allowed beyond one per full batch (a plan may hold smaller ones)
+LATE_COST_SHARES = 2.0  # under overload a late request weighs as much as this many median requests' device time
 HORIZON = 256  # requests planned in full detail (at least 4 full batches); the rest, which the worker
 #                will plan again before it reaches them, are cut in deadline-then-length order
 
@@ -139,10 +144,18 @@ def _relax(best: np.ndarray, c_rev: np.ndarray, rounds: int) -> np.ndarray | Non
 
 
 def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limits, cost: CostModel,
-                start_time: float) -> list[tuple[int, int]]:
-    """Consecutive batches over requests in deadline order minimising (late count, finish time).
+                start_time: float, late_cost: float = math.inf) -> tuple[list[tuple[int, int]], list[int]]:
+    """Consecutive batches over requests in deadline order, some left out, minimising (late count, finish time)
+    lexicographically, or, with a finite `late_cost`, late count × late_cost + finish time (under overload,
+    when a second of device time is worth more than serving one more request in time: see plan_dp).
 
-    The best plan of each prefix in turn, six numpy calls a step: the bulk of planning under overload.
+    A request left out is counted late and takes no time here (the caller runs it after the others): a
+    batch whose first requests would be late anyway is beaten by leaving them out, so under overload the
+    plan spends no device time on requests it already knows it cannot serve in time (the batch-aware
+    version of what Moore-Hodgson's shedding approximates). Returns ([start, end) batches in run order,
+    the positions left out).
+
+    The best plan of each prefix in turn, seven numpy calls a step: the bulk of planning under overload.
     Times are kept relative to start_time (finish sums start at 0): the comparisons of absolute times up
     to float rounding (a plan that ties to the last bits may come out the other way), one call a step
     fewer."""
@@ -150,7 +163,7 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
     due = np.asarray(deadlines, dtype=np.float64) - start_time  # [n], ascending; times from the start
     n = len(arr)
     if n == 0:
-        return []
+        return [], []
     width = min(limits.max_batch_requests, n)
     # State j (the first j requests planned) lives in slot n - j of these arrays, so that the states a
     # batch ending at request i-1 can follow, j = i-1-k for last batch sizes k+1 = 1..width, are one
@@ -160,10 +173,10 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
     finish[n] = 0.0
     late_less_j = np.zeros(n + width, dtype=np.intp)  # late[j] - j: late count before the batch, less its start
     state = np.arange(n, -width, -1)  # j of each slot
-    scaled = np.arange(n + 1) * 1e7  # scaled[late]: the late count's weight in the lexicographic key
+    scaled = np.arange(n + 1) * min(late_cost, 1e7)  # scaled[late]: the late count's weight in the key
     t, key = np.empty(width), np.empty(width)
     add, maximum, take = np.add, np.maximum, scaled.take
-    picks = [0]
+    picks = [0]  # picks[i]: size - 1 of the last batch of the best plan of the first i, or -1: i-1 left out
     i = 0
     for block in _window_costs(arr, limits, cost):
         for row in block:  # the best plan of the first i + 1 requests
@@ -175,14 +188,29 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
             score = due[:i].searchsorted(t)
             maximum(score, state[a:a + width], out=score)
             score += late_less_j[a:a + width]
-            # lexicographic (late count, finish): finish times from the start are far below 1e7 s
+            # lexicographic (late count, finish) at 1e7: finish times from the start are far below 1e7 s
             take(score, out=key)
             key += t
             k = key.argmin()
-            finish[a - 1] = t[k]
-            late_less_j[a - 1] = score[k] - i
-            picks.append(k)
-    return _walk_back(picks, n)
+            skip = late_less_j[a] + i  # leave request i-1 out: the plan of the first i-1, one more late
+            if scaled[skip] + finish[a] < key[k]:
+                finish[a - 1] = finish[a]
+                late_less_j[a - 1] = late_less_j[a]
+                picks.append(-1)
+            else:
+                finish[a - 1] = t[k]
+                late_less_j[a - 1] = score[k] - i
+                picks.append(k)
+    segments, left_out = [], []
+    end = n
+    while end > 0:
+        if picks[end] < 0:
+            end -= 1
+            left_out.append(end)
+        else:
+            segments.append((end - picks[end] - 1, end))
+            end -= picks[end] + 1
+    return segments[::-1], left_out[::-1]
 
 
 def exact_feasible(members: list[int], requests: Sequence[Request], limits: Limits, cost: CostModel,
@@ -236,7 +264,16 @@ def cheapest_partition(members: list[int], pending: Pending, limits: Limits) -> 
     return best
 
 
-def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time: float) -> list[list[int]]:
+def _worse(a: tuple[int, float], b: tuple[int, float], late_cost: float) -> bool:
+    """Whether plan outcome a = (late count, finish time) is worse than b: lexicographic, or weighed by
+    `late_cost` seconds a late request when that is finite."""
+    if math.isinf(late_cost):
+        return b < a
+    return b[0] * late_cost + b[1] < a[0] * late_cost + a[1]
+
+
+def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time: float,
+                late_cost: float = math.inf) -> list[list[int]]:
     cost = pending.cost
     groups = pending.run_order(cheapest_partition(members, pending, limits))
     late, finish = pending.late_count(groups, start_time)
@@ -247,13 +284,14 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
     by_deadline = idx[np.lexsort((pending.length_arr[idx], pending.deadline_arr[idx]))]  # stable
     horizon = URGENT_BATCHES * limits.max_batch_requests
     urgent, rest = by_deadline[:horizon], by_deadline[horizon:].tolist()
-    segments = deadline_dp(pending.length_arr[urgent], pending.deadline_arr[urgent], limits, cost, start_time)
-    urgent = urgent.tolist()
-    edf_groups = [urgent[s:e] for s, e in segments]
-    if rest:
-        edf_groups += pending.run_order(cheapest_partition(rest, pending, limits))
+    segments, left_out = deadline_dp(pending.length_arr[urgent], pending.deadline_arr[urgent], limits, cost,
+                                     start_time, late_cost)
+    edf_groups = [urgent[s:e].tolist() for s, e in segments]
+    for part in (rest, urgent[left_out].tolist()):  # those left out go last: late whenever they run
+        if part:
+            edf_groups += pending.run_order(cheapest_partition(part, pending, limits))
     edf_late, edf_finish = pending.late_count(edf_groups, start_time)
-    if (edf_late, edf_finish) < (late, finish):
+    if _worse((late, finish), (edf_late, edf_finish), late_cost):
         groups, late = edf_groups, edf_late
     if late and len(members) <= EXACT_LIMIT:
         exact = exact_feasible(members, pending.requests, limits, cost, start_time)
@@ -322,8 +360,16 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
             hopeless &= now < deadlines + config.late_grace * (deadlines - arrivals)
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
+    late_cost = math.inf  # lexicographic (late count, finish time)
     if config.shed_longest:
-        hopeless = shed_overload(pending, limits, now, hopeless, np.array(priorities), horizon)
+        shares = batch_shares(lengths, limits, cost)
+        shed = shed_overload(pending, now, hopeless, np.array(priorities), shares * cost.pessimism(), horizon)
+        if (shed != hopeless).any():
+            # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request
+            # go late when that saves more than LATE_COST_SHARES typical requests' worth of device time
+            # (as the model predicts it: the DPs' own time scale).
+            late_cost = LATE_COST_SHARES * float(np.median(shares))
+        hopeless = shed
     # Classes by (priority, can still make it), highest first; members in index order.
     if hopeless.any() or priorities.count(priorities[0]) != len(priorities):
         rank = np.unique(np.array(priorities), return_inverse=True)[1].reshape(-1)  # any ints: no overflow
@@ -338,7 +384,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
             members = members[np.lexsort((lengths[members], deadlines[members]))]  # by deadline, then length
         members = members.tolist()
         members, beyond = members[:horizon], members[horizon:]
-        class_groups = _plan_class(members, pending, limits, t) if members else []
+        class_groups = _plan_class(members, pending, limits, t, late_cost) if members else []
         class_groups += greedy(beyond, pending, limits)
         horizon -= len(members)
         groups.extend(class_groups)

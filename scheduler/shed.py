@@ -2,8 +2,10 @@
 
 Moore-Hodgson's rule gives the fewest late jobs on one machine: in deadline order, whenever the running total
 passes a deadline, drop the longest job so far. dp applies it before planning, each request counted at its
-share of a full batch of its length, and the requests it drops go behind, with those that would be late even
-alone (served after the others, never dropped). Without it dp served requests in deadline order and kept every
+share of a full batch of its length (times the cost model's recent overrun: how much longer than predicted
+batches have run 1 time in 10, so that a host whose batches overrun sheds before its kept requests go late),
+and the requests it drops go behind, with those that would be late even alone (served after the others,
+never dropped). Without it dp served requests in deadline order and kept every
 long one, so shortest-first (infinity's sort-and-slice) answered more requests in time than dp once the load
 passed capacity (bench/RESULTS.md, section 2, session 5).
 """
@@ -53,14 +55,14 @@ def shed_for_deadlines(members: np.ndarray, shares: np.ndarray, deadlines: np.nd
     return np.array(dropped, dtype=members.dtype)
 
 
-def shed_overload(pending: Pending, limits: Limits, now: float, hopeless: np.ndarray, priorities: np.ndarray,
+def shed_overload(pending: Pending, now: float, hopeless: np.ndarray, priorities: np.ndarray, shares: np.ndarray,
                   horizon: int) -> np.ndarray:
     """`hopeless`, plus the requests `shed_for_deadlines` drops from each priority class (highest first, each
-    starting after the work the classes above keep; the first `horizon` of each in deadline order)."""
+    starting after the work the classes above keep; the first `horizon` of each in deadline order), each
+    request taking `shares[i]` seconds."""
     deadlines = pending.deadline_arr
     if not np.isfinite(deadlines).any():
         return hopeless
-    shares = batch_shares(pending.length_arr, limits, pending.cost)
     out = hopeless.copy()
     start = now
     for level in np.unique(priorities)[::-1]:

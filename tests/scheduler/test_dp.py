@@ -8,12 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler import dp
+from scheduler import dp, profiler
 from scheduler.brute_force import deadlines_feasible, min_cost_any, min_cost_consecutive
 from scheduler.cost_model import MAX_DRIFT, Cell, CostModel
 from scheduler.dp import cost_dp
 from scheduler.planner import Limits, PolicyConfig, Request, evaluate, plan
-from scheduler import profiler
 from scheduler.profiler import cache_path, load_or_profile
 
 COSTS = st.builds(
@@ -229,9 +228,11 @@ def test_cost_dp_relaxation_equals_the_row_by_row_recurrence(lengths, limits, co
         assert cost_dp(lengths, limits, cost) == relaxed
 
 
-def deadline_dp_reference(lengths, deadlines, limits, cost, start_time):
-    """The EDF DP written plainly: every state, every last batch, late ones counted one by one."""
+def deadline_dp_reference(lengths, deadlines, limits, cost, start_time, late_cost=math.inf):
+    """The EDF DP written plainly: every state, every last batch or leaving the last request out, late ones
+    counted one by one. Returns (batches, positions left out)."""
     n = len(lengths)
+    weight = min(late_cost, 1e7)
     late, finish, choice = [0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1)
     for i in range(1, n + 1):
         best = None
@@ -242,21 +243,52 @@ def deadline_dp_reference(lengths, deadlines, limits, cost, start_time):
                 continue
             t = finish[j] + float(cost.predict(k + 1, float(sum(batch)), float(sum(x * x for x in batch))))
             score = late[j] + sum(deadlines[x] - start_time < t for x in range(j, i))
-            key = score * 1e7 + t
+            key = score * weight + t
             if best is None or key < best[0]:
                 best = (key, score, t, k)
+        if (late[i - 1] + 1) * weight + finish[i - 1] < best[0]:  # leave request i-1 out: late, no time
+            best = (None, late[i - 1] + 1, finish[i - 1], -1)
         _, late[i], finish[i], choice[i] = best
-    return dp._walk_back(choice, n)
+    segments, left_out, end = [], [], n
+    while end:
+        if choice[end] < 0:
+            end -= 1
+            left_out.append(end)
+        else:
+            segments.append((end - choice[end] - 1, end))
+            end -= choice[end] + 1
+    return segments[::-1], left_out[::-1]
 
 
 @settings(max_examples=150, deadline=None)
 @given(jobs=st.lists(st.tuples(st.integers(1, 300), st.floats(0.0, 2.0)), max_size=40), limits=LIMITS,
-       cost=st.one_of(COSTS, curved_costs()), start=st.sampled_from([0.0, 0.25, 1000.0]))
-def test_deadline_dp_equals_the_plain_recurrence(jobs, limits, cost, start):
+       cost=st.one_of(COSTS, curved_costs()), start=st.sampled_from([0.0, 0.25, 1000.0]),
+       late_cost=st.sampled_from([math.inf, 0.5, 0.01]))
+def test_deadline_dp_equals_the_plain_recurrence(jobs, limits, cost, start, late_cost):
     jobs.sort(key=lambda j: j[1])
     lengths, deadlines = [n for n, _ in jobs], [start + d for _, d in jobs]
-    got = dp.deadline_dp(lengths, deadlines, limits, cost, start)
-    assert got == deadline_dp_reference(lengths, deadlines, limits, cost, start)
+    got = dp.deadline_dp(lengths, deadlines, limits, cost, start, late_cost)
+    assert got == deadline_dp_reference(lengths, deadlines, limits, cost, start, late_cost)
+
+
+def test_deadline_dp_leaves_out_what_it_cannot_serve_in_time():
+    # The first request is due before any batch could end: without leaving it out the DP had to run it
+    # (late) in the first batch, delaying the two behind it past their deadlines too.
+    cost = CostModel([0.1, 0.0, 0.0, 0.0], [1.0], [1.0])  # 0.1 s a batch, whatever is in it
+    limits = Limits(max_batch_tokens=1000, max_batch_requests=1)
+    segments, left_out = dp.deadline_dp([10, 10, 10], [0.05, 0.1, 0.2], limits, cost, 0.0)
+    assert left_out == [0] and segments == [(1, 2), (2, 3)]
+
+
+def test_a_finite_late_cost_trades_a_late_request_for_a_fuller_batch():
+    # 0.09 s a batch + 0.01 s a request. Lexicographic: the urgent one alone, then the other two: none late,
+    # 0.21 s. At 0.06 s a late request, leaving the urgent one out and running one batch of two (0.06 +
+    # 0.11 s) beats it, and beats leaving all three out (0.18 s).
+    cost = CostModel([0.09, 0.01, 0.0, 0.0], [1.0], [1.0])
+    limits = Limits(max_batch_tokens=1000, max_batch_requests=3)
+    due = [0.1, 0.3, 0.3]
+    assert dp.deadline_dp([10, 10, 10], due, limits, cost, 0.0) == ([(0, 1), (1, 3)], [])
+    assert dp.deadline_dp([10, 10, 10], due, limits, cost, 0.0, late_cost=0.06) == ([(1, 3)], [0])
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

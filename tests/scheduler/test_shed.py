@@ -75,3 +75,37 @@ def test_the_setting_reaches_the_planner(monkeypatch):
     from configs.settings import Settings  # noqa: PLC0415
 
     assert policy_config(Settings().scheduler).shed_longest is False
+
+
+def test_the_model_overrun_tracks_how_late_batches_run():
+    cost = CostModel.linear(0.01, 0.0005, 0.0, 0.0)
+    assert cost.pessimism() == 1.0  # as profiled
+    exact = CostModel.linear(0.01, 0.0005, 0.0, 0.0)
+    for _ in range(200):
+        exact.observe([32] * 4, exact.predict_lengths([32] * 4))  # on time: stays near 1
+        predicted = cost.predict_lengths([32] * 4)
+        cost.observe([32] * 4, 3.0 * predicted)  # every batch 3x the prediction, before the model learns it
+    assert exact.pessimism() < 1.05
+    assert cost.pessimism() > 1.5  # the knots learn the 3x; the quantile saw the early overruns
+    assert cost.summary()["overrun_p90_ratio"] == round(cost.pessimism(), 4)
+    assert "overrun" not in cost.to_json()  # this run's conditions, not the runtime's: not saved
+
+
+def test_a_model_whose_batches_overrun_sheds_sooner():
+    # 35 short and 5 long requests, the long ones due a little earlier: 0.18 s of work in full batches for
+    # 0.3 s of time, so an exact model keeps all and runs the long ones first (deadline order). A model whose
+    # batches have run 2x late (0.35 s: not all can make it) sheds long ones behind every short one.
+    requests = [Request(200, 0.0, 0.29) if i % 8 == 0 else Request(64, 0.0, 0.3) for i in range(40)]
+    limits = Limits(4096, 16)
+
+    def batches(cost):
+        p = plan(requests, limits, cost, 0.0, PolicyConfig("dp"))
+        assert sorted(i for b in p.batches for i in b.indices) == list(range(40))  # all planned, none dropped
+        return [[requests[i].length for i in b.indices] for b in p.batches]
+
+    exact = batches(CostModel.linear(0.005, 0.00005, 0.0, 0.0))
+    assert exact[0].count(200) == 5  # first, in time
+    overrun = CostModel.linear(0.005, 0.00005, 0.0, 0.0)
+    overrun.overrun = float(np.log(2.0))
+    shed = batches(overrun)
+    assert set(shed[-1]) == {200} and shed[0].count(200) < 5  # some long ones now run after every short one
