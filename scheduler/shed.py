@@ -2,7 +2,7 @@
 
 Moore-Hodgson's rule gives the fewest late jobs on one machine: in deadline order, whenever the running total
 passes a deadline, drop the longest job so far. dp applies it before planning, each request counted at its
-share of a full batch of its length (times the cost model's recent overrun: how much longer than predicted
+share of a full batch of its length (a lower bound of its cost; times the cost model's recent overrun: how much longer than predicted
 batches have run 1 time in 10, so that a host whose batches overrun sheds before its kept requests go late),
 and the requests it drops go behind, with those that would be late even alone (served after the others,
 never dropped). Without it dp served requests in deadline order and kept every
@@ -22,10 +22,14 @@ from scheduler.planner import Limits
 
 
 def batch_shares(lengths: np.ndarray, limits: Limits, cost: CostModel) -> np.ndarray:
-    """Seconds each request takes as one of a full batch of requests of its own length: what it costs the
-    device when the queue is long enough to fill batches."""
-    per_batch = np.maximum(1, np.minimum(limits.max_batch_requests, limits.max_batch_tokens // np.maximum(lengths, 1)))
-    return cost.predict(per_batch, per_batch * lengths, per_batch * lengths * lengths) / per_batch
+    """Seconds each request costs the device as one of a batch of as many requests of its length as a batch
+    may hold (the token budget ignored): its own per-sequence and per-token work plus its share of the
+    batch's fixed cost. No batch costs less than its members' shares, so for a model as profiled (no knot
+    correction) Moore-Hodgson over them sheds nothing when every deadline can be met. Counting only the
+    batches the token budget allows (fewer members for long inputs) made it shed from plans that were
+    feasible (tests/scheduler/test_dp.py found one)."""
+    n = float(limits.max_batch_requests)
+    return cost.predict(n, n * lengths, n * lengths * lengths) / n
 
 
 def shed_for_deadlines(members: np.ndarray, shares: np.ndarray, deadlines: np.ndarray, start: float,

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler import dp, profiler
+from scheduler import profiler, recurrences
 from scheduler.brute_force import deadlines_feasible, min_cost_any, min_cost_consecutive
 from scheduler.cost_model import MAX_DRIFT, Cell, CostModel
-from scheduler.dp import cost_dp
 from scheduler.planner import Limits, PolicyConfig, Request, evaluate, plan
 from scheduler.profiler import cache_path, load_or_profile
+from scheduler.recurrences import cost_dp
 
 COSTS = st.builds(
     CostModel.linear,
@@ -224,7 +224,7 @@ def test_cost_dp_relaxation_equals_the_row_by_row_recurrence(lengths, limits, co
     lengths = sorted(lengths)
     relaxed = cost_dp(lengths, limits, cost)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dp, "RELAX_MAX_BATCHES", 0)  # never relax: row by row
+        m.setattr(recurrences, "RELAX_MAX_BATCHES", 0)  # never relax: row by row
         assert cost_dp(lengths, limits, cost) == relaxed
 
 
@@ -267,7 +267,7 @@ def deadline_dp_reference(lengths, deadlines, limits, cost, start_time, late_cos
 def test_deadline_dp_equals_the_plain_recurrence(jobs, limits, cost, start, late_cost):
     jobs.sort(key=lambda j: j[1])
     lengths, deadlines = [n for n, _ in jobs], [start + d for _, d in jobs]
-    got = dp.deadline_dp(lengths, deadlines, limits, cost, start, late_cost)
+    got = recurrences.deadline_dp(lengths, deadlines, limits, cost, start, late_cost)
     assert got == deadline_dp_reference(lengths, deadlines, limits, cost, start, late_cost)
 
 
@@ -276,7 +276,7 @@ def test_deadline_dp_leaves_out_what_it_cannot_serve_in_time():
     # (late) in the first batch, delaying the two behind it past their deadlines too.
     cost = CostModel([0.1, 0.0, 0.0, 0.0], [1.0], [1.0])  # 0.1 s a batch, whatever is in it
     limits = Limits(max_batch_tokens=1000, max_batch_requests=1)
-    segments, left_out = dp.deadline_dp([10, 10, 10], [0.05, 0.1, 0.2], limits, cost, 0.0)
+    segments, left_out = recurrences.deadline_dp([10, 10, 10], [0.05, 0.1, 0.2], limits, cost, 0.0)
     assert left_out == [0] and segments == [(1, 2), (2, 3)]
 
 
@@ -287,8 +287,8 @@ def test_a_finite_late_cost_trades_a_late_request_for_a_fuller_batch():
     cost = CostModel([0.09, 0.01, 0.0, 0.0], [1.0], [1.0])
     limits = Limits(max_batch_tokens=1000, max_batch_requests=3)
     due = [0.1, 0.3, 0.3]
-    assert dp.deadline_dp([10, 10, 10], due, limits, cost, 0.0) == ([(0, 1), (1, 3)], [])
-    assert dp.deadline_dp([10, 10, 10], due, limits, cost, 0.0, late_cost=0.06) == ([(1, 3)], [0])
+    assert recurrences.deadline_dp([10, 10, 10], due, limits, cost, 0.0) == ([(0, 1), (1, 3)], [])
+    assert recurrences.deadline_dp([10, 10, 10], due, limits, cost, 0.0, late_cost=0.06) == ([(1, 3)], [0])
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
