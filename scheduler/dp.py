@@ -10,8 +10,9 @@
 3. Deadlines. Batches run earliest-deadline first. If that order still leaves a request late, an
    EDF DP (requests in deadline order, consecutive batches, minimising (late count, finish time)) is
    tried; it may leave a request out (late, run after the others) rather than spend device time on a
-   request it cannot serve in time. For classes of at most EXACT_LIMIT requests an exact subset search finds a plan that
-   meets every deadline whenever one exists. Requests that would be late even alone are reported.
+   request it cannot serve in time. For classes of at most EXACT_LIMIT requests an exact subset search
+   finds a plan that meets every deadline whenever one exists. Requests that would be late even alone
+   are reported. (Both DPs: scheduler/recurrences.py.)
 4. Bounded wait: with everything in one batch that is still cheap per token to grow, hold it while no
    deadline is put at risk and the oldest request has waited less than max_wait.
 5. Overload. Requests that would miss their deadline even alone go behind the others, and so do those
