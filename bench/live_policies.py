@@ -195,7 +195,7 @@ def print_medians(runs: list[dict]) -> None:
     print("\nmedians over repeats:")
     print(f"{'load':>5} {'policy':12} {'runs':>4} {'live good/s':>11} {'sim good/s':>10} {'live slo':>8} {'sim slo':>8} "
           f"{'live p99':>8} {'sim p99':>8} {'cost err':>8} {'live/sim good':>13} {'device-only good/s':>18} "
-          f"{'device-only slo':>15} {'sim@run good/s':>14}")
+          f"{'device-only slo':>15} {'sim@run good/s':>14} {'learning good/s':>15}")
     for load in sorted({r["load"] for r in runs}):
         for policy in dict.fromkeys(r["live"]["policy"] for r in runs):
             mine = [r for r in runs if r["load"] == load and r["live"]["policy"] == policy]
@@ -208,7 +208,8 @@ def print_medians(runs: list[dict]) -> None:
                   f"{med(lambda r: r['live']['goodput'] / max(r['sim']['goodput'], 1e-9)):13.2f} "
                   f"{med(lambda r: r['sim_device']['goodput']):18.2f} "
                   f"{med(lambda r: r['sim_device']['slo_attainment']):15.1%} "
-                  f"{med(lambda r: r['sim_run']['goodput'] if 'sim_run' in r else float('nan')):14.2f}")
+                  f"{med(lambda r: r['sim_run']['goodput'] if 'sim_run' in r else float('nan')):14.2f} "
+                  f"{med(lambda r: r['sim_learn']['goodput'] if 'sim_learn' in r else float('nan')):15.2f}")
 
 
 def main() -> int:
@@ -295,11 +296,15 @@ def main() -> int:
             server.stop()
         sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device or cost, slo, cost, host).row()
         sim_device = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
+        # As `sim`, with the planner's model learning from every simulated batch as the server's does (EWMA knots,
+        # and the overrun dp's shedding plans with): the server as it runs, where `sim` keeps its starting model.
+        sim_learn = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device or cost, slo, cost, host,
+                             refine=True).row()
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
         sim_end = simulate(Trace(arrivals, lengths), sim_config(policy), limits, end_cost, slo).row()
         run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim,
-               "sim_device": sim_device, "sim_end": sim_end, "start_model": cost.to_json()}
+               "sim_device": sim_device, "sim_learn": sim_learn, "sim_end": sim_end, "start_model": cost.to_json()}
         if device is not None:  # and at the speed the machine ran during this run (see bench/host_load.py)
             run["speed"], sim_run = simulate_at_run_speed(Trace(arrivals, lengths), sim_config(policy), limits, results,
                                                           profiled, host, cost, slo)
@@ -310,7 +315,7 @@ def main() -> int:
               f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
               f"batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} | "
               f"sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
-              f"slo {sim['slo_attainment']:6.1%} | device only: good {sim_device['goodput']:6.2f}/s "
+              f"slo {sim['slo_attainment']:6.1%} | learning: good {sim_learn['goodput']:6.2f}/s | device only: good {sim_device['goodput']:6.2f}/s "
               f"slo {sim_device['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s"
               + (f" | sim@run (speed {run['speed']:.2f}): good {run['sim_run']['goodput']:6.2f}/s" if "sim_run" in run else ""),
               flush=True)
