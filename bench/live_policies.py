@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
+from bench.harness import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.host_load import LiveBatch, fit_host, live_batches, simulate_at_run_speed  # noqa: E402
-from bench.loadgen import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.simulate import slo_capacity  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from configs.settings import SchedulerSettings  # noqa: E402

@@ -34,7 +34,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.loadgen import SpawnedServer, machine_info, percentile
+from bench.harness import SpawnedServer, machine_info, percentile
 from bench.workload import make_texts
 
 COSINE_TOLERANCE = 1e-4
