@@ -59,6 +59,8 @@ class Engine:
         self.embedder = embedder
         self.cost = cost
         self.metrics = metrics
+        if cost is not None:
+            metrics.cost_overrun.set_function(cost.pessimism)  # read at scrape time
         sched = settings.scheduler
         policy = policy_config(sched)
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)

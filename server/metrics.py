@@ -50,6 +50,10 @@ class Metrics:
             "turboserve_cost_model_error_ratio", "|predicted - observed| / observed batch time, before refinement.",
             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
         self._recent_errors: deque[float] = deque(maxlen=512)
+        self.cost_overrun = Gauge(
+            "turboserve_cost_model_overrun_ratio", "Running 90th percentile of observed / predicted batch time (the "
+            "factor dp's overload shedding plans with; 1 until batches overrun the model).", registry=r)
+        self.cost_overrun.set(1.0)
 
     # Observer hooks, called from the worker thread.
     def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None:

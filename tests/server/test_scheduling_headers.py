@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -46,6 +47,20 @@ def test_info_reports_the_scheduler(client):
     assert info["policy"] == "dp" and info["slo_ms"] == 2000.0
     assert set(info["cost_model"]["coefficients_seconds"]) == {"batch", "sequence", "token", "squared_token"}
     assert "cost_model_error" in info
+
+
+def test_the_model_overrun_is_in_info_and_metrics(srv, client):
+    assert client.post("/embed", json={"inputs": "a text"}).status_code == 200
+    cost = srv.app.state.engine.cost
+    saved = cost.overrun
+    try:
+        cost.overrun = math.log(1.5)  # as if batches had run 1.5x their prediction 1 time in 10
+        assert client.get("/info").json()["scheduler"]["cost_model"]["overrun_p90_ratio"] == pytest.approx(1.5)
+        line = next(x for x in client.get("/metrics").text.splitlines()
+                    if x.startswith("turboserve_cost_model_overrun_ratio "))
+        assert float(line.split()[1]) == pytest.approx(1.5)
+    finally:
+        cost.overrun = saved
 
 
 def test_missed_deadlines_are_counted(srv, client):
