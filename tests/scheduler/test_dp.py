@@ -271,6 +271,23 @@ def test_deadline_dp_equals_the_plain_recurrence(jobs, limits, cost, start, late
     assert got == deadline_dp_reference(lengths, deadlines, limits, cost, start, late_cost)
 
 
+@settings(max_examples=150, deadline=None)
+@given(jobs=st.lists(st.tuples(st.integers(1, 300), st.floats(0.0, 1.0)), max_size=40), limits=LIMITS, cost=COSTS,
+       late_cost=st.sampled_from([math.inf, 0.05]))
+def test_deadline_dp_runs_no_request_late(jobs, limits, cost, late_cost):
+    # With a cost that grows with every member, a batch whose first members would be late is beaten by leaving
+    # them out: what the DP runs is in time, what it cannot serve in time it leaves out; each request once.
+    jobs.sort(key=lambda j: j[1])
+    lengths, deadlines = [n for n, _ in jobs], [d for _, d in jobs]
+    segments, left_out = recurrences.deadline_dp(lengths, deadlines, limits, cost, 0.0, late_cost)
+    assert sorted([i for s, e in segments for i in range(s, e)] + left_out) == list(range(len(jobs)))
+    t = 0.0
+    for s, e in segments:
+        batch = lengths[s:e]
+        t += float(cost.predict(len(batch), float(sum(batch)), float(sum(x * x for x in batch))))
+        assert all(deadlines[i] >= t - 1e-9 for i in range(s, e))
+
+
 def test_deadline_dp_leaves_out_what_it_cannot_serve_in_time():
     # The first request is due before any batch could end: without leaving it out the DP had to run it
     # (late) in the first batch, delaying the two behind it past their deadlines too.
