@@ -54,7 +54,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cost", help="saved cost model JSON (default: the newest in ~/.cache/turboserve)")
     ap.add_argument("--slo-ms", type=float, default=2000.0)
-    ap.add_argument("--requests", type=int, default=1500, help="requests per trace")
+    ap.add_argument("--requests", type=int, default=3000,
+                    help="requests per trace (1,500 hid how policies hold up over a long spell past capacity)")
     ap.add_argument("--loads", default="0.3,0.5,0.7,0.8,0.85,0.9,0.95,1.0,1.05,1.1,1.2", help="offered load / capacity")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--max-batch-requests", type=int, default=64)
