@@ -136,7 +136,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.recommender = None
     app.state.embeddings_enabled = settings.embeddings.enabled
     app.state.draining = False
-    edge_state = {"in_flight": 0}
+    edge_state = {"in_flight": 0, "last_activity": 0.0}
 
     def begin_drain() -> None:
         """Readiness off and new requests refused (503) from now on; admitted ones carry on."""
@@ -150,6 +150,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
 
     app.state.begin_drain = begin_drain
     app.state.busy = busy
+    app.state.last_activity = lambda: edge_state["last_activity"]  # time.monotonic() a request last came or went
     app.state.metrics = metrics
     app.state.started_at = int(time.time())
     retry_after = str(settings.scheduler.retry_after_s)

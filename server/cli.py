@@ -151,7 +151,8 @@ def serve(args: argparse.Namespace) -> int:
     # line is EdgeMiddleware's (it has the request id and the timings).
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=s.shutdown_timeout_s)
-    DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s).run()
+    DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
+                   last_activity=app.state.last_activity).run()
     return 0
 
 

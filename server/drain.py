@@ -3,13 +3,22 @@
 uvicorn on its own closes its listening socket at the first SIGTERM, so a client that connects during
 the drain gets "connection refused" and a load balancer sees the pod vanish. Here the first SIGTERM only
 flips the server to draining: readiness probes and every new request get 503 (with Retry-After), while
-requests already admitted run to completion. When none is left (or `shutdown_timeout_s` is nearly
-spent) uvicorn's own shutdown runs: sockets close, the batching worker drains, the process exits. A
-second SIGTERM, or SIGINT (Ctrl-C), exits at once as uvicorn does.
+requests already admitted run to completion. When none is left and no request has arrived or been answered
+for QUIET_S (at most QUIET_MAX_S more), or `shutdown_timeout_s` is nearly spent, uvicorn's own shutdown runs: sockets
+close, the batching worker drains, the process exits. A second SIGTERM, or SIGINT (Ctrl-C), exits at once
+as uvicorn does.
+
+uvicorn's shutdown closes every connection with no request in progress, including one accepted a moment
+before whose request bytes the event loop has not read yet: its client sees "disconnected without a
+response" for a request that was sent. So the quiet period lets clients still sending get their 503 (and
+back off) before the listener closes, and after it closes, connections already accepted get their requests
+read and answered (503) before uvicorn closes the idle ones. A connection still in the kernel's accept
+queue when the listener closes is reset: that window is what the quiet period makes small.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -20,15 +29,20 @@ import uvicorn
 
 log = logging.getLogger(__name__)
 
+QUIET_S = 0.2  # once idle, exit after this long without a request arriving or being answered...
+QUIET_MAX_S = 1.0  # ...or this long after idle, whichever first (clients retrying at once would keep it busy)
+ACCEPTED_GRACE_S = 0.05  # after the listener closes, event-loop time for requests already accepted to be read
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM drains instead of closing the door."""
 
     def __init__(self, config: uvicorn.Config, begin_drain: Callable[[], None], busy: Callable[[], int],
-                 shutdown_timeout_s: float, poll_s: float = 0.02):
+                 shutdown_timeout_s: float, poll_s: float = 0.02, last_activity: Callable[[], float] = lambda: 0.0):
         super().__init__(config)
         self.begin_drain = begin_drain
         self.busy = busy
+        self.last_activity = last_activity  # time.monotonic() a request last arrived or was answered (0: never)
         self.shutdown_timeout_s = shutdown_timeout_s
         self.poll_s = poll_s
         self.drain_started: float | None = None
@@ -50,6 +64,22 @@ class DrainingServer(uvicorn.Server):
             time.sleep(self.poll_s)
         if left:
             log.warning("drain deadline reached with %d requests still running", left)
+        else:  # idle: wait for a quiet spell, so that clients still sending get their 503 first
+            quiet_until = min(time.monotonic() + QUIET_MAX_S, deadline)
+            while time.monotonic() - self.last_activity() < QUIET_S and time.monotonic() < quiet_until:
+                time.sleep(self.poll_s)
         self.config.timeout_graceful_shutdown = max(0.5, self.drain_started + self.shutdown_timeout_s - time.monotonic() - 0.5)
         log.info("drained in %.2f s; shutting down", time.monotonic() - self.drain_started)
         self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.drain_started is not None and not self.force_exit:
+            for server in self.servers:  # stop accepting (uvicorn's shutdown closes them again: a no-op)
+                server.close()
+            # Requests on connections accepted just before: read them and answer them (503) before uvicorn
+            # closes the connections it finds idle.
+            await asyncio.sleep(ACCEPTED_GRACE_S)
+            until = time.monotonic() + QUIET_MAX_S
+            while self.busy() and time.monotonic() < until:
+                await asyncio.sleep(self.poll_s)
+        await super().shutdown(sockets)

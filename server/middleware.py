@@ -52,7 +52,7 @@ class EdgeMiddleware:
     def __init__(self, app, metrics: Metrics, payload_limit: int, api_key: str | None, counters: dict | None = None,
                  open_paths: Iterable[str] = (), access_log: bool = False):
         self.app = app
-        self.counters = counters if counters is not None else {"in_flight": 0}  # read by the SIGTERM drain
+        self.counters = counters if counters is not None else {"in_flight": 0, "last_activity": 0.0}  # for the drain
         self.metrics = metrics
         self.payload_limit = payload_limit
         self.api_key = api_key.encode() if api_key else None
@@ -64,10 +64,12 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         self.counters["in_flight"] += 1
+        self.counters["last_activity"] = time.monotonic()
         try:
             await self._handle(scope, receive, send)
         finally:
             self.counters["in_flight"] -= 1
+            self.counters["last_activity"] = time.monotonic()  # a client often sends its next request right away
 
     async def _handle(self, scope, receive, send):
         incoming_id = _header(scope, b"x-request-id")

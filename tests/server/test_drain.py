@@ -82,7 +82,7 @@ def test_sigterm_drains_admitted_requests_and_refuses_new_ones(tmp_path):
     text = log.read_text()
     assert exited_at - term_at < 21, text[-2000:]
     lost = [r for r in results if isinstance(r[2], str) and r[2].startswith("lost")]
-    assert not lost, lost
+    assert not lost, (lost, term_at, exited_at, text[-3000:])
     before = [r for r in results if r[0] < term_at]
     # Sent before SIGTERM: answered 200 with one vector per input (admitted, even if it ran after SIGTERM),
     # or 503 when it reached the server only after the drain began (refused, never admitted).
