@@ -173,36 +173,42 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     Within a priority, requests that would miss their deadline even if run alone right now go behind
     those that can still make it: under overload the server spends its time on requests it can still
     answer in time (they are still served, never dropped, and reported as infeasible). The demotion
-    lasts `late_grace` SLOs past the deadline; after that a late request rejoins its class in deadline
-    order, so no request starves behind a stream of fresh ones."""
+    lasts `late_grace` SLOs past the deadline; after that a late request is overdue and runs before the
+    rest of its priority (neither shed nor left out), so no request starves behind a stream of fresh ones."""
     if len(requests) == 1:  # nothing to choose: skip the numpy machinery (~0.3 ms) on the latency path
         return evaluate([Batch((0,), requests[0].length)], requests, cost, now)
     pending = Pending(requests, cost)
     lengths, deadlines = pending.length_arr, pending.deadline_arr
     alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
     hopeless = now + alone > deadlines
+    overdue = np.zeros_like(hopeless)
     if hopeless.any():
-        # Demote while it is hopeless, but only until late_grace SLOs (deadline - arrival) past its
-        # deadline (an infinite deadline with late_grace 0 gives nan there: never hopeless, as it should be).
+        # Demote while it is hopeless, but only until late_grace SLOs (deadline - arrival) past its deadline;
+        # then it is overdue and goes first in its priority (an infinite deadline with late_grace 0 gives nan
+        # there: never overdue, as it should be).
         arrivals = np.array([r.arrival for r in requests], dtype=np.float64)
         with np.errstate(invalid="ignore"):
-            hopeless &= now < deadlines + config.late_grace * (deadlines - arrivals)
+            overdue = hopeless & (now >= deadlines + config.late_grace * (deadlines - arrivals))
+        hopeless &= ~overdue
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)
     if config.shed_longest:
         shares = batch_shares(lengths, limits, cost)
-        shed = shed_overload(pending, now, hopeless, np.array(priorities), shares * cost.pessimism(), horizon)
+        # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
+        start = now + float(shares[overdue].sum())
+        shed = shed_overload(pending, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
+                             horizon) & ~overdue
         if (shed != hopeless).any():
             # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request
             # go late when that saves more than LATE_COST_SHARES typical requests' worth of device time
             # (as the model predicts it: the DPs' own time scale).
             late_cost = LATE_COST_SHARES * float(np.median(shares))
         hopeless = shed
-    # Classes by (priority, can still make it), highest first; members in index order.
-    if hopeless.any() or priorities.count(priorities[0]) != len(priorities):
+    # Classes by (priority; overdue, can still make it, hopeless), highest first; members in index order.
+    if hopeless.any() or overdue.any() or priorities.count(priorities[0]) != len(priorities):
         rank = np.unique(np.array(priorities), return_inverse=True)[1].reshape(-1)  # any ints: no overflow
-        code = rank * 2 + ~hopeless
+        code = rank * 3 + np.where(overdue, 2, np.where(hopeless, 0, 1))
         classes = [np.flatnonzero(code == key) for key in np.unique(code)[::-1]]
     else:
         classes = [np.arange(len(requests))]

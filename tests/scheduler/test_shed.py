@@ -109,3 +109,17 @@ def test_a_model_whose_batches_overrun_sheds_sooner():
     overrun.overrun = float(np.log(2.0))
     shed = batches(overrun)
     assert set(shed[-1]) == {200} and shed[0].count(200) < 5  # some long ones now run after every short one
+
+
+def test_an_overdue_request_runs_first_even_while_shedding():
+    # Overload: 40 fresh requests, all due in 0.3 s, far more than fit. One old request is late_grace SLOs
+    # past its deadline: it must not starve behind the stream of fresh ones (neither shed nor left out).
+    cost = CostModel.linear(0.01, 0.0005, 0.0, 0.0002)
+    fresh = [Request(64, 0.0, 0.3) for _ in range(40)]
+    old = Request(200, -10.0, -9.0)  # SLO 1 s, 9 s past its deadline
+    limits = Limits(4096, 16)
+    overdue = plan([*fresh, old], limits, cost, 0.0, PolicyConfig("dp", late_grace=4.0))
+    assert 40 in overdue.batches[0].indices
+    assert len(overdue.late) > 1  # the overload is real: others are planned late too
+    within_grace = plan([*fresh, old], limits, cost, 0.0, PolicyConfig("dp", late_grace=20.0))
+    assert 40 not in within_grace.batches[0].indices  # still in its grace: behind the ones that can make it
