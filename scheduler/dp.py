@@ -193,18 +193,18 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)
-    if config.shed_longest:
+    if config.shed_longest and np.isfinite(deadlines).any():
         shares = batch_shares(lengths, limits, cost)
         # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
         start = now + float(shares[overdue].sum())
-        shed = shed_overload(pending, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
-                             horizon) & ~overdue
-        if (shed != hopeless).any():
+        shed = shed_overload(deadlines, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
+                             horizon)
+        if shed.any():
             # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request
             # go late when that saves more than LATE_COST_SHARES typical requests' worth of device time
             # (as the model predicts it: the DPs' own time scale).
             late_cost = LATE_COST_SHARES * float(np.median(shares))
-        hopeless = shed
+            hopeless |= shed
     # Classes by (priority; overdue, can still make it, hopeless), highest first; members in index order.
     if hopeless.any() or overdue.any() or priorities.count(priorities[0]) != len(priorities):
         rank = np.unique(np.array(priorities), return_inverse=True)[1].reshape(-1)  # any ints: no overflow

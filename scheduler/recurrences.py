@@ -54,17 +54,21 @@ def _window_costs(lengths: np.ndarray, limits: Limits, cost: CostModel) -> Itera
         yield c
 
 
-def _walk_back(choice: Sequence[int], n: int) -> list[tuple[int, int]]:
+def _walk_back(choice: Sequence[int], n: int) -> tuple[list[tuple[int, int]], list[int]]:
     """Recover [start, end) segments from the DP's choices (choice[i]: size - 1 of the last batch of the
-    best plan of the first i); covers 0..n exactly once."""
-    segments = []
+    best plan of the first i, or -1: request i-1 left out), and the positions left out; together they cover
+    0..n exactly once."""
+    segments, left_out = [], []
     end = n
     while end > 0:
-        start = end - int(choice[end]) - 1
-        segments.append((start, end))
-        end = start
-    segments.reverse()
-    return segments
+        if choice[end] < 0:
+            end -= 1
+            left_out.append(end)
+        else:
+            start = end - int(choice[end]) - 1
+            segments.append((start, end))
+            end = start
+    return segments[::-1], left_out[::-1]
 
 
 def cost_dp(lengths: Sequence[int], limits: Limits, cost: CostModel) -> tuple[list[tuple[int, int]], float]:
@@ -86,7 +90,7 @@ def cost_dp(lengths: Sequence[int], limits: Limits, cost: CostModel) -> tuple[li
             c_rev[lo:lo + len(block)] = block[:, ::-1]
         picks = _relax(best, c_rev, full_batches + RELAX_SLACK)
         if picks is not None:
-            return _walk_back(width - 1 - picks, n), float(best[-1])
+            return _walk_back(width - 1 - picks, n)[0], float(best[-1])
         blocks = [c_rev]  # plans of many small batches: not settled, go row by row
     else:
         blocks = (block[:, ::-1] for block in _window_costs(arr, limits, cost))
@@ -101,7 +105,7 @@ def cost_dp(lengths: Sequence[int], limits: Limits, cost: CostModel) -> tuple[li
             best[i + width] = totals[k]
             picks.append(k)
             i += 1
-    return _walk_back(width - 1 - np.array(picks), n), float(best[-1])
+    return _walk_back(width - 1 - np.array(picks), n)[0], float(best[-1])
 
 
 def _relax(best: np.ndarray, c_rev: np.ndarray, rounds: int) -> np.ndarray | None:
@@ -182,13 +186,4 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
                 finish[a - 1] = t[k]
                 late_less_j[a - 1] = score[k] - i
                 picks.append(k)
-    segments, left_out = [], []
-    end = n
-    while end > 0:
-        if picks[end] < 0:
-            end -= 1
-            left_out.append(end)
-        else:
-            segments.append((end - picks[end] - 1, end))
-            end -= picks[end] + 1
-    return segments[::-1], left_out[::-1]
+    return _walk_back(picks, n)

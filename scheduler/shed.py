@@ -17,7 +17,6 @@ import heapq
 import numpy as np
 
 from scheduler.cost_model import CostModel
-from scheduler.packing import Pending
 from scheduler.planner import Limits
 
 
@@ -59,22 +58,18 @@ def shed_for_deadlines(members: np.ndarray, shares: np.ndarray, deadlines: np.nd
     return np.array(dropped, dtype=members.dtype)
 
 
-def shed_overload(pending: Pending, now: float, hopeless: np.ndarray, priorities: np.ndarray, shares: np.ndarray,
+def shed_overload(deadlines: np.ndarray, now: float, excluded: np.ndarray, priorities: np.ndarray, shares: np.ndarray,
                   horizon: int) -> np.ndarray:
-    """`hopeless`, plus the requests `shed_for_deadlines` drops from each priority class (highest first, each
-    starting after the work the classes above keep; the first `horizon` of each in deadline order), each
-    request taking `shares[i]` seconds."""
-    deadlines = pending.deadline_arr
-    if not np.isfinite(deadlines).any():
-        return hopeless
-    out = hopeless.copy()
+    """Which requests `shed_for_deadlines` drops (a mask) from each priority class, highest first, each class
+    starting after the work the classes above keep; requests in `excluded` are not considered; the first
+    `horizon` of each class in deadline order; request i takes `shares[i]` seconds."""
+    dropped = np.zeros(len(deadlines), dtype=bool)
     start = now
     for level in np.unique(priorities)[::-1]:
-        members = np.flatnonzero((priorities == level) & ~hopeless)
+        members = np.flatnonzero((priorities == level) & ~excluded)
         if not members.size:
             continue
-        dropped = shed_for_deadlines(members, shares, deadlines, start, horizon)
-        out[dropped] = True
-        kept = np.setdiff1d(members, dropped, assume_unique=True)
-        start += float(shares[kept].sum())
-    return out
+        gone = shed_for_deadlines(members, shares, deadlines, start, horizon)
+        dropped[gone] = True
+        start += float(shares[members[~dropped[members]]].sum())  # what this class keeps runs first
+    return dropped

@@ -249,15 +249,7 @@ def deadline_dp_reference(lengths, deadlines, limits, cost, start_time, late_cos
         if (late[i - 1] + 1) * weight + finish[i - 1] < best[0]:  # leave request i-1 out: late, no time
             best = (None, late[i - 1] + 1, finish[i - 1], -1)
         _, late[i], finish[i], choice[i] = best
-    segments, left_out, end = [], [], n
-    while end:
-        if choice[end] < 0:
-            end -= 1
-            left_out.append(end)
-        else:
-            segments.append((end - choice[end] - 1, end))
-            end -= choice[end] + 1
-    return segments[::-1], left_out[::-1]
+    return recurrences._walk_back(choice, n)
 
 
 @settings(max_examples=150, deadline=None)
