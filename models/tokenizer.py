@@ -49,7 +49,9 @@ class TextTokenizer:
 
     def encode(self, texts: list[str], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
         """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate."""
-        encodings = self._by_direction[direction].encode_batch(texts)
+        tok = self._by_direction[direction]
+        # One text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms).
+        encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
         out = []
         for i, enc in enumerate(encodings):
             truncated = bool(enc.overflowing)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.errors import InvalidRequest
+from server.jsonout import dumps
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -133,11 +134,11 @@ def encode_infer_response(model: str, request_id: str | None, vectors: np.ndarra
         raw = vectors.astype("<f4").tobytes()
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
-        output["data"] = vectors.reshape(-1).tolist()
+        output["data"] = vectors.reshape(-1)
     doc: dict = {"model_name": model, "model_version": "1", "outputs": [output]}
     if request_id is not None:
         doc["id"] = request_id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = dumps(doc)
     if not binary:
         return head, {"content-type": "application/json"}
     return head + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
@@ -225,12 +226,12 @@ def encode_tensors(model: str, request_id: str | None, outputs: dict[str, np.nda
             out["parameters"] = {"binary_data_size": len(raw)}
             raws.append(raw)
         else:
-            out["data"] = array.reshape(-1).tolist()
+            out["data"] = array.reshape(-1)
         docs.append(out)
     doc: dict = {"model_name": model, "model_version": "1", "outputs": docs}
     if request_id is not None:
         doc["id"] = request_id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = dumps(doc)
     if not binary:
         return head, {"content-type": "application/json"}
     return head + b"".join(raws), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

@@ -105,14 +105,15 @@ class Recommender:
         k = as_keys(keys, "keys")
         self._check_count(k.size)
         try:
-            v = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1) if len(vectors) else np.zeros((0, dim), np.float32)
+            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+                v = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1) if len(vectors) else np.zeros((0, dim), np.float32)
         except ValueError:  # ragged rows
             raise InvalidRequest(f"table {table!r} has dim {dim}: every vector must have {dim} values") from None
         if v.shape != (k.size, dim):
             raise InvalidRequest(f"table {table!r} has dim {dim}: vectors must be [{k.size}, {dim}] for {k.size} keys, "
                                  f"got {list(v.shape)}")
         if not np.isfinite(v).all():
-            raise InvalidRequest("vectors must be finite (no NaN or infinity)")
+            raise InvalidRequest("vectors must be finite float32 values (no NaN, no infinity, |x| < 3.4e38)")
         self.ps.update(table, torch.from_numpy(k), torch.from_numpy(v))
         return int(k.size)
 

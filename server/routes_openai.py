@@ -66,7 +66,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     if body.encoding_format == "base64":
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
-        rows = vectors.tolist()
+        rows = list(vectors)  # numpy rows: orjson writes them
     return json_response({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],

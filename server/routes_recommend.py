@@ -60,7 +60,7 @@ async def recommend(body: RecommendRequest, request: Request):
         raise InvalidRequest(f"dense rows must all have the same length, got {sorted({len(row) for row in body.dense})}")
     dense = np.asarray(body.dense, dtype=np.float32) if body.dense else np.zeros((0, 0), np.float32)
     scores = await _timed(request, rec.score, dense, sparse)
-    return json_response({"model": rec.name, "scores": scores.tolist()})
+    return json_response({"model": rec.name, "scores": scores})
 
 
 @router.post("/embeddings/lookup")
@@ -68,7 +68,7 @@ async def lookup(body: LookupRequest, request: Request):
     rec = recommender_of(request)
     dim = rec.dim(body.table)
     vectors, found = await _timed(request, rec.lookup, body.table, body.keys)
-    return json_response({"table": body.table, "dim": dim, "vectors": vectors.tolist(), "found": found.tolist()})
+    return json_response({"table": body.table, "dim": dim, "vectors": vectors, "found": found})
 
 
 @router.post("/embeddings/update")

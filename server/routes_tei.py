@@ -40,7 +40,7 @@ async def embed(body: EmbedRequest, request: Request):
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction)
     vectors = finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
-    return json_response(vectors.tolist())
+    return json_response(vectors)
 
 
 class Info(BaseModel):
