@@ -31,7 +31,7 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 
 # Routes reachable without the API key by default: probes and scrapers carry none.
-OPEN_PATHS = ("/health", "/metrics", "/v2/health/live", "/v2/health/ready")
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
 class _Section(BaseModel):

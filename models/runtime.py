@@ -27,8 +27,9 @@ class Embedder(Protocol):
 
     dim: int
 
-    def embed(self, sequences: list[list[int]]) -> np.ndarray:
-        """Return float32 [len(sequences), dim], pooled and not normalised."""
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
+        """Return float32 [len(sequences), dim], pooled and not normalised; with per_token, a list whose
+        flagged entries are instead the last hidden state of every token, [length, dim]."""
         ...
 
 
@@ -64,13 +65,24 @@ class EncoderEmbedder:
         self.dim = encoder.cfg.hidden_size
 
     @torch.inference_mode()
-    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
         batch = PackedBatch.from_ids(sequences, self.position_offset, self.device)
         if self.arena is None:
-            return pool(self.encoder(batch), batch, self.pooling).cpu().numpy()  # [B, H]
+            return self._outputs(self.encoder(batch), batch, per_token)
         with self.arena.batch(batch.input_ids.shape[0]) as ws:
             hidden = self.encoder(batch, ws)  # [T, H], in the arena
-            return pool(hidden, batch, self.pooling).cpu().numpy()
+            return self._outputs(hidden, batch, per_token)
+
+    def _outputs(self, hidden: torch.Tensor, batch: PackedBatch, per_token: list[bool] | None) -> np.ndarray | list[np.ndarray]:
+        pooled = pool(hidden, batch, self.pooling).cpu().numpy()  # [B, H]
+        if not per_token or not any(per_token):
+            return pooled
+        out = list(pooled)
+        cu = batch.cu_seqlens
+        for i in (i for i, flag in enumerate(per_token) if flag):
+            # A copy: on the CPU .float().cpu().numpy() would share memory with `hidden` (the arena's).
+            out[i] = np.array(hidden[cu[i]:cu[i + 1]].float().cpu().numpy(), copy=True)
+        return out
 
 
 def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",

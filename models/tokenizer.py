@@ -74,3 +74,23 @@ class TextTokenizer:
                 raise InvalidTokens(f"input {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
             out.append(Encoded(list(ids), False))
         return out
+
+    def describe(self, texts: list[str], add_special_tokens: bool = True) -> list[list[dict]]:
+        """TEI's /tokenize: per token its id, its text (the input's characters, or the special token itself),
+        whether it is special, and its [start, stop) character offsets in the input (None for special tokens).
+        Not truncated: this shows what the model would see before any truncation."""
+        out = []
+        for text, enc in zip(texts, self._full.encode_batch(texts, add_special_tokens=add_special_tokens)):
+            out.append([{"id": tid, "text": name, "special": True, "start": None, "stop": None} if special else
+                        {"id": tid, "text": text[start:stop], "special": False, "start": start, "stop": stop}
+                        for tid, (start, stop), special, name in
+                        zip(enc.ids, enc.offsets, enc.special_tokens_mask, enc.tokens)])
+        return out
+
+    def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """TEI's /decode: the text of each list of token ids; InvalidTokens for an id outside the vocabulary."""
+        for i, ids in enumerate(sequences):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidTokens(f"ids {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+        return self._full.decode_batch(sequences, skip_special_tokens=skip_special_tokens)

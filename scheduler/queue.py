@@ -34,6 +34,8 @@ class WorkItem:
     # Hard: past this instant (same clock) the answer is useless (the request timed out), so the worker
     # fails the item with DeadlineExceeded instead of computing it, even if nobody cancelled it yet.
     expires_at: float = math.inf
+    # The model's last hidden state for every token ([length, dim], TEI's /embed_all) instead of the pooled vector.
+    per_token: bool = False
     # Set by whoever cancels the future, before cancelling, so the drop is counted under the right reason.
     drop_reason: str = DISCONNECT
     # Filled by the worker, read by the route for timing headers.

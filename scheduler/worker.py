@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 class Runner(Protocol):
     """Anything that turns a batch of token-id lists into one output row each."""
 
-    def embed(self, sequences: list[list[int]]) -> Sequence: ...
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> Sequence:
+        """One output per sequence: pooled, or every token's for those flagged in per_token (passed only when
+        some are)."""
 
 
 class Observer(Protocol):
@@ -115,7 +117,8 @@ class BatchWorker:
         the part that raised it, and only those. The loop goes on either way.
         """
         try:
-            done.extend(zip(batch, self.runner.embed([it.ids for it in batch])))
+            ids, flags = [it.ids for it in batch], [it.per_token for it in batch]
+            done.extend(zip(batch, self.runner.embed(ids, flags) if any(flags) else self.runner.embed(ids)))
             return True
         except Exception as exc:
             if is_out_of_memory(exc) and len(batch) > 1:

@@ -165,14 +165,16 @@ class Engine:
             raise InvalidRequest(f"x-request-timeout-ms must be a positive number of milliseconds, got {raw!r}")
         return min(ms / 1000, limit)
 
-    async def run(self, encoded: list[Encoded], request: Request, timing: Timing) -> np.ndarray:
-        """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled."""
+    async def run(self, encoded: list[Encoded], request: Request, timing: Timing,
+                  per_token: bool = False) -> np.ndarray | list[np.ndarray]:
+        """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled, or
+        with per_token a list of [length, dim], every token's last hidden state."""
         slo, priority = self.scheduling(request)
         timeout = self.request_timeout(request)
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
-        items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority, expires_at=expires_at)
-                 for e in encoded]
+        items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority, expires_at=expires_at,
+                          per_token=per_token) for e in encoded]
         if not self.worker.alive:
             raise NotReady("the batching worker has stopped")
         if expires_at <= now:
@@ -202,7 +204,7 @@ class Engine:
         timing.tokens = sum(it.length for it in items)
         timing.queue = max(it.queue_seconds for it in items)
         timing.inference = max(it.inference_seconds for it in items)
-        return np.stack(rows)
+        return list(rows) if per_token else np.stack(rows)
 
     def _wake(self) -> None:
         self._wake_pending = False

@@ -1,46 +1,169 @@
-"""Text Embeddings Inference API: POST /embed, GET /info, GET /health."""
+"""Text Embeddings Inference API: POST /embed, /embed_all, /similarity, /tokenize, /decode; GET /info, /health;
+TEI's aliases (POST / and /invocations embed; GET / and /ping are the health check); /rerank, /predict and
+/embed_sparse answer 424 as TEI does for a model of another kind."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field
+from starlette.concurrency import run_in_threadpool
 
 import server
 from models.runtime import finish_embedding
-from scheduler.errors import NotReady
+from scheduler.errors import BackendError, NotReady
 from server.deps import engine_of, json_response, timing_of
-from server.errors import InvalidRequest, error_responses
+from server.errors import EmptyInput, InvalidRequest, error_responses
 
 router = APIRouter(tags=["tei"], responses=error_responses("tei"))
+
+
+def _lower(value):
+    return value.lower() if isinstance(value, str) else value
+
+
+Direction = Annotated[Literal["right", "left"], BeforeValidator(_lower)]  # TEI spells them "Right" / "Left" too
 
 
 class EmbedRequest(BaseModel):
     inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
     normalize: bool = True
     truncate: bool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them (413).")
-    truncation_direction: Literal["right", "left"] = "right"
+    truncation_direction: Direction = "right"
     dimensions: int | None = Field(None, ge=1)
     prompt_name: str | None = None
 
-    @field_validator("truncation_direction", mode="before")
-    @classmethod
-    def _lower(cls, value):
-        # TEI spells them "Right" / "Left"; accept both spellings.
-        return value.lower() if isinstance(value, str) else value
+
+def _no_prompts(prompt_name: str | None) -> None:
+    if prompt_name is not None:
+        raise InvalidRequest("prompt_name is not supported: this model defines no prompts")
 
 
 @router.post("/embed", response_model=list[list[float]])
 async def embed(body: EmbedRequest, request: Request):
     engine = engine_of(request)
-    if body.prompt_name is not None:
-        raise InvalidRequest("prompt_name is not supported: this model defines no prompts")
+    _no_prompts(body.prompt_name)
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction)
     vectors = finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
     return json_response(vectors)
+
+
+class EmbedAllRequest(BaseModel):
+    inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    prompt_name: str | None = None
+
+
+@router.post("/embed_all", response_model=list[list[list[float]]])
+async def embed_all(body: EmbedAllRequest, request: Request):
+    """Every token's last hidden state (special tokens included, not normalised): [input][token][dim]."""
+    engine = engine_of(request)
+    _no_prompts(body.prompt_name)
+    timing = timing_of(request)
+    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction)
+    return json_response(await engine.run(encoded, request, timing, per_token=True))
+
+
+class SimilarityInput(BaseModel):
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(BaseModel):
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    prompt_name: str | None = None
+
+
+class SimilarityRequest(BaseModel):
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None
+
+
+@router.post("/similarity", response_model=list[float])
+async def similarity(body: SimilarityRequest, request: Request):
+    """Cosine similarity of source_sentence to each of sentences, in their order."""
+    engine = engine_of(request)
+    params = body.parameters or SimilarityParameters()
+    _no_prompts(params.prompt_name)
+    if not body.inputs.sentences:
+        raise EmptyInput("sentences is empty: give at least one sentence to compare with")
+    timing = timing_of(request)
+    texts = [body.inputs.source_sentence, *body.inputs.sentences]
+    encoded = await engine.tokenize(texts, timing, bool(params.truncate), params.truncation_direction)
+    vectors = finish_embedding(await engine.run(encoded, request, timing), True)
+    return json_response(vectors[1:] @ vectors[0])
+
+
+async def root(body: EmbedRequest | SimilarityRequest, request: Request):
+    """TEI's root (and SageMaker's /invocations) route: /embed, or /similarity when `inputs` is
+    {source_sentence, sentences} (TEI serves that only under TASK=sentence-similarity; huggingface_hub's
+    InferenceClient posts both feature_extraction and sentence_similarity here)."""
+    if isinstance(body, SimilarityRequest):
+        return await similarity(body, request)
+    return await embed(body, request)
+
+
+for _path in ("/", "/invocations"):  # kept out of the schema: the same operations as /embed and /similarity
+    router.add_api_route(_path, root, methods=["POST"], include_in_schema=False)
+
+
+class TokenizeRequest(BaseModel):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+@router.post("/tokenize", response_model=list[list[SimpleToken]])
+async def tokenize(body: TokenizeRequest, request: Request):
+    """The tokens of each input, with their character offsets; no model work, no truncation."""
+    engine = engine_of(request)
+    _no_prompts(body.prompt_name)
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    engine.check_batch(len(texts))
+    if sum(len(t) for t in texts) > 4096:  # a long input: keep the event loop free while it is cut
+        return json_response(await run_in_threadpool(engine.tokenizer.describe, texts, body.add_special_tokens))
+    return json_response(engine.tokenizer.describe(texts, body.add_special_tokens))
+
+
+class DecodeRequest(BaseModel):
+    ids: list[int] | list[list[int]]
+    skip_special_tokens: bool = True
+
+
+@router.post("/decode", response_model=list[str])
+async def decode(body: DecodeRequest, request: Request):
+    """The text of each list of token ids."""
+    engine = engine_of(request)
+    sequences = [body.ids] if not body.ids or isinstance(body.ids[0], int) else body.ids
+    engine.check_batch(len(sequences))
+    return json_response(engine.tokenizer.decode(sequences, body.skip_special_tokens))  # type: ignore[arg-type]
+
+
+def _other_kind(route: str, kind: str):
+    async def handler(request: Request):
+        engine_of(request)
+        raise BackendError(f"model is not {kind}: {route} needs one, this server serves an embedding model")
+    handler.__name__ = route.strip("/")
+    handler.__doc__ = f"TEI's {route}; 424 here: it needs {kind}."
+    router.add_api_route(route, handler, methods=["POST"])
+
+
+_other_kind("/rerank", "a re-ranker model")
+_other_kind("/predict", "a classifier model")
+_other_kind("/embed_sparse", "an embedding model with splade pooling")
 
 
 class Info(BaseModel):
@@ -89,3 +212,7 @@ async def health(request: Request):
     if not engine.healthy:
         raise NotReady("the batching worker has stopped")
     return json_response({"status": "ok"})
+
+
+router.add_api_route("/", health, methods=["GET"], include_in_schema=False)  # TEI's root health check
+router.add_api_route("/ping", health, methods=["GET"], include_in_schema=False)  # SageMaker's

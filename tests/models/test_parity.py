@@ -139,3 +139,16 @@ def test_refuses_pickle_weights_and_unknown_types(tmp_path):
         read_model_folder(tmp_path)
     with pytest.raises(ModelFolderError, match="does not exist"):
         read_model_folder(tmp_path / "nowhere")
+
+
+def test_per_token_outputs_are_copies_out_of_the_arena(minilm):
+    # The arena reuses its memory for the next batch: a per-token answer must not point into it.
+    embedder, tokenizer, _ = minilm
+    assert embedder.arena is not None
+    ids = [e.ids for e in tokenizer.encode(["a short input", "a second, somewhat longer input to embed"])]
+    first = embedder.embed(ids, [True, False])
+    kept = first[0].copy()
+    assert first[0].shape == (len(ids[0]), embedder.dim) and first[1].shape == (embedder.dim,)
+    embedder.embed([e.ids for e in tokenizer.encode(["something else entirely, to overwrite the arena"])], [True])
+    np.testing.assert_array_equal(first[0], kept)
+    np.testing.assert_allclose(first[1], embedder.embed(ids)[1], atol=1e-6)  # the pooled one is the usual answer

@@ -250,3 +250,28 @@ def test_submit_without_wake_leaves_an_idle_worker_asleep_until_wake():
     # A worker coming back for its next batch takes what is pending without being woken.
     q.submit([WorkItem([4])], wake=False)
     assert [it.ids for it in q.next_batch(timeout=0.01)] == [[4]]
+
+
+class TokenRunner:
+    """Pooled: the sum of the ids; per token: the ids themselves. Records the flags it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def embed(self, sequences, per_token=None):
+        self.calls.append(per_token)
+        return [list(s) if per_token and per_token[i] else sum(s) for i, s in enumerate(sequences)]
+
+
+def test_per_token_and_pooled_items_share_a_batch_and_each_gets_its_own_answer():
+    q, rec, runner = BatchQueue(100, Limits(100, 8)), Recorder(), TokenRunner()
+    pooled, tokens = WorkItem([1, 2, 3]), WorkItem([4, 5], per_token=True)
+    q.submit([pooled, tokens, WorkItem([6])])
+    worker = BatchWorker(q, runner, rec)
+    worker.start()
+    assert pooled.future.result(5) == 6 and tokens.future.result(5) == [4, 5]
+    assert runner.calls == [[False, True, False]]
+    q.submit([WorkItem([7])])  # no item asks for tokens: the runner is called as before, without flags
+    q.close()
+    worker.join(5)
+    assert runner.calls[1:] == [None]

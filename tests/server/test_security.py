@@ -32,7 +32,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["/health", "/v2/health/live"], {"/health", "/v2/health/live"}),
 ])
 def test_open_paths_are_configurable(open_paths, expect_open):
-    probes = ("/health", "/metrics", "/v2/health/live", "/v2/health/ready")
+    probes = ("/health", "/ping", "/metrics", "/v2/health/live", "/v2/health/ready")
     with dummy_server(server={"api_key": KEY, "api_key_open_paths": open_paths}) as s, s.client() as c:
         for path in probes:
             status = c.get(path).status_code
@@ -45,7 +45,7 @@ def test_open_paths_are_configurable(open_paths, expect_open):
 
 
 def test_default_open_paths_are_the_probes_and_metrics():
-    assert Settings().server.api_key_open_paths == ["/health", "/metrics", "/v2/health/live", "/v2/health/ready"]
+    assert Settings().server.api_key_open_paths == ["/health", "/ping", "/metrics", "/v2/health/live", "/v2/health/ready"]
 
 
 def test_open_paths_must_start_with_a_slash():
