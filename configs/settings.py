@@ -86,6 +86,7 @@ class ModelSettings(_Section):
     pooling: Literal["mean", "cls", "last"] | None = Field(None, description="Pooling override; defaults to the model's sentence-transformers config.")
     normalize: bool | None = Field(None, description="Default L2 normalisation; defaults to the model's sentence-transformers config.")
     matryoshka_dimensions: list[int] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for; defaults to the model config's.")
+    default_prompt_name: str | None = Field(None, description="Prompt (from the model's config_sentence_transformers.json) put before every text that names none; defaults to the model's own default_prompt_name.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default leaves torch's choice.")
     warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
     memory_arena: bool = Field(True, description="Plan every intermediate tensor of a batch into reusable chunks from its lifetime.")

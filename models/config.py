@@ -82,6 +82,9 @@ class PoolingConfig:
     mode: str = "cls"  # mean | cls | last
     normalize: bool = False
     max_seq_length: int | None = None
+    # config_sentence_transformers.json: named prompts (text put before an input) and the one used by default.
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return PoolingConfig()
-    mode, normalize = "cls", False
+    mode, normalize, include_prompt = "cls", False, True
     for module in _read_json(modules_file):
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
@@ -123,11 +126,23 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
                 mode = "last"
             else:
                 raise ModelFolderError(f"unsupported pooling in {path}: {pool}")
+            include_prompt = pool.get("include_prompt", True)
         elif kind.endswith("Normalize"):
             normalize = True
     st_cfg = path / "sentence_bert_config.json"
     max_len = _read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
-    return PoolingConfig(mode=mode, normalize=normalize, max_seq_length=max_len)
+    prompts_file = path / "config_sentence_transformers.json"
+    st = _read_json(prompts_file) if prompts_file.exists() else {}
+    prompts = st.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ModelFolderError(f"{prompts_file}: prompts must map names to strings")
+    default = st.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ModelFolderError(f"{prompts_file}: default_prompt_name {default!r} is not one of its prompts")
+    if prompts and not include_prompt:
+        raise ModelFolderError(f"{path}: pooling that leaves the prompt's tokens out (include_prompt: false) is not supported")
+    return PoolingConfig(mode=mode, normalize=normalize, max_seq_length=max_len, prompts=tuple(prompts.items()),
+                         default_prompt_name=default)
 
 
 def read_model_folder(path: str | Path) -> ModelFolder:

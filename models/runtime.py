@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +47,8 @@ class ModelInfo:
     matryoshka_dimensions: tuple[int, ...]
     dtype: str
     device: str
+    prompts: dict[str, str] = field(default_factory=dict)  # sentence-transformers' named prompts
+    default_prompt_name: str | None = None  # the prompt put before every text input that names none
 
 
 class EncoderEmbedder:
@@ -88,11 +90,14 @@ class EncoderEmbedder:
 def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",
                max_input_length: int | None = None, pooling: str | None = None, normalize: bool | None = None,
                matryoshka_dimensions: list[int] | None = None, memory_arena: bool = True, arena_min_chunk_mib: float = 2.0,
-               arena_release_after: int = 64) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
+               arena_release_after: int = 64, default_prompt_name: str | None = None) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
     """Load a model folder (or the embedded default when path is None) ready to serve."""
     folder_path = Path(path) if path else default_model_path()
     folder = read_model_folder(folder_path)
     cfg = folder.encoder
+    if default_prompt_name is not None and default_prompt_name not in dict(folder.pooling.prompts):
+        known = ", ".join(name for name, _ in folder.pooling.prompts) or "none"
+        raise ModelFolderError(f"model.default_prompt_name={default_prompt_name!r} is not one of the model's prompts ({known})")
     limit = min(x for x in (cfg.max_input_length, folder.pooling.max_seq_length, max_input_length) if x)
     if max_input_length and max_input_length > cfg.max_input_length:
         raise ModelFolderError(f"model.max_input_length={max_input_length} exceeds the model's {cfg.max_input_length} positions")
@@ -120,6 +125,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         matryoshka_dimensions=tuple(matryoshka_dimensions or cfg.matryoshka_dimensions),
         dtype=dtype,
         device=str(torch_device),
+        prompts=dict(folder.pooling.prompts),
+        default_prompt_name=default_prompt_name or folder.pooling.default_prompt_name,
     )
     return embedder, tokenizer, info
 

@@ -103,9 +103,22 @@ class Engine:
         if count > limit:
             raise TooLarge(f"{count} inputs in one request, more than max_client_batch_size={limit}")
 
+    def prompt(self, prompt_name: str | None) -> str:
+        """The text put before each text input (sentence-transformers' prompts): the named prompt, else the
+        model's default one, else none; InvalidRequest for a name the model does not define."""
+        prompts = self.info.prompts
+        if prompt_name is None:
+            return prompts.get(self.info.default_prompt_name, "") if self.info.default_prompt_name else ""
+        if prompt_name not in prompts:
+            known = ", ".join(sorted(prompts)) if prompts else "none: this model defines no prompts"
+            raise InvalidRequest(f"prompt_name {prompt_name!r} is not one of the model's prompts ({known})")
+        return prompts[prompt_name]
+
     async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]], timing: Timing,
-                       truncate: bool = False, direction: Literal["right", "left"] = "right") -> list[Encoded]:
-        """Tokenize a text, texts, token ids or lists of them; raise the errors the routes map to 4xx."""
+                       truncate: bool = False, direction: Literal["right", "left"] = "right",
+                       prompt_name: str | None = None) -> list[Encoded]:
+        """Tokenize a text, texts, token ids or lists of them (a prompt goes before each text, as
+        sentence-transformers puts it; token ids are used as given); raise the errors the routes map to 4xx."""
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
         self.check_batch(len(inputs))
@@ -113,6 +126,8 @@ class Engine:
         self.queue.check_room(len(inputs))
         started = time.perf_counter()
         if inputs and isinstance(inputs[0], list):
+            if prompt_name is not None:
+                raise InvalidRequest("prompt_name applies to text inputs; token ids are used as given")
             encoded = self.tokenizer.check_ids(inputs)  # type: ignore[arg-type]
         else:
             for i, text in enumerate(inputs):
@@ -120,6 +135,9 @@ class Engine:
                     raise InvalidRequest(f"input {i} must be a string")
                 if not text:
                     raise EmptyInput(f"input {i} is an empty string")
+            prefix = self.prompt(prompt_name)
+            if prefix:
+                inputs = [prefix + text for text in inputs]  # type: ignore[operator]
             if sum(len(t) for t in inputs) > _INLINE_TOKENIZE_CHARS:
                 encoded = await run_in_threadpool(self.tokenizer.encode, inputs, truncate, direction)
             else:

@@ -14,7 +14,7 @@ import server
 from models.runtime import finish_embedding
 from scheduler.errors import BackendError, NotReady
 from server.deps import engine_of, json_response, timing_of
-from server.errors import EmptyInput, InvalidRequest, error_responses
+from server.errors import EmptyInput, error_responses
 
 router = APIRouter(tags=["tei"], responses=error_responses("tei"))
 
@@ -35,18 +35,12 @@ class EmbedRequest(BaseModel):
     prompt_name: str | None = None
 
 
-def _no_prompts(prompt_name: str | None) -> None:
-    if prompt_name is not None:
-        raise InvalidRequest("prompt_name is not supported: this model defines no prompts")
-
-
 @router.post("/embed", response_model=list[list[float]])
 async def embed(body: EmbedRequest, request: Request):
     engine = engine_of(request)
-    _no_prompts(body.prompt_name)
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
-    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction)
+    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction, body.prompt_name)
     vectors = finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
     return json_response(vectors)
 
@@ -62,9 +56,8 @@ class EmbedAllRequest(BaseModel):
 async def embed_all(body: EmbedAllRequest, request: Request):
     """Every token's last hidden state (special tokens included, not normalised): [input][token][dim]."""
     engine = engine_of(request)
-    _no_prompts(body.prompt_name)
     timing = timing_of(request)
-    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction)
+    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction, body.prompt_name)
     return json_response(await engine.run(encoded, request, timing, per_token=True))
 
 
@@ -89,12 +82,11 @@ async def similarity(body: SimilarityRequest, request: Request):
     """Cosine similarity of source_sentence to each of sentences, in their order."""
     engine = engine_of(request)
     params = body.parameters or SimilarityParameters()
-    _no_prompts(params.prompt_name)
     if not body.inputs.sentences:
         raise EmptyInput("sentences is empty: give at least one sentence to compare with")
     timing = timing_of(request)
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
-    encoded = await engine.tokenize(texts, timing, bool(params.truncate), params.truncation_direction)
+    encoded = await engine.tokenize(texts, timing, bool(params.truncate), params.truncation_direction, params.prompt_name)
     vectors = finish_embedding(await engine.run(encoded, request, timing), True)
     return json_response(vectors[1:] @ vectors[0])
 
@@ -130,9 +122,10 @@ class SimpleToken(BaseModel):
 async def tokenize(body: TokenizeRequest, request: Request):
     """The tokens of each input, with their character offsets; no model work, no truncation."""
     engine = engine_of(request)
-    _no_prompts(body.prompt_name)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     engine.check_batch(len(texts))
+    prefix = engine.prompt(body.prompt_name)  # offsets then count in the prompted text, as TEI's do
+    texts = [prefix + text for text in texts]
     if sum(len(t) for t in texts) > 4096:  # a long input: keep the event loop free while it is cut
         return json_response(await run_in_threadpool(engine.tokenizer.describe, texts, body.add_special_tokens))
     return json_response(engine.tokenizer.describe(texts, body.add_special_tokens))
