@@ -181,8 +181,9 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(routes_openai.router)
-    # TEI also serves the OpenAI route without /v1; same handler, same (OpenAI) error bodies.
+    # TEI and infinity also serve the OpenAI routes without /v1; same handlers, same (OpenAI) error bodies.
     app.add_api_route("/embeddings", routes_openai.create_embeddings, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/models", routes_openai.list_models, methods=["GET"], include_in_schema=False)
     app.include_router(routes_tei.router)
     app.include_router(routes_kserve.router)
     app.include_router(routes_recommend.router)

@@ -86,6 +86,13 @@ def test_root_and_sagemaker_aliases_serve_huggingface_hub_inference_client(real_
         assert http.get(path).json() == {"status": "ok"}
     openai_style = http.post("/embeddings", json={"input": "x", "model": "another-model"})
     assert openai_style.status_code == 404 and openai_style.json()["error"]["code"] == "model_not_found"
+    assert http.get("/models").json() == http.get("/v1/models").json()
+    import openai  # noqa: PLC0415
+
+    bare = openai.OpenAI(base_url=real_server.url, api_key="unused", max_retries=0)  # no /v1, as infinity serves it
+    name = bare.models.list().data[0].id
+    got = bare.embeddings.create(model=name, input=TEXTS[0]).data[0].embedding
+    np.testing.assert_allclose(got, st_model.encode(TEXTS[0], normalize_embeddings=True), atol=1e-5)
 
 
 @pytest.mark.parametrize("path,body", [("/rerank", {"query": "q", "texts": ["a"]}), ("/predict", {"inputs": "a"}),
