@@ -54,20 +54,19 @@ def _window_costs(lengths: np.ndarray, limits: Limits, cost: CostModel) -> Itera
         yield c
 
 
-def _walk_back(choice: Sequence[int], n: int) -> tuple[list[tuple[int, int]], list[int]]:
+def _walk_back(choice: Sequence[int], n: int, dropped: Sequence[int] | None = None) -> tuple[list[tuple[int, int]], list[int]]:
     """Recover [start, end) segments from the DP's choices (choice[i]: size - 1 of the last batch of the
-    best plan of the first i, or -1: request i-1 left out), and the positions left out; together they cover
-    0..n exactly once."""
+    best plan of the first i, or -1: no batch), and the positions left out (dropped[i] of them right before
+    that batch; without `dropped`, one for each -1 and none before a batch); together they cover 0..n once."""
     segments, left_out = [], []
     end = n
     while end > 0:
-        if choice[end] < 0:
-            end -= 1
-            left_out.append(end)
-        else:
-            start = end - int(choice[end]) - 1
-            segments.append((start, end))
-            end = start
+        size = int(choice[end]) + 1
+        gone = dropped[end] if dropped is not None else (0 if size else 1)
+        if size:
+            segments.append((end - size, end))
+        left_out.extend(range(end - size - 1, end - size - gone - 1, -1))
+        end -= size + gone
     return segments[::-1], left_out[::-1]
 
 
@@ -161,7 +160,8 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
     scaled = np.arange(n + 1) * min(late_cost, 1e7)  # scaled[late]: the late count's weight in the key
     t, key = np.empty(width), np.empty(width)
     add, maximum, take = np.add, np.maximum, scaled.take
-    picks = [0]  # picks[i]: size - 1 of the last batch of the best plan of the first i, or -1: i-1 left out
+    picks = [0]  # picks[i]: size - 1 of the last batch of the best plan of the first i, or -1: none
+    dropped = [0]  # dropped[i]: requests left out right before that batch (or the one left out: i-1)
     i = 0
     for block in _window_costs(arr, limits, cost):
         for row in block:  # the best plan of the first i + 1 requests
@@ -176,14 +176,25 @@ def deadline_dp(lengths: Sequence[int], deadlines: Sequence[float], limits: Limi
             # lexicographic (late count, finish) at 1e7: finish times from the start are far below 1e7 s
             take(score, out=key)
             key += t
-            k = key.argmin()
+            k = int(key.argmin())
+            best_t, best_key, size, gone = t[k], key[k], k, 0
+            # Its members late at the batch's start (deadlines ascend, so they are a prefix) are left out rather
+            # than run late: the same late count, and the rest of the batch, smaller, ends no later.
+            late_first = int(score[k] - late_less_j[a + k]) - (i - 1 - k)
+            if late_first:
+                trimmed = finish[a + k] + (row[k - late_first] if late_first <= k else 0.0)
+                if trimmed <= best_t:  # always, for a cost that grows with every member
+                    best_t, size, gone = trimmed, k - late_first, late_first
+                    best_key = scaled[score[k]] + trimmed
             skip = late_less_j[a] + i  # leave request i-1 out: the plan of the first i-1, one more late
-            if scaled[skip] + finish[a] < key[k]:
+            if scaled[skip] + finish[a] < best_key:
                 finish[a - 1] = finish[a]
                 late_less_j[a - 1] = late_less_j[a]
                 picks.append(-1)
+                dropped.append(1)
             else:
-                finish[a - 1] = t[k]
+                finish[a - 1] = best_t
                 late_less_j[a - 1] = score[k] - i
-                picks.append(k)
-    return _walk_back(picks, n)
+                picks.append(size)
+                dropped.append(gone)
+    return _walk_back(picks, n, dropped)

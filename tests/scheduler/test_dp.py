@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from scheduler import profiler, recurrences
@@ -233,7 +233,11 @@ def deadline_dp_reference(lengths, deadlines, limits, cost, start_time, late_cos
     counted one by one. Returns (batches, positions left out)."""
     n = len(lengths)
     weight = min(late_cost, 1e7)
-    late, finish, choice = [0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1)
+    late, finish, choice, dropped = [0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)
+
+    def seconds(batch):
+        return float(cost.predict(len(batch), float(sum(batch)), float(sum(x * x for x in batch))))
+
     for i in range(1, n + 1):
         best = None
         for k in range(min(limits.max_batch_requests, i)):  # last batch: j .. i-1
@@ -241,15 +245,21 @@ def deadline_dp_reference(lengths, deadlines, limits, cost, start_time, late_cos
             batch = lengths[j:i]
             if k and sum(batch) > limits.max_batch_tokens:
                 continue
-            t = finish[j] + float(cost.predict(k + 1, float(sum(batch)), float(sum(x * x for x in batch))))
+            t = finish[j] + seconds(batch)
             score = late[j] + sum(deadlines[x] - start_time < t for x in range(j, i))
             key = score * weight + t
             if best is None or key < best[0]:
-                best = (key, score, t, k)
+                best = (key, score, t, k, 0, j)
+        key, score, t, k, _, j = best
+        first_late = score - late[j]  # in deadline order, the late members come first: leave them out
+        if first_late:
+            trimmed = finish[j] + (seconds(lengths[j + first_late:i]) if first_late <= k else 0.0)
+            if trimmed <= t:
+                best = (score * weight + trimmed, score, trimmed, k - first_late, first_late, j)
         if (late[i - 1] + 1) * weight + finish[i - 1] < best[0]:  # leave request i-1 out: late, no time
-            best = (None, late[i - 1] + 1, finish[i - 1], -1)
-        _, late[i], finish[i], choice[i] = best
-    return recurrences._walk_back(choice, n)
+            best = (None, late[i - 1] + 1, finish[i - 1], -1, 1, i - 1)
+        _, late[i], finish[i], choice[i], dropped[i], _ = best
+    return recurrences._walk_back(choice, n, dropped)
 
 
 @settings(max_examples=150, deadline=None)
@@ -266,6 +276,10 @@ def test_deadline_dp_equals_the_plain_recurrence(jobs, limits, cost, start, late
 @settings(max_examples=150, deadline=None)
 @given(jobs=st.lists(st.tuples(st.integers(1, 300), st.floats(0.0, 1.0)), max_size=40), limits=LIMITS, cost=COSTS,
        late_cost=st.sampled_from([math.inf, 0.05]))
+# Found by Hypothesis: the best plan of the first request ran it alone, in time, so a batch of all three
+# (the first one late) beat running the other two after it; the late member is now left out of the batch.
+@example(jobs=[(1, 0.046875), (1, 0.0625), (1, 1.0)], limits=Limits(16, 3),
+         cost=CostModel([0.03125, 0.0078125, 0.001, 0.0], [1.0], [1.0]), late_cost=math.inf)
 def test_deadline_dp_runs_no_request_late(jobs, limits, cost, late_cost):
     # With a cost that grows with every member, a batch whose first members would be late is beaten by leaving
     # them out: what the DP runs is in time, what it cannot serve in time it leaves out; each request once.
