@@ -1,6 +1,6 @@
 """Text Embeddings Inference API: POST /embed, /embed_all, /similarity, /tokenize, /decode; GET /info, /health;
-TEI's aliases (POST / and /invocations embed; GET / and /ping are the health check); /rerank, /predict and
-/embed_sparse answer 424 as TEI does for a model of another kind."""
+TEI's aliases (POST / and /invocations: /embed, or /similarity for its body; GET / and /ping: the health check);
+/rerank, /predict and /embed_sparse answer 424 as TEI does for a model of another kind."""
 
 from __future__ import annotations
 
