@@ -87,11 +87,19 @@ class ModelSettings(_Section):
     normalize: bool | None = Field(None, description="Default L2 normalisation; defaults to the model's sentence-transformers config.")
     matryoshka_dimensions: list[int] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for; defaults to the model config's.")
     default_prompt_name: str | None = Field(None, description="Prompt (from the model's config_sentence_transformers.json) put before every text that names none; defaults to the model's own default_prompt_name.")
+    default_prompt: str | None = Field(None, description="Text put before every text input that names no prompt (TEI's --default-prompt); not with default_prompt_name.")
+    auto_truncate: bool = Field(False, description="Cut inputs over max_input_length when a request does not say (TEI's --auto-truncate; the OpenAI route always uses it).")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default leaves torch's choice.")
     warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
     memory_arena: bool = Field(True, description="Plan every intermediate tensor of a batch into reusable chunks from its lifetime.")
     arena_min_chunk_mib: float = Field(2.0, gt=0, description="Smallest chunk the memory arena allocates, in MiB.")
     arena_release_after: int = Field(64, ge=1, description="Batches a chunk may go unused before the arena frees it.")
+
+    @model_validator(mode="after")
+    def _one_default_prompt(self):
+        if self.default_prompt is not None and self.default_prompt_name is not None:
+            raise ValueError("model.default_prompt and model.default_prompt_name are two ways to say the same thing: set one")
+        return self
 
 
 class SchedulerSettings(_Section):

@@ -108,6 +108,8 @@ class Engine:
         model's default one, else none; InvalidRequest for a name the model does not define."""
         prompts = self.info.prompts
         if prompt_name is None:
+            if self.settings.model.default_prompt is not None:
+                return self.settings.model.default_prompt
             return prompts.get(self.info.default_prompt_name, "") if self.info.default_prompt_name else ""
         if prompt_name not in prompts:
             known = ", ".join(sorted(prompts)) if prompts else "none: this model defines no prompts"
@@ -115,10 +117,13 @@ class Engine:
         return prompts[prompt_name]
 
     async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]], timing: Timing,
-                       truncate: bool = False, direction: Literal["right", "left"] = "right",
+                       truncate: bool | None = None, direction: Literal["right", "left"] = "right",
                        prompt_name: str | None = None) -> list[Encoded]:
         """Tokenize a text, texts, token ids or lists of them (a prompt goes before each text, as
-        sentence-transformers puts it; token ids are used as given); raise the errors the routes map to 4xx."""
+        sentence-transformers puts it; token ids are used as given); raise the errors the routes map to 4xx.
+        truncate None: model.auto_truncate decides."""
+        if truncate is None:
+            truncate = self.settings.model.auto_truncate
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
         self.check_batch(len(inputs))

@@ -40,7 +40,7 @@ async def embed(body: EmbedRequest, request: Request):
     engine = engine_of(request)
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
-    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction, body.prompt_name)
+    encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
     vectors = finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
     return json_response(vectors)
 
@@ -57,7 +57,7 @@ async def embed_all(body: EmbedAllRequest, request: Request):
     """Every token's last hidden state (special tokens included, not normalised): [input][token][dim]."""
     engine = engine_of(request)
     timing = timing_of(request)
-    encoded = await engine.tokenize(body.inputs, timing, bool(body.truncate), body.truncation_direction, body.prompt_name)
+    encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
     return json_response(await engine.run(encoded, request, timing, per_token=True))
 
 
@@ -86,7 +86,7 @@ async def similarity(body: SimilarityRequest, request: Request):
         raise EmptyInput("sentences is empty: give at least one sentence to compare with")
     timing = timing_of(request)
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
-    encoded = await engine.tokenize(texts, timing, bool(params.truncate), params.truncation_direction, params.prompt_name)
+    encoded = await engine.tokenize(texts, timing, params.truncate, params.truncation_direction, params.prompt_name)
     vectors = finish_embedding(await engine.run(encoded, request, timing), True)
     return json_response(vectors[1:] @ vectors[0])
 
@@ -191,7 +191,7 @@ async def info(request: Request):
         "max_batch_tokens": s.scheduler.max_batch_tokens,
         "max_batch_requests": s.scheduler.max_batch_requests,
         "max_client_batch_size": s.server.max_client_batch_size,
-        "auto_truncate": False,
+        "auto_truncate": s.model.auto_truncate,
         "tokenization_workers": 1,
         "version": server.__version__,
         "scheduler": engine.scheduler_info(),

@@ -9,11 +9,13 @@ import shutil
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from configs.settings import load_settings
 from models.config import ModelFolderError, default_model_path
 from models.runtime import load_model
 from server.app import create_app
-from tests.support import ServerThread, settings
+from tests.support import ServerThread, dummy_server, expected_vector, settings
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 TEXTS = ["how do transformers batch requests?", "Packed execution computes no padding."]
@@ -75,3 +77,27 @@ def test_a_default_prompt_name_the_model_lacks_refuses_to_load(tmp_path):
     with pytest.raises(ModelFolderError, match="default_prompt_name='other'"):
         load_model(str(folder), memory_arena=False, default_prompt_name="other")
     shutil.rmtree(folder)
+
+
+def test_auto_truncate_and_a_default_prompt_text_as_tei_flags_set_them():
+    long_text = " ".join(f"w{i}" for i in range(100))
+    with dummy_server(model={"auto_truncate": True, "default_prompt": "query: "}) as s, s.client() as c:
+        tok = s.app.state.engine.tokenizer
+        assert c.get("/info").json()["auto_truncate"] is True
+        r = c.post("/embed", json={"inputs": long_text, "normalize": False})  # no `truncate`: the server's default
+        ids = tok.encode(["query: " + long_text], True)[0].ids
+        assert r.status_code == 200 and len(ids) == 32
+        np.testing.assert_allclose(r.json()[0], expected_vector(ids), rtol=1e-5)
+        assert c.post("/embed", json={"inputs": long_text, "truncate": False}).status_code == 413  # asked: refused
+        openai = c.post("/v1/embeddings", json={"input": long_text, "model": s.app.state.engine.info.name})
+        assert openai.status_code == 200 and openai.json()["usage"]["prompt_tokens"] == 32
+        tokens = c.post("/tokenize", json={"inputs": "x"}).json()[0]
+        assert [t["text"] for t in tokens] == ["[CLS]", "query", ":", "x", "[SEP]"]
+    with dummy_server() as s, s.client() as c:  # the defaults: neither
+        assert c.get("/info").json()["auto_truncate"] is False
+        assert c.post("/embed", json={"inputs": long_text}).status_code == 413
+
+
+def test_default_prompt_and_default_prompt_name_are_exclusive():
+    with pytest.raises(ValidationError, match="set one"):
+        load_settings(None, {"model": {"default_prompt": "q: ", "default_prompt_name": "query"}})
