@@ -2,7 +2,7 @@
 # before (7863696) and after (HEAD) on the same traces, device-only and host-modelled, SLO 2 s and 0.5 s, 3000 requests a trace
 # /tmp/old: `git worktree add /tmp/old 7863696` (with .venv linked to this checkout's)
 COST=/work/main/bench/results/sim_s4/cost_model_cpu_s4.json
-OUT=/work/main/bench/results/s6/sim
+OUT=${1:-/work/main/bench/results/s6/sim}  # where the results go (session 7 reran it into s7/sim)
 run() {  # tree tag slo hostargs loads
   (cd $1 && /work/main/.venv/bin/python bench/simulate.py --cost $COST --slo-ms $3 --requests 3000 --loads $5 $4 --out $OUT/$2 > $OUT/$2.log 2>&1)
 }
