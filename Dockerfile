@@ -36,6 +36,8 @@ USER turboserve
 WORKDIR /home/turboserve
 
 EXPOSE 8000
+# KServe v2 gRPC when started with --grpc-port 8001 (off by default)
+EXPOSE 8001
 
 # No curl in the image: probe /health with the standard library (200 only once the model is warm).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

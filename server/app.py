@@ -121,8 +121,17 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         app.state.loader_thread = threading.Thread(
             target=_start_engine, args=(app, settings, loader, metrics), name="turboserve-loader", daemon=True)
         app.state.loader_thread.start()
+        grpc_server = None
+        if settings.server.grpc_port is not None:
+            from server.grpc_kserve import start_grpc  # grpcio only when asked for
+
+            key = settings.server.api_key
+            grpc_server, app.state.grpc_port = await start_grpc(
+                app, settings.server.host, settings.server.grpc_port, key.get_secret_value() if key is not None else None)
         yield
         app.state.draining = True
+        if grpc_server is not None:  # new calls are refused from here; those admitted finish within the grace
+            await grpc_server.stop(settings.server.shutdown_timeout_s)
         app.state.loader_thread.join()
         if app.state.engine is not None:
             app.state.engine.stop(timeout=30)
@@ -137,6 +146,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.recommender = None
     app.state.embeddings_enabled = settings.embeddings.enabled
     app.state.draining = False
+    app.state.grpc_port = None  # the bound port, once the gRPC server runs
     edge_state = {"in_flight": 0, "last_activity": 0.0}
 
     def begin_drain() -> None:

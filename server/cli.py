@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML settings file (see configs/default.yaml)")
     serve.add_argument("--host", help="address to bind (server.host)")
     serve.add_argument("--port", type=int, help="port to bind (server.port)")
+    serve.add_argument("--grpc-port", type=int, help="also serve KServe v2 gRPC on this port (server.grpc_port; Triton's is 8001)")
     serve.add_argument("--model", help="Hugging Face model folder (model.path); default: embedded all-MiniLM-L6-v2")
     serve.add_argument("--model-name", help="served model name (model.name)")
     serve.add_argument("--device", help="torch device (model.device)")
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {"host": ("server", "host"), "port": ("server", "port"), "model": ("model", "path"),
+    flags = {"host": ("server", "host"), "port": ("server", "port"), "grpc_port": ("server", "grpc_port"), "model": ("model", "path"),
              "model_name": ("model", "name"), "device": ("model", "device"), "api_key": ("server", "api_key"),
              "api_key_file": ("server", "api_key_file"), "log_format": ("server", "log_format"),
              "access_log": ("server", "access_log"),

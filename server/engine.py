@@ -211,8 +211,14 @@ class Engine:
         # If we stop waiting, nobody reads the gather; consume its outcome so asyncio does not log it.
         results.add_done_callback(lambda f: f.cancelled() or f.exception())
         gone = asyncio.ensure_future(_wait_disconnect(request))
-        done, _ = await asyncio.wait({results, gone}, timeout=expires_at - now, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
+        try:
+            done, _ = await asyncio.wait({results, gone}, timeout=expires_at - now, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the task itself was cancelled (a gRPC call past its deadline, a shutdown)
+            self._give_up(items, DISCONNECT)
+            results.cancel()
+            raise
+        finally:
+            gone.cancel()
         if results not in done:
             reason = DISCONNECT if gone in done else DEADLINE
             self._give_up(items, reason)

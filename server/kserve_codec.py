@@ -28,7 +28,8 @@ class InferRequest:
     parameters: dict
 
 
-def _decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
+def decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
+    """`count` UTF-8 strings from Triton's BYTES serialisation (4-byte little-endian length, then the bytes)."""
     texts, offset = [], 0
     for i in range(count):
         if offset + 4 > len(raw):
@@ -82,6 +83,14 @@ def _params(holder: dict, what: str) -> dict:
     return params
 
 
+def texts_count(shape) -> int:
+    """How many texts a BYTES input of `shape` holds: [n] or [n, 1]; InvalidRequest otherwise."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) not in (1, 2) \
+            or (len(shape) == 2 and shape[1] != 1):
+        raise InvalidRequest(f"input shape must be [n] or [n, 1], got {shape!r}")
+    return shape[0]
+
+
 def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     """Parse an infer request whose single BYTES input holds the texts to embed."""
     doc, binary = _split(body, header_length)
@@ -92,17 +101,13 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         raise InvalidRequest("each input must be an object with name, shape, datatype, data")
     if tensor.get("datatype") != "BYTES":
         raise InvalidRequest(f"input {tensor.get('name')!r} must have datatype BYTES, not {tensor.get('datatype')!r}")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) not in (1, 2) \
-            or (len(shape) == 2 and shape[1] != 1):
-        raise InvalidRequest(f"input shape must be [n] or [n, 1], got {shape!r}")
-    count = shape[0]
+    count = texts_count(tensor.get("shape"))
     params = _params(tensor, "input")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size != len(binary):
             raise InvalidRequest(f"binary_data_size={size!r} but {len(binary)} bytes follow the JSON header")
-        texts = _decode_bytes_tensor(binary, count)
+        texts = decode_bytes_tensor(binary, count)
     else:
         data = tensor.get("data")
         if not isinstance(data, list):

@@ -1,0 +1,189 @@
+"""KServe v2 / Triton gRPC inference protocol (GRPCInferenceService) for the text encoder, on
+server.grpc_port beside HTTP: `tritonclient.grpc` works against it unmodified. Same engine, scheduler,
+limits, API key and errors as the HTTP routes; the servicer base class and messages are the ones
+tritonclient[grpc] ships (generated from the KServe/Triton protos).
+
+ModelInfer takes one BYTES input named `text`, shape [n] or [n, 1] (in raw_input_contents, as tritonclient
+sends it, or in contents.bytes_contents), request parameters `truncate` and `normalize` (bool), and answers the
+FP32 output `embedding` [n, dim] in raw_output_contents. Metadata keys x-slo-ms, x-priority and
+x-request-timeout-ms act as the HTTP headers do; a cancelled call drops its queued work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+import server
+from models.runtime import finish_embedding
+from scheduler.errors import NotReady
+from server.engine import Engine
+from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
+from server.kserve_codec import decode_bytes_tensor, texts_count
+from server.middleware import Timing
+
+log = logging.getLogger(__name__)
+
+# HTTP status of an error kind -> the gRPC code Triton answers for the same condition.
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+          413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.UNAVAILABLE, 499: grpc.StatusCode.CANCELLED,
+          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class _Call:
+    """What Engine.run reads of an HTTP request, from a gRPC call: the scheduling headers (the call's
+    metadata) and `receive`, which returns http.disconnect once the call is over (cancelled, or timed out)."""
+
+    def __init__(self, metadata: dict[str, str], context: grpc.aio.ServicerContext):
+        self.headers = metadata
+        self._over = asyncio.Event()
+        context.add_done_callback(lambda _: self._over.set())
+
+    async def receive(self) -> dict:
+        await self._over.wait()
+        return {"type": "http.disconnect"}
+
+
+def _bool_param(params, name: str) -> bool | None:
+    if name not in params:
+        return None
+    value = params[name]
+    if value.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidRequest(f"parameter {name!r} must be a bool")
+    return value.bool_param
+
+
+def _texts(request: pb.ModelInferRequest) -> list[str]:
+    if len(request.inputs) != 1:
+        raise InvalidRequest(f"expected exactly one input (BYTES texts), got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidRequest(f"input {tensor.name!r} must have datatype BYTES, not {tensor.datatype!r}")
+    count = texts_count(list(tensor.shape))
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidRequest(f"{len(request.raw_input_contents)} raw_input_contents for one input")
+        return decode_bytes_tensor(request.raw_input_contents[0], count)
+    elements = tensor.contents.bytes_contents
+    if len(elements) != count:
+        raise InvalidRequest(f"shape says {count} elements, contents hold {len(elements)}")
+    return decode_bytes_tensor(b"".join(len(e).to_bytes(4, "little") + e for e in elements), count)
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The servicer; every RPC reads the app's state as the HTTP routes do (engine, draining)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+
+    def _engine(self) -> Engine:
+        state = self.app.state
+        if state.draining:
+            raise NotReady("server is shutting down")
+        if state.engine is None:
+            raise NotReady(f"model failed to load: {state.load_error}" if state.load_error else "model is loading")
+        return state.engine
+
+    def _model(self, name: str) -> Engine:
+        engine = self._engine()
+        if name != engine.info.name:
+            raise ModelNotFound(f"model {name!r} is not served over gRPC here; this server serves {engine.info.name!r}")
+        return engine
+
+    async def _answer(self, rpc: str, context, work):
+        """Run `work(metadata)`, count it, and turn a domain error into the matching gRPC status (message only:
+        never a traceback)."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        try:
+            if self.api_key is not None and rpc not in ("ServerLive", "ServerReady"):
+                given = metadata.get("authorization", "").encode()
+                if not hmac.compare_digest(given[7:] if given[:7].lower() == b"bearer " else b"", self.api_key):
+                    raise Unauthorized("missing or wrong API key (metadata authorization: Bearer <key>)")
+            return await work(metadata, request_id)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: nobody reads an answer
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            kind = kind_of(exc)
+            if kind is None:
+                log.exception("unhandled error in gRPC %s (request id %s)", rpc, request_id)
+                code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+            else:
+                code, message = _CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
+            await context.abort(code, message)
+        finally:
+            metrics = self.app.state.metrics
+            metrics.request_duration.labels(f"grpc {rpc}").observe(time.perf_counter() - started)
+            metrics.requests.labels(f"grpc {rpc}", code.name).inc()
+
+    async def ServerLive(self, request, context):
+        async def work(metadata, request_id):
+            return pb.ServerLiveResponse(live=True)
+        return await self._answer("ServerLive", context, work)
+
+    async def ServerReady(self, request, context):
+        async def work(metadata, request_id):
+            state = self.app.state
+            return pb.ServerReadyResponse(ready=state.engine is not None and not state.draining and state.engine.healthy)
+        return await self._answer("ServerReady", context, work)
+
+    async def ModelReady(self, request, context):
+        async def work(metadata, request_id):
+            engine = self._model(request.name)
+            return pb.ModelReadyResponse(ready=engine.healthy)
+        return await self._answer("ModelReady", context, work)
+
+    async def ServerMetadata(self, request, context):
+        async def work(metadata, request_id):
+            return pb.ServerMetadataResponse(name="turboserve", version=server.__version__, extensions=[])
+        return await self._answer("ServerMetadata", context, work)
+
+    async def ModelMetadata(self, request, context):
+        async def work(metadata, request_id):
+            info = self._model(request.name).info
+            return pb.ModelMetadataResponse(
+                name=info.name, versions=["1"], platform="turboserve_" + info.model_type,
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(name="text", datatype="BYTES", shape=[-1])],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(name="embedding", datatype="FP32", shape=[-1, info.dim])])
+        return await self._answer("ModelMetadata", context, work)
+
+    async def ModelInfer(self, request, context):
+        async def work(metadata, request_id):
+            engine = self._model(request.model_name)
+            wrong = [o.name for o in request.outputs if o.name != "embedding"]
+            if wrong:
+                raise InvalidRequest(f"the only output is 'embedding', not {wrong}")
+            texts = _texts(request)
+            timing = Timing(request_id)
+            truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
+            encoded = await engine.tokenize(texts, timing, truncate)
+            rows = await engine.run(encoded, _Call(metadata, context), timing)  # type: ignore[arg-type]
+            vectors = finish_embedding(rows, engine.info.normalize if normalize is None else normalize)
+            return pb.ModelInferResponse(
+                model_name=engine.info.name, model_version="1", id=request.id,
+                outputs=[pb.ModelInferResponse.InferOutputTensor(name="embedding", datatype="FP32", shape=list(vectors.shape))],
+                raw_output_contents=[np.ascontiguousarray(vectors, dtype="<f4").tobytes()])
+        return await self._answer("ModelInfer", context, work)
+
+
+async def start_grpc(app, host: str, port: int, api_key: str | None) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port)."""
+    grpc_server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app, api_key), grpc_server)
+    bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    await grpc_server.start()
+    log.info("KServe v2 gRPC on %s:%d", host, bound)
+    return grpc_server, bound

@@ -1,0 +1,125 @@
+"""KServe v2 over gRPC through the real `tritonclient.grpc` client: health, metadata, inference (the same
+vectors as over HTTP), parameters, errors as gRPC status codes, the API key, metrics, and cancellation."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+from tritonclient.utils import InferenceServerException
+
+from tests.support import MODEL, DummyEmbedder, dummy_server, expected_vector
+
+KEY = "grpc-secret"
+
+
+@pytest.fixture(scope="module")
+def grpc_srv():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"grpc_port": 0}) as s:
+        yield s
+
+
+@pytest.fixture
+def gc(grpc_srv):
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_srv.app.state.grpc_port}")
+    yield client
+    client.close()
+
+
+def _input(texts):
+    inp = tgrpc.InferInput("text", [len(texts)], "BYTES")
+    inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    return inp
+
+
+def _want(srv, texts, normalize=True):
+    rows = np.stack([expected_vector(e.ids) for e in srv.app.state.engine.tokenizer.encode(texts)])
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True) if normalize else rows
+
+
+def test_health_and_metadata(gc):
+    assert gc.is_server_live() and gc.is_server_ready() and gc.is_model_ready(MODEL)
+    meta = gc.get_model_metadata(MODEL, as_json=True)
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": ["-1", "8"]}]
+    assert gc.get_server_metadata(as_json=True)["name"] == "turboserve"
+
+
+def test_infer_matches_http_and_takes_parameters(grpc_srv, gc):
+    texts = ["héllo wörld", "second text", "3"]
+    result = gc.infer(MODEL, [_input(texts)], outputs=[tgrpc.InferRequestedOutput("embedding")], request_id="g-7")
+    got = result.as_numpy("embedding")
+    assert got.shape == (3, 8) and got.dtype == np.float32 and result.get_response().id == "g-7"
+    np.testing.assert_allclose(got, _want(grpc_srv, texts), rtol=1e-5)
+    with grpc_srv.client() as http:  # the same engine over HTTP answers the same vectors
+        body = {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]}
+        doc = http.post(f"/v2/models/{MODEL}/infer", json=body).json()
+        np.testing.assert_allclose(np.asarray(doc["outputs"][0]["data"]).reshape(3, 8), got, rtol=1e-6)
+    raw = gc.infer(MODEL, [_input(texts)], parameters={"normalize": False}).as_numpy("embedding")
+    np.testing.assert_allclose(raw, _want(grpc_srv, texts, normalize=False), rtol=1e-5)
+    long_text = " ".join(f"w{i}" for i in range(100))
+    with pytest.raises(InferenceServerException) as err:
+        gc.infer(MODEL, [_input([long_text])])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "more than the limit" in err.value.message()
+    cut = gc.infer(MODEL, [_input([long_text])], parameters={"truncate": True}).as_numpy("embedding")
+    assert cut.shape == (1, 8)
+
+
+@pytest.mark.parametrize("call,status,words", [
+    (lambda c: c.infer("missing-model", [_input(["x"])]), "NOT_FOUND", "not served"),
+    (lambda c: c.infer(MODEL, [tgrpc.InferInput("numbers", [2], "FP32").set_data_from_numpy(
+        np.zeros(2, np.float32))]), "INVALID_ARGUMENT", "BYTES"),
+    (lambda c: c.infer(MODEL, [_input(["x"])], outputs=[tgrpc.InferRequestedOutput("other")]), "INVALID_ARGUMENT",
+     "only output"),
+    (lambda c: c.infer(MODEL, [_input(["x"])], parameters={"truncate": "yes"}), "INVALID_ARGUMENT", "must be a bool"),
+    (lambda c: c.infer(MODEL, [_input([""])]), "INVALID_ARGUMENT", "empty"),
+    (lambda c: c.infer(MODEL, [_input(["x"] * 33)]), "INVALID_ARGUMENT", "max_client_batch_size"),
+    (lambda c: c.get_model_metadata("missing-model"), "NOT_FOUND", "not served"),
+])
+def test_errors_are_grpc_status_codes_and_the_server_keeps_serving(grpc_srv, gc, call, status, words):
+    with pytest.raises(InferenceServerException) as err:
+        call(gc)
+    assert err.value.status() == f"StatusCode.{status}" and words in err.value.message()
+    assert "Traceback" not in err.value.message()
+    assert gc.infer(MODEL, [_input(["still serving"])]).as_numpy("embedding").shape == (1, 8)
+
+
+def test_calls_are_counted_in_metrics(grpc_srv, gc):
+    gc.infer(MODEL, [_input(["counted"])])
+    with grpc_srv.client() as http:
+        text = http.get("/metrics").text
+    assert 'turboserve_requests_total{route="grpc ModelInfer",status="OK"}' in text
+    assert 'route="grpc ModelInfer",status="NOT_FOUND"' in text
+
+
+def test_a_cancelled_call_drops_its_queued_work():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"grpc_port": 0}) as s, s.client() as http:
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+        with ThreadPoolExecutor(2) as pool:
+            blocker = embedder.occupy(pool, http)  # the worker is busy: the next call waits in the queue
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(MODEL, [_input(["waits"])], client_timeout=0.5)
+            assert "Deadline" in err.value.message() or err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            embedder.gate.set()
+            assert blocker.result(10).status_code == 200
+        metrics = http.get("/metrics").text
+        assert 'turboserve_requests_dropped_total{reason="disconnect"} 1.0' in metrics
+        assert not any("waits" in str(b) for b in embedder.batches)  # never computed
+        client.close()
+
+
+def test_the_api_key_guards_grpc_too():
+    with dummy_server(server={"grpc_port": 0, "api_key": KEY}) as s:
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+        assert client.is_server_live()  # probes stay open, as /health does
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(MODEL, [_input(["x"])])
+        assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+        ok = client.infer(MODEL, [_input(["x"])], headers={"authorization": f"Bearer {KEY}"})
+        assert ok.as_numpy("embedding").shape == (1, 8)
+        client.close()
+
