@@ -3,6 +3,7 @@ vectors as over HTTP), parameters, errors as gRPC status codes, the API key, met
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -104,6 +105,10 @@ def test_a_cancelled_call_drops_its_queued_work():
             with pytest.raises(InferenceServerException) as err:
                 client.infer(MODEL, [_input(["waits"])], client_timeout=0.5)
             assert "Deadline" in err.value.message() or err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            queue, until = s.app.state.engine.queue, time.monotonic() + 10
+            while queue.depth and time.monotonic() < until:  # the server sees the deadline on its own clock
+                time.sleep(0.01)
+            assert queue.depth == 0  # withdrawn while the worker was still busy: it will never be computed
             embedder.gate.set()
             assert blocker.result(10).status_code == 200
         metrics = http.get("/metrics").text
