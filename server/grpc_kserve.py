@@ -1,4 +1,4 @@
-"""KServe v2 / Triton gRPC inference protocol (GRPCInferenceService) for the text encoder, on
+"""KServe v2 / Triton gRPC inference protocol (GRPCInferenceService) for the text encoder and the DLRM, on
 server.grpc_port beside HTTP: `tritonclient.grpc` works against it unmodified. Same engine, scheduler,
 limits, API key and errors as the HTTP routes; the servicer base class and messages are the ones
 tritonclient[grpc] ships (generated from the KServe/Triton protos).
@@ -6,7 +6,8 @@ tritonclient[grpc] ships (generated from the KServe/Triton protos).
 ModelInfer takes one BYTES input named `text`, shape [n] or [n, 1] (in raw_input_contents, as tritonclient
 sends it, or in contents.bytes_contents), request parameters `truncate` and `normalize` (bool), and answers the
 FP32 output `embedding` [n, dim] in raw_output_contents. Metadata keys x-slo-ms, x-priority and
-x-request-timeout-ms act as the HTTP headers do; a cancelled call drops its queued work.
+x-request-timeout-ms act as the HTTP headers do; a cancelled call drops its queued work. The DLRM takes and
+answers the same tensors as over HTTP (`dense` FP32, one INT64/INT32 tensor per sparse feature -> `scores` FP32).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 import server
 from models.runtime import finish_embedding
 from scheduler.errors import NotReady
+from server.deps import recommender_of
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.kserve_codec import decode_bytes_tensor, texts_count
+from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, numeric_from_bytes, texts_count
 from server.middleware import Timing
+from server.recommend import Recommender
+from server.routes_kserve import dlrm_scores
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,31 @@ def _texts(request: pb.ModelInferRequest) -> list[str]:
     return decode_bytes_tensor(b"".join(len(e).to_bytes(4, "little") + e for e in elements), count)
 
 
+# The typed `contents` field of each numeric datatype (FP16 has none: raw_input_contents only).
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+
+def _tensors(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Numeric inputs by name, from raw_input_contents (one per input, in order) or each input's contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    out: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in out:
+            raise InvalidRequest(f"input {tensor.name!r} is given twice")
+        if raw:
+            data = raw[i]
+        elif tensor.datatype in _CONTENTS:
+            data = np.asarray(getattr(tensor.contents, _CONTENTS[tensor.datatype]), dtype=NUMPY_TYPES[tensor.datatype]).tobytes()
+        else:
+            data = b""  # numeric_from_bytes names the datatype or the missing values
+        out[tensor.name] = numeric_from_bytes(tensor.name, tensor.datatype, list(tensor.shape), data)
+    return out
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The servicer; every RPC reads the app's state as the HTTP routes do (engine, draining)."""
 
@@ -93,10 +122,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise NotReady(f"model failed to load: {state.load_error}" if state.load_error else "model is loading")
         return state.engine
 
+    def _dlrm(self, name: str) -> Recommender | None:
+        """The recommender when `name` is its DLRM's served name (checked before the encoder's), as over HTTP."""
+        rec = self.app.state.recommender
+        if rec is None or rec.model is None or name != rec.name:
+            return None
+        return recommender_of(self)  # reads .app.state only: draining and not-ready as the HTTP routes answer them
+
     def _model(self, name: str) -> Engine:
         engine = self._engine()
         if name != engine.info.name:
-            raise ModelNotFound(f"model {name!r} is not served over gRPC here; this server serves {engine.info.name!r}")
+            rec = self.app.state.recommender
+            served = [engine.info.name] + ([rec.name] if rec is not None and rec.model is not None else [])
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
         return engine
 
     async def _answer(self, rpc: str, context, work):
@@ -140,8 +178,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def work(metadata, request_id):
-            engine = self._model(request.name)
-            return pb.ModelReadyResponse(ready=engine.healthy)
+            if self._dlrm(request.name) is not None:
+                return pb.ModelReadyResponse(ready=True)
+            return pb.ModelReadyResponse(ready=self._model(request.name).healthy)
         return await self._answer("ModelReady", context, work)
 
     async def ServerMetadata(self, request, context):
@@ -151,6 +190,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def work(metadata, request_id):
+            rec = self._dlrm(request.name)
+            if rec is not None:
+                meta = rec.metadata()
+                tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[side]] for side in ("inputs", "outputs")}
+                return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors)
             info = self._model(request.name).info
             return pb.ModelMetadataResponse(
                 name=info.name, versions=["1"], platform="turboserve_" + info.model_type,
@@ -160,6 +204,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def work(metadata, request_id):
+            rec = self._dlrm(request.model_name)
+            if rec is not None:
+                scores = await dlrm_scores(rec, _tensors(request), [o.name for o in request.outputs], Timing(request_id))
+                return pb.ModelInferResponse(
+                    model_name=rec.name, model_version="1", id=request.id,
+                    outputs=[pb.ModelInferResponse.InferOutputTensor(name="scores", datatype="FP32", shape=list(scores.shape))],
+                    raw_output_contents=[np.ascontiguousarray(scores, dtype="<f4").tobytes()])
             engine = self._model(request.model_name)
             wrong = [o.name for o in request.outputs if o.name != "embedding"]
             if wrong:

@@ -162,14 +162,27 @@ class TensorRequest:
     binary_output: bool
 
 
-def _numeric(tensor: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
-    """One numeric input as an array of its shape; returns it and the binary offset after it."""
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+def _numeric_type(name, datatype, shape) -> tuple[np.dtype, int]:
+    """(numpy dtype, element count) of a numeric input; InvalidRequest for another datatype or a bad shape."""
     if not isinstance(datatype, str) or datatype not in NUMPY_TYPES:
         raise InvalidRequest(f"input {name!r}: datatype {datatype!r} is not a numeric type ({', '.join(NUMPY_TYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    dtype, count = np.dtype(NUMPY_TYPES[datatype]), math.prod(shape)  # Python ints: no int64 overflow
+    return np.dtype(NUMPY_TYPES[datatype]), math.prod(shape)  # Python ints: no int64 overflow
+
+
+def numeric_from_bytes(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """A numeric input from its little-endian bytes (gRPC's raw_input_contents), as an array of its shape."""
+    dtype, count = _numeric_type(name, datatype, shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidRequest(f"input {name!r}: {len(raw)} bytes do not hold {count} {datatype} values")
+    return _shaped(name, datatype, shape, lambda: np.frombuffer(raw, dtype, count))
+
+
+def _numeric(tensor: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One numeric input as an array of its shape; returns it and the binary offset after it."""
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    dtype, count = _numeric_type(name, datatype, shape)
     params = _params(tensor, f"input {name!r}")
     if "binary_data_size" in params:
         size = params["binary_data_size"]

@@ -115,22 +115,26 @@ async def infer(name: str, request: Request, version: str | None = None):
 
 
 async def _infer_dlrm(rec: Recommender, request: Request) -> Response:
-    """DLRM inputs: `dense` FP32 [B, num_dense]; per sparse feature an INT64 (or INT32) tensor [B] (one key a
-    sample) or [B, k] (k keys a sample, -1 pads a shorter bag). Output: `scores` FP32 [B]."""
     parsed = parse_tensors(await request.body(), request.headers.get(HEADER_LENGTH))
-    unknown = [o for o in parsed.outputs if o != "scores"]
+    scores = await dlrm_scores(rec, parsed.inputs, parsed.outputs, timing_of(request))
+    body, headers = encode_tensors(rec.name, parsed.id, {"scores": scores}, parsed.binary_output)
+    return Response(body, headers=headers)
+
+
+async def dlrm_scores(rec: Recommender, tensors: dict[str, np.ndarray], outputs: list[str], timing) -> np.ndarray:
+    """DLRM inputs: `dense` FP32 [B, num_dense]; per sparse feature an INT64 (or INT32) tensor [B] (one key a
+    sample) or [B, k] (k keys a sample, -1 pads a shorter bag). Output: `scores` FP32 [B] (HTTP and gRPC)."""
+    unknown = [o for o in outputs if o != "scores"]
     if unknown:
         raise InvalidRequest(f"the only output is 'scores', not {unknown}")
-    inputs = dict(parsed.inputs)
+    inputs = dict(tensors)
     dense = inputs.pop("dense", None)
     if dense is None:
         raise InvalidRequest("input 'dense' (FP32 [batch, num_dense]) is missing")
     if dense.dtype.kind != "f":
         raise InvalidRequest(f"input 'dense' must be FP32, got {dense.dtype}")
     sparse = {name: bags_from_matrix(name, values) for name, values in inputs.items()}
-    timing = timing_of(request)
     started = time.perf_counter()
     scores = await run_in_threadpool(rec.score, dense.astype(np.float32), sparse)
     timing.inference = time.perf_counter() - started
-    body, headers = encode_tensors(rec.name, parsed.id, {"scores": scores}, parsed.binary_output)
-    return Response(body, headers=headers)
+    return scores
