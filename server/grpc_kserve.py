@@ -20,6 +20,8 @@ import uuid
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -29,10 +31,10 @@ from scheduler.errors import NotReady
 from server.deps import recommender_of
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, numeric_from_bytes, texts_count
+from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, model_config, numeric_from_bytes, texts_count
 from server.middleware import Timing
 from server.recommend import Recommender
-from server.routes_kserve import dlrm_scores
+from server.routes_kserve import dlrm_scores, encoder_metadata
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return None
         return recommender_of(self)  # reads .app.state only: draining and not-ready as the HTTP routes answer them
 
+    def _metadata(self, name: str) -> dict:
+        """KServe metadata of the DLRM or the encoder named `name` (the HTTP routes' own)."""
+        rec = self._dlrm(name)
+        return rec.metadata() if rec is not None else encoder_metadata(self._model(name))
+
     def _model(self, name: str) -> Engine:
         engine = self._engine()
         if name != engine.info.name:
@@ -190,17 +197,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def work(metadata, request_id):
-            rec = self._dlrm(request.name)
-            if rec is not None:
-                meta = rec.metadata()
-                tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[side]] for side in ("inputs", "outputs")}
-                return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors)
-            info = self._model(request.name).info
-            return pb.ModelMetadataResponse(
-                name=info.name, versions=["1"], platform="turboserve_" + info.model_type,
-                inputs=[pb.ModelMetadataResponse.TensorMetadata(name="text", datatype="BYTES", shape=[-1])],
-                outputs=[pb.ModelMetadataResponse.TensorMetadata(name="embedding", datatype="FP32", shape=[-1, info.dim])])
+            meta = self._metadata(request.name)
+            tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[side]] for side in ("inputs", "outputs")}
+            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors)
         return await self._answer("ModelMetadata", context, work)
+
+    async def ModelConfig(self, request, context):
+        async def work(metadata, request_id):
+            config = json_format.ParseDict(model_config(self._metadata(request.name)), model_config_pb2.ModelConfig())
+            return pb.ModelConfigResponse(config=config)
+        return await self._answer("ModelConfig", context, work)
 
     async def ModelInfer(self, request, context):
         async def work(metadata, request_id):

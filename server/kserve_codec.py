@@ -253,3 +253,13 @@ def encode_tensors(model: str, request_id: str | None, outputs: dict[str, np.nda
     if not binary:
         return head, {"content-type": "application/json"}
     return head + b"".join(raws), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
+def model_config(metadata: dict) -> dict:
+    """Triton's model configuration (its JSON form) of a served model, from its KServe metadata; what
+    tritonclient's get_model_config and perf_analyzer read. max_batch_size 0: the shapes are the whole shapes."""
+    def tensors(side: str) -> list[dict]:
+        return [{"name": t["name"], "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else "TYPE_" + t["datatype"],
+                 "dims": t["shape"]} for t in metadata[side]]
+    return {"name": metadata["name"], "platform": metadata["platform"], "max_batch_size": 0,
+            "input": tensors("inputs"), "output": tensors("outputs")}

@@ -15,7 +15,7 @@ from scheduler.errors import NotReady
 from server.deps import engine_of, recommender_of, timing_of
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound, error_responses
-from server.kserve_codec import HEADER_LENGTH, encode_infer_response, encode_tensors, parse_infer, parse_tensors
+from server.kserve_codec import HEADER_LENGTH, encode_infer_response, encode_tensors, model_config, parse_infer, parse_tensors
 from server.recommend import Recommender, bags_from_matrix
 
 router = APIRouter(prefix="/v2", tags=["kserve"], responses=error_responses("kserve"))
@@ -76,7 +76,11 @@ async def model_metadata(name: str, request: Request, version: str | None = None
     rec = _dlrm(request, name)
     if rec is not None:
         return rec.metadata()
-    engine = _model(request, name)
+    return encoder_metadata(_model(request, name))
+
+
+def encoder_metadata(engine: Engine) -> dict:
+    """KServe v2 metadata of the text encoder (HTTP and gRPC)."""
     return {
         "name": engine.info.name,
         "versions": ["1"],
@@ -84,6 +88,14 @@ async def model_metadata(name: str, request: Request, version: str | None = None
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, engine.info.dim]}],
     }
+
+
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config")
+async def config(name: str, request: Request, version: str | None = None):
+    """Triton's model configuration, for tritonclient's get_model_config and perf_analyzer."""
+    rec = _dlrm(request, name)
+    return model_config(rec.metadata() if rec is not None else encoder_metadata(_model(request, name)))
 
 
 @router.get("/models/{name}/ready")

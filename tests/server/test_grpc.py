@@ -47,6 +47,9 @@ def test_health_and_metadata(gc):
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": ["-1", "8"]}]
     assert gc.get_server_metadata(as_json=True)["name"] == "turboserve"
+    config = gc.get_model_config(MODEL, as_json=True)["config"]  # Triton's configuration, as perf_analyzer reads it
+    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": ["-1"]}]
+    assert config["output"] == [{"name": "embedding", "data_type": "TYPE_FP32", "dims": ["-1", "8"]}]
 
 
 def test_infer_matches_http_and_takes_parameters(grpc_srv, gc):

@@ -50,6 +50,10 @@ def test_metadata_and_ready(gc):
     assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("dense", "FP32"), ("user", "INT64"), ("item", "INT64"),
                                                                        ("history", "INT64")]
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": ["-1"]}]
+    config = gc.get_model_config(NAME, as_json=True)["config"]
+    assert config["platform"] == "turboserve_dlrm" and config["input"][0] == {"name": "dense", "data_type": "TYPE_FP32",
+                                                                               "dims": ["-1", "3"]}
+    assert [(i["name"], i["data_type"]) for i in config["input"][1:]] == [(n, "TYPE_INT64") for n in ("user", "item", "history")]
 
 
 def test_scores_equal_the_reference_dlrm_raw_and_typed(dlrm, gc, address):  # noqa: F811

@@ -30,6 +30,9 @@ def test_health_and_metadata(tc):
     assert meta["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
     assert meta["outputs"][0]["shape"] == [-1, 8]
     assert tc.get_server_metadata()["name"] == "turboserve"
+    config = tc.get_model_config(MODEL)  # Triton's configuration, as perf_analyzer reads it
+    assert config["max_batch_size"] == 0 and config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert config["output"] == [{"name": "embedding", "data_type": "TYPE_FP32", "dims": [-1, 8]}]
 
 
 @pytest.mark.parametrize("binary_in,binary_out", [(True, True), (False, False), (True, False), (False, True)])
