@@ -234,9 +234,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer("ModelInfer", context, work)
 
 
-async def start_grpc(app, host: str, port: int, api_key: str | None) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port)."""
-    grpc_server = grpc.aio.server()
+async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port).
+    A request message over payload_limit bytes is refused (RESOURCE_EXHAUSTED), as HTTP refuses the body (413)."""
+    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app, api_key), grpc_server)
     bound = grpc_server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

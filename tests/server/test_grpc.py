@@ -91,6 +91,16 @@ def test_errors_are_grpc_status_codes_and_the_server_keeps_serving(grpc_srv, gc,
     assert gc.infer(MODEL, [_input(["still serving"])]).as_numpy("embedding").shape == (1, 8)
 
 
+def test_a_message_over_the_payload_limit_is_refused():
+    with dummy_server(server={"grpc_port": 0, "payload_limit": 4096}) as s:
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(MODEL, [_input(["x" * 5000])])
+        assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert client.infer(MODEL, [_input(["small"])]).as_numpy("embedding").shape == (1, 8)
+        client.close()
+
+
 def test_calls_are_counted_in_metrics(grpc_srv, gc):
     gc.infer(MODEL, [_input(["counted"])])
     with grpc_srv.client() as http:
