@@ -60,6 +60,7 @@ class BatchQueue:
         self._pending: list[WorkItem] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._no_waiting = False  # draining: no more arrivals to wait for, so no batch is held back for a fuller one
 
     @property
     def depth(self) -> int:
@@ -115,7 +116,7 @@ class BatchQueue:
                     return []
                 if not self._pending:
                     return None
-                snapshot, closed = list(self._pending), self._closed
+                snapshot, closed = list(self._pending), self._closed or self._no_waiting
             now = self.clock()
             dead = [it for it in snapshot if it.expires_at <= now or it.future.cancelled()]
             if dead and (taken := self._take(dead)):
@@ -129,8 +130,8 @@ class BatchQueue:
                 decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
             if decided.wait_until is not None and decided.wait_until > now and not closed:
                 with self._cond:
-                    if len(self._pending) == len(snapshot):  # nothing arrived while planning
-                        self._cond.wait(decided.wait_until - now)  # an arrival wakes us to plan again
+                    if len(self._pending) == len(snapshot) and not self._no_waiting:  # nothing new while planning
+                        self._cond.wait(decided.wait_until - now)  # an arrival (or the drain) wakes us to plan again
                 continue
             batch = self._take([snapshot[i] for i in decided.batches[0].indices])
             if batch:
@@ -145,6 +146,13 @@ class BatchQueue:
             taken = {id(it) for it in batch}
             self._pending = [it for it in self._pending if id(it) not in taken]
         return batch
+
+    def stop_waiting(self) -> None:
+        """From now on release every batch at once (the server is draining: whatever the policy would wait for
+        will not arrive); a batch held back now is planned again right away."""
+        with self._cond:
+            self._no_waiting = True
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Refuse new work; the worker drains what is pending, then next_batch returns None."""

@@ -154,6 +154,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         """Readiness off and new requests refused (503) from now on; admitted ones carry on."""
         app.state.draining = True
         metrics.ready.set(0)
+        if app.state.engine is not None:  # no batch is held back for arrivals that will not come
+            app.state.engine.queue.stop_waiting()
 
     def busy() -> int:
         """Requests being answered plus sequences queued or running (0 once everything admitted is done)."""

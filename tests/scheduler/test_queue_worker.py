@@ -275,3 +275,19 @@ def test_per_token_and_pooled_items_share_a_batch_and_each_gets_its_own_answer()
     q.close()
     worker.join(5)
     assert runner.calls[1:] == [None]
+
+
+def test_stop_waiting_releases_a_batch_held_for_a_fuller_one():
+    # fifo holds a short batch up to max_queue_delay for more arrivals; once the server drains, none will come.
+    q = BatchQueue(100, Limits(1000, 64), PolicyConfig("fifo", fixed_batch_size=64, max_queue_delay=30.0))
+    q.submit([WorkItem([1, 2]), WorkItem([3])])
+    taken: list = []
+    waiter = threading.Thread(target=lambda: taken.append(q.next_batch()))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not taken  # held back for a fuller batch
+    q.stop_waiting()
+    waiter.join(5)
+    assert [len(b) for b in taken] == [2]
+    q.submit([WorkItem([4])])
+    assert len(q.next_batch(timeout=5)) == 1  # and every later batch goes at once too

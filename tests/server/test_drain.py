@@ -92,3 +92,50 @@ def test_sigterm_drains_admitted_requests_and_refuses_new_ones(tmp_path):
     assert refused and all(r[2][2] for r in refused)  # 503 with Retry-After during the drain
     assert all(r[2][0] in (200, 503) for r in results if isinstance(r[2], tuple))
     assert "draining" in text and "drained in" in text
+
+
+
+
+@pytest.mark.slow
+def test_sigterm_answers_an_admitted_grpc_call(tmp_path):
+    import numpy as np  # noqa: PLC0415
+    import tritonclient.grpc as tgrpc  # noqa: PLC0415
+
+    port, grpc_port = free_port(), free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"port": port, "grpc_port": grpc_port, "shutdown_timeout_s": 20},
+        "model": {"warmup": False},
+        # fifo waiting up to 10 s to fill a batch of 64: the call's 16 sequences sit in the queue, where /metrics shows
+        # them, when SIGTERM comes; the drain must still run them (a closing queue holds nothing back).
+        "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1, "profile_max_tokens": 16,
+                      "policy": "fifo", "fixed_batch_size": 64, "max_queue_delay_ms": 10_000},
+    }))
+    log = tmp_path / "serve.log"
+    proc = spawn_server(config, log)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, log)
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    text = tgrpc.InferInput("text", [16], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
+    outcome: dict = {}
+
+    def grpc_call():
+        try:
+            outcome["grpc"] = client.infer("all-MiniLM-L6-v2", [text]).as_numpy("embedding").shape
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            outcome["grpc"] = repr(exc)
+
+    caller = threading.Thread(target=grpc_call)
+    caller.start()
+    deadline = time.monotonic() + 20
+    while "turboserve_queue_depth 16.0" not in httpx.get(f"{url}/metrics").text:  # admitted, held for a fuller batch
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.01)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    caller.join(60)
+    assert outcome == {"grpc": (16, 384)}, (outcome, log.read_text()[-2000:])
+    assert time.monotonic() - started < 8  # run at the drain, not after the 10 s batching wait
+    assert proc.wait(30) == 0
+    client.close()
