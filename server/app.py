@@ -128,7 +128,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             key = settings.server.api_key
             grpc_server, app.state.grpc_port = await start_grpc(
                 app, settings.server.host, settings.server.grpc_port, key.get_secret_value() if key is not None else None,
-                settings.server.payload_limit)
+                settings.server.payload_limit, settings.server.access_log)
         yield
         app.state.draining = True
         if grpc_server is not None:  # new calls are refused from here; those admitted finish within the grace

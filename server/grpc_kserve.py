@@ -32,11 +32,13 @@ from server.deps import recommender_of
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
 from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, model_config, numeric_from_bytes, texts_count
+from server.logs import ACCESS_LOGGER
 from server.middleware import Timing
 from server.recommend import Recommender
 from server.routes_kserve import dlrm_scores, encoder_metadata
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 # HTTP status of an error kind -> the gRPC code Triton answers for the same condition.
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
@@ -112,9 +114,10 @@ def _tensors(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The servicer; every RPC reads the app's state as the HTTP routes do (engine, draining)."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: str | None, access_log: bool = False):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
+        self.access_log = access_log
 
     def _engine(self) -> Engine:
         state = self.app.state
@@ -145,17 +148,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return engine
 
     async def _answer(self, rpc: str, context, work):
-        """Run `work(metadata)`, count it, and turn a domain error into the matching gRPC status (message only:
-        never a traceback)."""
-        started, code = time.perf_counter(), grpc.StatusCode.OK
+        """Run `work(metadata, timing)`, count it, and turn a domain error into the matching gRPC status (message
+        only: never a traceback). The request id and the timings go back as trailing metadata, as HTTP headers do."""
+        code = grpc.StatusCode.OK
         metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        timing = Timing(metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex)
+        request_id = timing.request_id
         try:
             if self.api_key is not None and rpc not in ("ServerLive", "ServerReady"):
                 given = metadata.get("authorization", "").encode()
                 if not hmac.compare_digest(given[7:] if given[:7].lower() == b"bearer " else b"", self.api_key):
                     raise Unauthorized("missing or wrong API key (metadata authorization: Bearer <key>)")
-            return await work(metadata, request_id)
+            answer = await work(metadata, timing)
+            context.set_trailing_metadata((
+                ("x-request-id", request_id), ("x-total-time", f"{(time.perf_counter() - timing.started) * 1000:.3f}"),
+                ("x-tokenization-time", f"{timing.tokenization * 1000:.3f}"), ("x-queue-time", f"{timing.queue * 1000:.3f}"),
+                ("x-inference-time", f"{timing.inference * 1000:.3f}"), ("x-compute-tokens", str(timing.tokens))))
+            return answer
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed: nobody reads an answer
             code = grpc.StatusCode.CANCELLED
             raise
@@ -166,53 +175,62 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
             else:
                 code, message = _CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=(("x-request-id", request_id),))
         finally:
+            seconds = time.perf_counter() - timing.started
             metrics = self.app.state.metrics
-            metrics.request_duration.labels(f"grpc {rpc}").observe(time.perf_counter() - started)
+            metrics.request_duration.labels(f"grpc {rpc}").observe(seconds)
             metrics.requests.labels(f"grpc {rpc}", code.name).inc()
+            if self.access_log:
+                peer = context.peer()
+                access_log.info("gRPC %s %s", rpc, code.name, extra={"fields": {
+                    "request_id": request_id, "method": "gRPC", "path": f"/inference.GRPCInferenceService/{rpc}",
+                    "route": f"grpc {rpc}", "status": code.name, "duration_ms": round(seconds * 1000, 3),
+                    "client": peer, "tokens": timing.tokens, "tokenization_ms": round(timing.tokenization * 1000, 3),
+                    "queue_ms": round(timing.queue * 1000, 3), "inference_ms": round(timing.inference * 1000, 3),
+                    "user_agent": metadata.get("user-agent")}})
 
     async def ServerLive(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             return pb.ServerLiveResponse(live=True)
         return await self._answer("ServerLive", context, work)
 
     async def ServerReady(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             state = self.app.state
             return pb.ServerReadyResponse(ready=state.engine is not None and not state.draining and state.engine.healthy)
         return await self._answer("ServerReady", context, work)
 
     async def ModelReady(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             if self._dlrm(request.name) is not None:
                 return pb.ModelReadyResponse(ready=True)
             return pb.ModelReadyResponse(ready=self._model(request.name).healthy)
         return await self._answer("ModelReady", context, work)
 
     async def ServerMetadata(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             return pb.ServerMetadataResponse(name="turboserve", version=server.__version__, extensions=[])
         return await self._answer("ServerMetadata", context, work)
 
     async def ModelMetadata(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             meta = self._metadata(request.name)
             tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[side]] for side in ("inputs", "outputs")}
             return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors)
         return await self._answer("ModelMetadata", context, work)
 
     async def ModelConfig(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             config = json_format.ParseDict(model_config(self._metadata(request.name)), model_config_pb2.ModelConfig())
             return pb.ModelConfigResponse(config=config)
         return await self._answer("ModelConfig", context, work)
 
     async def ModelInfer(self, request, context):
-        async def work(metadata, request_id):
+        async def work(metadata, timing):
             rec = self._dlrm(request.model_name)
             if rec is not None:
-                scores = await dlrm_scores(rec, _tensors(request), [o.name for o in request.outputs], Timing(request_id))
+                scores = await dlrm_scores(rec, _tensors(request), [o.name for o in request.outputs], timing)
                 return pb.ModelInferResponse(
                     model_name=rec.name, model_version="1", id=request.id,
                     outputs=[pb.ModelInferResponse.InferOutputTensor(name="scores", datatype="FP32", shape=list(scores.shape))],
@@ -222,7 +240,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if wrong:
                 raise InvalidRequest(f"the only output is 'embedding', not {wrong}")
             texts = _texts(request)
-            timing = Timing(request_id)
+            timing = timing
             truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
             encoded = await engine.tokenize(texts, timing, truncate)
             rows = await engine.run(encoded, _Call(metadata, context), timing)  # type: ignore[arg-type]
@@ -234,11 +252,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer("ModelInfer", context, work)
 
 
-async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int,
+                     access_log: bool = False) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port).
     A request message over payload_limit bytes is refused (RESOURCE_EXHAUSTED), as HTTP refuses the body (413)."""
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app, api_key), grpc_server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app, api_key, access_log), grpc_server)
     bound = grpc_server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC port {host}:{port}")

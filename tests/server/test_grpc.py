@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.support import MODEL, DummyEmbedder, dummy_server, expected_vector
@@ -91,6 +93,23 @@ def test_errors_are_grpc_status_codes_and_the_server_keeps_serving(grpc_srv, gc,
     assert gc.infer(MODEL, [_input(["still serving"])]).as_numpy("embedding").shape == (1, 8)
 
 
+def test_request_id_and_timings_come_back_as_trailing_metadata(grpc_srv):
+    request = service_pb2.ModelInferRequest(model_name=MODEL, inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[1], contents=service_pb2.InferTensorContents(bytes_contents=[b"hello"]))])
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_srv.app.state.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "trace-9")], timeout=30)
+        trailing = dict(call.trailing_metadata())
+        assert trailing["x-request-id"] == "trace-9" and int(trailing["x-compute-tokens"]) == 3
+        assert float(trailing["x-total-time"]) >= float(trailing["x-inference-time"]) > 0
+        np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], "<f4"), _want(grpc_srv, ["hello"])[0],
+                                   rtol=1e-5)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(service_pb2.ModelInferRequest(model_name="nope"), metadata=[("x-request-id", "trace-10")])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert dict(err.value.trailing_metadata())["x-request-id"] == "trace-10"
+
+
 def test_a_message_over_the_payload_limit_is_refused():
     with dummy_server(server={"grpc_port": 0, "payload_limit": 4096}) as s:
         client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
@@ -141,3 +160,14 @@ def test_the_api_key_guards_grpc_too():
         assert ok.as_numpy("embedding").shape == (1, 8)
         client.close()
 
+
+
+def test_access_log_lines_for_grpc_calls(caplog):
+    with dummy_server(server={"grpc_port": 0, "access_log": True}) as s, caplog.at_level("INFO", logger="turboserve.access"):
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+        client.infer(MODEL, [_input(["logged"])], request_id="r")
+        client.close()
+    lines = [r for r in caplog.records if r.name == "turboserve.access" and r.getMessage() == "gRPC ModelInfer OK"]
+    assert len(lines) == 1
+    fields = lines[0].fields
+    assert fields["route"] == "grpc ModelInfer" and fields["tokens"] == 3 and fields["inference_ms"] > 0
