@@ -22,6 +22,7 @@ from scheduler.worker import BatchWorker
 from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge
 from server.metrics import Metrics
 from server.middleware import Timing
+from server.stats import InferStats
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Engine:
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
         self._wake_pending = False
         self.worker = BatchWorker(self.queue, embedder, metrics)
+        self.stats = InferStats()  # Triton's statistics extension (batches: metrics.batches)
         metrics.queue_depth.set_function(lambda: self.queue.depth)
 
     def start(self) -> None:
@@ -191,7 +193,17 @@ class Engine:
     async def run(self, encoded: list[Encoded], request: Request, timing: Timing,
                   per_token: bool = False) -> np.ndarray | list[np.ndarray]:
         """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled, or
-        with per_token a list of [length, dim], every token's last hidden state."""
+        with per_token a list of [length, dim], every token's last hidden state. Counted in self.stats."""
+        try:
+            out = await self._run(encoded, request, timing, per_token)
+        except BaseException:  # refused, timed out, failed, or cancelled
+            self.stats.record(timing, len(encoded), ok=False)
+            raise
+        self.stats.record(timing, len(encoded), ok=True)
+        return out
+
+    async def _run(self, encoded: list[Encoded], request: Request, timing: Timing,
+                   per_token: bool) -> np.ndarray | list[np.ndarray]:
         slo, priority = self.scheduling(request)
         timeout = self.request_timeout(request)
         now = time.perf_counter()

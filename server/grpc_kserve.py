@@ -35,7 +35,7 @@ from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, model_config, 
 from server.logs import ACCESS_LOGGER
 from server.middleware import Timing
 from server.recommend import Recommender
-from server.routes_kserve import dlrm_scores, encoder_metadata
+from server.routes_kserve import dlrm_scores, encoder_metadata, model_stats
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -225,6 +225,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             config = json_format.ParseDict(model_config(self._metadata(request.name)), model_config_pb2.ModelConfig())
             return pb.ModelConfigResponse(config=config)
         return await self._answer("ModelConfig", context, work)
+
+    async def ModelStatistics(self, request, context):
+        async def work(metadata, timing):
+            stats = model_stats(self.app.state, request.name or None)
+            return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+        return await self._answer("ModelStatistics", context, work)
 
     async def ModelInfer(self, request, context):
         async def work(metadata, timing):

@@ -20,6 +20,7 @@ from embeddings.hierarchy import ParameterServer, PrefetchedLookup
 from embeddings.stream import UpdateConsumer
 from models.dlrm import DLRM, load_dlrm, read_dlrm_folder
 from server.errors import InvalidRequest, ModelNotFound, NotEnabled, TableNotFound, TooLarge
+from server.stats import InferStats
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Recommender:
                  consumer: UpdateConsumer | None = None) -> None:
         self.ps, self.model, self.name = ps, model, name
         self.max_keys, self.max_batch, self.consumer = max_keys, max_batch, consumer
+        self.stats = InferStats()  # the DLRM's KServe requests (Triton's statistics extension)
 
     # -- the parameter server -----------------------------------------------------------------------
     def dim(self, table: str) -> int:

@@ -70,6 +70,28 @@ async def ready(request: Request):
     return {"ready": True}
 
 
+@router.get("/models/stats")
+@router.get("/models/{name}/stats")
+@router.get("/models/{name}/versions/{version}/stats")
+async def stats(request: Request, name: str | None = None, version: str | None = None):
+    """Triton's statistics extension: per model, requests (succeeded, failed), time queued and in the model."""
+    return {"model_stats": model_stats(request.app.state, name)}
+
+
+def model_stats(state, name: str | None) -> list[dict]:
+    """Statistics of the model `name`, or of every served model (HTTP and gRPC)."""
+    out = []
+    engine, rec = state.engine, state.recommender
+    if rec is not None and rec.model is not None and name in (None, rec.name):
+        out.append(rec.stats.as_dict(rec.name))
+    if engine is not None and name in (None, engine.info.name):
+        out.append(engine.stats.as_dict(engine.info.name, executions=engine.metrics.batches))
+    if name is not None and not out:
+        served = ([rec.name] if rec is not None and rec.model is not None else []) + ([engine.info.name] if engine else [])
+        raise ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
+    return out
+
+
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
 async def model_metadata(name: str, request: Request, version: str | None = None):
@@ -147,6 +169,11 @@ async def dlrm_scores(rec: Recommender, tensors: dict[str, np.ndarray], outputs:
         raise InvalidRequest(f"input 'dense' must be FP32, got {dense.dtype}")
     sparse = {name: bags_from_matrix(name, values) for name, values in inputs.items()}
     started = time.perf_counter()
-    scores = await run_in_threadpool(rec.score, dense.astype(np.float32), sparse)
+    try:
+        scores = await run_in_threadpool(rec.score, dense.astype(np.float32), sparse)
+    except BaseException:
+        rec.stats.record(timing, len(dense), ok=False)
+        raise
     timing.inference = time.perf_counter() - started
+    rec.stats.record(timing, len(dense), ok=True, executions=1)
     return scores

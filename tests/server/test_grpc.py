@@ -120,6 +120,23 @@ def test_a_message_over_the_payload_limit_is_refused():
         client.close()
 
 
+def test_inference_statistics_count_requests_sequences_and_batches(grpc_srv, gc):
+    before = gc.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    gc.infer(MODEL, [_input(["one", "two", "three"])])
+    after = gc.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    assert after["name"] == MODEL
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 3
+    assert int(after["execution_count"]) > int(before.get("execution_count", 0))
+    ok, was = after["inference_stats"]["success"], before["inference_stats"].get("success", {})
+    assert int(ok["count"]) - int(was.get("count", 0)) == 1 and int(ok["ns"]) > int(was.get("ns", 0))
+    with grpc_srv.client() as http:  # the same numbers over HTTP
+        assert http.get(f"/v2/models/{MODEL}/stats").json()["model_stats"][0]["inference_count"] == int(after["inference_count"])
+        assert http.get("/v2/models/nope/stats").status_code == 404
+    with pytest.raises(InferenceServerException) as err:
+        gc.get_inference_statistics("nope")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_calls_are_counted_in_metrics(grpc_srv, gc):
     gc.infer(MODEL, [_input(["counted"])])
     with grpc_srv.client() as http:

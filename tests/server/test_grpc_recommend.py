@@ -71,6 +71,13 @@ def test_scores_equal_the_reference_dlrm_raw_and_typed(dlrm, gc, address):  # no
     np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], "<f4"), want, atol=1e-5, rtol=0)
 
 
+def test_dlrm_statistics(gc):
+    gc.infer(NAME, _inputs())
+    stats = {m["name"]: m for m in gc.get_inference_statistics(as_json=True)["model_stats"]}
+    assert set(stats) == {NAME, MODEL}
+    assert int(stats[NAME]["inference_count"]) >= 3 and int(stats[NAME]["inference_stats"]["success"]["count"]) >= 1
+
+
 def test_errors_are_status_codes(gc):
     with pytest.raises(InferenceServerException) as err:
         gc.infer(NAME, _inputs(user=[500, 1, 2]))  # cardinality 200
