@@ -128,12 +128,15 @@ def print_cpu(cpu: dict) -> None:
 class SpawnedServer:
     """`turboserve serve` on a free loopback port, as a subprocess whose log goes to a temp file."""
 
-    def __init__(self, extra_args: list[str], startup_timeout: float):
+    def __init__(self, extra_args: list[str], startup_timeout: float, checkout: Path | None = None):
+        """checkout: serve the code of another checkout (an A/B against an older commit) instead of this one."""
         self.port = self._free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
+        self.cwd = checkout or REPO_ROOT
         exe = Path(sys.executable).parent / "turboserve"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+        # `python -m` imports from the working directory first: the checkout's own server package.
+        cmd = [str(exe)] if exe.exists() and checkout is None else [sys.executable, "-m", "server.cli"]
         self.cmd = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         fd, log_name = tempfile.mkstemp(prefix="turboserve-", suffix=".log")
         os.close(fd)
@@ -150,7 +153,7 @@ class SpawnedServer:
         print(f"spawning: {' '.join(self.cmd)}  (log: {self.log_path})", flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd, env=env,
                                          start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(base_url=self.url, trust_env=False, timeout=2.0) as client:

@@ -5,7 +5,6 @@ trip, x-total-time, x-inference-time (medians of 40 after 5 warm-ups) and the re
 """
 
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,42 +12,32 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bench.harness import SpawnedServer  # noqa: E402
 from bench.workload import make_texts  # noqa: E402
 
 TEXTS = make_texts(32, 16, 16, 7)
 
 
-def measure(checkout: str, port: int) -> tuple[float, float, float, int]:
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], cwd=checkout,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def measure(checkout: str) -> tuple[float, float, float, int]:
+    server = SpawnedServer([], startup_timeout=300, checkout=Path(checkout))
+    server.start()
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{checkout}: the server never became ready")
-            time.sleep(0.3)
-        for _ in range(5):
-            client.post("/embed", json={"inputs": TEXTS})
-        latency, total, inference = [], [], []
-        for _ in range(40):
-            started = time.perf_counter()
-            r = client.post("/embed", json={"inputs": TEXTS})
-            r.json()
-            latency.append(time.perf_counter() - started)
-            total.append(float(r.headers["x-total-time"]))
-            inference.append(float(r.headers["x-inference-time"]))
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for _ in range(5):
+                client.post("/embed", json={"inputs": TEXTS})
+            latency, total, inference = [], [], []
+            for _ in range(40):
+                started = time.perf_counter()
+                r = client.post("/embed", json={"inputs": TEXTS})
+                r.json()
+                latency.append(time.perf_counter() - started)
+                total.append(float(r.headers["x-total-time"]))
+                inference.append(float(r.headers["x-inference-time"]))
         return statistics.median(latency) * 1000, statistics.median(total), statistics.median(inference), len(r.content)
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 for _ in range(2):
     for name, checkout in (("old", sys.argv[1]), ("new", sys.argv[2])):
-        print(name, "client %.2f ms  x-total %.2f  x-inference %.2f  bytes %d" % measure(checkout, 8790))
+        print(name, "client %.2f ms  x-total %.2f  x-inference %.2f  bytes %d" % measure(checkout))
