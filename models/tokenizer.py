@@ -69,11 +69,14 @@ class TextTokenizer:
                 raise InvalidTokens(f"input {i} is an empty list of token ids")
             if len(ids) > self.max_length:
                 raise InputTooLong(i, len(ids), self.max_length)
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidTokens(f"input {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            self._check_vocabulary(ids, f"input {i}")
             out.append(Encoded(list(ids), False))
         return out
+
+    def _check_vocabulary(self, ids: list[int], what: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidTokens(f"{what} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
 
     def describe(self, texts: list[str], add_special_tokens: bool = True) -> list[list[dict]]:
         """TEI's /tokenize: per token its id, its text (the input's characters, or the special token itself),
@@ -90,7 +93,5 @@ class TextTokenizer:
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         """TEI's /decode: the text of each list of token ids; InvalidTokens for an id outside the vocabulary."""
         for i, ids in enumerate(sequences):
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidTokens(f"ids {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            self._check_vocabulary(ids, f"ids {i}")
         return self._full.decode_batch(sequences, skip_special_tokens=skip_special_tokens)

@@ -36,6 +36,13 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+async def _off_the_loop_if_long(texts: list[str], fn, *args):
+    """fn(*args) here for short texts; in the thread pool when they are long, so the event loop keeps serving."""
+    if sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS:
+        return await run_in_threadpool(fn, *args)
+    return fn(*args)
+
+
 def policy_config(sched: SchedulerSettings) -> PolicyConfig:
     """The planner's knobs from the scheduler settings (also what the live benchmark simulates)."""
     return PolicyConfig(
@@ -145,12 +152,16 @@ class Engine:
             prefix = self.prompt(prompt_name)
             if prefix:
                 inputs = [prefix + text for text in inputs]  # type: ignore[operator]
-            if sum(len(t) for t in inputs) > _INLINE_TOKENIZE_CHARS:
-                encoded = await run_in_threadpool(self.tokenizer.encode, inputs, truncate, direction)
-            else:
-                encoded = self.tokenizer.encode(inputs, truncate, direction)  # type: ignore[arg-type]
+            encoded = await _off_the_loop_if_long(inputs, self.tokenizer.encode, inputs, truncate, direction)
         timing.tokenization = time.perf_counter() - started
         return encoded
+
+    async def describe(self, texts: list[str], add_special_tokens: bool, prompt_name: str | None) -> list[list[dict]]:
+        """TEI's /tokenize of `texts`, the prompt put first (offsets then count in the prompted text, as TEI's do)."""
+        self.check_batch(len(texts))
+        prefix = self.prompt(prompt_name)
+        texts = [prefix + text for text in texts]
+        return await _off_the_loop_if_long(texts, self.tokenizer.describe, texts, add_special_tokens)
 
     def scheduling(self, request: Request) -> tuple[float, int]:
         """(SLO seconds, priority) from the x-slo-ms and x-priority headers, else the server defaults."""

@@ -27,15 +27,11 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 import server
 from models.runtime import finish_embedding
-from scheduler.errors import NotReady
-from server.deps import recommender_of
-from server.engine import Engine
-from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, model_config, numeric_from_bytes, texts_count
+from server.errors import InvalidRequest, Unauthorized, kind_of
+from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, model_config, numeric_from_bytes, texts_count, utf8_element
 from server.logs import ACCESS_LOGGER
 from server.middleware import Timing
-from server.recommend import Recommender
-from server.routes_kserve import dlrm_scores, encoder_metadata, model_stats
+from server.routes_kserve import dlrm_named, dlrm_scores, encoder_metadata, encoder_named, model_stats
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -83,7 +79,7 @@ def _texts(request: pb.ModelInferRequest) -> list[str]:
     elements = tensor.contents.bytes_contents
     if len(elements) != count:
         raise InvalidRequest(f"shape says {count} elements, contents hold {len(elements)}")
-    return decode_bytes_tensor(b"".join(len(e).to_bytes(4, "little") + e for e in elements), count)
+    return [utf8_element(e, i) for i, e in enumerate(elements)]
 
 
 # The typed `contents` field of each numeric datatype (FP16 has none: raw_input_contents only).
@@ -119,33 +115,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.api_key = api_key.encode() if api_key else None
         self.access_log = access_log
 
-    def _engine(self) -> Engine:
-        state = self.app.state
-        if state.draining:
-            raise NotReady("server is shutting down")
-        if state.engine is None:
-            raise NotReady(f"model failed to load: {state.load_error}" if state.load_error else "model is loading")
-        return state.engine
-
-    def _dlrm(self, name: str) -> Recommender | None:
-        """The recommender when `name` is its DLRM's served name (checked before the encoder's), as over HTTP."""
-        rec = self.app.state.recommender
-        if rec is None or rec.model is None or name != rec.name:
-            return None
-        return recommender_of(self)  # reads .app.state only: draining and not-ready as the HTTP routes answer them
-
     def _metadata(self, name: str) -> dict:
         """KServe metadata of the DLRM or the encoder named `name` (the HTTP routes' own)."""
-        rec = self._dlrm(name)
-        return rec.metadata() if rec is not None else encoder_metadata(self._model(name))
-
-    def _model(self, name: str) -> Engine:
-        engine = self._engine()
-        if name != engine.info.name:
-            rec = self.app.state.recommender
-            served = [engine.info.name] + ([rec.name] if rec is not None and rec.model is not None else [])
-            raise ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
-        return engine
+        rec = dlrm_named(self, name)
+        return rec.metadata() if rec is not None else encoder_metadata(encoder_named(self, name))
 
     async def _answer(self, rpc: str, context, work):
         """Run `work(metadata, timing)`, count it, and turn a domain error into the matching gRPC status (message
@@ -203,9 +176,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def work(metadata, timing):
-            if self._dlrm(request.name) is not None:
+            if dlrm_named(self, request.name) is not None:
                 return pb.ModelReadyResponse(ready=True)
-            return pb.ModelReadyResponse(ready=self._model(request.name).healthy)
+            return pb.ModelReadyResponse(ready=encoder_named(self, request.name).healthy)
         return await self._answer("ModelReady", context, work)
 
     async def ServerMetadata(self, request, context):
@@ -234,14 +207,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def work(metadata, timing):
-            rec = self._dlrm(request.model_name)
+            rec = dlrm_named(self, request.model_name)
             if rec is not None:
                 scores = await dlrm_scores(rec, _tensors(request), [o.name for o in request.outputs], timing)
                 return pb.ModelInferResponse(
                     model_name=rec.name, model_version="1", id=request.id,
                     outputs=[pb.ModelInferResponse.InferOutputTensor(name="scores", datatype="FP32", shape=list(scores.shape))],
                     raw_output_contents=[np.ascontiguousarray(scores, dtype="<f4").tobytes()])
-            engine = self._model(request.model_name)
+            engine = encoder_named(self, request.model_name)
             wrong = [o.name for o in request.outputs if o.name != "embedding"]
             if wrong:
                 raise InvalidRequest(f"the only output is 'embedding', not {wrong}")

@@ -38,14 +38,14 @@ def decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
         offset += 4
         if offset + n > len(raw):
             raise InvalidRequest(f"binary BYTES element {i} runs past the data")
-        texts.append(_utf8(raw[offset:offset + n], i))
+        texts.append(utf8_element(raw[offset:offset + n], i))
         offset += n
     if offset != len(raw):
         raise InvalidRequest(f"binary BYTES data has {len(raw) - offset} bytes beyond {count} elements")
     return texts
 
 
-def _utf8(value: bytes, i: int) -> str:
+def utf8_element(value: bytes, i: int) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:

@@ -37,21 +37,27 @@ _INFER_BODY = {
 }
 
 
-def _dlrm(request: Request, name: str) -> Recommender | None:
-    """The recommender when `name` is its DLRM's served name (checked before the encoder's)."""
+def dlrm_named(request, name: str) -> Recommender | None:
+    """The recommender when `name` is its DLRM's served name (checked before the encoder's). `request`: anything
+    with `.app` (the gRPC servicer passes itself)."""
     rec = request.app.state.recommender
     if rec is None or rec.model is None or name != rec.name:
         return None
     return recommender_of(request)
 
 
-def _model(request: Request, name: str) -> Engine:
+def encoder_named(request, name: str) -> Engine:
+    """The ready engine if `name` is the encoder's served name; ModelNotFound naming what is served otherwise."""
     engine = engine_of(request)
     if name != engine.info.name:
-        rec = request.app.state.recommender
-        served = [engine.info.name] + ([rec.name] if rec is not None and rec.model is not None else [])
-        raise ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
+        raise _not_served(request.app.state, name)
     return engine
+
+
+def _not_served(state, name: str) -> ModelNotFound:
+    rec, engine = state.recommender, state.engine
+    served = ([engine.info.name] if engine is not None else []) + ([rec.name] if rec is not None and rec.model is not None else [])
+    return ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
 
 
 @router.get("")
@@ -87,18 +93,17 @@ def model_stats(state, name: str | None) -> list[dict]:
     if engine is not None and name in (None, engine.info.name):
         out.append(engine.stats.as_dict(engine.info.name, executions=engine.metrics.batches))
     if name is not None and not out:
-        served = ([rec.name] if rec is not None and rec.model is not None else []) + ([engine.info.name] if engine else [])
-        raise ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
+        raise _not_served(state, name)
     return out
 
 
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
 async def model_metadata(name: str, request: Request, version: str | None = None):
-    rec = _dlrm(request, name)
+    rec = dlrm_named(request, name)
     if rec is not None:
         return rec.metadata()
-    return encoder_metadata(_model(request, name))
+    return encoder_metadata(encoder_named(request, name))
 
 
 def encoder_metadata(engine: Engine) -> dict:
@@ -116,16 +121,16 @@ def encoder_metadata(engine: Engine) -> dict:
 @router.get("/models/{name}/versions/{version}/config")
 async def config(name: str, request: Request, version: str | None = None):
     """Triton's model configuration, for tritonclient's get_model_config and perf_analyzer."""
-    rec = _dlrm(request, name)
-    return model_config(rec.metadata() if rec is not None else encoder_metadata(_model(request, name)))
+    rec = dlrm_named(request, name)
+    return model_config(rec.metadata() if rec is not None else encoder_metadata(encoder_named(request, name)))
 
 
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, request: Request, version: str | None = None):
-    if _dlrm(request, name) is not None:
+    if dlrm_named(request, name) is not None:
         return {"name": name, "ready": True}
-    engine = _model(request, name)
+    engine = encoder_named(request, name)
     if not engine.healthy:
         raise NotReady("the batching worker has stopped")
     return {"name": name, "ready": True}
@@ -134,10 +139,10 @@ async def model_ready(name: str, request: Request, version: str | None = None):
 @router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
 async def infer(name: str, request: Request, version: str | None = None):
-    rec = _dlrm(request, name)
+    rec = dlrm_named(request, name)
     if rec is not None:
         return await _infer_dlrm(rec, request)
-    engine = _model(request, name)
+    engine = encoder_named(request, name)
     parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
     timing = timing_of(request)
     truncate = parsed.parameters.get("truncate")  # absent: model.auto_truncate decides

@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, BeforeValidator, Field
-from starlette.concurrency import run_in_threadpool
 
 import server
 from models.runtime import finish_embedding
@@ -121,14 +120,8 @@ class SimpleToken(BaseModel):
 @router.post("/tokenize", response_model=list[list[SimpleToken]])
 async def tokenize(body: TokenizeRequest, request: Request):
     """The tokens of each input, with their character offsets; no model work, no truncation."""
-    engine = engine_of(request)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    engine.check_batch(len(texts))
-    prefix = engine.prompt(body.prompt_name)  # offsets then count in the prompted text, as TEI's do
-    texts = [prefix + text for text in texts]
-    if sum(len(t) for t in texts) > 4096:  # a long input: keep the event loop free while it is cut
-        return json_response(await run_in_threadpool(engine.tokenizer.describe, texts, body.add_special_tokens))
-    return json_response(engine.tokenizer.describe(texts, body.add_special_tokens))
+    return json_response(await engine_of(request).describe(texts, body.add_special_tokens, body.prompt_name))
 
 
 class DecodeRequest(BaseModel):
