@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.server.recommend_support import make_dlrm
 from tests.support import DummyEmbedder, ServerThread, dummy_server, settings
 
 
@@ -31,3 +32,9 @@ def real_server():
     app = create_app(settings(model={"warmup": True}))
     with ServerThread(app) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def dlrm(tmp_path_factory):
+    """A small DLRM, its tables and a RocksDB store holding them (tests/server/recommend_support.py)."""
+    return make_dlrm(tmp_path_factory.mktemp("dlrm"))

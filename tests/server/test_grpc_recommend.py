@@ -10,14 +10,14 @@ import tritonclient.grpc as tgrpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server.test_recommend import DENSE, NAME, SPARSE, dlrm, embedding_sections, reference_scores  # noqa: F401
+from tests.server.recommend_support import DENSE, NAME, SPARSE, embedding_sections, reference_scores
 from tests.support import MODEL, dummy_server
 
 HISTORY = np.array([[1, 2, 3, -1], [-1, -1, -1, -1], [7, 7, 50, 99]], dtype=np.int64)  # -1 pads a bag
 
 
 @pytest.fixture(scope="module")
-def address(dlrm):  # noqa: F811
+def address(dlrm):
     with dummy_server(**embedding_sections(dlrm), server={"grpc_port": 0}) as s:
         yield f"127.0.0.1:{s.app.state.grpc_port}"
 
@@ -56,7 +56,7 @@ def test_metadata_and_ready(gc):
     assert [(i["name"], i["data_type"]) for i in config["input"][1:]] == [(n, "TYPE_INT64") for n in ("user", "item", "history")]
 
 
-def test_scores_equal_the_reference_dlrm_raw_and_typed(dlrm, gc, address):  # noqa: F811
+def test_scores_equal_the_reference_dlrm_raw_and_typed(dlrm, gc, address):
     want = reference_scores(dlrm, DENSE, SPARSE)
     result = gc.infer(NAME, _inputs(), outputs=[tgrpc.InferRequestedOutput("scores")], request_id="s1")
     np.testing.assert_allclose(result.as_numpy("scores"), want, atol=1e-5, rtol=0)

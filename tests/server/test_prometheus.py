@@ -20,7 +20,7 @@ from models.dlrm import save_dlrm, save_random_tables
 from server.app import create_app
 from server.import_tables import import_table
 from tests.processes import free_port
-from tests.server.test_recommend import CONFIG, DENSE, NAME, SPARSE
+from tests.server.recommend_support import CONFIG, DENSE, NAME, SPARSE
 from tests.support import ServerThread, settings
 
 ROOT = Path(__file__).resolve().parents[2]

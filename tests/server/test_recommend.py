@@ -1,61 +1,18 @@
 """Recommendation serving end to end: tables imported into RocksDB, a DLRM over the parameter server, the
-/v1 routes and KServe v2 (tritonclient.http), online updates (HTTP and Redis stream), Redis outages,
-restart durability of acknowledged updates, and bad input."""
+/v1 routes and KServe v2 (tritonclient.http), online updates over HTTP, and bad input (Redis streams, Redis
+outages and restarts: test_recommend_restarts.py; gRPC: test_grpc_recommend.py)."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-from pathlib import Path
-
-import httpx
 import numpy as np
 import pytest
-import redis
 import torch
 import tritonclient.http as triton
-import yaml
 from tritonclient.utils import InferenceServerException
 
-from embeddings.stream import publish_update
-from models.dlrm import DLRMConfig, SparseFeature, TableLookup, load_dlrm, save_dlrm, save_random_tables
 from server.import_tables import import_table
-from tests.processes import free_port
-from tests.support import MODEL, dummy_server, spawn_server, wait_healthy
-
-NAME = "ctr"
-CONFIG = DLRMConfig(num_dense=3, bottom_mlp=(8, 4), top_mlp=(8, 1), embedding_dim=4,
-                    sparse_features=(SparseFeature("user", "users", 200), SparseFeature("item", "items", 100),
-                                     SparseFeature("history", "items", 100)))
-
-
-def wait_until(condition, timeout=1.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.01)
-
-
-@pytest.fixture(scope="module")
-def dlrm(tmp_path_factory):
-    """A DLRM folder (named NAME), its tables as .npy, and a RocksDB store with them imported (plus 'scratch')."""
-    base = tmp_path_factory.mktemp("dlrm")
-    folder = save_dlrm(base / NAME, CONFIG, seed=0)
-    tables = save_random_tables(base / "tables", CONFIG, seed=1)
-    db = base / "db"
-    for table, path in tables.items():
-        import_table(str(db), table, str(path), progress=False)
-    np.save(base / "scratch.npy", np.zeros((50, 3), np.float32))
-    import_table(str(db), "scratch", str(base / "scratch.npy"), default_vector="-1", progress=False)
-    reference = load_dlrm(folder, TableLookup.from_folder(base / "tables", CONFIG))
-    return {"folder": folder, "tables": tables, "db": db, "reference": reference, "base": base}
-
-
-def embedding_sections(dlrm, **extra):
-    emb = {"enabled": True, "path": str(dlrm["db"]), "cache_rows": 32, "cache_ways": 4, "cache_device": "cpu", "max_keys": 64}
-    emb.update(extra)
-    return {"embeddings": emb, "recommend": {"model_path": str(dlrm["folder"]), "max_batch": 8}}
+from tests.server.recommend_support import DENSE, NAME, SPARSE, embedding_sections, reference_scores, wait_until
+from tests.support import MODEL, dummy_server
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +25,6 @@ def srv(dlrm):
 def client(srv):
     with srv.client() as c:
         yield c
-
-
-def bags(rows):
-    """JSON rows (key or list of keys per sample) as (keys, offsets) tensors."""
-    lists = [[r] if isinstance(r, int) else r for r in rows]
-    lengths = torch.tensor([len(x) for x in lists])
-    return torch.tensor([k for x in lists for k in x], dtype=torch.int64), torch.cumsum(lengths, 0) - lengths
-
-
-def reference_scores(dlrm, dense, sparse):
-    with torch.inference_mode():
-        return dlrm["reference"](torch.tensor(dense, dtype=torch.float32), {f: bags(r) for f, r in sparse.items()}).numpy()
-
-
-DENSE = [[0.5, -1.0, 2.0], [0.0, 0.25, -0.5], [1.5, 1.5, 1.5]]
-SPARSE = {"user": [3, 199, 3], "item": [7, 0, 99], "history": [[1, 2, 3], [], [7, 7, 50, 99]]}
 
 
 # -- JSON routes ------------------------------------------------------------------------------------------
@@ -256,138 +197,3 @@ def test_parameter_server_without_a_dlrm_serves_tables_only(dlrm, tmp_path):
         assert c.post("/v1/embeddings/lookup", json={"table": "users", "keys": [1]}).json()["found"] == [True]
         r = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
         assert r.status_code == 404 and "recommend.model_path" in r.json()["error"]["message"]
-
-
-# -- Redis: the update stream and a volatile tier that goes away ------------------------------------------
-
-
-def copy_db(dlrm, dest: Path) -> Path:
-    """A private copy of the imported store (a test that writes must not disturb the shared one)."""
-    for table, path in dlrm["tables"].items():
-        import_table(str(dest), table, str(path), progress=False)
-    np.save(dest.parent / "scratch.npy", np.zeros((50, 3), np.float32))
-    import_table(str(dest), "scratch", str(dest.parent / "scratch.npy"), progress=False)
-    return dest
-
-
-@pytest.mark.redis
-def test_stream_update_is_visible_over_http_within_a_second(dlrm, redis_node, tmp_path):
-    sections = embedding_sections(dlrm, path=str(copy_db(dlrm, tmp_path / "db")), update_stream="updates",
-                                  update_stream_url=redis_node.url, update_block_ms=50)
-    r = redis.Redis(port=redis_node.port)
-    with dummy_server(**sections) as s, s.client() as c:
-        assert c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [9]}).json()["vectors"] == [[0, 0, 0]]
-        publish_update(r, "updates", "scratch", [9], np.array([[7, 8, 9]], np.float32))
-        wait_until(lambda: c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [9]}).json()["vectors"] == [[7, 8, 9]],
-                   what="stream update visible")
-        cached, found = s.app.state.recommender.ps.device_cache.lookup("scratch", torch.tensor([9]))
-        assert found.item() and cached[0].tolist() == [7, 8, 9]
-        assert 'turboserve_embedding_stream_messages_total{outcome="applied"} 1.0' in c.get("/metrics").text
-    r.close()
-
-
-@pytest.mark.redis
-def test_redis_volatile_tier_outage_keeps_answering_and_recovers(dlrm, redis_node, tmp_path):
-    sections = embedding_sections(dlrm, path=str(copy_db(dlrm, tmp_path / "db")), volatile_backend="redis",
-                                  redis_urls=[redis_node.url], redis_timeout_s=0.1, cache_rows=4)
-    users = np.load(dlrm["tables"]["users"])
-    r = redis.Redis(port=redis_node.port)
-
-    def check(c, keys):
-        got = c.post("/v1/embeddings/lookup", json={"table": "users", "keys": keys})
-        assert got.status_code == 200
-        np.testing.assert_array_equal(np.array(got.json()["vectors"], np.float32), users[keys])
-        rec = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
-        assert rec.status_code == 200
-        np.testing.assert_allclose(rec.json()["scores"], reference_scores(dlrm, DENSE, SPARSE), atol=1e-5, rtol=0)
-
-    with dummy_server(**sections) as s, s.client() as c:
-        check(c, [1, 2, 3])
-        assert r.dbsize() > 0  # rows went up into Redis
-        redis_node.stop()
-        for start in range(10, 60, 10):  # fresh keys: the device cache cannot answer them
-            check(c, list(range(start, start + 5)))
-        assert s.app.state.recommender.ps.stats()["redis"]["errors"] >= 1
-        update = c.post("/v1/embeddings/update", json={"table": "scratch", "keys": [3], "vectors": [[3, 3, 3]]})
-        assert update.status_code == 200  # RocksDB took it; Redis is only a cache
-        assert c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": [3]}).json()["vectors"] == [[3, 3, 3]]
-        redis_node.start()  # same port, empty
-        r = redis.Redis(port=redis_node.port)
-        fresh = iter(range(100, 200, 3))
-
-        def refilled():
-            check(c, [next(fresh)])
-            return r.dbsize() > 0
-
-        wait_until(refilled, timeout=15, what="Redis tier used again")
-    r.close()
-
-
-# -- restart durability: the real server, killed with SIGKILL right after acknowledging ------------------
-def _kill(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-
-
-@pytest.mark.redis
-@pytest.mark.slow
-def test_acknowledged_updates_survive_kill_9(dlrm, redis_node, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    db = copy_db(dlrm, tmp_path / "db")
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "server": {"port": port},
-        "model": {"warmup": False},
-        "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1, "profile_max_tokens": 16,
-                      "max_batch_requests": 2},
-        **embedding_sections(dlrm, path=str(db), update_stream="updates", update_stream_url=redis_node.url,
-                             update_consumer="replica-1", update_block_ms=100),
-    }))
-    log = tmp_path / "serve.log"
-    r = redis.Redis(port=redis_node.port)
-    expected: dict[int, list[float]] = {}
-
-    proc = spawn_server(config, log)
-    try:
-        wait_healthy(proc, url, log)
-        with httpx.Client(base_url=url, timeout=10) as c:  # HTTP: kill right after each 200
-            for key in range(3):
-                vector = [float(key), 1.5, -2.0]
-                resp = c.post("/v1/embeddings/update", json={"table": "scratch", "keys": [key], "vectors": [vector]})
-                assert resp.status_code == 200
-                expected[key] = vector
-                if key == 2:
-                    _kill(proc)
-        proc = spawn_server(config, log)
-        wait_healthy(proc, url, log)
-        for key in range(10, 13):  # the stream: kill right after each XACK
-            vector = [float(key), 0.5, 0.25]
-            entry = publish_update(r, "updates", "scratch", [key], np.array([vector], np.float32))
-            expected[key] = vector
-
-            def acked(entry=entry):
-                info = r.xpending("updates", "turboserve")
-                groups = {g["name"]: g for g in r.xinfo_groups("updates")}
-                return info["pending"] == 0 and groups[b"turboserve"]["last-delivered-id"] == entry
-
-            wait_until(acked, timeout=5, what="XACK")
-        _kill(proc)
-        # an entry published while no server runs is applied after the restart
-        publish_update(r, "updates", "scratch", [20], np.array([[20, 20, 20]], np.float32))
-        expected[20] = [20.0, 20.0, 20.0]
-        proc = spawn_server(config, log)
-        wait_healthy(proc, url, log)
-        with httpx.Client(base_url=url, timeout=10) as c:
-            def all_there():
-                got = c.post("/v1/embeddings/lookup", json={"table": "scratch", "keys": list(expected)}).json()
-                return got["vectors"] == list(expected.values())
-
-            wait_until(all_there, timeout=5, what="every acknowledged update after restart")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        r.close()
