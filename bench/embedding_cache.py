@@ -11,9 +11,9 @@
    many slots. Policies:
    - device LRU / LFU: `DeviceCache` (set-associative, --ways 16) driven as `ParameterServer.lookup` drives it:
      `lookup(unique keys)`, then `insert` of the misses. Rows have dim 1 (the hit rate does not depend on dim).
-   - LRU ref: `cache_trace.lru_hits`, fully associative LRU (hits = whole trace minus the warm-up part: LRU is
+   - LRU ref: `cache_bounds.lru_hits`, fully associative LRU (hits = whole trace minus the warm-up part: LRU is
      online, so its warm-up hits are the same either way). LFU ref (`--lfu-reference`): `lfu_hits`, likewise.
-   - Belady: `cache_trace.belady_hits` in batches of the same size, demand paging (every miss enters, like the
+   - Belady: `cache_bounds.belady_hits` in batches of the same size, demand paging (every miss enters, like the
      policies above: the like-for-like bound) and with bypass (a miss may stay out: the bound for any policy).
      Warm-up for Belady is perfect: the measured part starts with the cache holding the C keys of the warm-up
      part that the measured part uses soonest (the warm-up part is fed as one batch of its distinct keys). No

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.cache_trace import KeyHash, belady_hits, lfu_hits, lru_hits, sample_keys
+from bench.cache_bounds import belady_hits, lfu_hits, lru_hits
+from bench.cache_trace import KeyHash, sample_keys
 from bench.embcache.common import UNIFORM
 from embeddings.device_cache import DeviceCache
 from embeddings.tier import TableSpec

@@ -11,16 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.cache_bounds import belady_hits, dedup_batches, lfu_hits, lru_hits, next_use
 from bench.cache_trace import (
     CRITEO_KAGGLE_CARDINALITIES,
     KeyHash,
-    belady_hits,
     criteo_cardinalities,
-    dedup_batches,
-    lfu_hits,
-    lru_hits,
     make_trace,
-    next_use,
     sample_keys,
     zipf_ranks,
 )
