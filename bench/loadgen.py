@@ -5,16 +5,16 @@
 Phases, in order (the server is never loaded while something else is being timed):
 
 0. --spawn: start `turboserve serve` on a free loopback port, wait for GET /health == 200.
-1. baseline (--baseline): SentenceTransformer(default_model_path(), device="cpu").encode(texts,
-   batch_size=32) in this process on the very texts of the load phase, after a warm-up call, while
+1. baseline (--baseline, bench/st_baseline.py): SentenceTransformer(default_model_path(),
+   device="cpu").encode(texts, batch_size=32) in this process on the very texts of the load phase, after a warm-up call, while
    the server is idle.
 2. load: `--concurrency` client tasks send one text per request until `--requests` are done or
    `--duration` seconds pass (hard stop: requests still in flight are cancelled and counted apart);
    `--warmup` requests (other texts) come first and are not counted.
    `--rounds N` repeats 1+2 N times, alternating, and reports the median server/baseline ratio:
    on a shared or virtual machine the CPU's speed drifts by tens of percent over minutes.
-3. single (--single): `--single-count` sequential requests of one ~16-token text, alternating in blocks
-   with in-process forwards of the same token ids (models.runtime.load_model, emb.embed([ids]));
+3. single (--single, bench/single_request.py): `--single-count` sequential requests of one ~16-token
+   text, alternating in blocks with in-process forwards of the same token ids (models.runtime.load_model, emb.embed([ids]));
    overhead = client p50 - forward p50.
 
 Each timed phase also reports CPU seconds used by the machine, this process, the server and everything
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,52 +41,19 @@ if str(REPO_ROOT) not in sys.path:
 import httpx
 import numpy as np
 
-from bench.harness import CpuMeter, SpawnedServer, check_loopback, machine_info, percentile, print_cpu
+from bench.harness import CpuMeter, SpawnedServer, check_loopback, machine_info, print_cpu
+from bench.samples import ROUTES, Sample, body_for, send_one, summary
+from bench.single_request import run_single
+from bench.st_baseline import Baseline
 from bench.workload import count_tokens, make_texts
 
-MODEL_NAME = "all-MiniLM-L6-v2"
-ROUTES = {"tei": "/embed", "openai": "/v1/embeddings"}
-
-
 # ---------------------------------------------------------------------------------------------- utils
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
-
 
 def _fmt(value, unit: str = "", digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def body_for(route: str, text: str) -> bytes:
-    """The request body of one text, encoded once so the client spends no time on it while timing."""
-    payload = {"inputs": text} if route == "tei" else {"input": text, "model": MODEL_NAME}
-    return json.dumps(payload).encode()
-
-
-def _header_ms(response: httpx.Response, name: str) -> float | None:
-    value = response.headers.get(name)
-    try:
-        return float(value) / 1000 if value is not None else None
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------- spawn
-
 # ---------------------------------------------------------------------------------------------- load
-
-@dataclass
-class Sample:
-    """One finished request."""
-
-    latency: float
-    status: int
-    tokens: int
-    inference: float | None = None  # x-inference-time, seconds
-    queue: float | None = None  # x-queue-time, seconds
-    server_total: float | None = None  # x-total-time, seconds
-
 
 @dataclass
 class LoadResult:
@@ -111,25 +77,6 @@ class LoadResult:
     per_request: list = field(default_factory=list)
 
 
-async def _one(client: httpx.AsyncClient, path: str, body: bytes, tokens: int) -> Sample | tuple[str, str]:
-    started = time.perf_counter()
-    try:
-        resp = await client.post(path, content=body, headers={"content-type": "application/json"})
-        await resp.aread()
-    except httpx.HTTPError as exc:
-        return (type(exc).__name__, str(exc)[:200])
-    latency = time.perf_counter() - started
-    return Sample(latency, resp.status_code, tokens, _header_ms(resp, "x-inference-time"),
-                  _header_ms(resp, "x-queue-time"), _header_ms(resp, "x-total-time"))
-
-
-def _summary(values: list[float]) -> dict:
-    if not values:
-        return {}
-    return {"p50": _ms(percentile(values, 50)), "p90": _ms(percentile(values, 90)), "p99": _ms(percentile(values, 99)),
-            "mean": _ms(float(np.mean(values))), "max": _ms(max(values))}
-
-
 async def run_load(url: str, route: str, texts: list[str], tokens: list[int], concurrency: int, duration: float,
                    warmup_texts: list[str], timeout: float, server_pid: int | None = None) -> LoadResult:
     """Warm up, then replay `texts` (one per request) with `concurrency` workers; stop at `duration` seconds."""
@@ -143,11 +90,11 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
             warm = [body_for(route, t) for t in warmup_texts]
             sem = asyncio.Semaphore(concurrency)
 
-            async def warm_one(b: bytes):
+            async def warmsend_one(b: bytes):
                 async with sem:
-                    return await _one(client, path, b, 0)
+                    return await send_one(client, path, b, 0)
 
-            outs = await asyncio.gather(*(warm_one(b) for b in warm))
+            outs = await asyncio.gather(*(warmsend_one(b) for b in warm))
             bad = [o for o in outs if not isinstance(o, Sample) or o.status != 200]
             if bad:
                 print(f"warning: {len(bad)} of {len(warm)} warm-up requests failed, e.g. {bad[0]}", flush=True)
@@ -161,7 +108,7 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
             while next_index < len(bodies):
                 i = next_index
                 next_index += 1
-                out = await _one(client, path, bodies[i], tokens[i])
+                out = await send_one(client, path, bodies[i], tokens[i])
                 if isinstance(out, Sample):
                     samples.append(out)
                 else:
@@ -187,124 +134,15 @@ async def run_load(url: str, route: str, texts: list[str], tokens: list[int], co
     result.requests_per_s = round(len(ok) / elapsed, 3)
     result.tokens_per_s = round(sum(s.tokens for s in ok) / elapsed, 1)
     result.mean_tokens = round(float(np.mean([s.tokens for s in ok])), 1) if ok else 0.0
-    result.latency_ms = _summary([s.latency for s in ok])
+    result.latency_ms = summary([s.latency for s in ok])
     result.per_request = [(round(s.latency * 1000, 2), s.tokens) for s in ok]
-    result.server_inference_ms = _summary([s.inference for s in ok if s.inference is not None])
-    result.server_queue_ms = _summary([s.queue for s in ok if s.queue is not None])
-    result.server_total_ms = _summary([s.server_total for s in ok if s.server_total is not None])
+    result.server_inference_ms = summary([s.inference for s in ok if s.inference is not None])
+    result.server_queue_ms = summary([s.queue for s in ok if s.queue is not None])
+    result.server_total_ms = summary([s.server_total for s in ok if s.server_total is not None])
     errors = Counter(f"HTTP {s.status}" for s in samples if s.status != 200)
     errors.update(failures)
     result.errors = dict(errors)
     return result
-
-
-# ---------------------------------------------------------------------------------------------- single
-
-async def run_single(url: str, route: str, text: str, count: int, timeout: float, server_pid: int | None = None,
-                     block: int = 10, gap_s: float = 0.005) -> dict:
-    """Sequential single-request latency of one short text against the model's raw forward time.
-
-    The model is also loaded in this process (models.runtime.load_model) and timed on the same token
-    ids with `emb.embed([ids])`. Requests and in-process forwards alternate in blocks of `block`, so
-    both see the same machine state; the server is idle while the forward runs. Reported:
-    client latency, the server's x-total-time and x-inference-time headers, `forward_ms` (forwards back
-    to back: the reference of the overhead), `forward_paced_ms` (each forward after `gap_s` idle, as the
-    server's worker idles between sequential requests and torch's OpenMP threads leave their spin-wait),
-    and GET /health latency (the HTTP floor: client + uvicorn + loopback, no model work).
-    """
-    from models.runtime import load_model
-
-    emb, tok, _info = load_model(None)
-    ids = tok.encode([text])[0].ids
-    path = ROUTES[route]
-    body = body_for(route, text)
-    latencies, inference, queue, server_total, forward, paced, errors = [], [], [], [], [], [], Counter()
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) as client:
-        for _ in range(10):  # warm-up, untimed
-            await _one(client, path, body, 0)
-            emb.embed([ids])
-        meter = CpuMeter((server_pid,) if server_pid else (), judge=bool(server_pid))
-        cpu_start = meter.snapshot()
-        done = 0
-        while done < count:
-            n = min(block, count - done)
-            for _ in range(n):
-                out = await _one(client, path, body, 0)
-                if isinstance(out, Sample) and out.status == 200:
-                    latencies.append(out.latency)
-                    if out.inference is not None:
-                        inference.append(out.inference)
-                    if out.queue is not None:
-                        queue.append(out.queue)
-                    if out.server_total is not None:
-                        server_total.append(out.server_total)
-                else:
-                    errors[f"HTTP {out.status}" if isinstance(out, Sample) else out[0]] += 1
-            await asyncio.sleep(0.05)  # let the server's threads go quiet
-            emb.embed([ids])
-            for _ in range(n):
-                started = time.perf_counter()
-                emb.embed([ids])
-                forward.append(time.perf_counter() - started)
-            for _ in range(n):
-                await asyncio.sleep(gap_s)  # nothing else runs on this loop meanwhile
-                started = time.perf_counter()
-                emb.embed([ids])
-                paced.append(time.perf_counter() - started)
-            await asyncio.sleep(0.05)  # and this process's OpenMP threads
-            done += n
-        cpu = meter.since(cpu_start)
-        health = []
-        for _ in range(count):
-            started = time.perf_counter()
-            resp = await client.get("/health")
-            if resp.status_code == 200:
-                health.append(time.perf_counter() - started)
-    return {"count": count, "ok": len(latencies), "tokens": len(ids), "block": block, "errors": dict(errors),
-            "client_latency_ms": _summary(latencies), "server_inference_ms": _summary(inference),
-            "server_queue_ms": _summary(queue), "server_total_ms": _summary(server_total), "health_latency_ms": _summary(health),
-            "forward_ms": _summary(forward), "paced_gap_ms": gap_s * 1000, "forward_paced_ms": _summary(paced),
-            "cpu": cpu}
-
-
-# ---------------------------------------------------------------------------------------------- baseline
-
-class Baseline:
-    """SentenceTransformer(default_model_path(), device="cpu") in this process, loaded once."""
-
-    def __init__(self, batch_size: int):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
-
-        from tests.hf_import import import_transformers
-
-        import_transformers()  # before sentence_transformers: see tests/hf_import.py
-        from sentence_transformers import SentenceTransformer
-
-        from models.config import default_model_path
-
-        self.batch_size = batch_size
-        self.threads = torch.get_num_threads()
-        self.model = SentenceTransformer(str(default_model_path()), device="cpu")
-        self._warm = False
-
-    def run(self, texts: list[str], runs: int = 1) -> dict:
-        """encode(texts, batch_size) timed `runs` times (after one warm-up call); texts_per_s is the median run's."""
-        if not self._warm:
-            self.model.encode(texts[: self.batch_size * 2], batch_size=self.batch_size)
-            self._warm = True
-        meter = CpuMeter()
-        start = meter.snapshot()
-        times = []
-        for _ in range(max(1, runs)):
-            started = time.perf_counter()
-            self.model.encode(texts, batch_size=self.batch_size)
-            times.append(time.perf_counter() - started)
-        elapsed = float(np.median(times))
-        return {"texts": len(texts), "batch_size": self.batch_size, "runs": len(times), "elapsed_s": round(elapsed, 3),
-                "texts_per_s": round(len(texts) / elapsed, 3),
-                "texts_per_s_each": [round(len(texts) / t, 3) for t in times], "torch_threads": self.threads,
-                "max_seq_length": self.model.max_seq_length, "cpu": meter.since(start)}
 
 
 # ---------------------------------------------------------------------------------------------- main
