@@ -54,7 +54,7 @@ def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, kind: str, out: 
     out: optional tensor shaped like x to write; it may be x itself (element-wise, so in place is safe).
     """
     check_activation(kind)
-    if not (x.is_cuda and cuda.available()):
+    if not cuda.use_kernels(x):
         return bias_activation_reference(x, bias, kind, out)
     cuda.check_cuda_tensor(x, "x", x.dtype)
     cols = x.shape[-1]

@@ -15,6 +15,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from kernels import cuda
+
 log = logging.getLogger(__name__)
 _nested_failed = False
 
@@ -62,7 +64,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
     if out is not None and (out.shape != (q.shape[0], q.shape[1] * q.shape[2]) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [tokens, heads*head_dim] tensor; got {tuple(out.shape)}")
-    if q.is_cuda and not _nested_failed:
+    if (q.is_cuda or cuda.use_kernels(q)) and not _nested_failed:  # the emulator takes the CUDA path too
         try:
             return varlen_attention_nested(q, k, v, cu_seqlens, out)
         except (RuntimeError, NotImplementedError) as exc:  # older torch, unsupported head size, ...

@@ -115,7 +115,7 @@ def cache_lookup_reference(pool_keys: torch.Tensor, values: torch.Tensor, defaul
 def cache_lookup(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.Tensor, last: torch.Tensor,
                  keys: torch.Tensor, parts: torch.Tensor, tick: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatcher: the CUDA kernel for CUDA tensors, the reference otherwise (same arguments and results)."""
-    if not (pool_keys.is_cuda and cuda.available()):
+    if not cuda.use_kernels(pool_keys):
         return cache_lookup_reference(pool_keys, values, defaults, last, keys, parts, tick)
     _check(pool_keys, values, defaults, last, keys, parts)
     for name, t, dtype in (("pool_keys", pool_keys, torch.int64), ("last", last, torch.int64), ("keys", keys, torch.int64),

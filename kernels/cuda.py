@@ -4,18 +4,23 @@ Each op file holds its CUDA source; this module prepends the shared header, comp
 (source, dtype) with NVRTC the first time a CUDA tensor needs it, and launches kernels with raw device
 pointers from torch tensors: no copy, no CuPy array (CuPy has no bfloat16), the same stream as torch.
 `compile_ptx` builds PTX without any device, which is what CI uses to prove every kernel compiles.
+While emulation is on (`emulation()`, kernels/emulate.py), CPU tensors take the kernel path too and every
+launch runs the same CUDA source on the CPU, so CI checks what the kernels compute and how they are called.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import numpy as np
 import torch
 
 # Scalar type of a module: float, __half or __nv_bfloat16, carried as raw bits so that no CUDA header
-# is needed; math is always in fp32 (to_f / from_f convert with the PTX cvt instructions).
-COMMON_HEADER = r"""
+# is needed; math is always in fp32 (to_f / from_f convert with the PTX cvt instructions). The emulator
+# (kernels/emulate.h) defines the same names for the CPU and shares WARP_HEADER.
+SCALAR_HEADER = r"""
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
@@ -32,7 +37,8 @@ typedef unsigned short scalar_t;
 __device__ __forceinline__ float to_f(scalar_t v) { return __uint_as_float(((unsigned int)v) << 16); }
 __device__ __forceinline__ scalar_t from_f(float v) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
 #endif
-
+"""
+WARP_HEADER = r"""
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
@@ -42,6 +48,7 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 """
+COMMON_HEADER = SCALAR_HEADER + WARP_HEADER
 
 SCALAR_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ARCHES = ("compute_80", "compute_90")
@@ -55,10 +62,19 @@ def _nvrtc():
     return nvrtc
 
 
-def full_source(source: str, dtype: torch.dtype) -> str:
+def _scalar_kind(dtype: torch.dtype) -> int:
     if dtype not in SCALAR_KIND:
         raise TypeError(f"no CUDA kernels for {dtype}; use float32, float16 or bfloat16")
-    return f"#define SCALAR_KIND {SCALAR_KIND[dtype]}\n{COMMON_HEADER}\n{source}"
+    return SCALAR_KIND[dtype]
+
+
+def full_source(source: str, dtype: torch.dtype) -> str:
+    return f"#define SCALAR_KIND {_scalar_kind(dtype)}\n{COMMON_HEADER}\n{source}"
+
+
+def full_source_emulated(source: str, dtype: torch.dtype) -> str:
+    """The same kernel source for the CPU emulator: its header in place of the device's scalar header."""
+    return f'#define SCALAR_KIND {_scalar_kind(dtype)}\n#include "emulate.h"\n{WARP_HEADER}\n{source}'
 
 
 def compile_ptx(source: str, dtype: torch.dtype, arch: str, name: str = "kernel.cu") -> str:
@@ -73,6 +89,28 @@ def compile_ptx(source: str, dtype: torch.dtype, arch: str, name: str = "kernel.
     finally:
         nvrtc.destroyProgram(prog)
     return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+
+_emulating = os.environ.get("TURBOSERVE_EMULATE_CUDA", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def emulation(on: bool = True):
+    """Within the block, CPU tensors take the kernel path and launches run on the CPU emulator
+    (kernels/emulate.py); the environment variable TURBOSERVE_EMULATE_CUDA=1 turns it on for a process."""
+    global _emulating
+    before, _emulating = _emulating, on
+    try:
+        yield
+    finally:
+        _emulating = before
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """Whether an op on `t` runs its CUDA kernel: a CUDA tensor with CuPy present, or a CPU tensor under emulation."""
+    if t.is_cuda:
+        return available()
+    return _emulating and t.device.type == "cpu"
 
 
 def available() -> bool:
@@ -104,9 +142,10 @@ def kernel(source: str, name: str, dtype: torch.dtype):
 
 
 def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-    """Launch on torch's current stream; tensors in `args` pass as raw device pointers."""
-    import cupy  # noqa: PLC0415
+    """Launch on torch's current stream; tensors in `args` pass as raw device pointers.
 
+    Every argument becomes a numpy scalar of the width the kernel's parameter must have: tensors a 64-bit
+    pointer, Python floats float32, Python ints and bools int32 (pass np.int64 for a long long)."""
     converted = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -117,6 +156,13 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
             converted.append(np.int32(a))
         else:
             converted.append(a)
+    if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        from kernels import emulate  # noqa: PLC0415
+
+        emulate.launch(full_source_emulated(source, dtype), name, grid, block, converted)
+        return
+    import cupy  # noqa: PLC0415
+
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
     kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem, stream=stream)
 
@@ -131,7 +177,7 @@ def output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor)
 
 def check_cuda_tensor(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None) -> None:
     """Entry checks for a kernel argument: device, dtype, contiguity, optional shape."""
-    if not t.is_cuda or t.dtype != dtype or not t.is_contiguous():
+    if not use_kernels(t) or t.dtype != dtype or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous CUDA {dtype} tensor; got {t.dtype} on {t.device}, "
                          f"contiguous={t.is_contiguous()}")
     if shape is not None and tuple(t.shape) != tuple(shape):

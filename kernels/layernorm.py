@@ -74,7 +74,7 @@ def bias_residual_layernorm(x: torch.Tensor, bias: torch.Tensor | None, residual
     """
     if x.dim() != 2 or x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must be the same [rows, hidden]")
-    if not (x.is_cuda and cuda.available()):
+    if not cuda.use_kernels(x):
         return bias_residual_layernorm_reference(x, bias, residual, gamma, beta, eps, out)
     rows, hidden = x.shape
     for name, t, shape in (("x", x, None), ("residual", residual, None), ("gamma", gamma, (hidden,)),

@@ -47,7 +47,7 @@ def split_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, out:
     """
     if qkv.dim() != 2 or qkv.shape[1] % 3 or (qkv.shape[1] // 3) % num_heads:
         raise ValueError(f"qkv must be [tokens, 3*hidden] with hidden divisible by {num_heads=}; got {tuple(qkv.shape)}")
-    if not (qkv.is_cuda and cuda.available()):
+    if not cuda.use_kernels(qkv):
         return split_qkv_reference(qkv, bias, num_heads)
     tokens, three_hidden = qkv.shape
     hidden = three_hidden // 3

@@ -51,28 +51,31 @@ extern "C" __global__ void masked_softmax(
 ROWS_PER_BLOCK = 8
 
 
-def masked_softmax_reference(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def masked_softmax_reference(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: float,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """scores: [batch, heads, queries, keys]; key_mask: [batch, keys] bool (True = keep) or None."""
     x = scores.float() * scale
     if key_mask is not None:
         x = x.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # all-masked rows: zeros
-    return probs.to(scores.dtype)
+    return probs.to(scores.dtype) if out is None else out.copy_(probs)
 
 
-def masked_softmax(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Dispatcher: the CUDA kernel for CUDA tensors, the reference otherwise."""
+def masked_softmax(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatcher: the CUDA kernel for CUDA tensors, the reference otherwise. out: optional tensor shaped like
+    scores to write (not scores itself); a new one otherwise."""
     if scores.dim() != 4:
         raise ValueError(f"scores must be [batch, heads, queries, keys]; got {tuple(scores.shape)}")
     batch, heads, queries, keys = scores.shape
     if key_mask is not None and (key_mask.shape != (batch, keys) or key_mask.dtype != torch.bool):
         raise ValueError(f"key_mask must be bool [{batch}, {keys}]; got {key_mask.dtype} {tuple(key_mask.shape)}")
-    if not (scores.is_cuda and cuda.available()):
-        return masked_softmax_reference(scores, key_mask, scale)
+    if not cuda.use_kernels(scores):
+        return masked_softmax_reference(scores, key_mask, scale, out)
     cuda.check_cuda_tensor(scores, "scores", scores.dtype)
     if key_mask is not None:
         cuda.check_cuda_tensor(key_mask, "key_mask", torch.bool)
-    out = torch.empty_like(scores)
+    out = cuda.output(out, tuple(scores.shape), scores)
     rows = batch * heads * queries
     if rows and keys:
         cuda.launch(CUDA_SOURCE, "masked_softmax", scores.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),

@@ -12,6 +12,7 @@ from torch import nn
 from kernels.activation import bias_activation, check_activation
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import varlen_attention
+from kernels.cuda import use_kernels
 from kernels.layernorm import bias_residual_layernorm
 from kernels.qkv import split_qkv
 from models.config import EncoderConfig
@@ -63,7 +64,7 @@ class EncoderLayer(nn.Module):
         """x: [T, H] -> [T, H]; every intermediate comes from `ws` and is written in place or with out=."""
         tokens, hidden = x.shape
         new = partial(ws.empty, dtype=x.dtype, device=x.device)
-        if x.is_cuda:
+        if x.is_cuda or use_kernels(x):  # CUDA, or the CPU under the emulator (kernels/emulate.py)
             # GEMMs without bias; the fused kernel that follows each adds it.
             qkv = torch.mm(x, self.qkv.weight.t(), out=new((tokens, 3 * hidden)))
             q, k, v = split_qkv(qkv, self.qkv.bias, self.num_heads, out=new((3, tokens, hidden)))
@@ -131,7 +132,7 @@ class PackedEncoder(nn.Module):
         # All inputs are single-segment, so every token has token type 0.
         x = torch.index_select(weight, 0, batch.input_ids, out=new((tokens, hidden)))
         pos = torch.index_select(self.position_embeddings.weight, 0, batch.position_ids, out=new((tokens, hidden)))
-        if weight.is_cuda:
+        if weight.is_cuda or use_kernels(weight):
             pos.add_(self.token_type_embeddings.weight[0])
             x = bias_residual_layernorm(x, None, pos, self.embed_norm.weight, self.embed_norm.bias, self.embed_norm.eps,
                                         out=new((tokens, hidden)))

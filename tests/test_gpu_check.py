@@ -38,7 +38,7 @@ def test_gpu_check_selects_the_files_with_gpu_tests():
     script = (ROOT / "bench" / "gpu_check.sh").read_text()
     assert "grep -rlE 'pytest\\.mark\\.gpu' tests --include='test_*.py'" in script
     files = gpu_files()
-    assert "tests/kernels/test_gpu_kernels.py" in files and "tests/models/test_gpu_encoder.py" in files
+    assert "tests/kernels/test_kernels.py" in files and "tests/models/test_gpu_encoder.py" in files
 
 
 def test_every_gpu_test_file_collects_without_the_packages_the_device_lacks(tmp_path):

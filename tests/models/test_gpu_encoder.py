@@ -1,5 +1,7 @@
 """The whole encoder on a GPU in fp16/bf16 against the CPU fp32 model on the same weights (skipped
-without a GPU). Weights are seeded random, built from a config: nothing is downloaded."""
+without a GPU); and its CUDA code path (fused kernels, nested attention) on the CPU emulator
+(kernels/emulate.py) in fp32, fp16 and bf16 against the CPU path, everywhere. Weights are seeded random,
+built from a config: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -10,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import cuda, emulate
 from models.config import EncoderConfig
 from models.encoder import PackedBatch, PackedEncoder, pool
-
-pytestmark = pytest.mark.gpu
 
 CONFIGS = {
     "minilm-l6": dict(hidden_size=384, num_heads=12, num_layers=6, intermediate_size=1536),
@@ -35,16 +36,38 @@ def random_encoder(name: str, seed: int = 0) -> PackedEncoder:
     return model.eval()
 
 
+def cosines(model: PackedEncoder, ref: PackedEncoder, seqs: list[list[int]], device: str, emulated: bool = False) -> np.ndarray:
+    """Cosine of each sequence's mean-pooled embedding: `model` on `device` (the CPU emulator's when `emulated`)
+    against `ref` on the CPU path."""
+    with torch.inference_mode():
+        want = pool(ref(PackedBatch.from_ids(seqs, 0)), PackedBatch.from_ids(seqs, 0), "mean").numpy()
+        batch = PackedBatch.from_ids(seqs, 0, device)
+        with cuda.emulation(emulated):
+            got = pool(model(batch), batch, "mean").cpu().numpy()
+    return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+
+
+def random_seqs(lengths, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(1000, 29000) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_gpu_encoder_matches_cpu_fp32(name, dtype):
     cpu = random_encoder(name)
-    gpu = copy.deepcopy(cpu).to("cuda", dtype)
-    rng = random.Random(1)
-    seqs = [[rng.randint(1000, 29000) for _ in range(n)] for n in (1, 8, 77, 128, 300, 512, 33)]
-    with torch.inference_mode():
-        ref = pool(cpu(PackedBatch.from_ids(seqs, 0)), PackedBatch.from_ids(seqs, 0), "mean").numpy()
-        batch = PackedBatch.from_ids(seqs, 0, "cuda")
-        got = pool(gpu(batch), batch, "mean").cpu().numpy()
-    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosines(copy.deepcopy(cpu).to("cuda", dtype), cpu, random_seqs((1, 8, 77, 128, 300, 512, 33)), "cuda")
     assert cosine.min() >= 0.999, cosine
+
+
+@pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler for the emulator")
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 0.99999), (torch.float16, 0.999), (torch.bfloat16, 0.999)], ids=str)
+def test_cuda_code_path_on_the_emulator_matches_the_cpu_path(dtype, bound):
+    cpu = random_encoder("minilm-l6")
+    seqs = random_seqs((1, 8, 77, 33, 2))
+    before = emulate.launches.copy()
+    cosine = cosines(copy.deepcopy(cpu).to(dtype=dtype), cpu, seqs, "cpu", emulated=True)
+    assert cosine.min() >= bound, cosine
+    ran = emulate.launches - before  # every fused kernel of a layer ran, once a layer (layer norms twice, + embeddings)
+    assert ran == {"split_qkv": 6, "bias_activation": 6, "bias_residual_layernorm": 13}, ran

@@ -1,0 +1,123 @@
+"""kernels/emulate.py: the CPU emulator gives the warp intrinsics' hardware results and refuses what the
+hardware leaves undefined, so that the emulated kernel tests (test_kernels.py) mean something."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import cuda, emulate
+from kernels.cache_lookup import agrees, cache_lookup
+
+pytestmark = pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler")
+
+INTRINSICS = r"""
+extern "C" __global__ void intrinsics(const float* x, float* sum, float* partner, float* from5, unsigned int* ballot,
+                                      int* first, int n)
+{
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x & 31;
+    if (t >= n) return;  // never, for these launches: whole warps only
+    float v = x[t];
+    sum[t] = warp_sum(v);
+    partner[t] = __shfl_xor_sync(0xffffffffu, v, 1);
+    from5[t] = __shfl_sync(0xffffffffu, v, 5);
+    const unsigned int b = __ballot_sync(0xffffffffu, (t % 3) == 0);
+    ballot[t] = b;
+    first[t] = __ffs(b);
+    if (lane < 16) partner[t] += __shfl_xor_sync(0x0000ffffu, v, 2);  // a half-warp shuffle, named by its mask
+}
+"""
+
+
+def ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def run(source: str, name: str, grid, block, args) -> None:
+    emulate.launch(cuda.full_source_emulated(source, torch.float32), name, grid, block, args)
+
+
+def test_warp_intrinsics_give_the_hardware_results():
+    n = 128  # two blocks of two warps
+    x = torch.arange(n, dtype=torch.float32) * 0.5 + 1
+    outs = [torch.full((n,), float("nan")) for _ in range(3)]
+    ballot = torch.zeros(n, dtype=torch.int32)
+    first = torch.zeros(n, dtype=torch.int32)
+    run(INTRINSICS, "intrinsics", (2,), (64,), [ptr(x), *map(ptr, outs), ptr(ballot), ptr(first), np.int32(n)])
+    sum_, partner, from5 = outs
+    t = np.arange(n)
+    lane, warp = t % 32, t // 32
+    xs = x.numpy()
+    assert np.array_equal(sum_.numpy(), np.repeat(xs.reshape(-1, 32).sum(1), 32))
+    want_partner = xs[t ^ 1] + np.where(lane < 16, xs[(warp * 32) + (lane ^ 2)], 0)
+    assert np.array_equal(partner.numpy(), want_partner)
+    assert np.array_equal(from5.numpy(), xs[warp * 32 + 5])
+    want_ballot = np.array([sum(1 << i for i in range(32) if (w * 32 + i) % 3 == 0) for w in warp], dtype=np.uint64)
+    assert np.array_equal(ballot.numpy().view(np.uint32).astype(np.uint64), want_ballot)
+    assert np.array_equal(first.numpy(), [((int(b) & -int(b)).bit_length()) for b in want_ballot])
+
+
+@pytest.mark.parametrize("body,message", [
+    # lanes 16..31 have returned when the others shuffle with a full mask
+    ("if (lane >= 16) return; v = __shfl_xor_sync(0xffffffffu, v, 1);", "has returned"),
+    # the two halves reach different shuffles
+    ("if (lane & 1) {\n v = __shfl_xor_sync(0xffffffffu, v, 1);\n} else {\n v = __shfl_xor_sync(0xffffffffu, v, 2);\n}",
+     "divergent"),
+    # a lane calls a shuffle whose mask leaves it out
+    ("v = __shfl_xor_sync(lane < 16 ? 0x0000ffffu : 0xffffffffu, v, 1);", "disagree on the mask"),
+    ("if (lane < 8) v = __shfl_xor_sync(0x0000ffffu, v, 1);", "has returned"),
+])
+def test_undefined_warp_intrinsic_uses_are_refused(body, message):
+    source = ('extern "C" __global__ void bad(float* x) {\n const int lane = threadIdx.x & 31;\n float v = x[lane];\n'
+              f"{body}\n x[lane] = v;\n}}\n")
+    x = torch.zeros(32)
+    with pytest.raises(emulate.EmulationError, match=message):
+        run(source, "bad", (1,), (32,), [ptr(x)])
+
+
+def test_a_full_mask_in_a_partial_warp_is_refused():
+    source = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] = warp_sum(x[threadIdx.x]); }'
+    whole, x = torch.ones(64), torch.ones(48)
+    run(source, "k", (1,), (64,), [ptr(whole)])  # whole warps: fine
+    assert whole.eq(32).all()
+    with pytest.raises(emulate.EmulationError, match="lane 16 .* does not exist"):
+        run(source, "k", (1,), (48,), [ptr(x)])
+
+
+def test_launch_arguments_are_checked_like_kernel_params():
+    source = 'extern "C" __global__ void k(float* x, long long n, float s) { if (threadIdx.x < n) x[threadIdx.x] *= s; }'
+    x = torch.ones(32)
+    run(source, "k", (1,), (32,), [ptr(x), np.int64(20), np.float32(3)])
+    assert x[:20].eq(3).all() and x[20:].eq(1).all()
+    with pytest.raises(emulate.EmulationError, match="argument 1 is 4 bytes; the kernel's parameter is 8"):
+        run(source, "k", (1,), (32,), [ptr(x), np.int32(20), np.float32(3)])  # a Python int where the kernel takes long long
+    with pytest.raises(emulate.EmulationError, match="takes 3 arguments; the launch passed 2"):
+        run(source, "k", (1,), (32,), [ptr(x), np.int64(20)])
+    with pytest.raises(emulate.EmulationError, match="no kernel named"):
+        run(source, "other", (1,), (32,), [ptr(x)])
+
+
+def test_a_kernel_that_does_not_build_reports_the_compiler():
+    with pytest.raises(emulate.EmulationError, match="could not build"):
+        run('extern "C" __global__ void k(float* x) { x[0] = undeclared; }', "k", (1,), (1,), [np.uint64(0)])
+
+
+def test_cpu_tensors_take_the_kernel_path_only_under_emulation():
+    x = torch.ones(2, 3)
+    assert not cuda.use_kernels(x)
+    with cuda.emulation():
+        assert cuda.use_kernels(x)
+        with cuda.emulation(False):
+            assert not cuda.use_kernels(x)
+        cuda.check_cuda_tensor(x, "x", torch.float32, (2, 3))
+    with pytest.raises(ValueError, match="contiguous CUDA"):
+        cuda.check_cuda_tensor(x, "x", torch.float32)
+
+
+def test_the_cache_lookup_kernel_agrees_with_its_reference():
+    """kernels/cache_lookup.py's own self-check (40 ways: two ballot rounds; widths 3 and 64: scalar and float4
+    copies; a single-set table's empty marker), with the kernel run by the emulator."""
+    with cuda.emulation():
+        assert agrees("cpu", cache_lookup)

@@ -1,0 +1,130 @@
+"""Every CUDA kernel against its plain-torch reference, fresh random inputs over many shapes, outputs poisoned
+(NaN) first, relative-error bounds per dtype. Each case runs twice: on a GPU ("cuda", gpu marker, skipped
+without one) and on the CPU emulator ("emulated", kernels/emulate.py: the same CUDA source, run with CPU
+threads of a warp as fibers), which runs everywhere, CI included, on the shapes small enough for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cuda
+from kernels.activation import bias_activation, bias_activation_reference
+from kernels.attention import varlen_attention, varlen_attention_reference
+from kernels.emulate import compiler
+from kernels.layernorm import bias_residual_layernorm, bias_residual_layernorm_reference
+from kernels.qkv import split_qkv, split_qkv_reference
+from kernels.softmax import masked_softmax, masked_softmax_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BOUND = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+EMULATED_MAX = 400_000  # elements: what the emulator runs in about a second
+
+
+def cases(shapes: list[tuple], size) -> list:
+    """Every shape on the GPU; on the emulator those with size(shape) <= EMULATED_MAX."""
+    gpu = [pytest.param("cuda", *s, marks=pytest.mark.gpu, id=f"cuda-{'-'.join(map(str, s))}") for s in shapes]
+    emulated = [pytest.param("emulated", *s, id=f"emulated-{'-'.join(map(str, s))}") for s in shapes
+                if size(*s) <= EMULATED_MAX]
+    return gpu + emulated
+
+
+@pytest.fixture
+def device(request) -> str:
+    """The tensors' device for a case's `where`; the emulated cases run under cuda.emulation()."""
+    where = request.node.callspec.params["where"]
+    if where == "cuda":
+        return "cuda"
+    if compiler() is None:
+        pytest.fail("no C++ compiler: the emulated kernel tests need g++ (Debian's build-essential)")
+    ctx = cuda.emulation()
+    ctx.__enter__()
+    request.addfinalizer(lambda: ctx.__exit__(None, None, None))
+    return "cpu"
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN: a slot the kernel never writes shows in rel_err."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float().cpu(), want.float().cpu()
+    assert torch.isfinite(got).all(), "output has NaN/inf: a slot was never written"
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,rows,hidden", cases([(1, 64), (7, 100), (128, 384), (4096, 768), (65536, 768), (33, 1000),
+                                                     (512, 4096), (5, 1), (3, 31), (2, 33)], lambda r, h: r * h))
+def test_layernorm(device, where, dtype, rows, hidden):
+    g = torch.Generator(device=device).manual_seed(rows * hidden)
+    x, r = (torch.randn(rows, hidden, device=device, generator=g).to(dtype) for _ in range(2))
+    b, gamma, beta = (torch.randn(hidden, device=device, generator=g).to(dtype) for _ in range(3))
+    out = poisoned((rows, hidden), dtype, device)
+    got = bias_residual_layernorm(x, b, r, gamma, beta, 1e-12, out=out)
+    want = bias_residual_layernorm_reference(x.float(), b.float(), r.float(), gamma.float(), beta.float(), 1e-12)
+    assert got.data_ptr() == out.data_ptr() and rel_err(got, want) <= BOUND[dtype]
+    # without a bias, into a new tensor
+    want = bias_residual_layernorm_reference(x.float(), None, r.float(), gamma.float(), beta.float(), 1e-5)
+    assert rel_err(bias_residual_layernorm(x, None, r, gamma, beta, 1e-5), want) <= BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,batch,heads,queries,keys", cases(
+    [(1, 1, 1, 1), (2, 12, 128, 128), (3, 4, 7, 37), (1, 2, 4, 4096), (8, 12, 64, 512), (2, 3, 5, 33)],
+    lambda b, h, q, k: b * h * q * k))
+def test_masked_softmax(device, where, dtype, batch, heads, queries, keys):
+    g = torch.Generator(device=device).manual_seed(keys)
+    scores = (torch.randn(batch, heads, queries, keys, device=device, generator=g) * 4).to(dtype)
+    mask = torch.rand(batch, keys, device=device, generator=g) > 0.3
+    mask[0] = False if batch > 1 else mask[0]  # an all-masked batch row when there are several
+    got = masked_softmax(scores, mask, 0.125, out=poisoned(scores.shape, dtype, device))
+    want = masked_softmax_reference(scores.float(), mask, 0.125)
+    assert torch.isfinite(got).all()
+    assert (got.float().cpu() - want.cpu()).abs().max().item() <= BOUND[dtype]
+    unmasked = masked_softmax_reference(scores.float(), None, 0.125)
+    assert (masked_softmax(scores, None, 0.125).float().cpu() - unmasked.cpu()).abs().max().item() <= BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["gelu", "gelu_new", "relu", "silu"])
+@pytest.mark.parametrize("where,rows,cols", cases([(1, 64), (1000, 1536), (37, 3072), (65536, 1536), (3, 5)],
+                                                  lambda r, c: r * c * 2))  # two launches a case
+def test_bias_activation(device, where, dtype, kind, rows, cols):
+    g = torch.Generator(device=device).manual_seed(rows + cols)
+    x = torch.randn(rows, cols, device=device, generator=g).to(dtype)
+    b = torch.randn(cols, device=device, generator=g).to(dtype)
+    got = bias_activation(x, b, kind, out=poisoned((rows, cols), dtype, device))
+    assert rel_err(got, bias_activation_reference(x.float(), b.float(), kind)) <= BOUND[dtype]
+    want = bias_activation_reference(x.float(), None, kind)
+    assert rel_err(bias_activation(x, None, kind, out=x), want) <= BOUND[dtype]  # in place, as the encoder runs it
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,tokens,heads,head_dim", cases([(1, 1, 64), (300, 12, 64), (4096, 16, 64), (77, 6, 32)],
+                                                             lambda t, h, d: t * h * d * 3))
+def test_split_qkv(device, where, dtype, tokens, heads, head_dim):
+    g = torch.Generator(device=device).manual_seed(tokens)
+    qkv = torch.randn(tokens, 3 * heads * head_dim, device=device, generator=g).to(dtype)
+    bias = torch.randn(3 * heads * head_dim, device=device, generator=g).to(dtype)
+    out = poisoned((3, tokens, heads * head_dim), dtype, device)
+    for got, want in zip(split_qkv(qkv, bias, heads, out=out), split_qkv_reference(qkv.float(), bias.float(), heads)):
+        assert got.is_contiguous() and rel_err(got, want) <= BOUND[dtype]
+    for got, want in zip(split_qkv(qkv, None, heads), split_qkv_reference(qkv.float(), None, heads)):
+        assert got.is_contiguous() and rel_err(got, want) <= BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,lengths", cases([([1],), ([5, 17, 3],), ([128] * 8,), ([4096],), ([8, 512, 64, 300, 1, 2],)],
+                                                lambda lengths: sum(lengths) * 12 * 64 * 8))
+def test_varlen_attention(device, where, dtype, lengths):
+    g = torch.Generator(device=device).manual_seed(sum(lengths))
+    heads, d = 12, 64
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    q, k, v = (torch.randn(cu[-1], heads, d, device=device, generator=g).to(dtype) for _ in range(3))
+    got = varlen_attention(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, device))
+    want = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
+    assert rel_err(got, want) <= BOUND[dtype] * (3 if dtype != torch.float32 else 10)
