@@ -84,6 +84,15 @@ class Lifetimes:
         return lower_bound(self.sizes(tokens), self.first, self.last)
 
 
+def _storage_key(t: torch.Tensor) -> int | None:
+    """The address of the storage under `t`. A jagged nested tensor (attention's packed inputs) has no storage
+    of its own: its packed values' storage is the planned buffer. None for anything else without one."""
+    if t.is_nested:
+        values = getattr(t, "_values", None)
+        return _storage_key(values) if isinstance(values, torch.Tensor) else None
+    return t.untyped_storage().data_ptr()
+
+
 class _Recorder(TorchFunctionMode):
     """Notes the step of every torch call that touches a tensor handed out by the workspace."""
 
@@ -109,7 +118,7 @@ class _Recorder(TorchFunctionMode):
     def touch(self, values) -> None:
         for leaf in tree_leaves(values):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                index = self.owner.get(leaf.untyped_storage().data_ptr())
+                index = self.owner.get(_storage_key(leaf))
                 if index is not None:
                     self.last[index] = self.step
 
@@ -139,6 +148,9 @@ def record_lifetimes(forward: Callable[[object, int], torch.Tensor], probe_token
     when the forward's op sequence or its sizes do not follow the token count linearly (such a
     forward cannot be planned ahead by token bucket).
     """
+    # One run first, unrecorded in effect: a first call may set things up once (nested tensors' first use does),
+    # which would make the first recording differ from the others.
+    _record_once(forward, probe_tokens[0])
     (s1, f1, l1), (s2, f2, l2), (s3, f3, l3) = (_record_once(forward, t) for t in probe_tokens)
     t1, t2, t3 = probe_tokens
     if not (len(s1) == len(s2) == len(s3) and f1 == f2 == f3 and l1 == l2 == l3):

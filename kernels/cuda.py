@@ -106,6 +106,11 @@ def emulation(on: bool = True):
         _emulating = before
 
 
+def emulating() -> bool:
+    """Whether CPU tensors take the kernel path now (emulation() or TURBOSERVE_EMULATE_CUDA=1)."""
+    return _emulating
+
+
 def use_kernels(t: torch.Tensor) -> bool:
     """Whether an op on `t` runs its CUDA kernel: a CUDA tensor with CuPy present, or a CPU tensor under emulation."""
     if t.is_cuda:

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kernels import cuda
 from kernels.arena import Arena, new_arena
 from models.config import ModelFolderError, default_model_path, read_model_folder
 from models.encoder import PackedBatch, pool
@@ -102,8 +103,12 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     if max_input_length and max_input_length > cfg.max_input_length:
         raise ModelFolderError(f"model.max_input_length={max_input_length} exceeds the model's {cfg.max_input_length} positions")
     torch_device = torch.device(device)
-    if torch_device.type == "cpu" and dtype != "float32":
-        raise ModelFolderError(f"model.dtype={dtype} is not supported on CPU; use float32")
+    if torch_device.type == "cpu" and cuda.emulating():
+        log.warning("TURBOSERVE_EMULATE_CUDA: the CUDA code path runs on the CPU emulator (kernels/emulate.py), "
+                    "for checking it without a GPU; it is far slower than the CPU path")
+    elif torch_device.type == "cpu" and dtype != "float32":
+        raise ModelFolderError(f"model.dtype={dtype} is not supported on CPU; use float32 (float16 and bfloat16 run on "
+                               "the CPU only under TURBOSERVE_EMULATE_CUDA=1, for checking the CUDA code path)")
     started = time.perf_counter()
     encoder = load_encoder(cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
     log.info("loaded %s (%s, %d layers) in %.2fs", folder_path, cfg.model_type, cfg.num_layers, time.perf_counter() - started)
@@ -157,5 +162,8 @@ def runtime_facts(info: ModelInfo) -> dict:
     """What a measured cost depends on besides the model: device name, software versions, threads."""
     device = torch.device(info.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {"device": info.device, "device_name": name, "dtype": info.dtype, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    facts = {"device": info.device, "device_name": name, "dtype": info.dtype, "torch": torch.__version__,
+             "threads": torch.get_num_threads()}
+    if device.type == "cpu" and cuda.emulating():
+        facts["cuda_emulated"] = True  # a cost measured through the emulator is nobody else's
+    return facts

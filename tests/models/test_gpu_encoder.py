@@ -71,3 +71,26 @@ def test_cuda_code_path_on_the_emulator_matches_the_cpu_path(dtype, bound):
     assert cosine.min() >= bound, cosine
     ran = emulate.launches - before  # every fused kernel of a layer ran, once a layer (layer norms twice, + embeddings)
     assert ran == {"split_qkv": 6, "bias_activation": 6, "bias_residual_layernorm": 13}, ran
+
+
+@pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler for the emulator")
+def test_memory_arena_plans_the_cuda_code_path():
+    """The arena records the CUDA path's intermediates (jagged nested tensors for attention included: recording
+    them once disabled nested attention and failed the load) and its planned batches compute what fresh
+    allocations compute, bit for bit, per-token outputs copied out of the arena."""
+    from kernels import attention  # noqa: PLC0415
+    from models.runtime import load_model  # noqa: PLC0415
+
+    attention._nested_failed = False
+    seqs = random_seqs((3, 40, 17, 1, 64), seed=2)
+    with cuda.emulation():
+        planned, _, _ = load_model(None, dtype="float16")
+        fresh, _, _ = load_model(None, dtype="float16", memory_arena=False)
+        assert planned.arena is not None and not attention._nested_failed
+        for flags in (None, [True, False, True, False, True]):
+            a, b = planned.embed(seqs, flags), fresh.embed(seqs, flags)
+            for x, y in zip(a, b):
+                assert np.array_equal(x, y)
+        per_token = planned.embed(seqs, [True] * 5)
+        planned.embed(random_seqs((64, 64, 64), seed=3))  # reuses the arena's memory
+        assert all(np.array_equal(x, y) for x, y in zip(per_token, fresh.embed(seqs, [True] * 5)))
