@@ -31,6 +31,7 @@ from embeddings.cache_pool import Located, Pool, set_of
 from embeddings.tier import TableSpec, Tier, check_keys, check_vectors
 from kernels.cache_lookup import cache_lookup
 from kernels.cache_lookup import verified as fused_lookup_ok
+from kernels.cuda import use_kernels
 
 __all__ = ["DeviceCache", "set_of"]
 
@@ -145,7 +146,7 @@ class DeviceCache(Tier):
         """Rows [n, dim], found [n] and the number found, of the keys of tables `idx` of one pool (concatenated);
         hits count as uses."""
         pool.tick += 1
-        if self.fused and pool.device.type == "cuda" and pool.policy == "lru" and fused_lookup_ok(str(self.device)):
+        if self.fused and pool.policy == "lru" and use_kernels(pool.keys) and fused_lookup_ok(str(self.device)):
             # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes.
             flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)
             parts = torch.tensor([np.cumsum([k.numel() for k in keys]).tolist(), [pool.bases[t] for t in idx],

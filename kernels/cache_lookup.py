@@ -133,11 +133,16 @@ def cache_lookup(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.
     return rows, found, slot
 
 
-@functools.lru_cache(maxsize=None)
 def verified(device: str) -> bool:
-    """Whether the kernel runs on `device` and equals its reference there, checked once per device: callers
-    use the kernel only then, so a kernel that fails to build or disagrees costs speed, never a wrong row."""
-    if not (torch.device(device).type == "cuda" and cuda.available()):
+    """Whether the kernel runs on `device` and equals its reference there, checked once per device (and
+    emulation state): callers use the kernel only then, so a kernel that fails to build or disagrees costs
+    speed, never a wrong row."""
+    return _verified(device, cuda.emulating())
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(device: str, emulating: bool) -> bool:
+    if not cuda.use_kernels(torch.empty(0, device=device)):  # CUDA with CuPy, or the CPU under the emulator
         return False
     try:
         if agrees(device, cache_lookup):

@@ -1,4 +1,5 @@
-"""Suite-wide hooks: `gpu` tests skip themselves where no CUDA device is present; the `redis_node` fixture."""
+"""Suite-wide hooks: `gpu` tests skip themselves where no CUDA device is present; the `redis_node` and
+`kernel_device` fixtures."""
 
 from __future__ import annotations
 
@@ -14,6 +15,27 @@ else:
     from tests.hf_import import import_transformers
 
     import_transformers()
+
+
+# Parametrize a kernel test over `where` with these: on a GPU (gpu marker) and on the CPU emulator, everywhere.
+WHERE = [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"]
+
+
+@pytest.fixture
+def kernel_device(request) -> str:
+    """The device for a test parametrized over `where`: "cuda", or "cpu" with the test run under
+    cuda.emulation() (kernels/emulate.py: the CUDA kernels on the CPU)."""
+    where = request.node.callspec.params["where"]
+    if where == "cuda":
+        return "cuda"
+    from kernels import cuda, emulate  # noqa: PLC0415
+
+    if emulate.compiler() is None:
+        pytest.fail("no C++ compiler: the emulated kernel tests need g++ (Debian's build-essential)")
+    ctx = cuda.emulation()
+    ctx.__enter__()
+    request.addfinalizer(lambda: ctx.__exit__(None, None, None))
+    return "cpu"
 
 
 @pytest.fixture

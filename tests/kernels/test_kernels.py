@@ -1,17 +1,15 @@
 """Every CUDA kernel against its plain-torch reference, fresh random inputs over many shapes, outputs poisoned
 (NaN) first, relative-error bounds per dtype. Each case runs twice: on a GPU ("cuda", gpu marker, skipped
-without one) and on the CPU emulator ("emulated", kernels/emulate.py: the same CUDA source, run with CPU
-threads of a warp as fibers), which runs everywhere, CI included, on the shapes small enough for it."""
+without one) and on the CPU emulator ("emulated", kernels/emulate.py: the same CUDA source, each thread of
+a warp a fiber), which runs everywhere, CI included, on the shapes small enough for it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import cuda
 from kernels.activation import bias_activation, bias_activation_reference
 from kernels.attention import varlen_attention, varlen_attention_reference
-from kernels.emulate import compiler
 from kernels.layernorm import bias_residual_layernorm, bias_residual_layernorm_reference
 from kernels.qkv import split_qkv, split_qkv_reference
 from kernels.softmax import masked_softmax, masked_softmax_reference
@@ -29,20 +27,6 @@ def cases(shapes: list[tuple], size) -> list:
     return gpu + emulated
 
 
-@pytest.fixture
-def device(request) -> str:
-    """The tensors' device for a case's `where`; the emulated cases run under cuda.emulation()."""
-    where = request.node.callspec.params["where"]
-    if where == "cuda":
-        return "cuda"
-    if compiler() is None:
-        pytest.fail("no C++ compiler: the emulated kernel tests need g++ (Debian's build-essential)")
-    ctx = cuda.emulation()
-    ctx.__enter__()
-    request.addfinalizer(lambda: ctx.__exit__(None, None, None))
-    return "cpu"
-
-
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN: a slot the kernel never writes shows in rel_err."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -57,7 +41,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where,rows,hidden", cases([(1, 64), (7, 100), (128, 384), (4096, 768), (65536, 768), (33, 1000),
                                                      (512, 4096), (5, 1), (3, 31), (2, 33)], lambda r, h: r * h))
-def test_layernorm(device, where, dtype, rows, hidden):
+def test_layernorm(kernel_device, where, dtype, rows, hidden):
+    device = kernel_device
     g = torch.Generator(device=device).manual_seed(rows * hidden)
     x, r = (torch.randn(rows, hidden, device=device, generator=g).to(dtype) for _ in range(2))
     b, gamma, beta = (torch.randn(hidden, device=device, generator=g).to(dtype) for _ in range(3))
@@ -74,7 +59,8 @@ def test_layernorm(device, where, dtype, rows, hidden):
 @pytest.mark.parametrize("where,batch,heads,queries,keys", cases(
     [(1, 1, 1, 1), (2, 12, 128, 128), (3, 4, 7, 37), (1, 2, 4, 4096), (8, 12, 64, 512), (2, 3, 5, 33)],
     lambda b, h, q, k: b * h * q * k))
-def test_masked_softmax(device, where, dtype, batch, heads, queries, keys):
+def test_masked_softmax(kernel_device, where, dtype, batch, heads, queries, keys):
+    device = kernel_device
     g = torch.Generator(device=device).manual_seed(keys)
     scores = (torch.randn(batch, heads, queries, keys, device=device, generator=g) * 4).to(dtype)
     mask = torch.rand(batch, keys, device=device, generator=g) > 0.3
@@ -91,7 +77,8 @@ def test_masked_softmax(device, where, dtype, batch, heads, queries, keys):
 @pytest.mark.parametrize("kind", ["gelu", "gelu_new", "relu", "silu"])
 @pytest.mark.parametrize("where,rows,cols", cases([(1, 64), (1000, 1536), (37, 3072), (65536, 1536), (3, 5)],
                                                   lambda r, c: r * c * 2))  # two launches a case
-def test_bias_activation(device, where, dtype, kind, rows, cols):
+def test_bias_activation(kernel_device, where, dtype, kind, rows, cols):
+    device = kernel_device
     g = torch.Generator(device=device).manual_seed(rows + cols)
     x = torch.randn(rows, cols, device=device, generator=g).to(dtype)
     b = torch.randn(cols, device=device, generator=g).to(dtype)
@@ -104,7 +91,8 @@ def test_bias_activation(device, where, dtype, kind, rows, cols):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where,tokens,heads,head_dim", cases([(1, 1, 64), (300, 12, 64), (4096, 16, 64), (77, 6, 32)],
                                                              lambda t, h, d: t * h * d * 3))
-def test_split_qkv(device, where, dtype, tokens, heads, head_dim):
+def test_split_qkv(kernel_device, where, dtype, tokens, heads, head_dim):
+    device = kernel_device
     g = torch.Generator(device=device).manual_seed(tokens)
     qkv = torch.randn(tokens, 3 * heads * head_dim, device=device, generator=g).to(dtype)
     bias = torch.randn(3 * heads * head_dim, device=device, generator=g).to(dtype)
@@ -118,7 +106,8 @@ def test_split_qkv(device, where, dtype, tokens, heads, head_dim):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where,lengths", cases([([1],), ([5, 17, 3],), ([128] * 8,), ([4096],), ([8, 512, 64, 300, 1, 2],)],
                                                 lambda lengths: sum(lengths) * 12 * 64 * 8))
-def test_varlen_attention(device, where, dtype, lengths):
+def test_varlen_attention(kernel_device, where, dtype, lengths):
+    device = kernel_device
     g = torch.Generator(device=device).manual_seed(sum(lengths))
     heads, d = 12, 64
     cu = [0]
