@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Not yaml: the device has transformers, whose huggingface_hub requires PyYAML.
 ABSENT_ON_DEVICE = ("fastapi", "uvicorn", "starlette", "pydantic", "pydantic_settings", "redis", "rocksdict", "hypothesis",
-                    "openai", "tritonclient", "schemathesis", "sentence_transformers", "yaml", "matplotlib")
+                    "openai", "tritonclient", "schemathesis", "sentence_transformers", "matplotlib")
 
 
 def device_like_env(tmp_path: Path) -> dict[str, str]:
@@ -59,3 +60,19 @@ def test_the_device_cache_benchmark_runs_with_only_what_the_device_has(tmp_path)
     cells = json.loads((tmp_path / "out" / "device_cache_gpu.json").read_text())["cells"]
     assert {(c["dim"], c["batch"], c["policy"]) for c in cells} >= {(64, 16384, "lru"), (64, 16384, "tinylfu")}
     assert all(c["mkeys_s"] > 0 and c["gbs"] == pytest.approx(c["batch"] * c["dim"] * 4 / c["seconds"] / 1e9) for c in cells)
+
+
+def test_the_kernel_benchmark_runs_with_only_what_the_device_has(tmp_path):
+    """bench/gpu_kernels.py's --smoke mode (tiny shapes on the CPU): every part of the script runs and writes its
+    JSON, so a GPU session is not spent finding a script error."""
+    out = subprocess.run([sys.executable, "bench/gpu_kernels.py", "--smoke", "--repeats", "1", "--no-compile", "--out",
+                          str(tmp_path / "out")], cwd=ROOT, env=device_like_env(tmp_path), capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    import json  # noqa: PLC0415
+
+    report = json.loads((tmp_path / "out" / "gpu_kernels.json").read_text())
+    ops = {row["op"] for rows in report["kernels"].values() for row in rows}
+    assert ops == {"bias+residual+layernorm", "masked softmax", "bias+gelu(erf)", "qkv split+bias"}
+    assert report["attention"] and all(r["per_sequence_us"] > 0 for r in report["attention"])
+    assert report["encoders"] and all(r["ours_s"] > 0 and r["hf_eager_sdpa_s"] > 0 for r in report["encoders"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from embeddings.device_cache import DeviceCache
-from kernels import emulate
 from embeddings.tier import TableSpec
+from kernels import emulate
 from tests.conftest import WHERE
 
 
