@@ -1,4 +1,4 @@
-"""`turboserve serve` with TURBOSERVE_EMULATE_CUDA=1 and model.dtype float16: the server's CUDA code path (fused
+"""`turboserve serve` with TURBOSERVE_EMULATE_CUDA=1 and model.dtype float16 or bfloat16: the server's CUDA code path (fused
 kernels run by the CPU emulator, fp16 weights, nested attention, the memory arena planned for that path,
 fp16 hidden states copied out as float32) answers the TEI and OpenAI routes like sentence-transformers."""
 
@@ -27,12 +27,13 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler for the emulator")
-def test_serve_runs_the_cuda_code_path_on_the_emulator(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_serve_runs_the_cuda_code_path_on_the_emulator(tmp_path, dtype):
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TURBOSERVE_EMULATE_CUDA": "1", "TURBOSERVE_MODEL__DTYPE": "float16",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TURBOSERVE_EMULATE_CUDA": "1", "TURBOSERVE_MODEL__DTYPE": dtype,
            # a small profile: every forward goes through the emulator
            "TURBOSERVE_SCHEDULER__MAX_BATCH_REQUESTS": "4", "TURBOSERVE_SCHEDULER__PROFILE_MAX_TOKENS": "16",
            "TURBOSERVE_SCHEDULER__PROFILE_RUNS": "1", "TURBOSERVE_SCHEDULER__COST_MODEL_DIR": str(tmp_path)}
@@ -47,7 +48,7 @@ def test_serve_runs_the_cuda_code_path_on_the_emulator(tmp_path):
             per_token = c.post("/embed_all", json={"inputs": TEXTS[:2]}).json()
             for g, w in zip(per_token, st.encode(TEXTS[:2], output_value="token_embeddings")):
                 assert np.array(g).shape == tuple(w.shape) and cosine_rows(np.array(g), w.numpy()).min() >= 0.999
-            assert c.get("/info").json()["model_dtype"] == "float16"
+            assert c.get("/info").json()["model_dtype"] == dtype
         data = OpenAI(base_url=f"{url}/v1", api_key="unused").embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS).data
         assert cosine_rows(np.array([d.embedding for d in data]), st.encode(TEXTS)).min() >= 0.999
         proc.send_signal(signal.SIGTERM)
