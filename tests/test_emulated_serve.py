@@ -1,6 +1,6 @@
-"""`turboserve serve` with TURBOSERVE_EMULATE_CUDA=1 and model.dtype float16 or bfloat16: the server's CUDA code path (fused
-kernels run by the CPU emulator, fp16 weights, nested attention, the memory arena planned for that path,
-fp16 hidden states copied out as float32) answers the TEI and OpenAI routes like sentence-transformers."""
+"""`turboserve serve` with TURBOSERVE_EMULATE_CUDA=1 and model.dtype float16 or bfloat16: the server's CUDA code
+path (fused kernels run by the CPU emulator, half-precision weights, nested attention, the memory arena planned
+for that path, hidden states copied out as float32) answers the TEI and OpenAI routes like sentence-transformers."""
 
 from __future__ import annotations
 
