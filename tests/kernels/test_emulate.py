@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels import cuda, emulate
 from kernels.cache_lookup import agrees, cache_lookup
@@ -121,3 +123,74 @@ def test_the_cache_lookup_kernel_agrees_with_its_reference():
     copies; a single-set table's empty marker), with the kernel run by the emulator."""
     with cuda.emulation():
         assert agrees("cpu", cache_lookup)
+
+
+# -- random shapes: every kernel against its reference on the emulator (Hypothesis picks the shapes) ---------
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BOUND = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+ODD = st.integers(1, 200)
+
+
+def worst(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "a slot of the output was never written"
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-6)).item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), hidden=ODD, dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       eps=st.sampled_from([1e-12, 1e-5]), offset=st.sampled_from([0.0, 30.0]), seed=st.integers(0, 2**31))
+def test_layernorm_on_random_shapes(rows, hidden, dtype, bias, eps, offset, seed):
+    from kernels.layernorm import bias_residual_layernorm, bias_residual_layernorm_reference  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    x, r = ((torch.randn(rows, hidden, generator=g) + offset).to(dtype) for _ in range(2))  # an offset tests Welford
+    b, gamma, beta = (torch.randn(hidden, generator=g).to(dtype) for _ in range(3))
+    with cuda.emulation():
+        got = bias_residual_layernorm(x, b if bias else None, r, gamma, beta, eps, out=torch.full_like(x, float("nan")))
+    want = bias_residual_layernorm_reference(x.double(), b.double() if bias else None, r.double(), gamma.double(),
+                                             beta.double(), eps)
+    assert worst(got, want) <= BOUND[dtype]
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), ODD), dtype=st.sampled_from(DTYPES),
+       keep=st.floats(0.0, 1.0), scale=st.sampled_from([0.125, 1.0, 3.0]), masked=st.booleans(), seed=st.integers(0, 2**31))
+def test_masked_softmax_on_random_shapes(shape, dtype, keep, scale, masked, seed):
+    from kernels.softmax import masked_softmax, masked_softmax_reference  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    mask = (torch.rand(shape[0], shape[-1], generator=g) < keep) if masked else None  # keep=0: all-masked rows
+    with cuda.emulation():
+        got = masked_softmax(scores, mask, scale, out=torch.full_like(scores, float("nan")))
+    want = masked_softmax_reference(scores.double(), mask, scale)
+    assert torch.isfinite(got).all() and (got.double() - want).abs().max().item() <= BOUND[dtype]
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 30), cols=ODD, dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       kind=st.sampled_from(["gelu", "gelu_new", "relu", "silu"]), seed=st.integers(0, 2**31))
+def test_bias_activation_on_random_shapes(rows, cols, dtype, bias, kind, seed):
+    from kernels.activation import bias_activation, bias_activation_reference  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    x, b = torch.randn(rows, cols, generator=g).to(dtype), torch.randn(cols, generator=g).to(dtype)
+    with cuda.emulation():
+        got = bias_activation(x, b if bias else None, kind, out=torch.full_like(x, float("nan")))
+    assert worst(got, bias_activation_reference(x.double(), b.double() if bias else None, kind)) <= BOUND[dtype]
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 50), heads=st.integers(1, 4), head_dim=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_split_qkv_on_random_shapes(tokens, heads, head_dim, dtype, bias, seed):
+    from kernels.qkv import split_qkv, split_qkv_reference  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = heads * head_dim
+    qkv, b = torch.randn(tokens, 3 * hidden, generator=g).to(dtype), torch.randn(3 * hidden, generator=g).to(dtype)
+    with cuda.emulation():
+        got = split_qkv(qkv, b if bias else None, heads, out=torch.full((3, tokens, hidden), float("nan"), dtype=dtype))
+    want = split_qkv_reference(qkv.double(), b.double() if bias else None, heads)
+    for x, y in zip(got, want):
+        assert x.is_contiguous() and worst(x, y) <= BOUND[dtype]
