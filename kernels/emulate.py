@@ -74,14 +74,16 @@ def library(full_source: str) -> ctypes.CDLL:
         raise EmulationError("no C++ compiler (g++) to build the CUDA emulator with")
     text = full_source + "\n" + _launchers(full_source)
     header = (HEADER_DIR / "emulate.h").read_bytes()
-    digest = hashlib.sha256(header + text.encode()).hexdigest()[:20]
+    extra = os.environ.get("TURBOSERVE_EMULATE_CXXFLAGS", "").split()  # e.g. -fsanitize=address (see README)
+    digest = hashlib.sha256(header + text.encode() + " ".join(extra).encode()).hexdigest()[:20]
     so = _cache_dir() / f"kernels-{digest}.so"
     if not so.exists():
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             src = Path(tmp) / "kernel.cpp"
             src.write_text(text)
             out = Path(tmp) / so.name
-            cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-fno-fast-math", "-I", str(HEADER_DIR), str(src), "-o", str(out)]
+            cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-fno-fast-math", *extra, "-I", str(HEADER_DIR), str(src),
+                   "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise EmulationError(f"the emulator could not build the kernel:\n{proc.stderr[-4000:]}")
