@@ -88,6 +88,16 @@ class PoolingConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierHead:
+    """A sequence-classification head (a cross-encoder re-ranker when it has one label): the first token's
+    hidden state through dense + tanh, then a linear layer to one logit a label. `style` names the weights:
+    "bert" (pooler.dense, classifier) or "roberta" (classifier.dense, classifier.out_proj)."""
+
+    style: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelFolder:
     """Paths and parsed configs of one Hugging Face model folder."""
 
@@ -95,6 +105,7 @@ class ModelFolder:
     encoder: EncoderConfig
     pooling: PoolingConfig
     weights: list[Path] = field(default_factory=list)
+    head: ClassifierHead | None = None  # a *ForSequenceClassification model: served by /rerank and /predict
 
     @property
     def tokenizer_file(self) -> Path:
@@ -145,6 +156,28 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
                          default_prompt_name=default)
 
 
+def _classifier_head(cfg: dict) -> ClassifierHead | None:
+    """The head of a *ForSequenceClassification config, None for a plain encoder; refused where unsupported."""
+    architectures = [a for a in cfg.get("architectures") or [] if a.endswith("ForSequenceClassification")]
+    if not architectures:
+        return None
+    model_type = cfg.get("model_type", "")
+    if model_type == "bert":
+        style = "bert"
+    elif model_type in ("roberta", "xlm-roberta", "camembert"):
+        style = "roberta"
+    else:
+        raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT and RoBERTa models is)")
+    id2label = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(cfg.get("num_labels", 2)))}
+    try:
+        labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
+    except KeyError as exc:
+        raise ModelFolderError(f"config.json id2label must number its labels 0..{len(id2label) - 1}") from exc
+    if cfg.get("problem_type") == "multi_label_classification":
+        raise ModelFolderError("multi-label classification heads are not supported")
+    return ClassifierHead(style, labels)
+
+
 def read_model_folder(path: str | Path) -> ModelFolder:
     """Parse a Hugging Face model folder; raise ModelFolderError naming what is missing or refused."""
     path = Path(path)
@@ -158,11 +191,13 @@ def read_model_folder(path: str | Path) -> ModelFolder:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         hint = f" (found {', '.join(pickled)}: pickle-based weights are refused; convert them to safetensors)" if pickled else ""
         raise ModelFolderError(f"model folder {path} has no .safetensors weights{hint}")
+    cfg = _read_json(path / "config.json")
     return ModelFolder(
         path=path,
-        encoder=EncoderConfig.from_dict(_read_json(path / "config.json")),
+        encoder=EncoderConfig.from_dict(cfg),
         pooling=_pooling_from_st(path),
         weights=weights,
+        head=_classifier_head(cfg),
     )
 
 

@@ -26,13 +26,17 @@ class PackedBatch:
     position_ids: torch.Tensor  # [T] int64
     cu_seqlens: list[int]  # [B + 1], token offsets of each sequence
     seq_index: torch.Tensor  # [T] int64, which sequence each token belongs to
+    token_type_ids: torch.Tensor | None = None  # [T] int64 for text pairs; None: every token is of type 0
 
     @property
     def num_seqs(self) -> int:
         return len(self.cu_seqlens) - 1
 
     @classmethod
-    def from_ids(cls, sequences: list[list[int]], position_offset: int, device: torch.device | str = "cpu") -> "PackedBatch":
+    def from_ids(cls, sequences: list[list[int]], position_offset: int, device: torch.device | str = "cpu",
+                 sep_id: int | None = None) -> "PackedBatch":
+        """sep_id: for a model with token types (BERT) fed text pairs, [CLS] a [SEP] b [SEP]: the tokens after
+        the first separator are of type 1, as the tokenizer's pair template makes them."""
         lengths = [len(s) for s in sequences]
         cu = [0]
         for n in lengths:
@@ -41,7 +45,13 @@ class PackedBatch:
         positions = [position_offset + i for n in lengths for i in range(n)]
         seq_index = [b for b, n in enumerate(lengths) for _ in range(n)]
         as_long = dict(dtype=torch.long, device=device)
-        return cls(torch.tensor(flat, **as_long), torch.tensor(positions, **as_long), cu, torch.tensor(seq_index, **as_long))
+        types = None
+        if sep_id is not None:
+            firsts = [seq.index(sep_id) + 1 if sep_id in seq else len(seq) for seq in sequences]
+            if any(f < len(seq) for f, seq in zip(firsts, sequences)):
+                types = torch.tensor([int(i >= f) for f, n in zip(firsts, lengths) for i in range(n)], **as_long)
+        return cls(torch.tensor(flat, **as_long), torch.tensor(positions, **as_long), cu, torch.tensor(seq_index, **as_long),
+                   types)
 
 
 class EncoderLayer(nn.Module):
@@ -129,15 +139,18 @@ class PackedEncoder(nn.Module):
         tokens, hidden = batch.input_ids.shape[0], self.cfg.hidden_size
         weight = self.word_embeddings.weight
         new = partial(ws.empty, dtype=weight.dtype, device=weight.device)
-        # All inputs are single-segment, so every token has token type 0.
+        # Single texts are all of token type 0; text pairs (cross-encoders) carry their types.
         x = torch.index_select(weight, 0, batch.input_ids, out=new((tokens, hidden)))
         pos = torch.index_select(self.position_embeddings.weight, 0, batch.position_ids, out=new((tokens, hidden)))
-        if weight.is_cuda or use_kernels(weight):
+        if batch.token_type_ids is not None:  # text pairs: each token's own type
+            pos.add_(torch.index_select(self.token_type_embeddings.weight, 0, batch.token_type_ids))
+        else:
             pos.add_(self.token_type_embeddings.weight[0])
+        if weight.is_cuda or use_kernels(weight):
             x = bias_residual_layernorm(x, None, pos, self.embed_norm.weight, self.embed_norm.bias, self.embed_norm.eps,
                                         out=new((tokens, hidden)))
         else:
-            x = _layer_norm(x.add_(pos).add_(self.token_type_embeddings.weight[0]), self.embed_norm, ws)  # [T, H]
+            x = _layer_norm(x.add_(pos), self.embed_norm, ws)  # [T, H]
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws)
         return x
@@ -147,6 +160,20 @@ class PackedEncoder(nn.Module):
         device = self.word_embeddings.weight.device
         batch = PackedBatch.from_ids([[0] * tokens], self.cfg.position_offset, device)
         return self(batch, ws)
+
+
+class ClassificationHead(nn.Module):
+    """A sequence classifier's head over the first token's hidden state: dense + tanh, then one logit a label
+    (BERT's pooler + classifier, RoBERTa's classifier.dense + out_proj: the same computation)."""
+
+    def __init__(self, hidden: int, labels: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, labels)
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        """first: [B, H], each sequence's first token -> logits [B, labels]."""
+        return self.out(torch.tanh(self.dense(first)))
 
 
 def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 from kernels import cuda
 from kernels.arena import Arena, new_arena
 from models.config import ModelFolderError, default_model_path, read_model_folder
-from models.encoder import PackedBatch, pool
+from models.encoder import ClassificationHead, PackedBatch, pool
 from models.tokenizer import TextTokenizer
-from models.weights import load_encoder
+from models.weights import load_encoder, load_head
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ class ModelInfo:
     device: str
     prompts: dict[str, str] = field(default_factory=dict)  # sentence-transformers' named prompts
     default_prompt_name: str | None = None  # the prompt put before every text input that names none
+    labels: tuple[str, ...] = ()  # a classification head's labels (its outputs are their logits); () for embeddings
+
+    @property
+    def kind(self) -> str:
+        """"embedding", "reranker" (a classifier with one label: a cross-encoder) or "classifier"."""
+        return "embedding" if not self.labels else "reranker" if len(self.labels) == 1 else "classifier"
 
 
 class EncoderEmbedder:
@@ -59,17 +65,20 @@ class EncoderEmbedder:
     output is a fresh tensor, so nothing returned points into the arena.
     """
 
-    def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None):
+    def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None,
+                 head: ClassificationHead | None = None, sep_id: int | None = None):
         self.encoder = encoder
         self.pooling = pooling
         self.position_offset = position_offset
         self.device = device
         self.arena = arena
-        self.dim = encoder.cfg.hidden_size
+        self.head = head  # a classifier's: its logits are the output, [B, labels]
+        self.sep_id = sep_id  # where a text pair's second segment starts (models with token types)
+        self.dim = encoder.cfg.hidden_size if head is None else head.out.out_features
 
     @torch.inference_mode()
     def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
-        batch = PackedBatch.from_ids(sequences, self.position_offset, self.device)
+        batch = PackedBatch.from_ids(sequences, self.position_offset, self.device, self.sep_id)
         if self.arena is None:
             return self._outputs(self.encoder(batch), batch, per_token)
         with self.arena.batch(batch.input_ids.shape[0]) as ws:
@@ -77,6 +86,8 @@ class EncoderEmbedder:
             return self._outputs(hidden, batch, per_token)
 
     def _outputs(self, hidden: torch.Tensor, batch: PackedBatch, per_token: list[bool] | None) -> np.ndarray | list[np.ndarray]:
+        if self.head is not None:  # logits from each sequence's first token
+            return self.head(hidden[batch.cu_seqlens[:-1]]).float().cpu().numpy()
         pooled = pool(hidden, batch, self.pooling).cpu().numpy()  # [B, H]
         if not per_token or not any(per_token):
             return pooled
@@ -117,13 +128,18 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     if memory_arena:
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
-    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
+    head = sep_id = None
+    if folder.head is not None:
+        head = load_head(folder.head, cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
+        mode, normalize = "cls", False
+        sep_id = tokenizer.separator_id() if cfg.type_vocab_size > 1 else None
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sep_id)
     info = ModelInfo(
         name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
         path=str(folder_path),
         model_type=cfg.model_type,
-        dim=cfg.hidden_size,
+        dim=embedder.dim,
         max_input_length=limit,
         pooling=mode,
         normalize=folder.pooling.normalize if normalize is None else normalize,
@@ -132,6 +148,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         device=str(torch_device),
         prompts=dict(folder.pooling.prompts),
         default_prompt_name=default_prompt_name or folder.pooling.default_prompt_name,
+        labels=folder.head.labels if folder.head is not None else (),
     )
     return embedder, tokenizer, info
 

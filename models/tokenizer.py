@@ -61,6 +61,25 @@ class TextTokenizer:
             out.append(Encoded(list(enc.ids), truncated))
         return out
 
+    def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
+        """Tokenize (a, b) text pairs with the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT), as
+        cross-encoders take them; over-long pairs raise InputTooLong unless truncate (the longer text is cut)."""
+        tok = self._by_direction[direction]
+        out = []
+        for i, enc in enumerate(tok.encode_batch(pairs)):
+            if enc.overflowing and not truncate:
+                raise InputTooLong(i, len(self._full.encode(*pairs[i]).ids), self.max_length)
+            out.append(Encoded(list(enc.ids), bool(enc.overflowing)))
+        return out
+
+    def separator_id(self) -> int:
+        """The id of the token that ends a pair's first text ([SEP] for BERT)."""
+        for name in ("[SEP]", "</s>"):
+            found = self._full.token_to_id(name)
+            if found is not None:
+                return found
+        raise ValueError("the tokenizer has no [SEP] or </s> token to split text pairs at")
+
     def check_ids(self, sequences: list[list[int]]) -> list[Encoded]:
         """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does."""
         out = []

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from models.config import EncoderConfig, ModelFolderError
-from models.encoder import PackedEncoder
+from models.config import ClassifierHead, EncoderConfig, ModelFolderError
+from models.encoder import ClassificationHead, PackedEncoder
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "model.")
 
@@ -48,8 +48,8 @@ def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_encoder(cfg: EncoderConfig, weight_files: list[Path]) -> PackedEncoder:
-    """Build a PackedEncoder and fill it from safetensors files; every parameter must be found."""
+def _reader(weight_files: list[Path]):
+    """take(name): the tensor of that name (model prefix stripped) from the files; ModelFolderError if absent."""
     src: dict[str, torch.Tensor] = {}
     for f in weight_files:
         src.update(_strip_prefix(load_file(str(f))))
@@ -59,6 +59,22 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path]) -> PackedEncoder:
             return src[name]
         except KeyError:
             raise ModelFolderError(f"weight {name!r} is missing from {', '.join(p.name for p in weight_files)}") from None
+    return take
+
+
+def load_head(head: ClassifierHead, cfg: EncoderConfig, weight_files: list[Path]) -> ClassificationHead:
+    """The classification head of a *ForSequenceClassification folder (see ClassifierHead)."""
+    take = _reader(weight_files)
+    dense, out = ("pooler.dense", "classifier") if head.style == "bert" else ("classifier.dense", "classifier.out_proj")
+    model = ClassificationHead(cfg.hidden_size, len(head.labels))
+    model.load_state_dict({f"{ours}.{p}": take(f"{theirs}.{p}").float() for ours, theirs in (("dense", dense), ("out", out))
+                           for p in ("weight", "bias")}, strict=True)
+    return model.eval()
+
+
+def load_encoder(cfg: EncoderConfig, weight_files: list[Path]) -> PackedEncoder:
+    """Build a PackedEncoder and fill it from safetensors files; every parameter must be found."""
+    take = _reader(weight_files)
 
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": take("embeddings.word_embeddings.weight"),

@@ -1,0 +1,37 @@
+"""Small cross-encoder and classifier folders for tests, made here (nothing downloaded): a randomly initialised
+BertForSequenceClassification or XLMRobertaForSequenceClassification saved by transformers, with the embedded
+MiniLM's BERT tokenizer (the RoBERTa-style one keeps the same vocabulary and tokenizer: only the weights' names,
+the position offset and the head differ)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def cross_encoder_folder(root: Path, labels: tuple[str, ...] = ("LABEL_0",), style: str = "bert", seed: int = 0) -> Path:
+    """A folder that transformers, sentence-transformers' CrossEncoder and turboserve all load."""
+    import torch  # noqa: PLC0415
+
+    from models.config import default_model_path  # noqa: PLC0415
+    from tests.hf_import import import_transformers  # noqa: PLC0415
+
+    tf = import_transformers()
+    folder = root / f"{style}-{len(labels)}-labels"
+    dims = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    torch.manual_seed(seed)
+    if style == "bert":
+        model = tf.BertForSequenceClassification(tf.BertConfig(max_position_embeddings=128, **dims))
+    else:
+        model = tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(max_position_embeddings=130, pad_token_id=1,
+                                                                          type_vocab_size=1, **dims))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # scores spread over (0, 1), not all near 0.5
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_path() / name, folder / name)
+    return folder
