@@ -21,7 +21,7 @@ import server
 from configs.settings import Settings, check_model_dirs
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
-from server import routes_kserve, routes_openai, routes_recommend, routes_tei
+from server import routes_kserve, routes_openai, routes_recommend, routes_rerank, routes_tei
 from server.engine import Engine
 from server.errors import (
     KINDS,
@@ -198,6 +198,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.add_api_route("/embeddings", routes_openai.create_embeddings, methods=["POST"], include_in_schema=False)
     app.add_api_route("/models", routes_openai.list_models, methods=["GET"], include_in_schema=False)
     app.include_router(routes_tei.router)
+    app.include_router(routes_rerank.router)
+    app.include_router(routes_rerank.v1_router)
     app.include_router(routes_kserve.router)
     app.include_router(routes_recommend.router)
 

@@ -19,7 +19,7 @@ from scheduler.errors import DeadlineExceeded, NotReady
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
-from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge
+from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge, WrongModelKind
 from server.metrics import Metrics
 from server.middleware import Timing
 from server.stats import InferStats
@@ -125,12 +125,38 @@ class Engine:
             raise InvalidRequest(f"prompt_name {prompt_name!r} is not one of the model's prompts ({known})")
         return prompts[prompt_name]
 
+    def require(self, *kinds: str) -> None:
+        """WrongModelKind unless the served model is of one of `kinds` (ModelInfo.kind)."""
+        if self.info.kind not in kinds:
+            def a(kind: str) -> str:
+                return f"{'an' if kind[0] == 'e' else 'a'} {kind} model"
+            routes = {"embedding": "/embed, /v1/embeddings", "reranker": "/rerank", "classifier": "/predict"}[self.info.kind]
+            raise WrongModelKind(f"model is not {' or '.join(map(a, kinds))}: this server serves {a(self.info.kind)} "
+                                 f"(its routes: {routes})")
+
+    async def tokenize_pairs(self, pairs: list[tuple[str, str]], timing: Timing, truncate: bool | None = None,
+                             direction: Literal["right", "left"] = "right") -> list[Encoded]:
+        """Tokenize (query, text) pairs for a cross-encoder or a pair classifier (checks as tokenize's)."""
+        if truncate is None:
+            truncate = self.settings.model.auto_truncate
+        self.check_batch(len(pairs))
+        self.queue.check_room(len(pairs))
+        for i, (a, b) in enumerate(pairs):
+            if not a or not b:
+                raise EmptyInput(f"pair {i} has an empty text")
+        started = time.perf_counter()
+        texts = [a + b for a, b in pairs]  # only their length matters below
+        encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode_pairs, pairs, truncate, direction)
+        timing.tokenization = time.perf_counter() - started
+        return encoded
+
     async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]], timing: Timing,
                        truncate: bool | None = None, direction: Literal["right", "left"] = "right",
-                       prompt_name: str | None = None) -> list[Encoded]:
+                       prompt_name: str | None = None, kinds: tuple[str, ...] = ("embedding",)) -> list[Encoded]:
         """Tokenize a text, texts, token ids or lists of them (a prompt goes before each text, as
         sentence-transformers puts it; token ids are used as given); raise the errors the routes map to 4xx.
-        truncate None: model.auto_truncate decides."""
+        truncate None: model.auto_truncate decides. kinds: the model kinds the calling route serves."""
+        self.require(*kinds)
         if truncate is None:
             truncate = self.settings.model.auto_truncate
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):

@@ -44,6 +44,10 @@ class TableNotFound(LookupError):
     """The request names an embedding table the parameter server does not hold."""
 
 
+class WrongModelKind(LookupError):
+    """The route needs another kind of model (an embedding model, a re-ranker, a classifier) than the one served."""
+
+
 class Unauthorized(PermissionError):
     """Missing or wrong API key."""
 
@@ -71,6 +75,7 @@ KINDS: dict[type, ErrorKind] = {
     ModelNotFound: ErrorKind(404, "invalid_request_error", "model_not_found", "Validation"),
     TableNotFound: ErrorKind(404, "invalid_request_error", "table_not_found", "Validation"),
     NotEnabled: ErrorKind(404, "invalid_request_error", "not_enabled", "Validation"),
+    WrongModelKind: ErrorKind(400, "invalid_request_error", "model_not_supported", "Backend", 424),  # TEI's 424
     Unauthorized: ErrorKind(401, "authentication_error", "invalid_api_key", "Unauthorized"),
     Overloaded: ErrorKind(429, "rate_limit_error", "overloaded", "Overloaded"),
     NotReady: ErrorKind(503, "service_unavailable", "not_ready", "Unhealthy"),

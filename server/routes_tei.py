@@ -1,6 +1,6 @@
 """Text Embeddings Inference API: POST /embed, /embed_all, /similarity, /tokenize, /decode; GET /info, /health;
 TEI's aliases (POST / and /invocations: /embed, or /similarity for its body; GET / and /ping: the health check);
-/rerank, /predict and /embed_sparse answer 424 as TEI does for a model of another kind."""
+/embed_sparse answers 424 as TEI does for a model of another kind. /rerank and /predict: server/routes_rerank.py."""
 
 from __future__ import annotations
 
@@ -147,8 +147,6 @@ def _other_kind(route: str, kind: str):
     router.add_api_route(route, handler, methods=["POST"])
 
 
-_other_kind("/rerank", "a re-ranker model")
-_other_kind("/predict", "a classifier model")
 _other_kind("/embed_sparse", "an embedding model with splade pooling")
 
 
@@ -170,6 +168,14 @@ class Info(BaseModel):
     scheduler: dict | None = None
 
 
+def _model_type(info) -> dict:
+    """TEI's model_type: {"embedding": {pooling}}, or {"reranker" | "classifier": {id2label, label2id}}."""
+    if info.kind == "embedding":
+        return {"embedding": {"pooling": info.pooling}}
+    return {info.kind: {"id2label": {str(i): name for i, name in enumerate(info.labels)},
+                        "label2id": {name: i for i, name in enumerate(info.labels)}}}
+
+
 @router.get("/info", response_model=Info)
 async def info(request: Request):
     engine = engine_of(request)
@@ -178,7 +184,7 @@ async def info(request: Request):
         "model_id": engine.info.name,
         "model_sha": None,
         "model_dtype": engine.info.dtype,
-        "model_type": {"embedding": {"pooling": engine.info.pooling}},
+        "model_type": _model_type(engine.info),
         "max_concurrent_requests": s.scheduler.max_queue_size,
         "max_input_length": engine.info.max_input_length,
         "max_batch_tokens": s.scheduler.max_batch_tokens,

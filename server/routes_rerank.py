@@ -1,0 +1,135 @@
+"""Cross-encoders and sequence classifiers: TEI's POST /rerank and /predict, and the Cohere / Jina / vLLM style
+POST /v1/rerank (also /rerank when the body has `documents`). A re-ranker is a classifier with one label: its
+score is the sigmoid of the logit (raw_scores: the logit); a classifier's scores are the softmax over its labels.
+The pairs go through the same scheduler as embeddings (the logits are what the batch computes)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+
+from server.deps import engine_of, json_response, timing_of
+from server.errors import EmptyInput, InvalidRequest, ModelNotFound, error_responses
+
+router = APIRouter(tags=["rerank"], responses=error_responses("tei"))
+v1_router = APIRouter(tags=["rerank"], responses=error_responses("openai"))  # /v1/...: OpenAI-style error bodies
+
+Direction = Annotated[Literal["right", "left"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
+
+
+def _scores(logits: np.ndarray, raw: bool) -> np.ndarray:
+    """[n, labels] logits -> scores: as they are (raw), sigmoid for one label, softmax over several."""
+    logits = logits.astype(np.float64)
+    if raw:
+        return logits
+    if logits.shape[1] == 1:
+        return 1.0 / (1.0 + np.exp(-logits))
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class TEIRerankRequest(BaseModel):
+    query: str
+    texts: list[str] = Field(description="The texts to score against the query.")
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class CohereRerankRequest(BaseModel):
+    model: str | None = None
+    query: str
+    documents: list[str | dict] = Field(description="Texts, or objects with a `text` field.")
+    top_n: int | None = Field(None, ge=0, description="The best n results (all when absent or 0).")
+    return_documents: bool = True
+    truncate: bool | None = None
+
+
+async def _rank(request: Request, query: str, texts: list[str], truncate: bool | None, direction: str) -> tuple[np.ndarray, int]:
+    """(relevance logits [n], tokens) of each text against the query."""
+    engine = engine_of(request)
+    engine.require("reranker")
+    if not query:
+        raise EmptyInput("the query is an empty string")
+    timing = timing_of(request)
+    encoded = await engine.tokenize_pairs([(query, t) for t in texts], timing, truncate, direction)  # type: ignore[arg-type]
+    logits = await engine.run(encoded, request, timing)
+    return logits[:, 0], sum(len(e.ids) for e in encoded)
+
+
+@router.post("/rerank")
+async def rerank(body: dict, request: Request):
+    """TEI's body (query, texts) gets TEI's answer: [{index, score, text?}] best first; a body with `documents`
+    (Cohere, Jina, vLLM) gets theirs, as /v1/rerank."""
+    try:
+        if "documents" in body and "texts" not in body:
+            return await rerank_v1(CohereRerankRequest.model_validate(body), request)
+        tei = TEIRerankRequest.model_validate(body)
+    except ValidationError as exc:  # the same 422 / 400 as a body FastAPI validates itself
+        raise RequestValidationError(exc.errors()) from None
+    logits, _ = await _rank(request, tei.query, tei.texts, tei.truncate, tei.truncation_direction)
+    scores = _scores(logits[:, None], tei.raw_scores)[:, 0]
+    order = np.argsort(-scores, kind="stable")
+    return json_response([{"index": int(i), "score": float(scores[i]), **({"text": tei.texts[i]} if tei.return_text else {})}
+                          for i in order])
+
+
+@v1_router.post("/v1/rerank")
+async def rerank_v1(body: CohereRerankRequest, request: Request):
+    """{results: [{index, relevance_score, document: {text}}], best first, top_n of them; model, usage}."""
+    texts = []
+    for i, doc in enumerate(body.documents):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str):
+            raise InvalidRequest(f"document {i} must be a string or an object with a string `text`")
+        texts.append(text)
+    engine = engine_of(request)
+    if body.model is not None and body.model != engine.info.name:
+        raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
+    logits, tokens = await _rank(request, body.query, texts, body.truncate, "right")
+    scores = _scores(logits[:, None], False)[:, 0]
+    order = np.argsort(-scores, kind="stable")[: body.top_n or None]
+    results = [{"index": int(i), "relevance_score": float(scores[i]), **({"document": {"text": texts[i]}} if body.return_documents else {})}
+               for i in order]
+    return json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": engine.info.name, "results": results,
+                          "usage": {"total_tokens": tokens}})
+
+
+class PredictRequest(BaseModel):
+    inputs: str | list[str] | list[list[str]] = Field(
+        description="A text, a [text, text] pair, or a list of texts or pairs (TEI's reading: two strings are one pair).")
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    raw_scores: bool = False
+
+
+@router.post("/predict")
+async def predict(body: PredictRequest, request: Request):
+    """Label scores, best first: [{score, label}] for one input, a list of those for several."""
+    engine = engine_of(request)
+    engine.require("classifier", "reranker")
+    single = isinstance(body.inputs, str) or (len(body.inputs) == 2 and all(isinstance(x, str) for x in body.inputs))
+    items = [body.inputs] if single else list(body.inputs)
+    for i, item in enumerate(items):
+        if isinstance(item, list) and len(item) != 2:
+            raise InvalidRequest(f"input {i} must be a text or a pair of two texts; got a list of {len(item)}")
+    if not items:
+        raise EmptyInput("input is empty: give at least one text")
+    pairs = [isinstance(item, list) for item in items]
+    if any(pairs) and not all(pairs):
+        raise InvalidRequest("give texts or pairs of texts, not both in one request")
+    timing = timing_of(request)
+    if all(pairs):
+        encoded = await engine.tokenize_pairs([tuple(p) for p in items], timing, body.truncate, body.truncation_direction)
+    else:
+        encoded = await engine.tokenize(items, timing, body.truncate, body.truncation_direction, kinds=("classifier", "reranker"))
+    scores = _scores(await engine.run(encoded, request, timing), body.raw_scores)
+    labels = engine.info.labels
+    answers = [[{"score": float(row[j]), "label": labels[j]} for j in np.argsort(-row, kind="stable")] for row in scores]
+    return json_response(answers[0] if single else answers)

@@ -1,0 +1,129 @@
+"""Cross-encoders and classifiers (server/routes_rerank.py): TEI's /rerank and /predict, the Cohere / Jina / vLLM
+/v1/rerank, against transformers' logits and sentence-transformers' CrossEncoder on small models made here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.runtime import load_model
+from server.app import create_app
+from tests.cross_encoders import cross_encoder_folder
+from tests.hf_import import import_transformers
+from tests.support import ServerThread, settings
+
+QUERY = "what is deep learning?"
+TEXTS = ["Deep learning is a kind of machine learning with many layers.", "Paris is the capital of France.", "cats",
+         "Neural networks learn representations of data, layer after layer."]
+PAIRS = [(QUERY, t) for t in TEXTS]
+
+
+def hf_logits(folder, pairs=None, texts=None) -> np.ndarray:
+    tf = import_transformers()
+    model = tf.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    batch = tok([p[0] for p in pairs], [p[1] for p in pairs], padding=True, return_tensors="pt") if pairs else \
+        tok(texts, padding=True, return_tensors="pt")
+    if model.config.type_vocab_size < 2:
+        batch.pop("token_type_ids")
+    with torch.no_grad():
+        return model(**batch).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cross-encoders")
+    return {"bert": cross_encoder_folder(root), "roberta": cross_encoder_folder(root, style="roberta"),
+            "classifier": cross_encoder_folder(root, ("negative", "neutral", "positive"), seed=1)}
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "classifier"])
+def test_logits_match_transformers_for_pairs_and_single_texts(folders, name):
+    embedder, tokenizer, info = load_model(str(folders[name]))
+    assert info.kind == ("classifier" if name == "classifier" else "reranker") and info.dim == len(info.labels)
+    got = embedder.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
+    np.testing.assert_allclose(got, hf_logits(folders[name], pairs=PAIRS), atol=2e-5)
+    got = embedder.embed([e.ids for e in tokenizer.encode(TEXTS)])
+    np.testing.assert_allclose(got, hf_logits(folders[name], texts=TEXTS), atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def reranker(folders):
+    with ServerThread(create_app(settings(model={"path": str(folders["bert"]), "name": "ce"}))) as server, \
+            server.client() as client:
+        yield client
+
+
+def test_rerank_scores_are_sentence_transformers_cross_encoder_scores_best_first(reranker, folders):
+    from sentence_transformers import CrossEncoder  # noqa: PLC0415
+
+    want = CrossEncoder(str(folders["bert"]), device="cpu").predict(PAIRS)  # sigmoid of the logit for one label
+    r = reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True})
+    assert r.status_code == 200
+    got = r.json()
+    assert [g["index"] for g in got] == list(np.argsort(-want, kind="stable"))
+    for g in got:
+        assert g["score"] == pytest.approx(float(want[g["index"]]), abs=1e-5) and g["text"] == TEXTS[g["index"]]
+    raw = reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True}).json()
+    logits = hf_logits(folders["bert"], pairs=PAIRS)[:, 0]
+    assert all(g["score"] == pytest.approx(float(logits[g["index"]]), abs=1e-5) and "text" not in g for g in raw)
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+def test_cohere_style_rerank_with_top_n_and_documents(reranker, path):
+    body = {"model": "ce", "query": QUERY, "documents": [TEXTS[0], {"text": TEXTS[1]}, *TEXTS[2:]], "top_n": 2}
+    r = reranker.post(path, json=body)
+    assert r.status_code == 200
+    doc = r.json()
+    tei = reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+    assert [x["index"] for x in doc["results"]] == [x["index"] for x in tei[:2]]
+    assert [x["relevance_score"] for x in doc["results"]] == pytest.approx([x["score"] for x in tei[:2]])
+    assert all(x["document"]["text"] == TEXTS[x["index"]] for x in doc["results"])
+    assert doc["model"] == "ce" and doc["usage"]["total_tokens"] > 0
+    bare = reranker.post(path, json={"query": QUERY, "documents": TEXTS, "return_documents": False}).json()["results"]
+    assert len(bare) == len(TEXTS) and all("document" not in x for x in bare)
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    ("/embed", {"inputs": "x"}, 424, "not an embedding model"),
+    ("/v1/embeddings", {"model": "ce", "input": "x"}, 400, "not an embedding model"),
+    ("/rerank", {"query": "", "texts": ["a"]}, 400, "query is an empty string"),
+    ("/rerank", {"query": "q", "texts": ["a", ""]}, 400, "empty text"),
+    ("/rerank", {"query": "q"}, 422, "texts"),
+    ("/rerank", {"query": "q", "texts": ["long " * 200]}, 413, "tokens"),
+    ("/v1/rerank", {"model": "other", "query": "q", "documents": ["a"]}, 404, "not served"),
+    ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, 400, "document 0"),
+    ("/predict", {"inputs": [["a", "b", "c"]]}, 422, "pair of two texts"),
+])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(reranker, path, body, status, needle):
+    r = reranker.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.text and "Traceback" not in r.text
+    assert reranker.post("/rerank", json={"query": "q", "texts": ["still here"]}).status_code == 200
+
+
+def test_rerank_truncates_when_asked(reranker):
+    r = reranker.post("/rerank", json={"query": "q", "texts": ["long " * 200, "short"], "truncate": True})
+    assert r.status_code == 200 and sorted(x["index"] for x in r.json()) == [0, 1]
+
+
+def test_predict_gives_softmax_label_scores_for_texts_pairs_and_batches(folders):
+    with ServerThread(create_app(settings(model={"path": str(folders["classifier"]), "name": "clf"}))) as server, \
+            server.client() as c:
+        info = c.get("/info").json()["model_type"]
+        assert info == {"classifier": {"id2label": {"0": "negative", "1": "neutral", "2": "positive"},
+                                       "label2id": {"negative": 0, "neutral": 1, "positive": 2}}}
+        logits = hf_logits(folders["classifier"], pairs=PAIRS[:2])
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        one = c.post("/predict", json={"inputs": list(PAIRS[0])}).json()  # two strings: one pair, as TEI reads them
+        assert [x["label"] for x in one] == [["negative", "neutral", "positive"][j] for j in np.argsort(-probs[0])]
+        assert [x["score"] for x in one] == pytest.approx(sorted(probs[0], reverse=True), abs=1e-5)
+        batch = c.post("/predict", json={"inputs": [list(p) for p in PAIRS[:2]], "raw_scores": True}).json()
+        assert len(batch) == 2 and {x["label"]: x["score"] for x in batch[1]} == pytest.approx(
+            dict(zip(["negative", "neutral", "positive"], logits[1].tolist())), abs=1e-5)
+        texts = c.post("/predict", json={"inputs": TEXTS[:3]}).json()
+        want = hf_logits(folders["classifier"], texts=TEXTS[:3])
+        assert [row[0]["label"] for row in texts] == [["negative", "neutral", "positive"][j] for j in want.argmax(1)]
+        r = c.post("/rerank", json={"query": "q", "texts": ["a"]})
+        assert r.status_code == 424 and "not a reranker model" in r.json()["error"]
