@@ -127,3 +127,18 @@ def test_predict_gives_softmax_label_scores_for_texts_pairs_and_batches(folders)
         assert [row[0]["label"] for row in texts] == [["negative", "neutral", "positive"][j] for j in want.argmax(1)]
         r = c.post("/rerank", json={"query": "q", "texts": ["a"]})
         assert r.status_code == 424 and "not a reranker model" in r.json()["error"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_cuda_code_path_scores_pairs_on_the_emulator(folders, dtype):
+    """Token types of pairs and the head on the encoder's CUDA path (kernels on the CPU emulator)."""
+    from kernels import cuda, emulate  # noqa: PLC0415
+
+    if emulate.compiler() is None:
+        pytest.skip("no C++ compiler for the emulator")
+    embedder, tokenizer, _ = load_model(str(folders["bert"]))
+    want = embedder.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
+    with cuda.emulation():
+        half, tokenizer, _ = load_model(str(folders["bert"]), dtype=dtype)
+        got = half.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
+    np.testing.assert_allclose(got, want, atol=5e-3)
