@@ -6,20 +6,20 @@ The pairs go through the same scheduler as embeddings (the logits are what the b
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from server import routes_tei
 from server.deps import engine_of, json_response, timing_of
 from server.errors import EmptyInput, InvalidRequest, ModelNotFound, error_responses
 
 router = APIRouter(tags=["rerank"], responses=error_responses("tei"))
 v1_router = APIRouter(tags=["rerank"], responses=error_responses("openai"))  # /v1/...: OpenAI-style error bodies
 
-Direction = Annotated[Literal["right", "left"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
+Direction = routes_tei.Direction
 
 
 def _scores(logits: np.ndarray, raw: bool) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Text Embeddings Inference API: POST /embed, /embed_all, /similarity, /tokenize, /decode; GET /info, /health;
-TEI's aliases (POST / and /invocations: /embed, or /similarity for its body; GET / and /ping: the health check);
+TEI's aliases (POST / and /invocations: /embed or /similarity, or for a re-ranker / classifier /rerank or /predict,
+by body; GET / and /ping: the health check);
 /embed_sparse answers 424 as TEI does for a model of another kind. /rerank and /predict: server/routes_rerank.py."""
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, BeforeValidator, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 import server
 from models.runtime import finish_embedding
@@ -23,6 +25,7 @@ def _lower(value):
 
 
 Direction = Annotated[Literal["right", "left"], BeforeValidator(_lower)]  # TEI spells them "Right" / "Left" too
+# (server/routes_rerank.py uses it too; it is imported below, after this)
 
 
 class EmbedRequest(BaseModel):
@@ -90,14 +93,25 @@ async def similarity(body: SimilarityRequest, request: Request):
     return json_response(vectors[1:] @ vectors[0])
 
 
-async def root(body: EmbedRequest | SimilarityRequest, request: Request):
-    """TEI's root (and SageMaker's /invocations) route: /embed, or /similarity when `inputs` is
-    {source_sentence, sentences} (TEI serves that only under TASK=sentence-similarity; huggingface_hub's
-    InferenceClient posts both feature_extraction and sentence_similarity here)."""
-    if isinstance(body, SimilarityRequest):
-        return await similarity(body, request)
-    return await embed(body, request)
+async def root(body: dict, request: Request):
+    """TEI's root (and SageMaker's /invocations) route, by the model's kind: for an embedding model /embed, or
+    /similarity when `inputs` is {source_sentence, sentences} (TEI serves that only under
+    TASK=sentence-similarity; huggingface_hub's InferenceClient posts both feature_extraction and
+    sentence_similarity here); for a re-ranker or classifier /rerank when the body has a `query`, else /predict
+    (InferenceClient's text_classification)."""
+    try:
+        if engine_of(request).info.kind == "embedding":
+            if isinstance(body.get("inputs"), dict):
+                return await similarity(SimilarityRequest.model_validate(body), request)
+            return await embed(EmbedRequest.model_validate(body), request)
+        if "query" in body:
+            return await routes_rerank.rerank(body, request)
+        return await routes_rerank.predict(routes_rerank.PredictRequest.model_validate(body), request)
+    except ValidationError as exc:  # the same 422 as a body FastAPI validates itself
+        raise RequestValidationError(exc.errors()) from None
 
+
+from server import routes_rerank  # noqa: E402 - it imports Direction from here
 
 for _path in ("/", "/invocations"):  # kept out of the schema: the same operations as /embed and /similarity
     router.add_api_route(_path, root, methods=["POST"], include_in_schema=False)

@@ -127,6 +127,22 @@ def test_predict_gives_softmax_label_scores_for_texts_pairs_and_batches(folders)
         assert [row[0]["label"] for row in texts] == [["negative", "neutral", "positive"][j] for j in want.argmax(1)]
         r = c.post("/rerank", json={"query": "q", "texts": ["a"]})
         assert r.status_code == 424 and "not a reranker model" in r.json()["error"]
+        # TEI's root and SageMaker's /invocations route to /predict for a classifier: huggingface_hub's client
+        from huggingface_hub import InferenceClient  # noqa: PLC0415
+
+        top = InferenceClient(base_url=server.url).text_classification(TEXTS[0])
+        top = top if not isinstance(top, list) else top[0]  # TEI's flat answer: the client takes its first element
+        best = c.post("/predict", json={"inputs": TEXTS[0]}).json()[0]
+        assert top.label == best["label"] and top.score == pytest.approx(best["score"])
+        assert c.post("/invocations", json={"inputs": list(PAIRS[0])}).json() == one
+
+
+def test_root_routes_a_query_body_to_rerank(reranker):
+    for path in ("/", "/invocations"):
+        got = reranker.post(path, json={"query": QUERY, "texts": TEXTS})
+        assert got.status_code == 200 and got.json() == reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+    r = reranker.post("/", json={"inputs": "x"})  # /predict on a re-ranker: its one label's sigmoid score
+    assert r.status_code == 200 and r.json()[0]["label"] == "LABEL_0"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
