@@ -11,7 +11,13 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def cross_encoder_folder(root: Path, labels: tuple[str, ...] = ("LABEL_0",), style: str = "bert", seed: int = 0) -> Path:
+SIZES = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+         # the shape of cross-encoder/ms-marco-MiniLM-L-6-v2 (the benchmark's)
+         "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)}
+
+
+def cross_encoder_folder(root: Path, labels: tuple[str, ...] = ("LABEL_0",), style: str = "bert", seed: int = 0,
+                         size: str = "tiny") -> Path:
     """A folder that transformers, sentence-transformers' CrossEncoder and turboserve all load."""
     import torch  # noqa: PLC0415
 
@@ -19,14 +25,14 @@ def cross_encoder_folder(root: Path, labels: tuple[str, ...] = ("LABEL_0",), sty
     from tests.hf_import import import_transformers  # noqa: PLC0415
 
     tf = import_transformers()
-    folder = root / f"{style}-{len(labels)}-labels"
-    dims = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    folder = root / f"{style}-{size}-{len(labels)}-labels"
+    dims = dict(vocab_size=30522, **SIZES[size], id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)})
     torch.manual_seed(seed)
     if style == "bert":
-        model = tf.BertForSequenceClassification(tf.BertConfig(max_position_embeddings=128, **dims))
+        model = tf.BertForSequenceClassification(tf.BertConfig(max_position_embeddings=512, **dims))
     else:
-        model = tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(max_position_embeddings=130, pad_token_id=1,
+        model = tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1,
                                                                           type_vocab_size=1, **dims))
     with torch.no_grad():
         for p in model.parameters():

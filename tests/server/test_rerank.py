@@ -91,7 +91,7 @@ def test_cohere_style_rerank_with_top_n_and_documents(reranker, path):
     ("/rerank", {"query": "", "texts": ["a"]}, 400, "query is an empty string"),
     ("/rerank", {"query": "q", "texts": ["a", ""]}, 400, "empty text"),
     ("/rerank", {"query": "q"}, 422, "texts"),
-    ("/rerank", {"query": "q", "texts": ["long " * 200]}, 413, "tokens"),
+    ("/rerank", {"query": "q", "texts": ["long " * 600]}, 413, "tokens"),
     ("/v1/rerank", {"model": "other", "query": "q", "documents": ["a"]}, 404, "not served"),
     ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, 400, "document 0"),
     ("/predict", {"inputs": [["a", "b", "c"]]}, 422, "pair of two texts"),
@@ -104,7 +104,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(reranker, pa
 
 
 def test_rerank_truncates_when_asked(reranker):
-    r = reranker.post("/rerank", json={"query": "q", "texts": ["long " * 200, "short"], "truncate": True})
+    r = reranker.post("/rerank", json={"query": "q", "texts": ["long " * 600, "short"], "truncate": True})
     assert r.status_code == 200 and sorted(x["index"] for x in r.json()) == [0, 1]
 
 
