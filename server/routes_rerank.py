@@ -1,10 +1,11 @@
-"""Cross-encoders and sequence classifiers: TEI's POST /rerank and /predict, and the Cohere / Jina / vLLM style
-POST /v1/rerank (also /rerank when the body has `documents`). A re-ranker is a classifier with one label: its
+"""Cross-encoders and sequence classifiers: TEI's POST /rerank and /predict, the Cohere / Jina / vLLM style
+POST /v1/rerank (also /rerank when the body has `documents`), and vLLM's POST /score and /v1/score. A re-ranker is a classifier with one label: its
 score is the sigmoid of the logit (raw_scores: the logit); a classifier's scores are the softmax over its labels.
 The pairs go through the same scheduler as embeddings (the logits are what the batch computes)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -133,3 +134,37 @@ async def predict(body: PredictRequest, request: Request):
     labels = engine.info.labels
     answers = [[{"score": float(row[j]), "label": labels[j]} for j in np.argsort(-row, kind="stable")] for row in scores]
     return json_response(answers[0] if single else answers)
+
+
+class ScoreRequest(BaseModel):
+    model: str | None = None
+    text_1: str | list[str] = Field(description="A text scored against every text_2, or one text a text_2.")
+    text_2: str | list[str]
+    truncate: bool | None = None
+
+
+async def score(body: ScoreRequest, request: Request):
+    """vLLM's score API: {data: [{index, object: "score", score}], usage}, the sigmoid score of each
+    (text_1, text_2) pair in the order given."""
+    engine = engine_of(request)
+    if body.model is not None and body.model != engine.info.name:
+        raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
+    firsts = [body.text_1] if isinstance(body.text_1, str) else body.text_1
+    seconds = [body.text_2] if isinstance(body.text_2, str) else body.text_2
+    if len(firsts) == 1:
+        firsts = firsts * len(seconds)
+    if len(firsts) != len(seconds):
+        raise InvalidRequest(f"text_1 has {len(firsts)} texts and text_2 {len(seconds)}: give one text_1, or as many as text_2")
+    engine.require("reranker")
+    timing = timing_of(request)
+    encoded = await engine.tokenize_pairs(list(zip(firsts, seconds)), timing, body.truncate)
+    scores = _scores(await engine.run(encoded, request, timing), False)[:, 0]
+    tokens = sum(len(e.ids) for e in encoded)
+    return json_response({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                          "model": engine.info.name,
+                          "data": [{"index": i, "object": "score", "score": float(x)} for i, x in enumerate(scores)],
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+v1_router.add_api_route("/v1/score", score, methods=["POST"])
+v1_router.add_api_route("/score", score, methods=["POST"], include_in_schema=False)  # vLLM's alias; OpenAI-style errors

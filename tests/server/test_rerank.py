@@ -158,3 +158,17 @@ def test_the_cuda_code_path_scores_pairs_on_the_emulator(folders, dtype):
         half, tokenizer, _ = load_model(str(folders["bert"]), dtype=dtype)
         got = half.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
     np.testing.assert_allclose(got, want, atol=5e-3)
+
+
+@pytest.mark.parametrize("path", ["/score", "/v1/score"])
+def test_vllm_score_api_scores_pairs_in_order(reranker, path):
+    tei = {x["index"]: x["score"] for x in reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()}
+    r = reranker.post(path, json={"model": "ce", "text_1": QUERY, "text_2": TEXTS})
+    assert r.status_code == 200
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == list(range(len(TEXTS))) and all(d["object"] == "score" for d in data)
+    assert [d["score"] for d in data] == pytest.approx([tei[i] for i in range(len(TEXTS))])
+    zipped = reranker.post(path, json={"text_1": [QUERY, QUERY], "text_2": TEXTS[:2]}).json()["data"]
+    assert [d["score"] for d in zipped] == pytest.approx([tei[0], tei[1]])
+    r = reranker.post(path, json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
+    assert r.status_code == 400 and "text_1 has 2 texts" in r.json()["error"]["message"]
