@@ -17,10 +17,6 @@ else:
     import_transformers()
 
 
-# Parametrize a kernel test over `where` with these: on a GPU (gpu marker) and on the CPU emulator, everywhere.
-WHERE = [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"]
-
-
 @pytest.fixture
 def kernel_device(request) -> str:
     """The device for a test parametrized over `where`: "cuda", or "cpu" with the test run under

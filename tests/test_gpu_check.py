@@ -39,7 +39,8 @@ def test_gpu_check_selects_the_files_with_gpu_tests():
     script = (ROOT / "bench" / "gpu_check.sh").read_text()
     assert "grep -rlE 'pytest\\.mark\\.gpu' tests --include='test_*.py'" in script
     files = gpu_files()
-    assert "tests/kernels/test_kernels.py" in files and "tests/models/test_gpu_encoder.py" in files
+    assert {"tests/kernels/test_kernels.py", "tests/models/test_gpu_encoder.py", "tests/embeddings/test_device_cache_cuda.py",
+            "tests/kernels/test_arena.py"} <= set(files)
 
 
 def test_every_gpu_test_file_collects_without_the_packages_the_device_lacks(tmp_path):
@@ -76,3 +77,13 @@ def test_the_kernel_benchmark_runs_with_only_what_the_device_has(tmp_path):
     assert ops == {"bias+residual+layernorm", "masked softmax", "bias+gelu(erf)", "qkv split+bias"}
     assert report["attention"] and all(r["per_sequence_us"] > 0 for r in report["attention"])
     assert report["encoders"] and all(r["ours_s"] > 0 and r["hf_eager_sdpa_s"] > 0 for r in report["encoders"])
+
+
+def test_every_file_with_gpu_tests_is_selected(tmp_path):
+    """gpu_check.sh finds the files by the literal marker; a gpu test reached some other way (a parameter list
+    imported from elsewhere) would silently not run on the GPU machine."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    with_gpu_tests = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+    assert with_gpu_tests and with_gpu_tests <= set(gpu_files()), with_gpu_tests - set(gpu_files())
