@@ -11,7 +11,6 @@ from embeddings.device_cache import DeviceCache
 from embeddings.tier import TableSpec
 from kernels import emulate
 
-
 # On a GPU (gpu marker: bench/gpu_check.sh selects the files that spell it out) and on the CPU emulator, everywhere.
 WHERE = [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"]
 
