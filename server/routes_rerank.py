@@ -1,7 +1,8 @@
 """Cross-encoders and sequence classifiers: TEI's POST /rerank and /predict, the Cohere / Jina / vLLM style
-POST /v1/rerank (also /rerank when the body has `documents`), and vLLM's POST /score and /v1/score. A re-ranker is a classifier with one label: its
-score is the sigmoid of the logit (raw_scores: the logit); a classifier's scores are the softmax over its labels.
-The pairs go through the same scheduler as embeddings (the logits are what the batch computes)."""
+POST /v1/rerank (also /rerank when the body has `documents`), and vLLM's POST /score and /v1/score. A re-ranker
+is a classifier with one label: its score is the sigmoid of the logit (raw_scores: the logit); a classifier's
+scores are the softmax over its labels. The pairs go through the same scheduler as embeddings (the logits are
+what the batch computes)."""
 
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
     logits, tokens = await _rank(request, body.query, texts, body.truncate, "right")
     scores = _scores(logits[:, None], False)[:, 0]
     order = np.argsort(-scores, kind="stable")[: body.top_n or None]
-    results = [{"index": int(i), "relevance_score": float(scores[i]), **({"document": {"text": texts[i]}} if body.return_documents else {})}
-               for i in order]
+    results = [{"index": int(i), "relevance_score": float(scores[i]),
+                **({"document": {"text": texts[i]}} if body.return_documents else {})} for i in order]
     return json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": engine.info.name, "results": results,
                           "usage": {"total_tokens": tokens}})
 
