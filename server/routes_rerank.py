@@ -168,4 +168,6 @@ async def score(body: ScoreRequest, request: Request):
 
 
 v1_router.add_api_route("/v1/score", score, methods=["POST"])
+# Cohere's v2 client (and vLLM) post to /v2/rerank; under /v2 errors are KServe-shaped ({"error": ...}).
+v1_router.add_api_route("/v2/rerank", rerank_v1, methods=["POST"], include_in_schema=False)
 v1_router.add_api_route("/score", score, methods=["POST"], include_in_schema=False)  # vLLM's alias; OpenAI-style errors

@@ -172,3 +172,15 @@ def test_vllm_score_api_scores_pairs_in_order(reranker, path):
     assert [d["score"] for d in zipped] == pytest.approx([tei[0], tei[1]])
     r = reranker.post(path, json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
     assert r.status_code == 400 and "text_1 has 2 texts" in r.json()["error"]["message"]
+
+
+def test_coheres_own_clients_rerank(reranker):
+    """cohere.Client posts to /v1/rerank, cohere.ClientV2 to /v2/rerank: both read our answers."""
+    import cohere  # noqa: PLC0415
+
+    url = str(reranker.base_url).rstrip("/")
+    tei = reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+    for client in (cohere.Client(base_url=url, api_key="unused"), cohere.ClientV2(base_url=url, api_key="unused")):
+        got = client.rerank(model="ce", query=QUERY, documents=TEXTS, top_n=3).results
+        assert [x.index for x in got] == [x["index"] for x in tei[:3]]
+        assert [x.relevance_score for x in got] == pytest.approx([x["score"] for x in tei[:3]])
