@@ -66,6 +66,9 @@ class DeviceCache(Tier):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self._pools: dict[int, Pool] = {}  # by dim
         self._where: dict[str, tuple[Pool, int]] = {}  # table -> (its pool, its index there)
+        if fused and policy == "lru" and use_kernels(torch.empty(0, device=self.device)):
+            # Build and check the fused kernel now, at start-up, not inside the first request's lookup.
+            fused_lookup_ok(str(self.device))
 
     def capacity_rows(self, spec: TableSpec) -> int:
         """Rows asked for this table (before rounding up to whole sets)."""

@@ -108,3 +108,20 @@ def test_the_cuda_lru_cache_runs_the_fused_kernel_and_keeps_the_cpu_caches_ticks
         assert torch.equal(cpu._pools[5].last, gpu._pools[5].last.cpu())
     assert len(calls) == 30
     assert cpu.counters() == gpu.counters()
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_the_kernel_is_built_and_checked_when_the_cache_is_made(kernel_device, where, monkeypatch):
+    """At start-up, not in the first request's lookup (a first NVRTC build takes about a second)."""
+    import kernels.cache_lookup as cl  # noqa: PLC0415
+
+    checked = []
+    monkeypatch.setattr(cl, "agrees", lambda device, impl: checked.append(device) or True)
+    cl._verified.cache_clear()
+    try:
+        DeviceCache(64, 8, "lru", device=kernel_device)
+        assert checked == [kernel_device]
+        DeviceCache(64, 8, "lfu", device=kernel_device)  # no fused path for LFU: nothing to build
+        assert checked == [kernel_device]
+    finally:
+        cl._verified.cache_clear()
