@@ -184,3 +184,15 @@ def test_coheres_own_clients_rerank(reranker):
         got = client.rerank(model="ce", query=QUERY, documents=TEXTS, top_n=3).results
         assert [x.index for x in got] == [x["index"] for x in tei[:3]]
         assert [x.relevance_score for x in got] == pytest.approx([x["score"] for x in tei[:3]])
+
+
+@pytest.mark.slow
+def test_schemathesis_against_a_reranker_no_5xx(reranker):
+    """Every route of the OpenAPI spec against a re-ranker: the rerank routes' real handlers, and the embedding
+    routes refusing: no 5xx, documented statuses and bodies."""
+    from bench.fuzz import fuzz  # noqa: PLC0415
+
+    reached: set[str] = set()
+    failures = fuzz(str(reranker.base_url).rstrip("/"), max_examples=10, on_result=lambda label, status, failure: reached.add(label))
+    assert not failures, "\n".join(failures)
+    assert any("rerank" in label for label in reached) and any("predict" in label for label in reached)
