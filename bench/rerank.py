@@ -8,7 +8,7 @@ corpus), documents of 8-120 words. The server gets `--requests` POST /rerank cal
 `--concurrency` at a time; the peer predicts the same pairs with batch_size 32. Both report pairs a second, and
 the largest score difference between them (sigmoid scores).
 
-    .venv/bin/python bench/rerank.py [--requests 24] [--docs 32] [--concurrency 4] [--out bench/out]
+    .venv/bin/python bench/rerank.py [--requests 24] [--docs 32] [--concurrency 4] [--in-process] [--out bench/out]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--in-process", action="store_true", help="also time our model alone (no server) at batches of 32/64/128")
     args = ap.parse_args()
 
     from tests.cross_encoders import cross_encoder_folder  # noqa: PLC0415
@@ -76,6 +77,8 @@ def main() -> int:
             server.stop()
         served = np.array([x["score"] for answer in answers for x in answer])
 
+        alone = in_process(folder, pairs) if args.in_process else {}
+
         from sentence_transformers import CrossEncoder  # noqa: PLC0415
 
         peer = CrossEncoder(str(folder), device="cpu")
@@ -87,14 +90,32 @@ def main() -> int:
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "pairs": len(pairs), "requests": args.requests,
               "docs": args.docs, "concurrency": args.concurrency, "server_pairs_per_s": len(pairs) / served_s,
               "cross_encoder_pairs_per_s": len(pairs) / peer_s, "ratio": peer_s / served_s,
-              "max_score_diff": float(np.abs(served - want).max())}
+              "max_score_diff": float(np.abs(served - want).max()), "in_process_pairs_per_s": alone}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rerank.json").write_text(json.dumps(report, indent=2))
     print(f"{len(pairs)} pairs: turboserve /rerank {report['server_pairs_per_s']:.1f} pairs/s "
           f"(concurrency {args.concurrency}), CrossEncoder.predict {report['cross_encoder_pairs_per_s']:.1f} pairs/s: "
           f"{report['ratio']:.2f}x; largest score difference {report['max_score_diff']:.2e}")
+    if alone:
+        print("our model alone, pairs/s by batch size:", ", ".join(f"{b}: {v:.1f}" for b, v in alone.items()))
     return 0
+
+
+def in_process(folder: Path, pairs: list[tuple[str, str]]) -> dict[int, float]:
+    """Pairs a second of our packed model in this process (no server, no scheduler), batches in the given order."""
+    from models.runtime import load_model  # noqa: PLC0415
+
+    embedder, tokenizer, _ = load_model(str(folder))
+    ids = [e.ids for e in tokenizer.encode_pairs(pairs)]
+    embedder.embed(ids[:32])  # warm-up
+    out = {}
+    for size in (32, 64, 128):
+        started = time.perf_counter()
+        for i in range(0, len(ids), size):
+            embedder.embed(ids[i:i + size])
+        out[size] = len(ids) / (time.perf_counter() - started)
+    return out
 
 
 if __name__ == "__main__":
