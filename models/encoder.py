@@ -34,9 +34,9 @@ class PackedBatch:
 
     @classmethod
     def from_ids(cls, sequences: list[list[int]], position_offset: int, device: torch.device | str = "cpu",
-                 sep_id: int | None = None) -> "PackedBatch":
-        """sep_id: for a model with token types (BERT) fed text pairs, [CLS] a [SEP] b [SEP]: the tokens after
-        the first separator are of type 1, as the tokenizer's pair template makes them."""
+                 segments: list[int | None] | None = None) -> "PackedBatch":
+        """segments: for text pairs, where each sequence's second text starts (its tokens are of type 1, as the
+        tokenizer's pair template makes them); None for a single text."""
         lengths = [len(s) for s in sequences]
         cu = [0]
         for n in lengths:
@@ -46,10 +46,9 @@ class PackedBatch:
         seq_index = [b for b, n in enumerate(lengths) for _ in range(n)]
         as_long = dict(dtype=torch.long, device=device)
         types = None
-        if sep_id is not None:
-            firsts = [seq.index(sep_id) + 1 if sep_id in seq else len(seq) for seq in sequences]
-            if any(f < len(seq) for f, seq in zip(firsts, sequences)):
-                types = torch.tensor([int(i >= f) for f, n in zip(firsts, lengths) for i in range(n)], **as_long)
+        if segments is not None and any(s is not None for s in segments):
+            starts = [n if s is None else s for s, n in zip(segments, lengths)]
+            types = torch.tensor([int(i >= s) for s, n in zip(starts, lengths) for i in range(n)], **as_long)
         return cls(torch.tensor(flat, **as_long), torch.tensor(positions, **as_long), cu, torch.tensor(seq_index, **as_long),
                    types)
 

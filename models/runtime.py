@@ -28,9 +28,11 @@ class Embedder(Protocol):
 
     dim: int
 
-    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None,
+              segments: list[int | None] | None = None) -> np.ndarray | list[np.ndarray]:
         """Return float32 [len(sequences), dim], pooled and not normalised; with per_token, a list whose
-        flagged entries are instead the last hidden state of every token, [length, dim]."""
+        flagged entries are instead the last hidden state of every token, [length, dim]. segments: for text
+        pairs, where each one's second text starts (token type 1; given only when some are pairs)."""
         ...
 
 
@@ -66,19 +68,20 @@ class EncoderEmbedder:
     """
 
     def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None,
-                 head: ClassificationHead | None = None, sep_id: int | None = None):
+                 head: ClassificationHead | None = None):
         self.encoder = encoder
         self.pooling = pooling
         self.position_offset = position_offset
         self.device = device
         self.arena = arena
         self.head = head  # a classifier's: its logits are the output, [B, labels]
-        self.sep_id = sep_id  # where a text pair's second segment starts (models with token types)
+        self.token_types = encoder.cfg.type_vocab_size > 1  # BERT: pairs' second texts are of type 1
         self.dim = encoder.cfg.hidden_size if head is None else head.out.out_features
 
     @torch.inference_mode()
-    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
-        batch = PackedBatch.from_ids(sequences, self.position_offset, self.device, self.sep_id)
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None,
+              segments: list[int | None] | None = None) -> np.ndarray | list[np.ndarray]:
+        batch = PackedBatch.from_ids(sequences, self.position_offset, self.device, segments if self.token_types else None)
         if self.arena is None:
             return self._outputs(self.encoder(batch), batch, per_token)
         with self.arena.batch(batch.input_ids.shape[0]) as ws:
@@ -129,12 +132,11 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
-    head = sep_id = None
+    head = None
     if folder.head is not None:
         head = load_head(folder.head, cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
         mode, normalize = "cls", False
-        sep_id = tokenizer.separator_id() if cfg.type_vocab_size > 1 else None
-    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sep_id)
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head)
     info = ModelInfo(
         name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
         path=str(folder_path),

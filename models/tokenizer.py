@@ -29,6 +29,7 @@ class Encoded:
 
     ids: list[int]
     truncated: bool
+    segment: int | None = None  # a text pair's: where its second text's tokens (token type 1) start
 
 
 class TextTokenizer:
@@ -69,16 +70,10 @@ class TextTokenizer:
         for i, enc in enumerate(tok.encode_batch(pairs)):
             if enc.overflowing and not truncate:
                 raise InputTooLong(i, len(self._full.encode(*pairs[i]).ids), self.max_length)
-            out.append(Encoded(list(enc.ids), bool(enc.overflowing)))
+            # The template's own token types (BERT: 1 from the second text on; RoBERTa: none).
+            segment = enc.type_ids.index(1) if 1 in enc.type_ids else None
+            out.append(Encoded(list(enc.ids), bool(enc.overflowing), segment))
         return out
-
-    def separator_id(self) -> int:
-        """The id of the token that ends a pair's first text ([SEP] for BERT)."""
-        for name in ("[SEP]", "</s>"):
-            found = self._full.token_to_id(name)
-            if found is not None:
-                return found
-        raise ValueError("the tokenizer has no [SEP] or </s> token to split text pairs at")
 
     def check_ids(self, sequences: list[list[int]]) -> list[Encoded]:
         """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does."""

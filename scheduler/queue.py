@@ -36,6 +36,8 @@ class WorkItem:
     expires_at: float = math.inf
     # The model's last hidden state for every token ([length, dim], TEI's /embed_all) instead of the pooled vector.
     per_token: bool = False
+    # A text pair's: where its second text starts (token type 1 from there), for cross-encoders.
+    segment: int | None = None
     # Set by whoever cancels the future, before cancelling, so the drop is counted under the right reason.
     drop_reason: str = DISCONNECT
     # Filled by the worker, read by the route for timing headers.

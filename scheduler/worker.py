@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 class Runner(Protocol):
     """Anything that turns a batch of token-id lists into one output row each."""
 
-    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> Sequence:
-        """One output per sequence: pooled, or every token's for those flagged in per_token (passed only when
-        some are)."""
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None,
+              segments: list[int | None] | None = None) -> Sequence:
+        """One output per sequence: pooled, or every token's for those flagged in per_token; segments: where
+        each text pair's second text starts. Each keyword is passed only when some item needs it."""
 
 
 class Observer(Protocol):
@@ -117,8 +118,12 @@ class BatchWorker:
         the part that raised it, and only those. The loop goes on either way.
         """
         try:
-            ids, flags = [it.ids for it in batch], [it.per_token for it in batch]
-            done.extend(zip(batch, self.runner.embed(ids, flags) if any(flags) else self.runner.embed(ids)))
+            extra: dict = {}
+            if any(it.per_token for it in batch):
+                extra["per_token"] = [it.per_token for it in batch]
+            if any(it.segment is not None for it in batch):
+                extra["segments"] = [it.segment for it in batch]
+            done.extend(zip(batch, self.runner.embed([it.ids for it in batch], **extra)))
             return True
         except Exception as exc:
             if is_out_of_memory(exc) and len(batch) > 1:

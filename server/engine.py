@@ -246,7 +246,7 @@ class Engine:
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
         items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority, expires_at=expires_at,
-                          per_token=per_token) for e in encoded]
+                          per_token=per_token, segment=e.segment) for e in encoded]
         if not self.worker.alive:
             raise NotReady("the batching worker has stopped")
         if expires_at <= now:

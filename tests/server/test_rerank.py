@@ -42,10 +42,22 @@ def folders(tmp_path_factory):
 def test_logits_match_transformers_for_pairs_and_single_texts(folders, name):
     embedder, tokenizer, info = load_model(str(folders[name]))
     assert info.kind == ("classifier" if name == "classifier" else "reranker") and info.dim == len(info.labels)
-    got = embedder.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
+    encoded = tokenizer.encode_pairs(PAIRS)
+    got = embedder.embed([e.ids for e in encoded], segments=[e.segment for e in encoded])
     np.testing.assert_allclose(got, hf_logits(folders[name], pairs=PAIRS), atol=2e-5)
     got = embedder.embed([e.ids for e in tokenizer.encode(TEXTS)])
     np.testing.assert_allclose(got, hf_logits(folders[name], texts=TEXTS), atol=2e-5)
+
+
+def test_token_types_come_from_the_tokenizers_pair_template(folders):
+    """A query that itself contains the separator token: the types are the template's (type 0 up to the
+    template's separator), as transformers gives them, not guessed from the first [SEP] in the ids."""
+    embedder, tokenizer, _ = load_model(str(folders["bert"]))
+    pairs = [("first part [SEP] second part", "a document about deep learning"), (QUERY, TEXTS[0])]
+    encoded = tokenizer.encode_pairs(pairs)
+    assert encoded[0].ids.count(tokenizer.encode(["[SEP]"])[0].ids[-1]) == 3  # the literal one and the template's two
+    got = embedder.embed([e.ids for e in encoded], segments=[e.segment for e in encoded])
+    np.testing.assert_allclose(got, hf_logits(folders["bert"], pairs=pairs), atol=2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +165,11 @@ def test_the_cuda_code_path_scores_pairs_on_the_emulator(folders, dtype):
     if emulate.compiler() is None:
         pytest.skip("no C++ compiler for the emulator")
     embedder, tokenizer, _ = load_model(str(folders["bert"]))
-    want = embedder.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
+    encoded = tokenizer.encode_pairs(PAIRS)
+    want = embedder.embed([e.ids for e in encoded], segments=[e.segment for e in encoded])
     with cuda.emulation():
-        half, tokenizer, _ = load_model(str(folders["bert"]), dtype=dtype)
-        got = half.embed([e.ids for e in tokenizer.encode_pairs(PAIRS)])
+        half, _, _ = load_model(str(folders["bert"]), dtype=dtype)
+        got = half.embed([e.ids for e in encoded], segments=[e.segment for e in encoded])
     np.testing.assert_allclose(got, want, atol=5e-3)
 
 
