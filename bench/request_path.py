@@ -32,20 +32,10 @@ from server.cli import main as serve_main  # noqa: E402
 
 SEAMS = ["entered", "routed", "tokenized", "queued", "taken", "forward", "computed", "resolved", "resumed",
          "encoding", "encoded", "headers", "sent"]
-LABELS = {
-    ("entered", "routed"): "edge, routing, body validation",
-    ("routed", "tokenized"): "tokenize",
-    ("tokenized", "queued"): "to the queue",
-    ("queued", "taken"): "worker wake + plan",
-    ("taken", "forward"): "admit",
-    ("forward", "computed"): "model forward (embed)",
-    ("computed", "resolved"): "metrics, cost refine",
-    ("resolved", "resumed"): "future -> event loop",
-    ("resumed", "encoding"): "pool finish, normalise",
-    ("encoding", "encoded"): "JSON",
-    ("encoded", "headers"): "response start",
-    ("headers", "sent"): "body to uvicorn",
-}
+# What runs between each seam and the next.
+LABELS = dict(zip(zip(SEAMS, SEAMS[1:]), [
+    "edge, routing, body validation", "tokenize", "to the queue", "worker wake + plan", "admit", "model forward (embed)",
+    "metrics, cost refine", "future -> event loop", "pool finish, normalise", "JSON", "response start", "body to uvicorn"]))
 
 CLIENT = r'''
 import sys, time, os, signal, statistics, httpx

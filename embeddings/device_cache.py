@@ -31,7 +31,7 @@ from embeddings.cache_pool import Located, Pool, set_of
 from embeddings.tier import TableSpec, Tier, check_keys, check_vectors
 from kernels.cache_lookup import cache_lookup
 from kernels.cache_lookup import verified as fused_lookup_ok
-from kernels.cuda import use_kernels
+from kernels.cuda import kernels_on, use_kernels
 
 __all__ = ["DeviceCache", "set_of"]
 
@@ -66,7 +66,7 @@ class DeviceCache(Tier):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self._pools: dict[int, Pool] = {}  # by dim
         self._where: dict[str, tuple[Pool, int]] = {}  # table -> (its pool, its index there)
-        if fused and policy == "lru" and use_kernels(torch.empty(0, device=self.device)):
+        if fused and policy == "lru" and kernels_on(self.device):
             # Build and check the fused kernel now, at start-up, not inside the first request's lookup.
             fused_lookup_ok(str(self.device))
 

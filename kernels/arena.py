@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import deque
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol

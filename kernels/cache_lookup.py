@@ -142,7 +142,7 @@ def verified(device: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _verified(device: str, emulating: bool) -> bool:
-    if not cuda.use_kernels(torch.empty(0, device=device)):  # CUDA with CuPy, or the CPU under the emulator
+    if not cuda.kernels_on(device):  # CUDA with CuPy, or the CPU under the emulator (`emulating`: the cache key)
         return False
     try:
         if agrees(device, cache_lookup):

@@ -111,11 +111,17 @@ def emulating() -> bool:
     return _emulating
 
 
-def use_kernels(t: torch.Tensor) -> bool:
-    """Whether an op on `t` runs its CUDA kernel: a CUDA tensor with CuPy present, or a CPU tensor under emulation."""
-    if t.is_cuda:
+def kernels_on(device: torch.device | str) -> bool:
+    """Whether ops on `device` run the CUDA kernels: CUDA with CuPy present, or the CPU under emulation."""
+    kind = torch.device(device).type
+    if kind == "cuda":
         return available()
-    return _emulating and t.device.type == "cpu"
+    return _emulating and kind == "cpu"
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """Whether an op on `t` runs its CUDA kernel (kernels_on its device)."""
+    return kernels_on(t.device)
 
 
 def available() -> bool:

@@ -16,7 +16,7 @@ from kernels.arena import Arena, new_arena
 from models.config import ModelFolderError, default_model_path, read_model_folder
 from models.encoder import ClassificationHead, PackedBatch, pool
 from models.tokenizer import TextTokenizer
-from models.weights import load_encoder, load_head
+from models.weights import load_encoder, load_head, reader
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +124,19 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         raise ModelFolderError(f"model.dtype={dtype} is not supported on CPU; use float32 (float16 and bfloat16 run on "
                                "the CPU only under TURBOSERVE_EMULATE_CUDA=1, for checking the CUDA code path)")
     started = time.perf_counter()
-    encoder = load_encoder(cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
+    take = reader(folder.weights)  # the files are read once, for the encoder and any head
+    encoder = load_encoder(cfg, folder.weights, take).to(device=torch_device, dtype=getattr(torch, dtype))
+    head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
+    del take  # the files' tensors: copied into the modules
     log.info("loaded %s (%s, %d layers) in %.2fs", folder_path, cfg.model_type, cfg.num_layers, time.perf_counter() - started)
     mode = pooling or folder.pooling.mode
+    if head is not None:
+        mode, normalize = "cls", False
     arena = None
     if memory_arena:
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
-    head = None
-    if folder.head is not None:
-        head = load_head(folder.head, cfg, folder.weights).to(device=torch_device, dtype=getattr(torch, dtype))
-        mode, normalize = "cls", False
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head)
     info = ModelInfo(
         name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),

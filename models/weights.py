@@ -48,7 +48,7 @@ def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reader(weight_files: list[Path]):
+def reader(weight_files: list[Path]):
     """take(name): the tensor of that name (model prefix stripped) from the files; ModelFolderError if absent."""
     src: dict[str, torch.Tensor] = {}
     for f in weight_files:
@@ -62,9 +62,8 @@ def _reader(weight_files: list[Path]):
     return take
 
 
-def load_head(head: ClassifierHead, cfg: EncoderConfig, weight_files: list[Path]) -> ClassificationHead:
-    """The classification head of a *ForSequenceClassification folder (see ClassifierHead)."""
-    take = _reader(weight_files)
+def load_head(head: ClassifierHead, cfg: EncoderConfig, take) -> ClassificationHead:
+    """The classification head of a *ForSequenceClassification folder (see ClassifierHead); take: `reader`'s."""
     dense, out = ("pooler.dense", "classifier") if head.style == "bert" else ("classifier.dense", "classifier.out_proj")
     model = ClassificationHead(cfg.hidden_size, len(head.labels))
     model.load_state_dict({f"{ours}.{p}": take(f"{theirs}.{p}").float() for ours, theirs in (("dense", dense), ("out", out))
@@ -72,9 +71,10 @@ def load_head(head: ClassifierHead, cfg: EncoderConfig, weight_files: list[Path]
     return model.eval()
 
 
-def load_encoder(cfg: EncoderConfig, weight_files: list[Path]) -> PackedEncoder:
-    """Build a PackedEncoder and fill it from safetensors files; every parameter must be found."""
-    take = _reader(weight_files)
+def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> PackedEncoder:
+    """Build a PackedEncoder and fill it from safetensors files (or `take`, a `reader` of them already open);
+    every parameter must be found."""
+    take = take or reader(weight_files)
 
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": take("embeddings.word_embeddings.weight"),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Request, Response
+from pydantic import BeforeValidator
 
 from scheduler.errors import NotReady
 from server.engine import Engine
@@ -14,6 +15,14 @@ from server.middleware import SCOPE_KEY, Timing
 
 if TYPE_CHECKING:
     from server.recommend import Recommender
+
+
+def _lower(value):
+    return value.lower() if isinstance(value, str) else value
+
+
+# A truncation direction in TEI's bodies: TEI spells them "Right" / "Left" too.
+Direction = Annotated[Literal["right", "left"], BeforeValidator(_lower)]
 
 
 def engine_of(request: Request) -> Engine:

@@ -19,7 +19,7 @@ from scheduler.errors import DeadlineExceeded, NotReady
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
-from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, TooLarge, WrongModelKind
+from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, ModelNotFound, TooLarge, WrongModelKind
 from server.metrics import Metrics
 from server.middleware import Timing
 from server.stats import InferStats
@@ -125,6 +125,11 @@ class Engine:
             raise InvalidRequest(f"prompt_name {prompt_name!r} is not one of the model's prompts ({known})")
         return prompts[prompt_name]
 
+    def check_model(self, name: str | None) -> None:
+        """ModelNotFound unless `name` (a request's `model`; None: not given) is the served model's."""
+        if name is not None and name != self.info.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.info.name!r}")
+
     def require(self, *kinds: str) -> None:
         """WrongModelKind unless the served model is of one of `kinds` (ModelInfo.kind)."""
         if self.info.kind not in kinds:
@@ -134,13 +139,18 @@ class Engine:
             raise WrongModelKind(f"model is not {' or '.join(map(a, kinds))}: this server serves {a(self.info.kind)} "
                                  f"(its routes: {routes})")
 
+    def _admit(self, count: int, truncate: bool | None) -> bool:
+        """Refuse a request of `count` inputs before any tokenizing (empty, too many, or no room in the queue:
+        under overload most requests are refused, so a 429 costs next to nothing); the truncation to use (None:
+        model.auto_truncate decides)."""
+        self.check_batch(count)
+        self.queue.check_room(count)
+        return self.settings.model.auto_truncate if truncate is None else truncate
+
     async def tokenize_pairs(self, pairs: list[tuple[str, str]], timing: Timing, truncate: bool | None = None,
                              direction: Literal["right", "left"] = "right") -> list[Encoded]:
         """Tokenize (query, text) pairs for a cross-encoder or a pair classifier (checks as tokenize's)."""
-        if truncate is None:
-            truncate = self.settings.model.auto_truncate
-        self.check_batch(len(pairs))
-        self.queue.check_room(len(pairs))
+        truncate = self._admit(len(pairs), truncate)
         for i, (a, b) in enumerate(pairs):
             if not a or not b:
                 raise EmptyInput(f"pair {i} has an empty text")
@@ -157,13 +167,9 @@ class Engine:
         sentence-transformers puts it; token ids are used as given); raise the errors the routes map to 4xx.
         truncate None: model.auto_truncate decides. kinds: the model kinds the calling route serves."""
         self.require(*kinds)
-        if truncate is None:
-            truncate = self.settings.model.auto_truncate
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
-        self.check_batch(len(inputs))
-        # Under overload most requests are refused: refuse before tokenizing, so a 429 costs next to nothing.
-        self.queue.check_room(len(inputs))
+        truncate = self._admit(len(inputs), truncate)
         started = time.perf_counter()
         if inputs and isinstance(inputs[0], list):
             if prompt_name is not None:

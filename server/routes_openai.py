@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from models.runtime import finish_embedding
 from server.deps import engine_of, json_response, timing_of
-from server.errors import ModelNotFound, error_responses
+from server.errors import error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("openai"))
 
@@ -57,8 +57,7 @@ class ModelList(BaseModel):
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     engine = engine_of(request)
-    if body.model != engine.info.name:
-        raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
+    engine.check_model(body.model)
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing)

@@ -14,14 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from server import routes_tei
-from server.deps import engine_of, json_response, timing_of
-from server.errors import EmptyInput, InvalidRequest, ModelNotFound, error_responses
+from server.deps import Direction, engine_of, json_response, timing_of
+from server.errors import EmptyInput, InvalidRequest, error_responses
 
 router = APIRouter(tags=["rerank"], responses=error_responses("tei"))
 v1_router = APIRouter(tags=["rerank"], responses=error_responses("openai"))  # /v1/...: OpenAI-style error bodies
-
-Direction = routes_tei.Direction
 
 
 def _scores(logits: np.ndarray, raw: bool) -> np.ndarray:
@@ -92,8 +89,7 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
             raise InvalidRequest(f"document {i} must be a string or an object with a string `text`")
         texts.append(text)
     engine = engine_of(request)
-    if body.model is not None and body.model != engine.info.name:
-        raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
+    engine.check_model(body.model)
     logits, tokens = await _rank(request, body.query, texts, body.truncate, "right")
     scores = _scores(logits[:, None], False)[:, 0]
     order = np.argsort(-scores, kind="stable")[: body.top_n or None]
@@ -148,8 +144,7 @@ async def score(body: ScoreRequest, request: Request):
     """vLLM's score API: {data: [{index, object: "score", score}], usage}, the sigmoid score of each
     (text_1, text_2) pair in the order given."""
     engine = engine_of(request)
-    if body.model is not None and body.model != engine.info.name:
-        raise ModelNotFound(f"model {body.model!r} is not served here; this server serves {engine.info.name!r}")
+    engine.check_model(body.model)
     firsts = [body.text_1] if isinstance(body.text_1, str) else body.text_1
     seconds = [body.text_2] if isinstance(body.text_2, str) else body.text_2
     if len(firsts) == 1:

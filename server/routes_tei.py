@@ -5,27 +5,20 @@ by body; GET / and /ping: the health check);
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 import server
 from models.runtime import finish_embedding
 from scheduler.errors import BackendError, NotReady
-from server.deps import engine_of, json_response, timing_of
+from server import routes_rerank
+from server.deps import Direction, engine_of, json_response, timing_of
 from server.errors import EmptyInput, error_responses
 
 router = APIRouter(tags=["tei"], responses=error_responses("tei"))
 
 
-def _lower(value):
-    return value.lower() if isinstance(value, str) else value
-
-
-Direction = Annotated[Literal["right", "left"], BeforeValidator(_lower)]  # TEI spells them "Right" / "Left" too
-# (server/routes_rerank.py uses it too; it is imported below, after this)
 
 
 class EmbedRequest(BaseModel):
@@ -110,8 +103,6 @@ async def root(body: dict, request: Request):
     except ValidationError as exc:  # the same 422 as a body FastAPI validates itself
         raise RequestValidationError(exc.errors()) from None
 
-
-from server import routes_rerank  # noqa: E402 - it imports Direction from here
 
 for _path in ("/", "/invocations"):  # kept out of the schema: the same operations as /embed and /similarity
     router.add_api_route(_path, root, methods=["POST"], include_in_schema=False)
