@@ -21,7 +21,7 @@ import server
 from configs.settings import Settings, check_model_dirs
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
-from server import routes_kserve, routes_openai, routes_recommend, routes_rerank, routes_tei
+from server import routes_kserve, routes_openai, routes_recommend, routes_rerank, routes_tei, routes_triton
 from server.engine import Engine
 from server.errors import (
     KINDS,
@@ -37,6 +37,7 @@ from server.metrics import Metrics
 from server.middleware import EdgeMiddleware
 from server.profiling import build_cost_model, save_refined
 from server.recommend import build_recommender
+from server.shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
                 save_refined(settings, app.state.engine.cost)
         if app.state.recommender is not None:
             app.state.recommender.close()
+        app.state.shared_memory.close()
 
     app = FastAPI(title="turboserve", version=server.__version__, lifespan=lifespan)
     app.state.engine = None
@@ -148,6 +150,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.embeddings_enabled = settings.embeddings.enabled
     app.state.draining = False
     app.state.grpc_port = None  # the bound port, once the gRPC server runs
+    app.state.shared_memory = SharedMemoryRegistry(settings.server.shared_memory)
     edge_state = {"in_flight": 0, "last_activity": 0.0}
 
     def begin_drain() -> None:
@@ -201,6 +204,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.include_router(routes_rerank.router)
     app.include_router(routes_rerank.v1_router)
     app.include_router(routes_kserve.router)
+    app.include_router(routes_triton.router)
     app.include_router(routes_recommend.router)
 
     def openapi() -> dict:

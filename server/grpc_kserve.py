@@ -8,6 +8,8 @@ sends it, or in contents.bytes_contents), request parameters `truncate` and `nor
 FP32 output `embedding` [n, dim] in raw_output_contents. Metadata keys x-slo-ms, x-priority and
 x-request-timeout-ms act as the HTTP headers do; a cancelled call drops its queued work. The DLRM takes and
 answers the same tensors as over HTTP (`dense` FP32, one INT64/INT32 tensor per sparse feature -> `scores` FP32).
+Inputs and outputs may lie in system shared memory regions registered through the SystemSharedMemory RPCs;
+the repository RPCs answer as the HTTP routes do (server/routes_triton.py).
 """
 
 from __future__ import annotations
@@ -28,10 +30,21 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 import server
 from models.runtime import finish_embedding
 from server.errors import InvalidRequest, Unauthorized, kind_of
-from server.kserve_codec import NUMPY_TYPES, decode_bytes_tensor, model_config, numeric_from_bytes, texts_count, utf8_element
+from server.grpc_triton import TritonExtensions
+from server.kserve_codec import (
+    NUMPY_TYPES,
+    decode_bytes_tensor,
+    fp32_bytes,
+    model_config,
+    numeric_from_bytes,
+    place_outputs,
+    texts_count,
+    utf8_element,
+)
 from server.logs import ACCESS_LOGGER
 from server.middleware import Timing
-from server.routes_kserve import dlrm_named, dlrm_scores, encoder_metadata, encoder_named, model_stats
+from server.routes_kserve import dlrm_named, dlrm_scores, encoder_metadata, encoder_named, extensions, model_stats
+from server.shared_memory import SharedMemoryRegistry, Target, target
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -65,13 +78,31 @@ def _bool_param(params, name: str) -> bool | None:
     return value.bool_param
 
 
-def _texts(request: pb.ModelInferRequest) -> list[str]:
+def _plain(params) -> dict:
+    """A gRPC parameters map as plain values (Triton sends shared memory sizes as int64_param)."""
+    out = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, choice) if choice is not None else None
+    return out
+
+
+def _shm_target(tensor, what: str) -> Target | None:
+    return target(_plain(tensor.parameters), what) if "shared_memory_region" in tensor.parameters else None
+
+
+def _texts(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) -> list[str]:
     if len(request.inputs) != 1:
         raise InvalidRequest(f"expected exactly one input (BYTES texts), got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.datatype != "BYTES":
         raise InvalidRequest(f"input {tensor.name!r} must have datatype BYTES, not {tensor.datatype!r}")
     count = texts_count(list(tensor.shape))
+    where = _shm_target(tensor, f"input {tensor.name!r}")
+    if where is not None:
+        if request.raw_input_contents:
+            raise InvalidRequest("raw_input_contents given, but the only input is in shared memory")
+        return decode_bytes_tensor(shm.read(where, f"input {tensor.name!r}"), count)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidRequest(f"{len(request.raw_input_contents)} raw_input_contents for one input")
@@ -88,17 +119,21 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
 
 
-def _tensors(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Numeric inputs by name, from raw_input_contents (one per input, in order) or each input's contents."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+def _tensors(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) -> dict[str, np.ndarray]:
+    """Numeric inputs by name, from a shared memory region, raw_input_contents (one per input not in shared
+    memory, in order, as tritonclient sends them) or each input's contents."""
+    raw = list(request.raw_input_contents)
+    where = [_shm_target(t, f"input {t.name!r}") for t in request.inputs]
+    if raw and len(raw) != where.count(None):
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {where.count(None)} inputs not in shared memory")
     out: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    for tensor, place in zip(request.inputs, where):
         if tensor.name in out:
             raise InvalidRequest(f"input {tensor.name!r} is given twice")
-        if raw:
-            data = raw[i]
+        if place is not None:
+            data = shm.read(place, f"input {tensor.name!r}")
+        elif raw:
+            data = raw.pop(0)
         elif tensor.datatype in _CONTENTS:
             data = np.asarray(getattr(tensor.contents, _CONTENTS[tensor.datatype]), dtype=NUMPY_TYPES[tensor.datatype]).tobytes()
         else:
@@ -107,7 +142,35 @@ def _tensors(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return out
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+def _output_targets(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) -> dict[str, Target]:
+    """Requested outputs to write to shared memory, checked against their regions before any work."""
+    targets = {}
+    for out in request.outputs:
+        place = _shm_target(out, f"output {out.name!r}")
+        if place is not None:
+            shm.check(place, f"output {out.name!r}")
+            targets[out.name] = place
+    return targets
+
+
+def _infer_response(model: str, request_id: str, outputs: dict[str, np.ndarray], placed: dict[str, dict]):
+    """FP32 outputs in raw_output_contents, or, for those written to shared memory, their parameters."""
+    tensors, raws = [], []
+    for name, array in outputs.items():
+        tensor = pb.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=list(array.shape))
+        if name in placed:
+            for key, value in placed[name].items():
+                if isinstance(value, str):
+                    tensor.parameters[key].string_param = value
+                else:
+                    tensor.parameters[key].int64_param = value
+        else:
+            raws.append(fp32_bytes(array))
+        tensors.append(tensor)
+    return pb.ModelInferResponse(model_name=model, model_version="1", id=request_id, outputs=tensors, raw_output_contents=raws)
+
+
+class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     """The servicer; every RPC reads the app's state as the HTTP routes do (engine, draining)."""
 
     def __init__(self, app, api_key: str | None, access_log: bool = False):
@@ -183,7 +246,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         async def work(metadata, timing):
-            return pb.ServerMetadataResponse(name="turboserve", version=server.__version__, extensions=[])
+            return pb.ServerMetadataResponse(name="turboserve", version=server.__version__, extensions=extensions(self.app))
         return await self._answer("ServerMetadata", context, work)
 
     async def ModelMetadata(self, request, context):
@@ -207,27 +270,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def work(metadata, timing):
+            shm = self.app.state.shared_memory
             rec = dlrm_named(self, request.model_name)
             if rec is not None:
-                scores = await dlrm_scores(rec, _tensors(request), [o.name for o in request.outputs], timing)
-                return pb.ModelInferResponse(
-                    model_name=rec.name, model_version="1", id=request.id,
-                    outputs=[pb.ModelInferResponse.InferOutputTensor(name="scores", datatype="FP32", shape=list(scores.shape))],
-                    raw_output_contents=[np.ascontiguousarray(scores, dtype="<f4").tobytes()])
+                targets = _output_targets(request, shm)
+                outputs = {"scores": await dlrm_scores(rec, _tensors(request, shm), [o.name for o in request.outputs], timing)}
+                return _infer_response(rec.name, request.id, outputs, place_outputs(shm, targets, outputs))
             engine = encoder_named(self, request.model_name)
             wrong = [o.name for o in request.outputs if o.name != "embedding"]
             if wrong:
                 raise InvalidRequest(f"the only output is 'embedding', not {wrong}")
-            texts = _texts(request)
-            timing = timing
+            targets = _output_targets(request, shm)
+            texts = _texts(request, shm)
             truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
             encoded = await engine.tokenize(texts, timing, truncate)
             rows = await engine.run(encoded, _Call(metadata, context), timing)  # type: ignore[arg-type]
-            vectors = finish_embedding(rows, engine.info.normalize if normalize is None else normalize)
-            return pb.ModelInferResponse(
-                model_name=engine.info.name, model_version="1", id=request.id,
-                outputs=[pb.ModelInferResponse.InferOutputTensor(name="embedding", datatype="FP32", shape=list(vectors.shape))],
-                raw_output_contents=[np.ascontiguousarray(vectors, dtype="<f4").tobytes()])
+            outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
+            return _infer_response(engine.info.name, request.id, outputs, place_outputs(shm, targets, outputs))
         return await self._answer("ModelInfer", context, work)
 
 

@@ -3,6 +3,8 @@
 A request may be JSON alone, or JSON followed by raw tensor bytes, with the JSON's length in the
 `Inference-Header-Content-Length` header; each input carried in binary names its byte count in
 `parameters.binary_data_size`. BYTES elements are a 4-byte little-endian length, then the bytes.
+An input may instead lie in a registered system shared memory region, and an output be written to one
+(server/shared_memory.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from server.errors import InvalidRequest
 from server.jsonout import dumps
+from server.shared_memory import SharedMemoryRegistry, Target, target
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -26,6 +29,7 @@ class InferRequest:
     texts: list[str]
     binary_output: bool
     parameters: dict
+    targets: dict[str, Target]  # outputs to write to shared memory, by name
 
 
 def decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
@@ -91,7 +95,7 @@ def texts_count(shape) -> int:
     return shape[0]
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, shm: SharedMemoryRegistry) -> InferRequest:
     """Parse an infer request whose single BYTES input holds the texts to embed."""
     doc, binary = _split(body, header_length)
     if len(doc["inputs"]) != 1:
@@ -103,7 +107,12 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         raise InvalidRequest(f"input {tensor.get('name')!r} must have datatype BYTES, not {tensor.get('datatype')!r}")
     count = texts_count(tensor.get("shape"))
     params = _params(tensor, "input")
-    if "binary_data_size" in params:
+    where = target(params, f"input {tensor.get('name')!r}")
+    if where is not None:
+        if binary:
+            raise InvalidRequest(f"{len(binary)} binary bytes follow the JSON header, but the input is in shared memory")
+        texts = decode_bytes_tensor(shm.read(where, f"input {tensor.get('name')!r}"), count)
+    elif "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size != len(binary):
             raise InvalidRequest(f"binary_data_size={size!r} but {len(binary)} bytes follow the JSON header")
@@ -118,35 +127,31 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         if not all(isinstance(x, str) for x in flat):
             raise InvalidRequest("BYTES data must be strings")
         texts = flat
+    outputs, request_params, binary_output, targets = _outputs(doc, shm)
+    for out in outputs:
+        if out.get("name") != "embedding":
+            raise InvalidRequest("the only output is 'embedding'")
+    request_id = doc.get("id")
+    return InferRequest(str(request_id) if request_id is not None else None, texts, binary_output, request_params, targets)
+
+
+def _outputs(doc: dict, shm: SharedMemoryRegistry) -> tuple[list[dict], dict, bool, dict[str, Target]]:
+    """(requested outputs, request parameters, binary output?, shared memory targets by output name); each
+    target is checked against its region now, before any work is done."""
     outputs = doc.get("outputs") or []
     request_params = doc.get("parameters") or {}
-    if not isinstance(outputs, list) or not isinstance(request_params, dict):
-        raise InvalidRequest("'outputs' must be a list and 'parameters' an object")
-    for out in outputs:
-        if not isinstance(out, dict) or out.get("name") != "embedding":
-            raise InvalidRequest("the only output is 'embedding'")
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs) or not isinstance(request_params, dict):
+        raise InvalidRequest("'outputs' must be a list of objects and 'parameters' an object")
     binary_output = bool(request_params.get("binary_data_output", False)) or any(
         bool(_params(out, "output").get("binary_data", False)) for out in outputs)
-    request_id = doc.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, texts, binary_output, request_params)
-
-
-def encode_infer_response(model: str, request_id: str | None, vectors: np.ndarray, binary: bool) -> tuple[bytes, dict]:
-    """(body, extra headers) for the 'embedding' FP32 output of shape [n, dim]."""
-    output: dict = {"name": "embedding", "datatype": "FP32", "shape": list(vectors.shape)}
-    raw = b""
-    if binary:
-        raw = vectors.astype("<f4").tobytes()
-        output["parameters"] = {"binary_data_size": len(raw)}
-    else:
-        output["data"] = vectors.reshape(-1)
-    doc: dict = {"model_name": model, "model_version": "1", "outputs": [output]}
-    if request_id is not None:
-        doc["id"] = request_id
-    head = dumps(doc)
-    if not binary:
-        return head, {"content-type": "application/json"}
-    return head + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    targets = {}
+    for out in outputs:
+        what = f"output {out.get('name')!r}"
+        where = target(_params(out, what), what)
+        if where is not None:
+            shm.check(where, what)
+            targets[str(out.get("name"))] = where
+    return outputs, request_params, binary_output, targets
 
 
 # Numeric KServe datatypes and their little-endian numpy types.
@@ -160,6 +165,7 @@ class TensorRequest:
     inputs: dict[str, np.ndarray]
     outputs: list[str]  # requested output names; empty: all
     binary_output: bool
+    targets: dict[str, Target]  # outputs to write to shared memory, by name
 
 
 def _numeric_type(name, datatype, shape) -> tuple[np.dtype, int]:
@@ -179,11 +185,14 @@ def numeric_from_bytes(name: str, datatype: str, shape: list[int], raw: bytes) -
     return _shaped(name, datatype, shape, lambda: np.frombuffer(raw, dtype, count))
 
 
-def _numeric(tensor: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+def _numeric(tensor: dict, binary: bytes, offset: int, shm: SharedMemoryRegistry) -> tuple[np.ndarray, int]:
     """One numeric input as an array of its shape; returns it and the binary offset after it."""
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     dtype, count = _numeric_type(name, datatype, shape)
     params = _params(tensor, f"input {name!r}")
+    where = target(params, f"input {name!r}")
+    if where is not None:
+        return numeric_from_bytes(name, datatype, shape, shm.read(where, f"input {name!r}")), offset
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
@@ -211,7 +220,7 @@ def _shaped(name, datatype: str, shape: list[int], flat) -> np.ndarray:
         raise InvalidRequest(f"input {name!r}: a value is out of the {datatype} range, or shape {shape} is too large") from None
 
 
-def parse_tensors(body: bytes, header_length: str | None) -> TensorRequest:
+def parse_tensors(body: bytes, header_length: str | None, shm: SharedMemoryRegistry) -> TensorRequest:
     """Parse an infer request of numeric tensors (JSON data or Triton binary data), by input name."""
     doc, binary = _split(body, header_length)
     inputs, offset = {}, 0
@@ -220,27 +229,35 @@ def parse_tensors(body: bytes, header_length: str | None) -> TensorRequest:
             raise InvalidRequest("each input must be an object with name, shape, datatype, data")
         if tensor["name"] in inputs:
             raise InvalidRequest(f"input {tensor['name']!r} is given twice")
-        inputs[tensor["name"]], offset = _numeric(tensor, binary, offset)
+        inputs[tensor["name"]], offset = _numeric(tensor, binary, offset, shm)
     if offset != len(binary):
         raise InvalidRequest(f"{len(binary) - offset} binary bytes follow the JSON header beyond the inputs' data")
-    outputs = doc.get("outputs") or []
-    request_params = doc.get("parameters") or {}
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs) or not isinstance(request_params, dict):
-        raise InvalidRequest("'outputs' must be a list of objects and 'parameters' an object")
-    binary_output = bool(request_params.get("binary_data_output", False)) or any(
-        bool(_params(out, "output").get("binary_data", False)) for out in outputs)
+    outputs, _, binary_output, targets = _outputs(doc, shm)
     request_id = doc.get("id")
     return TensorRequest(str(request_id) if request_id is not None else None, inputs,
-                         [str(o.get("name")) for o in outputs], binary_output)
+                         [str(o.get("name")) for o in outputs], binary_output, targets)
 
 
-def encode_tensors(model: str, request_id: str | None, outputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict]:
-    """(body, extra headers) for FP32 outputs by name, in JSON or as binary tensor data."""
+def fp32_bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
+
+
+def place_outputs(shm: SharedMemoryRegistry, targets: dict[str, Target], outputs: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Write each output that has a shared memory target there (FP32); its response parameters, by name."""
+    return {name: shm.write(t, fp32_bytes(outputs[name]), f"output {name!r}") for name, t in targets.items() if name in outputs}
+
+
+def encode_tensors(model: str, request_id: str | None, outputs: dict[str, np.ndarray], binary: bool,
+                   placed: dict[str, dict] | None = None) -> tuple[bytes, dict]:
+    """(body, extra headers) for FP32 outputs by name, in JSON or as binary tensor data; an output in `placed`
+    (written to shared memory) carries its parameters and no data."""
     docs, raws = [], []
     for name, array in outputs.items():
         out: dict = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
-        if binary:
-            raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        if placed and name in placed:
+            out["parameters"] = placed[name]
+        elif binary:
+            raw = fp32_bytes(array)
             out["parameters"] = {"binary_data_size": len(raw)}
             raws.append(raw)
         else:
@@ -250,7 +267,7 @@ def encode_tensors(model: str, request_id: str | None, outputs: dict[str, np.nda
     if request_id is not None:
         doc["id"] = request_id
     head = dumps(doc)
-    if not binary:
+    if not raws:
         return head, {"content-type": "application/json"}
     return head + b"".join(raws), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
 

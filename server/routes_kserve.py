@@ -15,7 +15,7 @@ from scheduler.errors import NotReady
 from server.deps import engine_of, recommender_of, timing_of
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound, error_responses
-from server.kserve_codec import HEADER_LENGTH, encode_infer_response, encode_tensors, model_config, parse_infer, parse_tensors
+from server.kserve_codec import HEADER_LENGTH, encode_tensors, model_config, parse_infer, parse_tensors, place_outputs
 from server.recommend import Recommender, bags_from_matrix
 
 router = APIRouter(prefix="/v2", tags=["kserve"], responses=error_responses("kserve"))
@@ -61,8 +61,14 @@ def _not_served(state, name: str) -> ModelNotFound:
 
 
 @router.get("")
-async def server_metadata():
-    return {"name": "turboserve", "version": server.__version__, "extensions": ["binary_tensor_data"]}
+async def server_metadata(request: Request):
+    return {"name": "turboserve", "version": server.__version__, "extensions": extensions(request.app)}
+
+
+def extensions(app) -> list[str]:
+    """Triton's extension names for what this server speaks (HTTP and gRPC)."""
+    names = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+    return names + (["system_shared_memory"] if app.state.shared_memory.enabled else [])
 
 
 @router.get("/health/live")
@@ -143,20 +149,24 @@ async def infer(name: str, request: Request, version: str | None = None):
     if rec is not None:
         return await _infer_dlrm(rec, request)
     engine = encoder_named(request, name)
-    parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
+    shm = request.app.state.shared_memory
+    parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), shm)
     timing = timing_of(request)
     truncate = parsed.parameters.get("truncate")  # absent: model.auto_truncate decides
     encoded = await engine.tokenize(parsed.texts, timing, None if truncate is None else bool(truncate))
     normalize = bool(parsed.parameters.get("normalize", engine.info.normalize))
-    vectors = finish_embedding(await engine.run(encoded, request, timing), normalize)
-    body, headers = encode_infer_response(engine.info.name, parsed.id, vectors, parsed.binary_output)
+    outputs = {"embedding": finish_embedding(await engine.run(encoded, request, timing), normalize)}
+    body, headers = encode_tensors(engine.info.name, parsed.id, outputs, parsed.binary_output,
+                                   place_outputs(shm, parsed.targets, outputs))
     return Response(body, headers=headers)
 
 
 async def _infer_dlrm(rec: Recommender, request: Request) -> Response:
-    parsed = parse_tensors(await request.body(), request.headers.get(HEADER_LENGTH))
-    scores = await dlrm_scores(rec, parsed.inputs, parsed.outputs, timing_of(request))
-    body, headers = encode_tensors(rec.name, parsed.id, {"scores": scores}, parsed.binary_output)
+    shm = request.app.state.shared_memory
+    parsed = parse_tensors(await request.body(), request.headers.get(HEADER_LENGTH), shm)
+    outputs = {"scores": await dlrm_scores(rec, parsed.inputs, parsed.outputs, timing_of(request))}
+    body, headers = encode_tensors(rec.name, parsed.id, outputs, parsed.binary_output,
+                                   place_outputs(shm, parsed.targets, outputs))
     return Response(body, headers=headers)
 
 
