@@ -21,7 +21,7 @@ import server
 from configs.settings import Settings, check_model_dirs
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
-from server import routes_kserve, routes_openai, routes_recommend, routes_rerank, routes_tei, routes_triton
+from server import routes_kserve, routes_openai, routes_recommend, routes_rerank, routes_tei, routes_triton, routes_vertex
 from server.engine import Engine
 from server.errors import (
     KINDS,
@@ -203,6 +203,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.include_router(routes_tei.router)
     app.include_router(routes_rerank.router)
     app.include_router(routes_rerank.v1_router)
+    app.include_router(routes_vertex.router)
     app.include_router(routes_kserve.router)
     app.include_router(routes_triton.router)
     app.include_router(routes_recommend.router)

@@ -135,7 +135,8 @@ class Engine:
         if self.info.kind not in kinds:
             def a(kind: str) -> str:
                 return f"{'an' if kind[0] == 'e' else 'a'} {kind} model"
-            routes = {"embedding": "/embed, /v1/embeddings", "reranker": "/rerank", "classifier": "/predict"}[self.info.kind]
+            routes = {"embedding": "/embed, /v1/embeddings", "reranker": "/rerank, /v1/rerank",
+                      "classifier": "/predict, /v1/classify"}[self.info.kind]
             raise WrongModelKind(f"model is not {' or '.join(map(a, kinds))}: this server serves {a(self.info.kind)} "
                                  f"(its routes: {routes})")
 

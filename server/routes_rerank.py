@@ -1,5 +1,6 @@
 """Cross-encoders and sequence classifiers: TEI's POST /rerank and /predict, the Cohere / Jina / vLLM style
-POST /v1/rerank (also /rerank when the body has `documents`), and vLLM's POST /score and /v1/score. A re-ranker
+POST /v1/rerank (also /rerank when the body has `documents`), vLLM's POST /score and /v1/score, and vLLM's
+POST /classify and /v1/classify (TEI's /v1/classify and SGLang's answer the same shape). A re-ranker
 is a classifier with one label: its score is the sigmoid of the logit (raw_scores: the logit); a classifier's
 scores are the softmax over its labels. The pairs go through the same scheduler as embeddings (the logits are
 what the batch computes)."""
@@ -72,11 +73,15 @@ async def rerank(body: dict, request: Request):
         tei = TEIRerankRequest.model_validate(body)
     except ValidationError as exc:  # the same 422 / 400 as a body FastAPI validates itself
         raise RequestValidationError(exc.errors()) from None
+    return json_response(await ranks(tei, request))
+
+
+async def ranks(tei: TEIRerankRequest, request: Request) -> list[dict]:
+    """TEI's /rerank answer (also /vertex's for an instance with query and texts)."""
     logits, _ = await _rank(request, tei.query, tei.texts, tei.truncate, tei.truncation_direction)
     scores = _scores(logits[:, None], tei.raw_scores)[:, 0]
     order = np.argsort(-scores, kind="stable")
-    return json_response([{"index": int(i), "score": float(scores[i]), **({"text": tei.texts[i]} if tei.return_text else {})}
-                          for i in order])
+    return [{"index": int(i), "score": float(scores[i]), **({"text": tei.texts[i]} if tei.return_text else {})} for i in order]
 
 
 @v1_router.post("/v1/rerank")
@@ -110,6 +115,11 @@ class PredictRequest(BaseModel):
 @router.post("/predict")
 async def predict(body: PredictRequest, request: Request):
     """Label scores, best first: [{score, label}] for one input, a list of those for several."""
+    return json_response(await predictions(body, request))
+
+
+async def predictions(body: PredictRequest, request: Request) -> list:
+    """/predict's answer (also /vertex's for a classifier or re-ranker)."""
     engine = engine_of(request)
     engine.require("classifier", "reranker")
     single = isinstance(body.inputs, str) or (len(body.inputs) == 2 and all(isinstance(x, str) for x in body.inputs))
@@ -130,7 +140,7 @@ async def predict(body: PredictRequest, request: Request):
     scores = _scores(await engine.run(encoded, request, timing), body.raw_scores)
     labels = engine.info.labels
     answers = [[{"score": float(row[j]), "label": labels[j]} for j in np.argsort(-row, kind="stable")] for row in scores]
-    return json_response(answers[0] if single else answers)
+    return answers[0] if single else answers
 
 
 class ScoreRequest(BaseModel):
@@ -162,6 +172,31 @@ async def score(body: ScoreRequest, request: Request):
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
+class ClassifyRequest(BaseModel):
+    model: str | None = None
+    input: str | list[str] = Field(description="A text, or texts, to classify.")
+    truncate: bool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them.")
+
+
+async def classify(body: ClassifyRequest, request: Request):
+    """vLLM's classification API: per input the most probable label, the probabilities over every label (softmax;
+    the sigmoid for a one-label model, as vLLM) and num_classes, in input order; usage in tokens."""
+    engine = engine_of(request)
+    engine.check_model(body.model)
+    timing = timing_of(request)
+    encoded = await engine.tokenize(body.input, timing, body.truncate, kinds=("classifier", "reranker"))
+    probs = _scores(await engine.run(encoded, request, timing), False)
+    labels, tokens = engine.info.labels, sum(len(e.ids) for e in encoded)
+    data = [{"index": i, "label": labels[int(np.argmax(row))], "probs": row.tolist(), "num_classes": len(row)}
+            for i, row in enumerate(probs)]
+    return json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                          "model": engine.info.name, "data": data,
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                                    "prompt_tokens_details": None}})
+
+
+v1_router.add_api_route("/v1/classify", classify, methods=["POST"])
+v1_router.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)  # vLLM's path; OpenAI-style errors
 v1_router.add_api_route("/v1/score", score, methods=["POST"])
 # Cohere's v2 client (and vLLM) post to /v2/rerank; under /v2 errors are KServe-shaped ({"error": ...}).
 v1_router.add_api_route("/v2/rerank", rerank_v1, methods=["POST"], include_in_schema=False)

@@ -5,6 +5,7 @@ by body; GET / and /ping: the health check);
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
@@ -32,12 +33,16 @@ class EmbedRequest(BaseModel):
 
 @router.post("/embed", response_model=list[list[float]])
 async def embed(body: EmbedRequest, request: Request):
+    return json_response(await embeddings(body, request))
+
+
+async def embeddings(body: EmbedRequest, request: Request) -> np.ndarray:
+    """/embed's answer, [n, dim] (also /vertex's for an embedding model)."""
     engine = engine_of(request)
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
-    vectors = finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
-    return json_response(vectors)
+    return finish_embedding(await engine.run(encoded, request, timing), body.normalize, dimensions)
 
 
 class EmbedAllRequest(BaseModel):

@@ -1,0 +1,66 @@
+"""Google Vertex AI's prediction route, as TEI serves it: POST /vertex with {"instances": [...]} answers
+{"predictions": [...]}, one prediction per instance. An instance with `query` and `texts` is a /rerank body; any
+other is the body of the route the model answers: /embed for an embedding model, /predict for a classifier or a
+re-ranker. Instances run concurrently, so they batch together; the first error fails the request (TEI's error
+body and status) and withdraws the other instances' queued work. On Vertex AI, upload the model with
+`--container-predict-route=/vertex --container-health-route=/health`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from server import routes_rerank, routes_tei
+from server.deps import engine_of, json_response, timing_of
+from server.errors import EmptyInput, error_responses
+from server.middleware import SCOPE_KEY, Timing
+
+router = APIRouter(tags=["tei"], responses=error_responses("tei"))
+
+
+class VertexRequest(BaseModel):
+    instances: list[dict] = Field(description="Request bodies of /embed, /rerank or /predict, by the model's kind.")
+
+
+async def _one(instance: dict, request: Request, kind: str):
+    try:
+        if "query" in instance and "texts" in instance:  # the only body that can be told apart safely (TEI)
+            return await routes_rerank.ranks(routes_rerank.TEIRerankRequest.model_validate(instance), request)
+        if kind == "embedding":
+            return await routes_tei.embeddings(routes_tei.EmbedRequest.model_validate(instance), request)
+        return await routes_rerank.predictions(routes_rerank.PredictRequest.model_validate(instance), request)
+    except ValidationError as exc:  # the same 422 as a body FastAPI validates itself
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _view(request: Request, timing: Timing) -> Request:
+    """The request as one instance sees it: the same headers and connection, its own timings."""
+    return Request({**request.scope, SCOPE_KEY: timing}, request.receive)
+
+
+async def vertex(body: VertexRequest, request: Request):
+    engine = engine_of(request)
+    if not body.instances:
+        raise EmptyInput("instances is empty: give at least one")
+    engine.check_batch(len(body.instances))
+    total = timing_of(request)
+    timings = [replace(total, tokenization=0.0, queue=0.0, inference=0.0, tokens=0) for _ in body.instances]
+    tasks = [asyncio.ensure_future(_one(inst, _view(request, t), engine.info.kind)) for inst, t in zip(body.instances, timings)]
+    try:
+        predictions = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # the others' queued sequences are withdrawn (their run is cancelled)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    total.tokenization = sum(t.tokenization for t in timings)
+    total.queue, total.inference = max(t.queue for t in timings), max(t.inference for t in timings)
+    total.tokens = sum(t.tokens for t in timings)
+    return json_response({"predictions": predictions})
+
+
+router.add_api_route("/vertex", vertex, methods=["POST"])
