@@ -102,7 +102,7 @@ def _layer_norm(y: torch.Tensor, norm: nn.LayerNorm, ws: Workspace) -> torch.Ten
     """LayerNorm of y [T, H] into a new workspace tensor; the row statistics go to the workspace too."""
     tokens, hidden = y.shape
     out = ws.empty((tokens, hidden), dtype=y.dtype, device=y.device)
-    stats = ws.empty((2, tokens, 1), dtype=torch.float32, device=y.device)  # mean, rstd
+    stats = ws.empty((2, tokens, 1), dtype=y.dtype, device=y.device)  # mean, rstd (accumulated in fp32 whatever the dtype)
     torch.ops.aten.native_layer_norm.out(y, [hidden], norm.weight, norm.bias, norm.eps, out0=out, out1=stats[0], out2=stats[1])
     return out
 
