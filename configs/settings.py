@@ -85,7 +85,7 @@ class ModelSettings(_Section):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Compute dtype. CPU: float32, or bfloat16 (about 1.4x faster on CPUs with AVX512-BF16 or AMX; embeddings within cosine 0.9999 of float32). CUDA: float16 or bfloat16.")
     max_input_length: int | None = Field(None, ge=1, description="Most tokens an input may have; defaults to the model's own limit.")
-    pooling: Literal["mean", "cls", "last"] | None = Field(None, description="Pooling override; defaults to the model's sentence-transformers config.")
+    pooling: Literal["mean", "cls", "last", "splade"] | None = Field(None, description="Pooling override; defaults to the model's sentence-transformers config (splade for a *ForMaskedLM model).")
     normalize: bool | None = Field(None, description="Default L2 normalisation; defaults to the model's sentence-transformers config.")
     matryoshka_dimensions: list[int] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for; defaults to the model config's.")
     default_prompt_name: str | None = Field(None, description="Prompt (from the model's config_sentence_transformers.json) put before every text that names none; defaults to the model's own default_prompt_name.")

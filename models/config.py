@@ -79,7 +79,7 @@ class EncoderConfig:
 class PoolingConfig:
     """sentence-transformers' Pooling and Normalize modules, or the defaults when absent."""
 
-    mode: str = "cls"  # mean | cls | last
+    mode: str = "cls"  # mean | cls | last | splade (max over tokens of log(1 + relu(MLM logits)))
     normalize: bool = False
     max_seq_length: int | None = None
     # config_sentence_transformers.json: named prompts (text put before an input) and the one used by default.
@@ -98,6 +98,16 @@ class ClassifierHead:
 
 
 @dataclass(frozen=True)
+class MaskedLMHead:
+    """The masked-LM head of a *ForMaskedLM model, which SPLADE pooling reads (one logit a vocabulary word):
+    dense + activation + LayerNorm, then the decoder (tied to the word embeddings unless the folder has its own).
+    `style` names the weights: "bert" (cls.predictions.*) or "distilbert" (vocab_transform, vocab_layer_norm,
+    vocab_projector)."""
+
+    style: str
+
+
+@dataclass(frozen=True)
 class ModelFolder:
     """Paths and parsed configs of one Hugging Face model folder."""
 
@@ -106,6 +116,7 @@ class ModelFolder:
     pooling: PoolingConfig
     weights: list[Path] = field(default_factory=list)
     head: ClassifierHead | None = None  # a *ForSequenceClassification model: served by /rerank and /predict
+    mlm: MaskedLMHead | None = None  # a *ForMaskedLM model: a sparse (SPLADE) embedding model, /embed_sparse
 
     @property
     def tokenizer_file(self) -> Path:
@@ -127,7 +138,12 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
     mode, normalize, include_prompt = "cls", False, True
     for module in _read_json(modules_file):
         kind = module.get("type", "")
-        if kind.endswith("Pooling"):
+        if kind.endswith("SpladePooling"):  # sentence-transformers' SparseEncoder
+            pool = _read_json(path / module.get("path", "") / "config.json")
+            if pool.get("pooling_strategy", "max") != "max" or pool.get("activation_function", "relu") != "relu":
+                raise ModelFolderError(f"unsupported SPLADE pooling in {path} (max of relu is): {pool}")
+            mode = "splade"
+        elif kind.endswith("Pooling"):
             pool = _read_json(path / module.get("path", "") / "config.json")
             if pool.get("pooling_mode_mean_tokens"):
                 mode = "mean"
@@ -178,6 +194,16 @@ def _classifier_head(cfg: dict) -> ClassifierHead | None:
     return ClassifierHead(style, labels)
 
 
+def _mlm_head(cfg: dict) -> MaskedLMHead | None:
+    """The head of a *ForMaskedLM config (a SPLADE model), None otherwise; refused where unsupported."""
+    architectures = [a for a in cfg.get("architectures") or [] if a.endswith("ForMaskedLM")]
+    if not architectures:
+        return None
+    if cfg.get("model_type") not in ("bert", "distilbert"):
+        raise ModelFolderError(f"{architectures[0]} is not supported (masked-LM heads of BERT and DistilBERT models are)")
+    return MaskedLMHead(cfg["model_type"])
+
+
 def read_model_folder(path: str | Path) -> ModelFolder:
     """Parse a Hugging Face model folder; raise ModelFolderError naming what is missing or refused."""
     path = Path(path)
@@ -198,6 +224,7 @@ def read_model_folder(path: str | Path) -> ModelFolder:
         pooling=_pooling_from_st(path),
         weights=weights,
         head=_classifier_head(cfg),
+        mlm=_mlm_head(cfg),
     )
 
 

@@ -175,6 +175,32 @@ class ClassificationHead(nn.Module):
         return self.out(torch.tanh(self.dense(first)))
 
 
+class SpladeHead(nn.Module):
+    """SPLADE pooling over a masked-LM head: for each sequence, the max over its tokens of log(1 + relu(logit))
+    for every vocabulary word (a sparse vector: most entries are 0). The [tokens, vocab] logits are made a chunk of
+    tokens at a time (a 256-token text's would be 31 MB in fp32 for a 30k vocabulary, a batch's gigabytes)."""
+
+    CHUNK_TOKENS = 512
+
+    def __init__(self, hidden: int, vocab: int, activation: str, eps: float):
+        super().__init__()
+        self.activation = activation
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """hidden: [T, H] packed last hidden states -> [B, vocab] float32 SPLADE weights."""
+        out = torch.zeros(batch.num_seqs, self.decoder.out_features, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], self.CHUNK_TOKENS):
+            h = self.dense(hidden[start:start + self.CHUNK_TOKENS])
+            _activation_(h, self.activation)
+            weights = torch.log1p(torch.relu_(self.decoder(self.norm(h))).float())  # [chunk, vocab]
+            rows = batch.seq_index[start:start + self.CHUNK_TOKENS]
+            out.scatter_reduce_(0, rows[:, None].expand_as(weights), weights, "amax")  # every weight is >= 0
+        return out
+
+
 def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
     """Pool packed hidden states [T, H] to one vector per sequence [B, H]."""
     if mode == "mean":
@@ -186,4 +212,6 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
         return hidden[batch.cu_seqlens[:-1]].float()
     if mode == "last":
         return hidden[[e - 1 for e in batch.cu_seqlens[1:]]].float()
+    if mode == "splade":
+        raise ValueError("splade pooling needs the model's masked-LM head (SpladeHead)")
     raise ValueError(f"unknown pooling mode {mode!r}")

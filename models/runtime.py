@@ -14,9 +14,9 @@ import torch
 from kernels import cuda
 from kernels.arena import Arena, new_arena
 from models.config import ModelFolderError, default_model_path, read_model_folder
-from models.encoder import ClassificationHead, PackedBatch, pool
+from models.encoder import ClassificationHead, PackedBatch, SpladeHead, pool
 from models.tokenizer import TextTokenizer
-from models.weights import load_encoder, load_head, reader
+from models.weights import load_encoder, load_head, load_mlm_head, reader
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class ModelInfo:
     labels: tuple[str, ...] = ()  # a classification head's labels (its outputs are their logits); () for embeddings
 
     @property
+    def sparse(self) -> bool:
+        """A SPLADE model: its vectors are vocabulary-sized and mostly zero (TEI's /embed_sparse)."""
+        return self.pooling == "splade"
+
+    @property
     def kind(self) -> str:
         """"embedding", "reranker" (a classifier with one label: a cross-encoder) or "classifier"."""
         return "embedding" if not self.labels else "reranker" if len(self.labels) == 1 else "classifier"
@@ -68,15 +73,17 @@ class EncoderEmbedder:
     """
 
     def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None,
-                 head: ClassificationHead | None = None):
+                 head: ClassificationHead | None = None, sparse: SpladeHead | None = None):
         self.encoder = encoder
         self.pooling = pooling
         self.position_offset = position_offset
         self.device = device
         self.arena = arena
         self.head = head  # a classifier's: its logits are the output, [B, labels]
+        self.sparse = sparse  # a SPLADE model's masked-LM head: its pooled weights are the output, [B, vocab]
         self.token_types = encoder.cfg.type_vocab_size > 1  # BERT: pairs' second texts are of type 1
-        self.dim = encoder.cfg.hidden_size if head is None else head.out.out_features
+        self.dim = head.out.out_features if head is not None else sparse.decoder.out_features if sparse is not None \
+            else encoder.cfg.hidden_size
 
     @torch.inference_mode()
     def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None,
@@ -91,6 +98,8 @@ class EncoderEmbedder:
     def _outputs(self, hidden: torch.Tensor, batch: PackedBatch, per_token: list[bool] | None) -> np.ndarray | list[np.ndarray]:
         if self.head is not None:  # logits from each sequence's first token
             return self.head(hidden[batch.cu_seqlens[:-1]]).float().cpu().numpy()
+        if self.sparse is not None:  # SPLADE: per-token states are not offered (TEI refuses /embed_all too)
+            return self.sparse(hidden, batch).cpu().numpy()
         pooled = pool(hidden, batch, self.pooling).cpu().numpy()  # [B, H]
         if not per_token or not any(per_token):
             return pooled
@@ -140,9 +149,15 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     take = reader(folder.weights)  # the files are read once, for the encoder and any head
     encoder = load_encoder(cfg, folder.weights, take).to(device=torch_device, dtype=getattr(torch, dtype))
     head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
+    mode = pooling or ("splade" if folder.mlm is not None else folder.pooling.mode)
+    if mode == "splade" and folder.mlm is None:
+        raise ModelFolderError("splade pooling needs a *ForMaskedLM model (BERT or DistilBERT) with its masked-LM head")
+    sparse = None
+    if mode == "splade":
+        sparse = load_mlm_head(folder.mlm, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
+        normalize = False  # SPLADE weights are not normalised (TEI refuses normalize for them)
     del take  # the files' tensors: copied into the modules
     log.info("loaded %s (%s, %d layers) in %.2fs", folder_path, cfg.model_type, cfg.num_layers, time.perf_counter() - started)
-    mode = pooling or folder.pooling.mode
     if head is not None:
         mode, normalize = "cls", False
     arena = None
@@ -150,7 +165,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
-    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head)
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse)
     info = ModelInfo(
         name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
         path=str(folder_path),

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from models.config import ClassifierHead, EncoderConfig, ModelFolderError
-from models.encoder import ClassificationHead, PackedEncoder
+from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError
+from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "model.")
 
@@ -68,6 +68,26 @@ def load_head(head: ClassifierHead, cfg: EncoderConfig, take) -> ClassificationH
     model = ClassificationHead(cfg.hidden_size, len(head.labels))
     model.load_state_dict({f"{ours}.{p}": take(f"{theirs}.{p}").float() for ours, theirs in (("dense", dense), ("out", out))
                            for p in ("weight", "bias")}, strict=True)
+    return model.eval()
+
+
+def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:
+    """The masked-LM head of a *ForMaskedLM folder for SPLADE pooling; the decoder is the word embeddings when
+    the folder ties them (it then holds no decoder weight). take: `reader`'s."""
+    if head.style == "bert":
+        dense, norm, decoder, bias = ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                                      "cls.predictions.decoder.weight", "cls.predictions.bias")
+    else:
+        dense, norm, decoder, bias = "vocab_transform", "vocab_layer_norm", "vocab_projector.weight", "vocab_projector.bias"
+    try:
+        weight = take(decoder)
+    except ModelFolderError:
+        weight = take("embeddings.word_embeddings.weight")
+    model = SpladeHead(cfg.hidden_size, cfg.vocab_size, cfg.activation, cfg.layer_norm_eps)
+    state = {f"dense.{p}": take(f"{dense}.{p}") for p in ("weight", "bias")}
+    state.update({f"norm.{p}": take(f"{norm}.{p}") for p in ("weight", "bias")})
+    state.update({"decoder.weight": weight, "decoder.bias": take(bias)})
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
 
 

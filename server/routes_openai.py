@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from models.runtime import finish_embedding
 from server.deps import engine_of, json_response, timing_of
-from server.errors import error_responses
+from server.errors import WrongModelKind, error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("openai"))
 
@@ -58,6 +58,8 @@ class ModelList(BaseModel):
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     engine = engine_of(request)
     engine.check_model(body.model)
+    if engine.info.sparse:
+        raise WrongModelKind("this server serves a sparse (SPLADE) embedding model: its vectors come from /embed_sparse")
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing)

@@ -1,7 +1,7 @@
-"""Text Embeddings Inference API: POST /embed, /embed_all, /similarity, /tokenize, /decode; GET /info, /health;
-TEI's aliases (POST / and /invocations: /embed or /similarity, or for a re-ranker / classifier /rerank or /predict,
-by body; GET / and /ping: the health check);
-/embed_sparse answers 424 as TEI does for a model of another kind. /rerank and /predict: server/routes_rerank.py."""
+"""Text Embeddings Inference API: POST /embed, /embed_all, /embed_sparse, /similarity, /tokenize, /decode; GET
+/info, /health; TEI's aliases (POST / and /invocations: /embed or /similarity, /embed_sparse for a SPLADE model,
+or for a re-ranker / classifier /rerank or /predict, by body; GET / and /ping: the health check). A route that
+does not fit the model answers 424, as TEI's do. /rerank and /predict: server/routes_rerank.py."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ async def embed(body: EmbedRequest, request: Request):
 async def embeddings(body: EmbedRequest, request: Request) -> np.ndarray:
     """/embed's answer, [n, dim] (also /vertex's for an embedding model)."""
     engine = engine_of(request)
+    if engine.info.sparse and body.normalize:
+        raise BackendError("`normalize` is not available for SPLADE models: send normalize: false for the dense "
+                           "vocabulary-sized vectors, or use /embed_sparse")
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
@@ -56,6 +59,7 @@ class EmbedAllRequest(BaseModel):
 async def embed_all(body: EmbedAllRequest, request: Request):
     """Every token's last hidden state (special tokens included, not normalised): [input][token][dim]."""
     engine = engine_of(request)
+    _not_sparse(engine, "/embed_all")
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
     return json_response(await engine.run(encoded, request, timing, per_token=True))
@@ -81,6 +85,7 @@ class SimilarityRequest(BaseModel):
 async def similarity(body: SimilarityRequest, request: Request):
     """Cosine similarity of source_sentence to each of sentences, in their order."""
     engine = engine_of(request)
+    _not_sparse(engine, "/similarity")
     params = body.parameters or SimilarityParameters()
     if not body.inputs.sentences:
         raise EmptyInput("sentences is empty: give at least one sentence to compare with")
@@ -98,6 +103,8 @@ async def root(body: dict, request: Request):
     sentence_similarity here); for a re-ranker or classifier /rerank when the body has a `query`, else /predict
     (InferenceClient's text_classification)."""
     try:
+        if engine_of(request).info.sparse:
+            return await embed_sparse(EmbedSparseRequest.model_validate(body), request)
         if engine_of(request).info.kind == "embedding":
             if isinstance(body.get("inputs"), dict):
                 return await similarity(SimilarityRequest.model_validate(body), request)
@@ -148,16 +155,40 @@ async def decode(body: DecodeRequest, request: Request):
     return json_response(engine.tokenizer.decode(sequences, body.skip_special_tokens))  # type: ignore[arg-type]
 
 
-def _other_kind(route: str, kind: str):
-    async def handler(request: Request):
-        engine_of(request)
-        raise BackendError(f"model is not {kind}: {route} needs one, this server serves an embedding model")
-    handler.__name__ = route.strip("/")
-    handler.__doc__ = f"TEI's {route}; 424 here: it needs {kind}."
-    router.add_api_route(route, handler, methods=["POST"])
+def _not_sparse(engine, route: str) -> None:
+    if engine.info.sparse:
+        raise BackendError(f"`{route}` is not available for SPLADE models; use /embed_sparse")
 
 
-_other_kind("/embed_sparse", "an embedding model with splade pooling")
+class EmbedSparseRequest(BaseModel):
+    inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    prompt_name: str | None = None
+
+
+class SparseValue(BaseModel):
+    index: int
+    value: float
+
+
+@router.post("/embed_sparse", response_model=list[list[SparseValue]])
+async def embed_sparse(body: EmbedSparseRequest, request: Request):
+    """A SPLADE model's sparse vectors: per input, its non-zero weights as {index (vocabulary id), value}, by
+    index. 424 for a model without SPLADE pooling, as TEI."""
+    return json_response(await sparse_embeddings(body, request))
+
+
+async def sparse_embeddings(body: EmbedSparseRequest, request: Request) -> list[list[dict]]:
+    """/embed_sparse's answer (also /vertex's for a SPLADE model)."""
+    engine = engine_of(request)
+    if not engine.info.sparse:
+        raise BackendError(f"model is not an embedding model with splade pooling: /embed_sparse needs one, this server "
+                           f"serves {'an embedding model' if engine.info.kind == 'embedding' else f'a {engine.info.kind} model'}")
+    timing = timing_of(request)
+    encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
+    rows = await engine.run(encoded, request, timing)
+    return [[{"index": int(i), "value": float(row[i])} for i in np.flatnonzero(row)] for row in rows]
 
 
 class Info(BaseModel):

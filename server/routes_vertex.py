@@ -1,7 +1,7 @@
 """Google Vertex AI's prediction route, as TEI serves it: POST /vertex with {"instances": [...]} answers
 {"predictions": [...]}, one prediction per instance. An instance with `query` and `texts` is a /rerank body; any
-other is the body of the route the model answers: /embed for an embedding model, /predict for a classifier or a
-re-ranker. Instances run concurrently, so they batch together; the first error fails the request (TEI's error
+other is the body of the route the model answers: /embed for an embedding model (/embed_sparse for a SPLADE one),
+/predict for a classifier or a re-ranker. Instances run concurrently, so they batch together; the first error fails the request (TEI's error
 body and status) and withdraws the other instances' queued work. On Vertex AI, upload the model with
 `--container-predict-route=/vertex --container-health-route=/health`."""
 
@@ -30,6 +30,8 @@ async def _one(instance: dict, request: Request, kind: str):
     try:
         if "query" in instance and "texts" in instance:  # the only body that can be told apart safely (TEI)
             return await routes_rerank.ranks(routes_rerank.TEIRerankRequest.model_validate(instance), request)
+        if kind == "sparse":
+            return await routes_tei.sparse_embeddings(routes_tei.EmbedSparseRequest.model_validate(instance), request)
         if kind == "embedding":
             return await routes_tei.embeddings(routes_tei.EmbedRequest.model_validate(instance), request)
         return await routes_rerank.predictions(routes_rerank.PredictRequest.model_validate(instance), request)
@@ -49,7 +51,8 @@ async def vertex(body: VertexRequest, request: Request):
     engine.check_batch(len(body.instances))
     total = timing_of(request)
     timings = [replace(total, tokenization=0.0, queue=0.0, inference=0.0, tokens=0) for _ in body.instances]
-    tasks = [asyncio.ensure_future(_one(inst, _view(request, t), engine.info.kind)) for inst, t in zip(body.instances, timings)]
+    kind = "sparse" if engine.info.sparse else engine.info.kind
+    tasks = [asyncio.ensure_future(_one(inst, _view(request, t), kind)) for inst, t in zip(body.instances, timings)]
     try:
         predictions = await asyncio.gather(*tasks)
     except BaseException:

@@ -41,3 +41,34 @@ def cross_encoder_folder(root: Path, labels: tuple[str, ...] = ("LABEL_0",), sty
     for name in TOKENIZER_FILES:
         shutil.copy(default_model_path() / name, folder / name)
     return folder
+
+
+def splade_folder(root: Path, style: str = "bert", seed: int = 0, saved_by: str = "transformers") -> Path:
+    """A small SPLADE model: a randomly initialised BertForMaskedLM (or DistilBertForMaskedLM) with the embedded
+    MiniLM's tokenizer; saved by transformers, or by sentence-transformers' SparseEncoder (its modules.json names
+    the SpladePooling)."""
+    import torch  # noqa: PLC0415
+
+    from models.config import default_model_path  # noqa: PLC0415
+    from tests.hf_import import import_transformers  # noqa: PLC0415
+
+    tf = import_transformers()
+    folder = root / f"splade-{style}-{saved_by}"
+    torch.manual_seed(seed)
+    if style == "bert":
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=30522, max_position_embeddings=512, **SIZES["tiny"]))
+    else:
+        model = tf.DistilBertForMaskedLM(tf.DistilBertConfig(vocab_size=30522, dim=64, n_layers=2, n_heads=4, hidden_dim=128))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    plain = folder if saved_by == "transformers" else root / f"splade-{style}-plain"
+    model.eval().save_pretrained(plain, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_path() / name, plain / name)
+    if saved_by != "transformers":
+        from sentence_transformers import SparseEncoder  # noqa: PLC0415
+        from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling  # noqa: PLC0415
+
+        SparseEncoder(modules=[MLMTransformer(str(plain)), SpladePooling(pooling_strategy="max")], device="cpu").save(str(folder))
+    return folder
