@@ -187,7 +187,7 @@ async def classify(body: ClassifyRequest, request: Request):
     encoded = await engine.tokenize(body.input, timing, body.truncate, kinds=("classifier", "reranker"))
     probs = _scores(await engine.run(encoded, request, timing), False)
     labels, tokens = engine.info.labels, sum(len(e.ids) for e in encoded)
-    data = [{"index": i, "label": labels[int(np.argmax(row))], "probs": row.tolist(), "num_classes": len(row)}
+    data = [{"index": i, "label": labels[int(np.argmax(row))], "probs": row.astype(np.float32), "num_classes": len(row)}
             for i, row in enumerate(probs)]
     return json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                           "model": engine.info.name, "data": data,

@@ -188,7 +188,8 @@ async def sparse_embeddings(body: EmbedSparseRequest, request: Request) -> list[
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
     rows = await engine.run(encoded, request, timing)
-    return [[{"index": int(i), "value": float(row[i])} for i in np.flatnonzero(row)] for row in rows]
+    # numpy float32 values: written as the shortest digits that read back to the same float32, as TEI writes them
+    return [[{"index": int(i), "value": row[i]} for i in np.flatnonzero(row)] for row in rows]
 
 
 class Info(BaseModel):
