@@ -100,3 +100,22 @@ def test_other_routes_answer_as_tei_does_for_a_splade_model(server):
     assert r.status_code == 400 and "/embed_sparse" in r.json()["error"]["message"]
     assert c.post("/embed_sparse", json={"inputs": ""}).status_code == 400
     assert c.post("/embed_sparse", json={"inputs": "still serving"}).status_code == 200
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_cuda_code_path_gives_the_same_sparse_weights_on_the_emulator(root, dtype):
+    """The encoder's CUDA path (kernels on the CPU emulator) in half precision feeding the SPLADE head."""
+    from kernels import cuda, emulate  # noqa: PLC0415
+
+    if emulate.compiler() is None:
+        pytest.skip("no C++ compiler for the emulator")
+    folder = splade_folder(root)
+    embedder, tokenizer, _ = load_model(str(folder))
+    ids = [e.ids for e in tokenizer.encode(TEXTS[:3], truncate=True)]
+    want = embedder.embed(ids)
+    with cuda.emulation():
+        half, _, _ = load_model(str(folder), dtype=dtype)
+        got = half.embed(ids)
+    np.testing.assert_allclose(got, want, atol=0.03, rtol=0.03)
+    strong = want > 0.05  # a weight well above zero stays non-zero
+    assert (got[strong] > 0).all()
