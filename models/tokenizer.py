@@ -104,6 +104,11 @@ class TextTokenizer:
                         zip(enc.ids, enc.offsets, enc.special_tokens_mask, enc.tokens)])
         return out
 
+    def pieces(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        """(ids, the vocabulary's token strings, e.g. "##ing") of a text, untruncated: vLLM's /tokenize."""
+        enc = self._full.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.tokens
+
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         """TEI's /decode: the text of each list of token ids; InvalidTokens for an id outside the vocabulary."""
         for i, ids in enumerate(sequences):

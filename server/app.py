@@ -21,7 +21,16 @@ import server
 from configs.settings import Settings, check_model_dirs
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
-from server import routes_kserve, routes_openai, routes_recommend, routes_rerank, routes_tei, routes_triton, routes_vertex
+from server import (
+    routes_kserve,
+    routes_openai,
+    routes_recommend,
+    routes_rerank,
+    routes_tei,
+    routes_triton,
+    routes_vertex,
+    routes_vllm,
+)
 from server.engine import Engine
 from server.errors import (
     KINDS,
@@ -204,6 +213,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.include_router(routes_rerank.router)
     app.include_router(routes_rerank.v1_router)
     app.include_router(routes_vertex.router)
+    app.include_router(routes_vllm.router)
     app.include_router(routes_kserve.router)
     app.include_router(routes_triton.router)
     app.include_router(routes_recommend.router)

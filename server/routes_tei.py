@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 import server
 from models.runtime import finish_embedding
 from scheduler.errors import BackendError, NotReady
-from server import routes_rerank
+from server import routes_rerank, routes_vllm
 from server.deps import Direction, engine_of, json_response, timing_of
 from server.errors import EmptyInput, error_responses
 
@@ -134,9 +134,12 @@ class SimpleToken(BaseModel):
     stop: int | None
 
 
-@router.post("/tokenize", response_model=list[list[SimpleToken]])
-async def tokenize(body: TokenizeRequest, request: Request):
-    """The tokens of each input, with their character offsets; no model work, no truncation."""
+@router.post("/tokenize", response_model=list[list[SimpleToken]] | routes_vllm.VllmTokenizeResponse)
+async def tokenize(body: TokenizeRequest | routes_vllm.VllmTokenizeRequest, request: Request):
+    """The tokens of each input, with their character offsets; no model work, no truncation. vLLM's body
+    (`prompt`) gets vLLM's answer ({count, max_model_len, tokens, token_strs})."""
+    if isinstance(body, routes_vllm.VllmTokenizeRequest):
+        return await routes_vllm.tokenize(body, request)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     return json_response(await engine_of(request).describe(texts, body.add_special_tokens, body.prompt_name))
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz import DLRM_NAME, build_recommendation, fuzz
+from server.errors import api_family
 from tests.support import MODEL, dummy_server
 
 VOCAB = 30522  # the embedded tokenizer's vocabulary (tests/support.py's dummy_loader)
@@ -136,7 +137,7 @@ def test_openapi_declares_error_responses(client):
             statuses = set(operation["responses"])
             assert {"401", "404", "413", "429", "500", "503", "504"} <= statuses, (method, path, statuses)
             ref = operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"]
-            family = "TEIError" if not path.startswith(("/v1", "/v2")) else "OpenAIError" if path.startswith("/v1") else "KServeError"
+            family = {"tei": "TEIError", "openai": "OpenAIError", "kserve": "KServeError"}[api_family(path)]
             assert ref.endswith("/" + family), (path, ref)
 
 
