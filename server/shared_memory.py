@@ -10,14 +10,14 @@ little-endian length, then the bytes).
 CUDA shared memory (cudaIpc handles) is not served: its status lists no region and registering one is a
 clear 400, as Triton answers for an extension it lacks.
 
-Every access re-checks the object's size, so a client that shrinks its object after registering gets a
-400, not a SIGBUS in the server. Reads and writes happen on the event loop (as do register and
-unregister), so a region is never unmapped while it is read or written.
+Tensor bytes move with pread/pwrite on the object's file descriptor, not through a memory map: a client that
+shrinks its object after registering gets a 400 (a short read), never a SIGBUS that would kill the server.
+Reads and writes happen on the event loop (as do register and unregister), so a region's descriptor is never
+closed while it is read or written.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -45,7 +45,6 @@ class _Region:
     offset: int  # within the shared memory object
     byte_size: int
     fd: int
-    mapping: mmap.mmap
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -103,27 +102,18 @@ class SharedMemoryRegistry:
             fd = os.open(os.path.join(SHM_DIR, m.group(1)), os.O_RDWR | os.O_NOFOLLOW)
         except OSError as exc:
             raise InvalidRequest(f"cannot open shared memory object {key!r}: {exc.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-            if offset + byte_size > size:
-                raise InvalidRequest(f"region {name!r}: offset {offset} + byte_size {byte_size} runs past the "
-                                     f"{size} bytes of shared memory object {key!r}")
-            mapping = mmap.mmap(fd, size)
-        except InvalidRequest:
+        size = os.fstat(fd).st_size
+        if offset + byte_size > size:
             os.close(fd)
-            raise
-        except (OSError, ValueError) as exc:
-            os.close(fd)
-            raise InvalidRequest(f"cannot map shared memory object {key!r}: {exc}") from None
-        self._regions[name] = _Region(name, key, offset, byte_size, fd, mapping)
+            raise InvalidRequest(f"region {name!r}: offset {offset} + byte_size {byte_size} runs past the "
+                                 f"{size} bytes of shared memory object {key!r}")
+        self._regions[name] = _Region(name, key, offset, byte_size, fd)
 
     def unregister(self, name: str | None = None) -> None:
         """Unregister `name` (no error if it is not registered, as Triton), or every region when None or ''."""
         names = list(self._regions) if not name else [name] if name in self._regions else []
         for n in names:
-            region = self._regions.pop(n)
-            region.mapping.close()
-            os.close(region.fd)
+            os.close(self._regions.pop(n).fd)
 
     close = unregister
 
@@ -145,10 +135,11 @@ class SharedMemoryRegistry:
         if t.offset + t.byte_size > region.byte_size:
             raise InvalidRequest(f"{what}: offset {t.offset} + byte_size {t.byte_size} runs past the "
                                  f"{region.byte_size} bytes of region {t.region!r}")
-        start = region.offset + t.offset
-        if start + t.byte_size > os.fstat(region.fd).st_size:
-            raise InvalidRequest(f"{what}: shared memory object {region.key!r} has shrunk below region {t.region!r}")
-        return region, start
+        return region, region.offset + t.offset
+
+    @staticmethod
+    def _shrunk(region: _Region, t: Target, what: str) -> InvalidRequest:
+        return InvalidRequest(f"{what}: shared memory object {region.key!r} has shrunk below region {t.region!r}")
 
     def check(self, t: Target, what: str) -> None:
         """Fail now (before any work) if `t` does not lie within a registered region."""
@@ -156,14 +147,19 @@ class SharedMemoryRegistry:
 
     def read(self, t: Target, what: str) -> bytes:
         region, start = self._span(t, what)
-        return region.mapping[start:start + t.byte_size]
+        data = os.pread(region.fd, t.byte_size, start)
+        if len(data) != t.byte_size:
+            raise self._shrunk(region, t, what)
+        return data
 
     def write(self, t: Target, data: bytes, what: str) -> dict:
         """Write an output's bytes to its target; the output's response parameters."""
         if len(data) > t.byte_size:
             raise InvalidRequest(f"{what}: needs {len(data)} bytes, shared memory target holds {t.byte_size}")
         region, start = self._span(t, what)
-        region.mapping[start:start + len(data)] = data
+        if start + len(data) > os.fstat(region.fd).st_size:  # pwrite would grow it back: the client sees nothing
+            raise self._shrunk(region, t, what)
+        os.pwrite(region.fd, data, start)
         return placed(t, len(data))
 
 

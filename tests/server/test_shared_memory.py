@@ -178,8 +178,15 @@ def test_bad_targets_are_refused_and_the_server_keeps_serving(srv, client, regio
     small.set_shared_memory("in", 16)  # 8 floats need 32 bytes
     _refused(lambda: infer(out=[small]), "needs 32 bytes", "holds 16")
     # A client that shrinks its object after registering gets an error, not a server killed by SIGBUS.
+    out_key, _ = region(64)
+    client.register_system_shared_memory("out", out_key, 64)
+    target = lib.InferRequestedOutput("embedding")
+    target.set_shared_memory("out", 64)
+    os.truncate(f"/dev/shm/{out_key.strip('/')}", 8)
+    _refused(lambda: infer(out=[target]), "has shrunk below region 'out'")
+    assert os.path.getsize(f"/dev/shm/{out_key.strip('/')}") == 8  # not grown back behind the client's back
     os.truncate(f"/dev/shm/{key.strip('/')}", 4)
-    _refused(lambda: infer(), "has shrunk")
+    _refused(lambda: infer(), "has shrunk below region 'in'")
     inline = lib.InferInput("text", [1], "BYTES")
     inline.set_data_from_numpy(np.array([b"still serving"], dtype=object))
     assert client.infer(MODEL, [inline]).as_numpy("embedding").shape == (1, 8)
