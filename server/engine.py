@@ -19,7 +19,7 @@ from scheduler.errors import DeadlineExceeded, NotReady
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
-from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, ModelNotFound, TooLarge, WrongModelKind
+from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, ModelNotFound, TooLarge, WrongModelKind, kind_of
 from server.metrics import Metrics
 from server.middleware import Timing
 from server.stats import InferStats
@@ -77,6 +77,7 @@ class Engine:
         self.worker = BatchWorker(self.queue, embedder, metrics)
         self.stats = InferStats()  # Triton's statistics extension (batches: metrics.batches)
         metrics.queue_depth.set_function(lambda: self.queue.depth)
+        self.tei = metrics.watch_tei(info.max_input_length, lambda: self.queue.depth)
 
     def start(self) -> None:
         self.worker.start()
@@ -238,12 +239,16 @@ class Engine:
                   per_token: bool = False) -> np.ndarray | list[np.ndarray]:
         """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled, or
         with per_token a list of [length, dim], every token's last hidden state. Counted in self.stats."""
+        self.tei.record_request(len(encoded))
         try:
             out = await self._run(encoded, request, timing, per_token)
-        except BaseException:  # refused, timed out, failed, or cancelled
+        except BaseException as exc:  # refused, timed out, failed, or cancelled
             self.stats.record(timing, len(encoded), ok=False)
+            kind = kind_of(exc)
+            self.tei.record_failure(kind.tei_type if kind is not None else None)
             raise
         self.stats.record(timing, len(encoded), ok=True)
+        self.tei.record_success(len(encoded), timing, time.perf_counter() - timing.started)
         return out
 
     async def _run(self, encoded: list[Encoded], request: Request, timing: Timing,

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from scheduler.queue import DEADLINE, DISCONNECT, WorkItem
+from server.metrics_tei import TEIMetrics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -55,6 +56,13 @@ class Metrics:
             "turboserve_cost_model_overrun_ratio", "Running 90th percentile of observed / predicted batch time (the "
             "factor dp's overload shedding plans with; 1 until batches overrun the model).", registry=r)
         self.cost_overrun.set(1.0)
+        self.tei: TEIMetrics | None = None  # TEI's names, once an engine gives the queue and input limit
+
+    def watch_tei(self, max_input_length: int, queue_depth) -> TEIMetrics:
+        """TEI's metric names (server/metrics_tei.py) on this registry; made once, by the first engine."""
+        if self.tei is None:
+            self.tei = TEIMetrics(self.registry, max_input_length, queue_depth)
+        return self.tei
 
     # Observer hooks, called from the worker thread.
     def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None:
@@ -64,6 +72,8 @@ class Metrics:
             self.cost_error.observe(abs(cost_error))
             self._recent_errors.append(cost_error)
         self.inference_duration.observe(seconds)
+        if self.tei is not None:
+            self.tei.record_batch(len(items), tokens, seconds)
         self.batch_size.observe(len(items))
         self.batch_tokens.observe(tokens)
         self.tokens.inc(tokens)

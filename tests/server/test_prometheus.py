@@ -152,9 +152,23 @@ def load(url: str, stop: threading.Event) -> list[int]:
     return statuses
 
 
+# Queries as dashboards written for TEI make them: TEI's metric names (server/metrics_tei.py), its counters without
+# the _total suffix, its histograms' buckets.
+TEI_EXPRS = [
+    "sum(rate(te_request_count[15s]))",
+    'sum(rate(te_request_success{method="batch"}[15s]))',
+    "histogram_quantile(0.9, sum by (le) (rate(te_request_duration_bucket[15s])))",
+    "histogram_quantile(0.5, sum by (le) (rate(te_request_queue_duration_bucket[15s])))",
+    "histogram_quantile(0.5, sum by (le) (rate(te_batch_next_size_bucket[15s])))",
+    "sum(rate(te_batch_next_tokens_sum[15s]))",
+    "sum(rate(te_request_input_length_count[15s]))",
+    "te_queue_size",
+]
+
+
 def test_every_dashboard_expression_returns_data(server, tmp_path):
     started = time.monotonic()
-    exprs = dashboard_exprs()
+    exprs = dashboard_exprs() + TEI_EXPRS
     prom = Prometheus(server.url.removeprefix("http://"), tmp_path)
     stop = threading.Event()
     statuses: list[int] = []
