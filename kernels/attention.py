@@ -33,7 +33,7 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device) if out is None else out.view(total, heads, head_dim)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         # [L, heads, d] -> [1, heads, L, d]: four dimensions let the CPU take its flash kernel (with three it
-        # takes the math path, 1.5-1.8x slower at MiniLM's shapes, whose masked-softmax checks cost as much as the bmm)
+        # takes the math path, about 2x slower at MiniLM's shapes, whose masked-softmax checks cost as much as the bmm)
         out = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None],
                                              v[start:end].transpose(0, 1)[None])
         ctx[start:end] = out[0].transpose(0, 1)
