@@ -186,18 +186,22 @@ class Settings(BaseSettings):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    reranker: ModelSettings | None = Field(None, description="A cross-encoder (or classifier) served beside an embedding model, for the re-ranking and classification routes: one server for a RAG pipeline's two models. Its own queue and batching worker; the scheduler settings are shared.")
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     recommend: RecommendSettings = Field(default_factory=RecommendSettings)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:
-        limit = self.model.max_input_length
-        if limit is not None and self.scheduler.max_batch_tokens < limit:
-            raise ValueError(
-                f"scheduler.max_batch_tokens={self.scheduler.max_batch_tokens} must be >= "
-                f"model.max_input_length={limit}: a longest input would never fit in a batch"
-            )
+        for section, model in (("model", self.model), ("reranker", self.reranker)):
+            limit = model.max_input_length if model is not None else None
+            if limit is not None and self.scheduler.max_batch_tokens < limit:
+                raise ValueError(
+                    f"scheduler.max_batch_tokens={self.scheduler.max_batch_tokens} must be >= "
+                    f"{section}.max_input_length={limit}: a longest input would never fit in a batch"
+                )
+        if self.reranker is not None and not self.reranker.path:
+            raise ValueError("reranker.path must name a cross-encoder (or classifier) model folder")
         if self.server.max_client_batch_size > self.scheduler.max_queue_size:
             raise ValueError(
                 f"server.max_client_batch_size={self.server.max_client_batch_size} must be <= "
@@ -248,7 +252,7 @@ class PathNotAllowed(ValueError):
 
 
 def check_model_dirs(settings: Settings) -> None:
-    """Raise PathNotAllowed when server.model_dirs is set and model.path or recommend.model_path resolves
+    """Raise PathNotAllowed when server.model_dirs is set and model.path, reranker.path or recommend.model_path resolves
     (after `~` and every symlink) outside all of them. model.path unset (the embedded model) always passes.
 
     The folder itself is checked, not each file inside it: links inside an allowed folder are trusted.
@@ -256,7 +260,9 @@ def check_model_dirs(settings: Settings) -> None:
     if not settings.server.model_dirs:
         return
     allowed = [Path(d).expanduser().resolve() for d in settings.server.model_dirs]
-    for name, value in (("model.path", settings.model.path), ("recommend.model_path", settings.recommend.model_path)):
+    reranker = settings.reranker.path if settings.reranker is not None else None
+    for name, value in (("model.path", settings.model.path), ("reranker.path", reranker),
+                        ("recommend.model_path", settings.recommend.model_path)):
         if not value:
             continue
         resolved = Path(value).expanduser().resolve()

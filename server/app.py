@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import server
 from configs.settings import Settings, check_model_dirs
+from models.config import ModelFolderError
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
 from server import (
@@ -84,22 +85,43 @@ def warm_up(embedder: Embedder, tokenizer: TextTokenizer) -> None:
     embedder.embed([short, longest])
 
 
+def _engine(settings: Settings, loaded: tuple[Embedder, TextTokenizer, ModelInfo], metrics: Metrics) -> Engine:
+    """Warm the model up, build (or load) its cost model, and start an engine on it."""
+    embedder, tokenizer, info = loaded
+    if settings.model.warmup:
+        warm_up(embedder, tokenizer)
+    # Every policy gets the cost model: dp plans with it, and all of them report its predictions.
+    # JSON logs: no progress bar, whose partial lines would break one-object-a-line.
+    cost, found = build_cost_model(settings, embedder, info, progress=settings.server.log_format == "text")
+    log.info("cost model %s for %s: %s", "loaded" if found else "measured", info.name, cost.summary()["coefficients_seconds"])
+    engine = Engine(settings, embedder, tokenizer, info, metrics, cost)
+    engine.start()
+    return engine
+
+
+def _reranker(settings: Settings, metrics: Metrics) -> Engine:
+    """The engine of reranker.path (a cross-encoder or classifier served beside the model): its own model
+    settings, queue and worker; the scheduler and server settings are the main model's."""
+    own = settings.model_copy(update={"model": settings.reranker})
+    loaded = default_loader(own)()
+    if loaded[2].kind == "embedding":
+        raise ModelFolderError(f"reranker.path {settings.reranker.path} is an embedding model, not a cross-encoder or classifier")
+    return _engine(own, loaded, metrics)
+
+
 def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Metrics) -> None:
-    recommender = None
+    recommender, started = None, []
     try:
         if settings.embeddings.enabled:  # first: a bad DLRM folder or table fails fast
             recommender = build_recommender(settings)
-        embedder, tokenizer, info = loader()
-        if settings.model.warmup:
-            warm_up(embedder, tokenizer)
-        # Every policy gets the cost model: dp plans with it, and all of them report its predictions.
-        # JSON logs: no progress bar, whose partial lines would break one-object-a-line.
-        cost, loaded = build_cost_model(settings, embedder, info, progress=settings.server.log_format == "text")
-        log.info("cost model %s: %s", "loaded" if loaded else "measured", cost.summary()["coefficients_seconds"])
-        engine = Engine(settings, embedder, tokenizer, info, metrics, cost)
-        if getattr(embedder, "arena", None) is not None:
-            metrics.watch_arena(embedder.arena)
-        engine.start()
+        loaded = loader()
+        engine = _engine(settings, loaded, metrics)
+        started.append(engine)
+        if getattr(loaded[0], "arena", None) is not None:
+            metrics.watch_arena(loaded[0].arena)
+        if settings.reranker is not None:
+            started.append(_reranker(settings, metrics))
+            app.state.reranker = started[-1]
         if recommender is not None:
             metrics.watch_embeddings(recommender.ps, recommender.consumer)
             app.state.recommender = recommender
@@ -109,10 +131,14 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
         # over the start-up objects costs ~0.1 s on this CPU, a pause in whichever batch triggers it).
         gc.freeze()
         metrics.ready.set(1)
-        log.info("model %s ready (dim %d, max input %d tokens)", info.name, info.dim, info.max_input_length)
+        for e in started:
+            log.info("model %s ready (dim %d, max input %d tokens)", e.info.name, e.info.dim, e.info.max_input_length)
     except Exception as exc:
         app.state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model failed to load; the server stays unready")
+        app.state.reranker = None
+        for engine in started:
+            engine.stop(timeout=5)
         if recommender is not None and app.state.recommender is None:
             recommender.close()
 
@@ -148,12 +174,17 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             app.state.engine.stop(timeout=30)
             if app.state.engine.cost is not None:
                 save_refined(settings, app.state.engine.cost)
+        if app.state.reranker is not None:
+            app.state.reranker.stop(timeout=30)
+            if app.state.reranker.cost is not None:
+                save_refined(app.state.reranker.settings, app.state.reranker.cost)
         if app.state.recommender is not None:
             app.state.recommender.close()
         app.state.shared_memory.close()
 
     app = FastAPI(title="turboserve", version=server.__version__, lifespan=lifespan)
     app.state.engine = None
+    app.state.reranker = None  # reranker.path's engine, once loaded
     app.state.load_error = None
     app.state.recommender = None
     app.state.embeddings_enabled = settings.embeddings.enabled
@@ -166,13 +197,14 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         """Readiness off and new requests refused (503) from now on; admitted ones carry on."""
         app.state.draining = True
         metrics.ready.set(0)
-        if app.state.engine is not None:  # no batch is held back for arrivals that will not come
-            app.state.engine.queue.stop_waiting()
+        for engine in (app.state.engine, app.state.reranker):  # no batch is held back for arrivals that will not come
+            if engine is not None:
+                engine.queue.stop_waiting()
 
     def busy() -> int:
         """Requests being answered plus sequences queued or running (0 once everything admitted is done)."""
-        engine = app.state.engine
-        return edge_state["in_flight"] + (engine.queue.depth if engine is not None else 0)
+        engines = [e for e in (app.state.engine, app.state.reranker) if e is not None]
+        return edge_state["in_flight"] + sum(e.queue.depth for e in engines)
 
     app.state.begin_drain = begin_drain
     app.state.busy = busy

@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="also serve KServe v2 gRPC on this port (server.grpc_port; Triton's is 8001)")
     serve.add_argument("--model", help="Hugging Face model folder (model.path); default: embedded all-MiniLM-L6-v2")
     serve.add_argument("--model-name", help="served model name (model.name)")
+    serve.add_argument("--reranker", help="a cross-encoder folder served beside the model for /rerank and the like (reranker.path)")
     serve.add_argument("--device", help="torch device (model.device)")
     serve.add_argument("--api-key", help="require this bearer token (server.api_key); visible in ps, prefer --api-key-file")
     serve.add_argument("--api-key-file", help="read the bearer token from this file (server.api_key_file)")
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"host": ("server", "host"), "port": ("server", "port"), "grpc_port": ("server", "grpc_port"), "model": ("model", "path"),
-             "model_name": ("model", "name"), "device": ("model", "device"), "api_key": ("server", "api_key"),
+             "model_name": ("model", "name"), "reranker": ("reranker", "path"), "device": ("model", "device"), "api_key": ("server", "api_key"),
              "api_key_file": ("server", "api_key_file"), "log_format": ("server", "log_format"),
              "access_log": ("server", "access_log"),
              "runs": ("scheduler", "profile_runs"), "max_tokens": ("scheduler", "profile_max_tokens")}
@@ -105,6 +106,14 @@ def _settings(args: argparse.Namespace):
     except ModelFolderError as exc:
         print(f"turboserve: model.path: {exc}", file=sys.stderr)
         return None
+    if settings.reranker is not None:
+        try:
+            if read_model_folder(settings.reranker.path).head is None:
+                raise ModelFolderError(f"{settings.reranker.path} is not a cross-encoder or classifier "
+                                       "(its config.json names no *ForSequenceClassification architecture)")
+        except ModelFolderError as exc:
+            print(f"turboserve: reranker.path: {exc}", file=sys.stderr)
+            return None
     return settings
 
 

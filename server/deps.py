@@ -36,6 +36,22 @@ def engine_of(request: Request) -> Engine:
     return engine
 
 
+def engine_for(request: Request, *kinds: str) -> Engine:
+    """The ready engine whose model is of one of `kinds`: the model's own, else the reranker's (reranker.path);
+    the model's when neither is (its require() then names what it serves)."""
+    engine = engine_of(request)
+    second = request.app.state.reranker
+    if engine.info.kind not in kinds and second is not None and second.info.kind in kinds:
+        return second
+    return engine
+
+
+def engines_of(request: Request) -> list[Engine]:
+    """Every ready engine: the model's, then the reranker's when one is served."""
+    second = request.app.state.reranker
+    return [engine_of(request)] + ([second] if second is not None else [])
+
+
 def timing_of(request: Request) -> Timing:
     return request.scope[SCOPE_KEY]
 

@@ -67,8 +67,6 @@ class Engine:
         self.embedder = embedder
         self.cost = cost
         self.metrics = metrics
-        if cost is not None:
-            metrics.cost_overrun.set_function(cost.pessimism)  # read at scrape time
         sched = settings.scheduler
         policy = policy_config(sched)
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
@@ -76,8 +74,7 @@ class Engine:
         self._wake_pending = False
         self.worker = BatchWorker(self.queue, embedder, metrics)
         self.stats = InferStats()  # Triton's statistics extension (batches: metrics.batches)
-        metrics.queue_depth.set_function(lambda: self.queue.depth)
-        self.tei = metrics.watch_tei(info.max_input_length, lambda: self.queue.depth)
+        self.tei = metrics.watch_engine(self.queue, cost, info.max_input_length)
 
     def start(self) -> None:
         self.worker.start()

@@ -56,13 +56,23 @@ class Metrics:
             "turboserve_cost_model_overrun_ratio", "Running 90th percentile of observed / predicted batch time (the "
             "factor dp's overload shedding plans with; 1 until batches overrun the model).", registry=r)
         self.cost_overrun.set(1.0)
-        self.tei: TEIMetrics | None = None  # TEI's names, once an engine gives the queue and input limit
+        self.tei: TEIMetrics | None = None  # TEI's names, made with the first engine (its input limit)
+        self._queues: list = []
 
-    def watch_tei(self, max_input_length: int, queue_depth) -> TEIMetrics:
-        """TEI's metric names (server/metrics_tei.py) on this registry; made once, by the first engine."""
+    def watch_engine(self, queue, cost, max_input_length: int) -> TEIMetrics:
+        """Read an engine's queue (depths summed over the engines: the model and a reranker) and, for the first
+        engine, its cost model's overrun at scrape time; TEI's metric names (server/metrics_tei.py), made once."""
+        self._queues.append(queue)
+        if len(self._queues) == 1:
+            self.queue_depth.set_function(self._depth)
+            if cost is not None:
+                self.cost_overrun.set_function(cost.pessimism)
         if self.tei is None:
-            self.tei = TEIMetrics(self.registry, max_input_length, queue_depth)
+            self.tei = TEIMetrics(self.registry, max_input_length, self._depth)
         return self.tei
+
+    def _depth(self) -> int:
+        return sum(q.depth for q in self._queues)
 
     # Observer hooks, called from the worker thread.
     def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None:

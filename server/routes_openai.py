@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from models.runtime import finish_embedding
-from server.deps import engine_of, json_response, timing_of
+from server.deps import engine_of, engines_of, json_response, timing_of
 from server.errors import WrongModelKind, error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("openai"))
@@ -78,6 +78,5 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request):
-    engine = engine_of(request)
-    return {"object": "list", "data": [{"id": engine.info.name, "object": "model",
-                                        "created": request.app.state.started_at, "owned_by": "turboserve"}]}
+    return {"object": "list", "data": [{"id": engine.info.name, "object": "model", "created": request.app.state.started_at,
+                                        "owned_by": "turboserve"} for engine in engines_of(request)]}

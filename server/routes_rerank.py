@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from server.deps import Direction, engine_of, json_response, timing_of
+from server.deps import Direction, engine_for, json_response, timing_of
 from server.errors import EmptyInput, InvalidRequest, error_responses
 
 router = APIRouter(tags=["rerank"], responses=error_responses("tei"))
@@ -53,7 +53,7 @@ class CohereRerankRequest(BaseModel):
 
 async def _rank(request: Request, query: str, texts: list[str], truncate: bool | None, direction: str) -> tuple[np.ndarray, int]:
     """(relevance logits [n], tokens) of each text against the query."""
-    engine = engine_of(request)
+    engine = engine_for(request, "reranker")
     engine.require("reranker")
     if not query:
         raise EmptyInput("the query is an empty string")
@@ -93,7 +93,7 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
         if not isinstance(text, str):
             raise InvalidRequest(f"document {i} must be a string or an object with a string `text`")
         texts.append(text)
-    engine = engine_of(request)
+    engine = engine_for(request, "reranker")
     engine.check_model(body.model)
     logits, tokens = await _rank(request, body.query, texts, body.truncate, "right")
     scores = _scores(logits[:, None], False)[:, 0]
@@ -120,7 +120,7 @@ async def predict(body: PredictRequest, request: Request):
 
 async def predictions(body: PredictRequest, request: Request) -> list:
     """/predict's answer (also /vertex's for a classifier or re-ranker)."""
-    engine = engine_of(request)
+    engine = engine_for(request, "classifier", "reranker")
     engine.require("classifier", "reranker")
     single = isinstance(body.inputs, str) or (len(body.inputs) == 2 and all(isinstance(x, str) for x in body.inputs))
     items = [body.inputs] if single else list(body.inputs)
@@ -153,7 +153,7 @@ class ScoreRequest(BaseModel):
 async def score(body: ScoreRequest, request: Request):
     """vLLM's score API: {data: [{index, object: "score", score}], usage}, the sigmoid score of each
     (text_1, text_2) pair in the order given."""
-    engine = engine_of(request)
+    engine = engine_for(request, "reranker")
     engine.check_model(body.model)
     firsts = [body.text_1] if isinstance(body.text_1, str) else body.text_1
     seconds = [body.text_2] if isinstance(body.text_2, str) else body.text_2
@@ -181,7 +181,7 @@ class ClassifyRequest(BaseModel):
 async def classify(body: ClassifyRequest, request: Request):
     """vLLM's classification API: per input the most probable label, the probabilities over every label (softmax;
     the sigmoid for a one-label model, as vLLM) and num_classes, in input order; usage in tokens."""
-    engine = engine_of(request)
+    engine = engine_for(request, "classifier", "reranker")
     engine.check_model(body.model)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing, body.truncate, kinds=("classifier", "reranker"))

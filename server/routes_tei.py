@@ -14,7 +14,7 @@ import server
 from models.runtime import finish_embedding
 from scheduler.errors import BackendError, NotReady
 from server import routes_rerank, routes_vllm
-from server.deps import Direction, engine_of, json_response, timing_of
+from server.deps import Direction, engine_of, engines_of, json_response, timing_of
 from server.errors import EmptyInput, error_responses
 
 router = APIRouter(tags=["tei"], responses=error_responses("tei"))
@@ -101,8 +101,11 @@ async def root(body: dict, request: Request):
     /similarity when `inputs` is {source_sentence, sentences} (TEI serves that only under
     TASK=sentence-similarity; huggingface_hub's InferenceClient posts both feature_extraction and
     sentence_similarity here); for a re-ranker or classifier /rerank when the body has a `query`, else /predict
-    (InferenceClient's text_classification)."""
+    (InferenceClient's text_classification). With a reranker beside the model (reranker.path), a body with a
+    `query` is a /rerank."""
     try:
+        if "query" in body and request.app.state.reranker is not None:
+            return await routes_rerank.rerank(body, request)
         if engine_of(request).info.sparse:
             return await embed_sparse(EmbedSparseRequest.model_validate(body), request)
         if engine_of(request).info.kind == "embedding":
@@ -244,9 +247,8 @@ async def info(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    """200 when the model is loaded and its worker runs; 503 otherwise."""
-    engine = engine_of(request)
-    if not engine.healthy:
+    """200 when the model (and the reranker, when one is served) is loaded and its worker runs; 503 otherwise."""
+    if not all(engine.healthy for engine in engines_of(request)):
         raise NotReady("the batching worker has stopped")
     return json_response({"status": "ok"})
 

@@ -94,6 +94,9 @@ def test_model_dirs_and_log_format_from_the_environment(monkeypatch):
 def test_every_setting_is_in_the_readme_table():
     # Users look settings up in the README's table; a new field without a row is a documentation bug.
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [f"{section}.{name}" for section, field in Settings.model_fields.items()
+    missing = [f"{section}.{name}" for section, field in Settings.model_fields.items() if hasattr(field.annotation, "model_fields")
                for name in field.annotation.model_fields if f"| `{section}.{name}` |" not in readme]
+    # An optional section of another's fields (reranker: a ModelSettings) has one row naming the section.
+    missing += [section for section, field in Settings.model_fields.items()
+                if not hasattr(field.annotation, "model_fields") and f"| `{section}` |" not in readme]
     assert not missing, f"settings without a row in README.md's table: {missing}"
