@@ -94,3 +94,27 @@ def test_memory_arena_plans_the_cuda_code_path():
         per_token = planned.embed(seqs, [True] * 5)
         planned.embed(random_seqs((64, 64, 64), seed=3))  # reuses the arena's memory
         assert all(np.array_equal(x, y) for x, y in zip(per_token, fresh.embed(seqs, [True] * 5)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_splade_head_on_the_gpu_matches_cpu_fp32(dtype):
+    """SPLADE pooling (models/encoder.py SpladeHead: chunked MLM logits, scatter-max per sequence) on CUDA in half
+    precision, over the GPU encoder's states, against the CPU fp32 model: the same words weigh, close."""
+    from models.encoder import SpladeHead  # noqa: PLC0415
+
+    cpu = random_encoder("minilm-l6")
+    torch.manual_seed(2)
+    head = SpladeHead(384, 30522, "gelu", 1e-12).eval()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    seqs = random_seqs((1, 8, 300, 600 - 300, 33))
+    with torch.inference_mode():
+        batch = PackedBatch.from_ids(seqs, 0)
+        want = head(cpu(batch), batch).numpy()
+        gpu_batch = PackedBatch.from_ids(seqs, 0, "cuda")
+        got = copy.deepcopy(head).to("cuda", dtype)(copy.deepcopy(cpu).to("cuda", dtype)(gpu_batch), gpu_batch).cpu().numpy()
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=0.05, rtol=0.05)
+    strong = want > 0.1
+    assert strong.any() and (got[strong] > 0).all()
