@@ -18,7 +18,6 @@ import asyncio
 import hmac
 import logging
 import time
-import uuid
 
 import grpc
 import numpy as np
@@ -30,6 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 import server
 from models.runtime import finish_embedding
 from server.errors import InvalidRequest, Unauthorized, kind_of
+from server.grpc_common import CODES, call_metadata, call_timing
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
     NUMPY_TYPES,
@@ -48,12 +48,6 @@ from server.shared_memory import SharedMemoryRegistry, Target, target
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
-
-# HTTP status of an error kind -> the gRPC code Triton answers for the same condition.
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-          413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.UNAVAILABLE, 499: grpc.StatusCode.CANCELLED,
-          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
-
 
 class _Call:
     """What Engine.run reads of an HTTP request, from a gRPC call: the scheduling headers (the call's
@@ -187,14 +181,12 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         """Run `work(metadata, timing)`, count it, and turn a domain error into the matching gRPC status (message
         only: never a traceback). The request id and the timings go back as trailing metadata, as HTTP headers do."""
         code = grpc.StatusCode.OK
-        metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        timing = Timing(metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex)
+        metadata = call_metadata(context)
+        timing = call_timing(metadata)
         request_id = timing.request_id
         try:
-            if self.api_key is not None and rpc not in ("ServerLive", "ServerReady"):
-                given = metadata.get("authorization", "").encode()
-                if not hmac.compare_digest(given[7:] if given[:7].lower() == b"bearer " else b"", self.api_key):
-                    raise Unauthorized("missing or wrong API key (metadata authorization: Bearer <key>)")
+            if rpc not in ("ServerLive", "ServerReady"):
+                self._check_key(metadata)
             answer = await work(metadata, timing)
             context.set_trailing_metadata((
                 ("x-request-id", request_id), ("x-total-time", f"{(time.perf_counter() - timing.started) * 1000:.3f}"),
@@ -210,21 +202,33 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("unhandled error in gRPC %s (request id %s)", rpc, request_id)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
             else:
-                code, message = _CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
+                code, message = CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
             await context.abort(code, message, trailing_metadata=(("x-request-id", request_id),))
         finally:
-            seconds = time.perf_counter() - timing.started
-            metrics = self.app.state.metrics
-            metrics.request_duration.labels(f"grpc {rpc}").observe(seconds)
-            metrics.requests.labels(f"grpc {rpc}", code.name).inc()
-            if self.access_log:
-                peer = context.peer()
-                access_log.info("gRPC %s %s", rpc, code.name, extra={"fields": {
-                    "request_id": request_id, "method": "gRPC", "path": f"/inference.GRPCInferenceService/{rpc}",
-                    "route": f"grpc {rpc}", "status": code.name, "duration_ms": round(seconds * 1000, 3),
-                    "client": peer, "tokens": timing.tokens, "tokenization_ms": round(timing.tokenization * 1000, 3),
-                    "queue_ms": round(timing.queue * 1000, 3), "inference_ms": round(timing.inference * 1000, 3),
-                    "user_agent": metadata.get("user-agent")}})
+            self._record(rpc, code, timing, metadata, context)
+
+    def _check_key(self, metadata: dict[str, str]) -> None:
+        """Unauthorized unless the call carries the API key (when one is set)."""
+        if self.api_key is not None:
+            given = metadata.get("authorization", "").encode()
+            if not hmac.compare_digest(given[7:] if given[:7].lower() == b"bearer " else b"", self.api_key):
+                raise Unauthorized("missing or wrong API key (metadata authorization: Bearer <key>)")
+
+    def _record(self, rpc: str, code: grpc.StatusCode, timing: Timing, metadata: dict[str, str], context) -> None:
+        """Count a call (or one message of a stream) in the metrics, and write its access line."""
+        request_id = timing.request_id
+        seconds = time.perf_counter() - timing.started
+        metrics = self.app.state.metrics
+        metrics.request_duration.labels(f"grpc {rpc}").observe(seconds)
+        metrics.requests.labels(f"grpc {rpc}", code.name).inc()
+        if self.access_log:
+            peer = context.peer()
+            access_log.info("gRPC %s %s", rpc, code.name, extra={"fields": {
+                "request_id": request_id, "method": "gRPC", "path": f"/inference.GRPCInferenceService/{rpc}",
+                "route": f"grpc {rpc}", "status": code.name, "duration_ms": round(seconds * 1000, 3),
+                "client": peer, "tokens": timing.tokens, "tokenization_ms": round(timing.tokenization * 1000, 3),
+                "queue_ms": round(timing.queue * 1000, 3), "inference_ms": round(timing.inference * 1000, 3),
+                "user_agent": metadata.get("user-agent")}})
 
     async def ServerLive(self, request, context):
         async def work(metadata, timing):
@@ -270,24 +274,28 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def work(metadata, timing):
-            shm = self.app.state.shared_memory
-            rec = dlrm_named(self, request.model_name)
-            if rec is not None:
-                targets = _output_targets(request, shm)
-                outputs = {"scores": await dlrm_scores(rec, _tensors(request, shm), [o.name for o in request.outputs], timing)}
-                return _infer_response(rec.name, request.id, outputs, place_outputs(shm, targets, outputs))
-            engine = encoder_named(self, request.model_name)
-            wrong = [o.name for o in request.outputs if o.name != "embedding"]
-            if wrong:
-                raise InvalidRequest(f"the only output is 'embedding', not {wrong}")
-            targets = _output_targets(request, shm)
-            texts = _texts(request, shm)
-            truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
-            encoded = await engine.tokenize(texts, timing, truncate)
-            rows = await engine.run(encoded, _Call(metadata, context), timing)  # type: ignore[arg-type]
-            outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
-            return _infer_response(engine.info.name, request.id, outputs, place_outputs(shm, targets, outputs))
+            return await self._infer(request, metadata, timing, context)
         return await self._answer("ModelInfer", context, work)
+
+    async def _infer(self, request: pb.ModelInferRequest, metadata: dict[str, str], timing: Timing, context):
+        """One inference (ModelInfer, or one message of ModelStreamInfer): the DLRM's or the encoder's."""
+        shm = self.app.state.shared_memory
+        rec = dlrm_named(self, request.model_name)
+        if rec is not None:
+            targets = _output_targets(request, shm)
+            outputs = {"scores": await dlrm_scores(rec, _tensors(request, shm), [o.name for o in request.outputs], timing)}
+            return _infer_response(rec.name, request.id, outputs, place_outputs(shm, targets, outputs))
+        engine = encoder_named(self, request.model_name)
+        wrong = [o.name for o in request.outputs if o.name != "embedding"]
+        if wrong:
+            raise InvalidRequest(f"the only output is 'embedding', not {wrong}")
+        targets = _output_targets(request, shm)
+        texts = _texts(request, shm)
+        truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
+        encoded = await engine.tokenize(texts, timing, truncate)
+        rows = await engine.run(encoded, _Call(metadata, context), timing)  # type: ignore[arg-type]
+        outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
+        return _infer_response(engine.info.name, request.id, outputs, place_outputs(shm, targets, outputs))
 
 
 async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int,

@@ -1,19 +1,77 @@
-"""Triton's gRPC extensions beyond KServe v2, for the servicer in server/grpc_kserve.py: system shared memory
-(CUDA shared memory refused clearly) and the model repository, answered by the functions the HTTP routes use
-(server/routes_triton.py, server/shared_memory.py)."""
+"""Triton's gRPC extensions beyond KServe v2, for the servicer in server/grpc_kserve.py: streaming inference,
+system shared memory (CUDA shared memory refused clearly) and the model repository, answered by the functions the
+HTTP routes use (server/routes_triton.py, server/shared_memory.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, kind_of
+from server.grpc_common import CODES, call_metadata, call_timing
 from server.routes_triton import repository_index, repository_load, repository_unload
 from server.shared_memory import cuda_refused
 
+log = logging.getLogger(__name__)
+
 
 class TritonExtensions:
-    """A mixin of the servicer: `self.app` and `self._answer(rpc, context, work)` are the servicer's."""
+    """A mixin of the servicer: `self.app`, `self._answer(rpc, context, work)`, `self._infer`, `self._check_key`
+    and `self._record` are the servicer's."""
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming inference (tritonclient's start_stream / async_stream_infer, perf_analyzer
+        --streaming): each request on the stream is answered by one message, as soon as it is done (clients match
+        them by id), so a stream's requests run concurrently and batch together. A failed request is its message's
+        error_message and the stream goes on; the client closing the stream drops what is still queued."""
+        metadata = call_metadata(context)
+        try:
+            self._check_key(metadata)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        answers: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def one(request) -> None:
+            timing, code = call_timing(metadata), grpc.StatusCode.OK
+            try:
+                message = pb.ModelStreamInferResponse(infer_response=await self._infer(request, metadata, timing, context))
+            except Exception as exc:
+                kind = kind_of(exc)
+                if kind is None:
+                    log.exception("unhandled error in gRPC ModelStreamInfer (request id %s)", timing.request_id)
+                    code, text = grpc.StatusCode.INTERNAL, f"internal error (request id {timing.request_id})"
+                else:
+                    code, text = CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
+                message = pb.ModelStreamInferResponse(
+                    error_message=text, infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+            finally:
+                self._record("ModelStreamInfer", code, timing, metadata, context)
+            await answers.put(message)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (message := await answers.get()) is not None:
+                yield message
+        finally:  # the stream ended or was cancelled: whatever still runs is not wanted
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     async def SystemSharedMemoryStatus(self, request, context):
         async def work(metadata, timing):

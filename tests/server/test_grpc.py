@@ -176,6 +176,17 @@ def test_the_api_key_guards_grpc_too():
         ok = client.infer(MODEL, [_input(["x"])], headers={"authorization": f"Bearer {KEY}"})
         assert ok.as_numpy("embedding").shape == (1, 8)
         client.close()
+        for headers, want in (({}, "UNAUTHENTICATED"), ({"authorization": f"Bearer {KEY}"}, None)):  # streams too
+            import queue  # noqa: PLC0415
+
+            answers: queue.Queue = queue.Queue()
+            client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+            client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=headers)
+            client.async_stream_infer(MODEL, [_input(["x"])])
+            result, error = answers.get(timeout=10)
+            assert (error is None and result.as_numpy("embedding").shape == (1, 8)) if want is None else want in str(error)
+            client.stop_stream()
+            client.close()
 
 
 
@@ -188,3 +199,40 @@ def test_access_log_lines_for_grpc_calls(caplog):
     assert len(lines) == 1
     fields = lines[0].fields
     assert fields["route"] == "grpc ModelInfer" and fields["tokens"] == 3 and fields["inference_ms"] > 0
+
+
+def test_streaming_inference_answers_each_request_batches_them_and_reports_errors_in_band(grpc_srv):
+    """tritonclient's start_stream / async_stream_infer (ModelStreamInfer): one answer a request, matched by id;
+    requests of one stream queued together run in one batch; a bad request is an error message, not the end."""
+    import queue  # noqa: PLC0415
+
+    embedder = grpc_srv.app.state.embedder
+    answers: queue.Queue = queue.Queue()
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_srv.app.state.grpc_port}")
+    texts = ["first streamed text", "second", "a third, longer streamed text"]
+    embedder.gate.clear()  # the worker holds its first batch: the rest of the stream queues behind it
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(MODEL, [_input(["opener"])], request_id="opener")
+        assert embedder.entered.wait(10)
+        for i, text in enumerate(texts):
+            client.async_stream_infer(MODEL, [_input([text])], request_id=f"s{i}")
+        client.async_stream_infer("not-a-model", [_input(["x"])], request_id="bad")
+        time.sleep(0.2)
+        embedder.gate.set()
+        got = [answers.get(timeout=10) for _ in range(len(texts) + 2)]
+        client.async_stream_infer(MODEL, [_input(["after the error"])], request_id="after")
+        last, error = answers.get(timeout=10)
+        assert error is None and last.get_response().id == "after"
+    finally:
+        embedder.gate.set()
+        client.stop_stream()
+        client.close()
+    errors = [e for _, e in got if e is not None]
+    assert len(errors) == 1 and "not-a-model" in str(errors[0]) and "Traceback" not in str(errors[0])
+    vectors = {r.get_response().id: r.as_numpy("embedding") for r, e in got if e is None}
+    assert sorted(vectors) == ["opener", "s0", "s1", "s2"]
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(vectors[f"s{i}"], _want(grpc_srv, [text]), atol=1e-6)
+    ids = {tuple(e.ids) for e in grpc_srv.app.state.engine.tokenizer.encode(texts)}
+    assert any(len(ids & {tuple(x) for x in batch}) == 3 for batch in embedder.batches)  # one batch for the three

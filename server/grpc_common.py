@@ -1,0 +1,23 @@
+"""What the gRPC servicer (server/grpc_kserve.py) and its Triton extensions (server/grpc_triton.py) share."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from server.middleware import Timing
+
+# HTTP status of an error kind -> the gRPC code Triton answers for the same condition.
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+         413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.UNAVAILABLE, 499: grpc.StatusCode.CANCELLED,
+         503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def call_metadata(context) -> dict[str, str]:
+    """The call's metadata, keys lower-cased (what HTTP headers carry: x-slo-ms, x-request-id, authorization...)."""
+    return {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def call_timing(metadata: dict[str, str]) -> Timing:
+    return Timing(metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex)
