@@ -236,3 +236,27 @@ def test_streaming_inference_answers_each_request_batches_them_and_reports_error
         np.testing.assert_allclose(vectors[f"s{i}"], _want(grpc_srv, [text]), atol=1e-6)
     ids = {tuple(e.ids) for e in grpc_srv.app.state.engine.tokenizer.encode(texts)}
     assert any(len(ids & {tuple(x) for x in batch}) == 3 for batch in embedder.batches)  # one batch for the three
+
+
+def test_a_cancelled_stream_drops_its_queued_requests():
+    from tests.server.test_failures import wait_for  # noqa: PLC0415
+    from tests.server.test_overload import dropped  # noqa: PLC0415
+
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"grpc_port": 0}) as s:
+        engine = s.app.state.engine
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+        embedder.gate.clear()
+        try:
+            client.start_stream(callback=lambda result, error: None)
+            client.async_stream_infer(MODEL, [_input(["opener"])])
+            assert embedder.entered.wait(10)
+            client.async_stream_infer(MODEL, [_input(["queued one", "queued two"])])
+            wait_for(lambda: engine.queue.depth == 2)
+            client.stop_stream(cancel_requests=True)
+            wait_for(lambda: dropped(s, "disconnect") == 2 and engine.queue.depth == 0)
+        finally:
+            embedder.gate.set()
+            client.close()
+        gone = [engine.tokenizer.encode([t])[0].ids for t in ("queued one", "queued two")]
+        assert not any(ids in batch for batch in embedder.batches for ids in gone)
