@@ -119,3 +119,14 @@ def test_the_cuda_code_path_gives_the_same_sparse_weights_on_the_emulator(root, 
     np.testing.assert_allclose(got, want, atol=0.03, rtol=0.03)
     strong = want > 0.05  # a weight well above zero stays non-zero
     assert (got[strong] > 0).all()
+
+
+def test_splade_in_bfloat16_on_the_cpu(root):
+    folder = splade_folder(root)
+    fp32, tokenizer, _ = load_model(str(folder))
+    bf16, _, _ = load_model(str(folder), dtype="bfloat16")
+    ids = [e.ids for e in tokenizer.encode(TEXTS[:3], truncate=True)]
+    want, got = fp32.embed(ids), bf16.embed(ids)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.02)
+    assert (got[want > 0.05] > 0).all()
