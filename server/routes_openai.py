@@ -57,6 +57,9 @@ class ModelList(BaseModel):
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     engine = engine_of(request)
+    beside = request.app.state.reranker
+    if beside is not None and body.model == beside.info.name:
+        raise WrongModelKind(f"model {body.model!r} is the re-ranker served beside {engine.info.name!r}: use /v1/rerank")
     engine.check_model(body.model)
     if engine.info.sparse:
         raise WrongModelKind("this server serves a sparse (SPLADE) embedding model: its vectors come from /embed_sparse")

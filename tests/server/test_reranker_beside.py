@@ -58,6 +58,8 @@ def test_each_route_answers_from_its_model(both, alone, real_server):
     r = c.post("/v1/rerank", json={"model": info["model_id"], "query": QUERY, "documents": TEXTS})
     assert r.status_code == 404 and "'ce'" in r.json()["error"]["message"]
     assert c.get("/health").status_code == 200
+    r = c.post("/v1/embeddings", json={"model": "ce", "input": "x"})
+    assert r.status_code == 400 and "/v1/rerank" in r.json()["error"]["message"]
     # Triton's repository lists what KServe v2 serves: the model (KServe infer does not serve re-rankers).
     assert [m["name"] for m in c.post("/v2/repository/index").json()] == [info["model_id"]]
     assert server.app.state.reranker.info.name == "ce" and server.app.state.reranker.queue is not server.app.state.engine.queue
