@@ -4,6 +4,7 @@ server on a free loopback port, run in a thread so tests can reach into the app.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -166,3 +167,13 @@ def stop_load_and_processes(stop: threading.Event, threads, procs) -> None:
         if proc is not None and proc.poll() is None:
             proc.terminate()
             proc.wait(20)
+
+
+def post_and_walk_away(url: str, path: str, body: bytes) -> socket.socket:
+    """POST a JSON `body` on a raw socket and leave the answer unread; closing the returned socket is a client
+    walking away (the server sees the disconnect)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return sock

@@ -112,22 +112,18 @@ def test_vertex_on_a_reranker_and_a_classifier(reranker, classifier):
 
 def test_vertex_instances_of_a_client_that_walked_away_are_dropped_before_compute():
     """Every instance watches the one connection: a disconnect withdraws all their queued sequences."""
-    import socket  # noqa: PLC0415
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
     from tests.server.test_failures import wait_for  # noqa: PLC0415
     from tests.server.test_overload import dropped  # noqa: PLC0415
-    from tests.support import DummyEmbedder, dummy_server  # noqa: PLC0415
+    from tests.support import DummyEmbedder, dummy_server, post_and_walk_away  # noqa: PLC0415
 
     embedder = DummyEmbedder()
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
         engine = s.app.state.engine
         blocker = embedder.occupy(pool, c)
-        host, port = s.url.removeprefix("http://").split(":")
-        body = b'{"instances": [{"inputs": ["one", "two"]}, {"inputs": "three"}, {"inputs": "four"}]}'
-        sock = socket.create_connection((host, int(port)), timeout=5)
-        sock.sendall(b"POST /vertex HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = post_and_walk_away(s.url, "/vertex", b'{"instances": [{"inputs": ["one", "two"]}, {"inputs": "three"}, '
+                                  b'{"inputs": "four"}]}')
         wait_for(lambda: engine.queue.depth == 4)
         sock.close()
         wait_for(lambda: dropped(s, "disconnect") == 4 and engine.queue.depth == 0)

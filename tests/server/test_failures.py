@@ -3,14 +3,13 @@ or fails explicitly, and the server keeps serving."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.support import MODEL, DummyEmbedder, dummy_server
+from tests.support import MODEL, DummyEmbedder, dummy_server, post_and_walk_away
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:
@@ -94,11 +93,7 @@ def test_disconnected_client_is_dropped_before_compute():
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
         blocker = embedder.occupy(pool, c)
         engine = s.app.state.engine
-        host, port = s.url.removeprefix("http://").split(":")
-        body = b'{"inputs": "walked away"}'
-        sock = socket.create_connection((host, int(port)), timeout=5)
-        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = post_and_walk_away(s.url, "/embed", b'{"inputs": "walked away"}')
         wait_for(lambda: engine.queue.depth == 1)
         waiting = engine.queue._pending[0]
         sock.close()

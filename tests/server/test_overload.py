@@ -4,7 +4,6 @@ bounded overload against the real server sheds the excess with 429s and keeps ev
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +15,7 @@ from bench.overload import Connection, OpenLoop, Sampler, closed_loop, reference
 from bench.workload import make_texts
 from tests.processes import free_port
 from tests.server.test_failures import wait_for
-from tests.support import MODEL, DummyEmbedder, dummy_server, spawn_server, wait_healthy
+from tests.support import MODEL, DummyEmbedder, dummy_server, post_and_walk_away, spawn_server, wait_healthy
 
 
 def dropped(srv, reason: str) -> float:
@@ -79,11 +78,7 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped():
     with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
         engine = s.app.state.engine
         blocker = embedder.occupy(pool, c)
-        host, port = s.url.removeprefix("http://").split(":")
-        body = b'{"input": ["walked", "away"], "model": "%s"}' % MODEL.encode()
-        sock = socket.create_connection((host, int(port)), timeout=5)
-        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = post_and_walk_away(s.url, "/v1/embeddings", b'{"input": ["walked", "away"], "model": "%s"}' % MODEL.encode())
         wait_for(lambda: engine.queue.depth == 2)
         sock.close()
         # Both sequences leave the queue as soon as the route sees the disconnect, with the worker still busy.
