@@ -111,6 +111,14 @@ class EncoderEmbedder:
         return out
 
 
+def dtype_refused(device: str, dtype: str) -> str | None:
+    """Why `dtype` cannot run on `device`, or None: float16 on a CPU (outside the CUDA emulator)."""
+    if torch.device(device).type == "cpu" and dtype == "float16" and not cuda.emulating():
+        return ("model.dtype=float16 is not supported on CPU (no fast float16 GEMMs there); use bfloat16 or float32 "
+                "(float16 runs on the CPU only under TURBOSERVE_EMULATE_CUDA=1)")
+    return None
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bfloat16 dot products (AVX512-BF16 or AMX), where bfloat16 GEMMs run about
     twice as fast as float32 ones; elsewhere oneDNN emulates them, slower than float32."""
@@ -139,9 +147,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     if torch_device.type == "cpu" and cuda.emulating():
         log.warning("TURBOSERVE_EMULATE_CUDA: the CUDA code path runs on the CPU emulator (kernels/emulate.py), "
                     "for checking it without a GPU; it is far slower than the CPU path")
-    elif torch_device.type == "cpu" and dtype == "float16":
-        raise ModelFolderError("model.dtype=float16 is not supported on CPU (no fast float16 GEMMs there); use bfloat16 "
-                               "or float32 (float16 runs on the CPU only under TURBOSERVE_EMULATE_CUDA=1)")
+    elif dtype_refused(device, dtype):
+        raise ModelFolderError(dtype_refused(device, dtype))
     elif torch_device.type == "cpu" and dtype == "bfloat16" and not cpu_has_bf16():
         log.warning("model.dtype=bfloat16 on a CPU without native bfloat16 instructions (avx512_bf16, amx_bf16): "
                     "it computes, but slower than float32")

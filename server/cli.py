@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="served model name (model.name)")
     serve.add_argument("--reranker", help="a cross-encoder folder served beside the model for /rerank and the like (reranker.path)")
     serve.add_argument("--device", help="torch device (model.device)")
+    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="compute dtype (model.dtype): float32 or bfloat16 on a CPU, float16 or bfloat16 on CUDA")
     serve.add_argument("--api-key", help="require this bearer token (server.api_key); visible in ps, prefer --api-key-file")
     serve.add_argument("--api-key-file", help="read the bearer token from this file (server.api_key_file)")
     serve.add_argument("--log-format", choices=["text", "json"], help="text, or one JSON object per line (server.log_format)")
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--config", help="YAML settings file")
     prof.add_argument("--model", help="Hugging Face model folder (model.path)")
     prof.add_argument("--device", help="torch device (model.device)")
+    prof.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (model.dtype)")
     prof.add_argument("--runs", type=int, help="timed runs per cell (scheduler.profile_runs)")
     prof.add_argument("--max-tokens", type=int, help="largest batch measured, in tokens (scheduler.profile_max_tokens)")
     imp = sub.add_parser("import-embeddings", help="import an embedding table into the persistent tier (RocksDB)",
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"host": ("server", "host"), "port": ("server", "port"), "grpc_port": ("server", "grpc_port"), "model": ("model", "path"),
-             "model_name": ("model", "name"), "reranker": ("reranker", "path"), "device": ("model", "device"), "api_key": ("server", "api_key"),
+             "model_name": ("model", "name"), "reranker": ("reranker", "path"), "device": ("model", "device"), "dtype": ("model", "dtype"), "api_key": ("server", "api_key"),
              "api_key_file": ("server", "api_key_file"), "log_format": ("server", "log_format"),
              "access_log": ("server", "access_log"),
              "runs": ("scheduler", "profile_runs"), "max_tokens": ("scheduler", "profile_max_tokens")}
@@ -101,6 +104,12 @@ def _settings(args: argparse.Namespace):
     except PathNotAllowed as exc:
         print(f"turboserve: {exc}", file=sys.stderr)
         return None
+    from models.runtime import dtype_refused
+
+    for section, model in (("model", settings.model), ("reranker", settings.reranker)):
+        if model is not None and dtype_refused(model.device, model.dtype):
+            print(f"turboserve: {section}.dtype: {dtype_refused(model.device, model.dtype)}", file=sys.stderr)
+            return None
     try:  # refuse a bad model folder now, not after the port is open
         read_model_folder(settings.model.path or default_model_path())
     except ModelFolderError as exc:

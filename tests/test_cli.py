@@ -32,7 +32,7 @@ def test_help():
     assert out.returncode == 0 and "serve" in out.stdout
     out = run("serve", "--help")
     assert out.returncode == 0 and "--config" in out.stdout and "--model" in out.stdout
-    for flag in ("--api-key-file", "--log-format", "--access-log"):
+    for flag in ("--api-key-file", "--log-format", "--access-log", "--dtype", "--reranker"):
         assert flag in out.stdout, flag
 
 
@@ -43,6 +43,8 @@ def test_help():
     (["--config", "/nonexistent.yaml"], {}, "cannot read config file"),
     ([], {"TURBOSERVE_SERVER__LOG_FORMAT": "xml"}, "server.log_format"),
     (["--api-key-file", "/nonexistent/key"], {}, "cannot read server.api_key_file"),
+    (["--dtype", "float16"], {}, "model.dtype=float16 is not supported on CPU"),
+    (["--dtype", "float64"], {}, "invalid choice"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_field(args, env, needle):
     out = run("serve", *args, env=env)
