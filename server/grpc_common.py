@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -21,3 +22,17 @@ def call_metadata(context) -> dict[str, str]:
 
 def call_timing(metadata: dict[str, str]) -> Timing:
     return Timing(metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex)
+
+
+class Call:
+    """What Engine.run reads of an HTTP request, from a gRPC call: the scheduling headers (the call's
+    metadata) and `receive`, which returns http.disconnect once the call is over (cancelled, or timed out)."""
+
+    def __init__(self, metadata: dict[str, str], context: grpc.aio.ServicerContext):
+        self.headers = metadata
+        self._over = asyncio.Event()
+        context.add_done_callback(lambda _: self._over.set())
+
+    async def receive(self) -> dict:
+        await self._over.wait()
+        return {"type": "http.disconnect"}

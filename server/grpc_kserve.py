@@ -28,8 +28,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 import server
 from models.runtime import finish_embedding
+from server import grpc_tei
 from server.errors import InvalidRequest, Unauthorized, kind_of
-from server.grpc_common import CODES, call_metadata, call_timing
+from server.grpc_common import CODES, Call, call_metadata, call_timing
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
     NUMPY_TYPES,
@@ -48,20 +49,6 @@ from server.shared_memory import SharedMemoryRegistry, Target, target
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
-
-class _Call:
-    """What Engine.run reads of an HTTP request, from a gRPC call: the scheduling headers (the call's
-    metadata) and `receive`, which returns http.disconnect once the call is over (cancelled, or timed out)."""
-
-    def __init__(self, metadata: dict[str, str], context: grpc.aio.ServicerContext):
-        self.headers = metadata
-        self._over = asyncio.Event()
-        context.add_done_callback(lambda _: self._over.set())
-
-    async def receive(self) -> dict:
-        await self._over.wait()
-        return {"type": "http.disconnect"}
-
 
 def _bool_param(params, name: str) -> bool | None:
     if name not in params:
@@ -293,7 +280,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         texts = _texts(request, shm)
         truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
         encoded = await engine.tokenize(texts, timing, truncate)
-        rows = await engine.run(encoded, _Call(metadata, context), timing)  # type: ignore[arg-type]
+        rows = await engine.run(encoded, Call(metadata, context), timing)  # type: ignore[arg-type]
         outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
         return _infer_response(engine.info.name, request.id, outputs, place_outputs(shm, targets, outputs))
 
@@ -303,7 +290,9 @@ async def start_grpc(app, host: str, port: int, api_key: str | None, payload_lim
     """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port).
     A request message over payload_limit bytes is refused (RESOURCE_EXHAUSTED), as HTTP refuses the body (413)."""
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app, api_key, access_log), grpc_server)
+    servicer = InferenceService(app, api_key, access_log)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
+    grpc_server.add_generic_rpc_handlers(grpc_tei.handlers(servicer))  # TEI's tei.v1 services on the same port
     bound = grpc_server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC port {host}:{port}")

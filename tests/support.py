@@ -46,7 +46,7 @@ class DummyEmbedder:
         assert self.entered.wait(10), "the worker never started the occupying batch"
         return future
 
-    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+    def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
         self.entered.set()
         if not self.gate.wait(timeout=30):
             raise TimeoutError("test gate was never opened")
@@ -56,7 +56,17 @@ class DummyEmbedder:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected failure")
-        return np.stack([expected_vector(ids, self.dim) for ids in sequences])
+        pooled = np.stack([expected_vector(ids, self.dim) for ids in sequences])
+        if not per_token or not any(per_token):
+            return pooled
+        return [expected_states(ids, self.dim) if flag else row for ids, row, flag in zip(sequences, pooled, per_token)]
+
+
+def expected_states(ids: list[int], dim: int = 8) -> np.ndarray:
+    """DummyEmbedder's per-token states of one sequence ([tokens, dim]); their mean is expected_vector."""
+    tokens = np.asarray(ids, dtype=np.float64)[:, None]
+    j = np.arange(1, dim + 1, dtype=np.float64)[None, :]
+    return (np.cos(tokens * j * 0.01) + 0.1).astype(np.float32)
 
 
 def expected_vector(ids: list[int], dim: int = 8) -> np.ndarray:

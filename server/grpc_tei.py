@@ -1,0 +1,241 @@
+"""Text Embeddings Inference's gRPC API (`tei.v1`: Info, Embed, Predict, Rerank, Tokenize, with their streaming
+variants) on the same gRPC port as KServe v2 (server.grpc_port), so clients generated from TEI's `tei.proto` work
+unmodified. Same engine, scheduler, API key, metrics and errors as the HTTP routes; the messages are built in
+server/tei_proto.py. A stream answers its messages in order (they carry no id) but runs them concurrently, so a
+stream's inputs batch together; the first error ends the stream with its status, as TEI's do."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import numpy as np
+
+import server
+from models.runtime import finish_embedding
+from scheduler.errors import BackendError
+from server.deps import engine_for, engine_of
+from server.errors import EmptyInput, InvalidRequest, kind_of
+from server.grpc_common import Call, call_metadata, call_timing
+from server.middleware import Timing
+from server.routes_rerank import _scores
+from server.tei_proto import PACKAGE, SERVICES, messages
+
+log = logging.getLogger(__name__)
+m = messages
+
+# TEI's error type -> the gRPC status TEI answers with.
+CODES = {"Validation": grpc.StatusCode.INVALID_ARGUMENT, "Empty": grpc.StatusCode.INVALID_ARGUMENT,
+         "Tokenizer": grpc.StatusCode.FAILED_PRECONDITION, "Backend": grpc.StatusCode.FAILED_PRECONDITION,
+         "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED, "Unhealthy": grpc.StatusCode.UNAVAILABLE,
+         "Unauthorized": grpc.StatusCode.UNAUTHENTICATED}
+_DIRECTIONS = ("right", "left")
+
+
+def _metadata(timing: Timing, chars: int):
+    return m["Metadata"](compute_chars=chars, compute_tokens=timing.tokens,
+                         total_time_ns=int((time.perf_counter() - timing.started) * 1e9),
+                         tokenization_time_ns=int(timing.tokenization * 1e9), queue_time_ns=int(timing.queue * 1e9),
+                         inference_time_ns=int(timing.inference * 1e9))
+
+
+def _direction(value: int) -> str:
+    if value not in (0, 1):
+        raise InvalidRequest(f"truncation_direction {value} is not RIGHT (0) or LEFT (1)")
+    return _DIRECTIONS[value]
+
+
+class TEIService:
+    """The tei.v1 services, answered with the KServe servicer's app, API key check and call accounting."""
+
+    def __init__(self, servicer):
+        self.app = servicer.app  # engine_of / engine_for read `.app`
+        self.servicer = servicer
+
+    def _status(self, exc: Exception, timing: Timing) -> tuple[grpc.StatusCode, str]:
+        kind = kind_of(exc)
+        if kind is None:
+            log.exception("unhandled error in a tei.v1 call (request id %s)", timing.request_id)
+            return grpc.StatusCode.INTERNAL, f"internal error (request id {timing.request_id})"
+        return CODES.get(kind.tei_type, grpc.StatusCode.INTERNAL), str(exc)
+
+    async def _counted(self, rpc: str, work, request, metadata: dict[str, str], context):
+        """work(request, timing, context), counted in the metrics (and the access log) under `grpc tei.<rpc>`."""
+        timing, code = call_timing(metadata), grpc.StatusCode.OK
+        try:
+            return await work(request, timing, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, _ = self._status(exc, timing)
+            exc.timing = timing  # type: ignore[attr-defined]  # for the caller's status message
+            raise
+        finally:
+            self.servicer._record(f"tei.{rpc}", code, timing, metadata, context)
+
+    def unary(self, rpc: str, work):
+        async def handler(request, context):
+            metadata = call_metadata(context)
+            try:
+                self.servicer._check_key(metadata)
+                return await self._counted(rpc, work, request, metadata, context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await context.abort(*self._status(exc, getattr(exc, "timing", None) or call_timing(metadata)))
+        return handler
+
+    def stream(self, rpc: str, work):
+        async def handler(request_iterator, context):
+            metadata = call_metadata(context)
+            try:
+                self.servicer._check_key(metadata)
+            except Exception as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            pending: asyncio.Queue = asyncio.Queue()
+            started: list[asyncio.Task] = []
+
+            async def read() -> None:
+                try:
+                    async for request in request_iterator:
+                        task = asyncio.ensure_future(self._counted(rpc, work, request, metadata, context))
+                        started.append(task)
+                        await pending.put(task)
+                finally:
+                    await pending.put(None)
+
+            reader = asyncio.ensure_future(read())
+            try:
+                while (task := await pending.get()) is not None:
+                    try:
+                        answer = await task
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        await context.abort(*self._status(exc, getattr(exc, "timing", None) or call_timing(metadata)))
+                    yield answer
+            finally:
+                reader.cancel()
+                for other in started:
+                    other.cancel()
+        return handler
+
+    # -- the work of each method: (request, timing, context) -> response ------------------------------------------
+    async def info(self, request, timing, context):
+        engine = engine_of(self)
+        s, kinds = engine.settings, {"embedding": 0, "classifier": 1, "reranker": 2}
+        return m["InfoResponse"](
+            version=server.__version__, model_id=engine.info.name, model_dtype=engine.info.dtype,
+            model_type=kinds[engine.info.kind], max_concurrent_requests=s.scheduler.max_queue_size,
+            max_input_length=engine.info.max_input_length, max_batch_tokens=s.scheduler.max_batch_tokens,
+            max_batch_requests=s.scheduler.max_batch_requests, max_client_batch_size=s.server.max_client_batch_size,
+            tokenization_workers=1)
+
+    async def _encode_run(self, engine, text: str, request, timing, context, per_token: bool = False, kinds=("embedding",)):
+        encoded = await engine.tokenize(text, timing, request.truncate or None, _direction(request.truncation_direction),
+                                        request.prompt_name if request.HasField("prompt_name") else None, kinds=kinds)
+        return await engine.run(encoded, Call(call_metadata(context), context), timing, per_token=per_token)  # type: ignore[arg-type]
+
+    async def embed(self, request, timing, context):
+        engine = engine_of(self)
+        if engine.info.sparse and request.normalize:
+            raise BackendError("`normalize` is not available for SPLADE models; use EmbedSparse")
+        rows = await self._encode_run(engine, request.inputs, request, timing, context)
+        return m["EmbedResponse"](embeddings=finish_embedding(rows, request.normalize)[0].tolist(),
+                                  metadata=_metadata(timing, len(request.inputs)))
+
+    async def embed_sparse(self, request, timing, context):
+        engine = engine_of(self)
+        if not engine.info.sparse:
+            raise BackendError("model is not an embedding model with splade pooling")
+        row = (await self._encode_run(engine, request.inputs, request, timing, context))[0]
+        values = [m["SparseValue"](index=int(i), value=float(row[i])) for i in np.flatnonzero(row)]
+        return m["EmbedSparseResponse"](sparse_embeddings=values, metadata=_metadata(timing, len(request.inputs)))
+
+    async def embed_all(self, request, timing, context):
+        engine = engine_of(self)
+        if engine.info.sparse:
+            raise BackendError("`embed_all` is not available for SPLADE models")
+        states = (await self._encode_run(engine, request.inputs, request, timing, context, per_token=True))[0]
+        return m["EmbedAllResponse"](token_embeddings=[m["TokenEmbedding"](embeddings=row.tolist()) for row in states],
+                                     metadata=_metadata(timing, len(request.inputs)))
+
+    async def _predictions(self, engine, encoded, request, timing, context, chars: int):
+        scores = _scores(await engine.run(encoded, Call(call_metadata(context), context), timing), request.raw_scores)[0]
+        order = np.argsort(-scores, kind="stable")
+        return m["PredictResponse"](predictions=[m["Prediction"](score=float(scores[j]), label=engine.info.labels[j])
+                                                 for j in order], metadata=_metadata(timing, chars))
+
+    async def predict(self, request, timing, context):
+        engine = engine_for(self, "classifier", "reranker")
+        encoded = await engine.tokenize(request.inputs, timing, request.truncate or None,
+                                        _direction(request.truncation_direction), kinds=("classifier", "reranker"))
+        return await self._predictions(engine, encoded, request, timing, context, len(request.inputs))
+
+    async def predict_pair(self, request, timing, context):
+        engine = engine_for(self, "classifier", "reranker")
+        engine.require("classifier", "reranker")
+        if len(request.inputs) != 2:
+            raise InvalidRequest(f"a pair is two texts; got {len(request.inputs)}")
+        encoded = await engine.tokenize_pairs([tuple(request.inputs)], timing, request.truncate or None,
+                                              _direction(request.truncation_direction))  # type: ignore[arg-type]
+        return await self._predictions(engine, encoded, request, timing, context, sum(map(len, request.inputs)))
+
+    async def _ranks(self, pairs: list[tuple[str, str]], first, timing, context):
+        engine = engine_for(self, "reranker")
+        engine.require("reranker")
+        if not pairs:
+            raise EmptyInput("no texts to rank")
+        encoded = await engine.tokenize_pairs(pairs, timing, first.truncate or None, _direction(first.truncation_direction))
+        logits = await engine.run(encoded, Call(call_metadata(context), context), timing)
+        scores = _scores(logits[:, :1], first.raw_scores)[:, 0]
+        ranks = [m["Rank"](index=int(i), score=float(scores[i]), **({"text": pairs[i][1]} if first.return_text else {}))
+                 for i in np.argsort(-scores, kind="stable")]
+        return m["RerankResponse"](ranks=ranks, metadata=_metadata(timing, sum(len(a) + len(b) for a, b in pairs)))
+
+    async def rerank(self, request, timing, context):
+        return await self._ranks([(request.query, t) for t in request.texts], request, timing, context)
+
+    async def rerank_stream(self, request_iterator, timing, context):
+        """One ranking of every (query, text) message; raw_scores, return_text and truncation from the first."""
+        requests = [r async for r in request_iterator]
+        return await self._ranks([(r.query, r.text) for r in requests], requests[0] if requests else m["RerankStreamRequest"](),
+                                 timing, context)
+
+    async def tokenize(self, request, timing, context):
+        engine = engine_of(self)
+        tokens = (await engine.describe([request.inputs], request.add_special_tokens,
+                                        request.prompt_name if request.HasField("prompt_name") else None))[0]
+        return m["EncodeResponse"](tokens=[m["SimpleToken"](**{k: v for k, v in t.items() if v is not None}) for t in tokens])
+
+    async def decode(self, request, timing, context):
+        engine = engine_of(self)
+        return m["DecodeResponse"](text=engine.tokenizer.decode([list(request.ids)], request.skip_special_tokens)[0])
+
+
+_WORK = {"Info": "info", "Embed": "embed", "EmbedSparse": "embed_sparse", "EmbedAll": "embed_all", "Predict": "predict",
+         "PredictPair": "predict_pair", "Rerank": "rerank", "RerankStream": "rerank_stream", "Tokenize": "tokenize",
+         "Decode": "decode"}
+
+
+def handlers(servicer) -> list[grpc.GenericRpcHandler]:
+    """The tei.v1 services' handlers, for grpc.aio's add_generic_rpc_handlers."""
+    tei = TEIService(servicer)
+    out = []
+    for service, methods in SERVICES.items():
+        table = {}
+        for method, request, response, client_streams, server_streams in methods:
+            codec = dict(request_deserializer=m[request].FromString, response_serializer=m[response].SerializeToString)
+            rpc = f"{service}/{method}"
+            if client_streams and server_streams:  # the unary method's work, message by message
+                work = getattr(tei, _WORK[method.removesuffix("Stream")])
+                table[method] = grpc.stream_stream_rpc_method_handler(tei.stream(rpc, work), **codec)
+            elif client_streams:  # RerankStream: all the messages, one answer
+                table[method] = grpc.stream_unary_rpc_method_handler(tei.unary(rpc, getattr(tei, _WORK[method])), **codec)
+            else:
+                table[method] = grpc.unary_unary_rpc_method_handler(tei.unary(rpc, getattr(tei, _WORK[method])), **codec)
+        out.append(grpc.method_handlers_generic_handler(f"{PACKAGE}.{service}", table))
+    return out
