@@ -125,12 +125,19 @@ def print_cpu(cpu: dict) -> None:
               "its numbers are not clean")
 
 
+def free_port() -> int:
+    """A loopback TCP port free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class SpawnedServer:
     """`turboserve serve` on a free loopback port, as a subprocess whose log goes to a temp file."""
 
     def __init__(self, extra_args: list[str], startup_timeout: float, checkout: Path | None = None):
         """checkout: serve the code of another checkout (an A/B against an older commit) instead of this one."""
-        self.port = self._free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
         self.cwd = checkout or REPO_ROOT
@@ -142,12 +149,6 @@ class SpawnedServer:
         os.close(fd)
         self.log_path = Path(log_name)
         self.proc: subprocess.Popen | None = None
-
-    @staticmethod
-    def _free_port() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     def start(self) -> None:
         print(f"spawning: {' '.join(self.cmd)}  (log: {self.log_path})", flush=True)

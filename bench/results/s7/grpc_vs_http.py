@@ -5,7 +5,6 @@ sequential calls of 1 and of 32 texts (16 tokens each), in alternating blocks of
 """
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -16,16 +15,10 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from bench.harness import SpawnedServer  # noqa: E402
+from bench.harness import SpawnedServer, free_port  # noqa: E402
 from bench.workload import make_texts  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -7,7 +7,6 @@ they finish, so the scheduler batches them). Texts of the loadgen workload (8-25
 
 import argparse
 import queue
-import socket
 import statistics
 import sys
 import time
@@ -17,16 +16,10 @@ import numpy as np
 import tritonclient.grpc as tgrpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from bench.harness import SpawnedServer  # noqa: E402
+from bench.harness import SpawnedServer, free_port  # noqa: E402
 from bench.workload import make_texts  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def inputs(texts):
