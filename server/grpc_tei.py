@@ -47,6 +47,14 @@ def _direction(value: int) -> str:
     return _DIRECTIONS[value]
 
 
+class _Failed(Exception):
+    """A call's failure as the status to end it with (counted and logged once, where it happened)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 class TEIService:
     """The tei.v1 services, answered with the KServe servicer's app, API key check and call accounting."""
 
@@ -70,9 +78,8 @@ class TEIService:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code, _ = self._status(exc, timing)
-            exc.timing = timing  # type: ignore[attr-defined]  # for the caller's status message
-            raise
+            code, message = self._status(exc, timing)
+            raise _Failed(code, message) from None
         finally:
             self.servicer._record(f"tei.{rpc}", code, timing, metadata, context)
 
@@ -81,11 +88,12 @@ class TEIService:
             metadata = call_metadata(context)
             try:
                 self.servicer._check_key(metadata)
-                return await self._counted(rpc, work, request, metadata, context)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
-                await context.abort(*self._status(exc, getattr(exc, "timing", None) or call_timing(metadata)))
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            try:
+                return await self._counted(rpc, work, request, metadata, context)
+            except _Failed as failed:
+                await context.abort(failed.code, failed.message)
         return handler
 
     def stream(self, rpc: str, work):
@@ -112,10 +120,8 @@ class TEIService:
                 while (task := await pending.get()) is not None:
                     try:
                         answer = await task
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        await context.abort(*self._status(exc, getattr(exc, "timing", None) or call_timing(metadata)))
+                    except _Failed as failed:
+                        await context.abort(failed.code, failed.message)
                     yield answer
             finally:
                 reader.cancel()

@@ -119,3 +119,18 @@ def test_rerank_and_predict_on_a_cross_encoder(tmp_path):
         with pytest.raises(grpc.RpcError) as err:
             stub(channel, "Predict/PredictPair")(m["PredictPairRequest"](inputs=["only one"]), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_api_key_guards_tei_services_and_streams():
+    with dummy_server(server={"grpc_port": 0, "api_key": "tei-secret"}) as s, \
+            grpc.insecure_channel(f"127.0.0.1:{s.app.state.grpc_port}") as channel:
+        key = [("authorization", "Bearer tei-secret")]
+        for rpc, make in (("Embed/Embed", lambda: m["EmbedRequest"](inputs="x")),
+                          ("Embed/EmbedStream", lambda: iter([m["EmbedRequest"](inputs="x")]))):
+            call = stub(channel, rpc)
+            with pytest.raises(grpc.RpcError) as err:
+                answer = call(make(), timeout=10)
+                list(answer) if rpc.endswith("Stream") else answer
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = call(make(), timeout=10, metadata=key)
+            assert (list(answer)[0] if rpc.endswith("Stream") else answer).embeddings
