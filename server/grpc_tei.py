@@ -83,13 +83,18 @@ class TEIService:
         finally:
             self.servicer._record(f"tei.{rpc}", code, timing, metadata, context)
 
+    async def _authorized(self, context) -> dict[str, str]:
+        """The call's metadata, once its API key is checked (the call ends UNAUTHENTICATED otherwise)."""
+        metadata = call_metadata(context)
+        try:
+            self.servicer._check_key(metadata)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return metadata
+
     def unary(self, rpc: str, work):
         async def handler(request, context):
-            metadata = call_metadata(context)
-            try:
-                self.servicer._check_key(metadata)
-            except Exception as exc:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            metadata = await self._authorized(context)
             try:
                 return await self._counted(rpc, work, request, metadata, context)
             except _Failed as failed:
@@ -98,11 +103,7 @@ class TEIService:
 
     def stream(self, rpc: str, work):
         async def handler(request_iterator, context):
-            metadata = call_metadata(context)
-            try:
-                self.servicer._check_key(metadata)
-            except Exception as exc:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            metadata = await self._authorized(context)
             pending: asyncio.Queue = asyncio.Queue()
             started: list[asyncio.Task] = []
 
