@@ -147,8 +147,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     if torch_device.type == "cpu" and cuda.emulating():
         log.warning("TURBOSERVE_EMULATE_CUDA: the CUDA code path runs on the CPU emulator (kernels/emulate.py), "
                     "for checking it without a GPU; it is far slower than the CPU path")
-    elif dtype_refused(device, dtype):
-        raise ModelFolderError(dtype_refused(device, dtype))
+    elif refused := dtype_refused(device, dtype):
+        raise ModelFolderError(refused)
     elif torch_device.type == "cpu" and dtype == "bfloat16" and not cpu_has_bf16():
         log.warning("model.dtype=bfloat16 on a CPU without native bfloat16 instructions (avx512_bf16, amx_bf16): "
                     "it computes, but slower than float32")

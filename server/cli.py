@@ -107,8 +107,8 @@ def _settings(args: argparse.Namespace):
     from models.runtime import dtype_refused
 
     for section, model in (("model", settings.model), ("reranker", settings.reranker)):
-        if model is not None and dtype_refused(model.device, model.dtype):
-            print(f"turboserve: {section}.dtype: {dtype_refused(model.device, model.dtype)}", file=sys.stderr)
+        if model is not None and (refused := dtype_refused(model.device, model.dtype)):
+            print(f"turboserve: {section}.dtype: {refused}", file=sys.stderr)
             return None
     try:  # refuse a bad model folder now, not after the port is open
         read_model_folder(settings.model.path or default_model_path())

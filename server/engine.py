@@ -15,7 +15,7 @@ from configs.settings import SchedulerSettings, Settings
 from models.runtime import Embedder, ModelInfo
 from models.tokenizer import Encoded, TextTokenizer
 from scheduler.cost_model import CostModel
-from scheduler.errors import DeadlineExceeded, NotReady
+from scheduler.errors import BackendError, DeadlineExceeded, NotReady
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
@@ -137,6 +137,19 @@ class Engine:
                       "classifier": "/predict, /v1/classify"}[self.info.kind]
             raise WrongModelKind(f"model is not {' or '.join(map(a, kinds))}: this server serves {a(self.info.kind)} "
                                  f"(its routes: {routes})")
+
+    def refuse_sparse(self, what: str) -> None:
+        """BackendError (TEI's 424) when the model is a SPLADE one, which `what` does not serve (TEI's answer)."""
+        if self.info.sparse:
+            hint = " (or normalize false for the dense vocabulary-sized vectors)" if what == "normalize" else ""
+            raise BackendError(f"`{what}` is not available for SPLADE models; use /embed_sparse{hint}")
+
+    def require_sparse(self) -> None:
+        """BackendError (TEI's 424) unless the model is a SPLADE one (/embed_sparse, gRPC EmbedSparse)."""
+        if not self.info.sparse:
+            kind = "an embedding model" if self.info.kind == "embedding" else f"a {self.info.kind} model"
+            raise BackendError(f"model is not an embedding model with splade pooling: /embed_sparse needs one, this "
+                               f"server serves {kind}")
 
     def _admit(self, count: int, truncate: bool | None) -> bool:
         """Refuse a request of `count` inputs before any tokenizing (empty, too many, or no room in the queue:

@@ -11,16 +11,15 @@ import logging
 import time
 
 import grpc
-import numpy as np
 
 import server
 from models.runtime import finish_embedding
-from scheduler.errors import BackendError
 from server.deps import engine_for, engine_of
 from server.errors import EmptyInput, InvalidRequest, kind_of
 from server.grpc_common import Call, call_metadata, call_timing
 from server.middleware import Timing
-from server.routes_rerank import _scores
+from server.routes_rerank import labelled, ranked
+from server.routes_tei import sparse_entries
 from server.tei_proto import PACKAGE, SERVICES, messages
 
 log = logging.getLogger(__name__)
@@ -70,10 +69,11 @@ class TEIService:
         return CODES.get(kind.tei_type, grpc.StatusCode.INTERNAL), str(exc)
 
     async def _counted(self, rpc: str, work, request, metadata: dict[str, str], context):
-        """work(request, timing, context), counted in the metrics (and the access log) under `grpc tei.<rpc>`."""
+        """work(request, timing, call), counted in the metrics (and the access log) under `grpc tei.<rpc>`; `call`
+        is what Engine.run watches for the client going away."""
         timing, code = call_timing(metadata), grpc.StatusCode.OK
         try:
-            return await work(request, timing, context)
+            return await work(request, timing, Call(metadata, context))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -130,8 +130,8 @@ class TEIService:
                     other.cancel()
         return handler
 
-    # -- the work of each method: (request, timing, context) -> response ------------------------------------------
-    async def info(self, request, timing, context):
+    # -- the work of each method: (request, timing, call) -> response ---------------------------------------------
+    async def info(self, request, timing, call):
         engine = engine_of(self)
         s, kinds = engine.settings, {"embedding": 0, "classifier": 1, "reranker": 2}
         return m["InfoResponse"](
@@ -141,84 +141,82 @@ class TEIService:
             max_batch_requests=s.scheduler.max_batch_requests, max_client_batch_size=s.server.max_client_batch_size,
             tokenization_workers=1)
 
-    async def _encode_run(self, engine, text: str, request, timing, context, per_token: bool = False, kinds=("embedding",)):
-        encoded = await engine.tokenize(text, timing, request.truncate or None, _direction(request.truncation_direction),
-                                        request.prompt_name if request.HasField("prompt_name") else None, kinds=kinds)
-        return await engine.run(encoded, Call(call_metadata(context), context), timing, per_token=per_token)  # type: ignore[arg-type]
+    @staticmethod
+    async def _encode_run(engine, request, timing, call, per_token: bool = False):
+        """One input of an Embed* request through the engine: [1, dim], or its per-token states."""
+        encoded = await engine.tokenize(request.inputs, timing, request.truncate or None, _direction(request.truncation_direction),
+                                        request.prompt_name if request.HasField("prompt_name") else None)
+        return await engine.run(encoded, call, timing, per_token=per_token)  # type: ignore[arg-type]
 
-    async def embed(self, request, timing, context):
+    async def embed(self, request, timing, call):
         engine = engine_of(self)
-        if engine.info.sparse and request.normalize:
-            raise BackendError("`normalize` is not available for SPLADE models; use EmbedSparse")
-        rows = await self._encode_run(engine, request.inputs, request, timing, context)
+        if request.normalize:
+            engine.refuse_sparse("normalize")
+        rows = await self._encode_run(engine, request, timing, call)
         return m["EmbedResponse"](embeddings=finish_embedding(rows, request.normalize)[0].tolist(),
                                   metadata=_metadata(timing, len(request.inputs)))
 
-    async def embed_sparse(self, request, timing, context):
+    async def embed_sparse(self, request, timing, call):
         engine = engine_of(self)
-        if not engine.info.sparse:
-            raise BackendError("model is not an embedding model with splade pooling")
-        row = (await self._encode_run(engine, request.inputs, request, timing, context))[0]
-        values = [m["SparseValue"](index=int(i), value=float(row[i])) for i in np.flatnonzero(row)]
-        return m["EmbedSparseResponse"](sparse_embeddings=values, metadata=_metadata(timing, len(request.inputs)))
+        engine.require_sparse()
+        row = (await self._encode_run(engine, request, timing, call))[0]
+        return m["EmbedSparseResponse"](sparse_embeddings=[m["SparseValue"](**e) for e in sparse_entries(row)],
+                                        metadata=_metadata(timing, len(request.inputs)))
 
-    async def embed_all(self, request, timing, context):
+    async def embed_all(self, request, timing, call):
         engine = engine_of(self)
-        if engine.info.sparse:
-            raise BackendError("`embed_all` is not available for SPLADE models")
-        states = (await self._encode_run(engine, request.inputs, request, timing, context, per_token=True))[0]
+        engine.refuse_sparse("embed_all")
+        states = (await self._encode_run(engine, request, timing, call, per_token=True))[0]
         return m["EmbedAllResponse"](token_embeddings=[m["TokenEmbedding"](embeddings=row.tolist()) for row in states],
                                      metadata=_metadata(timing, len(request.inputs)))
 
-    async def _predictions(self, engine, encoded, request, timing, context, chars: int):
-        scores = _scores(await engine.run(encoded, Call(call_metadata(context), context), timing), request.raw_scores)[0]
-        order = np.argsort(-scores, kind="stable")
-        return m["PredictResponse"](predictions=[m["Prediction"](score=float(scores[j]), label=engine.info.labels[j])
-                                                 for j in order], metadata=_metadata(timing, chars))
+    @staticmethod
+    async def _predictions(engine, encoded, request, timing, call, chars: int):
+        answer = labelled(await engine.run(encoded, call, timing), engine.info.labels, request.raw_scores)[0]
+        return m["PredictResponse"](predictions=[m["Prediction"](**p) for p in answer], metadata=_metadata(timing, chars))
 
-    async def predict(self, request, timing, context):
+    async def predict(self, request, timing, call):
         engine = engine_for(self, "classifier", "reranker")
         encoded = await engine.tokenize(request.inputs, timing, request.truncate or None,
                                         _direction(request.truncation_direction), kinds=("classifier", "reranker"))
-        return await self._predictions(engine, encoded, request, timing, context, len(request.inputs))
+        return await self._predictions(engine, encoded, request, timing, call, len(request.inputs))
 
-    async def predict_pair(self, request, timing, context):
+    async def predict_pair(self, request, timing, call):
         engine = engine_for(self, "classifier", "reranker")
         engine.require("classifier", "reranker")
         if len(request.inputs) != 2:
             raise InvalidRequest(f"a pair is two texts; got {len(request.inputs)}")
         encoded = await engine.tokenize_pairs([tuple(request.inputs)], timing, request.truncate or None,
                                               _direction(request.truncation_direction))  # type: ignore[arg-type]
-        return await self._predictions(engine, encoded, request, timing, context, sum(map(len, request.inputs)))
+        return await self._predictions(engine, encoded, request, timing, call, sum(map(len, request.inputs)))
 
-    async def _ranks(self, pairs: list[tuple[str, str]], first, timing, context):
+    async def _ranks(self, pairs: list[tuple[str, str]], first, timing, call):
         engine = engine_for(self, "reranker")
         engine.require("reranker")
         if not pairs:
             raise EmptyInput("no texts to rank")
         encoded = await engine.tokenize_pairs(pairs, timing, first.truncate or None, _direction(first.truncation_direction))
-        logits = await engine.run(encoded, Call(call_metadata(context), context), timing)
-        scores = _scores(logits[:, :1], first.raw_scores)[:, 0]
-        ranks = [m["Rank"](index=int(i), score=float(scores[i]), **({"text": pairs[i][1]} if first.return_text else {}))
-                 for i in np.argsort(-scores, kind="stable")]
-        return m["RerankResponse"](ranks=ranks, metadata=_metadata(timing, sum(len(a) + len(b) for a, b in pairs)))
+        logits = await engine.run(encoded, call, timing)
+        answer = ranked(logits[:, 0], [text for _, text in pairs], first.raw_scores, first.return_text)
+        return m["RerankResponse"](ranks=[m["Rank"](**r) for r in answer],
+                                   metadata=_metadata(timing, sum(len(a) + len(b) for a, b in pairs)))
 
-    async def rerank(self, request, timing, context):
-        return await self._ranks([(request.query, t) for t in request.texts], request, timing, context)
+    async def rerank(self, request, timing, call):
+        return await self._ranks([(request.query, t) for t in request.texts], request, timing, call)
 
-    async def rerank_stream(self, request_iterator, timing, context):
+    async def rerank_stream(self, request_iterator, timing, call):
         """One ranking of every (query, text) message; raw_scores, return_text and truncation from the first."""
         requests = [r async for r in request_iterator]
         return await self._ranks([(r.query, r.text) for r in requests], requests[0] if requests else m["RerankStreamRequest"](),
-                                 timing, context)
+                                 timing, call)
 
-    async def tokenize(self, request, timing, context):
+    async def tokenize(self, request, timing, call):
         engine = engine_of(self)
         tokens = (await engine.describe([request.inputs], request.add_special_tokens,
                                         request.prompt_name if request.HasField("prompt_name") else None))[0]
         return m["EncodeResponse"](tokens=[m["SimpleToken"](**{k: v for k, v in t.items() if v is not None}) for t in tokens])
 
-    async def decode(self, request, timing, context):
+    async def decode(self, request, timing, call):
         engine = engine_of(self)
         return m["DecodeResponse"](text=engine.tokenizer.decode([list(request.ids)], request.skip_special_tokens)[0])
 

@@ -54,10 +54,14 @@ def encoder_named(request, name: str) -> Engine:
     return engine
 
 
-def _not_served(state, name: str) -> ModelNotFound:
+def served_names(state) -> list[str]:
+    """The KServe models this server serves: the encoder (once loaded) and a DLRM (HTTP, gRPC, Triton's repository)."""
     rec, engine = state.recommender, state.engine
-    served = ([engine.info.name] if engine is not None else []) + ([rec.name] if rec is not None and rec.model is not None else [])
-    return ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}")
+    return ([engine.info.name] if engine is not None else []) + ([rec.name] if rec is not None and rec.model is not None else [])
+
+
+def _not_served(state, name: str) -> ModelNotFound:
+    return ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served_names(state)))}")
 
 
 @router.get("")

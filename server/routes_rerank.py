@@ -79,9 +79,20 @@ async def rerank(body: dict, request: Request):
 async def ranks(tei: TEIRerankRequest, request: Request) -> list[dict]:
     """TEI's /rerank answer (also /vertex's for an instance with query and texts)."""
     logits, _ = await _rank(request, tei.query, tei.texts, tei.truncate, tei.truncation_direction)
-    scores = _scores(logits[:, None], tei.raw_scores)[:, 0]
-    order = np.argsort(-scores, kind="stable")
-    return [{"index": int(i), "score": float(scores[i]), **({"text": tei.texts[i]} if tei.return_text else {})} for i in order]
+    return ranked(logits, tei.texts, tei.raw_scores, tei.return_text)
+
+
+def ranked(logits: np.ndarray, texts: list[str], raw: bool, return_text: bool) -> list[dict]:
+    """[{index, score, text?}] best first from each text's relevance logit (HTTP and gRPC)."""
+    scores = _scores(logits[:, None], raw)[:, 0]
+    return [{"index": int(i), "score": float(scores[i]), **({"text": texts[i]} if return_text else {})}
+            for i in np.argsort(-scores, kind="stable")]
+
+
+def labelled(logits: np.ndarray, labels: tuple[str, ...], raw: bool) -> list[list[dict]]:
+    """Per input, [{score, label}] best first (softmax over the labels, sigmoid for one; raw: the logits)."""
+    return [[{"score": float(row[j]), "label": labels[j]} for j in np.argsort(-row, kind="stable")]
+            for row in _scores(logits, raw)]
 
 
 @v1_router.post("/v1/rerank")
@@ -137,9 +148,7 @@ async def predictions(body: PredictRequest, request: Request) -> list:
         encoded = await engine.tokenize_pairs([tuple(p) for p in items], timing, body.truncate, body.truncation_direction)
     else:
         encoded = await engine.tokenize(items, timing, body.truncate, body.truncation_direction, kinds=("classifier", "reranker"))
-    scores = _scores(await engine.run(encoded, request, timing), body.raw_scores)
-    labels = engine.info.labels
-    answers = [[{"score": float(row[j]), "label": labels[j]} for j in np.argsort(-row, kind="stable")] for row in scores]
+    answers = labelled(await engine.run(encoded, request, timing), engine.info.labels, body.raw_scores)
     return answers[0] if single else answers
 
 

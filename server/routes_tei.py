@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 import server
 from models.runtime import finish_embedding
-from scheduler.errors import BackendError, NotReady
+from scheduler.errors import NotReady
 from server import routes_rerank, routes_vllm
 from server.deps import Direction, engine_of, engines_of, json_response, timing_of
 from server.errors import EmptyInput, error_responses
@@ -39,9 +39,8 @@ async def embed(body: EmbedRequest, request: Request):
 async def embeddings(body: EmbedRequest, request: Request) -> np.ndarray:
     """/embed's answer, [n, dim] (also /vertex's for an embedding model)."""
     engine = engine_of(request)
-    if engine.info.sparse and body.normalize:
-        raise BackendError("`normalize` is not available for SPLADE models: send normalize: false for the dense "
-                           "vocabulary-sized vectors, or use /embed_sparse")
+    if body.normalize:
+        engine.refuse_sparse("normalize")
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
@@ -59,7 +58,7 @@ class EmbedAllRequest(BaseModel):
 async def embed_all(body: EmbedAllRequest, request: Request):
     """Every token's last hidden state (special tokens included, not normalised): [input][token][dim]."""
     engine = engine_of(request)
-    _not_sparse(engine, "/embed_all")
+    engine.refuse_sparse("/embed_all")
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
     return json_response(await engine.run(encoded, request, timing, per_token=True))
@@ -85,7 +84,7 @@ class SimilarityRequest(BaseModel):
 async def similarity(body: SimilarityRequest, request: Request):
     """Cosine similarity of source_sentence to each of sentences, in their order."""
     engine = engine_of(request)
-    _not_sparse(engine, "/similarity")
+    engine.refuse_sparse("/similarity")
     params = body.parameters or SimilarityParameters()
     if not body.inputs.sentences:
         raise EmptyInput("sentences is empty: give at least one sentence to compare with")
@@ -161,11 +160,6 @@ async def decode(body: DecodeRequest, request: Request):
     return json_response(engine.tokenizer.decode(sequences, body.skip_special_tokens))  # type: ignore[arg-type]
 
 
-def _not_sparse(engine, route: str) -> None:
-    if engine.info.sparse:
-        raise BackendError(f"`{route}` is not available for SPLADE models; use /embed_sparse")
-
-
 class EmbedSparseRequest(BaseModel):
     inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
     truncate: bool | None = None
@@ -188,14 +182,16 @@ async def embed_sparse(body: EmbedSparseRequest, request: Request):
 async def sparse_embeddings(body: EmbedSparseRequest, request: Request) -> list[list[dict]]:
     """/embed_sparse's answer (also /vertex's for a SPLADE model)."""
     engine = engine_of(request)
-    if not engine.info.sparse:
-        raise BackendError(f"model is not an embedding model with splade pooling: /embed_sparse needs one, this server "
-                           f"serves {'an embedding model' if engine.info.kind == 'embedding' else f'a {engine.info.kind} model'}")
+    engine.require_sparse()
     timing = timing_of(request)
     encoded = await engine.tokenize(body.inputs, timing, body.truncate, body.truncation_direction, body.prompt_name)
-    rows = await engine.run(encoded, request, timing)
-    # numpy float32 values: written as the shortest digits that read back to the same float32, as TEI writes them
-    return [[{"index": int(i), "value": row[i]} for i in np.flatnonzero(row)] for row in rows]
+    return [sparse_entries(row) for row in await engine.run(encoded, request, timing)]
+
+
+def sparse_entries(row: np.ndarray) -> list[dict]:
+    """A SPLADE vector's non-zero weights, {index, value} by index (HTTP and gRPC). The values stay numpy float32:
+    written as the shortest digits that read back to the same float32, as TEI writes them."""
+    return [{"index": int(i), "value": row[i]} for i in np.flatnonzero(row)]
 
 
 class Info(BaseModel):

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from server.deps import engine_of
 from server.errors import InvalidRequest, error_responses
+from server.routes_kserve import served_names
 from server.shared_memory import cuda_refused
 
 router = APIRouter(prefix="/v2", tags=["kserve"], responses=error_responses("kserve"))
@@ -77,11 +78,8 @@ async def cuda_unregister(name: str | None = None):
 def served_models(request) -> list[str]:
     """The names of the models this server serves (503 while the encoder loads). `request`: anything with
     `.app` (the gRPC servicer passes itself)."""
-    names = [engine_of(request).info.name]
-    rec = request.app.state.recommender
-    if rec is not None and rec.model is not None:
-        names.append(rec.name)
-    return names
+    engine_of(request)
+    return served_names(request.app.state)
 
 
 def repository_index(request) -> list[dict]:
