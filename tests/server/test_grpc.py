@@ -214,6 +214,7 @@ def test_streaming_inference_answers_each_request_batches_them_and_reports_error
     client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_srv.app.state.grpc_port}")
     texts = ["first streamed text", "second", "a third, longer streamed text"]
     embedder.gate.clear()  # the worker holds its first batch: the rest of the stream queues behind it
+    embedder.entered.clear()  # set by earlier batches (and the warm-up): wait for the opener's own
     try:
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         client.async_stream_infer(MODEL, [_input(["opener"])], request_id="opener")
@@ -250,6 +251,7 @@ def test_a_cancelled_stream_drops_its_queued_requests():
         engine = s.app.state.engine
         client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
         embedder.gate.clear()
+        embedder.entered.clear()  # the warm-up's batch set it: wait for the opener's own
         try:
             client.start_stream(callback=lambda result, error: None)
             client.async_stream_infer(MODEL, [_input(["opener"])])
