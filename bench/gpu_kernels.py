@@ -136,7 +136,9 @@ def attention_rows(device: str, dtype, smoke: bool, repeats: int) -> list[dict]:
     return out
 
 
-def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool) -> list[dict]:
+def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool, save=lambda rows: None) -> list[dict]:
+    """Ours and transformers eager for every encoder first, then torch.compile of each (its compile is the slow,
+    risky part: what was measured before it is saved through `save` as each row is done)."""
     from tests.hf_import import import_transformers  # noqa: PLC0415
 
     tf = import_transformers()
@@ -149,7 +151,23 @@ def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool) 
     lengths = [rng.randint(8, 64 if smoke else 512) for _ in range(16 if smoke else 256)]
     seqs = [[rng.randint(1000, 29000) for _ in range(n)] for n in lengths]
     tokens = sum(lengths)
-    rows = []
+    # The peer runs padded batches of 32 length-sorted sequences (as sentence-transformers does).
+    order = sorted(range(len(seqs)), key=lambda i: lengths[i])
+    chunks = []
+    for s in range(0, len(order), 32):
+        part = [seqs[i] for i in order[s:s + 32]]
+        width = max(map(len, part))
+        width = (width + 63) // 64 * 64  # buckets keep torch.compile from recompiling per width
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in part], device=device)
+        am = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in part], device=device)
+        chunks.append((ids, am))
+
+    def run_hf(model):
+        with torch.inference_mode():
+            for ids, am in chunks:
+                model(input_ids=ids, attention_mask=am)
+
+    rows, peers = [], []
     for name, dims in (list(ENCODERS.items())[:1] if smoke else ENCODERS.items()):
         cfg = tf.BertConfig(vocab_size=30522, max_position_embeddings=512, attn_implementation="sdpa", **dims)
         torch.manual_seed(0)
@@ -165,36 +183,24 @@ def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool) 
             with torch.inference_mode():
                 ours(batch)
 
-        # The peer runs padded batches of 32 length-sorted sequences (as sentence-transformers does).
-        order = sorted(range(len(seqs)), key=lambda i: lengths[i])
-        chunks = []
-        for s in range(0, len(order), 32):
-            part = [seqs[i] for i in order[s:s + 32]]
-            width = max(map(len, part))
-            width = (width + 63) // 64 * 64  # buckets keep torch.compile from recompiling per width
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in part], device=device)
-            am = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in part], device=device)
-            chunks.append((ids, am))
-
-        def run_hf(model):
-            with torch.inference_mode():
-                for ids, am in chunks:
-                    model(input_ids=ids, attention_mask=am)
-
         row = {"encoder": name, "dtype": str(dtype), "sequences": len(seqs), "tokens": tokens}
         row["ours_s"] = timer(run_ours, device, repeats)
         row["hf_eager_sdpa_s"] = timer(lambda: run_hf(hf), device, repeats)
-        if compile_:
-            try:
-                compiled = torch.compile(hf)
-                row["hf_compiled_s"] = timer(lambda: run_hf(compiled), device, repeats)
-            except Exception as exc:  # noqa: BLE001 - report, don't die
-                row["hf_compiled_error"] = str(exc)[:200]
         row["ours_tokens_per_s"] = tokens / row["ours_s"]
         row["vs_eager"] = row["hf_eager_sdpa_s"] / row["ours_s"]
-        if "hf_compiled_s" in row:
-            row["vs_compiled"] = row["hf_compiled_s"] / row["ours_s"]
         rows.append(row)
+        peers.append(hf)
+        save(rows)
+    for row, hf in zip(rows, peers if compile_ else []):
+        started = time.perf_counter()
+        try:
+            compiled = torch.compile(hf)
+            row["hf_compiled_s"] = timer(lambda: run_hf(compiled), device, repeats)
+            row["vs_compiled"] = row["hf_compiled_s"] / row["ours_s"]
+        except Exception as exc:  # noqa: BLE001 - report, don't die
+            row["hf_compiled_error"] = str(exc)[:200]
+        row["compile_and_time_s"] = time.perf_counter() - started
+        save(rows)
     return rows
 
 
@@ -212,6 +218,12 @@ def main() -> int:
     repeats = 2 if args.smoke else args.repeats
     dtype = torch.float32 if args.smoke else torch.float16
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so that a run cut short by its time limit leaves what it measured
+        (out / "gpu_kernels.json").write_text(json.dumps(report, indent=1))
+
     report["copy_gbs"] = copy_bandwidth(device, 8 if args.smoke else 1024, repeats)
     print(f"{report['device']}: device-to-device copy {report['copy_gbs']:.0f} GB/s")
     report["kernels"] = {}
@@ -221,20 +233,25 @@ def main() -> int:
         for r in rows:
             print(f"{r['op']:26} {r['shape']:18} {r['ours_us']:12.1f} us {r['ours_gbs']:7.0f} {r['of_copy']:8.0%} "
                   f"{r['speedup_vs_first_peer']:8.2f}x")
+        save()
     report["attention"] = attention_rows(device, dtype, args.smoke, repeats)
+    save()
     print()
     for r in report["attention"]:
         print(f"attention {r['attention']:18} per-seq {r['per_sequence_us']:9.0f} us  nested "
               f"{r.get('nested_us', float('nan')):9.0f} us  padded+mask {r['padded_masked_us']:9.0f} us")
-    report["encoders"] = encoder_rows(device, dtype, args.smoke, max(3, repeats // 4), not args.no_compile and not args.smoke)
+    def save_encoders(rows: list[dict]) -> None:
+        report["encoders"] = rows
+        save()
+
+    report["encoders"] = encoder_rows(device, dtype, args.smoke, max(3, repeats // 4), not args.no_compile and not args.smoke,
+                                      save_encoders)
     print()
     for r in report["encoders"]:
         print(f"encoder {r['encoder']:22} {r['tokens']} tokens: ours {r['ours_s'] * 1e3:8.2f} ms "
               f"({r['ours_tokens_per_s']:,.0f} tok/s), {r['vs_eager']:.2f}x eager"
               + (f", {r['vs_compiled']:.2f}x torch.compile" if "vs_compiled" in r else ""))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_kernels.json").write_text(json.dumps(report, indent=1))
+    save()
     print(f"\nwrote {out / 'gpu_kernels.json'}")
     return 0
 

@@ -10,6 +10,7 @@ sequence.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -40,14 +41,27 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return ctx.view(total, heads * head_dim)
 
 
+@functools.lru_cache(maxsize=8)
+def _device_offsets(cu_seqlens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """cu_seqlens on `device`, once per batch rather than once per layer. From pinned memory without blocking:
+    a copy from pageable memory would wait for the stream's queued work, and every layer would stall the host."""
+    host = torch.tensor(cu_seqlens, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """The same through nested jagged tensors: one fused SDPA call for the whole batch."""
     total, heads, head_dim = q.shape
-    offsets = torch.tensor(cu_seqlens, dtype=torch.int64, device=q.device)
+    offsets = _device_offsets(tuple(cu_seqlens), q.device)
+    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    # The shortest and longest lengths are known here; given, torch needs no device-to-host read to find them.
+    bounds = dict(min_seqlen=min(lengths), max_seqlen=max(lengths))
 
     def jagged(t: torch.Tensor) -> torch.Tensor:  # [T, heads, d] -> [B, heads, j, d]
-        return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
+        return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, **bounds).transpose(1, 2)
 
     ctx = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values()
     # SDPA has no out=; its output is copied into the planned buffer when one is given.
