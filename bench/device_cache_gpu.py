@@ -7,8 +7,9 @@ no Redis there), from bench/gpu_check.sh.
 
 Each cell: a cache of 2x the rows (16-way sets at half load keep all but the keys of overfull sets), filled
 with seeded random rows; batches drawn from the keys it holds; the median of --repeats timed lookups
-(CUDA events on a GPU), after warm-up. GB/s counts the rows returned (keys x dim x 4 bytes); the copy column
-is that figure over a device-to-device copy's (read + write) bandwidth.
+(CUDA events on a GPU), after warm-up, each lookup waited for; and "b2b": 16 lookups issued back to back, per
+lookup. GB/s counts the rows returned (keys x dim x 4 bytes); the copy column is that figure over a device-to-device
+copy's (read + write) bandwidth.
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ def cell(device: str, rows: int, dim: int, batch: int, policy: str, repeats: int
     turn = iter(range(1 << 62))
     seconds = timer(lambda: cache.lookup("t", batches[next(turn) % len(batches)]), device, repeats)
     gbs = batch * dim * 4 / seconds / 1e9
+    # Back to back: 16 lookups issued with no wait between them (a caller that keeps the device busy), per lookup.
+    stream_seconds = timer(lambda: [cache.lookup("t", batches[next(turn) % len(batches)]) for _ in range(16)],
+                           device, max(3, repeats // 8)) / 16
     path = "fused kernel" if fused and policy == "lru" and fused_lookup_ok(device) else "torch ops"
     return {"rows": rows, "dim": dim, "batch": batch, "policy": policy, "path": path, "seconds": seconds,
-            "mkeys_s": batch / seconds / 1e6, "gbs": gbs, "of_copy": gbs / copy_gbs, "cache_bytes": cache.memory_bytes}
+            "mkeys_s": batch / seconds / 1e6, "gbs": gbs, "of_copy": gbs / copy_gbs, "cache_bytes": cache.memory_bytes,
+            "back_to_back_seconds": stream_seconds, "back_to_back_gbs": batch * dim * 4 / stream_seconds / 1e9}
 
 
 def main() -> int:
@@ -62,7 +67,8 @@ def main() -> int:
     copy_gbs = copy_bandwidth(args.device, 256 if args.device == "cuda" else 64, 10)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}: device-to-device copy {copy_gbs:.0f} GB/s; cache of {2 * args.rows:,} slots, {args.rows:,} rows held")
-    print(f"{'dim':>4} {'batch':>8} {'policy':8} {'path':13} {'us':>9} {'M keys/s':>9} {'GB/s':>7} {'of copy':>8}")
+    print(f"{'dim':>4} {'batch':>8} {'policy':8} {'path':13} {'us':>9} {'M keys/s':>9} {'GB/s':>7} {'of copy':>8} "
+          f"{'b2b us':>8} {'b2b GB/s':>9}")
     results = []
     for dim in (16, 64, 128):
         for batch in (16384, 131072):
@@ -71,7 +77,8 @@ def main() -> int:
                 r = cell(args.device, args.rows, dim, batch, policy, args.repeats, copy_gbs, fused=fused)
                 results.append(r)
                 print(f"{dim:4d} {batch:8d} {policy:8} {r['path']:13} {r['seconds'] * 1e6:9.1f} {r['mkeys_s']:9.1f} "
-                      f"{r['gbs']:7.1f} {r['of_copy']:8.1%}", flush=True)
+                      f"{r['gbs']:7.1f} {r['of_copy']:8.1%} {r['back_to_back_seconds'] * 1e6:8.1f} {r['back_to_back_gbs']:9.1f}",
+                      flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_cache_gpu.json").write_text(json.dumps({"device": name, "copy_gbs": copy_gbs, "cells": results}, indent=1))

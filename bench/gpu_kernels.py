@@ -96,7 +96,7 @@ def kernel_rows(device: str, dtype, smoke: bool, repeats: int, copy_gbs: float) 
         rows.append(_row("bias+gelu(erf)", f"{r}x{c}", 2 * r * c * esize, ours, {"torch add+gelu": ref}, copy_gbs))
     for r, h in ([(64, 768)] if smoke else [(16384, 768), (16384, 1024)]):
         qkv, b = torch.randn(r, 3 * h, device=device, dtype=dtype), torch.randn(3 * h, device=device, dtype=dtype)
-        ours = timer(lambda: split_qkv(qkv, b, 12), device, repeats)
+        ours = timer(lambda: split_qkv(qkv, b, h // 64), device, repeats)  # BERT's head size, 64
         ref = timer(lambda: (qkv + b).view(r, 3, h).transpose(0, 1).contiguous(), device, repeats)
         rows.append(_row("qkv split+bias", f"{r}x{3 * h}", 2 * r * 3 * h * esize, ours, {"torch add+transpose": ref}, copy_gbs))
     return rows

@@ -66,6 +66,12 @@ class DeviceCache(Tier):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self._pools: dict[int, Pool] = {}  # by dim
         self._where: dict[str, tuple[Pool, int]] = {}  # table -> (its pool, its index there)
+        # The fused lookup's per-batch table layout on the device, by (dim, tables, key counts): a batch shaped like
+        # an earlier one sends nothing to the device. Its hits are summed on the device and read when the
+        # counters are (a read per lookup would stall the host on the device after every batch).
+        self._parts: dict[tuple, torch.Tensor] = {}
+        self._device_hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._device_looked = 0
         if fused and policy == "lru" and kernels_on(self.device):
             # Build and check the fused kernel now, at start-up, not inside the first request's lookup.
             fused_lookup_ok(str(self.device))
@@ -93,6 +99,7 @@ class DeviceCache(Tier):
         if pool is None:
             pool = self._pools[spec.dim] = Pool(spec.dim, self.ways, self.policy, self.device)
         self._where[spec.name] = (pool, pool.add_table(num_sets, spec.default))
+        self._parts.clear()
         logger.info("device cache: table %s, %d sets x %d ways on %s, %d bytes", spec.name, num_sets, self.ways,
                     self.device, self.bytes_per_table(num_sets, self.ways, spec.dim, self.policy))
 
@@ -139,23 +146,52 @@ class DeviceCache(Tier):
             keys = [checked[n] for n in names]
             vectors, found, h = self._lookup_pool(pool, idx, keys)
             counts = [k.numel() for k in keys]
-            hits, misses = hits + h, misses + sum(counts) - h
+            if isinstance(h, torch.Tensor):  # the fused kernel's hits, still on the device
+                with self._counter_lock:
+                    self._device_hits.add_(h)
+                    self._device_looked += sum(counts)
+            else:
+                hits, misses = hits + h, misses + sum(counts) - h
             for name, v, f in zip(names, vectors.split(counts), found.split(counts)):
                 out[name] = v, f
         self.count(hits=hits, misses=misses)
         return {t: out[t] for t in requests}
 
-    def _lookup_pool(self, pool: Pool, idx: list[int], keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Rows [n, dim], found [n] and the number found, of the keys of tables `idx` of one pool (concatenated);
-        hits count as uses."""
+    def counters(self) -> dict[str, int]:
+        """The counters, with the fused lookups' hits and misses read from the device."""
+        with self._counter_lock:
+            out = dict(self._counts)
+            device_hits = int(self._device_hits)
+            out["hits"] += device_hits
+            out["misses"] += self._device_looked - device_hits
+        return out
+
+    def _layout(self, pool: Pool, idx: list[int], keys: list[torch.Tensor]) -> torch.Tensor:
+        """The fused kernel's `parts` for this batch on the device: cached, else sent from pinned memory, no wait."""
+        counts = tuple(k.numel() for k in keys)
+        key = (pool.dim, tuple(idx), counts)
+        parts = self._parts.get(key)
+        if parts is None:
+            host = torch.tensor([np.cumsum(counts).tolist(), [pool.bases[t] for t in idx], [pool.sizes[t] for t in idx], idx],
+                                dtype=torch.int64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            parts = host.to(self.device, non_blocking=True)
+            if len(self._parts) >= 256:
+                self._parts.clear()
+            self._parts[key] = parts
+        return parts
+
+    def _lookup_pool(self, pool: Pool, idx: list[int], keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+        """Rows [n, dim], found [n] and the number found (on the device for the fused kernel), of the keys of
+        tables `idx` of one pool (concatenated); hits count as uses."""
         pool.tick += 1
         if self.fused and pool.policy == "lru" and use_kernels(pool.keys) and fused_lookup_ok(str(self.device)):
             # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes.
             flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)
-            parts = torch.tensor([np.cumsum([k.numel() for k in keys]).tolist(), [pool.bases[t] for t in idx],
-                                  [pool.sizes[t] for t in idx], idx], dtype=torch.int64).to(self.device)
-            vectors, found, _ = cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, flat_keys, parts, pool.tick)
-            return vectors, found, int(found.sum())
+            vectors, found, _ = cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, flat_keys,
+                                             self._layout(pool, idx, keys), pool.tick)
+            return vectors, found, found.sum()
         at = pool.locate(idx, keys)
         found, flat = pool.find(at)
         vectors = torch.index_select(pool.values, 0, flat, out=self._empty(at.keys.numel(), pool.dim))  # [n, dim]

@@ -45,10 +45,11 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def _device_offsets(cu_seqlens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """cu_seqlens on `device`, once per batch rather than once per layer. From pinned memory without blocking:
     a copy from pageable memory would wait for the stream's queued work, and every layer would stall the host."""
-    host = torch.tensor(cu_seqlens, dtype=torch.int64)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    # Out of sight of torch-function modes: only the first layer of a batch builds it, and a mode that records the
+    # forward's op sequence (kernels/arena.py) must see the same sequence whether or not this cache hit.
+    with torch._C.DisableTorchFunction():
+        host = torch.tensor(cu_seqlens, dtype=torch.int64)
+        return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
 
 
 def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],

@@ -124,8 +124,9 @@ def use_kernels(t: torch.Tensor) -> bool:
     return kernels_on(t.device)
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether CUDA kernels can run here: a CUDA device and CuPy."""
+    """Whether CUDA kernels can run here: a CUDA device and CuPy (asked once: every kernel launch asks)."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -147,6 +148,7 @@ def compile_module(source: str, dtype: torch.dtype):
     return _module(source, dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel(source: str, name: str, dtype: torch.dtype):
     """The compiled kernel `name` of `source` for `dtype` (compiled once, then cached)."""
     return _module(source, dtype).get_function(name)
@@ -174,8 +176,16 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
         return
     import cupy  # noqa: PLC0415
 
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-    kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem, stream=stream)
+    kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem,
+                                stream=_cupy_stream(torch.cuda.current_stream().cuda_stream))
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(handle: int):
+    """torch's stream `handle` as a CuPy stream object (made once per stream)."""
+    import cupy  # noqa: PLC0415
+
+    return cupy.cuda.ExternalStream(handle)
 
 
 def output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
