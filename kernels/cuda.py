@@ -174,8 +174,6 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
 
         emulate.launch(full_source_emulated(source, dtype), name, grid, block, converted)
         return
-    import cupy  # noqa: PLC0415
-
     kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem,
                                 stream=_cupy_stream(torch.cuda.current_stream().cuda_stream))
 
