@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels.activation import bias_activation  # noqa: E402
-from kernels.attention import varlen_attention_nested, varlen_attention_reference  # noqa: E402
+from kernels.attention import flash_eligible, varlen_attention_flash, varlen_attention_nested, varlen_attention_reference  # noqa: E402
 from kernels.layernorm import bias_residual_layernorm  # noqa: E402
 from kernels.qkv import split_qkv  # noqa: E402
 from kernels.softmax import masked_softmax  # noqa: E402
@@ -59,6 +59,26 @@ def timer(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def graph_timer(fn, calls: int = 20, repeats: int = 20) -> float | None:
+    """Seconds of GPU time per fn() with no host cost: `calls` calls captured in one CUDA graph, replayed. What a
+    kernel's bandwidth is judged on (launch costs are the host's and are timed by `timer`); None if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        return timer(graph.replay, "cuda", repeats) / calls
+    except Exception as exc:  # noqa: BLE001 - report, don't die
+        print(f"graph capture failed: {str(exc)[:160]}")
+        return None
+
+
 def copy_bandwidth(device: str, mb: int, repeats: int) -> float:
     x = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
@@ -67,46 +87,59 @@ def copy_bandwidth(device: str, mb: int, repeats: int) -> float:
 
 def kernel_rows(device: str, dtype, smoke: bool, repeats: int, copy_gbs: float) -> list[dict]:
     rows = []
+    graphed = device == "cuda"
     esize = torch.tensor([], dtype=dtype).element_size()
     t = 64 if smoke else 4096
     shapes = [(t, 768)] if smoke else [(4096, 768), (16384, 768), (16384, 1024), (65536, 768)]
     for r, h in shapes:
         x, res = torch.randn(r, h, device=device, dtype=dtype), torch.randn(r, h, device=device, dtype=dtype)
         b, g, be = (torch.randn(h, device=device, dtype=dtype) for _ in range(3))
-        ours = timer(lambda: bias_residual_layernorm(x, b, res, g, be, 1e-12), device, repeats)
-        torch_fused = timer(lambda: F.layer_norm(x + b + res, (h,), g, be, 1e-12), device, repeats)
+        fns = {"ours": lambda: bias_residual_layernorm(x, b, res, g, be, 1e-12),
+               "torch add+add+layer_norm": lambda: F.layer_norm(x + b + res, (h,), g, be, 1e-12)}
         summed = x + b + res
         torch_ln = timer(lambda: F.layer_norm(summed, (h,), g, be, 1e-12), device, repeats)
-        rows.append(_row("bias+residual+layernorm", f"{r}x{h}", 3 * r * h * esize, ours,
-                         {"torch add+add+layer_norm": torch_fused, "torch layer_norm alone": torch_ln}, copy_gbs))
-    soft = [(2, 12, 64, 64)] if smoke else [(32, 12, 128, 128), (8, 12, 512, 512), (4, 16, 1024, 1024)]
+        rows.append(_row("bias+residual+layernorm", f"{r}x{h}", 3 * r * h * esize, timer(fns["ours"], device, repeats),
+                         {"torch add+add+layer_norm": timer(fns["torch add+add+layer_norm"], device, repeats),
+                          "torch layer_norm alone": torch_ln}, copy_gbs, graphed and fns))
+    soft = [(2, 12, 64, 64)] if smoke else [(1, 1, 4096, 768), (32, 12, 128, 128), (8, 12, 512, 512), (4, 16, 1024, 1024)]
     for shape in soft:
         s = torch.randn(*shape, device=device, dtype=dtype)
         mask = torch.rand(shape[0], shape[-1], device=device) > 0.1
-        ours = timer(lambda: masked_softmax(s, mask, 0.125), device, repeats)
-        ref = timer(lambda: torch.softmax((s * 0.125).masked_fill(~mask[:, None, None, :], float("-inf")), -1), device, repeats)
-        plain = timer(lambda: torch.softmax(s, -1), device, repeats)
+        fns = {"ours": lambda: masked_softmax(s, mask, 0.125),
+               "torch scale+mask+softmax": lambda: torch.softmax((s * 0.125).masked_fill(~mask[:, None, None, :], float("-inf")), -1),
+               "torch softmax alone": lambda: torch.softmax(s, -1)}
         n = s.numel()
-        rows.append(_row("masked softmax", "x".join(map(str, shape)), 2 * n * esize, ours,
-                         {"torch scale+mask+softmax": ref, "torch softmax alone": plain}, copy_gbs))
+        rows.append(_row("masked softmax", "x".join(map(str, shape)), 2 * n * esize, timer(fns["ours"], device, repeats),
+                         {k: timer(f, device, repeats) for k, f in fns.items() if k != "ours"}, copy_gbs, graphed and fns))
     for r, c in ([(64, 1536)] if smoke else [(16384, 1536), (16384, 3072)]):
         x, b = torch.randn(r, c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
-        ours = timer(lambda: bias_activation(x, b, "gelu"), device, repeats)
-        ref = timer(lambda: F.gelu(x + b), device, repeats)
-        rows.append(_row("bias+gelu(erf)", f"{r}x{c}", 2 * r * c * esize, ours, {"torch add+gelu": ref}, copy_gbs))
+        fns = {"ours": lambda: bias_activation(x, b, "gelu"), "torch add+gelu": lambda: F.gelu(x + b)}
+        rows.append(_row("bias+gelu(erf)", f"{r}x{c}", 2 * r * c * esize, timer(fns["ours"], device, repeats),
+                         {"torch add+gelu": timer(fns["torch add+gelu"], device, repeats)}, copy_gbs, graphed and fns))
     for r, h in ([(64, 768)] if smoke else [(16384, 768), (16384, 1024)]):
         qkv, b = torch.randn(r, 3 * h, device=device, dtype=dtype), torch.randn(3 * h, device=device, dtype=dtype)
-        ours = timer(lambda: split_qkv(qkv, b, h // 64), device, repeats)  # BERT's head size, 64
-        ref = timer(lambda: (qkv + b).view(r, 3, h).transpose(0, 1).contiguous(), device, repeats)
-        rows.append(_row("qkv split+bias", f"{r}x{3 * h}", 2 * r * 3 * h * esize, ours, {"torch add+transpose": ref}, copy_gbs))
+        fns = {"ours": lambda: split_qkv(qkv, b, h // 64),  # BERT's head size, 64
+               "torch add+transpose": lambda: (qkv + b).view(r, 3, h).transpose(0, 1).contiguous()}
+        rows.append(_row("qkv split+bias", f"{r}x{3 * h}", 2 * r * 3 * h * esize, timer(fns["ours"], device, repeats),
+                         {"torch add+transpose": timer(fns["torch add+transpose"], device, repeats)}, copy_gbs, graphed and fns))
     return rows
 
 
-def _row(op, shape, nbytes, ours, peers, copy_gbs) -> dict:
+def _row(op, shape, nbytes, ours, peers, copy_gbs, graphed: dict | None = None) -> dict:
+    """graphed: {"ours": fn, peer name: fn} timed again as GPU time alone (graph_timer), on a GPU."""
     gbs = nbytes / ours / 1e9
-    return {"op": op, "shape": shape, "ours_us": ours * 1e6, "ours_gbs": gbs, "of_copy": gbs / copy_gbs,
-            **{f"{k}_us": v * 1e6 for k, v in peers.items()},
-            "speedup_vs_first_peer": next(iter(peers.values())) / ours}
+    row = {"op": op, "shape": shape, "ours_us": ours * 1e6, "ours_gbs": gbs, "of_copy": gbs / copy_gbs,
+           **{f"{k}_us": v * 1e6 for k, v in peers.items()},
+           "speedup_vs_first_peer": next(iter(peers.values())) / ours}
+    if graphed:
+        kernel_s = {name: graph_timer(fn) for name, fn in graphed.items()}
+        row.update({f"{name}_gpu_us": (t * 1e6 if t else None) for name, t in kernel_s.items()})
+        first_peer = next(iter(peers))
+        if kernel_s.get("ours") and kernel_s.get(first_peer):
+            row["ours_gpu_gbs"] = nbytes / kernel_s["ours"] / 1e9
+            row["gpu_of_copy"] = row["ours_gpu_gbs"] / copy_gbs
+            row["gpu_speedup_vs_first_peer"] = kernel_s[first_peer] / kernel_s["ours"]
+    return row
 
 
 def attention_rows(device: str, dtype, smoke: bool, repeats: int) -> list[dict]:
@@ -126,6 +159,8 @@ def attention_rows(device: str, dtype, smoke: bool, repeats: int) -> list[dict]:
             row["nested_us"] = timer(lambda: varlen_attention_nested(q, k, v, cu), device, repeats) * 1e6
         except (RuntimeError, NotImplementedError) as exc:
             row["nested_error"] = str(exc)[:200]
+        if flash_eligible(q):
+            row["flash_varlen_us"] = timer(lambda: varlen_attention_flash(q, k, v, cu), device, repeats) * 1e6
         width = max(lengths)
         pad = torch.zeros(len(lengths), 12, width, 64, device=device, dtype=dtype)
         mask = torch.zeros(len(lengths), 1, 1, width, dtype=torch.bool, device=device)
@@ -229,17 +264,21 @@ def main() -> int:
     report["kernels"] = {}
     for dt in ([dtype] if args.smoke else [torch.float16, torch.bfloat16]):
         report["kernels"][str(dt)] = rows = kernel_rows(device, dt, args.smoke, repeats, report["copy_gbs"])
-        print(f"\n{'op':26} {'shape':18} {dt!s:>15} {'GB/s':>7} {'of copy':>8} {'vs torch':>9}")
+        print(f"\n{'op':26} {'shape':18} {dt!s:>15} {'GB/s':>7} {'of copy':>8} {'vs torch':>9} | GPU time alone (graphed):"
+              f" {'us':>8} {'GB/s':>7} {'of copy':>8} {'vs torch':>9}")
         for r in rows:
+            gpu = (f" {r['ours_gpu_us']:8.1f} {r['ours_gpu_gbs']:7.0f} {r['gpu_of_copy']:8.0%} {r['gpu_speedup_vs_first_peer']:8.2f}x"
+                   if r.get("ours_gpu_gbs") else "")
             print(f"{r['op']:26} {r['shape']:18} {r['ours_us']:12.1f} us {r['ours_gbs']:7.0f} {r['of_copy']:8.0%} "
-                  f"{r['speedup_vs_first_peer']:8.2f}x")
+                  f"{r['speedup_vs_first_peer']:8.2f}x |{' ' * 26}{gpu}")
         save()
     report["attention"] = attention_rows(device, dtype, args.smoke, repeats)
     save()
     print()
     for r in report["attention"]:
         print(f"attention {r['attention']:18} per-seq {r['per_sequence_us']:9.0f} us  nested "
-              f"{r.get('nested_us', float('nan')):9.0f} us  padded+mask {r['padded_masked_us']:9.0f} us")
+              f"{r.get('nested_us', float('nan')):9.0f} us  flash varlen {r.get('flash_varlen_us', float('nan')):9.0f} us  "
+              f"padded+mask {r['padded_masked_us']:9.0f} us")
     def save_encoders(rows: list[dict]) -> None:
         report["encoders"] = rows
         save()

@@ -20,6 +20,7 @@ from kernels import cuda
 
 log = logging.getLogger(__name__)
 _nested_failed = False
+_flash_failed = False
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
@@ -42,13 +43,13 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 @functools.lru_cache(maxsize=8)
-def _device_offsets(cu_seqlens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _device_offsets(cu_seqlens: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """cu_seqlens on `device`, once per batch rather than once per layer. From pinned memory without blocking:
     a copy from pageable memory would wait for the stream's queued work, and every layer would stall the host."""
     # Out of sight of torch-function modes: only the first layer of a batch builds it, and a mode that records the
     # forward's op sequence (kernels/arena.py) must see the same sequence whether or not this cache hit.
     with torch._C.DisableTorchFunction():
-        host = torch.tensor(cu_seqlens, dtype=torch.int64)
+        host = torch.tensor(cu_seqlens, dtype=dtype)
         return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
 
 
@@ -69,10 +70,36 @@ def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return ctx.reshape(total, heads * head_dim) if out is None else out.copy_(ctx.reshape(total, heads * head_dim))
 
 
+def flash_eligible(q: torch.Tensor) -> bool:
+    """Whether torch's FlashAttention-2 varlen kernel takes these heads: CUDA (sm80+), fp16/bf16, head size a
+    multiple of 8 up to 256."""
+    head_dim = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+            and _sm_major(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def varlen_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same through FlashAttention-2's variable-length kernel (torch's aten op, the one nested tensors use
+    underneath): the packed [T, heads, d] tokens and cu_seqlens go in as they are, one launch, no padding, no
+    nested-tensor bookkeeping on the host. Needs `flash_eligible(q)`."""
+    total, heads, head_dim = q.shape
+    cu = _device_offsets(tuple(cu_seqlens), q.device, torch.int32)
+    longest = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    ctx = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
+                                                  scale=head_dim ** -0.5)[0]
+    return ctx.reshape(total, heads * head_dim) if out is None else out.copy_(ctx.reshape(total, heads * head_dim))
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatcher; checks shapes on entry. See varlen_attention_reference for the contract."""
-    global _nested_failed
+    global _nested_failed, _flash_failed
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [tokens, heads, head_dim] shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -80,6 +107,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
     if out is not None and (out.shape != (q.shape[0], q.shape[1] * q.shape[2]) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [tokens, heads*head_dim] tensor; got {tuple(out.shape)}")
+    if not _flash_failed and flash_eligible(q):
+        try:
+            return varlen_attention_flash(q, k, v, cu_seqlens, out)
+        except (RuntimeError, NotImplementedError) as exc:  # a torch without the op, an unsupported device, ...
+            _flash_failed = True
+            log.warning("FlashAttention varlen unavailable (%s); using nested-tensor attention", exc)
     if (q.is_cuda or cuda.use_kernels(q)) and not _nested_failed:  # the emulator takes the CUDA path too
         try:
             return varlen_attention_nested(q, k, v, cu_seqlens, out)

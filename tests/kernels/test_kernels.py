@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from kernels.activation import bias_activation, bias_activation_reference
-from kernels.attention import varlen_attention, varlen_attention_reference
+from kernels.attention import (
+    flash_eligible,
+    varlen_attention,
+    varlen_attention_flash,
+    varlen_attention_nested,
+    varlen_attention_reference,
+)
 from kernels.layernorm import bias_residual_layernorm, bias_residual_layernorm_reference
 from kernels.qkv import split_qkv, split_qkv_reference
 from kernels.softmax import masked_softmax, masked_softmax_reference
@@ -121,3 +127,22 @@ def test_varlen_attention(kernel_device, where, dtype, lengths):
     got = varlen_attention(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, device))
     want = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
     assert rel_err(got, want) <= BOUND[dtype] * (3 if dtype != torch.float32 else 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,d", [(12, 32), (12, 64), (16, 128)])
+def test_each_cuda_attention_path_against_the_reference(dtype, heads, d):
+    """The dispatcher falls back quietly, so each CUDA path is checked by name: FlashAttention's varlen kernel (taken
+    for these heads: MiniLM's 32, BERT's 64) and nested tensors, on mixed lengths, into a poisoned buffer."""
+    lengths = [1, 7, 64, 300, 2, 511, 33]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q, k, v = (torch.randn(cu[-1], heads, d, device="cuda", generator=g).to(dtype) for _ in range(3))
+    assert flash_eligible(q)
+    want = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
+    for path in (varlen_attention_flash, varlen_attention_nested):
+        got = path(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"))
+        assert rel_err(got, want) <= BOUND[dtype] * 3, path.__name__
