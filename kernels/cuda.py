@@ -39,6 +39,9 @@ __device__ __forceinline__ scalar_t from_f(float v) { unsigned short h; asm("cvt
 #endif
 """
 WARP_HEADER = r"""
+// 16 bytes of scalars, for vector loads and stores: 8 fp16/bf16 or 4 fp32 values a memory transaction.
+#define PACK_VEC ((int)(16 / sizeof(scalar_t)))
+struct alignas(16) Pack { scalar_t v[16 / sizeof(scalar_t)]; };
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
@@ -184,6 +187,11 @@ def _cupy_stream(handle: int):
     import cupy  # noqa: PLC0415
 
     return cupy.cuda.ExternalStream(handle)
+
+
+def aligned(*tensors: torch.Tensor, to: int = 16) -> bool:
+    """Whether every tensor's data starts on a `to`-byte boundary (what a kernel's Pack loads need)."""
+    return all(t.data_ptr() % to == 0 for t in tensors)
 
 
 def output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

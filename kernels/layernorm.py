@@ -53,6 +53,87 @@ extern "C" __global__ void bias_residual_layernorm(
         o[c] = from_f((v - mean) * rstd * to_f(gamma[c]) + to_f(beta[c]));
     }
 }
+
+// The same with 16-byte loads and stores (hidden a multiple of PACK_VEC, 16-byte aligned rows): a lane holds up
+// to LN_KEEP packs of its row's sums in registers, so rows up to 32 * LN_KEEP * PACK_VEC wide (1,024 in fp16/bf16)
+// are read from memory once; wider rows re-read the rest. Each pack's mean and squared deviations are exact
+// in fp32 and merged into the lane's running (n, mean, M2) by Chan's formula, one division a pack.
+#define LN_KEEP 4
+__device__ __forceinline__ void ln_pack_sum(const Pack& a, const Pack& r, const Pack& b, int has_bias, float* v) {
+    for (int j = 0; j < PACK_VEC; ++j) v[j] = to_f(a.v[j]) + to_f(r.v[j]) + (has_bias ? to_f(b.v[j]) : 0.f);
+}
+__device__ __forceinline__ void ln_pack_merge(const float* v, float& n, float& mean, float& m2) {
+    float s = 0.f;
+    for (int j = 0; j < PACK_VEC; ++j) s += v[j];
+    const float pm = s / (float)PACK_VEC;
+    float pm2 = 0.f;
+    for (int j = 0; j < PACK_VEC; ++j) { const float d = v[j] - pm; pm2 += d * d; }
+    const float nt = n + (float)PACK_VEC, d = pm - mean;
+    mean += d * ((float)PACK_VEC / nt);
+    m2 += pm2 + d * d * (n * (float)PACK_VEC / nt);
+    n = nt;
+}
+__device__ __forceinline__ Pack ln_pack_norm(const float* v, const Pack& g, const Pack& b, float mean, float rstd) {
+    Pack o;
+    for (int j = 0; j < PACK_VEC; ++j) o.v[j] = from_f((v[j] - mean) * rstd * to_f(g.v[j]) + to_f(b.v[j]));
+    return o;
+}
+extern "C" __global__ void bias_residual_layernorm_vec(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual,
+    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta, scalar_t* __restrict__ out,
+    int rows, int hidden, float eps, int has_bias)
+{
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int packs = hidden / PACK_VEC;
+    const Pack* xr = reinterpret_cast<const Pack*>(x + row * hidden);
+    const Pack* rr = reinterpret_cast<const Pack*>(residual + row * hidden);
+    const Pack* bp = reinterpret_cast<const Pack*>(bias);
+    float keep[LN_KEEP][PACK_VEC];
+    float n = 0.f, mean = 0.f, m2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < LN_KEEP; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) {
+            ln_pack_sum(xr[p], rr[p], bp[p], has_bias, keep[i]);
+            ln_pack_merge(keep[i], n, mean, m2);
+        }
+    }
+    for (int p = lane + 32 * LN_KEEP; p < packs; p += 32) {
+        float v[PACK_VEC];
+        ln_pack_sum(xr[p], rr[p], bp[p], has_bias, v);
+        ln_pack_merge(v, n, mean, m2);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {  // merge (n, mean, m2) across lanes
+        float nb = __shfl_xor_sync(0xffffffffu, n, offset);
+        float meanb = __shfl_xor_sync(0xffffffffu, mean, offset);
+        float m2b = __shfl_xor_sync(0xffffffffu, m2, offset);
+        float nt = n + nb;
+        if (nt > 0.f) {
+            float d = meanb - mean;
+            mean += d * (nb / nt);
+            m2 += m2b + d * d * (n * nb / nt);
+            n = nt;
+        }
+    }
+    mean = __shfl_sync(0xffffffffu, mean, 0);
+    m2 = __shfl_sync(0xffffffffu, m2, 0);
+    const float rstd = rsqrtf(m2 / (float)hidden + eps);
+    const Pack* gp = reinterpret_cast<const Pack*>(gamma);
+    const Pack* tp = reinterpret_cast<const Pack*>(beta);
+    Pack* o = reinterpret_cast<Pack*>(out + row * hidden);
+#pragma unroll
+    for (int i = 0; i < LN_KEEP; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) o[p] = ln_pack_norm(keep[i], gp[p], tp[p], mean, rstd);
+    }
+    for (int p = lane + 32 * LN_KEEP; p < packs; p += 32) {
+        float v[PACK_VEC];
+        ln_pack_sum(xr[p], rr[p], bp[p], has_bias, v);
+        o[p] = ln_pack_norm(v, gp[p], tp[p], mean, rstd);
+    }
+}
 """
 ROWS_PER_BLOCK = 8
 
@@ -84,7 +165,9 @@ def bias_residual_layernorm(x: torch.Tensor, bias: torch.Tensor | None, residual
         cuda.check_cuda_tensor(bias, "bias", x.dtype, (hidden,))
     out = cuda.output(out, tuple(x.shape), x)
     if rows:
-        cuda.launch(CUDA_SOURCE, "bias_residual_layernorm", x.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
+        # 16-byte packs when every row starts aligned (BERT's hidden sizes in every dtype), else scalar loads
+        vec = hidden % (16 // x.element_size()) == 0 and cuda.aligned(x, residual, gamma, beta, out, *([bias] if bias is not None else []))
+        cuda.launch(CUDA_SOURCE, "bias_residual_layernorm_vec" if vec else "bias_residual_layernorm", x.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
                     (32 * ROWS_PER_BLOCK,), (x, bias if bias is not None else x, residual, gamma, beta, out, rows,
                                              hidden, float(eps), bias is not None))
     return out

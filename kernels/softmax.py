@@ -47,6 +47,77 @@ extern "C" __global__ void masked_softmax(
         o[c] = from_f(masked || m == -INFINITY ? 0.f : __expf(to_f(s[c]) * scale - m) * inv);
     }
 }
+
+// The same with 16-byte loads and stores (length a multiple of PACK_VEC, 16-byte aligned rows): a lane holds up
+// to SM_KEEP packs of scaled scores in registers, so rows up to 32 * SM_KEEP * PACK_VEC long (1,024 in
+// fp16/bf16) are read once; longer rows re-read the rest. Masked keys become -inf, whose exp is 0.
+#define SM_KEEP 4
+__device__ __forceinline__ void sm_pack_scores(const Pack& a, const unsigned char* keep, int c0, float scale, float* v) {
+    for (int j = 0; j < PACK_VEC; ++j) v[j] = (keep && !keep[c0 + j]) ? -INFINITY : to_f(a.v[j]) * scale;
+}
+__device__ __forceinline__ void sm_pack_merge(const float* v, float& m, float& z) {
+    float pm = -INFINITY;
+    for (int j = 0; j < PACK_VEC; ++j) pm = fmaxf(pm, v[j]);
+    if (pm == -INFINITY) return;  // every key of the pack masked
+    const float m_new = fmaxf(m, pm);
+    float acc = 0.f;
+    for (int j = 0; j < PACK_VEC; ++j) acc += __expf(v[j] - m_new);
+    z = (m == -INFINITY ? 0.f : z * __expf(m - m_new)) + acc;
+    m = m_new;
+}
+__device__ __forceinline__ Pack sm_pack_probs(const float* v, float m, float inv) {
+    Pack o;
+    for (int j = 0; j < PACK_VEC; ++j) o.v[j] = from_f(m == -INFINITY || v[j] == -INFINITY ? 0.f : __expf(v[j] - m) * inv);
+    return o;
+}
+extern "C" __global__ void masked_softmax_vec(
+    const scalar_t* __restrict__ scores, const unsigned char* __restrict__ key_mask, scalar_t* __restrict__ out,
+    long long rows, int length, int rows_per_batch, float scale, int has_mask)
+{
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int packs = length / PACK_VEC;
+    const Pack* s = reinterpret_cast<const Pack*>(scores + row * length);
+    const unsigned char* keep = has_mask ? key_mask + (row / rows_per_batch) * length : 0;
+    float kept[SM_KEEP][PACK_VEC];
+    float m = -INFINITY, z = 0.f;
+#pragma unroll
+    for (int i = 0; i < SM_KEEP; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) {
+            sm_pack_scores(s[p], keep, p * PACK_VEC, scale, kept[i]);
+            sm_pack_merge(kept[i], m, z);
+        }
+    }
+    for (int p = lane + 32 * SM_KEEP; p < packs; p += 32) {
+        float v[PACK_VEC];
+        sm_pack_scores(s[p], keep, p * PACK_VEC, scale, v);
+        sm_pack_merge(v, m, z);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float mb = __shfl_xor_sync(0xffffffffu, m, offset);
+        float zb = __shfl_xor_sync(0xffffffffu, z, offset);
+        float m_new = fmaxf(m, mb);
+        if (m_new == -INFINITY) continue;  // both halves empty so far
+        z = (m == -INFINITY ? 0.f : z * __expf(m - m_new)) + (mb == -INFINITY ? 0.f : zb * __expf(mb - m_new));
+        m = m_new;
+    }
+    m = __shfl_sync(0xffffffffu, m, 0);
+    z = __shfl_sync(0xffffffffu, z, 0);
+    const float inv = (m == -INFINITY) ? 0.f : 1.f / z;
+    Pack* o = reinterpret_cast<Pack*>(out + row * length);
+#pragma unroll
+    for (int i = 0; i < SM_KEEP; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) o[p] = sm_pack_probs(kept[i], m, inv);
+    }
+    for (int p = lane + 32 * SM_KEEP; p < packs; p += 32) {
+        float v[PACK_VEC];
+        sm_pack_scores(s[p], keep, p * PACK_VEC, scale, v);
+        o[p] = sm_pack_probs(v, m, inv);
+    }
+}
 """
 ROWS_PER_BLOCK = 8
 
@@ -78,7 +149,8 @@ def masked_softmax(scores: torch.Tensor, key_mask: torch.Tensor | None, scale: f
     out = cuda.output(out, tuple(scores.shape), scores)
     rows = batch * heads * queries
     if rows and keys:
-        cuda.launch(CUDA_SOURCE, "masked_softmax", scores.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
+        vec = keys % (16 // scores.element_size()) == 0 and cuda.aligned(scores, out)  # 16-byte packs, else scalar loads
+        cuda.launch(CUDA_SOURCE, "masked_softmax_vec" if vec else "masked_softmax", scores.dtype, ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,),
                     (32 * ROWS_PER_BLOCK,), (scores, key_mask if key_mask is not None else scores, out,
                                              np.int64(rows), keys, heads * queries, float(scale),
                                              key_mask is not None))
