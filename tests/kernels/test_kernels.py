@@ -12,6 +12,7 @@ import torch
 
 from kernels.activation import bias_activation, bias_activation_reference
 from kernels.attention import (
+    flash_agrees,
     flash_eligible,
     varlen_attention,
     varlen_attention_flash,
@@ -141,7 +142,7 @@ def test_each_cuda_attention_path_against_the_reference(dtype, heads, d):
         cu.append(cu[-1] + n)
     g = torch.Generator(device="cuda").manual_seed(d)
     q, k, v = (torch.randn(cu[-1], heads, d, device="cuda", generator=g).to(dtype) for _ in range(3))
-    assert flash_eligible(q)
+    assert flash_eligible(q) and flash_agrees(q.device, dtype, d)
     want = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
     for path in (varlen_attention_flash, varlen_attention_nested):
         got = path(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"))
