@@ -152,10 +152,14 @@ class DeviceCache(Tier):
                     self._device_looked += sum(counts)
             else:
                 hits, misses = hits + h, misses + sum(counts) - h
-            for name, v, f in zip(names, vectors.split(counts), found.split(counts)):
-                out[name] = v, f
-        self.count(hits=hits, misses=misses)
-        return {t: out[t] for t in requests}
+            if len(names) == 1:  # one table of this vector size: its answer is the whole output
+                out[names[0]] = vectors, found
+            else:
+                for name, v, f in zip(names, vectors.split(counts), found.split(counts)):
+                    out[name] = v, f
+        if hits or misses:
+            self.count(hits=hits, misses=misses)
+        return out if len(out) == 1 else {t: out[t] for t in requests}
 
     def counters(self) -> dict[str, int]:
         """The counters, with the fused lookups' hits and misses read from the device."""
@@ -187,10 +191,11 @@ class DeviceCache(Tier):
         tables `idx` of one pool (concatenated); hits count as uses."""
         pool.tick += 1
         if self.fused and pool.policy == "lru" and use_kernels(pool.keys) and fused_lookup_ok(str(self.device)):
-            # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes.
+            # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes. The pool's
+            # own tensors skip the entry checks (made once, by the pool); the keys were checked on entry.
             flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)
             vectors, found, _ = cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, flat_keys,
-                                             self._layout(pool, idx, keys), pool.tick)
+                                             self._layout(pool, idx, keys), pool.tick, checked=True)
             return vectors, found, found.sum()
         at = pool.locate(idx, keys)
         found, flat = pool.find(at)

@@ -163,16 +163,19 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
     Every argument becomes a numpy scalar of the width the kernel's parameter must have: tensors a 64-bit
     pointer, Python floats float32, Python ints and bools int32 (pass np.int64 for a long long)."""
     converted = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
+    on_cuda = False
+    for a in args:  # one pass: a launch's host cost is what small batches pay
+        kind = type(a)
+        if kind is torch.Tensor or isinstance(a, torch.Tensor):
             converted.append(np.uint64(a.data_ptr()))
-        elif isinstance(a, float):
+            on_cuda = on_cuda or a.is_cuda
+        elif kind is float or isinstance(a, float):
             converted.append(np.float32(a))
-        elif isinstance(a, (bool, int)):
+        elif kind is int or kind is bool or isinstance(a, int):
             converted.append(np.int32(a))
         else:
             converted.append(a)
-    if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+    if not on_cuda:
         from kernels import emulate  # noqa: PLC0415
 
         emulate.launch(full_source_emulated(source, dtype), name, grid, block, converted)

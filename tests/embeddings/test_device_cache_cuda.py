@@ -89,7 +89,7 @@ def test_the_cuda_lru_cache_runs_the_fused_kernel_and_keeps_the_cpu_caches_ticks
 
     calls = []
     real = dc.cache_lookup
-    monkeypatch.setattr(dc, "cache_lookup", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(dc, "cache_lookup", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     dev = kernel_device
     cpu = DeviceCache(64, 8, "lru", device="cpu", fused=False)
     gpu = DeviceCache(64, 8, "lru", device=dev)
