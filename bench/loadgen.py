@@ -45,7 +45,7 @@ from bench.harness import CpuMeter, SpawnedServer, check_loopback, machine_info,
 from bench.samples import ROUTES, Sample, body_for, send_one, summary
 from bench.single_request import run_single
 from bench.st_baseline import Baseline
-from bench.workload import count_tokens, make_texts
+from bench.workload import count_tokens, load_tokenizer, make_texts
 
 # ---------------------------------------------------------------------------------------------- utils
 
@@ -166,6 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds (default %(default)s)")
     p.add_argument("--baseline", action="store_true", help="also time SentenceTransformer.encode on the same texts in-process")
     p.add_argument("--baseline-batch-size", type=int, default=32, help="batch_size of the baseline encode (default %(default)s)")
+    p.add_argument("--baseline-device", default="cpu", help="device of the baseline (default %(default)s; cuda on a GPU machine)")
+    p.add_argument("--baseline-dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the baseline (default: as loaded)")
+    p.add_argument("--model", metavar="DIR", help="a model folder: served (--spawn), the baseline's, and the workload's tokenizer "
+                                                  "(default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--baseline-runs", type=int, default=1, help="time the baseline encode this many times per round, report the median")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat baseline + load this many times, alternating, and report the median ratio (default %(default)s)")
@@ -208,16 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, subprocess.TimeoutExpired):
         report["git_commit"] = None
 
-    texts = make_texts(args.requests, args.min_tokens, args.max_tokens, args.seed)
-    tokens = count_tokens(texts)
-    warmup_texts = make_texts(args.warmup, args.min_tokens, args.max_tokens, args.seed + 1000) if args.warmup else []
-    single_text = make_texts(1, args.single_tokens, args.single_tokens, args.seed + 2000)[0]
+    tok = load_tokenizer(args.model)
+    texts = make_texts(args.requests, args.min_tokens, args.max_tokens, args.seed, tok)
+    tokens = count_tokens(texts, tok)
+    warmup_texts = make_texts(args.warmup, args.min_tokens, args.max_tokens, args.seed + 1000, tok) if args.warmup else []
+    single_text = make_texts(1, args.single_tokens, args.single_tokens, args.seed + 2000, tok)[0]
     print(f"workload: {len(texts)} texts, tokens min {min(tokens)} mean {np.mean(tokens):.1f} max {max(tokens)} "
           f"(total {sum(tokens)})", flush=True)
     report["workload"] = {"texts": len(texts), "min_tokens": min(tokens), "max_tokens": max(tokens),
                           "mean_tokens": round(float(np.mean(tokens)), 2), "total_tokens": sum(tokens)}
 
-    spawned = SpawnedServer(args.server_arg, args.startup_timeout) if args.spawn else None
+    server_args = (["--model", args.model] if args.model else []) + args.server_arg
+    spawned = SpawnedServer(server_args, args.startup_timeout) if args.spawn else None
     url = spawned.url if spawned else args.url
     baseline = None
     rounds: list[dict] = []
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n######## round {r + 1} of {args.rounds}", flush=True)
             if args.baseline:  # the server is idle meanwhile
                 print("baseline: SentenceTransformer.encode in-process (server idle) ...", flush=True)
-                baseline = baseline or Baseline(args.baseline_batch_size)
+                baseline = baseline or Baseline(args.baseline_batch_size, args.model, args.baseline_device, args.baseline_dtype)
                 b = entry["baseline"] = baseline.run(texts, args.baseline_runs)
                 each = f", runs: {', '.join(f'{x:.2f}' for x in b['texts_per_s_each'])}" if b["runs"] > 1 else ""
                 print(f"== baseline: {b['texts_per_s']:.2f} texts/s ({b['texts']} texts in {b['elapsed_s']:.2f}s, "

@@ -12,9 +12,10 @@ from bench.harness import CpuMeter
 
 
 class Baseline:
-    """SentenceTransformer(default_model_path(), device="cpu") in this process, loaded once."""
+    """SentenceTransformer(model folder, default the embedded model, device="cpu") in this process, loaded once;
+    on another device (cuda) and dtype (float16, bfloat16) when asked."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, model: str | None = None, device: str = "cpu", dtype: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
 
@@ -27,7 +28,9 @@ class Baseline:
 
         self.batch_size = batch_size
         self.threads = torch.get_num_threads()
-        self.model = SentenceTransformer(str(default_model_path()), device="cpu")
+        self.model = SentenceTransformer(str(model or default_model_path()), device=device)
+        if dtype:
+            self.model.to(getattr(torch, dtype))
         self._warm = False
 
     def run(self, texts: list[str], runs: int = 1) -> dict:

@@ -21,6 +21,7 @@ import random
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,13 +79,14 @@ def corpus_words() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
-def load_tokenizer() -> Tokenizer:
-    """The served model's tokenizer (tokenizer.json of the embedded all-MiniLM-L6-v2), no padding or truncation."""
+def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
+    """The served model's tokenizer (tokenizer.json of `folder`, default the embedded all-MiniLM-L6-v2), no padding
+    or truncation."""
     from tokenizers import Tokenizer
 
     from models.config import default_model_path
 
-    tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(Path(folder or default_model_path()) / "tokenizer.json"))
     tok.no_padding()
     tok.no_truncation()
     return tok

@@ -87,3 +87,21 @@ def test_every_file_with_gpu_tests_is_selected(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     with_gpu_tests = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
     assert with_gpu_tests and with_gpu_tests <= set(gpu_files()), with_gpu_tests - set(gpu_files())
+
+
+def test_the_gpu_serve_check_runs_on_a_cpu(tmp_path):
+    """bench/gpu_serve.sh's steps, on the CPU: a random-weight model shaped like the embedded one, served through
+    `turboserve serve`, its /embed and /v1/embeddings answers equal to sentence-transformers on the same weights."""
+    from models.config import default_model_path  # noqa: PLC0415
+
+    model = tmp_path / "model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    made = subprocess.run([sys.executable, "bench/random_model.py", "--like", str(default_model_path()), "--out", str(model)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
+    checked = subprocess.run([sys.executable, "bench/gpu_serve_check.py", "--model", str(model), "--device", "cpu",
+                              "--dtype", "float32", "--texts", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout[-2000:] + checked.stderr[-2000:]
+    cosine = float(re.search(r"min (\d\.\d+) mean", checked.stdout).group(1))
+    assert cosine > 0.9999
