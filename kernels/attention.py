@@ -45,24 +45,26 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 @functools.lru_cache(maxsize=8)
-def _device_offsets(cu_seqlens: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """cu_seqlens on `device`, once per batch rather than once per layer. From pinned memory without blocking:
-    a copy from pageable memory would wait for the stream's queued work, and every layer would stall the host."""
+def _batch_layout(cu_seqlens: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, int, int]:
+    """cu_seqlens on `device` and the shortest and longest sequence, once per batch rather than once per layer.
+    The offsets come from pinned memory without blocking: a copy from pageable memory would wait for the stream's
+    queued work, and every layer would stall the host."""
     # Out of sight of torch-function modes: only the first layer of a batch builds it, and a mode that records the
     # forward's op sequence (kernels/arena.py) must see the same sequence whether or not this cache hit.
+    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
     with torch._C.DisableTorchFunction():
         host = torch.tensor(cu_seqlens, dtype=dtype)
-        return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
+        offsets = host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
+    return offsets, min(lengths), max(lengths)
 
 
 def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """The same through nested jagged tensors: one fused SDPA call for the whole batch."""
     total, heads, head_dim = q.shape
-    offsets = _device_offsets(tuple(cu_seqlens), q.device)
-    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    offsets, shortest, longest = _batch_layout(tuple(cu_seqlens), q.device)
     # The shortest and longest lengths are known here; given, torch needs no device-to-host read to find them.
-    bounds = dict(min_seqlen=min(lengths), max_seqlen=max(lengths))
+    bounds = dict(min_seqlen=shortest, max_seqlen=longest)
 
     def jagged(t: torch.Tensor) -> torch.Tensor:  # [T, heads, d] -> [B, heads, j, d]
         return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, **bounds).transpose(1, 2)
@@ -91,8 +93,7 @@ def varlen_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     underneath): the packed [T, heads, d] tokens and cu_seqlens go in as they are, one launch, no padding, no
     nested-tensor bookkeeping on the host. Needs `flash_eligible(q)`."""
     total, heads, head_dim = q.shape
-    cu = _device_offsets(tuple(cu_seqlens), q.device, torch.int32)
-    longest = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    cu, _, longest = _batch_layout(tuple(cu_seqlens), q.device, torch.int32)
     ctx = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
                                                   scale=head_dim ** -0.5)[0]
     return ctx.reshape(total, heads * head_dim) if out is None else out.copy_(ctx.reshape(total, heads * head_dim))
