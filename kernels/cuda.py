@@ -42,6 +42,8 @@ WARP_HEADER = r"""
 // 16 bytes of scalars, for vector loads and stores: 8 fp16/bf16 or 4 fp32 values a memory transaction.
 #define PACK_VEC ((int)(16 / sizeof(scalar_t)))
 struct alignas(16) Pack { scalar_t v[16 / sizeof(scalar_t)]; };
+// The row of a kernel whose blocks' warps take one row each.
+__device__ __forceinline__ long long warp_row() { return (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;

@@ -14,24 +14,8 @@ import torch.nn.functional as F
 from kernels import cuda
 
 CUDA_SOURCE = r"""
-extern "C" __global__ void bias_residual_layernorm(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual,
-    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta, scalar_t* __restrict__ out,
-    int rows, int hidden, float eps, int has_bias)
-{
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const scalar_t* xr = x + row * hidden;
-    const scalar_t* rr = residual + row * hidden;
-    float n = 0.f, mean = 0.f, m2 = 0.f;
-    for (int c = lane; c < hidden; c += 32) {
-        float v = to_f(xr[c]) + to_f(rr[c]) + (has_bias ? to_f(bias[c]) : 0.f);
-        n += 1.f;
-        float d = v - mean;
-        mean += d / n;
-        m2 += d * (v - mean);
-    }
+// Merges the lanes' Welford states (n, mean, M2) by Chan's formula; every lane ends with lane 0's bits.
+__device__ __forceinline__ void welford_warp_merge(float& n, float& mean, float& m2) {
     for (int offset = 16; offset > 0; offset >>= 1) {  // merge (n, mean, m2) across lanes
         float nb = __shfl_xor_sync(0xffffffffu, n, offset);
         float meanb = __shfl_xor_sync(0xffffffffu, mean, offset);
@@ -44,8 +28,28 @@ extern "C" __global__ void bias_residual_layernorm(
             n = nt;
         }
     }
-    mean = __shfl_sync(0xffffffffu, mean, 0);  // every lane uses lane 0's bits
+    mean = __shfl_sync(0xffffffffu, mean, 0);
     m2 = __shfl_sync(0xffffffffu, m2, 0);
+}
+#define LN_PARAMS const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual, \
+    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta, scalar_t* __restrict__ out, \
+    int rows, int hidden, float eps, int has_bias
+extern "C" __global__ void bias_residual_layernorm(LN_PARAMS)
+{
+    const int lane = threadIdx.x & 31;
+    const long long row = warp_row();
+    if (row >= rows) return;
+    const scalar_t* xr = x + row * hidden;
+    const scalar_t* rr = residual + row * hidden;
+    float n = 0.f, mean = 0.f, m2 = 0.f;
+    for (int c = lane; c < hidden; c += 32) {
+        float v = to_f(xr[c]) + to_f(rr[c]) + (has_bias ? to_f(bias[c]) : 0.f);
+        n += 1.f;
+        float d = v - mean;
+        mean += d / n;
+        m2 += d * (v - mean);
+    }
+    welford_warp_merge(n, mean, m2);
     const float rstd = rsqrtf(m2 / (float)hidden + eps);
     scalar_t* o = out + row * hidden;
     for (int c = lane; c < hidden; c += 32) {
@@ -78,13 +82,10 @@ __device__ __forceinline__ Pack ln_pack_norm(const float* v, const Pack& g, cons
     for (int j = 0; j < PACK_VEC; ++j) o.v[j] = from_f((v[j] - mean) * rstd * to_f(g.v[j]) + to_f(b.v[j]));
     return o;
 }
-extern "C" __global__ void bias_residual_layernorm_vec(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual,
-    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta, scalar_t* __restrict__ out,
-    int rows, int hidden, float eps, int has_bias)
+extern "C" __global__ void bias_residual_layernorm_vec(LN_PARAMS)
 {
     const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long row = warp_row();
     if (row >= rows) return;
     const int packs = hidden / PACK_VEC;
     const Pack* xr = reinterpret_cast<const Pack*>(x + row * hidden);
@@ -105,20 +106,7 @@ extern "C" __global__ void bias_residual_layernorm_vec(
         ln_pack_sum(xr[p], rr[p], bp[p], has_bias, v);
         ln_pack_merge(v, n, mean, m2);
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {  // merge (n, mean, m2) across lanes
-        float nb = __shfl_xor_sync(0xffffffffu, n, offset);
-        float meanb = __shfl_xor_sync(0xffffffffu, mean, offset);
-        float m2b = __shfl_xor_sync(0xffffffffu, m2, offset);
-        float nt = n + nb;
-        if (nt > 0.f) {
-            float d = meanb - mean;
-            mean += d * (nb / nt);
-            m2 += m2b + d * d * (n * nb / nt);
-            n = nt;
-        }
-    }
-    mean = __shfl_sync(0xffffffffu, mean, 0);
-    m2 = __shfl_sync(0xffffffffu, m2, 0);
+    welford_warp_merge(n, mean, m2);
     const float rstd = rsqrtf(m2 / (float)hidden + eps);
     const Pack* gp = reinterpret_cast<const Pack*>(gamma);
     const Pack* tp = reinterpret_cast<const Pack*>(beta);

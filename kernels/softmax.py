@@ -13,12 +13,25 @@ import torch
 from kernels import cuda
 
 CUDA_SOURCE = r"""
-extern "C" __global__ void masked_softmax(
-    const scalar_t* __restrict__ scores, const unsigned char* __restrict__ key_mask, scalar_t* __restrict__ out,
-    long long rows, int length, int rows_per_batch, float scale, int has_mask)
+// Merges the lanes' running (max, rescaled sum) pairs; every lane ends with lane 0's bits.
+__device__ __forceinline__ void online_softmax_warp_merge(float& m, float& z) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float mb = __shfl_xor_sync(0xffffffffu, m, offset);
+        float zb = __shfl_xor_sync(0xffffffffu, z, offset);
+        float m_new = fmaxf(m, mb);
+        if (m_new == -INFINITY) continue;  // both halves empty so far
+        z = (m == -INFINITY ? 0.f : z * __expf(m - m_new)) + (mb == -INFINITY ? 0.f : zb * __expf(mb - m_new));
+        m = m_new;
+    }
+    m = __shfl_sync(0xffffffffu, m, 0);
+    z = __shfl_sync(0xffffffffu, z, 0);
+}
+#define SM_PARAMS const scalar_t* __restrict__ scores, const unsigned char* __restrict__ key_mask, scalar_t* __restrict__ out, \
+    long long rows, int length, int rows_per_batch, float scale, int has_mask
+extern "C" __global__ void masked_softmax(SM_PARAMS)
 {
     const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long row = warp_row();
     if (row >= rows) return;
     const scalar_t* s = scores + row * length;
     const unsigned char* keep = has_mask ? key_mask + (row / rows_per_batch) * length : 0;
@@ -30,16 +43,7 @@ extern "C" __global__ void masked_softmax(
         z = z * __expf(m - m_new) + __expf(v - m_new);
         m = m_new;
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        float mb = __shfl_xor_sync(0xffffffffu, m, offset);
-        float zb = __shfl_xor_sync(0xffffffffu, z, offset);
-        float m_new = fmaxf(m, mb);
-        if (m_new == -INFINITY) continue;  // both halves empty so far
-        z = (m == -INFINITY ? 0.f : z * __expf(m - m_new)) + (mb == -INFINITY ? 0.f : zb * __expf(mb - m_new));
-        m = m_new;
-    }
-    m = __shfl_sync(0xffffffffu, m, 0);
-    z = __shfl_sync(0xffffffffu, z, 0);
+    online_softmax_warp_merge(m, z);
     const float inv = (m == -INFINITY) ? 0.f : 1.f / z;
     scalar_t* o = out + row * length;
     for (int c = lane; c < length; c += 32) {
@@ -70,12 +74,10 @@ __device__ __forceinline__ Pack sm_pack_probs(const float* v, float m, float inv
     for (int j = 0; j < PACK_VEC; ++j) o.v[j] = from_f(m == -INFINITY || v[j] == -INFINITY ? 0.f : __expf(v[j] - m) * inv);
     return o;
 }
-extern "C" __global__ void masked_softmax_vec(
-    const scalar_t* __restrict__ scores, const unsigned char* __restrict__ key_mask, scalar_t* __restrict__ out,
-    long long rows, int length, int rows_per_batch, float scale, int has_mask)
+extern "C" __global__ void masked_softmax_vec(SM_PARAMS)
 {
     const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long row = warp_row();
     if (row >= rows) return;
     const int packs = length / PACK_VEC;
     const Pack* s = reinterpret_cast<const Pack*>(scores + row * length);
@@ -95,16 +97,7 @@ extern "C" __global__ void masked_softmax_vec(
         sm_pack_scores(s[p], keep, p * PACK_VEC, scale, v);
         sm_pack_merge(v, m, z);
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        float mb = __shfl_xor_sync(0xffffffffu, m, offset);
-        float zb = __shfl_xor_sync(0xffffffffu, z, offset);
-        float m_new = fmaxf(m, mb);
-        if (m_new == -INFINITY) continue;  // both halves empty so far
-        z = (m == -INFINITY ? 0.f : z * __expf(m - m_new)) + (mb == -INFINITY ? 0.f : zb * __expf(mb - m_new));
-        m = m_new;
-    }
-    m = __shfl_sync(0xffffffffu, m, 0);
-    z = __shfl_sync(0xffffffffu, z, 0);
+    online_softmax_warp_merge(m, z);
     const float inv = (m == -INFINITY) ? 0.f : 1.f / z;
     Pack* o = reinterpret_cast<Pack*>(out + row * length);
 #pragma unroll
