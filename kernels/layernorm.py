@@ -63,7 +63,7 @@ extern "C" __global__ void bias_residual_layernorm(LN_PARAMS)
 // are read from memory once; wider rows re-read the rest. Each pack's mean and squared deviations are exact
 // in fp32 and merged into the lane's running (n, mean, M2) by Chan's formula, one division a pack.
 #define LN_KEEP 4
-__device__ __forceinline__ void ln_pack_sum(const Pack& a, const Pack& r, const Pack& b, int has_bias, float* v) {
+__device__ __forceinline__ void ln_pack_sum(const Pack a, const Pack r, const Pack b, int has_bias, float* v) {
     for (int j = 0; j < PACK_VEC; ++j) v[j] = to_f(a.v[j]) + to_f(r.v[j]) + (has_bias ? to_f(b.v[j]) : 0.f);
 }
 __device__ __forceinline__ void ln_pack_merge(const float* v, float& n, float& mean, float& m2) {
@@ -77,7 +77,7 @@ __device__ __forceinline__ void ln_pack_merge(const float* v, float& n, float& m
     m2 += pm2 + d * d * (n * (float)PACK_VEC / nt);
     n = nt;
 }
-__device__ __forceinline__ Pack ln_pack_norm(const float* v, const Pack& g, const Pack& b, float mean, float rstd) {
+__device__ __forceinline__ Pack ln_pack_norm(const float* v, const Pack g, const Pack b, float mean, float rstd) {
     Pack o;
     for (int j = 0; j < PACK_VEC; ++j) o.v[j] = from_f((v[j] - mean) * rstd * to_f(g.v[j]) + to_f(b.v[j]));
     return o;

@@ -56,7 +56,7 @@ extern "C" __global__ void masked_softmax(SM_PARAMS)
 // to SM_KEEP packs of scaled scores in registers, so rows up to 32 * SM_KEEP * PACK_VEC long (1,024 in
 // fp16/bf16) are read once; longer rows re-read the rest. Masked keys become -inf, whose exp is 0.
 #define SM_KEEP 4
-__device__ __forceinline__ void sm_pack_scores(const Pack& a, const unsigned char* keep, int c0, float scale, float* v) {
+__device__ __forceinline__ void sm_pack_scores(const Pack a, const unsigned char* keep, int c0, float scale, float* v) {
     for (int j = 0; j < PACK_VEC; ++j) v[j] = (keep && !keep[c0 + j]) ? -INFINITY : to_f(a.v[j]) * scale;
 }
 __device__ __forceinline__ void sm_pack_merge(const float* v, float& m, float& z) {

@@ -16,6 +16,7 @@ KERNELS = {
     "split_qkv": qkv.CUDA_SOURCE,
     "cache_lookup": cache_lookup.CUDA_SOURCE,
 }
+PACKED = {"bias_residual_layernorm", "masked_softmax", "bias_activation"}  # sources with a 16-byte packed `_vec` entry too
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -24,6 +25,11 @@ KERNELS = {
 def test_kernel_compiles_to_ptx(name, dtype, arch):
     ptx = compile_ptx(KERNELS[name], dtype, arch, f"{name}.cu")
     assert f".entry {name}(" in ptx
+    if name in PACKED:  # its packed entry loads and stores 16 bytes at a time and keeps its row in registers
+        packed = ptx[ptx.index(f".entry {name}_vec("):]
+        packed = packed[:packed.find(".entry", 1)] if ".entry" in packed[1:] else packed
+        assert "ld.global.nc.v4" in packed and "st.global.v4" in packed
+        assert "ld.local" not in packed and "st.local" not in packed
     assert f".target sm_{arch.split('_')[1]}" in ptx
 
 
