@@ -27,6 +27,28 @@ extern "C" __global__ void split_qkv(
         out[(long long)which * tokens * hidden + t * hidden + h] = from_f(v);
     }
 }
+
+// The same a 16-byte pack at a time (hidden a multiple of PACK_VEC, aligned tensors): a pack never straddles Q, K
+// and V, so it moves whole.
+extern "C" __global__ void split_qkv_vec(
+    const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+    long long tokens, int hidden_packs, int has_bias)
+{
+    const Pack* src = reinterpret_cast<const Pack*>(qkv);
+    const Pack* bp = reinterpret_cast<const Pack*>(bias);
+    Pack* dst = reinterpret_cast<Pack*>(out);
+    const long long total = tokens * 3 * hidden_packs;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / (3 * hidden_packs);
+        const int j = (int)(i - t * 3 * hidden_packs);  // pack column in [0, 3 * hidden_packs)
+        const int which = j / hidden_packs;
+        const Pack a = src[i];
+        const Pack b = bp[has_bias ? j : 0];
+        Pack o;
+        for (int e = 0; e < PACK_VEC; ++e) o.v[e] = from_f(to_f(a.v[e]) + (has_bias ? to_f(b.v[e]) : 0.f));
+        dst[(long long)which * tokens * hidden_packs + t * hidden_packs + (j - which * hidden_packs)] = o;
+    }
+}
 """
 
 
@@ -56,7 +78,12 @@ def split_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, out:
         cuda.check_cuda_tensor(bias, "bias", qkv.dtype, (three_hidden,))
     out = cuda.output(out, (3, tokens, hidden), qkv)
     total = qkv.numel()
-    if total:
+    vec = 16 // qkv.element_size()
+    if total and hidden % vec == 0 and cuda.aligned(qkv, out, *([bias] if bias is not None else [])):
+        packs = total // vec
+        cuda.launch(CUDA_SOURCE, "split_qkv_vec", qkv.dtype, (min((packs + 255) // 256, 65535),), (256,),
+                    (qkv, bias if bias is not None else qkv, out, np.int64(tokens), hidden // vec, bias is not None))
+    elif total:
         blocks = min((total + 255) // 256, 65535)
         cuda.launch(CUDA_SOURCE, "split_qkv", qkv.dtype, (blocks,), (256,),
                     (qkv, bias if bias is not None else qkv, out, np.int64(tokens), hidden, bias is not None))

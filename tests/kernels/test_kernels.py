@@ -169,6 +169,12 @@ def test_unaligned_rows_take_the_scalar_kernels_and_agree(kernel_device, where, 
     want = masked_softmax_reference(scores.float(), mask, 0.125)
     for got in (masked_softmax(scores, mask, 0.125), masked_softmax(scores.clone(), mask, 0.125)):
         assert (got.float().cpu() - want.cpu()).abs().max().item() <= BOUND[dtype]
+    # QKV split: packs on the aligned copy, scalars on the view (rows of 3 x 136 start one element in)
+    qkv = flat[1:1 + 5 * 3 * hidden].view(5, 3 * hidden)
+    bq = torch.randn(3 * hidden, device=device, generator=g).to(dtype)
+    want = split_qkv_reference(qkv.float(), bq.float(), 2)
+    for got in (split_qkv(qkv, bq, 2), split_qkv(qkv.clone(), bq, 2)):
+        assert all(rel_err(a, b) <= BOUND[dtype] for a, b in zip(got, want))
     # bias + activation: packs on the aligned copy, scalars on the view
     want = bias_activation_reference(x.float(), b.float(), "gelu")
     for got in (bias_activation(x, b, "gelu"), bias_activation(x.clone(), b, "gelu")):

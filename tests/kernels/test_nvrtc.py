@@ -16,7 +16,7 @@ KERNELS = {
     "split_qkv": qkv.CUDA_SOURCE,
     "cache_lookup": cache_lookup.CUDA_SOURCE,
 }
-PACKED = {"bias_residual_layernorm", "masked_softmax", "bias_activation"}  # sources with a 16-byte packed `_vec` entry too
+PACKED = {"bias_residual_layernorm", "masked_softmax", "bias_activation", "split_qkv"}  # sources with a 16-byte packed `_vec` entry too
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -72,7 +72,7 @@ def test_cuda_code_path_on_the_emulator_matches_the_cpu_path(dtype, bound):
     # every fused kernel of a layer ran, once a layer (layer norms twice, + embeddings); the packed (16-byte) variants,
     # the encoder's rows being aligned and a multiple of the pack
     ran = emulate.launches - before
-    assert ran == {"split_qkv": 6, "bias_activation_vec": 6, "bias_residual_layernorm_vec": 13}, ran
+    assert ran == {"split_qkv_vec": 6, "bias_activation_vec": 6, "bias_residual_layernorm_vec": 13}, ran
 
 
 @pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler for the emulator")
