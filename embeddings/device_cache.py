@@ -67,11 +67,13 @@ class DeviceCache(Tier):
         self._pools: dict[int, Pool] = {}  # by dim
         self._where: dict[str, tuple[Pool, int]] = {}  # table -> (its pool, its index there)
         # The fused lookup's per-batch table layout on the device, by (dim, tables, key counts): a batch shaped like
-        # an earlier one sends nothing to the device. Its hits are summed on the device and read when the
-        # counters are (a read per lookup would stall the host on the device after every batch).
+        # an earlier one sends nothing to the device. Its hits are summed on the device (callers may change `found`
+        # afterwards: the hierarchy marks rows found lower) and those sums added up every FOLD_EVERY lookups and
+        # when the counters are read: a read per lookup would stall the host on the device after every batch.
         self._parts: dict[tuple, torch.Tensor] = {}
         self._device_hits = torch.zeros((), dtype=torch.int64, device=self.device)
         self._device_looked = 0
+        self._unsummed: list[torch.Tensor] = []
         if fused and policy == "lru" and kernels_on(self.device):
             # Build and check the fused kernel now, at start-up, not inside the first request's lookup.
             fused_lookup_ok(str(self.device))
@@ -146,10 +148,12 @@ class DeviceCache(Tier):
             keys = [checked[n] for n in names]
             vectors, found, h = self._lookup_pool(pool, idx, keys)
             counts = [k.numel() for k in keys]
-            if isinstance(h, torch.Tensor):  # the fused kernel's hits, still on the device
+            if isinstance(h, torch.Tensor):  # the fused kernel's hits, a sum still on the device
                 with self._counter_lock:
-                    self._device_hits.add_(h)
-                    self._device_looked += sum(counts)
+                    self._unsummed.append(h)
+                    self._device_looked += found.numel()
+                    if len(self._unsummed) >= self.FOLD_EVERY:
+                        self._fold_hits()
             else:
                 hits, misses = hits + h, misses + sum(counts) - h
             if len(names) == 1:  # one table of this vector size: its answer is the whole output
@@ -161,9 +165,18 @@ class DeviceCache(Tier):
             self.count(hits=hits, misses=misses)
         return out if len(out) == 1 else {t: out[t] for t in requests}
 
+    FOLD_EVERY = 64
+
+    def _fold_hits(self) -> None:
+        """Add the kept per-lookup hit sums to the device's count (one launch for them all); holds the counter lock."""
+        if self._unsummed:
+            self._device_hits += torch.stack(self._unsummed).sum()
+            self._unsummed.clear()
+
     def counters(self) -> dict[str, int]:
         """The counters, with the fused lookups' hits and misses read from the device."""
         with self._counter_lock:
+            self._fold_hits()
             out = dict(self._counts)
             device_hits = int(self._device_hits)
             out["hits"] += device_hits

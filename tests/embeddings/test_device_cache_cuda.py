@@ -125,3 +125,22 @@ def test_the_kernel_is_built_and_checked_when_the_cache_is_made(kernel_device, w
         assert checked == [kernel_device]
     finally:
         cl._verified.cache_clear()
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_fused_lookups_count_their_own_hits_across_folds_and_callers_changing_found(kernel_device, where):
+    """The fused path sums hits on the device and adds the sums up every FOLD_EVERY lookups: the counters stay
+    exact across folds, and a caller marking rows of `found` afterwards (as the hierarchy does for rows found lower)
+    does not change them."""
+    cache = DeviceCache(64, 8, "lru", device=kernel_device)
+    cache.create_table(TableSpec("t", 3))
+    held = torch.arange(20)
+    cache.insert("t", held.to(kernel_device), rows(held.tolist()).to(kernel_device))
+    hits = looked = 0
+    for i in range(DeviceCache.FOLD_EVERY + 5):
+        keys = torch.arange(i % 7, i % 7 + 30)  # 20 - i % 7 of them held
+        _, found = cache.lookup("t", keys.to(kernel_device))
+        found.fill_(True)  # the caller's own business from here on
+        hits, looked = hits + int((keys < 20).sum()), looked + keys.numel()
+    counters = cache.counters()
+    assert (counters["hits"], counters["misses"]) == (hits, looked - hits)
