@@ -223,6 +223,7 @@ def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool, 
         row["hf_eager_sdpa_s"] = timer(lambda: run_hf(hf), device, repeats)
         row["ours_tokens_per_s"] = tokens / row["ours_s"]
         row["vs_eager"] = row["hf_eager_sdpa_s"] / row["ours_s"]
+        row["serving_batches"] = serving_batches(ours, hf, device, repeats, rng)
         rows.append(row)
         peers.append(hf)
         save(rows)
@@ -237,6 +238,26 @@ def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool, 
         row["compile_and_time_s"] = time.perf_counter() - started
         save(rows)
     return rows
+
+
+def serving_batches(ours, hf, device: str, repeats: int, rng: random.Random) -> list[dict]:
+    """Latency of one forward at serving sizes (1 short text, 8 and 32 texts of mixed lengths), ours packed vs
+    transformers eager on one padded batch: where launch costs on the host, not the GPU, set the pace."""
+    from models.encoder import PackedBatch  # noqa: PLC0415
+
+    out = []
+    for n, lo, hi in ((1, 16, 16), (8, 32, 96), (32, 64, 192)):
+        seqs = [[rng.randint(1000, 29000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+        batch = PackedBatch.from_ids(seqs, 0, device)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+        am = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        with torch.inference_mode():
+            ours_s = timer(lambda: ours(batch), device, repeats * 4)
+            hf_s = timer(lambda: hf(input_ids=ids, attention_mask=am), device, repeats * 4)
+        out.append({"sequences": n, "tokens": sum(map(len, seqs)), "ours_ms": ours_s * 1e3, "hf_eager_ms": hf_s * 1e3,
+                    "vs_eager": hf_s / ours_s})
+    return out
 
 
 def main() -> int:
@@ -290,6 +311,9 @@ def main() -> int:
         print(f"encoder {r['encoder']:22} {r['tokens']} tokens: ours {r['ours_s'] * 1e3:8.2f} ms "
               f"({r['ours_tokens_per_s']:,.0f} tok/s), {r['vs_eager']:.2f}x eager"
               + (f", {r['vs_compiled']:.2f}x torch.compile" if "vs_compiled" in r else ""))
+        for b in r.get("serving_batches", []):
+            print(f"    {b['sequences']:3d} sequences, {b['tokens']:5d} tokens: ours {b['ours_ms']:7.2f} ms, "
+                  f"eager {b['hf_eager_ms']:7.2f} ms ({b['vs_eager']:.2f}x)")
     save()
     print(f"\nwrote {out / 'gpu_kernels.json'}")
     return 0
