@@ -258,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{entry['baseline']['texts_per_s']:.2f} = {entry['throughput_ratio']:.3f}x", flush=True)
             rounds.append(entry)
         del baseline  # free its memory before the single phase loads the model again
+        with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:  # the cost model's live error, now
+            try:
+                info = client.get("/info").json().get("scheduler", {})
+                error = report["cost_model_error_after_load"] = info.get("cost_model_error")
+                print(f"  cost model : predicted vs observed batch times after the load: {error}", flush=True)
+            except (httpx.HTTPError, ValueError) as exc:
+                print(f"  cost model : /info unreadable after the load ({exc})", flush=True)
         if args.single:
             report["single"] = asyncio.run(run_single(url, args.route, single_text, args.single_count, args.timeout,
                                                       server_pid))
