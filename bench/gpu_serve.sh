@@ -3,8 +3,8 @@
 # on a model shaped like all-MiniLM-L6-v2 (seeded random weights, its real tokenizer), in float16 and bfloat16.
 #   1. correctness over HTTP: /embed answers vs the CPU float32 forward of the same weights (bench/gpu_serve_check.py)
 #   2. throughput: bench/loadgen.py (one text a request, concurrency 64) vs sentence-transformers on the same GPU,
-#      and the cost model's prediction error on live batches after the load (issue 3),
-#      dtype and weights, encode(batch_size=64) on the same texts.
+#      dtype and weights, encode(batch_size=64) on the same texts; and the cost model's prediction error on live
+#      batches after the load (issue 3).
 # Prepared HERE with `bash bench/gpu_carry.sh`; on the device machine (carry [".gpu_carry"]):
 #   bash bench/gpu_serve.sh            (GPU_SERVE_NO_INSTALL=1 DEVICE=cpu: the same steps on a CPU, checks the script)
 set -uo pipefail
