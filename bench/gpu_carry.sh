@@ -20,7 +20,7 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$dir/whl" $pins
 model=$($py -c "from models.config import default_model_path; print(default_model_path())")
-for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt modules.json \
-         sentence_bert_config.json config_sentence_transformers.json; do cp "$model/$f" "$dir/minilm/"; done
-cp -r "$model/1_Pooling" "$dir/minilm/"
+for f in "$model"/*; do  # everything but the weights
+    case "$f" in *.safetensors) ;; *) cp -r "$f" "$dir/minilm/" ;; esac
+done
 du -sh "$dir"

@@ -100,7 +100,7 @@ def kernel_rows(device: str, dtype, smoke: bool, repeats: int, copy_gbs: float) 
         torch_ln = timer(lambda: F.layer_norm(summed, (h,), g, be, 1e-12), device, repeats)
         rows.append(_row("bias+residual+layernorm", f"{r}x{h}", 3 * r * h * esize, timer(fns["ours"], device, repeats),
                          {"torch add+add+layer_norm": timer(fns["torch add+add+layer_norm"], device, repeats),
-                          "torch layer_norm alone": torch_ln}, copy_gbs, graphed and fns))
+                          "torch layer_norm alone": torch_ln}, copy_gbs, fns if graphed else None))
     soft = [(2, 12, 64, 64)] if smoke else [(1, 1, 4096, 768), (32, 12, 128, 128), (8, 12, 512, 512), (4, 16, 1024, 1024)]
     for shape in soft:
         s = torch.randn(*shape, device=device, dtype=dtype)
@@ -110,18 +110,18 @@ def kernel_rows(device: str, dtype, smoke: bool, repeats: int, copy_gbs: float) 
                "torch softmax alone": lambda: torch.softmax(s, -1)}
         n = s.numel()
         rows.append(_row("masked softmax", "x".join(map(str, shape)), 2 * n * esize, timer(fns["ours"], device, repeats),
-                         {k: timer(f, device, repeats) for k, f in fns.items() if k != "ours"}, copy_gbs, graphed and fns))
+                         {k: timer(f, device, repeats) for k, f in fns.items() if k != "ours"}, copy_gbs, fns if graphed else None))
     for r, c in ([(64, 1536)] if smoke else [(16384, 1536), (16384, 3072)]):
         x, b = torch.randn(r, c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
         fns = {"ours": lambda: bias_activation(x, b, "gelu"), "torch add+gelu": lambda: F.gelu(x + b)}
         rows.append(_row("bias+gelu(erf)", f"{r}x{c}", 2 * r * c * esize, timer(fns["ours"], device, repeats),
-                         {"torch add+gelu": timer(fns["torch add+gelu"], device, repeats)}, copy_gbs, graphed and fns))
+                         {"torch add+gelu": timer(fns["torch add+gelu"], device, repeats)}, copy_gbs, fns if graphed else None))
     for r, h in ([(64, 768)] if smoke else [(16384, 768), (16384, 1024)]):
         qkv, b = torch.randn(r, 3 * h, device=device, dtype=dtype), torch.randn(3 * h, device=device, dtype=dtype)
         fns = {"ours": lambda: split_qkv(qkv, b, h // 64),  # BERT's head size, 64
                "torch add+transpose": lambda: (qkv + b).view(r, 3, h).transpose(0, 1).contiguous()}
         rows.append(_row("qkv split+bias", f"{r}x{3 * h}", 2 * r * 3 * h * esize, timer(fns["ours"], device, repeats),
-                         {"torch add+transpose": timer(fns["torch add+transpose"], device, repeats)}, copy_gbs, graphed and fns))
+                         {"torch add+transpose": timer(fns["torch add+transpose"], device, repeats)}, copy_gbs, fns if graphed else None))
     return rows
 
 

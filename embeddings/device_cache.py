@@ -163,7 +163,7 @@ class DeviceCache(Tier):
                     out[name] = v, f
         if hits or misses:
             self.count(hits=hits, misses=misses)
-        return out if len(out) == 1 else {t: out[t] for t in requests}
+        return {t: out[t] for t in requests}
 
     FOLD_EVERY = 64
 

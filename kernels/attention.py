@@ -58,6 +58,13 @@ def _batch_layout(cu_seqlens: tuple[int, ...], device: torch.device, dtype: torc
     return offsets, min(lengths), max(lengths)
 
 
+def _into(ctx: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """[T, heads, d] attention output as [T, heads * d]; copied into the planned buffer `out` when one is given
+    (the fused attention ops have no out=)."""
+    flat = ctx.reshape(ctx.shape[0], -1)
+    return flat if out is None else out.copy_(flat)
+
+
 def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """The same through nested jagged tensors: one fused SDPA call for the whole batch."""
@@ -69,9 +76,7 @@ def varlen_attention_nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     def jagged(t: torch.Tensor) -> torch.Tensor:  # [T, heads, d] -> [B, heads, j, d]
         return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, **bounds).transpose(1, 2)
 
-    ctx = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values()
-    # SDPA has no out=; its output is copied into the planned buffer when one is given.
-    return ctx.reshape(total, heads * head_dim) if out is None else out.copy_(ctx.reshape(total, heads * head_dim))
+    return _into(F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values(), out)
 
 
 def flash_eligible(q: torch.Tensor) -> bool:
@@ -94,9 +99,8 @@ def varlen_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     nested-tensor bookkeeping on the host. Needs `flash_eligible(q)`."""
     total, heads, head_dim = q.shape
     cu, _, longest = _batch_layout(tuple(cu_seqlens), q.device, torch.int32)
-    ctx = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
-                                                  scale=head_dim ** -0.5)[0]
-    return ctx.reshape(total, heads * head_dim) if out is None else out.copy_(ctx.reshape(total, heads * head_dim))
+    return _into(torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
+                                                         scale=head_dim ** -0.5)[0], out)
 
 
 @functools.lru_cache(maxsize=None)

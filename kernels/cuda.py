@@ -125,8 +125,9 @@ def kernels_on(device: torch.device | str) -> bool:
 
 
 def use_kernels(t: torch.Tensor) -> bool:
-    """Whether an op on `t` runs its CUDA kernel (kernels_on its device)."""
-    return kernels_on(t.device)
+    """Whether an op on `t` runs its CUDA kernel (kernels_on its device; asked by every entry check, so without
+    building a device object)."""
+    return available() if t.is_cuda else _emulating and t.device.type == "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,14 +167,13 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
     pointer, Python floats float32, Python ints and bools int32 (pass np.int64 for a long long)."""
     converted = []
     on_cuda = False
-    for a in args:  # one pass: a launch's host cost is what small batches pay
-        kind = type(a)
-        if kind is torch.Tensor or isinstance(a, torch.Tensor):
+    for a in args:
+        if isinstance(a, torch.Tensor):
             converted.append(np.uint64(a.data_ptr()))
             on_cuda = on_cuda or a.is_cuda
-        elif kind is float or isinstance(a, float):
+        elif isinstance(a, float):
             converted.append(np.float32(a))
-        elif kind is int or kind is bool or isinstance(a, int):
+        elif isinstance(a, int):  # bools too
             converted.append(np.int32(a))
         else:
             converted.append(a)
