@@ -194,3 +194,19 @@ def test_split_qkv_on_random_shapes(tokens, heads, head_dim, dtype, bias, seed):
     want = split_qkv_reference(qkv.double(), b.double() if bias else None, heads)
     for x, y in zip(got, want):
         assert x.is_contiguous() and worst(x, y) <= BOUND[dtype]
+
+
+@pytest.mark.parametrize("hidden", [2, 8])
+def test_layernorm_keeps_a_small_spread_under_a_large_offset(hidden):
+    """Rows near 60 (x and residual near 30 each) with spreads down to about eps: an fp32 mean or sum of that size
+    would round the spread away (4e-5 off, found by Hypothesis; torch's own fp32 layer_norm is as far off on some).
+    Shifted by each input's first element, the kernel stays within 1e-5 of the exact result."""
+    from kernels.layernorm import bias_residual_layernorm, bias_residual_layernorm_reference  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(hidden)
+    x, r = ((torch.randn(64, hidden, generator=g) * 0.05 + 30.0) for _ in range(2))
+    b, gamma, beta = (torch.randn(hidden, generator=g) for _ in range(3))
+    with cuda.emulation():
+        got = bias_residual_layernorm(x, b, r, gamma, beta, 1e-5)
+    want = bias_residual_layernorm_reference(x.double(), b.double(), r.double(), gamma.double(), beta.double(), 1e-5)
+    assert worst(got, want) <= 1e-5
