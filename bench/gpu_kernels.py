@@ -242,11 +242,26 @@ def encoder_rows(device: str, dtype, smoke: bool, repeats: int, compile_: bool, 
 
 def serving_batches(ours, hf, device: str, repeats: int, rng: random.Random) -> list[dict]:
     """Latency of one forward at serving sizes (1 short text, 8 and 32 texts of mixed lengths), ours packed vs
-    transformers eager on one padded batch: where launch costs on the host, not the GPU, set the pace."""
+    transformers eager on one padded batch: where launch costs on the host, not the GPU, set the pace. Then what the
+    server runs, pooled vectors on the host: ours kernel by kernel, ours replaying CUDA graphs (models/graphs.py),
+    and transformers eager with its first tokens copied to the host."""
     from models.encoder import PackedBatch  # noqa: PLC0415
+    from models.graphs import GraphedForward  # noqa: PLC0415
+    from models.runtime import EncoderEmbedder  # noqa: PLC0415
 
+    embedder = EncoderEmbedder(ours, "mean", 0, torch.device(device))
+    started = time.perf_counter()
+    if device == "cuda":
+        graphs_on = embedder.capture_graphs(4096, 64)  # the server's defaults (model.cuda_graph_max_tokens, ...)
+    else:  # --smoke: the buckets' padded forward without a graph (what a capture records)
+        embedder.graphs = GraphedForward(ours, "mean", None, 0, embedder.token_types, 4096, 64, embedder.device, embedder._eager)
+        graphs_on = True
+    capture_s = time.perf_counter() - started
+    graphs = embedder.graphs
+    print(f"CUDA graphs: {'on' if graphs_on else 'off: ' + str(graphs and graphs.stats.off_reason)}, "
+          f"{capture_s:.2f} s to capture and check")
     out = []
-    for n, lo, hi in ((1, 16, 16), (8, 32, 96), (32, 64, 192)):
+    for n, lo, hi in ((1, 16, 16), (8, 32, 96), (32, 32, 160)):
         seqs = [[rng.randint(1000, 29000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
         batch = PackedBatch.from_ids(seqs, 0, device)
         width = max(map(len, seqs))
@@ -255,8 +270,18 @@ def serving_batches(ours, hf, device: str, repeats: int, rng: random.Random) -> 
         with torch.inference_mode():
             ours_s = timer(lambda: ours(batch), device, repeats * 4)
             hf_s = timer(lambda: hf(input_ids=ids, attention_mask=am), device, repeats * 4)
-        out.append({"sequences": n, "tokens": sum(map(len, seqs)), "ours_ms": ours_s * 1e3, "hf_eager_ms": hf_s * 1e3,
-                    "vs_eager": hf_s / ours_s})
+            hf_host_s = timer(lambda: hf(input_ids=ids, attention_mask=am).last_hidden_state[:, 0].float().cpu(), device,
+                              repeats * 4)
+        row = {"sequences": n, "tokens": sum(map(len, seqs)), "ours_ms": ours_s * 1e3, "hf_eager_ms": hf_s * 1e3,
+               "vs_eager": hf_s / ours_s, "hf_eager_to_host_ms": hf_host_s * 1e3}
+        row["embed_eager_ms"] = 1e3 * timer(lambda: embedder._eager(seqs, None), device, repeats * 4)
+        if graphs_on:
+            before = graphs.stats.replays
+            row["embed_graphs_ms"] = 1e3 * timer(lambda: embedder.embed(seqs), device, repeats * 4)
+            row["graph_replays"] = graphs.stats.replays - before
+            row["graphs_vs_eager_embed"] = row["embed_eager_ms"] / row["embed_graphs_ms"]
+            row["graphs_vs_hf_to_host"] = row["hf_eager_to_host_ms"] / row["embed_graphs_ms"]
+        out.append(row)
     return out
 
 
@@ -313,7 +338,10 @@ def main() -> int:
               + (f", {r['vs_compiled']:.2f}x torch.compile" if "vs_compiled" in r else ""))
         for b in r.get("serving_batches", []):
             print(f"    {b['sequences']:3d} sequences, {b['tokens']:5d} tokens: ours {b['ours_ms']:7.2f} ms, "
-                  f"eager {b['hf_eager_ms']:7.2f} ms ({b['vs_eager']:.2f}x)")
+                  f"eager {b['hf_eager_ms']:7.2f} ms ({b['vs_eager']:.2f}x); pooled to host: ours "
+                  f"{b['embed_eager_ms']:7.2f} ms, graphs {b.get('embed_graphs_ms', float('nan')):7.2f} ms "
+                  f"({b.get('graphs_vs_eager_embed', float('nan')):.2f}x), eager {b['hf_eager_to_host_ms']:7.2f} ms "
+                  f"({b.get('graphs_vs_hf_to_host', float('nan')):.2f}x)")
     save()
     print(f"\nwrote {out / 'gpu_kernels.json'}")
     return 0

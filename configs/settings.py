@@ -96,6 +96,7 @@ class ModelSettings(_Section):
     memory_arena: bool = Field(True, description="Plan every intermediate tensor of a batch into reusable chunks from its lifetime.")
     arena_min_chunk_mib: float = Field(2.0, gt=0, description="Smallest chunk the memory arena allocates, in MiB.")
     arena_release_after: int = Field(64, ge=1, description="Batches a chunk may go unused before the arena frees it.")
+    cuda_graph_max_tokens: int = Field(4096, ge=0, description="On a GPU (float16/bfloat16), batches of up to this many tokens replay CUDA graphs captured at start-up per token bucket (one launch instead of one a kernel); 0: never.")
 
     @model_validator(mode="after")
     def _one_default_prompt(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,17 @@ from kernels import cuda
 log = logging.getLogger(__name__)
 _nested_failed = False
 _flash_failed = False
+
+
+@dataclass(frozen=True)
+class DeviceLayout:
+    """Sequence offsets that are already on the device, for a forward captured in a CUDA graph (models/graphs.py):
+    no host list to read, so each replay may write new offsets into the same tensor. cu: int32 [B + 1];
+    max_seqlen: a bound on every sequence's length (the flash kernel sizes its grid from it; sequences of
+    length 0 are allowed)."""
+
+    cu: torch.Tensor
+    max_seqlen: int
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
@@ -36,6 +48,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     total, heads, head_dim = q.shape
     ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device) if out is None else out.view(total, heads, head_dim)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end == start:  # an empty slot of a CUDA graph's layout
+            continue
         # [L, heads, d] -> [1, heads, L, d]: four dimensions let the CPU take its flash kernel (with three it
         # takes the math path, about 2x slower at MiniLM's shapes, whose masked-softmax checks cost as much as the bmm)
         out = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None],
@@ -97,10 +111,15 @@ def varlen_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     """The same through FlashAttention-2's variable-length kernel (torch's aten op, the one nested tensors use
     underneath): the packed [T, heads, d] tokens and cu_seqlens go in as they are, one launch, no padding, no
     nested-tensor bookkeeping on the host. Needs `flash_eligible(q)`."""
-    total, heads, head_dim = q.shape
     cu, _, longest = _batch_layout(tuple(cu_seqlens), q.device, torch.int32)
+    return _flash(q, k, v, cu, longest, out)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+           out: torch.Tensor | None) -> torch.Tensor:
+    """The varlen kernel on device offsets `cu` (int32 [B + 1]) with `longest` a bound on every length."""
     return _into(torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
-                                                         scale=head_dim ** -0.5)[0], out)
+                                                         scale=q.shape[-1] ** -0.5)[0], out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,17 +140,26 @@ def flash_agrees(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
     return err <= 2e-2
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int] | DeviceLayout,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatcher; checks shapes on entry. See varlen_attention_reference for the contract."""
+    """Dispatcher; checks shapes on entry. See varlen_attention_reference for the contract. cu_seqlens may also
+    be a DeviceLayout (a CUDA graph's forward): it goes to the flash kernel as it is, or is read back to the host
+    for the other paths (which a graph capture cannot do: models/graphs.py captures only where flash runs)."""
     global _nested_failed, _flash_failed
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [tokens, heads, head_dim] shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not cu_seqlens or cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
     if out is not None and (out.shape != (q.shape[0], q.shape[1] * q.shape[2]) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [tokens, heads*head_dim] tensor; got {tuple(out.shape)}")
+    if isinstance(cu_seqlens, DeviceLayout):
+        if cu_seqlens.cu.dtype != torch.int32 or cu_seqlens.cu.dim() != 1 or cu_seqlens.cu.device != q.device:
+            raise ValueError(f"a DeviceLayout's cu must be int32 [B + 1] on {q.device}")
+        if not _flash_failed and flash_eligible(q) and flash_agrees(q.device, q.dtype, q.shape[-1]):
+            return _flash(q, k, v, cu_seqlens.cu, cu_seqlens.max_seqlen, out)
+        cu_seqlens = cu_seqlens.cu.tolist()  # empty slots included: only the per-sequence path takes them
+        return varlen_attention_reference(q, k, v, cu_seqlens, out)
+    if not cu_seqlens or cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
     if not _flash_failed and flash_eligible(q):
         try:
             if flash_agrees(q.device, q.dtype, q.shape[-1]):

@@ -11,7 +11,7 @@ from torch import nn
 
 from kernels.activation import bias_activation, check_activation
 from kernels.arena import FreshWorkspace, Workspace
-from kernels.attention import varlen_attention
+from kernels.attention import DeviceLayout, varlen_attention
 from kernels.cuda import use_kernels
 from kernels.layernorm import bias_residual_layernorm
 from kernels.qkv import split_qkv
@@ -24,7 +24,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # [T] int64
     position_ids: torch.Tensor  # [T] int64
-    cu_seqlens: list[int]  # [B + 1], token offsets of each sequence
+    cu_seqlens: list[int] | DeviceLayout  # [B + 1], token offsets of each sequence (on the device in a CUDA graph)
     seq_index: torch.Tensor  # [T] int64, which sequence each token belongs to
     token_type_ids: torch.Tensor | None = None  # [T] int64 for text pairs; None: every token is of type 0
 
@@ -69,7 +69,7 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], ws: Workspace) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: list[int] | DeviceLayout, ws: Workspace) -> torch.Tensor:
         """x: [T, H] -> [T, H]; every intermediate comes from `ws` and is written in place or with out=."""
         tokens, hidden = x.shape
         new = partial(ws.empty, dtype=x.dtype, device=x.device)

@@ -13,8 +13,10 @@ import torch
 
 from kernels import cuda
 from kernels.arena import Arena, new_arena
+from kernels.attention import flash_agrees, flash_eligible
 from models.config import ModelFolderError, default_model_path, read_model_folder
 from models.encoder import ClassificationHead, PackedBatch, SpladeHead, pool
+from models.graphs import GraphedForward
 from models.tokenizer import TextTokenizer
 from models.weights import load_encoder, load_head, load_mlm_head, reader
 
@@ -84,10 +86,34 @@ class EncoderEmbedder:
         self.token_types = encoder.cfg.type_vocab_size > 1  # BERT: pairs' second texts are of type 1
         self.dim = head.out.out_features if head is not None else sparse.decoder.out_features if sparse is not None \
             else encoder.cfg.hidden_size
+        self.graphs: GraphedForward | None = None  # CUDA graphs of small batches (capture_graphs)
+
+    def capture_graphs(self, max_tokens: int, max_sequences: int) -> bool:
+        """Serve batches of up to `max_tokens` tokens and `max_sequences` sequences by replaying CUDA graphs
+        (models/graphs.py); returns whether they are on. Only on CUDA with the flash attention path (fp16/bf16)
+        and for pooled outputs (not SPLADE)."""
+        dtype = next(self.encoder.parameters()).dtype
+        heads = self.encoder.cfg.num_heads
+        probe = torch.empty(1, heads, self.encoder.cfg.hidden_size // heads, dtype=dtype, device=self.device)
+        if self.sparse is not None or not flash_eligible(probe) or not flash_agrees(self.device, dtype, probe.shape[-1]):
+            log.info("CUDA graphs not used: they need CUDA, float16 or bfloat16, FlashAttention and pooled outputs")
+            return False
+        self.graphs = GraphedForward(self.encoder, self.pooling, self.head, self.position_offset, self.token_types,
+                                     max_tokens, max_sequences, self.device, self._eager)
+        return self.graphs.capture(self.encoder.cfg.vocab_size)
 
     @torch.inference_mode()
     def embed(self, sequences: list[list[int]], per_token: list[bool] | None = None,
               segments: list[int | None] | None = None) -> np.ndarray | list[np.ndarray]:
+        if self.graphs is not None and not (per_token and any(per_token)):
+            out = self.graphs.run(sequences, segments if self.token_types else None)
+            if out is not None:
+                return out
+        return self._eager(sequences, segments, per_token)
+
+    @torch.inference_mode()
+    def _eager(self, sequences: list[list[int]], segments: list[int | None] | None,
+               per_token: list[bool] | None = None) -> np.ndarray | list[np.ndarray]:
         batch = PackedBatch.from_ids(sequences, self.position_offset, self.device, segments if self.token_types else None)
         if self.arena is None:
             return self._outputs(self.encoder(batch), batch, per_token)
@@ -132,8 +158,10 @@ def cpu_has_bf16() -> bool:
 def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",
                max_input_length: int | None = None, pooling: str | None = None, normalize: bool | None = None,
                matryoshka_dimensions: list[int] | None = None, memory_arena: bool = True, arena_min_chunk_mib: float = 2.0,
-               arena_release_after: int = 64, default_prompt_name: str | None = None) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
-    """Load a model folder (or the embedded default when path is None) ready to serve."""
+               arena_release_after: int = 64, default_prompt_name: str | None = None, cuda_graph_max_tokens: int = 0,
+               max_batch_sequences: int = 64) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
+    """Load a model folder (or the embedded default when path is None) ready to serve. On CUDA, batches of up to
+    `cuda_graph_max_tokens` tokens and `max_batch_sequences` sequences replay CUDA graphs (0: never)."""
     folder_path = Path(path) if path else default_model_path()
     folder = read_model_folder(folder_path)
     cfg = folder.encoder
@@ -173,6 +201,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse)
+    if cuda_graph_max_tokens and torch_device.type == "cuda":
+        embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
     info = ModelInfo(
         name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
         path=str(folder_path),

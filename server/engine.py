@@ -101,6 +101,9 @@ class Engine:
                                    "chunk_allocations": st.chunk_allocations, "chunk_releases": st.chunk_releases,
                                    "plan_hits": st.plan_hits, "plan_misses": st.plan_misses,
                                    "last_plan_ms": round(1e3 * st.last_plan_seconds, 3)}
+        graphs = getattr(self.embedder, "graphs", None)
+        if graphs is not None:
+            out["cuda_graphs"] = graphs.info()
         return out
 
     def check_batch(self, count: int) -> None:

@@ -1,0 +1,151 @@
+"""CUDA graphs of the forward (models/graphs.py). On the CPU, the buckets' padded forward (the computation a graph
+captures: padding tokens as one dummy sequence, empty slots, offsets read from the device) runs without a graph and
+must give what the eager forward gives, for every pooling, a classifier head and text pairs. On a GPU (gpu marker)
+the captured graphs replay it and must agree with the eager path, batch after batch."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import cuda, emulate
+from kernels.attention import DeviceLayout, varlen_attention, varlen_attention_reference
+from models.encoder import ClassificationHead
+from models.graphs import GraphedForward, bucket_sizes, example_batch
+from models.runtime import EncoderEmbedder
+from tests.models.test_gpu_encoder import random_encoder
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def batches(seed: int, vocab: int = 30522) -> list[tuple[list[list[int]], list[int | None] | None]]:
+    """Batches over the buckets' edges: one token, a bucket filled exactly, many short sequences, pairs."""
+    rng = random.Random(seed)
+
+    def seqs(lengths):
+        return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+    return [(seqs([1]), None), (seqs([32]), None), (seqs([5, 17, 9]), None), (seqs([3] * 16), None),
+            (seqs([40, 1, 23, 60]), None), (seqs([96]), None), (seqs([7, 12, 30]), [3, None, 11])]
+
+
+def graphed(embedder: EncoderEmbedder, max_tokens: int = 128, max_sequences: int = 16) -> GraphedForward:
+    return GraphedForward(embedder.encoder, embedder.pooling, embedder.head, embedder.position_offset,
+                          embedder.token_types, max_tokens, max_sequences, embedder.device, embedder._eager)
+
+
+def test_bucket_sizes_step_by_at_most_half():
+    sizes = bucket_sizes(2048)
+    assert sizes[0] == 32 and sizes[-1] == 2048 and sizes == sorted(set(sizes))
+    assert all(b / a <= 1.5 for a, b in zip(sizes, sizes[1:]))
+    assert bucket_sizes(100)[-1] == 100 and bucket_sizes(10) == [10]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last", "head"])
+def test_padded_forward_matches_the_eager_one_on_cpu(pooling):
+    encoder = random_encoder("minilm-l6")
+    head = None
+    if pooling == "head":
+        torch.manual_seed(3)
+        head = ClassificationHead(encoder.cfg.hidden_size, 2).eval()
+    embedder = EncoderEmbedder(encoder, "cls" if head else pooling, 0, torch.device("cpu"), head=head)
+    graphs = graphed(embedder)
+    for sequences, segments in batches(0):
+        with torch.inference_mode():
+            got = graphs.run(sequences, segments)
+            want = embedder._eager(sequences, segments)
+        assert got.shape == want.shape == (len(sequences), embedder.dim)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    assert graphs.stats.replays == len(batches(0)) and graphs.stats.eager == 0
+
+
+def test_batches_no_bucket_fits_are_left_to_the_eager_path():
+    embedder = EncoderEmbedder(random_encoder("minilm-l6"), "mean", 0, torch.device("cpu"))
+    embedder.graphs = graphed(embedder, max_tokens=64, max_sequences=4)
+    too_long, too_many = [[5] * 65], [[5]] * 5
+    for sequences in (too_long, too_many):
+        assert embedder.graphs.run(sequences) is None
+        got = embedder.embed(sequences)  # answered eagerly all the same
+        np.testing.assert_allclose(got, embedder._eager(sequences, None), rtol=1e-6)
+    assert embedder.graphs.stats.eager == 4 and embedder.graphs.stats.replays == 0
+    # the smallest bucket that holds a batch is the one it runs in
+    assert embedder.graphs.bucket_for(3, 33).tokens == 48 and embedder.graphs.bucket_for(4, 64).tokens == 64
+    assert embedder.graphs.bucket_for(5, 10) is None
+
+
+def test_per_token_outputs_skip_the_graphs():
+    embedder = EncoderEmbedder(random_encoder("minilm-l6"), "mean", 0, torch.device("cpu"))
+    embedder.graphs = graphed(embedder)
+    out = embedder.embed([[1, 2, 3], [4, 5]], per_token=[True, False])
+    assert out[0].shape == (3, embedder.dim) and embedder.graphs.stats.replays == 0
+
+
+@pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler for the emulator")
+def test_padded_forward_on_the_cuda_code_path_of_the_emulator():
+    """The kernels' path (CPU emulator) with a DeviceLayout: attention reads the offsets back for its per-sequence
+    path, empty slots included, and the fused kernels run over the padding."""
+    encoder = random_encoder("minilm-l6")
+    embedder = EncoderEmbedder(copy.deepcopy(encoder), "mean", 0, torch.device("cpu"))
+    graphs = graphed(embedder, max_tokens=48, max_sequences=8)
+    sequences = batches(1)[2][0]
+    with torch.inference_mode(), cuda.emulation():
+        got = graphs.run(sequences)
+    want = EncoderEmbedder(encoder, "mean", 0, torch.device("cpu"))._eager(sequences, None)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_device_layout_attention_skips_empty_sequences_on_cpu():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(12, 2, 16) for _ in range(3))
+    cu = [0, 5, 5, 9, 9, 12]
+    got = varlen_attention(q, k, v, DeviceLayout(torch.tensor(cu, dtype=torch.int32), 12))
+    want = varlen_attention_reference(q, k, v, [0, 5, 9, 12])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="int32"):
+        varlen_attention(q, k, v, DeviceLayout(torch.tensor(cu), 12))
+
+
+def test_example_batches_fill_three_quarters_of_a_bucket():
+    rng = np.random.default_rng(0)
+    embedder = EncoderEmbedder(random_encoder("minilm-l6"), "mean", 0, torch.device("cpu"))
+    for bucket in graphed(embedder, max_tokens=512, max_sequences=2).buckets:
+        example = example_batch(bucket, 100, rng)
+        assert 1 <= len(example) <= bucket.slots and sum(map(len, example)) == bucket.tokens * 3 // 4
+        assert all(len(s) >= 1 and max(s) < 100 for s in example)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pooling", ["mean", "cls", "head"])
+def test_graphs_replay_what_the_eager_forward_computes_on_gpu(dtype, pooling):
+    encoder = random_encoder("minilm-l6").to("cuda", dtype)
+    head = None
+    if pooling == "head":
+        torch.manual_seed(3)
+        head = ClassificationHead(encoder.cfg.hidden_size, 1).to("cuda", dtype).eval()
+    embedder = EncoderEmbedder(encoder, "cls" if head else pooling, 0, torch.device("cuda"), head=head)
+    assert embedder.capture_graphs(128, 16), embedder.graphs.stats.off_reason
+    assert [t for t, _ in embedder.graphs.stats.buckets] == [128, 96, 64, 48, 32]
+    for round_ in range(2):  # the same graphs again: nothing of a batch stays behind in them
+        for sequences, segments in batches(round_):
+            got = embedder.embed(sequences, segments=segments)
+            want = embedder._eager(sequences, segments)
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 2e-2 * scale, (len(sequences), np.abs(got - want).max() / scale)
+    assert embedder.graphs.stats.replays == 2 * len(batches(0)) and embedder.graphs.stats.eager == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_device_layout_flash_attention_with_empty_slots_on_gpu():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(64, 4, 32, device="cuda", dtype=torch.float16) for _ in range(3))
+    cu = [0, 5, 5, 30, 30, 30, 64]
+    got = varlen_attention(q, k, v, DeviceLayout(torch.tensor(cu, dtype=torch.int32, device="cuda"), 64))
+    want = varlen_attention_reference(q.float(), k.float(), v.float(), [0, 5, 30, 64])
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
