@@ -67,13 +67,12 @@ class DeviceCache(Tier):
         self._pools: dict[int, Pool] = {}  # by dim
         self._where: dict[str, tuple[Pool, int]] = {}  # table -> (its pool, its index there)
         # The fused lookup's per-batch table layout on the device, by (dim, tables, key counts): a batch shaped like
-        # an earlier one sends nothing to the device. Its hits are summed on the device (callers may change `found`
-        # afterwards: the hierarchy marks rows found lower) and those sums added up every FOLD_EVERY lookups and
-        # when the counters are read: a read per lookup would stall the host on the device after every batch.
+        # an earlier one sends nothing to the device. The kernel adds its hits to a counter on the device (callers may
+        # change `found` afterwards: the hierarchy marks rows found lower), read only when the counters are: a read
+        # per lookup would stall the host on the device after every batch.
         self._parts: dict[tuple, torch.Tensor] = {}
-        self._device_hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._device_hits = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._device_looked = 0
-        self._unsummed: list[torch.Tensor] = []
         if fused and policy == "lru" and kernels_on(self.device):
             # Build and check the fused kernel now, at start-up, not inside the first request's lookup.
             fused_lookup_ok(str(self.device))
@@ -148,12 +147,9 @@ class DeviceCache(Tier):
             keys = [checked[n] for n in names]
             vectors, found, h = self._lookup_pool(pool, idx, keys)
             counts = [k.numel() for k in keys]
-            if isinstance(h, torch.Tensor):  # the fused kernel's hits, a sum still on the device
+            if h is None:  # the fused kernel: its hits were added to the device's counter
                 with self._counter_lock:
-                    self._unsummed.append(h)
                     self._device_looked += found.numel()
-                    if len(self._unsummed) >= self.FOLD_EVERY:
-                        self._fold_hits()
             else:
                 hits, misses = hits + h, misses + sum(counts) - h
             if len(names) == 1:  # one table of this vector size: its answer is the whole output
@@ -165,18 +161,9 @@ class DeviceCache(Tier):
             self.count(hits=hits, misses=misses)
         return {t: out[t] for t in requests}
 
-    FOLD_EVERY = 64
-
-    def _fold_hits(self) -> None:
-        """Add the kept per-lookup hit sums to the device's count (one launch for them all); holds the counter lock."""
-        if self._unsummed:
-            self._device_hits += torch.stack(self._unsummed).sum()
-            self._unsummed.clear()
-
     def counters(self) -> dict[str, int]:
         """The counters, with the fused lookups' hits and misses read from the device."""
         with self._counter_lock:
-            self._fold_hits()
             out = dict(self._counts)
             device_hits = int(self._device_hits)
             out["hits"] += device_hits
@@ -199,17 +186,17 @@ class DeviceCache(Tier):
             self._parts[key] = parts
         return parts
 
-    def _lookup_pool(self, pool: Pool, idx: list[int], keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
-        """Rows [n, dim], found [n] and the number found (on the device for the fused kernel), of the keys of
-        tables `idx` of one pool (concatenated); hits count as uses."""
+    def _lookup_pool(self, pool: Pool, idx: list[int], keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """Rows [n, dim], found [n] and the number found (None from the fused kernel, which adds it to the device's
+        counter), of the keys of tables `idx` of one pool (concatenated); hits count as uses."""
         pool.tick += 1
         if self.fused and pool.policy == "lru" and use_kernels(pool.keys) and fused_lookup_ok(str(self.device)):
             # One kernel instead of ~12 launches: at GPU speed the launches cost more than the bytes. The pool's
             # own tensors skip the entry checks (made once, by the pool); the keys were checked on entry.
             flat_keys = keys[0] if len(keys) == 1 else torch.cat(keys)
             vectors, found, _ = cache_lookup(pool.keys, pool.values, pool.defaults, pool.last, flat_keys,
-                                             self._layout(pool, idx, keys), pool.tick, checked=True)
-            return vectors, found, found.sum()
+                                             self._layout(pool, idx, keys), pool.tick, self._device_hits, checked=True)
+            return vectors, found, None
         at = pool.locate(idx, keys)
         found, flat = pool.find(at)
         vectors = torch.index_select(pool.values, 0, flat, out=self._empty(at.keys.numel(), pool.dim))  # [n, dim]

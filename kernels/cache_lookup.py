@@ -4,7 +4,8 @@ For every key of a batch over one or more tables of a cache pool (embeddings/cac
 owns sets first[t] .. first[t] + sets[t] - 1 of `ways` slots; a key's set is first[t] + (high 32 bits of
 key * 2^64/phi) mod sets[t]; an empty slot holds a key of another set, so a plain compare finds a key): find
 the slot holding the key, copy its row (or the table's default row when the key is not cached), and record
-the use (last[slot] = tick). On a GPU the torch op sequence of the same lookup is about a dozen kernel
+the use (last[slot] = tick), and add the hits to a counter on the device (so the caller's hit count needs no
+launch of its own and no read back). On a GPU the torch op sequence of the same lookup is about a dozen kernel
 launches, which at a 16k-key batch cost more than the bytes moved; here it is one launch.
 
 The kernel gives each key one warp: the lanes compare the key with up to 32 ways at a time (a ballot picks
@@ -40,7 +41,8 @@ extern "C" __global__ void cache_lookup(
     const long long* __restrict__ parts, int tables,  // [4, tables]: end offset in the batch, first set, sets, default row
     const long long* __restrict__ pool_keys, int ways,
     const float* __restrict__ values, const float* __restrict__ defaults, int dim, long long tick,
-    long long* __restrict__ last, float* __restrict__ out, bool* __restrict__ found, long long* __restrict__ slot)
+    long long* __restrict__ last, float* __restrict__ out, bool* __restrict__ found, long long* __restrict__ slot,
+    unsigned long long* __restrict__ hits)  // hits found are added here
 {
     const int lane = threadIdx.x & 31;
     const long long i = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -63,7 +65,10 @@ extern "C" __global__ void cache_lookup(
     if (lane == 0) {
         found[i] = hit;
         slot[i] = at;
-        if (hit) last[at] = tick;
+        if (hit) {
+            last[at] = tick;
+            atomicAdd(hits, 1ULL);
+        }
     }
     const float* src = hit ? values + at * dim : defaults + default_row * dim;
     float* dst = out + i * dim;
@@ -91,8 +96,10 @@ def _check(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.Tensor
 
 
 def cache_lookup_reference(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.Tensor, last: torch.Tensor,
-                           keys: torch.Tensor, parts: torch.Tensor, tick: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows [n, dim], found [n] bool, slot [n] int64); sets last[slot] = tick where found.
+                           keys: torch.Tensor, parts: torch.Tensor, tick: int,
+                           hits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [n, dim], found [n] bool, slot [n] int64); sets last[slot] = tick where found, and adds the number
+    found to `hits` (an int64 tensor of one element) when given.
 
     pool_keys, last: [sets, ways] int64; values: [sets * ways, dim] float32; defaults: [rows, dim] float32;
     keys: [n] int64, grouped by table; parts: [4, tables] int64 rows: end offset of each table's keys in the
@@ -109,21 +116,26 @@ def cache_lookup_reference(pool_keys: torch.Tensor, values: torch.Tensor, defaul
     slot = set_ * ways + way
     rows = torch.where(hit[:, None], values.index_select(0, slot), defaults.index_select(0, default_row.index_select(0, table)))
     last.view(-1).index_fill_(0, slot[hit], tick)
+    if hits is not None:
+        hits += hit.sum()
     return rows, hit, slot
 
 
 def cache_lookup(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.Tensor, last: torch.Tensor,
-                 keys: torch.Tensor, parts: torch.Tensor, tick: int, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 keys: torch.Tensor, parts: torch.Tensor, tick: int, hits: torch.Tensor | None = None,
+                 checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatcher: the CUDA kernel for CUDA tensors, the reference otherwise (same arguments and results).
     checked: the caller vouches for the arguments' shapes, dtypes, device and contiguity (the device cache, whose
     pool made them), and the entry checks, a fifth of a lookup's host time at 16k keys, are skipped."""
     if not cuda.use_kernels(pool_keys):
-        return cache_lookup_reference(pool_keys, values, defaults, last, keys, parts, tick)
+        return cache_lookup_reference(pool_keys, values, defaults, last, keys, parts, tick, hits)
+    if hits is None:
+        hits = torch.zeros(1, dtype=torch.int64, device=keys.device)
     if not checked:
         _check(pool_keys, values, defaults, last, keys, parts)
         for name, t, dtype in (("pool_keys", pool_keys, torch.int64), ("last", last, torch.int64), ("keys", keys, torch.int64),
                                ("parts", parts, torch.int64), ("values", values, torch.float32),
-                               ("defaults", defaults, torch.float32)):
+                               ("defaults", defaults, torch.float32), ("hits", hits, torch.int64)):
             cuda.check_cuda_tensor(t, name, dtype)
     n, dim = keys.numel(), values.shape[1]
     rows = torch.empty(n, dim, dtype=torch.float32, device=keys.device)
@@ -132,7 +144,7 @@ def cache_lookup(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.
     if n:
         cuda.launch(CUDA_SOURCE, "cache_lookup", torch.float32, ((n + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK,),
                     (32 * KEYS_PER_BLOCK,), (keys, np.int64(n), parts, parts.shape[1], pool_keys, pool_keys.shape[1],
-                                             values, defaults, dim, np.int64(tick), last, rows, found, slot))
+                                             values, defaults, dim, np.int64(tick), last, rows, found, slot, hits))
     return rows, found, slot
 
 
@@ -170,10 +182,12 @@ def agrees(device: str, impl) -> bool:
         last = torch.zeros(total, ways, dtype=torch.int64)
         keys = torch.cat([torch.randint(-50, 50, (n,), generator=gen) for n in (40, 9, 3)] + [torch.tensor([INT64_MIN])])
         parts = torch.tensor([[40, 49, 53], [0, 8, 11], sets, [0, 1, 2]])
-        ref_last = last.clone()
-        ref = cache_lookup_reference(pool_keys, values, defaults, ref_last, keys, parts, 3)
+        ref_last, ref_hits = last.clone(), torch.tensor([5])
+        ref = cache_lookup_reference(pool_keys, values, defaults, ref_last, keys, parts, 3, ref_hits)
         dev = [t.to(device) for t in (pool_keys, values, defaults, last, keys, parts)]
-        got = impl(*dev, 3)
-        if not all(torch.equal(r, g.cpu()) for r, g in zip(ref, got)) or not torch.equal(dev[3].cpu(), ref_last):
+        got_hits = torch.tensor([5], device=device)
+        got = impl(*dev, 3, hits=got_hits)
+        if not all(torch.equal(r, g.cpu()) for r, g in zip(ref, got)) or not torch.equal(dev[3].cpu(), ref_last) \
+                or not torch.equal(got_hits.cpu(), ref_hits):
             return False
     return True

@@ -10,7 +10,7 @@
 // kernelParams (an array of pointers to each value) with their sizes, which must match the kernel's
 // parameter types: a Python int passed where the kernel takes a long long is an error here, not garbage.
 //
-// Not modelled: shared memory and __syncthreads (no kernel of this package uses them), atomics, timing,
+// Not modelled: shared memory and __syncthreads (no kernel of this package uses them), timing,
 // memory-model races between warps. Scalars: fp16 is GCC's _Float16 and bf16 is rounded to nearest even,
 // as PTX's cvt.rn does; __expf is expf.
 #pragma once
@@ -230,6 +230,11 @@ inline float __uint_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); 
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline int __ffs(unsigned int x) { return __builtin_ffs((int)x); }
+// Atomics: every thread of the grid runs on this one OS thread, and a fiber yields only at a warp intrinsic, so a
+// plain read-modify-write is atomic here.
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long v) {
+    unsigned long long old = *address; *address = old + v; return old;
+}
 
 template <typename T> inline T emu_shfl(int line, unsigned int mask, T v, int src) {
     return emu::from_bits<T>(emu::warp_op(emu::SHFL, line, mask, emu::bits_of(v), src));

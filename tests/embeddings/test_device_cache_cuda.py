@@ -66,11 +66,13 @@ def test_fused_lookup_kernel_equals_its_reference(kernel_device, where, ways, di
                           [pool.sizes[t] for t in idx], idx]).to(dev)
     keys = torch.cat(batch).to(dev)
     last_ref, last_gpu = pool.last.clone(), pool.last.clone()
-    ref = cache_lookup_reference(pool.keys, pool.values, pool.defaults, last_ref, keys, parts, 99)
+    hits_ref, hits_gpu = torch.tensor([7]), torch.tensor([7], device=dev)
+    ref = cache_lookup_reference(pool.keys, pool.values, pool.defaults, last_ref, keys, parts, 99, hits_ref)
     before = emulate.launches["cache_lookup"]
-    got = cache_lookup(pool.keys, pool.values, pool.defaults, last_gpu, keys, parts, 99)
+    got = cache_lookup(pool.keys, pool.values, pool.defaults, last_gpu, keys, parts, 99, hits_gpu)
     for r, g in zip(ref, got):
         assert g.device.type == dev and torch.equal(r, g)
+    assert int(hits_ref) == 7 + int(ref[1].sum()) and int(hits_gpu) == int(hits_ref)  # the kernel counts its hits
     assert where == "cuda" or emulate.launches["cache_lookup"] == before + 1  # the kernel ran, not the reference
     assert ref[1].any() and not ref[1].all() and not ref[1][-1]
     assert torch.equal(last_ref, last_gpu)
@@ -128,16 +130,16 @@ def test_the_kernel_is_built_and_checked_when_the_cache_is_made(kernel_device, w
 
 
 @pytest.mark.parametrize("where", WHERE)
-def test_fused_lookups_count_their_own_hits_across_folds_and_callers_changing_found(kernel_device, where):
-    """The fused path sums hits on the device and adds the sums up every FOLD_EVERY lookups: the counters stay
-    exact across folds, and a caller marking rows of `found` afterwards (as the hierarchy does for rows found lower)
-    does not change them."""
+def test_fused_lookups_count_their_own_hits_whatever_callers_do_with_found(kernel_device, where):
+    """The fused path counts hits on the device (the kernel adds them up): the counters stay exact over many
+    lookups, and a caller marking rows of `found` afterwards (as the hierarchy does for rows found lower) does
+    not change them."""
     cache = DeviceCache(64, 8, "lru", device=kernel_device)
     cache.create_table(TableSpec("t", 3))
     held = torch.arange(20)
     cache.insert("t", held.to(kernel_device), rows(held.tolist()).to(kernel_device))
     hits = looked = 0
-    for i in range(DeviceCache.FOLD_EVERY + 5):
+    for i in range(70):
         keys = torch.arange(i % 7, i % 7 + 30)  # 20 - i % 7 of them held
         _, found = cache.lookup("t", keys.to(kernel_device))
         found.fill_(True)  # the caller's own business from here on

@@ -67,13 +67,16 @@ def test_the_self_check_accepts_the_reference_and_rejects_a_wrong_kernel():
 
     assert agrees("cpu", cache_lookup_reference)
 
-    def wrong_tick(*args):
-        rows, found, slot = cache_lookup_reference(*args[:-1], args[-1] + 1)
+    def wrong_tick(*args, hits):
+        rows, found, slot = cache_lookup_reference(*args[:-1], args[-1] + 1, hits)
         return rows, found, slot
 
-    def wrong_default(*args):
-        rows, found, slot = cache_lookup_reference(*args)
+    def wrong_default(*args, hits):
+        rows, found, slot = cache_lookup_reference(*args, hits=hits)
         return torch.where(found[:, None], rows, 0.0), found, slot
 
-    assert not agrees("cpu", wrong_tick) and not agrees("cpu", wrong_default)
+    def no_count(*args, hits):
+        return cache_lookup_reference(*args)
+
+    assert not any(agrees("cpu", wrong) for wrong in (wrong_tick, wrong_default, no_count))
     assert not verified("cpu")  # the kernel is only for CUDA devices
