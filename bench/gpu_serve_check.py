@@ -5,7 +5,8 @@
 Spawns `turboserve serve --model DIR --device D --dtype T` (bench/harness.py), sends 64 workload texts of 8-256
 tokens as TEI /embed batches and one text a request on /v1/embeddings, and compares every vector with
 SentenceTransformer(DIR, device="cpu") in float32 (normalized, as /embed answers): prints the minimum cosine and
-exits 1 below --min-cosine (0.999, issue 4's bound for the encoder on a GPU). Also prints what /info reports.
+exits 1 below --min-cosine (0.999, issue 4's bound for the encoder on a GPU). Also prints what /info reports, and
+how many batches replayed CUDA graphs.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def main() -> int:
                 got.extend(r.json())
             single = [client.post("/v1/embeddings", json={"input": t, "model": info["model_id"]}).json()["data"][0]["embedding"]
                       for t in texts[:8]]
+            graphs = client.get("/info").json().get("scheduler", {}).get("cuda_graphs")
+            # On a GPU the small batches above replay CUDA graphs (models/graphs.py): say whether they did.
+            print("cuda graphs:", "not used on this device" if graphs is None else
+                  {k: graphs.get(k) for k in ("on", "replays", "eager_batches", "capture_seconds", "off_reason")})
     finally:
         server.stop()
     got = np.asarray(got, dtype=np.float64)
