@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import cuda, emulate
 from kernels.attention import DeviceLayout, varlen_attention, varlen_attention_reference
@@ -149,3 +150,58 @@ def test_device_layout_flash_attention_with_empty_slots_on_gpu():
     got = varlen_attention(q, k, v, DeviceLayout(torch.tensor(cu, dtype=torch.int32, device="cuda"), 64))
     want = varlen_attention_reference(q.float(), k.float(), v.float(), [0, 5, 30, 64])
     assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+class _HostReads(TorchDispatchMode):
+    """Notes every op that, on a GPU, reads a device value back to the host (which a CUDA graph capture forbids)."""
+
+    READS = {"item", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _flash_stand_in(q, k, v, cu, longest, out):
+    """FlashAttention's varlen contract computed from the device offsets alone: each token attends to the tokens of
+    its own sequence (a block-diagonal mask from `cu`, no value read on the host)."""
+    tokens = q.shape[0]
+    seq = torch.searchsorted(cu.long(), torch.arange(tokens), right=True)  # [T] 1 + the sequence of each token
+    mask = seq[:, None] == seq[None, :]
+    ctx = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                           attn_mask=mask).transpose(0, 1)
+    flat = ctx.reshape(tokens, -1)
+    return flat if out is None else out.copy_(flat)
+
+
+@pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler for the emulator")
+def test_a_buckets_forward_reads_nothing_back_to_the_host(monkeypatch):
+    """What a capture records must not read a device value on the host. On the CPU, through the kernels' code path
+    (the emulator) with attention taking the flash route (a stand-in computing its contract from the device offsets):
+    the whole forward and pooling run without one host read, and give the eager answer."""
+    import kernels.attention as attention  # noqa: PLC0415
+
+    monkeypatch.setattr(attention, "flash_eligible", lambda q: True)
+    monkeypatch.setattr(attention, "flash_agrees", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(attention, "_flash", _flash_stand_in)
+    encoder = random_encoder("minilm-l6")
+    reference = EncoderEmbedder(copy.deepcopy(encoder), "mean", 0, torch.device("cpu"))
+    embedder = EncoderEmbedder(encoder, "mean", 0, torch.device("cpu"))
+    graphs = graphed(embedder, max_tokens=48, max_sequences=8)
+    sequences = batches(2)[2][0]
+    bucket = graphs.bucket_for(len(sequences), sum(map(len, sequences)))
+    bucket.stage(sequences, None, 0, 0)
+    reads = _HostReads()
+    with torch.inference_mode(), cuda.emulation(), reads:
+        out = graphs.forward(bucket)
+    assert reads.seen == []
+    np.testing.assert_allclose(out[:len(sequences)].numpy(), reference._eager(sequences, None), rtol=1e-4, atol=2e-5)
+    # and the mode sees what it looks for: a host read of a device value
+    with torch.inference_mode(), reads:
+        int(bucket.meta[0])
+    assert reads.seen == ["item.default"]
