@@ -11,8 +11,11 @@ launch runs the same CUDA source on the CPU, so CI checks what the kernels compu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
 import os
+import threading
 
 import numpy as np
 import torch
@@ -54,6 +57,8 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 """
 COMMON_HEADER = SCALAR_HEADER + WARP_HEADER
+
+log = logging.getLogger(__name__)
 
 SCALAR_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ARCHES = ("compute_80", "compute_90")
@@ -163,27 +168,120 @@ def kernel(source: str, name: str, dtype: torch.dtype):
 def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
     """Launch on torch's current stream; tensors in `args` pass as raw device pointers.
 
-    Every argument becomes a numpy scalar of the width the kernel's parameter must have: tensors a 64-bit
-    pointer, Python floats float32, Python ints and bools int32 (pass np.int64 for a long long)."""
-    converted = []
-    on_cuda = False
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            converted.append(np.uint64(a.data_ptr()))
-            on_cuda = on_cuda or a.is_cuda
-        elif isinstance(a, float):
-            converted.append(np.float32(a))
-        elif isinstance(a, int):  # bools too
-            converted.append(np.int32(a))
-        else:
-            converted.append(a)
-    if not on_cuda:
+    Every argument takes the width the kernel's parameter must have: tensors a 64-bit pointer, Python floats
+    float32, Python ints and bools int32 (pass np.int64 for a long long); numpy scalars their own. The values
+    go into this thread's parameter block for the arguments' types (`ParamBlock`), which cuLaunchKernel reads
+    (through CuPy's driver binding: CuPy's own launcher converts every argument again, ~10 us of host time a
+    launch) and the emulator reads the same way."""
+    params = _param_block(tuple(map(type, args)))
+    if not params.fill(args):
         from kernels import emulate  # noqa: PLC0415
 
-        emulate.launch(full_source_emulated(source, dtype), name, grid, block, converted)
+        emulate.launch_params(full_source_emulated(source, dtype), name, grid, block, params.pointers, params.sizes)
         return
-    kernel(source, name, dtype)(grid, block, tuple(converted), shared_mem=shared_mem,
-                                stream=_cupy_stream(torch.cuda.current_stream().cuda_stream))
+    fn = kernel(source, name, dtype)
+    stream = torch.cuda.current_stream().cuda_stream
+    if _direct_launch_ok(torch.cuda.current_device()):
+        g, b = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        try:
+            _driver().launchKernel(fn.ptr, *g, *b, shared_mem, stream, params.address, 0)
+            return
+        except Exception:  # noqa: BLE001 - e.g. a thread whose CUDA context is not current yet: CuPy's launcher makes it so
+            log.debug("direct launch of %s failed; through CuPy's launcher", name, exc_info=True)
+    fn(grid, block, tuple(params.numpy()), shared_mem=shared_mem, stream=_cupy_stream(stream))
+
+
+@functools.lru_cache(maxsize=None)
+def _param_type(kind: type):
+    if issubclass(kind, torch.Tensor):
+        return ctypes.c_uint64
+    if issubclass(kind, (bool, int)) and not issubclass(kind, np.generic):
+        return ctypes.c_int32
+    if kind is float:
+        return ctypes.c_float
+    try:
+        return np.ctypeslib.as_ctypes_type(np.dtype(kind))
+    except (TypeError, NotImplementedError) as exc:
+        raise TypeError(f"a kernel argument of type {kind.__name__}: pass a tensor, int, float, bool or numpy scalar") from exc
+
+
+class ParamBlock:
+    """cuLaunchKernel's kernelParams for one signature (the arguments' types): a ctypes value an argument and the
+    array of their addresses, built once per thread and signature, refilled at every launch."""
+
+    def __init__(self, kinds: tuple[type, ...]):
+        self.values = [_param_type(k)() for k in kinds]
+        self.pointers = (ctypes.c_void_p * max(len(kinds), 1))(*[ctypes.addressof(v) for v in self.values])
+        self.address = ctypes.addressof(self.pointers)
+        self.sizes = [ctypes.sizeof(v) for v in self.values]
+
+    def fill(self, args: tuple) -> bool:
+        """Write the arguments' values; returns whether any tensor is on a CUDA device."""
+        on_cuda = False
+        for slot, a in zip(self.values, args):
+            if isinstance(a, torch.Tensor):
+                slot.value = a.data_ptr()
+                on_cuda = on_cuda or a.is_cuda
+            else:
+                slot.value = a
+        return on_cuda
+
+    def numpy(self) -> list:
+        """The values as numpy scalars of their widths (what CuPy's launcher takes)."""
+        return [np.frombuffer(bytes(v), dtype=np.dtype(type(v)))[0] for v in self.values]
+
+
+_threads = threading.local()
+
+
+def _param_block(kinds: tuple[type, ...]) -> ParamBlock:
+    blocks = getattr(_threads, "blocks", None)
+    if blocks is None:
+        blocks = _threads.blocks = {}
+    block = blocks.get(kinds)
+    if block is None:
+        block = blocks[kinds] = ParamBlock(kinds)
+    return block
+
+
+def _driver():
+    from cupy_backends.cuda.api import driver  # noqa: PLC0415
+
+    return driver
+
+
+PROBE_SOURCE = r"""
+extern "C" __global__ void launch_probe(const long long* in, int a, long long b, float c, int d, unsigned long long e,
+                                        long long* out) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        out[0] = in[0]; out[1] = a; out[2] = b; out[3] = (long long)(c * 4.0f); out[4] = d; out[5] = (long long)e;
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_launch_ok(device: int) -> bool:
+    """Whether launching through cuLaunchKernel with a ParamBlock passes every argument as CuPy's launcher does, on
+    this device: a probe kernel echoes one argument of each width (checked once; otherwise CuPy's launcher)."""
+    try:
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()  # this thread's CUDA context is current from here on
+            inp = torch.tensor([123456789], dtype=torch.int64, device="cuda")
+            out = torch.zeros(6, dtype=torch.int64, device="cuda")
+            args = (inp, 7, np.int64(-3 << 40), 2.5, True, np.uint64((1 << 63) + 5), out)
+            params = _param_block(tuple(map(type, args)))
+            params.fill(args)
+            fn = kernel(PROBE_SOURCE, "launch_probe", torch.float32)
+            _driver().launchKernel(fn.ptr, 1, 1, 1, 32, 1, 1, 0, torch.cuda.current_stream().cuda_stream, params.address, 0)
+            got = out.tolist()
+        want = [123456789, 7, -3 << 40, 10, 1, (1 << 63) + 5 - (1 << 64)]
+        if got == want:
+            return True
+        log.error("direct kernel launches pass wrong arguments on cuda:%d (%s, not %s): using CuPy's launcher", device, got, want)
+    except Exception:  # noqa: BLE001 - an older CuPy without the binding, a driver error: CuPy's launcher
+        log.exception("direct kernel launches failed on cuda:%d: using CuPy's launcher", device)
+    return False
 
 
 @functools.lru_cache(maxsize=64)

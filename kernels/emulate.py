@@ -97,20 +97,27 @@ def launch(full_source: str, name: str, grid: tuple, block: tuple, args: list) -
     args: numpy scalars, as kernels/cuda.launch converts them (pointers as uint64); each is passed as
     CUDA's kernelParams are, with its width, which must match the kernel's parameter.
     """
-    entry = getattr(library(full_source), f"emu_{name}", None)
-    if entry is None:
-        raise EmulationError(f"no kernel named {name!r} in the source")
     values = [np.asarray(a) for a in args]
     if any(v.ndim or v.dtype.kind not in "iufb" for v in values):
         raise EmulationError(f"kernel arguments must be numpy scalars; got {[type(a).__name__ for a in args]}")
     buffers = [ctypes.create_string_buffer(v.tobytes(), v.nbytes) for v in values]
     params = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(b) for b in buffers])
-    sizes = (ctypes.c_int * max(len(values), 1))(*[v.nbytes for v in values])
+    launch_params(full_source, name, grid, block, params, [v.nbytes for v in values])
+
+
+def launch_params(full_source: str, name: str, grid: tuple, block: tuple, params: ctypes.Array, sizes: list[int]) -> None:
+    """The same with the arguments as cuLaunchKernel takes them: `params`, an array of pointers to each argument's
+    value, and each one's size in bytes (which must match the kernel's parameter)."""
+    entry = getattr(library(full_source), f"emu_{name}", None)
+    if entry is None:
+        raise EmulationError(f"no kernel named {name!r} in the source")
+    count = len(sizes)
+    widths = (ctypes.c_int * max(count, 1))(*sizes)
     g = tuple(grid) + (1,) * (3 - len(grid))
     b = tuple(block) + (1,) * (3 - len(block))
     err = ctypes.create_string_buffer(512)
     with _lock:
-        rc = entry(*(ctypes.c_uint(int(x)) for x in g + b), params, sizes, ctypes.c_int(len(values)), err, ctypes.c_int(len(err)))
+        rc = entry(*(ctypes.c_uint(int(x)) for x in g + b), params, widths, ctypes.c_int(count), err, ctypes.c_int(len(err)))
     launches[name] += 1
     if rc:
         raise EmulationError(f"{name}: {err.value.decode(errors='replace')}")

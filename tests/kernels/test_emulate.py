@@ -101,6 +101,33 @@ def test_launch_arguments_are_checked_like_kernel_params():
         run(source, "other", (1,), (32,), [ptr(x)])
 
 
+def test_launch_passes_every_width_through_its_param_block():
+    """kernels.cuda.launch's parameter block (what cuLaunchKernel reads on a GPU) carries each argument at its width:
+    the start-up probe kernel echoes a pointer's target, an int, a long long, a float, a bool and an unsigned
+    long long, run here by the emulator from the same block; a second launch of the same signature refills it."""
+    for value in (123456789, -42):
+        inp, out = torch.tensor([value], dtype=torch.int64), torch.zeros(6, dtype=torch.int64)
+        with cuda.emulation():
+            cuda.launch(cuda.PROBE_SOURCE, "launch_probe", torch.float32, (1,), (32,),
+                        (inp, 7, np.int64(-3 << 40), 2.5, True, np.uint64((1 << 63) + 5), out))
+        assert out.tolist() == [value, 7, -3 << 40, 10, 1, (1 << 63) + 5 - (1 << 64)]
+    with pytest.raises(emulate.EmulationError, match="argument 2 is 4 bytes; the kernel's parameter is 8"), cuda.emulation():
+        cuda.launch(cuda.PROBE_SOURCE, "launch_probe", torch.float32, (1,), (32,),
+                    (inp, 7, -3, 2.5, True, np.uint64(5), out))  # a Python int where the kernel takes long long
+    with pytest.raises(TypeError, match="a kernel argument of type str"), cuda.emulation():
+        cuda.launch(cuda.PROBE_SOURCE, "launch_probe", torch.float32, (1,), (32,), (inp, "7"))
+
+
+def test_param_blocks_hand_cupys_launcher_the_same_values():
+    args = (torch.zeros(3), 7, np.int64(-5), 2.5, False, np.uint64(9), torch.nn.Parameter(torch.zeros(1)), np.float32(0.25))
+    block = cuda.ParamBlock(tuple(map(type, args)))
+    block.fill(args)
+    assert block.sizes == [8, 4, 8, 4, 4, 8, 8, 4]
+    got = block.numpy()
+    assert [type(v) for v in got] == [np.uint64, np.int32, np.int64, np.float32, np.int32, np.uint64, np.uint64, np.float32]
+    assert [int(v) if i != 3 else float(v) for i, v in enumerate(got[:6])] == [args[0].data_ptr(), 7, -5, 2.5, 0, 9]
+
+
 def test_a_kernel_that_does_not_build_reports_the_compiler():
     with pytest.raises(emulate.EmulationError, match="could not build"):
         run('extern "C" __global__ void k(float* x) { x[0] = undeclared; }', "k", (1,), (1,), [np.uint64(0)])

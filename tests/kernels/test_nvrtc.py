@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import activation, cache_lookup, layernorm, qkv, softmax
+from kernels import activation, cache_lookup, cuda, layernorm, qkv, softmax
 from kernels.cuda import ARCHES, compile_ptx
 
 KERNELS = {
@@ -15,6 +15,7 @@ KERNELS = {
     "bias_activation": activation.CUDA_SOURCE,
     "split_qkv": qkv.CUDA_SOURCE,
     "cache_lookup": cache_lookup.CUDA_SOURCE,
+    "launch_probe": cuda.PROBE_SOURCE,
 }
 PACKED = {"bias_residual_layernorm", "masked_softmax", "bias_activation", "split_qkv"}  # sources with a 16-byte packed `_vec` entry too
 
