@@ -23,6 +23,20 @@ class InvalidTokens(ValueError):
     """Token-id input that the model cannot take (empty, or ids outside the vocabulary)."""
 
 
+class InvalidText(ValueError):
+    """A text that is not valid Unicode: a lone UTF-16 surrogate (JSON's "\\ud800" escapes can carry one)."""
+
+
+def check_texts(texts: list[str], what: str = "input") -> None:
+    """InvalidText naming the first text with a lone surrogate (it has no UTF-8 form, and the tokenizer takes none)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidText(f"{what} {i} is not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+                              f"character {exc.start}") from None
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Token ids of one input, with or without special tokens as the tokenizer adds them."""
@@ -50,6 +64,7 @@ class TextTokenizer:
 
     def encode(self, texts: list[str], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
         """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate."""
+        check_texts(texts)
         tok = self._by_direction[direction]
         # One text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms).
         encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
@@ -65,6 +80,7 @@ class TextTokenizer:
     def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
         """Tokenize (a, b) text pairs with the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT), as
         cross-encoders take them; over-long pairs raise InputTooLong unless truncate (the longer text is cut)."""
+        check_texts([a + b for a, b in pairs], "pair")
         tok = self._by_direction[direction]
         out = []
         for i, enc in enumerate(tok.encode_batch(pairs)):
@@ -75,16 +91,21 @@ class TextTokenizer:
             out.append(Encoded(list(enc.ids), bool(enc.overflowing), segment))
         return out
 
-    def check_ids(self, sequences: list[list[int]]) -> list[Encoded]:
-        """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does."""
+    def check_ids(self, sequences: list[list[int]], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
+        """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does; an over-long list
+        raises InputTooLong unless truncate, which keeps its first (right) or last (left) max_length ids, as TEI
+        cuts token-id inputs."""
         out = []
         for i, ids in enumerate(sequences):
             if not ids:
                 raise InvalidTokens(f"input {i} is an empty list of token ids")
-            if len(ids) > self.max_length:
-                raise InputTooLong(i, len(ids), self.max_length)
             self._check_vocabulary(ids, f"input {i}")
-            out.append(Encoded(list(ids), False))
+            over = len(ids) > self.max_length
+            if over and not truncate:
+                raise InputTooLong(i, len(ids), self.max_length)
+            if over:
+                ids = ids[:self.max_length] if direction == "right" else ids[len(ids) - self.max_length:]
+            out.append(Encoded(list(ids), over))
         return out
 
     def _check_vocabulary(self, ids: list[int], what: str) -> None:
@@ -96,6 +117,7 @@ class TextTokenizer:
         """TEI's /tokenize: per token its id, its text (the input's characters, or the special token itself),
         whether it is special, and its [start, stop) character offsets in the input (None for special tokens).
         Not truncated: this shows what the model would see before any truncation."""
+        check_texts(texts)
         out = []
         for text, enc in zip(texts, self._full.encode_batch(texts, add_special_tokens=add_special_tokens)):
             out.append([{"id": tid, "text": name, "special": True, "start": None, "stop": None} if special else
@@ -106,6 +128,7 @@ class TextTokenizer:
 
     def pieces(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
         """(ids, the vocabulary's token strings, e.g. "##ing") of a text, untruncated: vLLM's /tokenize."""
+        check_texts([text])
         enc = self._full.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, enc.tokens
 

@@ -189,7 +189,7 @@ class Engine:
         if inputs and isinstance(inputs[0], list):
             if prompt_name is not None:
                 raise InvalidRequest("prompt_name applies to text inputs; token ids are used as given")
-            encoded = self.tokenizer.check_ids(inputs)  # type: ignore[arg-type]
+            encoded = self.tokenizer.check_ids(inputs, truncate, direction)  # type: ignore[arg-type]
         else:
             for i, text in enumerate(inputs):
                 if not isinstance(text, str):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from models.config import ModelFolderError
-from models.tokenizer import InputTooLong, InvalidTokens
+from models.tokenizer import InputTooLong, InvalidText, InvalidTokens
 from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class ErrorKind:
 KINDS: dict[type, ErrorKind] = {
     InvalidRequest: ErrorKind(400, "invalid_request_error", "invalid_request", "Validation", 422),
     InvalidTokens: ErrorKind(400, "invalid_request_error", "invalid_tokens", "Validation", 422),
+    InvalidText: ErrorKind(400, "invalid_request_error", "invalid_text", "Validation", 422),
     EmptyInput: ErrorKind(400, "invalid_request_error", "empty_input", "Empty"),
     TooLarge: ErrorKind(413, "invalid_request_error", "payload_too_large", "Validation"),
     InputTooLong: ErrorKind(413, "invalid_request_error", "context_length_exceeded", "Validation"),

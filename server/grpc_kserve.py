@@ -44,7 +44,15 @@ from server.kserve_codec import (
 )
 from server.logs import ACCESS_LOGGER
 from server.middleware import Timing
-from server.routes_kserve import dlrm_named, dlrm_scores, encoder_metadata, encoder_named, extensions, model_stats
+from server.routes_kserve import (
+    check_version,
+    dlrm_named,
+    dlrm_scores,
+    encoder_metadata,
+    encoder_named,
+    extensions,
+    model_stats,
+)
 from server.shared_memory import SharedMemoryRegistry, Target, target
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,8 @@ def _texts(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) -> list[str
     if len(request.inputs) != 1:
         raise InvalidRequest(f"expected exactly one input (BYTES texts), got {len(request.inputs)}")
     tensor = request.inputs[0]
+    if tensor.name != "text":
+        raise InvalidRequest(f"unexpected inference input {tensor.name!r}: the model's input is 'text'")
     if tensor.datatype != "BYTES":
         raise InvalidRequest(f"input {tensor.name!r} must have datatype BYTES, not {tensor.datatype!r}")
     count = texts_count(list(tensor.shape))
@@ -230,6 +240,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def work(metadata, timing):
+            check_version(request.name, request.version)
             if dlrm_named(self, request.name) is not None:
                 return pb.ModelReadyResponse(ready=True)
             return pb.ModelReadyResponse(ready=encoder_named(self, request.name).healthy)
@@ -242,6 +253,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def work(metadata, timing):
+            check_version(request.name, request.version)
             meta = self._metadata(request.name)
             tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[side]] for side in ("inputs", "outputs")}
             return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors)
@@ -249,12 +261,14 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async def work(metadata, timing):
+            check_version(request.name, request.version)
             config = json_format.ParseDict(model_config(self._metadata(request.name)), model_config_pb2.ModelConfig())
             return pb.ModelConfigResponse(config=config)
         return await self._answer("ModelConfig", context, work)
 
     async def ModelStatistics(self, request, context):
         async def work(metadata, timing):
+            check_version(request.name, request.version)
             stats = model_stats(self.app.state, request.name or None)
             return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
         return await self._answer("ModelStatistics", context, work)
@@ -266,6 +280,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, metadata: dict[str, str], timing: Timing, context):
         """One inference (ModelInfer, or one message of ModelStreamInfer): the DLRM's or the encoder's."""
+        check_version(request.model_name, request.model_version)
         shm = self.app.state.shared_memory
         rec = dlrm_named(self, request.model_name)
         if rec is not None:

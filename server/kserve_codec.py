@@ -72,8 +72,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         json_part, binary = body, b""
     try:
         doc = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("request body is not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's limit
+        raise InvalidRequest("request body is not valid JSON (or nested too deeply)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InvalidRequest("request must be a JSON object with a non-empty 'inputs' list")
     return doc, binary
@@ -103,6 +103,8 @@ def parse_infer(body: bytes, header_length: str | None, shm: SharedMemoryRegistr
     tensor = doc["inputs"][0]
     if not isinstance(tensor, dict):
         raise InvalidRequest("each input must be an object with name, shape, datatype, data")
+    if tensor.get("name") != "text":
+        raise InvalidRequest(f"unexpected inference input {tensor.get('name')!r}: the model's input is 'text'")
     if tensor.get("datatype") != "BYTES":
         raise InvalidRequest(f"input {tensor.get('name')!r} must have datatype BYTES, not {tensor.get('datatype')!r}")
     count = texts_count(tensor.get("shape"))

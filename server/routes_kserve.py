@@ -3,6 +3,7 @@ Two models may be served: the text encoder (BYTES `text` -> FP32 `embedding`) an
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -60,6 +61,21 @@ def served_names(state) -> list[str]:
     return ([engine.info.name] if engine is not None else []) + ([rec.name] if rec is not None and rec.model is not None else [])
 
 
+def check_version(name: str, version: str | None) -> None:
+    """ModelNotFound for a version other than the one every served model has, "1" (HTTP and gRPC; as Triton
+    refuses a version it does not hold, ready included)."""
+    if version not in (None, "", "1"):
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; its only version is '1'")
+
+
+def bool_parameter(params: dict, name: str) -> bool | None:
+    """A request parameter that must be a JSON boolean; None when absent or null (the default applies)."""
+    value = params.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"parameter {name!r} must be true or false, not {json.dumps(value)[:40]}")
+    return value
+
+
 def _not_served(state, name: str) -> ModelNotFound:
     return ModelNotFound(f"model {name!r} is not served here; this server serves {', '.join(map(repr, served_names(state)))}")
 
@@ -91,6 +107,7 @@ async def ready(request: Request):
 @router.get("/models/{name}/versions/{version}/stats")
 async def stats(request: Request, name: str | None = None, version: str | None = None):
     """Triton's statistics extension: per model, requests (succeeded, failed), time queued and in the model."""
+    check_version(str(name), version)
     return {"model_stats": model_stats(request.app.state, name)}
 
 
@@ -110,6 +127,7 @@ def model_stats(state, name: str | None) -> list[dict]:
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
 async def model_metadata(name: str, request: Request, version: str | None = None):
+    check_version(name, version)
     rec = dlrm_named(request, name)
     if rec is not None:
         return rec.metadata()
@@ -131,6 +149,7 @@ def encoder_metadata(engine: Engine) -> dict:
 @router.get("/models/{name}/versions/{version}/config")
 async def config(name: str, request: Request, version: str | None = None):
     """Triton's model configuration, for tritonclient's get_model_config and perf_analyzer."""
+    check_version(name, version)
     rec = dlrm_named(request, name)
     return model_config(rec.metadata() if rec is not None else encoder_metadata(encoder_named(request, name)))
 
@@ -138,6 +157,7 @@ async def config(name: str, request: Request, version: str | None = None):
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, request: Request, version: str | None = None):
+    check_version(name, version)
     if dlrm_named(request, name) is not None:
         return {"name": name, "ready": True}
     engine = encoder_named(request, name)
@@ -149,6 +169,7 @@ async def model_ready(name: str, request: Request, version: str | None = None):
 @router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
 async def infer(name: str, request: Request, version: str | None = None):
+    check_version(name, version)
     rec = dlrm_named(request, name)
     if rec is not None:
         return await _infer_dlrm(rec, request)
@@ -156,10 +177,11 @@ async def infer(name: str, request: Request, version: str | None = None):
     shm = request.app.state.shared_memory
     parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), shm)
     timing = timing_of(request)
-    truncate = parsed.parameters.get("truncate")  # absent: model.auto_truncate decides
-    encoded = await engine.tokenize(parsed.texts, timing, None if truncate is None else bool(truncate))
-    normalize = bool(parsed.parameters.get("normalize", engine.info.normalize))
-    outputs = {"embedding": finish_embedding(await engine.run(encoded, request, timing), normalize)}
+    truncate = bool_parameter(parsed.parameters, "truncate")  # absent: model.auto_truncate decides
+    normalize = bool_parameter(parsed.parameters, "normalize")
+    encoded = await engine.tokenize(parsed.texts, timing, truncate)
+    rows = await engine.run(encoded, request, timing)
+    outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
     body, headers = encode_tensors(engine.info.name, parsed.id, outputs, parsed.binary_output,
                                    place_outputs(shm, parsed.targets, outputs))
     return Response(body, headers=headers)

@@ -29,8 +29,8 @@ async def _json(request: Request) -> dict:
         return {}
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("request body is not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's limit
+        raise InvalidRequest("request body is not valid JSON (or nested too deeply)") from None
     if not isinstance(doc, dict):
         raise InvalidRequest("request body must be a JSON object")
     return doc

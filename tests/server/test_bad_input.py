@@ -38,6 +38,7 @@ OPENAI = [
     ("bad encoding", {"input": "x", "model": MODEL, "encoding_format": "hex"}, 400),
     ("dimensions zero", {"input": "x", "model": MODEL, "dimensions": 0}, 400),
     ("dimensions unsupported", {"input": "x", "model": MODEL, "dimensions": 5}, 400),
+    ("lone surrogate", f'{{"input": ["ok", "bad \\ud800"], "model": "{MODEL}"}}'.encode(), 400),
 ]
 TEI = [
     ("malformed json", b"{not json", 422),
@@ -49,6 +50,7 @@ TEI = [
     ("too long", {"inputs": LONG}, 413),
     ("token id out of vocab", {"inputs": [[1, 2, 40000]]}, 422),
     ("prompt name", {"inputs": "x", "prompt_name": "query"}, 422),
+    ("lone surrogate", b'{"inputs": "\\ud800"}', 422),
 ]
 INFER = f"/v2/models/{MODEL}/infer"
 KSERVE = [
@@ -64,6 +66,16 @@ KSERVE = [
     ("unknown output", INFER, {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
                                "outputs": [{"name": "logits"}]}, 400),
     ("unknown model", "/v2/models/nope/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 404),
+    ("lone surrogate", INFER, b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\\udc00"]}]}', 400),
+    ("wrong input name", INFER, {"inputs": [{"name": "wrong", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 400),
+    ("normalize a string", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                   "parameters": {"normalize": "false"}}, 400),
+    ("truncate a list", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                "parameters": {"truncate": [1]}}, 400),
+    ("unknown version", f"/v2/models/{MODEL}/versions/3/infer",
+     {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 404),
+    ("nested too deeply", INFER, b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+    ("nested too deeply, repository", "/v2/repository/index", b"[" * 5000 + b"]" * 5000, 400),
 ]
 
 
@@ -117,3 +129,15 @@ def test_unknown_routes_and_methods_keep_family_shape(client):
     r = client.get("/v2/models/nope")
     assert r.status_code == 404
     _check_shape("kserve", r.json())
+
+
+def test_token_ids_are_cut_when_truncation_is_asked(client):
+    """As TEI cuts token-id inputs: truncate (or model.auto_truncate) keeps the first (right) or last (left) ids up to
+    the limit (the dummy model's 32), and says nothing; without it an over-long list is a 413."""
+    ids = list(range(1000, 1040))
+    assert client.post("/embed", json={"inputs": [ids]}).status_code == 413
+    cut = client.post("/embed", json={"inputs": [ids], "truncate": True})
+    assert cut.status_code == 200 and cut.json() == client.post("/embed", json={"inputs": [ids[:32]]}).json()
+    left = client.post("/embed", json={"inputs": [ids], "truncate": True, "truncation_direction": "left"})
+    assert left.status_code == 200 and left.json() == client.post("/embed", json={"inputs": [ids[-32:]]}).json()
+    assert left.json() != cut.json()

@@ -76,8 +76,12 @@ def test_infer_matches_http_and_takes_parameters(grpc_srv, gc):
 
 @pytest.mark.parametrize("call,status,words", [
     (lambda c: c.infer("missing-model", [_input(["x"])]), "NOT_FOUND", "not served"),
-    (lambda c: c.infer(MODEL, [tgrpc.InferInput("numbers", [2], "FP32").set_data_from_numpy(
+    (lambda c: c.infer(MODEL, [tgrpc.InferInput("text", [2], "FP32").set_data_from_numpy(
         np.zeros(2, np.float32))]), "INVALID_ARGUMENT", "BYTES"),
+    (lambda c: c.infer(MODEL, [tgrpc.InferInput("not_text", [1], "BYTES").set_data_from_numpy(
+        np.array([b"x"], dtype=object))]), "INVALID_ARGUMENT", "unexpected inference input 'not_text'"),
+    (lambda c: c.infer(MODEL, [_input(["x"])], model_version="2"), "NOT_FOUND", "no version '2'"),
+    (lambda c: c.get_model_metadata(MODEL, "7"), "NOT_FOUND", "no version '7'"),
     (lambda c: c.infer(MODEL, [_input(["x"])], outputs=[tgrpc.InferRequestedOutput("other")]), "INVALID_ARGUMENT",
      "only output"),
     (lambda c: c.infer(MODEL, [_input(["x"])], parameters={"truncate": "yes"}), "INVALID_ARGUMENT", "must be a bool"),

@@ -60,11 +60,23 @@ def test_errors_reach_the_client(tc):
     with pytest.raises(InferenceServerException) as err:
         tc.infer("missing-model", [inp])
     assert err.value.status() == "404"
-    bad = triton.InferInput("numbers", [2], "FP32")
+    bad = triton.InferInput("text", [2], "FP32")
     bad.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
     with pytest.raises(InferenceServerException) as err:
         tc.infer(MODEL, [bad])
     assert err.value.status() == "400" and "BYTES" in err.value.message()
+    # Triton's answers for an input the model does not have, and a version it does not hold
+    misnamed = triton.InferInput("not_text", [1], "BYTES")
+    misnamed.set_data_from_numpy(np.array([b"x"], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        tc.infer(MODEL, [misnamed])
+    assert err.value.status() == "400" and "unexpected inference input 'not_text'" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        tc.infer(MODEL, [inp], model_version="7")
+    assert err.value.status() == "404" and "no version '7'" in err.value.message()
+    assert not tc.is_model_ready(MODEL, "2") and tc.is_model_ready(MODEL, "1") and tc.is_model_ready(MODEL)
+    with pytest.raises(InferenceServerException):
+        tc.get_model_metadata(MODEL, "7")
 
 
 def test_raw_json_infer(srv, client):
