@@ -27,13 +27,14 @@ class InvalidText(ValueError):
     """A text that is not valid Unicode: a lone UTF-16 surrogate (JSON's "\\ud800" escapes can carry one)."""
 
 
-def check_texts(texts: list[str], what: str = "input") -> None:
-    """InvalidText naming the first text with a lone surrogate (it has no UTF-8 form, and the tokenizer takes none)."""
+def check_texts(texts: list[str], what: str = "input", positions: list[int] | None = None) -> None:
+    """InvalidText naming the first text with a lone surrogate (it has no UTF-8 form, and the tokenizer takes none);
+    positions: each text's place in the request (default: its place in `texts`)."""
     for i, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidText(f"{what} {i} is not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+            raise InvalidText(f"{what} {i if positions is None else positions[i]} is not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
                               f"character {exc.start}") from None
 
 
@@ -62,9 +63,11 @@ class TextTokenizer:
         self._full.no_padding()
         self._full.no_truncation()
 
-    def encode(self, texts: list[str], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
-        """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate."""
-        check_texts(texts)
+    def encode(self, texts: list[str], truncate: bool = False, direction: Direction = "right",
+               positions: list[int] | None = None) -> list[Encoded]:
+        """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate. positions: each
+        text's place in the request, for error messages (default: its place in `texts`)."""
+        check_texts(texts, positions=positions)
         tok = self._by_direction[direction]
         # One text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms).
         encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
@@ -73,7 +76,7 @@ class TextTokenizer:
             truncated = bool(enc.overflowing)
             if truncated and not truncate:
                 length = len(self._full.encode(texts[i]).ids)
-                raise InputTooLong(i, length, self.max_length)
+                raise InputTooLong(i if positions is None else positions[i], length, self.max_length)
             out.append(Encoded(list(enc.ids), truncated))
         return out
 
@@ -91,12 +94,14 @@ class TextTokenizer:
             out.append(Encoded(list(enc.ids), bool(enc.overflowing), segment))
         return out
 
-    def check_ids(self, sequences: list[list[int]], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
+    def check_ids(self, sequences: list[list[int]], truncate: bool = False, direction: Direction = "right",
+                  positions: list[int] | None = None) -> list[Encoded]:
         """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does; an over-long list
         raises InputTooLong unless truncate, which keeps its first (right) or last (left) max_length ids, as TEI
-        cuts token-id inputs."""
+        cuts token-id inputs. positions: as encode's."""
         out = []
-        for i, ids in enumerate(sequences):
+        for j, ids in enumerate(sequences):
+            i = j if positions is None else positions[j]
             if not ids:
                 raise InvalidTokens(f"input {i} is an empty list of token ids")
             self._check_vocabulary(ids, f"input {i}")

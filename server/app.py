@@ -35,6 +35,7 @@ from server import (
 from server.engine import Engine
 from server.errors import (
     KINDS,
+    UNSUPPORTED_MEDIA,
     VALIDATION,
     ErrorKind,
     api_family,
@@ -44,7 +45,7 @@ from server.errors import (
     kind_of,
 )
 from server.metrics import Metrics
-from server.middleware import EdgeMiddleware
+from server.middleware import EdgeMiddleware, HeadAsGet
 from server.profiling import build_cost_model, save_refined
 from server.recommend import build_recommender
 from server.shared_memory import SharedMemoryRegistry
@@ -227,6 +228,12 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in kind.lower():
+            # A JSON body route sent something else (curl -d's form encoding, text/plain, no type: FastAPI reads a
+            # body as JSON only under a JSON type): say so, as TEI does, rather than "body: not a valid dictionary".
+            return render(request, UNSUPPORTED_MEDIA, f"expected a request with Content-Type: application/json, not "
+                                                      f"{kind[:60] or 'none'}")
         return render(request, VALIDATION, describe_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
@@ -242,6 +249,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     # TEI and infinity also serve the OpenAI routes without /v1; same handlers, same (OpenAI) error bodies.
     app.add_api_route("/embeddings", routes_openai.create_embeddings, methods=["POST"], include_in_schema=False)
     app.add_api_route("/models", routes_openai.list_models, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/models/{model:path}", routes_openai.retrieve_model, methods=["GET"], include_in_schema=False)
     app.include_router(routes_tei.router)
     app.include_router(routes_rerank.router)
     app.include_router(routes_rerank.v1_router)
@@ -266,6 +274,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.openapi = openapi
 
     key = settings.server.api_key
+    app.add_middleware(HeadAsGet)  # innermost: the edge sees (and logs, counts) the HEAD
     app.add_middleware(EdgeMiddleware, metrics=metrics, payload_limit=settings.server.payload_limit,
                        api_key=key.get_secret_value() if key is not None else None, counters=edge_state,
                        open_paths=settings.server.api_key_open_paths, access_log=settings.server.access_log)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Request, Response
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, StrictInt, StrictStr
 
 from scheduler.errors import NotReady
 from server.engine import Engine
@@ -23,6 +23,12 @@ def _lower(value):
 
 # A truncation direction in TEI's bodies: TEI spells them "Right" / "Left" too.
 Direction = Annotated[Literal["right", "left"], BeforeValidator(_lower)]
+
+# Embedding inputs, strictly typed (no true as token id 1, no "5" as 5), as TEI's serde and OpenAI's API take them:
+# a text, texts, one list of token ids, or lists of them. TEI also takes a batch mixing texts and id lists.
+Ids = list[StrictInt]
+OpenAIInputs = StrictStr | list[StrictStr] | Ids | list[Ids]
+TEIInputs = StrictStr | list[StrictStr] | Ids | list[Ids] | list[StrictStr | Ids]
 
 
 def engine_of(request: Request) -> Engine:

@@ -175,31 +175,40 @@ class Engine:
         timing.tokenization = time.perf_counter() - started
         return encoded
 
-    async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]], timing: Timing,
+    async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]] | list[str | list[int]], timing: Timing,
                        truncate: bool | None = None, direction: Literal["right", "left"] = "right",
                        prompt_name: str | None = None, kinds: tuple[str, ...] = ("embedding",)) -> list[Encoded]:
-        """Tokenize a text, texts, token ids or lists of them (a prompt goes before each text, as
-        sentence-transformers puts it; token ids are used as given); raise the errors the routes map to 4xx.
-        truncate None: model.auto_truncate decides. kinds: the model kinds the calling route serves."""
+        """Tokenize a text, texts, token ids or lists of them, or (TEI) a batch mixing texts and id lists (a prompt
+        goes before each text, as sentence-transformers puts it; token ids are used as given); raise the errors the
+        routes map to 4xx, naming each input by its place in the request. truncate None: model.auto_truncate
+        decides. kinds: the model kinds the calling route serves."""
         self.require(*kinds)
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
         truncate = self._admit(len(inputs), truncate)
         started = time.perf_counter()
-        if inputs and isinstance(inputs[0], list):
-            if prompt_name is not None:
-                raise InvalidRequest("prompt_name applies to text inputs; token ids are used as given")
+        at_ids = [i for i, x in enumerate(inputs) if isinstance(x, list)]
+        at_texts = [i for i, x in enumerate(inputs) if not isinstance(x, list)] if len(at_ids) < len(inputs) else []
+        if at_ids and prompt_name is not None:
+            raise InvalidRequest("prompt_name applies to text inputs; token ids are used as given")
+        if not at_texts:
             encoded = self.tokenizer.check_ids(inputs, truncate, direction)  # type: ignore[arg-type]
         else:
-            for i, text in enumerate(inputs):
-                if not isinstance(text, str):
+            texts = []
+            for i in at_texts:
+                if not isinstance(inputs[i], str):
                     raise InvalidRequest(f"input {i} must be a string")
-                if not text:
+                if not inputs[i]:
                     raise EmptyInput(f"input {i} is an empty string")
+                texts.append(inputs[i])
             prefix = self.prompt(prompt_name)
             if prefix:
-                inputs = [prefix + text for text in inputs]  # type: ignore[operator]
-            encoded = await _off_the_loop_if_long(inputs, self.tokenizer.encode, inputs, truncate, direction)
+                texts = [prefix + text for text in texts]
+            encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode, texts, truncate, direction, at_texts)
+            if at_ids:  # a mixed batch: each answer in its input's place
+                ids = self.tokenizer.check_ids([inputs[i] for i in at_ids], truncate, direction, at_ids)  # type: ignore[misc]
+                by_place = dict(zip(at_texts, encoded)) | dict(zip(at_ids, ids))
+                encoded = [by_place[i] for i in range(len(inputs))]
         timing.tokenization = time.perf_counter() - started
         return encoded
 

@@ -86,6 +86,7 @@ KINDS: dict[type, ErrorKind] = {
     ClientDisconnected: ErrorKind(499, "client_closed_request", "client_disconnected", "Validation"),
 }
 VALIDATION = KINDS[InvalidRequest]
+UNSUPPORTED_MEDIA = ErrorKind(415, "invalid_request_error", "unsupported_media_type", "Validation")
 INTERNAL = ErrorKind(500, "server_error", "internal_error", "Backend")
 
 

@@ -195,3 +195,22 @@ class EdgeMiddleware:
             return await receive()
 
         return replay
+
+
+class HeadAsGet:
+    """HEAD answered wherever GET is, as TEI's axum and Triton answer it: the GET route runs and its headers go back
+    without the body. Routes are declared GET only (FastAPI adds no HEAD)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
+            await send(message)
+
+        await self.app(dict(scope, method="GET"), receive, headers_only)

@@ -6,21 +6,20 @@ import base64
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from models.runtime import finish_embedding
-from server.deps import engine_of, engines_of, json_response, timing_of
-from server.errors import WrongModelKind, error_responses
+from server.deps import OpenAIInputs, engine_of, engines_of, json_response, timing_of
+from server.errors import ModelNotFound, WrongModelKind, error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("openai"))
 
 
 class EmbeddingRequest(BaseModel):
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, texts, token ids, or lists of token ids (ids are used as given).")
+    input: OpenAIInputs = Field(description="Text, texts, token ids, or lists of token ids (ids are used as given).")
     model: str = Field(description="Served model name (see GET /v1/models).")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Truncate to this size and renormalise (Matryoshka models).")
+    dimensions: StrictInt | None = Field(None, ge=1, description="Truncate to this size and renormalise (Matryoshka models).")
     user: str | None = None
 
 
@@ -81,5 +80,19 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request):
-    return {"object": "list", "data": [{"id": engine.info.name, "object": "model", "created": request.app.state.started_at,
-                                        "owned_by": "turboserve"} for engine in engines_of(request)]}
+    return {"object": "list", "data": [_card(engine, request) for engine in engines_of(request)]}
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def retrieve_model(model: str, request: Request):
+    """OpenAI's GET /v1/models/{model} (the client's models.retrieve); model_not_found for a name not served."""
+    engines = engines_of(request)
+    for engine in engines:
+        if engine.info.name == model:
+            return _card(engine, request)
+    raise ModelNotFound(f"model {model!r} is not served here; this server serves "
+                        f"{', '.join(repr(e.info.name) for e in engines)}")
+
+
+def _card(engine, request: Request) -> dict:
+    return {"id": engine.info.name, "object": "model", "created": request.app.state.started_at, "owned_by": "turboserve"}

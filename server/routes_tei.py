@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError
 
 import server
 from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server import routes_rerank, routes_vllm
-from server.deps import Direction, engine_of, engines_of, json_response, timing_of
+from server.deps import Direction, TEIInputs, engine_of, engines_of, json_response, timing_of
 from server.errors import EmptyInput, error_responses
 
 router = APIRouter(tags=["tei"], responses=error_responses("tei"))
@@ -23,11 +23,11 @@ router = APIRouter(tags=["tei"], responses=error_responses("tei"))
 
 
 class EmbedRequest(BaseModel):
-    inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
-    normalize: bool = True
-    truncate: bool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them (413).")
+    inputs: TEIInputs = Field(description="Text, texts, or token ids (a batch may mix texts and id lists).")
+    normalize: StrictBool = True
+    truncate: StrictBool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them (413).")
     truncation_direction: Direction = "right"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: StrictInt | None = Field(None, ge=1)
     prompt_name: str | None = None
 
 
@@ -48,8 +48,8 @@ async def embeddings(body: EmbedRequest, request: Request) -> np.ndarray:
 
 
 class EmbedAllRequest(BaseModel):
-    inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
-    truncate: bool | None = None
+    inputs: TEIInputs = Field(description="Text, texts, or token ids (a batch may mix texts and id lists).")
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
     prompt_name: str | None = None
 
@@ -70,7 +70,7 @@ class SimilarityInput(BaseModel):
 
 
 class SimilarityParameters(BaseModel):
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
     prompt_name: str | None = None
 
@@ -161,8 +161,8 @@ async def decode(body: DecodeRequest, request: Request):
 
 
 class EmbedSparseRequest(BaseModel):
-    inputs: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
-    truncate: bool | None = None
+    inputs: TEIInputs = Field(description="Text, texts, or token ids (a batch may mix texts and id lists).")
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
     prompt_name: str | None = None
 

@@ -141,3 +141,49 @@ def test_token_ids_are_cut_when_truncation_is_asked(client):
     left = client.post("/embed", json={"inputs": [ids], "truncate": True, "truncation_direction": "left"})
     assert left.status_code == 200 and left.json() == client.post("/embed", json={"inputs": [ids[-32:]]}).json()
     assert left.json() != cut.json()
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/embed", {"inputs": [True, False]}),  # not token ids 1 and 0
+    ("/embed", {"inputs": "x", "normalize": "yes"}),
+    ("/embed", {"inputs": "x", "truncate": 1}),
+    ("/embed", {"inputs": "x", "dimensions": "8"}),
+    ("/v1/embeddings", {"input": [True], "model": MODEL}),
+    ("/v1/embeddings", {"input": "x", "model": MODEL, "dimensions": True}),
+    ("/v1/embeddings", {"input": ["x", [1, 2]], "model": MODEL}),  # OpenAI takes no mixed batch
+])
+def test_values_of_the_wrong_json_type_are_refused_not_coerced(client, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code in (400, 422), r.text
+    _check_shape("openai" if path.startswith("/v1") else "tei", r.json())
+
+
+def test_tei_takes_a_batch_mixing_texts_and_token_ids(client):
+    ids = client.post("/tokenize", json={"inputs": "deep learning"}).json()[0]
+    ids = [t["id"] for t in ids]
+    mixed = client.post("/embed", json={"inputs": ["what is it", ids, "padding-free"]})
+    assert mixed.status_code == 200, mixed.text
+    apart = client.post("/embed", json={"inputs": ["what is it", "padding-free"]}).json()
+    alone = client.post("/embed", json={"inputs": [ids]}).json()
+    assert mixed.json() == [apart[0], alone[0], apart[1]]
+    # errors name each input by its place in the request
+    r = client.post("/embed", json={"inputs": ["ok", [1, 99999999]]})
+    assert r.status_code == 422 and "input 1" in r.json()["error"]
+    r = client.post("/embed", json={"inputs": [[5, 6], LONG]})
+    assert r.status_code == 413 and "input 1" in r.json()["error"]
+
+
+def test_a_body_that_is_not_json_is_a_415(client):
+    for path, family in (("/embed", "tei"), ("/v1/embeddings", "openai")):
+        r = client.post(path, content=b"inputs=hello", headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415 and "application/json" in r.text
+        _check_shape(family, r.json())
+    r = client.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": ""})  # none: not read as JSON either
+    assert r.status_code == 415 and "not none" in r.json()["error"]
+    assert client.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_head_is_answered_wherever_get_is(client):
+    for path in ("/health", "/info", "/metrics", "/v2/health/ready", "/v1/models"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", path

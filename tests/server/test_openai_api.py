@@ -77,3 +77,11 @@ def test_unknown_model_is_404(oai):
 
 def test_models_list(oai):
     assert [m.id for m in oai.models.list().data] == [MODEL]
+
+
+def test_models_retrieve(oai):
+    card = oai.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.models.retrieve("gpt-nope")
+    assert err.value.body["code"] == "model_not_found"
