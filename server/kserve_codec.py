@@ -133,8 +133,15 @@ def parse_infer(body: bytes, header_length: str | None, shm: SharedMemoryRegistr
     for out in outputs:
         if out.get("name") != "embedding":
             raise InvalidRequest("the only output is 'embedding'")
+    return InferRequest(_request_id(doc), texts, binary_output, request_params, targets)
+
+
+def _request_id(doc: dict) -> str | None:
+    """The request's `id`: a string (the protocol's type; a number is taken as its text), echoed in the answer."""
     request_id = doc.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, texts, binary_output, request_params, targets)
+    if request_id is not None and (not isinstance(request_id, (str, int)) or isinstance(request_id, bool)):
+        raise InvalidRequest("'id' must be a string")
+    return None if request_id is None else str(request_id)
 
 
 def _outputs(doc: dict, shm: SharedMemoryRegistry) -> tuple[list[dict], dict, bool, dict[str, Target]]:
@@ -235,8 +242,7 @@ def parse_tensors(body: bytes, header_length: str | None, shm: SharedMemoryRegis
     if offset != len(binary):
         raise InvalidRequest(f"{len(binary) - offset} binary bytes follow the JSON header beyond the inputs' data")
     outputs, _, binary_output, targets = _outputs(doc, shm)
-    request_id = doc.get("id")
-    return TensorRequest(str(request_id) if request_id is not None else None, inputs,
+    return TensorRequest(_request_id(doc), inputs,
                          [str(o.get("name")) for o in outputs], binary_output, targets)
 
 

@@ -76,6 +76,7 @@ KSERVE = [
      {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 404),
     ("nested too deeply", INFER, b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
     ("nested too deeply, repository", "/v2/repository/index", b"[" * 5000 + b"]" * 5000, 400),
+    ("id an object", INFER, {"id": {"a": 1}, "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 400),
 ]
 
 
