@@ -161,40 +161,55 @@ class GraphedForward:
 
     @torch.inference_mode()
     def capture(self, vocab: int, tolerance: float = 2e-2) -> bool:
-        """Capture every bucket, largest first, into one memory pool, and check each against the eager forward;
-        on any failure turn the graphs off (and say why in the log and stats). Returns whether they are on."""
+        """Capture every bucket, largest first, into one memory pool, and check each against the eager forward. A
+        bucket the device has no memory for is dropped (its batches run eagerly); any other failure, a disagreement
+        above all, turns the graphs off (said in the log and stats). Returns whether they are on."""
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         rng = np.random.default_rng(0)
+        dropped: list[Bucket] = []
         try:
             for bucket in sorted(self.buckets, key=lambda b: b.tokens, reverse=True):
-                example = example_batch(bucket, vocab, rng)
-                bucket.stage(example, None, self.position_offset, self.pad_position)
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):  # warm-up: compiles kernels, runs the one-time checks (host reads)
-                    for _ in range(2):
-                        self.forward(bucket)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    out = self.forward(bucket)
-                bucket.graph, bucket.out = graph, out
-                got = self.run(example)
-                want = self.eager(example, None)
-                err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
-                if not err <= tolerance:
-                    raise RuntimeError(f"bucket of {bucket.tokens} tokens differs from the eager forward by "
-                                       f"{err:.3g} of its largest value (tolerance {tolerance})")
-                self.stats.buckets.append((bucket.tokens, bucket.slots))
-        except Exception as exc:  # noqa: BLE001 - any failure: serve eagerly, say why
+                try:
+                    self._capture(bucket, example_batch(bucket, vocab, rng), pool, tolerance)
+                except torch.cuda.OutOfMemoryError:
+                    log.warning("CUDA graphs: no memory for the bucket of %d tokens; its batches run eagerly", bucket.tokens)
+                    bucket.graph = bucket.out = None
+                    dropped.append(bucket)
+                    torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - any other failure: serve eagerly, say why
             self.turn_off(f"{type(exc).__name__}: {exc}")
+            return False
+        self.buckets = [b for b in self.buckets if b not in dropped]
+        if not self.buckets:
+            self.turn_off("no memory for any bucket")
             return False
         self.stats.replays = 0  # the checks' replays are not batches
         self.stats.capture_seconds = time.perf_counter() - started
         log.info("CUDA graphs: %d buckets of %d..%d tokens captured in %.2fs", len(self.buckets),
                  self.buckets[0].tokens, self.buckets[-1].tokens, self.stats.capture_seconds)
         return True
+
+    def _capture(self, bucket: Bucket, example: list[list[int]], pool, tolerance: float) -> None:
+        """Warm the bucket's forward up, capture it, and compare its replay on `example` with the eager forward."""
+        bucket.stage(example, None, self.position_offset, self.pad_position)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, runs the one-time checks (host reads)
+            for _ in range(2):
+                self.forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = self.forward(bucket)
+        bucket.graph, bucket.out = graph, out
+        got = self.run(example)
+        want = self.eager(example, None)
+        err = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+        if not err <= tolerance:
+            raise RuntimeError(f"bucket of {bucket.tokens} tokens differs from the eager forward by "
+                               f"{err:.3g} of its largest value (tolerance {tolerance})")
+        self.stats.buckets.append((bucket.tokens, bucket.slots))
 
     def turn_off(self, reason: str) -> None:
         self.on = False

@@ -205,3 +205,44 @@ def test_a_buckets_forward_reads_nothing_back_to_the_host(monkeypatch):
     with torch.inference_mode(), reads:
         int(bucket.meta[0])
     assert reads.seen == ["item.default"]
+
+
+class _ReplayOnCpu:
+    """A stand-in for a captured graph on the CPU: a replay recomputes the bucket's forward into its output."""
+
+    def __init__(self, graphs: GraphedForward, bucket):
+        self.graphs, self.bucket = graphs, bucket
+
+    def replay(self):
+        self.bucket.out.copy_(self.graphs.forward(self.bucket))
+
+
+def test_capture_drops_a_bucket_without_memory_and_turns_off_on_a_disagreement(monkeypatch):
+    """capture()'s bookkeeping, the device part stood in for: the largest bucket out of memory is dropped (its batches
+    run eagerly), the rest serve; a bucket that disagrees with the eager forward turns every graph off."""
+    embedder = EncoderEmbedder(random_encoder("minilm-l6"), "mean", 0, torch.device("cpu"))
+    graphs = graphed(embedder, max_tokens=96, max_sequences=8)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def capture_one(self, bucket, example, pool, tolerance):
+        if bucket.tokens == 96:
+            raise torch.cuda.OutOfMemoryError("stand-in")
+        bucket.out = self.forward(bucket)
+        bucket.graph = _ReplayOnCpu(self, bucket)
+        self.stats.buckets.append((bucket.tokens, bucket.slots))
+
+    monkeypatch.setattr(GraphedForward, "_capture", capture_one)
+    assert graphs.capture(100) and graphs.on
+    assert [b.tokens for b in graphs.buckets] == [32, 48, 64] and graphs.stats.replays == 0
+    small, big = batches(3)[2][0], [[7] * 70]
+    np.testing.assert_allclose(graphs.run(small), embedder._eager(small, None), rtol=1e-4, atol=2e-5)
+    assert graphs.run(big) is None and graphs.stats.eager == 1  # no bucket holds it any more
+
+    def disagree(self, bucket, example, pool, tolerance):
+        raise RuntimeError(f"bucket of {bucket.tokens} tokens differs from the eager forward")
+
+    monkeypatch.setattr(GraphedForward, "_capture", disagree)
+    again = graphed(embedder, max_tokens=96, max_sequences=8)
+    assert not again.capture(100) and not again.on and "differs" in again.stats.off_reason
+    assert again.run(small) is None and again.info()["on"] is False
