@@ -8,8 +8,8 @@ the use (last[slot] = tick), and add the hits to a counter on the device (so the
 launch of its own and no read back). On a GPU the torch op sequence of the same lookup is about a dozen kernel
 launches, which at a 16k-key batch cost more than the bytes moved; here it is one launch.
 
-The kernel gives each key one warp: the lanes compare the key with up to 32 ways at a time (a ballot picks
-the first match), then copy the row, four floats at a time when the width allows. `cache_lookup_reference`
+The kernel gives each key one warp (a warp takes KEYS_PER_WARP keys in turn): the lanes compare the key with up to 32
+ways at a time (a ballot picks the first match), then copy the row, four floats at a time when the width allows. `cache_lookup_reference`
 is the same computation in torch ops (what embeddings/cache_pool.py does for the LRU policy).
 """
 
@@ -36,17 +36,12 @@ def set_of(keys: torch.Tensor, num_sets: int | torch.Tensor) -> torch.Tensor:
     return ((h >> 32) & 0xFFFFFFFF) % num_sets
 
 CUDA_SOURCE = r"""
-extern "C" __global__ void cache_lookup(
-    const long long* __restrict__ keys, long long n,
-    const long long* __restrict__ parts, int tables,  // [4, tables]: end offset in the batch, first set, sets, default row
-    const long long* __restrict__ pool_keys, int ways,
-    const float* __restrict__ values, const float* __restrict__ defaults, int dim, long long tick,
-    long long* __restrict__ last, float* __restrict__ out, bool* __restrict__ found, long long* __restrict__ slot,
-    unsigned long long* __restrict__ hits)  // hits found are added here
+__device__ __forceinline__ bool lookup_one(
+    long long i, int lane, const long long* __restrict__ keys, const long long* __restrict__ parts, int tables,
+    const long long* __restrict__ pool_keys, int ways, const float* __restrict__ values,
+    const float* __restrict__ defaults, int dim, long long tick, long long* __restrict__ last, float* __restrict__ out,
+    bool* __restrict__ found, long long* __restrict__ slot)
 {
-    const int lane = threadIdx.x & 31;
-    const long long i = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (i >= n) return;
     int t = 0;
     while (t < tables - 1 && i >= parts[t]) ++t;
     const long long first = parts[tables + t], sets = parts[2 * tables + t], default_row = parts[3 * tables + t];
@@ -65,10 +60,7 @@ extern "C" __global__ void cache_lookup(
     if (lane == 0) {
         found[i] = hit;
         slot[i] = at;
-        if (hit) {
-            last[at] = tick;
-            atomicAdd(hits, 1ULL);
-        }
+        if (hit) last[at] = tick;
     }
     const float* src = hit ? values + at * dim : defaults + default_row * dim;
     float* dst = out + i * dim;
@@ -79,9 +71,30 @@ extern "C" __global__ void cache_lookup(
     } else {
         for (int c = lane; c < dim; c += 32) dst[c] = src[c];
     }
+    return hit;
+}
+
+// Each warp looks up `per_warp` consecutive keys, one after another, and adds its hits to the counter once: one
+// atomic a warp rather than one a hit (same-address atomics are serialised in L2).
+extern "C" __global__ void cache_lookup(
+    const long long* __restrict__ keys, long long n,
+    const long long* __restrict__ parts, int tables,  // [4, tables]: end offset in the batch, first set, sets, default row
+    const long long* __restrict__ pool_keys, int ways,
+    const float* __restrict__ values, const float* __restrict__ defaults, int dim, long long tick,
+    long long* __restrict__ last, float* __restrict__ out, bool* __restrict__ found, long long* __restrict__ slot,
+    unsigned long long* __restrict__ hits, int per_warp)  // hits found are added to *hits
+{
+    const int lane = threadIdx.x & 31;
+    const long long start = ((long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * per_warp;
+    unsigned long long found_here = 0;
+    for (long long i = start; i < start + per_warp && i < n; ++i)  // uniform across the warp
+        found_here += lookup_one(i, lane, keys, parts, tables, pool_keys, ways, values, defaults, dim, tick, last, out,
+                                 found, slot);
+    if (lane == 0 && found_here) atomicAdd(hits, found_here);
 }
 """
-KEYS_PER_BLOCK = 8
+WARPS_PER_BLOCK = 8
+KEYS_PER_WARP = 4
 
 
 def _check(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.Tensor, last: torch.Tensor,
@@ -142,9 +155,11 @@ def cache_lookup(pool_keys: torch.Tensor, values: torch.Tensor, defaults: torch.
     found = torch.empty(n, dtype=torch.bool, device=keys.device)
     slot = torch.empty(n, dtype=torch.int64, device=keys.device)
     if n:
-        cuda.launch(CUDA_SOURCE, "cache_lookup", torch.float32, ((n + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK,),
-                    (32 * KEYS_PER_BLOCK,), (keys, np.int64(n), parts, parts.shape[1], pool_keys, pool_keys.shape[1],
-                                             values, defaults, dim, np.int64(tick), last, rows, found, slot, hits))
+        per_block = WARPS_PER_BLOCK * KEYS_PER_WARP
+        cuda.launch(CUDA_SOURCE, "cache_lookup", torch.float32, ((n + per_block - 1) // per_block,),
+                    (32 * WARPS_PER_BLOCK,), (keys, np.int64(n), parts, parts.shape[1], pool_keys, pool_keys.shape[1],
+                                             values, defaults, dim, np.int64(tick), last, rows, found, slot, hits,
+                                             KEYS_PER_WARP))
     return rows, found, slot
 
 
