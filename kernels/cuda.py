@@ -181,10 +181,11 @@ def launch(source: str, name: str, dtype: torch.dtype, grid: tuple, block: tuple
         return
     fn = kernel(source, name, dtype)
     stream = torch.cuda.current_stream().cuda_stream
-    if _direct_launch_ok(torch.cuda.current_device()):
+    device = torch.cuda.current_device()
+    if _direct_launch_ok(device):
         g, b = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         try:
-            _driver().launchKernel(fn.ptr, *g, *b, shared_mem, stream, params.address, 0)
+            _driver().launchKernel(_function_ptr(source, name, dtype, device), *g, *b, shared_mem, stream, params.address, 0)
             return
         except Exception:  # noqa: BLE001 - e.g. a thread whose CUDA context is not current yet: CuPy's launcher makes it so
             log.debug("direct launch of %s failed; through CuPy's launcher", name, exc_info=True)
@@ -244,6 +245,12 @@ def _param_block(kinds: tuple[type, ...]) -> ParamBlock:
     return block
 
 
+@functools.lru_cache(maxsize=None)
+def _function_ptr(source: str, name: str, dtype: torch.dtype, device: int) -> int:
+    """The CUfunction handle of a compiled kernel on `device` (a RawKernel's `.kernel` is its cupy Function there)."""
+    return kernel(source, name, dtype).kernel.ptr
+
+
 def _driver():
     from cupy_backends.cuda.api import driver  # noqa: PLC0415
 
@@ -272,8 +279,8 @@ def _direct_launch_ok(device: int) -> bool:
             args = (inp, 7, np.int64(-3 << 40), 2.5, True, np.uint64((1 << 63) + 5), out)
             params = _param_block(tuple(map(type, args)))
             params.fill(args)
-            fn = kernel(PROBE_SOURCE, "launch_probe", torch.float32)
-            _driver().launchKernel(fn.ptr, 1, 1, 1, 32, 1, 1, 0, torch.cuda.current_stream().cuda_stream, params.address, 0)
+            fn = _function_ptr(PROBE_SOURCE, "launch_probe", torch.float32, device)
+            _driver().launchKernel(fn, 1, 1, 1, 32, 1, 1, 0, torch.cuda.current_stream().cuda_stream, params.address, 0)
             got = out.tolist()
         want = [123456789, 7, -3 << 40, 10, 1, (1 << 63) + 5 - (1 << 64)]
         if got == want:

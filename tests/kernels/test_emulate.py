@@ -118,6 +118,21 @@ def test_launch_passes_every_width_through_its_param_block():
         cuda.launch(cuda.PROBE_SOURCE, "launch_probe", torch.float32, (1,), (32,), (inp, "7"))
 
 
+def test_cupy_has_what_the_direct_launch_uses():
+    """The names kernels.cuda's direct launch takes from CuPy (no device here to call them): a RawModule's kernel
+    (a RawKernel) has `.kernel`, the compiled Function, whose `.ptr` is the CUfunction, and the driver binding has
+    launchKernel with cuLaunchKernel's eleven arguments."""
+    import inspect  # noqa: PLC0415
+
+    import cupy  # noqa: PLC0415
+
+    assert "RawKernel" in (cupy.RawModule.get_function.__doc__ or "")
+    assert inspect.getattr_static(cupy.RawKernel, "kernel", None) is not None
+    assert inspect.getattr_static(cupy.cuda.function.Function, "ptr", None) is not None
+    doc = cuda._driver().launchKernel.__doc__ or ""
+    assert doc.startswith("launchKernel(intptr_t f, unsigned int grid_dim_x") and "kernel_params, intptr_t extra)" in doc
+
+
 def test_param_blocks_hand_cupys_launcher_the_same_values():
     args = (torch.zeros(3), 7, np.int64(-5), 2.5, False, np.uint64(9), torch.nn.Parameter(torch.zeros(1)), np.float32(0.25))
     block = cuda.ParamBlock(tuple(map(type, args)))
