@@ -28,8 +28,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 import server
 from models.runtime import finish_embedding
+from scheduler.errors import NotReady
 from server import grpc_tei
-from server.errors import InvalidRequest, Unauthorized, kind_of
+from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
 from server.grpc_common import CODES, Call, call_metadata, call_timing
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
@@ -240,10 +241,13 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def work(metadata, timing):
-            check_version(request.name, request.version)
-            if dlrm_named(self, request.name) is not None:
-                return pb.ModelReadyResponse(ready=True)
-            return pb.ModelReadyResponse(ready=encoder_named(self, request.name).healthy)
+            try:  # as Triton: a model or version not served, or not loaded yet, is not ready (not an error)
+                check_version(request.name, request.version)
+                if dlrm_named(self, request.name) is not None:
+                    return pb.ModelReadyResponse(ready=True)
+                return pb.ModelReadyResponse(ready=encoder_named(self, request.name).healthy)
+            except (ModelNotFound, NotReady):
+                return pb.ModelReadyResponse(ready=False)
         return await self._answer("ModelReady", context, work)
 
     async def ServerMetadata(self, request, context):

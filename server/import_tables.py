@@ -170,7 +170,10 @@ def parse_default(text: str | None, dim: int) -> torch.Tensor | None:
         values *= dim
     if len(values) != dim:
         raise ImportFailed(f"--default-vector has {len(values)} values; the table's dim is {dim}")
-    return torch.tensor(values, dtype=torch.float32)
+    default = torch.tensor(values, dtype=torch.float32)
+    if not torch.isfinite(default).all():  # as for every row: a NaN default would answer lookups with nulls
+        raise ImportFailed(f"--default-vector {text!r} must be finite float32 numbers (no NaN, no infinity, |x| < 3.4e38)")
+    return default
 
 
 def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor: str | None = None,
@@ -208,7 +211,7 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
         if existing is not None and existing.dim != source.dim:
             raise ImportFailed(f"table {table!r} is stored with dim {existing.dim}; {path} has rows of dim {source.dim}")
         if existing is None:
-            tier.create_table(TableSpec(table, source.dim, default, source.rows))
+            tier.create_table(TableSpec(table, source.dim, default, source.rows or None))  # 0 rows: an empty file, as CSV's
         elif default is not None and not torch.equal(existing.default, default):
             print(f"turboserve: table {table!r} exists: its stored default vector is kept, --default-vector ignored")
         with tqdm(total=source.rows, unit="rows", unit_scale=(source.rows or 0) >= 10_000, desc=f"importing {table}", disable=not progress) as bar:

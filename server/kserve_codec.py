@@ -65,7 +65,7 @@ def _flatten(data) -> list:
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(the JSON document, the binary tensor bytes after it) of an infer request."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise InvalidRequest(f"{HEADER_LENGTH}={header_length!r} does not fit a body of {len(body)} bytes")
         json_part, binary = body[: int(header_length)], body[int(header_length):]
     else:

@@ -125,7 +125,7 @@ class EdgeMiddleware:
                 return
 
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.payload_limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.payload_limit:
             await refuse(TooLarge(f"request body of {int(declared)} bytes is over the {self.payload_limit}-byte limit"))
             return
         body, too_large = await self._read_body(receive)

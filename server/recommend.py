@@ -111,6 +111,8 @@ class Recommender:
                 v = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1) if len(vectors) else np.zeros((0, dim), np.float32)
         except ValueError:  # ragged rows
             raise InvalidRequest(f"table {table!r} has dim {dim}: every vector must have {dim} values") from None
+        except OverflowError:  # a JSON integer past any float
+            raise InvalidRequest("vectors must be finite float32 values (no NaN, no infinity, |x| < 3.4e38)") from None
         if v.shape != (k.size, dim):
             raise InvalidRequest(f"table {table!r} has dim {dim}: vectors must be [{k.size}, {dim}] for {k.size} keys, "
                                  f"got {list(v.shape)}")

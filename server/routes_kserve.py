@@ -208,6 +208,8 @@ async def dlrm_scores(rec: Recommender, tensors: dict[str, np.ndarray], outputs:
         raise InvalidRequest("input 'dense' (FP32 [batch, num_dense]) is missing")
     if dense.dtype.kind != "f":
         raise InvalidRequest(f"input 'dense' must be FP32, got {dense.dtype}")
+    if dense.ndim != 2:
+        raise InvalidRequest(f"input 'dense' must be [batch, num_dense], got shape {list(dense.shape)}")
     sparse = {name: bags_from_matrix(name, values) for name, values in inputs.items()}
     started = time.perf_counter()
     try:

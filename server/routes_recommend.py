@@ -58,7 +58,11 @@ async def recommend(body: RecommendRequest, request: Request):
     sparse: dict[str, Bag] = {name: bags_from_rows(name, rows) for name, rows in body.sparse.items()}
     if len({len(row) for row in body.dense}) > 1:  # ragged rows would make np.asarray raise (a 500)
         raise InvalidRequest(f"dense rows must all have the same length, got {sorted({len(row) for row in body.dense})}")
-    dense = np.asarray(body.dense, dtype=np.float32) if body.dense else np.zeros((0, 0), np.float32)
+    try:
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused with NaN by the scorer
+            dense = np.asarray(body.dense, dtype=np.float32) if body.dense else np.zeros((0, 0), np.float32)
+    except OverflowError:  # a JSON integer past any float
+        raise InvalidRequest("dense features must be finite (no NaN or infinity)") from None
     scores = await _timed(request, rec.score, dense, sparse)
     return json_response({"model": rec.name, "scores": scores})
 
@@ -78,7 +82,7 @@ async def update(body: UpdateRequest, request: Request):
     rec.dim(body.table)
     n = await _timed(request, rec.update, body.table, body.keys, body.vectors)
     consumer = rec.consumer
-    if consumer is None or not consumer.publishes:
+    if consumer is None or not consumer.publishes or n == 0:  # nothing to tell the other replicas
         return json_response({"table": body.table, "updated": n})
     # After the local write, so a 200 means durable here; this replica's consumer re-applies the entry in
     # stream order like every other replica, which is what makes all of them end on the same value.

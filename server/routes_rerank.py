@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError
 
 from server.deps import Direction, engine_for, json_response, timing_of
 from server.errors import EmptyInput, InvalidRequest, error_responses
@@ -36,19 +36,19 @@ def _scores(logits: np.ndarray, raw: bool) -> np.ndarray:
 class TEIRerankRequest(BaseModel):
     query: str
     texts: list[str] = Field(description="The texts to score against the query.")
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
-    raw_scores: bool = False
-    return_text: bool = False
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
 
 
 class CohereRerankRequest(BaseModel):
     model: str | None = None
     query: str
     documents: list[str | dict] = Field(description="Texts, or objects with a `text` field.")
-    top_n: int | None = Field(None, ge=0, description="The best n results (all when absent or 0).")
-    return_documents: bool = True
-    truncate: bool | None = None
+    top_n: StrictInt | None = Field(None, ge=0, description="The best n results (all when absent or 0).")
+    return_documents: StrictBool = True
+    truncate: StrictBool | None = None
 
 
 async def _rank(request: Request, query: str, texts: list[str], truncate: bool | None, direction: str) -> tuple[np.ndarray, int]:
@@ -118,9 +118,9 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
 class PredictRequest(BaseModel):
     inputs: str | list[str] | list[list[str]] = Field(
         description="A text, a [text, text] pair, or a list of texts or pairs (TEI's reading: two strings are one pair).")
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
-    raw_scores: bool = False
+    raw_scores: StrictBool = False
 
 
 @router.post("/predict")
@@ -156,7 +156,7 @@ class ScoreRequest(BaseModel):
     model: str | None = None
     text_1: str | list[str] = Field(description="A text scored against every text_2, or one text a text_2.")
     text_2: str | list[str]
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
 
 
 async def score(body: ScoreRequest, request: Request):
@@ -184,7 +184,7 @@ async def score(body: ScoreRequest, request: Request):
 class ClassifyRequest(BaseModel):
     model: str | None = None
     input: str | list[str] = Field(description="A text, or texts, to classify.")
-    truncate: bool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them.")
+    truncate: StrictBool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them.")
 
 
 async def classify(body: ClassifyRequest, request: Request):

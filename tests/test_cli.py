@@ -165,6 +165,8 @@ def test_import_embeddings_safetensors_and_csv(tmp_path):
     ({"bad.csv": "1,2,3\n4,x,5\n"}, ["--table", "t", "--file", "bad.csv"], "line 2 holds a value that is not a number"),
     ({"bad.csv": "1,2,3\n4.5,1,5\n"}, ["--table", "t", "--file", "bad.csv"], "key '4.5' is not an integer"),
     ({"t.npy": (5, 3)}, ["--table", "t", "--file", "t.npy", "--default-vector", "1,2"], "--default-vector has 2 values"),
+    ({"t.npy": (5, 3)}, ["--table", "t", "--file", "t.npy", "--default-vector", "nan"], "must be finite"),
+    ({"t.npy": (5, 3)}, ["--table", "t", "--file", "t.npy", "--default-vector", "0,1e39,0"], "must be finite"),
     ({"t.bin": "x"}, ["--table", "t", "--file", "t.bin"], "pass --format"),
     ({"two.safetensors": None}, ["--table", "t", "--file", "two.safetensors"], "pick one with --tensor"),
 ])
@@ -184,3 +186,13 @@ def test_import_embeddings_errors_exit_2_without_a_traceback(tmp_path, capsys, s
     assert main(["import-embeddings", *args, "--path", db, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and err.startswith("turboserve: ")
+
+
+def test_import_embeddings_of_an_empty_npy_imports_nothing(tmp_path, capsys):
+    """A 0-row .npy is an empty import (as a header-only CSV is), not a traceback."""
+    db = str(tmp_path / "db")
+    np.save(tmp_path / "zero.npy", np.zeros((0, 3), np.float32))
+    assert main(["import-embeddings", "--table", "z", "--file", str(tmp_path / "zero.npy"), "--path", db, "--no-progress"]) == 0
+    assert "imported 0 rows of dim 3" in capsys.readouterr().out
+    _, found, _ = _stored(db, "z", [0])
+    assert not found.any()

@@ -45,6 +45,8 @@ def _want(srv, texts, normalize=True):
 
 def test_health_and_metadata(gc):
     assert gc.is_server_live() and gc.is_server_ready() and gc.is_model_ready(MODEL)
+    # as Triton answers: a model or version not served is not ready, not an error
+    assert not gc.is_model_ready(MODEL, "2") and not gc.is_model_ready("nope")
     meta = gc.get_model_metadata(MODEL, as_json=True)
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": ["-1", "8"]}]

@@ -157,6 +157,8 @@ def _sparse(**changes):
     ("/v1/recommend", {"dense": [[0, 0, 0]] * 9, "sparse": {f: [1] * 9 for f in SPARSE}}, 413, "payload_too_large", "max_batch=8"),
     ("/v1/recommend", {"dense": DENSE, "sparse": _sparse(history=[list(range(30))] * 3)}, 413, "payload_too_large", "max_keys"),
     ("/v1/recommend", {"model": "other", "dense": DENSE, "sparse": SPARSE}, 404, "model_not_found", "'ctr'"),
+    ("/v1/recommend", {"dense": [[10 ** 400, 0, 0]] * 3, "sparse": SPARSE}, 400, "invalid_request", "finite"),
+    ("/v1/embeddings/update", {"table": "scratch", "keys": [1], "vectors": [[1, 1, 10 ** 400]]}, 400, "invalid_request", "finite"),
 ])
 def test_bad_input_is_a_4xx_in_openai_style(client, path, body, status, code, needle):
     r = client.post(path, json=body)
@@ -173,6 +175,7 @@ def test_bad_kserve_tensors_are_400_in_kserve_style(client):
         ([ok, {"name": "user", "shape": [2], "datatype": "INT64", "data": [1]}], "says 2 elements"),
         ([{**ok, "datatype": "INT64"}], "must be FP32"),
         ([ok, {"name": "user", "shape": [1], "datatype": "INT64", "data": ["1"]}], "not a INT64 value"),
+        ([{**ok, "shape": [], "data": [1.0]}], "[batch, num_dense]"),
     ]:
         r = client.post(f"/v2/models/{NAME}/infer", json={"inputs": inputs})
         assert r.status_code == 400 and needle in r.json()["error"], r.text
@@ -197,3 +200,11 @@ def test_parameter_server_without_a_dlrm_serves_tables_only(dlrm, tmp_path):
         assert c.post("/v1/embeddings/lookup", json={"table": "users", "keys": [1]}).json()["found"] == [True]
         r = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
         assert r.status_code == 404 and "recommend.model_path" in r.json()["error"]["message"]
+
+
+def test_a_non_ascii_digit_header_length_is_a_400(client):
+    """'²'.isdigit() is True in Python; int('²') is not a number."""
+    body = b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["a"]}]}'
+    r = client.post(f"/v2/models/{NAME}/infer", content=body,
+                    headers=[(b"content-type", b"application/json"), (b"inference-header-content-length", b"\xb2")])
+    assert r.status_code == 400 and "does not fit" in r.json()["error"], r.text

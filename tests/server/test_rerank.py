@@ -107,6 +107,12 @@ def test_cohere_style_rerank_with_top_n_and_documents(reranker, path):
     ("/v1/rerank", {"model": "other", "query": "q", "documents": ["a"]}, 404, "not served"),
     ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, 400, "document 0"),
     ("/predict", {"inputs": [["a", "b", "c"]]}, 422, "pair of two texts"),
+    # values of the wrong JSON type are refused, not coerced (as TEI's serde refuses them)
+    ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "raw_scores"),
+    ("/rerank", {"query": "q", "texts": ["a"], "truncate": "true"}, 422, "truncate"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": True}, 400, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "no"}, 400, "return_documents"),
+    ("/predict", {"inputs": "a", "raw_scores": "on"}, 422, "raw_scores"),
 ])
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(reranker, path, body, status, needle):
     r = reranker.post(path, json=body)

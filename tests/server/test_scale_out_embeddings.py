@@ -254,6 +254,9 @@ def test_an_http_update_the_stream_cannot_take_is_reported_not_acknowledged(tmp_
     with dummy_server(**sections) as s, s.client() as c:
         ok = c.post("/v1/embeddings/update", json={"table": "users", "keys": [1], "vectors": [[1.0] * 4]})
         assert ok.status_code == 200 and ok.json()["stream_id"].encode() == r.xrange(STREAM)[-1][0]
+        entries = r.xlen(STREAM)
+        empty = c.post("/v1/embeddings/update", json={"table": "users", "keys": [], "vectors": []})
+        assert empty.status_code == 200 and empty.json() == {"table": "users", "updated": 0} and r.xlen(STREAM) == entries
         redis_node.stop()
         bad = c.post("/v1/embeddings/update", json={"table": "users", "keys": [2], "vectors": [[2.0] * 4]})
         assert bad.status_code == 500 and bad.json()["error"]["code"] == "backend_error", bad.text
