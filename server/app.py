@@ -116,6 +116,9 @@ def _start_engine(app: FastAPI, settings: Settings, loader: Loader, metrics: Met
     try:
         if settings.embeddings.enabled:  # first: a bad DLRM folder or table fails fast
             recommender = build_recommender(settings)
+        elif settings.recommend.model_path:
+            log.warning("recommend.model_path is set but embeddings.enabled is false: the DLRM %s is not served "
+                        "(its tables live in the embedding parameter server)", settings.recommend.model_path)
         loaded = loader()
         engine = _engine(settings, loaded, metrics)
         started.append(engine)
