@@ -155,6 +155,33 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_model_settings(folder, device: str, dtype: str, max_input_length: int | None = None, pooling: str | None = None,
+                         default_prompt_name: str | None = None, section: str = "model") -> None:
+    """ModelFolderError naming the setting, for settings this model folder or this machine cannot serve: checked by
+    the CLI before the port opens, and again at load. folder: models.config.read_model_folder's."""
+    if default_prompt_name is not None and default_prompt_name not in dict(folder.pooling.prompts):
+        known = ", ".join(name for name, _ in folder.pooling.prompts) or "none"
+        raise ModelFolderError(f"{section}.default_prompt_name={default_prompt_name!r} is not one of the model's prompts ({known})")
+    if max_input_length and max_input_length > folder.encoder.max_input_length:
+        raise ModelFolderError(f"{section}.max_input_length={max_input_length} exceeds the model's "
+                               f"{folder.encoder.max_input_length} positions")
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ModelFolderError(f"{section}.device={device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if where.type not in ("cpu", "cuda"):
+        raise ModelFolderError(f"{section}.device={device!r}: turboserve runs on cpu or cuda devices")
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise ModelFolderError(f"{section}.device={device!r}: no such CUDA device here "
+                               f"({torch.cuda.device_count()} visible)")
+    if where.type == "cuda" or not cuda.emulating():
+        if refused := dtype_refused(device, dtype):
+            raise ModelFolderError(refused.replace("model.", f"{section}.", 1))
+    if pooling == "splade" and folder.mlm is None:
+        raise ModelFolderError(f"{section}.pooling=splade needs a *ForMaskedLM model (BERT or DistilBERT) with its "
+                               "masked-LM head")
+
+
 def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",
                max_input_length: int | None = None, pooling: str | None = None, normalize: bool | None = None,
                matryoshka_dimensions: list[int] | None = None, memory_arena: bool = True, arena_min_chunk_mib: float = 2.0,
@@ -165,18 +192,12 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     folder_path = Path(path) if path else default_model_path()
     folder = read_model_folder(folder_path)
     cfg = folder.encoder
-    if default_prompt_name is not None and default_prompt_name not in dict(folder.pooling.prompts):
-        known = ", ".join(name for name, _ in folder.pooling.prompts) or "none"
-        raise ModelFolderError(f"model.default_prompt_name={default_prompt_name!r} is not one of the model's prompts ({known})")
+    check_model_settings(folder, device, dtype, max_input_length, pooling, default_prompt_name)
     limit = min(x for x in (cfg.max_input_length, folder.pooling.max_seq_length, max_input_length) if x)
-    if max_input_length and max_input_length > cfg.max_input_length:
-        raise ModelFolderError(f"model.max_input_length={max_input_length} exceeds the model's {cfg.max_input_length} positions")
     torch_device = torch.device(device)
     if torch_device.type == "cpu" and cuda.emulating():
         log.warning("TURBOSERVE_EMULATE_CUDA: the CUDA code path runs on the CPU emulator (kernels/emulate.py), "
                     "for checking it without a GPU; it is far slower than the CPU path")
-    elif refused := dtype_refused(device, dtype):
-        raise ModelFolderError(refused)
     elif torch_device.type == "cpu" and dtype == "bfloat16" and not cpu_has_bf16():
         log.warning("model.dtype=bfloat16 on a CPU without native bfloat16 instructions (avx512_bf16, amx_bf16): "
                     "it computes, but slower than float32")
@@ -185,8 +206,6 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     encoder = load_encoder(cfg, folder.weights, take).to(device=torch_device, dtype=getattr(torch, dtype))
     head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
     mode = pooling or ("splade" if folder.mlm is not None else folder.pooling.mode)
-    if mode == "splade" and folder.mlm is None:
-        raise ModelFolderError("splade pooling needs a *ForMaskedLM model (BERT or DistilBERT) with its masked-LM head")
     sparse = None
     if mode == "splade":
         sparse = load_mlm_head(folder.mlm, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))

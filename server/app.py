@@ -159,17 +159,17 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.loader_thread = threading.Thread(
-            target=_start_engine, args=(app, settings, loader, metrics), name="turboserve-loader", daemon=True)
-        app.state.loader_thread.start()
         grpc_server = None
-        if settings.server.grpc_port is not None:
+        if settings.server.grpc_port is not None:  # first: a port it cannot bind stops start-up before the model loads
             from server.grpc_kserve import start_grpc  # grpcio only when asked for
 
             key = settings.server.api_key
             grpc_server, app.state.grpc_port = await start_grpc(
                 app, settings.server.host, settings.server.grpc_port, key.get_secret_value() if key is not None else None,
                 settings.server.payload_limit, settings.server.access_log)
+        app.state.loader_thread = threading.Thread(
+            target=_start_engine, args=(app, settings, loader, metrics), name="turboserve-loader", daemon=True)
+        app.state.loader_thread.start()
         yield
         app.state.draining = True
         if grpc_server is not None:  # new calls are refused from here; those admitted finish within the grace

@@ -104,24 +104,25 @@ def _settings(args: argparse.Namespace):
     except PathNotAllowed as exc:
         print(f"turboserve: {exc}", file=sys.stderr)
         return None
-    from models.runtime import dtype_refused
+    from models.runtime import check_model_settings
 
+    # Everything the model folder or this machine decides, refused now, not after the port is open.
     for section, model in (("model", settings.model), ("reranker", settings.reranker)):
-        if model is not None and (refused := dtype_refused(model.device, model.dtype)):
-            print(f"turboserve: {section}.dtype: {refused}", file=sys.stderr)
-            return None
-    try:  # refuse a bad model folder now, not after the port is open
-        read_model_folder(settings.model.path or default_model_path())
-    except ModelFolderError as exc:
-        print(f"turboserve: model.path: {exc}", file=sys.stderr)
-        return None
-    if settings.reranker is not None:
+        if model is None:
+            continue
         try:
-            if read_model_folder(settings.reranker.path).head is None:
-                raise ModelFolderError(f"{settings.reranker.path} is not a cross-encoder or classifier "
+            folder = read_model_folder(model.path or default_model_path())
+            if section == "reranker" and folder.head is None:
+                raise ModelFolderError(f"{model.path} is not a cross-encoder or classifier "
                                        "(its config.json names no *ForSequenceClassification architecture)")
         except ModelFolderError as exc:
-            print(f"turboserve: reranker.path: {exc}", file=sys.stderr)
+            print(f"turboserve: {section}.path: {exc}", file=sys.stderr)
+            return None
+        try:
+            check_model_settings(folder, model.device, model.dtype, model.max_input_length, model.pooling,
+                                 model.default_prompt_name, section)
+        except ModelFolderError as exc:
+            print(f"turboserve: {exc}", file=sys.stderr)
             return None
     return settings
 
@@ -152,10 +153,35 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cannot_listen(host: str, port: int | None, what: str) -> str | None:
+    """Why `host:port` cannot be listened on (a host that does not resolve, a port in use), or None; port 0 or None:
+    nothing to check. Asked before the model loads: uvicorn binds only after start-up."""
+    import socket
+
+    if not port:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        return f"server.host {host!r} does not resolve: {exc.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port} ({what}): {exc.strerror}"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
+    s = settings.server
+    for port, what in ((s.port, "server.port"), (s.grpc_port, "server.grpc_port")):
+        if problem := _cannot_listen(s.host, port, what):
+            print(f"turboserve: {problem}", file=sys.stderr)
+            return 2
 
     import uvicorn
 
@@ -163,7 +189,6 @@ def serve(args: argparse.Namespace) -> int:
     from server.drain import DrainingServer
     from server.logs import configure_logging
 
-    s = settings.server
     configure_logging(s.log_level, s.log_format, s.access_log)
     app = create_app(settings)
     # log_config=None keeps the handlers configured above; uvicorn's own access line stays off, the access

@@ -312,9 +312,13 @@ async def start_grpc(app, host: str, port: int, api_key: str | None, payload_lim
     servicer = InferenceService(app, api_key, access_log)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     grpc_server.add_generic_rpc_handlers(grpc_tei.handlers(servicer))  # TEI's tei.v1 services on the same port
-    bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises "Failed to bind" where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+        await grpc_server.stop(None)  # released here, not by a collector racing the loop's close (a C++ abort)
+        raise OSError(f"cannot bind the gRPC port {host}:{port} (in use?)")
     await grpc_server.start()
     log.info("KServe v2 gRPC on %s:%d", host, bound)
     return grpc_server, bound

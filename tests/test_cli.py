@@ -45,11 +45,39 @@ def test_help():
     (["--api-key-file", "/nonexistent/key"], {}, "cannot read server.api_key_file"),
     (["--dtype", "float16"], {}, "model.dtype=float16 is not supported on CPU"),
     (["--dtype", "float64"], {}, "invalid choice"),
+    # what only the model folder or this machine can say, said before the port opens
+    (["--device", "garbage"], {}, "model.device='garbage' is not a device name"),
+    (["--device", "cuda:abc"], {}, "is not a device name"),
+    ([], {"TURBOSERVE_MODEL__MAX_INPUT_LENGTH": "1000"}, "model.max_input_length=1000 exceeds the model's 512 positions"),
+    ([], {"TURBOSERVE_MODEL__DEFAULT_PROMPT_NAME": "query"}, "is not one of the model's prompts"),
+    ([], {"TURBOSERVE_MODEL__POOLING": "splade"}, "model.pooling=splade needs a *ForMaskedLM model"),
+    ([], {"TURBOSERVE_SERVER__HOST": "999.1.1.1"}, "server.host '999.1.1.1' does not resolve"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_field(args, env, needle):
     out = run("serve", *args, env=env)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_a_cuda_device_on_a_machine_without_one_fails_at_start():
+    out = run("serve", "--device", "cuda")
+    assert out.returncode == 2 and "no such CUDA device here" in out.stderr and "Traceback" not in out.stderr
+    out = run("profile", "--device", "cuda")
+    assert out.returncode == 2 and "no such CUDA device here" in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_a_port_in_use_fails_at_start_before_the_model_loads(flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [flag, str(port)] + (["--port", str(_free_port())] if flag == "--grpc-port" else [])
+        started = time.monotonic()
+        out = run("serve", *args)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - started < 30  # not after loading and profiling the model
 
 
 def _free_port() -> int:
