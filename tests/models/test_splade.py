@@ -61,7 +61,7 @@ def test_the_head_works_in_chunks_and_batches(root, monkeypatch):
 
 
 def test_splade_pooling_needs_a_masked_lm_head():
-    with pytest.raises(ModelFolderError, match="splade pooling needs a \\*ForMaskedLM model"):
+    with pytest.raises(ModelFolderError, match="pooling=splade needs a \\*ForMaskedLM model"):
         load_model(None, pooling="splade")
 
 
