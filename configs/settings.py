@@ -7,6 +7,8 @@ file given with `--config`, then the defaults below.
 
 from __future__ import annotations
 
+import json
+import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 # The YAML file's contents while load_settings builds a Settings; read by _YamlSource only.
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("turboserve_yaml_data", default=None)
@@ -183,7 +185,9 @@ class RecommendSettings(_Section):
 class Settings(BaseSettings):
     """All of turboserve's settings, grouped by the component that reads them."""
 
-    model_config = SettingsConfigDict(env_prefix="TURBOSERVE_", env_nested_delimiter="__", extra="forbid")
+    # env_parse_none_str: TURBOSERVE_X__Y=null unsets a setting (a YAML file's value included), as YAML's null does.
+    model_config = SettingsConfigDict(env_prefix="TURBOSERVE_", env_nested_delimiter="__", extra="forbid",
+                                      env_parse_none_str="null")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -236,16 +240,38 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
             loaded = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
             raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+        except yaml.YAMLError as exc:  # where and what only: PyYAML's own text quotes the line, which may hold a key
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or 'cannot parse'}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         data = loaded
     token = _yaml_data.set(data)
     try:
         return Settings(**(overrides or {}))
+    except SettingsError as exc:  # pydantic-settings names only the section: name the variables it could not read
+        bad = _unparsable_env()
+        raise ValueError(f"{exc}: " + (f"{', '.join(bad)} must hold JSON (a list is ['a', 'b'] in JSON: "
+                                       '\'["a", "b"]\')' if bad else "check the TURBOSERVE_* variables")) from None
     finally:
         _yaml_data.reset(token)
+
+
+def _unparsable_env() -> list[str]:
+    """TURBOSERVE_<SECTION>__<FIELD> variables of a list or mapping field whose value is not JSON."""
+    bad = []
+    for name, value in os.environ.items():
+        section, _, field = name.removeprefix("TURBOSERVE_").lower().partition("__")
+        if not name.startswith("TURBOSERVE_") or section not in Settings.model_fields:
+            continue
+        fields = getattr(Settings.model_fields[section].annotation, "model_fields", {})
+        if field in fields and ("list" in str(fields[field].annotation) or "dict" in str(fields[field].annotation)):
+            try:
+                json.loads(value)
+            except ValueError:
+                bad.append(name)
+    return sorted(bad)
 
 
 class PathNotAllowed(ValueError):

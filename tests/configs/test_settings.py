@@ -65,6 +65,11 @@ def test_bad_yaml_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         load_settings(bad)
+    for text in ('server:\n  api_key: "s3cr3t-key\n', "server:\n  api_key: s3cr3t-key: x\n"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=r"not valid YAML at line \d+, column \d+") as err:
+            load_settings(bad)
+        assert "s3cr3t" not in str(err.value) and "\n" not in str(err.value)  # one line, the key never quoted
 
 
 def test_client_batch_must_fit_the_queue():
@@ -100,3 +105,17 @@ def test_every_setting_is_in_the_readme_table():
     missing += [section for section, field in Settings.model_fields.items()
                 if not hasattr(field.annotation, "model_fields") and f"| `{section}` |" not in readme]
     assert not missing, f"settings without a row in README.md's table: {missing}"
+
+
+def test_an_environment_list_that_is_not_json_is_named(monkeypatch):
+    monkeypatch.setenv("TURBOSERVE_SERVER__CORS_ORIGINS", "notjson")
+    with pytest.raises(ValueError, match="TURBOSERVE_SERVER__CORS_ORIGINS must hold JSON"):
+        load_settings()
+
+
+def test_null_in_the_environment_unsets_a_yaml_value(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("scheduler:\n  cost_model_dir: /somewhere\n")
+    assert load_settings(config).scheduler.cost_model_dir == "/somewhere"
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__COST_MODEL_DIR", "null")
+    assert load_settings(config).scheduler.cost_model_dir is None
