@@ -208,9 +208,13 @@ class HeadAsGet:
         if scope["type"] != "http" or scope["method"] != "HEAD":
             return await self.app(scope, receive, send)
 
+        inner = dict(scope, method="GET")
+
         async def headers_only(message):
+            if "route" in inner:  # the matched route, for the edge's metrics label and access line
+                scope["route"] = inner["route"]
             if message["type"] == "http.response.body":
                 message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
             await send(message)
 
-        await self.app(dict(scope, method="GET"), receive, headers_only)
+        await self.app(inner, receive, headers_only)

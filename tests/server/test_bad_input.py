@@ -188,3 +188,6 @@ def test_head_is_answered_wherever_get_is(client):
     for path in ("/health", "/info", "/metrics", "/v2/health/ready", "/v1/models"):
         r = client.head(path)
         assert r.status_code == 200 and r.content == b"", path
+    metrics = client.get("/metrics").text  # counted under the route it matched, not as unmatched
+    assert 'turboserve_requests_total{route="/health",status="200"}' in metrics
+    assert 'route="unmatched",status="200"' not in metrics
