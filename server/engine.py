@@ -267,7 +267,8 @@ class Engine:
         except BaseException as exc:  # refused, timed out, failed, or cancelled
             self.stats.record(timing, len(encoded), ok=False)
             kind = kind_of(exc)
-            self.tei.record_failure(kind.tei_type if kind is not None else None)
+            if not isinstance(exc, ClientDisconnected):  # not a failure of TEI's kinds (turboserve counts it as dropped)
+                self.tei.record_failure(kind.tei_type if kind is not None else None)
             raise
         self.stats.record(timing, len(encoded), ok=True)
         self.tei.record_success(len(encoded), timing, time.perf_counter() - timing.started)

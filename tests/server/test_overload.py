@@ -90,6 +90,9 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped():
         assert not any(ids in batch for batch in embedder.batches for ids in gone)
         assert s.app.state.metrics.registry.get_sample_value(
             "turboserve_requests_total", {"route": "/v1/embeddings", "status": "499"}) == 1
+        # not a failure of any TEI kind (it was counted as validation: dashboards read it as bad input)
+        assert s.app.state.metrics.registry.get_sample_value("te_request_failure", {"err": "validation"}) is None
+        assert s.app.state.metrics.registry.get_sample_value("te_request_count", {"method": "batch"}) >= 1  # the name is right
 
 
 QUEUE_BOUND = 8
