@@ -11,7 +11,7 @@ import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -116,7 +116,7 @@ class SchedulerSettings(_Section):
     retry_after_s: int = Field(1, ge=1, description="Seconds sent in `Retry-After` with a 429.")
     slo_ms: float = Field(2000.0, gt=0, description="Default latency objective; a request's deadline is arrival + SLO (header x-slo-ms overrides).")
     fixed_batch_size: int = Field(32, ge=1, description="fifo: batch size it waits to fill.")
-    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32], description="triton: preferred batch sizes.")
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32], description="triton: preferred batch sizes.")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="fifo, triton: most ms the oldest request waits for a fuller batch.")
     late_grace_slos: float = Field(4.0, ge=0, description="dp: a request that can no longer meet its deadline runs after the others until this many SLOs past it.")
     max_wait_ms: float = Field(5.0, ge=0, description="dp: most ms the oldest request waits for a cheaper batch (never past a deadline).")

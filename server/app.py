@@ -22,6 +22,7 @@ from configs.settings import Settings, check_model_dirs
 from models.config import ModelFolderError
 from models.runtime import Embedder, ModelInfo, load_model
 from models.tokenizer import TextTokenizer
+from scheduler.errors import NotReady
 from server import (
     routes_kserve,
     routes_openai,
@@ -211,8 +212,16 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         engines = [e for e in (app.state.engine, app.state.reranker) if e is not None]
         return edge_state["in_flight"] + sum(e.queue.depth for e in engines)
 
+    def abandon() -> int:
+        """Fail every queued sequence with a 503 (the server is going away: the drain deadline passed, or a forced
+        exit), so its request gets an answer in its API's shape instead of being cut off; returns how many."""
+        gone = NotReady("the server is shutting down before this request could run; retry it")
+        return sum(e.queue.fail_pending(gone) for e in (app.state.engine, app.state.reranker) if e is not None)
+
     app.state.begin_drain = begin_drain
     app.state.busy = busy
+    app.state.abandon = abandon
+    app.state.in_flight = lambda: edge_state["in_flight"]
     app.state.last_activity = lambda: edge_state["last_activity"]  # time.monotonic() a request last came or went
     app.state.metrics = metrics
     app.state.started_at = int(time.time())

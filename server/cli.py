@@ -195,8 +195,11 @@ def serve(args: argparse.Namespace) -> int:
     # line is EdgeMiddleware's (it has the request id and the timings).
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=s.shutdown_timeout_s)
-    DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
-                   last_activity=app.state.last_activity).run()
+    try:
+        DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
+                       last_activity=app.state.last_activity, abandon=app.state.abandon, in_flight=app.state.in_flight).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shell's status, not a traceback
+        return 130
     return 0
 
 

@@ -5,8 +5,10 @@ the drain gets "connection refused" and a load balancer sees the pod vanish. Her
 flips the server to draining: readiness probes and every new request get 503 (with Retry-After), while
 requests already admitted run to completion. When none is left and no request has arrived or been answered
 for QUIET_S (at most QUIET_MAX_S more), or `shutdown_timeout_s` is nearly spent, uvicorn's own shutdown runs: sockets
-close, the batching worker drains, the process exits. A second SIGTERM, or SIGINT (Ctrl-C), exits at once
-as uvicorn does.
+close, the batching worker drains, the process exits. At the deadline, work still queued is answered 503 (in its
+API's shape) rather than cut off by uvicorn's plain-text 500. A second SIGTERM, or SIGINT (Ctrl-C), exits at once:
+queued work is answered 503 and uvicorn's shutdown runs without a drain (a running batch still ends, and the
+cost model's refinements are saved).
 
 uvicorn's shutdown closes every connection with no request in progress, including one accepted a moment
 before whose request bytes the event loop has not read yet: its client sees "disconnected without a
@@ -38,18 +40,24 @@ class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM drains instead of closing the door."""
 
     def __init__(self, config: uvicorn.Config, begin_drain: Callable[[], None], busy: Callable[[], int],
-                 shutdown_timeout_s: float, poll_s: float = 0.02, last_activity: Callable[[], float] = lambda: 0.0):
+                 shutdown_timeout_s: float, poll_s: float = 0.02, last_activity: Callable[[], float] = lambda: 0.0,
+                 abandon: Callable[[], int] = lambda: 0, in_flight: Callable[[], int] = lambda: 0):
         super().__init__(config)
         self.begin_drain = begin_drain
         self.busy = busy
+        self.abandon = abandon  # fails the queued work with a 503; returns how many sequences
+        self.in_flight = in_flight  # requests being answered
         self.last_activity = last_activity  # time.monotonic() a request last arrived or was answered (0: never)
         self.shutdown_timeout_s = shutdown_timeout_s
         self.poll_s = poll_s
         self.drain_started: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        if sig != signal.SIGTERM or self.drain_started is not None:
+        if sig != signal.SIGTERM or self.drain_started is not None:  # Ctrl-C, or a second SIGTERM: exit now
             super().handle_exit(sig, frame)
+            # Queued work answered 503 at once, so the worker has nothing left to drain; from a thread, not this
+            # signal handler, which may have interrupted the event loop inside the queue's lock.
+            threading.Thread(target=self.abandon, name="turboserve-abandon", daemon=True).start()
             return
         self.drain_started = time.monotonic()
         self.begin_drain()
@@ -62,8 +70,13 @@ class DrainingServer(uvicorn.Server):
         deadline = self.drain_started + max(self.shutdown_timeout_s - 1.0, 0.0)
         while (left := self.busy()) and time.monotonic() < deadline:
             time.sleep(self.poll_s)
-        if left:
-            log.warning("drain deadline reached with %d requests still running", left)
+        if left:  # what is queued will not run in time: answer it (503) rather than have it cut off
+            requests, sequences = self.in_flight(), self.abandon()
+            log.warning("drain deadline reached with %d requests in flight: %d queued sequences answered 503",
+                        requests, sequences)
+            settle = time.monotonic() + 0.3
+            while self.busy() and time.monotonic() < settle:  # their answers go out, a running batch may end
+                time.sleep(self.poll_s)
         else:  # idle: wait for a quiet spell, so that clients still sending get their 503 first
             quiet_until = min(time.monotonic() + QUIET_MAX_S, deadline)
             while time.monotonic() - self.last_activity() < QUIET_S and time.monotonic() < quiet_until:
@@ -79,7 +92,7 @@ class DrainingServer(uvicorn.Server):
             # Requests on connections accepted just before: read them and answer them (503) before uvicorn
             # closes the connections it finds idle.
             await asyncio.sleep(ACCEPTED_GRACE_S)
-            until = time.monotonic() + QUIET_MAX_S
+            until = min(time.monotonic() + QUIET_MAX_S, self.drain_started + self.shutdown_timeout_s - 0.5)
             while self.busy() and time.monotonic() < until:
                 await asyncio.sleep(self.poll_s)
         await super().shutdown(sockets)

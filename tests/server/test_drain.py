@@ -96,6 +96,64 @@ def test_sigterm_drains_admitted_requests_and_refuses_new_ones(tmp_path):
 
 
 
+def _heavy_requests(url: str, n: int) -> tuple[list, list[threading.Thread]]:
+    """n requests of 32 long texts each (seconds of work on this CPU), each on its own thread; outcomes land in the list."""
+    outcomes: list = []
+
+    def one(i: int):
+        try:
+            r = httpx.post(f"{url}/embed", json={"inputs": [f"w{i} {j} " * 40 for j in range(32)]}, timeout=60)
+            outcomes.append((r.status_code, r.headers.get("content-type"), r.headers.get("x-request-id") is not None,
+                             r.json() if r.status_code != 200 else None))
+        except httpx.TransportError as exc:
+            outcomes.append(f"lost: {exc!r}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return outcomes, threads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals,status,within", [((signal.SIGTERM,), 0, 3.0), ((signal.SIGINT,), 130, 2.0),
+                                                   ((signal.SIGTERM, signal.SIGTERM), -signal.SIGTERM, 2.0)])
+def test_what_cannot_run_before_the_exit_is_answered_503(tmp_path, signals, status, within):
+    """Work still queued when the drain deadline passes (shutdown_timeout_s 2 here, 8 requests of several seconds),
+    or when Ctrl-C or a second SIGTERM asks for an exit now: answered 503 in the API's shape (it was uvicorn's
+    plain-text 500 at the deadline, and a forced exit waited for the queue), the exit on time, no traceback."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"server": {"port": port, "shutdown_timeout_s": 2}, "model": {"warmup": False},
+                                      "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1,
+                                                    "profile_max_tokens": 16, "max_queue_size": 256}}))
+    log = tmp_path / "serve.log"
+    proc = spawn_server(config, log)
+    try:
+        wait_healthy(proc, url, log)
+        outcomes, threads = _heavy_requests(url, 8)
+        time.sleep(0.5)  # admitted and queued
+        sent = time.monotonic()
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(0.3)
+            proc.send_signal(sig)
+        assert proc.wait(15) == status
+        took = time.monotonic() - sent
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert took < within, (took, text[-2000:])
+    assert len(outcomes) == 8 and all(isinstance(o, tuple) for o in outcomes), outcomes
+    refused = [o for o in outcomes if o[0] == 503]
+    assert refused and all(o[0] in (200, 503) for o in outcomes), outcomes
+    assert all(o[1] == "application/json" and o[2] and o[3]["error_type"] == "Unhealthy" for o in refused), refused
+    assert "Traceback" not in text, text[-3000:]
+
+
 @pytest.mark.slow
 def test_sigterm_answers_an_admitted_grpc_call(tmp_path):
     import numpy as np  # noqa: PLC0415
