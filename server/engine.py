@@ -280,7 +280,8 @@ class Engine:
         timeout = self.request_timeout(request)
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
-        items = [WorkItem(e.ids, enqueued_at=now, deadline=now + slo, priority=priority, expires_at=expires_at,
+        # The SLO counts from arrival too (tokenizing included), as the README and the planner's deadlines mean it.
+        items = [WorkItem(e.ids, enqueued_at=now, deadline=timing.started + slo, priority=priority, expires_at=expires_at,
                           per_token=per_token, segment=e.segment) for e in encoded]
         if not self.worker.alive:
             raise NotReady("the batching worker has stopped")
