@@ -50,13 +50,24 @@ def policy_config(name: str, args) -> PolicyConfig:
                         max_queue_delay=args.delay_ms / 1000, max_wait=args.delay_ms / 1000, late_grace=args.late_grace)
 
 
+def _loads(text: str) -> list[float]:
+    try:
+        loads = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0 < x < float("inf") for x in loads):
+        raise argparse.ArgumentTypeError(f"every load must be > 0, got {text!r}")
+    return loads
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cost", help="saved cost model JSON (default: the newest in ~/.cache/turboserve)")
     ap.add_argument("--slo-ms", type=float, default=2000.0)
     ap.add_argument("--requests", type=int, default=3000,
                     help="requests per trace (1,500 hid how policies hold up over a long spell past capacity)")
-    ap.add_argument("--loads", default="0.3,0.5,0.7,0.8,0.85,0.9,0.95,1.0,1.05,1.1,1.2", help="offered load / capacity")
+    ap.add_argument("--loads", default="0.3,0.5,0.7,0.8,0.85,0.9,0.95,1.0,1.05,1.1,1.2", type=_loads,
+                    help="offered load / capacity, comma-separated, each > 0")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--max-batch-requests", type=int, default=64)
     ap.add_argument("--fixed-batch-size", type=int, default=32)
@@ -78,8 +89,14 @@ def main() -> int:
     per_arrival, per_completion = (float(x) / 1000 for x in args.host_ms.split(","))
     host = HostLoad(per_arrival, per_completion)
 
-    path = args.cost or max(glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json")), key=os.path.getmtime)
-    cost = CostModel.load(path)
+    saved = glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json"))
+    if not args.cost and not saved:
+        ap.error("no saved cost model in ~/.cache/turboserve: run `turboserve profile` first, or pass --cost")
+    path = args.cost or max(saved, key=os.path.getmtime)
+    try:
+        cost = CostModel.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        ap.error(f"--cost {path}: not a saved cost model ({type(exc).__name__}: {exc})")
     cost = cost if args.refined else cost.measured()
     print(f"cost model {path} ({'refined' if args.refined else 'as measured'}; drift {cost.drift():.2f}x)")
     limits = Limits(args.max_batch_tokens, args.max_batch_requests)
@@ -102,7 +119,7 @@ def main() -> int:
         n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean_len)))
         capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full)
         for bursty in (False, True):
-            for load in (float(x) for x in args.loads.split(",")):
+            for load in args.loads:
                 trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty)
                 for name in POLICIES:
                     r = simulate(trace, policy_config(name, args), limits, cost, slo, host=host, refine=args.refine)
