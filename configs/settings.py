@@ -258,6 +258,15 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
         _yaml_data.reset(token)
 
 
+def unknown_env() -> list[str]:
+    """TURBOSERVE_* variables that name no setting (a typo is otherwise ignored without a word)."""
+    known = {f"TURBOSERVE_{section.upper()}__{name.upper()}" for section, f in Settings.model_fields.items()
+             for name in getattr(f.annotation, "model_fields", {})}
+    known |= {f"TURBOSERVE_{section.upper()}" for section in Settings.model_fields}
+    # Set by turboserve itself or its tests, not settings: the CUDA emulator's switches.
+    return sorted(n for n in os.environ if n.startswith("TURBOSERVE_") and n not in known and not n.startswith("TURBOSERVE_EMULATE"))
+
+
 def _unparsable_env() -> list[str]:
     """TURBOSERVE_<SECTION>__<FIELD> variables of a list or mapping field whose value is not JSON."""
     bad = []

@@ -88,8 +88,11 @@ def _explain(exc: ValidationError) -> str:
 
 def _settings(args: argparse.Namespace):
     """Settings from the flags, or None after printing why they are invalid."""
-    from configs.settings import PathNotAllowed, check_model_dirs, load_settings  # imported here: keep --help fast
+    from configs.settings import PathNotAllowed, check_model_dirs, load_settings, unknown_env  # here: keep --help fast
     from models.config import ModelFolderError, default_model_path, read_model_folder
+
+    for name in unknown_env():
+        print(f"turboserve: warning: {name} names no setting; ignored (see README, Configuration)", file=sys.stderr)
 
     try:
         settings = load_settings(args.config, _overrides(args))

@@ -59,6 +59,11 @@ def test_invalid_settings_fail_at_start_naming_the_field(args, env, needle):
     assert needle in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_misspelt_environment_variable_is_warned_about():
+    out = run("serve", "--port", "99999", env={"TURBOSERVE_SERVR__PORT": "1", "TURBOSERVE_SERVER_PORT": "1"})
+    assert "TURBOSERVE_SERVR__PORT names no setting" in out.stderr and "TURBOSERVE_SERVER_PORT names no setting" in out.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
 def test_a_cuda_device_on_a_machine_without_one_fails_at_start():
     out = run("serve", "--device", "cuda")
