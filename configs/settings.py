@@ -258,26 +258,31 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
         _yaml_data.reset(token)
 
 
+def _env_fields() -> dict[str, FieldInfo]:
+    """Every setting's environment variable (TURBOSERVE_<SECTION>__<FIELD>, and TURBOSERVE_<SECTION> for a whole
+    section) -> its field."""
+    names = {}
+    for section, field in Settings.model_fields.items():
+        names[f"TURBOSERVE_{section.upper()}"] = field
+        for name, inner in getattr(field.annotation, "model_fields", {}).items():
+            names[f"TURBOSERVE_{section.upper()}__{name.upper()}"] = inner
+    return names
+
+
 def unknown_env() -> list[str]:
-    """TURBOSERVE_* variables that name no setting (a typo is otherwise ignored without a word)."""
-    known = {f"TURBOSERVE_{section.upper()}__{name.upper()}" for section, f in Settings.model_fields.items()
-             for name in getattr(f.annotation, "model_fields", {})}
-    known |= {f"TURBOSERVE_{section.upper()}" for section in Settings.model_fields}
-    # Set by turboserve itself or its tests, not settings: the CUDA emulator's switches.
+    """TURBOSERVE_* variables that name no setting (a typo is otherwise ignored without a word); the CUDA
+    emulator's own switches (TURBOSERVE_EMULATE*) are not settings."""
+    known = _env_fields()
     return sorted(n for n in os.environ if n.startswith("TURBOSERVE_") and n not in known and not n.startswith("TURBOSERVE_EMULATE"))
 
 
 def _unparsable_env() -> list[str]:
-    """TURBOSERVE_<SECTION>__<FIELD> variables of a list or mapping field whose value is not JSON."""
+    """Variables of a list or mapping setting whose value is not JSON."""
     bad = []
-    for name, value in os.environ.items():
-        section, _, field = name.removeprefix("TURBOSERVE_").lower().partition("__")
-        if not name.startswith("TURBOSERVE_") or section not in Settings.model_fields:
-            continue
-        fields = getattr(Settings.model_fields[section].annotation, "model_fields", {})
-        if field in fields and ("list" in str(fields[field].annotation) or "dict" in str(fields[field].annotation)):
+    for name, field in _env_fields().items():
+        if name in os.environ and ("list" in str(field.annotation) or "dict" in str(field.annotation)):
             try:
-                json.loads(value)
+                json.loads(os.environ[name])
             except ValueError:
                 bad.append(name)
     return sorted(bad)

@@ -137,10 +137,10 @@ class EncoderEmbedder:
         return out
 
 
-def dtype_refused(device: str, dtype: str) -> str | None:
+def dtype_refused(device: str, dtype: str, section: str = "model") -> str | None:
     """Why `dtype` cannot run on `device`, or None: float16 on a CPU (outside the CUDA emulator)."""
     if torch.device(device).type == "cpu" and dtype == "float16" and not cuda.emulating():
-        return ("model.dtype=float16 is not supported on CPU (no fast float16 GEMMs there); use bfloat16 or float32 "
+        return (f"{section}.dtype=float16 is not supported on CPU (no fast float16 GEMMs there); use bfloat16 or float32 "
                 "(float16 runs on the CPU only under TURBOSERVE_EMULATE_CUDA=1)")
     return None
 
@@ -174,9 +174,8 @@ def check_model_settings(folder, device: str, dtype: str, max_input_length: int 
     if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
         raise ModelFolderError(f"{section}.device={device!r}: no such CUDA device here "
                                f"({torch.cuda.device_count()} visible)")
-    if where.type == "cuda" or not cuda.emulating():
-        if refused := dtype_refused(device, dtype):
-            raise ModelFolderError(refused.replace("model.", f"{section}.", 1))
+    if refused := dtype_refused(device, dtype, section):
+        raise ModelFolderError(refused)
     if pooling == "splade" and folder.mlm is None:
         raise ModelFolderError(f"{section}.pooling=splade needs a *ForMaskedLM model (BERT or DistilBERT) with its "
                                "masked-LM head")

@@ -29,13 +29,24 @@ class InvalidText(ValueError):
 
 def check_texts(texts: list[str], what: str = "input", positions: list[int] | None = None) -> None:
     """InvalidText naming the first text with a lone surrogate (it has no UTF-8 form, and the tokenizer takes none);
-    positions: each text's place in the request (default: its place in `texts`)."""
+    positions: each text's place in the request (default: its place in `texts`). Asked when the tokenizer refused a
+    batch (its own error says only "must be str"), so texts that tokenize pay nothing."""
     for i, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidText(f"{what} {i if positions is None else positions[i]} is not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
                               f"character {exc.start}") from None
+
+
+def _refused_texts(call, texts: list[str], what: str = "input", positions: list[int] | None = None):
+    """call() (a tokenizer call on `texts`); if the tokenizer refuses them, InvalidText when a text is not valid
+    Unicode, else the tokenizer's own error."""
+    try:
+        return call()
+    except (TypeError, ValueError):
+        check_texts(texts, what, positions)
+        raise
 
 
 @dataclass(frozen=True)
@@ -67,10 +78,10 @@ class TextTokenizer:
                positions: list[int] | None = None) -> list[Encoded]:
         """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate. positions: each
         text's place in the request, for error messages (default: its place in `texts`)."""
-        check_texts(texts, positions=positions)
         tok = self._by_direction[direction]
         # One text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms).
-        encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
+        encodings = _refused_texts(lambda: [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts),
+                                   texts, "input", positions)
         out = []
         for i, enc in enumerate(encodings):
             truncated = bool(enc.overflowing)
@@ -83,10 +94,9 @@ class TextTokenizer:
     def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
         """Tokenize (a, b) text pairs with the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT), as
         cross-encoders take them; over-long pairs raise InputTooLong unless truncate (the longer text is cut)."""
-        check_texts([a + b for a, b in pairs], "pair")
         tok = self._by_direction[direction]
         out = []
-        for i, enc in enumerate(tok.encode_batch(pairs)):
+        for i, enc in enumerate(_refused_texts(lambda: tok.encode_batch(pairs), [a + b for a, b in pairs], "pair")):
             if enc.overflowing and not truncate:
                 raise InputTooLong(i, len(self._full.encode(*pairs[i]).ids), self.max_length)
             # The template's own token types (BERT: 1 from the second text on; RoBERTa: none).
@@ -122,9 +132,9 @@ class TextTokenizer:
         """TEI's /tokenize: per token its id, its text (the input's characters, or the special token itself),
         whether it is special, and its [start, stop) character offsets in the input (None for special tokens).
         Not truncated: this shows what the model would see before any truncation."""
-        check_texts(texts)
         out = []
-        for text, enc in zip(texts, self._full.encode_batch(texts, add_special_tokens=add_special_tokens)):
+        encodings = _refused_texts(lambda: self._full.encode_batch(texts, add_special_tokens=add_special_tokens), texts)
+        for text, enc in zip(texts, encodings):
             out.append([{"id": tid, "text": name, "special": True, "start": None, "stop": None} if special else
                         {"id": tid, "text": text[start:stop], "special": False, "start": start, "stop": stop}
                         for tid, (start, stop), special, name in
@@ -133,8 +143,7 @@ class TextTokenizer:
 
     def pieces(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
         """(ids, the vocabulary's token strings, e.g. "##ing") of a text, untruncated: vLLM's /tokenize."""
-        check_texts([text])
-        enc = self._full.encode(text, add_special_tokens=add_special_tokens)
+        enc = _refused_texts(lambda: self._full.encode(text, add_special_tokens=add_special_tokens), [text])
         return enc.ids, enc.tokens
 
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
