@@ -4,7 +4,8 @@
 # Results land in $OUT (or bench/out), written as each part runs (a part cut short still leaves its output).
 # On the device machine:  PYTHONPATH=. bash bench/gpu_check.sh
 # Each part has its own time limit (seconds, overridable), most important first, so that one slow part cannot
-# use up a session's device time: 8.5 minutes in all by default.
+# use up a session's device time: 8.5 minutes in all by default; a limit of 0 skips the part.
+# A session lent 15 minutes of device time runs bench/gpu_session.sh instead (these parts, shorter, and the server).
 set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
@@ -12,6 +13,7 @@ t_tests=${T_TESTS:-150} t_kernels=${T_KERNELS:-210} t_cache=${T_CACHE:-60} t_are
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 part() {  # part NAME LIMIT_S LOG COMMAND...: run it under its limit, log it, record exit status and seconds
     local name=$1 limit=$2 log=$3; shift 3
+    if [ "$limit" = 0 ]; then echo "$name: skipped (limit 0)" | tee -a "$out/parts.txt"; return 0; fi
     local started=$SECONDS
     PYTHONPATH=. timeout "$limit" "$@" 2>&1 | tee "$out/$log"
     local rc=${PIPESTATUS[0]}

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -132,6 +133,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 class SpawnedServer:
     """`turboserve serve` on a free loopback port, as a subprocess whose log goes to a temp file."""
 
@@ -152,6 +157,10 @@ class SpawnedServer:
 
     def start(self) -> None:
         print(f"spawning: {' '.join(self.cmd)}  (log: {self.log_path})", flush=True)
+        # `timeout` (gpu_check.sh's parts) ends a bench with SIGTERM, whose default skips the callers' `finally: stop()`
+        # and leaves the server (its own session) running on, holding the device: make it an exit that unwinds.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd, env=env,

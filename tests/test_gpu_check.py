@@ -105,3 +105,28 @@ def test_the_gpu_serve_check_runs_on_a_cpu(tmp_path):
     assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout[-2000:] + checked.stderr[-2000:]
     cosine = float(re.search(r"min (\d\.\d+) mean", checked.stdout).group(1))
     assert cosine > 0.9999
+
+
+def test_the_session_summary_reads_a_gpu_run_with_only_what_the_device_has(tmp_path):
+    """bench/gpu_summary.py on session 10's recorded H100 files (renamed as gpu_session.sh leaves them) and a server
+    part made up here: the verdicts follow the targets, and a part that did not run is a row, not a stop."""
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(ROOT / "bench/results/s10/run2_gpu_kernels.json", out / "gpu_kernels.json")
+    (out / "serve_check_float16.txt").write_text("cuda graphs: 9 buckets, 40 replays\ncuda float16: /embed 64 texts, "
+                                                 "cosine to sentence-transformers float32 on CPU: min 0.999712 mean 0.99\n")
+    (out / "serve_load_float16.json").write_text(json.dumps({"throughput_ratio": 2.5, "load": {"requests_per_s": 900.0},
+        "cost_model_error_after_load": {"batches": 80, "median_abs": 0.07, "p90_abs": 0.2, "median_signed": -0.01}}))
+    done = subprocess.run([sys.executable, "bench/gpu_summary.py", str(out)], cwd=ROOT, env=device_like_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()[2:] if line.strip()}
+    assert rows["bias+residual+layernorm 4096x768 fp16"].endswith("missed")  # 12% of copy in session 10
+    assert "0.54x eager, 0.43x compile" in rows["encoder all-MiniLM-L6-v2 size 71103 tokens"]
+    assert "not run" in rows["device cache 16k x 64 (issue 6)"]
+    assert rows["server float16 vs ST fp32 (cosine >= 0.999)"].endswith("met")
+    assert "2.5x (900 req/s)" in rows["server float16 vs ST on the GPU (req/s)"]
+    assert rows["cost model live error float16 (issue 3, median <= 10%)"].endswith("met")
