@@ -91,14 +91,18 @@ class TextTokenizer:
             out.append(Encoded(list(enc.ids), truncated))
         return out
 
-    def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool = False, direction: Direction = "right") -> list[Encoded]:
+    def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool = False, direction: Direction = "right",
+                     positions: list[int] | None = None) -> list[Encoded]:
         """Tokenize (a, b) text pairs with the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT), as
-        cross-encoders take them; over-long pairs raise InputTooLong unless truncate (the longer text is cut)."""
+        cross-encoders take them; over-long pairs raise InputTooLong unless truncate (the longer text is cut).
+        positions: as encode's."""
         tok = self._by_direction[direction]
         out = []
-        for i, enc in enumerate(_refused_texts(lambda: tok.encode_batch(pairs), [a + b for a, b in pairs], "pair")):
+        encodings = _refused_texts(lambda: tok.encode_batch(pairs), [a + b for a, b in pairs], "pair", positions)
+        for i, enc in enumerate(encodings):
             if enc.overflowing and not truncate:
-                raise InputTooLong(i, len(self._full.encode(*pairs[i]).ids), self.max_length)
+                raise InputTooLong(i if positions is None else positions[i], len(self._full.encode(*pairs[i]).ids),
+                                   self.max_length)
             # The template's own token types (BERT: 1 from the second text on; RoBERTa: none).
             segment = enc.type_ids.index(1) if 1 in enc.type_ids else None
             out.append(Encoded(list(enc.ids), bool(enc.overflowing), segment))

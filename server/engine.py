@@ -163,25 +163,28 @@ class Engine:
         return self.settings.model.auto_truncate if truncate is None else truncate
 
     async def tokenize_pairs(self, pairs: list[tuple[str, str]], timing: Timing, truncate: bool | None = None,
-                             direction: Literal["right", "left"] = "right") -> list[Encoded]:
-        """Tokenize (query, text) pairs for a cross-encoder or a pair classifier (checks as tokenize's)."""
+                             direction: Literal["right", "left"] = "right", positions: list[int] | None = None) -> list[Encoded]:
+        """Tokenize (query, text) pairs for a cross-encoder or a pair classifier (checks as tokenize's). positions:
+        each pair's place in the request, for error messages (default: its place in `pairs`)."""
         truncate = self._admit(len(pairs), truncate)
         for i, (a, b) in enumerate(pairs):
             if not a or not b:
-                raise EmptyInput(f"pair {i} has an empty text")
+                raise EmptyInput(f"pair {i if positions is None else positions[i]} has an empty text")
         started = time.perf_counter()
         texts = [a + b for a, b in pairs]  # only their length matters below
-        encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode_pairs, pairs, truncate, direction)
-        timing.tokenization = time.perf_counter() - started
+        encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode_pairs, pairs, truncate, direction, positions)
+        timing.tokenization += time.perf_counter() - started
         return encoded
 
     async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]] | list[str | list[int]], timing: Timing,
                        truncate: bool | None = None, direction: Literal["right", "left"] = "right",
-                       prompt_name: str | None = None, kinds: tuple[str, ...] = ("embedding",)) -> list[Encoded]:
+                       prompt_name: str | None = None, kinds: tuple[str, ...] = ("embedding",),
+                       positions: list[int] | None = None) -> list[Encoded]:
         """Tokenize a text, texts, token ids or lists of them, or (TEI) a batch mixing texts and id lists (a prompt
         goes before each text, as sentence-transformers puts it; token ids are used as given); raise the errors the
-        routes map to 4xx, naming each input by its place in the request. truncate None: model.auto_truncate
-        decides. kinds: the model kinds the calling route serves."""
+        routes map to 4xx, naming each input by its place in the request (or by `positions`, when the inputs are
+        part of a request). truncate None: model.auto_truncate decides. kinds: the model kinds the calling route
+        serves."""
         self.require(*kinds)
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
@@ -189,27 +192,30 @@ class Engine:
         started = time.perf_counter()
         at_ids = [i for i, x in enumerate(inputs) if isinstance(x, list)]
         at_texts = [i for i, x in enumerate(inputs) if not isinstance(x, list)] if len(at_ids) < len(inputs) else []
+        place = (lambda i: i) if positions is None else positions.__getitem__  # noqa: E731
         if at_ids and prompt_name is not None:
             raise InvalidRequest("prompt_name applies to text inputs; token ids are used as given")
         if not at_texts:
-            encoded = self.tokenizer.check_ids(inputs, truncate, direction)  # type: ignore[arg-type]
+            encoded = self.tokenizer.check_ids(inputs, truncate, direction, positions)  # type: ignore[arg-type]
         else:
             texts = []
             for i in at_texts:
                 if not isinstance(inputs[i], str):
-                    raise InvalidRequest(f"input {i} must be a string")
+                    raise InvalidRequest(f"input {place(i)} must be a string")
                 if not inputs[i]:
-                    raise EmptyInput(f"input {i} is an empty string")
+                    raise EmptyInput(f"input {place(i)} is an empty string")
                 texts.append(inputs[i])
             prefix = self.prompt(prompt_name)
             if prefix:
                 texts = [prefix + text for text in texts]
-            encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode, texts, truncate, direction, at_texts)
+            encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode, texts, truncate, direction,
+                                                  [place(i) for i in at_texts])
             if at_ids:  # a mixed batch: each answer in its input's place
-                ids = self.tokenizer.check_ids([inputs[i] for i in at_ids], truncate, direction, at_ids)  # type: ignore[misc]
+                ids = self.tokenizer.check_ids([inputs[i] for i in at_ids], truncate, direction,  # type: ignore[misc]
+                                               [place(i) for i in at_ids])
                 by_place = dict(zip(at_texts, encoded)) | dict(zip(at_ids, ids))
                 encoded = [by_place[i] for i in range(len(inputs))]
-        timing.tokenization = time.perf_counter() - started
+        timing.tokenization += time.perf_counter() - started
         return encoded
 
     async def describe(self, texts: list[str], add_special_tokens: bool, prompt_name: str | None) -> list[list[dict]]:

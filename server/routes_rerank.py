@@ -117,7 +117,8 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
 
 class PredictRequest(BaseModel):
     inputs: str | list[str] | list[list[str]] = Field(
-        description="A text, a [text, text] pair, or a list of texts or pairs (TEI's reading: two strings are one pair).")
+        description="A text, a [text, text] pair, or a list of texts, [text]s or pairs, singles and pairs mixed (TEI's "
+                    "reading: two strings are one pair).")
     truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
     raw_scores: StrictBool = False
@@ -134,20 +135,28 @@ async def predictions(body: PredictRequest, request: Request) -> list:
     engine = engine_for(request, "classifier", "reranker")
     engine.require("classifier", "reranker")
     single = isinstance(body.inputs, str) or (len(body.inputs) == 2 and all(isinstance(x, str) for x in body.inputs))
-    items = [body.inputs] if single else list(body.inputs)
-    for i, item in enumerate(items):
-        if isinstance(item, list) and len(item) != 2:
-            raise InvalidRequest(f"input {i} must be a text or a pair of two texts; got a list of {len(item)}")
-    if not items:
-        raise EmptyInput("input is empty: give at least one text")
-    pairs = [isinstance(item, list) for item in items]
-    if any(pairs) and not all(pairs):
-        raise InvalidRequest("give texts or pairs of texts, not both in one request")
+    items: list[str | tuple[str, str]] = []
+    for i, item in enumerate([body.inputs] if single else body.inputs):
+        if isinstance(item, str):
+            items.append(item)
+        elif len(item) in (1, 2):  # TEI's batch entries: [text] or [text, text]
+            items.append(item[0] if len(item) == 1 else (item[0], item[1]))
+        else:
+            raise InvalidRequest(f"input {i} must be a text, [text] or a pair [text, text]; got a list of {len(item)}")
+    engine.check_batch(len(items))
     timing = timing_of(request)
-    if all(pairs):
-        encoded = await engine.tokenize_pairs([tuple(p) for p in items], timing, body.truncate, body.truncation_direction)
-    else:
-        encoded = await engine.tokenize(items, timing, body.truncate, body.truncation_direction, kinds=("classifier", "reranker"))
+    at_pairs = [i for i, item in enumerate(items) if isinstance(item, tuple)]
+    at_texts = [i for i, item in enumerate(items) if isinstance(item, str)]
+    by_place: dict[int, object] = {}
+    if at_pairs:
+        pairs = await engine.tokenize_pairs([items[i] for i in at_pairs], timing, body.truncate,  # type: ignore[misc]
+                                            body.truncation_direction, at_pairs)
+        by_place.update(zip(at_pairs, pairs))
+    if at_texts:
+        texts = await engine.tokenize([items[i] for i in at_texts], timing, body.truncate,  # type: ignore[misc]
+                                      body.truncation_direction, kinds=("classifier", "reranker"), positions=at_texts)
+        by_place.update(zip(at_texts, texts))
+    encoded = [by_place[i] for i in range(len(items))]
     answers = labelled(await engine.run(encoded, request, timing), engine.info.labels, body.raw_scores)
     return answers[0] if single else answers
 

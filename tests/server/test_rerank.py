@@ -106,7 +106,7 @@ def test_cohere_style_rerank_with_top_n_and_documents(reranker, path):
     ("/rerank", {"query": "q", "texts": ["long " * 600]}, 413, "tokens"),
     ("/v1/rerank", {"model": "other", "query": "q", "documents": ["a"]}, 404, "not served"),
     ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, 400, "document 0"),
-    ("/predict", {"inputs": [["a", "b", "c"]]}, 422, "pair of two texts"),
+    ("/predict", {"inputs": [["a", "b", "c"]]}, 422, "a pair [text, text]"),
     # values of the wrong JSON type are refused, not coerced (as TEI's serde refuses them)
     ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "raw_scores"),
     ("/rerank", {"query": "q", "texts": ["a"], "truncate": "true"}, 422, "truncate"),
@@ -153,6 +153,29 @@ def test_predict_gives_softmax_label_scores_for_texts_pairs_and_batches(folders)
         best = c.post("/predict", json={"inputs": TEXTS[0]}).json()[0]
         assert top.label == best["label"] and top.score == pytest.approx(best["score"])
         assert c.post("/invocations", json={"inputs": list(PAIRS[0])}).json() == one
+
+
+def test_predict_takes_teis_batch_form_singles_and_pairs_mixed(folders):
+    """TEI's PredictInput batch: a list of [text] and [text, text] entries, mixed, answered in order; each answer
+    equal to the same input sent alone; errors name the entry's place in the request."""
+    with ServerThread(create_app(settings(model={"path": str(folders["classifier"]), "name": "clf"}))) as server, \
+            server.client() as c:
+        inputs = [[TEXTS[0]], list(PAIRS[1]), [TEXTS[2]], list(PAIRS[3])]
+        r = c.post("/predict", json={"inputs": inputs, "raw_scores": True})
+        assert r.status_code == 200, r.text
+        alone = [c.post("/predict", json={"inputs": x[0] if len(x) == 1 else x, "raw_scores": True}).json() for x in inputs]
+        got = [{d["label"]: d["score"] for d in row} for row in r.json()]
+        for g, a in zip(got, alone):
+            assert g == pytest.approx({d["label"]: d["score"] for d in a}, abs=1e-5)
+        pair_logits = hf_logits(folders["classifier"], pairs=[PAIRS[1]])[0]
+        assert got[1] == pytest.approx(dict(zip(["negative", "neutral", "positive"], pair_logits.tolist())), abs=1e-5)
+        assert got[0] != pytest.approx(got[2], abs=1e-3)  # different texts, different scores: not one answer repeated
+        r = c.post("/predict", json={"inputs": [["a"], ["b", "c", "d"]]})
+        assert r.status_code == 422 and "input 1" in r.json()["error"]
+        r = c.post("/predict", json={"inputs": [["a"], ["b", ""]]})
+        assert r.status_code == 400 and "pair 1" in r.json()["error"], r.text  # TEI: error_type Empty, 400
+        r = c.post("/predict", json={"inputs": [["b", "c"], ["word " * 600]]})
+        assert r.status_code == 413 and "input 1" in r.json()["error"], r.text
 
 
 def test_root_routes_a_query_body_to_rerank(reranker):
