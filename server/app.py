@@ -56,6 +56,12 @@ log = logging.getLogger(__name__)
 Loader = Callable[[], tuple[Embedder, TextTokenizer, ModelInfo]]
 
 
+def json_media_type(value: str) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/*+json."""
+    main, _, sub = value.split(";", 1)[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def default_loader(settings: Settings) -> Loader:
     """Load the configured model folder (or the embedded default)."""
     m = settings.model
@@ -241,7 +247,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         kind = request.headers.get("content-type", "")
-        if request.method == "POST" and "json" not in kind.lower():
+        if request.method == "POST" and not json_media_type(kind):
             # A JSON body route sent something else (curl -d's form encoding, text/plain, no type: FastAPI reads a
             # body as JSON only under a JSON type): say so, as TEI does, rather than "body: not a valid dictionary".
             return render(request, UNSUPPORTED_MEDIA, f"expected a request with Content-Type: application/json, not "

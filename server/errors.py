@@ -52,6 +52,10 @@ class Unauthorized(PermissionError):
     """Missing or wrong API key."""
 
 
+class UnsupportedMedia(ValueError):
+    """A body in a type or content coding the route does not read."""
+
+
 class ClientDisconnected(Exception):
     """The client went away before its answer was ready; its queued work was dropped."""
 
@@ -84,9 +88,10 @@ KINDS: dict[type, ErrorKind] = {
     BackendError: ErrorKind(500, "server_error", "backend_error", "Backend", 424),
     ModelFolderError: ErrorKind(500, "server_error", "model_error", "Backend"),
     ClientDisconnected: ErrorKind(499, "client_closed_request", "client_disconnected", "Validation"),
+    UnsupportedMedia: ErrorKind(415, "invalid_request_error", "unsupported_media_type", "Validation"),
 }
 VALIDATION = KINDS[InvalidRequest]
-UNSUPPORTED_MEDIA = ErrorKind(415, "invalid_request_error", "unsupported_media_type", "Validation")
+UNSUPPORTED_MEDIA = KINDS[UnsupportedMedia]
 INTERNAL = ErrorKind(500, "server_error", "internal_error", "Backend")
 
 

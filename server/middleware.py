@@ -7,13 +7,16 @@ import hmac
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from server.errors import (
     INTERNAL,
+    InvalidRequest,
     TooLarge,
     Unauthorized,
+    UnsupportedMedia,
     api_family,
     error_body,
     kind_of,
@@ -132,6 +135,15 @@ class EdgeMiddleware:
         if too_large:
             await refuse(TooLarge(f"request body is over the {self.payload_limit}-byte limit"))
             return
+        coding = _header(scope, b"content-encoding")
+        if coding is not None:  # tritonclient's request_compression_algorithm, any client's gzip
+            try:
+                body = decode_body(body, coding, self.payload_limit)
+            except (UnsupportedMedia, InvalidRequest, TooLarge) as exc:
+                await refuse(exc)
+                return
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")] \
+                + [(b"content-length", str(len(body)).encode())]
         try:
             await self.app(scope, self._replay(body, receive), send_with_headers)
         except Exception:
@@ -195,6 +207,36 @@ class EdgeMiddleware:
             return await receive()
 
         return replay
+
+
+def decode_body(body: bytes, coding: bytes, limit: int) -> bytes:
+    """Undo a request's Content-Encoding (gzip, deflate, identity, in the order listed), as Triton's HTTP server
+    does: the decoded body is held to the same byte limit as a plain one (a small gzip can expand a thousandfold)."""
+    names = [c.strip().lower() for c in coding.decode("latin-1").split(",") if c.strip()]
+    for name in reversed(names):  # the last coding listed was applied last
+        if name == "identity":
+            continue
+        if name in ("gzip", "x-gzip"):
+            wbits = 16 + zlib.MAX_WBITS
+        elif name == "deflate":  # zlib-wrapped as HTTP says (tritonclient's zlib.compress); raw deflate too, as browsers send
+            wrapped = len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0
+            wbits = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+        else:
+            raise UnsupportedMedia(f"Content-Encoding {name!r} is not supported: send gzip, deflate or identity")
+        out, rest = b"", body
+        while rest:  # gzip allows several members one after another
+            decoder = zlib.decompressobj(wbits)
+            try:
+                out += decoder.decompress(rest, limit + 1 - len(out))
+            except zlib.error as exc:
+                raise InvalidRequest(f"request body is not valid {name} data ({exc})") from None
+            if len(out) > limit:
+                raise TooLarge(f"request body decoded from {name} is over the {limit}-byte limit")
+            if not decoder.eof:
+                raise InvalidRequest(f"request body is not valid {name} data (it ends early)")
+            rest = decoder.unused_data if name != "deflate" else b""
+        body = out
+    return body
 
 
 class HeadAsGet:

@@ -86,3 +86,55 @@ def test_raw_json_infer(srv, client):
     out = r.json()["outputs"][0]
     assert out["shape"] == [2, 8] and out["datatype"] == "FP32"
     np.testing.assert_allclose(np.array(out["data"]).reshape(2, 8), _want(srv, ["a", "b"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_from_tritonclient(srv, tc, algorithm):
+    """tritonclient's request_compression_algorithm (Content-Encoding gzip / deflate), binary and JSON bodies."""
+    texts = ["compressed request", "second"]
+    for binary in (True, False):
+        inp = triton.InferInput("text", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary_data=binary)
+        got = tc.infer(MODEL, [inp], request_compression_algorithm=algorithm).as_numpy("embedding")
+        np.testing.assert_allclose(got, _want(srv, texts), rtol=1e-5)
+
+
+def test_request_content_encodings_on_every_family(client):
+    """gzip (several members too), zlib and raw deflate bodies are decoded on every route; an unknown coding is a 415,
+    a corrupt or truncated body a 400/422 in the route's shape, and a small body that decodes past payload_limit
+    a 413 (a 'zip bomb'); the server keeps serving."""
+    import gzip  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    body = json.dumps({"inputs": ["deep", "learning"]}).encode()
+    plain = client.post("/embed", content=body, headers={"content-type": "application/json"}).json()
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    encoded = {"gzip": gzip.compress(body), "x-gzip": gzip.compress(body[:10]) + gzip.compress(body[10:]),
+               "deflate": zlib.compress(body), "identity, deflate": raw.compress(body) + raw.flush()}
+    for coding, data in encoded.items():
+        r = client.post("/embed", content=data, headers={"content-type": "application/json", "content-encoding": coding})
+        assert r.status_code == 200 and r.json() == plain, (coding, r.text)
+    openai = client.post("/v1/embeddings", content=gzip.compress(json.dumps({"input": "deep", "model": MODEL}).encode()),
+                         headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert openai.status_code == 200 and openai.json()["data"][0]["embedding"]
+    r = client.post("/embed", content=body, headers={"content-type": "application/json", "content-encoding": "br"})
+    assert r.status_code == 415 and "'br'" in r.json()["error"] and r.json()["error_type"] == "Validation"
+    r = client.post("/v1/embeddings", content=b"\x1f\x8bnot gzip", headers={"content-type": "application/json",
+                                                                            "content-encoding": "gzip"})
+    assert r.status_code == 400 and "not valid gzip" in r.json()["error"]["message"]
+    r = client.post("/embed", content=gzip.compress(body)[:-12], headers={"content-type": "application/json",
+                                                                         "content-encoding": "gzip"})
+    assert r.status_code in (400, 422) and "gzip" in r.json()["error"]
+    bomb = gzip.compress(b" " * 3_000_000)  # 3 MB of spaces in ~3 kB, over the 2 MB payload_limit
+    r = client.post("/v2/models/x/infer", content=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 413 and set(r.json()) == {"error"} and len(bomb) < 10_000
+    assert client.post("/embed", json={"inputs": "still serving"}).status_code == 200
+
+
+def test_a_json_type_that_fastapi_does_not_read_is_a_415(client):
+    """text/json passes for JSON nowhere in FastAPI (application/json and application/*+json do): say so."""
+    r = client.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "text/json"})
+    assert r.status_code == 415 and "text/json" in r.json()["error"]
+    r = client.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/vnd.api+json"})
+    assert r.status_code == 200
