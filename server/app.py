@@ -266,7 +266,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.include_router(routes_openai.router)
     # TEI and infinity also serve the OpenAI routes without /v1; same handlers, same (OpenAI) error bodies.
     app.add_api_route("/embeddings", routes_openai.create_embeddings, methods=["POST"], include_in_schema=False)
-    app.add_api_route("/models", routes_openai.list_models, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/models", routes_openai.list_models_infinity, methods=["GET"], include_in_schema=False,
+                      response_model=routes_openai.InfinityModelList)
     app.add_api_route("/models/{model:path}", routes_openai.retrieve_model, methods=["GET"], include_in_schema=False)
     app.include_router(routes_tei.router)
     app.include_router(routes_rerank.router)

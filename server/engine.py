@@ -56,6 +56,10 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
     )
 
 
+# infinity's clients send this when the caller names no model (its server then takes its first model).
+NOT_SPECIFIED = "default/not-specified"
+
+
 class Engine:
     """One model on one device: its tokenizer, queue and worker thread."""
 
@@ -127,8 +131,9 @@ class Engine:
         return prompts[prompt_name]
 
     def check_model(self, name: str | None) -> None:
-        """ModelNotFound unless `name` (a request's `model`; None: not given) is the served model's."""
-        if name is not None and name != self.info.name:
+        """ModelNotFound unless `name` (a request's `model`; None or infinity's placeholder: not given) is the served
+        model's."""
+        if name is not None and name != NOT_SPECIFIED and name != self.info.name:
             raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.info.name!r}")
 
     def require(self, *kinds: str) -> None:

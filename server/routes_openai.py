@@ -17,8 +17,8 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("ope
 
 class EmbeddingRequest(BaseModel):
     input: OpenAIInputs = Field(description="Text, texts, token ids, or lists of token ids (ids are used as given).")
-    model: str = Field(description="Served model name (see GET /v1/models).")
-    encoding_format: Literal["float", "base64"] = "float"
+    model: str | None = Field(None, description="Served model name (see GET /v1/models); optional, as TEI and vLLM take it.")
+    encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: StrictInt | None = Field(None, ge=1, description="Truncate to this size and renormalise (Matryoshka models).")
     user: str | None = None
 
@@ -48,16 +48,29 @@ class ModelCard(BaseModel):
     owned_by: str
 
 
+class InfinityModelCard(ModelCard):
+    """infinity's card (its un-prefixed /models): its generated client requires `stats` and owned_by "infinity"."""
+
+    stats: dict
+    backend: str
+    capabilities: list[str]
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class InfinityModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[InfinityModelCard]
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     engine = engine_of(request)
     beside = request.app.state.reranker
-    if beside is not None and body.model == beside.info.name:
+    if beside is not None and body.model is not None and body.model == beside.info.name:
         raise WrongModelKind(f"model {body.model!r} is the re-ranker served beside {engine.info.name!r}: use /v1/rerank")
     engine.check_model(body.model)
     if engine.info.sparse:
@@ -66,7 +79,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing)
     vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)
-    if body.encoding_format == "base64":
+    if body.encoding_format == "base64":  # None (null): the default, float
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
         rows = list(vectors)  # numpy rows: orjson writes them
@@ -96,3 +109,17 @@ async def retrieve_model(model: str, request: Request):
 
 def _card(engine, request: Request) -> dict:
     return {"id": engine.info.name, "object": "model", "created": request.app.state.started_at, "owned_by": "turboserve"}
+
+
+async def list_models_infinity(request: Request):
+    """infinity's GET /models: OpenAI's cards with infinity's fields (its client refuses cards without them), the
+    queue's state as infinity reports it in `stats`."""
+    return {"object": "list", "data": [_infinity_card(engine, request) for engine in engines_of(request)]}
+
+
+def _infinity_card(engine, request: Request) -> dict:
+    queue = engine.queue
+    capability = {"embedding": "embed", "reranker": "rerank", "classifier": "classify"}[engine.info.kind]
+    return {**_card(engine, request), "owned_by": "infinity", "backend": "turboserve", "capabilities": [capability],
+            "stats": {"queue_fraction": queue.depth / queue.max_size, "queue_absolute": queue.depth,
+                      "results_pending": queue.depth, "batch_size": engine.settings.scheduler.max_batch_requests}}

@@ -124,7 +124,7 @@ for _path in ("/", "/invocations"):  # kept out of the schema: the same operatio
 
 class TokenizeRequest(BaseModel):
     inputs: str | list[str]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     prompt_name: str | None = None
 
 
@@ -147,8 +147,8 @@ async def tokenize(body: TokenizeRequest | routes_vllm.VllmTokenizeRequest, requ
 
 
 class DecodeRequest(BaseModel):
-    ids: list[int] | list[list[int]]
-    skip_special_tokens: bool = True
+    ids: list[StrictInt] | list[list[StrictInt]]
+    skip_special_tokens: StrictBool = True
 
 
 @router.post("/decode", response_model=list[str])

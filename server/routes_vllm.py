@@ -5,7 +5,7 @@ shaped on /detokenize, as vLLM's; /tokenize keeps TEI's error shape (its path is
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 import server
 from server.deps import engine_of, json_response
@@ -17,8 +17,8 @@ router = APIRouter(tags=["vllm"], responses=error_responses("openai"))
 class VllmTokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str = Field(description="The text to tokenize (vLLM's body).")
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
 
 
 class VllmTokenizeResponse(BaseModel):
@@ -39,7 +39,7 @@ async def tokenize(body: VllmTokenizeRequest, request: Request):
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
-    tokens: list[int] = Field(description="Token ids.")
+    tokens: list[StrictInt] = Field(description="Token ids.")
 
 
 @router.post("/detokenize")

@@ -25,7 +25,7 @@ def _check_shape(family: str, body: dict) -> None:
 OPENAI = [
     ("malformed json", b'{"input": "x", "model": ', 400),
     ("wrong type", {"input": 5, "model": MODEL}, 400),
-    ("missing model", {"input": "x"}, 400),
+    ("model not a string", {"input": "x", "model": 5}, 400),
     ("empty list", {"input": [], "model": MODEL}, 400),
     ("empty string", {"input": "", "model": MODEL}, 400),
     ("empty string in list", {"input": ["ok", ""], "model": MODEL}, 400),
@@ -191,3 +191,24 @@ def test_head_is_answered_wherever_get_is(client):
     metrics = client.get("/metrics").text  # counted under the route it matched, not as unmatched
     assert 'turboserve_requests_total{route="/health",status="200"}' in metrics
     assert 'route="unmatched",status="200"' not in metrics
+
+
+def test_utility_routes_take_booleans_and_ids_strictly(client):
+    """TEI's serde refuses "no" for a boolean and "5" for a token id; so do /tokenize, /decode and vLLM's bodies."""
+    for path, body in (("/tokenize", {"inputs": "x", "add_special_tokens": "no"}), ("/decode", {"ids": [5], "skip_special_tokens": "off"}),
+                       ("/decode", {"ids": ["5"]}), ("/tokenize", {"prompt": "x", "add_special_tokens": 0}),
+                       ("/detokenize", {"tokens": [True]})):
+        r = client.post(path, json=body)
+        assert r.status_code in (400, 422) and "Traceback" not in r.text, (path, body, r.text)
+    no_specials = client.post("/tokenize", json={"inputs": "x", "add_special_tokens": False})
+    assert no_specials.status_code == 200 and not any(t["special"] for t in no_specials.json()[0])
+
+
+def test_openai_takes_no_model_and_a_null_encoding_format(client):
+    """model is optional (TEI and vLLM take none; infinity's clients send "default/not-specified"); encoding_format null
+    is the default."""
+    want = client.post("/v1/embeddings", json={"input": "x", "model": MODEL}).json()["data"]
+    for body in ({"input": "x"}, {"input": "x", "model": None}, {"input": "x", "model": "default/not-specified"},
+                 {"input": "x", "model": MODEL, "encoding_format": None}):
+        r = client.post("/v1/embeddings", json=body)
+        assert r.status_code == 200 and r.json()["data"] == want and r.json()["model"] == MODEL, (body, r.text)

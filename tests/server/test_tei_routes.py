@@ -86,7 +86,16 @@ def test_root_and_sagemaker_aliases_serve_huggingface_hub_inference_client(real_
         assert http.get(path).json() == {"status": "ok"}
     openai_style = http.post("/embeddings", json={"input": "x", "model": "another-model"})
     assert openai_style.status_code == 404 and openai_style.json()["error"]["code"] == "model_not_found"
-    assert http.get("/models").json() == http.get("/v1/models").json()
+    openai_cards, infinity_cards = http.get("/v1/models").json()["data"], http.get("/models").json()["data"]
+    assert [c["id"] for c in infinity_cards] == [c["id"] for c in openai_cards]
+    card = infinity_cards[0]  # infinity's generated client requires stats and owned_by "infinity" on its /models
+    assert card["owned_by"] == "infinity" and card["capabilities"] == ["embed"] and card["backend"] == "turboserve"
+    assert card["stats"]["queue_absolute"] == 0 and card["stats"]["batch_size"] >= 1 and card["created"] == openai_cards[0]["created"]
+    for request in ({"input": TEXTS[0], "model": "default/not-specified"}, {"input": TEXTS[0]}):  # infinity's default; none
+        got = http.post("/embeddings", json=request)
+        assert got.status_code == 200 and got.json()["model"] == card["id"]
+        np.testing.assert_allclose(got.json()["data"][0]["embedding"], st_model.encode(TEXTS[0], normalize_embeddings=True),
+                                   atol=1e-5)
     import openai  # noqa: PLC0415
 
     bare = openai.OpenAI(base_url=real_server.url, api_key="unused", max_retries=0)  # no /v1, as infinity serves it
