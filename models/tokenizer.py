@@ -73,12 +73,35 @@ class TextTokenizer:
         self._full = Tokenizer.from_file(str(tokenizer_file))
         self._full.no_padding()
         self._full.no_truncation()
+        self._capped: dict[tuple[str, int], Tokenizer] = {}  # (direction, limit) -> a copy truncating there
+
+    def _tokenizer(self, direction: Direction, limit: int | None) -> Tokenizer:
+        """The tokenizer truncating at max_length, or at a request's own `limit` below it (vLLM's
+        truncate_prompt_tokens): a copy made once per limit, as a shared one must not change per call."""
+        if limit is None or limit >= self.max_length:
+            return self._by_direction[direction]
+        tok = self._capped.get((direction, limit))
+        if tok is None:
+            if len(self._capped) >= 64:  # a client cycling through limits: start again rather than grow
+                self._capped.clear()
+            tok = Tokenizer.from_str(self._by_direction[direction].to_str())
+            tok.no_padding()
+            tok.enable_truncation(limit, direction=direction)
+            self._capped[(direction, limit)] = tok
+        return tok
+
+    def first_tokens(self, texts: list[str], count: int) -> list[str]:
+        """Each text cut after its first `count` tokens (special tokens not counted), at the end of the last one kept
+        in the text: Cohere's max_tokens_per_doc, applied to a document before it is paired with its query."""
+        encodings = _refused_texts(lambda: self._full.encode_batch(texts, add_special_tokens=False), texts, "document")
+        return [text if len(enc.ids) <= count else text[:enc.offsets[count - 1][1]] for text, enc in zip(texts, encodings)]
 
     def encode(self, texts: list[str], truncate: bool = False, direction: Direction = "right",
-               positions: list[int] | None = None) -> list[Encoded]:
+               positions: list[int] | None = None, limit: int | None = None) -> list[Encoded]:
         """Tokenize texts with special tokens. Over-long inputs raise InputTooLong unless truncate. positions: each
-        text's place in the request, for error messages (default: its place in `texts`)."""
-        tok = self._by_direction[direction]
+        text's place in the request, for error messages (default: its place in `texts`). limit: truncate (when
+        asked) at this many tokens, special tokens included, instead of max_length."""
+        tok = self._tokenizer(direction, limit)
         # One text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms).
         encodings = _refused_texts(lambda: [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts),
                                    texts, "input", positions)
@@ -92,11 +115,11 @@ class TextTokenizer:
         return out
 
     def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool = False, direction: Direction = "right",
-                     positions: list[int] | None = None) -> list[Encoded]:
+                     positions: list[int] | None = None, limit: int | None = None) -> list[Encoded]:
         """Tokenize (a, b) text pairs with the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT), as
         cross-encoders take them; over-long pairs raise InputTooLong unless truncate (the longer text is cut).
-        positions: as encode's."""
-        tok = self._by_direction[direction]
+        positions, limit: as encode's."""
+        tok = self._tokenizer(direction, limit)
         out = []
         encodings = _refused_texts(lambda: tok.encode_batch(pairs), [a + b for a, b in pairs], "pair", positions)
         for i, enc in enumerate(encodings):
@@ -109,21 +132,22 @@ class TextTokenizer:
         return out
 
     def check_ids(self, sequences: list[list[int]], truncate: bool = False, direction: Direction = "right",
-                  positions: list[int] | None = None) -> list[Encoded]:
+                  positions: list[int] | None = None, limit: int | None = None) -> list[Encoded]:
         """Validate pre-tokenized input: used as given (no special tokens added), as vLLM does; an over-long list
         raises InputTooLong unless truncate, which keeps its first (right) or last (left) max_length ids, as TEI
-        cuts token-id inputs. positions: as encode's."""
+        cuts token-id inputs. positions: as encode's; limit: truncate (when asked) to this many ids instead."""
+        keep = self.max_length if limit is None else min(limit, self.max_length)
         out = []
         for j, ids in enumerate(sequences):
             i = j if positions is None else positions[j]
             if not ids:
                 raise InvalidTokens(f"input {i} is an empty list of token ids")
             self._check_vocabulary(ids, f"input {i}")
-            over = len(ids) > self.max_length
-            if over and not truncate:
+            if len(ids) > self.max_length and not truncate:
                 raise InputTooLong(i, len(ids), self.max_length)
+            over = len(ids) > keep
             if over:
-                ids = ids[:self.max_length] if direction == "right" else ids[len(ids) - self.max_length:]
+                ids = ids[:keep] if direction == "right" else ids[len(ids) - keep:]
             out.append(Encoded(list(ids), over))
         return out
 

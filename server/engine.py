@@ -167,33 +167,47 @@ class Engine:
         self.queue.check_room(count)
         return self.settings.model.auto_truncate if truncate is None else truncate
 
+    def prompt_limit(self, tokens: int | None) -> int | None:
+        """vLLM's truncate_prompt_tokens: None (not asked), or the tokens an input is cut to, special tokens
+        included: -1 is the model's limit; over it, or 0, is refused (as vLLM refuses it)."""
+        if tokens is None:
+            return None
+        limit = self.info.max_input_length
+        if tokens == -1:
+            return limit
+        if not 1 <= tokens <= limit:
+            raise InvalidRequest(f"truncate_prompt_tokens must be -1 (the model's limit) or 1..{limit}, got {tokens}")
+        return tokens
+
     async def tokenize_pairs(self, pairs: list[tuple[str, str]], timing: Timing, truncate: bool | None = None,
-                             direction: Literal["right", "left"] = "right", positions: list[int] | None = None) -> list[Encoded]:
+                             direction: Literal["right", "left"] = "right", positions: list[int] | None = None,
+                             limit: int | None = None) -> list[Encoded]:
         """Tokenize (query, text) pairs for a cross-encoder or a pair classifier (checks as tokenize's). positions:
-        each pair's place in the request, for error messages (default: its place in `pairs`)."""
-        truncate = self._admit(len(pairs), truncate)
+        each pair's place in the request, for error messages (default: its place in `pairs`); limit: cut each pair
+        to this many tokens (prompt_limit), truncation implied."""
+        truncate = self._admit(len(pairs), True if limit is not None else truncate)
         for i, (a, b) in enumerate(pairs):
             if not a or not b:
                 raise EmptyInput(f"pair {i if positions is None else positions[i]} has an empty text")
         started = time.perf_counter()
         texts = [a + b for a, b in pairs]  # only their length matters below
-        encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode_pairs, pairs, truncate, direction, positions)
+        encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode_pairs, pairs, truncate, direction, positions, limit)
         timing.tokenization += time.perf_counter() - started
         return encoded
 
     async def tokenize(self, inputs: str | list[str] | list[int] | list[list[int]] | list[str | list[int]], timing: Timing,
                        truncate: bool | None = None, direction: Literal["right", "left"] = "right",
                        prompt_name: str | None = None, kinds: tuple[str, ...] = ("embedding",),
-                       positions: list[int] | None = None) -> list[Encoded]:
+                       positions: list[int] | None = None, limit: int | None = None) -> list[Encoded]:
         """Tokenize a text, texts, token ids or lists of them, or (TEI) a batch mixing texts and id lists (a prompt
         goes before each text, as sentence-transformers puts it; token ids are used as given); raise the errors the
         routes map to 4xx, naming each input by its place in the request (or by `positions`, when the inputs are
         part of a request). truncate None: model.auto_truncate decides. kinds: the model kinds the calling route
-        serves."""
+        serves. limit: cut each input to this many tokens (prompt_limit), truncation implied."""
         self.require(*kinds)
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # one text, or one list of token ids
-        truncate = self._admit(len(inputs), truncate)
+        truncate = self._admit(len(inputs), True if limit is not None else truncate)
         started = time.perf_counter()
         at_ids = [i for i, x in enumerate(inputs) if isinstance(x, list)]
         at_texts = [i for i, x in enumerate(inputs) if not isinstance(x, list)] if len(at_ids) < len(inputs) else []
@@ -201,7 +215,7 @@ class Engine:
         if at_ids and prompt_name is not None:
             raise InvalidRequest("prompt_name applies to text inputs; token ids are used as given")
         if not at_texts:
-            encoded = self.tokenizer.check_ids(inputs, truncate, direction, positions)  # type: ignore[arg-type]
+            encoded = self.tokenizer.check_ids(inputs, truncate, direction, positions, limit)  # type: ignore[arg-type]
         else:
             texts = []
             for i in at_texts:
@@ -214,10 +228,10 @@ class Engine:
             if prefix:
                 texts = [prefix + text for text in texts]
             encoded = await _off_the_loop_if_long(texts, self.tokenizer.encode, texts, truncate, direction,
-                                                  [place(i) for i in at_texts])
+                                                  [place(i) for i in at_texts], limit)
             if at_ids:  # a mixed batch: each answer in its input's place
                 ids = self.tokenizer.check_ids([inputs[i] for i in at_ids], truncate, direction,  # type: ignore[misc]
-                                               [place(i) for i in at_ids])
+                                               [place(i) for i in at_ids], limit)
                 by_place = dict(zip(at_texts, encoded)) | dict(zip(at_ids, ids))
                 encoded = [by_place[i] for i in range(len(inputs))]
         timing.tokenization += time.perf_counter() - started

@@ -21,6 +21,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: StrictInt | None = Field(None, ge=1, description="Truncate to this size and renormalise (Matryoshka models).")
     user: str | None = None
+    truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each input to this many tokens (-1: the model's limit).")
 
 
 class EmbeddingData(BaseModel):
@@ -77,7 +78,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
         raise WrongModelKind("this server serves a sparse (SPLADE) embedding model: its vectors come from /embed_sparse")
     dimensions = engine.check_dimensions(body.dimensions)
     timing = timing_of(request)
-    encoded = await engine.tokenize(body.input, timing)
+    encoded = await engine.tokenize(body.input, timing, limit=engine.prompt_limit(body.truncate_prompt_tokens))
     vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)
     if body.encoding_format == "base64":  # None (null): the default, float
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]

@@ -49,16 +49,21 @@ class CohereRerankRequest(BaseModel):
     top_n: StrictInt | None = Field(None, ge=0, description="The best n results (all when absent or 0).")
     return_documents: StrictBool = True
     truncate: StrictBool | None = None
+    max_tokens_per_doc: StrictInt | None = Field(None, ge=1, description="Cohere's: cut each document to this many tokens "
+                                                 "before pairing it with the query (truncation implied).")
+    truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each (query, document) pair to this many tokens.")
 
 
-async def _rank(request: Request, query: str, texts: list[str], truncate: bool | None, direction: str) -> tuple[np.ndarray, int]:
-    """(relevance logits [n], tokens) of each text against the query."""
+async def _rank(request: Request, query: str, texts: list[str], truncate: bool | None, direction: str,
+                limit: int | None = None) -> tuple[np.ndarray, int]:
+    """(relevance logits [n], tokens) of each text against the query (limit: as Engine.tokenize_pairs's)."""
     engine = engine_for(request, "reranker")
     engine.require("reranker")
     if not query:
         raise EmptyInput("the query is an empty string")
     timing = timing_of(request)
-    encoded = await engine.tokenize_pairs([(query, t) for t in texts], timing, truncate, direction)  # type: ignore[arg-type]
+    encoded = await engine.tokenize_pairs([(query, t) for t in texts], timing, truncate, direction,  # type: ignore[arg-type]
+                                          limit=limit)
     logits = await engine.run(encoded, request, timing)
     return logits[:, 0], sum(len(e.ids) for e in encoded)
 
@@ -106,7 +111,12 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
         texts.append(text)
     engine = engine_for(request, "reranker")
     engine.check_model(body.model)
-    logits, tokens = await _rank(request, body.query, texts, body.truncate, "right")
+    limit = engine.prompt_limit(body.truncate_prompt_tokens)
+    truncate, paired = body.truncate, texts
+    if body.max_tokens_per_doc is not None:  # the documents cut, then paired; the answer quotes them whole
+        paired = engine.tokenizer.first_tokens(texts, body.max_tokens_per_doc) if texts else texts
+        truncate = True if truncate is None else truncate
+    logits, tokens = await _rank(request, body.query, paired, truncate, "right", limit)
     scores = _scores(logits[:, None], False)[:, 0]
     order = np.argsort(-scores, kind="stable")[: body.top_n or None]
     results = [{"index": int(i), "relevance_score": float(scores[i]),
@@ -166,6 +176,7 @@ class ScoreRequest(BaseModel):
     text_1: str | list[str] = Field(description="A text scored against every text_2, or one text a text_2.")
     text_2: str | list[str]
     truncate: StrictBool | None = None
+    truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each pair to this many tokens.")
 
 
 async def score(body: ScoreRequest, request: Request):
@@ -181,7 +192,8 @@ async def score(body: ScoreRequest, request: Request):
         raise InvalidRequest(f"text_1 has {len(firsts)} texts and text_2 {len(seconds)}: give one text_1, or as many as text_2")
     engine.require("reranker")
     timing = timing_of(request)
-    encoded = await engine.tokenize_pairs(list(zip(firsts, seconds)), timing, body.truncate)
+    encoded = await engine.tokenize_pairs(list(zip(firsts, seconds)), timing, body.truncate,
+                                          limit=engine.prompt_limit(body.truncate_prompt_tokens))
     scores = _scores(await engine.run(encoded, request, timing), False)[:, 0]
     tokens = sum(len(e.ids) for e in encoded)
     return json_response({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
@@ -194,6 +206,7 @@ class ClassifyRequest(BaseModel):
     model: str | None = None
     input: str | list[str] = Field(description="A text, or texts, to classify.")
     truncate: StrictBool | None = Field(None, description="Cut inputs over max_input_length instead of refusing them.")
+    truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each input to this many tokens.")
 
 
 async def classify(body: ClassifyRequest, request: Request):
@@ -202,7 +215,8 @@ async def classify(body: ClassifyRequest, request: Request):
     engine = engine_for(request, "classifier", "reranker")
     engine.check_model(body.model)
     timing = timing_of(request)
-    encoded = await engine.tokenize(body.input, timing, body.truncate, kinds=("classifier", "reranker"))
+    encoded = await engine.tokenize(body.input, timing, body.truncate, kinds=("classifier", "reranker"),
+                                    limit=engine.prompt_limit(body.truncate_prompt_tokens))
     probs = _scores(await engine.run(encoded, request, timing), False)
     labels, tokens = engine.info.labels, sum(len(e.ids) for e in encoded)
     data = [{"index": i, "label": labels[int(np.argmax(row))], "probs": row.astype(np.float32), "num_classes": len(row)}
@@ -216,6 +230,16 @@ async def classify(body: ClassifyRequest, request: Request):
 v1_router.add_api_route("/v1/classify", classify, methods=["POST"])
 v1_router.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)  # vLLM's path; OpenAI-style errors
 v1_router.add_api_route("/v1/score", score, methods=["POST"])
+
+
+async def rerank_v2(body: CohereRerankRequest, request: Request):
+    """Cohere's v2 rerank: as /v1/rerank, but documents too long are cut, not refused, unless `truncate` is false
+    (Cohere v2 cuts every document to max_tokens_per_doc, 4096 by default, and the pair to the model's context)."""
+    if body.truncate is None:
+        body = body.model_copy(update={"truncate": True})
+    return await rerank_v1(body, request)
+
+
 # Cohere's v2 client (and vLLM) post to /v2/rerank; under /v2 errors are KServe-shaped ({"error": ...}).
-v1_router.add_api_route("/v2/rerank", rerank_v1, methods=["POST"], include_in_schema=False)
+v1_router.add_api_route("/v2/rerank", rerank_v2, methods=["POST"], include_in_schema=False)
 v1_router.add_api_route("/score", score, methods=["POST"], include_in_schema=False)  # vLLM's alias; OpenAI-style errors

@@ -212,3 +212,21 @@ def test_openai_takes_no_model_and_a_null_encoding_format(client):
                  {"input": "x", "model": MODEL, "encoding_format": None}):
         r = client.post("/v1/embeddings", json=body)
         assert r.status_code == 200 and r.json()["data"] == want and r.json()["model"] == MODEL, (body, r.text)
+
+
+def test_vllm_truncate_prompt_tokens_on_embeddings(client):
+    """truncate_prompt_tokens k cuts each input to k tokens, special tokens kept (the answer equals the cut ids sent
+    as token ids; usage counts k); -1 is the model's limit; token-id inputs are cut too; 0 and past the limit refused."""
+    ids = [t["id"] for t in client.post("/tokenize", json={"inputs": LONG}).json()[0]]
+    assert len(ids) > 32
+    cut = ids[:4] + ids[-1:]  # [CLS] three tokens [SEP], as transformers' truncation with max_length 5 keeps them
+    r = client.post("/v1/embeddings", json={"input": LONG, "model": MODEL, "truncate_prompt_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5, r.text
+    assert r.json()["data"] == client.post("/v1/embeddings", json={"input": [cut], "model": MODEL}).json()["data"]
+    r = client.post("/v1/embeddings", json={"input": [LONG, "short"], "model": MODEL, "truncate_prompt_tokens": -1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 32 + 3, r.text
+    r = client.post("/v1/embeddings", json={"input": [[7, 8, 9, 10]], "model": MODEL, "truncate_prompt_tokens": 2})
+    assert r.json()["usage"]["prompt_tokens"] == 2
+    for bad in (0, 33, -5):
+        r = client.post("/v1/embeddings", json={"input": "x", "model": MODEL, "truncate_prompt_tokens": bad})
+        assert r.status_code == 400 and "truncate_prompt_tokens" in r.json()["error"]["message"]

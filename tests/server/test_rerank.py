@@ -238,3 +238,37 @@ def test_schemathesis_against_a_reranker_no_5xx(reranker):
     failures = fuzz(str(reranker.base_url).rstrip("/"), max_examples=10, on_result=lambda label, status, failure: reached.add(label))
     assert not failures, "\n".join(failures)
     assert any("rerank" in label for label in reached) and any("predict" in label for label in reached)
+
+
+def test_vllm_and_cohere_truncation_fields(reranker, folders):
+    """vLLM's truncate_prompt_tokens cuts each pair to k tokens as transformers' tokenizer(a, b, truncation=True,
+    max_length=k) does (-1: the model's limit; 0 or past it refused); Cohere's max_tokens_per_doc cuts each document
+    before pairing it and the answer quotes the document whole; Cohere's /v2/rerank cuts long documents unless
+    truncate is false (its documented max_tokens_per_doc default), where /v1/rerank refuses them as TEI does."""
+    tf = import_transformers()
+    tok = tf.AutoTokenizer.from_pretrained(folders["bert"])
+    long_doc = "deep learning " * 400
+    want_ids = tok(QUERY, long_doc, truncation=True, max_length=40)["input_ids"]
+    r = reranker.post("/v1/score", json={"text_1": QUERY, "text_2": long_doc, "truncate_prompt_tokens": 40})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want_ids) == 40, r.text
+    score = 1 / (1 + np.exp(-hf_logits(folders["bert"], pairs=[(QUERY, tok.decode(want_ids[len(tok(QUERY)["input_ids"]):-1]))])[0, 0]))
+    assert r.json()["data"][0]["score"] == pytest.approx(float(score), abs=1e-4)
+    assert reranker.post("/v1/score", json={"text_1": QUERY, "text_2": long_doc}).status_code == 413
+    r = reranker.post("/v1/rerank", json={"query": QUERY, "documents": [long_doc], "truncate_prompt_tokens": -1})
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 512
+    for bad in (0, 513, -2):
+        r = reranker.post("/v1/rerank", json={"query": QUERY, "documents": ["x"], "truncate_prompt_tokens": bad})
+        assert r.status_code == 400 and "truncate_prompt_tokens" in r.json()["error"]["message"]
+    docs = [long_doc, "Paris is the capital of France."]
+    assert len(tok(docs[1], add_special_tokens=False)["input_ids"]) == 7  # under the cut: sent whole
+    cut = reranker.post("/v1/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 8}).json()
+    end = tok(long_doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][7][1]  # 8 tokens
+    pre_cut = reranker.post("/v1/rerank", json={"query": QUERY, "documents": [long_doc[:end], docs[1]]}).json()
+    assert [x["index"] for x in cut["results"]] == [x["index"] for x in pre_cut["results"]]
+    assert [x["relevance_score"] for x in cut["results"]] == pytest.approx([x["relevance_score"] for x in pre_cut["results"]])
+    assert {x["document"]["text"] for x in cut["results"]} == set(docs)  # quoted whole
+    assert reranker.post("/v1/rerank", json={"query": QUERY, "documents": docs}).status_code == 413
+    r = reranker.post("/v2/rerank", json={"query": QUERY, "documents": docs})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    assert reranker.post("/v2/rerank", json={"query": QUERY, "documents": docs, "truncate": False}).status_code == 413
+
