@@ -230,13 +230,16 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerLive(self, request, context):
         async def work(metadata, timing):
-            return pb.ServerLiveResponse(live=True)
+            state = self.app.state  # as HTTP /v2/health/live: not once a batching worker has died
+            return pb.ServerLiveResponse(live=all(e.healthy for e in (state.engine, state.reranker) if e is not None))
         return await self._answer("ServerLive", context, work)
 
     async def ServerReady(self, request, context):
         async def work(metadata, timing):
             state = self.app.state
-            return pb.ServerReadyResponse(ready=state.engine is not None and not state.draining and state.engine.healthy)
+            engines = [state.engine] + ([state.reranker] if state.reranker is not None else [])
+            return pb.ServerReadyResponse(ready=state.engine is not None and not state.draining
+                                          and all(e.healthy for e in engines))
         return await self._answer("ServerReady", context, work)
 
     async def ModelReady(self, request, context):

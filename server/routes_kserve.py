@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 import server
 from models.runtime import finish_embedding
 from scheduler.errors import NotReady
-from server.deps import engine_of, recommender_of, timing_of
+from server.deps import engine_of, engines_of, recommender_of, timing_of
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound, error_responses
 from server.kserve_codec import HEADER_LENGTH, encode_tensors, model_config, parse_infer, parse_tensors, place_outputs
@@ -92,14 +92,24 @@ def extensions(app) -> list[str]:
 
 
 @router.get("/health/live")
-async def live():
+async def live(request: Request):
+    """Live while loading, serving or draining; not once a batching worker has died (nothing but a restart
+    brings it back, which is what a liveness probe on this route is for)."""
+    if any(not engine.healthy for engine in _loaded_engines(request)):
+        raise NotReady("the batching worker has stopped")
     return {"live": True}
 
 
 @router.get("/health/ready")
 async def ready(request: Request):
-    engine_of(request)
+    if not all(engine.healthy for engine in engines_of(request)):  # NotReady too while loading or draining
+        raise NotReady("the batching worker has stopped")
     return {"ready": True}
+
+
+def _loaded_engines(request: Request) -> list:
+    state = request.app.state
+    return [e for e in (getattr(state, "engine", None), getattr(state, "reranker", None)) if e is not None]
 
 
 @router.get("/models/stats")

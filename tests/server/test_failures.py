@@ -159,3 +159,30 @@ def test_planner_failure_falls_back_and_keeps_serving(monkeypatch):
         monkeypatch.setattr(scheduler.queue, "plan", flaky)
         assert c.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
         assert s.app.state.engine.worker.alive
+
+
+def test_a_dead_worker_fails_kserve_readiness_and_liveness():
+    """A pod whose batching worker died must leave the load balancer and be restarted: /v2/health/ready and
+    /v2/health/live (the probes deploy/k8s uses) answer 503, as /health does."""
+    with dummy_server() as s, s.client() as c:
+        assert c.get("/v2/health/ready").status_code == 200 and c.get("/v2/health/live").status_code == 200
+        s.app.state.engine.queue.close()  # the worker's loop ends: as a worker that died
+        wait_for(lambda: not s.app.state.engine.healthy)
+        for path in ("/health", "/v2/health/ready", "/v2/health/live"):
+            r = c.get(path)
+            assert r.status_code == 503 and "worker has stopped" in r.text, (path, r.text)
+
+
+def test_scheduler_times_past_any_clock_are_refused():
+    """inf or 1e13 ms passed validation and crashed the worker at its first wait (time_t overflow)."""
+    import pytest  # noqa: PLC0415
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from configs.settings import Settings  # noqa: PLC0415
+
+    for field, value in (("max_queue_delay_ms", float("inf")), ("max_queue_delay_ms", 1e13), ("max_wait_ms", float("inf")),
+                         ("slo_ms", float("inf")), ("late_grace_slos", float("inf"))):
+        with pytest.raises(ValidationError):
+            Settings(scheduler={field: value})
+    with pytest.raises(ValidationError):
+        Settings(server={"request_timeout_s": float("inf")})
