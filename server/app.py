@@ -179,15 +179,23 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         app.state.loader_thread.start()
         yield
         app.state.draining = True
+        # Everything below within what is left of shutdown_timeout_s (from SIGTERM, or from now on Ctrl-C).
+        deadline = app.state.shutdown_deadline or time.monotonic() + settings.server.shutdown_timeout_s
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.1)
+
         if grpc_server is not None:  # new calls are refused from here; those admitted finish within the grace
-            await grpc_server.stop(settings.server.shutdown_timeout_s)
-        app.state.loader_thread.join()
+            await grpc_server.stop(left())
+        # A model still loading (or profiling its cost model, ~25 s on a CPU) serves nobody: not waited for; its
+        # daemon thread ends with the process.
+        app.state.loader_thread.join(timeout=0.5)
         if app.state.engine is not None:
-            app.state.engine.stop(timeout=30)
+            app.state.engine.stop(timeout=left())
             if app.state.engine.cost is not None:
                 save_refined(settings, app.state.engine.cost)
         if app.state.reranker is not None:
-            app.state.reranker.stop(timeout=30)
+            app.state.reranker.stop(timeout=left())
             if app.state.reranker.cost is not None:
                 save_refined(app.state.reranker.settings, app.state.reranker.cost)
         if app.state.recommender is not None:
@@ -201,6 +209,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.recommender = None
     app.state.embeddings_enabled = settings.embeddings.enabled
     app.state.draining = False
+    app.state.shutdown_deadline = None  # time.monotonic() by which a drain must be over (set by SIGTERM)
     app.state.grpc_port = None  # the bound port, once the gRPC server runs
     app.state.shared_memory = SharedMemoryRegistry(settings.server.shared_memory)
     edge_state = {"in_flight": 0, "last_activity": 0.0}
@@ -208,6 +217,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     def begin_drain() -> None:
         """Readiness off and new requests refused (503) from now on; admitted ones carry on."""
         app.state.draining = True
+        app.state.shutdown_deadline = time.monotonic() + settings.server.shutdown_timeout_s
         metrics.ready.set(0)
         for engine in (app.state.engine, app.state.reranker):  # no batch is held back for arrivals that will not come
             if engine is not None:

@@ -198,12 +198,32 @@ def serve(args: argparse.Namespace) -> int:
     # line is EdgeMiddleware's (it has the request id and the timings).
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=s.shutdown_timeout_s)
+    status = 0
     try:
         DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
                        last_activity=app.state.last_activity, abandon=app.state.abandon, in_flight=app.state.in_flight).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shell's status, not a traceback
-        return 130
-    return 0
+        status = 130
+    _exit_past_running_work(app, status)
+    return status
+
+
+def _exit_past_running_work(app, status: int) -> None:
+    """Exit now if a batch is still running (the shutdown deadline passed first) or the model is still loading:
+    the interpreter's normal exit would tear torch's thread pool down under them and abort (SIGABRT, "terminate
+    called without an active exception"). Their requests were already answered (503)."""
+    import logging  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    state = app.state
+    running = [e for e in (state.engine, state.reranker) if e is not None and e.healthy]
+    loading = getattr(state, "loader_thread", None) is not None and state.loader_thread.is_alive()
+    if running or loading:
+        logging.getLogger(__name__).warning("exiting with %s unfinished", "a batch" if running else "the model's loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def import_embeddings(args: argparse.Namespace) -> int:

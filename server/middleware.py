@@ -3,6 +3,7 @@ request metrics, the access log line, and the last-resort 500 that never carries
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -11,6 +12,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from scheduler.errors import NotReady
 from server.errors import (
     INTERNAL,
     InvalidRequest,
@@ -146,6 +148,16 @@ class EdgeMiddleware:
                 + [(b"content-length", str(len(body)).encode())]
         try:
             await self.app(scope, self._replay(body, receive), send_with_headers)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its graceful-shutdown time is up (the drain deadline:
+            # their batch did not end in time), and answers them itself with a plain-text 500. Answer in the API's
+            # shape instead, and let the task end: the cancellation is uvicorn's last word to it.
+            if sent["status"]:
+                raise
+            log.warning("request %s %s (request id %s) not answered before shutdown: 503", scope.get("method"),
+                        scope["path"], request_id)
+            await refuse(NotReady("the server shut down before this request was answered; retry it"),
+                         [(b"retry-after", b"1")])
         except Exception:
             log.exception("unhandled error in request %s %s (request id %s)", scope.get("method"), scope["path"], request_id)
             if sent["status"]:

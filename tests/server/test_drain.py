@@ -197,3 +197,53 @@ def test_sigterm_answers_an_admitted_grpc_call(tmp_path):
     assert time.monotonic() - started < 8  # run at the drain, not after the 10 s batching wait
     assert proc.wait(30) == 0
     client.close()
+
+
+@pytest.mark.slow
+def test_a_batch_still_running_at_the_deadline_is_answered_503_and_the_exit_is_on_time(tmp_path):
+    """Requests whose batch runs past shutdown_timeout_s: uvicorn cancels them at its deadline; they were its
+    plain-text 500 (no request id, no API shape), the exit waited for the batch (~10 s for a 2 s limit), and an exit
+    with the batch still running aborted in torch's thread pool. Now: 503 in the API's shape, exit 0, on time."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"server": {"port": port, "shutdown_timeout_s": 1.0, "max_client_batch_size": 128},
+                                      "model": {"warmup": False},
+                                      "scheduler": {"cost_model_dir": str(tmp_path / "cost"), "profile_runs": 1,
+                                                    "profile_max_tokens": 16, "policy": "token_budget",
+                                                    "max_batch_tokens": 32768, "max_batch_requests": 128}}))
+    log = tmp_path / "serve.log"
+    proc = spawn_server(config, log)
+    outcomes: list = []
+
+    def one(i: int):
+        body = {"inputs": [f"w{i} {j} " * 120 for j in range(128 if i == 0 else 8)], "truncate": True}  # 128 x 256 tokens
+        try:
+            r = httpx.post(f"{url}/embed", json=body, headers={"x-request-id": f"r{i}"}, timeout=60)
+            outcomes.append((r.status_code, r.headers.get("content-type"), r.headers.get("x-request-id"), r.text[:200]))
+        except httpx.TransportError as exc:
+            outcomes.append(f"lost: {exc!r}")
+
+    try:
+        wait_healthy(proc, url, log)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        threads[0].start()
+        time.sleep(1.0)  # the first request, one batch of 32,768 tokens (4 s or more here), is running
+        for t in threads[1:]:  # and three small ones wait behind it
+            t.start()
+        time.sleep(0.2)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()[-3000:]
+        took = time.monotonic() - sent
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert took < 1.0 + 1.5, (took, text[-2000:])
+    assert len(outcomes) == 4 and all(isinstance(o, tuple) for o in outcomes), outcomes
+    assert all(o[0] in (200, 503) and o[1] == "application/json" and o[2] in ("r0", "r1", "r2", "r3") for o in outcomes), outcomes
+    assert "not answered before shutdown: 503" in text, text[-3000:]  # the running batch's request, cancelled by uvicorn
+    assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
