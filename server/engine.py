@@ -15,7 +15,7 @@ from configs.settings import SchedulerSettings, Settings
 from models.runtime import Embedder, ModelInfo
 from models.tokenizer import Encoded, TextTokenizer
 from scheduler.cost_model import CostModel
-from scheduler.errors import BackendError, DeadlineExceeded, NotReady
+from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
@@ -164,7 +164,12 @@ class Engine:
         under overload most requests are refused, so a 429 costs next to nothing); the truncation to use (None:
         model.auto_truncate decides)."""
         self.check_batch(count)
-        self.queue.check_room(count)
+        try:
+            self.queue.check_room(count)
+        except Overloaded:  # TEI counts a request refused for a full queue as a request and an overloaded failure
+            self.tei.record_request(count)
+            self.tei.record_failure("Overloaded")
+            raise
         return self.settings.model.auto_truncate if truncate is None else truncate
 
     def prompt_limit(self, tokens: int | None) -> int | None:
@@ -292,7 +297,8 @@ class Engine:
         except BaseException as exc:  # refused, timed out, failed, or cancelled
             self.stats.record(timing, len(encoded), ok=False)
             kind = kind_of(exc)
-            if not isinstance(exc, ClientDisconnected):  # not a failure of TEI's kinds (turboserve counts it as dropped)
+            # A client that left, or a cancelled task, is no failure of TEI's kinds (turboserve counts it as dropped).
+            if not isinstance(exc, (ClientDisconnected, asyncio.CancelledError)):
                 self.tei.record_failure(kind.tei_type if kind is not None else None)
             raise
         self.stats.record(timing, len(encoded), ok=True)
@@ -331,13 +337,15 @@ class Engine:
             gone.cancel()
         if results not in done:
             reason = DISCONNECT if gone in done else DEADLINE
-            self._give_up(items, reason)
+            withdrawn = self._give_up(items, reason)
             results.cancel()
             if reason == DISCONNECT:
                 log.info("request %s: client disconnected; its queued sequences were dropped", timing.request_id)
                 raise ClientDisconnected("client closed the connection before the answer was ready")
             log.warning("request %s: no answer within %.3fs; its queued sequences were dropped", timing.request_id, timeout)
-            raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; the request was not computed")
+            what = "the request was not computed" if withdrawn == len(items) else \
+                f"{len(items) - withdrawn} of its {len(items)} inputs had left the queue for a batch; the answer was dropped"
+            raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; {what}")
         # Raises BackendError if the batch failed, DeadlineExceeded if the worker found it expired first.
         rows = results.result()
         timing.tokens = sum(it.length for it in items)
@@ -349,10 +357,11 @@ class Engine:
         self._wake_pending = False
         self.queue.wake()
 
-    def _give_up(self, items: list[WorkItem], reason: str) -> None:
+    def _give_up(self, items: list[WorkItem], reason: str) -> int:
         """Drop this request's sequences that were not computed yet, counted once under `reason`: those still
         queued are withdrawn here (their room frees at once); those the worker already took but has not
-        started, it skips when it sees the cancelled future. A batch already running finishes unread."""
+        started, it skips when it sees the cancelled future. A batch already running finishes unread. Returns
+        how many were withdrawn from the queue."""
         for it in items:
             it.drop_reason = reason  # before cancelling: the worker reads it when it skips the item
         withdrawn = self.queue.withdraw(items)
@@ -360,6 +369,7 @@ class Engine:
             it.future.cancel()
         if withdrawn:
             self.metrics.dropped(len(withdrawn), reason)
+        return len(withdrawn)
 
     def check_dimensions(self, dimensions: int | None) -> int | None:
         """None when the full size is asked for; raise InvalidRequest when the model cannot truncate."""

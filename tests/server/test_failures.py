@@ -69,10 +69,45 @@ def test_queue_full_is_429_with_retry_after_and_recovers():
         assert r.headers["retry-after"] == "1"
         r = c.post("/v1/embeddings", json={"input": ["a"], "model": MODEL})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        # As TEI's router counts a refused permit: a request, and an "overloaded" failure (dashboards alert on it).
+        assert metric(s, "te_request_failure", {"err": "overloaded"}) == 2
+        assert metric(s, "te_request_count", {"method": "single"}) >= 2 + 1
         embedder.gate.set()
         assert running.result(10).status_code == 200
         assert [f.result(10).status_code for f in queued] == [200, 200]
         assert c.post("/embed", json={"inputs": "after"}).status_code == 200
+
+
+def test_a_cancelled_request_is_no_tei_inference_failure():
+    """A request whose task is cancelled (a /vertex instance whose sibling was refused, a gRPC deadline) failed
+    no model: te_request_failure{err="inference"} stays 0 (it counted each)."""
+    embedder = DummyEmbedder()
+    with dummy_server(embedder) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
+        blocker = embedder.occupy(pool, c)
+        r = c.post("/vertex", json={"instances": [{"inputs": "fine"}, {"inputs": "also fine"}, {"inputs": "w " * 200}]})
+        assert r.status_code == 413
+        embedder.gate.set()
+        blocker.result(10)
+        assert metric(s, "te_request_failure", {"err": "inference"}) == 0
+
+
+def test_a_504_says_whether_any_of_the_request_was_computed():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"request_timeout_s": 0.3}) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
+        blocker = embedder.occupy(pool, c)
+        late = c.post("/embed", json={"inputs": ["too", "late"]})
+        assert late.status_code == 504 and "the request was not computed" in late.json()["error"]
+        embedder.gate.set()
+        blocker.result(10)
+    with dummy_server(embedder, server={"request_timeout_s": 0.3}, scheduler={"max_batch_requests": 1}) as s, \
+            ThreadPoolExecutor(2) as pool, s.client() as c:
+        embedder.gate.clear()
+        embedder.entered.clear()
+        started = pool.submit(c.post, "/embed", json={"inputs": ["first", "second"]})  # "first" runs, "second" waits
+        assert embedder.entered.wait(10)
+        r = started.result(10)
+        assert r.status_code == 504 and "1 of its 2 inputs had left the queue" in r.json()["error"], r.text
+        embedder.gate.set()
 
 
 def test_request_timeout_is_504_and_never_computed():
