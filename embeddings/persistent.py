@@ -26,6 +26,7 @@ from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, keys_to_
 logger = logging.getLogger(__name__)
 
 _META_PREFIX = b"table/"
+_JOURNAL_PREFIX = b"redis-dirty/"  # rows a shared Redis may hold stale: table name, then "/" and the key (none: all)
 _SIGN = np.uint64(1 << 63)
 
 
@@ -69,7 +70,8 @@ class PersistentTier(Tier):
             if not key.startswith(_META_PREFIX):
                 break
             meta = json.loads(value)
-            spec = TableSpec(key[len(_META_PREFIX):].decode(), meta["dim"], torch.tensor(meta["default"]), meta["rows"])
+            spec = TableSpec(key[len(_META_PREFIX):].decode(), meta["dim"], torch.tensor(meta["default"]), meta["rows"],
+                             meta.get("epoch", ""))
             Tier.create_table(self, spec)
         logger.info("persistent tier at %s: tables %s", self.path, sorted(self.tables))
 
@@ -87,10 +89,30 @@ class PersistentTier(Tier):
                 if old.dim != spec.dim:
                     raise ValueError(f"persistent: table {spec.name!r} is stored with dim={old.dim}, asked dim={spec.dim}")
                 return
-            meta = {"dim": spec.dim, "default": spec.default.tolist(), "rows": spec.rows}
+            if spec.name == "default":
+                raise ValueError("'default' is RocksDB's own column family: name the table otherwise")
+            meta = {"dim": spec.dim, "default": spec.default.tolist(), "rows": spec.rows, "epoch": spec.epoch}
             self._cfs[spec.name] = self._db.create_column_family(spec.name, Options(raw_mode=True))
             self._db.put(_META_PREFIX + spec.name.encode(), json.dumps(meta).encode(), self._write_opts[True])
             super().create_table(spec)
+
+    def set_epoch(self, table: str, epoch: str) -> None:
+        """Record the table's new epoch (an import's; see TableSpec), fsynced."""
+        with self._lock:
+            old = self.spec(table)
+            spec = TableSpec(old.name, old.dim, old.default, old.rows, epoch)
+            meta = {"dim": spec.dim, "default": spec.default.tolist(), "rows": spec.rows, "epoch": epoch}
+            self._db.put(_META_PREFIX + table.encode(), json.dumps(meta).encode(), self._write_opts[True])
+            self.tables[table] = spec
+
+    def drop_table(self, table: str) -> None:
+        """Delete a table, its rows and its metadata (an import that failed before writing any row undoes its table)."""
+        with self._lock:
+            self.spec(table)
+            self._cfs.pop(table, None)
+            self._db.drop_column_family(table)
+            self._db.delete(_META_PREFIX + table.encode(), self._write_opts[True])
+            del self.tables[table]
 
     def _cf(self, table: str) -> Rdict:
         self.spec(table)
@@ -146,6 +168,47 @@ class PersistentTier(Tier):
             batch.delete(key)
         self._db.write(batch, self._write_opts[self.sync if sync is None else sync])
         return held
+
+    # -- the Redis tier's journal of rows it may hold stale (embeddings/redis_tier.py) -------------------------
+    # One entry a key: `redis-dirty/<table>\0<8-byte key>` = b"k"; one for a whole table: `redis-dirty/<table>\0` = b"t".
+    @staticmethod
+    def _journal_keys(table: str, keys: np.ndarray | None) -> list[tuple[bytes, bytes]]:
+        prefix = _JOURNAL_PREFIX + table.encode() + b"\0"
+        if keys is None:
+            return [(prefix, b"t")]
+        raw = np.asarray(keys, dtype=np.int64).astype("<i8").tobytes()
+        return [(prefix + raw[i:i + 8], b"k") for i in range(0, len(raw), 8)]
+
+    def journal_add(self, table: str, keys: np.ndarray | None) -> None:
+        """Record, fsynced, that Redis may hold stale rows of `keys` (None: of the whole table), so that a restart
+        before Redis is reachable again still deletes them."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in self._journal_keys(table, keys):
+            batch.put(key, value)
+        self._db.write(batch, self._write_opts[True])
+
+    def journal_remove(self, entries: dict[str, np.ndarray | None]) -> None:
+        """Forget journal entries once Redis has deleted their rows (None: the table's whole-table entry)."""
+        batch = WriteBatch(raw_mode=True)
+        for table, keys in entries.items():
+            for key, _ in self._journal_keys(table, keys):
+                batch.delete(key)
+        self._db.write(batch, self._write_opts[True])
+
+    def journal(self) -> dict[str, np.ndarray | None]:
+        """Every table's journalled keys (None: the whole table)."""
+        keys: dict[str, list[bytes]] = {}
+        whole: set[str] = set()
+        for key, value in self._db.items(from_key=_JOURNAL_PREFIX):
+            if not key.startswith(_JOURNAL_PREFIX):
+                break
+            rest = key[len(_JOURNAL_PREFIX):]
+            if value == b"t":
+                whole.add(rest[:-1].decode())
+            else:
+                keys.setdefault(rest[:-9].decode(), []).append(rest[-8:])
+        out: dict[str, np.ndarray | None] = {t: np.frombuffer(b"".join(raw), "<i8").astype(np.int64) for t, raw in keys.items()}
+        return {**out, **dict.fromkeys(whole)}
 
     def flush(self) -> None:
         """Flush memtables to SST files (not needed for durability: the WAL has every write)."""

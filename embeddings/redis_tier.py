@@ -17,7 +17,12 @@ down) counts in `errors`, opens the breaker for a backoff that doubles from `bac
 applied). While open, calls skip Redis (counted in `skipped`); the first call after the backoff
 tries again and a success closes the breaker. An update or evict that fails leaves a row Redis may
 hold stale, so its keys are remembered (up to `max_dirty` per table) and deleted from Redis on recovery;
-past that bound the table's partitions are dropped whole on recovery.
+past that bound the table's partitions are dropped whole on recovery. With a `journal` (the persistent tier) they
+are also written there, fsynced, before the update returns, and read back at start: a server that stops before
+Redis comes back still deletes them when it next reaches Redis (else the stale row would be served for good).
+
+Tables carry an `epoch` (TableSpec.epoch, set by each `turboserve import-embeddings`): it is part of the key names,
+so rows Redis kept from before a re-import are never read again (they are left to Redis's own eviction).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class RedisTier(Tier):
                  capacity_per_partition: int = 1 << 20,
                  overflow_policy: Literal["evict_random", "evict_oldest"] = "evict_oldest",
                  target_fill: float = 0.8, prefix: str = "turboserve:emb:", timeout_s: float = 0.25,
-                 backoff_s: float = 0.1, max_backoff_s: float = 5.0, max_dirty: int = 100_000) -> None:
+                 backoff_s: float = 0.1, max_backoff_s: float = 5.0, max_dirty: int = 100_000, journal: Any = None) -> None:
         super().__init__()
         if overflow_policy not in ("evict_random", "evict_oldest"):
             raise ValueError(f"redis tier: overflow_policy={overflow_policy!r} must be evict_random or evict_oldest")
@@ -80,6 +85,11 @@ class RedisTier(Tier):
         self._open_until = 0.0
         self._dirty: dict[str, set[int] | None] = {}  # None: too many, drop the table on recovery
         self._counts["skipped"] = 0  # calls not sent because the breaker was open
+        self._epochs: dict[str, str] = {}  # table -> its epoch, part of its key names
+        self.journal = journal  # durable copy of _dirty: journal_add / journal_remove / journal (PersistentTier)
+        if journal is not None:
+            for table, keys in journal.journal().items():  # left by a server that stopped before Redis came back
+                self._dirty[table] = None if keys is None else set(keys.tolist())
 
     # -- connection and circuit breaker -------------------------------------------------------
     def _connect(self) -> Any:
@@ -106,7 +116,7 @@ class RedisTier(Tier):
         try:
             if self._client is None:
                 self._client = self._connect()
-            if self._failures:
+            if self._failures or self._dirty:
                 self._recover(self._client)
             result = fn(self._client)
         except (redis.RedisError, RedisClusterException) as exc:  # the latter: cluster discovery failed
@@ -144,6 +154,8 @@ class RedisTier(Tier):
                 for table, keys in dirty.items():
                     self._mark_dirty(table, keys)
             raise
+        if self.journal is not None and dirty:
+            self.journal.journal_remove({t: None if k is None else np.fromiter(k, np.int64, len(k)) for t, k in dirty.items()})
 
     def _mark_dirty(self, table: str, keys: Any) -> None:
         old = self._dirty.get(table, set())
@@ -154,12 +166,14 @@ class RedisTier(Tier):
             self._dirty[table] = old
 
     def _hash(self, table: str, p: int) -> str:
-        return f"{self.prefix}{{{table}:{p}}}"
+        epoch = self._epochs.get(table)
+        return f"{self.prefix}{epoch}:{{{table}:{p}}}" if epoch else f"{self.prefix}{{{table}:{p}}}"
 
     # -- the tier interface ---------------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> None:
         """Register the table (Redis needs no schema; rows of a table made by another replica are shared)."""
         super().create_table(spec)
+        self._epochs[spec.name] = spec.epoch
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows held: vectors [n, dim], found [n] (CPU). All misses when Redis is unavailable."""
@@ -209,6 +223,9 @@ class RedisTier(Tier):
     def _write_failed(self, table: str, keys: np.ndarray) -> None:
         with self._lock:
             self._mark_dirty(table, keys.tolist())
+            whole = self._dirty.get(table) is None
+        if self.journal is not None:  # before the update returns: a restart must still find these keys
+            self.journal.journal_add(table, None if whole else keys)
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """HSET the rows (one pipeline), then trim partitions over capacity; dropped (not retried) if Redis is down."""

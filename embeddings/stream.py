@@ -15,6 +15,12 @@ then XACK. A consumer that dies between the two leaves the entry pending; at sta
 re-reads its own pending entries before new ones, so every entry is applied at least once, in stream order
 for one consumer. Re-applying an update writes the same rows again, so a redelivery is harmless.
 
+Order per key: an entry never writes a key over a newer value this replica holds for it. A key written here over
+HTTP is held newer than every entry until its own entry is published, then as new as that entry; a key an entry
+wrote is as new as that entry, for `2 * claim_idle_ms` + 60 s. So this replica's own entries replayed after its
+newer local writes, and another consumer's entry claimed after newer ones were applied, leave the newer value
+(both wrote an older one back: values went backwards, and a claimed entry's stayed).
+
 An entry that can never apply (missing field, unknown table, sizes that do not match the table's dim) is
 logged, counted as `rejected`, copied to `<stream>:rejected` with a `reason` field, and acknowledged.
 An update that fails otherwise (the persistent tier raised) is not acknowledged: it is retried after a
@@ -57,6 +63,15 @@ import torch
 from embeddings.hierarchy import ParameterServer
 
 logger = logging.getLogger(__name__)
+
+
+_HELD = (1 << 62, 0)  # the order of a key written here whose entry is being published (newer than any entry)
+
+
+def entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id (`<ms>-<seq>`) as a comparable pair: stream order."""
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 CURRENT_MARGIN_S = 0.5  # slack on top of block_ms for a read that returned everything to count as recent
@@ -150,7 +165,9 @@ class UpdateConsumer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
-                        "published": 0, "settled": 0, "settle_dropped": 0}
+                        "published": 0, "settled": 0, "settle_dropped": 0, "rows_superseded": 0}
+        self._newest: dict[tuple[str, int], tuple[int, int]] = {}  # (table, key) -> the order of its value here
+        self._written: deque[tuple[float, str, list[int], tuple[int, int]]] = deque()  # (when, table, keys, order)
         self._caught_up_at = -math.inf  # monotonic time as of which every entry of the stream was applied
         if server.volatile is not None and server.volatile.shared:  # other replicas use it: write only while current
             if settle_s and settle_s <= block_ms / 1000 + CURRENT_MARGIN_S:
@@ -177,10 +194,23 @@ class UpdateConsumer:
         if publisher is not None:
             publisher.close()
 
-    def publish(self, table: str, keys: np.ndarray | list[int], vectors: np.ndarray | list[list[float]]) -> bytes:
-        """XADD one update (already written here) for every replica's consumer; returns the entry id.
+    def hold(self, table: str, keys: list[int]) -> None:
+        """Before writing keys here for `publish`: no entry writes them until their own entry is published."""
+        with self._lock:
+            for k in keys:
+                self._newest[(table, k)] = _HELD
 
-        Raises redis errors: the caller must not report the update as propagated."""
+    def release(self, table: str, keys: list[int]) -> None:
+        """After a write for `publish` failed, or its publishing did: entries may write the keys again."""
+        with self._lock:
+            for k in keys:
+                if self._newest.get((table, k)) == _HELD:
+                    del self._newest[(table, k)]
+
+    def publish(self, table: str, keys: np.ndarray | list[int], vectors: np.ndarray | list[list[float]]) -> bytes:
+        """XADD one update (already written here, its keys held) for every replica's consumer; returns the entry id.
+
+        Raises redis errors: the caller must not report the update as propagated (and releases the keys)."""
         with self._lock:
             if self._publisher is None:
                 self._publisher = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=5.0)
@@ -189,7 +219,32 @@ class UpdateConsumer:
         # approximate trimming (~) costs nothing per XADD; exact MAXLEN would rewrite a macro node each time
         entry_id = client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
         self._count(published=1)
+        self._note(table, [int(k) for k in keys], entry_order(entry_id), replace_held=True)
         return entry_id
+
+    def _note(self, table: str, keys: list[int], order: tuple[int, int], replace_held: bool = False) -> None:
+        """Keys now hold the value of the entry of `order` (kept for the window; a held key stays held unless
+        replace_held: its own entry)."""
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                old = self._newest.get((table, k))
+                if old is None or old < order or (replace_held and old == _HELD):
+                    self._newest[(table, k)] = order
+            self._written.append((now, table, keys, order))
+            window = 2 * self.claim_idle_ms / 1000 + 60
+            while self._written and (self._written[0][0] < now - window or len(self._newest) > 2_000_000):
+                _, t, old_keys, old_order = self._written.popleft()
+                for k in old_keys:
+                    if self._newest.get((t, k)) == old_order:
+                        del self._newest[(t, k)]
+
+    def _superseded(self, table: str, keys: np.ndarray, order: tuple[int, int]) -> np.ndarray:
+        """[n] bool: keys whose value here is newer than the entry of `order`."""
+        with self._lock:
+            if not self._newest:
+                return np.zeros(keys.size, dtype=bool)
+            return np.fromiter((self._newest.get((table, k), order) > order for k in keys.tolist()), bool, keys.size)
 
     @property
     def alive(self) -> bool:
@@ -304,7 +359,14 @@ class UpdateConsumer:
             except RejectedUpdate as exc:
                 self._reject(client, entry_id, fields, str(exc))
                 return
-            self.server.update(table, torch.from_numpy(keys), torch.from_numpy(vectors))
+            order = entry_order(entry_id)
+            newer = self._superseded(table, keys, order)
+            if newer.any():  # written here since (or a newer entry applied): this older value must not win
+                self._count(rows_superseded=int(newer.sum()))
+                keys, vectors = keys[~newer], vectors[~newer]
+            if keys.size:
+                self.server.update(table, torch.from_numpy(keys), torch.from_numpy(vectors))
+                self._note(table, keys.tolist(), order)
             self._count(applied=1, rows=keys.size)
             if self.settle_s > 0:
                 if len(self._settling) >= self.MAX_SETTLING:

@@ -28,13 +28,15 @@ class TableSpec:
     """A table: its name, its vector size, the vector answered for a key no tier holds.
 
     `rows` is the table's expected number of rows (used to size a cache as a fraction of it);
-    `default` is a `[dim]` float32 tensor on the CPU, zeros unless configured.
+    `default` is a `[dim]` float32 tensor on the CPU, zeros unless configured; `epoch` names the table's current
+    import (a shared Redis tier puts it in its key names, so rows cached before a re-import are never read).
     """
 
     name: str
     dim: int
     default: torch.Tensor = field(default=None, compare=False)  # type: ignore[assignment]
     rows: int | None = None
+    epoch: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

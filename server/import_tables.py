@@ -5,13 +5,15 @@ Sources, read in chunks so a table larger than memory is fine:
 - `.safetensors`: one 2-D tensor per table; the one named by `--tensor`, else the one named like the table,
   else the file's only tensor. Row i is key i. float16/bfloat16/float64 are converted to float32.
 - `.csv`: `key,v0,...,v{dim-1}` per line (layout `keyed`, the default) or `v0,...` with the line's row number
-  as the key (layout `ordered`). A first line that is not numeric is a header and skipped.
+  as the key (layout `ordered`). A first line none of whose fields is a number is a header and skipped (a UTF-8
+  byte-order mark is dropped); a first line with a bad value among numbers is an error, as on any other line.
 Every problem raises ImportFailed with a message meant for the user (the CLI prints it, exit status 2).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -97,18 +99,23 @@ def read_safetensors(path: Path, table: str, tensor: str | None, chunk_rows: int
     return Source(int(shape[1]), int(shape[0]), chunks())
 
 
-def _numbers(fields: list[str]) -> bool:
+def _number(field: str) -> bool:
     try:
-        [float(f) for f in fields]
+        float(field)
     except ValueError:
         return False
-    return True
+    return "_" not in field  # Python reads 1_000; no CSV writer means it
+
+
+def _header(fields: list[str]) -> bool:
+    """A header names its columns: not one of its fields is a number (a typo in a data line is not a header)."""
+    return not any(_number(f) for f in fields)
 
 
 def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
     """Rows of a CSV file; the first data line fixes dim; a line of another width or a non-number is an error."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             lines = sum(1 for _ in f)
             f.seek(0)
             first = next(csv.reader(f), None)
@@ -116,7 +123,7 @@ def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
         raise ImportFailed(f"{path}: cannot read ({exc})") from None
     if first is None:
         raise ImportFailed(f"{path} is empty")
-    header = not _numbers(first)
+    header = _header(first)
     width = len(first) - (layout == "keyed")
     if width < 1:
         raise ImportFailed(f"{path}: line 1 has {len(first)} fields; the {layout} layout needs "
@@ -126,7 +133,7 @@ def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
         keys: list[int] = []
         rows: list[list[float]] = []
         row_number = 0
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             for line, fields in enumerate(csv.reader(f), start=1):
                 if line == 1 and header or not fields:
                     continue
@@ -135,12 +142,14 @@ def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
                                        f"{' (key, then dim values)' if layout == 'keyed' else ''}")
                 values = fields[1:] if layout == "keyed" else fields
                 try:
+                    if any("_" in v for v in fields):
+                        raise ValueError
                     rows.append([float(v) for v in values])
                 except ValueError:
                     raise ImportFailed(f"{path}: line {line} holds a value that is not a number") from None
                 if layout == "keyed":
                     try:
-                        key = int(fields[0])
+                        key = int(fields[0].strip())
                     except ValueError:
                         raise ImportFailed(f"{path}: line {line}: key {fields[0]!r} is not an integer") from None
                     if not -INT64_MAX - 1 <= key <= INT64_MAX:
@@ -150,12 +159,17 @@ def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
                     keys.append(row_number)
                 row_number += 1
                 if len(rows) == chunk_rows:
-                    yield np.asarray(keys, dtype=np.int64), np.asarray(rows, dtype=np.float32)
+                    yield np.asarray(keys, dtype=np.int64), _float32(rows)
                     keys, rows = [], []
         if rows:
-            yield np.asarray(keys, dtype=np.int64), np.asarray(rows, dtype=np.float32)
+            yield np.asarray(keys, dtype=np.int64), _float32(rows)
 
     return Source(width, max(1, lines - header), chunks())
+
+
+def _float32(rows: list[list[float]]) -> np.ndarray:
+    with np.errstate(over="ignore"):  # a value past float32 becomes inf, refused by the import with its line range
+        return np.asarray(rows, dtype=np.float32)
 
 
 def parse_default(text: str | None, dim: int) -> torch.Tensor | None:
@@ -189,6 +203,8 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
         raise ImportFailed(f"no such file: {path}")
     if not table:
         raise ImportFailed("--table must name a table")
+    if table == "default":
+        raise ImportFailed("--table default: 'default' is RocksDB's own column family; name the table otherwise")
     fmt = detect_format(path, fmt)
     if fmt == "npy":
         source = read_npy(path, chunk_rows)
@@ -203,7 +219,8 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
         tier = PersistentTier(db_path, sync=False)
     except Exception as exc:  # noqa: BLE001 - rocksdict raises a plain Exception (e.g. "IO error: lock ...")
         raise ImportFailed(f"cannot open the embedding store at {db_path}: {exc} (is a server using it? stop it first)") from None
-    written = 0
+    written, created = 0, False
+    digest = hashlib.blake2b(digest_size=8)
     try:
         from embeddings.tier import TableSpec
 
@@ -212,6 +229,7 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
             raise ImportFailed(f"table {table!r} is stored with dim {existing.dim}; {path} has rows of dim {source.dim}")
         if existing is None:
             tier.create_table(TableSpec(table, source.dim, default, source.rows or None))  # 0 rows: an empty file, as CSV's
+            created = True
         elif default is not None and not torch.equal(existing.default, default):
             print(f"turboserve: table {table!r} exists: its stored default vector is kept, --default-vector ignored")
         with tqdm(total=source.rows, unit="rows", unit_scale=(source.rows or 0) >= 10_000, desc=f"importing {table}", disable=not progress) as bar:
@@ -219,12 +237,20 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
                 if not np.isfinite(vectors).all():
                     raise ImportFailed(f"{path}: rows {written}..{written + len(keys) - 1} hold NaN or infinity")
                 tier.insert(table, torch.from_numpy(keys), torch.from_numpy(vectors), sync=False)
+                digest.update(keys.tobytes())
+                digest.update(vectors.tobytes())
                 written += len(keys)
                 bar.update(len(keys))
         tier.flush()  # memtables to SST files: the rows are on disk when the command returns
+        # A new epoch: a shared Redis tier keeps nothing of the table from before. The same import (same rows, in the
+        # same order, onto the same epoch) gives the same epoch on every replica's copy, so replicas still share.
+        digest.update(tier.spec(table).epoch.encode())
+        tier.set_epoch(table, digest.hexdigest())
     except ImportFailed as exc:
         if written:
             raise ImportFailed(f"{exc}; the {written} rows before it were imported") from None
+        if created:  # nothing written: undo the table, so a corrected file (another dim, another default) can go in
+            tier.drop_table(table)
         raise
     finally:
         tier.close()

@@ -135,7 +135,7 @@ class Metrics:
 class _StreamCollector(Collector):
     """`turboserve_embedding_stream_messages_total{outcome}` (applied | rejected | published), `..._rows_total`,
     `..._settled_total`, `..._settle_dropped_total`,
-    `..._claimed_total` and `turboserve_embedding_stream_errors_total{kind}` (redis | update), read at scrape time."""
+    `..._claimed_total`, `..._rows_superseded_total` and `turboserve_embedding_stream_errors_total{kind}` (redis | update), read at scrape time."""
 
     def __init__(self, consumer) -> None:
         self.consumer = consumer
@@ -154,6 +154,8 @@ class _StreamCollector(Collector):
         yield CounterMetricFamily("turboserve_embedding_stream_rows", "Rows written by applied stream entries.", value=c["rows"])
         yield CounterMetricFamily("turboserve_embedding_stream_claimed", "Pending entries taken over from stopped consumers.",
                                   value=c["claimed"])
+        yield CounterMetricFamily("turboserve_embedding_stream_rows_superseded", "Rows of entries not applied: this "
+                                  "replica held a newer value of the key.", value=c.get("rows_superseded", 0))
         errors = CounterMetricFamily("turboserve_embedding_stream_errors", "Failed stream reads and updates.", labels=["kind"])
         errors.add_metric(["redis"], c["redis_errors"])
         errors.add_metric(["update"], c["update_errors"])

@@ -201,6 +201,10 @@ def test_import_embeddings_safetensors_and_csv(tmp_path):
     ({"t.npy": (5, 3)}, ["--table", "t", "--file", "t.npy", "--default-vector", "nan"], "must be finite"),
     ({"t.npy": (5, 3)}, ["--table", "t", "--file", "t.npy", "--default-vector", "0,1e39,0"], "must be finite"),
     ({"t.bin": "x"}, ["--table", "t", "--file", "t.bin"], "pass --format"),
+    ({"hex.csv": "1,0x10,0\n2,3,4\n"}, ["--table", "t", "--file", "hex.csv"], "line 1 holds a value that is not a number"),
+    ({"under.csv": "1,1_000,0\n"}, ["--table", "t", "--file", "under.csv"], "line 1 holds a value that is not a number"),
+    ({"big.csv": "1,1e39,0\n"}, ["--table", "t", "--file", "big.csv"], "hold NaN or infinity"),
+    ({"t.npy": (5, 3)}, ["--table", "default", "--file", "t.npy"], "RocksDB's own column family"),
     ({"two.safetensors": None}, ["--table", "t", "--file", "two.safetensors"], "pick one with --tensor"),
 ])
 def test_import_embeddings_errors_exit_2_without_a_traceback(tmp_path, capsys, setup, args, needle):
@@ -218,7 +222,7 @@ def test_import_embeddings_errors_exit_2_without_a_traceback(tmp_path, capsys, s
     args = [str(tmp_path / a) if a.endswith((".npy", ".csv", ".bin", ".safetensors")) else a for a in args]
     assert main(["import-embeddings", *args, "--path", db, "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err and err.startswith("turboserve: ")
+    assert needle in err and "Traceback" not in err and "RuntimeWarning" not in err and err.startswith("turboserve: ")
 
 
 def test_import_embeddings_of_an_empty_npy_imports_nothing(tmp_path, capsys):
@@ -229,3 +233,25 @@ def test_import_embeddings_of_an_empty_npy_imports_nothing(tmp_path, capsys):
     assert "imported 0 rows of dim 3" in capsys.readouterr().out
     _, found, _ = _stored(db, "z", [0])
     assert not found.any()
+
+
+def test_import_embeddings_csv_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    db = str(tmp_path / "db")
+    (tmp_path / "bom.csv").write_bytes("\ufeff1,0.5,1\n2,2,2.5\n".encode())
+    assert main(["import-embeddings", "--table", "b", "--file", str(tmp_path / "bom.csv"), "--path", db, "--no-progress"]) == 0
+    vectors, found, _ = _stored(db, "b", [1, 2])
+    assert found.all() and vectors.tolist() == [[0.5, 1], [2, 2.5]]
+
+
+def test_a_failed_import_leaves_no_table_behind(tmp_path, capsys):
+    """A file refused before any row was written (NaN on its first chunk) leaves no half-made table: the corrected
+    file, of another dim and with another default, goes in (it was 'stored with dim 2', the old default kept)."""
+    db = str(tmp_path / "db")
+    (tmp_path / "bad.csv").write_text("1,nan,2\n")
+    assert main(["import-embeddings", "--table", "t", "--file", str(tmp_path / "bad.csv"), "--path", db,
+                 "--default-vector", "9", "--no-progress"]) == 2
+    np.save(tmp_path / "good.npy", np.ones((3, 4), np.float32))
+    assert main(["import-embeddings", "--table", "t", "--file", str(tmp_path / "good.npy"), "--path", db,
+                 "--default-vector", "0", "--no-progress"]) == 0
+    vectors, found, _ = _stored(db, "t", [0, 7])
+    assert found.tolist() == [True, False] and vectors.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]

@@ -185,3 +185,65 @@ def test_a_cluster_node_down_and_back(redis_cluster, tmp_path):
 
     wait_until(recovered, timeout=30)
     server.close()
+
+
+def test_a_stale_row_is_deleted_even_after_a_restart_during_the_outage(redis_node, tmp_path):
+    """An update that Redis missed (paused) is journalled in RocksDB before it returns: a server that stops before
+    Redis answers again, and a new one started after, still deletes the stale row (it was served for good)."""
+    db = tmp_path / "db"
+    persistent = PersistentTier(db, sync=True)
+    server = ParameterServer(persistent, make(redis_node.url, timeout_s=0.1, journal=persistent), None)
+    server.create_table("t", DIM, DEFAULT)
+    server.update("t", torch.tensor([1, 2]), rows([1, 2]))
+    server.volatile.insert("t", torch.tensor([1, 2]), rows([1, 2]))  # Redis holds both
+    redis.Redis(port=redis_node.port).client_pause(700, all=True)
+    server.update("t", torch.tensor([1]), rows([1], 7))  # RocksDB has it; Redis does not (timed out)
+    assert persistent.journal()["t"].tolist() == [1]
+    server.close()  # stops before Redis came back
+    redis.Redis(port=redis_node.port, socket_timeout=5).ping()
+    persistent = PersistentTier(db, sync=True)
+    volatile = make(redis_node.url, journal=persistent)
+    server = ParameterServer(persistent, volatile, None)
+    vectors, found = server.lookup("t", torch.tensor([1, 2]))
+    assert found.all() and torch.equal(vectors[0], rows([1], 7)[0]), vectors  # not Redis's stale row
+    assert persistent.journal() == {}  # forgotten once Redis deleted the row
+    server.close()
+
+
+def test_a_reimported_table_reads_none_of_the_rows_redis_kept(redis_node, tmp_path):
+    """import-embeddings gives the table a new epoch, part of the Redis key names: rows Redis cached before are not
+    read (the re-import's rows were hidden behind them); the same rows imported again give the same epoch."""
+    import numpy as np  # noqa: PLC0415
+
+    from server.import_tables import import_table  # noqa: PLC0415
+
+    db, first, second = tmp_path / "db", tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(first, np.arange(30, dtype=np.float32).reshape(10, 3))
+    np.save(second, -np.arange(30, dtype=np.float32).reshape(10, 3))
+    import_table(str(db), "t", str(first), progress=False)
+
+    def serve():
+        persistent = PersistentTier(db, sync=False)
+        volatile = RedisTier(redis_node.url, partitions=4, timeout_s=0.5, journal=persistent)
+        return ParameterServer(persistent, volatile, DeviceCache(4, 2, device="cpu"))
+
+    server = serve()
+    epoch = server.tables["t"].epoch
+    assert epoch and server.lookup("t", torch.arange(10))[1].all()
+    assert server.volatile.lookup("t", torch.arange(10))[1].all()  # cached in Redis
+    server.close()
+    import_table(str(db), "t", str(second), progress=False)
+    server = serve()
+    vectors, found = server.lookup("t", torch.arange(10))
+    assert found.all() and torch.equal(vectors, -torch.arange(30, dtype=torch.float32).reshape(10, 3))
+    assert server.tables["t"].epoch != epoch
+    server.close()
+    other = tmp_path / "copy"  # another replica's copy, imported the same way: the same epochs, so Redis is shared
+    import_table(str(other), "t", str(first), progress=False)
+    import_table(str(other), "t", str(second), progress=False)
+    copy = PersistentTier(other, sync=False)
+    same = copy.tables["t"].epoch
+    copy.close()
+    check = PersistentTier(db, sync=False)
+    assert check.tables["t"].epoch == same
+    check.close()

@@ -150,3 +150,32 @@ def test_current_follows_the_reads_and_an_idle_stream_stays_current(ps, redis_no
         assert not c.current()
     finally:
         c.stop()
+
+
+def test_a_claimed_entry_older_than_an_applied_one_leaves_the_newer_value(ps, redis_node, client):
+    """Entry E1 (key 5 = x1) left pending by a dead consumer; this one applies E2 (key 5 = x2), then claims E1:
+    key 5 stays x2, the stream's last value (E1 was applied over it, for good)."""
+    assert left_pending(client, "old-pod", [5], scale=1.0) == 1  # E1
+    with running(ps, redis_node, claim_idle_ms=300) as c:
+        publish_update(client, STREAM, "t", [5], rows([5], scale=2.0))  # E2, after E1 in the stream
+        wait_until(lambda: c.counters()["claimed"] == 1 and pending(client) == 0, what="E1 claimed and acknowledged")
+        np.testing.assert_array_equal(vector(ps, 5), rows([5], scale=2.0)[0])
+        assert c.counters()["rows_superseded"] == 1
+
+
+def test_own_published_updates_replayed_after_newer_local_writes_never_go_back(ps, redis_node, client):
+    """HTTP updates are written here, then published; the consumer replays them in stream order. A replayed older
+    entry must not write over a newer local value (reads went 40, 34, 35, ...)."""
+    with running(ps, redis_node) as c:
+        for i in range(1, 41):
+            c.hold("t", [3])
+            ps.update("t", torch.tensor([3]), torch.from_numpy(rows([3], scale=float(i))))
+            c.publish("t", [3], rows([3], scale=float(i)))
+        seen = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and pending(client) != 0 or len(seen) < 50:
+            seen.append(float(vector(ps, 3)[0]) / 3)
+            time.sleep(0.005)
+        assert all(v == 40.0 for v in seen), sorted(set(seen))
+        wait_until(lambda: c.counters()["applied"] == 40, what="every entry replayed")
+        np.testing.assert_array_equal(vector(ps, 3), rows([3], scale=40.0)[0])
