@@ -155,6 +155,11 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def served_name(path: str | None, name: str | None) -> str:
+    """The name a model is served under: `name`, else its folder's name (the embedded model's own name)."""
+    return name or (DEFAULT_MODEL_NAME if not path else Path(path).name)
+
+
 def check_model_settings(folder, device: str, dtype: str, max_input_length: int | None = None, pooling: str | None = None,
                          default_prompt_name: str | None = None, section: str = "model") -> None:
     """ModelFolderError naming the setting, for settings this model folder or this machine cannot serve: checked by
@@ -222,7 +227,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
     info = ModelInfo(
-        name=name or (DEFAULT_MODEL_NAME if path is None else folder_path.name),
+        name=served_name(path, name),
         path=str(folder_path),
         model_type=cfg.model_type,
         dim=embedder.dim,

@@ -185,6 +185,17 @@ def serve(args: argparse.Namespace) -> int:
         if problem := _cannot_listen(s.host, port, what):
             print(f"turboserve: {problem}", file=sys.stderr)
             return 2
+    from models.config import ModelFolderError
+    from server.recommend import check_recommender
+
+    try:  # the DLRM and the embedding store, refused now rather than leaving a server unready for good
+        check_recommender(settings)
+    except ModelFolderError as exc:
+        print(f"turboserve: recommend.model_path: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"turboserve: {exc}", file=sys.stderr)
+        return 2
 
     import uvicorn
 

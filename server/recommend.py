@@ -8,6 +8,7 @@ numpy arrays and call `lookup`, `update` or `score`; problems raise the domain e
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,10 @@ import torch
 from configs.settings import Settings
 from embeddings.factory import build_parameter_server
 from embeddings.hierarchy import ParameterServer, PrefetchedLookup
+from embeddings.persistent import PersistentTier
 from embeddings.stream import UpdateConsumer
 from models.dlrm import DLRM, load_dlrm, read_dlrm_folder
+from models.runtime import served_name
 from server.errors import InvalidRequest, ModelNotFound, NotEnabled, TableNotFound, TooLarge
 from server.stats import InferStats
 
@@ -182,15 +185,52 @@ class Recommender:
         self.ps.close()
 
 
+def recommender_name(settings: Settings) -> str:
+    """The DLRM's served name: recommend.name, else its folder's name."""
+    return settings.recommend.name or Path(settings.recommend.model_path).resolve().name
+
+
+def check_recommender(settings: Settings) -> None:
+    """What the CLI refuses before the port opens (ValueError / ModelFolderError naming the setting): a DLRM folder
+    that is not one, a name the encoder already has, an embedding store another process holds or whose tables'
+    dims the DLRM does not take."""
+    emb, rec = settings.embeddings, settings.recommend
+    if not emb.enabled:
+        return
+    config = None
+    if rec.model_path:
+        config, _ = read_dlrm_folder(rec.model_path)
+        name, encoder = recommender_name(settings), served_name(settings.model.path, settings.model.name)
+        if name == encoder:
+            raise ValueError(f"recommend.name={name!r} is also the encoder's name: give them different names "
+                             "(recommend.name or model.name)")
+    path = os.path.expanduser(emb.path)
+    try:
+        store = PersistentTier(path, sync=False)
+    except Exception as exc:  # noqa: BLE001 - rocksdict raises a plain Exception ("IO error: lock ...")
+        raise ValueError(f"embeddings.path: cannot open the embedding store at {path}: {exc} (is another server or an "
+                         "import using it?)") from None
+    try:
+        for table in (config.tables if config is not None else {}):
+            spec = store.tables.get(table)
+            if spec is not None and spec.dim != config.embedding_dim:
+                raise ValueError(f"table {table!r} is stored with dim {spec.dim}; the DLRM at {rec.model_path} needs "
+                                 f"embedding_dim {config.embedding_dim}")
+    finally:
+        store.close()
+
+
 def build_recommender(settings: Settings) -> Recommender:
     """Open the parameter server and load the DLRM whose tables it must hold; start the update consumer."""
     emb, rec = settings.embeddings, settings.recommend
     model, name = None, None
     if rec.model_path:
         config, _ = read_dlrm_folder(rec.model_path)  # a bad folder fails before RocksDB is opened
-        name = rec.name or Path(rec.model_path).resolve().name
-        if name == settings.model.name:
-            raise ValueError(f"recommend.name={name!r} is also the encoder's model.name: give them different names")
+        name = recommender_name(settings)
+        encoder = served_name(settings.model.path, settings.model.name)
+        if name == encoder:
+            raise ValueError(f"recommend.name={name!r} is also the encoder's name: give them different names "
+                             "(recommend.name or model.name)")
     ps = build_parameter_server(emb)
     try:
         if rec.model_path:

@@ -255,3 +255,36 @@ def test_a_failed_import_leaves_no_table_behind(tmp_path, capsys):
                  "--default-vector", "0", "--no-progress"]) == 0
     vectors, found, _ = _stored(db, "t", [0, 7])
     assert found.tolist() == [True, False] and vectors.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]
+
+
+def test_recommendation_settings_the_server_cannot_serve_are_refused_at_start(tmp_path):
+    """A DLRM folder that is not one, a DLRM named as the encoder is served, an embedding store another process
+    holds, a table whose dim the DLRM does not take: one line, exit 2, before the port opens (the server stayed up,
+    unready for good, with a traceback in its log; the same name let the DLRM hide the encoder on KServe)."""
+    from tests.server.recommend_support import make_dlrm  # noqa: PLC0415
+
+    made = make_dlrm(tmp_path / "dlrm")
+    base = {"TURBOSERVE_EMBEDDINGS__ENABLED": "true", "TURBOSERVE_EMBEDDINGS__PATH": str(made["db"]),
+            "TURBOSERVE_RECOMMEND__MODEL_PATH": str(made["folder"])}
+    cases = [
+        ({"TURBOSERVE_RECOMMEND__MODEL_PATH": str(tmp_path / "nowhere")}, "recommend.model_path: model folder"),
+        ({"TURBOSERVE_RECOMMEND__NAME": "all-MiniLM-L6-v2"}, "is also the encoder's name"),
+    ]
+    for extra, needle in cases:
+        out = run("serve", "--port", "0", env={**base, **extra})
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr[-2000:])
+    holder = PersistentTier(made["db"])  # another process's lock: here, this one's
+    try:
+        out = run("serve", "--port", "0", env=base)
+        assert out.returncode == 2 and "cannot open the embedding store" in out.stderr, out.stderr[-2000:]
+    finally:
+        holder.close()
+    other = tmp_path / "other"
+    np.save(tmp_path / "narrow.npy", np.zeros((5, 2), np.float32))
+    store = PersistentTier(made["db"], read_only=True)
+    table = next(t for t in store.tables if t != "scratch")
+    store.close()
+    assert main(["import-embeddings", "--table", table, "--file", str(tmp_path / "narrow.npy"), "--path", str(other),
+                 "--no-progress"]) == 0
+    out = run("serve", "--port", "0", env={**base, "TURBOSERVE_EMBEDDINGS__PATH": str(other)})
+    assert out.returncode == 2 and f"table {table!r} is stored with dim 2" in out.stderr, out.stderr[-2000:]
