@@ -39,6 +39,21 @@ OPEN_PATHS = ("/health", "/ping", "/metrics", "/v2/health/live", "/v2/health/rea
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """null (YAML's, or TURBOSERVE_X__Y=null) unsets a setting: a setting that cannot be null is back to its
+        default (it was refused as "not a valid number"); one that can is null."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required() is False
+                and _nullable(cls.model_fields[k])}
+
+
+def _nullable(field: FieldInfo) -> bool:
+    return "None" in str(field.annotation)
+
 
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -272,8 +287,10 @@ def _env_fields() -> dict[str, FieldInfo]:
 def unknown_env() -> list[str]:
     """TURBOSERVE_* variables that name no setting (a typo is otherwise ignored without a word); the CUDA
     emulator's own switches (TURBOSERVE_EMULATE*) are not settings."""
-    known = _env_fields()
-    return sorted(n for n in os.environ if n.startswith("TURBOSERVE_") and n not in known and not n.startswith("TURBOSERVE_EMULATE"))
+    known, sections = _env_fields(), {f"TURBOSERVE_{s.upper()}__" for s in Settings.model_fields}
+    # One under a known section is refused at validation, naming it ("extra inputs are not permitted"): not ignored.
+    return sorted(n for n in os.environ if n.startswith("TURBOSERVE_") and n not in known and not n.startswith("TURBOSERVE_EMULATE")
+                  and not any(n.startswith(s) for s in sections))
 
 
 def _unparsable_env() -> list[str]:

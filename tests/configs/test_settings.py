@@ -119,3 +119,14 @@ def test_null_in_the_environment_unsets_a_yaml_value(tmp_path, monkeypatch):
     assert load_settings(config).scheduler.cost_model_dir == "/somewhere"
     monkeypatch.setenv("TURBOSERVE_SCHEDULER__COST_MODEL_DIR", "null")
     assert load_settings(config).scheduler.cost_model_dir is None
+
+
+def test_null_sets_a_setting_that_cannot_be_null_back_to_its_default(tmp_path, monkeypatch):
+    """TURBOSERVE_SCHEDULER__SLO_MS=null over a YAML value: the default (was "Input should be a valid number");
+    a nullable setting is null."""
+    config = tmp_path / "c.yaml"
+    config.write_text("scheduler:\n  slo_ms: 500\nserver:\n  grpc_port: 9001\n")
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__SLO_MS", "null")
+    monkeypatch.setenv("TURBOSERVE_SERVER__GRPC_PORT", "null")
+    settings = load_settings(config)
+    assert settings.scheduler.slo_ms == 2000.0 and settings.server.grpc_port is None
