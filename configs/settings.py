@@ -220,6 +220,14 @@ class Settings(BaseSettings):
                     f"scheduler.max_batch_tokens={self.scheduler.max_batch_tokens} must be >= "
                     f"{section}.max_input_length={limit}: a longest input would never fit in a batch"
                 )
+        sched = self.scheduler
+        if sched.policy == "fifo" and sched.fixed_batch_size > sched.max_batch_requests:
+            raise ValueError(f"scheduler.fixed_batch_size={sched.fixed_batch_size} is more than scheduler.max_batch_requests="
+                             f"{sched.max_batch_requests}: fifo would wait for batches it can never form")
+        too_big = [s for s in sched.preferred_batch_sizes if s > sched.max_batch_requests]
+        if sched.policy == "triton" and too_big:  # as Triton refuses a preferred size over max_batch_size
+            raise ValueError(f"scheduler.preferred_batch_sizes {too_big} are more than scheduler.max_batch_requests="
+                             f"{sched.max_batch_requests}")
         if self.reranker is not None and not self.reranker.path:
             raise ValueError("reranker.path must name a cross-encoder (or classifier) model folder")
         if self.server.max_client_batch_size > self.scheduler.max_queue_size:

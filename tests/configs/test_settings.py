@@ -130,3 +130,11 @@ def test_null_sets_a_setting_that_cannot_be_null_back_to_its_default(tmp_path, m
     monkeypatch.setenv("TURBOSERVE_SERVER__GRPC_PORT", "null")
     settings = load_settings(config)
     assert settings.scheduler.slo_ms == 2000.0 and settings.server.grpc_port is None
+
+
+def test_batch_sizes_a_policy_can_never_form_are_refused():
+    with pytest.raises(ValidationError, match="fixed_batch_size=32 is more than"):
+        Settings(scheduler={"policy": "fifo", "max_batch_requests": 6})
+    with pytest.raises(ValidationError, match=r"preferred_batch_sizes \[16, 32\]"):
+        Settings(scheduler={"policy": "triton", "max_batch_requests": 8})
+    assert Settings(scheduler={"policy": "dp", "max_batch_requests": 6}).scheduler.max_batch_requests == 6  # unused there
