@@ -114,6 +114,25 @@ def _heavy_requests(url: str, n: int) -> tuple[list, list[threading.Thread]]:
     return outcomes, threads
 
 
+def _signal_and_wait(proc: subprocess.Popen, log: Path, signals, status: int, threads) -> tuple[float, str]:
+    """Send the signals (0.3 s apart), check the exit status, wait for the clients; (seconds to the exit, the log).
+    The server is killed if it is still running after a failed check."""
+    try:
+        sent = time.monotonic()
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(0.3)
+            proc.send_signal(sig)
+        assert proc.wait(20) == status, log.read_text()[-3000:]
+        took = time.monotonic() - sent
+        for t in threads:
+            t.join(30)
+        return took, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signals,status,within", [((signal.SIGTERM,), 0, 3.0), ((signal.SIGINT,), 130, 2.0),
                                                    ((signal.SIGTERM, signal.SIGTERM), -signal.SIGTERM, 2.0)])
@@ -133,19 +152,10 @@ def test_what_cannot_run_before_the_exit_is_answered_503(tmp_path, signals, stat
         wait_healthy(proc, url, log)
         outcomes, threads = _heavy_requests(url, 8)
         time.sleep(0.5)  # admitted and queued
-        sent = time.monotonic()
-        for i, sig in enumerate(signals):
-            if i:
-                time.sleep(0.3)
-            proc.send_signal(sig)
-        assert proc.wait(15) == status
-        took = time.monotonic() - sent
-        for t in threads:
-            t.join(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
+    except BaseException:
+        proc.kill()
+        raise
+    took, text = _signal_and_wait(proc, log, signals, status, threads)
     assert took < within, (took, text[-2000:])
     assert len(outcomes) == 8 and all(isinstance(o, tuple) for o in outcomes), outcomes
     refused = [o for o in outcomes if o[0] == 503]
@@ -232,16 +242,10 @@ def test_a_batch_still_running_at_the_deadline_is_answered_503_and_the_exit_is_o
         for t in threads[1:]:  # and three small ones wait behind it
             t.start()
         time.sleep(0.2)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0, log.read_text()[-3000:]
-        took = time.monotonic() - sent
-        for t in threads:
-            t.join(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
+    except BaseException:
+        proc.kill()
+        raise
+    took, text = _signal_and_wait(proc, log, (signal.SIGTERM,), 0, threads)
     assert took < 1.0 + 1.5, (took, text[-2000:])
     assert len(outcomes) == 4 and all(isinstance(o, tuple) for o in outcomes), outcomes
     assert all(o[0] in (200, 503) and o[1] == "application/json" and o[2] in ("r0", "r1", "r2", "r3") for o in outcomes), outcomes
