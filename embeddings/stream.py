@@ -61,17 +61,9 @@ import redis
 import torch
 
 from embeddings.hierarchy import ParameterServer
+from embeddings.key_order import KeyOrder, entry_order
 
 logger = logging.getLogger(__name__)
-
-
-_HELD = (1 << 62, 0)  # the order of a key written here whose entry is being published (newer than any entry)
-
-
-def entry_order(entry_id: bytes | str) -> tuple[int, int]:
-    """A stream entry id (`<ms>-<seq>`) as a comparable pair: stream order."""
-    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 CURRENT_MARGIN_S = 0.5  # slack on top of block_ms for a read that returned everything to count as recent
@@ -166,8 +158,7 @@ class UpdateConsumer:
         self._lock = threading.Lock()
         self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
                         "published": 0, "settled": 0, "settle_dropped": 0, "rows_superseded": 0}
-        self._newest: dict[tuple[str, int], tuple[int, int]] = {}  # (table, key) -> the order of its value here
-        self._written: deque[tuple[float, str, list[int], tuple[int, int]]] = deque()  # (when, table, keys, order)
+        self.order = KeyOrder(2 * claim_idle_ms / 1000 + 60)  # no older entry writes over a newer value here
         self._caught_up_at = -math.inf  # monotonic time as of which every entry of the stream was applied
         if server.volatile is not None and server.volatile.shared:  # other replicas use it: write only while current
             if settle_s and settle_s <= block_ms / 1000 + CURRENT_MARGIN_S:
@@ -194,23 +185,10 @@ class UpdateConsumer:
         if publisher is not None:
             publisher.close()
 
-    def hold(self, table: str, keys: list[int]) -> None:
-        """Before writing keys here for `publish`: no entry writes them until their own entry is published."""
-        with self._lock:
-            for k in keys:
-                self._newest[(table, k)] = _HELD
-
-    def release(self, table: str, keys: list[int]) -> None:
-        """After a write for `publish` failed, or its publishing did: entries may write the keys again."""
-        with self._lock:
-            for k in keys:
-                if self._newest.get((table, k)) == _HELD:
-                    del self._newest[(table, k)]
-
     def publish(self, table: str, keys: np.ndarray | list[int], vectors: np.ndarray | list[list[float]]) -> bytes:
-        """XADD one update (already written here, its keys held) for every replica's consumer; returns the entry id.
-
-        Raises redis errors: the caller must not report the update as propagated (and releases the keys)."""
+        """XADD one update (already written here, its keys held: `order.hold`) for every replica's consumer; returns
+        the entry id. Raises redis errors: the caller must not report the update as propagated (and releases the
+        keys: `order.release`)."""
         with self._lock:
             if self._publisher is None:
                 self._publisher = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=5.0)
@@ -219,32 +197,8 @@ class UpdateConsumer:
         # approximate trimming (~) costs nothing per XADD; exact MAXLEN would rewrite a macro node each time
         entry_id = client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
         self._count(published=1)
-        self._note(table, [int(k) for k in keys], entry_order(entry_id), replace_held=True)
+        self.order.note(table, [int(k) for k in keys], entry_order(entry_id), published=True)
         return entry_id
-
-    def _note(self, table: str, keys: list[int], order: tuple[int, int], replace_held: bool = False) -> None:
-        """Keys now hold the value of the entry of `order` (kept for the window; a held key stays held unless
-        replace_held: its own entry)."""
-        now = time.monotonic()
-        with self._lock:
-            for k in keys:
-                old = self._newest.get((table, k))
-                if old is None or old < order or (replace_held and old == _HELD):
-                    self._newest[(table, k)] = order
-            self._written.append((now, table, keys, order))
-            window = 2 * self.claim_idle_ms / 1000 + 60
-            while self._written and (self._written[0][0] < now - window or len(self._newest) > 2_000_000):
-                _, t, old_keys, old_order = self._written.popleft()
-                for k in old_keys:
-                    if self._newest.get((t, k)) == old_order:
-                        del self._newest[(t, k)]
-
-    def _superseded(self, table: str, keys: np.ndarray, order: tuple[int, int]) -> np.ndarray:
-        """[n] bool: keys whose value here is newer than the entry of `order`."""
-        with self._lock:
-            if not self._newest:
-                return np.zeros(keys.size, dtype=bool)
-            return np.fromiter((self._newest.get((table, k), order) > order for k in keys.tolist()), bool, keys.size)
 
     @property
     def alive(self) -> bool:
@@ -360,13 +314,13 @@ class UpdateConsumer:
                 self._reject(client, entry_id, fields, str(exc))
                 return
             order = entry_order(entry_id)
-            newer = self._superseded(table, keys, order)
+            newer = self.order.superseded(table, keys, order)
             if newer.any():  # written here since (or a newer entry applied): this older value must not win
                 self._count(rows_superseded=int(newer.sum()))
                 keys, vectors = keys[~newer], vectors[~newer]
             if keys.size:
                 self.server.update(table, torch.from_numpy(keys), torch.from_numpy(vectors))
-                self._note(table, keys.tolist(), order)
+                self.order.note(table, keys.tolist(), order)
             self._count(applied=1, rows=keys.size)
             if self.settle_s > 0:
                 if len(self._settling) >= self.MAX_SETTLING:

@@ -22,6 +22,7 @@ from scheduler.worker import BatchWorker
 from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, ModelNotFound, TooLarge, WrongModelKind, kind_of
 from server.metrics import Metrics
 from server.middleware import Timing
+from server.request_headers import request_timeout, scheduling
 from server.stats import InferStats
 
 log = logging.getLogger(__name__)
@@ -249,44 +250,6 @@ class Engine:
         texts = [prefix + text for text in texts]
         return await _off_the_loop_if_long(texts, self.tokenizer.describe, texts, add_special_tokens)
 
-    def scheduling(self, request: Request) -> tuple[float, int]:
-        """(SLO seconds, priority) from the x-slo-ms and x-priority headers, else the server defaults."""
-        slo_ms = self.settings.scheduler.slo_ms
-        raw = request.headers.get("x-slo-ms")
-        if raw is not None:
-            try:
-                slo_ms = float(raw)
-            except ValueError:
-                slo_ms = -1.0
-            if not 0 < slo_ms <= 86_400_000:
-                raise InvalidRequest(f"x-slo-ms must be a number of milliseconds in (0, 86400000], got {raw!r}")
-        priority = 0
-        raw = request.headers.get("x-priority")
-        if raw is not None:
-            named = {"low": -1, "normal": 0, "high": 1}
-            try:
-                priority = named[raw.lower()] if raw.lower() in named else int(raw)
-            except ValueError:
-                priority = 99
-            if not -10 <= priority <= 10:
-                raise InvalidRequest(f"x-priority must be low, normal, high or an integer in [-10, 10], got {raw!r}")
-        return slo_ms / 1000, priority
-
-    def request_timeout(self, request: Request) -> float:
-        """Seconds this request may take in all (from arrival): x-request-timeout-ms, capped at
-        server.request_timeout_s, which is also the default."""
-        limit = self.settings.server.request_timeout_s
-        raw = request.headers.get("x-request-timeout-ms")
-        if raw is None:
-            return limit
-        try:
-            ms = float(raw)
-        except ValueError:
-            ms = -1.0
-        if not ms > 0:  # also refuses NaN
-            raise InvalidRequest(f"x-request-timeout-ms must be a positive number of milliseconds, got {raw!r}")
-        return min(ms / 1000, limit)
-
     async def run(self, encoded: list[Encoded], request: Request, timing: Timing,
                   per_token: bool = False) -> np.ndarray | list[np.ndarray]:
         """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled, or
@@ -307,8 +270,8 @@ class Engine:
 
     async def _run(self, encoded: list[Encoded], request: Request, timing: Timing,
                    per_token: bool) -> np.ndarray | list[np.ndarray]:
-        slo, priority = self.scheduling(request)
-        timeout = self.request_timeout(request)
+        slo, priority = scheduling(request.headers, self.settings.scheduler.slo_ms)
+        timeout = request_timeout(request.headers, self.settings.server.request_timeout_s)
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
         # The SLO counts from arrival too (tokenizing included), as the README and the planner's deadlines mean it.

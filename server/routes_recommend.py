@@ -83,12 +83,12 @@ async def update(body: UpdateRequest, request: Request):
     consumer = rec.consumer
     publishing = consumer is not None and consumer.publishes
     if publishing:  # no older stream entry writes these keys over this update before its own entry is published
-        consumer.hold(body.table, body.keys)
+        consumer.order.hold(body.table, body.keys)
     try:
         n = await _timed(request, rec.update, body.table, body.keys, body.vectors)
     except BaseException:
         if publishing:
-            consumer.release(body.table, body.keys)
+            consumer.order.release(body.table, body.keys)
         raise
     if not publishing or n == 0:  # nothing to tell the other replicas
         return json_response({"table": body.table, "updated": n})
@@ -97,7 +97,7 @@ async def update(body: UpdateRequest, request: Request):
     try:
         entry_id = await run_in_threadpool(consumer.publish, body.table, body.keys, body.vectors)
     except redis.RedisError as exc:
-        consumer.release(body.table, body.keys)
+        consumer.order.release(body.table, body.keys)
         log.warning("update of table %r written here but not published to %s: %s", body.table, consumer.stream, exc)
         raise BackendError(f"the update was written on this replica but could not be published to the update stream "
                            f"{consumer.stream!r} ({type(exc).__name__}), so other replicas do not have it; retry the "

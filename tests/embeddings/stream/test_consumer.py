@@ -168,7 +168,7 @@ def test_own_published_updates_replayed_after_newer_local_writes_never_go_back(p
     entry must not write over a newer local value (reads went 40, 34, 35, ...)."""
     with running(ps, redis_node) as c:
         for i in range(1, 41):
-            c.hold("t", [3])
+            c.order.hold("t", [3])
             ps.update("t", torch.tensor([3]), torch.from_numpy(rows([3], scale=float(i))))
             c.publish("t", [3], rows([3], scale=float(i)))
         seen = []
