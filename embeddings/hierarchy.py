@@ -249,7 +249,7 @@ class ParameterServer:
         update (embeddings/stream.py) to undo an older row another replica wrote there meanwhile."""
         keys = check_keys(keys).cpu()
         with self._lock:  # the rows read and the rows written are the same version: no update in between
-            vectors, found = self.persistent.lookup(table, keys)
+            vectors, found = self.persistent.read(table, keys)  # not a lookup: not counted as hits
             keys, vectors = keys[found], vectors[found]
             if keys.numel():
                 self._write_volatile(table, keys, vectors)

@@ -119,7 +119,14 @@ class PersistentTier(Tier):
         return self._cfs[table]
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows stored: vectors [n, dim] and found [n] (CPU tensors), one multi-get."""
+        """Rows stored: vectors [n, dim] and found [n] (CPU tensors), one multi-get; counted as hits and misses."""
+        vectors, found = self.read(table, keys)
+        hits = int(found.sum())
+        self.count(hits=hits, misses=found.numel() - hits)
+        return vectors, found
+
+    def read(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`lookup` without counting: the server's own reads (settling rows after an update), not lookups."""
         spec, cf = self.spec(table), self._cf(table)
         k = keys_to_numpy(check_keys(keys))
         values = cf.get(encode_keys(k)) if k.size else []
@@ -129,8 +136,6 @@ class PersistentTier(Tier):
         if found.any():
             rows = b"".join(v for v in values if v is not None)
             out[found] = np.frombuffer(rows, dtype=np.float32).reshape(-1, spec.dim)
-        hits = int(found.sum())
-        self.count(hits=hits, misses=k.size - hits)
         return torch.from_numpy(out), torch.from_numpy(found)
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor, sync: bool | None = None) -> None:

@@ -56,6 +56,14 @@ def utf8_element(value: bytes, i: int) -> str:
         raise InvalidRequest(f"element {i} is not valid UTF-8") from None
 
 
+def _no_data(tensor: dict) -> str:
+    """Why an input tensor has no values: no 'data' and no binary data, or a 'data' that is not a list."""
+    name = tensor.get("name")
+    if "data" in tensor:
+        return f"input {name!r}: 'data' must be a list of the shape's elements, got {type(tensor['data']).__name__}"
+    return f"input {name!r} has neither 'data' nor binary data"
+
+
 def _flatten(data) -> list:
     if isinstance(data, list):
         return [x for item in data for x in _flatten(item)]
@@ -122,7 +130,7 @@ def parse_infer(body: bytes, header_length: str | None, shm: SharedMemoryRegistr
     else:
         data = tensor.get("data")
         if not isinstance(data, list):
-            raise InvalidRequest("input has neither 'data' nor binary data")
+            raise InvalidRequest(_no_data(tensor))
         flat = _flatten(data)
         if len(flat) != count:
             raise InvalidRequest(f"shape says {count} elements, data holds {len(flat)}")
@@ -210,7 +218,7 @@ def _numeric(tensor: dict, binary: bytes, offset: int, shm: SharedMemoryRegistry
         return _shaped(name, datatype, shape, lambda: np.frombuffer(binary, dtype, count, offset)), offset + size
     data = tensor.get("data")
     if not isinstance(data, list):
-        raise InvalidRequest(f"input {name!r} has neither 'data' nor binary data")
+        raise InvalidRequest(_no_data(tensor))
     flat = _flatten(data)
     if len(flat) != count:
         raise InvalidRequest(f"input {name!r}: shape {shape} says {count} elements, data holds {len(flat)}")

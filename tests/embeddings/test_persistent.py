@@ -83,3 +83,17 @@ def test_an_acknowledged_write_survives_a_killed_process(tmp_path):
     vectors, found = tier.lookup("t", torch.tensor([42]))
     assert found.tolist() == [True] and vectors.tolist() == [[4.0, 2.0]]
     tier.close()
+
+
+def test_the_servers_own_reads_are_not_counted_as_lookups(tmp_path):
+    """refresh (the update stream's settling) reads rows to rewrite the caches: no hit or miss of a client's lookup."""
+    from embeddings.hierarchy import ParameterServer  # noqa: PLC0415
+
+    server = ParameterServer(PersistentTier(tmp_path / "db", sync=False))
+    server.create_table("t", 2)
+    server.update("t", torch.tensor([1, 2]), torch.ones(2, 2))
+    assert server.refresh("t", torch.tensor([1, 2, 3])) == 2
+    assert server.persistent.counters()["hits"] == 0 and server.persistent.counters()["misses"] == 0
+    server.lookup("t", torch.tensor([1, 3]))
+    assert server.persistent.counters()["hits"] == 1 and server.persistent.counters()["misses"] == 1
+    server.close()

@@ -76,6 +76,8 @@ KSERVE = [
      {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 404),
     ("nested too deeply", INFER, b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
     ("nested too deeply, repository", "/v2/repository/index", b"[" * 5000 + b"]" * 5000, 400),
+    ("data a scalar", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": "a"}]}, 400),
+    ("no data", INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES"}]}, 400),
     ("id an object", INFER, {"id": {"a": 1}, "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, 400),
 ]
 
@@ -230,3 +232,10 @@ def test_vllm_truncate_prompt_tokens_on_embeddings(client):
     for bad in (0, 33, -5):
         r = client.post("/v1/embeddings", json={"input": "x", "model": MODEL, "truncate_prompt_tokens": bad})
         assert r.status_code == 400 and "truncate_prompt_tokens" in r.json()["error"]["message"]
+
+
+def test_kserve_data_that_is_not_a_list_says_so(client):
+    r = _post(client, INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": 5}]})
+    assert r.status_code == 400 and "'data' must be a list of the shape's elements, got int" in r.json()["error"]
+    r = _post(client, INFER, {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES"}]})
+    assert r.status_code == 400 and "neither 'data' nor binary data" in r.json()["error"]
