@@ -8,6 +8,7 @@ numpy arrays and call `lookup`, `update` or `score`; problems raise the domain e
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 
 from configs.settings import Settings
+from embeddings.device_cache import DeviceCache
 from embeddings.factory import build_parameter_server
 from embeddings.hierarchy import ParameterServer, PrefetchedLookup
 from embeddings.persistent import PersistentTier
 from embeddings.stream import UpdateConsumer
+from embeddings.tier import TableSpec
 from models.dlrm import DLRM, load_dlrm, read_dlrm_folder
 from models.runtime import served_name
 from server.errors import InvalidRequest, ModelNotFound, NotEnabled, TableNotFound, TooLarge
@@ -216,8 +219,28 @@ def check_recommender(settings: Settings) -> None:
             if spec is not None and spec.dim != config.embedding_dim:
                 raise ValueError(f"table {table!r} is stored with dim {spec.dim}; the DLRM at {rec.model_path} needs "
                                  f"embedding_dim {config.embedding_dim}")
+        specs = dict(store.tables)
+        for table, rows in (config.tables.items() if config is not None else ()):
+            specs.setdefault(table, TableSpec(table, config.embedding_dim, rows=rows))
+        _check_cache_fits(emb, list(specs.values()))
     finally:
         store.close()
+
+
+def _check_cache_fits(emb, specs: list[TableSpec]) -> None:
+    """ValueError when the device cache the settings ask for exceeds the memory its device has free (it failed at
+    load with the allocator's own message, the server left unready)."""
+    capacity = emb.cache_rows if emb.cache_rows is not None else emb.cache_fraction
+    cache = DeviceCache(capacity, emb.cache_ways, emb.cache_policy, emb.cache_device, fused=False)  # no tables yet
+    need = sum(DeviceCache.bytes_per_table(math.ceil(cache.capacity_rows(s) / cache.ways), cache.ways, s.dim, cache.policy)
+               for s in specs if s.rows is not None or emb.cache_rows is not None)
+    if cache.device.type == "cuda":
+        free = torch.cuda.mem_get_info(cache.device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free:
+        raise ValueError(f"the device cache of {len(specs)} tables needs {need / 2**30:.1f} GiB on {cache.device}, where "
+                         f"{free / 2**30:.1f} GiB are free: lower embeddings.cache_fraction or set embeddings.cache_rows")
 
 
 def build_recommender(settings: Settings) -> Recommender:

@@ -269,6 +269,7 @@ def test_recommendation_settings_the_server_cannot_serve_are_refused_at_start(tm
     cases = [
         ({"TURBOSERVE_RECOMMEND__MODEL_PATH": str(tmp_path / "nowhere")}, "recommend.model_path: model folder"),
         ({"TURBOSERVE_RECOMMEND__NAME": "all-MiniLM-L6-v2"}, "is also the encoder's name"),
+        ({"TURBOSERVE_EMBEDDINGS__CACHE_ROWS": str(10 ** 11)}, "lower embeddings.cache_fraction or set embeddings.cache_rows"),
     ]
     for extra, needle in cases:
         out = run("serve", "--port", "0", env={**base, **extra})
