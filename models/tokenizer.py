@@ -9,6 +9,7 @@ from typing import Literal
 from tokenizers import Tokenizer
 
 Direction = Literal["right", "left"]
+SHORT_TEXT_CHARS = 4096  # up to this, one text is tokenized by encode() (no thread pool); beyond, encode_batch
 
 
 class InputTooLong(ValueError):
@@ -102,14 +103,17 @@ class TextTokenizer:
         text's place in the request, for error messages (default: its place in `texts`). limit: truncate (when
         asked) at this many tokens, special tokens included, instead of max_length."""
         tok = self._tokenizer(direction, limit)
-        # One text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms).
-        encodings = _refused_texts(lambda: [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts),
+        # One short text: encode() runs on this thread; encode_batch wakes the library's thread pool (~0.1 ms). But
+        # encode() holds the GIL throughout, encode_batch does not: a long text in a worker thread would stop the
+        # event loop (1.9 MB: 2 s without an answer to /health).
+        single = len(texts) == 1 and len(texts[0]) <= SHORT_TEXT_CHARS
+        encodings = _refused_texts(lambda: [tok.encode(texts[0])] if single else tok.encode_batch(texts),
                                    texts, "input", positions)
         out = []
         for i, enc in enumerate(encodings):
             truncated = bool(enc.overflowing)
             if truncated and not truncate:
-                length = len(self._full.encode(texts[i]).ids)
+                length = len(self._full.encode_batch([texts[i]])[0].ids)  # the batch call: the GIL released
                 raise InputTooLong(i if positions is None else positions[i], length, self.max_length)
             out.append(Encoded(list(enc.ids), truncated))
         return out
@@ -124,7 +128,7 @@ class TextTokenizer:
         encodings = _refused_texts(lambda: tok.encode_batch(pairs), [a + b for a, b in pairs], "pair", positions)
         for i, enc in enumerate(encodings):
             if enc.overflowing and not truncate:
-                raise InputTooLong(i if positions is None else positions[i], len(self._full.encode(*pairs[i]).ids),
+                raise InputTooLong(i if positions is None else positions[i], len(self._full.encode_batch([pairs[i]])[0].ids),
                                    self.max_length)
             # The template's own token types (BERT: 1 from the second text on; RoBERTa: none).
             segment = enc.type_ids.index(1) if 1 in enc.type_ids else None
@@ -171,7 +175,7 @@ class TextTokenizer:
 
     def pieces(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
         """(ids, the vocabulary's token strings, e.g. "##ing") of a text, untruncated: vLLM's /tokenize."""
-        enc = _refused_texts(lambda: self._full.encode(text, add_special_tokens=add_special_tokens), [text])
+        enc = _refused_texts(lambda: self._full.encode_batch([text], add_special_tokens=add_special_tokens)[0], [text])
         return enc.ids, enc.tokens
 
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:

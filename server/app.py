@@ -211,7 +211,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.draining = False
     app.state.shutdown_deadline = None  # time.monotonic() by which a drain must be over (set by SIGTERM)
     app.state.grpc_port = None  # the bound port, once the gRPC server runs
-    app.state.shared_memory = SharedMemoryRegistry(settings.server.shared_memory)
+    app.state.shared_memory = SharedMemoryRegistry(settings.server.shared_memory, settings.server.payload_limit)
     edge_state = {"in_flight": 0, "last_activity": 0.0}
 
     def begin_drain() -> None:

@@ -40,6 +40,9 @@ class TritonExtensions:
             timing, code = call_timing(metadata), grpc.StatusCode.OK
             try:
                 message = pb.ModelStreamInferResponse(infer_response=await self._infer(request, metadata, timing, context))
+            except asyncio.CancelledError:  # the client closed the stream: recorded as the unary call's cancellation
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:
                 kind = kind_of(exc)
                 if kind is None:
@@ -124,3 +127,15 @@ class TritonExtensions:
             repository_unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
         return await self._answer("RepositoryModelUnload", context, work)
+
+    async def LogSettings(self, request, context):
+        await self._unimplemented("LogSettings", context, "Triton's logging extension")
+
+    async def TraceSetting(self, request, context):
+        await self._unimplemented("TraceSetting", context, "Triton's trace extension")
+
+    async def _unimplemented(self, rpc: str, context, what: str) -> None:
+        """UNIMPLEMENTED, counted and logged as any call (grpcio's default logged a traceback at ERROR each time)."""
+        metadata = call_metadata(context)
+        self._record(rpc, grpc.StatusCode.UNIMPLEMENTED, call_timing(metadata), metadata, context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by this server")

@@ -97,7 +97,7 @@ def _params(holder: dict, what: str) -> dict:
 
 def texts_count(shape) -> int:
     """How many texts a BYTES input of `shape` holds: [n] or [n, 1]; InvalidRequest otherwise."""
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) not in (1, 2) \
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) not in (1, 2) \
             or (len(shape) == 2 and shape[1] != 1):
         raise InvalidRequest(f"input shape must be [n] or [n, 1], got {shape!r}")
     return shape[0]

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, TooLarge
 
 SHM_DIR = "/dev/shm"
 _KEY = re.compile(r"/?([^/\x00]{1,255})")
@@ -80,8 +80,10 @@ def placed(t: Target, written: int) -> dict:
 class SharedMemoryRegistry:
     """The system shared memory regions registered by clients, by name (one registry for HTTP and gRPC)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, max_read: int | None = None):
+        """max_read: most bytes one input may read from a region (server.payload_limit, as a request body)."""
         self.enabled = enabled
+        self.max_read = max_read
         self._regions: dict[str, _Region] = {}
 
     def _check_enabled(self) -> None:
@@ -146,6 +148,8 @@ class SharedMemoryRegistry:
         self._span(t, what)
 
     def read(self, t: Target, what: str) -> bytes:
+        if self.max_read is not None and t.byte_size > self.max_read:  # as a body over payload_limit
+            raise TooLarge(f"{what}: {t.byte_size} bytes in shared memory, over the {self.max_read}-byte payload limit")
         region, start = self._span(t, what)
         data = os.pread(region.fd, t.byte_size, start)
         if len(data) != t.byte_size:

@@ -266,8 +266,29 @@ def test_a_cancelled_stream_drops_its_queued_requests():
             wait_for(lambda: engine.queue.depth == 2)
             client.stop_stream(cancel_requests=True)
             wait_for(lambda: dropped(s, "disconnect") == 2 and engine.queue.depth == 0)
+            # counted as cancelled, as a unary call is (it was counted OK)
+            wait_for(lambda: s.app.state.metrics.registry.get_sample_value(
+                "turboserve_requests_total", {"route": "grpc ModelStreamInfer", "status": "CANCELLED"}) == 2)  # both
         finally:
             embedder.gate.set()
             client.close()
         gone = [engine.tokenizer.encode([t])[0].ids for t in ("queued one", "queued two")]
         assert not any(ids in batch for batch in embedder.batches for ids in gone)
+
+
+def test_triton_rpcs_not_supported_answer_unimplemented_without_a_traceback(grpc_srv, gc, caplog):
+    for call in (gc.get_log_settings, gc.get_trace_settings):
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert "StatusCode.UNIMPLEMENTED" in str(err.value.status()) and "not supported" in err.value.message()
+    assert "Traceback" not in caplog.text and "NotImplementedError" not in caplog.text
+
+
+def test_shared_memory_inputs_are_held_to_the_payload_limit(grpc_srv):
+    from server.errors import TooLarge  # noqa: PLC0415
+    from server.shared_memory import SharedMemoryRegistry, Target  # noqa: PLC0415
+
+    registry = SharedMemoryRegistry(True, max_read=1000)
+    with pytest.raises(TooLarge, match="over the 1000-byte payload limit"):
+        registry.read(Target("r", 5000, 0), "input 'text'")
+    assert grpc_srv.app.state.shared_memory.max_read == 2_000_000  # server.payload_limit's default
