@@ -34,6 +34,7 @@ from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
 from server.grpc_common import CODES, Call, call_metadata, call_timing
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
+    CLASSIFICATION_REFUSED,
     NUMPY_TYPES,
     decode_bytes_tensor,
     fp32_bytes,
@@ -98,6 +99,8 @@ def _texts(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) -> list[str
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidRequest(f"{len(request.raw_input_contents)} raw_input_contents for one input")
+        if tensor.contents.bytes_contents:  # as Triton: one or the other
+            raise InvalidRequest(f"input {tensor.name!r} has both contents and raw_input_contents")
         return decode_bytes_tensor(request.raw_input_contents[0], count)
     elements = tensor.contents.bytes_contents
     if len(elements) != count:
@@ -138,6 +141,8 @@ def _output_targets(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) ->
     """Requested outputs to write to shared memory, checked against their regions before any work."""
     targets = {}
     for out in request.outputs:
+        if "classification" in out.parameters:
+            raise InvalidRequest(CLASSIFICATION_REFUSED)
         place = _shm_target(out, f"output {out.name!r}")
         if place is not None:
             shm.check(place, f"output {out.name!r}")

@@ -152,6 +152,11 @@ def _request_id(doc: dict) -> str | None:
     return None if request_id is None else str(request_id)
 
 
+# Triton's classification extension (an output's `classification` parameter, tritonclient's class_count): not served;
+# refused rather than answered with the full tensor a client would read as top-k labels.
+CLASSIFICATION_REFUSED = "the classification extension (an output's 'classification' parameter) is not supported"
+
+
 def _outputs(doc: dict, shm: SharedMemoryRegistry) -> tuple[list[dict], dict, bool, dict[str, Target]]:
     """(requested outputs, request parameters, binary output?, shared memory targets by output name); each
     target is checked against its region now, before any work is done."""
@@ -164,6 +169,8 @@ def _outputs(doc: dict, shm: SharedMemoryRegistry) -> tuple[list[dict], dict, bo
     targets = {}
     for out in outputs:
         what = f"output {out.get('name')!r}"
+        if "classification" in _params(out, what):
+            raise InvalidRequest(CLASSIFICATION_REFUSED)
         where = target(_params(out, what), what)
         if where is not None:
             shm.check(where, what)

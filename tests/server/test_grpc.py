@@ -292,3 +292,23 @@ def test_shared_memory_inputs_are_held_to_the_payload_limit(grpc_srv):
     with pytest.raises(TooLarge, match="over the 1000-byte payload limit"):
         registry.read(Target("r", 5000, 0), "input 'text'")
     assert grpc_srv.app.state.shared_memory.max_read == 2_000_000  # server.payload_limit's default
+
+
+def test_triton_classification_and_double_contents_are_refused(gc):
+    """An output's classification parameter (tritonclient's class_count) is refused, not answered with the full
+    tensor; an input with both contents and raw_input_contents is refused, as Triton refuses it."""
+    with pytest.raises(InferenceServerException) as err:
+        gc.infer(MODEL, [_input(["x"])], outputs=[tgrpc.InferRequestedOutput("embedding", class_count=3)])
+    assert "classification" in err.value.message()
+    from tritonclient.grpc import service_pb2 as pb  # noqa: PLC0415
+
+    request = pb.ModelInferRequest(model_name=MODEL)
+    tensor = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"x")
+    request.raw_input_contents.append(b"\\x01\\x00\\x00\\x00y")
+    stub = gc._client_stub
+    import grpc  # noqa: PLC0415
+
+    with pytest.raises(grpc.RpcError) as rpc:
+        stub.ModelInfer(request)
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "both contents" in rpc.value.details()

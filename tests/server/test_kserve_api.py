@@ -138,3 +138,11 @@ def test_a_json_type_that_fastapi_does_not_read_is_a_415(client):
     assert r.status_code == 415 and "text/json" in r.json()["error"]
     r = client.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/vnd.api+json"})
     assert r.status_code == 200
+
+
+def test_the_classification_extension_is_refused(tc):
+    inp = triton.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"x"], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        tc.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("embedding", class_count=3)])
+    assert "classification" in str(err.value)
