@@ -207,8 +207,10 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # log_config=None keeps the handlers configured above; uvicorn's own access line stays off, the access
     # line is EdgeMiddleware's (it has the request id and the timings).
+    from server.http_protocol import GuardedHttpToolsProtocol
+
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=s.shutdown_timeout_s)
+                            timeout_graceful_shutdown=s.shutdown_timeout_s, http=GuardedHttpToolsProtocol)
     status = 0
     try:
         DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,

@@ -20,6 +20,7 @@ from scheduler.planner import Limits, PolicyConfig
 from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
 from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, ModelNotFound, TooLarge, WrongModelKind, kind_of
+from server.logs import printable
 from server.metrics import Metrics
 from server.middleware import Timing
 from server.request_headers import request_timeout, scheduling
@@ -303,9 +304,10 @@ class Engine:
             withdrawn = self._give_up(items, reason)
             results.cancel()
             if reason == DISCONNECT:
-                log.info("request %s: client disconnected; its queued sequences were dropped", timing.request_id)
+                log.info("request %s: client disconnected; its queued sequences were dropped", printable(timing.request_id))
                 raise ClientDisconnected("client closed the connection before the answer was ready")
-            log.warning("request %s: no answer within %.3fs; its queued sequences were dropped", timing.request_id, timeout)
+            log.warning("request %s: no answer within %.3fs; its queued sequences were dropped", printable(timing.request_id),
+                        timeout)
             what = "the request was not computed" if withdrawn == len(items) else \
                 f"{len(items) - withdrawn} of its {len(items)} inputs had left the queue for a batch; the answer was dropped"
             raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; {what}")

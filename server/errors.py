@@ -52,6 +52,10 @@ class Unauthorized(PermissionError):
     """Missing or wrong API key."""
 
 
+class BodyTimeout(ValueError):
+    """The client stopped sending its request body."""
+
+
 class UnsupportedMedia(ValueError):
     """A body in a type or content coding the route does not read."""
 
@@ -89,6 +93,7 @@ KINDS: dict[type, ErrorKind] = {
     ModelFolderError: ErrorKind(500, "server_error", "model_error", "Backend"),
     ClientDisconnected: ErrorKind(499, "client_closed_request", "client_disconnected", "Validation"),
     UnsupportedMedia: ErrorKind(415, "invalid_request_error", "unsupported_media_type", "Validation"),
+    BodyTimeout: ErrorKind(408, "invalid_request_error", "request_timeout", "Validation"),
 }
 VALIDATION = KINDS[InvalidRequest]
 UNSUPPORTED_MEDIA = KINDS[UnsupportedMedia]

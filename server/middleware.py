@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from scheduler.errors import NotReady
 from server.errors import (
     INTERNAL,
+    BodyTimeout,
     InvalidRequest,
     TooLarge,
     Unauthorized,
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 SCOPE_KEY = "turboserve"
+BODY_IDLE_TIMEOUT_S = 30.0  # a request body that stops arriving for this long is a 408 (it held its connection forever)
 
 
 @dataclass
@@ -133,7 +135,14 @@ class EdgeMiddleware:
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.payload_limit:
             await refuse(TooLarge(f"request body of {int(declared)} bytes is over the {self.payload_limit}-byte limit"))
             return
-        body, too_large = await self._read_body(receive)
+        try:
+            body, too_large = await self._read_body(receive)
+        except BodyTimeout as exc:  # the rest of the body may still come: the connection cannot carry another request
+            await refuse(exc, [(b"connection", b"close")])
+            return
+        except asyncio.CancelledError:  # shut down while the client was still sending its body
+            await refuse(NotReady("the server shut down before this request was received; retry it"), [(b"retry-after", b"1")])
+            return
         if too_large:
             await refuse(TooLarge(f"request body is over the {self.payload_limit}-byte limit"))
             return
@@ -155,11 +164,12 @@ class EdgeMiddleware:
             if sent["status"]:
                 raise
             log.warning("request %s %s (request id %s) not answered before shutdown: 503", scope.get("method"),
-                        scope["path"], request_id)
+                        printable(scope["path"]), printable(request_id))
             await refuse(NotReady("the server shut down before this request was answered; retry it"),
                          [(b"retry-after", b"1")])
         except Exception:
-            log.exception("unhandled error in request %s %s (request id %s)", scope.get("method"), scope["path"], request_id)
+            log.exception("unhandled error in request %s %s (request id %s)", scope.get("method"), printable(scope["path"]),
+                          printable(request_id))
             if sent["status"]:
                 raise  # the response already started; nothing clean is left to send
             status, payload = error_body(family, INTERNAL, f"internal error; request id {request_id}")
@@ -188,14 +198,17 @@ class EdgeMiddleware:
             "tokenization_ms": round(timing.tokenization * 1000, 3),
             "queue_ms": round(timing.queue * 1000, 3),
             "inference_ms": round(timing.inference * 1000, 3),
-            "user_agent": user_agent.decode("latin-1") if user_agent else None,
+            "user_agent": user_agent.decode("latin-1")[:256] if user_agent else None,  # as the request id: bounded
         }})
 
     async def _read_body(self, receive) -> tuple[bytes, bool]:
         """Read the whole body, stopping once it passes the limit."""
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_IDLE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the request body stopped arriving for {BODY_IDLE_TIMEOUT_S:.0f} s") from None
             if message["type"] != "http.request":
                 return b"", False  # disconnected while sending; the app sees the disconnect next
             chunk = message.get("body", b"")

@@ -104,7 +104,10 @@ class ServerThread:
     def __init__(self, app, wait_ready: bool = True):
         self.app = app
         self.wait_ready = wait_ready
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        from server.http_protocol import GuardedHttpToolsProtocol  # noqa: PLC0415 - the protocol `turboserve serve` runs
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    http=GuardedHttpToolsProtocol))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

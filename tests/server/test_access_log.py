@@ -148,3 +148,26 @@ def test_app_log_lines_during_a_request_carry_its_id(capture, monkeypatch):
     (line,) = [json.loads(line) for line in lines.lines]
     assert line["request_id"] == "rid-500" and line["level"] == "error"
     assert "RuntimeError: secret internal detail" in line["exc_info"]  # the traceback goes to the log only
+
+
+def test_a_huge_user_agent_and_a_forging_request_id_stay_bounded_and_on_one_line(capture):
+    """A 1 MiB User-Agent made a 1 MiB access line; a request id with U+0085 went raw into the engine's timeout
+    message (a forged line in a text log)."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from tests.support import DummyEmbedder  # noqa: PLC0415
+
+    access = capture(ACCESS_LOGGER, JsonFormatter())
+    engine = capture("server.engine", TextFormatter())
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"access_log": True}) as s, ThreadPoolExecutor(2) as pool, s.client() as c:
+        c.post("/embed", json={"inputs": "x"}, headers={"user-agent": "a" * 1_000_000})
+        blocker = embedder.occupy(pool, c)
+        r = c.post("/embed", json={"inputs": "late"}, headers={"x-request-id": b"rid\x85 ERROR forged: FAKE",
+                                                                "x-request-timeout-ms": "100"})
+        assert r.status_code == 504
+        embedder.gate.set()
+        blocker.result(10)
+    assert access.lines and all(len(line) < 4000 for line in access.lines), max(map(len, access.lines))
+    timed_out = [line for line in engine.lines if "no answer within" in line]
+    assert timed_out and all("\x85" not in line for line in timed_out), timed_out

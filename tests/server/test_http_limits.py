@@ -1,0 +1,87 @@
+"""The HTTP front end's limits (server/http_protocol.py, the edge's body timeout), through raw sockets: what a
+slowloris, a huge header or a client that pipelines without reading did to every other client."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from server import http_protocol, middleware
+from tests.support import dummy_server
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.fixture
+def short_limits(monkeypatch):
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(middleware, "BODY_IDLE_TIMEOUT_S", 0.5)
+
+
+def test_a_head_over_the_limit_is_431_at_once_and_others_are_served():
+    with dummy_server() as s:
+        sock = _connect(s.url)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        started = time.monotonic()
+        try:
+            for _ in range(64):  # 64 x 64 KiB: it was read whole (a 128 MiB header stalled the event loop for seconds)
+                sock.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed by the server: what this test wants
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 431") and time.monotonic() - started < 5, answer[:200]
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+def test_a_head_that_stops_arriving_is_408_and_an_idle_connection_is_closed(short_limits):
+    with dummy_server() as s:
+        half, idle = _connect(s.url), _connect(s.url)
+        half.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and then nothing (slowloris)
+        started = time.monotonic()
+        assert _read_all(half).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+        assert _read_all(idle) == b""  # connected and sent nothing: closed, not held forever
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+def test_a_body_that_stops_arriving_is_408_in_the_routes_shape(short_limits):
+    with dummy_server() as s:
+        sock = _connect(s.url)
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"in")
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 408") and b'"error_type":"Validation"' in answer.replace(b" ", b""), answer
+        r = httpx.post(f"{s.url}/embed", json={"inputs": "x"})
+        assert r.status_code == 200
+
+
+def test_a_client_pipelining_without_reading_is_held_to_a_few_queued_requests():
+    """It sent ~60k requests a connection without reading an answer: every one was parsed and queued (170 MB). Now
+    reading pauses while PIPELINE_LIMIT wait: at most one read's worth (256 KiB) more is ever parsed ahead."""
+    with dummy_server() as s:
+        sock = _connect(s.url)
+        sock.setblocking(False)
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        sent, deadline = 0, time.monotonic() + 2
+        while time.monotonic() < deadline and sent < 2_000_000:
+            try:
+                sent += sock.send(request * 256)
+            except BlockingIOError:
+                time.sleep(0.05)
+        time.sleep(0.5)
+        queued = max(len(p.pipeline) for p in s.server.server_state.connections)
+        assert sent > 1_000_000 and queued <= http_protocol.PIPELINE_LIMIT + 262_144 // len(request), (sent, queued)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+        sock.close()
+        assert httpx.get(f"{s.url}/health").status_code == 200
