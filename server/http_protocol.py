@@ -40,6 +40,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self.flow = _PipelineFlow(transport, self.pipeline)
         self._head_bytes: int | None = 0  # bytes of the head read so far; None between a head and the next
+        self._oversized = False  # a whole head over the limit arrived at once: refused after this read
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
 
     def connection_lost(self, exc) -> None:
@@ -50,17 +51,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes is None and (self.cycle is None or self.cycle.response_complete):
             self._start_head()  # a keep-alive connection's next request begins
         super().data_received(data)
-        if self._head_bytes is not None and not self.transport.is_closing():
+        if self._oversized and not self.transport.is_closing():
+            self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
+        elif self._head_bytes is not None and not self.transport.is_closing():
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
+            if self._head_bytes > MAX_HEAD_BYTES:  # still incomplete: stop reading it
                 self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
         if len(self.pipeline) >= PIPELINE_LIMIT and not self.transport.is_closing():
             self.flow.pause_reading()  # a client that sends without reading waits on its own answers
 
     def on_headers_complete(self) -> None:
-        self._head_bytes = None
         self._stop_head_timer()
+        if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEAD_BYTES:
+            self._oversized = True  # no request is made of it; data_received answers 431
+            return
+        self._head_bytes = None
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._oversized:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._oversized:
+            super().on_message_complete()
 
     def _start_head(self) -> None:
         self._head_bytes = 0

@@ -43,7 +43,10 @@ def test_a_head_over_the_limit_is_431_at_once_and_others_are_served():
             pass  # closed by the server: what this test wants
         answer = _read_all(sock)
         assert answer.startswith(b"HTTP/1.1 431") and time.monotonic() - started < 5, answer[:200]
-        assert httpx.get(f"{s.url}/health").status_code == 200
+        whole = _connect(s.url)  # a head over the limit that arrives in one piece
+        whole.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert _read_all(whole).startswith(b"HTTP/1.1 431")
+        assert httpx.get(f"{s.url}/health", headers={"x-fine": "a" * 8000}).status_code == 200
 
 
 def test_a_head_that_stops_arriving_is_408_and_an_idle_connection_is_closed(short_limits):
