@@ -11,7 +11,7 @@ import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -46,13 +46,11 @@ class _Section(BaseModel):
         default (it was refused as "not a valid number"); one that can is null."""
         if not isinstance(data, dict):
             return data
-        return {k: v for k, v in data.items()
-                if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required() is False
-                and _nullable(cls.model_fields[k])}
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields or _nullable(cls.model_fields[k])}
 
 
 def _nullable(field: FieldInfo) -> bool:
-    return "None" in str(field.annotation)
+    return type(None) in get_args(field.annotation)
 
 
 class ServerSettings(_Section):

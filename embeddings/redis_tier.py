@@ -155,7 +155,10 @@ class RedisTier(Tier):
                     self._mark_dirty(table, keys)
             raise
         if self.journal is not None and dirty:
-            self.journal.journal_remove({t: None if k is None else np.fromiter(k, np.int64, len(k)) for t, k in dirty.items()})
+            with self._lock:  # keys a failure marked again meanwhile keep their journal entries
+                again = dict(self._dirty)
+            self.journal.journal_remove({t: None if k is None else np.fromiter(k - again.get(t, set()), np.int64)
+                                         for t, k in dirty.items() if again.get(t, set()) is not None})
 
     def _mark_dirty(self, table: str, keys: Any) -> None:
         old = self._dirty.get(table, set())

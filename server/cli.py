@@ -190,11 +190,9 @@ def serve(args: argparse.Namespace) -> int:
 
     try:  # the DLRM and the embedding store, refused now rather than leaving a server unready for good
         check_recommender(settings)
-    except ModelFolderError as exc:
-        print(f"turboserve: recommend.model_path: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"turboserve: {exc}", file=sys.stderr)
+    except ValueError as exc:  # ModelFolderError (a ValueError) is the DLRM folder's
+        where = "recommend.model_path: " if isinstance(exc, ModelFolderError) else ""
+        print(f"turboserve: {where}{exc}", file=sys.stderr)
         return 2
 
     import uvicorn

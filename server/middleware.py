@@ -150,7 +150,7 @@ class EdgeMiddleware:
             await refuse(exc, [(b"connection", b"close")])
             return
         except asyncio.CancelledError:  # shut down while the client was still sending its body
-            await refuse(NotReady("the server shut down before this request was received; retry it"), [(b"retry-after", b"1")])
+            await refuse(*_shut_down("received"))
             return
         if too_large:
             await refuse(TooLarge(f"request body is over the {self.payload_limit}-byte limit"))
@@ -174,8 +174,7 @@ class EdgeMiddleware:
                 raise
             log.warning("request %s %s (request id %s) not answered before shutdown: 503", scope.get("method"),
                         printable(scope["path"]), printable(request_id))
-            await refuse(NotReady("the server shut down before this request was answered; retry it"),
-                         [(b"retry-after", b"1")])
+            await refuse(*_shut_down("answered"))
         except Exception:
             log.exception("unhandled error in request %s %s (request id %s)", scope.get("method"), printable(scope["path"]),
                           printable(request_id))
@@ -241,6 +240,11 @@ class EdgeMiddleware:
             return await receive()
 
         return replay
+
+
+def _shut_down(what: str) -> tuple[NotReady, list[tuple[bytes, bytes]]]:
+    """The 503 (and its Retry-After) of a request uvicorn cancelled at shutdown before it was `what`."""
+    return NotReady(f"the server shut down before this request was {what}; retry it"), [(b"retry-after", b"1")]
 
 
 def decode_body(body: bytes, coding: bytes, limit: int) -> bytes:

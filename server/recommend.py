@@ -188,9 +188,22 @@ class Recommender:
         self.ps.close()
 
 
-def recommender_name(settings: Settings) -> str:
-    """The DLRM's served name: recommend.name, else its folder's name."""
-    return settings.recommend.name or Path(settings.recommend.model_path).resolve().name
+def dlrm_name(settings: Settings) -> str:
+    """The DLRM's served name: recommend.name, else its folder's name; ValueError when the encoder has it."""
+    name = settings.recommend.name or Path(settings.recommend.model_path).resolve().name
+    if name == served_name(settings.model.path, settings.model.name):
+        raise ValueError(f"recommend.name={name!r} is also the encoder's name: give them different names "
+                         "(recommend.name or model.name)")
+    return name
+
+
+def check_table_dims(stored: dict[str, TableSpec], config, model_path: str) -> None:
+    """ValueError for a table the DLRM uses that is stored with another dim."""
+    for table in config.tables:
+        spec = stored.get(table)
+        if spec is not None and spec.dim != config.embedding_dim:
+            raise ValueError(f"table {table!r} is stored with dim {spec.dim}; the DLRM at {model_path} needs "
+                             f"embedding_dim {config.embedding_dim}")
 
 
 def check_recommender(settings: Settings) -> None:
@@ -203,10 +216,7 @@ def check_recommender(settings: Settings) -> None:
     config = None
     if rec.model_path:
         config, _ = read_dlrm_folder(rec.model_path)
-        name, encoder = recommender_name(settings), served_name(settings.model.path, settings.model.name)
-        if name == encoder:
-            raise ValueError(f"recommend.name={name!r} is also the encoder's name: give them different names "
-                             "(recommend.name or model.name)")
+        dlrm_name(settings)
     path = os.path.expanduser(emb.path)
     try:
         store = PersistentTier(path, sync=False)
@@ -214,14 +224,11 @@ def check_recommender(settings: Settings) -> None:
         raise ValueError(f"embeddings.path: cannot open the embedding store at {path}: {exc} (is another server or an "
                          "import using it?)") from None
     try:
-        for table in (config.tables if config is not None else {}):
-            spec = store.tables.get(table)
-            if spec is not None and spec.dim != config.embedding_dim:
-                raise ValueError(f"table {table!r} is stored with dim {spec.dim}; the DLRM at {rec.model_path} needs "
-                                 f"embedding_dim {config.embedding_dim}")
         specs = dict(store.tables)
-        for table, rows in (config.tables.items() if config is not None else ()):
-            specs.setdefault(table, TableSpec(table, config.embedding_dim, rows=rows))
+        if config is not None:
+            check_table_dims(specs, config, rec.model_path)
+            for table, rows in config.tables.items():
+                specs.setdefault(table, TableSpec(table, config.embedding_dim, rows=rows))
         _check_cache_fits(emb, list(specs.values()))
     finally:
         store.close()
@@ -249,23 +256,16 @@ def build_recommender(settings: Settings) -> Recommender:
     model, name = None, None
     if rec.model_path:
         config, _ = read_dlrm_folder(rec.model_path)  # a bad folder fails before RocksDB is opened
-        name = recommender_name(settings)
-        encoder = served_name(settings.model.path, settings.model.name)
-        if name == encoder:
-            raise ValueError(f"recommend.name={name!r} is also the encoder's name: give them different names "
-                             "(recommend.name or model.name)")
+        name = dlrm_name(settings)
     ps = build_parameter_server(emb)
     try:
         if rec.model_path:
+            check_table_dims(ps.tables, config, rec.model_path)
             for table, rows in config.tables.items():
-                spec = ps.tables.get(table)
-                if spec is None:
+                if table not in ps.tables:
                     log.warning("table %r of the DLRM is not in %s: every key answers the default vector until it "
                                 "is imported (turboserve import-embeddings)", table, emb.path)
                     ps.create_table(table, config.embedding_dim, rows=rows)
-                elif spec.dim != config.embedding_dim:
-                    raise ValueError(f"table {table!r} is stored with dim {spec.dim}; the DLRM at {rec.model_path} "
-                                     f"needs embedding_dim {config.embedding_dim}")
             model = load_dlrm(rec.model_path, device=ps.device)
         consumer = None
         if emb.update_stream:
