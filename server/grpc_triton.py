@@ -19,6 +19,14 @@ from server.shared_memory import cuda_refused
 log = logging.getLogger(__name__)
 
 
+def _check_final_response_flag(request) -> None:
+    """Triton's `triton_enable_empty_final_response` must be a bool; no empty final message is ever needed here
+    (every answer is its request's last), so its value changes nothing."""
+    flag = request.parameters.get("triton_enable_empty_final_response")
+    if flag is not None and flag.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidRequest("invalid value type for 'triton_enable_empty_final_response' parameter, expected bool_param")
+
+
 class TritonExtensions:
     """A mixin of the servicer: `self.app`, `self._answer(rpc, context, work)`, `self._infer`, `self._check_key`
     and `self._record` are the servicer's."""
@@ -39,6 +47,7 @@ class TritonExtensions:
         async def one(request) -> None:
             timing, code = call_timing(metadata), grpc.StatusCode.OK
             try:
+                _check_final_response_flag(request)
                 message = pb.ModelStreamInferResponse(infer_response=await self._infer(request, metadata, timing, context))
             except asyncio.CancelledError:  # the client closed the stream: recorded as the unary call's cancellation
                 code = grpc.StatusCode.CANCELLED
@@ -54,6 +63,9 @@ class TritonExtensions:
                     error_message=text, infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
             finally:
                 self._record("ModelStreamInfer", code, timing, metadata, context)
+            # as Triton: a model that is not decoupled answers a request with one message, its last
+            # (clients that pass enable_empty_final_response=True wait for this flag, answers and errors alike)
+            message.infer_response.parameters["triton_final_response"].bool_param = True
             await answers.put(message)
 
         async def read() -> None:

@@ -248,6 +248,37 @@ def test_streaming_inference_answers_each_request_batches_them_and_reports_error
     assert any(len(ids & {tuple(x) for x in batch}) == 3 for batch in embedder.batches)  # one batch for the three
 
 
+def test_stream_answers_carry_tritons_final_response_flag(grpc_srv):
+    """Clients of decoupled-aware code (`async_stream_infer(..., enable_empty_final_response=True)`) read
+    `triton_final_response` to know a request is done: every answer, error or not, is its request's last, as
+    Triton's for a model that is not decoupled, and no empty message follows; a flag that is not a bool is refused."""
+    import queue  # noqa: PLC0415
+
+    answers: queue.Queue = queue.Queue()
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_srv.app.state.grpc_port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_srv.app.state.grpc_port}"))
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(MODEL, [_input(["one"])], request_id="a", enable_empty_final_response=True)
+        client.async_stream_infer(MODEL, [_input(["two"])], request_id="b")
+        got = [answers.get(timeout=10) for _ in range(2)]
+        time.sleep(0.3)
+        assert answers.empty()  # one message a request, none empty
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(e is None for _, e in got)
+    assert {r.get_response().id: r.get_response().parameters["triton_final_response"].bool_param for r, _ in got} == {
+        "a": True, "b": True}
+    unknown = service_pb2.ModelInferRequest(model_name="not-a-model", id="z")
+    typed = service_pb2.ModelInferRequest(model_name=MODEL, id="t")  # tritonclient refuses to send it; others may
+    typed.parameters["triton_enable_empty_final_response"].int64_param = 1
+    replies = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter([unknown, typed]), timeout=10)}
+    assert sorted(replies) == ["t", "z"] and "not-a-model" in replies["z"].error_message
+    assert "expected bool_param" in replies["t"].error_message
+    assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in replies.values())
+
+
 def test_a_cancelled_stream_drops_its_queued_requests():
     from tests.server.test_failures import wait_for  # noqa: PLC0415
     from tests.server.test_overload import dropped  # noqa: PLC0415
