@@ -194,6 +194,28 @@ def test_a_drifted_refinement_is_not_trusted_from_disk(tmp_path):
     assert loaded.predict_lengths([32, 32]) == pytest.approx(truth.predict_lengths([32, 32]), rel=0.05)
 
 
+def test_a_knot_inflated_by_a_slow_spell_returns_when_other_sizes_are_observed():
+    # A slow spell made large batches look 30x slower; afterwards only small batches run (the planner avoids the
+    # sizes it thinks slow), so the large knot is never observed again: it must not stay inflated for good.
+    truth = CostModel.linear(0.003, 2e-4, 1e-7, 1e-4)
+    cells = [Cell(n, length, truth.predict_lengths([length] * n)) for n in (1, 4, 16) for length in (8, 128)]
+    model = CostModel.fit(cells)
+    large, small = [128] * 16, [8]
+    before = model.predict_lengths(large)
+    for _ in range(30):
+        model.observe(large, 30 * truth.predict_lengths(large))
+    assert model.predict_lengths(large) > 10 * before
+    for _ in range(1000):
+        model.observe(small, truth.predict_lengths(small))
+    assert model.predict_lengths(large) == pytest.approx(before, rel=0.1)
+    assert model.predict_lengths(small) == pytest.approx(truth.predict_lengths(small), rel=0.02)
+    # the observed knots themselves are not pulled away from what is measured
+    steady = CostModel.fit(cells)
+    for _ in range(200):
+        steady.observe(large, 2 * truth.predict_lengths(large))
+    assert steady.predict_lengths(large) == pytest.approx(2 * truth.predict_lengths(large), rel=0.02)
+
+
 def test_a_slow_spell_during_one_cell_does_not_enter_the_profile(monkeypatch):
     # A fake clock: every run takes the true time, but all runs of cell (32, 64) in the first pass take 3x
     # (another process held the core). The profile keeps each cell's lowest median over the passes.
