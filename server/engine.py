@@ -254,10 +254,13 @@ class Engine:
     async def run(self, encoded: list[Encoded], request: Request, timing: Timing,
                   per_token: bool = False) -> np.ndarray | list[np.ndarray]:
         """Queue every sequence, wait for all of them (or a disconnect, or the timeout); [n, dim] pooled, or
-        with per_token a list of [length, dim], every token's last hidden state. Counted in self.stats."""
+        with per_token a list of [length, dim], every token's last hidden state. Counted in self.stats (bad
+        scheduling headers are refused first, like any other bad input: not counted)."""
+        slo, priority = scheduling(request.headers, self.settings.scheduler.slo_ms)
+        timeout = request_timeout(request.headers, self.settings.server.request_timeout_s)
         self.tei.record_request(len(encoded))
         try:
-            out = await self._run(encoded, request, timing, per_token)
+            out = await self._run(encoded, request, timing, per_token, slo, priority, timeout)
         except BaseException as exc:  # refused, timed out, failed, or cancelled
             self.stats.record(timing, len(encoded), ok=False)
             kind = kind_of(exc)
@@ -269,10 +272,8 @@ class Engine:
         self.tei.record_success(len(encoded), timing, time.perf_counter() - timing.started)
         return out
 
-    async def _run(self, encoded: list[Encoded], request: Request, timing: Timing,
-                   per_token: bool) -> np.ndarray | list[np.ndarray]:
-        slo, priority = scheduling(request.headers, self.settings.scheduler.slo_ms)
-        timeout = request_timeout(request.headers, self.settings.server.request_timeout_s)
+    async def _run(self, encoded: list[Encoded], request: Request, timing: Timing, per_token: bool,
+                   slo: float, priority: int, timeout: float) -> np.ndarray | list[np.ndarray]:
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
         # The SLO counts from arrival too (tokenizing included), as the README and the planner's deadlines mean it.

@@ -126,7 +126,7 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
 
 
 class PredictRequest(BaseModel):
-    inputs: str | list[str] | list[list[str]] = Field(
+    inputs: str | list[str | list[str]] = Field(
         description="A text, a [text, text] pair, or a list of texts, [text]s or pairs, singles and pairs mixed (TEI's "
                     "reading: two strings are one pair).")
     truncate: StrictBool | None = None

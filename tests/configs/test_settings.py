@@ -8,13 +8,18 @@ import pytest
 from pydantic import ValidationError
 
 from configs.settings import Settings, load_settings
+from models.runtime import served_name
 
 DEFAULT_YAML = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 
 def test_default_yaml_loads():
     s = load_settings(DEFAULT_YAML)
-    assert s.server.port == 8000 and s.model.name == "all-MiniLM-L6-v2" and s.model.path is None
+    assert s.server.port == 8000 and s.model.path is None
+    # the served name follows the model: the embedded one's own, or `make serve`'s --model folder's (not fixed here)
+    assert served_name(s.model.path, s.model.name) == "all-MiniLM-L6-v2"
+    other = load_settings(DEFAULT_YAML, {"model": {"path": "/models/bge-small-en-v1.5"}})
+    assert served_name(other.model.path, other.model.name) == "bge-small-en-v1.5"
     # `make serve` runs with this file: it must plan with the DP planner like a server with no file.
     assert s.scheduler.policy == Settings().scheduler.policy == "dp"
 

@@ -170,6 +170,11 @@ def test_predict_takes_teis_batch_form_singles_and_pairs_mixed(folders):
         pair_logits = hf_logits(folders["classifier"], pairs=[PAIRS[1]])[0]
         assert got[1] == pytest.approx(dict(zip(["negative", "neutral", "positive"], pair_logits.tolist())), abs=1e-5)
         assert got[0] != pytest.approx(got[2], abs=1e-3)  # different texts, different scores: not one answer repeated
+        bare = [TEXTS[0], list(PAIRS[1]), TEXTS[2]]  # plain texts among the entries (the README's "mixed")
+        r = c.post("/predict", json={"inputs": bare, "raw_scores": True})
+        assert r.status_code == 200, r.text
+        for row, want in zip(r.json(), got[:3], strict=True):
+            assert {d["label"]: d["score"] for d in row} == pytest.approx(want, abs=1e-5)
         r = c.post("/predict", json={"inputs": [["a"], ["b", "c", "d"]]})
         assert r.status_code == 422 and "input 1" in r.json()["error"]
         r = c.post("/predict", json={"inputs": [["a"], ["b", ""]]})

@@ -31,10 +31,16 @@ def test_high_priority_runs_before_earlier_normal_requests():
 @pytest.mark.parametrize("headers", [{"x-slo-ms": "soon"}, {"x-slo-ms": "-5"}, {"x-priority": "urgent!"},
                                      {"x-priority": "99"}])
 def test_bad_scheduling_headers_are_refused_in_each_api_shape(client, headers):
+    def tei_counts():  # refused before the batcher, as any bad input: no TEI request, no TEI failure
+        text = client.get("/metrics").text
+        return [line for line in text.splitlines() if line.startswith(("te_request_count", "te_request_failure"))]
+
+    before = tei_counts()
     r = client.post("/v1/embeddings", json={"input": "x", "model": MODEL}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = client.post("/embed", json={"inputs": "x"}, headers=headers)
     assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+    assert tei_counts() == before
 
 
 def test_good_scheduling_headers_are_accepted(client):
