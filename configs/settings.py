@@ -66,7 +66,7 @@ class ServerSettings(_Section):
     log_format: Literal["text", "json"] = Field("text", description="text: one readable line per record; json: one JSON object per line, for every log line (app and access).")
     request_timeout_s: float = Field(60.0, gt=0, le=86_400, description="Most seconds a request may wait for its result (504 after).")
     access_log: bool = Field(False, description="One line per request after its response: request id, route, status, bytes, timings (costs event-loop time under load).")
-    model_dirs: list[str] = Field(default_factory=list, description="If set, model.path and recommend.model_path must resolve (symlinks followed) inside one of these folders; empty: anywhere. The embedded model is always allowed.")
+    model_dirs: list[str] = Field(default_factory=list, description="If set, model.path, reranker.path and recommend.model_path must resolve (symlinks followed) inside one of these folders; empty: anywhere. The embedded model is always allowed.")
     grpc_port: int | None = Field(None, ge=0, le=65535, description="Also serve the KServe v2 gRPC protocol (tritonclient.grpc) on this port (Triton's is 8001; 0: any free port); off when null.")
     shared_memory: bool = Field(True, description="Triton's system shared memory extension (HTTP and gRPC): clients register /dev/shm objects for input and output tensors. It lets a client make the server read and write any shared memory object the server's user can open: turn it off when clients are not trusted.")
     shutdown_timeout_s: float = Field(30.0, gt=0, le=86_400, description="On SIGTERM: most seconds to finish admitted requests before exiting.")

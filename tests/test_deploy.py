@@ -49,7 +49,8 @@ def test_manifests_match_the_server():
     # The grace period covers the preStop pause plus the server's drain.
     env = {e["name"]: e.get("value") for e in container["env"]}  # valueFrom entries (downward API) have none
     drain = float(env["TURBOSERVE_SERVER__SHUTDOWN_TIMEOUT_S"])
-    assert pod["spec"]["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"]["seconds"] + drain
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]  # exec, not the sleep action (Kubernetes >= 1.30)
+    assert pause[0] == "sleep" and pod["spec"]["terminationGracePeriodSeconds"] > float(pause[1]) + drain
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
 
     # Ports and the scrape target line up; the HPA's metric is one the server exports.
