@@ -31,7 +31,7 @@ from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server import grpc_tei
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.grpc_common import CODES, Call, call_metadata, call_timing
+from server.grpc_common import CODES, Call, call_metadata, call_peer, call_timing
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
     CLASSIFICATION_REFUSED,
@@ -167,13 +167,25 @@ def _infer_response(model: str, request_id: str, outputs: dict[str, np.ndarray],
     return pb.ModelInferResponse(model_name=model, model_version="1", id=request_id, outputs=tensors, raw_output_contents=raws)
 
 
+def _method_path(rpc: str) -> str:
+    """The gRPC method's path as the client called it: `/tei.v1.Embed/Embed` for TEI's (rpc `tei.Embed/Embed`)."""
+    return f"/tei.v1.{rpc[4:]}" if rpc.startswith("tei.") else f"/inference.GRPCInferenceService/{rpc}"
+
+
 class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     """The servicer; every RPC reads the app's state as the HTTP routes do (engine, draining)."""
 
-    def __init__(self, app, api_key: str | None, access_log: bool = False):
+    def __init__(self, app, api_key: str | None, access_log: bool = False, payload_limit: int = 2_000_000,
+                 stream_window: int = 1024, max_client_batch_size: int = 32):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.access_log = access_log
+        self.payload_limit = payload_limit  # RerankStream's messages together, as one HTTP body
+        self.max_client_batch_size = max_client_batch_size  # RerankStream's messages, as /rerank's texts
+        # A stream's messages read and not yet answered to the client: past it, the stream is not read until the
+        # client takes answers (no answers pile up for a client that does not read). The queue's size: more could
+        # not be admitted anyway (TEI bounds its streams' parallel requests at 1,024 too).
+        self.stream_window = stream_window
 
     def _metadata(self, name: str) -> dict:
         """KServe metadata of the DLRM or the encoder named `name` (the HTTP routes' own)."""
@@ -184,7 +196,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         """Run `work(metadata, timing)`, count it, and turn a domain error into the matching gRPC status (message
         only: never a traceback). The request id and the timings go back as trailing metadata, as HTTP headers do."""
         code = grpc.StatusCode.OK
-        metadata = call_metadata(context)
+        metadata, peer = call_metadata(context), call_peer(context)
         timing = call_timing(metadata)
         request_id = timing.request_id
         try:
@@ -208,7 +220,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 code, message = CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
             await context.abort(code, message, trailing_metadata=(("x-request-id", request_id),))
         finally:
-            self._record(rpc, code, timing, metadata, context)
+            self._record(rpc, code, timing, metadata, peer)
 
     def _check_key(self, metadata: dict[str, str]) -> None:
         """Unauthorized unless the call carries the API key (when one is set)."""
@@ -217,21 +229,21 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             if not hmac.compare_digest(given[7:] if given[:7].lower() == b"bearer " else b"", self.api_key):
                 raise Unauthorized("missing or wrong API key (metadata authorization: Bearer <key>)")
 
-    def _record(self, rpc: str, code: grpc.StatusCode, timing: Timing, metadata: dict[str, str], context) -> None:
-        """Count a call (or one message of a stream) in the metrics, and write its access line."""
+    def _record(self, rpc: str, code: grpc.StatusCode, timing: Timing, metadata: dict[str, str], peer: str) -> None:
+        """Count a call (or one message of a stream) in the metrics, and write its access line (peer: call_peer's,
+        read at the call's start)."""
         request_id = timing.request_id
         seconds = time.perf_counter() - timing.started
         metrics = self.app.state.metrics
         metrics.request_duration.labels(f"grpc {rpc}").observe(seconds)
         metrics.requests.labels(f"grpc {rpc}", code.name).inc()
         if self.access_log:
-            peer = context.peer()
             access_log.info("gRPC %s %s", rpc, code.name, extra={"fields": {
-                "request_id": request_id, "method": "gRPC", "path": f"/inference.GRPCInferenceService/{rpc}",
+                "request_id": request_id, "method": "gRPC", "path": _method_path(rpc),
                 "route": f"grpc {rpc}", "status": code.name, "duration_ms": round(seconds * 1000, 3),
                 "client": peer, "tokens": timing.tokens, "tokenization_ms": round(timing.tokenization * 1000, 3),
                 "queue_ms": round(timing.queue * 1000, 3), "inference_ms": round(timing.inference * 1000, 3),
-                "user_agent": metadata.get("user-agent")}})
+                "user_agent": (metadata.get("user-agent") or "")[:256] or None}})
 
     async def ServerLive(self, request, context):
         async def work(metadata, timing):
@@ -312,12 +324,12 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         return _infer_response(engine.info.name, request.id, outputs, place_outputs(shm, targets, outputs))
 
 
-async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int,
-                     access_log: bool = False) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int, access_log: bool = False,
+                     stream_window: int = 1024, max_client_batch_size: int = 32) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port).
     A request message over payload_limit bytes is refused (RESOURCE_EXHAUSTED), as HTTP refuses the body (413)."""
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit)])
-    servicer = InferenceService(app, api_key, access_log)
+    servicer = InferenceService(app, api_key, access_log, payload_limit, stream_window, max_client_batch_size)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     grpc_server.add_generic_rpc_handlers(grpc_tei.handlers(servicer))  # TEI's tei.v1 services on the same port
     try:

@@ -15,8 +15,8 @@ import grpc
 import server
 from models.runtime import finish_embedding
 from server.deps import engine_for, engine_of
-from server.errors import EmptyInput, InvalidRequest, kind_of
-from server.grpc_common import Call, call_metadata, call_timing
+from server.errors import EmptyInput, InvalidRequest, TooLarge, kind_of
+from server.grpc_common import Call, call_metadata, call_peer, call_timing
 from server.middleware import Timing
 from server.routes_rerank import labelled, ranked
 from server.routes_tei import sparse_entries
@@ -68,9 +68,9 @@ class TEIService:
             return grpc.StatusCode.INTERNAL, f"internal error (request id {timing.request_id})"
         return CODES.get(kind.tei_type, grpc.StatusCode.INTERNAL), str(exc)
 
-    async def _counted(self, rpc: str, work, request, metadata: dict[str, str], context):
+    async def _counted(self, rpc: str, work, request, metadata: dict[str, str], peer: str, context):
         """work(request, timing, call), counted in the metrics (and the access log) under `grpc tei.<rpc>`; `call`
-        is what Engine.run watches for the client going away."""
+        is what Engine.run watches for the client going away; peer: call_peer's, read at the call's start."""
         timing, code = call_timing(metadata), grpc.StatusCode.OK
         try:
             return await work(request, timing, Call(metadata, context))
@@ -81,7 +81,7 @@ class TEIService:
             code, message = self._status(exc, timing)
             raise _Failed(code, message) from None
         finally:
-            self.servicer._record(f"tei.{rpc}", code, timing, metadata, context)
+            self.servicer._record(f"tei.{rpc}", code, timing, metadata, peer)
 
     async def _authorized(self, context) -> dict[str, str]:
         """The call's metadata, once its API key is checked (the call ends UNAUTHENTICATED otherwise)."""
@@ -96,22 +96,25 @@ class TEIService:
         async def handler(request, context):
             metadata = await self._authorized(context)
             try:
-                return await self._counted(rpc, work, request, metadata, context)
+                return await self._counted(rpc, work, request, metadata, call_peer(context), context)
             except _Failed as failed:
                 await context.abort(failed.code, failed.message)
         return handler
 
     def stream(self, rpc: str, work):
         async def handler(request_iterator, context):
-            metadata = await self._authorized(context)
-            pending: asyncio.Queue = asyncio.Queue()
-            started: list[asyncio.Task] = []
+            metadata, peer = await self._authorized(context), call_peer(context)
+            # answers go back in order; at most stream_window messages in hand (read, not answered to the client):
+            # the stream is not read past it, and an answered message's task is let go
+            pending: asyncio.Queue = asyncio.Queue(self.servicer.stream_window)
+            started: set[asyncio.Task] = set()
 
             async def read() -> None:
                 try:
                     async for request in request_iterator:
-                        task = asyncio.ensure_future(self._counted(rpc, work, request, metadata, context))
-                        started.append(task)
+                        task = asyncio.ensure_future(self._counted(rpc, work, request, metadata, peer, context))
+                        started.add(task)
+                        task.add_done_callback(started.discard)
                         await pending.put(task)
                 finally:
                     await pending.put(None)
@@ -126,7 +129,7 @@ class TEIService:
                     yield answer
             finally:
                 reader.cancel()
-                for other in started:
+                for other in list(started):
                     other.cancel()
         return handler
 
@@ -205,8 +208,18 @@ class TEIService:
         return await self._ranks([(request.query, t) for t in request.texts], request, timing, call)
 
     async def rerank_stream(self, request_iterator, timing, call):
-        """One ranking of every (query, text) message; raw_scores, return_text and truncation from the first."""
-        requests = [r async for r in request_iterator]
+        """One ranking of every (query, text) message; raw_scores, return_text and truncation from the first. A
+        server with no re-ranker refuses before reading; the messages are held to /rerank's limits (at most
+        max_client_batch_size of them, payload_limit bytes in all) as they arrive."""
+        engine = engine_for(self, "reranker")
+        engine.require("reranker")
+        requests, size = [], 0
+        async for r in request_iterator:
+            size += r.ByteSize()
+            requests.append(r)
+            engine.check_batch(len(requests))
+            if size > self.servicer.payload_limit:
+                raise TooLarge(f"the stream's messages pass payload_limit={self.servicer.payload_limit} bytes")
         return await self._ranks([(r.query, r.text) for r in requests], requests[0] if requests else m["RerankStreamRequest"](),
                                  timing, call)
 

@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidRequest, kind_of
-from server.grpc_common import CODES, call_metadata, call_timing
+from server.grpc_common import CODES, call_metadata, call_peer, call_timing
 from server.routes_triton import repository_index, repository_load, repository_unload
 from server.shared_memory import cuda_refused
 
@@ -35,14 +35,16 @@ class TritonExtensions:
         """Triton's streaming inference (tritonclient's start_stream / async_stream_infer, perf_analyzer
         --streaming): each request on the stream is answered by one message, as soon as it is done (clients match
         them by id), so a stream's requests run concurrently and batch together. A failed request is its message's
-        error_message and the stream goes on; the client closing the stream drops what is still queued."""
-        metadata = call_metadata(context)
+        error_message and the stream goes on; the client closing the stream drops what is still queued. At most
+        `stream_window` requests are in hand (read, not yet answered to the client): the stream is not read past it."""
+        metadata, peer = call_metadata(context), call_peer(context)
         try:
             self._check_key(metadata)
         except Exception as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         answers: asyncio.Queue = asyncio.Queue()
         running: set[asyncio.Task] = set()
+        window = asyncio.Semaphore(self.stream_window)
 
         async def one(request) -> None:
             timing, code = call_timing(metadata), grpc.StatusCode.OK
@@ -62,7 +64,7 @@ class TritonExtensions:
                 message = pb.ModelStreamInferResponse(
                     error_message=text, infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
             finally:
-                self._record("ModelStreamInfer", code, timing, metadata, context)
+                self._record("ModelStreamInfer", code, timing, metadata, peer)
             # as Triton: a model that is not decoupled answers a request with one message, its last
             # (clients that pass enable_empty_final_response=True wait for this flag, answers and errors alike)
             message.infer_response.parameters["triton_final_response"].bool_param = True
@@ -71,6 +73,7 @@ class TritonExtensions:
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await window.acquire()  # released once its answer went to the client
                     task = asyncio.ensure_future(one(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -83,6 +86,7 @@ class TritonExtensions:
         try:
             while (message := await answers.get()) is not None:
                 yield message
+                window.release()
         finally:  # the stream ended or was cancelled: whatever still runs is not wanted
             reader.cancel()
             for task in list(running):
@@ -149,5 +153,5 @@ class TritonExtensions:
     async def _unimplemented(self, rpc: str, context, what: str) -> None:
         """UNIMPLEMENTED, counted and logged as any call (grpcio's default logged a traceback at ERROR each time)."""
         metadata = call_metadata(context)
-        self._record(rpc, grpc.StatusCode.UNIMPLEMENTED, call_timing(metadata), metadata, context)
+        self._record(rpc, grpc.StatusCode.UNIMPLEMENTED, call_timing(metadata), metadata, call_peer(context))
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by this server")

@@ -134,3 +134,89 @@ def test_the_api_key_guards_tei_services_and_streams():
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             answer = call(make(), timeout=10, metadata=key)
             assert (list(answer)[0] if rpc.endswith("Stream") else answer).embeddings
+
+
+def test_streams_cancelled_mid_work_with_the_access_log_on_leave_the_server_serving(caplog):
+    """Messages still in work when the client cancels its stream finish after the call ended: they used to read the
+    peer from the finished call for the access log, and grpc.aio crashed the process (SIGSEGV) within ~20 cancels."""
+    import time  # noqa: PLC0415
+
+    from tests.server.test_failures import wait_for  # noqa: PLC0415
+
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"grpc_port": 0, "access_log": True}) as s, \
+            grpc.insecure_channel(f"127.0.0.1:{s.app.state.grpc_port}") as channel, s.client() as http:
+        from tritonclient.grpc import service_pb2 as pb  # noqa: PLC0415
+
+        infer = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                      request_serializer=pb.ModelInferRequest.SerializeToString,
+                                      response_deserializer=pb.ModelStreamInferResponse.FromString)
+        tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1],
+                                                       contents=pb.InferTensorContents(bytes_contents=[b"hello " * 20]))
+        request = pb.ModelInferRequest(model_name="dummy", inputs=[tensor])
+        queue = s.app.state.engine.queue
+        for _ in range(10):
+            for answers in (stub(channel, "Embed/EmbedStream")(iter([m["EmbedRequest"](inputs="hello " * 20)] * 8), timeout=10),
+                            infer(iter([request] * 8), timeout=10)):
+                embedder.gate.clear()  # the stream's messages are held in work when the client cancels
+                wait_for(lambda: queue.depth > 0 or embedder.entered.is_set())
+                answers.cancel()
+                embedder.gate.set()
+                time.sleep(0.05)
+        assert http.get("/health").status_code == 200
+        with caplog.at_level("INFO", logger="turboserve.access"):
+            assert stub(channel, "Embed/Embed")(m["EmbedRequest"](inputs="still here"), timeout=10).embeddings
+        (line,) = [r for r in caplog.records if r.name == "turboserve.access" and "tei.Embed/Embed " in r.getMessage()]
+        assert line.fields["path"] == "/tei.v1.Embed/Embed" and line.fields["client"].startswith("ipv")
+
+
+def test_a_stream_is_not_read_past_its_window_while_the_client_reads_no_answer():
+    """At most stream_window (the queue's size) messages are in hand: a client that sends and never reads makes the
+    server stop reading, not pile up answers; once it reads, every message is answered, in order."""
+    import re  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    with dummy_server(DummyEmbedder(), server={"grpc_port": 0, "max_client_batch_size": 4},
+                      scheduler={"max_queue_size": 4}) as s, \
+            grpc.insecure_channel(f"127.0.0.1:{s.app.state.grpc_port}") as channel, s.client() as http:
+        def handled() -> int:
+            found = re.search(r'turboserve_requests_total\{code="OK",route="grpc tei.Tokenize/TokenizeStream"\} (\S+)|'
+                              r'turboserve_requests_total\{route="grpc tei.Tokenize/TokenizeStream",\w+="OK"\} (\S+)',
+                              http.get("/metrics").text)
+            return int(float(next(g for g in found.groups() if g))) if found else 0
+
+        long = "word " * 30000  # ~1 MB an answer: HTTP/2 flow control holds the server's writes after a few
+        answers = stub(channel, "Tokenize/TokenizeStream")(
+            iter(m["EncodeRequest"](inputs=f"{i} {long}", add_special_tokens=False) for i in range(60)), timeout=60)
+        time.sleep(1.0)
+        early = handled()
+        firsts = [a.tokens[0].text for a in answers]
+        assert 1 <= early <= 16, early  # the window (4), one waiting on it, the ones being written
+        assert firsts == [str(i) for i in range(60)] and handled() == 60
+
+
+def test_rerank_stream_is_refused_before_reading_and_held_to_the_batch_limit(embedder_server):
+    """RerankStream read every message into memory before any check: a server with no re-ranker now refuses at once,
+    and a re-ranker's stream ends past max_client_batch_size messages (as /rerank's texts) or payload_limit bytes."""
+    s, channel, http = embedder_server
+    sent = []
+
+    def messages():
+        for i in range(1000):
+            sent.append(i)
+            yield m["RerankStreamRequest"](query="q", text="x" * 1000)
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub(channel, "Rerank/RerankStream")(messages(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and len(sent) < 1000
+
+
+def test_rerank_stream_past_the_batch_limit_is_refused(tmp_path):
+    folder = cross_encoder_folder(tmp_path)
+    app = create_app(settings(model={"path": str(folder), "name": "ce"}, server={"grpc_port": 0, "max_client_batch_size": 8}))
+    with ServerThread(app) as s, grpc.insecure_channel(f"127.0.0.1:{s.app.state.grpc_port}") as channel:
+        call = stub(channel, "Rerank/RerankStream")
+        with pytest.raises(grpc.RpcError) as err:
+            call(iter(m["RerankStreamRequest"](query="q", text=f"text {i}") for i in range(9)), timeout=30)
+        assert "max_client_batch_size=8" in err.value.details()
+        assert len(call(iter(m["RerankStreamRequest"](query="q", text=f"text {i}") for i in range(8)), timeout=30).ranks) == 8
