@@ -64,24 +64,30 @@ def _no_data(tensor: dict) -> str:
     return f"input {name!r} has neither 'data' nor binary data"
 
 
-def _flatten(data) -> list:
+MAX_NESTING = 32  # 'data' nested deeper than any tensor here (a list of rows of values) is refused, not recursed into
+
+
+def _flatten(data, depth: int = 0) -> list:
     if isinstance(data, list):
-        return [x for item in data for x in _flatten(item)]
+        if depth >= MAX_NESTING:
+            raise InvalidRequest(f"'data' is nested more than {MAX_NESTING} lists deep")
+        return [x for item in data for x in _flatten(item, depth + 1)]
     return [data]
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(the JSON document, the binary tensor bytes after it) of an infer request."""
     if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-            raise InvalidRequest(f"{HEADER_LENGTH}={header_length!r} does not fit a body of {len(body)} bytes")
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 20) \
+                or int(header_length) > len(body):
+            raise InvalidRequest(f"{HEADER_LENGTH}={header_length[:40]!r} does not fit a body of {len(body)} bytes")
         json_part, binary = body[: int(header_length)], body[int(header_length):]
     else:
         json_part, binary = body, b""
     try:
         doc = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's limit
-        raise InvalidRequest("request body is not valid JSON (or nested too deeply)") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, an integer past Python's 4,300 digits; nesting
+        raise InvalidRequest("request body is not valid JSON (or nested too deeply, or an integer of over 4,300 digits)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InvalidRequest("request must be a JSON object with a non-empty 'inputs' list")
     return doc, binary
@@ -149,6 +155,11 @@ def _request_id(doc: dict) -> str | None:
     request_id = doc.get("id")
     if request_id is not None and (not isinstance(request_id, (str, int)) or isinstance(request_id, bool)):
         raise InvalidRequest("'id' must be a string")
+    if isinstance(request_id, str) and not request_id.isascii():
+        try:
+            request_id.encode()
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no answer could echo it
+            raise InvalidRequest("'id' holds a lone UTF-16 surrogate, which is no text") from None
     return None if request_id is None else str(request_id)
 
 

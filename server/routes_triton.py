@@ -29,8 +29,8 @@ async def _json(request: Request) -> dict:
         return {}
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's limit
-        raise InvalidRequest("request body is not valid JSON (or nested too deeply)") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, an integer past Python's 4,300 digits; nesting
+        raise InvalidRequest("request body is not valid JSON (or nested too deeply, or an integer of over 4,300 digits)") from None
     if not isinstance(doc, dict):
         raise InvalidRequest("request body must be a JSON object")
     return doc

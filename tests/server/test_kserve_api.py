@@ -146,3 +146,23 @@ def test_the_classification_extension_is_refused(tc):
     with pytest.raises(InferenceServerException) as err:
         tc.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("embedding", class_count=3)])
     assert "classification" in str(err.value)
+
+
+BIG = "1" * 5000  # past Python's int-from-text limit (4,300 digits): json.loads raises a plain ValueError
+DEEP = "[" * 600 + '"x"' + "]" * 600  # within json.loads' nesting, past any tensor's
+TEXT_INPUT = '{"name":"text","shape":[1],"datatype":"BYTES","data":%s}'
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    (f"/v2/models/{MODEL}/infer", '{"id": %s, "inputs":[%s]}' % (BIG, TEXT_INPUT % '["a"]'), "4,300 digits"),
+    (f"/v2/models/{MODEL}/infer", '{"inputs":[{"name":"text","shape":[%s],"datatype":"BYTES","data":["a"]}]}' % BIG, "4,300"),
+    ("/v2/systemsharedmemory/region/r/register", '{"key":"/x","offset":%s,"byte_size":1}' % BIG, "4,300 digits"),
+    ("/v2/repository/index", '{"ready": %s}' % BIG, "4,300 digits"),
+    (f"/v2/models/{MODEL}/infer", '{"inputs":[%s]}' % (TEXT_INPUT % DEEP), "nested more than 32"),
+    (f"/v2/models/{MODEL}/infer", '{"id": "\\ud800", "inputs":[%s]}' % (TEXT_INPUT % '["a"]'), "surrogate"),
+])
+def test_bodies_that_broke_the_kserve_parsers_are_400s(client, path, body, needle):
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+    r = client.post(f"/v2/models/{MODEL}/infer", content=TEXT_INPUT % '["a"]', headers={"inference-header-content-length": BIG})
+    assert r.status_code == 400 and len(r.json()["error"]) < 200
