@@ -174,7 +174,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             grpc_server, app.state.grpc_port = await start_grpc(
                 app, settings.server.host, settings.server.grpc_port, key.get_secret_value() if key is not None else None,
                 settings.server.payload_limit, settings.server.access_log,
-                stream_window=settings.scheduler.max_queue_size, max_client_batch_size=settings.server.max_client_batch_size)
+                stream_window=settings.scheduler.max_queue_size, max_client_batch_size=settings.server.max_client_batch_size,
+                open_paths=settings.server.api_key_open_paths)
         app.state.loader_thread = threading.Thread(
             target=_start_engine, args=(app, settings, loader, metrics), name="turboserve-loader", daemon=True)
         app.state.loader_thread.start()

@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 import server
+from configs.settings import OPEN_PATHS
 from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server import grpc_tei
@@ -176,8 +178,11 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     """The servicer; every RPC reads the app's state as the HTTP routes do (engine, draining)."""
 
     def __init__(self, app, api_key: str | None, access_log: bool = False, payload_limit: int = 2_000_000,
-                 stream_window: int = 1024, max_client_batch_size: int = 32):
+                 stream_window: int = 1024, max_client_batch_size: int = 32, open_paths: Sequence[str] = OPEN_PATHS):
         self.app = app
+        # the probes answer without the key where their HTTP routes do (server.api_key_open_paths)
+        self.open_rpcs = {rpc for rpc, path in (("ServerLive", "/v2/health/live"), ("ServerReady", "/v2/health/ready"))
+                          if path in open_paths}
         self.api_key = api_key.encode() if api_key else None
         self.access_log = access_log
         self.payload_limit = payload_limit  # RerankStream's messages together, as one HTTP body
@@ -200,7 +205,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         timing = call_timing(metadata)
         request_id = timing.request_id
         try:
-            if rpc not in ("ServerLive", "ServerReady"):
+            if rpc not in self.open_rpcs:
                 self._check_key(metadata)
             answer = await work(metadata, timing)
             context.set_trailing_metadata((
@@ -325,11 +330,12 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc(app, host: str, port: int, api_key: str | None, payload_limit: int, access_log: bool = False,
-                     stream_window: int = 1024, max_client_batch_size: int = 32) -> tuple[grpc.aio.Server, int]:
+                     stream_window: int = 1024, max_client_batch_size: int = 32,
+                     open_paths: Sequence[str] = OPEN_PATHS) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port).
     A request message over payload_limit bytes is refused (RESOURCE_EXHAUSTED), as HTTP refuses the body (413)."""
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit)])
-    servicer = InferenceService(app, api_key, access_log, payload_limit, stream_window, max_client_batch_size)
+    servicer = InferenceService(app, api_key, access_log, payload_limit, stream_window, max_client_batch_size, open_paths)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     grpc_server.add_generic_rpc_handlers(grpc_tei.handlers(servicer))  # TEI's tei.v1 services on the same port
     try:

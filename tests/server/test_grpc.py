@@ -172,6 +172,19 @@ def test_a_cancelled_call_drops_its_queued_work():
         client.close()
 
 
+def test_grpc_probes_follow_the_open_paths():
+    """With api_key_open_paths [] the HTTP probes need the key: so do gRPC's ServerLive / ServerReady."""
+    with dummy_server(server={"grpc_port": 0, "api_key": KEY, "api_key_open_paths": ["/health"]}) as s:
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
+        for probe in (client.is_server_live, client.is_server_ready):
+            with pytest.raises(InferenceServerException) as err:
+                probe()
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+            assert probe(headers={"authorization": f"Bearer {KEY}"})
+        client.close()
+        assert s.client().get("/v2/health/live").status_code == 401
+
+
 def test_the_api_key_guards_grpc_too():
     with dummy_server(server={"grpc_port": 0, "api_key": KEY}) as s:
         client = tgrpc.InferenceServerClient(f"127.0.0.1:{s.app.state.grpc_port}")
