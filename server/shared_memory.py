@@ -77,6 +77,13 @@ def placed(t: Target, written: int) -> dict:
     return out
 
 
+# Each registered region holds an open file descriptor: without a bound, a client could take every descriptor the
+# process has (then no connection, HTTP or gRPC, could be accepted). perf_analyzer and tritonclient's examples
+# register one region an input and an output.
+MAX_REGIONS = 256
+MAX_NAME = 256
+
+
 class SharedMemoryRegistry:
     """The system shared memory regions registered by clients, by name (one registry for HTTP and gRPC)."""
 
@@ -93,13 +100,17 @@ class SharedMemoryRegistry:
 
     def register(self, name, key, offset, byte_size) -> None:
         self._check_enabled()
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest(f"a region name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+            raise InvalidRequest(f"a region name must be a string of 1 to {MAX_NAME} characters, got {name[:40]!r}"
+                                 if isinstance(name, str) else f"a region name must be a string, got {name!r}")
         if not isinstance(key, str) or not (m := _KEY.fullmatch(key)) or m.group(1) in (".", ".."):
             raise InvalidRequest(f"key must name a POSIX shared memory object ('/name', no other '/'), got {key!r}")
         offset, byte_size = _int(offset, "offset", 0), _int(byte_size, "byte_size", 1)
         if name in self._regions:
             raise InvalidRequest(f"shared memory region {name!r} is already registered; unregister it first")
+        if len(self._regions) >= MAX_REGIONS:
+            raise InvalidRequest(f"{MAX_REGIONS} shared memory regions are registered, the most this server holds; "
+                                 "unregister some first")
         try:
             fd = os.open(os.path.join(SHM_DIR, m.group(1)), os.O_RDWR | os.O_NOFOLLOW)
         except OSError as exc:

@@ -17,6 +17,7 @@ import tritonclient.utils.shared_memory as shm
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from server.shared_memory import MAX_NAME, MAX_REGIONS
 from tests.server.recommend_support import DENSE, NAME, SPARSE, embedding_sections, reference_scores
 from tests.support import MODEL, dummy_server, expected_vector
 
@@ -157,6 +158,13 @@ def test_bad_registrations_are_refused_clearly(srv, client, region):
     client.unregister_system_shared_memory("nope")  # as Triton: unregistering an unknown name succeeds
     client.unregister_system_shared_memory("r")
     assert srv.app.state.shared_memory.status() == []
+    _refused(lambda: client.register_system_shared_memory("n" * (MAX_NAME + 1), key, 8), f"1 to {MAX_NAME} characters")
+    # each region holds a file descriptor: their number is bounded, so a client cannot take every descriptor
+    for i in range(MAX_REGIONS):
+        srv.app.state.shared_memory.register(f"r{i}", key, 0, 8)
+    _refused(lambda: client.register_system_shared_memory("one-more", key, 8), f"{MAX_REGIONS} shared memory regions")
+    client.unregister_system_shared_memory()
+    client.register_system_shared_memory("again", key, 8)
 
 
 def test_bad_targets_are_refused_and_the_server_keeps_serving(srv, client, region):
