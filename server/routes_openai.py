@@ -19,7 +19,8 @@ class EmbeddingRequest(BaseModel):
     input: OpenAIInputs = Field(description="Text, texts, token ids, or lists of token ids (ids are used as given).")
     model: str | None = Field(None, description="Served model name (see GET /v1/models); optional, as TEI and vLLM take it.")
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: StrictInt | None = Field(None, ge=1, description="Truncate to this size and renormalise (Matryoshka models).")
+    dimensions: StrictInt | None = Field(None, ge=0, description="Truncate to this size and renormalise (Matryoshka "
+                                         "models); 0, as infinity's client always sends it, is the full size.")
     user: str | None = None
     truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each input to this many tokens (-1: the model's limit).")
 
@@ -76,7 +77,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     engine.check_model(body.model)
     if engine.info.sparse:
         raise WrongModelKind("this server serves a sparse (SPLADE) embedding model: its vectors come from /embed_sparse")
-    dimensions = engine.check_dimensions(body.dimensions)
+    dimensions = engine.check_dimensions(body.dimensions or None)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing, limit=engine.prompt_limit(body.truncate_prompt_tokens))
     vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)

@@ -52,6 +52,7 @@ class CohereRerankRequest(BaseModel):
     max_tokens_per_doc: StrictInt | None = Field(None, ge=1, description="Cohere's: cut each document to this many tokens "
                                                  "before pairing it with the query (truncation implied).")
     truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each (query, document) pair to this many tokens.")
+    raw_scores: StrictBool | None = Field(None, description="infinity's: relevance_score is the logit, not its sigmoid.")
 
 
 async def _rank(request: Request, query: str, texts: list[str], truncate: bool | None, direction: str,
@@ -71,10 +72,11 @@ async def _rank(request: Request, query: str, texts: list[str], truncate: bool |
 @router.post("/rerank")
 async def rerank(body: dict, request: Request):
     """TEI's body (query, texts) gets TEI's answer: [{index, score, text?}] best first; a body with `documents`
-    (Cohere, Jina, vLLM) gets theirs, as /v1/rerank."""
+    (Cohere, Jina, vLLM) gets theirs, as /v1/rerank; one that also has `raw_scores` (infinity's client sends it,
+    the others have no such field) gets infinity's: each document a plain string, `object` and `created`."""
     try:
         if "documents" in body and "texts" not in body:
-            return await rerank_v1(CohereRerankRequest.model_validate(body), request)
+            return await cohere_rerank(CohereRerankRequest.model_validate(body), request, infinity="raw_scores" in body)
         tei = TEIRerankRequest.model_validate(body)
     except ValidationError as exc:  # the same 422 / 400 as a body FastAPI validates itself
         raise RequestValidationError(exc.errors()) from None
@@ -103,6 +105,11 @@ def labelled(logits: np.ndarray, labels: tuple[str, ...], raw: bool) -> list[lis
 @v1_router.post("/v1/rerank")
 async def rerank_v1(body: CohereRerankRequest, request: Request):
     """{results: [{index, relevance_score, document: {text}}], best first, top_n of them; model, usage}."""
+    return await cohere_rerank(body, request)
+
+
+async def cohere_rerank(body: CohereRerankRequest, request: Request, infinity: bool = False):
+    """/v1/rerank's answer; infinity: in infinity's shape (documents as plain strings, object, created)."""
     texts = []
     for i, doc in enumerate(body.documents):
         text = doc.get("text") if isinstance(doc, dict) else doc
@@ -117,12 +124,14 @@ async def rerank_v1(body: CohereRerankRequest, request: Request):
         paired = engine.tokenizer.first_tokens(texts, body.max_tokens_per_doc) if texts else texts
         truncate = True if truncate is None else truncate
     logits, tokens = await _rank(request, body.query, paired, truncate, "right", limit)
-    scores = _scores(logits[:, None], False)[:, 0]
+    scores = _scores(logits[:, None], bool(body.raw_scores))[:, 0]
     order = np.argsort(-scores, kind="stable")[: body.top_n or None]
     results = [{"index": int(i), "relevance_score": float(scores[i]),
-                **({"document": {"text": texts[i]}} if body.return_documents else {})} for i in order]
-    return json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": engine.info.name, "results": results,
-                          "usage": {"total_tokens": tokens}})
+                **({"document": texts[i] if infinity else {"text": texts[i]}} if body.return_documents else {})}
+               for i in order]
+    answer = {"id": f"rerank-{uuid.uuid4().hex}", "model": engine.info.name, "results": results,
+              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # infinity's client needs prompt_tokens
+    return json_response({**answer, "object": "rerank", "created": int(time.time())} if infinity else answer)
 
 
 class PredictRequest(BaseModel):
@@ -237,7 +246,7 @@ async def rerank_v2(body: CohereRerankRequest, request: Request):
     (Cohere v2 cuts every document to max_tokens_per_doc, 4096 by default, and the pair to the model's context)."""
     if body.truncate is None:
         body = body.model_copy(update={"truncate": True})
-    return await rerank_v1(body, request)
+    return await cohere_rerank(body, request)
 
 
 # Cohere's v2 client (and vLLM) post to /v2/rerank; under /v2 errors are KServe-shaped ({"error": ...}).

@@ -69,6 +69,15 @@ def test_dimensions_truncate_and_renormalise(srv, oai):
     assert err.value.status_code == 400
 
 
+def test_infinity_clients_body_dimensions_0_is_the_full_size(srv):
+    """infinity's generated client (infinity_client) sends this body for every embeddings call: 0 means full size."""
+    body = {"input": ["matryoshka"], "model": "default/not-specified", "dimensions": 0, "modality": "text"}
+    with srv.client() as c:
+        r = c.post("/embeddings", json=body)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], _unit(expected_vector(_ids(srv, "matryoshka"))), rtol=1e-5)
+
+
 def test_unknown_model_is_404(oai):
     with pytest.raises(openai.NotFoundError) as err:
         oai.embeddings.create(model="gpt-nope", input="x")

@@ -97,6 +97,21 @@ def test_cohere_style_rerank_with_top_n_and_documents(reranker, path):
     assert len(bare) == len(TEXTS) and all("document" not in x for x in bare)
 
 
+def test_infinity_clients_rerank_body_gets_infinitys_answer(reranker):
+    """infinity_client's RerankInput.to_dict() (it always sends raw_scores, return_documents and the default model):
+    its ReRankResult needs usage.prompt_tokens, and reads each document as a plain string; raw_scores are logits."""
+    body = {"query": QUERY, "documents": TEXTS, "return_documents": True, "raw_scores": False, "model": "default/not-specified"}
+    r = reranker.post("/rerank", json=body)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    tei = reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True}).json()
+    assert doc["object"] == "rerank" and doc["usage"]["prompt_tokens"] == doc["usage"]["total_tokens"] > 0
+    assert [x["index"] for x in doc["results"]] == [x["index"] for x in tei]
+    assert all(x["document"] == TEXTS[x["index"]] for x in doc["results"])
+    raw = reranker.post("/rerank", json={**body, "raw_scores": True}).json()["results"]
+    assert [x["relevance_score"] for x in raw] == pytest.approx([x["score"] for x in tei], abs=1e-5)
+
+
 @pytest.mark.parametrize("path,body,status,needle", [
     ("/embed", {"inputs": "x"}, 424, "not an embedding model"),
     ("/v1/embeddings", {"model": "ce", "input": "x"}, 400, "not an embedding model"),
