@@ -334,7 +334,9 @@ async def start_grpc(app, host: str, port: int, api_key: str | None, payload_lim
                      open_paths: Sequence[str] = OPEN_PATHS) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on host:port (0: a free port) in the running event loop; (server, bound port).
     A request message over payload_limit bytes is refused (RESOURCE_EXHAUSTED), as HTTP refuses the body (413)."""
-    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit)])
+    # grpcio binds with SO_REUSEPORT unless told not to: a port another server took while the model loaded would be
+    # shared with it silently (clients split between the two); Triton refuses a shared port too (--reuse-grpc-port)
+    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", payload_limit), ("grpc.so_reuseport", 0)])
     servicer = InferenceService(app, api_key, access_log, payload_limit, stream_window, max_client_batch_size, open_paths)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     grpc_server.add_generic_rpc_handlers(grpc_tei.handlers(servicer))  # TEI's tei.v1 services on the same port

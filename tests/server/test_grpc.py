@@ -172,6 +172,27 @@ def test_a_cancelled_call_drops_its_queued_work():
         client.close()
 
 
+def test_a_grpc_port_another_server_holds_is_not_shared():
+    """grpcio's default SO_REUSEPORT let the server bind a port another grpcio server held (and clients were split
+    between them): the bind must fail instead."""
+    import asyncio  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from server.grpc_kserve import start_grpc  # noqa: PLC0415
+
+    async def main():
+        other = grpc.aio.server()
+        port = other.add_insecure_port("127.0.0.1:0")
+        await other.start()
+        try:
+            with pytest.raises(OSError, match="cannot bind"):
+                await start_grpc(SimpleNamespace(state=SimpleNamespace()), "127.0.0.1", port, None, 1 << 20)
+        finally:
+            await other.stop(None)
+
+    asyncio.run(main())
+
+
 def test_grpc_probes_follow_the_open_paths():
     """With api_key_open_paths [] the HTTP probes need the key: so do gRPC's ServerLive / ServerReady."""
     with dummy_server(server={"grpc_port": 0, "api_key": KEY, "api_key_open_paths": ["/health"]}) as s:
