@@ -43,6 +43,7 @@ class BatchWorker:
         self.runner = runner
         self.observer = observer
         self.clock = clock
+        self.executions = 0  # batches this worker ran (Triton's execution_count of its model); its thread only
         self._thread = threading.Thread(target=self._loop, name="turboserve-worker", daemon=True)
 
     @property
@@ -107,6 +108,7 @@ class BatchWorker:
         # Refine the cost model online (only from a batch that ran whole); the error is that of the
         # prediction made before this batch.
         error = cost.observe([it.length for it in batch], seconds) if cost is not None and whole else None
+        self.executions += 1
         self.observer.batch_done(items, seconds, error)
         resolve(items, [row for _, row in done])
 

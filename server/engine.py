@@ -79,7 +79,7 @@ class Engine:
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
         self._wake_pending = False
         self.worker = BatchWorker(self.queue, embedder, metrics)
-        self.stats = InferStats()  # Triton's statistics extension (batches: metrics.batches)
+        self.stats = InferStats()  # Triton's statistics extension (executions: worker.executions)
         self.tei = metrics.watch_engine(self.queue, cost, info.max_input_length)
 
     def start(self) -> None:

@@ -23,7 +23,6 @@ class Metrics:
     """All turboserve_* series. Methods are counter increments, nothing more."""
 
     def __init__(self) -> None:
-        self.batches = 0  # batches run (Triton's execution_count)
         self.registry = r = CollectorRegistry()
         self.request_duration = Histogram(
             "turboserve_request_duration_seconds", "Time from request arrival to response start.", ["route"],
@@ -76,7 +75,6 @@ class Metrics:
 
     # Observer hooks, called from the worker thread.
     def batch_done(self, items: list[WorkItem], seconds: float, cost_error: float | None) -> None:
-        self.batches += 1  # the worker's thread only: a plain int (Triton's execution_count)
         tokens = sum(it.length for it in items)
         if cost_error is not None:
             self.cost_error.observe(abs(cost_error))

@@ -124,11 +124,12 @@ async def stats(request: Request, name: str | None = None, version: str | None =
 def model_stats(state, name: str | None) -> list[dict]:
     """Statistics of the model `name`, or of every served model (HTTP and gRPC)."""
     out = []
-    engine, rec = state.engine, state.recommender
+    rec = state.recommender
     if rec is not None and rec.model is not None and name in (None, rec.name):
         out.append(rec.stats.as_dict(rec.name))
-    if engine is not None and name in (None, engine.info.name):
-        out.append(engine.stats.as_dict(engine.info.name, executions=engine.metrics.batches))
+    for engine in (state.engine, getattr(state, "reranker", None)):  # each its own worker's batches
+        if engine is not None and name in (None, engine.info.name):
+            out.append(engine.stats.as_dict(engine.info.name, executions=engine.worker.executions))
     if name is not None and not out:
         raise _not_served(state, name)
     return out

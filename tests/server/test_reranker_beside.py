@@ -65,6 +65,26 @@ def test_each_route_answers_from_its_model(both, alone, real_server):
     assert server.app.state.reranker.info.name == "ce" and server.app.state.reranker.queue is not server.app.state.engine.queue
 
 
+def test_triton_statistics_count_each_models_own_batches(both):
+    """Both workers shared one batch counter: the encoder's execution_count grew with re-ranking (past its
+    inference_count, which Triton's never is); each model now reports its own, the re-ranker included."""
+    server, c = both
+
+    def stats():
+        return {s["name"]: (int(s["execution_count"]), int(s["inference_count"]))
+                for s in c.get("/v2/models/stats").json()["model_stats"]}
+
+    encoder = server.app.state.engine.info.name
+    before = stats()
+    for _ in range(3):
+        assert c.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]}).status_code == 200
+    after = stats()
+    assert after[encoder] == before[encoder] and after["ce"][0] >= before.get("ce", (0, 0))[0] + 3
+    assert c.post("/embed", json={"inputs": ["x", "y z"]}).status_code == 200
+    executions, inferences = stats()[encoder]
+    assert executions == before[encoder][0] + 1 and 1 <= executions <= inferences
+
+
 def _numbers(x) -> list[float]:
     if isinstance(x, dict):
         return [n for v in x.values() for n in _numbers(v)]
