@@ -97,6 +97,7 @@ class ServerSettings(_Section):
 class ModelSettings(_Section):
     path: str | None = Field(None, description="Hugging Face model folder; empty means the embedded all-MiniLM-L6-v2.")
     name: str | None = Field(None, description="Served model name (OpenAI `model`, KServe path); defaults to the folder's name.")
+    aliases: list[str] = Field(default_factory=list, description="Other names a request's `model` field may give (as vLLM's several --served-model-name), e.g. the name client code was written for (text-embedding-3-small); a Hugging Face repo id ending in the served name (org/<name>) is always taken.")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Compute dtype. CPU: float32, or bfloat16 (about 1.4x faster on CPUs with AVX512-BF16 or AMX; embeddings within cosine 0.9999 of float32). CUDA: float16 or bfloat16.")
     max_input_length: int | None = Field(None, ge=1, description="Most tokens an input may have; defaults to the model's own limit.")

@@ -134,9 +134,17 @@ class Engine:
 
     def check_model(self, name: str | None) -> None:
         """ModelNotFound unless `name` (a request's `model`; None or infinity's placeholder: not given) is the served
-        model's."""
-        if name is not None and name != NOT_SPECIFIED and name != self.info.name:
-            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.info.name!r}")
+        model's: its name, one of model.aliases, or a Hugging Face repo id of it (`org/<name>`, vLLM's default name
+        for a model served from the Hub)."""
+        served = self.info.name
+        if name is None or name in (NOT_SPECIFIED, served) or name in self.settings.model.aliases:
+            return
+        if name.rpartition("/")[2] == served and "/" not in served:
+            return
+        raise ModelNotFound(f"model {name!r} is not served here; this server serves {served!r}"
+                            + (f" (also answering to {', '.join(map(repr, self.settings.model.aliases))})"
+                               if self.settings.model.aliases else "")
+                            + "; model.aliases adds names")
 
     def require(self, *kinds: str) -> None:
         """WrongModelKind unless the served model is of one of `kinds` (ModelInfo.kind)."""

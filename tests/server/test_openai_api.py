@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support import MODEL, expected_vector
+from tests.support import MODEL, dummy_server, expected_vector
 
 
 @pytest.fixture
@@ -81,7 +81,20 @@ def test_infinity_clients_body_dimensions_0_is_the_full_size(srv):
 def test_unknown_model_is_404(oai):
     with pytest.raises(openai.NotFoundError) as err:
         oai.embeddings.create(model="gpt-nope", input="x")
-    assert err.value.body["code"] == "model_not_found"
+    assert err.value.body["code"] == "model_not_found" and "model.aliases" in err.value.body["message"]
+
+
+def test_aliases_and_the_hub_id_of_the_served_name_are_taken():
+    """Client code written for OpenAI (text-embedding-3-small) or for vLLM (the Hub id) keeps its model name."""
+    with dummy_server(model={"aliases": ["text-embedding-3-small"]}) as s:
+        oai = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        want = oai.embeddings.create(model=MODEL, input="x").data[0].embedding
+        for name in ("text-embedding-3-small", f"sentence-transformers/{MODEL}"):
+            assert oai.embeddings.create(model=name, input="x").data[0].embedding == want
+        with pytest.raises(openai.NotFoundError) as err:
+            oai.embeddings.create(model="text-embedding-ada-002", input="x")
+        assert "text-embedding-3-small" in err.value.body["message"]
+        oai.close()
 
 
 def test_models_list(oai):
