@@ -115,6 +115,14 @@ class ModelSettings(_Section):
     cuda_graph_max_tokens: int = Field(4096, ge=0, description="On a GPU (float16/bfloat16), batches of up to this many tokens replay CUDA graphs captured at start-up per token bucket (one launch instead of one a kernel); 0: never.")
 
     @model_validator(mode="after")
+    def _name_fits_a_path(self):
+        if self.name is not None and "/" in self.name:  # Triton's names are folder names: no KServe path carries it
+            raise ValueError(f"name {self.name!r} holds a '/', which no KServe path (/v2/models/<name>) can carry: "
+                             f"serve it as {self.name.rpartition('/')[2]!r} (a Hugging Face repo id ending in the name is "
+                             "taken in a request's `model` anyway) and list other names in aliases")
+        return self
+
+    @model_validator(mode="after")
     def _one_default_prompt(self):
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ValueError("model.default_prompt and model.default_prompt_name are two ways to say the same thing: set one")

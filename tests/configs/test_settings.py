@@ -143,3 +143,11 @@ def test_batch_sizes_a_policy_can_never_form_are_refused():
     with pytest.raises(ValidationError, match=r"preferred_batch_sizes \[16, 32\]"):
         Settings(scheduler={"policy": "triton", "max_batch_requests": 8})
     assert Settings(scheduler={"policy": "dp", "max_batch_requests": 6}).scheduler.max_batch_requests == 6  # unused there
+
+
+def test_a_served_name_with_a_slash_is_refused_with_the_way_out():
+    """KServe paths cannot carry a '/' (tritonclient's calls answered 404 while OpenAI's worked): refused at start."""
+    with pytest.raises(ValidationError) as err:
+        Settings(model={"name": "sentence-transformers/all-MiniLM-L6-v2"})
+    assert "serve it as 'all-MiniLM-L6-v2'" in str(err.value) and "aliases" in str(err.value)
+    assert Settings(model={"name": "all-MiniLM-L6-v2", "aliases": ["sentence-transformers/all-MiniLM-L6-v2"]})
