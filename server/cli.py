@@ -156,23 +156,35 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cannot_listen(host: str, port: int | None, what: str) -> str | None:
-    """Why `host:port` cannot be listened on (a host that does not resolve, a port in use), or None; port 0 or None:
-    nothing to check. Asked before the model loads: uvicorn binds only after start-up."""
+def _bind(host: str, port: int, what: str):
+    """A socket bound to `host:port` (as uvicorn binds: SO_REUSEADDR), or why it cannot be (a host that does not
+    resolve, a port in use) as a string. Done before the model loads: uvicorn, given this socket, never binds after
+    start-up (a port taken meanwhile made it exit with the model still loading, and the process abort)."""
     import socket
 
-    if not port:
-        return None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
         return f"server.host {host!r} does not resolve: {exc.strerror}"
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            return f"cannot listen on {host}:{port} ({what}): {exc.strerror}"
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's backlog; listening holds the port (a bound socket alone would share it)
+    except OSError as exc:
+        sock.close()
+        return f"cannot listen on {host}:{port} ({what}): {exc.strerror}"
+    return sock
+
+
+def _cannot_listen(host: str, port: int | None, what: str) -> str | None:
+    """Why `host:port` cannot be listened on, or None (port 0 or None: nothing to check); the probe is let go."""
+    if not port:
+        return None
+    bound = _bind(host, port, what)
+    if isinstance(bound, str):
+        return bound
+    bound.close()
     return None
 
 
@@ -181,10 +193,13 @@ def serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     s = settings.server
-    for port, what in ((s.port, "server.port"), (s.grpc_port, "server.grpc_port")):
-        if problem := _cannot_listen(s.host, port, what):
-            print(f"turboserve: {problem}", file=sys.stderr)
-            return 2
+    http_socket = _bind(s.host, s.port, "server.port")  # held from now on, and served by uvicorn
+    problem = http_socket if isinstance(http_socket, str) else _cannot_listen(s.host, s.grpc_port, "server.grpc_port")
+    if problem:
+        if not isinstance(http_socket, str):
+            http_socket.close()
+        print(f"turboserve: {problem}", file=sys.stderr)
+        return 2
     from models.config import ModelFolderError
     from server.recommend import check_recommender
 
@@ -212,9 +227,12 @@ def serve(args: argparse.Namespace) -> int:
     status = 0
     try:
         DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
-                       last_activity=app.state.last_activity, abandon=app.state.abandon, in_flight=app.state.in_flight).run()
+                       last_activity=app.state.last_activity, abandon=app.state.abandon,
+                       in_flight=app.state.in_flight).run(sockets=[http_socket])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shell's status, not a traceback
         status = 130
+    except SystemExit as exc:  # uvicorn's exit on a failed start-up: past the loader's thread, as any exit
+        status = exc.code if isinstance(exc.code, int) else 1
     _exit_past_running_work(app, status)
     return status
 

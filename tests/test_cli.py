@@ -85,6 +85,19 @@ def test_a_port_in_use_fails_at_start_before_the_model_loads(flag):
     assert time.monotonic() - started < 30  # not after loading and profiling the model
 
 
+def test_serve_holds_its_port_from_the_start():
+    """serve binds and listens before anything loads and hands that socket to uvicorn: a port taken while the model
+    loaded made uvicorn's own bind fail after start-up, with the loader running (the process aborted, SIGABRT)."""
+    from server.cli import _bind  # noqa: PLC0415
+
+    held = _bind("127.0.0.1", 0, "server.port")
+    try:
+        port = held.getsockname()[1]
+        assert "cannot listen on" in _bind("127.0.0.1", port, "server.port")  # as uvicorn would bind: SO_REUSEADDR
+    finally:
+        held.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
