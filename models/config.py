@@ -82,9 +82,15 @@ class PoolingConfig:
     mode: str = "cls"  # mean | cls | last | splade (max over tokens of log(1 + relu(MLM logits)))
     normalize: bool = False
     max_seq_length: int | None = None
+    lowercase: bool = False  # sentence_bert_config.json's do_lower_case: texts lower-cased before tokenizing
     # config_sentence_transformers.json: named prompts (text put before an input) and the one used by default.
     prompts: tuple[tuple[str, str], ...] = ()
     default_prompt_name: str | None = None
+
+
+# sentence-transformers modules (modules.json `type`, by suffix) this server computes: the encoder, pooling, SPLADE's
+# pooling and L2 normalisation.
+KNOWN_MODULES = ("Transformer", "MLMTransformer", "Pooling", "SpladePooling", "Normalize")
 
 
 @dataclass(frozen=True)
@@ -130,14 +136,27 @@ def _read_json(path: Path) -> dict:
         raise ModelFolderError(f"cannot read {path}: {exc}") from exc
 
 
+def tokenizer_max_length(path: Path) -> int | None:
+    """tokenizer_config.json's model_max_length, or None (absent, or transformers' 'no limit' sentinel): where
+    sentence_bert_config.json sets no max_seq_length, sentence-transformers and transformers' truncation cut there."""
+    file = path / "tokenizer_config.json"
+    value = _read_json(file).get("model_max_length") if file.exists() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9 else None
+
+
 def _pooling_from_st(path: Path) -> PoolingConfig:
-    """Read sentence-transformers' modules.json; a plain transformers folder pools by CLS, unnormalised."""
+    """Read sentence-transformers' modules.json; a plain transformers folder pools by CLS, unnormalised. A module
+    this server does not compute (Dense, LayerNorm, ...) is refused: its vectors would silently differ."""
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return PoolingConfig()
     mode, normalize, include_prompt = "cls", False, True
     for module in _read_json(modules_file):
         kind = module.get("type", "")
+        if not kind.endswith(KNOWN_MODULES):
+            raise ModelFolderError(f"{modules_file}: module {module.get('name', '?')!r} of type {kind!r} is not supported "
+                                   f"(this server computes {', '.join(KNOWN_MODULES)}); its output would be missing "
+                                   "from every vector")
         if kind.endswith("SpladePooling"):  # sentence-transformers' SparseEncoder
             pool = _read_json(path / module.get("path", "") / "config.json")
             if pool.get("pooling_strategy", "max") != "max" or pool.get("activation_function", "relu") != "relu":
@@ -145,6 +164,9 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
             mode = "splade"
         elif kind.endswith("Pooling"):
             pool = _read_json(path / module.get("path", "") / "config.json")
+            modes = [k for k, v in pool.items() if k.startswith("pooling_mode_") and v is True]
+            if len(modes) > 1:  # sentence-transformers concatenates them: a vector this server does not make
+                raise ModelFolderError(f"unsupported pooling in {path}: {', '.join(modes)} together (one mode is)")
             if pool.get("pooling_mode_mean_tokens"):
                 mode = "mean"
             elif pool.get("pooling_mode_cls_token"):
@@ -156,8 +178,8 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
             include_prompt = pool.get("include_prompt", True)
         elif kind.endswith("Normalize"):
             normalize = True
-    st_cfg = path / "sentence_bert_config.json"
-    max_len = _read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
+    st_cfg = _read_json(path / "sentence_bert_config.json") if (path / "sentence_bert_config.json").exists() else {}
+    max_len, lowercase = st_cfg.get("max_seq_length"), bool(st_cfg.get("do_lower_case", False))
     prompts_file = path / "config_sentence_transformers.json"
     st = _read_json(prompts_file) if prompts_file.exists() else {}
     prompts = st.get("prompts") or {}
@@ -168,8 +190,8 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
         raise ModelFolderError(f"{prompts_file}: default_prompt_name {default!r} is not one of its prompts")
     if prompts and not include_prompt:
         raise ModelFolderError(f"{path}: pooling that leaves the prompt's tokens out (include_prompt: false) is not supported")
-    return PoolingConfig(mode=mode, normalize=normalize, max_seq_length=max_len, prompts=tuple(prompts.items()),
-                         default_prompt_name=default)
+    return PoolingConfig(mode=mode, normalize=normalize, max_seq_length=max_len, lowercase=lowercase,
+                         prompts=tuple(prompts.items()), default_prompt_name=default)
 
 
 def _classifier_head(cfg: dict) -> ClassifierHead | None:

@@ -14,7 +14,7 @@ import torch
 from kernels import cuda
 from kernels.arena import Arena, new_arena
 from kernels.attention import flash_agrees, flash_eligible
-from models.config import ModelFolderError, default_model_path, read_model_folder
+from models.config import ModelFolderError, default_model_path, read_model_folder, tokenizer_max_length
 from models.encoder import ClassificationHead, PackedBatch, SpladeHead, pool
 from models.graphs import GraphedForward
 from models.tokenizer import TextTokenizer
@@ -197,7 +197,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     folder = read_model_folder(folder_path)
     cfg = folder.encoder
     check_model_settings(folder, device, dtype, max_input_length, pooling, default_prompt_name)
-    limit = min(x for x in (cfg.max_input_length, folder.pooling.max_seq_length, max_input_length) if x)
+    st_limit = folder.pooling.max_seq_length or tokenizer_max_length(folder_path)  # sentence-transformers' own rule
+    limit = min(x for x in (cfg.max_input_length, st_limit, max_input_length) if x)
     torch_device = torch.device(device)
     if torch_device.type == "cpu" and cuda.emulating():
         log.warning("TURBOSERVE_EMULATE_CUDA: the CUDA code path runs on the CPU emulator (kernels/emulate.py), "
@@ -222,7 +223,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     if memory_arena:
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
-    tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size)
+    tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse)
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
@@ -245,9 +246,10 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
 
 
 def finish_embedding(vector: np.ndarray, normalize: bool, dimensions: int | None = None) -> np.ndarray:
-    """Truncate to `dimensions` (Matryoshka) and L2-normalise when asked; truncation always renormalises."""
+    """Truncate to `dimensions` (Matryoshka), then L2-normalise when asked (TEI's order: `normalize: false` keeps the
+    cut vector as it is, as sentence-transformers' truncate_dim without normalize_embeddings)."""
     if dimensions is not None and dimensions < vector.shape[-1]:
-        vector, normalize = vector[..., :dimensions], True
+        vector = vector[..., :dimensions]
     if normalize:
         norm = np.linalg.norm(vector, axis=-1, keepdims=True)
         vector = vector / np.maximum(norm, 1e-12)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 Direction = Literal["right", "left"]
 SHORT_TEXT_CHARS = 4096  # up to this, one text is tokenized by encode() (no thread pool); beyond, encode_batch
@@ -62,16 +62,25 @@ class Encoded:
 class TextTokenizer:
     """Wraps one tokenizer.json; one copy per truncation direction, so nothing is mutated per call."""
 
-    def __init__(self, tokenizer_file: str | Path, max_length: int, vocab_size: int):
+    def __init__(self, tokenizer_file: str | Path, max_length: int, vocab_size: int, lowercase: bool = False):
+        """lowercase: sentence-transformers' do_lower_case, as a Lowercase normalizer put first (offsets still
+        count in the text as given)."""
         self.max_length = max_length
         self.vocab_size = vocab_size
         self._by_direction: dict[str, Tokenizer] = {}
-        for direction in ("right", "left"):
+
+        def load() -> Tokenizer:
             tok = Tokenizer.from_file(str(tokenizer_file))
+            if lowercase:
+                tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([tok.normalizer] if tok.normalizer else []))
+            return tok
+
+        for direction in ("right", "left"):
+            tok = load()
             tok.no_padding()
             tok.enable_truncation(max_length, direction=direction)
             self._by_direction[direction] = tok
-        self._full = Tokenizer.from_file(str(tokenizer_file))
+        self._full = load()
         self._full.no_padding()
         self._full.no_truncation()
         self._capped: dict[tuple[str, int], Tokenizer] = {}  # (direction, limit) -> a copy truncating there

@@ -80,7 +80,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     dimensions = engine.check_dimensions(body.dimensions or None)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing, limit=engine.prompt_limit(body.truncate_prompt_tokens))
-    vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize, dimensions)
+    # OpenAI's `dimensions` answers unit vectors: a cut vector is renormalised whatever the model's default
+    vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize or dimensions is not None,
+                               dimensions)
     if body.encoding_format == "base64":  # None (null): the default, float
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:

@@ -36,7 +36,7 @@ OPENAI = [
     ("empty token list", {"input": [[]], "model": MODEL}, 400),
     ("unknown model", {"input": "x", "model": "nope"}, 404),
     ("bad encoding", {"input": "x", "model": MODEL, "encoding_format": "hex"}, 400),
-    ("dimensions zero", {"input": "x", "model": MODEL, "dimensions": 0}, 400),
+    ("dimensions negative", {"input": "x", "model": MODEL, "dimensions": -1}, 400),
     ("dimensions unsupported", {"input": "x", "model": MODEL, "dimensions": 5}, 400),
     ("lone surrogate", f'{{"input": ["ok", "bad \\ud800"], "model": "{MODEL}"}}'.encode(), 400),
 ]

@@ -67,6 +67,11 @@ def test_dimensions_truncate_and_renormalise(srv, oai):
         oai.embeddings.create(model=MODEL, input="matryoshka", dimensions=3)
     assert "dimensions=3" in err.value.body["message"] if isinstance(err.value.body, dict) else True
     assert err.value.status_code == 400
+    with srv.client() as c:  # TEI's /embed: cut, then normalised only when asked (as TEI and sentence-transformers)
+        cut = c.post("/embed", json={"inputs": "matryoshka", "dimensions": 4, "normalize": False}).json()[0]
+        unit = c.post("/embed", json={"inputs": "matryoshka", "dimensions": 4}).json()[0]
+    np.testing.assert_allclose(cut, full[:4], rtol=1e-5)
+    np.testing.assert_allclose(unit, _unit(full[:4]), rtol=1e-5)
 
 
 def test_infinity_clients_body_dimensions_0_is_the_full_size(srv):

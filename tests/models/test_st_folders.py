@@ -1,0 +1,91 @@
+"""sentence-transformers folder layouts: what the server computes equals SentenceTransformer.encode on the same
+folder (do_lower_case, the tokenizer's model_max_length), and what it does not compute is refused at load, not
+served silently different (a Dense head, several pooling modes at once)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.config import ModelFolderError, default_model_path, read_model_folder
+from models.runtime import finish_embedding, load_model
+from tests.cross_encoders import TOKENIZER_FILES
+from tests.hf_import import import_transformers
+
+TEXTS = ["Hello World", "The Quick Brown Fox jumps", "all lower case already"]
+
+
+def _folder(root: Path, name: str, pooling: dict, sbert: dict, modules: list | None = None, cased: bool = False) -> Path:
+    """A tiny random BERT saved by transformers with MiniLM's tokenizer (cased: its lower-casing turned off), laid
+    out for sentence-transformers."""
+    import torch  # noqa: PLC0415
+
+    tf = import_transformers()
+    folder = root / name
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=512)
+    tf.BertModel(config, add_pooling_layer=False).eval().save_pretrained(folder, safe_serialization=True)
+    for file in TOKENIZER_FILES:
+        shutil.copy(default_model_path() / file, folder / file)
+    if cased:
+        tokenizer = json.loads((folder / "tokenizer.json").read_text())
+        tokenizer["normalizer"].update(lowercase=False, strip_accents=False)
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+        config_file = folder / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": 64, **pooling}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps(sbert))
+    (folder / "modules.json").write_text(json.dumps(modules or [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    return folder
+
+
+def _ours(folder: Path, texts: list[str]) -> tuple[np.ndarray, int]:
+    embedder, tokenizer, info = load_model(str(folder), memory_arena=False)
+    ids = [e.ids for e in tokenizer.encode(texts, truncate=True)]
+    return finish_embedding(embedder.embed(ids), False), info.max_input_length
+
+
+def test_do_lower_case_lowercases_before_tokenizing(tmp_path):
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    folder = _folder(tmp_path, "lower", {"pooling_mode_mean_tokens": True}, {"max_seq_length": 64, "do_lower_case": True},
+                     cased=True)
+    want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+    got, _ = _ours(folder, TEXTS)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_the_tokenizers_model_max_length_caps_inputs_when_sentence_transformers_sets_none(tmp_path):
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    folder = _folder(tmp_path, "tokmax", {"pooling_mode_mean_tokens": True}, {})
+    config_file = folder / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 40}))
+    model = SentenceTransformer(str(folder), device="cpu")
+    long = " ".join(["word"] * 80)
+    got, limit = _ours(folder, [long])
+    assert limit == model.max_seq_length == 40
+    np.testing.assert_allclose(got, model.encode([long]), atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["dense", "two pooling modes"])
+def test_what_the_server_does_not_compute_is_refused(tmp_path, case):
+    pooling, modules = {"pooling_mode_mean_tokens": True}, None
+    if case == "dense":
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    else:
+        pooling["pooling_mode_cls_token"] = True  # sentence-transformers concatenates the two
+    folder = _folder(tmp_path, case.replace(" ", "_"), pooling, {"max_seq_length": 64}, modules)
+    with pytest.raises(ModelFolderError) as err:
+        read_model_folder(folder)
+    assert ("Dense" in str(err.value)) if case == "dense" else ("together" in str(err.value))
