@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +43,11 @@ class PackedBatch:
         for n in lengths:
             cu.append(cu[-1] + n)
         flat = [tok for seq in sequences for tok in seq]
-        positions = [position_offset + i for n in lengths for i in range(n)]
+        if position_offset and (position_offset - 1) in flat:  # a RoBERTa padding id inside an input
+            starts = np.asarray(cu, dtype=np.int64)
+            positions = padded_positions(np.asarray(flat, dtype=np.int64), starts, np.diff(starts), position_offset)
+        else:
+            positions = [position_offset + i for n in lengths for i in range(n)]
         seq_index = [b for b, n in enumerate(lengths) for _ in range(n)]
         as_long = dict(dtype=torch.long, device=device)
         types = None
@@ -51,6 +56,17 @@ class PackedBatch:
             types = torch.tensor([int(i >= s) for s, n in zip(starts, lengths) for i in range(n)], **as_long)
         return cls(torch.tensor(flat, **as_long), torch.tensor(positions, **as_long), cu, torch.tensor(seq_index, **as_long),
                    types)
+
+
+def padded_positions(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, position_offset: int) -> np.ndarray:
+    """RoBERTa's position ids (transformers' create_position_ids_from_input_ids): a token equal to the padding id
+    (position_offset - 1) takes the padding's position, and the tokens after it do not count it. ids: the packed
+    tokens; starts: each sequence's first index (and the total); lengths: each sequence's length."""
+    pad = position_offset - 1
+    keep = (ids != pad).astype(np.int64)
+    counted = np.cumsum(keep)
+    before = np.concatenate(([0], counted))[starts[:-1]]  # tokens counted before each sequence
+    return np.where(keep == 1, counted - np.repeat(before, lengths) + pad, pad)
 
 
 class EncoderLayer(nn.Module):

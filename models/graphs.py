@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kernels.attention import DeviceLayout
-from models.encoder import ClassificationHead, PackedBatch
+from models.encoder import ClassificationHead, PackedBatch, padded_positions
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ class Bucket:
         ids, pos, seq, types, cu = h[:T], h[T:2 * T], h[2 * T:3 * T], h[3 * T:4 * T], h[4 * T:]
         ids[:total] = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=total)
         ids[total:] = 0
-        pos[:total] = within + position_offset
+        if position_offset and (ids[:total] == position_offset - 1).any():  # a RoBERTa padding id inside an input
+            pos[:total] = padded_positions(ids[:total], starts, lengths, position_offset)
+        else:
+            pos[:total] = within + position_offset
         pos[total:] = pad_position
         seq[:total] = np.repeat(np.arange(b, dtype=np.int64), lengths)
         seq[total:] = S  # the dummy sequence's row

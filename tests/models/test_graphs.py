@@ -64,6 +64,20 @@ def test_padded_forward_matches_the_eager_one_on_cpu(pooling):
     assert graphs.stats.replays == len(batches(0)) and graphs.stats.eager == 0
 
 
+def test_a_roberta_padding_id_inside_an_input_gets_the_eager_positions():
+    """RoBERTa's positions skip a padding id (1, offset 2) inside an input: the bucket's staging does as the eager
+    path (checked against transformers in test_parity)."""
+    embedder = EncoderEmbedder(random_encoder("minilm-l6"), "mean", 2, torch.device("cpu"))
+    graphs = graphed(embedder)
+    sequences = [[0, 2000, 1, 3000, 1, 2], [0, 1, 1, 2], [0, 5000, 2]]
+    with torch.inference_mode():
+        got, want = graphs.run(sequences, None), embedder._eager(sequences, None)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    plain = [[0, 2000, 3000, 2]]
+    with torch.inference_mode():
+        assert not np.allclose(graphs.run([[0, 2000, 1, 3000, 2]], None)[0], graphs.run(plain, None)[0], atol=1e-3)
+
+
 def test_batches_no_bucket_fits_are_left_to_the_eager_path():
     embedder = EncoderEmbedder(random_encoder("minilm-l6"), "mean", 0, torch.device("cpu"))
     embedder.graphs = graphed(embedder, max_tokens=64, max_sequences=4)

@@ -104,6 +104,7 @@ def test_tiny_random_models_match_transformers(tmp_path, kind, act):
     assert info.pooling == "cls" and not info.normalize  # no sentence-transformers config: CLS, unnormalised
     rng = random.Random(3)
     seqs = [[rng.randint(5, 30000) for _ in range(n)] for n in (1, 7, 33, 60, 2)]
+    seqs.append([0, 2000, 3000, 1, 4000, 1, 5000, 2])  # RoBERTa's padding id (1) inside: its positions skip it
     batch = PackedBatch.from_ids(seqs, embedder.position_offset)
     with torch.inference_mode():
         ours = embedder.encoder(batch)
