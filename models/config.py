@@ -80,6 +80,7 @@ class PoolingConfig:
     """sentence-transformers' Pooling and Normalize modules, or the defaults when absent."""
 
     mode: str = "cls"  # mean | cls | last | splade (max over tokens of log(1 + relu(MLM logits)))
+    guessed: bool = False  # no modules.json: the mode is sentence-transformers' choice for a plain folder
     normalize: bool = False
     max_seq_length: int | None = None
     lowercase: bool = False  # sentence_bert_config.json's do_lower_case: texts lower-cased before tokenizing
@@ -145,11 +146,12 @@ def tokenizer_max_length(path: Path) -> int | None:
 
 
 def _pooling_from_st(path: Path) -> PoolingConfig:
-    """Read sentence-transformers' modules.json; a plain transformers folder pools by CLS, unnormalised. A module
+    """Read sentence-transformers' modules.json; a plain transformers folder pools by mean, unnormalised (what
+    SentenceTransformer makes of it, with a warning; TEI asks for --pooling instead). A module
     this server does not compute (Dense, LayerNorm, ...) is refused: its vectors would silently differ."""
     modules_file = path / "modules.json"
     if not modules_file.exists():
-        return PoolingConfig()
+        return PoolingConfig(mode="mean", guessed=True)
     mode, normalize, include_prompt = "cls", False, True
     for module in _read_json(modules_file):
         kind = module.get("type", "")

@@ -211,6 +211,9 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     encoder = load_encoder(cfg, folder.weights, take).to(device=torch_device, dtype=getattr(torch, dtype))
     head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
     mode = pooling or ("splade" if folder.mlm is not None else folder.pooling.mode)
+    if folder.pooling.guessed and pooling is None and folder.mlm is None and folder.head is None:
+        log.warning("%s has no sentence-transformers modules.json: pooling by mean, as SentenceTransformer does for "
+                    "such a folder; set model.pooling (mean, cls, last) to choose", folder_path)
     sparse = None
     if mode == "splade":
         sparse = load_mlm_head(folder.mlm, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
