@@ -32,6 +32,9 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 SCOPE_KEY = "turboserve"
 BODY_IDLE_TIMEOUT_S = 30.0  # a request body that stops arriving for this long is a 408 (it held its connection forever)
+# ... and one still arriving after this long in all (a byte every 20 s never trips the idle limit): at payload_limit's
+# default, 2 MB, that asks for 17 kB/s at least
+BODY_TOTAL_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -212,11 +215,14 @@ class EdgeMiddleware:
     async def _read_body(self, receive) -> tuple[bytes, bool]:
         """Read the whole body, stopping once it passes the limit."""
         chunks, size = [], 0
+        deadline = time.monotonic() + BODY_TOTAL_TIMEOUT_S
         while True:
+            left = deadline - time.monotonic()
             try:
-                message = await _within(receive(), BODY_IDLE_TIMEOUT_S)
+                message = await _within(receive(), min(BODY_IDLE_TIMEOUT_S, max(left, 0.0)))
             except asyncio.TimeoutError:
-                raise BodyTimeout(f"the request body stopped arriving for {BODY_IDLE_TIMEOUT_S:.0f} s") from None
+                raise BodyTimeout(f"the request body stopped arriving for {BODY_IDLE_TIMEOUT_S:.0f} s" if left > BODY_IDLE_TIMEOUT_S
+                                  else f"the request body took more than {BODY_TOTAL_TIMEOUT_S:.0f} s to arrive") from None
             if message["type"] != "http.request":
                 return b"", False  # disconnected while sending; the app sees the disconnect next
             chunk = message.get("body", b"")

@@ -59,6 +59,25 @@ def test_a_head_that_stops_arriving_is_408_and_an_idle_connection_is_closed(shor
         assert httpx.get(f"{s.url}/health").status_code == 200
 
 
+def test_a_body_dripping_in_slower_than_the_idle_limit_still_ends_at_the_total_limit(monkeypatch):
+    """A byte just under every idle limit held a request (and its connection) forever: the body has a total time."""
+    monkeypatch.setattr(middleware, "BODY_IDLE_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(middleware, "BODY_TOTAL_TIMEOUT_S", 1.5)
+    with dummy_server() as s:
+        sock = _connect(s.url)
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        try:
+            for _ in range(20):
+                sock.sendall(b" ")
+                time.sleep(0.3)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 408") and b"took more than" in answer, answer
+        assert 1.4 < time.monotonic() - started < 5
+
+
 def test_a_body_that_stops_arriving_is_408_in_the_routes_shape(short_limits):
     with dummy_server() as s:
         sock = _connect(s.url)
