@@ -41,6 +41,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.flow = _PipelineFlow(transport, self.pipeline)
         self._head_bytes: int | None = 0  # bytes of the head read so far; None between a head and the next
         self._oversized = False  # a whole head over the limit arrived at once: refused after this read
+        self._in_message = False  # between a head and its message's end: what arrives is body, even after an answer
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
 
     def connection_lost(self, exc) -> None:
@@ -48,7 +49,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes is None and (self.cycle is None or self.cycle.response_complete):
+        if self._head_bytes is None and not self._in_message and (self.cycle is None or self.cycle.response_complete):
             self._start_head()  # a keep-alive connection's next request begins
         super().data_received(data)
         if self._oversized and not self.transport.is_closing():
@@ -66,6 +67,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._oversized = True  # no request is made of it; data_received answers 431
             return
         self._head_bytes = None
+        self._in_message = True
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -73,6 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if not self._oversized:
             super().on_message_complete()
 

@@ -78,6 +78,29 @@ def test_a_body_dripping_in_slower_than_the_idle_limit_still_ends_at_the_total_l
         assert 1.4 < time.monotonic() - started < 5
 
 
+def test_the_body_of_a_request_answered_early_is_not_read_as_the_next_head():
+    """A 401 sent before the body was read: the 200 kB body arriving afterwards was counted as the next request's
+    head (an unsolicited 431 and a closed connection); now it is the answered request's, and the connection serves on."""
+    with dummy_server(server={"api_key": "k"}) as s:
+        sock = _connect(s.url)
+        body = b'{"inputs": "' + b"a" * 200_000 + b'"}'
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(body))
+        time.sleep(0.3)
+        first = sock.recv(65536)
+        sock.sendall(body)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # /health is open: the same connection answers it
+        sock.settimeout(5)
+        rest = b""
+        while b"HTTP/1.1 200" not in rest and b"HTTP/1.1 431" not in rest:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        sock.close()
+    assert first.startswith(b"HTTP/1.1 401") and b"431" not in rest and b"HTTP/1.1 200" in rest, rest[:300]
+
+
 def test_a_body_that_stops_arriving_is_408_in_the_routes_shape(short_limits):
     with dummy_server() as s:
         sock = _connect(s.url)
