@@ -6,7 +6,7 @@ import base64
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from models.runtime import finish_embedding
 from server.deps import OpenAIInputs, engine_of, engines_of, json_response, timing_of
@@ -23,6 +23,7 @@ class EmbeddingRequest(BaseModel):
                                          "models); 0, as infinity's client always sends it, is the full size.")
     user: str | None = None
     truncate_prompt_tokens: StrictInt | None = Field(None, description="vLLM's: cut each input to this many tokens (-1: the model's limit).")
+    normalize: StrictBool | None = Field(None, description="vLLM's: L2-normalise (default: the model's own setting).")
 
 
 class EmbeddingData(BaseModel):
@@ -81,7 +82,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing, limit=engine.prompt_limit(body.truncate_prompt_tokens))
     # OpenAI's `dimensions` answers unit vectors: a cut vector is renormalised whatever the model's default
-    vectors = finish_embedding(await engine.run(encoded, request, timing), engine.info.normalize or dimensions is not None,
+    normalize = engine.info.normalize if body.normalize is None else body.normalize
+    vectors = finish_embedding(await engine.run(encoded, request, timing), normalize or (dimensions is not None
+                                                                                          and body.normalize is None),
                                dimensions)
     if body.encoding_format == "base64":  # None (null): the default, float
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]

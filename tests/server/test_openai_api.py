@@ -74,6 +74,15 @@ def test_dimensions_truncate_and_renormalise(srv, oai):
     np.testing.assert_allclose(unit, _unit(full[:4]), rtol=1e-5)
 
 
+def test_vllms_normalize_field_is_honoured(srv, oai):
+    """vLLM's extra_body={"normalize": false} (it was ignored: unit vectors came back)."""
+    full = expected_vector(_ids(srv, "raw"))
+    raw = oai.embeddings.create(model=MODEL, input="raw", encoding_format="float", extra_body={"normalize": False})
+    np.testing.assert_allclose(raw.data[0].embedding, full, rtol=1e-5)
+    unit = oai.embeddings.create(model=MODEL, input="raw", encoding_format="float", extra_body={"normalize": True})
+    np.testing.assert_allclose(unit.data[0].embedding, _unit(full), rtol=1e-5)
+
+
 def test_infinity_clients_body_dimensions_0_is_the_full_size(srv):
     """infinity's generated client (infinity_client) sends this body for every embeddings call: 0 means full size."""
     body = {"input": ["matryoshka"], "model": "default/not-specified", "dimensions": 0, "modality": "text"}
