@@ -20,6 +20,16 @@ def call_metadata(context) -> dict[str, str]:
     return {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
+STATUS_TEXT_LIMIT = 2048  # a status message travels in the trailers, which HTTP/2 peers hold to ~8 KiB in all
+
+
+def status_text(exc: BaseException) -> str:
+    """An error's message for a gRPC status, cut short: one that echoes a 100 kB model name would pass the trailers'
+    limit and reach the client as RESOURCE_EXHAUSTED instead of the real error."""
+    text = str(exc)
+    return text if len(text) <= STATUS_TEXT_LIMIT else text[:STATUS_TEXT_LIMIT] + "..."
+
+
 def call_peer(context) -> str:
     """The client's address, read while the call is live: grpc.aio's context.peer() on a call that has ended (a
     stream message's task finishing after the client cancelled the stream) dereferences freed memory (SIGSEGV)."""

@@ -33,7 +33,7 @@ from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server import grpc_tei
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.grpc_common import CODES, Call, call_metadata, call_peer, call_timing
+from server.grpc_common import CODES, Call, call_metadata, call_peer, call_timing, status_text
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
     CLASSIFICATION_REFUSED,
@@ -222,7 +222,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("unhandled error in gRPC %s (request id %s)", rpc, request_id)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
             else:
-                code, message = CODES.get(kind.status, grpc.StatusCode.INTERNAL), str(exc)
+                code, message = CODES.get(kind.status, grpc.StatusCode.INTERNAL), status_text(exc)
             await context.abort(code, message, trailing_metadata=(("x-request-id", request_id),))
         finally:
             self._record(rpc, code, timing, metadata, peer)

@@ -16,7 +16,7 @@ import server
 from models.runtime import finish_embedding
 from server.deps import engine_for, engine_of
 from server.errors import EmptyInput, InvalidRequest, TooLarge, kind_of
-from server.grpc_common import Call, call_metadata, call_peer, call_timing
+from server.grpc_common import Call, call_metadata, call_peer, call_timing, status_text
 from server.middleware import Timing
 from server.routes_rerank import labelled, ranked
 from server.routes_tei import sparse_entries
@@ -66,7 +66,7 @@ class TEIService:
         if kind is None:
             log.exception("unhandled error in a tei.v1 call (request id %s)", timing.request_id)
             return grpc.StatusCode.INTERNAL, f"internal error (request id {timing.request_id})"
-        return CODES.get(kind.tei_type, grpc.StatusCode.INTERNAL), str(exc)
+        return CODES.get(kind.tei_type, grpc.StatusCode.INTERNAL), status_text(exc)
 
     async def _counted(self, rpc: str, work, request, metadata: dict[str, str], peer: str, context):
         """work(request, timing, call), counted in the metrics (and the access log) under `grpc tei.<rpc>`; `call`

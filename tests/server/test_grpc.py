@@ -193,6 +193,13 @@ def test_a_grpc_port_another_server_holds_is_not_shared():
     asyncio.run(main())
 
 
+def test_an_error_echoing_a_huge_name_reaches_the_client_as_itself(gc):
+    """A 100 kB model name echoed in NOT_FOUND passed the trailers' limit: the client got RESOURCE_EXHAUSTED."""
+    with pytest.raises(InferenceServerException) as err:
+        gc.infer("m" * 100_000, [_input(["x"])])
+    assert err.value.status() == "StatusCode.NOT_FOUND" and len(err.value.message()) < 4000
+
+
 def test_grpc_probes_follow_the_open_paths():
     """With api_key_open_paths [] the HTTP probes need the key: so do gRPC's ServerLive / ServerReady."""
     with dummy_server(server={"grpc_port": 0, "api_key": KEY, "api_key_open_paths": ["/health"]}) as s:
