@@ -75,12 +75,29 @@ class EncoderConfig:
         )
 
 
+# sentence-transformers' Dense activations this server applies (its config names the torch module)
+DENSE_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
+                     "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.Sigmoid": "sigmoid"}
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers Dense module: the pooled vector through a linear layer and an activation."""
+
+    weights: Path  # its folder's model.safetensors (linear.weight [out, in], linear.bias [out])
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # tanh | identity | relu | sigmoid
+
+
 @dataclass(frozen=True)
 class PoolingConfig:
     """sentence-transformers' Pooling and Normalize modules, or the defaults when absent."""
 
     mode: str = "cls"  # mean | cls | last | splade (max over tokens of log(1 + relu(MLM logits)))
     guessed: bool = False  # no modules.json: the mode is sentence-transformers' choice for a plain folder
+    dense: tuple[DenseLayer, ...] = ()  # Dense modules after the pooling, in order
     normalize: bool = False
     max_seq_length: int | None = None
     lowercase: bool = False  # sentence_bert_config.json's do_lower_case: texts lower-cased before tokenizing
@@ -91,7 +108,7 @@ class PoolingConfig:
 
 # sentence-transformers modules (modules.json `type`, by suffix) this server computes: the encoder, pooling, SPLADE's
 # pooling and L2 normalisation.
-KNOWN_MODULES = ("Transformer", "MLMTransformer", "Pooling", "SpladePooling", "Normalize")
+KNOWN_MODULES = ("Transformer", "MLMTransformer", "Pooling", "SpladePooling", "Dense", "Normalize")
 
 
 @dataclass(frozen=True)
@@ -152,7 +169,7 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return PoolingConfig(mode="mean", guessed=True)
-    mode, normalize, include_prompt = "cls", False, True
+    mode, normalize, include_prompt, dense = "cls", False, True, []
     for module in _read_json(modules_file):
         kind = module.get("type", "")
         if not kind.endswith(KNOWN_MODULES):
@@ -166,18 +183,10 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
             mode = "splade"
         elif kind.endswith("Pooling"):
             pool = _read_json(path / module.get("path", "") / "config.json")
-            modes = [k for k, v in pool.items() if k.startswith("pooling_mode_") and v is True]
-            if len(modes) > 1:  # sentence-transformers concatenates them: a vector this server does not make
-                raise ModelFolderError(f"unsupported pooling in {path}: {', '.join(modes)} together (one mode is)")
-            if pool.get("pooling_mode_mean_tokens"):
-                mode = "mean"
-            elif pool.get("pooling_mode_cls_token"):
-                mode = "cls"
-            elif pool.get("pooling_mode_lasttoken"):
-                mode = "last"
-            else:
-                raise ModelFolderError(f"unsupported pooling in {path}: {pool}")
+            mode = _pooling_mode(pool, path)
             include_prompt = pool.get("include_prompt", True)
+        elif kind.endswith("Dense"):
+            dense.append(_dense_layer(path / module.get("path", "")))
         elif kind.endswith("Normalize"):
             normalize = True
     st_cfg = _read_json(path / "sentence_bert_config.json") if (path / "sentence_bert_config.json").exists() else {}
@@ -193,7 +202,45 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
     if prompts and not include_prompt:
         raise ModelFolderError(f"{path}: pooling that leaves the prompt's tokens out (include_prompt: false) is not supported")
     return PoolingConfig(mode=mode, normalize=normalize, max_seq_length=max_len, lowercase=lowercase,
-                         prompts=tuple(prompts.items()), default_prompt_name=default)
+                         prompts=tuple(prompts.items()), default_prompt_name=default, dense=tuple(dense))
+
+
+# Pooling modes by sentence-transformers' names: its legacy config's booleans, and sentence-transformers 6's
+# `pooling_mode` (a name, or a list of them); None: not computed here.
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last",
+                 "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None,
+                 "pooling_mode_weightedmean_tokens": None}
+POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last", "max": None, "mean_sqrt_len_tokens": None,
+                 "weightedmean": None}
+
+
+def _pooling_mode(pool: dict, path: Path) -> str:
+    named = pool.get("pooling_mode")
+    if named is not None:
+        names = [named] if isinstance(named, str) else list(named) if isinstance(named, list) else [repr(named)]
+    else:
+        names = [k for k, v in pool.items() if k.startswith("pooling_mode_") and v is True]
+    if len(names) > 1:  # sentence-transformers concatenates them: a vector this server does not make
+        raise ModelFolderError(f"unsupported pooling in {path}: {', '.join(names)} together (one mode is)")
+    mode = (POOLING_NAMES if named is not None else POOLING_MODES).get(names[0]) if names else None
+    if mode is None:
+        raise ModelFolderError(f"unsupported pooling in {path}: {pool} (mean, cls and last-token pooling are)")
+    return mode
+
+
+def _dense_layer(folder: Path) -> DenseLayer:
+    cfg = _read_json(folder / "config.json")
+    activation = DENSE_ACTIVATIONS.get(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    if activation is None:
+        raise ModelFolderError(f"{folder}: Dense activation {cfg.get('activation_function')!r} is not supported "
+                               f"({', '.join(DENSE_ACTIVATIONS)} are)")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise ModelFolderError(f"{folder}: a Dense module needs model.safetensors (pickle-based weights are refused)")
+    try:
+        return DenseLayer(weights, int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), activation)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{folder}/config.json: a Dense module needs in_features and out_features") from exc
 
 
 def _classifier_head(cfg: dict) -> ClassifierHead | None:

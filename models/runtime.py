@@ -75,7 +75,8 @@ class EncoderEmbedder:
     """
 
     def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None,
-                 head: ClassificationHead | None = None, sparse: SpladeHead | None = None):
+                 head: ClassificationHead | None = None, sparse: SpladeHead | None = None,
+                 dense: list[tuple[np.ndarray, np.ndarray | None, str]] | None = None):
         self.encoder = encoder
         self.pooling = pooling
         self.position_offset = position_offset
@@ -84,8 +85,11 @@ class EncoderEmbedder:
         self.head = head  # a classifier's: its logits are the output, [B, labels]
         self.sparse = sparse  # a SPLADE model's masked-LM head: its pooled weights are the output, [B, vocab]
         self.token_types = encoder.cfg.type_vocab_size > 1  # BERT: pairs' second texts are of type 1
+        # sentence-transformers Dense modules after the pooling: (weight [in, out], bias, activation), float32, applied
+        # to the pooled rows on the host (a [B, H] product: next to nothing beside the encoder)
+        self.dense = dense or []
         self.dim = head.out.out_features if head is not None else sparse.decoder.out_features if sparse is not None \
-            else encoder.cfg.hidden_size
+            else self.dense[-1][0].shape[1] if self.dense else encoder.cfg.hidden_size
         self.graphs: GraphedForward | None = None  # CUDA graphs of small batches (capture_graphs)
 
     def capture_graphs(self, max_tokens: int, max_sequences: int) -> bool:
@@ -108,8 +112,25 @@ class EncoderEmbedder:
         if self.graphs is not None and not (per_token and any(per_token)):
             out = self.graphs.run(sequences, segments if self.token_types else None)
             if out is not None:
-                return out
-        return self._eager(sequences, segments, per_token)
+                return self._project(out, per_token)
+        return self._project(self._eager(sequences, segments, per_token), per_token)
+
+    def _project(self, out, per_token: list[bool] | None):
+        """The pooled rows through the Dense modules (per-token states are the encoder's, as sentence-transformers'
+        token_embeddings)."""
+        if not self.dense:
+            return out
+
+        def dense(rows: np.ndarray) -> np.ndarray:
+            rows = rows.astype(np.float32, copy=False)
+            for weight, bias, activation in self.dense:
+                rows = rows @ weight + bias if bias is not None else rows @ weight
+                rows = DENSE_FUNCTIONS[activation](rows)
+            return rows
+
+        if isinstance(out, np.ndarray):
+            return dense(out)
+        return [row if per_token and per_token[i] else dense(row[None])[0] for i, row in enumerate(out)]
 
     @torch.inference_mode()
     def _eager(self, sequences: list[list[int]], segments: list[int | None] | None,
@@ -227,7 +248,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
-    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse)
+    dense = _dense_layers(folder.pooling.dense, cfg.hidden_size, head is not None or sparse is not None)
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense)
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
     info = ModelInfo(
@@ -246,6 +268,30 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         labels=folder.head.labels if folder.head is not None else (),
     )
     return embedder, tokenizer, info
+
+
+DENSE_FUNCTIONS = {"tanh": np.tanh, "identity": lambda x: x, "relu": lambda x: np.maximum(x, 0, dtype=np.float32),
+                   "sigmoid": lambda x: (1 / (1 + np.exp(-x))).astype(np.float32)}
+
+
+def _dense_layers(layers, hidden: int, other_head: bool) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
+    """The folder's Dense modules as float32 arrays, checked to chain from the pooled size."""
+    if layers and other_head:
+        raise ModelFolderError("a Dense module after a classifier or SPLADE head is not supported")
+    out, size = [], hidden
+    for layer in layers:
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        tensors = load_file(str(layer.weights))
+        weight, bias = tensors.get("linear.weight"), tensors.get("linear.bias")
+        if layer.in_features != size or weight is None or weight.shape != (layer.out_features, layer.in_features) \
+                or (layer.bias and (bias is None or bias.shape != (layer.out_features,))):
+            raise ModelFolderError(f"{layer.weights}: a Dense module of {layer.in_features} -> {layer.out_features} "
+                                   f"after a {size}-dim vector, with weights of {None if weight is None else weight.shape}")
+        out.append((np.ascontiguousarray(weight.T, dtype=np.float32),
+                    bias.astype(np.float32) if layer.bias else None, layer.activation))
+        size = layer.out_features
+    return out
 
 
 def finish_embedding(vector: np.ndarray, normalize: bool, dimensions: int | None = None) -> np.ndarray:

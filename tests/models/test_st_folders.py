@@ -1,6 +1,6 @@
 """sentence-transformers folder layouts: what the server computes equals SentenceTransformer.encode on the same
-folder (do_lower_case, the tokenizer's model_max_length), and what it does not compute is refused at load, not
-served silently different (a Dense head, several pooling modes at once)."""
+folder (do_lower_case, the tokenizer's model_max_length, Dense heads), and what it does not compute is refused at
+load, not served silently different (a LayerNorm module, several pooling modes at once)."""
 
 from __future__ import annotations
 
@@ -76,16 +76,37 @@ def test_the_tokenizers_model_max_length_caps_inputs_when_sentence_transformers_
     np.testing.assert_allclose(got, model.encode([long]), atol=2e-5)
 
 
-@pytest.mark.parametrize("case", ["dense", "two pooling modes"])
+def test_dense_modules_project_the_pooled_vector_as_sentence_transformers_does(tmp_path):
+    """A Dense head (LaBSE's kind: 64 -> 32, tanh; then 32 -> 24, identity) between the pooling and Normalize."""
+    import torch  # noqa: PLC0415
+    from sentence_transformers import SentenceTransformer, models  # noqa: PLC0415
+
+    plain = _folder(tmp_path, "plain", {"pooling_mode_mean_tokens": True}, {"max_seq_length": 64})
+    torch.manual_seed(1)
+    transformer = models.Transformer(str(plain), max_seq_length=64)
+    modules = [transformer, models.Pooling(64, "mean"), models.Dense(64, 32, activation_function=torch.nn.Tanh()),
+               models.Dense(32, 24, bias=False, activation_function=torch.nn.Identity()), models.Normalize()]
+    folder = tmp_path / "dense"
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+    embedder, tokenizer, info = load_model(str(folder), memory_arena=False)
+    got = finish_embedding(embedder.embed([e.ids for e in tokenizer.encode(TEXTS)]), info.normalize)
+    assert info.dim == 24 and info.normalize
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["layer norm", "two pooling modes", "two pooling modes, sentence-transformers 6"])
 def test_what_the_server_does_not_compute_is_refused(tmp_path, case):
     pooling, modules = {"pooling_mode_mean_tokens": True}, None
-    if case == "dense":
+    if case == "layer norm":
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                   {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
-    else:
+                   {"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}]
+    elif case == "two pooling modes":
         pooling["pooling_mode_cls_token"] = True  # sentence-transformers concatenates the two
-    folder = _folder(tmp_path, case.replace(" ", "_"), pooling, {"max_seq_length": 64}, modules)
+    else:
+        pooling = {"pooling_mode": ["mean", "cls"]}  # how sentence-transformers 6 writes it
+    folder = _folder(tmp_path, case.replace(" ", "_").replace(",", ""), pooling, {"max_seq_length": 64}, modules)
     with pytest.raises(ModelFolderError) as err:
         read_model_folder(folder)
-    assert ("Dense" in str(err.value)) if case == "dense" else ("together" in str(err.value))
+    assert ("LayerNorm" in str(err.value)) if case == "layer norm" else ("together" in str(err.value))
