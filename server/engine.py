@@ -136,15 +136,11 @@ class Engine:
         """ModelNotFound unless `name` (a request's `model`; None or infinity's placeholder: not given) is the served
         model's: its name, one of model.aliases, or a Hugging Face repo id of it (`org/<name>`, vLLM's default name
         for a model served from the Hub)."""
-        served = self.info.name
-        if name is None or name in (NOT_SPECIFIED, served) or name in self.settings.model.aliases:
-            return
-        if name.rpartition("/")[2] == served and "/" not in served:
-            return
-        raise ModelNotFound(f"model {name!r} is not served here; this server serves {served!r}"
-                            + (f" (also answering to {', '.join(map(repr, self.settings.model.aliases))})"
-                               if self.settings.model.aliases else "")
-                            + "; model.aliases adds names")
+        served, aliases = self.info.name, self.settings.model.aliases
+        if name is not None and name not in (NOT_SPECIFIED, served, *aliases) and name.rpartition("/")[2] != served:
+            also = f" (also answering to {', '.join(map(repr, aliases))})" if aliases else ""
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {served!r}{also}; "
+                                "model.aliases adds names")
 
     def require(self, *kinds: str) -> None:
         """WrongModelKind unless the served model is of one of `kinds` (ModelInfo.kind)."""
@@ -283,8 +279,7 @@ class Engine:
     async def _run(self, encoded: list[Encoded], request: Request, timing: Timing, per_token: bool,
                    slo: float, priority: int, timeout: float) -> np.ndarray | list[np.ndarray]:
         now = time.perf_counter()
-        expires_at = timing.started + timeout  # the hard deadline counts from arrival, tokenizing included
-        # The SLO counts from arrival too (tokenizing included), as the README and the planner's deadlines mean it.
+        expires_at = timing.started + timeout  # the hard deadline and the SLO count from arrival, tokenizing included
         items = [WorkItem(e.ids, enqueued_at=now, deadline=timing.started + slo, priority=priority, expires_at=expires_at,
                           per_token=per_token, segment=e.segment) for e in encoded]
         if not self.worker.alive:
@@ -332,10 +327,9 @@ class Engine:
         self.queue.wake()
 
     def _give_up(self, items: list[WorkItem], reason: str) -> int:
-        """Drop this request's sequences that were not computed yet, counted once under `reason`: those still
-        queued are withdrawn here (their room frees at once); those the worker already took but has not
-        started, it skips when it sees the cancelled future. A batch already running finishes unread. Returns
-        how many were withdrawn from the queue."""
+        """Drop this request's sequences that were not computed yet, counted once under `reason`: those still queued
+        are withdrawn here (their room frees at once); those the worker already took but has not started, it skips
+        when it sees the cancelled future. A batch already running finishes unread. Returns how many were withdrawn."""
         for it in items:
             it.drop_reason = reason  # before cancelling: the worker reads it when it skips the item
         withdrawn = self.queue.withdraw(items)
@@ -349,10 +343,8 @@ class Engine:
         """None when the full size is asked for; raise InvalidRequest when the model cannot truncate."""
         if dimensions is None or dimensions == self.info.dim:
             return None
-        allowed = self.info.matryoshka_dimensions
-        if dimensions not in allowed:
+        if dimensions not in (allowed := self.info.matryoshka_dimensions):
             sizes = ", ".join(map(str, allowed)) if allowed else "none besides the full size"
-            raise InvalidRequest(
-                f"dimensions={dimensions} is not supported by model {self.info.name} "
-                f"(output size {self.info.dim}; Matryoshka sizes: {sizes})")
+            raise InvalidRequest(f"dimensions={dimensions} is not supported by model {self.info.name} "
+                                 f"(output size {self.info.dim}; Matryoshka sizes: {sizes})")
         return dimensions

@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 
+from server.errors import InvalidRequest
 from server.middleware import Timing
 
 # HTTP status of an error kind -> the gRPC code Triton answers for the same condition.
@@ -52,3 +53,21 @@ class Call:
     async def receive(self) -> dict:
         await self._over.wait()
         return {"type": "http.disconnect"}
+
+
+def bool_param(params, name: str) -> bool | None:
+    if name not in params:
+        return None
+    value = params[name]
+    if value.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidRequest(f"parameter {name!r} must be a bool")
+    return value.bool_param
+
+
+def plain_params(params) -> dict:
+    """A gRPC parameters map as plain values (Triton sends shared memory sizes as int64_param)."""
+    out = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, choice) if choice is not None else None
+    return out

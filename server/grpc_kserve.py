@@ -33,7 +33,7 @@ from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server import grpc_tei
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.grpc_common import CODES, Call, call_metadata, call_peer, call_timing, status_text
+from server.grpc_common import CODES, Call, bool_param, call_metadata, call_peer, call_timing, plain_params, status_text
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
     CLASSIFICATION_REFUSED,
@@ -62,26 +62,8 @@ from server.shared_memory import SharedMemoryRegistry, Target, target
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-def _bool_param(params, name: str) -> bool | None:
-    if name not in params:
-        return None
-    value = params[name]
-    if value.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidRequest(f"parameter {name!r} must be a bool")
-    return value.bool_param
-
-
-def _plain(params) -> dict:
-    """A gRPC parameters map as plain values (Triton sends shared memory sizes as int64_param)."""
-    out = {}
-    for key, value in params.items():
-        choice = value.WhichOneof("parameter_choice")
-        out[key] = getattr(value, choice) if choice is not None else None
-    return out
-
-
 def _shm_target(tensor, what: str) -> Target | None:
-    return target(_plain(tensor.parameters), what) if "shared_memory_region" in tensor.parameters else None
+    return target(plain_params(tensor.parameters), what) if "shared_memory_region" in tensor.parameters else None
 
 
 def _texts(request: pb.ModelInferRequest, shm: SharedMemoryRegistry) -> list[str]:
@@ -322,7 +304,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidRequest(f"the only output is 'embedding', not {wrong}")
         targets = _output_targets(request, shm)
         texts = _texts(request, shm)
-        truncate, normalize = _bool_param(request.parameters, "truncate"), _bool_param(request.parameters, "normalize")
+        truncate, normalize = bool_param(request.parameters, "truncate"), bool_param(request.parameters, "normalize")
         encoded = await engine.tokenize(texts, timing, truncate)
         rows = await engine.run(encoded, Call(metadata, context), timing)  # type: ignore[arg-type]
         outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
