@@ -110,14 +110,19 @@ class TEIService:
             started: set[asyncio.Task] = set()
 
             async def read() -> None:
+                cancelled = False
                 try:
                     async for request in request_iterator:
                         task = asyncio.ensure_future(self._counted(rpc, work, request, metadata, peer, context))
                         started.add(task)
                         task.add_done_callback(started.discard)
                         await pending.put(task)
+                except asyncio.CancelledError:
+                    cancelled = True  # the stream is over: nobody waits for the end mark (a full window would hold it)
+                    raise
                 finally:
-                    await pending.put(None)
+                    if not cancelled:
+                        await pending.put(None)
 
             reader = asyncio.ensure_future(read())
             try:

@@ -49,8 +49,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes is None and not self._in_message and (self.cycle is None or self.cycle.response_complete):
+        answered = self.cycle is None or self.cycle.response_complete
+        if self._head_bytes is None and not self._in_message and answered:
             self._start_head()  # a keep-alive connection's next request begins
+        elif self._in_message and answered and self._head_timer is None:
+            # the rest of a body answered early (401, 413): it has the head's time to arrive, then the connection closes
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._leftover_timed_out)
         super().data_received(data)
         if self._oversized and not self.transport.is_closing():
             self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
@@ -96,6 +100,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(408, f"request head not received within {HEAD_TIMEOUT_S:.0f} s")
             else:  # nothing sent at all: just close, as hyper does
                 self.transport.close()
+
+    def _leftover_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_message and not self.transport.is_closing():
+            self.transport.close()
 
     def _refuse(self, status: int, message: str) -> None:
         self.logger.warning("%s from %s: %d, connection closed", message, "%s:%d" % self.client if self.client else "?", status)

@@ -220,3 +220,47 @@ def test_rerank_stream_past_the_batch_limit_is_refused(tmp_path):
             call(iter(m["RerankStreamRequest"](query="q", text=f"text {i}") for i in range(9)), timeout=30)
         assert "max_client_batch_size=8" in err.value.details()
         assert len(call(iter(m["RerankStreamRequest"](query="q", text=f"text {i}") for i in range(8)), timeout=30).ranks) == 8
+
+
+def test_a_stream_cancelled_with_its_window_full_leaves_no_task_behind():
+    """The reader, blocked on a full window when the stream ended, waited forever to put its end mark."""
+    import asyncio  # noqa: PLC0415
+
+    from server.grpc_tei import TEIService  # noqa: PLC0415
+
+    class Servicer:
+        app, stream_window = None, 2
+
+        def _check_key(self, metadata):
+            pass
+
+        def _record(self, *args):
+            pass
+
+    class Context:
+        def invocation_metadata(self):
+            return ()
+
+        def peer(self):
+            return "ipv4:127.0.0.1:1"
+
+        def add_done_callback(self, callback):
+            pass
+
+    async def work(request, timing, call):
+        await asyncio.sleep(0.01)
+        return request
+
+    async def requests():
+        for i in range(100):
+            yield i
+
+    async def main() -> list:
+        answers = TEIService(Servicer()).stream("X/XStream", work)(requests(), Context())
+        assert await answers.__anext__() == 0
+        await asyncio.sleep(0.2)  # the reader fills the window and waits on it
+        await answers.aclose()  # the client cancels
+        await asyncio.sleep(0.2)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(main()) == []

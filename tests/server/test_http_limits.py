@@ -101,6 +101,30 @@ def test_the_body_of_a_request_answered_early_is_not_read_as_the_next_head():
     assert first.startswith(b"HTTP/1.1 401") and b"431" not in rest and b"HTTP/1.1 200" in rest, rest[:300]
 
 
+def test_the_rest_of_a_body_answered_early_cannot_hold_the_connection(monkeypatch):
+    """After an early 401, a body dripping in forever (a byte every 0.2 s) is given the head's time, then closed."""
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", 0.5)
+    with dummy_server(server={"api_key": "k"}) as s:
+        sock = _connect(s.url)
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+        time.sleep(0.3)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+        started, closed = time.monotonic(), None
+        sock.settimeout(0.01)
+        while closed is None and time.monotonic() - started < 6:
+            try:
+                sock.sendall(b"a")
+                if sock.recv(65536) == b"":
+                    closed = time.monotonic() - started
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = time.monotonic() - started
+            time.sleep(0.2)
+        sock.close()
+    assert closed is not None and closed < 3, closed
+
+
 def test_a_body_that_stops_arriving_is_408_in_the_routes_shape(short_limits):
     with dummy_server() as s:
         sock = _connect(s.url)
