@@ -169,9 +169,13 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return PoolingConfig(mode="mean", guessed=True)
-    mode, normalize, include_prompt, dense = "cls", False, True, []
+    mode, normalize, include_prompt, dense, pooled = "cls", False, True, [], False
     for module in _read_json(modules_file):
         kind = module.get("type", "")
+        if kind.endswith(("Dense", "Normalize")) and (not pooled or normalize):  # computed in this order only
+            raise ModelFolderError(f"{modules_file}: module {module.get('name', '?')!r} ({kind.rpartition('.')[2]}) comes "
+                                   "before the pooling or after Normalize; Pooling, then Dense modules, then Normalize is "
+                                   "the order this server computes")
         if not kind.endswith(KNOWN_MODULES):
             raise ModelFolderError(f"{modules_file}: module {module.get('name', '?')!r} of type {kind!r} is not supported "
                                    f"(this server computes {', '.join(KNOWN_MODULES)}); its output would be missing "
@@ -180,8 +184,9 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
             pool = _read_json(path / module.get("path", "") / "config.json")
             if pool.get("pooling_strategy", "max") != "max" or pool.get("activation_function", "relu") != "relu":
                 raise ModelFolderError(f"unsupported SPLADE pooling in {path} (max of relu is): {pool}")
-            mode = "splade"
+            mode, pooled = "splade", True
         elif kind.endswith("Pooling"):
+            pooled = True
             pool = _read_json(path / module.get("path", "") / "config.json")
             mode = _pooling_mode(pool, path)
             include_prompt = pool.get("include_prompt", True)
@@ -230,6 +235,10 @@ def _pooling_mode(pool: dict, path: Path) -> str:
 
 def _dense_layer(folder: Path) -> DenseLayer:
     cfg = _read_json(folder / "config.json")
+    ends = {cfg.get("module_input_name", "sentence_embedding"), cfg.get("module_output_name", "sentence_embedding")}
+    if ends != {"sentence_embedding"}:  # sentence-transformers 6 lets a Dense act on the token embeddings
+        raise ModelFolderError(f"{folder}: a Dense module on {sorted(ends)} is not supported (on the pooled "
+                               "sentence_embedding it is)")
     activation = DENSE_ACTIVATIONS.get(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
     if activation is None:
         raise ModelFolderError(f"{folder}: Dense activation {cfg.get('activation_function')!r} is not supported "

@@ -250,6 +250,9 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
     dense = _dense_layers(folder.pooling.dense, cfg.hidden_size, head is not None or sparse is not None)
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense)
+    if any(size > embedder.dim for size in matryoshka_dimensions or cfg.matryoshka_dimensions):
+        raise ModelFolderError(f"Matryoshka sizes {list(matryoshka_dimensions or cfg.matryoshka_dimensions)} pass the "
+                               f"model's {embedder.dim}-dim output")
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
     info = ModelInfo(

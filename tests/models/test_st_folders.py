@@ -93,6 +93,8 @@ def test_dense_modules_project_the_pooled_vector_as_sentence_transformers_does(t
     got = finish_embedding(embedder.embed([e.ids for e in tokenizer.encode(TEXTS)]), info.normalize)
     assert info.dim == 24 and info.normalize
     np.testing.assert_allclose(got, want, atol=2e-5)
+    with pytest.raises(ModelFolderError, match="24-dim output"):  # sizes of the encoder's 64, not the head's 24
+        load_model(str(folder), memory_arena=False, matryoshka_dimensions=[32, 16])
 
 
 @pytest.mark.parametrize("case", ["layer norm", "two pooling modes", "two pooling modes, sentence-transformers 6"])
@@ -110,3 +112,24 @@ def test_what_the_server_does_not_compute_is_refused(tmp_path, case):
     with pytest.raises(ModelFolderError) as err:
         read_model_folder(folder)
     assert ("LayerNorm" in str(err.value)) if case == "layer norm" else ("together" in str(err.value))
+
+
+@pytest.mark.parametrize("layout", ["normalize then dense", "dense on the token embeddings"])
+def test_dense_modules_out_of_the_computed_order_are_refused(tmp_path, layout):
+    """sentence-transformers applies modules in modules.json's order (and v6 lets a Dense act on token embeddings):
+    served in Pooling, Dense, Normalize order, these vectors came out different (max |diff| 0.16-0.26)."""
+    import torch  # noqa: PLC0415
+    from sentence_transformers import SentenceTransformer, models  # noqa: PLC0415
+
+    plain = _folder(tmp_path, "plain", {"pooling_mode_mean_tokens": True}, {"max_seq_length": 64})
+    transformer = models.Transformer(str(plain), max_seq_length=64)
+    if layout == "normalize then dense":
+        modules = [transformer, models.Pooling(64, "mean"), models.Normalize(),
+                   models.Dense(64, 32, activation_function=torch.nn.Tanh())]
+    else:
+        modules = [transformer, models.Dense(64, 32, activation_function=torch.nn.Tanh(), module_input_name="token_embeddings"),
+                   models.Pooling(32, "mean")]
+    folder = tmp_path / "layout"
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    with pytest.raises(ModelFolderError, match="order this server computes"):
+        read_model_folder(folder)
