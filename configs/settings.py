@@ -203,6 +203,12 @@ class RecommendSettings(_Section):
     name: str | None = Field(None, description="Served name of the DLRM (KServe path); defaults to the folder's name.")
     max_batch: int = Field(4096, ge=1, description="Most samples in one recommendation request (413 above).")
 
+    @model_validator(mode="after")
+    def _name_fits_a_path(self):
+        if self.name is not None and "/" in self.name:  # as model.name: the DLRM is served on KServe's paths
+            raise ValueError(f"name {self.name!r} holds a '/', which no KServe path (/v2/models/<name>) can carry")
+        return self
+
 
 class Settings(BaseSettings):
     """All of turboserve's settings, grouped by the component that reads them."""

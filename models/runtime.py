@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,8 @@ def cpu_has_bf16() -> bool:
 
 def served_name(path: str | None, name: str | None) -> str:
     """The name a model is served under: `name`, else its folder's name (the embedded model's own name)."""
-    return name or (DEFAULT_MODEL_NAME if not path else Path(path).name)
+    # `.` and `..` name their folder; a link keeps its own name (abspath does not follow it)
+    return name or (DEFAULT_MODEL_NAME if not path else Path(os.path.abspath(path)).name)
 
 
 def check_model_settings(folder, device: str, dtype: str, max_input_length: int | None = None, pooling: str | None = None,

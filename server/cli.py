@@ -157,34 +157,45 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def _bind(host: str, port: int, what: str):
-    """A socket bound to `host:port` (as uvicorn binds: SO_REUSEADDR), or why it cannot be (a host that does not
-    resolve, a port in use) as a string. Done before the model loads: uvicorn, given this socket, never binds after
-    start-up (a port taken meanwhile made it exit with the model still loading, and the process abort)."""
+    """Sockets listening on `host:port`, every address the host resolves to (one for port 0), bound as asyncio binds
+    for uvicorn (SO_REUSEADDR; IPv6 sockets IPv6-only); or why they cannot be (a host that does not resolve, a port
+    in use) as a string. Done before the model loads: uvicorn, given these sockets, never binds after start-up (a
+    port taken meanwhile made it exit with the model still loading, and the process abort)."""
     import socket
 
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"server.host {host!r} does not resolve: {exc.strerror}"
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)  # uvicorn's backlog; listening holds the port (a bound socket alone would share it)
-    except OSError as exc:
+    sockets: list[socket.socket] = []
+    for family, kind, proto, _, address in list(dict.fromkeys(found))[: 1 if port == 0 else None]:
+        sock = socket.socket(family, kind, proto)
+        sockets.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+            sock.listen(2048)  # uvicorn's backlog; listening holds the port (a bound socket alone would share it)
+        except OSError as exc:
+            _close(sockets)
+            return f"cannot listen on {host}:{port} ({what}): {exc.strerror}"
+    return sockets
+
+
+def _close(sockets) -> None:
+    for sock in sockets:
         sock.close()
-        return f"cannot listen on {host}:{port} ({what}): {exc.strerror}"
-    return sock
 
 
 def _cannot_listen(host: str, port: int | None, what: str) -> str | None:
-    """Why `host:port` cannot be listened on, or None (port 0 or None: nothing to check); the probe is let go."""
+    """Why `host:port` cannot be listened on, or None (port 0 or None: nothing to check); the probes are let go."""
     if not port:
         return None
     bound = _bind(host, port, what)
     if isinstance(bound, str):
         return bound
-    bound.close()
+    _close(bound)
     return None
 
 
@@ -193,13 +204,6 @@ def serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     s = settings.server
-    http_socket = _bind(s.host, s.port, "server.port")  # held from now on, and served by uvicorn
-    problem = http_socket if isinstance(http_socket, str) else _cannot_listen(s.host, s.grpc_port, "server.grpc_port")
-    if problem:
-        if not isinstance(http_socket, str):
-            http_socket.close()
-        print(f"turboserve: {problem}", file=sys.stderr)
-        return 2
     from models.config import ModelFolderError
     from server.recommend import check_recommender
 
@@ -209,6 +213,13 @@ def serve(args: argparse.Namespace) -> int:
         where = "recommend.model_path: " if isinstance(exc, ModelFolderError) else ""
         print(f"turboserve: {where}{exc}", file=sys.stderr)
         return 2
+    http_sockets = _bind(s.host, s.port, "server.port")  # held from now on, and served by uvicorn
+    problem = http_sockets if isinstance(http_sockets, str) else _cannot_listen(s.host, s.grpc_port, "server.grpc_port")
+    if problem:
+        if not isinstance(http_sockets, str):
+            _close(http_sockets)
+        print(f"turboserve: {problem}", file=sys.stderr)
+        return 2
 
     import uvicorn
 
@@ -217,6 +228,13 @@ def serve(args: argparse.Namespace) -> int:
     from server.logs import configure_logging
 
     configure_logging(s.log_level, s.log_format, s.access_log)
+    import logging  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    for sock in http_sockets:  # uvicorn, handed the sockets, does not say where it listens: as it would have
+        host, port = sock.getsockname()[:2]
+        logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                f"[{host}]" if sock.family == socket.AF_INET6 else host, port)
     app = create_app(settings)
     # log_config=None keeps the handlers configured above; uvicorn's own access line stays off, the access
     # line is EdgeMiddleware's (it has the request id and the timings).
@@ -228,7 +246,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
                        last_activity=app.state.last_activity, abandon=app.state.abandon,
-                       in_flight=app.state.in_flight).run(sockets=[http_socket])
+                       in_flight=app.state.in_flight).run(sockets=http_sockets)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shell's status, not a traceback
         status = 130
     except SystemExit as exc:  # uvicorn's exit on a failed start-up: past the loader's thread, as any exit

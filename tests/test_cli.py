@@ -90,7 +90,7 @@ def test_serve_holds_its_port_from_the_start():
     loaded made uvicorn's own bind fail after start-up, with the loader running (the process aborted, SIGABRT)."""
     from server.cli import _bind  # noqa: PLC0415
 
-    held = _bind("127.0.0.1", 0, "server.port")
+    (held,) = _bind("127.0.0.1", 0, "server.port")
     try:
         port = held.getsockname()[1]
         assert "cannot listen on" in _bind("127.0.0.1", port, "server.port")  # as uvicorn would bind: SO_REUSEADDR
@@ -147,6 +147,7 @@ def _serve_and_stop(env: dict, expect_log: str):
         log = proc.stdout.read()
         assert "Application shutdown complete" in log
         assert expect_log in log
+        assert f"Uvicorn running on http://127.0.0.1:{port}" in log  # said by serve, which binds the socket itself
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -151,3 +151,11 @@ def test_a_served_name_with_a_slash_is_refused_with_the_way_out():
         Settings(model={"name": "sentence-transformers/all-MiniLM-L6-v2"})
     assert "serve it as 'all-MiniLM-L6-v2'" in str(err.value) and "aliases" in str(err.value)
     assert Settings(model={"name": "all-MiniLM-L6-v2", "aliases": ["sentence-transformers/all-MiniLM-L6-v2"]})
+
+
+def test_a_dlrm_name_with_a_slash_is_refused_and_a_relative_model_path_is_named_by_its_folder(tmp_path, monkeypatch):
+    with pytest.raises(ValidationError, match="holds a '/'"):
+        Settings(recommend={"name": "org/ctr-dlrm"})
+    (tmp_path / "bge-small").mkdir()
+    monkeypatch.chdir(tmp_path / "bge-small")
+    assert served_name(".", None) == "bge-small" and served_name("./", None) == "bge-small"  # was ''
