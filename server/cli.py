@@ -127,6 +127,14 @@ def _settings(args: argparse.Namespace):
         except ModelFolderError as exc:
             print(f"turboserve: {exc}", file=sys.stderr)
             return None
+    if settings.reranker is not None:  # one name, one model: /v1/models and KServe paths would hold two
+        from models.runtime import served_name  # noqa: PLC0415
+
+        name = served_name(settings.reranker.path, settings.reranker.name)
+        if name == served_name(settings.model.path, settings.model.name):
+            print(f"turboserve: reranker.name: the re-ranker would be served as {name!r}, the model's name too; give "
+                  "them different names (reranker.name or model.name)", file=sys.stderr)
+            return None
     return settings
 
 

@@ -104,7 +104,7 @@ class TEIService:
     def stream(self, rpc: str, work):
         async def handler(request_iterator, context):
             metadata, peer = await self._authorized(context), call_peer(context)
-            # answers go back in order; at most stream_window messages in hand (read, not answered to the client):
+            # answers go back in order; stream_window messages wait in hand (read, not answered; two more in passing):
             # the stream is not read past it, and an answered message's task is let go
             pending: asyncio.Queue = asyncio.Queue(self.servicer.stream_window)
             started: set[asyncio.Task] = set()

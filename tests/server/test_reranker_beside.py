@@ -101,3 +101,11 @@ def test_the_cli_refuses_a_reranker_that_is_not_one(tmp_path):
     assert r.returncode == 2 and "reranker.path" in r.stderr and "not a cross-encoder" in r.stderr
     r = subprocess.run(cli + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "reranker.path" in r.stderr and "does not exist" in r.stderr
+
+
+def test_the_cli_refuses_a_reranker_named_as_the_model(folder):
+    """Two folders of one name (both `model`, say) would list two models under one name: refused at start."""
+    cli = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--reranker", str(folder),
+           "--model-name", folder.name]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "reranker.name" in r.stderr and "Traceback" not in r.stderr, r.stderr
