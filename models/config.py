@@ -210,13 +210,10 @@ def _pooling_from_st(path: Path) -> PoolingConfig:
                          prompts=tuple(prompts.items()), default_prompt_name=default, dense=tuple(dense))
 
 
-# Pooling modes by sentence-transformers' names: its legacy config's booleans, and sentence-transformers 6's
-# `pooling_mode` (a name, or a list of them); None: not computed here.
-POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last",
-                 "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None,
-                 "pooling_mode_weightedmean_tokens": None}
-POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last", "max": None, "mean_sqrt_len_tokens": None,
-                 "weightedmean": None}
+# sentence-transformers' pooling names (6's `pooling_mode`, or the legacy `pooling_mode_<name>: true` keys) of the
+# modes served here; the others (max, mean_sqrt_len_tokens, weightedmean) are refused.
+SERVED_POOLING = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
+LEGACY_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "lasttoken"}
 
 
 def _pooling_mode(pool: dict, path: Path) -> str:
@@ -224,10 +221,10 @@ def _pooling_mode(pool: dict, path: Path) -> str:
     if named is not None:
         names = [named] if isinstance(named, str) else list(named) if isinstance(named, list) else [repr(named)]
     else:
-        names = [k for k, v in pool.items() if k.startswith("pooling_mode_") and v is True]
+        names = [LEGACY_POOLING.get(k, k) for k, v in pool.items() if k.startswith("pooling_mode_") and v is True]
     if len(names) > 1:  # sentence-transformers concatenates them: a vector this server does not make
         raise ModelFolderError(f"unsupported pooling in {path}: {', '.join(names)} together (one mode is)")
-    mode = (POOLING_NAMES if named is not None else POOLING_MODES).get(names[0]) if names else None
+    mode = SERVED_POOLING.get(names[0]) if names else None
     if mode is None:
         raise ModelFolderError(f"unsupported pooling in {path}: {pool} (mean, cls and last-token pooling are)")
     return mode

@@ -252,9 +252,9 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
     dense = _dense_layers(folder.pooling.dense, cfg.hidden_size, head is not None or sparse is not None)
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense)
-    if any(size > embedder.dim for size in matryoshka_dimensions or cfg.matryoshka_dimensions):
-        raise ModelFolderError(f"Matryoshka sizes {list(matryoshka_dimensions or cfg.matryoshka_dimensions)} pass the "
-                               f"model's {embedder.dim}-dim output")
+    sizes = tuple(matryoshka_dimensions or cfg.matryoshka_dimensions)
+    if any(size > embedder.dim for size in sizes):
+        raise ModelFolderError(f"Matryoshka sizes {list(sizes)} pass the model's {embedder.dim}-dim output")
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
     info = ModelInfo(
@@ -265,7 +265,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         max_input_length=limit,
         pooling=mode,
         normalize=folder.pooling.normalize if normalize is None else normalize,
-        matryoshka_dimensions=tuple(matryoshka_dimensions or cfg.matryoshka_dimensions),
+        matryoshka_dimensions=sizes,
         dtype=dtype,
         device=str(torch_device),
         prompts=dict(folder.pooling.prompts),
@@ -283,10 +283,10 @@ def _dense_layers(layers, hidden: int, other_head: bool) -> list[tuple[np.ndarra
     """The folder's Dense modules as float32 arrays, checked to chain from the pooled size."""
     if layers and other_head:
         raise ModelFolderError("a Dense module after a classifier or SPLADE head is not supported")
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
     out, size = [], hidden
     for layer in layers:
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
         tensors = load_file(str(layer.weights))
         weight, bias = tensors.get("linear.weight"), tensors.get("linear.bias")
         if layer.in_features != size or weight is None or weight.shape != (layer.out_features, layer.in_features) \

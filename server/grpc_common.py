@@ -60,7 +60,7 @@ def bool_param(params, name: str) -> bool | None:
         return None
     value = params[name]
     if value.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidRequest(f"parameter {name!r} must be a bool")
+        raise InvalidRequest(f"invalid value type for {name!r} parameter, expected bool_param: it must be a bool")
     return value.bool_param
 
 

@@ -12,19 +12,11 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidRequest, kind_of
-from server.grpc_common import CODES, call_metadata, call_peer, call_timing
+from server.grpc_common import CODES, bool_param, call_metadata, call_peer, call_timing
 from server.routes_triton import repository_index, repository_load, repository_unload
 from server.shared_memory import cuda_refused
 
 log = logging.getLogger(__name__)
-
-
-def _check_final_response_flag(request) -> None:
-    """Triton's `triton_enable_empty_final_response` must be a bool; no empty final message is ever needed here
-    (every answer is its request's last), so its value changes nothing."""
-    flag = request.parameters.get("triton_enable_empty_final_response")
-    if flag is not None and flag.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidRequest("invalid value type for 'triton_enable_empty_final_response' parameter, expected bool_param")
 
 
 class TritonExtensions:
@@ -49,7 +41,8 @@ class TritonExtensions:
         async def one(request) -> None:
             timing, code = call_timing(metadata), grpc.StatusCode.OK
             try:
-                _check_final_response_flag(request)
+                # must be a bool, as Triton checks it; its value changes nothing (every answer is its request's last)
+                bool_param(request.parameters, "triton_enable_empty_final_response")
                 message = pb.ModelStreamInferResponse(infer_response=await self._infer(request, metadata, timing, context))
             except asyncio.CancelledError:  # the client closed the stream: recorded as the unary call's cancellation
                 code = grpc.StatusCode.CANCELLED

@@ -75,6 +75,14 @@ def _flatten(data, depth: int = 0) -> list:
     return [data]
 
 
+def json_document(raw: bytes):
+    """A KServe/Triton JSON body, or InvalidRequest (a 400, never a 500) for anything json.loads refuses."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, an integer past Python's 4,300 digits; nesting
+        raise InvalidRequest("request body is not valid JSON (or nested too deeply, or an integer of over 4,300 digits)") from None
+
+
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(the JSON document, the binary tensor bytes after it) of an infer request."""
     if header_length is not None:
@@ -84,10 +92,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         json_part, binary = body[: int(header_length)], body[int(header_length):]
     else:
         json_part, binary = body, b""
-    try:
-        doc = json.loads(json_part)
-    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, an integer past Python's 4,300 digits; nesting
-        raise InvalidRequest("request body is not valid JSON (or nested too deeply, or an integer of over 4,300 digits)") from None
+    doc = json_document(json_part)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InvalidRequest("request must be a JSON object with a non-empty 'inputs' list")
     return doc, binary

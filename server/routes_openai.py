@@ -81,11 +81,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     dimensions = engine.check_dimensions(body.dimensions or None)
     timing = timing_of(request)
     encoded = await engine.tokenize(body.input, timing, limit=engine.prompt_limit(body.truncate_prompt_tokens))
-    # OpenAI's `dimensions` answers unit vectors: a cut vector is renormalised whatever the model's default
-    normalize = engine.info.normalize if body.normalize is None else body.normalize
-    vectors = finish_embedding(await engine.run(encoded, request, timing), normalize or (dimensions is not None
-                                                                                          and body.normalize is None),
-                               dimensions)
+    # vLLM's `normalize` when given; else the model's default, and unit vectors for OpenAI's `dimensions` (a cut vector)
+    normalize = body.normalize if body.normalize is not None else engine.info.normalize or dimensions is not None
+    vectors = finish_embedding(await engine.run(encoded, request, timing), normalize, dimensions)
     if body.encoding_format == "base64":  # None (null): the default, float
         rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:

@@ -7,12 +7,11 @@ lists the served models, loading one that is served is a no-op, anything else is
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 
 from server.deps import engine_of
 from server.errors import InvalidRequest, error_responses
+from server.kserve_codec import json_document
 from server.routes_kserve import served_names
 from server.shared_memory import cuda_refused
 
@@ -27,10 +26,7 @@ async def _json(request: Request) -> dict:
     raw = await request.body()
     if not raw.strip():
         return {}
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, an integer past Python's 4,300 digits; nesting
-        raise InvalidRequest("request body is not valid JSON (or nested too deeply, or an integer of over 4,300 digits)") from None
+    doc = json_document(raw)
     if not isinstance(doc, dict):
         raise InvalidRequest("request body must be a JSON object")
     return doc
