@@ -50,6 +50,13 @@ def _refused_texts(call, texts: list[str], what: str = "input", positions: list[
         raise
 
 
+def _untruncated_length(enc) -> int:
+    """The token count of a single text before truncation, from its truncated encoding: each overflowing piece
+    repeats the special tokens, so count only its own (not for pairs, whose pieces repeat the other text too)."""
+    own = sum(len(piece.ids) - sum(piece.special_tokens_mask) for piece in [enc, *enc.overflowing])
+    return own + sum(enc.special_tokens_mask)
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Token ids of one input, with or without special tokens as the tokenizer adds them."""
@@ -122,8 +129,7 @@ class TextTokenizer:
         for i, enc in enumerate(encodings):
             truncated = bool(enc.overflowing)
             if truncated and not truncate:
-                length = len(self._full.encode_batch([texts[i]])[0].ids)  # the batch call: the GIL released
-                raise InputTooLong(i if positions is None else positions[i], length, self.max_length)
+                raise InputTooLong(i if positions is None else positions[i], _untruncated_length(enc), self.max_length)
             out.append(Encoded(list(enc.ids), truncated))
         return out
 

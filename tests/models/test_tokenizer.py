@@ -26,6 +26,19 @@ def test_over_length_refused_with_real_length(tok):
     assert err.value.index == 1 and err.value.length == 42 and err.value.limit == 16
 
 
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize("words", [17, 300, 2500])
+def test_reported_length_is_the_untruncated_count(tok, direction, words):
+    """The length in the refusal is counted from the truncated encoding's overflow (not a second tokenization):
+    it equals the whole text's token count, multi-token words and the short (encode) and long (batch) paths alike."""
+    vocab = "tokenization ünïcödé 日本語 emoji😀 deep-learning, is fun!".split()
+    text = " ".join(vocab[i * 7 % len(vocab)] for i in range(words))
+    whole = len(tok._full.encode(text).ids)
+    with pytest.raises(InputTooLong) as err:
+        tok.encode([text], direction=direction)
+    assert err.value.length == whole > 16
+
+
 def test_truncation_keeps_special_tokens_and_chosen_end(tok):
     text = " ".join(str(i) for i in range(40))
     right = tok.encode([text], truncate=True, direction="right")[0]
