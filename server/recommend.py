@@ -189,11 +189,16 @@ class Recommender:
 
 
 def dlrm_name(settings: Settings) -> str:
-    """The DLRM's served name: recommend.name, else its folder's name; ValueError when the encoder has it."""
+    """The DLRM's served name: recommend.name, else its folder's name; ValueError when the encoder or the re-ranker
+    has it (two models under one KServe path)."""
     name = settings.recommend.name or Path(settings.recommend.model_path).resolve().name
     if name == served_name(settings.model.path, settings.model.name):
         raise ValueError(f"recommend.name={name!r} is also the encoder's name: give them different names "
                          "(recommend.name or model.name)")
+    reranker = settings.reranker
+    if reranker is not None and name == served_name(reranker.path, reranker.name):
+        raise ValueError(f"recommend.name={name!r} is also the re-ranker's name: give them different names "
+                         "(recommend.name or reranker.name)")
     return name
 
 

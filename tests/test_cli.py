@@ -272,9 +272,10 @@ def test_a_failed_import_leaves_no_table_behind(tmp_path, capsys):
 
 
 def test_recommendation_settings_the_server_cannot_serve_are_refused_at_start(tmp_path):
-    """A DLRM folder that is not one, a DLRM named as the encoder is served, an embedding store another process
+    """A DLRM folder that is not one, a DLRM named as the encoder or the re-ranker is served, an embedding store another process
     holds, a table whose dim the DLRM does not take: one line, exit 2, before the port opens (the server stayed up,
     unready for good, with a traceback in its log; the same name let the DLRM hide the encoder on KServe)."""
+    from tests.cross_encoders import cross_encoder_folder  # noqa: PLC0415
     from tests.server.recommend_support import make_dlrm  # noqa: PLC0415
 
     made = make_dlrm(tmp_path / "dlrm")
@@ -283,6 +284,8 @@ def test_recommendation_settings_the_server_cannot_serve_are_refused_at_start(tm
     cases = [
         ({"TURBOSERVE_RECOMMEND__MODEL_PATH": str(tmp_path / "nowhere")}, "recommend.model_path: model folder"),
         ({"TURBOSERVE_RECOMMEND__NAME": "all-MiniLM-L6-v2"}, "is also the encoder's name"),
+        ({"TURBOSERVE_RECOMMEND__NAME": "ranker", "TURBOSERVE_RERANKER__NAME": "ranker",
+          "TURBOSERVE_RERANKER__PATH": str(cross_encoder_folder(tmp_path))}, "is also the re-ranker's name"),
         ({"TURBOSERVE_EMBEDDINGS__CACHE_ROWS": str(10 ** 11)}, "lower embeddings.cache_fraction or set embeddings.cache_rows"),
     ]
     for extra, needle in cases:
