@@ -55,6 +55,21 @@ class Call:
         return {"type": "http.disconnect"}
 
 
+_LIVE: dict[int, Call] = {}  # id(context) -> its Call, while the gRPC call lasts
+
+
+def call_of(metadata: dict[str, str], context: grpc.aio.ServicerContext) -> Call:
+    """The one Call of a gRPC call, shared by a stream's messages: each Call adds a done callback to the context, and
+    grpc holds every callback until the call ends (a Call a message grew a long stream by ~1 KB a message, for good).
+    metadata: the call's (a stream's messages all have the same)."""
+    key = id(context)
+    call = _LIVE.get(key)
+    if call is None:
+        call = _LIVE[key] = Call(metadata, context)
+        context.add_done_callback(lambda _: _LIVE.pop(key, None))
+    return call
+
+
 def bool_param(params, name: str) -> bool | None:
     if name not in params:
         return None

@@ -33,7 +33,7 @@ from models.runtime import finish_embedding
 from scheduler.errors import NotReady
 from server import grpc_tei
 from server.errors import InvalidRequest, ModelNotFound, Unauthorized, kind_of
-from server.grpc_common import CODES, Call, bool_param, call_metadata, call_peer, call_timing, plain_params, status_text
+from server.grpc_common import CODES, bool_param, call_metadata, call_of, call_peer, call_timing, plain_params, status_text
 from server.grpc_triton import TritonExtensions
 from server.kserve_codec import (
     CLASSIFICATION_REFUSED,
@@ -306,7 +306,7 @@ class InferenceService(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         texts = _texts(request, shm)
         truncate, normalize = bool_param(request.parameters, "truncate"), bool_param(request.parameters, "normalize")
         encoded = await engine.tokenize(texts, timing, truncate)
-        rows = await engine.run(encoded, Call(metadata, context), timing)  # type: ignore[arg-type]
+        rows = await engine.run(encoded, call_of(metadata, context), timing)  # type: ignore[arg-type]
         outputs = {"embedding": finish_embedding(rows, engine.info.normalize if normalize is None else normalize)}
         return _infer_response(engine.info.name, request.id, outputs, place_outputs(shm, targets, outputs))
 

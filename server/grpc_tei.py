@@ -16,7 +16,7 @@ import server
 from models.runtime import finish_embedding
 from server.deps import engine_for, engine_of
 from server.errors import EmptyInput, InvalidRequest, TooLarge, kind_of
-from server.grpc_common import Call, call_metadata, call_peer, call_timing, status_text
+from server.grpc_common import call_metadata, call_of, call_peer, call_timing, status_text
 from server.middleware import Timing
 from server.routes_rerank import labelled, ranked
 from server.routes_tei import sparse_entries
@@ -73,7 +73,7 @@ class TEIService:
         is what Engine.run watches for the client going away; peer: call_peer's, read at the call's start."""
         timing, code = call_timing(metadata), grpc.StatusCode.OK
         try:
-            return await work(request, timing, Call(metadata, context))
+            return await work(request, timing, call_of(metadata, context))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise

@@ -320,6 +320,37 @@ def test_stream_answers_carry_tritons_final_response_flag(grpc_srv):
     assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in replies.values())
 
 
+def test_a_long_stream_holds_one_call_not_one_a_message(grpc_srv):
+    """Each message of a stream used to make its own Call, which added a done callback to the stream's context, kept
+    by grpc until the stream ends: ~1 KB a message for as long as a client keeps its stream (perf_analyzer
+    --streaming). Now the stream's messages share one; it is let go when the stream ends."""
+    import gc as collector  # noqa: PLC0415
+    import queue  # noqa: PLC0415
+
+    from server import grpc_common  # noqa: PLC0415
+    from tests.server.test_failures import wait_for  # noqa: PLC0415
+
+    def calls() -> int:
+        collector.collect()
+        return sum(isinstance(o, grpc_common.Call) for o in collector.get_objects())
+
+    answers: queue.Queue = queue.Queue()
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_srv.app.state.grpc_port}")
+    before = calls()
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i in range(200):
+            client.async_stream_infer(MODEL, [_input([f"message {i}"])], request_id=str(i))
+        got = [answers.get(timeout=20) for _ in range(200)]
+        during = calls()  # the stream still open
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(e is None for _, e in got)
+    assert during - before <= 1, (before, during)
+    wait_for(lambda: not grpc_common._LIVE)
+
+
 def test_a_cancelled_stream_drops_its_queued_requests():
     from tests.server.test_failures import wait_for  # noqa: PLC0415
     from tests.server.test_overload import dropped  # noqa: PLC0415
