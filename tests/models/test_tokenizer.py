@@ -62,3 +62,20 @@ def test_token_id_checks(tok):
         tok.check_ids([[]])
     with pytest.raises(InputTooLong):
         tok.check_ids([list(range(17))])
+
+
+def test_tokenizers_for_request_limits_are_few_and_the_recent_ones_kept(tok):
+    """vLLM's truncate_prompt_tokens makes a tokenizer copy per limit (the vocabulary each: 6 MB for MiniLM's): a
+    client cycling through limits keeps at most CAPPED_COPIES of them, the ones used last (64 were kept, then all
+    dropped at once)."""
+    from models.tokenizer import CAPPED_COPIES  # noqa: PLC0415
+
+    text = " ".join(str(i) for i in range(40))
+    for limit in range(3, 16):
+        assert len(tok.encode([text], truncate=True, limit=limit)[0].ids) == limit
+        assert len(tok._capped) <= CAPPED_COPIES
+    kept = tok._tokenizer("right", 15)
+    assert all(tok._tokenizer("right", 15) is kept for _ in range(3))  # reused, not remade
+    for limit in range(3, 3 + CAPPED_COPIES - 1):
+        tok._tokenizer("right", limit)
+    assert tok._tokenizer("right", 15) is kept  # recently used: still there
