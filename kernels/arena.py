@@ -254,11 +254,8 @@ class Arena:
             # chunks sized for ever larger batches; every smaller batch then fits in the same chunk.
             whole = plan_memory(sizes, first, last, [1 << 62])  # one unbounded chunk
             size = align(max(self.min_chunk, whole.peak_bytes))
-            for i in live:
-                self._chunks[i] = None
-                self.stats.chunk_releases += 1
-            self._views.clear()
-            self._plans.clear()  # their chunks are gone (cleared now: the allocation below may fail)
+            self.stats.chunk_releases += len(live)
+            self._drop_all_chunks()  # no plan is left to name them (cleared now: the allocation below may fail)
             live = []
             plan = MemoryPlan(whole.chunk, whole.offset, whole.sizes, [size], [0], whole.used_chunks)
         if plan is not largest:
@@ -288,12 +285,8 @@ class Arena:
         reserved bytes, everything is given back and the next batch plans afresh."""
         self._recent_peaks.append(plan.peak_bytes)
         if len(self._recent_peaks) == self.release_after and 2 * max(self._recent_peaks) <= self.reserved_bytes:
-            for i, chunk in enumerate(self._chunks):
-                if chunk is not None:
-                    self._chunks[i] = None
-                    self.stats.chunk_releases += 1
-                    self._views.clear()
-            self._plans.clear()
+            self.stats.chunk_releases += sum(c is not None for c in self._chunks)
+            self._drop_all_chunks()
             self._largest_bucket = 0
             self._recent_peaks.clear()
             return
@@ -303,6 +296,16 @@ class Arena:
                 self.stats.chunk_releases += 1
                 self._views.clear()
                 self._plans = {b: p for b, p in self._plans.items() if i not in p.used_chunks}
+        if all(c is None for c in self._chunks):
+            self._drop_all_chunks()
+
+    def _drop_all_chunks(self) -> None:
+        """Forget every chunk and every plan (which name chunks by their place in the list): the list starts empty
+        again, rather than growing by a released slot for every chunk ever made (each batch scans it)."""
+        self._chunks.clear()
+        self._last_used.clear()
+        self._views.clear()
+        self._plans.clear()
 
     @contextmanager
     def batch(self, tokens: int) -> Iterator[_ArenaWorkspace]:

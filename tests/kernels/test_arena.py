@@ -141,6 +141,14 @@ def test_arena_grows_to_the_largest_batch_and_shrinks_when_it_stops_coming():
     assert allocations[:4] == [1, 2, 2, 2]
     # Three small batches in a row touched under half of it: it was given back and re-planned small.
     assert reserved[-1] < reserved[3] / 2 and arena.stats.chunk_releases >= 2 and allocations[-1] == 3
+    # Grown and shrunk again and again, the arena's list of chunks (scanned every batch) holds only live ones.
+    for _ in range(5):
+        for lengths in ([400, 400], [5], [5], [5], [5]):
+            batch = _batch(rng, model, lengths)
+            with arena.batch(batch.input_ids.shape[0]) as ws:
+                model(batch, ws)
+    assert arena.stats.chunk_allocations >= 10 and len(arena._chunks) <= 2
+    assert all(c is not None for c in arena._chunks)
 
 
 def test_token_buckets_are_tight_and_monotonic():
