@@ -32,6 +32,8 @@ RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin turboserve \
 # Model folders (model.path, recommend.model_path) must lie under /models: mount them there, read-only.
 # The embedded all-MiniLM-L6-v2 is always allowed.
 ENV TURBOSERVE_SERVER__MODEL_DIRS='["/models"]'
+# The address as settings, not flags, so that `docker run -e TURBOSERVE_SERVER__PORT=...` moves it (a flag would win).
+ENV TURBOSERVE_SERVER__HOST=0.0.0.0 TURBOSERVE_SERVER__PORT=8000
 USER turboserve
 WORKDIR /home/turboserve
 
@@ -41,7 +43,6 @@ EXPOSE 8001
 
 # No curl in the image: probe /health with the standard library (200 only once the model is warm).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
+    CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('TURBOSERVE_SERVER__PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4).status == 200 else 1)"]
 
 ENTRYPOINT ["turboserve", "serve"]
-CMD ["--host", "0.0.0.0", "--port", "8000"]

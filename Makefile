@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# HOST / PORT given (make serve PORT=9000) override the settings file's server.host / server.port; not given,
+# the file's (127.0.0.1:8000 in configs/default.yaml) or TURBOSERVE_SERVER__PORT decide.
+HOST ?=
+PORT ?=
 CONFIG ?= configs/default.yaml
 
 .PHONY: serve test redis-server nginx prometheus install install-dev bench simulate clean
@@ -29,7 +31,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 serve: install
-	$(BIN)/turboserve serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+	$(BIN)/turboserve serve --config $(CONFIG) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 # The embedding tests start real Redis servers (Debian's redis-server).
 redis-server:
