@@ -22,11 +22,16 @@ device=${DEVICE:-cuda}
 requests=${REQUESTS:-4000}
 model=${MODEL_DIR:-/tmp/minilm_random}
 $py bench/random_model.py --like .gpu_carry/minilm --out "$model" || exit 1
+source "$(dirname "$0")/budget.sh"
 status=0
 for dtype in ${DTYPES:-float16 bfloat16}; do
-    timeout "${T_CHECK:-120}" $py bench/gpu_serve_check.py --model "$model" --device "$device" --dtype "$dtype" \
+    limit=$(capped_limit "${T_CHECK:-120}")
+    [ "$limit" = 0 ] && { echo "serve $dtype: skipped (the session's time spent)"; status=1; break; }
+    timeout -k 10 "$limit" $py bench/gpu_serve_check.py --model "$model" --device "$device" --dtype "$dtype" \
         2>&1 | tee "$out/serve_check_$dtype.txt" || status=1
-    timeout "${T_LOAD:-150}" $py bench/loadgen.py --spawn --model "$model" --server-arg=--device --server-arg="$device" \
+    limit=$(capped_limit "${T_LOAD:-150}")
+    [ "$limit" = 0 ] && { echo "serve load $dtype: skipped (the session's time spent)"; status=1; break; }
+    timeout -k 10 "$limit" $py bench/loadgen.py --spawn --model "$model" --server-arg=--device --server-arg="$device" \
         --server-arg=--dtype --server-arg="$dtype" --concurrency 64 --requests "$requests" --warmup 100 \
         --baseline --baseline-device "$device" --baseline-dtype "$dtype" --baseline-batch-size 64 --baseline-runs 3 \
         --json "$out/serve_load_$dtype.json" 2>&1 | grep -v 'Writing model' | tee "$out/serve_load_$dtype.txt" || status=1
