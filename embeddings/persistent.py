@@ -96,11 +96,11 @@ class PersistentTier(Tier):
             self._db.put(_META_PREFIX + spec.name.encode(), json.dumps(meta).encode(), self._write_opts[True])
             super().create_table(spec)
 
-    def set_epoch(self, table: str, epoch: str) -> None:
-        """Record the table's new epoch (an import's; see TableSpec), fsynced."""
+    def set_epoch(self, table: str, epoch: str, rows: int | None = None) -> None:
+        """Record the table's new epoch (an import's; see TableSpec) and, if given, its rows, fsynced."""
         with self._lock:
             old = self.spec(table)
-            spec = TableSpec(old.name, old.dim, old.default, old.rows, epoch)
+            spec = TableSpec(old.name, old.dim, old.default, old.rows if rows is None else rows, epoch)
             meta = {"dim": spec.dim, "default": spec.default.tolist(), "rows": spec.rows, "epoch": epoch}
             self._db.put(_META_PREFIX + table.encode(), json.dumps(meta).encode(), self._write_opts[True])
             self.tables[table] = spec

@@ -13,6 +13,8 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -198,11 +200,20 @@ class CostModel:
                    [Cell(**c) for c in doc.get("cells", [])], float(doc.get("alpha", 0.2)), int(doc.get("observations", 0)))
 
     def save(self, path: str | Path) -> None:
+        """Write the model to `path` atomically: a temporary file of its own in the same folder, then a rename, so a
+        reader never sees half a file and two processes saving the same key never write into one temporary file.
+        Raises OSError (a folder that cannot be made or written)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o644)  # as an open() would make it (mkstemp's 0600 hides it from a server run as another user)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.to_json(), indent=1))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:

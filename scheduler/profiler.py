@@ -64,11 +64,13 @@ def cache_path(directory: str | Path, key: dict) -> Path:
 
 
 def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cells: list[tuple[int, int]],
-                    runs: int = 3, progress: bool = True, alpha: float = 0.2) -> tuple[CostModel, bool]:
-    """The cached model for `key` if one is saved, else a freshly profiled and saved one.
+                    runs: int = 3, progress: bool = True, alpha: float = 0.2, reuse: bool = True) -> tuple[CostModel, bool]:
+    """The cached model for `key` if one is saved (and `reuse`), else a freshly profiled one, saved over any
+    earlier one only once measured (an interrupted profile leaves the earlier one). A save that fails (a folder
+    that cannot be written) is a warning: the measured model is returned all the same.
     Returns (model, loaded_from_cache)."""
     path = cache_path(directory, key) if directory else None
-    if path is not None and path.exists():
+    if reuse and path is not None and path.exists():
         try:
             model = CostModel.load(path)
             if model.key == key:
@@ -83,7 +85,16 @@ def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cell
     started = time.perf_counter()
     model = CostModel.fit(measure(run, cells, runs, progress=progress), key, alpha)
     log.info("profiled %d cells in %.1fs", len(cells), time.perf_counter() - started)
-    if path is not None:
-        model.save(path)
+    if path is not None and save(model, path):
         log.info("cost model saved to %s", path)
     return model, False
+
+
+def save(model: CostModel, path: Path) -> bool:
+    """Save the model; False, with a warning, where it cannot be written (scheduler.cost_model_dir a file, read-only)."""
+    try:
+        model.save(path)
+    except OSError as exc:
+        log.warning("cost model not saved to %s: %s (check scheduler.cost_model_dir)", path, exc)
+        return False
+    return True

@@ -7,7 +7,10 @@ Sources, read in chunks so a table larger than memory is fine:
 - `.csv`: `key,v0,...,v{dim-1}` per line (layout `keyed`, the default) or `v0,...` with the line's row number
   as the key (layout `ordered`). A first line none of whose fields is a number is a header and skipped (a UTF-8
   byte-order mark is dropped); a first line with a bad value among numbers is an error, as on any other line.
+  A key on several lines is imported once, the last line's values winning; the summary says how many repeated.
 Every problem raises ImportFailed with a message meant for the user (the CLI prints it, exit status 2).
+An import that wrote any row gives the table a new epoch and its new row count however it ends (an error, Ctrl-C):
+a shared Redis tier names its keys by epoch, and must not serve rows of the old import for keys now rewritten.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
     def chunks():
         keys: list[int] = []
         rows: list[list[float]] = []
+        at: list[int] = []  # each row's line, to name the first non-finite one
         row_number = 0
         with open(path, newline="", encoding="utf-8-sig") as f:
             for line, fields in enumerate(csv.reader(f), start=1):
@@ -157,19 +161,31 @@ def read_csv(path: Path, layout: str, chunk_rows: int) -> Source:
                     keys.append(key)
                 else:
                     keys.append(row_number)
+                at.append(line)
                 row_number += 1
                 if len(rows) == chunk_rows:
-                    yield np.asarray(keys, dtype=np.int64), _float32(rows)
-                    keys, rows = [], []
+                    yield np.asarray(keys, dtype=np.int64), _float32(path, rows, at)
+                    keys, rows, at = [], [], []
         if rows:
-            yield np.asarray(keys, dtype=np.int64), _float32(rows)
+            yield np.asarray(keys, dtype=np.int64), _float32(path, rows, at)
 
     return Source(width, max(1, lines - header), chunks())
 
 
-def _float32(rows: list[list[float]]) -> np.ndarray:
-    with np.errstate(over="ignore"):  # a value past float32 becomes inf, refused by the import with its line range
-        return np.asarray(rows, dtype=np.float32)
+def _float32(path: Path, rows: list[list[float]], lines: list[int]) -> np.ndarray:
+    """The rows as float32 [n, dim]; ImportFailed naming the first line holding NaN or infinity."""
+    with np.errstate(over="ignore"):  # a value past float32 becomes inf, refused below with its line
+        vectors = np.asarray(rows, dtype=np.float32)
+    bad = _first_non_finite(vectors)
+    if bad is not None:
+        raise ImportFailed(f"{path}: the values on line {lines[bad]} hold NaN or infinity (float32 takes |x| < 3.4e38)")
+    return vectors
+
+
+def _first_non_finite(vectors: np.ndarray) -> int | None:
+    """Index of the first row of vectors [n, dim] with a NaN or an infinity; None if every value is finite."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    return int(bad.argmax()) if bad.any() else None
 
 
 def parse_default(text: str | None, dim: int) -> torch.Tensor | None:
@@ -219,7 +235,10 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
         tier = PersistentTier(db_path, sync=False)
     except Exception as exc:  # noqa: BLE001 - rocksdict raises a plain Exception (e.g. "IO error: lock ...")
         raise ImportFailed(f"cannot open the embedding store at {db_path}: {exc} (is a server using it? stop it first)") from None
-    written, created = 0, False
+    written, created, touched, finished = 0, False, False, False
+    old_rows = 0
+    keyed = fmt == "csv" and csv_layout == "keyed"  # the only source whose keys may repeat
+    seen: list[np.ndarray] = []  # a keyed CSV's keys, chunk by chunk (8 bytes a row), to count the repeated ones
     digest = hashlib.blake2b(digest_size=8)
     try:
         from embeddings.tier import TableSpec
@@ -228,32 +247,58 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
         if existing is not None and existing.dim != source.dim:
             raise ImportFailed(f"table {table!r} is stored with dim {existing.dim}; {path} has rows of dim {source.dim}")
         if existing is None:
-            tier.create_table(TableSpec(table, source.dim, default, source.rows or None))  # 0 rows: an empty file, as CSV's
+            # An empty file (0 rows) still makes a table, sized as one row: a fractional device cache needs rows >= 1.
+            tier.create_table(TableSpec(table, source.dim, default, max(1, source.rows or 0)))
             created = True
-        elif default is not None and not torch.equal(existing.default, default):
-            print(f"turboserve: table {table!r} exists: its stored default vector is kept, --default-vector ignored")
+        else:
+            old_rows = existing.rows or 0
+            if default is not None and not torch.equal(existing.default, default):
+                print(f"turboserve: table {table!r} exists: its stored default vector is kept, --default-vector ignored")
         with tqdm(total=source.rows, unit="rows", unit_scale=(source.rows or 0) >= 10_000, desc=f"importing {table}", disable=not progress) as bar:
             for keys, vectors in source.chunks:
-                if not np.isfinite(vectors).all():
-                    raise ImportFailed(f"{path}: rows {written}..{written + len(keys) - 1} hold NaN or infinity")
+                bad = _first_non_finite(vectors)  # a CSV's reader named the line already; here .npy and .safetensors
+                if bad is not None:
+                    raise ImportFailed(f"{path}: the values of row {written + bad} hold NaN or infinity "
+                                       "(float32 takes |x| < 3.4e38)")
+                touched = True  # before the write: an interrupt inside it may leave the batch written
                 tier.insert(table, torch.from_numpy(keys), torch.from_numpy(vectors), sync=False)
                 digest.update(keys.tobytes())
                 digest.update(vectors.tobytes())
                 written += len(keys)
+                if keyed:
+                    seen.append(keys)
                 bar.update(len(keys))
         tier.flush()  # memtables to SST files: the rows are on disk when the command returns
-        # A new epoch: a shared Redis tier keeps nothing of the table from before. The same import (same rows, in the
-        # same order, onto the same epoch) gives the same epoch on every replica's copy, so replicas still share.
-        digest.update(tier.spec(table).epoch.encode())
-        tier.set_epoch(table, digest.hexdigest())
+        finished = True
     except ImportFailed as exc:
         if written:
-            raise ImportFailed(f"{exc}; the {written} rows before it were imported") from None
-        if created:  # nothing written: undo the table, so a corrected file (another dim, another default) can go in
+            raise ImportFailed(f"{exc}; the {written:,} rows before it were imported") from None
+        if created and not touched:  # nothing written: undo the table, so a corrected file (another dim, default) goes in
             tier.drop_table(table)
         raise
     finally:
-        tier.close()
+        repeated = written - np.unique(np.concatenate(seen)).size if seen else 0
+        try:
+            if touched:
+                _new_epoch(tier, table, digest, finished, max(old_rows, written - repeated, 1))
+        finally:
+            tier.close()
     seconds = time.perf_counter() - started
+    note = f"; {repeated:,} of them repeated an earlier line's key (the last line wins)" if repeated else ""
     return (f"imported {written:,} rows of dim {source.dim} into table {table!r} at {db_path} "
-            f"from {path.name} ({fmt}) in {seconds:.2f} s ({written / max(seconds, 1e-9):,.0f} rows/s)")
+            f"from {path.name} ({fmt}) in {seconds:.2f} s ({written / max(seconds, 1e-9):,.0f} rows/s){note}")
+
+
+def _new_epoch(tier, table: str, digest, finished: bool, rows: int) -> None:
+    """Give the table a new epoch, so a shared Redis tier keeps nothing of it from before, and its rows.
+
+    A finished import's epoch is the digest of the rows written, in order, and of the previous epoch: the same import
+    on every replica's copy gives the same epoch, and the replicas still share Redis. An import that ended early
+    (an error, Ctrl-C) gets a random one: it may have written a batch its digest missed, so it shares with nobody.
+    rows: what the table holds at least, max(rows before, keys written); the exact count (the union of old and new
+    keys) would take a scan of the table, and the two agree for .npy and .safetensors files, whose keys are 0..n-1.
+    """
+    if not finished:
+        digest.update(os.urandom(8))
+    digest.update(tier.spec(table).epoch.encode())
+    tier.set_epoch(table, digest.hexdigest(), rows)

@@ -3,25 +3,54 @@ measure it (with a progress bar) and save it."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from pathlib import Path
 
 import server
 from configs.settings import Settings
 from models.runtime import Embedder, ModelInfo, runtime_facts
 from scheduler.cost_model import MAX_DRIFT, CostModel
-from scheduler.profiler import cache_path, grid, load_or_profile
+from scheduler.profiler import cache_path, grid, load_or_profile, save
 
 log = logging.getLogger(__name__)
 
 PROFILE_TOKEN_ID = 1000  # any in-vocabulary id: the cost depends on shapes, not on which tokens
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_fingerprint(path: str) -> str:
+    """A digest of the name, size and modification time of each weights file and config.json under the model
+    folder: replaced weights change it, without reading them ("" for a path that is no folder)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if (file.suffix in WEIGHT_SUFFIXES or file.name == "config.json") and file.is_file():
+            stat = file.stat()  # follows a Hugging Face cache's symlinks to the blobs
+            digest.update(f"{file.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def cost_key(settings: Settings, info: ModelInfo) -> dict:
+    """What decides the measured costs, and nothing else: the model's files (resolved path and weights), the runtime,
+    the grid (request cap, input limit and the tokens cap it is cut at). Not the name it is served under, nor the runs
+    a cell (a `turboserve profile --runs 1` is what a server with the default runs looks up)."""
     s = settings.scheduler
-    return {"model": info.name, "path": info.path, "model_type": info.model_type, **runtime_facts(info),
-            "turboserve": server.__version__, "max_batch_requests": s.max_batch_requests,
-            "max_input_length": info.max_input_length, "profile_max_tokens": s.profile_max_tokens,
-            "profile_runs": s.profile_runs}
+    key = {"path": os.path.realpath(os.path.expanduser(info.path)), "weights": weights_fingerprint(info.path),
+           "model_type": info.model_type, **runtime_facts(info), "turboserve": server.__version__,
+           "max_batch_requests": s.max_batch_requests, "max_input_length": info.max_input_length,
+           "grid_max_tokens": grid_token_cap(settings)}
+    if info.device.startswith("cuda"):  # batches up to this size replay CUDA graphs (server/app.py's default_loader)
+        key["cuda_graph_max_tokens"] = min(settings.model.cuda_graph_max_tokens, s.max_batch_tokens)
+    return key
+
+
+def grid_token_cap(settings: Settings) -> int:
+    """The largest batch the profile measures, in tokens: a batch the scheduler never makes is not measured."""
+    return min(settings.scheduler.profile_max_tokens, settings.scheduler.max_batch_tokens)
 
 
 def build_cost_model(settings: Settings, embedder: Embedder, info: ModelInfo, progress: bool = True) -> tuple[CostModel, bool]:
@@ -31,11 +60,9 @@ def build_cost_model(settings: Settings, embedder: Embedder, info: ModelInfo, pr
     def run(lengths: list[int]) -> None:
         embedder.embed([[PROFILE_TOKEN_ID] * n for n in lengths])
 
-    cells = grid(s.max_batch_requests, info.max_input_length, min(s.profile_max_tokens, s.max_batch_tokens))
-    key = cost_key(settings, info)
-    if s.profile == "always" and s.cost_model_dir:
-        cache_path(s.cost_model_dir, key).unlink(missing_ok=True)
-    return load_or_profile(run, key, s.cost_model_dir, cells, s.profile_runs, progress, s.cost_model_alpha)
+    cells = grid(s.max_batch_requests, info.max_input_length, grid_token_cap(settings))
+    return load_or_profile(run, cost_key(settings, info), s.cost_model_dir, cells, s.profile_runs, progress,
+                           s.cost_model_alpha, reuse=s.profile != "always")
 
 
 def save_refined(settings: Settings, cost: CostModel) -> bool:
@@ -50,5 +77,4 @@ def save_refined(settings: Settings, cost: CostModel) -> bool:
                     "(limit %.1fx); the host was probably busy. Run `turboserve profile` to re-measure.",
                     drift, MAX_DRIFT)
         return False
-    cost.save(cache_path(settings.scheduler.cost_model_dir, cost.key))
-    return True
+    return save(cost, cache_path(settings.scheduler.cost_model_dir, cost.key))

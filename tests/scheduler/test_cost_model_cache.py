@@ -1,0 +1,128 @@
+"""The saved cost model: which setups share a key (server/profiling.py's cost_key), and saving it where it cannot be
+written, twice at once, or with `profile: always` interrupted."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pytest
+
+from configs.settings import load_settings
+from models.runtime import ModelInfo
+from scheduler.cost_model import Cell, CostModel
+from scheduler.profiler import cache_path, load_or_profile
+from server.profiling import build_cost_model, cost_key, save_refined
+
+
+def _info(path: str, name: str = "m") -> ModelInfo:
+    return ModelInfo(name=name, path=path, model_type="bert", dim=4, max_input_length=128, pooling="mean",
+                     normalize=True, matryoshka_dimensions=(), dtype="float32", device="cpu")
+
+
+def _settings(**scheduler):
+    return load_settings(None, {"scheduler": scheduler})
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"x" * 100)
+    return tmp_path / "m"
+
+
+def test_the_key_follows_what_decides_the_measurements(folder, monkeypatch):
+    base = cost_key(_settings(), _info(str(folder)))
+    # The grid is cut at max_batch_tokens too: a model measured up to 64 tokens is not a default server's.
+    assert cost_key(_settings(max_batch_tokens=64), _info(str(folder))) != base
+    assert cost_key(_settings(profile_max_tokens=64), _info(str(folder))) == cost_key(
+        _settings(profile_max_tokens=64, max_batch_tokens=64), _info(str(folder)))
+    # Runs a cell and the served name do not change what was measured; the path as typed does not either.
+    assert cost_key(_settings(profile_runs=1), _info(str(folder), name="other")) == base
+    monkeypatch.chdir(folder.parent)
+    assert cost_key(_settings(), _info("m")) == cost_key(_settings(), _info("./m/")) == base
+    # Other weights in the same folder do.
+    (folder / "model.safetensors").write_bytes(b"y" * 101)
+    assert cost_key(_settings(), _info(str(folder))) != base
+
+
+def _truth_cells():
+    truth = CostModel.linear(0.003, 2e-4, 1e-7, 1e-4)
+    return [Cell(n, length, truth.predict_lengths([length] * n)) for n in (1, 2) for length in (8, 16)]
+
+
+def test_an_unwritable_cost_model_dir_is_a_warning_and_the_measured_model_is_kept(tmp_path, caplog):
+    (tmp_path / "file").write_text("x")  # scheduler.cost_model_dir names a regular file
+
+    def run(lengths):
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="scheduler.profiler"):
+        model, loaded = load_or_profile(run, {"k": 1}, tmp_path / "file", [(1, 8), (2, 8)], runs=1, progress=False)
+    assert not loaded and model.knots
+    assert "cost model not saved" in caplog.text
+
+
+def test_concurrent_saves_of_one_key_never_collide(tmp_path):
+    """Two processes saving the same key wrote one `cost-<key>.tmp`: one's rename took the other's file away."""
+    model = CostModel.fit(_truth_cells(), {"k": 1})
+    path = cache_path(tmp_path, {"k": 1})
+    errors = []
+
+    def saver():
+        try:
+            for _ in range(100):
+                model.save(path)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=saver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert CostModel.load(path).key == {"k": 1}
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_profile_always_keeps_the_saved_model_until_the_new_one_is_measured(tmp_path, folder):
+    """`turboserve profile` (profile: always) removed the saved model before measuring: Ctrl-C left none."""
+    settings = _settings(cost_model_dir=str(tmp_path / "cm"), profile="always", profile_runs=1, profile_max_tokens=16)
+    info = _info(str(folder))
+    saved = cache_path(settings.scheduler.cost_model_dir, cost_key(settings, info))
+    CostModel.fit(_truth_cells(), cost_key(settings, info)).save(saved)
+
+    class Stops:
+        def embed(self, batch):
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        build_cost_model(settings, Stops(), info, progress=False)
+    assert CostModel.load(saved).key == cost_key(settings, info)
+
+    class Runs:
+        calls = 0
+
+        def embed(self, batch):
+            Runs.calls += 1
+
+    _, loaded = build_cost_model(settings, Runs(), info, progress=False)
+    assert not loaded and Runs.calls  # measured, not loaded, and saved over the old one
+    assert CostModel.load(saved).cells != _truth_cells()
+
+
+def test_saving_the_refined_model_where_it_cannot_be_written_is_a_warning(tmp_path, caplog):
+    """At shutdown: an OSError here ended the shutdown with a traceback."""
+    (tmp_path / "file").write_text("x")
+    model = CostModel.fit(_truth_cells(), {"k": 1})
+    model.observe([8], 1.1 * model.predict_lengths([8]))
+    with caplog.at_level(logging.WARNING, logger="scheduler.profiler"):
+        assert save_refined(_settings(cost_model_dir=str(tmp_path / "file")), model) is False
+    assert "cost model not saved" in caplog.text
