@@ -103,11 +103,11 @@ class ModelSettings(_Section):
     max_input_length: int | None = Field(None, ge=1, description="Most tokens an input may have; defaults to the model's own limit.")
     pooling: Literal["mean", "cls", "last", "splade"] | None = Field(None, description="Pooling override; defaults to the model's sentence-transformers config (splade for a *ForMaskedLM model).")
     normalize: bool | None = Field(None, description="Default L2 normalisation; defaults to the model's sentence-transformers config.")
-    matryoshka_dimensions: list[int] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for; defaults to the model config's.")
+    matryoshka_dimensions: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="Output sizes the OpenAI `dimensions` field may ask for (each at most the model's output size); defaults to the model config's.")
     default_prompt_name: str | None = Field(None, description="Prompt (from the model's config_sentence_transformers.json) put before every text that names none; defaults to the model's own default_prompt_name.")
     default_prompt: str | None = Field(None, description="Text put before every text input that names no prompt (TEI's --default-prompt); not with default_prompt_name.")
     auto_truncate: bool = Field(False, description="Cut inputs over max_input_length when a request does not say (TEI's --auto-truncate; the OpenAI route always uses it).")
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default leaves torch's choice.")
+    num_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads on CPU; default leaves torch's choice. At most 1024: OpenMP fails (or crashes) creating tens of thousands.")
     warmup: bool = Field(True, description="Run a warm-up batch before reporting ready.")
     memory_arena: bool = Field(True, description="Plan every intermediate tensor of a batch into reusable chunks from its lifetime.")
     arena_min_chunk_mib: float = Field(2.0, gt=0, le=65_536, description="Smallest chunk the memory arena allocates, in MiB.")
@@ -224,6 +224,15 @@ class Settings(BaseSettings):
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     recommend: RecommendSettings = Field(default_factory=RecommendSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_section_is_the_default(cls, data: Any) -> Any:
+        """A section that is null (a YAML section whose every line is commented out, or TURBOSERVE_MODEL=null) is its
+        defaults, as a null setting is; reranker, which can be null, stays null."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields or _nullable(cls.model_fields[k])}
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:
         for section, model in (("model", self.model), ("reranker", self.reranker)):
@@ -276,6 +285,9 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
             loaded = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
             raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"cannot read config file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                             f"offset {exc.start})") from None
         except yaml.YAMLError as exc:  # where and what only: PyYAML's own text quotes the line, which may hold a key
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

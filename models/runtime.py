@@ -19,7 +19,7 @@ from models.config import ModelFolderError, default_model_path, read_model_folde
 from models.encoder import ClassificationHead, PackedBatch, SpladeHead, pool
 from models.graphs import GraphedForward
 from models.tokenizer import TextTokenizer
-from models.weights import load_encoder, load_head, load_mlm_head, reader
+from models.weights import check_weights, load_encoder, load_head, load_mlm_head, reader
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,11 @@ def served_name(path: str | None, name: str | None) -> str:
 
 
 def check_model_settings(folder, device: str, dtype: str, max_input_length: int | None = None, pooling: str | None = None,
-                         default_prompt_name: str | None = None, section: str = "model") -> None:
-    """ModelFolderError naming the setting, for settings this model folder or this machine cannot serve: checked by
-    the CLI before the port opens, and again at load. folder: models.config.read_model_folder's."""
+                         default_prompt_name: str | None = None, section: str = "model",
+                         matryoshka_dimensions: list[int] | None = None) -> None:
+    """ModelFolderError naming the setting, for settings this model folder or this machine cannot serve, and for
+    weights that are missing or of the wrong shape: checked by the CLI before the port opens, and again at load.
+    folder: models.config.read_model_folder's."""
     if default_prompt_name is not None and default_prompt_name not in dict(folder.pooling.prompts):
         known = ", ".join(name for name, _ in folder.pooling.prompts) or "none"
         raise ModelFolderError(f"{section}.default_prompt_name={default_prompt_name!r} is not one of the model's prompts ({known})")
@@ -207,6 +209,26 @@ def check_model_settings(folder, device: str, dtype: str, max_input_length: int 
     if pooling == "splade" and folder.mlm is None:
         raise ModelFolderError(f"{section}.pooling=splade needs a *ForMaskedLM model (BERT or DistilBERT) with its "
                                "masked-LM head")
+    dim = output_dim(folder, pooling)
+    sizes = list(matryoshka_dimensions or folder.encoder.matryoshka_dimensions)
+    if any(size > dim or size < 1 for size in sizes):
+        where = f"{section}.matryoshka_dimensions={sizes}" if matryoshka_dimensions else \
+            f"config.json's matryoshka_dimensions {sizes}"
+        raise ModelFolderError(f"{where}: each must be from 1 to the model's {dim}-dim output")
+    try:
+        check_weights(folder, pooling)
+    except ModelFolderError as exc:
+        raise ModelFolderError(f"{section}.path: {exc}") from None
+
+
+def output_dim(folder, pooling: str | None = None) -> int:
+    """Size of the vectors the model serves (EncoderEmbedder.dim, known before loading): a classifier's labels, SPLADE's
+    vocabulary, the last Dense module's output, else the encoder's hidden size."""
+    if folder.head is not None:
+        return len(folder.head.labels)
+    if pooling == "splade" or (pooling is None and folder.mlm is not None):
+        return folder.encoder.vocab_size
+    return folder.pooling.dense[-1].out_features if folder.pooling.dense else folder.encoder.hidden_size
 
 
 def load_model(path: str | None, name: str | None = None, device: str = "cpu", dtype: str = "float32",
@@ -219,7 +241,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     folder_path = Path(path) if path else default_model_path()
     folder = read_model_folder(folder_path)
     cfg = folder.encoder
-    check_model_settings(folder, device, dtype, max_input_length, pooling, default_prompt_name)
+    check_model_settings(folder, device, dtype, max_input_length, pooling, default_prompt_name,
+                         matryoshka_dimensions=matryoshka_dimensions)
     st_limit = folder.pooling.max_seq_length or tokenizer_max_length(folder_path)  # sentence-transformers' own rule
     limit = min(x for x in (cfg.max_input_length, st_limit, max_input_length) if x)
     torch_device = torch.device(device)
@@ -252,9 +275,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
     dense = _dense_layers(folder.pooling.dense, cfg.hidden_size, head is not None or sparse is not None)
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense)
-    sizes = tuple(matryoshka_dimensions or cfg.matryoshka_dimensions)
-    if any(size > embedder.dim for size in sizes):
-        raise ModelFolderError(f"Matryoshka sizes {list(sizes)} pass the model's {embedder.dim}-dim output")
+    sizes = tuple(matryoshka_dimensions or cfg.matryoshka_dimensions)  # each fits embedder.dim: check_model_settings
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)
     info = ModelInfo(

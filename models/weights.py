@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError
+from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolder, ModelFolderError
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "model.")
+# torch's load_state_dict message for a weight of the wrong shape
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
+                       r"the shape in current model is torch.Size\((\[.*?\])\)")
 
 
 def _bert_names(i: int) -> dict[str, list[str]]:
@@ -37,7 +42,7 @@ def _distilbert_names(i: int) -> dict[str, list[str]]:
     }
 
 
-def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, t in tensors.items():
         for prefix in _PREFIXES:
@@ -53,7 +58,11 @@ def reader(weight_files: list[Path]):
     src: dict[str, torch.Tensor] = {}
     for f in weight_files:
         src.update(_strip_prefix(load_file(str(f))))
+    return _taker(src, weight_files)
 
+
+def _taker(src: dict[str, torch.Tensor], weight_files: list[Path]):
+    """`reader`'s take over tensors already named without the model prefix."""
     def take(name: str) -> torch.Tensor:
         try:
             return src[name]
@@ -115,3 +124,27 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> Pac
     model = PackedEncoder(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def check_weights(folder: ModelFolder, pooling: str | None = None) -> None:
+    """ModelFolderError unless the folder's files hold every weight the encoder and its head will load, each in the
+    shape config.json implies. The loaders above run on the meta device over the headers' shapes (ModelFolder.shapes):
+    the same names and shapes as a real load, no tensor data read. pooling: the model.pooling setting (SPLADE's
+    masked-LM head is loaded only for it)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in _strip_prefix(folder.shapes).items()}
+    take = _taker(meta, folder.weights)
+    cfg = folder.encoder
+    try:
+        with torch.device("meta"):
+            load_encoder(cfg, folder.weights, take)
+            if folder.head is not None:
+                load_head(folder.head, cfg, take)
+            if folder.mlm is not None and (pooling or "splade") == "splade":
+                load_mlm_head(folder.mlm, cfg, take)
+    except RuntimeError as exc:  # load_state_dict's size mismatch (or torch.cat's): say the first, on one line
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        detail = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0])
+        if found := _MISMATCH.match(detail):  # our parameter's name: layers.<i>.qkv is the query, key and value weights
+            detail = f"{found[1]} is {found[2]} in the files, {found[3]} by config.json"
+        raise ModelFolderError(f"the weights in {', '.join(p.name for p in folder.weights)} do not fit config.json "
+                               f"(hidden_size {cfg.hidden_size}, {cfg.num_layers} layers): {detail}") from None

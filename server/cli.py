@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -123,7 +124,7 @@ def _settings(args: argparse.Namespace):
             return None
         try:
             check_model_settings(folder, model.device, model.dtype, model.max_input_length, model.pooling,
-                                 model.default_prompt_name, section)
+                                 model.default_prompt_name, section, model.matryoshka_dimensions)
         except ModelFolderError as exc:
             print(f"turboserve: {exc}", file=sys.stderr)
             return None
@@ -148,6 +149,7 @@ def profile(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update={"scheduler": settings.scheduler.model_copy(update={"profile": "always"})})
     embedder, tokenizer, info = default_loader(settings)()
     warm_up(embedder, tokenizer)
+    started = time.time()
     cost, _ = build_cost_model(settings, embedder, info, progress=True)
     print(f"{'n':>4} {'length':>6} {'tokens':>7} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
     for c in cost.cells:
@@ -160,7 +162,10 @@ def profile(args: argparse.Namespace) -> int:
         from scheduler.profiler import cache_path
         from server.profiling import cost_key
 
-        print(f"saved to {cache_path(settings.scheduler.cost_model_dir, cost_key(settings, info))}")
+        path = cache_path(settings.scheduler.cost_model_dir, cost_key(settings, info))
+        # An earlier profile's file is kept until this one is saved: only a file written now is this one.
+        saved = path.exists() and path.stat().st_mtime >= started - 1
+        print(f"saved to {path}" if saved else f"not saved to {path} (see the warning above)")
     return 0
 
 
@@ -309,7 +314,11 @@ def import_embeddings(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"serve": serve, "profile": profile, "import-embeddings": import_embeddings}[args.command](args)
+    try:
+        return {"serve": serve, "profile": profile, "import-embeddings": import_embeddings}[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C outside uvicorn (imports, the model folder's checks, profile, an import)
+        print("turboserve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -52,11 +52,47 @@ def test_help():
     ([], {"TURBOSERVE_MODEL__DEFAULT_PROMPT_NAME": "query"}, "is not one of the model's prompts"),
     ([], {"TURBOSERVE_MODEL__POOLING": "splade"}, "model.pooling=splade needs a *ForMaskedLM model"),
     ([], {"TURBOSERVE_SERVER__HOST": "999.1.1.1"}, "server.host '999.1.1.1' does not resolve"),
+    ([], {"TURBOSERVE_MODEL__MATRYOSHKA_DIMENSIONS": "[1000,384]"}, "model.matryoshka_dimensions=[1000, 384]: each must be from 1"),
+    ([], {"TURBOSERVE_MODEL__NUM_THREADS": "100000"}, "model.num_threads: Input should be less than or equal to 1024"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_field(args, env, needle):
     out = run("serve", *args, env=env)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "profile"])
+def test_a_broken_model_folder_stops_the_command_before_the_port_opens(tmp_path, command):
+    """A Git LFS pointer in place of the weights passed the folder check: serve opened its port and stayed unready
+    for good, profile printed a traceback."""
+    from models.config import default_model_path  # noqa: PLC0415
+
+    folder = tmp_path / "lfs"
+    folder.mkdir()
+    for item in default_model_path().iterdir():
+        if item.name != "model.safetensors":
+            (folder / item.name).symlink_to(item, target_is_directory=item.is_dir())
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:53aa51\nsize 90868376\n")
+    out = run(command, "--model", str(folder), *(["--port", str(_free_port())] if command == "serve" else []))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (f"turboserve: model.path: {folder}/model.safetensors is a Git LFS pointer, not "
+                                           f"the weights: run `git lfs pull` in {folder} (or download the model again)")
+
+
+def test_ctrl_c_outside_the_server_is_one_line_and_status_130(monkeypatch, capsys):
+    """Ctrl-C while the settings or the model folder are checked, or during profile or import-embeddings, printed a
+    KeyboardInterrupt traceback."""
+    from server import cli  # noqa: PLC0415
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_settings", interrupted)
+    try:
+        statuses = [main(["profile"]), main(["serve"])]
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+        pytest.fail("KeyboardInterrupt escaped main()")
+    assert statuses == [130, 130] and capsys.readouterr().err == "turboserve: interrupted\n" * 2
 
 
 def test_a_misspelt_environment_variable_is_warned_about():

@@ -159,3 +159,36 @@ def test_a_dlrm_name_with_a_slash_is_refused_and_a_relative_model_path_is_named_
     (tmp_path / "bge-small").mkdir()
     monkeypatch.chdir(tmp_path / "bge-small")
     assert served_name(".", None) == "bge-small" and served_name("./", None) == "bge-small"  # was ''
+
+
+def test_a_null_section_is_its_defaults(tmp_path, monkeypatch):
+    """A YAML section whose every line is commented out is null (was "model: Input should be a valid dictionary");
+    TURBOSERVE_MODEL=null too. reranker, which can be null, stays null."""
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n#  path: /models/x\nscheduler:\nreranker:\nserver:\n  port: 9001\n")
+    settings = load_settings(config)
+    assert settings.model == Settings().model and settings.scheduler == Settings().scheduler
+    assert settings.reranker is None and settings.server.port == 9001
+    monkeypatch.setenv("TURBOSERVE_MODEL", "null")
+    assert load_settings().model == Settings().model
+    config.write_text("model:\n  path: /models/x\n")
+    assert load_settings(config, {"model": {"name": "x"}}).model.name == "x"
+
+
+def test_matryoshka_sizes_and_threads_are_bounded():
+    for sizes in ([0, 384], [-1]):
+        with pytest.raises(ValidationError) as err:
+            Settings(model={"matryoshka_dimensions": sizes})
+        assert err.value.errors()[0]["loc"][:2] == ("model", "matryoshka_dimensions")
+    assert Settings(model={"matryoshka_dimensions": [128, 384]}).model.matryoshka_dimensions == [128, 384]
+    # 20000 made libgomp fail, 100000 crashed the process (SIGSEGV) at load
+    with pytest.raises(ValidationError, match="less than or equal to 1024"):
+        Settings(model={"num_threads": 20000})
+    assert Settings(model={"num_threads": 1024}).model.num_threads == 1024
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes("server:\n  port: 9001\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=rf"^cannot read config file {config}: not UTF-8 text \(byte 0xff at offset 0\)$"):
+        load_settings(config)
