@@ -21,6 +21,12 @@ past that bound the table's partitions are dropped whole on recovery. With a `jo
 are also written there, fsynced, before the update returns, and read back at start: a server that stops before
 Redis comes back still deletes them when it next reaches Redis (else the stale row would be served for good).
 
+A Redis that restarts (from an RDB snapshot or an AOF older than the last writes, or a replica promoted in its place)
+may hold rows older than updates acknowledged since, and it fails no call to say so: redis-py reconnects silently.
+So every new connection asks the server its `run_id` (INFO server), which changes at each start; a node seen before
+under another run_id makes every table wholly stale, as past `max_dirty`: its partitions are dropped before the next
+call, and the call that met the new run_id answers as failed (its replies may be those stale rows).
+
 Tables carry an `epoch` (TableSpec.epoch, set by each `turboserve import-embeddings`): it is part of the key names,
 so rows Redis kept from before a re-import are never read again (they are left to Redis's own eviction).
 """
@@ -86,6 +92,8 @@ class RedisTier(Tier):
         self._dirty: dict[str, set[int] | None] = {}  # None: too many, drop the table on recovery
         self._counts["skipped"] = 0  # calls not sent because the breaker was open
         self._epochs: dict[str, str] = {}  # table -> its epoch, part of its key names
+        self._run_ids: dict[tuple[str, int], bytes] = {}  # node address -> the run_id it answered (see _on_connect)
+        self._restarts = 0  # nodes met with a new run_id; a call during which it grows is not trusted
         self.journal = journal  # durable copy of _dirty: journal_add / journal_remove / journal (PersistentTier)
         if journal is not None:
             for table, keys in journal.journal().items():  # left by a server that stopped before Redis came back
@@ -93,7 +101,8 @@ class RedisTier(Tier):
 
     # -- connection and circuit breaker -------------------------------------------------------
     def _connect(self) -> Any:
-        common = {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s, "retry": Retry(NoBackoff(), 0)}
+        common = {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s, "retry": Retry(NoBackoff(), 0),
+                  "redis_connect_func": self._on_connect}
         if not self.cluster:
             return redis.Redis.from_url(self.urls[0], **common)
         nodes = []
@@ -102,6 +111,31 @@ class RedisTier(Tier):
             host, _, port = hostport.rpartition(":")
             nodes.append(ClusterNode(host, int(port)))
         return RedisCluster(startup_nodes=nodes, cluster_error_retry_attempts=1, **common)
+
+    def _on_connect(self, connection: Any) -> None:
+        """Each new connection (redis-py's connect hook): note the node's run_id; a new one for a node seen before
+        is a restarted Redis (or a failover), whose rows may predate acknowledged updates: drop every table."""
+        if not self.cluster:  # RedisCluster runs the connection's own set-up before calling this hook
+            connection.on_connect()
+        connection.send_command("INFO", "server")
+        info = connection.read_response()
+        info = info if isinstance(info, bytes) else str(info).encode()
+        run_id = next((line.split(b":", 1)[1].strip() for line in info.splitlines() if line.startswith(b"run_id:")), b"")
+        address = (str(getattr(connection, "host", None) or getattr(connection, "path", "")), int(getattr(connection, "port", 0)))
+        with self._lock:
+            known = self._run_ids.setdefault(address, run_id)
+            if known == run_id:
+                return
+            self._run_ids[address] = run_id
+            self._restarts += 1
+            tables = list(self._epochs)
+            for table in tables:
+                self._mark_dirty(table, None)
+        logger.warning("redis tier: %s:%d restarted (run_id %s, was %s): dropping every table's rows there, which may "
+                       "predate updates", address[0], address[1], run_id.decode(), known.decode())
+        if self.journal is not None:
+            for table in tables:
+                self.journal.journal_add(table, None)
 
     @property
     def available(self) -> bool:
@@ -116,9 +150,14 @@ class RedisTier(Tier):
         try:
             if self._client is None:
                 self._client = self._connect()
+            restarts = self._restarts
             if self._failures or self._dirty:
                 self._recover(self._client)
             result = fn(self._client)
+            if self._restarts != restarts:  # met a restarted node: the replies may be its stale rows
+                if self._dirty:
+                    self._recover(self._client)
+                return None
         except (redis.RedisError, RedisClusterException) as exc:  # the latter: cluster discovery failed
             with self._lock:
                 self._failures += 1

@@ -10,19 +10,24 @@ Message format: one stream entry is one update of one table, with three fields:
 `r.xadd(stream, {"table": t, "keys": k.astype("<i8").tobytes(), "vectors": v.astype("<f4").tobytes()})`).
 
 Delivery is at least once, through a consumer group: XREADGROUP, apply (persistent tier first, fsynced),
-then XACK. A consumer that dies between the two leaves the entry pending; at start (and every
+then XACK. The entries of one read are applied as one update per table (one fsync, not one per entry) and
+acknowledged with one XACK. A consumer that dies between the two leaves the entry pending; at start (and every
 `claim_idle_ms`) the consumer takes over entries other consumers left pending that long (XAUTOCLAIM) and
 re-reads its own pending entries before new ones, so every entry is applied at least once, in stream order
 for one consumer. Re-applying an update writes the same rows again, so a redelivery is harmless.
 
 Order per key: an entry never writes a key over a newer value this replica holds for it. A key written here over
-HTTP is held newer than every entry until its own entry is published, then as new as that entry; a key an entry
-wrote is as new as that entry, for `2 * claim_idle_ms` + 60 s. So this replica's own entries replayed after its
-newer local writes, and another consumer's entry claimed after newer ones were applied, leave the newer value
-(both wrote an older one back: values went backwards, and a claimed entry's stayed).
+HTTP is held until its own entry is published, then as new as that entry; a key an entry wrote is as new as that
+entry, for `2 * claim_idle_ms` + 60 s. So this replica's own entries replayed after its newer local writes, and
+another consumer's entry claimed after newer ones were applied, leave the newer value (both wrote an older one
+back: values went backwards, and a claimed entry's stayed). An entry read while one of its keys is held waits,
+unacknowledged, until the hold ends (one local write and one XADD): whether it is older or newer than the held
+write is only known once that write's entry id is. When the group has to be created again (the stream was
+deleted, or Redis came back empty), ids may start over lower, so the orders remembered are forgotten.
 
-An entry that can never apply (missing field, unknown table, sizes that do not match the table's dim) is
-logged, counted as `rejected`, copied to `<stream>:rejected` with a `reason` field, and acknowledged.
+An entry that can never apply (missing field, unknown table, sizes that do not match the table's dim, more keys
+than `max_keys`) is logged, counted as `rejected`, copied to `<stream>:rejected` (trimmed to about
+REJECTED_MAXLEN entries) with `turboserve:reason` and `turboserve:id` fields, and acknowledged.
 An update that fails otherwise (the persistent tier raised) is not acknowledged: it is retried after a
 backoff. When Redis goes away the consumer backs off (doubling from `backoff_s` to `max_backoff_s`),
 reconnects, and re-creates the group if Redis came back empty; it never exits until `stop()`.
@@ -62,12 +67,15 @@ import torch
 
 from embeddings.hierarchy import ParameterServer
 from embeddings.key_order import KeyOrder, entry_order
+from embeddings.tier import last_occurrence
 
 logger = logging.getLogger(__name__)
 
 
 CURRENT_MARGIN_S = 0.5  # slack on top of block_ms for a read that returned everything to count as recent
 #                        (a busy host can delay the consumer thread; 1.5 s in all by default, under settle_s's 2 s)
+HELD_RETRY_S = 0.005  # how soon an entry waiting on a held key is read again (a hold is one write and one XADD)
+REJECTED_MAXLEN = 10_000  # about this many entries are kept in `<stream>:rejected` (MAXLEN ~)
 
 
 class RejectedUpdate(ValueError):
@@ -88,8 +96,10 @@ def publish_update(client: redis.Redis, stream: str, table: str, keys: np.ndarra
     return client.xadd(stream, encode_update(table, keys, vectors))  # type: ignore[arg-type]
 
 
-def decode_update(fields: dict[bytes, bytes], dims: dict[str, int]) -> tuple[str, np.ndarray, np.ndarray]:
-    """(table, keys [n] int64, vectors [n, dim] float32) of one entry; RejectedUpdate says what is wrong."""
+def decode_update(fields: dict[bytes, bytes], dims: dict[str, int],
+                  max_keys: int | None = None) -> tuple[str, np.ndarray, np.ndarray]:
+    """(table, keys [n] int64, vectors [n, dim] float32) of one entry; RejectedUpdate says what is wrong (as for
+    more than max_keys keys: one entry is applied under the lookups' lock, so a huge one stalls every lookup)."""
     missing = [f for f in (b"table", b"keys", b"vectors") if f not in fields]
     if missing:
         raise RejectedUpdate(f"missing field(s) {b', '.join(missing).decode()}")
@@ -103,6 +113,8 @@ def decode_update(fields: dict[bytes, bytes], dims: dict[str, int]) -> tuple[str
     if len(raw_keys) % 8:
         raise RejectedUpdate(f"keys hold {len(raw_keys)} bytes, not a multiple of 8 (int64)")
     n = len(raw_keys) // 8
+    if max_keys is not None and n > max_keys:
+        raise RejectedUpdate(f"{n} keys in one entry, more than embeddings.max_keys={max_keys}: split the update")
     if len(raw_vectors) != 4 * n * dim:
         raise RejectedUpdate(f"vectors hold {len(raw_vectors)} bytes; {n} keys of table {table!r} (dim {dim}) need {4 * n * dim}")
     vectors = np.frombuffer(raw_vectors, dtype="<f4").reshape(n, dim)
@@ -132,21 +144,22 @@ class UpdateConsumer:
     entries idle this long are taken over from other consumers. publishes: whether HTTP updates are published
     to the stream (`publish`). maxlen: `publish` trims the stream to about this many entries (None: never).
     settle_s: seconds after applying an entry that its rows are settled (`ParameterServer.refresh`); 0: never.
+    max_keys: entries with more keys are rejected (None: no limit).
     """
 
-    MAX_SETTLING = 100_000  # entries waiting to settle; older ones are dropped past this (counted)
+    MAX_SETTLING = 100_000  # writes (a table of one read) waiting to settle; older ones are dropped past this (counted)
 
     def __init__(self, server: ParameterServer, url: str, stream: str, group: str = "turboserve",
                  consumer: str | None = None, batch: int = 64, block_ms: int = 1000, claim_idle_ms: int = 30_000,
                  backoff_s: float = 0.1, max_backoff_s: float = 5.0, publishes: bool = True,
-                 maxlen: int | None = None, settle_s: float = 2.0) -> None:
+                 maxlen: int | None = None, settle_s: float = 2.0, max_keys: int | None = None) -> None:
         if batch < 1 or block_ms < 1 or claim_idle_ms < 0 or (maxlen is not None and maxlen < 1) or settle_s < 0:
             raise ValueError(f"{batch=}, {block_ms=} and {maxlen=} must be >= 1, {claim_idle_ms=} and {settle_s=} >= 0")
         self.server, self.url, self.stream = server, url, stream
         self.consumer = consumer or socket.gethostname()
         self.group = group_name(group, self.consumer)
-        self.publishes, self.maxlen, self.settle_s = publishes, maxlen, settle_s
-        self._settling: deque[tuple[float, str, torch.Tensor]] = deque()  # (due, table, keys), in due order
+        self.publishes, self.maxlen, self.settle_s, self.max_keys = publishes, maxlen, settle_s, max_keys
+        self._settling: deque[tuple[float, str, torch.Tensor, int]] = deque()  # (due, table, keys, entries), due order
         self._publisher: redis.Redis | None = None  # its own connection pool: the reader's may be dropped any time
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
@@ -157,7 +170,7 @@ class UpdateConsumer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._counts = {"applied": 0, "rows": 0, "rejected": 0, "claimed": 0, "redis_errors": 0, "update_errors": 0,
-                        "published": 0, "settled": 0, "settle_dropped": 0, "rows_superseded": 0}
+                        "published": 0, "settled": 0, "settle_dropped": 0, "rows_superseded": 0, "held_waits": 0}
         self.order = KeyOrder(2 * claim_idle_ms / 1000 + 60)  # no older entry writes over a newer value here
         self._caught_up_at = -math.inf  # monotonic time as of which every entry of the stream was applied
         if server.volatile is not None and server.volatile.shared:  # other replicas use it: write only while current
@@ -206,7 +219,8 @@ class UpdateConsumer:
 
     def counters(self) -> dict[str, int]:
         """applied (entries), rows, rejected, claimed, redis_errors, update_errors, published (by `publish`),
-        settled (entries whose rows were settled), settle_dropped (entries too many to settle)."""
+        settled (entries whose rows were settled), settle_dropped (entries too many to settle), held_waits (reads
+        that stopped at an entry with a held key, to read it again shortly)."""
         with self._lock:
             return dict(self._counts)
 
@@ -259,8 +273,13 @@ class UpdateConsumer:
         entries = reply[0][1] if reply else []
         if self._own_pending and not entries:
             self._own_pending = False  # none of ours left pending: read new entries from now on
-        for entry_id, fields in entries:
-            self._handle(client, entry_id, fields)
+        handled = self._handle(client, entries)
+        if handled < len(entries):
+            # One has a held key: it and the entries after it stay pending, read again (in order) once the hold is over.
+            self._count(held_waits=1)
+            self._own_pending = True
+            self._stop.wait(HELD_RETRY_S)
+            return handled
         if reading_new and len(entries) < self.batch:  # the read returned all there was, now applied
             self._caught_up_at = answered
         return len(entries)
@@ -272,6 +291,9 @@ class UpdateConsumer:
             try:
                 client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
                 logger.info("update stream %s: created group %s", self.stream, self.group)
+                # A stream deleted and added again (or an empty Redis) may number its entries lower than those
+                # applied before: their orders would make newer entries look superseded.
+                self.order.reset()
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -304,47 +326,70 @@ class UpdateConsumer:
             logger.info("update stream %s: claimed %d pending entries of stopped consumers", self.stream, claimed)
         self._next_claim = time.monotonic() + max(1.0, self.claim_idle_ms / 1000)
 
-    def _handle(self, client: redis.Redis, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
-        """Apply one entry (persistent tier first, synced), then XACK it; reject the malformed."""
-        if fields:
-            dims = {name: spec.dim for name, spec in self.server.tables.items()}
-            try:
-                table, keys, vectors = decode_update(fields, dims)
-            except RejectedUpdate as exc:
-                self._reject(client, entry_id, fields, str(exc))
-                return
-            order = entry_order(entry_id)
-            newer = self.order.superseded(table, keys, order)
-            if newer.any():  # written here since (or a newer entry applied): this older value must not win
-                self._count(rows_superseded=int(newer.sum()))
-                keys, vectors = keys[~newer], vectors[~newer]
-            if keys.size:
-                self.server.update(table, torch.from_numpy(keys), torch.from_numpy(vectors))
-                self.order.note(table, keys.tolist(), order)
-            self._count(applied=1, rows=keys.size)
+    def _handle(self, client: redis.Redis, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> int:
+        """Apply entries in stream order, then XACK them; reject the malformed. One update per table for the whole
+        read (persistent tier first: one synced write, not one per entry), the rows of a key repeated in several
+        entries written as the last one's. Returns how many were handled: up to the first entry with a held key
+        (`KeyOrder.held`), left pending with those after it, untouched."""
+        dims = {name: spec.dim for name, spec in self.server.tables.items()}
+        writes: dict[str, list[tuple[tuple[int, int], np.ndarray, np.ndarray]]] = {}  # table -> (order, keys, vectors)
+        acks: list[bytes] = []
+        handled = len(entries)
+        for i, (entry_id, fields) in enumerate(entries):
+            if fields:  # else the entry was deleted from the stream (XDEL/XTRIM) while pending: only acknowledged
+                try:
+                    table, keys, vectors = decode_update(fields, dims, self.max_keys)
+                except RejectedUpdate as exc:
+                    self._reject(client, entry_id, fields, str(exc))
+                    continue
+                if self.order.held(table, keys):
+                    handled = i
+                    break
+                order = entry_order(entry_id)
+                newer = self.order.superseded(table, keys, order)
+                if newer.any():  # written here since (or a newer entry applied): this older value must not win
+                    self._count(rows_superseded=int(newer.sum()))
+                    keys, vectors = keys[~newer], vectors[~newer]
+                writes.setdefault(table, []).append((order, keys, vectors))
+            acks.append(entry_id)
+        self._write(writes)
+        if acks:
+            client.xack(self.stream, self.group, *acks)
+        return handled
+
+    def _write(self, writes: dict[str, list[tuple[tuple[int, int], np.ndarray, np.ndarray]]]) -> None:
+        """Write the entries' rows of each table in one update (entries in stream order: the last row of a key wins),
+        note their orders, and queue them to settle."""
+        for table, parts in writes.items():
+            keys = np.concatenate([k for _, k, _ in parts])  # [n]
+            uniq, last = last_occurrence(keys)
+            if uniq.size:
+                vectors = np.concatenate([v for _, _, v in parts])[last]  # [u, dim]
+                self.server.update(table, torch.from_numpy(uniq), torch.from_numpy(vectors))
+            for order, k, _ in parts:
+                self.order.note(table, k.tolist(), order)
+            self._count(applied=len(parts), rows=keys.size)
             if self.settle_s > 0:
                 if len(self._settling) >= self.MAX_SETTLING:
-                    self._settling.popleft()
-                    self._count(settle_dropped=1)
-                self._settling.append((time.monotonic() + self.settle_s, table, torch.from_numpy(keys)))
-        # fields empty or None: the entry was deleted from the stream (XDEL/XTRIM) while pending
-        client.xack(self.stream, self.group, entry_id)
+                    self._count(settle_dropped=self._settling.popleft()[3])
+                self._settling.append((time.monotonic() + self.settle_s, table, torch.from_numpy(uniq), len(parts)))
 
     def _settle_due(self) -> None:
         """Settle the entries whose time has come (removed only once settled: a failure retries them)."""
         now = time.monotonic()
         while self._settling and self._settling[0][0] <= now:
-            _, table, keys = self._settling[0]
+            _, table, keys, entries = self._settling[0]
             if table in self.server.tables:
                 self.server.refresh(table, keys)
             self._settling.popleft()
-            self._count(settled=1)
+            self._count(settled=entries)
 
     def _reject(self, client: redis.Redis, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         logger.warning("update stream %s: rejected entry %s: %s", self.stream, entry_id.decode(), reason)
-        dead: dict[Any, Any] = {**fields, b"reason": reason.encode(), b"id": entry_id}
+        # our fields prefixed, so that an entry's own `reason` or `id` is kept as it was
+        dead: dict[Any, Any] = {**fields, b"turboserve:reason": reason.encode(), b"turboserve:id": entry_id}
         pipe = client.pipeline(transaction=True)
-        pipe.xadd(f"{self.stream}:rejected", dead)
+        pipe.xadd(f"{self.stream}:rejected", dead, maxlen=REJECTED_MAXLEN, approximate=True)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
         self._count(rejected=1)

@@ -133,7 +133,7 @@ class Metrics:
 class _StreamCollector(Collector):
     """`turboserve_embedding_stream_messages_total{outcome}` (applied | rejected | published), `..._rows_total`,
     `..._settled_total`, `..._settle_dropped_total`,
-    `..._claimed_total`, `..._rows_superseded_total` and `turboserve_embedding_stream_errors_total{kind}` (redis | update), read at scrape time."""
+    `..._claimed_total`, `..._rows_superseded_total`, `..._held_waits_total` and `turboserve_embedding_stream_errors_total{kind}` (redis | update), read at scrape time."""
 
     def __init__(self, consumer) -> None:
         self.consumer = consumer
@@ -154,6 +154,9 @@ class _StreamCollector(Collector):
                                   value=c["claimed"])
         yield CounterMetricFamily("turboserve_embedding_stream_rows_superseded", "Rows of entries not applied: this "
                                   "replica held a newer value of the key.", value=c.get("rows_superseded", 0))
+        yield CounterMetricFamily("turboserve_embedding_stream_held_waits", "Reads that stopped at an entry one of whose "
+                                  "keys this replica was writing over HTTP, to read it again once published.",
+                                  value=c.get("held_waits", 0))
         errors = CounterMetricFamily("turboserve_embedding_stream_errors", "Failed stream reads and updates.", labels=["kind"])
         errors.add_metric(["redis"], c["redis_errors"])
         errors.add_metric(["update"], c["update_errors"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 
 from configs.settings import Settings
@@ -214,10 +215,11 @@ def check_table_dims(stored: dict[str, TableSpec], config, model_path: str) -> N
 def check_recommender(settings: Settings) -> None:
     """What the CLI refuses before the port opens (ValueError / ModelFolderError naming the setting): a DLRM folder
     that is not one, a name the encoder already has, an embedding store another process holds or whose tables'
-    dims the DLRM does not take."""
+    dims the DLRM does not take, an update stream on a Redis Cluster."""
     emb, rec = settings.embeddings, settings.recommend
     if not emb.enabled:
         return
+    check_update_stream(emb)
     config = None
     if rec.model_path:
         config, _ = read_dlrm_folder(rec.model_path)
@@ -237,6 +239,41 @@ def check_recommender(settings: Settings) -> None:
         _check_cache_fits(emb, list(specs.values()))
     finally:
         store.close()
+
+
+def check_update_stream(emb) -> None:
+    """ValueError for an update stream that would live on a Redis Cluster: the consumer is a client of one node (its
+    reads would be MOVED for ever) and rejects an entry with a MULTI across two slots. A Redis that does not answer
+    is let through: the consumer waits for it, as for any outage."""
+    if not emb.update_stream:
+        return
+    advice = "point embeddings.update_stream_url at a standalone Redis (cluster_enabled:0)"
+    if emb.update_stream_url is None and emb.volatile_backend == "redis_cluster":
+        raise ValueError(f"embeddings.update_stream={emb.update_stream!r} would live on the Redis Cluster of the "
+                         f"volatile tier (volatile_backend='redis_cluster', no update_stream_url), which the update "
+                         f"stream does not support: {advice}")
+    url = emb.update_stream_url or emb.redis_urls[0]
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    try:
+        enabled = int(client.info("cluster").get("cluster_enabled", 0))
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
+    if enabled:
+        raise ValueError(f"embeddings.update_stream={emb.update_stream!r}: the Redis at {url} is a Redis Cluster node "
+                         f"(cluster_enabled:1), which the update stream does not support: {advice}")
+
+
+def shared_without_updates(emb) -> str | None:
+    """Why a Redis volatile tier, if other replicas share it, could serve rows from before an update (no update stream,
+    or HTTP updates not published to it), else None."""
+    if emb.volatile_backend == "memory" or (emb.update_stream and emb.update_publish):
+        return None
+    missing = "no embeddings.update_stream" if not emb.update_stream else "embeddings.update_publish is false"
+    return (f"the volatile tier is a Redis ({emb.volatile_backend}) and {missing}: if other replicas share that Redis, an "
+            f"update taken over HTTP here is not applied by them, and their lookups fill Redis (and so this replica's "
+            f"device cache) with the row from before it; set update_stream (and update_publish) on every replica")
 
 
 def _check_cache_fits(emb, specs: list[TableSpec]) -> None:
@@ -262,6 +299,9 @@ def build_recommender(settings: Settings) -> Recommender:
     if rec.model_path:
         config, _ = read_dlrm_folder(rec.model_path)  # a bad folder fails before RocksDB is opened
         name = dlrm_name(settings)
+    unseen = shared_without_updates(emb)
+    if unseen:
+        log.warning("%s", unseen)
     ps = build_parameter_server(emb)
     try:
         if rec.model_path:
@@ -277,7 +317,7 @@ def build_recommender(settings: Settings) -> Recommender:
             consumer = UpdateConsumer(ps, emb.update_stream_url or emb.redis_urls[0], emb.update_stream, emb.update_group,
                                       emb.update_consumer, emb.update_batch, emb.update_block_ms, emb.update_claim_idle_ms,
                                       publishes=emb.update_publish, maxlen=emb.update_stream_maxlen,
-                                      settle_s=emb.update_settle_s)
+                                      settle_s=emb.update_settle_s, max_keys=emb.max_keys)
             consumer.start()
     except BaseException:
         ps.close()

@@ -144,6 +144,30 @@ def test_writes_missed_during_an_outage_are_invalidated_on_recovery(redis_node):
     tier.close()
 
 
+def test_a_redis_restarted_from_an_older_snapshot_serves_no_row_older_than_an_update(redis_node, tmp_path):
+    """Redis snapshots a row, then takes an update of it, then restarts from the snapshot (a crash with RDB or AOF
+    everysec, a failover): no call of ours failed, yet Redis holds the old row. The new run_id gives it away."""
+    persistent = PersistentTier(tmp_path / "db", sync=False)
+    volatile = make(redis_node.url, journal=persistent)
+    server = ParameterServer(persistent, volatile, None)  # no device cache: every lookup asks Redis
+    server.create_table("t", DIM, DEFAULT)
+    server.persistent.update("t", torch.tensor([7, 8]), rows([7, 8]))
+    assert server.lookup("t", torch.tensor([7, 8]))[1].all()  # filled into Redis
+    admin = redis.Redis(port=redis_node.port)
+    admin.save()
+    admin.close()
+    server.update("t", torch.tensor([7]), rows([7], 9))  # RocksDB, then the row Redis holds
+    redis_node.stop()  # (no save at shutdown: `--save ""`)
+    redis_node.start()  # loads the snapshot: row 7 as it was before the update
+    for _ in range(3):
+        vectors, found = server.lookup("t", torch.tensor([7, 8]))
+        assert found.all() and torch.equal(vectors[0], rows([7], 9)[0]), vectors
+    assert volatile.lookup("t", torch.tensor([7]))[1].tolist() == [True]  # filled again, with the new row
+    assert torch.equal(volatile.lookup("t", torch.tensor([7]))[0][0], rows([7], 9)[0])
+    assert persistent.journal() == {}  # the whole-table drop was journalled until it was done
+    server.close()
+
+
 def test_unreachable_redis_never_raises(tmp_path):
     tier = make("redis://127.0.0.1:1")
     vectors, found = tier.lookup("t", torch.tensor([1, 2]))

@@ -54,9 +54,31 @@ def test_bad_entries_are_rejected_acknowledged_and_kept_aside(ps, redis_node, cl
         publish_update(client, STREAM, "t", [5], rows([5], scale=9.0))  # a good one after them still applies
         wait_until(lambda: c.counters()["rejected"] == 3 and c.counters()["applied"] == 1, what="3 rejects, 1 apply")
         wait_until(lambda: pending(client) == 0, what="all acknowledged")
-        reasons = [fields[b"reason"].decode() for _, fields in client.xrange(f"{STREAM}:rejected")]
+        reasons = [fields[b"turboserve:reason"].decode() for _, fields in client.xrange(f"{STREAM}:rejected")]
         assert "missing field(s) vectors" in reasons[0] and "no table 'nope'" in reasons[1] and "need 16" in reasons[2]
         np.testing.assert_array_equal(vector(ps, 5), rows([5], scale=9.0)[0])
+
+
+def test_an_entry_over_max_keys_is_rejected_and_its_own_fields_are_kept(ps, redis_node, client):
+    """An entry of more keys than max_keys would hold the lookups' lock while it applies: it is rejected. The
+    dead-letter copy keeps the entry's own `reason` and `id` fields beside the consumer's."""
+    with running(ps, redis_node, max_keys=8) as c:
+        big = client.xadd(STREAM, {**encode_update("t", list(range(9)), rows(range(9))), "reason": "trainer's", "id": "7"})
+        publish_update(client, STREAM, "t", list(range(8)), rows(range(8), scale=2.0))  # at the limit: applies
+        wait_until(lambda: c.counters()["rejected"] == 1 and c.counters()["applied"] == 1, what="1 reject, 1 apply")
+        (_, dead), = client.xrange(f"{STREAM}:rejected")
+        assert "9 keys in one entry, more than embeddings.max_keys=8" in dead[b"turboserve:reason"].decode()
+        assert dead[b"turboserve:id"] == big and dead[b"reason"] == b"trainer's" and dead[b"id"] == b"7"
+        np.testing.assert_array_equal(vector(ps, 7), rows([7], scale=2.0)[0])
+
+
+def test_the_dead_letter_stream_is_capped(ps, redis_node, client, monkeypatch):
+    monkeypatch.setattr("embeddings.stream.REJECTED_MAXLEN", 10)
+    with running(ps, redis_node) as c:
+        for _ in range(300):
+            client.xadd(STREAM, {"table": "nope"})
+        wait_until(lambda: c.counters()["rejected"] == 300, what="300 rejects")
+        assert client.xlen(f"{STREAM}:rejected") < 300  # approximate trimming: whole macro nodes go
 
 
 def test_pending_entries_of_a_crashed_consumer_are_claimed_at_start(ps, redis_node, client):
@@ -179,3 +201,26 @@ def test_own_published_updates_replayed_after_newer_local_writes_never_go_back(p
         assert all(v == 40.0 for v in seen), sorted(set(seen))
         wait_until(lambda: c.counters()["applied"] == 40, what="every entry replayed")
         np.testing.assert_array_equal(vector(ps, 3), rows([3], scale=40.0)[0])
+
+
+def test_a_read_is_written_as_one_update_per_table_last_row_winning(ps, redis_node, client, monkeypatch):
+    """40 entries of two tables waiting in the stream: one read, one synced update per table (not one per entry, which
+    drained at ~300 entries/s), each key ending on the row of its last entry, every entry acknowledged."""
+    ps.create_table("u", DIM, rows=100)
+    real, calls = ps.update, []
+
+    def counted(table, *args, **kwargs):
+        calls.append(table)
+        return real(table, *args, **kwargs)
+
+    monkeypatch.setattr(ps, "update", counted)
+    client.xgroup_create(STREAM, "turboserve", id="0", mkstream=True)
+    for i in range(40):
+        publish_update(client, STREAM, "t" if i % 2 else "u", [i % 4], rows([i % 4], scale=float(i)))
+    with running(ps, redis_node, batch=64) as c:
+        wait_until(lambda: c.counters()["applied"] == 40 and pending(client) == 0, what="40 entries applied")
+        assert sorted(calls) == ["t", "u"] and c.counters()["rows"] == 40
+        for key, last in ((1, 37), (3, 39)):
+            np.testing.assert_array_equal(vector(ps, key), rows([key], scale=float(last))[0])
+        for key, last in ((0, 36), (2, 38)):
+            np.testing.assert_array_equal(ps.lookup("u", torch.tensor([key]))[0][0].numpy(), rows([key], scale=float(last))[0])
