@@ -44,9 +44,9 @@ class KeyOrder:
         """Before writing keys here whose entry will be published: no entry writes them until it is."""
         now = time.monotonic()
         with self._lock:
-            for k in keys:
-                holders, _ = self._held.get((table, k), (0, now))
-                self._held[(table, k)] = holders + 1, now
+            for k in keys:  # since: the first holder's, so that a hot key written without pause still times out
+                holders, since = self._held.get((table, k), (0, now))
+                self._held[(table, k)] = holders + 1, since
 
     def release(self, table: str, keys: list[int]) -> None:
         """The held write, or its publishing, failed: entries may write the keys again."""
@@ -81,19 +81,24 @@ class KeyOrder:
     def held(self, table: str, keys: np.ndarray) -> bool:
         """Is any of keys held (written here, its entry not published yet)? A hold older than hold_timeout_s is
         dropped: its publisher is gone, and waiting on it would stop the stream for good."""
-        with self._lock:
-            if not self._held:
+        dropped = []
+        try:
+            with self._lock:
+                if not self._held:
+                    return False
+                stale = time.monotonic() - self.hold_timeout_s
+                for k in keys.tolist():
+                    holders, since = self._held.get((table, k), (0, 0.0))
+                    if holders and since < stale:
+                        dropped.append(k)
+                        del self._held[(table, k)]
+                    elif holders:
+                        return True
                 return False
-            stale = time.monotonic() - self.hold_timeout_s
-            for k in keys.tolist():
-                holders, since = self._held.get((table, k), (0, 0.0))
-                if holders and since < stale:
-                    logger.warning("key %d of table %r was held %.0f s without its entry being published; "
-                                   "letting stream entries write it", k, table, self.hold_timeout_s)
-                    del self._held[(table, k)]
-                elif holders:
-                    return True
-            return False
+        finally:
+            if dropped:
+                logger.warning("%d key(s) of table %r (first %d) held over %.0f s without their entry being published: "
+                               "letting stream entries write them", len(dropped), table, dropped[0], self.hold_timeout_s)
 
     def superseded(self, table: str, keys: np.ndarray, order: tuple[int, int]) -> np.ndarray:
         """[n] bool: keys whose value here is newer than the entry of `order`."""

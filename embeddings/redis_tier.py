@@ -24,7 +24,8 @@ Redis comes back still deletes them when it next reaches Redis (else the stale r
 A Redis that restarts (from an RDB snapshot or an AOF older than the last writes, or a replica promoted in its place)
 may hold rows older than updates acknowledged since, and it fails no call to say so: redis-py reconnects silently.
 So every new connection asks the server its `run_id` (INFO server), which changes at each start; a node seen before
-under another run_id makes every table wholly stale, as past `max_dirty`: its partitions are dropped before the next
+(at the same address: a failover to another address is not noticed) under another run_id makes every table wholly
+stale, as past `max_dirty`: its partitions are dropped before the next
 call, and the call that met the new run_id answers as failed (its replies may be those stale rows).
 
 Tables carry an `epoch` (TableSpec.epoch, set by each `turboserve import-embeddings`): it is part of the key names,
@@ -118,7 +119,13 @@ class RedisTier(Tier):
         if not self.cluster:  # RedisCluster runs the connection's own set-up before calling this hook
             connection.on_connect()
         connection.send_command("INFO", "server")
-        info = connection.read_response()
+        try:
+            info = connection.read_response()
+        except redis.ResponseError as exc:  # INFO refused (an ACL user without +info, a renamed command, a proxy)
+            if not self._run_ids:
+                logger.warning("redis tier: INFO refused (%s): a restarted Redis is not noticed", exc)
+            self._run_ids.setdefault(("", 0), b"")
+            return
         info = info if isinstance(info, bytes) else str(info).encode()
         run_id = next((line.split(b":", 1)[1].strip() for line in info.splitlines() if line.startswith(b"run_id:")), b"")
         address = (str(getattr(connection, "host", None) or getattr(connection, "path", "")), int(getattr(connection, "port", 0)))

@@ -25,9 +25,10 @@ unacknowledged, until the hold ends (one local write and one XADD): whether it i
 write is only known once that write's entry id is. When the group has to be created again (the stream was
 deleted, or Redis came back empty), ids may start over lower, so the orders remembered are forgotten.
 
-An entry that can never apply (missing field, unknown table, sizes that do not match the table's dim, more keys
-than `max_keys`) is logged, counted as `rejected`, copied to `<stream>:rejected` (trimmed to about
-REJECTED_MAXLEN entries) with `turboserve:reason` and `turboserve:id` fields, and acknowledged.
+An entry that can never apply (missing field, unknown table, sizes that do not match the table's dim) is logged,
+counted as `rejected`, copied to `<stream>:rejected` (trimmed to about REJECTED_MAXLEN entries) with
+`turboserve:reason` and `turboserve:id` fields, and acknowledged. The rows of a read are written (and settled) in
+slices of at most `max_keys` keys: each slice holds the lookups' lock, and one huge write would stall every lookup.
 An update that fails otherwise (the persistent tier raised) is not acknowledged: it is retried after a
 backoff. When Redis goes away the consumer backs off (doubling from `backoff_s` to `max_backoff_s`),
 reconnects, and re-creates the group if Redis came back empty; it never exits until `stop()`.
@@ -96,10 +97,8 @@ def publish_update(client: redis.Redis, stream: str, table: str, keys: np.ndarra
     return client.xadd(stream, encode_update(table, keys, vectors))  # type: ignore[arg-type]
 
 
-def decode_update(fields: dict[bytes, bytes], dims: dict[str, int],
-                  max_keys: int | None = None) -> tuple[str, np.ndarray, np.ndarray]:
-    """(table, keys [n] int64, vectors [n, dim] float32) of one entry; RejectedUpdate says what is wrong (as for
-    more than max_keys keys: one entry is applied under the lookups' lock, so a huge one stalls every lookup)."""
+def decode_update(fields: dict[bytes, bytes], dims: dict[str, int]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(table, keys [n] int64, vectors [n, dim] float32) of one entry; RejectedUpdate says what is wrong."""
     missing = [f for f in (b"table", b"keys", b"vectors") if f not in fields]
     if missing:
         raise RejectedUpdate(f"missing field(s) {b', '.join(missing).decode()}")
@@ -113,8 +112,6 @@ def decode_update(fields: dict[bytes, bytes], dims: dict[str, int],
     if len(raw_keys) % 8:
         raise RejectedUpdate(f"keys hold {len(raw_keys)} bytes, not a multiple of 8 (int64)")
     n = len(raw_keys) // 8
-    if max_keys is not None and n > max_keys:
-        raise RejectedUpdate(f"{n} keys in one entry, more than embeddings.max_keys={max_keys}: split the update")
     if len(raw_vectors) != 4 * n * dim:
         raise RejectedUpdate(f"vectors hold {len(raw_vectors)} bytes; {n} keys of table {table!r} (dim {dim}) need {4 * n * dim}")
     vectors = np.frombuffer(raw_vectors, dtype="<f4").reshape(n, dim)
@@ -144,7 +141,7 @@ class UpdateConsumer:
     entries idle this long are taken over from other consumers. publishes: whether HTTP updates are published
     to the stream (`publish`). maxlen: `publish` trims the stream to about this many entries (None: never).
     settle_s: seconds after applying an entry that its rows are settled (`ParameterServer.refresh`); 0: never.
-    max_keys: entries with more keys are rejected (None: no limit).
+    max_keys: the most keys written (or settled) at once, each slice under the lookups' lock (None: no limit).
     """
 
     MAX_SETTLING = 100_000  # writes (a table of one read) waiting to settle; older ones are dropped past this (counted)
@@ -200,15 +197,20 @@ class UpdateConsumer:
 
     def publish(self, table: str, keys: np.ndarray | list[int], vectors: np.ndarray | list[list[float]]) -> bytes:
         """XADD one update (already written here, its keys held: `order.hold`) for every replica's consumer; returns
-        the entry id. Raises redis errors: the caller must not report the update as propagated (and releases the
-        keys: `order.release`)."""
-        with self._lock:
-            if self._publisher is None:
-                self._publisher = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=5.0)
-            client = self._publisher
-        fields = encode_update(table, keys, np.asarray(vectors, dtype=np.float32))
-        # approximate trimming (~) costs nothing per XADD; exact MAXLEN would rewrite a macro node each time
-        entry_id = client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+        the entry id, the hold ended either way (here, and only here: holds are counted, one release each; a caller
+        that was cancelled meanwhile is gone). Raises redis errors: the caller must not report the update as
+        propagated."""
+        try:
+            with self._lock:
+                if self._publisher is None:
+                    self._publisher = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=5.0)
+                client = self._publisher
+            fields = encode_update(table, keys, np.asarray(vectors, dtype=np.float32))
+            # approximate trimming (~) costs nothing per XADD; exact MAXLEN would rewrite a macro node each time
+            entry_id = client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+        except BaseException:
+            self.order.release(table, [int(k) for k in keys])  # else this replica's consumer waits on the keys
+            raise
         self._count(published=1)
         self.order.note(table, [int(k) for k in keys], entry_order(entry_id), published=True)
         return entry_id
@@ -338,7 +340,7 @@ class UpdateConsumer:
         for i, (entry_id, fields) in enumerate(entries):
             if fields:  # else the entry was deleted from the stream (XDEL/XTRIM) while pending: only acknowledged
                 try:
-                    table, keys, vectors = decode_update(fields, dims, self.max_keys)
+                    table, keys, vectors = decode_update(fields, dims)
                 except RejectedUpdate as exc:
                     self._reject(client, entry_id, fields, str(exc))
                     continue
@@ -363,9 +365,10 @@ class UpdateConsumer:
         for table, parts in writes.items():
             keys = np.concatenate([k for _, k, _ in parts])  # [n]
             uniq, last = last_occurrence(keys)
-            if uniq.size:
-                vectors = np.concatenate([v for _, _, v in parts])[last]  # [u, dim]
-                self.server.update(table, torch.from_numpy(uniq), torch.from_numpy(vectors))
+            vectors = np.concatenate([v for _, _, v in parts])[last]  # [u, dim]
+            step = self.max_keys or max(uniq.size, 1)
+            for at in range(0, uniq.size, step):  # the lookups' lock is let go between slices
+                self.server.update(table, torch.from_numpy(uniq[at:at + step]), torch.from_numpy(vectors[at:at + step]))
             for order, k, _ in parts:
                 self.order.note(table, k.tolist(), order)
             self._count(applied=len(parts), rows=keys.size)
@@ -380,7 +383,9 @@ class UpdateConsumer:
         while self._settling and self._settling[0][0] <= now:
             _, table, keys, entries = self._settling[0]
             if table in self.server.tables:
-                self.server.refresh(table, keys)
+                step = self.max_keys or max(keys.numel(), 1)
+                for at in range(0, keys.numel(), step):
+                    self.server.refresh(table, keys[at:at + step])
             self._settling.popleft()
             self._count(settled=entries)
 

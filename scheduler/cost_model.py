@@ -207,7 +207,7 @@ class CostModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
         try:
-            os.fchmod(fd, 0o644)  # as an open() would make it (mkstemp's 0600 hides it from a server run as another user)
+            os.fchmod(fd, 0o644)  # readable by all, as before (mkstemp's 0600 hid it from a server run as another user)
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self.to_json(), indent=1))
             os.replace(tmp, path)

@@ -55,7 +55,7 @@ class Call:
         return {"type": "http.disconnect"}
 
 
-_LIVE: dict[int, Call] = {}  # id(context) -> its Call, while the gRPC call lasts
+_LIVE: dict[int, tuple[grpc.aio.ServicerContext, Call]] = {}  # id(context) -> (it, its Call), while the call lasts
 
 
 def call_of(metadata: dict[str, str], context: grpc.aio.ServicerContext) -> Call:
@@ -63,10 +63,12 @@ def call_of(metadata: dict[str, str], context: grpc.aio.ServicerContext) -> Call
     grpc holds every callback until the call ends (a Call a message grew a long stream by ~1 KB a message, for good).
     metadata: the call's (a stream's messages all have the same)."""
     key = id(context)
-    call = _LIVE.get(key)
-    if call is None:
-        call = _LIVE[key] = Call(metadata, context)
-        context.add_done_callback(lambda _: _LIVE.pop(key, None))
+    held = _LIVE.get(key)
+    if held is not None and held[0] is context:  # (the context is held too: its id cannot pass to another call)
+        return held[1]
+    call = Call(metadata, context)
+    _LIVE[key] = context, call
+    context.add_done_callback(lambda _: _LIVE.pop(key, None))
     return call
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 FORMATS = ("npy", "safetensors", "csv")
+COUNTED_KEYS = 10_000_000  # a keyed CSV of up to this many rows has its repeated keys counted (80 MB of keys)
 INT64_MAX = (1 << 63) - 1
 
 
@@ -239,6 +240,7 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
     old_rows = 0
     keyed = fmt == "csv" and csv_layout == "keyed"  # the only source whose keys may repeat
     seen: list[np.ndarray] = []  # a keyed CSV's keys, chunk by chunk (8 bytes a row), to count the repeated ones
+    seen_rows, repeated = 0, 0
     digest = hashlib.blake2b(digest_size=8)
     try:
         from embeddings.tier import TableSpec
@@ -265,11 +267,16 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
                 digest.update(keys.tobytes())
                 digest.update(vectors.tobytes())
                 written += len(keys)
-                if keyed:
+                if keyed and seen_rows + len(keys) <= COUNTED_KEYS:
                     seen.append(keys)
+                    seen_rows += len(keys)
+                elif keyed:  # too many to count in memory: the summary says nothing of repeats
+                    seen, keyed = [], False
                 bar.update(len(keys))
         tier.flush()  # memtables to SST files: the rows are on disk when the command returns
         finished = True
+        if seen:
+            repeated = written - np.unique(np.concatenate(seen)).size
     except ImportFailed as exc:
         if written:
             raise ImportFailed(f"{exc}; the {written:,} rows before it were imported") from None
@@ -277,7 +284,6 @@ def import_table(db_path: str, table: str, file: str, fmt: str = "auto", tensor:
             tier.drop_table(table)
         raise
     finally:
-        repeated = written - np.unique(np.concatenate(seen)).size if seen else 0
         try:
             if touched:
                 _new_epoch(tier, table, digest, finished, max(old_rows, written - repeated, 1))

@@ -96,10 +96,7 @@ async def update(body: UpdateRequest, request: Request):
     # stream order like every other replica, which is what makes all of them end on the same value.
     try:
         entry_id = await run_in_threadpool(consumer.publish, body.table, body.keys, body.vectors)
-    except Exception as exc:  # (a cancelled request's publish goes on in its thread, and ends the hold itself)
-        consumer.order.release(body.table, body.keys)  # else this replica's consumer waits on the keys
-        if not isinstance(exc, redis.RedisError):
-            raise
+    except redis.RedisError as exc:  # publish ended the keys' hold (a cancelled request's goes on in its thread)
         log.warning("update of table %r written here but not published to %s: %s", body.table, consumer.stream, exc)
         raise BackendError(f"the update was written on this replica but could not be published to the update stream "
                            f"{consumer.stream!r} ({type(exc).__name__}), so other replicas do not have it; retry the "

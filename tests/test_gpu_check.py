@@ -66,6 +66,7 @@ def test_the_device_cache_benchmark_runs_with_only_what_the_device_has(tmp_path)
     assert all(c["mkeys_s"] > 0 and c["gbs"] == pytest.approx(c["batch"] * c["dim"] * 4 / c["seconds"] / 1e9) for c in cells)
 
 
+@pytest.mark.timeout(900)  # above its subprocesses' own limits (the suite's default is 300 s)
 def test_the_kernel_benchmark_runs_with_only_what_the_device_has(tmp_path):
     """bench/gpu_kernels.py's --smoke mode (tiny shapes on the CPU): every part of the script runs and writes its
     JSON, so a GPU session is not spent finding a script error."""
@@ -92,6 +93,7 @@ def test_every_file_with_gpu_tests_is_selected(tmp_path):
     assert with_gpu_tests and with_gpu_tests <= set(gpu_files()), with_gpu_tests - set(gpu_files())
 
 
+@pytest.mark.timeout(900)  # above its subprocesses' own limits (the suite's default is 300 s)
 def test_the_gpu_serve_check_runs_on_a_cpu(tmp_path):
     """bench/gpu_serve.sh's steps, on the CPU: a random-weight model shaped like the embedded one, served through
     `turboserve serve`, its /embed and /v1/embeddings answers equal to sentence-transformers on the same weights."""

@@ -168,6 +168,17 @@ def test_a_redis_restarted_from_an_older_snapshot_serves_no_row_older_than_an_up
     server.close()
 
 
+def test_a_redis_user_without_info_still_has_a_working_tier(redis_node):
+    """The run_id check's INFO may be refused (an ACL user without +info, a renamed command, a proxy): the tier works
+    as before, without noticing restarts, rather than failing every connection."""
+    admin = redis.Redis(port=redis_node.port)
+    admin.acl_setuser("noinfo", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"])
+    admin.close()
+    tier = make(f"redis://noinfo:pw@127.0.0.1:{redis_node.port}")
+    check_semantics(tier)
+    tier.close()
+
+
 def test_unreachable_redis_never_raises(tmp_path):
     tier = make("redis://127.0.0.1:1")
     vectors, found = tier.lookup("t", torch.tensor([1, 2]))

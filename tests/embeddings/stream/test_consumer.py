@@ -59,17 +59,27 @@ def test_bad_entries_are_rejected_acknowledged_and_kept_aside(ps, redis_node, cl
         np.testing.assert_array_equal(vector(ps, 5), rows([5], scale=9.0)[0])
 
 
-def test_an_entry_over_max_keys_is_rejected_and_its_own_fields_are_kept(ps, redis_node, client):
-    """An entry of more keys than max_keys would hold the lookups' lock while it applies: it is rejected. The
-    dead-letter copy keeps the entry's own `reason` and `id` fields beside the consumer's."""
+def test_a_large_entry_is_written_in_slices_of_max_keys(ps, redis_node, client, monkeypatch):
+    """Each write holds the lookups' lock: an entry (or a read of entries) of more keys than max_keys is written in
+    slices of max_keys, the lock let go between them, every row applied."""
+    sizes = []
+    update = ps.update
+    monkeypatch.setattr(ps, "update", lambda table, keys, vectors: sizes.append(keys.numel()) or update(table, keys, vectors))
     with running(ps, redis_node, max_keys=8) as c:
-        big = client.xadd(STREAM, {**encode_update("t", list(range(9)), rows(range(9))), "reason": "trainer's", "id": "7"})
-        publish_update(client, STREAM, "t", list(range(8)), rows(range(8), scale=2.0))  # at the limit: applies
-        wait_until(lambda: c.counters()["rejected"] == 1 and c.counters()["applied"] == 1, what="1 reject, 1 apply")
+        publish_update(client, STREAM, "t", list(range(20)), rows(range(20), scale=2.0))
+        wait_until(lambda: c.counters()["applied"] == 1 and pending(client) == 0, what="applied")
+    assert sizes == [8, 8, 4]
+    for k in (0, 8, 19):
+        np.testing.assert_array_equal(vector(ps, k), rows([k], scale=2.0)[0])
+
+
+def test_a_dead_letter_keeps_the_entrys_own_fields(ps, redis_node, client):
+    with running(ps, redis_node) as c:
+        bad = client.xadd(STREAM, {"table": "nope", "keys": b"", "vectors": b"", "reason": "trainer's", "id": "7"})
+        wait_until(lambda: c.counters()["rejected"] == 1, what="1 reject")
         (_, dead), = client.xrange(f"{STREAM}:rejected")
-        assert "9 keys in one entry, more than embeddings.max_keys=8" in dead[b"turboserve:reason"].decode()
-        assert dead[b"turboserve:id"] == big and dead[b"reason"] == b"trainer's" and dead[b"id"] == b"7"
-        np.testing.assert_array_equal(vector(ps, 7), rows([7], scale=2.0)[0])
+        assert "no table 'nope'" in dead[b"turboserve:reason"].decode()
+        assert dead[b"turboserve:id"] == bad and dead[b"reason"] == b"trainer's" and dead[b"id"] == b"7"
 
 
 def test_the_dead_letter_stream_is_capped(ps, redis_node, client, monkeypatch):
