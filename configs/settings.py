@@ -44,9 +44,14 @@ class _Section(BaseModel):
     def _null_is_the_default(cls, data: Any) -> Any:
         """null (YAML's, or TURBOSERVE_X__Y=null) unsets a setting: a setting that cannot be null is back to its
         default (it was refused as "not a valid number"); one that can is null."""
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields or _nullable(cls.model_fields[k])}
+        return _drop_nulls(cls, data)
+
+
+def _drop_nulls(cls: type[BaseModel], data: Any) -> Any:
+    """data without the null values of fields that cannot be null (so they take their defaults)."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields or _nullable(cls.model_fields[k])}
 
 
 def _nullable(field: FieldInfo) -> bool:
@@ -229,9 +234,7 @@ class Settings(BaseSettings):
     def _null_section_is_the_default(cls, data: Any) -> Any:
         """A section that is null (a YAML section whose every line is commented out, or TURBOSERVE_MODEL=null) is its
         defaults, as a null setting is; reranker, which can be null, stays null."""
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields or _nullable(cls.model_fields[k])}
+        return _drop_nulls(cls, data)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:
