@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from configs.settings import load_settings
-from embeddings.stream import group_name
+from embeddings.stream_format import group_name
 
 DEPLOYMENT = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "deployment.yaml"
 

@@ -15,7 +15,7 @@ import redis
 import torch
 import yaml
 
-from embeddings.stream import publish_update
+from embeddings.stream_format import publish_update
 from server.import_tables import import_table
 from tests.processes import free_port
 from tests.server.recommend_support import DENSE, SPARSE, embedding_sections, reference_scores, wait_until

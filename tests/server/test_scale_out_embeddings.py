@@ -24,7 +24,7 @@ import yaml
 
 from embeddings.persistent import PersistentTier
 from embeddings.redis_tier import RedisTier
-from embeddings.stream import publish_update
+from embeddings.stream_format import publish_update
 from embeddings.tier import TableSpec
 from models.dlrm import DLRMConfig, SparseFeature, save_dlrm, save_random_tables
 from server.import_tables import import_table

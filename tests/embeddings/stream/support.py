@@ -12,7 +12,8 @@ import torch
 from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
-from embeddings.stream import UpdateConsumer, publish_update
+from embeddings.stream import UpdateConsumer
+from embeddings.stream_format import publish_update
 from embeddings.volatile import VolatileTier
 
 DIM = 4

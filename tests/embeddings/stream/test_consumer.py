@@ -10,7 +10,8 @@ import pytest
 import redis
 import torch
 
-from embeddings.stream import CURRENT_MARGIN_S, RejectedUpdate, decode_update, encode_update, group_name, publish_update
+from embeddings.stream import CURRENT_MARGIN_S
+from embeddings.stream_format import RejectedUpdate, decode_update, encode_update, group_name, publish_update
 from tests.embeddings.stream.support import DIM, STREAM, consumer, left_pending, pending, rows, running, vector, wait_until
 
 pytestmark = pytest.mark.redis

@@ -12,7 +12,7 @@ import redis
 import torch
 
 from embeddings.key_order import KeyOrder, entry_order
-from embeddings.stream import publish_update
+from embeddings.stream_format import publish_update
 from tests.embeddings.stream.support import STREAM, pending, rows, running, vector, wait_until
 
 pytestmark = pytest.mark.redis

@@ -14,7 +14,7 @@ from embeddings.device_cache import DeviceCache
 from embeddings.hierarchy import ParameterServer
 from embeddings.persistent import PersistentTier
 from embeddings.redis_tier import RedisTier
-from embeddings.stream import publish_update
+from embeddings.stream_format import publish_update
 from tests.embeddings.stream.support import DIM, STREAM, consumer, replica_server, rows, vector, wait_until
 
 pytestmark = pytest.mark.redis
