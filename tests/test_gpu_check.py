@@ -108,8 +108,15 @@ def test_the_gpu_serve_check_runs_on_a_cpu(tmp_path):
     env = {**device_like_env(tmp_path, carried=True), "HF_HUB_OFFLINE": "1"}
     assert made.returncode == 0, made.stderr[-2000:]
     assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
-    checked = subprocess.run([sys.executable, "bench/gpu_serve_check.py", "--model", str(model), "--device", "cpu",
-                              "--dtype", "float32", "--texts", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    checked = subprocess.Popen([sys.executable, "bench/gpu_serve_check.py", "--model", str(model), "--device", "cpu",
+                                "--dtype", "float32", "--texts", "8"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        checked.stdout, checked.stderr = checked.communicate(timeout=480)
+    except subprocess.TimeoutExpired:  # SIGTERM, not run()'s SIGKILL: the check stops the server it spawned
+        checked.terminate()
+        checked.communicate(timeout=60)
+        raise
     assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout[-2000:] + checked.stderr[-2000:]
     cosine = float(re.search(r"min (\d\.\d+) mean", checked.stdout).group(1))
     assert cosine > 0.9999
