@@ -17,20 +17,27 @@ from scheduler.profiler import cache_path, grid, load_or_profile, save
 log = logging.getLogger(__name__)
 
 PROFILE_TOKEN_ID = 1000  # any in-vocabulary id: the cost depends on shapes, not on which tokens
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def weights_fingerprint(path: str) -> str:
-    """A digest of the name, size and modification time of each weights file and config.json under the model
-    folder: replaced weights change it, without reading them ("" for a path that is no folder)."""
+    """A digest of the model folder's safetensors files (name, size and header: every tensor's name, dtype, shape and
+    offsets) and config.json: replaced weights change it, a copy of the same ones (new modification times) does not,
+    and no tensor data is read ("" for a path that is no folder)."""
     folder = Path(path)
     if not folder.is_dir():
         return ""
     digest = hashlib.sha256()
     for file in sorted(folder.rglob("*")):
-        if (file.suffix in WEIGHT_SUFFIXES or file.name == "config.json") and file.is_file():
-            stat = file.stat()  # follows a Hugging Face cache's symlinks to the blobs
-            digest.update(f"{file.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if not file.is_file():  # (follows a Hugging Face cache's symlinks to the blobs)
+            continue
+        name = file.relative_to(folder).as_posix()
+        if file.suffix == ".safetensors":
+            size = file.stat().st_size
+            with open(file, "rb") as f:  # 8 bytes of header length, then the JSON header
+                header = int.from_bytes(f.read(8), "little")
+                digest.update(f"{name}\0{size}\0".encode() + f.read(min(header, max(size - 8, 0))))
+        elif file.name == "config.json":
+            digest.update(f"{name}\0".encode() + file.read_bytes())
     return digest.hexdigest()[:16]
 
 

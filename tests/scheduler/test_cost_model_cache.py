@@ -43,6 +43,9 @@ def test_the_key_follows_what_decides_the_measurements(folder, monkeypatch):
     assert cost_key(_settings(profile_runs=1), _info(str(folder), name="other")) == base
     monkeypatch.chdir(folder.parent)
     assert cost_key(_settings(), _info("m")) == cost_key(_settings(), _info("./m/")) == base
+    # The same files copied anew (new modification times) do not.
+    os.utime(folder / "model.safetensors", (1, 1))
+    assert cost_key(_settings(), _info(str(folder))) == base
     # Other weights in the same folder do.
     (folder / "model.safetensors").write_bytes(b"y" * 101)
     assert cost_key(_settings(), _info(str(folder))) != base
