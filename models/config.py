@@ -142,6 +142,7 @@ class ModelFolder:
     weights: list[Path] = field(default_factory=list)
     # every tensor the weight files hold (name as in the file -> shape), from their headers: no tensor data read
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dense_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)  # the same, per Dense module
     head: ClassifierHead | None = None  # a *ForSequenceClassification model: served by /rerank and /predict
     mlm: MaskedLMHead | None = None  # a *ForMaskedLM model: a sparse (SPLADE) embedding model, /embed_sparse
 
@@ -307,10 +308,10 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     cfg = _read_json(path / "config.json")
     encoder, pooling, head, mlm = EncoderConfig.from_dict(cfg), _pooling_from_st(path), _classifier_head(cfg), _mlm_head(cfg)
     shapes = _weight_shapes(weights)
-    for dense in pooling.dense:
-        _weight_shapes([dense.weights])  # a Dense module's weights, as unreadable as the encoder's
+    dense_shapes = [_weight_shapes([dense.weights]) for dense in pooling.dense]
     _check_tokenizer(path / "tokenizer.json")
-    return ModelFolder(path=path, encoder=encoder, pooling=pooling, weights=weights, shapes=shapes, head=head, mlm=mlm)
+    return ModelFolder(path=path, encoder=encoder, pooling=pooling, weights=weights, shapes=shapes,
+                       dense_shapes=dense_shapes, head=head, mlm=mlm)
 
 
 def _weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

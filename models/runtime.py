@@ -209,6 +209,7 @@ def check_model_settings(folder, device: str, dtype: str, max_input_length: int 
     if pooling == "splade" and folder.mlm is None:
         raise ModelFolderError(f"{section}.pooling=splade needs a *ForMaskedLM model (BERT or DistilBERT) with its "
                                "masked-LM head")
+    _check_dense(folder, pooling)
     dim = output_dim(folder, pooling)
     sizes = list(matryoshka_dimensions or folder.encoder.matryoshka_dimensions)
     if any(size > dim or size < 1 for size in sizes):
@@ -219,6 +220,22 @@ def check_model_settings(folder, device: str, dtype: str, max_input_length: int 
         check_weights(folder, pooling)
     except ModelFolderError as exc:
         raise ModelFolderError(f"{section}.path: {exc}") from None
+
+
+def _check_dense(folder, pooling: str | None) -> None:
+    """ModelFolderError unless the folder's Dense modules chain from the pooled size, with weights (from their
+    headers) of the shapes their configs give."""
+    layers = folder.pooling.dense
+    if layers and (folder.head is not None or pooling == "splade" or (pooling is None and folder.mlm is not None)):
+        raise ModelFolderError("a Dense module after a classifier or SPLADE head is not supported")
+    size = folder.encoder.hidden_size
+    for layer, shapes in zip(layers, folder.dense_shapes):
+        weight, bias = shapes.get("linear.weight"), shapes.get("linear.bias")
+        if layer.in_features != size or weight != (layer.out_features, layer.in_features) \
+                or (layer.bias and bias != (layer.out_features,)):
+            raise ModelFolderError(f"{layer.weights}: a Dense module of {layer.in_features} -> {layer.out_features} "
+                                   f"after a {size}-dim vector, with weights of {weight}")
+        size = layer.out_features
 
 
 def output_dim(folder, pooling: str | None = None) -> int:
@@ -273,7 +290,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
         with torch.inference_mode():
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
-    dense = _dense_layers(folder.pooling.dense, cfg.hidden_size, head is not None or sparse is not None)
+    dense = _dense_layers(folder.pooling.dense)
     embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense)
     sizes = tuple(matryoshka_dimensions or cfg.matryoshka_dimensions)  # each fits embedder.dim: check_model_settings
     if cuda_graph_max_tokens and torch_device.type == "cuda":
@@ -300,23 +317,15 @@ DENSE_FUNCTIONS = {"tanh": np.tanh, "identity": lambda x: x, "relu": lambda x: n
                    "sigmoid": lambda x: (1 / (1 + np.exp(-x))).astype(np.float32)}
 
 
-def _dense_layers(layers, hidden: int, other_head: bool) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
-    """The folder's Dense modules as float32 arrays, checked to chain from the pooled size."""
-    if layers and other_head:
-        raise ModelFolderError("a Dense module after a classifier or SPLADE head is not supported")
+def _dense_layers(layers) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
+    """The folder's Dense modules as float32 arrays (their shapes checked by check_model_settings)."""
     from safetensors.numpy import load_file  # noqa: PLC0415
 
-    out, size = [], hidden
+    out = []
     for layer in layers:
         tensors = load_file(str(layer.weights))
-        weight, bias = tensors.get("linear.weight"), tensors.get("linear.bias")
-        if layer.in_features != size or weight is None or weight.shape != (layer.out_features, layer.in_features) \
-                or (layer.bias and (bias is None or bias.shape != (layer.out_features,))):
-            raise ModelFolderError(f"{layer.weights}: a Dense module of {layer.in_features} -> {layer.out_features} "
-                                   f"after a {size}-dim vector, with weights of {None if weight is None else weight.shape}")
-        out.append((np.ascontiguousarray(weight.T, dtype=np.float32),
-                    bias.astype(np.float32) if layer.bias else None, layer.activation))
-        size = layer.out_features
+        out.append((np.ascontiguousarray(tensors["linear.weight"].T, dtype=np.float32),
+                    tensors["linear.bias"].astype(np.float32) if layer.bias else None, layer.activation))
     return out
 
 

@@ -95,6 +95,17 @@ def test_dense_modules_project_the_pooled_vector_as_sentence_transformers_does(t
     np.testing.assert_allclose(got, want, atol=2e-5)
     with pytest.raises(ModelFolderError, match="24-dim output"):  # sizes of the encoder's 64, not the head's 24
         load_model(str(folder), memory_arena=False, matryoshka_dimensions=[32, 16])
+    # A Dense module whose weights are not of the shape its config gives is refused by the folder check, from the
+    # headers (before, only when the weights were loaded, the server's port already open).
+    import json  # noqa: PLC0415
+
+    from models.runtime import check_model_settings  # noqa: PLC0415
+
+    dense_config = next(folder.glob("*Dense*/config.json"))
+    config = json.loads(dense_config.read_text())
+    dense_config.write_text(json.dumps({**config, "out_features": config["out_features"] + 1}))
+    with pytest.raises(ModelFolderError, match="a Dense module of"):
+        check_model_settings(read_model_folder(folder), "cpu", "float32")
 
 
 @pytest.mark.parametrize("case", ["layer norm", "two pooling modes", "two pooling modes, sentence-transformers 6"])
