@@ -201,7 +201,10 @@ def test_predict_takes_teis_batch_form_singles_and_pairs_mixed(folders):
 def test_root_routes_a_query_body_to_rerank(reranker):
     for path in ("/", "/invocations"):
         got = reranker.post(path, json={"query": QUERY, "texts": TEXTS})
-        assert got.status_code == 200 and got.json() == reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+        want = reranker.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+        # the same ranking; scores equal up to float rounding (the two requests may be batched apart differently)
+        assert got.status_code == 200 and [r["index"] for r in got.json()] == [r["index"] for r in want]
+        assert [r["score"] for r in got.json()] == pytest.approx([r["score"] for r in want], rel=1e-6)
     r = reranker.post("/", json={"inputs": "x"})  # /predict on a re-ranker: its one label's sigmoid score
     assert r.status_code == 200 and r.json()[0]["label"] == "LABEL_0"
 
