@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/planner_speed.py [--pending 1000] [--repeats 50]
 
-Three cases for dp: no deadlines, deadlines all can meet, and overload (most deadlines already lost).
+Four cases for dp: no deadlines, deadlines all can meet, overload (most deadlines already lost), and the same
+overload as requests of 8 inputs.
 Wall-clock median and p90 per call, and the median CPU time of the planning thread: on a shared machine
 the wall time also counts the time other processes held the core, the CPU time does not.
 """
@@ -30,6 +31,10 @@ def cases(n: int, rng: random.Random) -> dict[str, list[Request]]:
         "no deadlines": [Request(x) for x in lengths],
         "loose deadlines": [Request(x, 0.0, rng.uniform(60, 120)) for x in lengths],
         "overload": [Request(x, 0.0, rng.uniform(0.5, 5)) for x in lengths],
+        # the same lengths as client requests of 8 inputs each (one deadline a request)
+        "overload, 8 inputs": [Request(x, 0.0, due, group=i // 8) for i, (x, due) in
+                               enumerate(zip(lengths, [rng.uniform(0.5, 5) for _ in range(0, n, 8)
+                                                       for _ in range(8)]))],
     }
 
 
@@ -40,7 +45,7 @@ def main() -> int:
     args = ap.parse_args()
     limits = Limits(16384, 64)
     rng = random.Random(0)
-    print(f"{'policy':14} {'case':16} {'median ms':>10} {'p90 ms':>8} {'cpu ms':>8}")
+    print(f"{'policy':14} {'case':20} {'median ms':>10} {'p90 ms':>8} {'cpu ms':>8}")
     for case, requests in cases(args.pending, rng).items():
         for name in ("dp", "token_budget", "fifo", "triton", "sort_slice"):
             if name != "dp" and case != "no deadlines":
@@ -52,7 +57,7 @@ def main() -> int:
                 times.append((time.perf_counter() - started) * 1000)
                 cpu.append((time.thread_time() - cpu_started) * 1000)
             times.sort()
-            print(f"{name:14} {case:16} {statistics.median(times):10.2f} {times[int(0.9 * len(times))]:8.2f}"
+            print(f"{name:14} {case:20} {statistics.median(times):10.2f} {times[int(0.9 * len(times))]:8.2f}"
                   f" {statistics.median(cpu):8.2f}")
     return 0
 

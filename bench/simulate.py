@@ -68,6 +68,8 @@ def main() -> int:
                     help="requests per trace (1,500 hid how policies hold up over a long spell past capacity)")
     ap.add_argument("--loads", default="0.3,0.5,0.7,0.8,0.85,0.9,0.95,1.0,1.05,1.1,1.2", type=_loads,
                     help="offered load / capacity, comma-separated, each > 0")
+    ap.add_argument("--inputs", type=int, default=1,
+                    help="sequences per request (a request of several inputs is answered when its last one is)")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--max-batch-requests", type=int, default=64)
     ap.add_argument("--fixed-batch-size", type=int, default=32)
@@ -86,6 +88,8 @@ def main() -> int:
                     help="the planners' model learns from every simulated batch time (host work included), as the "
                          "server's does from live batches; without it a planner never sees the host's share")
     args = ap.parse_args()
+    if args.inputs < 1:
+        ap.error(f"--inputs must be at least 1, got {args.inputs}")
     per_arrival, per_completion = (float(x) / 1000 for x in args.host_ms.split(","))
     host = HostLoad(per_arrival, per_completion)
 
@@ -117,10 +121,10 @@ def main() -> int:
             mean_len = sum(sample) / len(sample)
         # Capacity: requests/s at full batches of the mean length.
         n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean_len)))
-        capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full)
+        capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full) / args.inputs
         for bursty in (False, True):
             for load in args.loads:
-                trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty)
+                trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty, inputs=args.inputs)
                 for name in POLICIES:
                     r = simulate(trace, policy_config(name, args), limits, cost, slo, host=host, refine=args.refine)
                     rows.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
@@ -129,10 +133,11 @@ def main() -> int:
                           f"thr {r.throughput:6.2f}/s good {r.goodput:6.2f}/s p50 {r.p50:7.3f}s p99 {r.p99:8.3f}s "
                           f"slo {r.slo_attainment:6.1%} batch {r.mean_batch:5.1f} pad {r.padding_ratio:5.1%}", flush=True)
             if args.bisect_steps:
-                lengths = make_trace(capacity, args.capacity_requests, draw, seed=1, bursty=bursty).lengths
-                ceiling = throughput_ceiling(lengths, limits, cost)  # the bisection's traces share these lengths
+                lengths = make_trace(capacity, args.capacity_requests, draw, seed=1, bursty=bursty, inputs=args.inputs).lengths
+                ceiling = throughput_ceiling(lengths, limits, cost) / args.inputs  # the bisection's traces share these lengths
                 for name in POLICIES:
-                    load = slo_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1, bursty=bursty),
+                    load = slo_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1, bursty=bursty,
+                                                             inputs=args.inputs),
                                         policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
                                         refine=args.refine)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
@@ -140,7 +145,7 @@ def main() -> int:
                                        "ceiling_rps": round(ceiling, 3)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulation.json").write_text(json.dumps({"cost_model": path, "refined": args.refined, "slo_s": slo,
+    (out / "simulation.json").write_text(json.dumps({"cost_model": path, "refined": args.refined, "slo_s": slo, "inputs": args.inputs,
                                                      "host": host.__dict__, "refine": args.refine, "rows": rows, "slo_capacity": capacities},
                                                     indent=1))
     summarize(rows, slo)
@@ -163,7 +168,7 @@ def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limit
         mid = (lo + hi) / 2
         trace = trace_at(mid)
         r = simulate(trace, config, limits, cost, slo, planner_cost, host, refine)
-        offered = len(trace.arrivals) / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
+        offered = trace.request_count / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
         # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
         if r.p99 <= slo and r.throughput >= 0.97 * offered:
             lo = mid

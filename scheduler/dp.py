@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from scheduler.cost_model import CostModel
 from scheduler.packing import Pending, first_fit_decreasing, greedy
 from scheduler.planner import Batch, Limits, Plan, PolicyConfig, Request, evaluate
 from scheduler.recurrences import cost_dp, deadline_dp
-from scheduler.shed import batch_shares, shed_overload
+from scheduler.shed import batch_shares, client_requests, shed_overload
 
 EXACT_LIMIT = 8  # classes this small get an exact search when the heuristics leave someone late
 URGENT_BATCHES = 4  # the deadline repair looks at this many full batches' worth of the most urgent requests
@@ -129,6 +130,25 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
     return groups
 
 
+def _late_requests_last(groups: list[list[int]], pending: Pending, limits: Limits, start_time: float,
+                        jobs: np.ndarray) -> list[list[int]]:
+    """A client request with a sequence that the plan `groups` runs late is late whatever its other sequences
+    do: take those out of their batches (which end sooner for everyone else) and run them after the rest."""
+    if not groups:
+        return groups
+    flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)
+    finish = np.repeat(pending.ends(groups, start_time), [len(g) for g in groups])
+    late_jobs = np.unique(jobs[flat[pending.deadline_arr[flat] < finish]])
+    if not late_jobs.size:
+        return groups
+    moved = np.isin(jobs[flat], late_jobs)
+    if moved.all():
+        return groups
+    out = set(flat[moved].tolist())
+    kept = [batch for batch in ([i for i in g if i not in out] for g in groups) if batch]
+    return kept + pending.run_order(cheapest_partition(sorted(out), pending, limits))
+
+
 def _evaluate(groups: list[list[int]], pending: Pending, now: float, alone: np.ndarray) -> Plan:
     """`planner.evaluate` for dp's groups, vectorised over requests. Infeasible is judged by `alone[i]`,
     request i's seconds alone, the vectorised prediction the demotion of hopeless requests uses (evaluate
@@ -181,6 +201,12 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     lengths, deadlines = pending.length_arr, pending.deadline_arr
     alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
     hopeless = now + alone > deadlines
+    group_ids = [r.group for r in requests]
+    jobs = client_requests(np.array(group_ids, dtype=np.int64)) if max(group_ids) >= 0 else None
+    if jobs is not None:  # a client request whose sequences cannot all make it in one batch is hopeless as a whole
+        count = np.bincount(jobs).astype(np.float64)
+        together = cost.predict(count, np.bincount(jobs, weights=lengths), np.bincount(jobs, weights=lengths * lengths))
+        hopeless = (np.bincount(jobs, weights=hopeless) > 0)[jobs] | (now + together[jobs] > deadlines)
     overdue = np.zeros_like(hopeless)
     if hopeless.any():
         # Demote while it is hopeless, but only until late_grace SLOs (deadline - arrival) past its deadline;
@@ -198,7 +224,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
         start = now + float(shares[overdue].sum())
         shed = shed_overload(deadlines, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
-                             horizon)
+                             horizon, jobs)
         if shed.any():
             # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request
             # go late when that saves more than LATE_COST_SHARES typical requests' worth of device time
@@ -220,6 +246,8 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         members = members.tolist()
         members, beyond = members[:horizon], members[horizon:]
         class_groups = _plan_class(members, pending, limits, t, late_cost) if members else []
+        if jobs is not None:
+            class_groups = _late_requests_last(class_groups, pending, limits, t, jobs)
         class_groups += greedy(beyond, pending, limits)
         horizon -= len(members)
         groups.extend(class_groups)

@@ -36,6 +36,9 @@ class Request:
     arrival: float = 0.0
     deadline: float = math.inf
     priority: int = 0  # higher runs first
+    # The client request this sequence belongs to (-1: its own). A request of several inputs is answered when
+    # its last sequence is: dp sheds and demotes a request's sequences together (scheduler/shed.py).
+    group: int = -1
 
 
 @dataclass(frozen=True)

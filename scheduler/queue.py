@@ -30,6 +30,7 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.perf_counter)
     deadline: float = math.inf  # soft: the planner's target (arrival + SLO); late items still run
     priority: int = 0
+    group: int = -1  # the client request it belongs to when that has several inputs (the planner keeps them together)
     future: Future = field(default_factory=Future)
     # Hard: past this instant (same clock) the answer is useless (the request timed out), so the worker
     # fails the item with DeadlineExceeded instead of computing it, even if nobody cancelled it yet.
@@ -124,7 +125,7 @@ class BatchQueue:
             if dead and (taken := self._take(dead)):
                 return taken  # alone and unplanned: the worker drops them, and no batch is planned around them
             # Plan outside the lock: producers (the event loop) never wait for the planner.
-            requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority) for it in snapshot]
+            requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
             try:
                 decided = plan(requests, self.limits, self.cost, now, self.policy)
             except Exception:  # a planner bug must not stop serving: fall back to TEI's budget

@@ -59,17 +59,40 @@ def shed_for_deadlines(members: np.ndarray, shares: np.ndarray, deadlines: np.nd
 
 
 def shed_overload(deadlines: np.ndarray, now: float, excluded: np.ndarray, priorities: np.ndarray, shares: np.ndarray,
-                  horizon: int) -> np.ndarray:
+                  horizon: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Which requests `shed_for_deadlines` drops (a mask) from each priority class, highest first, each class
     starting after the work the classes above keep; requests in `excluded` are not considered; the first
-    `horizon` of each class in deadline order; request i takes `shares[i]` seconds."""
+    `horizon` of each class in deadline order; request i takes `shares[i]` seconds.
+
+    `groups[i]`, when given, is the client request sequence i belongs to (0 … g-1): a client request is answered
+    only once all its sequences are, so its sequences are shed together, as one job of their summed shares due
+    at their earliest deadline. Shedding them one by one (the longest sequence of every request) left every
+    many-input request late while the device still ran the rest of it."""
     dropped = np.zeros(len(deadlines), dtype=bool)
     start = now
     for level in np.unique(priorities)[::-1]:
         members = np.flatnonzero((priorities == level) & ~excluded)
         if not members.size:
             continue
-        gone = shed_for_deadlines(members, shares, deadlines, start, horizon)
-        dropped[gone] = True
+        if groups is None:
+            dropped[shed_for_deadlines(members, shares, deadlines, start, horizon)] = True
+        else:
+            ids, job = np.unique(groups[members], return_inverse=True)  # job[k]: members[k]'s client request
+            job_share = np.bincount(job, weights=shares[members], minlength=len(ids))
+            job_due = np.full(len(ids), np.inf)
+            np.minimum.at(job_due, job, deadlines[members])
+            gone = shed_for_deadlines(np.arange(len(ids)), job_share, job_due, start, horizon)
+            lost = np.zeros(len(ids), dtype=bool)
+            lost[gone] = True
+            dropped[members[lost[job]]] = True
         start += float(shares[members[~dropped[members]]].sum())  # what this class keeps runs first
     return dropped
+
+
+def client_requests(groups: np.ndarray) -> np.ndarray | None:
+    """Each sequence's client request as 0 … g-1 from the planner's `Request.group` values (-1: a request of its
+    own), or None when every sequence is a request of its own (nothing to keep together)."""
+    n = len(groups)
+    key = np.where(groups >= 0, groups, -1 - np.arange(n, dtype=np.int64))  # singletons get distinct negative ids
+    ids, inverse = np.unique(key, return_inverse=True)
+    return None if len(ids) == n else inverse.reshape(-1)

@@ -14,14 +14,23 @@ from scheduler.planner import Limits, PolicyConfig, Request, plan
 
 @dataclass(frozen=True)
 class Trace:
-    """Arrival times (seconds, ascending) and token lengths of the requests."""
+    """Arrival times (seconds, ascending) and token lengths of the sequences; `requests[i]`, when given, the
+    client request sequence i belongs to (ascending from 0; a request of several inputs is answered when its
+    last sequence is). Without it every sequence is a request of its own."""
 
     arrivals: list[float]
     lengths: list[int]
+    requests: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.arrivals) != len(self.lengths):
             raise ValueError("arrivals and lengths differ in count")
+        if self.requests is not None and len(self.requests) != len(self.arrivals):
+            raise ValueError("requests and arrivals differ in count")
+
+    @property
+    def request_count(self) -> int:
+        return len(self.arrivals) if self.requests is None else len(set(self.requests))
 
 
 def poisson_arrivals(rate: float, count: int, rng: random.Random) -> list[float]:
@@ -58,10 +67,14 @@ def lengths_empirical(values: Sequence[int]) -> Callable[[random.Random], int]:
 
 
 def make_trace(rate: float, count: int, lengths: Callable[[random.Random], int], seed: int = 0,
-               bursty: bool = False) -> Trace:
+               bursty: bool = False, inputs: int = 1) -> Trace:
+    """`count` requests arriving at `rate` a second, each of `inputs` sequences (lengths drawn independently)."""
     rng = random.Random(seed)
     arrivals = (bursty_arrivals if bursty else poisson_arrivals)(rate, count, rng)
-    return Trace(arrivals, [lengths(rng) for _ in range(count)])
+    if inputs == 1:
+        return Trace(arrivals, [lengths(rng) for _ in range(count)])
+    return Trace([a for a in arrivals for _ in range(inputs)], [lengths(rng) for _ in range(count * inputs)],
+                 [i for i in range(count) for _ in range(inputs)])
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         planner_cost = CostModel.from_json(planner_cost.to_json())
     host = host or HostLoad()
     n = len(trace.arrivals)
+    group = trace.requests or [-1] * n
     finish = [math.nan] * n
     pending: list[int] = []
     next_arrival, now = 0, 0.0
@@ -145,7 +159,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         if not pending:
             now = trace.arrivals[next_arrival]
             continue
-        requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo) for i in pending]
+        requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in pending]
         decided = plan(requests, limits, planner_cost, now, config)
         upcoming = trace.arrivals[next_arrival] if next_arrival < n else math.inf
         if decided.wait_until is not None and decided.wait_until > now:
@@ -171,8 +185,16 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         batch_requests += len(chosen)
         real_tokens += sum(lengths)
         padded_tokens += max(lengths) * len(lengths)
-    latencies = sorted(f - a for f, a in zip(finish, trace.arrivals))
+    if trace.requests is None:
+        latencies = sorted(f - a for f, a in zip(finish, trace.arrivals))
+    else:  # a client request's latency: until its last sequence is done
+        done: dict[int, float] = {}
+        for r, f, a in zip(trace.requests, finish, trace.arrivals):
+            done[r] = max(done.get(r, -math.inf), f - a)
+        latencies = sorted(done.values())
     duration = max(finish) - trace.arrivals[0]
     good = sum(lat <= slo for lat in latencies)
-    return Result(config.name, n, duration, n / duration, good / duration, _percentile(latencies, 0.5),
-                  _percentile(latencies, 0.99), good / n, 1 - real_tokens / padded_tokens, batches, batch_requests / batches)
+    count = len(latencies)
+    return Result(config.name, count, duration, count / duration, good / duration, _percentile(latencies, 0.5),
+                  _percentile(latencies, 0.99), good / count, 1 - real_tokens / padded_tokens, batches,
+                  batch_requests / batches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Literal
@@ -78,6 +79,7 @@ class Engine:
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
         self._wake_pending = False
+        self._requests = itertools.count()  # ids of client requests of several inputs (WorkItem.group)
         self.worker = BatchWorker(self.queue, embedder, metrics)
         self.stats = InferStats()  # Triton's statistics extension (executions: worker.executions)
         self.tei = metrics.watch_engine(self.queue, cost, info.max_input_length)
@@ -280,8 +282,9 @@ class Engine:
                    slo: float, priority: int, timeout: float) -> np.ndarray | list[np.ndarray]:
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline and the SLO count from arrival, tokenizing included
-        items = [WorkItem(e.ids, enqueued_at=now, deadline=timing.started + slo, priority=priority, expires_at=expires_at,
-                          per_token=per_token, segment=e.segment) for e in encoded]
+        group = next(self._requests) if len(encoded) > 1 else -1
+        items = [WorkItem(e.ids, enqueued_at=now, deadline=timing.started + slo, priority=priority, group=group,
+                          expires_at=expires_at, per_token=per_token, segment=e.segment) for e in encoded]
         if not self.worker.alive:
             raise NotReady("the batching worker has stopped")
         if expires_at <= now:

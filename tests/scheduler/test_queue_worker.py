@@ -291,3 +291,14 @@ def test_stop_waiting_releases_a_batch_held_for_a_fuller_one():
     assert [len(b) for b in taken] == [2]
     q.submit([WorkItem([4])])
     assert len(q.next_batch(timeout=5)) == 1  # and every later batch goes at once too
+
+
+def test_the_queue_hands_each_items_client_request_to_the_planner():
+    # tests/scheduler/test_shed.py's instance: client request 1 (7 + 12 tokens, due at 9 s) is late however it
+    # runs; planned as whole requests, request 0 (due at 13 s) runs first and makes it.
+    clock = [0.0]
+    q = BatchQueue(10, Limits(16, 2), PolicyConfig("dp"), CostModel.linear(0.0, 1.0), clock=lambda: clock[0])
+    first = WorkItem([0] * 9, enqueued_at=0.0, deadline=13.0, group=0)
+    q.submit([first, WorkItem([0] * 7, enqueued_at=0.0, deadline=9.0, group=1),
+              WorkItem([0] * 12, enqueued_at=0.0, deadline=9.0, group=1)])
+    assert q.next_batch() == [first]

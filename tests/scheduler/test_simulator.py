@@ -105,3 +105,29 @@ def test_a_scaled_model_is_its_own():
     for _ in range(20):
         faster.observe([32, 32], 3 * before)
     assert model.predict_lengths([32, 32]) == before
+
+
+def test_a_request_of_several_inputs_is_done_with_its_last_sequence():
+    trace = make_trace(5.0, 40, lengths_uniform(8, 256), seed=2, inputs=4)
+    assert len(trace.lengths) == 160 and trace.request_count == 40
+    assert trace.requests[:8] == [0, 0, 0, 0, 1, 1, 1, 1] and trace.arrivals[0] == trace.arrivals[3]
+    per_request = simulate(trace, PolicyConfig("fifo"), LIMITS, COST, slo=2.0)
+    as_sequences = simulate(Trace(trace.arrivals, trace.lengths), PolicyConfig("fifo"), LIMITS, COST, slo=2.0)
+    assert per_request.completed == 40 and as_sequences.completed == 160
+    assert per_request.p50 >= as_sequences.p50  # a request waits for its slowest sequence
+    assert per_request.batches == as_sequences.batches  # fifo ignores the grouping: the same batches
+    with pytest.raises(ValueError):
+        Trace([0.0, 1.0], [8, 8], [0])
+
+
+def test_with_many_input_requests_past_capacity_dp_keeps_requests_whole(monkeypatch):
+    # Requests of 8 inputs at 1.1x capacity. Shedding one sequence at a time (the longest of each request)
+    # left most requests late while the device still ran the rest of them; dp sheds whole requests.
+    capacity = 64 / COST.predict_lengths([132] * 64) / 8
+    trace = make_trace(1.1 * capacity, 150, lengths_uniform(8, 256), seed=1, inputs=8)
+    good = {name: simulate(trace, PolicyConfig(name), LIMITS, COST, slo=2.0).goodput
+            for name in ("dp", "token_budget", "fifo", "sort_slice")}
+    assert good["dp"] > 1.5 * max(good[p] for p in good if p != "dp")
+    monkeypatch.setattr("scheduler.dp.client_requests", lambda groups: None)  # every sequence on its own
+    one_by_one = simulate(trace, PolicyConfig("dp"), LIMITS, COST, slo=2.0).goodput
+    assert good["dp"] > 1.2 * one_by_one  # 1.71 against 1.26 requests/s in time
