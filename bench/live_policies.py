@@ -44,8 +44,9 @@ from server.engine import policy_config  # noqa: E402
 POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
 
 
-async def replay(url: str, arrivals: list[float], texts: list[str], slo_ms: float, timeout: float) -> list[dict]:
-    """Send text i at arrivals[i] seconds from the start. Per request: latency, status, when it was sent and
+async def replay(url: str, arrivals: list[float], texts: list[str] | list[list[str]], slo_ms: float,
+                 timeout: float) -> list[dict]:
+    """Send texts[i] (one text, or a request's list of them) at arrivals[i] seconds from the start. Per request: latency, status, when it was sent and
     answered (seconds from the start) and the server's x-inference-time and x-total-time (seconds; 0 if absent)."""
     out: list[dict] = [{}] * len(texts)
     limits = httpx.Limits(max_connections=len(texts), max_keepalive_connections=len(texts))
@@ -216,6 +217,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loads", default="0.9,1.1")
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--inputs", type=int, default=1,
+                    help="texts per request (`inputs` as a list): a request is in time when its last sequence is")
     ap.add_argument("--slo-ms", type=float, default=2000.0)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--timeout", type=float, default=120.0)
@@ -234,11 +237,24 @@ def main() -> int:
     ap.add_argument("--at-sim-capacity", action="store_true",
                     help="loads: the simulated SLO capacities of fifo and dp on this trace (instead of --loads)")
     args = ap.parse_args()
+    if args.inputs < 1:
+        ap.error(f"--inputs must be at least 1, got {args.inputs}")
+    if args.inputs > 1 and (args.calibrate or args.at_sim_capacity):
+        ap.error("--inputs above 1 is not supported with --calibrate or --at-sim-capacity")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slo = args.slo_ms / 1000
-    texts = make_texts(args.requests, 8, 256, seed=11)
-    lengths = count_tokens(texts)
+    k = args.inputs
+    texts = make_texts(args.requests * k, 8, 256, seed=11)
+    lengths = count_tokens(texts)  # per sequence
+    bodies = texts if k == 1 else [texts[i:i + k] for i in range(0, len(texts), k)]
+
+    def trace_of(arrivals: list[float]) -> Trace:
+        """The simulator's trace of requests sent at `arrivals`: every sequence arrives with its request."""
+        if k == 1:
+            return Trace(arrivals, lengths)
+        return Trace([a for a in arrivals for _ in range(k)], lengths, [i for i in range(len(arrivals)) for _ in range(k)])
+
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
     limits = simulation_limits()
     report["slo_s"] = slo
@@ -282,31 +298,31 @@ def main() -> int:
             # refined and saved by the previous runs), read from its /info.
             cost = server_cost_model(server.url)
             if load not in traces:  # one trace a load, replayed to every policy and round alike
-                capacity = full_batch_capacity(lengths, limits, cost)
+                capacity = full_batch_capacity(lengths, limits, cost) / k  # requests/s
                 rate = args.rps if args.rps else load * capacity
-                traces[load] = (capacity, arrivals_at(rate, len(texts), random.Random(7)))
+                traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(7)))
                 (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
-                                                                    "texts": texts}))
+                                                                    "texts": texts, "inputs": k}))
             capacity, arrivals = traces[load]
-            results = asyncio.run(replay(server.url, arrivals, texts, args.slo_ms, args.timeout))
+            results = asyncio.run(replay(server.url, arrivals, bodies, args.slo_ms, args.timeout))
             (out / f"answers-{load}-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
             live = summarize(policy, results, arrivals, slo) | scrape(server.url)
             end_cost = server_cost_model(server.url)  # as this run's batches refined it
         finally:
             server.stop()
-        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device or cost, slo, cost, host).row()
-        sim_device = simulate(Trace(arrivals, lengths), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
+        sim = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host).row()
+        sim_device = simulate(trace_of(arrivals), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
         # As `sim`, with the planner's model learning from every simulated batch as the server's does (EWMA knots,
         # and the overrun dp's shedding plans with): the server as it runs, where `sim` keeps its starting model.
-        sim_learn = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device or cost, slo, cost, host,
+        sim_learn = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host,
                              refine=True).row()
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
-        sim_end = simulate(Trace(arrivals, lengths), sim_config(policy), limits, end_cost, slo).row()
+        sim_end = simulate(trace_of(arrivals), sim_config(policy), limits, end_cost, slo).row()
         run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim,
                "sim_device": sim_device, "sim_learn": sim_learn, "sim_end": sim_end, "start_model": cost.to_json()}
         if device is not None:  # and at the speed the machine ran during this run (see bench/host_load.py)
-            run["speed"], sim_run = simulate_at_run_speed(Trace(arrivals, lengths), sim_config(policy), limits, results,
+            run["speed"], sim_run = simulate_at_run_speed(trace_of(arrivals), sim_config(policy), limits, results,
                                                           profiled, host, cost, slo)
             run["sim_run"] = sim_run.row()
         report["runs"].append(run)
