@@ -20,6 +20,9 @@
    sheds, time saved is worth requests served later, so the EDF DP weighs a late request as
    LATE_COST_SHARES median requests' device time instead of putting it before any amount of time:
    it no longer keeps a request in time at the price of small, inefficient batches.
+6. A client request of several inputs (`Request.group`) is answered with its last sequence: it is hopeless,
+   shed and demoted as a whole, and when a plan runs one of its sequences late the others go to the end of
+   their class (run in time, they would only delay the rest).
 """
 
 from __future__ import annotations
