@@ -174,7 +174,7 @@ class PersistentTier(Tier):
         self._db.write(batch, self._write_opts[self.sync if sync is None else sync])
         return held
 
-    # -- the Redis tier's journal of rows it may hold stale (embeddings/redis_tier.py) -------------------------
+    # -- the Redis tier's journal of rows it may hold stale (embeddings/redis_guard.py) ------------------------
     # One entry a key: `redis-dirty/<table>\0<8-byte key>` = b"k"; one for a whole table: `redis-dirty/<table>\0` = b"t".
     @staticmethod
     def _journal_keys(table: str, keys: np.ndarray | None) -> list[tuple[bytes, bytes]]:

@@ -11,22 +11,9 @@ Capacity: after an insert, a partition over `capacity_per_partition` rows is bro
 `target_fill * capacity` by `evict_random` (HRANDFIELD) or `evict_oldest` (the least recently
 written rows). `evict_least_used` would need a counter write per hit and is not offered here.
 
-Failures: every call runs behind a circuit breaker. A Redis error (unreachable, timeout, cluster
-down) counts in `errors`, opens the breaker for a backoff that doubles from `backoff_s` up to
-`max_backoff_s`, and the call answers as if Redis held nothing (lookup: all misses; writes: not
-applied). While open, calls skip Redis (counted in `skipped`); the first call after the backoff
-tries again and a success closes the breaker. An update or evict that fails leaves a row Redis may
-hold stale, so its keys are remembered (up to `max_dirty` per table) and deleted from Redis on recovery;
-past that bound the table's partitions are dropped whole on recovery. With a `journal` (the persistent tier) they
-are also written there, fsynced, before the update returns, and read back at start: a server that stops before
-Redis comes back still deletes them when it next reaches Redis (else the stale row would be served for good).
-
-A Redis that restarts (from an RDB snapshot or an AOF older than the last writes, or a replica promoted in its place)
-may hold rows older than updates acknowledged since, and it fails no call to say so: redis-py reconnects silently.
-So every new connection asks the server its `run_id` (INFO server), which changes at each start; a node seen before
-(at the same address: a failover to another address is not noticed) under another run_id makes every table wholly
-stale, as past `max_dirty`: its partitions are dropped before the next
-call, and the call that met the new run_id answers as failed (its replies may be those stale rows).
+Failures and restarts (embeddings/redis_guard.py): every call runs behind a circuit breaker and answers as if Redis
+held nothing while Redis is down; the keys of an update or evict that failed, and every table when a node restarted
+(a new run_id), are deleted from Redis before it is trusted again.
 
 Tables carry an `epoch` (TableSpec.epoch, set by each `turboserve import-embeddings`): it is part of the key names,
 so rows Redis kept from before a re-import are never read again (they are left to Redis's own eviction).
@@ -34,24 +21,15 @@ so rows Redis kept from before a re-import are never read again (they are left t
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
-import redis
 import torch
-from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
-from redis.retry import Retry
 
+from embeddings.redis_guard import RedisGuard
 from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, keys_to_numpy, last_occurrence
 from embeddings.volatile import group_by, partition_of
-
-logger = logging.getLogger(__name__)
 
 
 def _fields(keys: np.ndarray) -> list[bytes]:
@@ -66,7 +44,8 @@ class RedisTier(Tier):
     urls: one `redis://host:port[/db]` URL (single node), or the startup nodes of a cluster with
     `cluster=True`. partitions, capacity_per_partition, overflow_policy (evict_random |
     evict_oldest), target_fill: as the in-memory tier. prefix: key name prefix. timeout_s: socket
-    connect/read timeout. backoff_s, max_backoff_s: circuit breaker backoff. Thread-safe.
+    connect/read timeout. backoff_s, max_backoff_s: circuit breaker backoff. max_dirty, journal: the keys Redis may
+    hold stale (embeddings/redis_guard.py). Thread-safe.
     """
 
     name = "redis"
@@ -82,137 +61,29 @@ class RedisTier(Tier):
             raise ValueError(f"redis tier: overflow_policy={overflow_policy!r} must be evict_random or evict_oldest")
         if partitions < 1 or capacity_per_partition < 1 or not 0.0 < target_fill <= 1.0:
             raise ValueError(f"{partitions=} and {capacity_per_partition=} must be >= 1, {target_fill=} in (0, 1]")
-        self.urls = [urls] if isinstance(urls, str) else list(urls)
-        self.cluster, self.partitions, self.capacity = cluster, partitions, capacity_per_partition
+        self.partitions, self.capacity = partitions, capacity_per_partition
         self.policy, self.target_fill, self.prefix = overflow_policy, target_fill, prefix
-        self.timeout_s, self.backoff_s, self.max_backoff_s, self.max_dirty = timeout_s, backoff_s, max_backoff_s, max_dirty
-        self._client: Any = None
-        self._lock = threading.Lock()  # breaker state and the dirty sets
-        self._failures = 0
-        self._open_until = 0.0
-        self._dirty: dict[str, set[int] | None] = {}  # None: too many, drop the table on recovery
         self._counts["skipped"] = 0  # calls not sent because the breaker was open
         self._epochs: dict[str, str] = {}  # table -> its epoch, part of its key names
-        self._run_ids: dict[tuple[str, int], bytes] = {}  # node address -> the run_id it answered (see _on_connect)
-        self._restarts = 0  # nodes met with a new run_id; a call during which it grows is not trusted
-        self.journal = journal  # durable copy of _dirty: journal_add / journal_remove / journal (PersistentTier)
-        if journal is not None:
-            for table, keys in journal.journal().items():  # left by a server that stopped before Redis came back
-                self._dirty[table] = None if keys is None else set(keys.tolist())
+        self._guard = RedisGuard([urls] if isinstance(urls, str) else list(urls), cluster, timeout_s, backoff_s,
+                                 max_backoff_s, max_dirty, journal, self.count, lambda: list(self._epochs), self._drop)
 
-    # -- connection and circuit breaker -------------------------------------------------------
-    def _connect(self) -> Any:
-        common = {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s, "retry": Retry(NoBackoff(), 0),
-                  "redis_connect_func": self._on_connect}
-        if not self.cluster:
-            return redis.Redis.from_url(self.urls[0], **common)
-        nodes = []
-        for url in self.urls:
-            hostport = url.split("://", 1)[-1].split("/", 1)[0]
-            host, _, port = hostport.rpartition(":")
-            nodes.append(ClusterNode(host, int(port)))
-        return RedisCluster(startup_nodes=nodes, cluster_error_retry_attempts=1, **common)
-
-    def _on_connect(self, connection: Any) -> None:
-        """Each new connection (redis-py's connect hook): note the node's run_id; a new one for a node seen before
-        is a restarted Redis (or a failover), whose rows may predate acknowledged updates: drop every table."""
-        if not self.cluster:  # RedisCluster runs the connection's own set-up before calling this hook
-            connection.on_connect()
-        connection.send_command("INFO", "server")
-        try:
-            info = connection.read_response()
-        except redis.ResponseError as exc:  # INFO refused (an ACL user without +info, a renamed command, a proxy)
-            if not self._run_ids:
-                logger.warning("redis tier: INFO refused (%s): a restarted Redis is not noticed", exc)
-            self._run_ids.setdefault(("", 0), b"")
-            return
-        info = info if isinstance(info, bytes) else str(info).encode()
-        run_id = next((line.split(b":", 1)[1].strip() for line in info.splitlines() if line.startswith(b"run_id:")), b"")
-        address = (str(getattr(connection, "host", None) or getattr(connection, "path", "")), int(getattr(connection, "port", 0)))
-        with self._lock:
-            known = self._run_ids.setdefault(address, run_id)
-            if known == run_id:
-                return
-            self._run_ids[address] = run_id
-            self._restarts += 1
-            tables = list(self._epochs)
-            for table in tables:
-                self._mark_dirty(table, None)
-        logger.warning("redis tier: %s:%d restarted (run_id %s, was %s): dropping every table's rows there, which may "
-                       "predate updates", address[0], address[1], run_id.decode(), known.decode())
-        if self.journal is not None:
-            for table in tables:
-                self.journal.journal_add(table, None)
-
+    # -- key layout, and the guard's hooks -----------------------------------------------------------
     @property
     def available(self) -> bool:
         """False while the circuit breaker is open (Redis failed recently)."""
-        return time.monotonic() >= self._open_until
+        return self._guard.available
 
-    def _call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run fn(client) behind the breaker; None when skipped or failed (never raises a RedisError)."""
-        if time.monotonic() < self._open_until:
-            self.count(skipped=1)
-            return None
-        try:
-            if self._client is None:
-                self._client = self._connect()
-            restarts = self._restarts
-            if self._failures or self._dirty:
-                self._recover(self._client)
-            result = fn(self._client)
-            if self._restarts != restarts:  # met a restarted node: the replies may be its stale rows
-                if self._dirty:
-                    self._recover(self._client)
-                return None
-        except (redis.RedisError, RedisClusterException) as exc:  # the latter: cluster discovery failed
-            with self._lock:
-                self._failures += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self._failures - 1))
-                self._open_until = time.monotonic() + delay
-            self.count(errors=1)
-            if self.cluster or isinstance(exc, redis.ConnectionError):
-                self._client = None  # a fresh client rediscovers nodes and connections
-            logger.warning("redis tier: %s: %s; answering misses for %.2f s", type(exc).__name__, exc, delay)
-            return None
-        if self._failures:
-            logger.info("redis tier: recovered after %d failed calls", self._failures)
-            self._failures = 0
-        return result
-
-    def _recover(self, client: Any) -> None:
-        """Before the first call after a failure: delete rows whose writes may have been missed."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, {}
-        pipe = client.pipeline(transaction=False)
-        for table, keys in dirty.items():
-            if keys is None:
-                for p in range(self.partitions):
-                    pipe.delete(self._hash(table, p), self._hash(table, p) + ":t")
-                continue
-            k = np.fromiter(keys, np.int64, len(keys))
-            for p, pos in group_by(partition_of(k, self.partitions), self.partitions):
-                pipe.hdel(self._hash(table, p), *_fields(k[pos]))
-        try:
-            pipe.execute()
-        except (redis.RedisError, RedisClusterException):
-            with self._lock:  # still down: keep them for the next try
-                for table, keys in dirty.items():
-                    self._mark_dirty(table, keys)
-            raise
-        if self.journal is not None and dirty:
-            with self._lock:  # keys a failure marked again meanwhile keep their journal entries
-                again = dict(self._dirty)
-            self.journal.journal_remove({t: None if k is None else np.fromiter(k - again.get(t, set()), np.int64)
-                                         for t, k in dirty.items() if again.get(t, set()) is not None})
-
-    def _mark_dirty(self, table: str, keys: Any) -> None:
-        old = self._dirty.get(table, set())
-        if old is None or keys is None or len(old) + len(keys) > self.max_dirty:
-            self._dirty[table] = None
-        else:
-            old.update(int(k) for k in keys)
-            self._dirty[table] = old
+    def _drop(self, pipe: Any, table: str, keys: set[int] | None) -> None:
+        """Add to the pipeline the deletion of the table's rows with these keys, or of all its rows (None): the guard's
+        recovery."""
+        if keys is None:
+            for p in range(self.partitions):
+                pipe.delete(self._hash(table, p), self._hash(table, p) + ":t")
+            return
+        k = np.fromiter(keys, np.int64, len(keys))
+        for p, pos in group_by(partition_of(k, self.partitions), self.partitions):
+            pipe.hdel(self._hash(table, p), *_fields(k[pos]))
 
     def _hash(self, table: str, p: int) -> str:
         epoch = self._epochs.get(table)
@@ -240,7 +111,7 @@ class RedisTier(Tier):
                 pipe.hmget(self._hash(t, p), _fields(ks[t][pos]))
             return pipe.execute()
 
-        replies = self._call(run) if groups else None
+        replies = self._guard.call(run) if groups else None
         hit_pos: dict[str, list[int]] = {t: [] for t in requests}
         hit_rows: dict[str, list[bytes]] = {t: [] for t in requests}
         for (t, _, pos), values in zip(groups, replies or []):
@@ -268,13 +139,6 @@ class RedisTier(Tier):
         vecs = check_vectors(spec, keys, vectors).cpu().numpy()
         uniq, last_pos = last_occurrence(keys_to_numpy(keys))
         return uniq, vecs[last_pos]
-
-    def _write_failed(self, table: str, keys: np.ndarray) -> None:
-        with self._lock:
-            self._mark_dirty(table, keys.tolist())
-            whole = self._dirty.get(table) is None
-        if self.journal is not None:  # before the update returns: a restart must still find these keys
-            self.journal.journal_add(table, None if whole else keys)
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """HSET the rows (one pipeline), then trim partitions over capacity; dropped (not retried) if Redis is down."""
@@ -316,7 +180,7 @@ class RedisTier(Tier):
 
         # A dropped insert is not remembered: the hierarchy inserts only rows Redis just missed,
         # so nothing stale is left behind (and an outage's many fills would flood the dirty set).
-        self._call(run)
+        self._guard.call(run)
 
     def _trim(self, client: Any, table: str, over: list[tuple[int, int]]) -> None:
         """Evict rows of the partitions over capacity down to the target fill."""
@@ -362,9 +226,9 @@ class RedisTier(Tier):
             pipe.execute()
             return written
 
-        written = self._call(run)
+        written = self._guard.call(run)
         if written is None:
-            self._write_failed(table, uniq)
+            self._guard.write_failed(table, uniq)
             return 0
         return written
 
@@ -385,9 +249,9 @@ class RedisTier(Tier):
             replies = pipe.execute()
             return int(sum(replies[:: 2 if self.policy == "evict_oldest" else 1]))
 
-        dropped = self._call(run)
+        dropped = self._guard.call(run)
         if dropped is None:
-            self._write_failed(table, uniq)
+            self._guard.write_failed(table, uniq)
             return 0
         return dropped
 
@@ -401,10 +265,8 @@ class RedisTier(Tier):
                 pipe.hlen(self._hash(table, p))
             return [int(n) for n in pipe.execute()]
 
-        return self._call(run)
+        return self._guard.call(run)
 
     def close(self) -> None:
         """Close the connections."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._guard.close()

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolder, ModelFolderError
+from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
+from models.folder import ModelFolder
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "model.")
 # torch's load_state_dict message for a weight of the wrong shape

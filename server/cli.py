@@ -90,7 +90,8 @@ def _explain(exc: ValidationError) -> str:
 def _settings(args: argparse.Namespace):
     """Settings from the flags, or None after printing why they are invalid."""
     from configs.settings import PathNotAllowed, check_model_dirs, load_settings, unknown_env  # here: keep --help fast
-    from models.config import ModelFolderError, default_model_path, read_model_folder
+    from models.config import ModelFolderError, default_model_path
+    from models.folder import read_model_folder
 
     for name in unknown_env():
         print(f"turboserve: warning: {name} names no setting; ignored (see README, Configuration)", file=sys.stderr)
@@ -108,7 +109,7 @@ def _settings(args: argparse.Namespace):
     except PathNotAllowed as exc:
         print(f"turboserve: {exc}", file=sys.stderr)
         return None
-    from models.runtime import check_model_settings
+    from models.checks import check_model_settings
 
     # Everything the model folder or this machine decides, refused now, not after the port is open.
     for section, model in (("model", settings.model), ("reranker", settings.reranker)):

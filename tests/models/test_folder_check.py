@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from models.config import ModelFolderError, default_model_path, read_model_folder
-from models.runtime import check_model_settings
+from models.checks import check_model_settings
+from models.config import ModelFolderError, default_model_path
+from models.folder import read_model_folder
 
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db\nsize 90868376\n"
 

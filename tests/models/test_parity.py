@@ -129,7 +129,8 @@ def test_pooling_modes_on_packed_tokens():
 
 
 def test_refuses_pickle_weights_and_unknown_types(tmp_path):
-    from models.config import ModelFolderError, read_model_folder  # noqa: PLC0415
+    from models.config import ModelFolderError  # noqa: PLC0415
+    from models.folder import read_model_folder  # noqa: PLC0415
 
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "tokenizer.json").write_text("{}")

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.config import ModelFolderError, default_model_path, read_model_folder
+from models.config import ModelFolderError, default_model_path
+from models.folder import read_model_folder
 from models.runtime import finish_embedding, load_model
 from tests.cross_encoders import TOKENIZER_FILES
 from tests.hf_import import import_transformers
@@ -99,7 +100,7 @@ def test_dense_modules_project_the_pooled_vector_as_sentence_transformers_does(t
     # headers (before, only when the weights were loaded, the server's port already open).
     import json  # noqa: PLC0415
 
-    from models.runtime import check_model_settings  # noqa: PLC0415
+    from models.checks import check_model_settings  # noqa: PLC0415
 
     dense_config = next(folder.glob("*Dense*/config.json"))
     config = json.loads(dense_config.read_text())

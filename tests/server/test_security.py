@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from configs.settings import PathNotAllowed, Settings, check_model_dirs, load_settings
-from models.config import PICKLE_SUFFIXES, ModelFolderError, default_model_path, read_model_folder
+from models.config import ModelFolderError, default_model_path
+from models.folder import PICKLE_SUFFIXES, read_model_folder
 from server.app import create_app
 from tests.support import BIN, MODEL, dummy_server
 
