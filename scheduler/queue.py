@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # Why a queued item was dropped before compute (the `reason` label of turboserve_requests_dropped_total).
 DEADLINE = "deadline"  # its hard deadline (the request timeout) passed while it waited
 DISCONNECT = "disconnect"  # its client went away
+FAILED = "failed"  # another part of its client request failed (its batch raised, or it was refused): the request has failed
+DROP_REASONS = (DEADLINE, DISCONNECT, FAILED)
 
 
 @dataclass(eq=False)
@@ -104,6 +106,14 @@ class BatchQueue:
             removed = [it for it in self._pending if id(it) in gone]
             if removed:
                 self._pending = [it for it in self._pending if id(it) not in gone]
+        return removed
+
+    def withdraw_requests(self, groups: set[int]) -> list[WorkItem]:
+        """Take every waiting item of the client requests `groups` (WorkItem.group) out of the queue; returns them."""
+        with self._cond:
+            removed = [it for it in self._pending if it.group in groups]
+            if removed:
+                self._pending = [it for it in self._pending if it.group not in groups]
         return removed
 
     def next_batch(self, timeout: float | None = None) -> list[WorkItem] | None:

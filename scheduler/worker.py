@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from scheduler.errors import BackendError, DeadlineExceeded
-from scheduler.queue import DEADLINE, BatchQueue, WorkItem, resolve
+from scheduler.queue import DEADLINE, FAILED, BatchQueue, WorkItem, resolve
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,21 @@ class BatchWorker:
             log.exception("batch of %d sequences failed", len(batch))
             self.observer.batch_failed(len(batch))
             error = BackendError(f"model failed on this batch: {type(exc).__name__}")
+            self._drop_rest_of(batch, error)
             for it in batch:
                 it.future.set_exception(error)
             return False
+
+    def _drop_rest_of(self, failed: list[WorkItem], error: BackendError) -> None:
+        """The sequences still queued of the client requests that `failed` holds some of: those requests have failed,
+        so the rest of them is never computed (failed with `error` too, counted as dropped: `failed`)."""
+        groups = {it.group for it in failed if it.group >= 0}
+        rest = self.queue.withdraw_requests(groups) if groups else []
+        for it in rest:
+            if it.future.set_running_or_notify_cancel():
+                it.future.set_exception(error)
+        if rest:
+            self.observer.dropped(len(rest), FAILED)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

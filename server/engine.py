@@ -18,7 +18,7 @@ from models.tokenizer import Encoded, TextTokenizer
 from scheduler.cost_model import CostModel
 from scheduler.errors import BackendError, DeadlineExceeded, NotReady, Overloaded
 from scheduler.planner import Limits, PolicyConfig
-from scheduler.queue import DEADLINE, DISCONNECT, BatchQueue, WorkItem
+from scheduler.queue import DEADLINE, DISCONNECT, DROP_REASONS, BatchQueue, WorkItem
 from scheduler.worker import BatchWorker
 from server.errors import ClientDisconnected, EmptyInput, InvalidRequest, ModelNotFound, TooLarge, WrongModelKind, kind_of
 from server.logs import printable
@@ -59,6 +59,19 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
     )
 
 
+# Ids of client requests of several inputs (WorkItem.group), one count for every engine (a /vertex request may
+# reach the model's and the reranker's); itertools.count's next() is atomic.
+_GROUPS = itertools.count()
+# A request scope's key for the group id of a client request whose parts call Engine.run each (a /vertex request's
+# instances), so that the planner keeps their sequences together as one request.
+GROUP_KEY = "turboserve.group"
+
+
+def new_group() -> int:
+    """A fresh client request id for GROUP_KEY."""
+    return next(_GROUPS)
+
+
 # infinity's clients send this when the caller names no model (its server then takes its first model).
 NOT_SPECIFIED = "default/not-specified"
 
@@ -79,7 +92,6 @@ class Engine:
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
         self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
         self._wake_pending = False
-        self._requests = itertools.count()  # ids of client requests of several inputs (WorkItem.group)
         self.worker = BatchWorker(self.queue, embedder, metrics)
         self.stats = InferStats()  # Triton's statistics extension (executions: worker.executions)
         self.tei = metrics.watch_engine(self.queue, cost, info.max_input_length)
@@ -282,7 +294,9 @@ class Engine:
                    slo: float, priority: int, timeout: float) -> np.ndarray | list[np.ndarray]:
         now = time.perf_counter()
         expires_at = timing.started + timeout  # the hard deadline and the SLO count from arrival, tokenizing included
-        group = next(self._requests) if len(encoded) > 1 else -1
+        group = getattr(request, "scope", {}).get(GROUP_KEY)  # a part of a larger client request (a gRPC Call: no scope)
+        if group is None:
+            group = new_group() if len(encoded) > 1 else -1
         items = [WorkItem(e.ids, enqueued_at=now, deadline=timing.started + slo, priority=priority, group=group,
                           expires_at=expires_at, per_token=per_token, segment=e.segment) for e in encoded]
         if not self.worker.alive:
@@ -300,8 +314,9 @@ class Engine:
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({results, gone}, timeout=expires_at - now, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the task itself was cancelled (a gRPC call past its deadline, a shutdown)
-            self._give_up(items, DISCONNECT)
+        except asyncio.CancelledError as exc:  # the task itself was cancelled (a gRPC call past its deadline, a shutdown;
+            # a /vertex instance, its drop reason named, when another instance failed)
+            self._give_up(items, exc.args[0] if exc.args and exc.args[0] in DROP_REASONS else DISCONNECT)
             results.cancel()
             raise
         finally:
@@ -318,7 +333,8 @@ class Engine:
             what = "the request was not computed" if withdrawn == len(items) else \
                 f"{len(items) - withdrawn} of its {len(items)} inputs had left the queue for a batch; the answer was dropped"
             raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms; {what}")
-        # Raises BackendError if the batch failed, DeadlineExceeded if the worker found it expired first.
+        # Raises BackendError if a batch failed (the worker dropped the request's other sequences still waiting),
+        # DeadlineExceeded if the worker found it expired first.
         rows = results.result()
         timing.tokens = sum(it.length for it in items)
         timing.queue = max(it.queue_seconds for it in items)

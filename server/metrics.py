@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.queue import DEADLINE, DISCONNECT, WorkItem
+from scheduler.queue import DROP_REASONS, WorkItem
 from server.metrics_tei import TEIMetrics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -38,8 +38,9 @@ class Metrics:
         self.tokens = Counter("turboserve_tokens", "Input tokens computed.", registry=r)
         self.dropped_total = Counter(
             "turboserve_requests_dropped", "Sequences dropped before compute, by reason: deadline (the request timed "
-            "out while queued) or disconnect (its client went away).", ["reason"], registry=r)
-        for reason in (DEADLINE, DISCONNECT):  # export both series from the start, at 0
+            "out while queued), disconnect (its client went away) or failed (another part of its request failed).",
+            ["reason"], registry=r)
+        for reason in DROP_REASONS:  # export every series from the start, at 0
             self.dropped_total.labels(reason)
         self.batch_failures = Counter("turboserve_batch_failures", "Sequences whose batch raised an error.", registry=r)
         self.batch_splits = Counter("turboserve_batch_splits", "Batches split in halves after running out of memory.", registry=r)
