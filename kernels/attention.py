@@ -8,6 +8,10 @@ call per sequence 50 us a sequence, both far above the kernels' own time; a hand
 kernel was not attempted, FlashAttention being tiled, fused and tensor-core based already. The varlen
 kernel is checked against per-sequence SDPA once per device, dtype and head size (`flash_agrees`). Then
 nested tensors (other CUDA dtypes, and the CPU under the emulator), then one SDPA call per sequence.
+
+An additive attention bias (MPNet's relative positions, `attn_bias` [heads, Lmax, Lmax], each sequence its top-left
+block) takes one SDPA call per sequence on every device: neither the varlen kernel nor nested tensors take an
+arbitrary bias. Attention without one never looks at it.
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ class DeviceLayout:
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                               out: torch.Tensor | None = None) -> torch.Tensor:
+                               out: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each packed sequence with itself, one SDPA call per sequence.
 
     q, k, v: [total_tokens, heads, head_dim] (views are fine); cu_seqlens: [batch + 1] token offsets,
     cu_seqlens[0] == 0 and cu_seqlens[-1] == total_tokens. Returns ctx: [total_tokens, heads * head_dim],
-    written into `out` when given (contiguous, that shape).
+    written into `out` when given (contiguous, that shape). attn_bias: None, or [heads, Lmax, Lmax] of q's dtype
+    with Lmax >= every length, added to the scaled scores: a sequence of length L gets its [heads, :L, :L] block.
     """
     total, heads, head_dim = q.shape
     ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device) if out is None else out.view(total, heads, head_dim)
@@ -52,8 +57,9 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             continue
         # [L, heads, d] -> [1, heads, L, d]: four dimensions let the CPU take its flash kernel (with three it
         # takes the math path, about 2x slower at MiniLM's shapes, whose masked-softmax checks cost as much as the bmm)
+        mask = None if attn_bias is None else attn_bias[None, :, :end - start, :end - start]  # [1, heads, L, L]
         out = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None],
-                                             v[start:end].transpose(0, 1)[None])
+                                             v[start:end].transpose(0, 1)[None], attn_mask=mask)
         ctx[start:end] = out[0].transpose(0, 1)
     return ctx.view(total, heads * head_dim)
 
@@ -141,16 +147,19 @@ def flash_agrees(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int] | DeviceLayout,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatcher; checks shapes on entry. See varlen_attention_reference for the contract. cu_seqlens may also
     be a DeviceLayout (a CUDA graph's forward): it goes to the flash kernel as it is, or is read back to the host
-    for the other paths (which a graph capture cannot do: models/graphs.py captures only where flash runs)."""
+    for the other paths (which a graph capture cannot do: models/graphs.py captures only where flash runs).
+    With attn_bias, one SDPA call per sequence on any device (models with a bias are never captured)."""
     global _nested_failed, _flash_failed
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [tokens, heads, head_dim] shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if out is not None and (out.shape != (q.shape[0], q.shape[1] * q.shape[2]) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [tokens, heads*head_dim] tensor; got {tuple(out.shape)}")
+    if attn_bias is not None:
+        return _biased(q, k, v, cu_seqlens, out, attn_bias)
     if isinstance(cu_seqlens, DeviceLayout):
         if cu_seqlens.cu.dtype != torch.int32 or cu_seqlens.cu.dim() != 1 or cu_seqlens.cu.device != q.device:
             raise ValueError(f"a DeviceLayout's cu must be int32 [B + 1] on {q.device}")
@@ -174,3 +183,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             _nested_failed = True
             log.warning("nested-tensor attention unavailable (%s); using one SDPA call per sequence", exc)
     return varlen_attention_reference(q, k, v, cu_seqlens, out)
+
+
+def _biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int] | DeviceLayout,
+            out: torch.Tensor | None, attn_bias: torch.Tensor) -> torch.Tensor:
+    """varlen_attention with an additive bias: its checks, then one SDPA call per sequence."""
+    if isinstance(cu_seqlens, DeviceLayout):  # eager only: the host read cannot be captured in a graph
+        cu_seqlens = cu_seqlens.cu.tolist()
+    if not cu_seqlens or cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}; got {cu_seqlens[:3]}...{cu_seqlens[-1:]}")
+    longest = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    heads = q.shape[1]
+    if (attn_bias.dim() != 3 or attn_bias.shape[0] != heads or attn_bias.shape[1] < longest
+            or attn_bias.shape[1] != attn_bias.shape[2]):
+        raise ValueError(f"attn_bias must be [{heads}, L, L] with L >= the longest sequence ({longest}); "
+                         f"got {tuple(attn_bias.shape)}")
+    if attn_bias.dtype != q.dtype or attn_bias.device != q.device:
+        raise ValueError(f"attn_bias must be {q.dtype} on {q.device}; got {attn_bias.dtype} on {attn_bias.device}")
+    return varlen_attention_reference(q, k, v, cu_seqlens, out, attn_bias)

@@ -9,7 +9,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet")
+# MPNet: transformers buckets relative positions into 32 whatever relative_attention_num_buckets says (its table
+# may be larger; a smaller one would be indexed out of range)
+MPNET_BUCKETS = 32
 
 
 class ModelFolderError(ValueError):
@@ -18,7 +21,7 @@ class ModelFolderError(ValueError):
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Architecture of a BERT-family encoder, normalised across BERT, RoBERTa and DistilBERT."""
+    """Architecture of a BERT-family encoder, normalised across BERT, RoBERTa, DistilBERT and MPNet."""
 
     model_type: str
     vocab_size: int
@@ -30,9 +33,11 @@ class EncoderConfig:
     type_vocab_size: int
     layer_norm_eps: float
     activation: str
-    # RoBERTa numbers positions from padding_idx + 1; BERT and DistilBERT from 0.
+    # RoBERTa and MPNet number positions from padding_idx + 1; BERT and DistilBERT from 0.
     position_offset: int = 0
     matryoshka_dimensions: tuple[int, ...] = ()
+    # MPNet's relative position bias: rows of its [buckets, heads] table, shared by every layer; 0: no bias
+    relative_attention_buckets: int = 0
 
     @property
     def max_input_length(self) -> int:
@@ -59,6 +64,8 @@ class EncoderConfig:
                 activation=cfg.get("activation", "gelu"),
                 matryoshka_dimensions=matryoshka,
             )
+        if model_type == "mpnet":
+            return cls._mpnet(cfg, matryoshka)
         offset = cfg.get("pad_token_id", 1) + 1 if model_type in ("roberta", "xlm-roberta", "camembert") else 0
         return cls(
             model_type=model_type,
@@ -73,6 +80,30 @@ class EncoderConfig:
             activation=cfg.get("hidden_act", "gelu"),
             position_offset=offset,
             matryoshka_dimensions=matryoshka,
+        )
+
+    @classmethod
+    def _mpnet(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
+        """MPNet: BERT's layers without token types, positions numbered from padding_idx + 1 as RoBERTa's
+        (transformers hard-codes padding_idx 1, pad_token_id's value), plus the relative position bias."""
+        buckets = cfg.get("relative_attention_num_buckets", MPNET_BUCKETS)
+        if not isinstance(buckets, int) or buckets < MPNET_BUCKETS:
+            raise ModelFolderError(f"config.json's relative_attention_num_buckets={buckets!r}: MPNet looks up "
+                                   f"{MPNET_BUCKETS} buckets of relative positions, so its table needs at least {MPNET_BUCKETS}")
+        return cls(
+            model_type="mpnet",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_heads=cfg["num_attention_heads"],
+            num_layers=cfg["num_hidden_layers"],
+            intermediate_size=cfg["intermediate_size"],
+            max_positions=cfg["max_position_embeddings"],
+            type_vocab_size=0,
+            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+            activation=cfg.get("hidden_act", "gelu"),
+            position_offset=2,
+            matryoshka_dimensions=matryoshka,
+            relative_attention_buckets=buckets,
         )
 
 

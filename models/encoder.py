@@ -17,6 +17,7 @@ from kernels.cuda import use_kernels
 from kernels.layernorm import bias_residual_layernorm
 from kernels.qkv import split_qkv
 from models.config import EncoderConfig
+from models.relative_bias import RelativePositionBias, longest_sequence
 
 
 @dataclass
@@ -85,15 +86,17 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int] | DeviceLayout, ws: Workspace) -> torch.Tensor:
-        """x: [T, H] -> [T, H]; every intermediate comes from `ws` and is written in place or with out=."""
+    def forward(self, x: torch.Tensor, cu_seqlens: list[int] | DeviceLayout, ws: Workspace,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H] -> [T, H]; every intermediate comes from `ws` and is written in place or with out=. attn_bias: an
+        additive attention bias [heads, Lmax, Lmax] (MPNet's relative positions), each sequence its top-left block."""
         tokens, hidden = x.shape
         new = partial(ws.empty, dtype=x.dtype, device=x.device)
         if x.is_cuda or use_kernels(x):  # CUDA, or the CPU under the emulator (kernels/emulate.py)
             # GEMMs without bias; the fused kernel that follows each adds it.
             qkv = torch.mm(x, self.qkv.weight.t(), out=new((tokens, 3 * hidden)))
             q, k, v = split_qkv(qkv, self.qkv.bias, self.num_heads, out=new((3, tokens, hidden)))
-            ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)))
+            ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)), attn_bias=attn_bias)
             proj = torch.mm(ctx, self.attn_out.weight.t(), out=new((tokens, hidden)))
             x = bias_residual_layernorm(proj, self.attn_out.bias, x, self.attn_norm.weight, self.attn_norm.bias, self.eps,
                                         out=new((tokens, hidden)))
@@ -105,7 +108,7 @@ class EncoderLayer(nn.Module):
         # CPU: the bias rides in the GEMM (addmm), the residual is added in place, LayerNorm writes out=.
         qkv = torch.addmm(self.qkv.bias, x, self.qkv.weight.t(), out=new((tokens, 3 * hidden)))
         q, k, v = split_qkv(qkv, None, self.num_heads)  # views of qkv
-        ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)))
+        ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)), attn_bias=attn_bias)
         proj = torch.addmm(self.attn_out.bias, ctx, self.attn_out.weight.t(), out=new((tokens, hidden)))
         x = _layer_norm(proj.add_(x), self.attn_norm, ws)
         inner = torch.addmm(self.ffn_in.bias, x, self.ffn_in.weight.t(), out=new((tokens, self.ffn_in.out_features)))
@@ -147,6 +150,9 @@ class PackedEncoder(nn.Module):
         self.token_type_embeddings = nn.Embedding(max(cfg.type_vocab_size, 1), h)
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        # MPNet: one table of relative position biases for every layer; None for the others (no work per batch)
+        self.relative_attention_bias = (RelativePositionBias(cfg.relative_attention_buckets, cfg.num_heads)
+                                        if cfg.relative_attention_buckets else None)
 
     def forward(self, batch: PackedBatch, ws: Workspace | None = None) -> torch.Tensor:
         """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
@@ -166,8 +172,11 @@ class PackedEncoder(nn.Module):
                                         out=new((tokens, hidden)))
         else:
             x = _layer_norm(x.add_(pos), self.embed_norm, ws)  # [T, H]
+        attn_bias = None  # [heads, Lmax, Lmax], made once a batch for every layer
+        if self.relative_attention_bias is not None:
+            attn_bias = self.relative_attention_bias(longest_sequence(batch.cu_seqlens))
         for layer in self.layers:
-            x = layer(x, batch.cu_seqlens, ws)
+            x = layer(x, batch.cu_seqlens, ws, attn_bias)
         return x
 
     def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:

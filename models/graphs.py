@@ -16,7 +16,8 @@ they are captured largest first into one shared memory pool (one bucket runs at 
 thread). Each bucket is compared once with the eager forward on a batch of its size before it serves; one that
 disagrees or fails to capture turns the graphs off and the eager path serves everything. Classifier heads
 and mean / CLS / last pooling are inside the graph; SPLADE and per-token outputs always run eagerly.
-Graphs need the flash path (CUDA, fp16/bf16): the other attention paths read the offsets on the host.
+Graphs need the flash path (CUDA, fp16/bf16): the other attention paths read the offsets on the host, and so
+does attention with MPNet's relative position bias (one SDPA call per sequence): such models run eagerly.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class GraphedForward:
                  max_tokens: int, max_sequences: int, device: torch.device, eager: Eager):
         if pooling not in ("mean", "cls", "last"):
             raise ValueError(f"CUDA graphs pool mean, cls or last, not {pooling!r}")
+        if getattr(encoder, "relative_attention_bias", None) is not None:  # its attention reads offsets on the host
+            raise ValueError("CUDA graphs do not capture models with a relative position bias (MPNet)")
         self.encoder, self.pooling, self.head = encoder, pooling, head
         self.position_offset, self.token_types = position_offset, token_types
         self.pad_position = position_offset  # any valid position: the padding's results are dropped

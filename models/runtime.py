@@ -99,7 +99,11 @@ class EncoderEmbedder:
     def capture_graphs(self, max_tokens: int, max_sequences: int) -> bool:
         """Serve batches of up to `max_tokens` tokens and `max_sequences` sequences by replaying CUDA graphs
         (models/graphs.py); returns whether they are on. Only on CUDA with the flash attention path (fp16/bf16)
-        and for pooled outputs (not SPLADE)."""
+        and for pooled outputs (not SPLADE), and not for models with a relative position bias (MPNet)."""
+        if self.encoder.cfg.relative_attention_buckets:
+            log.info("CUDA graphs not used: %s's relative position bias runs attention one sequence at a time, which "
+                     "reads the batch's offsets on the host", self.encoder.cfg.model_type)
+            return False
         dtype = next(self.encoder.parameters()).dtype
         heads = self.encoder.cfg.num_heads
         probe = torch.empty(1, heads, self.encoder.cfg.hidden_size // heads, dtype=dtype, device=self.device)

@@ -1,4 +1,4 @@
-"""Map Hugging Face BERT / RoBERTa / DistilBERT safetensors onto PackedEncoder's parameters."""
+"""Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFold
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 from models.folder import ModelFolder
 
-_PREFIXES = ("bert.", "roberta.", "distilbert.", "model.")
+_PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.")
 # torch's load_state_dict message for a weight of the wrong shape
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
                        r"the shape in current model is torch.Size\((\[.*?\])\)")
@@ -41,6 +41,21 @@ def _distilbert_names(i: int) -> dict[str, list[str]]:
         "ffn_out": [p + "ffn.lin2"],
         "ffn_norm": [p + "output_layer_norm"],
     }
+
+
+def _mpnet_names(i: int) -> dict[str, list[str]]:
+    p = f"encoder.layer.{i}."
+    return {
+        "qkv": [p + "attention.attn.q", p + "attention.attn.k", p + "attention.attn.v"],
+        "attn_out": [p + "attention.attn.o"],
+        "attn_norm": [p + "attention.LayerNorm"],
+        "ffn_in": [p + "intermediate.dense"],
+        "ffn_out": [p + "output.dense"],
+        "ffn_norm": [p + "output.LayerNorm"],
+    }
+
+
+_NAMES = {"distilbert": _distilbert_names, "mpnet": _mpnet_names}
 
 
 def _strip_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +131,9 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> Pac
     state["token_type_embeddings.weight"] = (
         take("embeddings.token_type_embeddings.weight") if cfg.type_vocab_size > 0 else torch.zeros(1, h)
     )
-    names_of = _distilbert_names if cfg.model_type == "distilbert" else _bert_names
+    if cfg.relative_attention_buckets:  # MPNet: [buckets, heads], shared by every layer
+        state["relative_attention_bias.weight"] = take("encoder.relative_attention_bias.weight")
+    names_of = _NAMES.get(cfg.model_type, _bert_names)
     for i in range(cfg.num_layers):
         for ours, theirs in names_of(i).items():
             state[f"layers.{i}.{ours}.weight"] = torch.cat([take(n + ".weight") for n in theirs])
