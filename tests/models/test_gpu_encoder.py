@@ -19,12 +19,16 @@ from models.encoder import PackedBatch, PackedEncoder, pool
 CONFIGS = {
     "minilm-l6": dict(hidden_size=384, num_heads=12, num_layers=6, intermediate_size=1536),
     "bert-base": dict(hidden_size=768, num_heads=12, num_layers=12, intermediate_size=3072),
+    # all-mpnet-base-v2's shape: attention with a relative position bias (one SDPA call a sequence, no graphs)
+    "mpnet-base": dict(hidden_size=768, num_heads=12, num_layers=12, intermediate_size=3072, model_type="mpnet",
+                       relative_attention_buckets=32),
 }
 
 
 def random_encoder(name: str, seed: int = 0) -> PackedEncoder:
-    cfg = EncoderConfig("bert", 30522, max_positions=512, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
-                        **CONFIGS[name])
+    shape = {"model_type": "bert", **CONFIGS[name]}
+    cfg = EncoderConfig(vocab_size=30522, max_positions=512, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
+                        **shape)
     torch.manual_seed(seed)
     model = PackedEncoder(cfg)
     for p in model.parameters():
