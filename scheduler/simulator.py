@@ -30,6 +30,7 @@ class Trace:
 
     @property
     def request_count(self) -> int:
+        """Client requests in the trace (sequences, when `requests` is not given)."""
         return len(self.arrivals) if self.requests is None else len(set(self.requests))
 
 

@@ -117,7 +117,8 @@ class BatchWorker:
 
         Out of memory splits the batch in halves and runs them one after the other, down to single
         sequences; any other error (or a lone sequence that still does not fit) fails the requests of
-        the part that raised it, and only those. The loop goes on either way.
+        the part that raised it, and only those, whole: their sequences in the halves not yet run and in
+        the queue are never computed. The loop goes on either way.
         """
         try:
             extra: dict = {}
@@ -134,7 +135,8 @@ class BatchWorker:
                             len(batch), sum(it.length for it in batch))
                 self.observer.batch_split(len(batch))
                 self._compute(batch[:half], done)
-                self._compute(batch[half:], done)
+                if rest := self._drop_failed_in(batch[:half], batch[half:]):
+                    self._compute(rest, done)
                 return False
             log.exception("batch of %d sequences failed", len(batch))
             self.observer.batch_failed(len(batch))
@@ -154,6 +156,19 @@ class BatchWorker:
                 it.future.set_exception(error)
         if rest:
             self.observer.dropped(len(rest), FAILED)
+
+    def _drop_failed_in(self, ran: list[WorkItem], rest: list[WorkItem]) -> list[WorkItem]:
+        """After half `ran` of a split batch: fail the items of `rest` whose client request failed in it (a failed
+        item's future is done; one that succeeded is resolved only after the whole batch), counted as dropped:
+        `failed`, as its sequences still queued are; returns the others, to compute."""
+        failed = {it.group: it.future.exception() for it in ran if it.group >= 0 and it.future.done()}
+        keep = [it for it in rest if it.group not in failed]
+        for it in rest:
+            if it.group in failed:
+                it.future.set_exception(failed[it.group])
+        if len(keep) < len(rest):
+            self.observer.dropped(len(rest) - len(keep), FAILED)
+        return keep
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

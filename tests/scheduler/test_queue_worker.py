@@ -302,3 +302,23 @@ def test_the_queue_hands_each_items_client_request_to_the_planner():
     q.submit([first, WorkItem([0] * 7, enqueued_at=0.0, deadline=9.0, group=1),
               WorkItem([0] * 12, enqueued_at=0.0, deadline=9.0, group=1)])
     assert q.next_batch() == [first]
+
+
+def test_a_split_batch_does_not_compute_the_rest_of_a_request_that_failed_in_its_first_half():
+    """Out of memory splits a batch; when one half fails a client request, that request's sequences in the other halves
+    are failed with it (counted as dropped: failed), never computed, as its sequences still queued are."""
+    q, rec = BatchQueue(100, Limits(1000, 8)), Recorder()
+    runner = TightRunner(fits=1, poison=5)  # split down to single sequences; [5] fails on its own
+    worker = BatchWorker(q, runner, rec)
+    request = [WorkItem([5], group=3)] + [WorkItem([i], group=3) for i in (1, 2, 3)]
+    other = [WorkItem([4], group=4), WorkItem([6])]
+    q.submit([request[0], request[1], other[0], request[2], request[3], other[1]])
+    worker.start()
+    assert [it.future.result(5) for it in other] == [4, 6]
+    for it in request:
+        with pytest.raises(BackendError):
+            it.future.result(5)
+    assert sorted(x for b in rec.batches for x in b) == [[4], [6]]  # nothing of the failed request was computed
+    assert rec.failed == 1 and rec.dropped_by == {"failed": 3}
+    q.close()
+    worker.join(5)
