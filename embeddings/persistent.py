@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _META_PREFIX = b"table/"
 _JOURNAL_PREFIX = b"redis-dirty/"  # rows a shared Redis may hold stale: table name, then "/" and the key (none: all)
+_RUN_ID_PREFIX = b"redis-run-id/"  # the run_id each Redis node last answered (embeddings/redis_guard.py)
 _SIGN = np.uint64(1 << 63)
 
 
@@ -214,6 +215,21 @@ class PersistentTier(Tier):
                 keys.setdefault(rest[:-9].decode(), []).append(rest[-8:])
         out: dict[str, np.ndarray | None] = {t: np.frombuffer(b"".join(raw), "<i8").astype(np.int64) for t, raw in keys.items()}
         return {**out, **dict.fromkeys(whole)}
+
+    def redis_run_ids(self) -> dict[str, bytes]:
+        """The run_id each Redis node ("host:port") answered when last seen by a server on this database."""
+        out = {}
+        for key, value in self._db.items(from_key=_RUN_ID_PREFIX):
+            if not key.startswith(_RUN_ID_PREFIX):
+                break
+            out[key[len(_RUN_ID_PREFIX):].decode()] = value
+        return out
+
+    def set_redis_run_id(self, node: str, run_id: bytes) -> None:
+        """Record, fsynced, the run_id Redis node `node` ("host:port") answers now."""
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_RUN_ID_PREFIX + node.encode(), run_id)
+        self._db.write(batch, self._write_opts[True])
 
     def flush(self) -> None:
         """Flush memtables to SST files (not needed for durability: the WAL has every write)."""

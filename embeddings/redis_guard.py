@@ -16,7 +16,8 @@ may hold rows older than updates acknowledged since, and it fails no call to say
 So every new connection asks the server its `run_id` (INFO server), which changes at each start; a node seen before
 (at the same address: a failover to another address is not noticed) under another run_id makes every table wholly
 stale, as past `max_dirty`: its partitions are dropped before the next
-call, and the call that met the new run_id answers as failed (its replies may be those stale rows).
+call, and the call that met the new run_id answers as failed (its replies may be those stale rows). With a `journal`
+the run_ids are kept in it too, so a Redis that restarted while no server was running is noticed at the next start.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ class RedisGuard:
         self._dirty: dict[str, set[int] | None] = {}  # None: too many, drop the table on recovery
         self._run_ids: dict[tuple[str, int], bytes] = {}  # node address -> the run_id it answered (see _on_connect)
         self._restarts = 0  # nodes met with a new run_id; a call during which it grows is not trusted
+        self._saved_run_ids: set[tuple[tuple[str, int], bytes]] = set()  # (node, run_id) written to the journal
         self.journal = journal  # durable copy of _dirty: journal_add / journal_remove / journal (PersistentTier)
         if journal is not None:
             for table, keys in journal.journal().items():  # left by a server that stopped before Redis came back
                 self._dirty[table] = None if keys is None else set(keys.tolist())
+            for node, run_id in journal.redis_run_ids().items():  # a Redis restarted while no server ran is noticed too
+                host, _, port = node.rpartition(":")
+                self._run_ids[(host, int(port))] = run_id
 
     def _connect(self) -> Any:
         common = {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s, "retry": Retry(NoBackoff(), 0),
@@ -85,7 +90,7 @@ class RedisGuard:
         try:
             info = connection.read_response()
         except redis.ResponseError as exc:  # INFO refused (an ACL user without +info, a renamed command, a proxy)
-            if not self._run_ids:
+            if ("", 0) not in self._run_ids:
                 logger.warning("redis tier: INFO refused (%s): a restarted Redis is not noticed", exc)
             self._run_ids.setdefault(("", 0), b"")
             return
@@ -94,18 +99,23 @@ class RedisGuard:
         address = (str(getattr(connection, "host", None) or getattr(connection, "path", "")), int(getattr(connection, "port", 0)))
         with self._lock:
             known = self._run_ids.setdefault(address, run_id)
-            if known == run_id:
-                return
-            self._run_ids[address] = run_id
-            self._restarts += 1
-            tables = self._tables()
-            for table in tables:
-                self._mark_dirty(table, None)
-        logger.warning("redis tier: %s:%d restarted (run_id %s, was %s): dropping every table's rows there, which may "
-                       "predate updates", address[0], address[1], run_id.decode(), known.decode())
-        if self.journal is not None:
-            for table in tables:
-                self.journal.journal_add(table, None)
+            save = self.journal is not None and (address, run_id) not in self._saved_run_ids
+            self._saved_run_ids.add((address, run_id))
+            tables = None
+            if known != run_id:
+                self._run_ids[address] = run_id
+                self._restarts += 1
+                tables = self._tables()
+                for table in tables:
+                    self._mark_dirty(table, None)
+        if tables is not None:
+            logger.warning("redis tier: %s:%d restarted (run_id %s, was %s): dropping every table's rows there, which "
+                           "may predate updates", address[0], address[1], run_id.decode(), known.decode())
+            if self.journal is not None:
+                for table in tables:
+                    self.journal.journal_add(table, None)
+        if save:  # after the drop is journalled: a crash in between still drops at the next start
+            self.journal.set_redis_run_id(f"{address[0]}:{address[1]}", run_id)
 
     @property
     def available(self) -> bool:

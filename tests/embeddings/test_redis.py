@@ -168,6 +168,39 @@ def test_a_redis_restarted_from_an_older_snapshot_serves_no_row_older_than_an_up
     server.close()
 
 
+def test_a_redis_restarted_from_an_older_snapshot_while_no_server_ran_is_noticed_at_the_next_start(redis_node, tmp_path):
+    """As above, but the server stops before Redis restarts and a new one starts after: the run_id the first saw
+    is kept in RocksDB beside the rows, so the second still knows Redis restarted."""
+    db = tmp_path / "db"
+    persistent = PersistentTier(db, sync=True)
+    server = ParameterServer(persistent, make(redis_node.url, journal=persistent), None)
+    server.create_table("t", DIM, DEFAULT)
+    server.persistent.update("t", torch.tensor([7, 8]), rows([7, 8]))
+    assert server.lookup("t", torch.tensor([7, 8]))[1].all()  # filled into Redis
+    admin = redis.Redis(port=redis_node.port)
+    admin.save()
+    admin.close()
+    server.update("t", torch.tensor([7]), rows([7], 9))
+    server.close()
+    redis_node.stop()
+    redis_node.start()  # the snapshot: row 7 as it was before the update
+    persistent = PersistentTier(db, sync=True)
+    volatile = make(redis_node.url, journal=persistent)
+    server = ParameterServer(persistent, volatile, None)
+    for _ in range(3):
+        vectors, found = server.lookup("t", torch.tensor([7, 8]))
+        assert found.all() and torch.equal(vectors[0], rows([7], 9)[0]), vectors
+    assert torch.equal(volatile.lookup("t", torch.tensor([7]))[0][0], rows([7], 9)[0])
+    assert persistent.journal() == {}
+    server.close()
+    # and a Redis that did not restart keeps its rows for the next server: nothing is dropped
+    persistent = PersistentTier(db, sync=True)
+    volatile = make(redis_node.url, journal=persistent)
+    server = ParameterServer(persistent, volatile, None)
+    assert volatile.lookup("t", torch.tensor([7, 8]))[1].all()
+    server.close()
+
+
 def test_a_redis_user_without_info_still_has_a_working_tier(redis_node):
     """The run_id check's INFO may be refused (an ACL user without +info, a renamed command, a proxy): the tier works
     as before, without noticing restarts, rather than failing every connection."""
