@@ -64,9 +64,13 @@ class EncoderConfig:
                 activation=cfg.get("activation", "gelu"),
                 matryoshka_dimensions=matryoshka,
             )
-        if model_type == "mpnet":
-            return cls._mpnet(cfg, matryoshka)
-        offset = cfg.get("pad_token_id", 1) + 1 if model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        buckets = 0
+        if model_type == "mpnet":  # BERT's layers without token types, positions numbered as RoBERTa's from
+            # padding_idx + 1 (transformers hard-codes padding_idx 1), plus the relative position bias
+            buckets, types, offset = _mpnet_buckets(cfg), 0, 2
+        else:
+            types = cfg.get("type_vocab_size", 2)
+            offset = cfg.get("pad_token_id", 1) + 1 if model_type in ("roberta", "xlm-roberta", "camembert") else 0
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -75,36 +79,22 @@ class EncoderConfig:
             num_layers=cfg["num_hidden_layers"],
             intermediate_size=cfg["intermediate_size"],
             max_positions=cfg["max_position_embeddings"],
-            type_vocab_size=cfg.get("type_vocab_size", 2),
+            type_vocab_size=types,
             layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
             activation=cfg.get("hidden_act", "gelu"),
             position_offset=offset,
             matryoshka_dimensions=matryoshka,
-        )
-
-    @classmethod
-    def _mpnet(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
-        """MPNet: BERT's layers without token types, positions numbered from padding_idx + 1 as RoBERTa's
-        (transformers hard-codes padding_idx 1, pad_token_id's value), plus the relative position bias."""
-        buckets = cfg.get("relative_attention_num_buckets", MPNET_BUCKETS)
-        if not isinstance(buckets, int) or buckets < MPNET_BUCKETS:
-            raise ModelFolderError(f"config.json's relative_attention_num_buckets={buckets!r}: MPNet looks up "
-                                   f"{MPNET_BUCKETS} buckets of relative positions, so its table needs at least {MPNET_BUCKETS}")
-        return cls(
-            model_type="mpnet",
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_heads=cfg["num_attention_heads"],
-            num_layers=cfg["num_hidden_layers"],
-            intermediate_size=cfg["intermediate_size"],
-            max_positions=cfg["max_position_embeddings"],
-            type_vocab_size=0,
-            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
-            activation=cfg.get("hidden_act", "gelu"),
-            position_offset=2,
-            matryoshka_dimensions=matryoshka,
             relative_attention_buckets=buckets,
         )
+
+
+def _mpnet_buckets(cfg: dict) -> int:
+    """MPNet's relative_attention_num_buckets, refused below the 32 buckets transformers looks up."""
+    buckets = cfg.get("relative_attention_num_buckets", MPNET_BUCKETS)
+    if not isinstance(buckets, int) or buckets < MPNET_BUCKETS:
+        raise ModelFolderError(f"config.json's relative_attention_num_buckets={buckets!r}: MPNet looks up "
+                               f"{MPNET_BUCKETS} buckets of relative positions, so its table needs at least {MPNET_BUCKETS}")
+    return buckets
 
 
 @dataclass(frozen=True)

@@ -144,36 +144,12 @@ def test_writes_missed_during_an_outage_are_invalidated_on_recovery(redis_node):
     tier.close()
 
 
-def test_a_redis_restarted_from_an_older_snapshot_serves_no_row_older_than_an_update(redis_node, tmp_path):
-    """Redis snapshots a row, then takes an update of it, then restarts from the snapshot (a crash with RDB or AOF
-    everysec, a failover): no call of ours failed, yet Redis holds the old row. The new run_id gives it away."""
-    persistent = PersistentTier(tmp_path / "db", sync=False)
+def snapshot_then_update(redis_node, db, sync: bool) -> tuple[ParameterServer, RedisTier]:
+    """A server (no device cache: every lookup asks Redis) whose Redis snapshots rows 7 and 8, then takes an update
+    of row 7 (RocksDB, then the row Redis holds): restarted from that snapshot, Redis holds the old row 7."""
+    persistent = PersistentTier(db, sync=sync)
     volatile = make(redis_node.url, journal=persistent)
-    server = ParameterServer(persistent, volatile, None)  # no device cache: every lookup asks Redis
-    server.create_table("t", DIM, DEFAULT)
-    server.persistent.update("t", torch.tensor([7, 8]), rows([7, 8]))
-    assert server.lookup("t", torch.tensor([7, 8]))[1].all()  # filled into Redis
-    admin = redis.Redis(port=redis_node.port)
-    admin.save()
-    admin.close()
-    server.update("t", torch.tensor([7]), rows([7], 9))  # RocksDB, then the row Redis holds
-    redis_node.stop()  # (no save at shutdown: `--save ""`)
-    redis_node.start()  # loads the snapshot: row 7 as it was before the update
-    for _ in range(3):
-        vectors, found = server.lookup("t", torch.tensor([7, 8]))
-        assert found.all() and torch.equal(vectors[0], rows([7], 9)[0]), vectors
-    assert volatile.lookup("t", torch.tensor([7]))[1].tolist() == [True]  # filled again, with the new row
-    assert torch.equal(volatile.lookup("t", torch.tensor([7]))[0][0], rows([7], 9)[0])
-    assert persistent.journal() == {}  # the whole-table drop was journalled until it was done
-    server.close()
-
-
-def test_a_redis_restarted_from_an_older_snapshot_while_no_server_ran_is_noticed_at_the_next_start(redis_node, tmp_path):
-    """As above, but the server stops before Redis restarts and a new one starts after: the run_id the first saw
-    is kept in RocksDB beside the rows, so the second still knows Redis restarted."""
-    db = tmp_path / "db"
-    persistent = PersistentTier(db, sync=True)
-    server = ParameterServer(persistent, make(redis_node.url, journal=persistent), None)
+    server = ParameterServer(persistent, volatile, None)
     server.create_table("t", DIM, DEFAULT)
     server.persistent.update("t", torch.tensor([7, 8]), rows([7, 8]))
     assert server.lookup("t", torch.tensor([7, 8]))[1].all()  # filled into Redis
@@ -181,22 +157,46 @@ def test_a_redis_restarted_from_an_older_snapshot_while_no_server_ran_is_noticed
     admin.save()
     admin.close()
     server.update("t", torch.tensor([7]), rows([7], 9))
-    server.close()
-    redis_node.stop()
-    redis_node.start()  # the snapshot: row 7 as it was before the update
-    persistent = PersistentTier(db, sync=True)
-    volatile = make(redis_node.url, journal=persistent)
-    server = ParameterServer(persistent, volatile, None)
+    return server, volatile
+
+
+def serves_the_update(server: ParameterServer, volatile: RedisTier) -> None:
     for _ in range(3):
         vectors, found = server.lookup("t", torch.tensor([7, 8]))
         assert found.all() and torch.equal(vectors[0], rows([7], 9)[0]), vectors
+    assert volatile.lookup("t", torch.tensor([7]))[1].tolist() == [True]  # filled again, with the new row
     assert torch.equal(volatile.lookup("t", torch.tensor([7]))[0][0], rows([7], 9)[0])
-    assert persistent.journal() == {}
+    assert server.persistent.journal() == {}  # the whole-table drop was journalled until it was done
+
+
+def test_a_redis_restarted_from_an_older_snapshot_serves_no_row_older_than_an_update(redis_node, tmp_path):
+    """Redis snapshots a row, then takes an update of it, then restarts from the snapshot (a crash with RDB or AOF
+    everysec, a failover): no call of ours failed, yet Redis holds the old row. The new run_id gives it away."""
+    server, volatile = snapshot_then_update(redis_node, tmp_path / "db", sync=False)
+    redis_node.stop()  # (no save at shutdown: `--save ""`)
+    redis_node.start()  # loads the snapshot: row 7 as it was before the update
+    serves_the_update(server, volatile)
     server.close()
-    # and a Redis that did not restart keeps its rows for the next server: nothing is dropped
-    persistent = PersistentTier(db, sync=True)
-    volatile = make(redis_node.url, journal=persistent)
-    server = ParameterServer(persistent, volatile, None)
+
+
+def test_a_redis_restarted_from_an_older_snapshot_while_no_server_ran_is_noticed_at_the_next_start(redis_node, tmp_path):
+    """As above, but the server stops before Redis restarts and a new one starts after: the run_id the first saw
+    is kept in RocksDB beside the rows, so the second still knows Redis restarted."""
+    db = tmp_path / "db"
+    server, _ = snapshot_then_update(redis_node, db, sync=True)
+    server.close()
+    redis_node.stop()
+    redis_node.start()  # the snapshot: row 7 as it was before the update
+
+    def restart() -> tuple[ParameterServer, RedisTier]:
+        persistent = PersistentTier(db, sync=True)
+        volatile = make(redis_node.url, journal=persistent)
+        return ParameterServer(persistent, volatile, None), volatile
+
+    server, volatile = restart()
+    serves_the_update(server, volatile)
+    server.close()
+    server, volatile = restart()  # a Redis that did not restart keeps its rows for the next server: nothing dropped
     assert volatile.lookup("t", torch.tensor([7, 8]))[1].all()
     server.close()
 
