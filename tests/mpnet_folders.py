@@ -13,9 +13,8 @@ WORDS = ("the quick brown fox jumps over lazy dog a cat sat on mat paris is capi
          "attention head layer norm hidden state mean pooling server batch packed sequence long short hello world "
          "red green blue one two three four five six seven eight nine ten").split()
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
-# filler words up to 1100: the server's cost-model profiling runs token id 1000 (server/profiling.py)
+# a small vocabulary (about 150 words): the server profiles and serves it as it does a real one
 VOCAB = [*SPECIALS, *WORDS, *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), *"abcdefghijklmnopqrstuvwxyz"]
-VOCAB += [f"filler{i}" for i in range(1100 - len(VOCAB))]
 HIDDEN, HEADS = 64, 4
 
 
