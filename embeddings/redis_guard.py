@@ -60,7 +60,6 @@ class RedisGuard:
         self._dirty: dict[str, set[int] | None] = {}  # None: too many, drop the table on recovery
         self._run_ids: dict[tuple[str, int], bytes] = {}  # node address -> the run_id it answered (see _on_connect)
         self._restarts = 0  # nodes met with a new run_id; a call during which it grows is not trusted
-        self._saved_run_ids: set[tuple[tuple[str, int], bytes]] = set()  # (node, run_id) written to the journal
         self.journal = journal  # durable copy of _dirty: journal_add / journal_remove / journal (PersistentTier)
         if journal is not None:
             for table, keys in journal.journal().items():  # left by a server that stopped before Redis came back
@@ -98,9 +97,9 @@ class RedisGuard:
         run_id = next((line.split(b":", 1)[1].strip() for line in info.splitlines() if line.startswith(b"run_id:")), b"")
         address = (str(getattr(connection, "host", None) or getattr(connection, "path", "")), int(getattr(connection, "port", 0)))
         with self._lock:
+            new = address not in self._run_ids  # (those loaded from the journal are in it already)
             known = self._run_ids.setdefault(address, run_id)
-            save = self.journal is not None and (address, run_id) not in self._saved_run_ids
-            self._saved_run_ids.add((address, run_id))
+            save = self.journal is not None and (new or known != run_id)  # into the journal: first seen, or changed
             tables = None
             if known != run_id:
                 self._run_ids[address] = run_id

@@ -141,6 +141,7 @@ class UpdateConsumer:
         the entry id, the hold ended either way (here, and only here: holds are counted, one release each; a caller
         that was cancelled meanwhile is gone). Raises redis errors: the caller must not report the update as
         propagated."""
+        held = [int(k) for k in keys]
         try:
             with self._lock:
                 if self._publisher is None:
@@ -150,10 +151,10 @@ class UpdateConsumer:
             # approximate trimming (~) costs nothing per XADD; exact MAXLEN would rewrite a macro node each time
             entry_id = client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
         except BaseException:
-            self.order.release(table, [int(k) for k in keys])  # else this replica's consumer waits on the keys
+            self.order.release(table, held)  # else this replica's consumer waits on the keys
             raise
         self._count(published=1)
-        self.order.note(table, [int(k) for k in keys], entry_order(entry_id), published=True)
+        self.order.note(table, held, entry_order(entry_id), published=True)
         return entry_id
 
     @property
@@ -307,9 +308,8 @@ class UpdateConsumer:
             keys = np.concatenate([k for _, k, _ in parts])  # [n]
             uniq, last = last_occurrence(keys)
             vectors = np.concatenate([v for _, _, v in parts])[last]  # [u, dim]
-            step = self.max_keys or max(uniq.size, 1)
-            for at in range(0, uniq.size, step):  # the lookups' lock is let go between slices
-                self.server.update(table, torch.from_numpy(uniq[at:at + step]), torch.from_numpy(vectors[at:at + step]))
+            for part in self._slices(uniq.size):  # the lookups' lock is let go between slices
+                self.server.update(table, torch.from_numpy(uniq[part]), torch.from_numpy(vectors[part]))
             for order, k, _ in parts:
                 self.order.note(table, k.tolist(), order)
             self._count(applied=len(parts), rows=keys.size)
@@ -318,15 +318,19 @@ class UpdateConsumer:
                     self._count(settle_dropped=self._settling.popleft()[3])
                 self._settling.append((time.monotonic() + self.settle_s, table, torch.from_numpy(uniq), len(parts)))
 
+    def _slices(self, n: int) -> list[slice]:
+        """n rows as slices of at most max_keys: each is written (or settled) under the lookups' lock on its own."""
+        step = self.max_keys or max(n, 1)
+        return [slice(at, at + step) for at in range(0, n, step)]
+
     def _settle_due(self) -> None:
         """Settle the entries whose time has come (removed only once settled: a failure retries them)."""
         now = time.monotonic()
         while self._settling and self._settling[0][0] <= now:
             _, table, keys, entries = self._settling[0]
             if table in self.server.tables:
-                step = self.max_keys or max(keys.numel(), 1)
-                for at in range(0, keys.numel(), step):
-                    self.server.refresh(table, keys[at:at + step])
+                for part in self._slices(keys.numel()):
+                    self.server.refresh(table, keys[part])
             self._settling.popleft()
             self._count(settled=entries)
 

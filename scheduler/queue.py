@@ -102,18 +102,17 @@ class BatchQueue:
         """Take `items` out of the queue if still waiting (their requests gave up), freeing their room at once;
         returns those removed. Items the worker already took are left to it (it sees the cancelled futures)."""
         gone = {id(it) for it in items}
-        with self._cond:
-            removed = [it for it in self._pending if id(it) in gone]
-            if removed:
-                self._pending = [it for it in self._pending if id(it) not in gone]
-        return removed
+        return self._remove(lambda it: id(it) in gone)
 
     def withdraw_requests(self, groups: set[int]) -> list[WorkItem]:
         """Take every waiting item of the client requests `groups` (WorkItem.group) out of the queue; returns them."""
+        return self._remove(lambda it: it.group in groups)
+
+    def _remove(self, match: Callable[[WorkItem], bool]) -> list[WorkItem]:
         with self._cond:
-            removed = [it for it in self._pending if it.group in groups]
+            removed = [it for it in self._pending if match(it)]
             if removed:
-                self._pending = [it for it in self._pending if it.group not in groups]
+                self._pending = [it for it in self._pending if not match(it)]
         return removed
 
     def next_batch(self, timeout: float | None = None) -> list[WorkItem] | None:
