@@ -44,15 +44,10 @@ def _distilbert_names(i: int) -> dict[str, list[str]]:
 
 
 def _mpnet_names(i: int) -> dict[str, list[str]]:
-    p = f"encoder.layer.{i}."
-    return {
-        "qkv": [p + "attention.attn.q", p + "attention.attn.k", p + "attention.attn.v"],
-        "attn_out": [p + "attention.attn.o"],
-        "attn_norm": [p + "attention.LayerNorm"],
-        "ffn_in": [p + "intermediate.dense"],
-        "ffn_out": [p + "output.dense"],
-        "ffn_norm": [p + "output.LayerNorm"],
-    }
+    """BERT's names but for attention's."""
+    p = f"encoder.layer.{i}.attention."
+    return {**_bert_names(i), "qkv": [p + "attn.q", p + "attn.k", p + "attn.v"], "attn_out": [p + "attn.o"],
+            "attn_norm": [p + "LayerNorm"]}
 
 
 _NAMES = {"distilbert": _distilbert_names, "mpnet": _mpnet_names}
