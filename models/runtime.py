@@ -100,6 +100,9 @@ class EncoderEmbedder:
         """Serve batches of up to `max_tokens` tokens and `max_sequences` sequences by replaying CUDA graphs
         (models/graphs.py); returns whether they are on. Only on CUDA with the flash attention path (fp16/bf16)
         and for pooled outputs (not SPLADE), and not for models with a relative position bias (MPNet)."""
+        if self.encoder.cfg.decoder is not None:
+            log.info("CUDA graphs not used: not yet for decoder-only models (%s)", self.encoder.cfg.model_type)
+            return False
         if self.encoder.cfg.relative_attention_buckets:
             log.info("CUDA graphs not used: %s's relative position bias runs attention one sequence at a time, which "
                      "reads the batch's offsets on the host", self.encoder.cfg.model_type)
@@ -209,8 +212,10 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
     mode = pooling or ("splade" if folder.mlm is not None else folder.pooling.mode)
     if folder.pooling.guessed and pooling is None and folder.mlm is None and folder.head is None:
-        log.warning("%s has no sentence-transformers modules.json: pooling by mean, as SentenceTransformer does for "
-                    "such a folder; set model.pooling (mean, cls, last) to choose", folder_path)
+        mode = "last" if cfg.decoder is not None else mode  # what vLLM guesses for a decoder-only embedder
+        log.warning("%s has no sentence-transformers modules.json: pooling by %s, as %s does for such a folder; set "
+                    "model.pooling (mean, cls, last) to choose", folder_path, mode,
+                    "vLLM" if cfg.decoder is not None else "SentenceTransformer")
     sparse = None
     if mode == "splade":
         sparse = load_mlm_head(folder.mlm, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))

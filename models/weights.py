@@ -1,4 +1,5 @@
-"""Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters."""
+"""Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters, and Qwen2 / Qwen3
+ones onto PackedDecoder's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError
+from models.decoder import PackedDecoder
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 from models.folder import ModelFolder
 
@@ -111,10 +113,12 @@ def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:
     return model.eval()
 
 
-def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> PackedEncoder:
-    """Build a PackedEncoder and fill it from safetensors files (or `take`, a `reader` of them already open);
-    every parameter must be found."""
+def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> PackedEncoder | PackedDecoder:
+    """Build a PackedEncoder (a PackedDecoder for a decoder-only model) and fill it from safetensors files (or `take`,
+    a `reader` of them already open); every parameter must be found."""
     take = take or reader(weight_files)
+    if cfg.decoder is not None:
+        return _filled(PackedDecoder(cfg), _decoder_state(cfg, take))
 
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": take("embeddings.word_embeddings.weight"),
@@ -134,9 +138,36 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> Pac
             state[f"layers.{i}.{ours}.weight"] = torch.cat([take(n + ".weight") for n in theirs])
             state[f"layers.{i}.{ours}.bias"] = torch.cat([take(n + ".bias") for n in theirs])
 
-    model = PackedEncoder(cfg)
+    return _filled(PackedEncoder(cfg), state)
+
+
+def _filled(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model with `state`'s tensors (as float32) in every one of its parameters, in eval mode."""
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def _decoder_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
+    """PackedDecoder's parameters from a Qwen2 / Qwen3 checkpoint's names (a *ForCausalLM's `model.` prefix stripped,
+    its lm_head unread): q/k/v_proj into one qkv, gate/up_proj into one gate_up."""
+    state = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    parts = cfg.decoder
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"layers.{i}."
+        attn, mlp = theirs + "self_attn.", theirs + "mlp."
+        state[ours + "attn_norm.weight"] = take(theirs + "input_layernorm.weight")
+        state[ours + "ffn_norm.weight"] = take(theirs + "post_attention_layernorm.weight")
+        state[ours + "qkv.weight"] = torch.cat([take(f"{attn}{x}_proj.weight") for x in "qkv"])
+        if parts.qkv_bias:
+            state[ours + "qkv.bias"] = torch.cat([take(f"{attn}{x}_proj.bias") for x in "qkv"])
+        if parts.qk_norm:
+            state[ours + "q_norm.weight"], state[ours + "k_norm.weight"] = take(attn + "q_norm.weight"), take(attn + "k_norm.weight")
+        state[ours + "attn_out.weight"] = take(attn + "o_proj.weight")
+        if parts.out_bias:
+            state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
+        state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+        state[ours + "down.weight"] = take(mlp + "down_proj.weight")
+    return state
 
 
 def check_weights(folder: ModelFolder, pooling: str | None = None) -> None:

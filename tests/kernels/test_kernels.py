@@ -147,6 +147,11 @@ def test_each_cuda_attention_path_against_the_reference(dtype, heads, d):
     for path in (varlen_attention_flash, varlen_attention_nested):
         got = path(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"))
         assert rel_err(got, want) <= BOUND[dtype] * 3, path.__name__
+    # causal (decoder-only embedders): the flash kernel's own mask, against one SDPA call a sequence
+    assert flash_agrees(q.device, dtype, d, causal=True)
+    got = varlen_attention_flash(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"), causal=True)
+    want = varlen_attention_reference(q.float(), k.float(), v.float(), cu, causal=True)
+    assert rel_err(got, want) <= BOUND[dtype] * 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

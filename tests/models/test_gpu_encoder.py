@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kernels import cuda, emulate
-from models.config import EncoderConfig
+from models.config import DecoderParts, EncoderConfig
+from models.decoder import PackedDecoder
 from models.encoder import PackedBatch, PackedEncoder, pool
 
 CONFIGS = {
@@ -62,6 +63,28 @@ def random_seqs(lengths, seed: int = 1) -> list[list[int]]:
 def test_gpu_encoder_matches_cpu_fp32(name, dtype):
     cpu = random_encoder(name)
     cosine = cosines(copy.deepcopy(cpu).to("cuda", dtype), cpu, random_seqs((1, 8, 77, 128, 300, 512, 33)), "cuda")
+    assert cosine.min() >= 0.999, cosine
+
+
+def random_decoder(seed: int = 0) -> PackedDecoder:
+    """Qwen3-Embedding-0.6B's shape (grouped-query attention, 16 query heads of 128 over 8 key/value heads, per-head
+    RMSNorm of queries and keys), 4 of its 28 layers."""
+    cfg = EncoderConfig("qwen3", vocab_size=151669, hidden_size=1024, num_heads=16, num_layers=4, intermediate_size=3072,
+                        max_positions=32768, type_vocab_size=0, layer_norm_eps=1e-6, activation="silu",
+                        decoder=DecoderParts(num_kv_heads=8, head_dim=128, rope_theta=1e6, qk_norm=True))
+    torch.manual_seed(seed)
+    model = PackedDecoder(cfg)
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.05 if "norm" in name else 0.02)
+    return model.eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_decoder_matches_cpu_fp32(dtype):
+    """Causal attention through the flash kernel's own mask (or one SDPA call a sequence), on the GPU."""
+    cpu = random_decoder()
+    cosine = cosines(copy.deepcopy(cpu).to("cuda", dtype), cpu, random_seqs((1, 8, 77, 300, 512, 33)), "cuda")
     assert cosine.min() >= 0.999, cosine
 
 

@@ -1,0 +1,125 @@
+"""A decoder-only embedder (Qwen2, Qwen3: Qwen3-Embedding, gte-Qwen2) that runs packed, as models/encoder.py's
+encoder does: every op but attention sees [total_tokens, hidden], attention runs on each sequence's own tokens.
+
+A layer is pre-norm: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)), with a final RMSNorm after the last layer.
+Attention is grouped-query (each key/value head serves num_heads // num_kv_heads query heads) over rotary positions
+(each sequence numbered from 0), causal unless the config says otherwise; the feed-forward block is gated,
+down(silu(gate(x)) * up(x)). GEMMs and norms are torch's on every device (no CuPy kernel of this file's own)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.arena import FreshWorkspace, Workspace
+from kernels.attention import DeviceLayout, varlen_attention
+from models.config import EncoderConfig
+from models.encoder import PackedBatch, _activation_
+
+
+class DecoderLayer(nn.Module):
+    """Grouped-query self-attention and a gated feed-forward block, each after an RMSNorm, each added to x."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        parts, h = cfg.decoder, cfg.hidden_size
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, parts.num_kv_heads, parts.head_dim
+        self.eps, self.act, self.causal = cfg.layer_norm_eps, cfg.activation, parts.causal
+        self.attn_norm = nn.RMSNorm(h, eps=self.eps)
+        self.qkv = nn.Linear(h, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=parts.qkv_bias)  # one GEMM
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps) if parts.qk_norm else None  # Qwen3: per head
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps) if parts.qk_norm else None
+        self.attn_out = nn.Linear(self.heads * self.head_dim, h, bias=parts.out_bias)
+        self.ffn_norm = nn.RMSNorm(h, eps=self.eps)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate and up fused into one GEMM
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: list[int] | DeviceLayout, ws: Workspace,
+                rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, H] -> [T, H]. rotary: each token's (cos, sin) [T, 1, head_dim / 2] (`rotary_tables`)."""
+        tokens, hidden = x.shape
+        new = partial(ws.empty, dtype=x.dtype, device=x.device)
+        d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qkv = _linear(F.rms_norm(x, (hidden,), self.attn_norm.weight, self.eps), self.qkv, new)
+        q = qkv[:, :q_width].view(tokens, self.heads, d)
+        k = qkv[:, q_width:q_width + kv_width].view(tokens, self.kv_heads, d)
+        v = qkv[:, q_width + kv_width:].view(tokens, self.kv_heads, d)
+        if self.q_norm is not None:
+            q, k = F.rms_norm(q, (d,), self.q_norm.weight, self.eps), F.rms_norm(k, (d,), self.k_norm.weight, self.eps)
+        q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
+        k = self._all_heads(apply_rotary(k, *rotary, new((tokens, self.kv_heads, d))), new)
+        ctx = varlen_attention(q, k, self._all_heads(v, new), cu_seqlens, out=new((tokens, q_width)), causal=self.causal)
+        x = _linear(ctx, self.attn_out, new).add_(x)
+        inner = _linear(F.rms_norm(x, (hidden,), self.ffn_norm.weight, self.eps), self.gate_up, new)
+        gate, up = inner.chunk(2, dim=1)  # [T, I] views
+        _activation_(gate, self.act)
+        return _linear(gate.mul_(up), self.down, new).add_(x)
+
+    def _all_heads(self, t: torch.Tensor, new) -> torch.Tensor:
+        """Key or value heads [T, kv_heads, d] repeated for the query heads each serves, [T, heads, d]; as they are
+        when every query head has its own."""
+        if self.kv_heads == self.heads:
+            return t
+        tokens, kv, d = t.shape
+        out = new((tokens, self.heads, d))
+        out.view(tokens, kv, self.heads // kv, d).copy_(t[:, :, None, :].expand(tokens, kv, self.heads // kv, d))
+        return out
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, new) -> torch.Tensor:
+    """layer(x) into a new workspace tensor."""
+    out = new((x.shape[0], layer.out_features))
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.t(), out=out)
+    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, 1, head_dim / 2] of each token's position, made in float32 and cast to `dtype` as transformers
+    makes them (its tables repeat these for the second half of the head)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    angles = positions.float()[:, None] * (1.0 / theta ** exponents)[None, :]
+    return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's halves (x1, x2) by the token's angles into `out` [T, heads, d]: (x1 cos - x2 sin,
+    x2 cos + x1 sin), transformers' `q * cos + rotate_half(q) * sin`."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class PackedDecoder(nn.Module):
+    """Token embeddings + N decoder layers + the final RMSNorm; returns the last hidden states of all packed tokens.
+    The same interface as models/encoder.py's PackedEncoder (forward, record_forward, cfg)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.decoder is None:
+            raise ValueError(f"{cfg.model_type} is not a decoder-only model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, batch: PackedBatch, ws: Workspace | None = None) -> torch.Tensor:
+        """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
+        ws = ws or FreshWorkspace()
+        weight = self.embed.weight
+        tokens, hidden = batch.input_ids.shape[0], self.cfg.hidden_size
+        x = torch.index_select(weight, 0, batch.input_ids, out=ws.empty((tokens, hidden), dtype=weight.dtype, device=weight.device))
+        rotary = rotary_tables(batch.position_ids, self.cfg.decoder.head_dim, self.cfg.decoder.rope_theta, weight.dtype)
+        for layer in self.layers:
+            x = layer(x, batch.cu_seqlens, ws, rotary)
+        return F.rms_norm(x, (hidden,), self.norm.weight, self.cfg.layer_norm_eps)
+
+    def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
+        """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""
+        batch = PackedBatch.from_ids([[0] * tokens], 0, self.embed.weight.device)
+        return self(batch, ws)
