@@ -87,6 +87,30 @@ def test_vertex_errors_are_teis_and_the_server_keeps_serving(client, body, statu
     assert client.post("/vertex", json={"instances": [{"inputs": "still here"}]}).status_code == 200
 
 
+@pytest.mark.parametrize("instances, status", [
+    ([{"inputs": ["t"] * 20}, {"inputs": ["u"] * 13}], 413),
+    ([{"inputs": "t"}] * 16 + [{"inputs": ["u"] * 16}], 200),
+    ([{"inputs": [101, 2000, 102]}] * 32, 200),  # a list of token ids is one input
+    ([{"inputs": [[101, 102], [101, 2000, 102]]}] * 17, 413),
+])
+def test_vertex_holds_its_instances_to_max_client_batch_size_inputs_in_all(client, instances, status):
+    r = client.post("/vertex", json={"instances": instances})
+    assert r.status_code == status, r.text
+    if status == 413:
+        assert r.json()["error"] == f"{sum(len(i['inputs']) for i in instances)} inputs in one request, more than " \
+            "max_client_batch_size=32", r.text
+
+
+def test_vertex_counts_rerank_and_predict_instances_as_their_routes_do(reranker, classifier):
+    r = reranker.post("/vertex", json={"instances": [{"query": QUERY, "texts": TEXTS * 5},
+                                                     {"query": QUERY, "texts": TEXTS * 3 + ["x"]}]})
+    assert r.status_code == 413 and r.json()["error"].startswith("33 inputs"), r.text
+    pair = {"inputs": [QUERY, TEXTS[0]]}  # two strings: one pair, one input
+    assert classifier.post("/vertex", json={"instances": [pair] * 32}).status_code == 200
+    r = classifier.post("/vertex", json={"instances": [{"inputs": [[QUERY, t] for t in TEXTS] * 8}, {"inputs": "x"}]})
+    assert r.status_code == 413 and r.json()["error"].startswith("33 inputs"), r.text
+
+
 def _same(got, want):
     """Equal answers up to float rounding (instances batched with others compute in other batch shapes)."""
     if isinstance(want, dict):

@@ -96,3 +96,18 @@ def test_vertex_instances_withdrawn_for_a_refused_sibling_are_counted_as_failed_
         assert metric(s, "turboserve_requests_dropped_total", {"reason": "disconnect"}) == 0
         embedder.gate.set()
         assert blocker.result(10).status_code == 200 and queued.result(10).status_code == 200
+
+
+def test_vertex_instances_past_max_client_batch_size_in_all_are_a_413_not_a_429():
+    """Each instance fits max_client_batch_size, but together they pass it, and here max_queue_size too: no wait
+    could ever admit them, so the answer is TEI's 413 before any work, not a 429 that invites a retry."""
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, server={"max_client_batch_size": 4}, scheduler={"max_queue_size": 4}) as s, \
+            s.client() as c:
+        r = c.post("/vertex", json={"instances": [{"inputs": ["a", "b", "c"]}, {"inputs": ["d", "e"]}]})
+        assert r.status_code == 413 and r.json()["error_type"] == "Validation", r.text
+        assert "5 inputs" in r.json()["error"] and "max_client_batch_size=4" in r.json()["error"], r.text
+        assert "retry-after" not in r.headers
+        assert embedder.batches == [] and metric(s, "turboserve_requests_dropped_total", {"reason": "failed"}) == 0
+        r = c.post("/vertex", json={"instances": [{"inputs": ["a", "b", "c"]}, {"inputs": "d"}]})  # at the limit
+        assert r.status_code == 200 and [len(p) for p in r.json()["predictions"]] == [3, 1], r.text
