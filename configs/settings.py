@@ -152,6 +152,8 @@ class SchedulerSettings(_Section):
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
     profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")
     profile_max_tokens: int = Field(2048, ge=8, description="Largest batch (tokens) measured; bigger ones are extrapolated.")
+    profile_budget_s: float = Field(120.0, ge=0, description="Most seconds the profile measures, cheapest cells first (a "
+                                    "large model on a CPU: the rest are extrapolated); 0: no limit.")
     cost_model_alpha: float = Field(0.2, gt=0, le=1, description="Weight of one observed batch in the online refinement (EWMA).")
 
 

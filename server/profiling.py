@@ -69,7 +69,7 @@ def build_cost_model(settings: Settings, embedder: Embedder, info: ModelInfo, pr
 
     cells = grid(s.max_batch_requests, info.max_input_length, grid_token_cap(settings))
     return load_or_profile(run, cost_key(settings, info), s.cost_model_dir, cells, s.profile_runs, progress,
-                           s.cost_model_alpha, reuse=s.profile != "always")
+                           s.cost_model_alpha, reuse=s.profile != "always", budget_s=s.profile_budget_s)
 
 
 def save_refined(settings: Settings, cost: CostModel) -> bool:

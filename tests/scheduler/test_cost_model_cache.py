@@ -129,3 +129,73 @@ def test_saving_the_refined_model_where_it_cannot_be_written_is_a_warning(tmp_pa
     with caplog.at_level(logging.WARNING, logger="scheduler.profiler"):
         assert save_refined(_settings(cost_model_dir=str(tmp_path / "file")), model) is False
     assert "cost model not saved" in caplog.text
+
+
+class _FakeClock:
+    """Each run advances time by the true cost of its batch (times `scale`); counts runs per cell."""
+
+    def __init__(self, monkeypatch, scale: float = 1.0):
+        from scheduler import profiler  # noqa: PLC0415
+
+        self.now, self.runs, self.scale = 0.0, {}, scale
+        self.truth = CostModel.linear(0.005, 1.5e-4, 1e-7, 3e-4)
+        monkeypatch.setattr(profiler.time, "perf_counter", lambda: self.now)
+
+    def __call__(self, lengths):
+        cell = (len(lengths), lengths[0])
+        self.runs[cell] = self.runs.get(cell, 0) + 1
+        self.now += self.scale * self.truth.predict_lengths(lengths)
+
+
+def test_a_profile_budget_measures_the_cheapest_cells_and_stops_near_it(monkeypatch, caplog):
+    from scheduler.profiler import MIN_CELLS, grid, measure  # noqa: PLC0415
+
+    clock = _FakeClock(monkeypatch)
+    cells = grid(64, 512, 2048)
+    full = sum(4 * clock.truth.predict_lengths([length] * n) for n, length in cells)  # 1 warm-up + 3 runs, one pass
+    budget = full / 3
+    with caplog.at_level(logging.WARNING, logger="scheduler.profiler"):
+        measured = measure(clock, cells, runs=3, progress=False, budget_s=budget)
+    assert MIN_CELLS <= len(measured) < len(cells)
+    assert clock.now <= budget * 1.2, (clock.now, budget)  # predictions scale by tokens: near, not exact
+    biggest = max(c.tokens for c in measured)
+    left_out = [(n, length) for n, length in cells if (n, length) not in {(c.n, c.length) for c in measured}]
+    assert min(n * length for n, length in left_out) >= biggest / 2  # the cheap ones came first
+    assert f"measured {len(measured)} of {len(cells)} cells" in caplog.text
+    model = CostModel.fit(measured)  # larger batches are extrapolated from what was measured
+    assert model.predict_lengths([512] * 4) == pytest.approx(clock.truth.predict_lengths([512] * 4), rel=0.5)
+
+
+def test_the_budget_still_measures_the_cheapest_cells_and_no_budget_measures_all(monkeypatch):
+    from scheduler.profiler import MIN_CELLS, grid, measure  # noqa: PLC0415
+
+    cells = grid(64, 512, 2048)
+    assert len(measure(_FakeClock(monkeypatch), cells, runs=3, progress=False, budget_s=1e-9)) == MIN_CELLS
+    clock = _FakeClock(monkeypatch)
+    assert len(measure(clock, cells, runs=3, progress=False)) == len(cells)
+    assert set(clock.runs.values()) == {8}  # 2 passes of 1 warm-up + 3 timed runs
+
+
+def test_a_cell_whose_warm_up_takes_a_second_is_timed_once(monkeypatch):
+    from scheduler.profiler import measure  # noqa: PLC0415
+
+    clock = _FakeClock(monkeypatch, scale=10.0)  # 10x slower: the large cells take seconds a run
+    cells = [(1, 8), (64, 2048)]
+    measured = {(c.n, c.length): c.seconds for c in measure(clock, cells, runs=3, progress=False)}
+    assert clock.runs == {(1, 8): 8, (64, 2048): 4}  # 2 passes of 1 + 3 runs; of 1 + 1 run
+    assert measured[64, 2048] == pytest.approx(10 * clock.truth.predict_lengths([2048] * 64))
+
+
+def test_a_model_a_budget_cut_short_is_measured_again_when_no_budget_is_set(tmp_path, monkeypatch):
+    cells = [(1, 8), (2, 8), (1, 16), (2, 16), (4, 16)]
+    short = CostModel.fit(_truth_cells()[:4], {"k": 1})  # 4 of the 5 cells
+    short.save(cache_path(tmp_path, {"k": 1}))
+    measured = []
+
+    def run(lengths):
+        measured.append(lengths)
+
+    model, loaded = load_or_profile(run, {"k": 1}, tmp_path, cells, runs=1, progress=False, budget_s=60)
+    assert loaded and not measured  # a budget is set: what it measured will do
+    model, loaded = load_or_profile(run, {"k": 1}, tmp_path, cells, runs=1, progress=False, budget_s=0)
+    assert not loaded and len(model.cells) == len(cells) and measured
