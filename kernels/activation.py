@@ -58,6 +58,14 @@ def check_activation(kind: str) -> None:
         raise ValueError(f"unsupported activation {kind!r}; supported: {', '.join(_KINDS)}")
 
 
+def activate_(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(x) in place, in torch (the same kernels as F.gelu / F.relu / F.silu): the CPU path's."""
+    code = _KINDS[kind]
+    if code in (0, 1):
+        return torch.ops.aten.gelu_(x, approximate="none" if code == 0 else "tanh")
+    return torch.relu_(x) if code == 2 else F.silu(x, inplace=True)
+
+
 def bias_activation_reference(x: torch.Tensor, bias: torch.Tensor | None, kind: str,
                               out: torch.Tensor | None = None) -> torch.Tensor:
     """act(x + bias) in plain torch. x: [tokens, intermediate]; bias: [intermediate] or None."""

@@ -7,10 +7,9 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.activation import bias_activation, check_activation
+from kernels.activation import activate_, bias_activation, check_activation
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from kernels.cuda import use_kernels
@@ -127,13 +126,9 @@ def _layer_norm(y: torch.Tensor, norm: nn.LayerNorm, ws: Workspace) -> torch.Ten
 
 
 def _activation_(x: torch.Tensor, kind: str) -> None:
-    """The model's activation, in place (same kernels as F.gelu / F.relu / F.silu)."""
-    if kind in ("gelu", "gelu_new"):
-        torch.ops.aten.gelu_(x, approximate="none" if kind == "gelu" else "tanh")
-    elif kind == "relu":
-        torch.relu_(x)
-    else:
-        F.silu(x, inplace=True)
+    """The model's activation, in place, by any name kernels/activation.py knows (gelu_pytorch_tanh and gelu_fast are
+    the tanh GELU, as on CUDA: this path once ran SiLU for them)."""
+    activate_(x, kind)
 
 
 class PackedEncoder(nn.Module):

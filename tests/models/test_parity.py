@@ -97,7 +97,8 @@ def _tiny_folder(tmp_path, kind: str, act: str):
     return folder, model
 
 
-@pytest.mark.parametrize("kind,act", [("bert", "gelu"), ("bert", "gelu_new"), ("roberta", "gelu"), ("distilbert", "gelu")])
+@pytest.mark.parametrize("kind,act", [("bert", "gelu"), ("bert", "gelu_new"), ("bert", "gelu_pytorch_tanh"), ("bert", "silu"),
+                                      ("roberta", "gelu"), ("distilbert", "gelu")])
 def test_tiny_random_models_match_transformers(tmp_path, kind, act):
     folder, hf = _tiny_folder(tmp_path, kind, act)
     embedder, _, info = load_model(str(folder))
