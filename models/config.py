@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3")
+if TYPE_CHECKING:
+    from models.arch_config import DecoderParts, ModernBertParts
+
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3", "modernbert")
 DECODER_TYPES = ("qwen2", "qwen3")  # decoder-only embedders (Qwen3-Embedding, gte-Qwen2): models/decoder.py
 # MPNet: transformers buckets relative positions into 32 whatever relative_attention_num_buckets says (its table
 # may be larger; a smaller one would be indexed out of range)
@@ -23,7 +27,8 @@ class ModelFolderError(ValueError):
 @dataclass(frozen=True)
 class EncoderConfig:
     """Architecture of a BERT-family encoder, normalised across BERT, RoBERTa, DistilBERT and MPNet; or of a
-    decoder-only embedder (Qwen2, Qwen3: `decoder` set, the fields below it in use, layer_norm_eps its RMSNorm's)."""
+    decoder-only embedder (Qwen2, Qwen3: `decoder` set, the fields below it in use, layer_norm_eps its RMSNorm's); or of
+    ModernBERT (`modernbert` set, layer_norm_eps its norm_eps, activation its hidden_activation)."""
 
     model_type: str
     vocab_size: int
@@ -41,6 +46,7 @@ class EncoderConfig:
     # MPNet's relative position bias: rows of its [buckets, heads] table, shared by every layer; 0: no bias
     relative_attention_buckets: int = 0
     decoder: DecoderParts | None = None
+    modernbert: ModernBertParts | None = None
 
     @property
     def max_input_length(self) -> int:
@@ -67,8 +73,10 @@ class EncoderConfig:
                 activation=cfg.get("activation", "gelu"),
                 matryoshka_dimensions=matryoshka,
             )
-        if model_type in DECODER_TYPES:
-            return _decoder_config(cls, cfg, matryoshka)
+        if model_type in DECODER_TYPES or model_type == "modernbert":
+            from models.arch_config import decoder_config, modernbert_config  # noqa: PLC0415 -- it imports this module
+
+            return (decoder_config if model_type in DECODER_TYPES else modernbert_config)(cls, cfg, matryoshka)
         buckets = 0
         if model_type == "mpnet":  # BERT's layers without token types, positions numbered as RoBERTa's from
             # padding_idx + 1 (transformers hard-codes padding_idx 1), plus the relative position bias
@@ -91,66 +99,6 @@ class EncoderConfig:
             matryoshka_dimensions=matryoshka,
             relative_attention_buckets=buckets,
         )
-
-
-@dataclass(frozen=True)
-class DecoderParts:
-    """What a decoder-only embedder adds to EncoderConfig: grouped-query attention (num_kv_heads key/value heads of
-    head_dim, shared by num_heads // num_kv_heads query heads each), rotary positions of base rope_theta, whether
-    attention is causal, and its optional parts: biases of the query/key/value and output projections, and Qwen3's
-    RMSNorm of each query and key head. The feed-forward block is gated: down(act(gate(x)) * up(x))."""
-
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    causal: bool = True
-    qkv_bias: bool = False
-    out_bias: bool = False
-    qk_norm: bool = False
-
-
-def _decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
-    """A Qwen2 or Qwen3 config.json (transformers 4's rope_theta or 5's rope_parameters); refused where it asks for
-    what models/decoder.py does not compute (scaled rotary positions, sliding-window attention)."""
-    model_type, heads = cfg["model_type"], cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain rotary positions are)")
-    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
-        raise ModelFolderError("sliding-window attention (use_sliding_window) is not supported")
-    if cfg.get("auto_map") and "is_causal" not in cfg:
-        raise ModelFolderError(f"config.json names custom modeling code (auto_map); turboserve computes transformers' own "
-                               f"{model_type}, whose attention is causal, and custom code may differ (gte-Qwen2's is "
-                               "bidirectional): add \"is_causal\": false to config.json for bidirectional attention, or "
-                               "\"is_causal\": true for causal")
-    qwen3 = model_type == "qwen3"
-    parts = DecoderParts(
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        causal=bool(cfg.get("is_causal", True)),  # transformers 5 reads this key too
-        qkv_bias=bool(cfg.get("attention_bias", False)) if qwen3 else True,
-        out_bias=bool(cfg.get("attention_bias", False)) if qwen3 else False,
-        qk_norm=qwen3,
-    )
-    if heads % parts.num_kv_heads:
-        raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of "
-                               f"num_key_value_heads={parts.num_kv_heads}")
-    return cls(
-        model_type=model_type,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        num_heads=heads,
-        num_layers=cfg["num_hidden_layers"],
-        intermediate_size=cfg["intermediate_size"],
-        max_positions=cfg.get("max_position_embeddings", 32768),
-        type_vocab_size=0,
-        layer_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        activation=cfg.get("hidden_act", "silu"),
-        matryoshka_dimensions=matryoshka,
-        decoder=parts,
-    )
 
 
 def _mpnet_buckets(cfg: dict) -> int:

@@ -1,5 +1,5 @@
-"""Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters, and Qwen2 / Qwen3
-ones onto PackedDecoder's."""
+"""Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters, Qwen2 / Qwen3
+ones onto PackedDecoder's, and ModernBERT ones onto PackedModernBert's."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFold
 from models.decoder import PackedDecoder
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 from models.folder import ModelFolder
+from models.modernbert import PackedModernBert
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.")
 # torch's load_state_dict message for a weight of the wrong shape
@@ -113,12 +114,14 @@ def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:
     return model.eval()
 
 
-def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> PackedEncoder | PackedDecoder:
-    """Build a PackedEncoder (a PackedDecoder for a decoder-only model) and fill it from safetensors files (or `take`,
-    a `reader` of them already open); every parameter must be found."""
+def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> PackedEncoder | PackedDecoder | PackedModernBert:
+    """Build a PackedEncoder (a PackedDecoder for a decoder-only model, a PackedModernBert for ModernBERT) and fill it
+    from safetensors files (or `take`, a `reader` of them already open); every parameter must be found."""
     take = take or reader(weight_files)
     if cfg.decoder is not None:
         return _filled(PackedDecoder(cfg), _decoder_state(cfg, take))
+    if cfg.modernbert is not None:
+        return _filled(PackedModernBert(cfg), _modernbert_state(cfg, take))
 
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": take("embeddings.word_embeddings.weight"),
@@ -168,6 +171,29 @@ def _decoder_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
         state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
         state[ours + "down.weight"] = take(mlp + "down_proj.weight")
     return state
+
+
+def _modernbert_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
+    """PackedModernBert's parameters from a ModernBERT checkpoint's names (ModernBertModel's, or with a `model.` prefix
+    stripped); biases only where config.json gives the layers them. Layer 0 has no attention norm."""
+    parts = cfg.modernbert
+
+    def params(bias: bool) -> tuple[str, ...]:
+        return ("weight", "bias") if bias else ("weight",)
+
+    norm = params(parts.norm_bias)
+    names = {"embed": ("embeddings.tok_embeddings", ("weight",)), "embed_norm": ("embeddings.norm", norm),
+             "final_norm": ("final_norm", norm)}
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"layers.{i}."
+        if i:
+            names[ours + "attn_norm"] = (theirs + "attn_norm", norm)
+        names[ours + "qkv"] = (theirs + "attn.Wqkv", params(parts.attention_bias))
+        names[ours + "attn_out"] = (theirs + "attn.Wo", params(parts.attention_bias))
+        names[ours + "ffn_norm"] = (theirs + "mlp_norm", norm)
+        names[ours + "ffn_in"] = (theirs + "mlp.Wi", params(parts.mlp_bias))
+        names[ours + "ffn_out"] = (theirs + "mlp.Wo", params(parts.mlp_bias))
+    return {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, (theirs, kinds) in names.items() for p in kinds}
 
 
 def check_weights(folder: ModelFolder, pooling: str | None = None) -> None:

@@ -152,6 +152,11 @@ def test_each_cuda_attention_path_against_the_reference(dtype, heads, d):
     got = varlen_attention_flash(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"), causal=True)
     want = varlen_attention_reference(q.float(), k.float(), v.float(), cu, causal=True)
     assert rel_err(got, want) <= BOUND[dtype] * 3
+    # a window (ModernBERT's local layers, 64 tokens either side): the flash kernel's own, against a band mask
+    assert flash_agrees(q.device, dtype, d, window=64)
+    got = varlen_attention_flash(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"), window=64)
+    want = varlen_attention_reference(q.float(), k.float(), v.float(), cu, window=64)
+    assert rel_err(got, want) <= BOUND[dtype] * 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

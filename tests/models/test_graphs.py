@@ -181,7 +181,7 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _flash_stand_in(q, k, v, cu, longest, out, causal=False):
+def _flash_stand_in(q, k, v, cu, longest, out, causal=False, window=None):
     """FlashAttention's varlen contract computed from the device offsets alone: each token attends to the tokens of
     its own sequence (a block-diagonal mask from `cu`, no value read on the host)."""
     tokens = q.shape[0]
@@ -201,7 +201,7 @@ def test_a_buckets_forward_reads_nothing_back_to_the_host(monkeypatch):
     import kernels.attention as attention  # noqa: PLC0415
 
     monkeypatch.setattr(attention, "flash_eligible", lambda q: True)
-    monkeypatch.setattr(attention, "flash_agrees", lambda device, dtype, head_dim, causal=False: True)
+    monkeypatch.setattr(attention, "flash_agrees", lambda device, dtype, head_dim, causal=False, window=None: True)
     monkeypatch.setattr(attention, "_flash", _flash_stand_in)
     encoder = random_encoder("minilm-l6")
     reference = EncoderEmbedder(copy.deepcopy(encoder), "mean", 0, torch.device("cpu"))
