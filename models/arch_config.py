@@ -86,6 +86,9 @@ class ModernBertParts:
     norm_bias: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # a ModernBertForSequenceClassification's head: dense (with a bias or not) + this activation + LayerNorm
+    classifier_bias: bool = False
+    classifier_activation: str = "gelu"
 
     @property
     def window(self) -> int:
@@ -100,10 +103,11 @@ def modernbert_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderCon
     hidden, heads, layers = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     if hidden % heads:
         raise ModelFolderError(f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    activation = cfg.get("hidden_activation", "gelu")
-    if activation not in MODERNBERT_ACTIVATIONS:
-        raise ModelFolderError(f"config.json's hidden_activation {activation!r} is not supported "
-                               f"(supported: {', '.join(MODERNBERT_ACTIVATIONS)})")
+    activation, head_activation = cfg.get("hidden_activation", "gelu"), cfg.get("classifier_activation", "gelu")
+    for key, name in (("hidden_activation", activation), ("classifier_activation", head_activation)):
+        if name not in MODERNBERT_ACTIVATIONS:
+            raise ModelFolderError(f"config.json's {key} {name!r} is not supported "
+                                   f"(supported: {', '.join(MODERNBERT_ACTIVATIONS)})")
     types = cfg.get("layer_types")
     if not types:  # transformers 4: every n-th layer global, from layer 0 (transformers 5 reads it so too)
         every = cfg.get("global_attn_every_n_layers", 3)
@@ -135,6 +139,8 @@ def modernbert_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderCon
         norm_bias=bool(cfg.get("norm_bias", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
+        classifier_bias=bool(cfg.get("classifier_bias", False)),
+        classifier_activation=head_activation,
     )
     return cls(
         model_type="modernbert",

@@ -114,10 +114,12 @@ def _mpnet_buckets(cfg: dict) -> int:
 class ClassifierHead:
     """A sequence-classification head (a cross-encoder re-ranker when it has one label): the first token's
     hidden state through dense + tanh, then a linear layer to one logit a label. `style` names the weights:
-    "bert" (pooler.dense, classifier) or "roberta" (classifier.dense, classifier.out_proj)."""
+    "bert" (pooler.dense, classifier) or "roberta" (classifier.dense, classifier.out_proj); or "modernbert" (head.dense,
+    head.norm, classifier: dense + activation + LayerNorm, over the first token or the mean of all)."""
 
     style: str
     labels: tuple[str, ...]
+    pooling: str = "cls"  # what the head reads: the first token's state, or ("mean") the mean of every token's
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,18 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
     architectures = [a for a in cfg.get("architectures") or [] if a.endswith("ForSequenceClassification")]
     if not architectures:
         return None
-    model_type = cfg.get("model_type", "")
+    model_type, pooling = cfg.get("model_type", ""), "cls"
     if model_type == "bert":
         style = "bert"
     elif model_type in ("roberta", "xlm-roberta", "camembert"):
         style = "roberta"
+    elif model_type == "modernbert":  # gte-reranker-modernbert-base's
+        style, pooling = "modernbert", cfg.get("classifier_pooling", "cls")
+        if pooling not in ("cls", "mean"):
+            raise ModelFolderError(f"config.json's classifier_pooling {pooling!r} is not supported (cls and mean are)")
     else:
-        raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT and RoBERTa models is)")
+        raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT, RoBERTa and "
+                               "ModernBERT models is)")
     id2label = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(cfg.get("num_labels", 2)))}
     try:
         labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
@@ -164,7 +171,7 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
         raise ModelFolderError(f"config.json id2label must number its labels 0..{len(id2label) - 1}") from exc
     if cfg.get("problem_type") == "multi_label_classification":
         raise ModelFolderError("multi-label classification heads are not supported")
-    return ClassifierHead(style, labels)
+    return ClassifierHead(style, labels, pooling)
 
 
 def mlm_head(cfg: dict) -> MaskedLMHead | None:

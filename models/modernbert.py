@@ -67,6 +67,25 @@ def _norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+class ModernBertClassificationHead(nn.Module):
+    """ModernBertForSequenceClassification's head over each sequence's pooled state (its first token's, or the mean of
+    its tokens'): dense, the classifier activation, LayerNorm, then one logit a label (`out`)."""
+
+    def __init__(self, cfg: EncoderConfig, labels: int):
+        super().__init__()
+        parts, h = cfg.modernbert, cfg.hidden_size
+        self.act = MODERNBERT_ACTIVATIONS[parts.classifier_activation]
+        self.dense = nn.Linear(h, h, bias=parts.classifier_bias)
+        self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, bias=parts.norm_bias)
+        self.out = nn.Linear(h, labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled: [B, H] -> logits [B, labels]."""
+        h = self.dense(pooled)
+        _activation_(h, self.act)
+        return self.out(self.norm(h))
+
+
 class PackedModernBert(nn.Module):
     """Token embeddings + their LayerNorm + N layers + the final LayerNorm; returns the last hidden states of all packed
     tokens. The same interface as models/encoder.py's PackedEncoder (forward, record_forward, cfg)."""

@@ -158,8 +158,9 @@ class EncoderEmbedder:
             return self._outputs(hidden, batch, per_token)
 
     def _outputs(self, hidden: torch.Tensor, batch: PackedBatch, per_token: list[bool] | None) -> np.ndarray | list[np.ndarray]:
-        if self.head is not None:  # logits from each sequence's first token
-            return self.head(hidden[batch.cu_seqlens[:-1]]).float().cpu().numpy()
+        if self.head is not None:  # logits from each sequence's first token (or, for some heads, the mean of all)
+            rows = hidden[batch.cu_seqlens[:-1]] if self.pooling == "cls" else pool(hidden, batch, "mean").to(hidden.dtype)
+            return self.head(rows).float().cpu().numpy()
         if self.sparse is not None:  # SPLADE: per-token states are not offered (TEI refuses /embed_all too)
             return self.sparse(hidden, batch).cpu().numpy()
         pooled = pool(hidden, batch, self.pooling).cpu().numpy()  # [B, H]
@@ -227,7 +228,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     del take  # the files' tensors: copied into the modules
     log.info("loaded %s (%s, %d layers) in %.2fs", folder_path, cfg.model_type, cfg.num_layers, time.perf_counter() - started)
     if head is not None:
-        mode, normalize = "cls", False
+        mode, normalize = folder.head.pooling, False
     arena = None
     if memory_arena:
         with torch.inference_mode():

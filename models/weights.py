@@ -14,7 +14,7 @@ from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFold
 from models.decoder import PackedDecoder
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 from models.folder import ModelFolder
-from models.modernbert import PackedModernBert
+from models.modernbert import ModernBertClassificationHead, PackedModernBert
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.")
 # torch's load_state_dict message for a weight of the wrong shape
@@ -85,13 +85,19 @@ def _taker(src: dict[str, torch.Tensor], weight_files: list[Path]):
     return take
 
 
-def load_head(head: ClassifierHead, cfg: EncoderConfig, take) -> ClassificationHead:
+def load_head(head: ClassifierHead, cfg: EncoderConfig, take) -> ClassificationHead | ModernBertClassificationHead:
     """The classification head of a *ForSequenceClassification folder (see ClassifierHead); take: `reader`'s."""
+    if head.style == "modernbert":
+        parts = cfg.modernbert
+        names = {"dense": ("head.dense", parts.classifier_bias), "norm": ("head.norm", parts.norm_bias),
+                 "out": ("classifier", True)}
+        state = {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, (theirs, bias) in names.items()
+                 for p in (("weight", "bias") if bias else ("weight",))}
+        return _filled(ModernBertClassificationHead(cfg, len(head.labels)), state)
     dense, out = ("pooler.dense", "classifier") if head.style == "bert" else ("classifier.dense", "classifier.out_proj")
-    model = ClassificationHead(cfg.hidden_size, len(head.labels))
-    model.load_state_dict({f"{ours}.{p}": take(f"{theirs}.{p}").float() for ours, theirs in (("dense", dense), ("out", out))
-                           for p in ("weight", "bias")}, strict=True)
-    return model.eval()
+    return _filled(ClassificationHead(cfg.hidden_size, len(head.labels)),
+                   {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, theirs in (("dense", dense), ("out", out))
+                    for p in ("weight", "bias")})
 
 
 def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:

@@ -73,3 +73,23 @@ def modernbert_folder(root: Path, name: str = "modernbert", seed: int = 0, max_s
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
     return folder
+
+
+def modernbert_reranker_folder(root: Path, pooling: str = "cls", seed: int = 0, **overrides) -> Path:
+    """A ModernBertForSequenceClassification with one label (a cross-encoder, as gte-reranker-modernbert-base is),
+    its head reading the first token ("cls") or the mean of the tokens ("mean"); weights drawn as modernbert_folder's."""
+    import torch  # noqa: PLC0415
+
+    from tests.hf_import import import_transformers  # noqa: PLC0415
+
+    tf = import_transformers()
+    folder = root / f"modernbert-reranker-{pooling}"
+    torch.manual_seed(seed)
+    config = modernbert_config(num_labels=1, classifier_pooling=pooling, **overrides)
+    model = tf.ModernBertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in pname and pname.endswith("weight") else p.normal_(0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer_json(folder)
+    return folder

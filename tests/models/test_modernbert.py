@@ -192,13 +192,15 @@ def test_folder_check_names_a_missing_or_misshaped_weight(folders, tmp_path):
         check_model_settings(read_model_folder(bad), "cpu", "float32")
 
 
-@pytest.mark.parametrize("architecture", ["ModernBertForMaskedLM", "ModernBertForSequenceClassification"])
-def test_a_head_is_refused(folders, tmp_path, architecture):
+@pytest.mark.parametrize("change,needle", [({"architectures": ["ModernBertForMaskedLM"]}, "ModernBertForMaskedLM is not"),
+                                           ({"architectures": ["ModernBertForSequenceClassification"],
+                                             "classifier_pooling": "max"}, "classifier_pooling 'max' is not")])
+def test_what_the_heads_cannot_run_is_refused(folders, tmp_path, change, needle):
     headed = tmp_path / "headed"
     shutil.copytree(folders["plain"], headed)
     cfg = json.loads((headed / "config.json").read_text())
-    (headed / "config.json").write_text(json.dumps(cfg | {"architectures": [architecture]}))
-    with pytest.raises(ModelFolderError, match=f"{architecture} is not supported"):
+    (headed / "config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(ModelFolderError, match=needle):
         read_model_folder(headed)
 
 
@@ -238,3 +240,25 @@ def test_embed_over_http(folders, tmp_path):
     assert refused.status_code == 413 and "more than the limit of 24" in refused.json()["error"], refused.text
     np.testing.assert_allclose(np.array(cut.json()), SentenceTransformer(str(short), device="cpu").encode(long_ones),
                                atol=2e-5)
+
+
+@pytest.mark.parametrize("pooling,overrides", [("cls", {}), ("mean", {"classifier_bias": True, "norm_bias": True,
+                                                                       "classifier_activation": "silu"})])
+def test_a_modernbert_reranker_scores_as_cross_encoder_does(tmp_path, pooling, overrides):
+    """ModernBertForSequenceClassification (gte-reranker-modernbert-base's architecture) through /rerank: its head
+    over the first token or the mean of the tokens, each with and without its biases, against CrossEncoder.predict."""
+    from sentence_transformers import CrossEncoder  # noqa: PLC0415
+
+    from tests.modernbert_folders import modernbert_reranker_folder  # noqa: PLC0415
+
+    folder = modernbert_reranker_folder(tmp_path, pooling, **overrides)
+    query, docs = "what is deep learning", [*texts((3, 30, 120), seed=2), "deep learning models embed text"]
+    with ServerThread(create_app(settings(model={"path": str(folder), "name": "mb-reranker"}))) as s, s.client() as c:
+        ranked = c.post("/rerank", json={"query": query, "texts": docs})
+        info = c.get("/info").json()
+    assert ranked.status_code == 200, ranked.text
+    want = CrossEncoder(str(folder), device="cpu").predict([(query, d) for d in docs])
+    got = {r["index"]: r["score"] for r in ranked.json()}
+    np.testing.assert_allclose([got[i] for i in range(len(docs))], want, atol=2e-5)
+    assert want.max() - want.min() > 1e-2  # the scores differ: a wrong head would show
+    assert "reranker" in info["model_type"]
