@@ -47,13 +47,14 @@ HORIZON = 256  # requests planned in full detail (at least 4 full batches); the 
 
 
 def exact_feasible(members: list[int], requests: Sequence[Request], limits: Limits, cost: CostModel,
-                   start_time: float) -> list[list[int]] | None:
-    """Batches (in run order) meeting every deadline of `members`, by search over subsets; None if none
-    exists. Among feasible plans it returns one that finishes earliest. For small classes only."""
+                   start_time: float, deadlines: Sequence[float] | None = None) -> list[list[int]] | None:
+    """Batches (in run order) meeting every deadline of `members` (the requests' own, or `deadlines`, indexed as
+    requests), by search over subsets; None if none exists. Among feasible plans it returns one that finishes
+    earliest. For small classes only."""
     n = len(members)
     full = (1 << n) - 1
     lengths = [requests[m].length for m in members]
-    due = [requests[m].deadline for m in members]
+    due = [requests[m].deadline if deadlines is None else float(deadlines[m]) for m in members]
     seconds = [math.inf] * (full + 1)
     tightest = [math.inf] * (full + 1)
     for s in range(1, full + 1):
@@ -117,7 +118,7 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
     by_deadline = idx[np.lexsort((pending.length_arr[idx], pending.deadline_arr[idx]))]  # stable
     horizon = URGENT_BATCHES * limits.max_batch_requests
     urgent, rest = by_deadline[:horizon], by_deadline[horizon:].tolist()
-    segments, left_out = deadline_dp(pending.length_arr[urgent], pending.deadline_arr[urgent], limits, cost,
+    segments, left_out = deadline_dp(pending.length_arr[urgent], pending.due_arr[urgent], limits, cost,
                                      start_time, late_cost)
     edf_groups = [urgent[s:e].tolist() for s, e in segments]
     for part in (rest, urgent[left_out].tolist()):  # those left out go last: late whenever they run
@@ -127,7 +128,7 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
     if _worse((late, finish), (edf_late, edf_finish), late_cost):
         groups, late = edf_groups, edf_late
     if late and len(members) <= EXACT_LIMIT:
-        exact = exact_feasible(members, pending.requests, limits, cost, start_time)
+        exact = exact_feasible(members, pending.requests, limits, cost, start_time, pending.due_arr)
         if exact is not None:
             return exact
     return groups
@@ -219,6 +220,10 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         with np.errstate(invalid="ignore"):
             overdue = hopeless & (now >= deadlines + config.late_grace * (deadlines - arrivals))
         hopeless &= ~overdue
+        # Late in any plan (alone, or with the rest of their client request): the DPs stop counting them, so no
+        # batch is cut to run one sequence of a lost request in time (a lone 16-input request on a slow model ran
+        # as 3 + 13 sequences, for 3 sequences "in time", instead of one batch).
+        pending.due_arr = np.where(hopeless, np.inf, deadlines)
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)

@@ -30,6 +30,9 @@ class Pending:
         self.length_int = np.fromiter(self.lengths, dtype=np.int64, count=n)  # [n]
         self.length_arr = self.length_int.astype(np.float64)  # [n]
         self.deadline_arr = np.fromiter([r.deadline for r in requests], dtype=np.float64, count=n)  # [n]
+        # the deadlines a plan can still meet: inf for a request late in any plan (dp's hopeless ones), so that
+        # the deadline DPs neither count it nor try to save one sequence of a client request that is late whole
+        self.due_arr = self.deadline_arr
         self._memo: dict[tuple[int, ...], tuple[float, int]] = {}  # group -> (seconds, tokens)
 
     def _entries(self, groups: list[list[int]], keys: list[tuple[int, ...]] | None = None) -> list[tuple[float, int]]:
@@ -75,13 +78,13 @@ class Pending:
         return out
 
     def late_count(self, groups: list[list[int]], t: float) -> tuple[int, float]:
-        """(requests that miss their deadline, finish time) of `groups` run in turn from `t`."""
+        """(requests that miss a deadline they could meet (`due_arr`), finish time) of `groups` run in turn from `t`."""
         if not groups:
             return 0, t
         ends = self.ends(groups, t)
         flat = np.fromiter(chain.from_iterable(groups), dtype=np.intp)  # [planned]
         finish = np.repeat(ends, [len(g) for g in groups])  # [planned]: its batch's end
-        return int(np.count_nonzero(self.deadline_arr[flat] < finish)), ends[-1]
+        return int(np.count_nonzero(self.due_arr[flat] < finish)), ends[-1]
 
     def total(self, groups: list[list[int]]) -> float:
         total = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +193,17 @@ def test_client_requests_numbers_groups_and_keeps_singletons_apart():
     assert client_requests(np.array([-1, 7, -1])) is None  # every sequence still a request of its own
     jobs = client_requests(np.array([7, -1, 7, 3, -1]))
     assert jobs[0] == jobs[2] and len({int(jobs[i]) for i in (0, 1, 3, 4)}) == 4
+
+
+def test_a_client_request_late_as_a_whole_is_not_cut_to_run_a_few_of_its_sequences_in_time():
+    """16 inputs of one request on a slow model: together they take 8.4 s against a 2 s SLO, 3 alone would make it.
+    Running those 3 first only delays the answer (sent with the last sequence); one batch is the cheapest plan. Sixteen
+    separate requests still get 3 of them in time."""
+    cost = CostModel.linear(0.2, 0.004)
+    limits = Limits(16384, 64)
+    one_request = [Request(128, 0.0, 2.0, group=7) for _ in range(16)]
+    got = plan(one_request, limits, cost, 0.0, PolicyConfig())
+    assert [len(b.indices) for b in got.batches] == [16]
+    assert got.cost == pytest.approx(plan([Request(128) for _ in range(16)], limits, cost, 0.0, PolicyConfig()).cost)
+    separate = plan([Request(128, 0.0, 2.0) for _ in range(16)], limits, cost, 0.0, PolicyConfig())
+    assert len(separate.batches[0].indices) == 3 and len(separate.late) == 13
