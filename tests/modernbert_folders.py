@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.mpnet_folders import WORDS
+from tests.mpnet_folders import WORDS, wordpiece_tokenizer_json
 
 SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 VOCAB = [*SPECIALS, *WORDS, *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), *"abcdefghijklmnopqrstuvwxyz"]
@@ -18,21 +18,10 @@ LAYERS, LOCAL_ATTENTION = 4, 8
 
 
 def tokenizer_json(folder: Path) -> None:
-    """tokenizer.json (and the config transformers' AutoTokenizer reads): [CLS] $A [SEP], no token types."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: PLC0415
-
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                       special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-    tok.decoder = decoders.WordPiece()
-    tok.add_special_tokens(list(SPECIALS))
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
-        "pad_token": "[PAD]", "mask_token": "[MASK]", "model_max_length": 8192,
-        "model_input_names": ["input_ids", "attention_mask"]}))
+    """ModernBERT's special tokens: [CLS] $A [SEP], no token types."""
+    wordpiece_tokenizer_json(folder, VOCAB, "[CLS]", "[SEP]", "[CLS] $A [SEP] $B [SEP]",
+                             {"cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]", "pad_token": "[PAD]",
+                              "mask_token": "[MASK]"}, 8192, SPECIALS)
 
 
 def modernbert_config(layers: int = LAYERS, local_attention: int = LOCAL_ATTENTION, **overrides):

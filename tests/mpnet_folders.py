@@ -18,21 +18,33 @@ VOCAB = [*SPECIALS, *WORDS, *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), *
 HIDDEN, HEADS = 64, 4
 
 
-def tokenizer_json(folder: Path) -> None:
-    """tokenizer.json (and the configs transformers' AutoTokenizer reads) with MPNet's special tokens."""
+def wordpiece_tokenizer_json(folder: Path, vocab: list[str], first: str, last: str, pair: str, roles: dict[str, str],
+                             max_length: int, specials: tuple[str, ...] = ()) -> None:
+    """tokenizer.json (and the tokenizer_config.json transformers' AutoTokenizer reads): a lower-casing WordPiece
+    over `vocab`, each text as `first $A last` (pairs by `pair`); roles: tokenizer_config's special tokens (unk_token
+    included); specials: tokens marked special."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: PLC0415
 
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordPiece(ids, unk_token=roles["unk_token"]))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{first} $A {last}", pair=pair,
+                                                       special_tokens=[(first, ids[first]), (last, ids[last])])
     tok.decoder = decoders.WordPiece()
+    if specials:
+        tok.add_special_tokens(list(specials))
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>",
-        "sep_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 512,
+        "tokenizer_class": "PreTrainedTokenizerFast", **roles, "model_max_length": max_length,
         "model_input_names": ["input_ids", "attention_mask"]}))
+
+
+def tokenizer_json(folder: Path) -> None:
+    """MPNet's special tokens: <s> $A </s>."""
+    wordpiece_tokenizer_json(folder, VOCAB, "<s>", "</s>", "<s> $A </s> </s> $B </s>",
+                             {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
+                              "unk_token": "<unk>", "pad_token": "<pad>"}, 512)
 
 
 def mpnet_folder(root: Path, name: str = "mpnet", seed: int = 0, layers: int = 2) -> Path:

@@ -190,3 +190,10 @@ def post_and_walk_away(url: str, path: str, body: bytes) -> socket.socket:
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                  % (path.encode(), len(body), body))
     return sock
+
+
+def worst_per_sequence(packed, refs, seqs) -> float:
+    """Largest absolute difference between packed hidden states [T, H] (sequences end to end) and each sequence's
+    reference states [L, H] (a list, one a sequence), over every sequence."""
+    cu = np.cumsum([0, *map(len, seqs)])
+    return max((packed[cu[i]:cu[i + 1]] - r).abs().max().item() for i, r in enumerate(refs))

@@ -25,7 +25,7 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.mpnet_folders import texts
 from tests.qwen_folders import QUERY_PROMPT, qwen_folder
-from tests.support import ServerThread, settings
+from tests.support import ServerThread, settings, worst_per_sequence
 
 LENGTHS = (1, 2, 9, 40, 131, 300)  # tokens, <|endoftext|> included
 
@@ -63,16 +63,11 @@ def _transformers(folder, seqs, bidirectional: bool = False) -> list[torch.Tenso
         return [model(input_ids=torch.tensor([s])).last_hidden_state[0] for s in seqs]
 
 
-def _worst(ours: torch.Tensor, ref: list[torch.Tensor], seqs) -> float:
-    cu = np.cumsum([0, *map(len, seqs)])
-    return max((ours[cu[i]:cu[i + 1]] - r).abs().max().item() for i, r in enumerate(ref))
-
-
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 def test_packed_forward_matches_transformers(folders, kind):
     seqs = _sequences()
     ours = _ours(folders[kind], seqs)
-    worst = _worst(ours, _transformers(folders[kind], seqs), seqs)
+    worst = worst_per_sequence(ours, _transformers(folders[kind], seqs), seqs)
     assert worst <= 2e-5, worst
     cfg = read_model_folder(folders[kind]).encoder
     assert cfg.decoder.qk_norm == (kind == "qwen3") and cfg.decoder.qkv_bias == (kind == "qwen2")
@@ -104,9 +99,9 @@ def test_bidirectional_attention_when_custom_code_asks_for_it(folders, tmp_path)
     (custom / "config.json").write_text(json.dumps({**cfg, "is_causal": False}))
     seqs = _sequences((1, 6, 45))
     ours = _ours(custom, seqs)
-    assert _worst(ours, _transformers(custom, seqs, bidirectional=True), seqs) <= 2e-5
-    assert _worst(ours, _transformers(custom, seqs), seqs) <= 2e-5  # transformers 5 reads the key too
-    assert _worst(ours, _transformers(folders["qwen2"], seqs), seqs) > 1e-2  # causal attention differs on these
+    assert worst_per_sequence(ours, _transformers(custom, seqs, bidirectional=True), seqs) <= 2e-5
+    assert worst_per_sequence(ours, _transformers(custom, seqs), seqs) <= 2e-5  # transformers 5 reads the key too
+    assert worst_per_sequence(ours, _transformers(folders["qwen2"], seqs), seqs) > 1e-2  # causal attention differs on these
 
 
 @pytest.mark.parametrize("change,needle", [

@@ -68,17 +68,22 @@ def test_gpu_encoder_matches_cpu_fp32(name, dtype):
     assert cosine.min() >= 0.999, cosine
 
 
+def _seeded(kind, cfg: EncoderConfig, seed: int):
+    """kind(cfg) with seeded random weights: norm weights near 1 (std 0.05), the rest std 0.02, as trained ones."""
+    torch.manual_seed(seed)
+    model = kind(cfg)
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.05 if "norm" in name else 0.02)
+    return model.eval()
+
+
 def random_decoder(seed: int = 0) -> PackedDecoder:
     """Qwen3-Embedding-0.6B's shape (grouped-query attention, 16 query heads of 128 over 8 key/value heads, per-head
     RMSNorm of queries and keys), 4 of its 28 layers."""
     cfg = EncoderConfig("qwen3", vocab_size=151669, hidden_size=1024, num_heads=16, num_layers=4, intermediate_size=3072,
                         max_positions=32768, type_vocab_size=0, layer_norm_eps=1e-6, activation="silu",
                         decoder=DecoderParts(num_kv_heads=8, head_dim=128, rope_theta=1e6, qk_norm=True))
-    torch.manual_seed(seed)
-    model = PackedDecoder(cfg)
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.05 if "norm" in name else 0.02)
-    return model.eval()
+    return _seeded(PackedDecoder, cfg, seed)
 
 
 @pytest.mark.gpu
@@ -96,11 +101,7 @@ def random_modernbert(seed: int = 0) -> PackedModernBert:
     cfg = EncoderConfig("modernbert", vocab_size=50368, hidden_size=768, num_heads=12, num_layers=6, intermediate_size=1152,
                         max_positions=8192, type_vocab_size=0, layer_norm_eps=1e-5, activation="gelu",
                         modernbert=ModernBertParts(local_layers=tuple(bool(i % 3) for i in range(6)), local_attention=128))
-    torch.manual_seed(seed)
-    model = PackedModernBert(cfg)
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.05 if "norm" in name else 0.02)
-    return model.eval()
+    return _seeded(PackedModernBert, cfg, seed)
 
 
 @pytest.mark.gpu

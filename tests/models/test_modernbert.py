@@ -25,7 +25,7 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.modernbert_folders import LOCAL_ATTENTION, modernbert_folder
 from tests.mpnet_folders import texts
-from tests.support import ServerThread, settings
+from tests.support import ServerThread, settings, worst_per_sequence
 
 LENGTHS = (1, 2, 5, 6, 9, 10, 40, 131, 300)  # tokens: within the window (4 either side), at its edge, far beyond
 BIASED = dict(norm_bias=True, attention_bias=True, mlp_bias=True, hidden_activation="gelu_pytorch_tanh")
@@ -69,17 +69,12 @@ def _transformers(folder, seqs, attn: str = "sdpa") -> list[torch.Tensor]:
         return [model(input_ids=torch.tensor([s])).last_hidden_state[0] for s in seqs]
 
 
-def _worst(ours: torch.Tensor, ref: list[torch.Tensor], seqs) -> float:
-    cu = np.cumsum([0, *map(len, seqs)])
-    return max((ours[cu[i]:cu[i + 1]] - r).abs().max().item() for i, r in enumerate(ref))
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["plain", "biased"])
 def test_packed_forward_matches_transformers(folders, kind, attn):
     seqs = _sequences()
     ref = _transformers(folders[kind], seqs, attn)
-    worst = _worst(_ours(folders[kind], seqs), ref, seqs)
+    worst = worst_per_sequence(_ours(folders[kind], seqs), ref, seqs)
     assert worst <= 2e-5, worst
     parts = read_model_folder(folders[kind]).encoder.modernbert
     assert parts.local_layers == (False, True, True, False) and parts.window == LOCAL_ATTENTION // 2
@@ -93,7 +88,7 @@ def test_the_window_is_exactly_transformers(folders):
     ref = _transformers(folders["plain"], seqs)
     for parts in (dict(local_attention=LOCAL_ATTENTION - 2), dict(local_attention=LOCAL_ATTENTION + 2),
                   dict(local_layers=(False,) * 4)):
-        assert _worst(_ours(folders["plain"], seqs, **parts), ref, seqs) > 1e-3, parts
+        assert worst_per_sequence(_ours(folders["plain"], seqs, **parts), ref, seqs) > 1e-3, parts
 
 
 def test_windowed_attention_on_every_offsets_form():

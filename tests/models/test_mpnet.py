@@ -23,7 +23,7 @@ from models.runtime import finish_embedding, load_model
 from models.weights import load_encoder
 from server.app import create_app
 from tests.mpnet_folders import mpnet_folder, texts
-from tests.support import ServerThread, settings
+from tests.support import ServerThread, settings, worst_per_sequence
 
 LENGTHS = (1, 5, 37, 130, 200, 300)  # in tokens, with <s> and </s>; past 128 the distance buckets saturate
 
@@ -61,11 +61,6 @@ def _transformers(folder, seqs) -> list[torch.Tensor]:
     return [hidden[i, :len(s)] for i, s in enumerate(seqs)]
 
 
-def _worst(ours: torch.Tensor, ref: list[torch.Tensor], seqs) -> float:
-    cu = np.cumsum([0, *map(len, seqs)])
-    return max((ours[cu[i]:cu[i + 1]] - r).abs().max().item() for i, r in enumerate(ref))
-
-
 def test_config_parses_mpnet(folder):
     enc = read_model_folder(folder).encoder
     assert (enc.model_type, enc.type_vocab_size, enc.position_offset, enc.relative_attention_buckets) == ("mpnet", 0, 2, 32)
@@ -88,14 +83,14 @@ def test_packed_forward_matches_transformers(folder):
     seqs = _sequences()
     ours = _ours(folder, seqs)
     ref = _transformers(folder, seqs)
-    worst = _worst(ours, ref, seqs)
+    worst = worst_per_sequence(ours, ref, seqs)
     assert worst <= 1e-5, worst
     # the bias matters here: without it the states are far off
     model = load_encoder(read_model_folder(folder).encoder, read_model_folder(folder).weights)
     model.relative_attention_bias.weight.data.zero_()
     with torch.inference_mode():
         unbiased = model(PackedBatch.from_ids(seqs, 2))
-    assert _worst(unbiased, ref, seqs) > 1e-2
+    assert worst_per_sequence(unbiased, ref, seqs) > 1e-2
 
 
 def test_sentence_transformers_folder_served_as_encode_gives(folder):
@@ -183,7 +178,7 @@ def test_cuda_code_path_on_the_emulator_matches_the_cpu_path(folder, dtype):
     want = _ours(folder, seqs)
     if dtype == torch.float32:
         assert (got - want).abs().max().item() <= 1e-5
-        assert _worst(got, _transformers(folder, seqs), seqs) <= 1e-5
+        assert worst_per_sequence(got, _transformers(folder, seqs), seqs) <= 1e-5
     else:
         cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
         assert cosine.min().item() >= 0.9999, cosine.min()
