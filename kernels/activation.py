@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kernels import cuda
 
 _KINDS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2, "silu": 3, "swish": 3}
+ACTIVATION_NAMES = tuple(_KINDS)  # every activation name (Hugging Face's) these kernels and activate_ run
 
 CUDA_SOURCE = r"""
 extern "C" __global__ void bias_activation(

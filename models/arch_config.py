@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kernels.activation import ACTIVATION_NAMES
 from models.config import EncoderConfig, ModelFolderError
 
 # ModernBERT's feed-forward activations (transformers' ACT2FN names) -> the kind models/encoder.py's _activation_ runs
@@ -32,11 +33,14 @@ class DecoderParts:
 def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
     """A Qwen2 or Qwen3 config.json (transformers 4's rope_theta or 5's rope_parameters); refused where it asks for
     what models/decoder.py does not compute (scaled rotary positions, sliding-window attention)."""
-    model_type, heads = cfg["model_type"], cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain rotary positions are)")
+    model_type, heads, activation = cfg["model_type"], cfg["num_attention_heads"], cfg.get("hidden_act", "silu")
+    rope = cfg.get("rope_parameters") or {}
+    for given in (rope, cfg.get("rope_scaling") or {}):  # transformers 5's, and 4's
+        if (kind := given.get("rope_type", given.get("type", "default"))) != "default":
+            raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain rotary positions are)")
+    if activation not in ACTIVATION_NAMES:
+        raise ModelFolderError(f"config.json's hidden_act {activation!r} is not supported (supported: "
+                               f"{', '.join(ACTIVATION_NAMES)})")
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise ModelFolderError("sliding-window attention (use_sliding_window) is not supported")
     if cfg.get("auto_map") and "is_causal" not in cfg:
@@ -67,7 +71,7 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
         max_positions=cfg.get("max_position_embeddings", 32768),
         type_vocab_size=0,
         layer_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        activation=cfg.get("hidden_act", "silu"),
+        activation=activation,
         matryoshka_dimensions=matryoshka,
         decoder=parts,
     )

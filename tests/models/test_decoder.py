@@ -109,6 +109,8 @@ def test_bidirectional_attention_when_custom_code_asks_for_it(folders, tmp_path)
     ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rotary scaling 'linear'"),
     ({"use_sliding_window": True}, "sliding-window attention"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+    ({"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rotary scaling 'dynamic'"),  # beside a default 5 one
 ])
 def test_config_refuses_what_the_decoder_does_not_compute(folders, change, needle):
     cfg = json.loads((folders["qwen3"] / "config.json").read_text())
