@@ -4,7 +4,9 @@ encoder does: every op but attention sees [total_tokens, hidden], attention runs
 A layer is pre-norm: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)), with a final RMSNorm after the last layer.
 Attention is grouped-query (each key/value head serves num_heads // num_kv_heads query heads) over rotary positions
 (each sequence numbered from 0), causal unless the config says otherwise; the feed-forward block is gated,
-down(silu(gate(x)) * up(x)). GEMMs and norms are torch's on every device (no CuPy kernel of this file's own)."""
+down(silu(gate(x)) * up(x)). GEMMs are torch's on every device; on the kernel path (CUDA, or the CPU under the
+emulator) every RMSNorm is kernels/rmsnorm.py's, the one before the feed-forward block fused with the residual add
+that precedes it, while the CPU path keeps torch's F.rms_norm."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch import nn
 
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
+from kernels.cuda import use_kernels
+from kernels.rmsnorm import residual_rmsnorm
 from models.config import EncoderConfig
 from models.encoder import PackedBatch, _activation_
 
@@ -43,17 +47,25 @@ class DecoderLayer(nn.Module):
         tokens, hidden = x.shape
         new = partial(ws.empty, dtype=x.dtype, device=x.device)
         d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = _linear(F.rms_norm(x, (hidden,), self.attn_norm.weight, self.eps), self.qkv, new)
-        q = qkv[:, :q_width].view(tokens, self.heads, d)
+        fused = x.is_cuda or use_kernels(x)  # CUDA, or the CPU under the emulator (kernels/emulate.py)
+        norm = partial(_fused_rms_norm, new=new) if fused else _rms_norm
+        qkv = _linear(norm(x, self.attn_norm), self.qkv, new)
+        q = qkv[:, :q_width].view(tokens, self.heads, d)  # [T, heads, d] views: the kernel reads them in place
         k = qkv[:, q_width:q_width + kv_width].view(tokens, self.kv_heads, d)
         v = qkv[:, q_width + kv_width:].view(tokens, self.kv_heads, d)
         if self.q_norm is not None:
-            q, k = F.rms_norm(q, (d,), self.q_norm.weight, self.eps), F.rms_norm(k, (d,), self.k_norm.weight, self.eps)
+            q, k = norm(q, self.q_norm), norm(k, self.k_norm)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
         k = self._all_heads(apply_rotary(k, *rotary, new((tokens, self.kv_heads, d))), new)
         ctx = varlen_attention(q, k, self._all_heads(v, new), cu_seqlens, out=new((tokens, q_width)), causal=self.causal)
-        x = _linear(ctx, self.attn_out, new).add_(x)
-        inner = _linear(F.rms_norm(x, (hidden,), self.ffn_norm.weight, self.eps), self.gate_up, new)
+        if fused:  # one kernel: x + attention's output (the next residual) and its norm, both into the workspace
+            total, normed = new((tokens, hidden)), new((tokens, hidden))
+            residual_rmsnorm(_linear(ctx, self.attn_out, new), x, self.ffn_norm.weight, self.eps, out=normed, sum_out=total)
+            x = total
+        else:
+            x = _linear(ctx, self.attn_out, new).add_(x)
+            normed = _rms_norm(x, self.ffn_norm)
+        inner = _linear(normed, self.gate_up, new)
         gate, up = inner.chunk(2, dim=1)  # [T, I] views
         _activation_(gate, self.act)
         return _linear(gate.mul_(up), self.down, new).add_(x)
@@ -67,6 +79,16 @@ class DecoderLayer(nn.Module):
         out = new((tokens, self.heads, d))
         out.view(tokens, kv, self.heads // kv, d).copy_(t[:, :, None, :].expand(tokens, kv, self.heads // kv, d))
         return out
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """The CPU path's RMSNorm over the last dim: torch's, a new tensor."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def _fused_rms_norm(x: torch.Tensor, norm: nn.RMSNorm, new) -> torch.Tensor:
+    """The kernel path's: kernels/rmsnorm.py's into a new contiguous workspace tensor (x may be a [T, heads, d] view)."""
+    return residual_rmsnorm(x, None, norm.weight, norm.eps, out=new(tuple(x.shape)))
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear, new) -> torch.Tensor:
@@ -117,7 +139,9 @@ class PackedDecoder(nn.Module):
         rotary = rotary_tables(batch.position_ids, self.cfg.decoder.head_dim, self.cfg.decoder.rope_theta, weight.dtype)
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws, rotary)
-        return F.rms_norm(x, (hidden,), self.norm.weight, self.cfg.layer_norm_eps)
+        if weight.is_cuda or use_kernels(weight):
+            return _fused_rms_norm(x, self.norm, partial(ws.empty, dtype=x.dtype, device=x.device))
+        return _rms_norm(x, self.norm)
 
     def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
         """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""

@@ -48,7 +48,7 @@ def test_every_emulated_kernel_stays_within_its_tensors(asan_env):
                              text=True, timeout=120)
     assert control.returncode != 0 and "heap-buffer-overflow" in control.stderr, control.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "emulated or random or agrees",
-                          "tests/kernels/test_kernels.py", "tests/kernels/test_emulate.py",
+                          "tests/kernels/test_kernels.py", "tests/kernels/test_emulate.py", "tests/kernels/test_rmsnorm.py",
                           "tests/embeddings/test_device_cache_cuda.py"],
                          cwd=ROOT, env=asan_env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, run.stdout[-3000:] + run.stderr[-3000:]

@@ -6,18 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import activation, cache_lookup, cuda, layernorm, qkv, softmax
+from kernels import activation, cache_lookup, cuda, layernorm, qkv, rmsnorm, softmax
 from kernels.cuda import ARCHES, compile_ptx
 
 KERNELS = {
     "bias_residual_layernorm": layernorm.CUDA_SOURCE,
+    "residual_rmsnorm": rmsnorm.CUDA_SOURCE,
     "masked_softmax": softmax.CUDA_SOURCE,
     "bias_activation": activation.CUDA_SOURCE,
     "split_qkv": qkv.CUDA_SOURCE,
     "cache_lookup": cache_lookup.CUDA_SOURCE,
     "launch_probe": cuda.PROBE_SOURCE,
 }
-PACKED = {"bias_residual_layernorm", "masked_softmax", "bias_activation", "split_qkv"}  # sources with a 16-byte packed `_vec` entry too
+PACKED = {"bias_residual_layernorm", "residual_rmsnorm", "masked_softmax", "bias_activation", "split_qkv"}  # sources with a 16-byte packed `_vec` entry too
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels import cuda
+from kernels import cuda, emulate
 from kernels.attention import DeviceLayout, varlen_attention
 from models.checks import check_model_settings
 from models.config import EncoderConfig, ModelFolderError
@@ -75,9 +75,38 @@ def test_packed_forward_matches_transformers(folders, kind):
 
 
 def test_the_decoder_runs_the_emulated_cuda_path_as_the_cpu_one(folders):
-    """Under the CUDA emulator, causal attention leaves nested tensors aside: one SDPA call a sequence."""
+    """Under the CUDA emulator, causal attention leaves nested tensors aside: one SDPA call a sequence; every RMSNorm
+    is the fused kernel's (2 layers: attention input, q and k, residual + feed-forward input; then the final one),
+    scalar or packed as the weights' alignment allows (safetensors' mmapped fp32 ones may start 8 bytes in)."""
     seqs = _sequences((1, 7, 64))
-    assert torch.allclose(_ours(folders["qwen3"], seqs, emulated=True), _ours(folders["qwen3"], seqs), atol=1e-5)
+    before = emulate.launches.copy()
+    got = _ours(folders["qwen3"], seqs, emulated=True)
+    ran = emulate.launches - before
+    assert ran["residual_rmsnorm"] + ran["residual_rmsnorm_vec"] == 2 * 4 + 1, ran
+    assert torch.allclose(got, _ours(folders["qwen3"], seqs), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_emulated_cuda_path_in_half_precision_stays_close(folders, dtype):
+    """Qwen2 (no q/k norm): the fused kernel, packed (weights cast to the dtype are fresh, aligned tensors)."""
+    seqs = _sequences((3, 50))
+    before = emulate.launches.copy()
+    got, want = _ours(folders["qwen2"], seqs, dtype, emulated=True), _ours(folders["qwen2"], seqs)
+    assert (emulate.launches - before)["residual_rmsnorm_vec"] == 2 * 2 + 1
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert cosine.min().item() >= 0.999, cosine
+
+
+def test_the_arena_plans_the_emulated_cuda_path(folders):
+    """The kernels write through raw pointers: the arena's recording still sees each launch's tensors (their data_ptr
+    calls), so the planned forward gives what fresh allocations give."""
+    seqs = _sequences((2, 30, 9))
+    with cuda.emulation():
+        planned, _, _ = load_model(str(folders["qwen3"]))
+        fresh, _, _ = load_model(str(folders["qwen3"]), memory_arena=False)
+        assert planned.arena is not None
+        got, want = planned.embed(seqs), fresh.embed(seqs)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_bfloat16_stays_close_to_float32(folders):
