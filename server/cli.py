@@ -257,10 +257,11 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=s.shutdown_timeout_s, http=GuardedHttpToolsProtocol)
     status = 0
+    server = DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
+                            last_activity=app.state.last_activity, abandon=app.state.abandon, in_flight=app.state.in_flight)
     try:
-        DrainingServer(config, app.state.begin_drain, app.state.busy, s.shutdown_timeout_s,
-                       last_activity=app.state.last_activity, abandon=app.state.abandon,
-                       in_flight=app.state.in_flight).run(sockets=http_sockets)
+        server.run(sockets=http_sockets)
+        status = 130 if server.interrupted else 0  # Ctrl-C with SIGINT inherited as ignored: no re-raise came
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shell's status, not a traceback
         status = 130
     except SystemExit as exc:  # uvicorn's exit on a failed start-up: past the loader's thread, as any exit

@@ -51,8 +51,12 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout_s = shutdown_timeout_s
         self.poll_s = poll_s
         self.drain_started: float | None = None
+        # Ctrl-C seen: the exit status is 130 even where uvicorn's re-raise of it is a no-op (a process started with
+        # SIGINT ignored, as a non-interactive shell starts its background jobs, keeps it ignored)
+        self.interrupted = False
 
     def handle_exit(self, sig: int, frame) -> None:
+        self.interrupted |= sig == signal.SIGINT
         if sig != signal.SIGTERM or self.drain_started is not None:  # Ctrl-C, or a second SIGTERM: exit now
             super().handle_exit(sig, frame)
             # Queued work answered 503 at once, so the worker has nothing left to drain; from a thread, not this
