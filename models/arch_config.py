@@ -1,6 +1,6 @@
 """config.json of the architectures beyond the BERT family's layout, parsed into models/config.py's EncoderConfig:
-decoder-only embedders (Qwen2, Qwen3; models/decoder.py) and ModernBERT (models/modernbert.py). Each refuses, with a
-one-line reason, what its module does not compute."""
+decoder-only embedders (Qwen2, Qwen3; models/decoder.py), Gemma3's (EmbeddingGemma; models/gemma.py) and ModernBERT
+(models/modernbert.py). Each refuses, with a one-line reason, what its module does not compute."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ class DecoderParts:
     """What a decoder-only embedder adds to EncoderConfig: grouped-query attention (num_kv_heads key/value heads of
     head_dim, shared by num_heads // num_kv_heads query heads each), rotary positions of base rope_theta, whether
     attention is causal, and its optional parts: biases of the query/key/value and output projections, and Qwen3's
-    RMSNorm of each query and key head. The feed-forward block is gated: down(act(gate(x)) * up(x))."""
+    RMSNorm of each query and key head. The feed-forward block is gated: down(act(gate(x)) * up(x)).
+
+    Gemma3 (models/gemma.py) adds which layers attend within a window (`local_layers`, one flag a layer: the tokens at
+    most `window` places from a token, either side), those layers' rotary base, and the attention's scale
+    query_pre_attn_scalar ** -0.5 (not head_dim ** -0.5)."""
 
     num_kv_heads: int
     head_dim: int
@@ -28,11 +32,17 @@ class DecoderParts:
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: bool = False
+    local_layers: tuple[bool, ...] = ()
+    window: int | None = None
+    local_rope_theta: float = 10000.0
+    query_pre_attn_scalar: float | None = None
 
 
 def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
     """A Qwen2 or Qwen3 config.json (transformers 4's rope_theta or 5's rope_parameters); refused where it asks for
-    what models/decoder.py does not compute (scaled rotary positions, sliding-window attention)."""
+    what models/decoder.py does not compute (scaled rotary positions, sliding-window attention). Gemma3's: gemma_config."""
+    if cfg["model_type"] == "gemma3_text":
+        return gemma_config(cls, cfg, matryoshka)
     model_type, heads, activation = cfg["model_type"], cfg["num_attention_heads"], cfg.get("hidden_act", "silu")
     rope = cfg.get("rope_parameters") or {}
     for given in (rope, cfg.get("rope_scaling") or {}):  # transformers 5's, and 4's
@@ -69,6 +79,76 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
         num_layers=cfg["num_hidden_layers"],
         intermediate_size=cfg["intermediate_size"],
         max_positions=cfg.get("max_position_embeddings", 32768),
+        type_vocab_size=0,
+        layer_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        activation=activation,
+        matryoshka_dimensions=matryoshka,
+        decoder=parts,
+    )
+
+
+def gemma_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
+    """A Gemma3 text config.json (EmbeddingGemma's), as transformers 4 (rope_theta, rope_local_base_freq) or 5
+    (rope_parameters per layer type) writes it; refused where it asks for what models/gemma.py does not compute
+    (causal attention, attention logit softcapping, scaled rotary positions, other activations or layer types)."""
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    activation = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+    if not cfg.get("use_bidirectional_attention", False):
+        raise ModelFolderError("a causal Gemma3 (use_bidirectional_attention false) is not supported; EmbeddingGemma's "
+                               "bidirectional one is")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise ModelFolderError(f"config.json's attn_logit_softcapping={cfg['attn_logit_softcapping']!r} is not "
+                               "supported (attention scores without softcapping are)")
+    if activation not in ACTIVATION_NAMES:
+        raise ModelFolderError(f"config.json's hidden_activation {activation!r} is not supported (supported: "
+                               f"{', '.join(ACTIVATION_NAMES)})")
+    types = cfg.get("layer_types")
+    if not types:  # transformers' default: every `sliding_window_pattern`-th layer full, the others sliding
+        every = cfg.get("sliding_window_pattern", 6)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ModelFolderError(f"config.json's sliding_window_pattern={every!r} must be a whole number >= 1")
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ModelFolderError(f"config.json's layer_types must name full_attention or sliding_attention for each of "
+                               f"its {layers} layers; got {types}")
+    # config.json's sliding_window W counts both sides: bidirectional, transformers attends where |i - j| < W // 2 + 1
+    sliding = cfg.get("sliding_window")
+    if "sliding_attention" in types and (not isinstance(sliding, int) or isinstance(sliding, bool) or sliding < 0):
+        raise ModelFolderError(f"config.json's sliding_window={sliding!r} must be a whole number of tokens")
+    rope = cfg.get("rope_parameters") or {}
+    over = {"rope_type" if key == "type" else key: value for key, value in (cfg.get("rope_scaling") or {}).items()}
+    theta = {}
+    for kind, old_key, default in (("full_attention", "rope_theta", 1_000_000.0),
+                                   ("sliding_attention", "rope_local_base_freq", 10_000.0)):
+        params = {**(rope.get(kind) or {}), **(over if kind == "full_attention" else {})}  # rope_scaling: full layers'
+        if (scaling := params.get("rope_type", "default")) != "default":
+            raise ModelFolderError(f"config.json's rotary scaling {scaling!r} is not supported (plain rotary positions are)")
+        theta[kind] = float(params.get("rope_theta", cfg.get(old_key) or default))
+    bias = bool(cfg.get("attention_bias", False))
+    parts = DecoderParts(
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rope_theta=theta["full_attention"],
+        causal=False,
+        qkv_bias=bias,
+        out_bias=bias,
+        qk_norm=True,
+        local_layers=tuple(t == "sliding_attention" for t in types),
+        window=sliding // 2 if "sliding_attention" in types else None,
+        local_rope_theta=theta["sliding_attention"],
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+    )
+    if heads % parts.num_kv_heads:
+        raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of "
+                               f"num_key_value_heads={parts.num_kv_heads}")
+    return cls(
+        model_type="gemma3_text",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_heads=heads,
+        num_layers=layers,
+        intermediate_size=cfg["intermediate_size"],
+        max_positions=cfg.get("max_position_embeddings", 131072),
         type_vocab_size=0,
         layer_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         activation=activation,

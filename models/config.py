@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from models.arch_config import DecoderParts, ModernBertParts
 
-SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3", "modernbert")
-DECODER_TYPES = ("qwen2", "qwen3")  # decoder-only embedders (Qwen3-Embedding, gte-Qwen2): models/decoder.py
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3", "gemma3_text",
+                   "modernbert")
+# decoder-only embedders: Qwen3-Embedding, gte-Qwen2 (models/decoder.py); EmbeddingGemma (models/gemma.py)
+DECODER_TYPES = ("qwen2", "qwen3", "gemma3_text")
 # MPNet: transformers buckets relative positions into 32 whatever relative_attention_num_buckets says (its table
 # may be larger; a smaller one would be indexed out of range)
 MPNET_BUCKETS = 32
@@ -27,8 +29,8 @@ class ModelFolderError(ValueError):
 @dataclass(frozen=True)
 class EncoderConfig:
     """Architecture of a BERT-family encoder, normalised across BERT, RoBERTa, DistilBERT and MPNet; or of a
-    decoder-only embedder (Qwen2, Qwen3: `decoder` set, the fields below it in use, layer_norm_eps its RMSNorm's); or of
-    ModernBERT (`modernbert` set, layer_norm_eps its norm_eps, activation its hidden_activation)."""
+    decoder-only embedder (Qwen2, Qwen3, Gemma3: `decoder` set, the fields below it in use, layer_norm_eps its
+    RMSNorm's); or of ModernBERT (`modernbert` set, layer_norm_eps its norm_eps, activation its hidden_activation)."""
 
     model_type: str
     vocab_size: int

@@ -56,8 +56,8 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q, k = norm(q, self.q_norm), norm(k, self.k_norm)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
-        k = self._all_heads(apply_rotary(k, *rotary, new((tokens, self.kv_heads, d))), new)
-        ctx = varlen_attention(q, k, self._all_heads(v, new), cu_seqlens, out=new((tokens, q_width)), causal=self.causal)
+        k = all_heads(apply_rotary(k, *rotary, new((tokens, self.kv_heads, d))), self.heads, new)
+        ctx = varlen_attention(q, k, all_heads(v, self.heads, new), cu_seqlens, out=new((tokens, q_width)), causal=self.causal)
         if fused:  # one kernel: x + attention's output (the next residual) and its norm, both into the workspace
             total, normed = new((tokens, hidden)), new((tokens, hidden))
             residual_rmsnorm(_linear(ctx, self.attn_out, new), x, self.ffn_norm.weight, self.eps, out=normed, sum_out=total)
@@ -70,15 +70,16 @@ class DecoderLayer(nn.Module):
         _activation_(gate, self.act)
         return _linear(gate.mul_(up), self.down, new).add_(x)
 
-    def _all_heads(self, t: torch.Tensor, new) -> torch.Tensor:
-        """Key or value heads [T, kv_heads, d] repeated for the query heads each serves, [T, heads, d]; as they are
-        when every query head has its own."""
-        if self.kv_heads == self.heads:
-            return t
-        tokens, kv, d = t.shape
-        out = new((tokens, self.heads, d))
-        out.view(tokens, kv, self.heads // kv, d).copy_(t[:, :, None, :].expand(tokens, kv, self.heads // kv, d))
-        return out
+
+def all_heads(t: torch.Tensor, heads: int, new) -> torch.Tensor:
+    """Key or value heads [T, kv_heads, d] repeated for the query heads each serves, [T, heads, d]; as they are when
+    every query head has its own."""
+    tokens, kv, d = t.shape
+    if kv == heads:
+        return t
+    out = new((tokens, heads, d))
+    out.view(tokens, kv, heads // kv, d).copy_(t[:, :, None, :].expand(tokens, kv, heads // kv, d))
+    return out
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:

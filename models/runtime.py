@@ -217,10 +217,10 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
     head = None if folder.head is None else load_head(folder.head, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))
     mode = pooling or ("splade" if folder.mlm is not None else folder.pooling.mode)
     if folder.pooling.guessed and pooling is None and folder.mlm is None and folder.head is None:
-        mode = "last" if cfg.decoder is not None else mode  # what vLLM guesses for a decoder-only embedder
+        causal = cfg.decoder is not None and cfg.decoder.causal
+        mode = "last" if causal else mode  # what vLLM guesses for a causal embedder (only its last token sees all)
         log.warning("%s has no sentence-transformers modules.json: pooling by %s, as %s does for such a folder; set "
-                    "model.pooling (mean, cls, last) to choose", folder_path, mode,
-                    "vLLM" if cfg.decoder is not None else "SentenceTransformer")
+                    "model.pooling (mean, cls, last) to choose", folder_path, mode, "vLLM" if causal else "SentenceTransformer")
     sparse = None
     if mode == "splade":
         sparse = load_mlm_head(folder.mlm, cfg, take).to(device=torch_device, dtype=getattr(torch, dtype))

@@ -1,5 +1,5 @@
 """Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters, Qwen2 / Qwen3
-ones onto PackedDecoder's, and ModernBERT ones onto PackedModernBert's."""
+ones onto PackedDecoder's, Gemma3 ones onto PackedGemma's, and ModernBERT ones onto PackedModernBert's."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFold
 from models.decoder import PackedDecoder
 from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 from models.folder import ModelFolder
+from models.gemma import PackedGemma
 from models.modernbert import ModernBertClassificationHead, PackedModernBert
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.")
@@ -121,11 +122,13 @@ def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:
 
 
 def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None,
-                 dtype: torch.dtype = torch.float32) -> PackedEncoder | PackedDecoder | PackedModernBert:
-    """Build a PackedEncoder (a PackedDecoder for a decoder-only model, a PackedModernBert for ModernBERT) and fill it
-    from safetensors files (or `take`, a `reader` of them already open), its parameters in `dtype`; every parameter
-    must be found."""
+                 dtype: torch.dtype = torch.float32) -> PackedEncoder | PackedDecoder | PackedGemma | PackedModernBert:
+    """Build a PackedEncoder (a PackedDecoder for a decoder-only model, a PackedGemma for Gemma3, a PackedModernBert for
+    ModernBERT) and fill it from safetensors files (or `take`, a `reader` of them already open), its parameters in
+    `dtype`; every parameter must be found."""
     take = take or reader(weight_files)
+    if cfg.model_type == "gemma3_text":
+        return _filled(lambda: PackedGemma(cfg), _gemma_state(cfg, take), dtype)
     if cfg.decoder is not None:
         return _filled(lambda: PackedDecoder(cfg), _decoder_state(cfg, take), dtype)
     if cfg.modernbert is not None:
@@ -181,6 +184,27 @@ def _decoder_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
         state[ours + "attn_out.weight"] = take(attn + "o_proj.weight")
         if parts.out_bias:
             state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
+        state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+        state[ours + "down.weight"] = take(mlp + "down_proj.weight")
+    return state
+
+
+def _gemma_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
+    """PackedGemma's parameters from a Gemma3 checkpoint's names (Gemma3TextModel's, or with a `model.` prefix
+    stripped): q/k/v_proj into one qkv, gate/up_proj into one gate_up, the four norms of each layer as they are."""
+    state = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+             "ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"layers.{i}."
+        attn, mlp = theirs + "self_attn.", theirs + "mlp."
+        state.update({f"{ours}{mine}.weight": take(f"{theirs}{name}.weight") for mine, name in norms.items()})
+        state[ours + "qkv.weight"] = torch.cat([take(f"{attn}{x}_proj.weight") for x in "qkv"])
+        if cfg.decoder.qkv_bias:
+            state[ours + "qkv.bias"] = torch.cat([take(f"{attn}{x}_proj.bias") for x in "qkv"])
+            state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
+        state.update({f"{ours}{x}_norm.weight": take(f"{attn}{x}_norm.weight") for x in "qk"})
+        state[ours + "attn_out.weight"] = take(attn + "o_proj.weight")
         state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
         state[ours + "down.weight"] = take(mlp + "down_proj.weight")
     return state
