@@ -71,20 +71,7 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
     if heads % parts.num_kv_heads:
         raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of "
                                f"num_key_value_heads={parts.num_kv_heads}")
-    return cls(
-        model_type=model_type,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        num_heads=heads,
-        num_layers=cfg["num_hidden_layers"],
-        intermediate_size=cfg["intermediate_size"],
-        max_positions=cfg.get("max_position_embeddings", 32768),
-        type_vocab_size=0,
-        layer_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        activation=activation,
-        matryoshka_dimensions=matryoshka,
-        decoder=parts,
-    )
+    return _built(cls, cfg, model_type, 32768, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
 
 
 def gemma_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
@@ -141,20 +128,7 @@ def gemma_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
     if heads % parts.num_kv_heads:
         raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of "
                                f"num_key_value_heads={parts.num_kv_heads}")
-    return cls(
-        model_type="gemma3_text",
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        num_heads=heads,
-        num_layers=layers,
-        intermediate_size=cfg["intermediate_size"],
-        max_positions=cfg.get("max_position_embeddings", 131072),
-        type_vocab_size=0,
-        layer_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        activation=activation,
-        matryoshka_dimensions=matryoshka,
-        decoder=parts,
-    )
+    return _built(cls, cfg, "gemma3_text", 131072, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
 
 
 @dataclass(frozen=True)
@@ -226,17 +200,15 @@ def modernbert_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderCon
         classifier_bias=bool(cfg.get("classifier_bias", False)),
         classifier_activation=head_activation,
     )
-    return cls(
-        model_type="modernbert",
-        vocab_size=cfg["vocab_size"],
-        hidden_size=hidden,
-        num_heads=heads,
-        num_layers=layers,
-        intermediate_size=cfg["intermediate_size"],
-        max_positions=cfg.get("max_position_embeddings", 8192),
-        type_vocab_size=0,
-        layer_norm_eps=cfg.get("norm_eps", 1e-5),
-        activation=activation,
-        matryoshka_dimensions=matryoshka,
-        modernbert=parts,
-    )
+    return _built(cls, cfg, "modernbert", 8192, cfg.get("norm_eps", 1e-5), activation, matryoshka, modernbert=parts)
+
+
+def _built(cls, cfg: dict, model_type: str, max_positions: int, eps: float, activation: str,
+           matryoshka: tuple[int, ...], **parts) -> EncoderConfig:
+    """The EncoderConfig of these architectures: the sizes config.json names alike, no token types, and `parts`
+    (decoder= or modernbert=)."""
+    return cls(model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+               num_heads=cfg["num_attention_heads"], num_layers=cfg["num_hidden_layers"],
+               intermediate_size=cfg["intermediate_size"],
+               max_positions=cfg.get("max_position_embeddings", max_positions), type_vocab_size=0, layer_norm_eps=eps,
+               activation=activation, matryoshka_dimensions=matryoshka, **parts)
