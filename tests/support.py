@@ -197,3 +197,39 @@ def worst_per_sequence(packed, refs, seqs) -> float:
     reference states [L, H] (a list, one a sequence), over every sequence."""
     cu = np.cumsum([0, *map(len, seqs)])
     return max((packed[cu[i]:cu[i + 1]] - r).abs().max().item() for i, r in enumerate(refs))
+
+
+def folder_check_refuses(folder: Path, tmp_path: Path, missing: str, misshaped: tuple[str, object], shape_message: str) -> None:
+    """A copy of the model folder without the weight `missing`, then with it back and `misshaped` = (name, tensor)
+    put in: each refused by the start-up check, with the missing name and then `shape_message` (a regex)."""
+    import shutil  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    from models.checks import check_model_settings  # noqa: PLC0415
+    from models.config import ModelFolderError  # noqa: PLC0415
+    from models.folder import read_model_folder  # noqa: PLC0415
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    kept = tensors.pop(missing)
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=f"'{missing}' is missing"):
+        check_model_settings(read_model_folder(bad), "cpu", "float32")
+    save_file({**tensors, missing: kept, misshaped[0]: misshaped[1]}, str(bad / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=shape_message):
+        check_model_settings(read_model_folder(bad), "cpu", "float32")
+
+
+def truncation_served_as_encode(short: Path, texts: list[str], limit: int) -> None:
+    """A folder whose max_seq_length is `limit`: texts past it are a 413 without truncate, and with it the vectors of
+    SentenceTransformer.encode (which cuts at the limit, special tokens kept)."""
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    with ServerThread(create_app(settings(model={"path": str(short), "name": "short"}))) as s, s.client() as c:
+        refused = c.post("/embed", json={"inputs": texts})
+        cut = c.post("/embed", json={"inputs": texts, "truncate": True})
+    assert refused.status_code == 413 and f"more than the limit of {limit}" in refused.json()["error"], refused.text
+    np.testing.assert_allclose(np.array(cut.json()), SentenceTransformer(str(short), device="cpu").encode(texts), atol=2e-5)

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from kernels import cuda, emulate
 from kernels.attention import DeviceLayout, varlen_attention
-from models.checks import check_model_settings
 from models.config import EncoderConfig, ModelFolderError
 from models.decoder import PackedDecoder
 from models.encoder import PackedBatch
@@ -25,7 +24,7 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.mpnet_folders import texts
 from tests.qwen_folders import QUERY_PROMPT, qwen_folder
-from tests.support import ServerThread, settings, worst_per_sequence
+from tests.support import ServerThread, folder_check_refuses, settings, truncation_served_as_encode, worst_per_sequence
 
 LENGTHS = (1, 2, 9, 40, 131, 300)  # tokens, <|endoftext|> included
 
@@ -156,17 +155,9 @@ def test_transformers_4_configs_parse_as_5s(folders):
 
 
 def test_folder_check_names_a_missing_or_misshaped_weight(folders, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(folders["qwen3"], bad)
-    tensors = load_file(str(bad / "model.safetensors"))
-    del tensors["layers.1.self_attn.k_norm.weight"]
-    save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ModelFolderError, match="'layers.1.self_attn.k_norm.weight' is missing"):
-        check_model_settings(read_model_folder(bad), "cpu", "float32")
-    tensors["layers.1.self_attn.k_norm.weight"] = torch.ones(16)
-    save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ModelFolderError, match=r"layers.1.k_norm.weight is \[16\] in the files, \[32\] by config.json"):
-        check_model_settings(read_model_folder(bad), "cpu", "float32")
+    folder_check_refuses(folders["qwen3"], tmp_path, "layers.1.self_attn.k_norm.weight",
+                         ("layers.1.self_attn.k_norm.weight", torch.ones(16)),
+                         r"layers.1.k_norm.weight is \[16\] in the files, \[32\] by config.json")
 
 
 def test_a_causal_lm_checkpoint_loads_without_its_lm_head(folders, tmp_path):
@@ -229,9 +220,4 @@ def test_served_as_sentence_transformers_encodes(folders, tmp_path):
     np.testing.assert_allclose(np.array(query.json()), st.encode(sample, prompt=QUERY_PROMPT), atol=2e-5)
     np.testing.assert_allclose(np.array(via_openai), st.encode(sample), atol=2e-5)
     assert np.abs(np.array(query.json()) - np.array(plain.json())).max() > 1e-2  # the prompt changed the vectors
-    with ServerThread(create_app(settings(model={"path": str(short), "name": "short"}))) as s, s.client() as c:
-        refused = c.post("/embed", json={"inputs": long_ones})
-        cut = c.post("/embed", json={"inputs": long_ones, "truncate": True})
-    assert refused.status_code == 413 and "more than the limit of 24" in refused.json()["error"], refused.text
-    np.testing.assert_allclose(np.array(cut.json()), SentenceTransformer(str(short), device="cpu").encode(long_ones),
-                               atol=2e-5)
+    truncation_served_as_encode(short, long_ones, 24)

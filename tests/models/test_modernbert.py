@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from kernels import cuda
 from kernels.attention import DeviceLayout, varlen_attention
-from models.checks import check_model_settings
 from models.config import EncoderConfig, ModelFolderError
 from models.encoder import PackedBatch, pool
 from models.folder import read_model_folder
@@ -25,7 +24,7 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.modernbert_folders import LOCAL_ATTENTION, modernbert_folder
 from tests.mpnet_folders import texts
-from tests.support import ServerThread, settings, worst_per_sequence
+from tests.support import ServerThread, folder_check_refuses, settings, truncation_served_as_encode, worst_per_sequence
 
 LENGTHS = (1, 2, 5, 6, 9, 10, 40, 131, 300)  # tokens: within the window (4 either side), at its edge, far beyond
 BIASED = dict(norm_bias=True, attention_bias=True, mlp_bias=True, hidden_activation="gelu_pytorch_tanh")
@@ -173,18 +172,10 @@ def test_transformers_4_configs_parse_as_5s(folders):
 
 
 def test_folder_check_names_a_missing_or_misshaped_weight(folders, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(folders["plain"], bad)
-    tensors = load_file(str(bad / "model.safetensors"))
-    del tensors["layers.2.attn_norm.weight"]
-    save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ModelFolderError, match="'layers.2.attn_norm.weight' is missing"):
-        check_model_settings(read_model_folder(bad), "cpu", "float32")
-    tensors["layers.2.attn_norm.weight"] = torch.ones(64)
-    tensors["layers.1.mlp.Wi.weight"] = tensors["layers.1.mlp.Wi.weight"][:96].contiguous()  # the gate half lost
-    save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ModelFolderError, match=r"layers.1.ffn_in.weight is \[96, 64\] in the files, \[192, 64\] by config"):
-        check_model_settings(read_model_folder(bad), "cpu", "float32")
+    wi = load_file(str(folders["plain"] / "model.safetensors"))["layers.1.mlp.Wi.weight"]
+    folder_check_refuses(folders["plain"], tmp_path, "layers.2.attn_norm.weight",
+                         ("layers.1.mlp.Wi.weight", wi[:96].contiguous()),  # the gate half lost
+                         r"layers.1.ffn_in.weight is \[96, 64\] in the files, \[192, 64\] by config")
 
 
 @pytest.mark.parametrize("change,needle", [({"architectures": ["ModernBertForMaskedLM"]}, "ModernBertForMaskedLM is not"),
@@ -229,12 +220,7 @@ def test_embed_over_http(folders, tmp_path):
     np.testing.assert_allclose(np.array(r.json()), SentenceTransformer(str(folders["plain"]), device="cpu").encode(sample),
                                atol=2e-5)
     assert info["model_id"] == "modernbert"
-    with ServerThread(create_app(settings(model={"path": str(short), "name": "short"}))) as s, s.client() as c:
-        refused = c.post("/embed", json={"inputs": long_ones})
-        cut = c.post("/embed", json={"inputs": long_ones, "truncate": True})
-    assert refused.status_code == 413 and "more than the limit of 24" in refused.json()["error"], refused.text
-    np.testing.assert_allclose(np.array(cut.json()), SentenceTransformer(str(short), device="cpu").encode(long_ones),
-                               atol=2e-5)
+    truncation_served_as_encode(short, long_ones, 24)
 
 
 @pytest.mark.parametrize("pooling,overrides", [("cls", {}), ("mean", {"classifier_bias": True, "norm_bias": True,
