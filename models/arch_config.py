@@ -9,10 +9,6 @@ from dataclasses import dataclass
 from kernels.activation import ACTIVATION_NAMES
 from models.config import EncoderConfig, ModelFolderError
 
-# ModernBERT's feed-forward activations (transformers' ACT2FN names) -> the kind models/encoder.py's _activation_ runs
-MODERNBERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu",
-                          "silu": "silu", "swish": "silu"}
-
 
 @dataclass(frozen=True)
 class DecoderParts:
@@ -48,9 +44,7 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
     for given in (rope, cfg.get("rope_scaling") or {}):  # transformers 5's, and 4's
         if (kind := given.get("rope_type", given.get("type", "default"))) != "default":
             raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain rotary positions are)")
-    if activation not in ACTIVATION_NAMES:
-        raise ModelFolderError(f"config.json's hidden_act {activation!r} is not supported (supported: "
-                               f"{', '.join(ACTIVATION_NAMES)})")
+    _check_activation("hidden_act", activation)
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise ModelFolderError("sliding-window attention (use_sliding_window) is not supported")
     if cfg.get("auto_map") and "is_causal" not in cfg:
@@ -60,7 +54,7 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
                                "\"is_causal\": true for causal")
     qwen3 = model_type == "qwen3"
     parts = DecoderParts(
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=_kv_heads(cfg),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         causal=bool(cfg.get("is_causal", True)),  # transformers 5 reads this key too
@@ -68,9 +62,6 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
         out_bias=bool(cfg.get("attention_bias", False)) if qwen3 else False,
         qk_norm=qwen3,
     )
-    if heads % parts.num_kv_heads:
-        raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of "
-                               f"num_key_value_heads={parts.num_kv_heads}")
     return _built(cls, cfg, model_type, 32768, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
 
 
@@ -86,48 +77,28 @@ def gemma_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
     if cfg.get("attn_logit_softcapping") is not None:
         raise ModelFolderError(f"config.json's attn_logit_softcapping={cfg['attn_logit_softcapping']!r} is not "
                                "supported (attention scores without softcapping are)")
-    if activation not in ACTIVATION_NAMES:
-        raise ModelFolderError(f"config.json's hidden_activation {activation!r} is not supported (supported: "
-                               f"{', '.join(ACTIVATION_NAMES)})")
-    types = cfg.get("layer_types")
-    if not types:  # transformers' default: every `sliding_window_pattern`-th layer full, the others sliding
-        every = cfg.get("sliding_window_pattern", 6)
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ModelFolderError(f"config.json's sliding_window_pattern={every!r} must be a whole number >= 1")
-        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
-    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
-        raise ModelFolderError(f"config.json's layer_types must name full_attention or sliding_attention for each of "
-                               f"its {layers} layers; got {types}")
+    _check_activation("hidden_activation", activation)
+    # transformers' default: every `sliding_window_pattern`-th layer full, the others sliding
+    every = _whole(cfg, "sliding_window_pattern", 6, 1)
+    local = _local_layers(cfg, layers, lambda i: (i + 1) % every != 0)
     # config.json's sliding_window W counts both sides: bidirectional, transformers attends where |i - j| < W // 2 + 1
-    sliding = cfg.get("sliding_window")
-    if "sliding_attention" in types and (not isinstance(sliding, int) or isinstance(sliding, bool) or sliding < 0):
-        raise ModelFolderError(f"config.json's sliding_window={sliding!r} must be a whole number of tokens")
-    rope = cfg.get("rope_parameters") or {}
-    over = {"rope_type" if key == "type" else key: value for key, value in (cfg.get("rope_scaling") or {}).items()}
-    theta = {}
-    for kind, old_key, default in (("full_attention", "rope_theta", 1_000_000.0),
-                                   ("sliding_attention", "rope_local_base_freq", 10_000.0)):
-        params = {**(rope.get(kind) or {}), **(over if kind == "full_attention" else {})}  # rope_scaling: full layers'
-        if (scaling := params.get("rope_type", "default")) != "default":
-            raise ModelFolderError(f"config.json's rotary scaling {scaling!r} is not supported (plain rotary positions are)")
-        theta[kind] = float(params.get("rope_theta", cfg.get(old_key) or default))
+    sliding = _whole(cfg, "sliding_window", None, 0) if any(local) else None
+    # transformers 4's rope_scaling is the full layers' (rope_local_base_freq the sliding ones' base)
+    theta = _thetas(cfg, ("rope_theta", 1_000_000.0), ("rope_local_base_freq", 10_000.0), scaled_local=False)
     bias = bool(cfg.get("attention_bias", False))
     parts = DecoderParts(
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=_kv_heads(cfg),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rope_theta=theta["full_attention"],
+        rope_theta=theta[False],
         causal=False,
         qkv_bias=bias,
         out_bias=bias,
         qk_norm=True,
-        local_layers=tuple(t == "sliding_attention" for t in types),
-        window=sliding // 2 if "sliding_attention" in types else None,
-        local_rope_theta=theta["sliding_attention"],
+        local_layers=local,
+        window=None if sliding is None else sliding // 2,
+        local_rope_theta=theta[True],
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
     )
-    if heads % parts.num_kv_heads:
-        raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of "
-                               f"num_key_value_heads={parts.num_kv_heads}")
     return _built(cls, cfg, "gemma3_text", 131072, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
 
 
@@ -162,38 +133,18 @@ def modernbert_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderCon
     if hidden % heads:
         raise ModelFolderError(f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
     activation, head_activation = cfg.get("hidden_activation", "gelu"), cfg.get("classifier_activation", "gelu")
-    for key, name in (("hidden_activation", activation), ("classifier_activation", head_activation)):
-        if name not in MODERNBERT_ACTIVATIONS:
-            raise ModelFolderError(f"config.json's {key} {name!r} is not supported "
-                                   f"(supported: {', '.join(MODERNBERT_ACTIVATIONS)})")
-    types = cfg.get("layer_types")
-    if not types:  # transformers 4: every n-th layer global, from layer 0 (transformers 5 reads it so too)
-        every = cfg.get("global_attn_every_n_layers", 3)
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ModelFolderError(f"config.json's global_attn_every_n_layers={every!r} must be a whole number >= 1")
-        types = ["sliding_attention" if i % every else "full_attention" for i in range(layers)]
-    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
-        raise ModelFolderError(f"config.json's layer_types must name full_attention or sliding_attention for each of "
-                               f"its {layers} layers; got {types}")
-    local_attention = cfg.get("local_attention", 128)
-    if not isinstance(local_attention, int) or isinstance(local_attention, bool) or local_attention < 0:
-        raise ModelFolderError(f"config.json's local_attention={local_attention!r} must be a whole number of tokens")
-    rope = cfg.get("rope_parameters") or {}
-    # transformers 4's rope_scaling (its "type" is rope_type) is laid over both kinds' parameters, as transformers 5 does
-    over = {"rope_type" if key == "type" else key: value for key, value in (cfg.get("rope_scaling") or {}).items()}
-    theta = {}
-    for kind, old_key, default in (("full_attention", "global_rope_theta", 160000.0),
-                                   ("sliding_attention", "local_rope_theta", 10000.0)):
-        params = {**(rope.get(kind) or {}), **over}
-        scaling = params.get("rope_type", "default")
-        if scaling != "default":
-            raise ModelFolderError(f"config.json's rotary scaling {scaling!r} is not supported (plain rotary positions are)")
-        theta[kind] = float(params.get("rope_theta", cfg.get(old_key) or default))
+    _check_activation("hidden_activation", activation)
+    _check_activation("classifier_activation", head_activation)
+    # transformers 4: every n-th layer global, from layer 0 (transformers 5 reads it so too)
+    every = _whole(cfg, "global_attn_every_n_layers", 3, 1)
+    local = _local_layers(cfg, layers, lambda i: i % every != 0)
+    # transformers 4's rope_scaling is laid over both kinds' parameters, as transformers 5 does
+    theta = _thetas(cfg, ("global_rope_theta", 160000.0), ("local_rope_theta", 10000.0), scaled_local=True)
     parts = ModernBertParts(
-        local_layers=tuple(t == "sliding_attention" for t in types),
-        local_attention=local_attention,
-        global_rope_theta=theta["full_attention"],
-        local_rope_theta=theta["sliding_attention"],
+        local_layers=local,
+        local_attention=_whole(cfg, "local_attention", 128, 0),
+        global_rope_theta=theta[False],
+        local_rope_theta=theta[True],
         norm_bias=bool(cfg.get("norm_bias", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -212,3 +163,51 @@ def _built(cls, cfg: dict, model_type: str, max_positions: int, eps: float, acti
                intermediate_size=cfg["intermediate_size"],
                max_positions=cfg.get("max_position_embeddings", max_positions), type_vocab_size=0, layer_norm_eps=eps,
                activation=activation, matryoshka_dimensions=matryoshka, **parts)
+
+
+def _check_activation(key: str, name: str) -> None:
+    """ModelFolderError unless the kernels (and the CPU path's activate_) run the activation config.json names."""
+    if name not in ACTIVATION_NAMES:
+        raise ModelFolderError(f"config.json's {key} {name!r} is not supported (supported: {', '.join(ACTIVATION_NAMES)})")
+
+
+def _whole(cfg: dict, key: str, default: int | None, least: int) -> int:
+    """config.json's whole number `key` (default when absent), refused below `least`."""
+    value = cfg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ModelFolderError(f"config.json's {key}={value!r} must be a whole number >= {least}")
+    return value
+
+
+def _kv_heads(cfg: dict) -> int:
+    """num_key_value_heads (num_attention_heads when absent), refused unless it divides the query heads."""
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ModelFolderError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    return kv
+
+
+def _local_layers(cfg: dict, layers: int, local_by_default) -> tuple[bool, ...]:
+    """Which layers attend within a window: config.json's layer_types (transformers 5), else local_by_default(i)."""
+    types = cfg.get("layer_types") or ["sliding_attention" if local_by_default(i) else "full_attention"
+                                       for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ModelFolderError(f"config.json's layer_types must name full_attention or sliding_attention for each of "
+                               f"its {layers} layers; got {types}")
+    return tuple(t == "sliding_attention" for t in types)
+
+
+def _thetas(cfg: dict, full: tuple[str, float], local: tuple[str, float], scaled_local: bool) -> dict[bool, float]:
+    """Rotary bases of full (False) and local (True) layers: transformers 5's rope_parameters per layer type, else 4's
+    keys (full[0], local[0]) or their defaults; any scaling refused, transformers 4's rope_scaling (its "type" is
+    rope_type) counting for full layers, and for local ones too when `scaled_local`."""
+    rope = cfg.get("rope_parameters") or {}
+    over = {"rope_type" if key == "type" else key: value for key, value in (cfg.get("rope_scaling") or {}).items()}
+    theta = {}
+    for is_local, kind, (old_key, default) in ((False, "full_attention", full), (True, "sliding_attention", local)):
+        params = {**(rope.get(kind) or {}), **(over if scaled_local or not is_local else {})}
+        if (scaling := params.get("rope_type", "default")) != "default":
+            raise ModelFolderError(f"config.json's rotary scaling {scaling!r} is not supported (plain rotary positions are)")
+        theta[is_local] = float(params.get("rope_theta", cfg.get(old_key) or default))
+    return theta

@@ -18,7 +18,6 @@ from torch import nn
 
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
-from models.arch_config import MODERNBERT_ACTIVATIONS
 from models.config import EncoderConfig
 from models.decoder import _linear, apply_rotary, rotary_tables
 from models.encoder import PackedBatch, _activation_
@@ -32,7 +31,7 @@ class ModernBertLayer(nn.Module):
         super().__init__()
         parts, h = cfg.modernbert, cfg.hidden_size
         self.heads, self.head_dim, self.eps = cfg.num_heads, h // cfg.num_heads, cfg.layer_norm_eps
-        self.act = MODERNBERT_ACTIVATIONS[cfg.activation]
+        self.act = cfg.activation
         self.local = parts.local_layers[index]
         self.window = parts.window if self.local else None
         # layer 0's attention norm is transformers' Identity: no parameters, nothing run
@@ -74,7 +73,7 @@ class ModernBertClassificationHead(nn.Module):
     def __init__(self, cfg: EncoderConfig, labels: int):
         super().__init__()
         parts, h = cfg.modernbert, cfg.hidden_size
-        self.act = MODERNBERT_ACTIVATIONS[parts.classifier_activation]
+        self.act = parts.classifier_activation
         self.dense = nn.Linear(h, h, bias=parts.classifier_bias)
         self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, bias=parts.norm_bias)
         self.out = nn.Linear(h, labels)

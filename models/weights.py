@@ -128,7 +128,7 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None,
     `dtype`; every parameter must be found."""
     take = take or reader(weight_files)
     if cfg.model_type == "gemma3_text":
-        return _filled(lambda: PackedGemma(cfg), _gemma_state(cfg, take), dtype)
+        return _filled(lambda: PackedGemma(cfg), _decoder_state(cfg, take), dtype)
     if cfg.decoder is not None:
         return _filled(lambda: PackedDecoder(cfg), _decoder_state(cfg, take), dtype)
     if cfg.modernbert is not None:
@@ -166,45 +166,30 @@ def _filled(make, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.flo
     return model.eval()
 
 
+# each layer's norms, ours -> the checkpoint's: Qwen's two, Gemma3's four
+_DECODER_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
+
+
 def _decoder_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
-    """PackedDecoder's parameters from a Qwen2 / Qwen3 checkpoint's names (a *ForCausalLM's `model.` prefix stripped,
-    its lm_head unread): q/k/v_proj into one qkv, gate/up_proj into one gate_up."""
+    """PackedDecoder's or PackedGemma's parameters from a Qwen2 / Qwen3 / Gemma3 checkpoint's names (a *ForCausalLM's
+    `model.` prefix stripped, its lm_head unread): q/k/v_proj into one qkv, gate/up_proj into one gate_up."""
     state = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
     parts = cfg.decoder
-    for i in range(cfg.num_layers):
-        ours, theirs = f"layers.{i}.", f"layers.{i}."
-        attn, mlp = theirs + "self_attn.", theirs + "mlp."
-        state[ours + "attn_norm.weight"] = take(theirs + "input_layernorm.weight")
-        state[ours + "ffn_norm.weight"] = take(theirs + "post_attention_layernorm.weight")
-        state[ours + "qkv.weight"] = torch.cat([take(f"{attn}{x}_proj.weight") for x in "qkv"])
-        if parts.qkv_bias:
-            state[ours + "qkv.bias"] = torch.cat([take(f"{attn}{x}_proj.bias") for x in "qkv"])
-        if parts.qk_norm:
-            state[ours + "q_norm.weight"], state[ours + "k_norm.weight"] = take(attn + "q_norm.weight"), take(attn + "k_norm.weight")
-        state[ours + "attn_out.weight"] = take(attn + "o_proj.weight")
-        if parts.out_bias:
-            state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
-        state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
-        state[ours + "down.weight"] = take(mlp + "down_proj.weight")
-    return state
-
-
-def _gemma_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
-    """PackedGemma's parameters from a Gemma3 checkpoint's names (Gemma3TextModel's, or with a `model.` prefix
-    stripped): q/k/v_proj into one qkv, gate/up_proj into one gate_up, the four norms of each layer as they are."""
-    state = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
-    norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
-             "ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
+    norms = _GEMMA_NORMS if cfg.model_type == "gemma3_text" else _DECODER_NORMS
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}.", f"layers.{i}."
         attn, mlp = theirs + "self_attn.", theirs + "mlp."
         state.update({f"{ours}{mine}.weight": take(f"{theirs}{name}.weight") for mine, name in norms.items()})
         state[ours + "qkv.weight"] = torch.cat([take(f"{attn}{x}_proj.weight") for x in "qkv"])
-        if cfg.decoder.qkv_bias:
+        if parts.qkv_bias:
             state[ours + "qkv.bias"] = torch.cat([take(f"{attn}{x}_proj.bias") for x in "qkv"])
-            state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
-        state.update({f"{ours}{x}_norm.weight": take(f"{attn}{x}_norm.weight") for x in "qk"})
+        if parts.qk_norm:
+            state.update({f"{ours}{x}_norm.weight": take(f"{attn}{x}_norm.weight") for x in "qk"})
         state[ours + "attn_out.weight"] = take(attn + "o_proj.weight")
+        if parts.out_bias:
+            state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
         state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
         state[ours + "down.weight"] = take(mlp + "down_proj.weight")
     return state
