@@ -118,7 +118,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: tor
     return out
 
 
-class PackedDecoder(nn.Module):
+class RotaryModel(nn.Module):
+    """What the packed rotary models (PackedDecoder, models/gemma.py's, models/modernbert.py's) share: their token
+    embeddings `embed` looked up into the workspace, rotary tables for each kind of layer, and record_forward."""
+
+    def embedded(self, batch: PackedBatch, ws: Workspace) -> torch.Tensor:
+        """The batch's token embeddings [T, H], in a workspace tensor."""
+        weight = self.embed.weight
+        out = ws.empty((batch.input_ids.shape[0], weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        return torch.index_select(weight, 0, batch.input_ids, out=out)
+
+    def rotary_by_kind(self, batch: PackedBatch, head_dim: int, local_layers: tuple[bool, ...], full_theta: float,
+                       local_theta: float) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of each kind of layer the model has (False: full, True: local, each its rotary base), once a batch."""
+        return {local: rotary_tables(batch.position_ids, head_dim, local_theta if local else full_theta,
+                                     self.embed.weight.dtype) for local in sorted(set(local_layers))}
+
+    def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
+        """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""
+        batch = PackedBatch.from_ids([[0] * tokens], 0, self.embed.weight.device)
+        return self(batch, ws)
+
+
+class PackedDecoder(RotaryModel):
     """Token embeddings + N decoder layers + the final RMSNorm; returns the last hidden states of all packed tokens.
     The same interface as models/encoder.py's PackedEncoder (forward, record_forward, cfg)."""
 
@@ -134,17 +156,10 @@ class PackedDecoder(nn.Module):
     def forward(self, batch: PackedBatch, ws: Workspace | None = None) -> torch.Tensor:
         """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
         ws = ws or FreshWorkspace()
-        weight = self.embed.weight
-        tokens, hidden = batch.input_ids.shape[0], self.cfg.hidden_size
-        x = torch.index_select(weight, 0, batch.input_ids, out=ws.empty((tokens, hidden), dtype=weight.dtype, device=weight.device))
-        rotary = rotary_tables(batch.position_ids, self.cfg.decoder.head_dim, self.cfg.decoder.rope_theta, weight.dtype)
+        x = self.embedded(batch, ws)
+        rotary = rotary_tables(batch.position_ids, self.cfg.decoder.head_dim, self.cfg.decoder.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws, rotary)
-        if weight.is_cuda or use_kernels(weight):
+        if x.is_cuda or use_kernels(x):
             return _fused_rms_norm(x, self.norm, partial(ws.empty, dtype=x.dtype, device=x.device))
         return _rms_norm(x, self.norm)
-
-    def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
-        """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""
-        batch = PackedBatch.from_ids([[0] * tokens], 0, self.embed.weight.device)
-        return self(batch, ws)

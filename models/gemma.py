@@ -20,7 +20,7 @@ from torch import nn
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from models.config import EncoderConfig
-from models.decoder import _linear, all_heads, apply_rotary, rotary_tables
+from models.decoder import RotaryModel, _linear, all_heads, apply_rotary
 from models.encoder import PackedBatch, _activation_
 
 
@@ -81,7 +81,7 @@ class GemmaLayer(nn.Module):
         return self.post_ffn_norm(_linear(gate.mul_(up), self.down, new)).add_(x)
 
 
-class PackedGemma(nn.Module):
+class PackedGemma(RotaryModel):
     """Scaled token embeddings + N Gemma layers + the final RMSNorm; returns the last hidden states of all packed
     tokens. The same interface as models/decoder.py's PackedDecoder (forward, record_forward, cfg)."""
 
@@ -97,22 +97,13 @@ class PackedGemma(nn.Module):
     def forward(self, batch: PackedBatch, ws: Workspace | None = None) -> torch.Tensor:
         """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
         ws = ws or FreshWorkspace()
-        weight, parts = self.embed.weight, self.cfg.decoder
-        tokens, hidden = batch.input_ids.shape[0], self.cfg.hidden_size
-        x = torch.index_select(weight, 0, batch.input_ids,
-                               out=ws.empty((tokens, hidden), dtype=weight.dtype, device=weight.device))
-        x.mul_(_embed_scale(hidden, weight.dtype))
-        rotary = {local: rotary_tables(batch.position_ids, parts.head_dim,
-                                       parts.local_rope_theta if local else parts.rope_theta, weight.dtype)
-                  for local in set(parts.local_layers)}
+        parts = self.cfg.decoder
+        x = self.embedded(batch, ws)
+        x.mul_(_embed_scale(self.cfg.hidden_size, x.dtype))
+        rotary = self.rotary_by_kind(batch, parts.head_dim, parts.local_layers, parts.rope_theta, parts.local_rope_theta)
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws, rotary[layer.local])
         return self.norm(x)
-
-    def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
-        """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""
-        batch = PackedBatch.from_ids([[0] * tokens], 0, self.embed.weight.device)
-        return self(batch, ws)
 
 
 def _embed_scale(hidden: int, dtype: torch.dtype) -> float:

@@ -19,7 +19,7 @@ from torch import nn
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from models.config import EncoderConfig
-from models.decoder import _linear, apply_rotary, rotary_tables
+from models.decoder import RotaryModel, _linear, apply_rotary
 from models.encoder import PackedBatch, _activation_
 
 
@@ -85,7 +85,7 @@ class ModernBertClassificationHead(nn.Module):
         return self.out(self.norm(h))
 
 
-class PackedModernBert(nn.Module):
+class PackedModernBert(RotaryModel):
     """Token embeddings + their LayerNorm + N layers + the final LayerNorm; returns the last hidden states of all packed
     tokens. The same interface as models/encoder.py's PackedEncoder (forward, record_forward, cfg)."""
 
@@ -103,19 +103,10 @@ class PackedModernBert(nn.Module):
     def forward(self, batch: PackedBatch, ws: Workspace | None = None) -> torch.Tensor:
         """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
         ws = ws or FreshWorkspace()
-        weight, parts = self.embed.weight, self.cfg.modernbert
-        tokens, hidden = batch.input_ids.shape[0], self.cfg.hidden_size
-        x = torch.index_select(weight, 0, batch.input_ids, out=ws.empty((tokens, hidden), dtype=weight.dtype, device=weight.device))
-        x = _norm(x, self.embed_norm)
-        d = hidden // self.cfg.num_heads
-        # (cos, sin) [T, 1, d / 2] of each kind of layer the model has, made once a batch
-        rotary = {local: rotary_tables(batch.position_ids, d, parts.local_rope_theta if local else parts.global_rope_theta,
-                                       weight.dtype) for local in sorted(set(parts.local_layers))}
+        parts = self.cfg.modernbert
+        x = _norm(self.embedded(batch, ws), self.embed_norm)
+        rotary = self.rotary_by_kind(batch, self.cfg.hidden_size // self.cfg.num_heads, parts.local_layers,
+                                     parts.global_rope_theta, parts.local_rope_theta)
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws, rotary[layer.local])
         return _norm(x, self.final_norm)
-
-    def record_forward(self, ws: Workspace, tokens: int) -> torch.Tensor:
-        """One forward over a single sequence of `tokens` tokens, for recording lifetimes (kernels.arena)."""
-        batch = PackedBatch.from_ids([[0] * tokens], 0, self.embed.weight.device)
-        return self(batch, ws)
