@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from models.arch_config import DecoderParts, ModernBertParts
+    from models.arch_config import DecoderParts, ModernBertParts, RotaryBertParts
 
 SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3", "gemma3_text",
-                   "modernbert")
+                   "modernbert", "nomic_bert", "gte", "new")
 # decoder-only embedders: Qwen3-Embedding, gte-Qwen2 (models/decoder.py); EmbeddingGemma (models/gemma.py)
 DECODER_TYPES = ("qwen2", "qwen3", "gemma3_text")
+# BERT's layers with rotary positions and a gated feed-forward block (models/rotary_bert.py): NomicBERT, and GTE as
+# transformers 5 ("gte") and Alibaba-NLP's custom code ("new") name it
+ROTARY_BERT_TYPES = ("nomic_bert", "gte", "new")
 # MPNet: transformers buckets relative positions into 32 whatever relative_attention_num_buckets says (its table
 # may be larger; a smaller one would be indexed out of range)
 MPNET_BUCKETS = 32
@@ -30,7 +33,8 @@ class ModelFolderError(ValueError):
 class EncoderConfig:
     """Architecture of a BERT-family encoder, normalised across BERT, RoBERTa, DistilBERT and MPNet; or of a
     decoder-only embedder (Qwen2, Qwen3, Gemma3: `decoder` set, the fields below it in use, layer_norm_eps its
-    RMSNorm's); or of ModernBERT (`modernbert` set, layer_norm_eps its norm_eps, activation its hidden_activation)."""
+    RMSNorm's); or of ModernBERT (`modernbert` set, layer_norm_eps its norm_eps, activation its hidden_activation); or
+    of NomicBERT or GTE (`rotary` set, activation the gate's)."""
 
     model_type: str
     vocab_size: int
@@ -49,6 +53,7 @@ class EncoderConfig:
     relative_attention_buckets: int = 0
     decoder: DecoderParts | None = None
     modernbert: ModernBertParts | None = None
+    rotary: RotaryBertParts | None = None
 
     @property
     def max_input_length(self) -> int:
@@ -75,6 +80,10 @@ class EncoderConfig:
                 activation=cfg.get("activation", "gelu"),
                 matryoshka_dimensions=matryoshka,
             )
+        if model_type in ROTARY_BERT_TYPES:
+            from models.arch_config import gte_config, nomic_config  # noqa: PLC0415 -- it imports this module
+
+            return (nomic_config if model_type == "nomic_bert" else gte_config)(cls, cfg, matryoshka)
         if model_type in DECODER_TYPES or model_type == "modernbert":
             from models.arch_config import decoder_config, modernbert_config  # noqa: PLC0415 -- it imports this module
 
@@ -159,13 +168,15 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
         style = "bert"
     elif model_type in ("roberta", "xlm-roberta", "camembert"):
         style = "roberta"
+    elif model_type in ("gte", "new"):  # gte-multilingual-reranker-base's: BERT's pooler and classifier
+        style = "bert"
     elif model_type == "modernbert":  # gte-reranker-modernbert-base's
         style, pooling = "modernbert", cfg.get("classifier_pooling", "cls")
         if pooling not in ("cls", "mean"):
             raise ModelFolderError(f"config.json's classifier_pooling {pooling!r} is not supported (cls and mean are)")
     else:
-        raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT, RoBERTa and "
-                               "ModernBERT models is)")
+        raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT, RoBERTa, "
+                               "GTE and ModernBERT models is)")
     id2label = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(cfg.get("num_labels", 2)))}
     try:
         labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))

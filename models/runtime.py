@@ -100,12 +100,13 @@ class EncoderEmbedder:
         """Serve batches of up to `max_tokens` tokens and `max_sequences` sequences by replaying CUDA graphs
         (models/graphs.py); returns whether they are on. Only on CUDA with the flash attention path (fp16/bf16)
         and for pooled outputs (not SPLADE), and not for models with a relative position bias (MPNet), decoder-only
-        models or ModernBERT."""
+        models, ModernBERT, NomicBERT or GTE."""
         if self.encoder.cfg.decoder is not None:
             log.info("CUDA graphs not used: not yet for decoder-only models (%s)", self.encoder.cfg.model_type)
             return False
-        if self.encoder.cfg.modernbert is not None:
-            log.info("CUDA graphs not used: not yet for ModernBERT (its windowed attention is not yet checked under capture)")
+        if self.encoder.cfg.modernbert is not None or self.encoder.cfg.rotary is not None:
+            log.info("CUDA graphs not used: not yet for %s (its rotary positions are not yet checked under capture)",
+                     self.encoder.cfg.model_type)
             return False
         if self.encoder.cfg.relative_attention_buckets:
             log.info("CUDA graphs not used: %s's relative position bias runs attention one sequence at a time, which "

@@ -1,5 +1,6 @@
 """Map Hugging Face BERT / RoBERTa / DistilBERT / MPNet safetensors onto PackedEncoder's parameters, Qwen2 / Qwen3
-ones onto PackedDecoder's, Gemma3 ones onto PackedGemma's, and ModernBERT ones onto PackedModernBert's."""
+ones onto PackedDecoder's, Gemma3 ones onto PackedGemma's, ModernBERT ones onto PackedModernBert's, and NomicBERT and
+GTE ones onto PackedRotaryBert's."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
 from models.folder import ModelFolder
 from models.gemma import PackedGemma
 from models.modernbert import ModernBertClassificationHead, PackedModernBert
+from models.rotary_bert import PackedRotaryBert
 
-_PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.")
+# a *For...'s base model: BERT's, RoBERTa's, ..., GTE's custom code's ("new."), transformers' GTE and NomicBERT's
+_PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.", "new.", "gte.", "nomic_bert.")
 # torch's load_state_dict message for a weight of the wrong shape
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
                        r"the shape in current model is torch.Size\((\[.*?\])\)")
@@ -133,6 +136,8 @@ def load_encoder(cfg: EncoderConfig, weight_files: list[Path], take=None,
         return _filled(lambda: PackedDecoder(cfg), _decoder_state(cfg, take), dtype)
     if cfg.modernbert is not None:
         return _filled(lambda: PackedModernBert(cfg), _modernbert_state(cfg, take), dtype)
+    if cfg.rotary is not None:
+        return _filled(lambda: PackedRotaryBert(cfg), _rotary_state(cfg, take), dtype)
 
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": take("embeddings.word_embeddings.weight"),
@@ -216,6 +221,45 @@ def _modernbert_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
         names[ours + "ffn_in"] = (theirs + "mlp.Wi", params(parts.mlp_bias))
         names[ours + "ffn_out"] = (theirs + "mlp.Wo", params(parts.mlp_bias))
     return {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, (theirs, kinds) in names.items() for p in kinds}
+
+
+# NomicBERT's and GTE's names in the files, by layout: the custom code's (which transformers 5 saves too) and
+# transformers 5's own; ours -> theirs, each layer's under its prefix, the q/k/v and up/gate parts concatenated
+_ROTARY_LAYOUTS = {
+    "nomic_bert": ("encoder.layers.{}.", {"embed_norm": "emb_ln"},
+                   {"qkv": ["attn.Wqkv"], "attn_out": ["attn.out_proj"], "attn_norm": ["norm1"],
+                    "up_gate": ["mlp.fc11", "mlp.fc12"], "down": ["mlp.fc2"], "ffn_norm": ["norm2"]}),
+    "gte": ("encoder.layer.{}.", {},
+            {"qkv": ["attention.qkv_proj"], "attn_out": ["attention.o_proj"], "attn_norm": ["attn_ln"],
+             "up_gate": ["mlp.up_gate_proj"], "down": ["mlp.down_proj"], "ffn_norm": ["mlp_ln"]}),
+    "transformers": ("layers.{}.", {},
+                     {"qkv": [f"self_attn.{x}_proj" for x in "qkv"], "attn_out": ["self_attn.o_proj"],
+                      "attn_norm": ["post_attention_layernorm"], "up_gate": ["mlp.up_proj", "mlp.gate_proj"],
+                      "down": ["mlp.down_proj"], "ffn_norm": ["post_mlp_layernorm"]}),
+}
+
+
+def _rotary_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
+    """PackedRotaryBert's parameters from a NomicBERT or GTE checkpoint's names, in the custom code's layout or, where
+    its first layer's are absent, transformers 5's; biases where config.json gives the layers them."""
+    parts = cfg.rotary
+    prefix, embed_names, layer_names = _ROTARY_LAYOUTS[cfg.model_type]
+    try:
+        take(prefix.format(0) + layer_names["qkv"][0] + ".weight")
+    except ModelFolderError:
+        prefix, embed_names, layer_names = _ROTARY_LAYOUTS["transformers"]
+    state = {"embed.weight": take("embeddings.word_embeddings.weight")}
+    if cfg.type_vocab_size:
+        state["token_types.weight"] = take("embeddings.token_type_embeddings.weight")
+    biased = {"qkv": parts.qkv_bias, "attn_out": parts.out_bias, "up_gate": False, "down": parts.down_bias}
+    norm = embed_names.get("embed_norm", "embeddings.LayerNorm")
+    state.update({f"embed_norm.{p}": take(f"{norm}.{p}") for p in ("weight", "bias")})
+    for i in range(cfg.num_layers):
+        theirs = prefix.format(i)
+        for ours, names in layer_names.items():
+            for p in ("weight", "bias") if biased.get(ours, True) else ("weight",):
+                state[f"layers.{i}.{ours}.{p}"] = torch.cat([take(f"{theirs}{n}.{p}") for n in names])
+    return state
 
 
 def check_weights(folder: ModelFolder, pooling: str | None = None) -> None:
