@@ -18,7 +18,8 @@ varlen kernel's own causal mask where it runs, else one SDPA call per sequence w
 
 Windowed attention (ModernBERT's local layers: each token sees the tokens at most `window` places from it, either
 side, in its sequence) takes the varlen kernel's window_size_left/right where it runs, else one SDPA call per sequence
-with a band mask.
+with a band mask. Causal attention within a window (Mistral's sliding window: each token sees itself and the `window`
+tokens before it) takes both: the kernel's causal mask with window_size_left, or the band's lower half.
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     written into `out` when given (contiguous, that shape). attn_bias: None, or [heads, Lmax, Lmax] of q's dtype
     with Lmax >= every length, added to the scaled scores: a sequence of length L gets its [heads, :L, :L] block.
     causal: each token attends to itself and the tokens before it (not with attn_bias). window: each token attends to
-    the tokens at most `window` places from it on either side (|i - j| <= window; with neither of the others).
+    the tokens at most `window` places from it on either side (|i - j| <= window), or with causal to itself and the
+    `window` tokens before it (0 <= i - j <= window); not with attn_bias.
     """
     total, heads, head_dim = q.shape
     ctx = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device) if out is None else out.view(total, heads, head_dim)
-    band = None  # [Lmax, Lmax] bool: the window's mask, each sequence its top-left block
+    band = None  # [Lmax, Lmax] bool: the window's mask (causal: its lower half), each sequence its top-left block
     if window is not None:
-        band = _band(max((end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])), default=0), window, q.device)
+        longest = max((end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])), default=0)
+        band = _band(longest, window, q.device, causal)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if end == start:  # an empty slot of a CUDA graph's layout
             continue
@@ -75,15 +78,18 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             mask = band[:end - start, :end - start]  # [L, L] bool, True where attended
             mask = mask if end - start > window + 1 else None  # every token within the window: no mask, SDPA's fast path
         out = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None],
-                                             v[start:end].transpose(0, 1)[None], attn_mask=mask, is_causal=causal)
+                                             v[start:end].transpose(0, 1)[None], attn_mask=mask,
+                                             is_causal=causal and mask is None)  # a band mask holds the causal half
         ctx[start:end] = out[0].transpose(0, 1)
     return ctx.view(total, heads * head_dim)
 
 
-def _band(longest: int, window: int, device: torch.device) -> torch.Tensor:
-    """[longest, longest] bool, True where |i - j| <= window: every sequence's window mask is its top-left block."""
+def _band(longest: int, window: int, device: torch.device, causal: bool = False) -> torch.Tensor:
+    """[longest, longest] bool, True where |i - j| <= window (causal: where 0 <= i - j <= window), query i, key j:
+    every sequence's window mask is its top-left block."""
     pos = torch.arange(longest, device=device)
-    return (pos[None, :] - pos[:, None]).abs() <= window
+    distance = pos[:, None] - pos[None, :]  # [query, key]: i - j
+    return (distance >= 0) & (distance <= window) if causal else distance.abs() <= window
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,8 +152,9 @@ def varlen_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
            out: torch.Tensor | None, causal: bool = False, window: int | None = None) -> torch.Tensor:
     """The varlen kernel on device offsets `cu` (int32 [B + 1]) with `longest` a bound on every length. window: the
-    kernel's own sliding window, `window` keys each side of the query (inclusive), as FlashAttention counts it."""
-    sides = {} if window is None else dict(window_size_left=window, window_size_right=window)
+    kernel's own sliding window, `window` keys each side of the query (inclusive), as FlashAttention counts it; none
+    to the right when causal."""
+    sides = {} if window is None else dict(window_size_left=window, window_size_right=0 if causal else window)
     return _into(torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, causal, False,
                                                          scale=q.shape[-1] ** -0.5, **sides)[0], out)
 
@@ -157,7 +164,10 @@ def flash_agrees(device: torch.device, dtype: torch.dtype, head_dim: int, causal
                  window: int | None = None) -> bool:
     """Whether FlashAttention's varlen kernel gives one SDPA call per sequence's answer (to 2e-2 of the largest
     value) on small random heads of this device, dtype and head size; asked once each, at warm-up, so that a
-    torch whose private op changed meaning costs speed (the nested path), never wrong embeddings."""
+    torch whose private op changed meaning costs speed (the nested path), never wrong embeddings. A window is checked
+    as one narrower than the check's longest sequence (64), so that the kernel's windowing is exercised whatever the
+    model's window (Mistral's is 4095)."""
+    window = None if window is None else min(window, 13)
     with torch._C.DisableTorchFunction():  # not part of any forward a torch-function mode may be recording
         g = torch.Generator(device=device).manual_seed(head_dim)
         cu = [0, 1, 8, 45, 109]
@@ -180,15 +190,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for the other paths (which a graph capture cannot do: models/graphs.py captures only where flash runs).
     With attn_bias, one SDPA call per sequence on any device (models with a bias are never captured). causal: the
     flash kernel's causal mask where it runs, else one SDPA call per sequence (nested tensors are not asked); window
-    the same, with the flash kernel's sliding window or a band mask."""
+    the same, with the flash kernel's sliding window or a band mask (both: causal within the window)."""
     global _nested_failed, _flash_failed
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [tokens, heads, head_dim] shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if out is not None and (out.shape != (q.shape[0], q.shape[1] * q.shape[2]) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [tokens, heads*head_dim] tensor; got {tuple(out.shape)}")
-    if window is not None and (causal or attn_bias is not None or window < 0):
-        raise ValueError(f"a window ({window=}) must be >= 0, and is taken without a causal mask or an additive bias")
+    if window is not None and (attn_bias is not None or window < 0):
+        raise ValueError(f"a window ({window=}) must be >= 0, and is taken without an additive bias")
     if attn_bias is not None:
         if causal:
             raise ValueError("attention takes an additive bias or a causal mask, not both")

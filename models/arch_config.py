@@ -1,6 +1,6 @@
 """config.json of the architectures beyond the BERT family's layout, parsed into models/config.py's EncoderConfig:
-decoder-only embedders (Qwen2, Qwen3; models/decoder.py), Gemma3's (EmbeddingGemma; models/gemma.py) and ModernBERT
-(models/modernbert.py). Each refuses, with a one-line reason, what its module does not compute."""
+decoder-only embedders (Qwen2, Qwen3, Mistral, Llama; models/decoder.py), Gemma3's (EmbeddingGemma; models/gemma.py)
+and ModernBERT (models/modernbert.py). Each refuses, with a one-line reason, what its module does not compute."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ from models.config import EncoderConfig, ModelFolderError
 class DecoderParts:
     """What a decoder-only embedder adds to EncoderConfig: grouped-query attention (num_kv_heads key/value heads of
     head_dim, shared by num_heads // num_kv_heads query heads each), rotary positions of base rope_theta, whether
-    attention is causal, and its optional parts: biases of the query/key/value and output projections, and Qwen3's
-    RMSNorm of each query and key head. The feed-forward block is gated: down(act(gate(x)) * up(x)).
+    attention is causal, and its optional parts: biases of the query/key/value and output projections, Qwen3's
+    RMSNorm of each query and key head, and Llama's biases of the feed-forward block's three projections (mlp_bias).
+    The feed-forward block is gated: down(act(gate(x)) * up(x)).
+
+    Mistral's sliding window sets `window` (sliding_window - 1): causal attention within it, each token sees itself
+    and the `window` tokens before it, in every layer.
 
     Gemma3 (models/gemma.py) adds which layers attend within a window (`local_layers`, one flag a layer: the tokens at
     most `window` places from a token, either side), those layers' rotary base, and the attention's scale
@@ -33,11 +37,22 @@ class DecoderParts:
     window: int | None = None
     local_rope_theta: float = 10000.0
     query_pre_attn_scalar: float | None = None
+    mlp_bias: bool = False
+
+
+# model_type -> max_position_embeddings where config.json leaves it out (transformers' defaults)
+_DECODER_POSITIONS = {"qwen2": 32768, "qwen3": 32768, "mistral": 131072, "llama": 2048}
 
 
 def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
-    """A Qwen2 or Qwen3 config.json (transformers 4's rope_theta or 5's rope_parameters); refused where it asks for
-    what models/decoder.py does not compute (scaled rotary positions, sliding-window attention). Gemma3's: gemma_config."""
+    """A Qwen2, Qwen3, Mistral or Llama config.json (transformers 4's rope_theta or 5's rope_parameters); refused where
+    it asks for what models/decoder.py does not compute (scaled rotary positions, Qwen2's per-layer sliding windows).
+    Gemma3's: gemma_config.
+
+    Mistral's sliding_window (4096 in e5-mistral-7b-instruct's config.json; null in some) is computed exactly rather
+    than the served length capped at it: FlashAttention's varlen kernel takes a causal mask and a left window together
+    and the CPU path's band mask is one comparison more than the causal one, so a text longer than the window gets
+    transformers' vectors, where a cap would refuse or cut texts that sentence-transformers embeds whole."""
     if cfg["model_type"] == "gemma3_text":
         return gemma_config(cls, cfg, matryoshka)
     model_type, heads, activation = cfg["model_type"], cfg["num_attention_heads"], cfg.get("hidden_act", "silu")
@@ -48,22 +63,38 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
     _check_activation("hidden_act", activation)
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise ModelFolderError("sliding-window attention (use_sliding_window) is not supported")
+    positions = cfg.get("max_position_embeddings", _DECODER_POSITIONS[model_type])
     if cfg.get("auto_map") and "is_causal" not in cfg:
         raise ModelFolderError(f"config.json names custom modeling code (auto_map); turboserve computes transformers' own "
                                f"{model_type}, whose attention is causal, and custom code may differ (gte-Qwen2's is "
                                "bidirectional): add \"is_causal\": false to config.json for bidirectional attention, or "
                                "\"is_causal\": true for causal")
-    qwen3 = model_type == "qwen3"
+    # Qwen2: q/k/v biases always; Qwen3 and Llama: q/k/v and o biases together when attention_bias; Mistral: none
+    bias = bool(cfg.get("attention_bias", False)) and model_type in ("qwen3", "llama")
     parts = DecoderParts(
         num_kv_heads=_kv_heads(cfg),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         causal=bool(cfg.get("is_causal", True)),  # transformers 5 reads this key too
-        qkv_bias=bool(cfg.get("attention_bias", False)) if qwen3 else True,
-        out_bias=bool(cfg.get("attention_bias", False)) if qwen3 else False,
-        qk_norm=qwen3,
+        qkv_bias=bias or model_type == "qwen2",
+        out_bias=bias,
+        qk_norm=model_type == "qwen3",
+        window=_mistral_window(cfg, positions) if model_type == "mistral" else None,
+        mlp_bias=bool(cfg.get("mlp_bias", False)) and model_type == "llama",
     )
-    return _built(cls, cfg, model_type, 32768, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
+    if parts.window is not None and not parts.causal:
+        raise ModelFolderError("a bidirectional Mistral (is_causal false) with a sliding_window is not supported; set "
+                               "sliding_window to null for bidirectional attention over the whole text")
+    return _built(cls, cfg, model_type, positions, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
+
+
+def _mistral_window(cfg: dict, positions: int) -> int | None:
+    """How many tokens before it a token of a Mistral sees (transformers: key j where i - sliding_window < j <= i),
+    None where config.json's sliding_window is null or spans every position."""
+    if cfg.get("sliding_window") is None:
+        return None
+    sliding = _whole(cfg, "sliding_window", None, 1)
+    return sliding - 1 if sliding < positions else None
 
 
 def gemma_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:

@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     from models.arch_config import DecoderParts, ModernBertParts, RotaryBertParts
 
 SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3", "gemma3_text",
-                   "modernbert", "nomic_bert", "gte", "new")
+                   "modernbert", "nomic_bert", "gte", "new", "mistral", "llama")
 # decoder-only embedders: Qwen3-Embedding, gte-Qwen2 (models/decoder.py); EmbeddingGemma (models/gemma.py)
-DECODER_TYPES = ("qwen2", "qwen3", "gemma3_text")
+DECODER_TYPES = ("qwen2", "qwen3", "mistral", "llama", "gemma3_text")
 # BERT's layers with rotary positions and a gated feed-forward block (models/rotary_bert.py): NomicBERT, and GTE as
 # transformers 5 ("gte") and Alibaba-NLP's custom code ("new") name it
 ROTARY_BERT_TYPES = ("nomic_bert", "gte", "new")

@@ -1,9 +1,11 @@
-"""A decoder-only embedder (Qwen2, Qwen3: Qwen3-Embedding, gte-Qwen2) that runs packed, as models/encoder.py's
-encoder does: every op but attention sees [total_tokens, hidden], attention runs on each sequence's own tokens.
+"""A decoder-only embedder (Qwen2, Qwen3, Mistral, Llama: Qwen3-Embedding, gte-Qwen2, e5-mistral-7b-instruct,
+SFR-Embedding-Mistral, Linq-Embed-Mistral) that runs packed, as models/encoder.py's encoder does: every op but
+attention sees [total_tokens, hidden], attention runs on each sequence's own tokens.
 
 A layer is pre-norm: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)), with a final RMSNorm after the last layer.
 Attention is grouped-query (each key/value head serves num_heads // num_kv_heads query heads) over rotary positions
-(each sequence numbered from 0), causal unless the config says otherwise; the feed-forward block is gated,
+(each sequence numbered from 0), causal unless the config says otherwise (Mistral's: within its sliding window, a
+token seeing itself and the `window` tokens before it); the feed-forward block is gated,
 down(silu(gate(x)) * up(x)). GEMMs are torch's on every device; on the kernel path (CUDA, or the CPU under the
 emulator) every RMSNorm is kernels/rmsnorm.py's, the one before the feed-forward block fused with the residual add
 that precedes it, while the CPU path keeps torch's F.rms_norm."""
@@ -31,15 +33,15 @@ class DecoderLayer(nn.Module):
         super().__init__()
         parts, h = cfg.decoder, cfg.hidden_size
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, parts.num_kv_heads, parts.head_dim
-        self.eps, self.act, self.causal = cfg.layer_norm_eps, cfg.activation, parts.causal
+        self.eps, self.act, self.causal, self.window = cfg.layer_norm_eps, cfg.activation, parts.causal, parts.window
         self.attn_norm = nn.RMSNorm(h, eps=self.eps)
         self.qkv = nn.Linear(h, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=parts.qkv_bias)  # one GEMM
         self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps) if parts.qk_norm else None  # Qwen3: per head
         self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps) if parts.qk_norm else None
         self.attn_out = nn.Linear(self.heads * self.head_dim, h, bias=parts.out_bias)
         self.ffn_norm = nn.RMSNorm(h, eps=self.eps)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate and up fused into one GEMM
-        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=parts.mlp_bias)  # gate and up fused into one GEMM
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=parts.mlp_bias)
 
     def forward(self, x: torch.Tensor, cu_seqlens: list[int] | DeviceLayout, ws: Workspace,
                 rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -57,7 +59,8 @@ class DecoderLayer(nn.Module):
             q, k = norm(q, self.q_norm), norm(k, self.k_norm)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
         k = all_heads(apply_rotary(k, *rotary, new((tokens, self.kv_heads, d))), self.heads, new)
-        ctx = varlen_attention(q, k, all_heads(v, self.heads, new), cu_seqlens, out=new((tokens, q_width)), causal=self.causal)
+        ctx = varlen_attention(q, k, all_heads(v, self.heads, new), cu_seqlens, out=new((tokens, q_width)),
+                               causal=self.causal, window=self.window)
         if fused:  # one kernel: x + attention's output (the next residual) and its norm, both into the workspace
             total, normed = new((tokens, hidden)), new((tokens, hidden))
             residual_rmsnorm(_linear(ctx, self.attn_out, new), x, self.ffn_norm.weight, self.eps, out=normed, sum_out=total)

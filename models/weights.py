@@ -178,8 +178,9 @@ _GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attentio
 
 
 def _decoder_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
-    """PackedDecoder's or PackedGemma's parameters from a Qwen2 / Qwen3 / Gemma3 checkpoint's names (a *ForCausalLM's
-    `model.` prefix stripped, its lm_head unread): q/k/v_proj into one qkv, gate/up_proj into one gate_up."""
+    """PackedDecoder's or PackedGemma's parameters from a Qwen2 / Qwen3 / Mistral / Llama / Gemma3 checkpoint's names
+    (a *ForCausalLM's `model.` prefix stripped, its lm_head unread): q/k/v_proj into one qkv, gate/up_proj into one
+    gate_up; biases only where config.json gives the layers them."""
     state = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
     parts = cfg.decoder
     norms = _GEMMA_NORMS if cfg.model_type == "gemma3_text" else _DECODER_NORMS
@@ -195,8 +196,9 @@ def _decoder_state(cfg: EncoderConfig, take) -> dict[str, torch.Tensor]:
         state[ours + "attn_out.weight"] = take(attn + "o_proj.weight")
         if parts.out_bias:
             state[ours + "attn_out.bias"] = take(attn + "o_proj.bias")
-        state[ours + "gate_up.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
-        state[ours + "down.weight"] = take(mlp + "down_proj.weight")
+        for p in ("weight", "bias") if parts.mlp_bias else ("weight",):  # Llama's mlp_bias: all three
+            state[f"{ours}gate_up.{p}"] = torch.cat([take(f"{mlp}gate_proj.{p}"), take(f"{mlp}up_proj.{p}")])
+            state[f"{ours}down.{p}"] = take(f"{mlp}down_proj.{p}")
     return state
 
 

@@ -35,8 +35,7 @@ def tokenizer_json(folder: Path) -> None:
 def qwen_folder(root: Path, model_type: str = "qwen3", name: str | None = None, seed: int = 0, layers: int = 2,
                 max_seq_length: int = 512) -> Path:
     """A sentence-transformers folder of a small Qwen3 or Qwen2 model (hidden 64, 4 query heads over 2 key/value
-    heads). Weights are drawn larger than transformers' init (std 0.1; the RMSNorm weights 1 ± 0.1) so that
-    attention and every norm matter."""
+    heads), its weights drawn by saved_embedder."""
     import torch  # noqa: PLC0415
 
     from tests.hf_import import import_transformers  # noqa: PLC0415
@@ -51,13 +50,22 @@ def qwen_folder(root: Path, model_type: str = "qwen3", name: str | None = None, 
         model = tf.Qwen3Model(tf.Qwen3Config(head_dim=HEAD_DIM, **common))
     else:
         model = tf.Qwen2Model(tf.Qwen2Config(**common))
+    return saved_embedder(model, folder, max_seq_length)
+
+
+def saved_embedder(model, folder: Path, max_seq_length: int = 512) -> Path:
+    """Save a small transformers decoder `model` (its weights first redrawn from torch's current seed: std 0.1, the
+    RMSNorm weights 1 ± 0.1, so that attention and every norm matter; biases included) into `folder` with
+    tokenizer_json's tokenizer, laid out for sentence-transformers: last-token pooling, Normalize, a query prompt."""
+    import torch  # noqa: PLC0415
+
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.normal_(1.0, 0.1) if "norm" in pname else p.normal_(0, 0.1)
     model.eval().save_pretrained(folder, safe_serialization=True)
     tokenizer_json(folder)
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": HIDDEN,
+    (folder / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": model.config.hidden_size,
                                                               "pooling_mode_lasttoken": True}))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
     (folder / "config_sentence_transformers.json").write_text(json.dumps({
