@@ -316,8 +316,9 @@ def gte_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
     scaling = {"rope_type" if k == "type" else k: v for k, v in (cfg.get("rope_scaling") or {}).items()}
     if scaling.get("rope_type") == "ntk":
         factor = float(scaling.get("factor", 1.0))
-        if factor < 1.0:
-            raise ModelFolderError(f"config.json's rope_scaling factor {factor} must be >= 1")
+        if factor < 1.0 or scaling.get("mixed_b") is not None:
+            raise ModelFolderError(f"config.json's rope_scaling {scaling} is not supported (NTK scaling by a factor "
+                                   ">= 1, without mixed_b, is)")
     theta = _plain_theta(cfg, 10000.0 if cfg["model_type"] == "new" else 160000.0, ("ntk",)) * factor
     activation = cfg.get("hidden_act", "gelu")
     _check_activation("hidden_act", activation)

@@ -233,3 +233,17 @@ def truncation_served_as_encode(short: Path, texts: list[str], limit: int) -> No
         cut = c.post("/embed", json={"inputs": texts, "truncate": True})
     assert refused.status_code == 413 and f"more than the limit of {limit}" in refused.json()["error"], refused.text
     np.testing.assert_allclose(np.array(cut.json()), SentenceTransformer(str(short), device="cpu").encode(texts), atol=2e-5)
+
+
+def causal_lm_copy(folder: Path, dest: Path) -> Path:
+    """A copy of a decoder folder as a *ForCausalLM checkpoint names it: a `model.` prefix before every weight, and an
+    lm_head (tied to the token embeddings' values) that the server must not read."""
+    import shutil  # noqa: PLC0415
+
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    shutil.copytree(folder, dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    tensors = {f"model.{k}": v for k, v in tensors.items()} | {"lm_head.weight": tensors["embed_tokens.weight"].clone()}
+    save_file(tensors, str(dest / "model.safetensors"))
+    return dest

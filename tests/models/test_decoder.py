@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from kernels import cuda, emulate
 from kernels.attention import DeviceLayout, varlen_attention
@@ -24,7 +23,14 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.mpnet_folders import texts
 from tests.qwen_folders import QUERY_PROMPT, qwen_folder
-from tests.support import ServerThread, folder_check_refuses, settings, truncation_served_as_encode, worst_per_sequence
+from tests.support import (
+    ServerThread,
+    causal_lm_copy,
+    folder_check_refuses,
+    settings,
+    truncation_served_as_encode,
+    worst_per_sequence,
+)
 
 LENGTHS = (1, 2, 9, 40, 131, 300)  # tokens, <|endoftext|> included
 
@@ -161,11 +167,7 @@ def test_folder_check_names_a_missing_or_misshaped_weight(folders, tmp_path):
 
 
 def test_a_causal_lm_checkpoint_loads_without_its_lm_head(folders, tmp_path):
-    lm = tmp_path / "lm"
-    shutil.copytree(folders["qwen3"], lm)
-    tensors = load_file(str(lm / "model.safetensors"))
-    tensors = {f"model.{k}": v for k, v in tensors.items()} | {"lm_head.weight": tensors["embed_tokens.weight"].clone()}
-    save_file(tensors, str(lm / "model.safetensors"))
+    lm = causal_lm_copy(folders["qwen3"], tmp_path / "lm")
     seqs = _sequences((5, 30))
     assert torch.equal(_ours(lm, seqs), _ours(folders["qwen3"], seqs))
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from kernels import cuda, emulate
-from models.arch_config import DecoderParts, ModernBertParts
+from models.arch_config import DecoderParts, ModernBertParts, RotaryBertParts
 from models.config import EncoderConfig
 from models.decoder import PackedDecoder
 from models.encoder import PackedBatch, PackedEncoder, pool
 from models.modernbert import PackedModernBert
+from models.rotary_bert import PackedRotaryBert
 
 CONFIGS = {
     "minilm-l6": dict(hidden_size=384, num_heads=12, num_layers=6, intermediate_size=1536),
@@ -111,6 +112,28 @@ def test_gpu_modernbert_matches_cpu_fp32(dtype):
     mask), global ones through the plain flash kernel, on the GPU; sequences shorter and longer than the window."""
     cpu = random_modernbert()
     cosine = cosines(copy.deepcopy(cpu).to("cuda", dtype), cpu, random_seqs((1, 8, 77, 129, 300, 512, 33)), "cuda")
+    assert cosine.min() >= 0.999, cosine
+
+
+def random_rotary_bert(kind: str, seed: int = 0) -> PackedRotaryBert:
+    """nomic-embed-text-v1.5's shape (no biases, SwiGLU, two token types, rotary base 1000) or gte-base-en-v1.5's
+    (biases, GeGLU, no token types, NTK-scaled rotary base 500000 by 2), 6 of their 12 layers."""
+    nomic = kind == "nomic"
+    parts = RotaryBertParts(rope_theta=1000.0) if nomic else RotaryBertParts(
+        rope_theta=1e6, rope_scale=2 ** (2 / 64), qkv_bias=True, out_bias=True, down_bias=True)
+    cfg = EncoderConfig("nomic_bert" if nomic else "gte", vocab_size=30528, hidden_size=768, num_heads=12, num_layers=6,
+                        intermediate_size=3072, max_positions=8192, type_vocab_size=2 if nomic else 0,
+                        layer_norm_eps=1e-12, activation="silu" if nomic else "gelu", rotary=parts)
+    return _seeded(PackedRotaryBert, cfg, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["nomic", "gte"])
+def test_gpu_rotary_bert_matches_cpu_fp32(kind, dtype):
+    """NomicBERT and GTE: rotary positions, the gated feed-forward and the fused bias + residual + LayerNorm kernel."""
+    cpu = random_rotary_bert(kind)
+    cosine = cosines(copy.deepcopy(cpu).to("cuda", dtype), cpu, random_seqs((1, 8, 77, 300, 512, 1000, 33)), "cuda")
     assert cosine.min() >= 0.999, cosine
 
 

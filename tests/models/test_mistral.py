@@ -12,7 +12,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from kernels import cuda
 from kernels.attention import DeviceLayout, flash_agrees, varlen_attention, varlen_attention_flash, varlen_attention_reference
@@ -24,7 +23,7 @@ from models.weights import load_encoder
 from tests.mistral_folders import mistral_folder
 from tests.mpnet_folders import texts
 from tests.qwen_folders import QUERY_PROMPT
-from tests.support import worst_per_sequence
+from tests.support import causal_lm_copy, worst_per_sequence
 
 LENGTHS = (1, 2, 9, 17, 40, 131, 300)  # tokens, <|endoftext|> included; the windowed model's window is 16
 WINDOW = 16  # the windowed Mistral's sliding_window: each token sees itself and the 15 before it
@@ -128,11 +127,7 @@ def test_the_windowed_model_runs_the_emulated_cuda_path_as_the_cpu_one(folders):
 
 def test_a_causal_lm_checkpoint_with_biases_loads_without_its_lm_head(folders, tmp_path):
     """LlamaForCausalLM's names: a `model.` prefix before every layer's, biases included."""
-    lm = tmp_path / "lm"
-    shutil.copytree(folders["llama_bias"], lm)
-    tensors = load_file(str(lm / "model.safetensors"))
-    tensors = {f"model.{k}": v for k, v in tensors.items()} | {"lm_head.weight": tensors["embed_tokens.weight"].clone()}
-    save_file(tensors, str(lm / "model.safetensors"))
+    lm = causal_lm_copy(folders["llama_bias"], tmp_path / "lm")
     seqs = _sequences((5, 30))
     assert torch.equal(_ours(lm, seqs), _ours(folders["llama_bias"], seqs))
 

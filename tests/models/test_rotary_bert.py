@@ -181,7 +181,8 @@ NOMIC_REFUSED = [({"rotary_emb_fraction": 0.5}, "rotary_emb_fraction=0.5"),
 GTE_REFUSED = [({"position_embedding_type": "absolute"}, "position_embedding_type='absolute'"),
                ({"logn_attention_scale": True}, "logn_attention_scale=True"), ({"pack_qkv": False}, "pack_qkv=False"),
                ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rotary scaling 'yarn'"),
-               ({"rope_scaling": {"type": "ntk", "factor": 0.5}}, "factor 0.5 must be >= 1"),
+               ({"rope_scaling": {"type": "ntk", "factor": 0.5}}, "'factor': 0.5}"),
+               ({"rope_scaling": {"type": "ntk", "factor": 2.0, "mixed_b": 0.5}}, "without mixed_b"),
                ({"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu'"), ({"type_vocab_size": -1}, "type_vocab_size=-1")]
 
 
