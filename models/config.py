@@ -126,11 +126,14 @@ class ClassifierHead:
     """A sequence-classification head (a cross-encoder re-ranker when it has one label): the first token's
     hidden state through dense + tanh, then a linear layer to one logit a label. `style` names the weights:
     "bert" (pooler.dense, classifier) or "roberta" (classifier.dense, classifier.out_proj); or "modernbert" (head.dense,
-    head.norm, classifier: dense + activation + LayerNorm, over the first token or the mean of all)."""
+    head.norm, classifier: dense + activation + LayerNorm, over the first token or the mean of all); or "score" (a
+    decoder's: score, one Linear without bias over the last token that is not `pad_token_id`, as transformers'
+    GenericForSequenceClassification reads it)."""
 
     style: str
     labels: tuple[str, ...]
-    pooling: str = "cls"  # what the head reads: the first token's state, or ("mean") the mean of every token's
+    pooling: str = "cls"  # what the head reads: the first token's state, ("mean") the mean of every token's, or "last"
+    pad_token_id: int | None = None  # "last": the token id the head skips at a sequence's end (None: none skipped)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
     architectures = [a for a in cfg.get("architectures") or [] if a.endswith("ForSequenceClassification")]
     if not architectures:
         return None
-    model_type, pooling = cfg.get("model_type", ""), "cls"
+    model_type, pooling, pad = cfg.get("model_type", ""), "cls", None
     if model_type == "bert":
         style = "bert"
     elif model_type in ("roberta", "xlm-roberta", "camembert"):
@@ -174,9 +177,13 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
         style, pooling = "modernbert", cfg.get("classifier_pooling", "cls")
         if pooling not in ("cls", "mean"):
             raise ModelFolderError(f"config.json's classifier_pooling {pooling!r} is not supported (cls and mean are)")
+    elif model_type in ("qwen2", "qwen3", "mistral", "llama"):  # Qwen3-Reranker "seq-cls", mxbai-rerank-v2
+        style, pooling, pad = "score", "last", cfg.get("pad_token_id")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
+            raise ModelFolderError(f"config.json's pad_token_id {pad!r} is not a token id")
     else:
         raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT, RoBERTa, "
-                               "GTE and ModernBERT models is)")
+                               "GTE, ModernBERT, Qwen2, Qwen3, Mistral and Llama models is)")
     id2label = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(cfg.get("num_labels", 2)))}
     try:
         labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
@@ -184,7 +191,7 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
         raise ModelFolderError(f"config.json id2label must number its labels 0..{len(id2label) - 1}") from exc
     if cfg.get("problem_type") == "multi_label_classification":
         raise ModelFolderError("multi-label classification heads are not supported")
-    return ClassifierHead(style, labels, pooling)
+    return ClassifierHead(style, labels, pooling, pad)
 
 
 def mlm_head(cfg: dict) -> MaskedLMHead | None:

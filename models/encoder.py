@@ -195,6 +195,34 @@ class ClassificationHead(nn.Module):
         return self.out(torch.tanh(self.dense(first)))
 
 
+class ScoreHead(nn.Module):
+    """A decoder's sequence classifier (Qwen2/Qwen3/Mistral/Llama *ForSequenceClassification, transformers'
+    GenericForSequenceClassification): `score`, one Linear without bias, over the token transformers reads. transformers
+    pads the batch and takes each row's rightmost token whose id is not pad_token_id (the first token when every one
+    is), so a text that itself ends with the pad token (Qwen's <|endoftext|>, which Qwen3's template appends) is read
+    at the token before: `last_tokens` applies that rule to the packed sequences, which hold no padding."""
+
+    def __init__(self, hidden: int, labels: int, pad_token_id: int | None):
+        super().__init__()
+        self.out = nn.Linear(hidden, labels, bias=False)
+        self.pad_token_id = pad_token_id
+
+    def last_tokens(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """hidden: [T, H] packed -> [B, H], each sequence's last token that is not the pad token (else its first)."""
+        cu = torch.as_tensor(batch.cu_seqlens, device=hidden.device)  # [B + 1]
+        if self.pad_token_id is None:  # transformers: the last token (it refuses batches of more than one)
+            return hidden[cu[1:] - 1]
+        starts = cu[:-1][batch.seq_index]  # [T], each token's sequence's first index
+        index = torch.arange(hidden.shape[0], device=hidden.device)
+        candidates = torch.where(batch.input_ids != self.pad_token_id, index, starts)  # a pad token: its first
+        rows = cu[:-1].clone().scatter_reduce_(0, batch.seq_index, candidates, "amax")  # [B]
+        return hidden[rows]
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled: [B, H] (`last_tokens`) -> logits [B, labels]."""
+        return self.out(pooled)
+
+
 class SpladeHead(nn.Module):
     """SPLADE pooling over a masked-LM head: for each sequence, the max over its tokens of log(1 + relu(logit))
     for every vocabulary word (a sparse vector: most entries are 0). The [tokens, vocab] logits are made a chunk of

@@ -160,7 +160,10 @@ class EncoderEmbedder:
 
     def _outputs(self, hidden: torch.Tensor, batch: PackedBatch, per_token: list[bool] | None) -> np.ndarray | list[np.ndarray]:
         if self.head is not None:  # logits from each sequence's first token (or, for some heads, the mean of all)
-            rows = hidden[batch.cu_seqlens[:-1]] if self.pooling == "cls" else pool(hidden, batch, "mean").to(hidden.dtype)
+            if self.pooling == "last":  # a decoder's ScoreHead: its last token that is not the pad token
+                rows = self.head.last_tokens(hidden, batch)
+            else:
+                rows = hidden[batch.cu_seqlens[:-1]] if self.pooling == "cls" else pool(hidden, batch, "mean").to(hidden.dtype)
             return self.head(rows).float().cpu().numpy()
         if self.sparse is not None:  # SPLADE: per-token states are not offered (TEI refuses /embed_all too)
             return self.sparse(hidden, batch).cpu().numpy()

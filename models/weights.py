@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError
 from models.decoder import PackedDecoder
-from models.encoder import ClassificationHead, PackedEncoder, SpladeHead
+from models.encoder import ClassificationHead, PackedEncoder, ScoreHead, SpladeHead
 from models.folder import ModelFolder
 from models.gemma import PackedGemma
 from models.modernbert import ModernBertClassificationHead, PackedModernBert
@@ -89,8 +89,12 @@ def _taker(src: dict[str, torch.Tensor], weight_files: list[Path]):
     return take
 
 
-def load_head(head: ClassifierHead, cfg: EncoderConfig, take) -> ClassificationHead | ModernBertClassificationHead:
+def load_head(head: ClassifierHead, cfg: EncoderConfig,
+              take) -> ClassificationHead | ModernBertClassificationHead | ScoreHead:
     """The classification head of a *ForSequenceClassification folder (see ClassifierHead); take: `reader`'s."""
+    if head.style == "score":  # a decoder's: score.weight [labels, hidden], no bias
+        return _filled(lambda: ScoreHead(cfg.hidden_size, len(head.labels), head.pad_token_id),
+                       {"out.weight": take("score.weight")})
     if head.style == "modernbert":
         parts = cfg.modernbert
         names = {"dense": ("head.dense", parts.classifier_bias), "norm": ("head.norm", parts.norm_bias),
