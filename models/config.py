@@ -161,6 +161,24 @@ def tokenizer_max_length(path: Path) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9 else None
 
 
+# tokenizer classes whose inputs include token_type_ids (transformers 5's model_input_names): BERT's and its kin; every
+# other class (XLM-RoBERTa's, RoBERTa's, the generic fast tokenizer's, ...) gives none, so its pairs are all of type 0
+_TYPED_TOKENIZERS = ("BertTokenizer", "ConvBertTokenizer", "FNetTokenizer", "MarkupLMTokenizer")
+
+
+def tokenizer_gives_token_types(path: Path) -> bool:
+    """Whether the folder's tokenizer, as transformers loads it, hands the model token_type_ids (a text pair's second
+    text of type 1): tokenizer_config.json's model_input_names, else its tokenizer_class's; True where it says neither
+    (a BERT folder without the file)."""
+    file = path / "tokenizer_config.json"
+    cfg = read_json(file) if file.exists() else {}
+    names = cfg.get("model_input_names")
+    if isinstance(names, list):
+        return "token_type_ids" in names
+    name = cfg.get("tokenizer_class")
+    return not isinstance(name, str) or name.removesuffix("Fast") in _TYPED_TOKENIZERS
+
+
 def classifier_head(cfg: dict) -> ClassifierHead | None:
     """The head of a *ForSequenceClassification config, None for a plain encoder; refused where unsupported."""
     architectures = [a for a in cfg.get("architectures") or [] if a.endswith("ForSequenceClassification")]

@@ -17,7 +17,7 @@ from kernels import cuda
 from kernels.arena import Arena, new_arena
 from kernels.attention import flash_agrees, flash_eligible
 from models.checks import check_model_settings
-from models.config import default_model_path, tokenizer_max_length
+from models.config import default_model_path, tokenizer_gives_token_types, tokenizer_max_length
 from models.encoder import ClassificationHead, PackedBatch, SpladeHead, pool
 from models.folder import read_model_folder
 from models.graphs import GraphedForward
@@ -80,7 +80,7 @@ class EncoderEmbedder:
 
     def __init__(self, encoder, pooling: str, position_offset: int, device: torch.device, arena: Arena | None = None,
                  head: ClassificationHead | None = None, sparse: SpladeHead | None = None,
-                 dense: list[tuple[np.ndarray, np.ndarray | None, str]] | None = None):
+                 dense: list[tuple[np.ndarray, np.ndarray | None, str]] | None = None, token_types: bool = True):
         self.encoder = encoder
         self.pooling = pooling
         self.position_offset = position_offset
@@ -88,7 +88,8 @@ class EncoderEmbedder:
         self.arena = arena
         self.head = head  # a classifier's: its logits are the output, [B, labels]
         self.sparse = sparse  # a SPLADE model's masked-LM head: its pooled weights are the output, [B, vocab]
-        self.token_types = encoder.cfg.type_vocab_size > 1  # BERT: pairs' second texts are of type 1
+        # BERT: pairs' second texts are of type 1, where the tokenizer gives types (token_types) and the model has them
+        self.token_types = token_types and encoder.cfg.type_vocab_size > 1
         # sentence-transformers Dense modules after the pooling: (weight [in, out], bias, activation), float32, applied
         # to the pooled rows on the host (a [B, H] product: next to nothing beside the encoder)
         self.dense = dense or []
@@ -239,7 +240,8 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
             arena = new_arena(encoder.record_forward, torch_device, arena_min_chunk_mib, arena_release_after)
     tokenizer = TextTokenizer(folder.tokenizer_file, limit, cfg.vocab_size, lowercase=folder.pooling.lowercase)
     dense = _dense_layers(folder.pooling.dense)
-    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense)
+    embedder = EncoderEmbedder(encoder, mode, cfg.position_offset, torch_device, arena, head, sparse, dense,
+                               tokenizer_gives_token_types(folder_path))
     sizes = tuple(matryoshka_dimensions or cfg.matryoshka_dimensions)  # each fits embedder.dim: check_model_settings
     if cuda_graph_max_tokens and torch_device.type == "cuda":
         embedder.capture_graphs(cuda_graph_max_tokens, max_batch_sequences)

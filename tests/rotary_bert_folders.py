@@ -72,18 +72,21 @@ def rotary_bert_folder(root: Path, kind: str, name: str | None = None, seed: int
     return folder
 
 
-def gte_reranker_folder(root: Path, seed: int = 0) -> Path:
-    """A GteForSequenceClassification with one label (a cross-encoder, as gte-multilingual-reranker-base is)."""
+def gte_reranker_folder(root: Path, seed: int = 0, typed: bool = True) -> Path:
+    """A GteForSequenceClassification with one label (a cross-encoder, as gte-multilingual-reranker-base is) and two
+    token types; its tokenizer hands the model a pair's token types when `typed` (as BERT's), else none (as
+    XLM-RoBERTa's and the generic fast tokenizer's in transformers 5: every token of type 0)."""
     from tests.hf_import import import_transformers  # noqa: PLC0415
 
     tf = import_transformers()
-    folder = root / "gte-reranker"
+    folder = root / f"gte-reranker{'-typed' * typed}"
     model = tf.GteForSequenceClassification(_config("gte", num_labels=1, type_vocab_size=2))
     _randomised(model, seed).save_pretrained(folder, safe_serialization=True)
     tokenizer_json(folder)
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())  # pairs with their token types,
-    tokenizer_config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]  # as BERT's tokenizer
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    if typed:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tokenizer_config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
 
 

@@ -208,12 +208,15 @@ def test_folder_check_names_a_missing_or_misshaped_weight(folders, tmp_path):
                          r"layers.1.up_gate.weight is \[96, 64\] in the files, \[192, 64\] by config")
 
 
-def test_a_gte_reranker_scores_as_cross_encoder_does(tmp_path):
-    """GteForSequenceClassification (gte-multilingual-reranker-base's architecture; here with two token types, so a
-    pair's second text counts as type 1) through /rerank, against CrossEncoder.predict."""
+@pytest.mark.parametrize("typed", [True, False])
+def test_a_gte_reranker_scores_as_cross_encoder_does(tmp_path, typed):
+    """GteForSequenceClassification (gte-multilingual-reranker-base's architecture; here with two token types)
+    through /rerank, against CrossEncoder.predict: a pair's second text of type 1 where the tokenizer hands the model
+    token types (`typed`), else of type 0 as transformers then runs it (this failed by 0.04 when the server took the
+    types from tokenizer.json's template whatever the tokenizer's model_input_names)."""
     from sentence_transformers import CrossEncoder  # noqa: PLC0415
 
-    folder = gte_reranker_folder(tmp_path)
+    folder = gte_reranker_folder(tmp_path, typed=typed)
     query, docs = "what is deep learning", [*texts((3, 30, 120), seed=2), "deep learning models embed text"]
     with ServerThread(create_app(settings(model={"path": str(folder), "name": "gte-reranker"}))) as s, s.client() as c:
         ranked = c.post("/rerank", json={"query": query, "texts": docs})
