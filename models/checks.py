@@ -41,6 +41,9 @@ def check_model_settings(folder, device: str, dtype: str, max_input_length: int 
                                f"({torch.cuda.device_count()} visible)")
     if refused := dtype_refused(device, dtype, section):
         raise ModelFolderError(refused)
+    if dtype == "float16" and folder.encoder.model_type == "gemma3_text":  # Google's model card says so too
+        raise ModelFolderError(f"{section}.dtype=float16: Gemma3's activations overflow float16 (its embeddings would be "
+                               "inf or NaN); use bfloat16 or float32")
     if pooling == "splade" and folder.mlm is None:
         raise ModelFolderError(f"{section}.pooling=splade needs a *ForMaskedLM model (BERT or DistilBERT) with its "
                                "masked-LM head")

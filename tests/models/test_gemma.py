@@ -99,6 +99,17 @@ def _config(model_folder) -> dict:
     return json.loads((model_folder / "config.json").read_text())
 
 
+def test_float16_is_refused_at_start(model_folder):
+    """Gemma3's activations overflow float16 (Google's model card): refused with the reason, where float16 could run
+    (the CUDA code path; here on the emulator), and bfloat16 accepted."""
+    from models.checks import check_model_settings  # noqa: PLC0415
+
+    with cuda.emulation():
+        with pytest.raises(ModelFolderError, match="overflow float16"):
+            check_model_settings(read_model_folder(model_folder), "cpu", "float16")
+        check_model_settings(read_model_folder(model_folder), "cpu", "bfloat16")
+
+
 def test_transformers_4_configs_parse_as_5s(model_folder):
     """EmbeddingGemma's own config.json (transformers 4.57) names the rotary bases at the top level."""
     cfg = _config(model_folder)
