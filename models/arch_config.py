@@ -291,7 +291,9 @@ def nomic_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
     hidden = cfg["n_embd"]
     if not cfg.get("n_inner"):  # the custom code's default is rounded in ways its configs never rely on
         raise ModelFolderError("config.json has no n_inner (the gated feed-forward block's width)")
-    native = {"vocab_size": cfg["vocab_size"], "hidden_size": hidden, "num_attention_heads": cfg["n_head"],
+    vocab, multiple = cfg["vocab_size"], _whole(cfg, "pad_vocab_size_multiple", 1, 1)
+    native = {"vocab_size": -(-vocab // multiple) * multiple,  # the custom code pads its embedding table so
+              "hidden_size": hidden, "num_attention_heads": cfg["n_head"],
               "num_hidden_layers": cfg["n_layer"], "intermediate_size": cfg["n_inner"],
               "max_position_embeddings": cfg.get("n_positions", 2048),
               "layer_norm_eps": cfg.get("layer_norm_epsilon", 1e-5)}

@@ -104,6 +104,14 @@ def test_the_custom_codes_config_layout_is_the_same_model(folders, tmp_path, kin
     assert torch.equal(_ours(orig, seqs), _ours(folders[kind], seqs))
 
 
+def test_nomic_pads_its_vocabulary_as_the_custom_code_does(folders):
+    """nomic-bert's code rounds vocab_size up to pad_vocab_size_multiple (the table in the files has that many rows)."""
+    cfg = original_config(folders["nomic"])
+    assert EncoderConfig.from_dict(cfg | {"vocab_size": 30522, "pad_vocab_size_multiple": 64}).vocab_size == 30528
+    assert EncoderConfig.from_dict(cfg | {"vocab_size": 30528, "pad_vocab_size_multiple": 64}).vocab_size == 30528
+    assert EncoderConfig.from_dict(cfg | {"vocab_size": 30522}).vocab_size == 30522
+
+
 def test_gte_ntk_scaling_is_the_custom_codes(folders, tmp_path):
     """rope_scaling {"type": "ntk", "factor": f} (gte-*-v1.5's): base rope_theta * f, every frequency divided by
     f ** (2 / head_dim) -- transformers' "linear" scaling by that divisor over that base computes the same."""
