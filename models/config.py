@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from models.arch_config import DecoderParts, ModernBertParts, RotaryBertParts
+    from models.arch_config import DecoderParts, ModernBertParts
+    from models.rotary_bert_config import RotaryBertParts
 
 SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "qwen2", "qwen3", "gemma3_text",
                    "modernbert", "nomic_bert", "gte", "new", "mistral", "llama")
@@ -81,7 +82,7 @@ class EncoderConfig:
                 matryoshka_dimensions=matryoshka,
             )
         if model_type in ROTARY_BERT_TYPES:
-            from models.arch_config import gte_config, nomic_config  # noqa: PLC0415 -- it imports this module
+            from models.rotary_bert_config import gte_config, nomic_config  # noqa: PLC0415 -- it imports this module
 
             return (nomic_config if model_type == "nomic_bert" else gte_config)(cls, cfg, matryoshka)
         if model_type in DECODER_TYPES or model_type == "modernbert":

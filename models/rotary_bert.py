@@ -6,7 +6,7 @@ Both are BERT's post-norm layers with two changes: positions are rotary (each se
 rotate_half tables), not an embedding table; the feed-forward block is gated, down(act(gate(x)) * up(x)). The embeddings
 are the token embeddings plus the token type's (where the model has types) through a LayerNorm. A layer is
 x = LN(x + out(attn(x))), then x = LN(x + down(act(gate(x)) * up(x))). Which projections have biases is the config's
-(models/arch_config.py RotaryBertParts). On the kernel path (CUDA, or the CPU under the emulator) each bias + residual +
+(models/rotary_bert_config.py RotaryBertParts). On the kernel path (CUDA, or the CPU under the emulator) each bias + residual +
 LayerNorm is kernels/layernorm.py's fused kernel, as in the BERT encoder; GEMMs, rotary and the gate are torch's."""
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from kernels import cuda, emulate
-from models.arch_config import DecoderParts, ModernBertParts, RotaryBertParts
+from models.arch_config import DecoderParts, ModernBertParts
 from models.config import EncoderConfig
 from models.decoder import PackedDecoder
 from models.encoder import PackedBatch, PackedEncoder, pool
 from models.modernbert import PackedModernBert
 from models.rotary_bert import PackedRotaryBert
+from models.rotary_bert_config import RotaryBertParts
 
 CONFIGS = {
     "minilm-l6": dict(hidden_size=384, num_heads=12, num_layers=6, intermediate_size=1536),
