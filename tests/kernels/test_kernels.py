@@ -157,6 +157,12 @@ def test_each_cuda_attention_path_against_the_reference(dtype, heads, d):
     got = varlen_attention_flash(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"), window=64)
     want = varlen_attention_reference(q.float(), k.float(), v.float(), cu, window=64)
     assert rel_err(got, want) <= BOUND[dtype] * 3
+    # causal within a window (Mistral's sliding window: itself and the 31 tokens before), and through the dispatcher
+    assert flash_agrees(q.device, dtype, d, causal=True, window=31)
+    want = varlen_attention_reference(q.float(), k.float(), v.float(), cu, causal=True, window=31)
+    for path in (varlen_attention_flash, varlen_attention):
+        got = path(q, k, v, cu, out=poisoned((cu[-1], heads * d), dtype, "cuda"), causal=True, window=31)
+        assert rel_err(got, want) <= BOUND[dtype] * 3, path.__name__
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernels import cuda
-from kernels.attention import DeviceLayout, flash_agrees, varlen_attention, varlen_attention_flash, varlen_attention_reference
+from kernels.attention import DeviceLayout, varlen_attention
 from models.config import EncoderConfig, ModelFolderError
 from models.encoder import PackedBatch
 from models.folder import read_model_folder
@@ -181,19 +181,3 @@ def test_causal_attention_within_a_window_on_every_offsets_form():
     assert (varlen_attention(q, k, v, cu, causal=True) - want).abs().max() > 1e-2  # the window cut something
     with pytest.raises(ValueError, match="without an additive bias"):
         varlen_attention(q, k, v, cu, attn_bias=torch.zeros(2, 19, 19), window=4)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_flash_attention_takes_a_causal_window(dtype):
-    """FlashAttention's varlen kernel with its causal mask and a left window, against the plain math."""
-    cu = [0, 1, 9, 40, 300]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(cu[-1], 4, 64, device="cuda", generator=g).to(dtype) for _ in range(3))
-    assert flash_agrees(q.device, dtype, 64, causal=True, window=31)
-    want = _windowed_causal(q, k, v, cu, 31)
-    for path in (varlen_attention_flash, varlen_attention):
-        got = path(q, k, v, cu, causal=True, window=31)
-        assert ((got.float() - want).abs().max() / want.abs().max()).item() <= 2e-2
-    reference = varlen_attention_reference(q.float(), k.float(), v.float(), cu, causal=True, window=31)
-    torch.testing.assert_close(reference, want, atol=1e-4, rtol=1e-4)
