@@ -31,6 +31,7 @@ from kernels.activation import bias_activation  # noqa: E402
 from kernels.attention import flash_eligible, varlen_attention_flash, varlen_attention_nested, varlen_attention_reference  # noqa: E402
 from kernels.layernorm import bias_residual_layernorm  # noqa: E402
 from kernels.qkv import split_qkv  # noqa: E402
+from kernels.rmsnorm import residual_rmsnorm  # noqa: E402
 from kernels.softmax import masked_softmax  # noqa: E402
 
 ENCODERS = {
@@ -101,6 +102,15 @@ def kernel_rows(device: str, dtype, smoke: bool, repeats: int, copy_gbs: float) 
         rows.append(_row("bias+residual+layernorm", f"{r}x{h}", 3 * r * h * esize, timer(fns["ours"], device, repeats),
                          {"torch add+add+layer_norm": timer(fns["torch add+add+layer_norm"], device, repeats),
                           "torch layer_norm alone": torch_ln}, copy_gbs, fns if graphed else None))
+    for r, h in ([(64, 1024)] if smoke else [(4096, 1024), (16384, 1024), (16384, 4096)]):  # Qwen3-0.6B's, 8B's hidden
+        x, res, w = torch.randn(r, h, device=device, dtype=dtype), torch.randn(r, h, device=device, dtype=dtype), \
+            torch.randn(h, device=device, dtype=dtype)
+        out, total = torch.empty_like(x), torch.empty_like(x)  # the decoder's use: the norm and the residual stream
+        fns = {"ours": lambda: residual_rmsnorm(x, res, w, 1e-6, out=out, sum_out=total),
+               "torch add+rms_norm": lambda: F.rms_norm(x + res, (h,), w, 1e-6)}
+        rows.append(_row("residual+rmsnorm", f"{r}x{h}", 4 * r * h * esize, timer(fns["ours"], device, repeats),
+                         {"torch add+rms_norm": timer(fns["torch add+rms_norm"], device, repeats)}, copy_gbs,
+                         fns if graphed else None))
     soft = [(2, 12, 64, 64)] if smoke else [(1, 1, 4096, 768), (32, 12, 128, 128), (8, 12, 512, 512), (4, 16, 1024, 1024)]
     for shape in soft:
         s = torch.randn(*shape, device=device, dtype=dtype)

@@ -78,7 +78,7 @@ def test_the_kernel_benchmark_runs_with_only_what_the_device_has(tmp_path):
 
     report = json.loads((tmp_path / "out" / "gpu_kernels.json").read_text())
     ops = {row["op"] for rows in report["kernels"].values() for row in rows}
-    assert ops == {"bias+residual+layernorm", "masked softmax", "bias+gelu(erf)", "qkv split+bias"}
+    assert ops == {"bias+residual+layernorm", "residual+rmsnorm", "masked softmax", "bias+gelu(erf)", "qkv split+bias"}
     assert report["attention"] and all(r["per_sequence_us"] > 0 for r in report["attention"])
     assert report["encoders"] and all(r["ours_s"] > 0 and r["hf_eager_sdpa_s"] > 0 for r in report["encoders"])
 
