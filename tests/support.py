@@ -247,3 +247,15 @@ def causal_lm_copy(folder: Path, dest: Path) -> Path:
     tensors = {f"model.{k}": v for k, v in tensors.items()} | {"lm_head.weight": tensors["embed_tokens.weight"].clone()}
     save_file(tensors, str(dest / "model.safetensors"))
     return dest
+
+
+def bfloat16_cosine(run, seqs: list[list[int]], mode: str = "mean") -> float:
+    """The smallest cosine, over the sequences, between run(torch.bfloat16)'s and run(torch.float32)'s packed hidden
+    states [T, H] pooled by `mode` (mean, cls, last)."""
+    import torch  # noqa: PLC0415
+
+    from models.encoder import PackedBatch, pool  # noqa: PLC0415
+
+    batch = PackedBatch.from_ids(seqs, 0)
+    got, want = (pool(run(dtype), batch, mode) for dtype in (torch.bfloat16, torch.float32))
+    return torch.nn.functional.cosine_similarity(got, want, dim=1).min().item()

@@ -25,6 +25,7 @@ from tests.mpnet_folders import texts
 from tests.qwen_folders import QUERY_PROMPT, qwen_folder
 from tests.support import (
     ServerThread,
+    bfloat16_cosine,
     causal_lm_copy,
     folder_check_refuses,
     settings,
@@ -116,10 +117,7 @@ def test_the_arena_plans_the_emulated_cuda_path(folders):
 
 def test_bfloat16_stays_close_to_float32(folders):
     seqs = _sequences((3, 50, 200))
-    got, want = _ours(folders["qwen3"], seqs, torch.bfloat16), _ours(folders["qwen3"], seqs)
-    last = [int(i) - 1 for i in np.cumsum(list(map(len, seqs)))]  # what last-token pooling reads
-    cosine = torch.nn.functional.cosine_similarity(got[last], want[last], dim=1)
-    assert cosine.min().item() >= 0.99, cosine
+    assert bfloat16_cosine(lambda dtype: _ours(folders["qwen3"], seqs, dtype), seqs, "last") >= 0.99
 
 
 def test_bidirectional_attention_when_custom_code_asks_for_it(folders, tmp_path):

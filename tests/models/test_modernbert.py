@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from kernels import cuda
 from kernels.attention import DeviceLayout, varlen_attention
 from models.config import EncoderConfig, ModelFolderError
-from models.encoder import PackedBatch, pool
+from models.encoder import PackedBatch
 from models.folder import read_model_folder
 from models.modernbert import PackedModernBert
 from models.runtime import finish_embedding, load_model
@@ -24,7 +24,14 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.modernbert_folders import LOCAL_ATTENTION, modernbert_folder
 from tests.mpnet_folders import texts
-from tests.support import ServerThread, folder_check_refuses, settings, truncation_served_as_encode, worst_per_sequence
+from tests.support import (
+    ServerThread,
+    bfloat16_cosine,
+    folder_check_refuses,
+    settings,
+    truncation_served_as_encode,
+    worst_per_sequence,
+)
 
 LENGTHS = (1, 2, 5, 6, 9, 10, 40, 131, 300)  # tokens: within the window (4 either side), at its edge, far beyond
 BIASED = dict(norm_bias=True, attention_bias=True, mlp_bias=True, hidden_activation="gelu_pytorch_tanh")
@@ -119,10 +126,7 @@ def test_the_cuda_code_path_on_the_emulator_runs_as_the_cpu_one(folders):
 
 def test_bfloat16_stays_close_to_float32(folders):
     seqs = _sequences((3, 50, 200))
-    batch = PackedBatch.from_ids(seqs, 0)
-    got, want = (pool(_ours(folders["plain"], seqs, dtype), batch, "mean") for dtype in (torch.bfloat16, torch.float32))
-    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
-    assert cosine.min().item() >= 0.99, cosine
+    assert bfloat16_cosine(lambda dtype: _ours(folders["plain"], seqs, dtype), seqs) >= 0.99
 
 
 def test_sentence_transformers_folder_served_as_encode_gives(folders):

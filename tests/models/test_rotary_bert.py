@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from kernels import cuda
 from models.config import EncoderConfig, ModelFolderError
-from models.encoder import PackedBatch, pool
+from models.encoder import PackedBatch
 from models.folder import read_model_folder
 from models.rotary_bert import PackedRotaryBert
 from models.runtime import finish_embedding, load_model
@@ -23,7 +23,7 @@ from models.weights import load_encoder
 from server.app import create_app
 from tests.mpnet_folders import texts
 from tests.rotary_bert_folders import HIDDEN, gte_reranker_folder, original_config, rotary_bert_folder
-from tests.support import ServerThread, folder_check_refuses, settings, worst_per_sequence
+from tests.support import ServerThread, bfloat16_cosine, folder_check_refuses, settings, worst_per_sequence
 
 LENGTHS = (1, 2, 5, 17, 64, 300)
 KINDS = ("nomic", "gte", "gte-types0")
@@ -140,10 +140,7 @@ def test_the_cuda_code_path_on_the_emulator_runs_as_the_cpu_one(folders):
 
 def test_bfloat16_stays_close_to_float32(folders):
     seqs = _sequences((3, 50, 200))
-    batch = PackedBatch.from_ids(seqs, 0)
-    got, want = (pool(_ours(folders["nomic"], seqs, dtype), batch, "mean") for dtype in (torch.bfloat16, torch.float32))
-    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
-    assert cosine.min().item() >= 0.99, cosine
+    assert bfloat16_cosine(lambda dtype: _ours(folders["nomic"], seqs, dtype), seqs) >= 0.99
 
 
 def test_sentence_transformers_folder_served_as_encode_gives(folders):
