@@ -129,12 +129,15 @@ class ClassifierHead:
     "bert" (pooler.dense, classifier) or "roberta" (classifier.dense, classifier.out_proj); or "modernbert" (head.dense,
     head.norm, classifier: dense + activation + LayerNorm, over the first token or the mean of all); or "score" (a
     decoder's: score, one Linear without bias over the last token that is not `pad_token_id`, as transformers'
-    GenericForSequenceClassification reads it)."""
+    GenericForSequenceClassification reads it; or, with `from_tokens`, built from a causal LM's head)."""
 
     style: str
     labels: tuple[str, ...]
     pooling: str = "cls"  # what the head reads: the first token's state, ("mean") the mean of every token's, or "last"
     pad_token_id: int | None = None  # "last": the token id the head skips at a sequence's end (None: none skipped)
+    # "score" of a *ForCausalLM (model.classifier_from_token): the token ids whose LM head rows make its weight, one
+    # token's row, or the second's less the first's; (): the folder's own score.weight
+    from_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """A model folder as a whole: the files it must hold, its safetensors headers (every tensor's shape) and tokenizer
-checked, and its configs (models/config.py, models/st_modules.py) gathered into a ModelFolder."""
+checked, and its configs (models/config.py, models/st_modules.py) gathered into a ModelFolder; a causal LM's folder made
+a re-ranker by model.classifier_from_token (`token_classifier`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError, classifier_head, mlm_head, read_json
@@ -60,6 +61,54 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     _check_tokenizer(path / "tokenizer.json")
     return ModelFolder(path=path, encoder=encoder, pooling=pooling, weights=weights, shapes=shapes,
                        dense_shapes=dense_shapes, head=head, mlm=mlm)
+
+
+def token_classifier(folder: ModelFolder, tokens: list[str] | None, section: str = "model") -> ModelFolder:
+    """The folder, served as a one-label re-ranker from its LM head where `tokens` (model.classifier_from_token) is set,
+    as vLLM serves the original Qwen3-Reranker (Qwen3ForCausalLM, ["no", "yes"]): the "score" head and its rule for the
+    token it reads (the last that is not config.json's pad_token_id), its weight the LM head's row of the one token, or
+    the second's less the first's (models/weights.py). Unchanged where `tokens` is None; ModelFolderError, naming the
+    setting, for a folder it does not apply to or a token that is not one id of the folder's tokenizer."""
+    if tokens is None:
+        return folder
+    setting = f"{section}.classifier_from_token={list(tokens)!r}"
+    model_type = folder.encoder.model_type
+    if model_type not in ("qwen2", "qwen3", "mistral", "llama"):
+        raise ModelFolderError(f"{setting}: a re-ranker is made from the LM head of a Qwen2, Qwen3, Mistral or Llama "
+                               f"causal LM; {folder.path} is a {model_type} model")
+    if folder.head is not None:
+        raise ModelFolderError(f"{setting}: {folder.path} has a classifier head of its own (a *ForSequenceClassification "
+                               "folder): serve it without classifier_from_token")
+    if not 1 <= len(tokens) <= 2:
+        raise ModelFolderError(f"{setting}: one token (the score is its logit) or two ([a, b]: b's logit less a's) are "
+                               f"taken, not {len(tokens)}")
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    tokenizer = Tokenizer.from_file(str(folder.tokenizer_file))
+    ids = tuple(_token_id(tokenizer, token, setting, folder.encoder.vocab_size) for token in tokens)
+    cfg = read_json(folder.path / "config.json")
+    # the head a *ForSequenceClassification config of this folder would have: its pad_token_id checked as there
+    head = classifier_head({**cfg, "architectures": ["ForSequenceClassification"], "id2label": {"0": "LABEL_0"},
+                            "problem_type": None})
+    return replace(folder, head=replace(head, from_tokens=ids))
+
+
+def _token_id(tokenizer, token: str, setting: str, vocab_size: int) -> int:
+    """The one id of `token`: its vocabulary entry (as vLLM's convert_tokens_to_ids finds it), else its encoding when
+    that is one known id; ModelFolderError otherwise, or when the LM head has no such row."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        ids = tokenizer.encode(token, add_special_tokens=False).ids
+        unk = getattr(tokenizer.model, "unk_token", None)
+        if len(ids) == 1 and (unk is None or ids[0] != tokenizer.token_to_id(unk)):
+            found = ids[0]
+        else:
+            why = "an unknown token" if len(ids) == 1 else f"{len(ids)} tokens"
+            raise ModelFolderError(f"{setting}: {token!r} is not one token of the tokenizer's vocabulary (it encodes as "
+                                   f"{why})")
+    if found >= vocab_size:
+        raise ModelFolderError(f"{setting}: {token!r} is token {found}, past the LM head's {vocab_size} rows")
+    return found
 
 
 def _weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

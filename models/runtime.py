@@ -19,7 +19,7 @@ from kernels.attention import flash_agrees, flash_eligible
 from models.checks import check_model_settings
 from models.config import default_model_path, tokenizer_gives_token_types, tokenizer_max_length
 from models.encoder import ClassificationHead, PackedBatch, SpladeHead, pool
-from models.folder import read_model_folder
+from models.folder import read_model_folder, token_classifier
 from models.graphs import GraphedForward
 from models.tokenizer import TextTokenizer
 from models.weights import load_encoder, load_head, load_mlm_head, reader
@@ -199,11 +199,13 @@ def load_model(path: str | None, name: str | None = None, device: str = "cpu", d
                max_input_length: int | None = None, pooling: str | None = None, normalize: bool | None = None,
                matryoshka_dimensions: list[int] | None = None, memory_arena: bool = True, arena_min_chunk_mib: float = 2.0,
                arena_release_after: int = 64, default_prompt_name: str | None = None, cuda_graph_max_tokens: int = 0,
-               max_batch_sequences: int = 64) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
+               max_batch_sequences: int = 64,
+               classifier_from_token: list[str] | None = None) -> tuple[EncoderEmbedder, TextTokenizer, ModelInfo]:
     """Load a model folder (or the embedded default when path is None) ready to serve. On CUDA, batches of up to
-    `cuda_graph_max_tokens` tokens and `max_batch_sequences` sequences replay CUDA graphs (0: never)."""
+    `cuda_graph_max_tokens` tokens and `max_batch_sequences` sequences replay CUDA graphs (0: never).
+    classifier_from_token: a causal LM served as a re-ranker from its LM head (models/folder.py's token_classifier)."""
     folder_path = Path(path) if path else default_model_path()
-    folder = read_model_folder(folder_path)
+    folder = token_classifier(read_model_folder(folder_path), classifier_from_token)
     cfg = folder.encoder
     check_model_settings(folder, device, dtype, max_input_length, pooling, default_prompt_name,
                          matryoshka_dimensions=matryoshka_dimensions)

@@ -93,8 +93,8 @@ def load_head(head: ClassifierHead, cfg: EncoderConfig,
               take) -> ClassificationHead | ModernBertClassificationHead | ScoreHead:
     """The classification head of a *ForSequenceClassification folder (see ClassifierHead); take: `reader`'s."""
     if head.style == "score":  # a decoder's: score.weight [labels, hidden], no bias
-        return _filled(lambda: ScoreHead(cfg.hidden_size, len(head.labels), head.pad_token_id),
-                       {"out.weight": take("score.weight")})
+        weight = _token_score(head.from_tokens, take) if head.from_tokens else take("score.weight")
+        return _filled(lambda: ScoreHead(cfg.hidden_size, len(head.labels), head.pad_token_id), {"out.weight": weight})
     if head.style == "modernbert":
         parts = cfg.modernbert
         names = {"dense": ("head.dense", parts.classifier_bias), "norm": ("head.norm", parts.norm_bias),
@@ -106,6 +106,19 @@ def load_head(head: ClassifierHead, cfg: EncoderConfig,
     return _filled(lambda: ClassificationHead(cfg.hidden_size, len(head.labels)),
                    {f"{ours}.{p}": take(f"{theirs}.{p}") for ours, theirs in (("dense", dense), ("out", out))
                     for p in ("weight", "bias")})
+
+
+def _token_score(ids: tuple[int, ...], take) -> torch.Tensor:
+    """model.classifier_from_token's score weight [1, hidden], as vLLM builds it: the LM head's row of the one token, or
+    the second's less the first's (a logit difference: its sigmoid is the softmax over the two tokens' logits, the
+    second's). The LM head is lm_head.weight [vocab, hidden], else (tie_word_embeddings: not saved) the token
+    embeddings. In float32, whatever the files' dtype: the difference of two bfloat16 rows loses less."""
+    try:
+        lm_head = take("lm_head.weight")
+    except ModelFolderError:
+        lm_head = take("embed_tokens.weight")
+    rows = lm_head[list(ids)].float()  # [len(ids), hidden]
+    return (rows[1] - rows[0] if len(ids) == 2 else rows[0])[None]
 
 
 def load_mlm_head(head: MaskedLMHead, cfg: EncoderConfig, take) -> SpladeHead:

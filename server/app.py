@@ -74,7 +74,8 @@ def default_loader(settings: Settings) -> Loader:
         return load_model(m.path, m.name, m.device, m.dtype, m.max_input_length, m.pooling, m.normalize,
                           m.matryoshka_dimensions, m.memory_arena, m.arena_min_chunk_mib, m.arena_release_after,
                           m.default_prompt_name, min(m.cuda_graph_max_tokens, settings.scheduler.max_batch_tokens),
-                          settings.scheduler.max_batch_requests)  # no graph for batches the scheduler never makes
+                          settings.scheduler.max_batch_requests,  # no graph for batches the scheduler never makes
+                          m.classifier_from_token)
 
     return load
 

@@ -91,7 +91,7 @@ def _settings(args: argparse.Namespace):
     """Settings from the flags, or None after printing why they are invalid."""
     from configs.settings import PathNotAllowed, check_model_dirs, load_settings, unknown_env  # here: keep --help fast
     from models.config import ModelFolderError, default_model_path
-    from models.folder import read_model_folder
+    from models.folder import read_model_folder, token_classifier
 
     for name in unknown_env():
         print(f"turboserve: warning: {name} names no setting; ignored (see README, Configuration)", file=sys.stderr)
@@ -117,13 +117,15 @@ def _settings(args: argparse.Namespace):
             continue
         try:
             folder = read_model_folder(model.path or default_model_path())
-            if section == "reranker" and folder.head is None:
-                raise ModelFolderError(f"{model.path} is not a cross-encoder or classifier "
-                                       "(its config.json names no *ForSequenceClassification architecture)")
         except ModelFolderError as exc:
             print(f"turboserve: {section}.path: {exc}", file=sys.stderr)
             return None
         try:
+            folder = token_classifier(folder, model.classifier_from_token, section)
+            if section == "reranker" and folder.head is None:
+                raise ModelFolderError(f"{section}.path: {model.path} is not a cross-encoder or classifier (its "
+                                       "config.json names no *ForSequenceClassification architecture; a causal LM "
+                                       "re-ranker needs reranker.classifier_from_token)")
             check_model_settings(folder, model.device, model.dtype, model.max_input_length, model.pooling,
                                  model.default_prompt_name, section, model.matryoshka_dimensions)
         except ModelFolderError as exc:

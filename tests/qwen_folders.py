@@ -16,11 +16,12 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 32  # grouped-query, head_dim * he
 QUERY_PROMPT = "Instruct: given a query, find the answer\nQuery:"
 
 
-def tokenizer_json(folder: Path) -> None:
-    """tokenizer.json (and the config transformers' AutoTokenizer reads): words, then <|endoftext|> (id 0)."""
+def tokenizer_json(folder: Path, extra: tuple[str, ...] = ()) -> None:
+    """tokenizer.json (and the config transformers' AutoTokenizer reads): words, then <|endoftext|> (id 0); `extra`
+    words after VOCAB's."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: PLC0415
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*VOCAB, *extra])}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>",
