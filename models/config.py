@@ -160,8 +160,7 @@ def read_json(path: Path) -> dict:
 def tokenizer_max_length(path: Path) -> int | None:
     """tokenizer_config.json's model_max_length, or None (absent, or transformers' 'no limit' sentinel): where
     sentence_bert_config.json sets no max_seq_length, sentence-transformers and transformers' truncation cut there."""
-    file = path / "tokenizer_config.json"
-    value = read_json(file).get("model_max_length") if file.exists() else None
+    value = _tokenizer_config(path).get("model_max_length")
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9 else None
 
 
@@ -174,13 +173,18 @@ def tokenizer_gives_token_types(path: Path) -> bool:
     """Whether the folder's tokenizer, as transformers loads it, hands the model token_type_ids (a text pair's second
     text of type 1): tokenizer_config.json's model_input_names, else its tokenizer_class's; True where it says neither
     (a BERT folder without the file)."""
-    file = path / "tokenizer_config.json"
-    cfg = read_json(file) if file.exists() else {}
+    cfg = _tokenizer_config(path)
     names = cfg.get("model_input_names")
     if isinstance(names, list):
         return "token_type_ids" in names
     name = cfg.get("tokenizer_class")
     return not isinstance(name, str) or name.removesuffix("Fast") in _TYPED_TOKENIZERS
+
+
+def _tokenizer_config(path: Path) -> dict:
+    """The folder's tokenizer_config.json, {} when it has none."""
+    file = path / "tokenizer_config.json"
+    return read_json(file) if file.exists() else {}
 
 
 def classifier_head(cfg: dict) -> ClassifierHead | None:
@@ -199,10 +203,8 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
         style, pooling = "modernbert", cfg.get("classifier_pooling", "cls")
         if pooling not in ("cls", "mean"):
             raise ModelFolderError(f"config.json's classifier_pooling {pooling!r} is not supported (cls and mean are)")
-    elif model_type in ("qwen2", "qwen3", "mistral", "llama"):  # Qwen3-Reranker "seq-cls", mxbai-rerank-v2
-        style, pooling, pad = "score", "last", cfg.get("pad_token_id")
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
-            raise ModelFolderError(f"config.json's pad_token_id {pad!r} is not a token id")
+    elif model_type in SCORE_HEAD_TYPES:  # Qwen3-Reranker "seq-cls", mxbai-rerank-v2
+        style, pooling, pad = "score", "last", score_pad_token_id(cfg)
     else:
         raise ModelFolderError(f"{architectures[0]} is not supported (sequence classification of BERT, RoBERTa, "
                                "GTE, ModernBERT, Qwen2, Qwen3, Mistral and Llama models is)")
@@ -214,6 +216,18 @@ def classifier_head(cfg: dict) -> ClassifierHead | None:
     if cfg.get("problem_type") == "multi_label_classification":
         raise ModelFolderError("multi-label classification heads are not supported")
     return ClassifierHead(style, labels, pooling, pad)
+
+
+# decoders whose classifier is one Linear (`score`) over the last token that is not the pad token
+SCORE_HEAD_TYPES = ("qwen2", "qwen3", "mistral", "llama")
+
+
+def score_pad_token_id(cfg: dict) -> int | None:
+    """config.json's pad_token_id, the token a "score" head skips at a sequence's end; refused unless a token id."""
+    pad = cfg.get("pad_token_id")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
+        raise ModelFolderError(f"config.json's pad_token_id {pad!r} is not a token id")
+    return pad
 
 
 def mlm_head(cfg: dict) -> MaskedLMHead | None:

@@ -48,13 +48,11 @@ class DecoderLayer(nn.Module):
         """x: [T, H] -> [T, H]. rotary: each token's (cos, sin) [T, 1, head_dim / 2] (`rotary_tables`)."""
         tokens, hidden = x.shape
         new = partial(ws.empty, dtype=x.dtype, device=x.device)
-        d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        d, q_width = self.head_dim, self.heads * self.head_dim
         fused = x.is_cuda or use_kernels(x)  # CUDA, or the CPU under the emulator (kernels/emulate.py)
         norm = partial(_fused_rms_norm, new=new) if fused else _rms_norm
         qkv = _linear(norm(x, self.attn_norm), self.qkv, new)
-        q = qkv[:, :q_width].view(tokens, self.heads, d)  # [T, heads, d] views: the kernel reads them in place
-        k = qkv[:, q_width:q_width + kv_width].view(tokens, self.kv_heads, d)
-        v = qkv[:, q_width + kv_width:].view(tokens, self.kv_heads, d)
+        q, k, v = qkv_heads(qkv, self.heads, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = norm(q, self.q_norm), norm(k, self.k_norm)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
@@ -68,10 +66,7 @@ class DecoderLayer(nn.Module):
         else:
             x = _linear(ctx, self.attn_out, new).add_(x)
             normed = _rms_norm(x, self.ffn_norm)
-        inner = _linear(normed, self.gate_up, new)
-        gate, up = inner.chunk(2, dim=1)  # [T, I] views
-        _activation_(gate, self.act)
-        return _linear(gate.mul_(up), self.down, new).add_(x)
+        return _linear(gated_(_linear(normed, self.gate_up, new), self.act), self.down, new).add_(x)
 
 
 def all_heads(t: torch.Tensor, heads: int, new) -> torch.Tensor:
@@ -83,6 +78,24 @@ def all_heads(t: torch.Tensor, heads: int, new) -> torch.Tensor:
     out = new((tokens, heads, d))
     out.view(tokens, kv, heads // kv, d).copy_(t[:, :, None, :].expand(tokens, kv, heads // kv, d))
     return out
+
+
+def qkv_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """The query, key and value heads of a fused projection [T, (heads + 2 * kv_heads) * head_dim] laid out
+    [q | k | v]: views [T, heads, d], [T, kv_heads, d], [T, kv_heads, d] (the kernels read them in place)."""
+    tokens, q_width, kv_width = qkv.shape[0], heads * head_dim, kv_heads * head_dim
+    return (qkv[:, :q_width].view(tokens, heads, head_dim),
+            qkv[:, q_width:q_width + kv_width].view(tokens, kv_heads, head_dim),
+            qkv[:, q_width + kv_width:].view(tokens, kv_heads, head_dim))
+
+
+def gated_(inner: torch.Tensor, activation: str, activated_first: bool = True) -> torch.Tensor:
+    """A gated feed-forward block's product act(a) * b of the halves of inner [T, 2I] (a the first half where
+    `activated_first`, else the second), in place in inner's activated half: a [T, I] view."""
+    first, second = inner.chunk(2, dim=1)  # [T, I] views
+    activated, other = (first, second) if activated_first else (second, first)
+    _activation_(activated, activation)
+    return activated.mul_(other)
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:

@@ -7,7 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from models.config import ClassifierHead, EncoderConfig, MaskedLMHead, ModelFolderError, classifier_head, mlm_head, read_json
+from models.config import (
+    SCORE_HEAD_TYPES,
+    ClassifierHead,
+    EncoderConfig,
+    MaskedLMHead,
+    ModelFolderError,
+    classifier_head,
+    mlm_head,
+    read_json,
+    score_pad_token_id,
+)
 from models.st_modules import PoolingConfig, pooling_from_st
 
 # Weight files torch.load would unpickle (arbitrary code on load): never read, only named in the refusal.
@@ -73,7 +83,7 @@ def token_classifier(folder: ModelFolder, tokens: list[str] | None, section: str
         return folder
     setting = f"{section}.classifier_from_token={list(tokens)!r}"
     model_type = folder.encoder.model_type
-    if model_type not in ("qwen2", "qwen3", "mistral", "llama"):
+    if model_type not in SCORE_HEAD_TYPES:
         raise ModelFolderError(f"{setting}: a re-ranker is made from the LM head of a Qwen2, Qwen3, Mistral or Llama "
                                f"causal LM; {folder.path} is a {model_type} model")
     if folder.head is not None:
@@ -86,11 +96,8 @@ def token_classifier(folder: ModelFolder, tokens: list[str] | None, section: str
 
     tokenizer = Tokenizer.from_file(str(folder.tokenizer_file))
     ids = tuple(_token_id(tokenizer, token, setting, folder.encoder.vocab_size) for token in tokens)
-    cfg = read_json(folder.path / "config.json")
-    # the head a *ForSequenceClassification config of this folder would have: its pad_token_id checked as there
-    head = classifier_head({**cfg, "architectures": ["ForSequenceClassification"], "id2label": {"0": "LABEL_0"},
-                            "problem_type": None})
-    return replace(folder, head=replace(head, from_tokens=ids))
+    pad = score_pad_token_id(read_json(folder.path / "config.json"))
+    return replace(folder, head=ClassifierHead("score", ("LABEL_0",), "last", pad, from_tokens=ids))
 
 
 def _token_id(tokenizer, token: str, setting: str, vocab_size: int) -> int:

@@ -20,8 +20,8 @@ from torch import nn
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from models.config import EncoderConfig
-from models.decoder import RotaryModel, _linear, all_heads, apply_rotary
-from models.encoder import PackedBatch, _activation_
+from models.decoder import RotaryModel, _linear, all_heads, apply_rotary, gated_, qkv_heads
+from models.encoder import PackedBatch
 
 
 class GemmaRMSNorm(nn.Module):
@@ -63,11 +63,9 @@ class GemmaLayer(nn.Module):
         """x: [T, H] -> [T, H]. rotary: each token's (cos, sin) [T, 1, head_dim / 2] for this layer's kind."""
         tokens = x.shape[0]
         new = partial(ws.empty, dtype=x.dtype, device=x.device)
-        d, q_width, kv_width = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = _linear(self.attn_norm(x), self.qkv, new)
-        q = self.q_norm(qkv[:, :q_width].view(tokens, self.heads, d))  # [T, heads, d]
-        k = self.k_norm(qkv[:, q_width:q_width + kv_width].view(tokens, self.kv_heads, d))  # [T, kv_heads, d]
-        v = qkv[:, q_width + kv_width:].view(tokens, self.kv_heads, d)
+        d, q_width = self.head_dim, self.heads * self.head_dim
+        q, k, v = qkv_heads(_linear(self.attn_norm(x), self.qkv, new), self.heads, self.kv_heads, d)
+        q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
         if self.q_scale != 1.0:
             q.mul_(self.q_scale)
@@ -75,10 +73,8 @@ class GemmaLayer(nn.Module):
         ctx = varlen_attention(q, k, all_heads(v, self.heads, new), cu_seqlens, out=new((tokens, q_width)),
                                window=self.window)
         x = self.post_attn_norm(_linear(ctx, self.attn_out, new)).add_(x)
-        inner = _linear(self.ffn_norm(x), self.gate_up, new)
-        gate, up = inner.chunk(2, dim=1)  # [T, I] views
-        _activation_(gate, self.act)
-        return self.post_ffn_norm(_linear(gate.mul_(up), self.down, new)).add_(x)
+        inner = gated_(_linear(self.ffn_norm(x), self.gate_up, new), self.act)
+        return self.post_ffn_norm(_linear(inner, self.down, new)).add_(x)
 
 
 class PackedGemma(RotaryModel):

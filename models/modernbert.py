@@ -19,7 +19,7 @@ from torch import nn
 from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from models.config import EncoderConfig
-from models.decoder import RotaryModel, _linear, apply_rotary
+from models.decoder import RotaryModel, _linear, apply_rotary, gated_, qkv_heads
 from models.encoder import PackedBatch, _activation_
 
 
@@ -50,15 +50,13 @@ class ModernBertLayer(nn.Module):
         d = self.head_dim
         normed = x if self.attn_norm is None else _norm(x, self.attn_norm)
         qkv = _linear(normed, self.qkv, new)  # [T, 3H]
-        q, k, v = (qkv[:, i * hidden:(i + 1) * hidden].view(tokens, self.heads, d) for i in range(3))  # views
+        q, k, v = qkv_heads(qkv, self.heads, self.heads, d)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
         k = apply_rotary(k, *rotary, new((tokens, self.heads, d)))
         ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)), window=self.window)
         x = _linear(ctx, self.attn_out, new).add_(x)
-        inner = _linear(_norm(x, self.ffn_norm), self.ffn_in, new)  # [T, 2I]
-        act, gate = inner.chunk(2, dim=1)  # [T, I] views
-        _activation_(act, self.act)
-        return _linear(act.mul_(gate), self.ffn_out, new).add_(x)
+        inner = gated_(_linear(_norm(x, self.ffn_norm), self.ffn_in, new), self.act)  # Wi: [input | gate]
+        return _linear(inner, self.ffn_out, new).add_(x)
 
 
 def _norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:

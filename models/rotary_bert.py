@@ -21,8 +21,8 @@ from kernels.attention import DeviceLayout, varlen_attention
 from kernels.cuda import use_kernels
 from kernels.layernorm import bias_residual_layernorm
 from models.config import EncoderConfig
-from models.decoder import RotaryModel, _linear, apply_rotary, rotary_tables
-from models.encoder import PackedBatch, _activation_, _layer_norm
+from models.decoder import RotaryModel, _linear, apply_rotary, gated_, qkv_heads, rotary_tables
+from models.encoder import PackedBatch, _layer_norm
 
 
 class RotaryBertLayer(nn.Module):
@@ -46,15 +46,13 @@ class RotaryBertLayer(nn.Module):
         new = partial(ws.empty, dtype=x.dtype, device=x.device)
         d = self.head_dim
         qkv = _linear(x, self.qkv, new)  # [T, 3H]
-        q, k, v = (qkv[:, i * hidden:(i + 1) * hidden].view(tokens, self.heads, d) for i in range(3))  # views
+        q, k, v = qkv_heads(qkv, self.heads, self.heads, d)
         q = apply_rotary(q, *rotary, new((tokens, self.heads, d)))
         k = apply_rotary(k, *rotary, new((tokens, self.heads, d)))
         ctx = varlen_attention(q, k, v, cu_seqlens, out=new((tokens, hidden)))
         x = _add_norm(ctx, self.attn_out, x, self.attn_norm, ws)
-        inner = _linear(x, self.up_gate, new)  # [T, 2I]
-        up, gate = inner.chunk(2, dim=1)  # [T, I] views
-        _activation_(gate, self.act)
-        return _add_norm(gate.mul_(up), self.down, x, self.ffn_norm, ws)
+        inner = gated_(_linear(x, self.up_gate, new), self.act, activated_first=False)  # [up | gate]
+        return _add_norm(inner, self.down, x, self.ffn_norm, ws)
 
 
 def _add_norm(y: torch.Tensor, layer: nn.Linear, x: torch.Tensor, norm: nn.LayerNorm, ws: Workspace) -> torch.Tensor:
