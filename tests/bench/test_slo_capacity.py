@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from bench.simulate import slo_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
@@ -32,3 +34,18 @@ def test_the_capacity_holds_the_slo_and_the_next_step_up_does_not():
         assert 0 < load < 2
         assert within(load, config, slo)
         assert not within(load + 2 / 2**steps, config, slo)
+
+
+def test_the_ceiling_is_the_cheapest_cut_of_the_sorted_lengths_not_full_batches():
+    """A cost per token that doubles past 512 tokens (a CPU whose caches a big batch overflows): the cheapest
+    batches are not the fullest, and the ceiling must not take the greedy full-batch cut for the cheapest."""
+    from bench.simulate import throughput_ceiling  # noqa: PLC0415
+    from scheduler.brute_force import min_cost_consecutive  # noqa: PLC0415
+
+    cost = CostModel([0.002, 0.0, 0.0001, 0.0], [256.0, 512.0, 1024.0], [1.0, 1.0, 2.0])
+    limits = Limits(4096, 8)
+    lengths = [random.Random(5).randint(60, 200) for _ in range(9)]
+    best = min_cost_consecutive(sorted(lengths), limits, cost)
+    assert throughput_ceiling(lengths, limits, cost) == pytest.approx(len(lengths) / best)
+    greedy = cost.predict_lengths(sorted(lengths)[:8]) + cost.predict_lengths(sorted(lengths)[8:])  # full batches
+    assert len(lengths) / best > 1.2 * len(lengths) / greedy
