@@ -138,7 +138,8 @@ def error_responses(family: str) -> dict[int | str, dict]:
 
 def api_family(path: str) -> str:
     """Which API family a path belongs to: openai, kserve or tei."""
-    if path.startswith("/v1/") or path in ("/v1", "/embeddings", "/models", "/score", "/classify", "/detokenize", "/version"):  # vLLM's too
+    if path.startswith("/v1/") or path in ("/v1", "/embeddings", "/models", "/score", "/classify", "/pooling",  # vLLM's too
+                                           "/detokenize", "/version"):
         return "openai"
     if path.startswith("/v2/") or path == "/v2":
         return "kserve"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 from typing import Literal
 
+import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from models.runtime import finish_embedding
 from server.deps import OpenAIInputs, engine_of, engines_of, json_response, timing_of
+from server.engine import Engine
 from server.errors import ModelNotFound, WrongModelKind, error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses("openai"))
@@ -76,24 +78,43 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     if beside is not None and body.model is not None and body.model == beside.info.name:
         raise WrongModelKind(f"model {body.model!r} is the re-ranker served beside {engine.info.name!r}: use /v1/rerank")
     engine.check_model(body.model)
-    if engine.info.sparse:
-        raise WrongModelKind("this server serves a sparse (SPLADE) embedding model: its vectors come from /embed_sparse")
-    dimensions = engine.check_dimensions(body.dimensions or None)
-    timing = timing_of(request)
-    encoded = await engine.tokenize(body.input, timing, limit=engine.prompt_limit(body.truncate_prompt_tokens))
-    # vLLM's `normalize` when given; else the model's default, and unit vectors for OpenAI's `dimensions` (a cut vector)
-    normalize = body.normalize if body.normalize is not None else engine.info.normalize or dimensions is not None
-    vectors = finish_embedding(await engine.run(encoded, request, timing), normalize, dimensions)
+    vectors = await embedding_vectors(engine, request, body.input, body.dimensions, body.normalize,
+                                      body.truncate_prompt_tokens)
     if body.encoding_format == "base64":  # None (null): the default, float
-        rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        rows = [base64_of(v) for v in vectors]
     else:
         rows = list(vectors)  # numpy rows: orjson writes them
+    tokens = timing_of(request).tokens
     return json_response({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
         "model": engine.info.name,
-        "usage": {"prompt_tokens": timing.tokens, "total_tokens": timing.tokens},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+async def embedding_vectors(engine: Engine, request: Request, inputs, dimensions: int | None, normalize: bool | None,
+                            truncate_prompt_tokens: int | None, direction: Literal["right", "left"] = "right",
+                            per_token: bool = False) -> np.ndarray | list[np.ndarray]:
+    """The vectors /v1/embeddings answers (also vLLM's /pooling): [n, dim], cut to `dimensions` (Matryoshka; 0 or None:
+    the full size), L2-normalised as `normalize` says (None: the model's own setting, and always for a cut vector).
+    per_token: a list of [tokens, dim], every token's last hidden state, each cut and normalised as a vector is."""
+    if engine.info.sparse:
+        raise WrongModelKind("this server serves a sparse (SPLADE) embedding model: its vectors come from /embed_sparse")
+    dimensions = engine.check_dimensions(dimensions or None)
+    timing = timing_of(request)
+    encoded = await engine.tokenize(inputs, timing, direction=direction, limit=engine.prompt_limit(truncate_prompt_tokens))
+    # vLLM's `normalize` when given; else the model's default, and unit vectors for OpenAI's `dimensions` (a cut vector)
+    normalize = normalize if normalize is not None else engine.info.normalize or dimensions is not None
+    out = await engine.run(encoded, request, timing, per_token=per_token)
+    if per_token:
+        return [finish_embedding(states, normalize, dimensions) for states in out]
+    return finish_embedding(out, normalize, dimensions)
+
+
+def base64_of(array: np.ndarray, dtype: str = "<f4") -> str:
+    """An array's values as base64 of their bytes in `dtype` (OpenAI's: little-endian float32), row after row."""
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
 
 
 @router.get("/models", response_model=ModelList)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError
 
 from server.deps import Direction, engine_for, json_response, timing_of
+from server.engine import Engine
 from server.errors import EmptyInput, InvalidRequest, error_responses
 
 router = APIRouter(tags=["rerank"], responses=error_responses("tei"))
@@ -223,17 +225,24 @@ async def classify(body: ClassifyRequest, request: Request):
     the sigmoid for a one-label model, as vLLM) and num_classes, in input order; usage in tokens."""
     engine = engine_for(request, "classifier", "reranker")
     engine.check_model(body.model)
-    timing = timing_of(request)
-    encoded = await engine.tokenize(body.input, timing, body.truncate, kinds=("classifier", "reranker"),
-                                    limit=engine.prompt_limit(body.truncate_prompt_tokens))
-    probs = _scores(await engine.run(encoded, request, timing), False)
-    labels, tokens = engine.info.labels, sum(len(e.ids) for e in encoded)
+    probs, tokens = await probabilities(engine, request, body.input, body.truncate, body.truncate_prompt_tokens)
+    labels = engine.info.labels
     data = [{"index": i, "label": labels[int(np.argmax(row))], "probs": row.astype(np.float32), "num_classes": len(row)}
             for i, row in enumerate(probs)]
     return json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                           "model": engine.info.name, "data": data,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
                                     "prompt_tokens_details": None}})
+
+
+async def probabilities(engine: Engine, request: Request, inputs, truncate: bool | None, truncate_prompt_tokens: int | None,
+                        raw: bool = False, direction: Literal["right", "left"] = "right") -> tuple[np.ndarray, int]:
+    """([n, labels] scores, tokens) of each input (a text or token ids) as /v1/classify answers them (also vLLM's
+    /pooling): the softmax over the labels, the sigmoid for a one-label model; raw: the logits."""
+    timing = timing_of(request)
+    encoded = await engine.tokenize(inputs, timing, truncate, direction, kinds=("classifier", "reranker"),
+                                    limit=engine.prompt_limit(truncate_prompt_tokens))
+    return _scores(await engine.run(encoded, request, timing), raw), sum(len(e.ids) for e in encoded)
 
 
 v1_router.add_api_route("/v1/classify", classify, methods=["POST"])
