@@ -7,7 +7,8 @@ section 11): nested-tensor SDPA cost 3.4-3.8 ms a call whatever the batch, host 
 call per sequence 50 us a sequence, both far above the kernels' own time; a hand-written CuPy attention
 kernel was not attempted, FlashAttention being tiled, fused and tensor-core based already. The varlen
 kernel is checked against per-sequence SDPA once per device, dtype and head size (`flash_agrees`). Then
-nested tensors (other CUDA dtypes, and the CPU under the emulator), then one SDPA call per sequence.
+nested tensors (other CUDA dtypes, and the CPU under the emulator), then on the CPU short sequences in padded
+groups and long ones one SDPA call each (kernels/attention_groups.py), elsewhere one SDPA call per sequence.
 
 An additive attention bias (MPNet's relative positions, `attn_bias` [heads, Lmax, Lmax], each sequence its top-left
 block) takes one SDPA call per sequence on every device: neither the varlen kernel nor nested tensors take an
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cuda
+from kernels.attention_groups import varlen_attention_grouped
 
 log = logging.getLogger(__name__)
 _nested_failed = False
@@ -225,6 +227,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         except (RuntimeError, NotImplementedError) as exc:  # older torch, unsupported head size, ...
             _nested_failed = True
             log.warning("nested-tensor attention unavailable (%s); using one SDPA call per sequence", exc)
+    if q.device.type == "cpu" and window is None:  # short sequences share padded calls (kernels/attention_groups.py)
+        return varlen_attention_grouped(q, k, v, cu_seqlens, out, causal)
     return varlen_attention_reference(q, k, v, cu_seqlens, out, causal=causal, window=window)
 
 
