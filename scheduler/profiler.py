@@ -36,13 +36,15 @@ MIN_CELLS = 4  # measured whatever the budget: the cheapest cells, enough to fit
 def measure(run: RunBatch, cells: list[tuple[int, int]], runs: int = 3, warmup: int = 1,
             progress: bool = True, passes: int = 2, budget_s: float = 0.0) -> list[Cell]:
     """Seconds per cell: the median of `runs` timed runs after `warmup` untimed ones (one timed run where the
-    warm-up took SLOW_RUN_S or more), taken in `passes` passes over the grid (alternately forwards and backwards),
-    keeping each cell's lowest median.
+    warm-up took SLOW_RUN_S or more), taken in `passes` passes over the grid, each starting 1/passes further along
+    it, keeping each cell's lowest median.
 
     Another process or a slow spell of the host only ever makes a batch slower, and a spell lasts seconds:
     one pass can measure a cell 3x too slow (seen here: 1,021 ms for 32 x 64 tokens, 160-190 us a token
-    in every other cell of that size), and the planner then avoids such batches for good. A second pass,
-    the other way round, meets the cell at another time. Shows a progress bar.
+    in every other cell of that size), and the planner then avoids such batches for good. A second pass meets
+    the cell about a pass later. (A second pass run backwards met the last cells of the first right after them:
+    one spell of ~2 s at the turn measured three of the four 2,048-token cells 2.2x too slow, 2026-12-06.)
+    Shows a progress bar.
 
     budget_s > 0: the grid is taken cheapest first (by tokens), and a cell whose runs are predicted (from the
     largest cell measured so far, or its own first pass) to take the profile past budget_s seconds is left out,
@@ -54,7 +56,8 @@ def measure(run: RunBatch, cells: list[tuple[int, int]], runs: int = 3, warmup: 
     started = time.perf_counter()
     with tqdm(total=len(order) * passes, desc="profiling batch latency", unit="cell", disable=not progress) as bar:
         for p in range(passes):
-            for n, length in order if p % 2 == 0 else order[::-1]:
+            shift = len(order) * p // passes  # each pass starts further along: a cell's runs lie a pass apart
+            for n, length in order[shift:] + order[:shift]:
                 bar.update()
                 if budget_s and len(best) >= MIN_CELLS and time.perf_counter() - started + \
                         _predicted_cost(best, n, length, runs, warmup) > budget_s:

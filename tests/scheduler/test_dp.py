@@ -359,3 +359,22 @@ def test_past_the_horizon_every_request_once_within_limits(requests, cap):
         assert len(b.indices) <= cap and (b.tokens <= 4096 or len(b.indices) == 1)
     priorities = [requests[b.indices[0]].priority for b in p.batches]
     assert priorities == sorted(priorities, reverse=True)
+
+
+def test_a_slow_spell_at_the_turn_between_passes_does_not_enter_the_profile(monkeypatch):
+    # A fake clock: runs that start within a spell around the end of the first pass take 3x (the host slowed for a
+    # few seconds). Run backwards, the second pass met the first pass's last cells again inside the spell.
+    truth = CostModel.linear(0.005, 1.5e-4, 1e-7, 3e-4)
+    cells = profiler.grid(64, 256, 2048)
+    one_pass = sum(4 * truth.predict_lengths([length] * n) for n, length in cells)  # 1 warm-up + 3 timed runs a cell
+    spell = (0.75 * one_pass, 1.25 * one_pass)
+    clock = [0.0]
+
+    def run(lengths):
+        slow = 3.0 if spell[0] <= clock[0] < spell[1] else 1.0
+        clock[0] += slow * truth.predict_lengths(lengths)
+
+    monkeypatch.setattr(profiler.time, "perf_counter", lambda: clock[0])
+    measured = {(c.n, c.length): c.seconds for c in profiler.measure(run, cells, runs=3, progress=False, budget_s=1e9)}
+    for n, length in cells:
+        assert measured[n, length] == pytest.approx(truth.predict_lengths([length] * n)), (n, length)
