@@ -41,8 +41,8 @@ def measure(run: RunBatch, cells: list[tuple[int, int]], runs: int = 3, warmup: 
 
     Another process or a slow spell of the host only ever makes a batch slower, and a spell lasts seconds:
     one pass can measure a cell 3x too slow (seen here: 1,021 ms for 32 x 64 tokens, 160-190 us a token
-    in every other cell of that size), and the planner then avoids such batches for good. A second pass meets
-    the cell about a pass later. (A second pass run backwards met the last cells of the first right after them:
+    in every other cell of that size), and the planner then avoids such batches for good. The second pass meets
+    each cell half a pass to a pass and a half later. (A second pass run backwards met the last cells of the first right after them:
     one spell of ~2 s at the turn measured three of the four 2,048-token cells 2.2x too slow, 2026-12-06.)
     Shows a progress bar.
 
@@ -56,7 +56,7 @@ def measure(run: RunBatch, cells: list[tuple[int, int]], runs: int = 3, warmup: 
     started = time.perf_counter()
     with tqdm(total=len(order) * passes, desc="profiling batch latency", unit="cell", disable=not progress) as bar:
         for p in range(passes):
-            shift = len(order) * p // passes  # each pass starts further along: a cell's runs lie a pass apart
+            shift = len(order) * p // passes  # each pass starts further along: a cell's runs lie >= half a pass apart
             for n, length in order[shift:] + order[:shift]:
                 bar.update()
                 if budget_s and len(best) >= MIN_CELLS and time.perf_counter() - started + \
