@@ -6,9 +6,28 @@ one-line reason, what its module does not compute."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from kernels.activation import ACTIVATION_NAMES
 from models.config import EncoderConfig, ModelFolderError
+
+
+@dataclass(frozen=True)
+class RotaryScaling:
+    """transformers' rotary scaling of a decoder's frequencies (models/decoder.py's scaled_frequencies computes it):
+    "linear" divides every frequency by `factor` (positions divided by it); "llama3" (Llama 3.1's) divides by `factor`
+    those whose wavelength 2π / f is over original_positions / low_freq_factor, keeps those under original_positions /
+    high_freq_factor, and blends the two in between."""
+
+    rope_type: str  # one of DECODER_SCALINGS
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_positions: int = 8192  # config.json's original_max_position_embeddings
+
+
+# the rotary scalings (transformers' rope_type) models/decoder.py computes for Qwen2, Qwen3, Mistral and Llama
+DECODER_SCALINGS = ("linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -17,7 +36,8 @@ class DecoderParts:
     head_dim, shared by num_heads // num_kv_heads query heads each), rotary positions of base rope_theta, whether
     attention is causal, and its optional parts: biases of the query/key/value and output projections, Qwen3's
     RMSNorm of each query and key head, and Llama's biases of the feed-forward block's three projections (mlp_bias).
-    The feed-forward block is gated: down(act(gate(x)) * up(x)).
+    The feed-forward block is gated: down(act(gate(x)) * up(x)). `rope_scaling`: the frequencies' linear or Llama 3
+    scaling, None for plain rotary positions.
 
     Mistral's sliding window sets `window` (sliding_window - 1): causal attention within it, each token sees itself
     and the `window` tokens before it, in every layer.
@@ -38,6 +58,7 @@ class DecoderParts:
     local_rope_theta: float = 10000.0
     query_pre_attn_scalar: float | None = None
     mlp_bias: bool = False
+    rope_scaling: RotaryScaling | None = None
 
 
 # model_type -> max_position_embeddings where config.json leaves it out (transformers' defaults)
@@ -45,8 +66,9 @@ _DECODER_POSITIONS = {"qwen2": 32768, "qwen3": 32768, "mistral": 131072, "llama"
 
 
 def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
-    """A Qwen2, Qwen3, Mistral or Llama config.json (transformers 4's rope_theta or 5's rope_parameters); refused where
-    it asks for what models/decoder.py does not compute (scaled rotary positions, Qwen2's per-layer sliding windows).
+    """A Qwen2, Qwen3, Mistral or Llama config.json (transformers 4's rope_theta and rope_scaling or 5's
+    rope_parameters); refused where it asks for what models/decoder.py does not compute (rotary scalings but linear
+    and Llama 3's, Qwen2's per-layer sliding windows).
     Gemma3's: gemma_config.
 
     Mistral's sliding_window (4096 in e5-mistral-7b-instruct's config.json; null in some) is computed exactly rather
@@ -56,11 +78,11 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
     if cfg["model_type"] == "gemma3_text":
         return gemma_config(cls, cfg, matryoshka)
     model_type, heads, activation = cfg["model_type"], cfg["num_attention_heads"], cfg.get("hidden_act", "silu")
-    theta = _plain_theta(cfg, 10000.0, ())
     _check_activation("hidden_act", activation)
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise ModelFolderError("sliding-window attention (use_sliding_window) is not supported")
     positions = cfg.get("max_position_embeddings", _DECODER_POSITIONS[model_type])
+    theta, scaling = _decoder_rotary(cfg, 10000.0, positions)
     if cfg.get("auto_map") and "is_causal" not in cfg:
         raise ModelFolderError(f"config.json names custom modeling code (auto_map); turboserve computes transformers' own "
                                f"{model_type}, whose attention is causal, and custom code may differ (gte-Qwen2's is "
@@ -72,6 +94,7 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
         num_kv_heads=_kv_heads(cfg),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         rope_theta=theta,
+        rope_scaling=scaling,
         causal=bool(cfg.get("is_causal", True)),  # transformers 5 reads this key too
         qkv_bias=bias or model_type == "qwen2",
         out_bias=bias,
@@ -83,6 +106,41 @@ def decoder_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig
         raise ModelFolderError("a bidirectional Mistral (is_causal false) with a sliding_window is not supported; set "
                                "sliding_window to null for bidirectional attention over the whole text")
     return _built(cls, cfg, model_type, positions, cfg.get("rms_norm_eps", 1e-6), activation, matryoshka, decoder=parts)
+
+
+def _decoder_rotary(cfg: dict, default: float, positions: int) -> tuple[float, RotaryScaling | None]:
+    """A decoder's rotary base and scaling as transformers 5 reads config.json: transformers 4's rope_scaling (its
+    "type" is rope_type) where given, else 5's rope_parameters, the base from that or the top-level rope_theta; Llama
+    3's original_max_position_embeddings from the top level, that dict, or max_position_embeddings, in that order.
+    Scalings but DECODER_SCALINGS refused, in either dict."""
+    old, new = ({"rope_type" if k == "type" else k: v for k, v in (cfg.get(key) or {}).items()}
+                for key in ("rope_scaling", "rope_parameters"))
+    for given in (new, old):
+        if (kind := given.get("rope_type", "default")) not in ("default", *DECODER_SCALINGS):
+            raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain, "
+                                   f"{' and '.join(DECODER_SCALINGS)} rotary positions are)")
+    params = old or new
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", default)))
+    if (kind := params.get("rope_type", "default")) == "default":
+        return theta, None
+    number = partial(_rope_number, params, kind)
+    if kind == "linear":
+        return theta, RotaryScaling("linear", number("factor"))
+    low, high = number("low_freq_factor"), number("high_freq_factor")
+    if high <= low:
+        raise ModelFolderError(f"config.json's llama3 rotary scaling needs high_freq_factor > low_freq_factor; got "
+                               f"{high} and {low}")
+    key = "original_max_position_embeddings"
+    original = _whole({key: cfg.get(key, params.get(key, positions))}, key, None, 1)
+    return theta, RotaryScaling("llama3", number("factor"), low, high, original)
+
+
+def _rope_number(params: dict, kind: str, key: str) -> float:
+    """The rotary scaling's number `key` (> 0), refused where missing."""
+    value = params.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ModelFolderError(f"config.json's {kind} rotary scaling needs a number {key} > 0; got {value!r}")
+    return float(value)
 
 
 def _mistral_window(cfg: dict, positions: int) -> int | None:

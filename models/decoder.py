@@ -4,14 +4,15 @@ attention sees [total_tokens, hidden], attention runs on each sequence's own tok
 
 A layer is pre-norm: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)), with a final RMSNorm after the last layer.
 Attention is grouped-query (each key/value head serves num_heads // num_kv_heads query heads) over rotary positions
-(each sequence numbered from 0), causal unless the config says otherwise (Mistral's: within its sliding window, a
-token seeing itself and the `window` tokens before it); the feed-forward block is gated,
-down(silu(gate(x)) * up(x)). GEMMs are torch's on every device; on the kernel path (CUDA, or the CPU under the
-emulator) every RMSNorm is kernels/rmsnorm.py's, the one before the feed-forward block fused with the residual add
-that precedes it, while the CPU path keeps torch's F.rms_norm."""
+(each sequence numbered from 0; frequencies scaled, linearly or as Llama 3's, where config.json asks), causal unless
+the config says otherwise (Mistral's: within its sliding window, a token seeing itself and the `window` tokens before
+it); the feed-forward block is gated, down(silu(gate(x)) * up(x)). GEMMs are torch's on every device; on the kernel
+path (CUDA, or the CPU under the emulator) every RMSNorm is kernels/rmsnorm.py's, the one before the feed-forward
+block fused with the residual add that precedes it, while the CPU path keeps torch's F.rms_norm."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -22,6 +23,7 @@ from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from kernels.cuda import use_kernels
 from kernels.rmsnorm import residual_rmsnorm
+from models.arch_config import RotaryScaling
 from models.config import EncoderConfig
 from models.encoder import PackedBatch, _activation_
 
@@ -116,14 +118,33 @@ def _linear(x: torch.Tensor, layer: nn.Linear, new) -> torch.Tensor:
     return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scale: float = 1.0,
+                  scaling: RotaryScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [T, 1, head_dim / 2] of each token's position, made in float32 and cast to `dtype` as transformers
     makes them (its tables repeat these for the second half of the head); every frequency divided by `scale` (as
-    transformers' "linear" rotary scaling divides them)."""
+    transformers' "linear" rotary scaling divides them), after a decoder's `scaling` (scaled_frequencies)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    angles = positions.float()[:, None] * ((1.0 / theta ** exponents) / scale)[None, :]
+    angles = positions.float()[:, None] * (scaled_frequencies(1.0 / theta ** exponents, scaling) / scale)[None, :]
     return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: RotaryScaling | None) -> torch.Tensor:
+    """Rotary inverse frequencies inv_freq [head_dim / 2] (float32) under transformers' linear or Llama 3 scaling
+    (None: as they are), op for op as transformers' _compute_linear_scaling_rope_parameters and
+    _compute_llama3_parameters compute them."""
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths (over original / low_freq_factor) divided by factor, short ones (under original /
+    # high_freq_factor) kept, the medium ones blended from one to the other as the wavelength grows
+    old, factor, low, high = scaling.original_positions, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    llama = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * llama / factor + smooth * llama
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, llama)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -175,7 +196,8 @@ class PackedDecoder(RotaryModel):
         """Last hidden states [T, H]; intermediates from `ws` (a fresh torch allocation each when None)."""
         ws = ws or FreshWorkspace()
         x = self.embedded(batch, ws)
-        rotary = rotary_tables(batch.position_ids, self.cfg.decoder.head_dim, self.cfg.decoder.rope_theta, x.dtype)
+        parts = self.cfg.decoder
+        rotary = rotary_tables(batch.position_ids, parts.head_dim, parts.rope_theta, x.dtype, scaling=parts.rope_scaling)
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws, rotary)
         if x.is_cuda or use_kernels(x):

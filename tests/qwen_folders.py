@@ -34,9 +34,9 @@ def tokenizer_json(folder: Path, extra: tuple[str, ...] = ()) -> None:
 
 
 def qwen_folder(root: Path, model_type: str = "qwen3", name: str | None = None, seed: int = 0, layers: int = 2,
-                max_seq_length: int = 512) -> Path:
+                max_seq_length: int = 512, **config) -> Path:
     """A sentence-transformers folder of a small Qwen3 or Qwen2 model (hidden 64, 4 query heads over 2 key/value
-    heads), its weights drawn by saved_embedder."""
+    heads), its weights drawn by saved_embedder. config: Qwen3Config's or Qwen2Config's keys over these (rope_scaling)."""
     import torch  # noqa: PLC0415
 
     from tests.hf_import import import_transformers  # noqa: PLC0415
@@ -46,7 +46,7 @@ def qwen_folder(root: Path, model_type: str = "qwen3", name: str | None = None, 
     torch.manual_seed(seed)
     common = dict(vocab_size=len(VOCAB), hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
                   num_key_value_heads=KV_HEADS, intermediate_size=96, max_position_embeddings=4096,
-                  rope_theta=50000.0, rms_norm_eps=1e-6, eos_token_id=0, pad_token_id=0)
+                  rope_theta=50000.0, rms_norm_eps=1e-6, eos_token_id=0, pad_token_id=0) | config
     if model_type == "qwen3":
         model = tf.Qwen3Model(tf.Qwen3Config(head_dim=HEAD_DIM, **common))
     else:

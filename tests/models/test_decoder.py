@@ -138,7 +138,7 @@ def test_bidirectional_attention_when_custom_code_asks_for_it(folders, tmp_path)
 
 @pytest.mark.parametrize("change,needle", [
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rotary scaling 'yarn'"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rotary scaling 'linear'"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}, "rope_parameters": None}, "rotary scaling 'longrope'"),
     ({"use_sliding_window": True}, "sliding-window attention"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
     ({"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu' is not supported"),

@@ -133,7 +133,7 @@ def test_a_causal_lm_checkpoint_with_biases_loads_without_its_lm_head(folders, t
 
 
 @pytest.mark.parametrize("kind,change,needle", [
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rotary scaling 'llama3'"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}}, "rotary scaling 'dynamic'"),
     ("mistral", {"rope_scaling": {"type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rotary scaling 'yarn'"),
     ("mistral", {"is_causal": False}, "bidirectional Mistral"),
     ("mistral", {"sliding_window": 0}, "sliding_window=0 must be a whole number >= 1"),
