@@ -150,7 +150,11 @@ def test_a_client_pipelining_without_reading_is_held_to_a_few_queued_requests():
                 time.sleep(0.05)
         time.sleep(0.5)
         queued = max(len(p.pipeline) for p in s.server.server_state.connections)
-        assert sent > 1_000_000 and queued <= http_protocol.PIPELINE_LIMIT + 262_144 // len(request), (sent, queued)
+        bound = http_protocol.PIPELINE_LIMIT + 262_144 // len(request)  # requests parsed ahead at most
+        # The client got at least twice the bound's requests out (more sit in the kernel's socket buffers: how many
+        # depends on the host, 0.89 MB in 2 s on a busy 2-vCPU CI run, 2 MB on a quiet one); all parsed, they would
+        # be over the bound.
+        assert sent // len(request) > 2 * bound and queued <= bound, (sent, queued, bound)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
         sock.close()
         assert httpx.get(f"{s.url}/health").status_code == 200
