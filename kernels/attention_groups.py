@@ -71,7 +71,7 @@ def _layout(cu_seqlens: tuple[int, ...]) -> list[tuple]:
     lengths = tuple(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
     layout = []
     with torch._C.DisableTorchFunction():  # built once per batch: out of sight of modes that record a forward's ops
-        for group in plan_groups(lengths):
+        for group in plan_groups(lengths, CALL_OVERHEAD, LONGEST_SHARED):  # read here: bench/cpu_attention.py sets them
             if len(group.seqs) == 1:
                 layout.append((group, None, None, None, None))
                 continue

@@ -113,13 +113,8 @@ def _decoder_rotary(cfg: dict, default: float, positions: int) -> tuple[float, R
     "type" is rope_type) where given, else 5's rope_parameters, the base from that or the top-level rope_theta; Llama
     3's original_max_position_embeddings from the top level, that dict, or max_position_embeddings, in that order.
     Scalings but DECODER_SCALINGS refused, in either dict."""
-    old, new = ({"rope_type" if k == "type" else k: v for k, v in (cfg.get(key) or {}).items()}
-                for key in ("rope_scaling", "rope_parameters"))
-    for given in (new, old):
-        if (kind := given.get("rope_type", "default")) not in ("default", *DECODER_SCALINGS):
-            raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain, "
-                                   f"{' and '.join(DECODER_SCALINGS)} rotary positions are)")
-    params = old or new
+    _refuse_scalings(cfg, DECODER_SCALINGS)
+    params = rope_dict(cfg, "rope_scaling") or rope_dict(cfg, "rope_parameters")
     theta = float(params.get("rope_theta", cfg.get("rope_theta", default)))
     if (kind := params.get("rope_type", "default")) == "default":
         return theta, None
@@ -290,7 +285,7 @@ def _thetas(cfg: dict, full: tuple[str, float], local: tuple[str, float], scaled
     keys (full[0], local[0]) or their defaults; any scaling refused, transformers 4's rope_scaling (its "type" is
     rope_type) counting for full layers, and for local ones too when `scaled_local`."""
     rope = cfg.get("rope_parameters") or {}
-    over = {"rope_type" if key == "type" else key: value for key, value in (cfg.get("rope_scaling") or {}).items()}
+    over = rope_dict(cfg, "rope_scaling")
     theta = {}
     for is_local, kind, (old_key, default) in ((False, "full_attention", full), (True, "sliding_attention", local)):
         params = {**(rope.get(kind) or {}), **(over if scaled_local or not is_local else {})}
@@ -303,8 +298,20 @@ def _thetas(cfg: dict, full: tuple[str, float], local: tuple[str, float], scaled
 def _plain_theta(cfg: dict, default: float, also: tuple[str, ...]) -> float:
     """The rotary base of transformers 5's rope_parameters or 4's rope_theta; scaling refused but the kinds in `also`
     (which the caller applies)."""
-    rope = cfg.get("rope_parameters") or {}
-    for given in (rope, cfg.get("rope_scaling") or {}):
-        if (kind := given.get("rope_type", given.get("type", "default"))) not in ("default", *also):
-            raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported (plain rotary positions are)")
-    return float(rope.get("rope_theta", cfg.get("rope_theta", default)))
+    _refuse_scalings(cfg, also)
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", default)))
+
+
+def rope_dict(cfg: dict, key: str) -> dict:
+    """config.json's rope_scaling (transformers 4's, whose "type" is rope_type) or rope_parameters (5's) under
+    transformers 5's key names; {} where absent."""
+    return {"rope_type" if k == "type" else k: v for k, v in (cfg.get(key) or {}).items()}
+
+
+def _refuse_scalings(cfg: dict, served: tuple[str, ...]) -> None:
+    """ModelFolderError for a rotary scaling, in rope_parameters or rope_scaling, other than the `served` kinds."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if (kind := rope_dict(cfg, key).get("rope_type", "default")) not in ("default", *served):
+            names = ["plain", *served]
+            allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+            raise ModelFolderError(f"config.json's rotary scaling {kind!r} is not supported ({allowed} rotary positions are)")

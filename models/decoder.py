@@ -118,13 +118,13 @@ def _linear(x: torch.Tensor, layer: nn.Linear, new) -> torch.Tensor:
     return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scale: float = 1.0,
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
                   scaling: RotaryScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [T, 1, head_dim / 2] of each token's position, made in float32 and cast to `dtype` as transformers
-    makes them (its tables repeat these for the second half of the head); every frequency divided by `scale` (as
-    transformers' "linear" rotary scaling divides them), after a decoder's `scaling` (scaled_frequencies)."""
+    makes them (its tables repeat these for the second half of the head); the frequencies scaled as `scaling` says
+    (scaled_frequencies; None: plain)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    angles = positions.float()[:, None] * (scaled_frequencies(1.0 / theta ** exponents, scaling) / scale)[None, :]
+    angles = positions.float()[:, None] * scaled_frequencies(1.0 / theta ** exponents, scaling)[None, :]
     return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
 
 

@@ -20,6 +20,7 @@ from kernels.arena import FreshWorkspace, Workspace
 from kernels.attention import DeviceLayout, varlen_attention
 from kernels.cuda import use_kernels
 from kernels.layernorm import bias_residual_layernorm
+from models.arch_config import RotaryScaling
 from models.config import EncoderConfig
 from models.decoder import RotaryModel, _linear, apply_rotary, gated_, qkv_heads, rotary_tables
 from models.encoder import PackedBatch, _layer_norm
@@ -91,7 +92,7 @@ class PackedRotaryBert(RotaryModel):
         x = _layer_norm(x, self.embed_norm, ws)
         parts = self.cfg.rotary
         rotary = rotary_tables(batch.position_ids, self.cfg.hidden_size // self.cfg.num_heads, parts.rope_theta, x.dtype,
-                               parts.rope_scale)
+                               RotaryScaling("linear", parts.rope_scale) if parts.rope_scale != 1.0 else None)
         for layer in self.layers:
             x = layer(x, batch.cu_seqlens, ws, rotary)
         return x

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from models.arch_config import _built, _check_activation, _plain_theta, _whole
+from models.arch_config import _built, _check_activation, _plain_theta, _whole, rope_dict
 from models.config import EncoderConfig, ModelFolderError
 
 
@@ -81,7 +81,7 @@ def gte_config(cls, cfg: dict, matryoshka: tuple[int, ...]) -> EncoderConfig:
             raise ModelFolderError(f"config.json's {key}={cfg[key]!r} is not supported (GTE with {key}={wanted!r} is)")
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     factor = 1.0
-    scaling = {"rope_type" if k == "type" else k: v for k, v in (cfg.get("rope_scaling") or {}).items()}
+    scaling = rope_dict(cfg, "rope_scaling")
     if scaling.get("rope_type") == "ntk":
         factor = float(scaling.get("factor", 1.0))
         if factor < 1.0 or scaling.get("mixed_b") is not None:
