@@ -1,0 +1,117 @@
+"""What session 19's live batch-time errors are made of, replayed offline (bench/RESULTS.md section 2, "Session 19").
+
+    .venv/bin/python bench/results/s19/cost_error_replay.py            # replays batches.json
+    .venv/bin/python bench/results/s19/cost_error_replay.py --from /tmp/thr/t1-r12 ...   # rebuild it from
+        `bench/live_policies.py --out` folders (trace, answers, live_policies.json)
+
+batches.json: the live batches of 8 runs (dp and fifo, 1 and 2 torch threads, 12 and 22 requests/s, bursts of 16,
+SLO 1 s; put back together by bench/host_load.live_batches) with the model each server started with. The session 6
+runs of the AMD VM (bench/results/s6/live_*) are replayed beside them.
+
+1. The server's model as it runs (per-knot EWMA), against the same plus a model-wide scale that takes `share` of
+   every batch's log error (the knots the rest): does a bias common to all batch sizes explain the error?
+2. Observed / profiled batch time by batch size and by requests taken in during the batch; the extra seconds per
+   such arrival (least squares).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+
+from bench.host_load import live_batches  # noqa: E402
+from scheduler.cost_model import CostModel  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def from_folders(folders: list[Path]) -> list[dict]:
+    runs = []
+    for folder in folders:
+        report = json.loads((folder / "live_policies.json").read_text())
+        for run in report["runs"]:
+            policy, load = run["live"]["policy"], run["load"]
+            answers = sorted(folder.glob(f"answers-{load}-{policy}-*.json"))
+            lengths = json.loads((folder / f"trace-{load}.json").read_text())["lengths"]
+            batches = live_batches(json.loads(answers[-1].read_text()), lengths)
+            runs.append({"run": f"{folder.name} {policy}", "start_model": run["start_model"],
+                         "batches": [[b.lengths, b.end - b.start, b.arrivals] for b in batches]})
+    return runs
+
+
+def replay(run: dict, share: float) -> tuple[float, float]:
+    """(median |error|, median signed error) of one run's batches, predicted before each is observed."""
+    model, scale = CostModel.from_json(run["start_model"]), 1.0
+    errors = []
+    for lengths, seconds, _ in run["batches"]:
+        base = model.predict_lengths(lengths)
+        ratio = seconds / (scale * base)
+        errors.append(scale * base / seconds - 1)
+        scale *= ratio ** share
+        model.observe(lengths, base * ratio ** (1 - share))  # the knots see what the scale did not take
+    return float(np.median(np.abs(errors))), float(np.median(errors))
+
+
+def breakdown(runs: list[dict]) -> None:
+    rows = [(len(lengths), seconds, arrivals, CostModel.from_json(r["start_model"]).predict_lengths(lengths))
+            for r in runs for lengths, seconds, arrivals in r["batches"]]
+    n, seconds, arrivals, profiled = (np.array(c, dtype=float) for c in zip(*rows))
+    ratio = np.log(seconds / profiled)
+    for lo, hi in ((1, 1), (2, 3), (4, 7), (8, 15), (16, 64)):
+        pick = (n >= lo) & (n <= hi)
+        if pick.any():
+            q = np.exp(np.percentile(ratio[pick], [25, 50, 75]))
+            print(f"    {lo}-{hi} sequences: {pick.sum():4d} batches, observed / profiled {q[1]:.2f} (IQR {q[0]:.2f}-{q[2]:.2f})")
+    for lo, hi in ((0, 0), (1, 15), (16, 10_000)):
+        pick = (arrivals >= lo) & (arrivals <= hi)
+        if pick.any():
+            print(f"    {lo}-{hi} requests taken in during the batch: {pick.sum():4d} batches, observed / profiled "
+                  f"{np.exp(np.median(ratio[pick])):.2f}")
+    coef, *_ = np.linalg.lstsq(np.c_[arrivals, np.ones_like(arrivals)], seconds - profiled, rcond=None)
+    print(f"    beyond the profile: {coef[0] * 1000:.1f} ms per request taken in during the batch, {coef[1] * 1000:.1f} ms a batch")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="folders", nargs="*", type=Path)
+    args = ap.parse_args()
+    if args.folders:
+        (HERE / "batches.json").write_text(json.dumps(from_folders(args.folders)))
+    today = json.loads((HERE / "batches.json").read_text())
+    s6 = [f for f in sorted((ROOT / "bench/results/s6").glob("live_*")) if (f / "live_policies.json").exists()]
+    for name, runs in (("this VM (session 19)", today), ("AMD VM (session 6)", from_s6(s6))):
+        print(f"{name}: {len(runs)} runs, {sum(len(r['batches']) for r in runs)} batches")
+        for share in (0.0, 0.05, 0.1, 0.2, 0.3):
+            out = [replay(r, share) for r in runs]
+            med = [m for m, _ in out]
+            print(f"  scale share {share}: median |error| over runs {np.median(med):.1%} (runs within 10%: "
+                  f"{sum(m <= 0.1 for m in med)}), signed {np.median([s for _, s in out]):+.1%}")
+        breakdown(runs)
+    return 0
+
+
+def from_s6(folders: list[Path]) -> list[dict]:
+    """Session 6's runs (their answers files are named by run index)."""
+    runs = []
+    for folder in folders:
+        report = json.loads((folder / "live_policies.json").read_text())
+        for i, run in enumerate(report["runs"]):
+            load, policy = run["load"], run["live"]["policy"]
+            answers, trace = folder / f"answers-{load}-{policy}-{i}.json", folder / f"trace-{load}.json"
+            if answers.exists() and trace.exists() and run.get("start_model"):
+                batches = live_batches(json.loads(answers.read_text()), json.loads(trace.read_text())["lengths"])
+                if len(batches) >= 10:
+                    runs.append({"run": f"{folder.name} {policy}", "start_model": run["start_model"],
+                                 "batches": [[b.lengths, b.end - b.start, b.arrivals] for b in batches]})
+    return runs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
