@@ -33,6 +33,7 @@ import httpx  # noqa: E402
 
 from bench.harness import SpawnedServer, machine_info, percentile  # noqa: E402
 from bench.host_load import LiveBatch, fit_host, live_batches, simulate_at_run_speed  # noqa: E402
+from bench.samples import CLIENT_ERRORS, CLIENTS, make_client  # noqa: E402
 from bench.simulate import slo_capacity  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from configs.settings import SchedulerSettings  # noqa: E402
@@ -45,12 +46,11 @@ POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
 
 
 async def replay(url: str, arrivals: list[float], texts: list[str] | list[list[str]], slo_ms: float,
-                 timeout: float) -> list[dict]:
+                 timeout: float, client_kind: str = "raw") -> list[dict]:
     """Send texts[i] (one text, or a request's list of them) at arrivals[i] seconds from the start. Per request: latency, status, when it was sent and
     answered (seconds from the start) and the server's x-inference-time and x-total-time (seconds; 0 if absent)."""
     out: list[dict] = [{}] * len(texts)
-    limits = httpx.Limits(max_connections=len(texts), max_keepalive_connections=len(texts))
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as client:
+    async with make_client(client_kind, url, len(texts), timeout) as client:
         start = time.perf_counter()
 
         async def one(i: int) -> None:
@@ -63,7 +63,7 @@ async def replay(url: str, arrivals: list[float], texts: list[str] | list[list[s
                 r = await client.post("/embed", json={"inputs": texts[i]}, headers={"x-slo-ms": str(slo_ms)})
                 status = r.status_code
                 inference, total = (float(r.headers.get(h, 0)) / 1000 for h in ("x-inference-time", "x-total-time"))
-            except httpx.HTTPError:
+            except CLIENT_ERRORS:
                 pass
             received = time.perf_counter()
             out[i] = {"latency": received - sent, "status": status, "sent": sent - start, "received": received - start,
@@ -93,7 +93,7 @@ def first_cost_models(cost_dir: Path) -> dict[Path, bytes]:
 
 
 def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: float, count: int, timeout: float,
-              arrivals_at, out: Path) -> tuple[CostModel, list[LiveBatch]]:
+              arrivals_at, out: Path, client_kind: str = "raw") -> tuple[CostModel, list[LiveBatch]]:
     """Serve `count` of the trace's texts (arrivals as the runs', at 0.6x the model's capacity) with dp and
     stop the server, which saves its model as refined by those live batches: the batch times of this machine
     as it is now, with the load generator beside the server and the runs' kind of traffic, where the profile
@@ -108,7 +108,8 @@ def calibrate(texts: list[str], lengths: list[int], limits: Limits, slo_ms: floa
         rate = 0.6 * full_batch_capacity(lengths, limits, start)
         picked = [lengths[i % len(texts)] for i in range(count)]
         arrivals = arrivals_at(rate, count, random.Random(3))
-        results = asyncio.run(replay(server.url, arrivals, [texts[i % len(texts)] for i in range(count)], slo_ms, timeout))
+        results = asyncio.run(replay(server.url, arrivals, [texts[i % len(texts)] for i in range(count)], slo_ms, timeout,
+                                     client_kind))
         print(f"calibration: {count} requests at {rate:.1f}/s, {sum(r['status'] == 200 for r in results)} answered", flush=True)
     finally:
         server.stop()
@@ -227,6 +228,8 @@ def main() -> int:
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="poisson")
     ap.add_argument("--rps", type=float, default=0.0,
                     help="offer this many requests/s (one load), whatever the cost model's capacity (to compare setups)")
+    ap.add_argument("--client", choices=CLIENTS, default="raw",
+                    help="the load generator's HTTP client: raw (bench/rawclient.py) or httpx (every run before session 19)")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="before the runs, refine the cost model with N live requests (see calibrate())")
     ap.add_argument("--device-only", action="store_true",
@@ -271,7 +274,8 @@ def main() -> int:
     # speed and the host's load (then the profile at that speed, plus the host).
     host, speed, device, profiled = HostLoad(), 1.0, None, None
     if args.calibrate:
-        profiled, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at, out)
+        profiled, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at, out,
+                                      args.client)
         saved = first_cost_models(cost_dir)
         if not args.device_only:
             fit = fit_host(batches, profiled)
@@ -304,7 +308,7 @@ def main() -> int:
                 (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
                                                                     "texts": texts, "inputs": k}))
             capacity, arrivals = traces[load]
-            results = asyncio.run(replay(server.url, arrivals, bodies, args.slo_ms, args.timeout))
+            results = asyncio.run(replay(server.url, arrivals, bodies, args.slo_ms, args.timeout, args.client))
             (out / f"answers-{load}-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
             live = summarize(policy, results, arrivals, slo) | scrape(server.url)
             end_cost = server_cost_model(server.url)  # as this run's batches refined it

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from bench.harness import CpuMeter, SpawnedServer, check_loopback, machine_info, print_cpu
-from bench.samples import ROUTES, Sample, body_for, send_one, summary
+from bench.samples import CLIENTS, ROUTES, Sample, body_for, make_client, send_one, summary
 from bench.single_request import run_single
 from bench.st_baseline import Baseline
 from bench.workload import count_tokens, load_tokenizer, make_texts
@@ -78,13 +78,12 @@ class LoadResult:
 
 
 async def run_load(url: str, route: str, texts: list[str], tokens: list[int], concurrency: int, duration: float,
-                   warmup_texts: list[str], timeout: float, server_pid: int | None = None) -> LoadResult:
+                   warmup_texts: list[str], timeout: float, server_pid: int | None = None, client_kind: str = "raw") -> LoadResult:
     """Warm up, then replay `texts` (one per request) with `concurrency` workers; stop at `duration` seconds."""
     path = ROUTES[route]
     bodies = [body_for(route, t) for t in texts]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     result = LoadResult(concurrency, route, len(texts))
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
+    async with make_client(client_kind, url, concurrency, timeout) as client:
         # Warm-up: open the connections and get the server past any first-request costs.
         if warmup_texts:
             warm = [body_for(route, t) for t in warmup_texts]
@@ -156,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the spawned server, repeatable (e.g. --server-arg=--config --server-arg=FILE)")
     p.add_argument("--route", choices=sorted(ROUTES), default="tei", help="tei: POST /embed; openai: POST /v1/embeddings")
+    p.add_argument("--client", choices=CLIENTS, default="raw",
+                   help="raw: bench/rawclient.py (~0.2 ms of CPU a request); httpx: its AsyncClient (~2.3 ms here; every "
+                        "figure before session 19)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (default %(default)s)")
     p.add_argument("--requests", type=int, default=600, help="timed requests, one text each (default %(default)s)")
     p.add_argument("--duration", type=float, default=300.0, help="hard stop of the load phase, seconds (default %(default)s)")
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"batch_size {b['batch_size']}, {b['torch_threads']} torch threads{each})", flush=True)
                 print_cpu(b["cpu"])
             load = asyncio.run(run_load(url, args.route, texts, tokens, args.concurrency, args.duration,
-                                        warmup_texts if r == 0 else [], args.timeout, server_pid))
+                                        warmup_texts if r == 0 else [], args.timeout, server_pid, args.client))
             entry["load"] = asdict(load)
             _print_load(load)
             if args.baseline:

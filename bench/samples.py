@@ -11,9 +11,22 @@ import httpx
 import numpy as np
 
 from bench.harness import percentile
+from bench.rawclient import RawClient, RawClientError
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 ROUTES = {"tei": "/embed", "openai": "/v1/embeddings"}
+CLIENTS = ("raw", "httpx")  # raw: bench/rawclient.py, a tenth of httpx's CPU a request (see there)
+CLIENT_ERRORS = (httpx.HTTPError, RawClientError)
+
+
+def make_client(kind: str, url: str, max_connections: int, timeout: float) -> RawClient | httpx.AsyncClient:
+    """The load generators' HTTP client: `raw` or `httpx` (as every figure before session 19 was measured)."""
+    if kind == "raw":
+        return RawClient(url, max_connections=max_connections, timeout=timeout)
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False)
+    raise ValueError(f"unknown client {kind!r}: one of {', '.join(CLIENTS)}")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -26,7 +39,7 @@ def body_for(route: str, text: str) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _header_ms(response: httpx.Response, name: str) -> float | None:
+def _header_ms(response, name: str) -> float | None:
     value = response.headers.get(name)
     try:
         return float(value) / 1000 if value is not None else None
@@ -46,12 +59,12 @@ class Sample:
     server_total: float | None = None  # x-total-time, seconds
 
 
-async def send_one(client: httpx.AsyncClient, path: str, body: bytes, tokens: int) -> Sample | tuple[str, str]:
+async def send_one(client: RawClient | httpx.AsyncClient, path: str, body: bytes, tokens: int) -> Sample | tuple[str, str]:
     started = time.perf_counter()
     try:
         resp = await client.post(path, content=body, headers={"content-type": "application/json"})
         await resp.aread()
-    except httpx.HTTPError as exc:
+    except CLIENT_ERRORS as exc:
         return (type(exc).__name__, str(exc)[:200])
     latency = time.perf_counter() - started
     return Sample(latency, resp.status_code, tokens, _header_ms(resp, "x-inference-time"),
