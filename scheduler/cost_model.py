@@ -4,8 +4,11 @@ A packed batch's time is driven by its number of sequences n, its total tokens T
 sum of squared lengths S2 (attention). The model is a non-negative linear fit
     t = c0 + c1·n + c2·T + c3·S2
 times a correction factor interpolated (in log T) between measured token-count knots: the factor
-absorbs what a line misses (GEMM efficiency at small T, cache effects at large T). Observed batch
-times refine the factor at the nearest knots with an EWMA. Pure numpy: no torch, no clock.
+absorbs what a line misses (GEMM efficiency at small T, cache effects at large T), times a model-wide
+`scale`. Observed batch times refine the factor at the nearest knots with an EWMA, and move `scale` one
+small step toward each batch's side of its prediction (a running median of observed / predicted, for
+what every batch size shares, such as the host's request handling on a small CPU host), while it
+drifts back toward 1. Pure numpy: no torch, no clock.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ OVERRUN_QUANTILE = 0.9
 # runs (bench/results/s8/cost_error_replay.py's data): median error 12.5% against 12.9% without it.
 UNSEEN_DECAY = 0.005
 OVERRUN_STEP = 0.05
+# `scale` moves by SCALE_STEP (log units) per observed batch, up when the batch ran longer than predicted and down
+# when shorter, and SCALE_DECAY of the way back to 1: the knots near the batches take up a lasting shift within a
+# few batches, so without the pull the scale would keep what a passing spell gave it, at every batch size. A sign
+# step, not an EWMA of the error: where bursts of requests make a few batches 1.5-5x slower, an EWMA chased them and
+# was wrong on the batches after. Replayed (bench/results/s19/cost_error_replay.py): median error over session 19's
+# 30 live runs 10.9% -> 9.8% (runs within 10%: 12 -> 17), 17.5% -> 16.9% and 12.5% -> 12.0% on the runs with
+# httpx's client (this VM, the AMD VM's session 6).
+SCALE_STEP = 0.01
+SCALE_DECAY = 0.005
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class CostModel:
     observations: int = 0
     overrun: float = 0.0  # running OVERRUN_QUANTILE of log(observed / predicted); not saved (it describes
     #                       the conditions of this run, like a passing drift, not the runtime)
+    scale: float = 1.0  # model-wide factor, a running median of observed / predicted; not saved, for the same reason
     anchor: list[float] = field(init=False, repr=False, compare=False)  # the factors as made or loaded
 
     def __post_init__(self) -> None:
@@ -120,12 +133,12 @@ class CostModel:
         (numpy arrays of one shape, or scalars)."""
         c0, c1, c2, c3 = self.coef
         return (c0 + c1 * np.asarray(n, dtype=np.float64) + c2 * np.asarray(tokens, dtype=np.float64)
-                + c3 * np.asarray(sq_tokens, dtype=np.float64)) * self._factor(tokens)
+                + c3 * np.asarray(sq_tokens, dtype=np.float64)) * (self._factor(tokens) * self.scale)
 
     def predict_one(self, n: float, tokens: float, sq_tokens: float) -> float:
         """Scalar `predict` in plain Python (no numpy call overhead: planners call it often)."""
         c0, c1, c2, c3 = self.coef
-        base = c0 + c1 * n + c2 * tokens + c3 * sq_tokens
+        base = (c0 + c1 * n + c2 * tokens + c3 * sq_tokens) * self.scale
         knots, factors = self.knots, self.factors
         if len(knots) == 1 or tokens <= knots[0]:
             return base * factors[0]
@@ -141,8 +154,8 @@ class CostModel:
         return self.predict_one(len(lengths), sum(lengths), sum(x * x for x in lengths))
 
     def observe(self, lengths: Sequence[int], seconds: float) -> float:
-        """Fold one measured batch into the knots around its token count; return the signed relative
-        error of the prediction made before the update ((predicted - observed) / observed)."""
+        """Fold one measured batch into the knots around its token count and into `scale`; return the signed
+        relative error of the prediction made before the update ((predicted - observed) / observed)."""
         predicted = self.predict_lengths(lengths)
         error = (predicted - seconds) / max(seconds, 1e-12)
         tokens = float(sum(lengths))
@@ -162,6 +175,8 @@ class CostModel:
                 self.factors[i] *= math.exp(a * math.log(ratio))  # EWMA in log space
             else:
                 self.factors[i] *= (self.anchor[i] / self.factors[i]) ** UNSEEN_DECAY
+        side = SCALE_STEP if ratio > 1.0 else -SCALE_STEP if ratio < 1.0 else 0.0
+        self.scale *= math.exp(side - SCALE_DECAY * math.log(self.scale))
         self.observations += 1
         # Stochastic-approximation quantile: moves up by STEP * q when a batch overran it, down by
         # STEP * (1 - q) otherwise, so it settles where a fraction q of batches stay below it.
@@ -223,4 +238,4 @@ class CostModel:
         """What /info shows."""
         return {"coefficients_seconds": dict(zip(FEATURES, self.coef)), "knots_tokens": self.knots,
                 "factors": [round(f, 4) for f in self.factors], "observations": self.observations,
-                "overrun_p90_ratio": round(self.pessimism(), 4), "key": self.key}
+                "overrun_p90_ratio": round(self.pessimism(), 4), "scale": round(self.scale, 4), "key": self.key}

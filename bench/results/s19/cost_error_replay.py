@@ -1,15 +1,18 @@
 """What session 19's live batch-time errors are made of, replayed offline (bench/RESULTS.md section 2, "Session 19").
 
-    .venv/bin/python bench/results/s19/cost_error_replay.py            # replays batches.json
-    .venv/bin/python bench/results/s19/cost_error_replay.py --from /tmp/thr/t1-r12 ...   # rebuild it from
-        `bench/live_policies.py --out` folders (trace, answers, live_policies.json)
+    .venv/bin/python bench/results/s19/cost_error_replay.py            # replays batches*.json
+    .venv/bin/python bench/results/s19/cost_error_replay.py --from OUT batches-raw.json FOLDER ...   # rebuild one
+        from `bench/live_policies.py --out` folders (trace, answers, live_policies.json)
 
-batches.json: the live batches of 8 runs (dp and fifo, 1 and 2 torch threads, 12 and 22 requests/s, bursts of 16,
-SLO 1 s; put back together by bench/host_load.live_batches) with the model each server started with. The session 6
-runs of the AMD VM (bench/results/s6/live_*) are replayed beside them.
+batches.json: the live batches of 8 runs with httpx's client (dp and fifo, 1 and 2 torch threads, 12 and 22
+requests/s, bursts of 16, SLO 1 s); batches-raw.json: the 30 runs of the three live_policies commands with
+bench/rawclient.py (bench/results/s19/live_*). Both put back together by bench/host_load.live_batches, with the model
+each server started with. The session 6 runs of the AMD VM (bench/results/s6/live_*) are replayed beside them.
 
-1. The server's model as it runs (per-knot EWMA), against the same plus a model-wide scale that takes `share` of
-   every batch's log error (the knots the rest): does a bias common to all batch sizes explain the error?
+1. The server's model as it runs (per-knot EWMA), against the same plus a model-wide scale that either takes `share`
+   of every batch's log error (the knots the rest), or moves by `step` (log units) toward each batch's side of its
+   prediction (a running median; the knots see the whole error): does a bias common to all batch sizes explain
+   the error?
 2. Observed / profiled batch time by batch size and by requests taken in during the batch; the extra seconds per
    such arrival (least squares).
 """
@@ -36,17 +39,19 @@ def from_folders(folders: list[Path]) -> list[dict]:
     runs = []
     for folder in folders:
         report = json.loads((folder / "live_policies.json").read_text())
-        for run in report["runs"]:
+        for i, run in enumerate(report["runs"]):
             policy, load = run["live"]["policy"], run["load"]
-            answers = sorted(folder.glob(f"answers-{load}-{policy}-*.json"))
+            answers = folder / f"answers-{load}-{policy}-{i}.json"
+            if not answers.exists():  # an --out folder reused by a later command: its last run of this policy
+                answers = sorted(folder.glob(f"answers-{load}-{policy}-*.json"))[-1]
             lengths = json.loads((folder / f"trace-{load}.json").read_text())["lengths"]
-            batches = live_batches(json.loads(answers[-1].read_text()), lengths)
+            batches = live_batches(json.loads(answers.read_text()), lengths)
             runs.append({"run": f"{folder.name} {policy}", "start_model": run["start_model"],
                          "batches": [[b.lengths, b.end - b.start, b.arrivals] for b in batches]})
     return runs
 
 
-def replay(run: dict, share: float) -> tuple[float, float]:
+def replay(run: dict, share: float = 0.0, step: float = 0.0) -> tuple[float, float]:
     """(median |error|, median signed error) of one run's batches, predicted before each is observed."""
     model, scale = CostModel.from_json(run["start_model"]), 1.0
     errors = []
@@ -54,8 +59,12 @@ def replay(run: dict, share: float) -> tuple[float, float]:
         base = model.predict_lengths(lengths)
         ratio = seconds / (scale * base)
         errors.append(scale * base / seconds - 1)
-        scale *= ratio ** share
-        model.observe(lengths, base * ratio ** (1 - share))  # the knots see what the scale did not take
+        if step:
+            scale *= np.exp(step if ratio > 1 else -step if ratio < 1 else 0.0)
+            model.observe(lengths, base * ratio)  # the knots see the whole error
+        else:
+            scale *= ratio ** share
+            model.observe(lengths, base * ratio ** (1 - share))  # the knots see what the scale did not take
     return float(np.median(np.abs(errors))), float(np.median(errors))
 
 
@@ -80,18 +89,22 @@ def breakdown(runs: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="folders", nargs="*", type=Path)
+    ap.add_argument("--from", dest="source", nargs="+", metavar=("NAME", "FOLDER"),
+                    help="write NAME (batches.json or batches-raw.json) here from these --out folders, then replay")
     args = ap.parse_args()
-    if args.folders:
-        (HERE / "batches.json").write_text(json.dumps(from_folders(args.folders)))
-    today = json.loads((HERE / "batches.json").read_text())
+    if args.source:
+        name, *folders = args.source
+        (HERE / name).write_text(json.dumps(from_folders([Path(f) for f in folders])))
     s6 = [f for f in sorted((ROOT / "bench/results/s6").glob("live_*")) if (f / "live_policies.json").exists()]
-    for name, runs in (("this VM (session 19)", today), ("AMD VM (session 6)", from_s6(s6))):
+    for name, runs in (("this VM, httpx client (session 19)", json.loads((HERE / "batches.json").read_text())),
+                       ("this VM, raw client (session 19)", json.loads((HERE / "batches-raw.json").read_text())),
+                       ("AMD VM, httpx client (session 6)", from_s6(s6))):
         print(f"{name}: {len(runs)} runs, {sum(len(r['batches']) for r in runs)} batches")
-        for share in (0.0, 0.05, 0.1, 0.2, 0.3):
-            out = [replay(r, share) for r in runs]
+        for label, kw in (("as the server runs", {}), *((f"scale share {x}", {"share": x}) for x in (0.05, 0.1, 0.2)),
+                          *((f"scale step {x}", {"step": x}) for x in (0.005, 0.01, 0.02))):
+            out = [replay(r, **kw) for r in runs]
             med = [m for m, _ in out]
-            print(f"  scale share {share}: median |error| over runs {np.median(med):.1%} (runs within 10%: "
+            print(f"  {label:18}: median |error| over runs {np.median(med):.1%} (runs within 10%: "
                   f"{sum(m <= 0.1 for m in med)}), signed {np.median([s for _, s in out]):+.1%}")
         breakdown(runs)
     return 0
