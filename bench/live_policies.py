@@ -173,7 +173,9 @@ def server_cost_model(url: str) -> CostModel:
     """The cost model a running server plans with, rebuilt from its /info."""
     with httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
         doc = c.get("/info").json()["scheduler"]["cost_model"]
-    return CostModel([doc["coefficients_seconds"][f] for f in FEATURES], list(doc["knots_tokens"]), list(doc["factors"]))
+    model = CostModel([doc["coefficients_seconds"][f] for f in FEATURES], list(doc["knots_tokens"]), list(doc["factors"]))
+    model.scale = float(doc.get("scale", 1.0))  # the running factor of this run (a server before 82fbc88 has none)
+    return model
 
 
 def scrape(url: str) -> dict:
