@@ -9,10 +9,11 @@ requests/s, bursts of 16, SLO 1 s); batches-raw.json: the 30 runs of the three l
 bench/rawclient.py (bench/results/s19/live_*). Both put back together by bench/host_load.live_batches, with the model
 each server started with. The session 6 runs of the AMD VM (bench/results/s6/live_*) are replayed beside them.
 
-1. The server's model as it runs (per-knot EWMA), against the same plus a model-wide scale that either takes `share`
-   of every batch's log error (the knots the rest), or moves by `step` (log units) toward each batch's side of its
-   prediction (a running median; the knots see the whole error): does a bias common to all batch sizes explain
-   the error?
+1. The server's model with the per-knot EWMA alone (as before 82fbc88), against the same plus a model-wide scale
+   that either takes `share` of every batch's log error (the knots the rest), or moves by `step` (log units) toward
+   each batch's side of its prediction (a running median; the knots see the whole error), and against the model as
+   the server now runs it (its own median scale, drifting back to 1: step 0.01, decay 0.005): does a bias common
+   to all batch sizes explain the error?
 2. Observed / profiled batch time by batch size and by requests taken in during the batch; the extra seconds per
    such arrival (least squares).
 """
@@ -30,29 +31,47 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from bench.host_load import live_batches  # noqa: E402
+from scheduler import cost_model  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
-def from_folders(folders: list[Path]) -> list[dict]:
+def from_folders(folders: list[Path], min_batches: int = 0) -> list[dict]:
+    """The runs of `bench/live_policies.py --out` folders: answers-<load>-<policy>-<run index>.json (or, in a folder
+    a later command reused, that policy's last), with the trace's lengths and the run's start model; runs with no
+    answers or start model, or fewer than `min_batches` batches, are left out."""
     runs = []
     for folder in folders:
         report = json.loads((folder / "live_policies.json").read_text())
         for i, run in enumerate(report["runs"]):
             policy, load = run["live"]["policy"], run["load"]
             answers = folder / f"answers-{load}-{policy}-{i}.json"
-            if not answers.exists():  # an --out folder reused by a later command: its last run of this policy
-                answers = sorted(folder.glob(f"answers-{load}-{policy}-*.json"))[-1]
-            lengths = json.loads((folder / f"trace-{load}.json").read_text())["lengths"]
-            batches = live_batches(json.loads(answers.read_text()), lengths)
-            runs.append({"run": f"{folder.name} {policy}", "start_model": run["start_model"],
-                         "batches": [[b.lengths, b.end - b.start, b.arrivals] for b in batches]})
+            if not answers.exists():
+                answers = max(folder.glob(f"answers-{load}-{policy}-*.json"), default=None)
+            trace = folder / f"trace-{load}.json"
+            if answers is None or not trace.exists() or not run.get("start_model"):
+                continue
+            batches = live_batches(json.loads(answers.read_text()), json.loads(trace.read_text())["lengths"])
+            if len(batches) >= min_batches:
+                runs.append({"run": f"{folder.name} {policy}", "start_model": run["start_model"],
+                             "batches": [[b.lengths, b.end - b.start, b.arrivals] for b in batches]})
     return runs
 
 
-def replay(run: dict, share: float = 0.0, step: float = 0.0) -> tuple[float, float]:
-    """(median |error|, median signed error) of one run's batches, predicted before each is observed."""
+def replay(run: dict, share: float = 0.0, step: float = 0.0, knots_only: bool = False) -> tuple[float, float]:
+    """(median |error|, median signed error) of one run's batches, predicted before each is observed; knots_only:
+    the server's model without its own scale (as before 82fbc88), which the other variants start from."""
+    saved = cost_model.SCALE_STEP, cost_model.SCALE_DECAY
+    if knots_only or share or step:
+        cost_model.SCALE_STEP = cost_model.SCALE_DECAY = 0.0
+    try:
+        return _replay(run, share, step)
+    finally:
+        cost_model.SCALE_STEP, cost_model.SCALE_DECAY = saved
+
+
+def _replay(run: dict, share: float, step: float) -> tuple[float, float]:
     model, scale = CostModel.from_json(run["start_model"]), 1.0
     errors = []
     for lengths, seconds, _ in run["batches"]:
@@ -98,9 +117,9 @@ def main() -> int:
     s6 = [f for f in sorted((ROOT / "bench/results/s6").glob("live_*")) if (f / "live_policies.json").exists()]
     for name, runs in (("this VM, httpx client (session 19)", json.loads((HERE / "batches.json").read_text())),
                        ("this VM, raw client (session 19)", json.loads((HERE / "batches-raw.json").read_text())),
-                       ("AMD VM, httpx client (session 6)", from_s6(s6))):
+                       ("AMD VM, httpx client (session 6)", from_folders(s6, min_batches=10))):
         print(f"{name}: {len(runs)} runs, {sum(len(r['batches']) for r in runs)} batches")
-        for label, kw in (("as the server runs", {}), *((f"scale share {x}", {"share": x}) for x in (0.05, 0.1, 0.2)),
+        for label, kw in (("knots only (before)", {"knots_only": True}), ("as the server runs", {}), *((f"scale share {x}", {"share": x}) for x in (0.05, 0.1, 0.2)),
                           *((f"scale step {x}", {"step": x}) for x in (0.005, 0.01, 0.02))):
             out = [replay(r, **kw) for r in runs]
             med = [m for m, _ in out]
@@ -108,22 +127,6 @@ def main() -> int:
                   f"{sum(m <= 0.1 for m in med)}), signed {np.median([s for _, s in out]):+.1%}")
         breakdown(runs)
     return 0
-
-
-def from_s6(folders: list[Path]) -> list[dict]:
-    """Session 6's runs (their answers files are named by run index)."""
-    runs = []
-    for folder in folders:
-        report = json.loads((folder / "live_policies.json").read_text())
-        for i, run in enumerate(report["runs"]):
-            load, policy = run["load"], run["live"]["policy"]
-            answers, trace = folder / f"answers-{load}-{policy}-{i}.json", folder / f"trace-{load}.json"
-            if answers.exists() and trace.exists() and run.get("start_model"):
-                batches = live_batches(json.loads(answers.read_text()), json.loads(trace.read_text())["lengths"])
-                if len(batches) >= 10:
-                    runs.append({"run": f"{folder.name} {policy}", "start_model": run["start_model"],
-                                 "batches": [[b.lengths, b.end - b.start, b.arrivals] for b in batches]})
-    return runs
 
 
 if __name__ == "__main__":
