@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +217,64 @@ def print_medians(runs: list[dict]) -> None:
                   f"{med(lambda r: r['sim_learn']['goodput'] if 'sim_learn' in r else float('nan')):15.2f}")
 
 
+@dataclass
+class Models:
+    """The cost models of a run: `saved` (the files every server starts from), `start` (the model they plan
+    with), and what the simulator's device is: `device` (None: `start` itself) plus `host`, fitted to the
+    calibration's batches against `profiled` (the profile before calibration; None without one)."""
+
+    saved: dict[Path, bytes]
+    start: CostModel
+    host: HostLoad
+    device: CostModel | None
+    profiled: CostModel | None
+
+
+def prepare_models(args, out: Path, texts: list[str], lengths: list[int], limits: Limits, arrivals_at,
+                   report: dict) -> Models:
+    """Every server of a run starts from one cost model: measured by the first server into a folder of the
+    run (--fresh-profile: measured again), refined by --calibrate live requests, then put back before each
+    server starts (each refines and saves it as it serves, which would otherwise hand the next policy, and
+    its simulation, a different model). The host fit goes into the report."""
+    cost_dir = out / "cost-models"
+    os.environ["TURBOSERVE_SCHEDULER__COST_MODEL_DIR"] = str(cost_dir.resolve())
+    if args.fresh_profile:
+        shutil.rmtree(cost_dir, ignore_errors=True)
+    saved = first_cost_models(cost_dir)
+    host, device, profiled = HostLoad(), None, None
+    if args.calibrate:
+        profiled, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at, out,
+                                      args.client)
+        saved = first_cost_models(cost_dir)
+        if not args.device_only:
+            fit = fit_host(batches, profiled)
+            host, device = fit.host, profiled.scaled(fit.speed)
+            report["host_fit"] = {"per_arrival_s": host.per_arrival, "per_completion_s": host.per_completion,
+                                  "speed": fit.speed, "batches": fit.batches, "median_error_before": fit.median_error_before,
+                                  "median_error_after": fit.median_error_after}
+            print(f"host fit on {fit.batches} calibration batches: {host.per_arrival * 1000:.2f} ms an arrival, "
+                  f"{host.per_completion * 1000:.2f} ms an answer, speed {fit.speed:.3f}; median batch-time error "
+                  f"{fit.median_error_before:.1%} (cost model) -> {fit.median_error_after:.1%} (with the host)", flush=True)
+    return Models(saved, current_cost_model(), host, device, profiled)
+
+
+def serve_trace(policy: str, models: Models, arrivals: list[float], bodies: list, args) -> tuple[list[dict], dict, CostModel, CostModel]:
+    """One live run: a fresh server with this policy (from the run's saved cost model) replays the trace.
+    Returns the answers, their summary with the server's batch size and cost-model error, and the cost model
+    the server started with and the one its batches left."""
+    restore_cost_models(Path(os.environ["TURBOSERVE_SCHEDULER__COST_MODEL_DIR"]), models.saved)
+    os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
+    server = SpawnedServer([], startup_timeout=300)
+    server.start()
+    try:
+        cost = server_cost_model(server.url)
+        results = asyncio.run(replay(server.url, arrivals, bodies, args.slo_ms, args.timeout, args.client))
+        live = summarize(policy, results, arrivals, args.slo_ms / 1000) | scrape(server.url)
+        return results, live, cost, server_cost_model(server.url)  # the last: as this run's batches refined it
+    finally:
+        server.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loads", default="0.9,1.1")
@@ -263,59 +322,24 @@ def main() -> int:
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "runs": []}
     limits = simulation_limits()
     report["slo_s"] = slo
-    # Every server of this run starts from one cost model: measured by the first server into a folder of
-    # this run, then put back before each server starts (each refines and saves it as it serves, which
-    # would otherwise hand the next policy, and its simulation, a different model).
-    cost_dir = out / "cost-models"
-    os.environ["TURBOSERVE_SCHEDULER__COST_MODEL_DIR"] = str(cost_dir.resolve())
-    if args.fresh_profile:
-        shutil.rmtree(cost_dir, ignore_errors=True)
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
-    saved = first_cost_models(cost_dir)
-    # The simulated device: the cost model the servers start with, unless the calibration fits the profile's
-    # speed and the host's load (then the profile at that speed, plus the host).
-    host, speed, device, profiled = HostLoad(), 1.0, None, None
-    if args.calibrate:
-        profiled, batches = calibrate(texts, lengths, limits, args.slo_ms, args.calibrate, args.timeout, arrivals_at, out,
-                                      args.client)
-        saved = first_cost_models(cost_dir)
-        if not args.device_only:
-            fit = fit_host(batches, profiled)
-            host, speed, device = fit.host, fit.speed, profiled.scaled(fit.speed)
-            report["host_fit"] = {"per_arrival_s": host.per_arrival, "per_completion_s": host.per_completion,
-                                  "speed": speed, "batches": fit.batches, "median_error_before": fit.median_error_before,
-                                  "median_error_after": fit.median_error_after}
-            print(f"host fit on {fit.batches} calibration batches: {host.per_arrival * 1000:.2f} ms an arrival, "
-                  f"{host.per_completion * 1000:.2f} ms an answer, speed {speed:.3f}; median batch-time error "
-                  f"{fit.median_error_before:.1%} (cost model) -> {fit.median_error_after:.1%} (with the host)", flush=True)
+    models = prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
+    host, device, profiled = models.host, models.device, models.profiled
     loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
-        start = current_cost_model()
-        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, start, device or start, host)
+        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device or models.start, host)
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
-        restore_cost_models(cost_dir, saved)
-        os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
-        server = SpawnedServer([], startup_timeout=300)
-        server.start()
-        try:
-            # Capacity and the simulation from the cost model this server starts with (as measured, or as
-            # refined and saved by the previous runs), read from its /info.
-            cost = server_cost_model(server.url)
-            if load not in traces:  # one trace a load, replayed to every policy and round alike
-                capacity = full_batch_capacity(lengths, limits, cost) / k  # requests/s
-                rate = args.rps if args.rps else load * capacity
-                traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(7)))
-                (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
-                                                                    "texts": texts, "inputs": k}))
-            capacity, arrivals = traces[load]
-            results = asyncio.run(replay(server.url, arrivals, bodies, args.slo_ms, args.timeout, args.client))
-            (out / f"answers-{load}-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
-            live = summarize(policy, results, arrivals, slo) | scrape(server.url)
-            end_cost = server_cost_model(server.url)  # as this run's batches refined it
-        finally:
-            server.stop()
+        if load not in traces:  # one trace a load, replayed to every policy and round alike
+            capacity = full_batch_capacity(lengths, limits, models.start) / k  # requests/s
+            rate = args.rps if args.rps else load * capacity
+            traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(7)))
+            (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
+                                                                "texts": texts, "inputs": k}))
+        capacity, arrivals = traces[load]
+        results, live, cost, end_cost = serve_trace(policy, models, arrivals, bodies, args)
+        (out / f"answers-{load}-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
         sim = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host).row()
         sim_device = simulate(trace_of(arrivals), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
         # As `sim`, with the planner's model learning from every simulated batch as the server's does (EWMA knots,

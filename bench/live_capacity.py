@@ -1,0 +1,136 @@
+"""The issue's own measure, live: the highest offered load at which the real server keeps p99 within the SLO,
+found per policy by bisection on the live server, beside the simulator's SLO capacity on the same trace.
+
+    .venv/bin/python bench/live_capacity.py --arrivals bursts --slo-ms 1000 --requests 1280 --calibrate 400 \\
+        --policies dp,fifo --steps 5 --out /tmp/live_capacity
+
+bench/live_policies.py --at-sim-capacity runs every policy at the loads the simulator names; this script asks
+the live server the simulator's question itself. The trace at load x is the one the simulator bisects over
+(seeded arrivals at x times the cost model's full-batch capacity, texts of 8-256 tokens from bench/workload.py).
+Each policy is bisected over [sim x (1 - span), sim x (1 + span)] around its own simulated capacity, the
+policies' steps interleaved so that a slow spell of the machine falls on all of them. A load passes when every
+request is answered, p99 is within the SLO and the server keeps up (throughput >= 0.97 x offered, as the
+simulator's criterion). A capacity at either end of the bracket is reported as such (the ends are not run).
+Loopback only; every run is bounded by the trace and --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.harness import machine_info  # noqa: E402
+from bench.live_policies import (  # noqa: E402
+    POLICIES,
+    full_batch_capacity,
+    prepare_models,
+    serve_trace,
+    sim_capacities,
+    sim_config,
+    simulation_limits,
+)
+from bench.samples import CLIENTS  # noqa: E402
+from bench.workload import count_tokens, make_texts  # noqa: E402
+from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
+
+
+def passes(live: dict, offered_rps: float, slo: float) -> bool:
+    """The simulator's SLO-capacity criterion on a live run (bench/simulate.slo_capacity), and no failed request."""
+    return live["errors"] == 0 and live["p99"] <= slo and live["throughput"] >= 0.97 * offered_rps
+
+
+def bisect_live(policies: list[str], start: dict[str, float], span: float, steps: int, run) -> dict[str, dict]:
+    """Per policy, bisection of the load over [start x (1 - span), start x (1 + span)]; run(policy, load) ->
+    passed. The policies' steps are interleaved. Returns per policy the capacity found (the highest load that
+    passed; the bracket's low end if none did, flagged) and the bracket's ends."""
+    state = {p: {"lo": start[p] * (1 - span), "hi": start[p] * (1 + span), "passed_any": False, "failed_any": False}
+             for p in policies}
+    for _ in range(steps):
+        for policy in policies:
+            s = state[policy]
+            mid = (s["lo"] + s["hi"]) / 2
+            if run(policy, mid):
+                s["lo"], s["passed_any"] = mid, True
+            else:
+                s["hi"], s["failed_any"] = mid, True
+    return {p: {"capacity": s["lo"], "below_bracket": not s["passed_any"], "above_bracket": not s["failed_any"],
+                "bracket": [start[p] * (1 - span), start[p] * (1 + span)]} for p, s in state.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=1280)
+    ap.add_argument("--slo-ms", type=float, default=1000.0)
+    ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="bursts")
+    ap.add_argument("--policies", default="dp,fifo")
+    ap.add_argument("--steps", type=int, default=5, help="bisection steps a policy (one live run each)")
+    ap.add_argument("--span", type=float, default=0.5, help="bracket: the simulated capacity x (1 -/+ span)")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--out", default="bench/out/live_capacity")
+    ap.add_argument("--client", choices=CLIENTS, default="raw")
+    ap.add_argument("--calibrate", type=int, default=400, metavar="N",
+                    help="refine the cost model with N live requests first (bench/live_policies.calibrate); 0: none")
+    ap.add_argument("--device-only", action="store_true", help="simulate the device alone (no fitted host term)")
+    ap.add_argument("--fresh-profile", action="store_true", help="measure a new cost model first")
+    args = ap.parse_args()
+    policies = args.policies.split(",")
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown or "fifo" not in policies:
+        ap.error(f"--policies: from {', '.join(POLICIES)}, fifo included (the ratios' base); unknown: {unknown}")
+    if not 0 < args.span < 1 or args.steps < 1:
+        ap.error("--span must be in (0, 1) and --steps at least 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slo = args.slo_ms / 1000
+    texts = make_texts(args.requests, 8, 256, seed=11)
+    lengths = count_tokens(texts)
+    limits = simulation_limits()
+    arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
+    report = {"machine": machine_info(), "command": " ".join(sys.argv), "slo_s": slo, "runs": []}
+    models = prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
+    device = models.device or models.start
+    sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host)
+    unit = report["sim_capacity"]["unit_rps"]
+    assert abs(unit - full_batch_capacity(lengths, limits, models.start)) < 1e-9 * unit
+
+    def run(policy: str, load: float) -> bool:
+        arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
+        offered = len(arrivals) / max(arrivals[-1] - arrivals[0], 1e-9)
+        results, live, _, _ = serve_trace(policy, models, arrivals, texts, args)
+        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device, slo, models.start, models.host).row()
+        ok = passes(live, offered, slo)
+        report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
+                               "sim": sim})
+        (out / f"answers-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
+        err = live["cost_model_error"].get("median_abs", float("nan"))
+        print(f"{policy:12} load {load:.4f} ({offered:6.2f}/s): {'PASS' if ok else 'fail'} p99 {live['p99']:6.3f}s "
+              f"in time {live['slo_attainment']:6.1%} thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
+              f"errors {live['errors']} batch {live['mean_batch']:5.1f} cost-err {err:.1%} | sim: p99 {sim['p99']:6.3f}s "
+              f"in time {sim['slo_attainment']:6.1%} good {sim['goodput']:6.2f}/s", flush=True)
+        return ok
+
+    sim_loads = report["sim_capacity"]["loads"]
+    found = bisect_live(policies, {p: sim_loads[p] for p in policies}, args.span, args.steps, run)
+    report["live_capacity"] = found
+    print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
+    print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "
+          f"{'sim / fifo':>10} {'live / fifo':>11}")
+    for p in policies:
+        live_load, flag = found[p]["capacity"], " (below bracket)" if found[p]["below_bracket"] else (
+            " (at bracket top)" if found[p]["above_bracket"] else "")
+        print(f"{p:12} {sim_loads[p]:8.4f} {sim_loads[p] * unit:9.2f} {live_load:9.4f} {live_load * unit:10.2f} "
+              f"{live_load / max(sim_loads[p], 1e-9):8.2f} {sim_loads[p] / max(sim_loads['fifo'], 1e-9):10.2f} "
+              f"{live_load / max(found['fifo']['capacity'], 1e-9):11.2f}{flag}")
+    (out / "live_capacity.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'live_capacity.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

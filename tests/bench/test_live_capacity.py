@@ -1,0 +1,39 @@
+"""bench/live_capacity.py's bisection and pass criterion (the live runs themselves are a benchmark)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.live_capacity import bisect_live, passes
+
+
+def test_bisection_finds_each_policys_threshold_with_steps_interleaved():
+    true = {"dp": 0.46, "fifo": 0.34}
+    calls = []
+
+    def run(policy, load):
+        calls.append(policy)
+        return load <= true[policy]
+
+    found = bisect_live(["dp", "fifo"], {"dp": 0.45, "fifo": 0.36}, span=0.5, steps=8, run=run)
+    assert calls[:4] == ["dp", "fifo", "dp", "fifo"]
+    for p in true:
+        width = 2 * 0.5 * {"dp": 0.45, "fifo": 0.36}[p] / 2 ** 8
+        assert true[p] - width <= found[p]["capacity"] <= true[p]
+        assert not found[p]["below_bracket"] and not found[p]["above_bracket"]
+
+
+@pytest.mark.parametrize(("threshold", "below", "above"), [(0.01, True, False), (5.0, False, True)])
+def test_a_capacity_outside_the_bracket_is_flagged(threshold, below, above):
+    found = bisect_live(["fifo"], {"fifo": 1.0}, span=0.5, steps=4, run=lambda p, load: load <= threshold)
+    assert found["fifo"]["below_bracket"] is below and found["fifo"]["above_bracket"] is above
+    assert found["fifo"]["bracket"] == [0.5, 1.5]
+    assert found["fifo"]["capacity"] == (0.5 if below else pytest.approx(1.5 - 1.0 / 2 ** 4))
+
+
+def test_a_run_passes_only_in_time_complete_and_keeping_up():
+    good = {"errors": 0, "p99": 0.9, "throughput": 20.0}
+    assert passes(good, 20.5, slo=1.0)
+    assert not passes(good | {"p99": 1.01}, 20.5, slo=1.0)
+    assert not passes(good | {"errors": 1}, 20.5, slo=1.0)
+    assert not passes(good, 21.0, slo=1.0)  # 20 < 0.97 x 21: a queue that grows
