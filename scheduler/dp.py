@@ -227,6 +227,12 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
             # ignored, the cheapest partition mixed them all and finished each later (goodput 0.98 against 1.10
             # a second on bursts of 8-input requests at 1.3x load, bench/results/s16/).
             pending.due_arr = np.where(hopeless, np.inf, deadlines)
+    if config.deadline_margin > 0:
+        factor = cost.pessimism() ** config.deadline_margin
+        due = pending.due_arr
+        if factor > 1 and np.isfinite(due).any():
+            with np.errstate(invalid="ignore"):
+                pending.due_arr = np.where(due > now, now + (due - now) / factor, due)
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)

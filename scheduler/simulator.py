@@ -134,12 +134,15 @@ def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], 
 
 
 def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
-             planner_cost: CostModel | None = None, host: HostLoad | None = None, refine: bool = False) -> Result:
+             planner_cost: CostModel | None = None, host: HostLoad | None = None, refine: bool = False,
+             noise: float = 0.0, seed: int = 0) -> Result:
     """Run `trace` through one worker whose batch times are `device`'s predictions (plus `host`'s work, if given).
 
     The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`. With `refine`
     the planner's model (a copy) learns from every simulated batch's time, host work included, as the
-    server's model does from live batches.
+    server's model does from live batches. `noise` > 0 multiplies each batch's device time by a log-normal
+    factor of that sigma (median 1; drawn from `seed`): a device whose batches scatter about the model, as a
+    CPU host's do (session 19: 10-30% median error live).
     """
     planner_cost = planner_cost or device
     if refine:
@@ -153,6 +156,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
     batches = batch_requests = 0
     padded_tokens = real_tokens = 0
     last_end, last_size = -math.inf, 0
+    rng = random.Random(seed)
     while next_arrival < n or pending:
         while next_arrival < n and trace.arrivals[next_arrival] <= now:
             pending.append(next_arrival)
@@ -174,7 +178,8 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         lengths = [trace.lengths[i] for i in chosen]
         after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
         started = now
-        now = _batch_end(now, device.predict_lengths(lengths), after, trace.arrivals, next_arrival, host)
+        seconds = device.predict_lengths(lengths) * (math.exp(rng.gauss(0.0, noise)) if noise > 0 else 1.0)
+        now = _batch_end(now, seconds, after, trace.arrivals, next_arrival, host)
         if refine:
             planner_cost.observe(lengths, now - started)
         last_end, last_size = now, len(chosen)
