@@ -149,6 +149,9 @@ class SchedulerSettings(_Section):
     late_grace_slos: float = Field(4.0, ge=0, le=1e6, description="dp: a request that can no longer meet its deadline runs after the others until this many SLOs past it.")
     max_wait_ms: float = Field(5.0, ge=0, le=3_600_000, description="dp: most ms the oldest request waits for a cheaper batch (never past a deadline).")
     shed_longest: bool = Field(True, description="dp: when not every deadline can be met, the longest requests go behind the others (Moore-Hodgson), so more are answered in time.")
+    deadline_margin: float = Field(1.0, ge=0, le=10, description="dp: plans each request's slack as if batches ran the cost "
+                                   "model's running p90 overrun to this power as long as predicted (0: as predicted), so that batches that "
+                                   "run long do not push planned-just-in-time requests past their deadline.")
     cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
     profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")

@@ -56,6 +56,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         max_wait=sched.max_wait_ms / 1000,
         late_grace=sched.late_grace_slos,
         shed_longest=sched.shed_longest,
+        deadline_margin=sched.deadline_margin,
     )
 
 

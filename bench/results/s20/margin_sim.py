@@ -41,12 +41,14 @@ def main() -> int:
     ap.add_argument("--noises", default="0,0.15")
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--margins", default="0,0.5,1")
+    ap.add_argument("--dists", default="uniform 8-256,lognormal 64")
     args = ap.parse_args()
     cost = CostModel.load(args.cost).measured()
     limits = Limits(16384, 64)
     fifo = PolicyConfig("fifo", fixed_batch_size=32, max_queue_delay=0.005)
     dps = {m: PolicyConfig("dp", max_wait=0.005, deadline_margin=float(m)) for m in args.margins.split(",")}
     dists = {"uniform 8-256": (lengths_uniform(8, 256), 132), "lognormal 64": (lengths_lognormal(64, 0.7, 4, 256), 80)}
+    dists = {k: v for k, v in dists.items() if k in args.dists.split(",")}
     print(f"{'trace':34} {'slo':>4} {'noise':>5} {'seed':>4} {'fifo':>6} " + " ".join(f"{'dp m=' + m:>8}" for m in dps))
     for dist, (draw, mean_len) in dists.items():
         n_full = max(1, min(64, int(16384 // mean_len)))
