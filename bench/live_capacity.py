@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.harness import machine_info  # noqa: E402
 from bench.live_policies import (  # noqa: E402
-    POLICIES,
     full_batch_capacity,
+    policy_spec,
     prepare_models,
     serve_trace,
     sim_capacities,
@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1280)
     ap.add_argument("--slo-ms", type=float, default=1000.0)
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="bursts")
-    ap.add_argument("--policies", default="dp,fifo")
+    ap.add_argument("--policies", default="dp,fifo", help="as bench/live_policies.py's (dp:deadline_margin=0: a knob's A/B)")
     ap.add_argument("--steps", type=int, default=5, help="bisection steps a policy (one live run each)")
     ap.add_argument("--span", type=float, default=0.5, help="bracket: the simulated capacity x (1 -/+ span)")
     ap.add_argument("--timeout", type=float, default=120.0)
@@ -80,9 +80,12 @@ def main() -> int:
     ap.add_argument("--fresh-profile", action="store_true", help="measure a new cost model first")
     args = ap.parse_args()
     policies = args.policies.split(",")
-    unknown = sorted(set(policies) - set(POLICIES))
-    if unknown or "fifo" not in policies:
-        ap.error(f"--policies: from {', '.join(POLICIES)}, fifo included (the ratios' base); unknown: {unknown}")
+    try:
+        [policy_spec(p) for p in policies]
+    except ValueError as exc:
+        ap.error(f"--policies: {exc}")
+    if "fifo" not in policies or len(set(policies)) < len(policies):
+        ap.error("--policies: each once, fifo among them (the ratios' base)")
     if not 0 < args.span < 1 or args.steps < 1:
         ap.error("--span must be in (0, 1) and --steps at least 1")
     out = Path(args.out)
@@ -95,7 +98,7 @@ def main() -> int:
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "slo_s": slo, "runs": []}
     models = prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
     device = models.device or models.start
-    sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host)
+    sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies))
     unit = report["sim_capacity"]["unit_rps"]
     assert abs(unit - full_batch_capacity(lengths, limits, models.start)) < 1e-9 * unit
 

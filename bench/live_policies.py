@@ -129,9 +129,22 @@ def simulation_limits() -> Limits:
     return Limits(SchedulerSettings().max_batch_tokens, SchedulerSettings().max_batch_requests)
 
 
+def policy_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`dp` or `dp:deadline_margin=0,max_wait_ms=2`: a policy and scheduler settings that differ from the defaults
+    (an A/B of one knob: `--policies dp,dp:deadline_margin=0`). ValueError for an unknown policy or setting."""
+    name, _, rest = spec.partition(":")
+    overrides = dict(part.split("=", 1) for part in rest.split(",") if part) if rest else {}
+    if name not in POLICIES or not set(overrides) <= set(SchedulerSettings.model_fields) - {"policy"}:
+        raise ValueError(f"{spec!r}: a policy of {', '.join(POLICIES)}, then optionally :setting=value,... "
+                         "(scheduler settings)")
+    SchedulerSettings(policy=name, **overrides)  # a value the setting refuses fails here, not in the server
+    return name, overrides
+
+
 def sim_config(policy: str):
-    """The knobs a server started by this script plans with (settings defaults, this policy)."""
-    return policy_config(SchedulerSettings(policy=policy))
+    """The knobs a server started by this script plans with (settings defaults, this policy spec)."""
+    name, overrides = policy_spec(policy)
+    return policy_config(SchedulerSettings(policy=name, **overrides))
 
 
 def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> float:
@@ -142,22 +155,23 @@ def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> 
 
 
 def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict, cost: CostModel,
-                   device: CostModel, host: HostLoad) -> list[float]:
+                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES) -> list[float]:
     """The simulated SLO capacity (load) of fifo and of dp on this trace: the planners see `cost` (the model
     the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
     the report."""
     capacity = full_batch_capacity(lengths, limits, cost)
     found = {}
-    for policy in POLICIES:
+    for policy in policies:
         found[policy] = slo_capacity(lambda x: Trace(arrivals_at(x * capacity, len(lengths), random.Random(7)), lengths),
                                      sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host)
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
               f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)
     report["sim_capacity"] = {"unit_rps": capacity, "loads": found,
-                              "dp_over_fifo": found["dp"] / max(found["fifo"], 1e-9)}
-    print(f"dp / fifo simulated SLO capacity: {report['sim_capacity']['dp_over_fifo']:.2f}x", flush=True)
-    return [round(found["fifo"], 4), round(found["dp"], 4)]
+                              "dp_over_fifo": found.get("dp", 0.0) / max(found["fifo"], 1e-9)}
+    if "dp" in found:
+        print(f"dp / fifo simulated SLO capacity: {report['sim_capacity']['dp_over_fifo']:.2f}x", flush=True)
+    return [round(found[p], 4) for p in ("fifo", "dp") if p in found]
 
 
 def current_cost_model() -> CostModel:
@@ -263,9 +277,15 @@ def serve_trace(policy: str, models: Models, arrivals: list[float], bodies: list
     Returns the answers, their summary with the server's batch size and cost-model error, and the cost model
     the server started with and the one its batches left."""
     restore_cost_models(Path(os.environ["TURBOSERVE_SCHEDULER__COST_MODEL_DIR"]), models.saved)
-    os.environ["TURBOSERVE_SCHEDULER__POLICY"] = policy
+    name, overrides = policy_spec(policy)
+    env = {"TURBOSERVE_SCHEDULER__POLICY": name} | {f"TURBOSERVE_SCHEDULER__{k.upper()}": v for k, v in overrides.items()}
+    os.environ.update(env)
     server = SpawnedServer([], startup_timeout=300)
-    server.start()
+    try:
+        server.start()
+    finally:
+        for key in env.keys() - {"TURBOSERVE_SCHEDULER__POLICY"}:
+            del os.environ[key]
     try:
         cost = server_cost_model(server.url)
         results = asyncio.run(replay(server.url, arrivals, bodies, args.slo_ms, args.timeout, args.client))
@@ -282,7 +302,8 @@ def main() -> int:
     ap.add_argument("--inputs", type=int, default=1,
                     help="texts per request (`inputs` as a list): a request is in time when its last sequence is")
     ap.add_argument("--slo-ms", type=float, default=2000.0)
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="comma-separated; a policy may carry scheduler settings of its own: dp:deadline_margin=0")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")
@@ -301,6 +322,10 @@ def main() -> int:
     ap.add_argument("--at-sim-capacity", action="store_true",
                     help="loads: the simulated SLO capacities of fifo and dp on this trace (instead of --loads)")
     args = ap.parse_args()
+    try:
+        [policy_spec(p) for p in args.policies.split(",")]
+    except ValueError as exc:
+        ap.error(f"--policies: {exc}")
     if args.inputs < 1:
         ap.error(f"--inputs must be at least 1, got {args.inputs}")
     if args.inputs > 1 and (args.calibrate or args.at_sim_capacity):

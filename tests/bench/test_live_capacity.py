@@ -37,3 +37,15 @@ def test_a_run_passes_only_in_time_complete_and_keeping_up():
     assert not passes(good | {"p99": 1.01}, 20.5, slo=1.0)
     assert not passes(good | {"errors": 1}, 20.5, slo=1.0)
     assert not passes(good, 21.0, slo=1.0)  # 20 < 0.97 x 21: a queue that grows
+
+
+def test_a_policy_spec_carries_scheduler_settings_of_its_own():
+    from bench.live_policies import policy_spec, sim_config
+
+    assert policy_spec("dp") == ("dp", {})
+    assert policy_spec("dp:deadline_margin=0,max_wait_ms=2") == ("dp", {"deadline_margin": "0", "max_wait_ms": "2"})
+    assert sim_config("dp:deadline_margin=0").deadline_margin == 0.0
+    assert sim_config("dp").deadline_margin == 1.0  # the setting's default
+    for bad in ("nope", "dp:no_such_setting=1", "dp:policy=fifo", "dp:deadline_margin=-1"):
+        with pytest.raises(ValueError):
+            policy_spec(bad)
