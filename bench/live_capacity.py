@@ -7,8 +7,8 @@ found per policy by bisection on the live server, beside the simulator's SLO cap
 bench/live_policies.py --at-sim-capacity runs every policy at the loads the simulator names; this script asks
 the live server the simulator's question itself. The trace at load x is the one the simulator bisects over
 (seeded arrivals at x times the cost model's full-batch capacity, texts of 8-256 tokens from bench/workload.py).
-Each policy is bisected over [sim x (1 - span), sim x (1 + span)] around its own simulated capacity, the
-policies' steps interleaved so that a slow spell of the machine falls on all of them. A load passes when every
+Each policy is bisected over [sim x (1 - span), sim x (1 + span)] around its own simulated capacity (or over
+--bracket LO,HI, the same for all), the policies' steps interleaved so that a slow spell of the machine falls on all of them. A load passes when every
 request is answered, p99 is within the SLO and the server keeps up (throughput >= 0.97 x offered, as the
 simulator's criterion). A capacity at either end of the bracket is reported as such (the ends are not run).
 Loopback only; every run is bounded by the trace and --timeout.
@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.harness import machine_info  # noqa: E402
 from bench.live_policies import (  # noqa: E402
+    file_label,
     full_batch_capacity,
     policy_spec,
     prepare_models,
@@ -71,6 +72,9 @@ def main() -> int:
     ap.add_argument("--policies", default="dp,fifo", help="as bench/live_policies.py's (dp:deadline_margin=0: a knob's A/B)")
     ap.add_argument("--steps", type=int, default=5, help="bisection steps a policy (one live run each)")
     ap.add_argument("--span", type=float, default=0.5, help="bracket: the simulated capacity x (1 -/+ span)")
+    ap.add_argument("--bracket", default="", metavar="LO,HI",
+                    help="bisect every policy over these loads instead (where the simulated capacities are unreliable: "
+                         "on a bursty trace one cluster of bursts decides them, and the host fit moves them 2-3x)")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--out", default="bench/out/live_capacity")
     ap.add_argument("--client", choices=CLIENTS, default="raw")
@@ -88,6 +92,13 @@ def main() -> int:
         ap.error("--policies: each once, fifo among them (the ratios' base)")
     if not 0 < args.span < 1 or args.steps < 1:
         ap.error("--span must be in (0, 1) and --steps at least 1")
+    if args.bracket:
+        try:
+            lo, hi = (float(x) for x in args.bracket.split(","))
+        except ValueError:
+            ap.error(f"--bracket: two loads LO,HI, got {args.bracket!r}")
+        if not 0 < lo < hi:
+            ap.error(f"--bracket: 0 < LO < HI, got {args.bracket!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slo = args.slo_ms / 1000
@@ -110,7 +121,7 @@ def main() -> int:
         ok = passes(live, offered, slo)
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})
-        (out / f"answers-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
+        (out / f"answers-{file_label(policy)}-{len(report['runs'])}.json").write_text(json.dumps(results))
         err = live["cost_model_error"].get("median_abs", float("nan"))
         print(f"{policy:12} load {load:.4f} ({offered:6.2f}/s): {'PASS' if ok else 'fail'} p99 {live['p99']:6.3f}s "
               f"in time {live['slo_attainment']:6.1%} thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
@@ -119,7 +130,11 @@ def main() -> int:
         return ok
 
     sim_loads = report["sim_capacity"]["loads"]
-    found = bisect_live(policies, {p: sim_loads[p] for p in policies}, args.span, args.steps, run)
+    if args.bracket:  # the same bracket for all: its middle, and span as a share of it
+        lo, hi = (float(x) for x in args.bracket.split(","))
+        found = bisect_live(policies, {p: (lo + hi) / 2 for p in policies}, (hi - lo) / (hi + lo), args.steps, run)
+    else:
+        found = bisect_live(policies, {p: sim_loads[p] for p in policies}, args.span, args.steps, run)
     report["live_capacity"] = found
     print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
     print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "

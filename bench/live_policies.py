@@ -141,6 +141,11 @@ def policy_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, overrides
 
 
+def file_label(policy: str) -> str:
+    """A policy spec as a file name's part: dp:deadline_margin=0 -> dp_deadline_margin-0."""
+    return policy.replace(":", "_").replace("=", "-").replace(",", "_")
+
+
 def sim_config(policy: str):
     """The knobs a server started by this script plans with (settings defaults, this policy spec)."""
     name, overrides = policy_spec(policy)
@@ -364,7 +369,7 @@ def main() -> int:
                                                                 "texts": texts, "inputs": k}))
         capacity, arrivals = traces[load]
         results, live, cost, end_cost = serve_trace(policy, models, arrivals, bodies, args)
-        (out / f"answers-{load}-{policy}-{len(report['runs'])}.json").write_text(json.dumps(results))
+        (out / f"answers-{load}-{file_label(policy)}-{len(report['runs'])}.json").write_text(json.dumps(results))
         sim = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host).row()
         sim_device = simulate(trace_of(arrivals), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
         # As `sim`, with the planner's model learning from every simulated batch as the server's does (EWMA knots,
