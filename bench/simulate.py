@@ -160,15 +160,16 @@ def main() -> int:
 
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
                  slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None,
-                 refine: bool = False) -> float:
+                 refine: bool = False, noise: float = 0.0, seed: int = 0) -> float:
     """The highest offered load x (trace_at(x): the seeded trace at that load) at which the policy keeps p99
     within the SLO and keeps up with the arrivals: bisection over [0, 2]. `cost` is the device; the planner
-    sees `planner_cost` (default: the same) and `host` adds the host's request handling (default: none)."""
+    sees `planner_cost` (default: the same) and `host` adds the host's request handling (default: none);
+    `refine`, `noise` and `seed` as simulate's."""
     lo, hi = 0.0, 2.0
     for _ in range(steps):
         mid = (lo + hi) / 2
         trace = trace_at(mid)
-        r = simulate(trace, config, limits, cost, slo, planner_cost, host, refine)
+        r = simulate(trace, config, limits, cost, slo, planner_cost, host, refine, noise, seed)
         offered = trace.request_count / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
         # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
         if r.p99 <= slo and r.throughput >= 0.97 * offered:

@@ -14,23 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from bench.simulate import slo_capacity  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
-from scheduler.simulator import lengths_lognormal, lengths_uniform, make_trace, simulate  # noqa: E402
-
-
-def capacity(trace_at, config, limits, cost, slo, steps, noise, seed) -> float:
-    lo, hi = 0.0, 2.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        trace = trace_at(mid)
-        r = simulate(trace, config, limits, cost, slo, refine=True, noise=noise, seed=seed)
-        offered = trace.request_count / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
-        if r.p99 <= slo and r.throughput >= 0.97 * offered:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+from scheduler.simulator import lengths_lognormal, lengths_uniform, make_trace  # noqa: E402
 
 
 def main() -> int:
@@ -58,7 +45,8 @@ def main() -> int:
                 for noise in (float(x) for x in args.noises.split(",")):
                     for seed in (int(s) for s in args.seeds.split(",")) if noise else (0,):
                         at = lambda x: make_trace(x * unit, args.requests, draw, seed=seed + 10, bursty=bursty)  # noqa: E731
-                        caps = [capacity(at, c, limits, cost, slo, args.steps, noise, seed) for c in (fifo, *dps.values())]
+                        caps = [slo_capacity(at, c, limits, cost, slo, args.steps, refine=True, noise=noise, seed=seed)
+                                for c in (fifo, *dps.values())]
                         print(f"{dist + (' bursts' if bursty else ' poisson'):34} {slo:4.1f} {noise:5.2f} {seed:4d} "
                               f"{caps[0]:6.3f} " + " ".join(f"{c:8.3f}" for c in caps[1:]), flush=True)
     return 0
