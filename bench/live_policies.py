@@ -130,11 +130,13 @@ def simulation_limits() -> Limits:
 
 
 def policy_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """`dp` or `dp:deadline_margin=0,max_wait_ms=2`: a policy and scheduler settings that differ from the defaults
+    """`dp` or `dp:deadline_margin=0+max_wait_ms=2`: a policy and scheduler settings that differ from the defaults
     (an A/B of one knob: `--policies dp,dp:deadline_margin=0`). ValueError for an unknown policy or setting."""
     name, _, rest = spec.partition(":")
-    overrides = dict(part.split("=", 1) for part in rest.split(",") if part) if rest else {}
-    if name not in POLICIES or not set(overrides) <= set(SchedulerSettings.model_fields) - {"policy"}:
+    parts = [part.partition("=") for part in rest.split("+")] if rest else []
+    overrides = {key: value for key, _, value in parts}
+    if (name not in POLICIES or any(not eq for _, eq, _ in parts)
+            or not set(overrides) <= set(SchedulerSettings.model_fields) - {"policy"}):
         raise ValueError(f"{spec!r}: a policy of {', '.join(POLICIES)}, then optionally :setting=value,... "
                          "(scheduler settings)")
     SchedulerSettings(policy=name, **overrides)  # a value the setting refuses fails here, not in the server
@@ -143,7 +145,7 @@ def policy_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def file_label(policy: str) -> str:
     """A policy spec as a file name's part: dp:deadline_margin=0 -> dp_deadline_margin-0."""
-    return policy.replace(":", "_").replace("=", "-").replace(",", "_")
+    return policy.replace(":", "_").replace("=", "-")
 
 
 def sim_config(policy: str):
@@ -308,7 +310,7 @@ def main() -> int:
                     help="texts per request (`inputs` as a list): a request is in time when its last sequence is")
     ap.add_argument("--slo-ms", type=float, default=2000.0)
     ap.add_argument("--policies", default=",".join(POLICIES),
-                    help="comma-separated; a policy may carry scheduler settings of its own: dp:deadline_margin=0")
+                    help="comma-separated; a policy may carry scheduler settings of its own: dp:deadline_margin=0+max_wait_ms=2")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies, interleaved; medians reported")
     ap.add_argument("--out", default="bench/out")

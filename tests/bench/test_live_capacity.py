@@ -43,9 +43,9 @@ def test_a_policy_spec_carries_scheduler_settings_of_its_own():
     from bench.live_policies import policy_spec, sim_config
 
     assert policy_spec("dp") == ("dp", {})
-    assert policy_spec("dp:deadline_margin=0,max_wait_ms=2") == ("dp", {"deadline_margin": "0", "max_wait_ms": "2"})
+    assert policy_spec("dp:deadline_margin=0+max_wait_ms=2") == ("dp", {"deadline_margin": "0", "max_wait_ms": "2"})
     assert sim_config("dp:deadline_margin=0").deadline_margin == 0.0
     assert sim_config("dp").deadline_margin == 1.0  # the setting's default
-    for bad in ("nope", "dp:no_such_setting=1", "dp:policy=fifo", "dp:deadline_margin=-1"):
+    for bad in ("nope", "dp:no_such_setting=1", "dp:policy=fifo", "dp:deadline_margin=-1", "dp:deadline_margin"):
         with pytest.raises(ValueError):
             policy_spec(bad)
