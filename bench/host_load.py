@@ -124,7 +124,7 @@ def resimulate(folder: Path) -> list[dict]:
     """Every run of a finished `bench/live_policies.py --calibrate` folder through `simulate_at_run_speed`, with
     the calibration's profile and host terms. One dict a run: load, policy, speed, live and sim@run goodput and
     attainment."""
-    from bench.live_policies import sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
+    from bench.live_server import sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
 
     report = json.loads((folder / "live_policies.json").read_text())
     calibration = json.loads((folder / "calibration.json").read_text())

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.harness import machine_info  # noqa: E402
-from bench.live_policies import (  # noqa: E402
+from bench.live_server import (  # noqa: E402
     file_label,
     full_batch_capacity,
     policy_spec,
@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/out/live_capacity")
     ap.add_argument("--client", choices=CLIENTS, default="raw")
     ap.add_argument("--calibrate", type=int, default=400, metavar="N",
-                    help="refine the cost model with N live requests first (bench/live_policies.calibrate); 0: none")
+                    help="refine the cost model with N live requests first (bench/live_server.calibrate); 0: none")
     ap.add_argument("--device-only", action="store_true", help="simulate the device alone (no fitted host term)")
     ap.add_argument("--fresh-profile", action="store_true", help="measure a new cost model first")
     args = ap.parse_args()

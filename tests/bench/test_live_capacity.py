@@ -40,7 +40,7 @@ def test_a_run_passes_only_in_time_complete_and_keeping_up():
 
 
 def test_a_policy_spec_carries_scheduler_settings_of_its_own():
-    from bench.live_policies import policy_spec, sim_config
+    from bench.live_server import policy_spec, sim_config
 
     assert policy_spec("dp") == ("dp", {})
     assert policy_spec("dp:deadline_margin=0+max_wait_ms=2") == ("dp", {"deadline_margin": "0", "max_wait_ms": "2"})
