@@ -3,7 +3,9 @@ overrun ** margin) hold the SLO better when batches scatter about the model, as 
 load with p99 within the SLO, bisection) of fifo and of dp with margins 0, 0.5, 1, on a device whose batch times
 are the profile times a log-normal factor (sigma 0 and 0.15; the planners' models learn from every batch).
 
-    .venv/bin/python bench/results/s20/margin_sim.py COST.json [--requests 2000] [--steps 8]
+    .venv/bin/python bench/results/s20/margin_sim.py bench/results/s20/cost_amd.json [--requests 2000] [--steps 8]
+
+(cost_amd.json: this session's profile of the AMD EPYC VM; the script uses it as measured.)
 """
 
 from __future__ import annotations
