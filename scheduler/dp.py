@@ -129,6 +129,8 @@ def _plan_class(members: list[int], pending: Pending, limits: Limits, start_time
         groups, late = edf_groups, edf_late
     if late and len(members) <= EXACT_LIMIT:
         exact = exact_feasible(members, pending.requests, limits, cost, start_time, pending.due_arr)
+        if exact is None and pending.plain_due is not None:  # no plan keeps the margin: one that meets the deadlines
+            exact = exact_feasible(members, pending.requests, limits, cost, start_time, pending.plain_due)
         if exact is not None:
             return exact
     return groups
@@ -232,7 +234,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         due = pending.due_arr
         if factor > 1 and np.isfinite(due).any():
             with np.errstate(invalid="ignore"):
-                pending.due_arr = np.where(due > now, now + (due - now) / factor, due)
+                pending.plain_due, pending.due_arr = due, np.where(due > now, now + (due - now) / factor, due)
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)

@@ -33,6 +33,8 @@ class Pending:
         # the deadlines a plan can still meet: inf for a request late in any plan (dp's hopeless ones), so that
         # the deadline DPs neither count it nor try to save one sequence of a client request that is late whole
         self.due_arr = self.deadline_arr
+        # due_arr before dp's deadline margin tightened it (None: no margin): what "a deadline that can be met" means
+        self.plain_due: np.ndarray | None = None
         self._memo: dict[tuple[int, ...], tuple[float, int]] = {}  # group -> (seconds, tokens)
 
     def _entries(self, groups: list[list[int]], keys: list[tuple[int, ...]] | None = None) -> list[tuple[float, int]]:
