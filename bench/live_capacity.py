@@ -25,17 +25,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench import live_server as shared  # noqa: E402
 from bench.harness import machine_info  # noqa: E402
-from bench.live_server import (  # noqa: E402
-    file_label,
-    full_batch_capacity,
-    policy_spec,
-    prepare_models,
-    serve_trace,
-    sim_capacities,
-    sim_config,
-    simulation_limits,
-)
 from bench.samples import CLIENTS  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
@@ -85,7 +76,7 @@ def main() -> int:
     args = ap.parse_args()
     policies = args.policies.split(",")
     try:
-        [policy_spec(p) for p in policies]
+        [shared.policy_spec(p) for p in policies]
     except ValueError as exc:
         ap.error(f"--policies: {exc}")
     if "fifo" not in policies or len(set(policies)) < len(policies):
@@ -104,24 +95,24 @@ def main() -> int:
     slo = args.slo_ms / 1000
     texts = make_texts(args.requests, 8, 256, seed=11)
     lengths = count_tokens(texts)
-    limits = simulation_limits()
+    limits = shared.simulation_limits()
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "slo_s": slo, "runs": []}
-    models = prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
+    models = shared.prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
     device = models.device or models.start
-    sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies))
+    shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies))
     unit = report["sim_capacity"]["unit_rps"]
-    assert abs(unit - full_batch_capacity(lengths, limits, models.start)) < 1e-9 * unit
+    assert abs(unit - shared.full_batch_capacity(lengths, limits, models.start)) < 1e-9 * unit
 
     def run(policy: str, load: float) -> bool:
         arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
         offered = len(arrivals) / max(arrivals[-1] - arrivals[0], 1e-9)
-        results, live, _, _ = serve_trace(policy, models, arrivals, texts, args)
-        sim = simulate(Trace(arrivals, lengths), sim_config(policy), limits, device, slo, models.start, models.host).row()
+        results, live, _, _ = shared.serve_trace(policy, models, arrivals, texts, args)
+        sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host).row()
         ok = passes(live, offered, slo)
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})
-        (out / f"answers-{file_label(policy)}-{len(report['runs'])}.json").write_text(json.dumps(results))
+        (out / f"answers-{shared.file_label(policy)}-{len(report['runs'])}.json").write_text(json.dumps(results))
         err = live["cost_model_error"].get("median_abs", float("nan"))
         print(f"{policy:12} load {load:.4f} ({offered:6.2f}/s): {'PASS' if ok else 'fail'} p99 {live['p99']:6.3f}s "
               f"in time {live['slo_attainment']:6.1%} thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "

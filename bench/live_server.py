@@ -119,7 +119,7 @@ def policy_spec(spec: str) -> tuple[str, dict[str, str]]:
     overrides = {key: value for key, _, value in parts}
     if (name not in POLICIES or any(not eq for _, eq, _ in parts)
             or not set(overrides) <= set(SchedulerSettings.model_fields) - {"policy"}):
-        raise ValueError(f"{spec!r}: a policy of {', '.join(POLICIES)}, then optionally :setting=value,... "
+        raise ValueError(f"{spec!r}: a policy of {', '.join(POLICIES)}, then optionally :setting=value+... "
                          "(scheduler settings)")
     SchedulerSettings(policy=name, **overrides)  # a value the setting refuses fails here, not in the server
     return name, overrides
