@@ -28,21 +28,21 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench import live_server as shared  # noqa: E402
 from bench.harness import machine_info  # noqa: E402
 from bench.samples import CLIENTS  # noqa: E402
+from bench.simulate import holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 
 
 def passes(live: dict, offered_rps: float, slo: float) -> bool:
-    """The simulator's SLO-capacity criterion on a live run (bench/simulate.slo_capacity), and no failed request."""
-    return live["errors"] == 0 and live["p99"] <= slo and live["throughput"] >= 0.97 * offered_rps
+    """The simulator's SLO-capacity criterion on a live run (bench/simulate.holds_slo), and no failed request."""
+    return live["errors"] == 0 and holds_slo(live["p99"], live["throughput"], offered_rps, slo)
 
 
-def bisect_live(policies: list[str], start: dict[str, float], span: float, steps: int, run) -> dict[str, dict]:
-    """Per policy, bisection of the load over [start x (1 - span), start x (1 + span)]; run(policy, load) ->
-    passed. The policies' steps are interleaved. Returns per policy the capacity found (the highest load that
-    passed; the bracket's low end if none did, flagged) and the bracket's ends."""
-    state = {p: {"lo": start[p] * (1 - span), "hi": start[p] * (1 + span), "passed_any": False, "failed_any": False}
-             for p in policies}
+def bisect_live(policies: list[str], brackets: dict[str, tuple[float, float]], steps: int, run) -> dict[str, dict]:
+    """Per policy, bisection of the load over its bracket (lo, hi); run(policy, load) -> passed. The policies' steps
+    are interleaved. Returns per policy the capacity found (the highest load that passed; the bracket's low end if
+    none did, flagged) and the bracket."""
+    state = {p: {"lo": brackets[p][0], "hi": brackets[p][1], "passed_any": False, "failed_any": False} for p in policies}
     for _ in range(steps):
         for policy in policies:
             s = state[policy]
@@ -52,7 +52,7 @@ def bisect_live(policies: list[str], start: dict[str, float], span: float, steps
             else:
                 s["hi"], s["failed_any"] = mid, True
     return {p: {"capacity": s["lo"], "below_bracket": not s["passed_any"], "above_bracket": not s["failed_any"],
-                "bracket": [start[p] * (1 - span), start[p] * (1 + span)]} for p, s in state.items()}
+                "bracket": list(brackets[p])} for p, s in state.items()}
 
 
 def main() -> int:
@@ -83,12 +83,13 @@ def main() -> int:
         ap.error("--policies: each once, fifo among them (the ratios' base)")
     if not 0 < args.span < 1 or args.steps < 1:
         ap.error("--span must be in (0, 1) and --steps at least 1")
+    bracket = None  # the same for every policy, else around each one's simulated capacity
     if args.bracket:
         try:
-            lo, hi = (float(x) for x in args.bracket.split(","))
+            bracket = tuple(float(x) for x in args.bracket.split(","))
         except ValueError:
             ap.error(f"--bracket: two loads LO,HI, got {args.bracket!r}")
-        if not 0 < lo < hi:
+        if len(bracket) != 2 or not 0 < bracket[0] < bracket[1]:
             ap.error(f"--bracket: 0 < LO < HI, got {args.bracket!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,11 +103,10 @@ def main() -> int:
     device = models.device or models.start
     shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies))
     unit = report["sim_capacity"]["unit_rps"]
-    assert abs(unit - shared.full_batch_capacity(lengths, limits, models.start)) < 1e-9 * unit
 
     def run(policy: str, load: float) -> bool:
         arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
-        offered = len(arrivals) / max(arrivals[-1] - arrivals[0], 1e-9)
+        offered = offered_rate(arrivals, len(arrivals))
         results, live, _, _ = shared.serve_trace(policy, models, arrivals, texts, args)
         sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host).row()
         ok = passes(live, offered, slo)
@@ -121,11 +121,8 @@ def main() -> int:
         return ok
 
     sim_loads = report["sim_capacity"]["loads"]
-    if args.bracket:  # the same bracket for all: its middle, and span as a share of it
-        lo, hi = (float(x) for x in args.bracket.split(","))
-        found = bisect_live(policies, {p: (lo + hi) / 2 for p in policies}, (hi - lo) / (hi + lo), args.steps, run)
-    else:
-        found = bisect_live(policies, {p: sim_loads[p] for p in policies}, args.span, args.steps, run)
+    brackets = {p: bracket or (sim_loads[p] * (1 - args.span), sim_loads[p] * (1 + args.span)) for p in policies}
+    found = bisect_live(policies, brackets, args.steps, run)
     report["live_capacity"] = found
     print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
     print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "

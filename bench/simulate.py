@@ -158,6 +158,17 @@ def main() -> int:
     return 0
 
 
+def offered_rate(arrivals: list[float], requests: int) -> float:
+    """Requests a second a trace offers: its requests over the time from its first arrival to its last."""
+    return requests / max(arrivals[-1] - arrivals[0], 1e-9)
+
+
+def holds_slo(p99: float, throughput: float, offered: float, slo: float) -> bool:
+    """The SLO-capacity criterion (the simulator's bisection and bench/live_capacity.py's): p99 within the SLO, and
+    keeping up with the offered rate (a finite trace hides a slowly growing queue)."""
+    return p99 <= slo and throughput >= 0.97 * offered
+
+
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
                  slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None,
                  refine: bool = False, noise: float = 0.0, seed: int = 0) -> float:
@@ -170,9 +181,7 @@ def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limit
         mid = (lo + hi) / 2
         trace = trace_at(mid)
         r = simulate(trace, config, limits, cost, slo, planner_cost, host, refine, noise, seed)
-        offered = trace.request_count / max(trace.arrivals[-1] - trace.arrivals[0], 1e-9)
-        # Stable (keeps up with the offered rate: a finite trace hides a slowly growing queue) and within the SLO.
-        if r.p99 <= slo and r.throughput >= 0.97 * offered:
+        if holds_slo(r.p99, r.throughput, offered_rate(trace.arrivals, trace.request_count), slo):
             lo = mid
         else:
             hi = mid

@@ -15,7 +15,7 @@ def test_bisection_finds_each_policys_threshold_with_steps_interleaved():
         calls.append(policy)
         return load <= true[policy]
 
-    found = bisect_live(["dp", "fifo"], {"dp": 0.45, "fifo": 0.36}, span=0.5, steps=8, run=run)
+    found = bisect_live(["dp", "fifo"], {"dp": (0.225, 0.675), "fifo": (0.18, 0.54)}, steps=8, run=run)
     assert calls[:4] == ["dp", "fifo", "dp", "fifo"]
     for p in true:
         width = 2 * 0.5 * {"dp": 0.45, "fifo": 0.36}[p] / 2 ** 8
@@ -25,7 +25,7 @@ def test_bisection_finds_each_policys_threshold_with_steps_interleaved():
 
 @pytest.mark.parametrize(("threshold", "below", "above"), [(0.01, True, False), (5.0, False, True)])
 def test_a_capacity_outside_the_bracket_is_flagged(threshold, below, above):
-    found = bisect_live(["fifo"], {"fifo": 1.0}, span=0.5, steps=4, run=lambda p, load: load <= threshold)
+    found = bisect_live(["fifo"], {"fifo": (0.5, 1.5)}, steps=4, run=lambda p, load: load <= threshold)
     assert found["fifo"]["below_bracket"] is below and found["fifo"]["above_bracket"] is above
     assert found["fifo"]["bracket"] == [0.5, 1.5]
     assert found["fifo"]["capacity"] == (0.5 if below else pytest.approx(1.5 - 1.0 / 2 ** 4))
