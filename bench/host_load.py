@@ -79,6 +79,9 @@ class HostFit:
     batches: int
     median_error_before: float  # |predicted - observed| / observed, the cost model alone
     median_error_after: float  # the same with the fitted speed and host terms
+    # How far single batches scatter about the fit: the robust standard deviation (1.4826 x the median absolute
+    # deviation) of log(observed / fitted). The simulator's `noise` (a log-normal factor on each batch's time).
+    scatter: float = 0.0
 
 
 def fit_host(batches: list[LiveBatch], cost: CostModel, min_quiet: int = 5) -> HostFit:
@@ -98,9 +101,11 @@ def fit_host(batches: list[LiveBatch], cost: CostModel, min_quiet: int = 5) -> H
     x = np.column_stack([[b.arrivals for b in batches], [b.after for b in batches]]).astype(np.float64)
     coef = nonnegative_fit(x, observed - speed * predicted, relative=False) if x.any() else np.zeros(2)
     fitted = speed * predicted + x @ coef
+    log_ratio = np.log(observed / fitted)
     return HostFit(HostLoad(float(coef[0]), float(coef[1])), speed, len(batches),
                    float(np.median(np.abs(predicted - observed) / observed)),
-                   float(np.median(np.abs(fitted - observed) / observed)))
+                   float(np.median(np.abs(fitted - observed) / observed)),
+                   float(1.4826 * np.median(np.abs(log_ratio - np.median(log_ratio)))))
 
 
 def run_speed(batches: list[LiveBatch], cost: CostModel, host: HostLoad) -> float:

@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--calibrate", type=int, default=400, metavar="N",
                     help="refine the cost model with N live requests first (bench/live_server.calibrate); 0: none")
     ap.add_argument("--device-only", action="store_true", help="simulate the device alone (no fitted host term)")
+    ap.add_argument("--no-scatter", action="store_true",
+                    help="simulate batches at the fitted times exactly (default: scattered as the calibration's were)")
     ap.add_argument("--fresh-profile", action="store_true", help="measure a new cost model first")
     args = ap.parse_args()
     policies = args.policies.split(",")
@@ -101,14 +103,16 @@ def main() -> int:
     report = {"machine": machine_info(), "command": " ".join(sys.argv), "slo_s": slo, "runs": []}
     models = shared.prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
     device = models.device or models.start
-    shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies))
+    shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies),
+                          models.scatter)
     unit = report["sim_capacity"]["unit_rps"]
 
     def run(policy: str, load: float) -> bool:
         arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
         offered = offered_rate(arrivals, len(arrivals))
         results, live, _, _ = shared.serve_trace(policy, models, arrivals, texts, args)
-        sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host).row()
+        sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host,
+                       refine=models.scatter > 0, noise=models.scatter, seed=shared.SCATTER_SEEDS[0]).row()
         ok = passes(live, offered, slo)
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})

@@ -29,6 +29,7 @@ from bench.harness import machine_info  # noqa: E402
 from bench.host_load import simulate_at_run_speed  # noqa: E402
 from bench.live_server import (  # noqa: E402
     POLICIES,
+    SCATTER_SEEDS,
     file_label,
     full_batch_capacity,
     policy_spec,
@@ -90,6 +91,9 @@ def main() -> int:
     ap.add_argument("--device-only", action="store_true",
                     help="simulate the device alone (default with --calibrate: the device plus the host's request "
                          "handling as fitted on the calibration's batches, see bench/host_load.py)")
+    ap.add_argument("--no-scatter", action="store_true",
+                    help="simulate batches at the fitted times exactly (default with --calibrate: scattered as the "
+                         "calibration's were, in --at-sim-capacity and the `learning` column)")
     ap.add_argument("--fresh-profile", action="store_true",
                     help="measure a new cost model (default: reuse the one of an earlier run in --out)")
     ap.add_argument("--at-sim-capacity", action="store_true",
@@ -125,7 +129,8 @@ def main() -> int:
     host, device, profiled = models.host, models.device, models.profiled
     loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
-        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device or models.start, host)
+        loads = sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device or models.start, host,
+                               scatter=models.scatter)
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
@@ -141,9 +146,10 @@ def main() -> int:
         sim = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host).row()
         sim_device = simulate(trace_of(arrivals), sim_config(policy), limits, cost, slo).row()  # no host, as fitted
         # As `sim`, with the planner's model learning from every simulated batch as the server's does (EWMA knots,
-        # and the overrun dp's shedding plans with): the server as it runs, where `sim` keeps its starting model.
+        # and the overrun dp's shedding plans with) and batch times scattered as the calibration's were: the server
+        # as it runs, where `sim` keeps its starting model and exact times.
         sim_learn = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host,
-                             refine=True).row()
+                             refine=True, noise=models.scatter, seed=SCATTER_SEEDS[0]).row()
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
         sim_end = simulate(trace_of(arrivals), sim_config(policy), limits, end_cost, slo).row()

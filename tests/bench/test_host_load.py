@@ -58,6 +58,21 @@ def test_a_host_that_costs_nothing_fits_as_nothing():
     assert fit.host.per_arrival == pytest.approx(0.0, abs=1e-9) and fit.host.per_completion == pytest.approx(0.0, abs=1e-9)
 
 
+def test_the_scatter_is_the_batches_log_normal_spread_about_the_fit():
+    rng = random.Random(7)
+    batches = []
+    for _ in range(400):
+        lengths = [rng.randint(8, 256) for _ in range(rng.randint(1, 32))]
+        arrivals, after = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 32)])
+        seconds = 1.2 * COST.predict_lengths(lengths) + 0.003 * arrivals
+        batches.append(LiveBatch(0.0, seconds * rng.lognormvariate(0.0, 0.15), lengths, arrivals, after))
+    fit = fit_host(batches, COST)
+    assert fit.scatter == pytest.approx(0.15, rel=0.2)
+    exact = [LiveBatch(0.0, 1.2 * COST.predict_lengths(b.lengths) + 0.003 * b.arrivals, b.lengths, b.arrivals, b.after)
+             for b in batches]
+    assert fit_host(exact, COST).scatter < 1e-6
+
+
 def test_too_few_batches_are_refused():
     with pytest.raises(ValueError, match="too few"):
         fit_host([LiveBatch(0.0, 0.1, [10], 0, 0)] * 3, COST)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from bench.live_capacity import bisect_live, passes
+from bench.live_server import sim_capacities, simulation_limits
+from scheduler.cost_model import CostModel
+from scheduler.simulator import HostLoad, poisson_arrivals
 
 
 def test_bisection_finds_each_policys_threshold_with_steps_interleaved():
@@ -49,3 +54,19 @@ def test_a_policy_spec_carries_scheduler_settings_of_its_own():
     for bad in ("nope", "dp:no_such_setting=1", "dp:policy=fifo", "dp:deadline_margin=-1", "dp:deadline_margin"):
         with pytest.raises(ValueError):
             policy_spec(bad)
+
+
+def test_scattered_batch_times_lower_a_baselines_simulated_capacity():
+    """sim_capacities with `scatter`: each simulated batch's time scattered (log-normal), the median over the noise
+    seeds; a policy blind to deadlines loses p99 to slow batches, so fifo's capacity falls, and the report says so."""
+    cost = CostModel([0.004, 0.0002, 0.00008, 0.0], [1.0], [1.0])
+    rng = random.Random(3)
+    lengths = [rng.randint(8, 256) for _ in range(300)]
+    found = {}
+    for scatter in (0.0, 0.4):
+        report = {}
+        sim_capacities(lengths, poisson_arrivals, simulation_limits(), 0.5, report, cost, cost, HostLoad(), ("fifo",),
+                       scatter)
+        found[scatter] = report["sim_capacity"]["loads"]["fifo"]
+        assert report["sim_capacity"]["scatter"] == scatter
+    assert 0 < found[0.4] < found[0.0]
