@@ -11,6 +11,9 @@ Each policy is bisected over [sim x (1 - span), sim x (1 + span)] around its own
 --bracket LO,HI, the same for all), the policies' steps interleaved so that a slow spell of the machine falls on all of them. A load passes when every
 request is answered, p99 is within the SLO and the server keeps up (throughput >= 0.97 x offered, as the
 simulator's criterion). A capacity at either end of the bracket is reported as such (the ends are not run).
+With --calibrate the simulation scatters batch times as the calibration's scattered (bench/live_server.sim_capacities),
+and after the live runs simulates every capacity again at the machine's median speed during them (`sim@runs`: this
+VM's speed moves by up to 2x between spells, and a calibration of 13 s catches one).
 Loopback only; every run is bounded by the trace and --timeout.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench import live_server as shared  # noqa: E402
 from bench.harness import machine_info  # noqa: E402
+from bench.host_load import live_batches, run_speed  # noqa: E402
 from bench.samples import CLIENTS  # noqa: E402
 from bench.simulate import holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
@@ -106,6 +111,7 @@ def main() -> int:
     shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies),
                           models.scatter)
     unit = report["sim_capacity"]["unit_rps"]
+    speeds = []  # each run's speed against the profile, its host work taken out (with --calibrate)
 
     def run(policy: str, load: float) -> bool:
         arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
@@ -116,6 +122,12 @@ def main() -> int:
         ok = passes(live, offered, slo)
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})
+        if models.profiled is not None and not args.device_only:
+            try:
+                speeds.append(run_speed(live_batches(results, lengths), models.profiled, models.host))
+                report["runs"][-1]["speed"] = speeds[-1]
+            except ValueError:  # no batch answered
+                pass
         (out / f"answers-{shared.file_label(policy)}-{len(report['runs'])}.json").write_text(json.dumps(results))
         err = live["cost_model_error"].get("median_abs", float("nan"))
         print(f"{policy:12} load {load:.4f} ({offered:6.2f}/s): {'PASS' if ok else 'fail'} p99 {live['p99']:6.3f}s "
@@ -128,15 +140,24 @@ def main() -> int:
     brackets = {p: bracket or (sim_loads[p] * (1 - args.span), sim_loads[p] * (1 + args.span)) for p in policies}
     found = bisect_live(policies, brackets, args.steps, run)
     report["live_capacity"] = found
+    at_runs = None  # the simulated capacities again, at the speed the machine ran during the live runs
+    if speeds:
+        speed = statistics.median(speeds)
+        print(f"\nthe live runs' median speed against the profile: {speed:.3f} (the calibration's: "
+              f"{report['host_fit']['speed']:.3f}); simulated again at it:", flush=True)
+        shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, models.profiled.scaled(speed),
+                              models.host, tuple(policies), models.scatter, key="sim_capacity_at_runs")
+        at_runs = report["sim_capacity_at_runs"]["loads"]
     print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
     print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "
-          f"{'sim / fifo':>10} {'live / fifo':>11}")
+          f"{'sim / fifo':>10} {'live / fifo':>11}" + (f" {'sim@runs':>8} {'live/sim@runs':>13}" if at_runs else ""))
     for p in policies:
         live_load, flag = found[p]["capacity"], " (below bracket)" if found[p]["below_bracket"] else (
             " (at bracket top)" if found[p]["above_bracket"] else "")
         print(f"{p:12} {sim_loads[p]:8.4f} {sim_loads[p] * unit:9.2f} {live_load:9.4f} {live_load * unit:10.2f} "
               f"{live_load / max(sim_loads[p], 1e-9):8.2f} {sim_loads[p] / max(sim_loads['fifo'], 1e-9):10.2f} "
-              f"{live_load / max(found['fifo']['capacity'], 1e-9):11.2f}{flag}")
+              f"{live_load / max(found['fifo']['capacity'], 1e-9):11.2f}"
+              + (f" {at_runs[p]:8.4f} {live_load / max(at_runs[p], 1e-9):13.2f}" if at_runs else "") + flag)
     (out / "live_capacity.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'live_capacity.json'}")
     return 0

@@ -146,14 +146,15 @@ def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> 
 
 
 def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict, cost: CostModel,
-                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES, scatter: float = 0.0) -> list[float]:
+                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES, scatter: float = 0.0,
+                   key: str = "sim_capacity") -> list[float]:
     """The simulated SLO capacity (load) of fifo and of dp on this trace: the planners see `cost` (the model
     the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
     the report. With `scatter` > 0 each simulated batch takes its time times a log-normal factor of that sigma,
     as live batches scatter about the fit, and the planners learn from every batch as the servers do; the
     capacity is then the median over SCATTER_SEEDS. Without it the baselines' simulated capacities stood
     12-30% above their live ones on Poisson arrivals (a policy that does not plan for deadlines loses its p99
-    to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21)."""
+    to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). `key`: the report's entry."""
     capacity = full_batch_capacity(lengths, limits, cost)
     found = {}
     for policy in policies:
@@ -168,10 +169,10 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
               f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)
-    report["sim_capacity"] = {"unit_rps": capacity, "loads": found, "scatter": scatter,
-                              "dp_over_fifo": found.get("dp", 0.0) / max(found["fifo"], 1e-9)}
+    report[key] = {"unit_rps": capacity, "loads": found, "scatter": scatter,
+                   "dp_over_fifo": found.get("dp", 0.0) / max(found["fifo"], 1e-9)}
     if "dp" in found:
-        print(f"dp / fifo simulated SLO capacity: {report['sim_capacity']['dp_over_fifo']:.2f}x", flush=True)
+        print(f"dp / fifo simulated SLO capacity: {report[key]['dp_over_fifo']:.2f}x", flush=True)
     return [round(found[p], 4) for p in ("fifo", "dp") if p in found]
 
 
