@@ -30,15 +30,21 @@ def test_batches_are_rebuilt_from_the_shared_inference_time():
     assert b.arrivals == 1 and b.after == 2  # B started 1 ms after A ended: A's answers went out during B
 
 
-def test_the_fit_recovers_a_known_host_load():
-    rng = random.Random(5)
+def random_batches(seed: int, n: int, seconds, quiet_arrivals: int = 2) -> list[LiveBatch]:
+    """n batches of 1-32 random lengths, with host work beside some (arrivals: none in quiet_arrivals of
+    quiet_arrivals + 1; answers of a batch before: none in half); seconds(rng, lengths, arrivals, after) each's time."""
+    rng = random.Random(seed)
     batches = []
-    for _ in range(200):
+    for _ in range(n):
         lengths = [rng.randint(8, 256) for _ in range(rng.randint(1, 32))]
-        arrivals, after = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 32)])
-        seconds = 1.1 * COST.predict_lengths(lengths) + 0.004 * arrivals + 0.002 * after
-        seconds *= 1 + rng.uniform(-0.02, 0.02)
-        batches.append(LiveBatch(0.0, seconds, lengths, arrivals, after))
+        arrivals, after = rng.choice([0] * quiet_arrivals + [rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 32)])
+        batches.append(LiveBatch(0.0, seconds(rng, lengths, arrivals, after), lengths, arrivals, after))
+    return batches
+
+
+def test_the_fit_recovers_a_known_host_load():
+    batches = random_batches(5, 200, lambda rng, lengths, arrivals, after: (
+        1.1 * COST.predict_lengths(lengths) + 0.004 * arrivals + 0.002 * after) * (1 + rng.uniform(-0.02, 0.02)))
     fit = fit_host(batches, COST)
     assert fit.speed == pytest.approx(1.1, rel=0.03)
     assert fit.host.per_arrival == pytest.approx(0.004, rel=0.1)
@@ -47,30 +53,22 @@ def test_the_fit_recovers_a_known_host_load():
 
 
 def test_a_host_that_costs_nothing_fits_as_nothing():
-    rng = random.Random(6)
-    batches = []
-    for _ in range(50):
-        lengths = [rng.randint(8, 256) for _ in range(rng.randint(1, 32))]
-        arrivals, after = rng.choice([0, rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 32)])
-        batches.append(LiveBatch(0.0, COST.predict_lengths(lengths), lengths, arrivals, after))
+    batches = random_batches(6, 50, lambda rng, lengths, arrivals, after: COST.predict_lengths(lengths), quiet_arrivals=1)
     fit = fit_host(batches, COST)
     assert fit.speed == pytest.approx(1.0, rel=1e-6)
     assert fit.host.per_arrival == pytest.approx(0.0, abs=1e-9) and fit.host.per_completion == pytest.approx(0.0, abs=1e-9)
 
 
 def test_the_scatter_is_the_batches_log_normal_spread_about_the_fit():
-    rng = random.Random(7)
-    batches = []
-    for _ in range(400):
-        lengths = [rng.randint(8, 256) for _ in range(rng.randint(1, 32))]
-        arrivals, after = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 32)])
-        seconds = 1.2 * COST.predict_lengths(lengths) + 0.003 * arrivals
-        batches.append(LiveBatch(0.0, seconds * rng.lognormvariate(0.0, 0.15), lengths, arrivals, after))
+    def exact(lengths, arrivals):
+        return 1.2 * COST.predict_lengths(lengths) + 0.003 * arrivals
+
+    batches = random_batches(7, 400, lambda rng, lengths, arrivals, after:
+                             exact(lengths, arrivals) * rng.lognormvariate(0.0, 0.15))
     fit = fit_host(batches, COST)
     assert fit.scatter == pytest.approx(0.15, rel=0.2)
-    exact = [LiveBatch(0.0, 1.2 * COST.predict_lengths(b.lengths) + 0.003 * b.arrivals, b.lengths, b.arrivals, b.after)
-             for b in batches]
-    assert fit_host(exact, COST).scatter < 1e-6
+    on_the_fit = [LiveBatch(0.0, exact(b.lengths, b.arrivals), b.lengths, b.arrivals, b.after) for b in batches]
+    assert fit_host(on_the_fit, COST).scatter < 1e-6
 
 
 def test_too_few_batches_are_refused():
