@@ -155,10 +155,9 @@ def main() -> int:
                                        "ceiling_rps": round(ceiling, 3)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulation.json").write_text(json.dumps({"cost_model": path, "refined": args.refined, "slo_s": slo, "inputs": args.inputs,
-                                                     "host": host.__dict__, "refine": args.refine, "noise": args.noise, "rows": rows,
-                                                     "slo_capacity": capacities},
-                                                    indent=1))
+    summary = {"cost_model": path, "refined": args.refined, "slo_s": slo, "inputs": args.inputs, "host": host.__dict__,
+               "refine": args.refine, "noise": args.noise, "rows": rows, "slo_capacity": capacities}
+    (out / "simulation.json").write_text(json.dumps(summary, indent=1))
     summarize(rows, slo)
     summarize_capacity(capacities)
     plot(rows, out / "simulation.png", slo)
