@@ -118,6 +118,7 @@ def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cell
                          len(model.cells), len(cells))
             elif model.key == key:
                 log.info("cost model loaded from %s", path)
+                model.alpha = alpha  # the refinement's weight is this start's setting, not the one saved with the model
                 drift = model.drift()
                 if drift > MAX_DRIFT:
                     log.warning("saved cost model drifted %.1fx from its measurement; starting from the measurement", drift)

@@ -199,3 +199,17 @@ def test_a_model_a_budget_cut_short_is_measured_again_when_no_budget_is_set(tmp_
     assert loaded and not measured  # a budget is set: what it measured will do
     model, loaded = load_or_profile(run, {"k": 1}, tmp_path, cells, runs=1, progress=False, budget_s=0)
     assert not loaded and len(model.cells) == len(cells) and measured
+
+
+def test_a_loaded_model_refines_with_this_starts_alpha_not_the_saved_one(tmp_path):
+    def run(lengths):
+        raise AssertionError("a saved model is not measured again")
+
+    saved = CostModel.fit(_truth_cells(), {"k": 1}, alpha=0.2)
+    saved.save(cache_path(tmp_path, {"k": 1}))
+    model, loaded = load_or_profile(run, {"k": 1}, tmp_path, [(1, 8), (2, 8), (1, 16), (2, 16)], runs=1, progress=False,
+                                    alpha=0.05)
+    assert loaded and model.alpha == 0.05
+    before = model.factors[0]
+    model.observe([8], 2 * model.predict_lengths([8]))  # a batch twice as long as predicted
+    assert 1.0 < model.factors[0] / before < 2 ** 0.2  # moved by the new weight's share of the log error only
