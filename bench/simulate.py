@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.cost_model import DEFAULT_ALPHA, CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.recurrences import cost_dp  # noqa: E402
 from scheduler.simulator import (  # noqa: E402
@@ -88,11 +88,16 @@ def main() -> int:
     ap.add_argument("--refine", action="store_true",
                     help="the planners' model learns from every simulated batch time (host work included), as the "
                          "server's does from live batches; without it a planner never sees the host's share")
+    ap.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                    help="with --refine: the planners' EWMA weight of one batch (the server's scheduler.cost_model_alpha; "
+                         "a saved model carries the one it was saved with)")
     ap.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                     help="each simulated batch takes its time times a log-normal factor of this sigma (live batches "
                          "scatter about the calibrated fit by 0.11-0.17 on a 2-vCPU VM: HostFit.scatter); SLO capacities "
                          "are then the median over noise seeds 1, 2, 3. Use with --refine, as the server learns")
     args = ap.parse_args()
+    if not 0 < args.alpha <= 1:
+        ap.error(f"--alpha must be in (0, 1], got {args.alpha}")
     if args.noise < 0:
         ap.error(f"--noise must be >= 0, got {args.noise}")
     if args.inputs < 1:
@@ -109,6 +114,7 @@ def main() -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         ap.error(f"--cost {path}: not a saved cost model ({type(exc).__name__}: {exc})")
     cost = cost if args.refined else cost.measured()
+    cost.alpha = args.alpha
     print(f"cost model {path} ({'refined' if args.refined else 'as measured'}; drift {cost.drift():.2f}x)")
     limits = Limits(args.max_batch_tokens, args.max_batch_requests)
     slo = args.slo_ms / 1000

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scheduler.cost_model import MAX_DRIFT, Cell, CostModel
+from scheduler.cost_model import DEFAULT_ALPHA, MAX_DRIFT, Cell, CostModel
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def cache_path(directory: str | Path, key: dict) -> Path:
 
 
 def load_or_profile(run: RunBatch, key: dict, directory: str | Path | None, cells: list[tuple[int, int]],
-                    runs: int = 3, progress: bool = True, alpha: float = 0.2, reuse: bool = True,
+                    runs: int = 3, progress: bool = True, alpha: float = DEFAULT_ALPHA, reuse: bool = True,
                     budget_s: float = 0.0) -> tuple[CostModel, bool]:
     """The cached model for `key` if one is saved (and `reuse`), else a freshly profiled one, saved over any
     earlier one only once measured (an interrupted profile leaves the earlier one). A save that fails (a folder

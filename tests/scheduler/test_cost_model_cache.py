@@ -11,7 +11,7 @@ import pytest
 
 from configs.settings import load_settings
 from models.runtime import ModelInfo
-from scheduler.cost_model import Cell, CostModel
+from scheduler.cost_model import DEFAULT_ALPHA, Cell, CostModel
 from scheduler.profiler import cache_path, load_or_profile
 from server.profiling import build_cost_model, cost_key, save_refined
 
@@ -213,3 +213,7 @@ def test_a_loaded_model_refines_with_this_starts_alpha_not_the_saved_one(tmp_pat
     before = model.factors[0]
     model.observe([8], 2 * model.predict_lengths([8]))  # a batch twice as long as predicted
     assert 1.0 < model.factors[0] / before < 2 ** 0.2  # moved by the new weight's share of the log error only
+
+
+def test_the_settings_default_alpha_is_the_cost_models():
+    assert _settings().scheduler.cost_model_alpha == DEFAULT_ALPHA == CostModel([0.0, 0.0, 0.0, 0.0], [1.0], [1.0]).alpha
