@@ -159,7 +159,7 @@ class SchedulerSettings(_Section):
     profile_budget_s: float = Field(120.0, ge=0, description="Most seconds the profile measures, cheapest cells first (a "
                                     "large model on a CPU: the rest are extrapolated); 0: no limit.")
     cost_model_alpha: float = Field(0.05, gt=0, le=1, description="Weight of one observed batch in the online refinement "
-                                    "(EWMA of each knot's factor; 0.2 before session 21 chased the batches' scatter).")
+                                    "(EWMA of each knot's factor; larger values follow single batches' scatter).")
 
 
 class EmbeddingSettings(_Section):
