@@ -158,7 +158,7 @@ class SchedulerSettings(_Section):
     profile_max_tokens: int = Field(2048, ge=8, description="Largest batch (tokens) measured; bigger ones are extrapolated.")
     profile_budget_s: float = Field(120.0, ge=0, description="Most seconds the profile measures, cheapest cells first (a "
                                     "large model on a CPU: the rest are extrapolated); 0: no limit.")
-    cost_model_alpha: float = Field(0.05, gt=0, le=1, description="Weight of one observed batch in the online refinement "
+    cost_model_alpha: float = Field(0.2, gt=0, le=1, description="Weight of one observed batch in the online refinement "
                                     "(EWMA of each knot's factor; larger values follow single batches' scatter).")
 
 

@@ -82,12 +82,11 @@ def nonnegative_fit(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.n
         active.pop(int(np.argmin(coef_active)))
 
 
-# EWMA weight of one observed batch in a knot's factor (scheduler.cost_model_alpha). Live batches scatter about the
-# model by a log-normal sigma of 0.1-0.2 on a 2-vCPU host; at 0.2 a knot's factor wandered ~5% with that scatter and
-# the DP's cuts with it: simulated with the scatter, dp's SLO capacity was 2-11% higher at 0.05 on six traces, and a
-# live A/B held 99.6% in time against 94.4% (medians of 3 rounds) at an equal live error (bench/RESULTS.md, section
-# 2, session 21). Model-wide shifts are `scale`'s to follow.
-DEFAULT_ALPHA = 0.05
+# EWMA weight of one observed batch in a knot's factor (scheduler.cost_model_alpha). At 0.2 a knot's factor wanders
+# ~5% with live batches' scatter (log-normal sigma 0.1-0.2 on a 2-vCPU host); 0.05 was tried in session 21 and the
+# evidence was mixed (simulated dp capacity -8% to +11% over 17 traces; live A/Bs: better on Poisson, worse on
+# bursts; bench/RESULTS.md, section 2, session 21), so 0.2 stays.
+DEFAULT_ALPHA = 0.2
 
 
 @dataclass
