@@ -33,7 +33,7 @@ from bench import live_server as shared  # noqa: E402
 from bench.harness import machine_info  # noqa: E402
 from bench.host_load import live_batches, run_speed  # noqa: E402
 from bench.samples import CLIENTS  # noqa: E402
-from bench.simulate import holds_slo, offered_rate  # noqa: E402
+from bench.simulate import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 
@@ -118,7 +118,7 @@ def main() -> int:
         offered = offered_rate(arrivals, len(arrivals))
         results, live, _, _ = shared.serve_trace(policy, models, arrivals, texts, args)
         sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host,
-                       refine=models.scatter > 0, noise=models.scatter, seed=shared.SCATTER_SEEDS[0]).row()
+                       refine=models.scatter > 0, noise=models.scatter, seed=NOISE_SEEDS[0]).row()
         ok = passes(live, offered, slo)
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})

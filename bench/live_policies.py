@@ -29,7 +29,6 @@ from bench.harness import machine_info  # noqa: E402
 from bench.host_load import simulate_at_run_speed  # noqa: E402
 from bench.live_server import (  # noqa: E402
     POLICIES,
-    SCATTER_SEEDS,
     file_label,
     full_batch_capacity,
     policy_spec,
@@ -40,6 +39,7 @@ from bench.live_server import (  # noqa: E402
     simulation_limits,
 )
 from bench.samples import CLIENTS  # noqa: E402
+from bench.simulate import NOISE_SEEDS  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 
@@ -149,7 +149,7 @@ def main() -> int:
         # and the overrun dp's shedding plans with) and batch times scattered as the calibration's were: the server
         # as it runs, where `sim` keeps its starting model and exact times.
         sim_learn = simulate(trace_of(arrivals), sim_config(policy), limits, device or cost, slo, cost, host,
-                             refine=True, noise=models.scatter, seed=SCATTER_SEEDS[0]).row()
+                             refine=True, noise=models.scatter, seed=NOISE_SEEDS[0]).row()
         # The same trace with the model as this run left it: how much of a gap is the machine's speed
         # during the run (this VM drifts) rather than the policy.
         sim_end = simulate(trace_of(arrivals), sim_config(policy), limits, end_cost, slo).row()

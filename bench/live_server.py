@@ -18,7 +18,7 @@ import httpx
 from bench.harness import SpawnedServer, percentile
 from bench.host_load import LiveBatch, fit_host, live_batches
 from bench.samples import CLIENT_ERRORS, make_client
-from bench.simulate import slo_capacity
+from bench.simulate import median_capacity
 from configs.settings import SchedulerSettings
 from scheduler.cost_model import FEATURES, CostModel
 from scheduler.planner import Limits
@@ -26,8 +26,6 @@ from scheduler.simulator import HostLoad, Trace
 from server.engine import policy_config
 
 POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
-# Noise seeds of a simulated SLO capacity when batch times scatter (the median capacity over them is reported).
-SCATTER_SEEDS = (1, 2, 3)
 
 
 async def replay(url: str, arrivals: list[float], texts: list[str] | list[list[str]], slo_ms: float,
@@ -152,7 +150,7 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
     the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
     the report. With `scatter` > 0 each simulated batch takes its time times a log-normal factor of that sigma,
     as live batches scatter about the fit, and the planners learn from every batch as the servers do; the
-    capacity is then the median over SCATTER_SEEDS. Without it the baselines' simulated capacities stood
+    capacity is then the median over bench/simulate.NOISE_SEEDS. Without it the baselines' simulated capacities stood
     12-30% above their live ones on Poisson arrivals (a policy that does not plan for deadlines loses its p99
     to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). `key`: the report's entry."""
     capacity = full_batch_capacity(lengths, limits, cost)
@@ -160,12 +158,8 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
     for policy in policies:
         def at(x: float) -> Trace:
             return Trace(arrivals_at(x * capacity, len(lengths), random.Random(7)), lengths)
-        if scatter > 0:
-            runs = sorted(slo_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost,
-                                       host=host, refine=True, noise=scatter, seed=seed) for seed in SCATTER_SEEDS)
-            found[policy] = runs[len(runs) // 2]
-        else:
-            found[policy] = slo_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host)
+        found[policy] = median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host,
+                                        refine=scatter > 0, noise=scatter)
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
               f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)

@@ -150,12 +150,10 @@ def main() -> int:
                 lengths = make_trace(capacity, args.capacity_requests, draw, seed=1, bursty=bursty, inputs=args.inputs).lengths
                 ceiling = throughput_ceiling(lengths, limits, cost) / args.inputs  # the bisection's traces share these lengths
                 for name in POLICIES:
-                    loads = sorted(slo_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1,
-                                                                     bursty=bursty, inputs=args.inputs),
-                                                policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
-                                                refine=args.refine, noise=args.noise, seed=seed)
-                                   for seed in ((1, 2, 3) if args.noise else (0,)))
-                    load = loads[len(loads) // 2]
+                    load = median_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1,
+                                                                bursty=bursty, inputs=args.inputs),
+                                           policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
+                                           refine=args.refine, noise=args.noise)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                        "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
                                        "ceiling_rps": round(ceiling, 3)})
@@ -182,6 +180,18 @@ def holds_slo(p99: float, throughput: float, offered: float, slo: float) -> bool
     """The SLO-capacity criterion (the simulator's bisection and bench/live_capacity.py's): p99 within the SLO, and
     keeping up with the offered rate (a finite trace hides a slowly growing queue)."""
     return p99 <= slo and throughput >= 0.97 * offered
+
+
+NOISE_SEEDS = (1, 2, 3)  # a scattered simulation's SLO capacity is the median over these noise seeds
+
+
+def median_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
+                    slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None,
+                    refine: bool = False, noise: float = 0.0) -> float:
+    """slo_capacity; with noise, the median over NOISE_SEEDS (one seed's bisection swings with its draws)."""
+    loads = sorted(slo_capacity(trace_at, config, limits, cost, slo, steps, planner_cost, host, refine, noise, seed)
+                   for seed in (NOISE_SEEDS if noise else (0,)))
+    return loads[len(loads) // 2]
 
 
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
