@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                     help="each simulated batch takes its time times a log-normal factor of this sigma (live batches "
                          "scatter about the calibrated fit by 0.11-0.17 on a 2-vCPU VM: HostFit.scatter); SLO capacities "
-                         "are then the median over noise seeds 1, 2, 3. Use with --refine, as the server learns")
+                         "are then the median over noise seeds 1-7. Use with --refine, as the server learns")
     args = ap.parse_args()
     if not 0 < args.alpha <= 1:
         ap.error(f"--alpha must be in (0, 1], got {args.alpha}")
@@ -182,7 +182,9 @@ def holds_slo(p99: float, throughput: float, offered: float, slo: float) -> bool
     return p99 <= slo and throughput >= 0.97 * offered
 
 
-NOISE_SEEDS = (1, 2, 3)  # a scattered simulation's SLO capacity is the median over these noise seeds
+# A scattered simulation's SLO capacity is the median over these noise seeds. One seed's capacity swings by 4-8%
+# (bursts: far more); three seeds left dp 0.93x sort_slice where seven give 0.97-1.00x (session 22).
+NOISE_SEEDS = tuple(range(1, 8))
 
 
 def median_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
