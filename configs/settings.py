@@ -152,6 +152,8 @@ class SchedulerSettings(_Section):
     deadline_margin: float = Field(1.0, ge=0, le=10, description="dp: plans each request's slack as if batches ran the cost "
                                    "model's running p90 overrun to this power as long as predicted (0: as predicted), so that batches that "
                                    "run long do not push planned-just-in-time requests past their deadline.")
+    order_tolerance: float = Field(0.01, ge=0, le=1, description="dp: cuts batches from the requests in deadline order unless "
+                                   "the length-sorted cut is cheaper by more than this share of predicted time (0: the cheapest cut).")
     cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
     profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")

@@ -85,7 +85,9 @@ def exact_feasible(members: list[int], requests: Sequence[Request], limits: Limi
 
 def cheapest_partition(members: list[int], pending: Pending, limits: Limits) -> list[list[int]]:
     """The cheapest predicted of: the paper's DP over sorted lengths, first-fit-decreasing, and TEI's
-    arrival-order greedy (so it never costs more than the token-budget baseline)."""
+    arrival-order greedy (so it never costs more than the token-budget baseline); but the same DP over the
+    requests in deadline order when that costs at most `pending.order_tolerance` more (older requests are then
+    not held back behind newer ones of a cheaper length)."""
     idx = np.asarray(members)
     by_length = idx[np.argsort(pending.length_arr[idx], kind="stable")]
     segments, best_cost = cost_dp(pending.length_arr[by_length], limits, pending.cost)
@@ -95,6 +97,12 @@ def cheapest_partition(members: list[int], pending: Pending, limits: Limits) -> 
         c = pending.total(candidate)
         if c < best_cost:
             best, best_cost = candidate, c
+    if pending.order_tolerance > 0 and len(members) > 1:
+        by_deadline = idx[np.lexsort((pending.length_arr[idx], pending.deadline_arr[idx]))]
+        segments, c = cost_dp(pending.length_arr[by_deadline], limits, pending.cost)
+        if c <= best_cost * (1 + pending.order_tolerance):
+            by_deadline = by_deadline.tolist()
+            return [by_deadline[s:e] for s, e in segments]
     return best
 
 
@@ -203,7 +211,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     rest of its priority (neither shed nor left out), so no request starves behind a stream of fresh ones."""
     if len(requests) == 1:  # nothing to choose: skip the numpy machinery (~0.3 ms) on the latency path
         return evaluate([Batch((0,), requests[0].length)], requests, cost, now)
-    pending = Pending(requests, cost)
+    pending = Pending(requests, cost, config.order_tolerance)
     lengths, deadlines = pending.length_arr, pending.deadline_arr
     alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
     hopeless = now + alone > deadlines

@@ -22,9 +22,10 @@ class Pending:
     are priced several times. Groups are priced a partition at a time (token sums by numpy, then the
     cost model's scalar `predict_one` on exact integer sums, so a batch has one price however reached)."""
 
-    def __init__(self, requests: Sequence[Request], cost: CostModel):
+    def __init__(self, requests: Sequence[Request], cost: CostModel, order_tolerance: float = 0.0):
         self.requests = requests
         self.cost = cost
+        self.order_tolerance = order_tolerance  # dp's PolicyConfig.order_tolerance: cuts in deadline order within it
         n = len(requests)
         self.lengths = [r.length for r in requests]  # [n], for scalar loops
         self.length_int = np.fromiter(self.lengths, dtype=np.int64, count=n)  # [n]

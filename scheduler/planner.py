@@ -77,6 +77,12 @@ class PolicyConfig:
     # margin of 1 raised dp's SLO capacity 1.12-1.55x on bursts and left Poisson arrivals level
     # (bench/results/s20/margin_sim.py).
     deadline_margin: float = 1.0
+    # dp: keep requests in deadline order (cut by the same DP) unless the paper's length-sorted cut is cheaper by more
+    # than this share of the plan's predicted time. In packed execution the two cost about the same (a batch's
+    # attention term is its own sequences' squares wherever they go), and a length-sorted cut lets newer requests
+    # of one length run before older ones of another: under bursts with a 2 s SLO dp's p99 at 0.9 load was 1.43 s
+    # against token_budget's 1.22 s, 1.17 s with 0.01 (bench/RESULTS.md, section 2, session 22). 0: the paper's cut.
+    order_tolerance: float = 0.01
     extra: dict = field(default_factory=dict)
 
 
