@@ -26,7 +26,7 @@ def test_older_requests_run_first_when_deadline_order_costs_within_the_tolerance
 def test_a_cheaper_cut_wins_when_deadline_order_costs_more_than_the_tolerance():
     limits = Limits(max_batch_tokens=300, max_batch_requests=4)
     # In deadline order (250, 250, 50, 50) no two neighbours but the last fit one 300-token batch: three batches;
-    # packed (250 + 50 twice) it is two, 10 ms less (~25% of the plan).
+    # packed (250 + 50 twice) it is two: 26 ms against 36 ms, the deadline-order cut 38% dearer.
     requests = [Request(250, 0.0, 5.0), Request(250, 0.1, 5.1), Request(50, 0.2, 5.2), Request(50, 0.2, 5.2)]
     got = plan(requests, limits, COST, 0.3, PolicyConfig("dp", order_tolerance=0.2))
     assert len(got.batches) == 2
