@@ -89,23 +89,23 @@ def exact_feasible(members: list[int], requests: Sequence[Request], limits: Limi
 def cheapest_partition(members: list[int], pending: Pending, limits: Limits) -> list[list[int]]:
     """The cheapest predicted of: the paper's DP over sorted lengths, first-fit-decreasing, and TEI's
     arrival-order greedy (so it never costs more than the token-budget baseline); but the same DP over the
-    requests in deadline order when that costs at most `pending.order_tolerance` more (older requests are then
-    not held back behind newer ones of a cheaper length)."""
+    requests in deadline order when that costs at most `pending.order_tolerance` more than the cheapest and no
+    more than TEI's split (older requests are then not held back behind newer ones of a cheaper length)."""
     idx = np.asarray(members)
     by_length = idx[np.argsort(pending.length_arr[idx], kind="stable")]
     segments, best_cost = cost_dp(pending.length_arr[by_length], limits, pending.cost)
-    by_length = by_length.tolist()
-    best = [by_length[s:e] for s, e in segments]
-    for candidate in (first_fit_decreasing(members, pending.lengths, limits), greedy(sorted(members), pending, limits)):
+    best = [by_length[s:e].tolist() for s, e in segments]
+    tei = greedy(sorted(members), pending, limits)
+    for candidate in (first_fit_decreasing(members, pending.lengths, limits), tei):
         c = pending.total(candidate)
         if c < best_cost:
             best, best_cost = candidate, c
     if pending.order_tolerance > 0 and len(members) > 1:
         by_deadline = idx[np.lexsort((pending.length_arr[idx], pending.deadline_arr[idx]))]
-        segments, c = cost_dp(pending.length_arr[by_deadline], limits, pending.cost)
-        if c <= best_cost * (1 + pending.order_tolerance):
-            by_deadline = by_deadline.tolist()
-            return [by_deadline[s:e] for s, e in segments]
+        if not np.array_equal(by_deadline, by_length):  # equal deadlines: the deadline order is the sorted one
+            segments, c = cost_dp(pending.length_arr[by_deadline], limits, pending.cost)
+            if c <= min(best_cost * (1 + pending.order_tolerance), pending.total(tei)):
+                return [by_deadline[s:e].tolist() for s, e in segments]
     return best
 
 
