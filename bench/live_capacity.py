@@ -132,7 +132,7 @@ def main() -> int:
         err = live["cost_model_error"].get("median_abs", float("nan"))
         print(f"{policy:12} load {load:.4f} ({offered:6.2f}/s): {'PASS' if ok else 'fail'} p99 {live['p99']:6.3f}s "
               f"in time {live['slo_attainment']:6.1%} thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
-              f"errors {live['errors']} batch {live['mean_batch']:5.1f} cost-err {err:.1%} | sim: p99 {sim['p99']:6.3f}s "
+              f"errors {live['errors']} batch {live['mean_batch']:5.1f} cost-err {err:.1%} plan {live['plan_share']:.1%} | sim: p99 {sim['p99']:6.3f}s "
               f"in time {sim['slo_attainment']:6.1%} good {sim['goodput']:6.2f}/s", flush=True)
         return ok
 

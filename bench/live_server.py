@@ -190,16 +190,22 @@ def server_cost_model(url: str) -> CostModel:
 
 
 def scrape(url: str) -> dict:
+    """Mean batch size, the planner's time (mean a plan; share of the time the model ran) and /info's cost-model error."""
     with httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
         info = c.get("/info").json()
         metrics = c.get("/metrics").text
+    names = ("turboserve_batch_size_sum", "turboserve_batch_size_count", "turboserve_scheduler_plan_seconds_sum",
+             "turboserve_scheduler_plan_seconds_count", "turboserve_inference_duration_seconds_sum")
     values = {}
     for line in metrics.splitlines():
-        if line.startswith(("turboserve_batch_size_sum", "turboserve_batch_size_count")):
+        if line.startswith(names):
             name, value = line.split()
             values[name] = float(value)
     mean_batch = values.get("turboserve_batch_size_sum", 0) / max(values.get("turboserve_batch_size_count", 1), 1)
-    return {"mean_batch": mean_batch, "cost_model_error": info.get("scheduler", {}).get("cost_model_error", {})}
+    plan_s = values.get("turboserve_scheduler_plan_seconds_sum", 0.0)
+    return {"mean_batch": mean_batch, "cost_model_error": info.get("scheduler", {}).get("cost_model_error", {}),
+            "plan_ms_mean": 1e3 * plan_s / max(values.get("turboserve_scheduler_plan_seconds_count", 1), 1),
+            "plan_share": plan_s / max(values.get("turboserve_inference_duration_seconds_sum", 0.0), 1e-9)}
 
 
 @dataclass

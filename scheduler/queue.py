@@ -56,7 +56,8 @@ class BatchQueue:
     """Holds pending WorkItems up to `max_size`; hands the worker one planned batch at a time."""
 
     def __init__(self, max_size: int, limits: Limits, policy: PolicyConfig | None = None,
-                 cost: CostModel | None = None, clock: Callable[[], float] = time.perf_counter):
+                 cost: CostModel | None = None, clock: Callable[[], float] = time.perf_counter,
+                 on_plan: Callable[[int, float], None] | None = None):
         self.max_size = max_size
         self.limits = limits
         self.policy = policy or PolicyConfig("token_budget")
@@ -66,6 +67,8 @@ class BatchQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._no_waiting = False  # draining: no more arrivals to wait for, so no batch is held back for a fuller one
+        # Told (pending count, seconds) after every plan: the planner runs between batches, so its time is the device's idle time.
+        self.on_plan = on_plan
 
     @property
     def depth(self) -> int:
@@ -134,12 +137,15 @@ class BatchQueue:
             if dead and (taken := self._take(dead)):
                 return taken  # alone and unplanned: the worker drops them, and no batch is planned around them
             # Plan outside the lock: producers (the event loop) never wait for the planner.
+            started = time.perf_counter()
             requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
             try:
                 decided = plan(requests, self.limits, self.cost, now, self.policy)
             except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
                 log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
                 decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
+            if self.on_plan is not None:
+                self.on_plan(len(requests), time.perf_counter() - started)
             if decided.wait_until is not None and decided.wait_until > now and not closed:
                 with self._cond:
                     if len(self._pending) == len(snapshot) and not self._no_waiting:  # nothing new while planning

@@ -92,7 +92,7 @@ class Engine:
         sched = settings.scheduler
         policy = policy_config(sched)
         limits = Limits(sched.max_batch_tokens, sched.max_batch_requests)
-        self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost)
+        self.queue = BatchQueue(sched.max_queue_size, limits, policy, cost, on_plan=metrics.planned)
         self._wake_pending = False
         self.worker = BatchWorker(self.queue, embedder, metrics)
         self.stats = InferStats()  # Triton's statistics extension (executions: worker.executions)

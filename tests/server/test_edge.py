@@ -52,6 +52,21 @@ def test_metrics_names_and_counts(client):
     assert 'turboserve_requests_total{route="/embed",status="400"}' in text
 
 
+def _sample(text: str, name: str) -> float:
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_planning_time_is_measured(client):
+    before = client.get("/metrics").text
+    client.post("/embed", json={"inputs": ["one", "two", "three"]})
+    after = client.get("/metrics").text
+    plans = _sample(after, "turboserve_scheduler_plan_seconds_count") - _sample(before, "turboserve_scheduler_plan_seconds_count")
+    assert plans >= 1  # at least one plan for the batch that answered it
+    assert _sample(after, "turboserve_scheduler_plan_seconds_sum") > _sample(before, "turboserve_scheduler_plan_seconds_sum")
+    pending = _sample(after, "turboserve_scheduler_plan_pending_sum") - _sample(before, "turboserve_scheduler_plan_pending_sum")
+    assert 3 <= pending <= 3 * plans  # the three sequences were pending when it planned
+
+
 def test_payload_limit_declared_and_chunked():
     with dummy_server(server={"payload_limit": 2048}) as s, s.client() as c:
         big = {"inputs": ["word " * 300]}
