@@ -3,7 +3,8 @@
     .venv/bin/python bench/planner_speed.py [--pending 1000] [--repeats 50]
 
 Four cases for dp: no deadlines, deadlines all can meet, overload (most deadlines already lost), and the same
-overload as requests of 8 inputs.
+overload as requests of 8 inputs; each as the whole plan and as the worker plans (`next only`: up to the batch
+it runs next).
 Wall-clock median and p90 per call, and the median CPU time of the planning thread: on a shared machine
 the wall time also counts the time other processes held the core, the CPU time does not.
 """
@@ -47,13 +48,13 @@ def main() -> int:
     rng = random.Random(0)
     print(f"{'policy':14} {'case':20} {'median ms':>10} {'p90 ms':>8} {'cpu ms':>8}")
     for case, requests in cases(args.pending, rng).items():
-        for name in ("dp", "token_budget", "fifo", "triton", "sort_slice"):
-            if name != "dp" and case != "no deadlines":
+        for name in ("dp", "dp next only", "token_budget", "fifo", "triton", "sort_slice"):
+            if not name.startswith("dp") and case != "no deadlines":
                 continue
             times, cpu = [], []
             for _ in range(args.repeats):
                 started, cpu_started = time.perf_counter(), time.thread_time()
-                plan(requests, limits, COST, 0.0, PolicyConfig(name))
+                plan(requests, limits, COST, 0.0, PolicyConfig(name.split()[0]), next_only=name.endswith("next only"))
                 times.append((time.perf_counter() - started) * 1000)
                 cpu.append((time.thread_time() - cpu_started) * 1000)
             times.sort()

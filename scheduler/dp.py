@@ -204,8 +204,13 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
     return until
 
 
-def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig) -> Plan:
+def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig,
+            next_only: bool = False) -> Plan:
     """The DP policy: priority classes in turn, each planned by cost DP with deadline repair.
+
+    With `next_only` it stops after the first class that plans a batch: the batch to run next is settled then (a
+    class's batches all run before the next class's), and under overload the classes behind (requests that can no
+    longer make it, a lower priority) were most of the planning time.
 
     Within a priority, requests that would miss their deadline even if run alone right now go behind
     those that can still make it: under overload the server spends its time on requests it can still
@@ -281,7 +286,11 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         class_groups += greedy(beyond, pending, limits)
         horizon -= len(members)
         groups.extend(class_groups)
+        if next_only and groups:
+            break
         t = pending.ends(class_groups, t)[-1] if class_groups else t
     plan = _evaluate(groups, pending, now, alone)
+    if sum(len(g) for g in groups) < len(requests):  # classes left unplanned: more than one batch, never a wait
+        return plan
     wait = _bounded_wait(plan, requests, limits, cost, now, config)
     return plan if wait is None else Plan(plan.batches, plan.cost, plan.late, plan.infeasible, wait)

@@ -164,10 +164,10 @@ def plan_sort_slice(requests, limits, cost, now, config) -> Plan:
     return evaluate(chunk(order, lengths, limits), requests, cost, now)
 
 
-def _plan_dp(requests, limits, cost, now, config) -> Plan:
+def _plan_dp(requests, limits, cost, now, config, next_only: bool = False) -> Plan:
     from scheduler.dp import plan_dp  # noqa: PLC0415 - dp builds on this module's types
 
-    return plan_dp(requests, limits, cost, now, config)
+    return plan_dp(requests, limits, cost, now, config, next_only)
 
 
 POLICIES = {
@@ -180,8 +180,10 @@ POLICIES = {
 
 
 def plan(requests: Sequence[Request], limits: Limits, cost: CostModel | None = None, now: float = 0.0,
-         config: PolicyConfig | None = None) -> Plan:
-    """Plan every pending request into ordered batches with the configured policy."""
+         config: PolicyConfig | None = None, next_only: bool = False) -> Plan:
+    """Plan every pending request into ordered batches with the configured policy. With `next_only` a policy may
+    stop once the batch to run next is settled (the worker runs batches[0] and plans again): dp then leaves out the
+    priority classes after the first, and the plan's cost and late requests are those of what it holds."""
     config = config or PolicyConfig()
     try:
         planner = POLICIES[config.name]
@@ -191,4 +193,6 @@ def plan(requests: Sequence[Request], limits: Limits, cost: CostModel | None = N
         return Plan([])
     if config.name == "dp" and cost is None:
         raise ValueError("the dp policy needs a cost model")
+    if next_only and planner is _plan_dp:
+        return planner(requests, limits, cost, now, config, next_only=True)
     return planner(requests, limits, cost, now, config)

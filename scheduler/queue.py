@@ -140,7 +140,7 @@ class BatchQueue:
             started = time.perf_counter()
             requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
             try:
-                decided = plan(requests, self.limits, self.cost, now, self.policy)
+                decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True)
             except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
                 log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
                 decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
