@@ -190,12 +190,14 @@ def server_cost_model(url: str) -> CostModel:
 
 
 def scrape(url: str) -> dict:
-    """Mean batch size, the planner's time (mean a plan; share of the time the model ran) and /info's cost-model error."""
+    """Mean batch size, the planner's time (mean a plan; share of the time the model ran), the cost model's overrun at
+    the end (what dp's deadline margin and shedding plan with) and /info's cost-model error."""
     with httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
         info = c.get("/info").json()
         metrics = c.get("/metrics").text
     names = ("turboserve_batch_size_sum", "turboserve_batch_size_count", "turboserve_scheduler_plan_seconds_sum",
-             "turboserve_scheduler_plan_seconds_count", "turboserve_inference_duration_seconds_sum")
+             "turboserve_scheduler_plan_seconds_count", "turboserve_inference_duration_seconds_sum",
+             "turboserve_cost_model_overrun_ratio")
     values = {}
     for line in metrics.splitlines():
         if line.startswith(names):
@@ -205,7 +207,8 @@ def scrape(url: str) -> dict:
     plan_s = values.get("turboserve_scheduler_plan_seconds_sum", 0.0)
     return {"mean_batch": mean_batch, "cost_model_error": info.get("scheduler", {}).get("cost_model_error", {}),
             "plan_ms_mean": 1e3 * plan_s / max(values.get("turboserve_scheduler_plan_seconds_count", 1), 1),
-            "plan_share": plan_s / max(values.get("turboserve_inference_duration_seconds_sum", 0.0), 1e-9)}
+            "plan_share": plan_s / max(values.get("turboserve_inference_duration_seconds_sum", 0.0), 1e-9),
+            "overrun": values.get("turboserve_cost_model_overrun_ratio", float("nan"))}
 
 
 @dataclass
