@@ -164,7 +164,8 @@ def main() -> int:
         print(f"load {load:4.2f} {policy:12} live: thr {live['throughput']:6.2f}/s good {live['goodput']:6.2f}/s "
               f"p50 {live['p50']:6.3f}s p99 {live['p99']:6.3f}s slo {live['slo_attainment']:6.1%} "
               f"errors {live['errors']} batch {live['mean_batch']:5.1f} cost-err med {err.get('median_abs', float('nan')):.1%} "
-              f"plan {live.get('plan_ms_mean', float('nan')):.2f} ms ({live.get('plan_share', float('nan')):.1%}) | sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
+              f"plan {live.get('plan_ms_mean', float('nan')):.2f} ms ({live.get('plan_share', float('nan')):.1%}) "
+              f"overrun {live.get('overrun', float('nan')):.2f} | sim: good {sim['goodput']:6.2f}/s p50 {sim['p50']:6.3f}s p99 {sim['p99']:6.3f}s "
               f"slo {sim['slo_attainment']:6.1%} | learning: good {sim_learn['goodput']:6.2f}/s | device only: good {sim_device['goodput']:6.2f}/s "
               f"slo {sim_device['slo_attainment']:6.1%} | sim@end: good {sim_end['goodput']:6.2f}/s"
               + (f" | sim@run (speed {run['speed']:.2f}): good {run['sim_run']['goodput']:6.2f}/s" if "sim_run" in run else ""),

@@ -208,7 +208,9 @@ def scrape(url: str) -> dict:
     return {"mean_batch": mean_batch, "cost_model_error": info.get("scheduler", {}).get("cost_model_error", {}),
             "plan_ms_mean": 1e3 * plan_s / max(values.get("turboserve_scheduler_plan_seconds_count", 1), 1),
             "plan_share": plan_s / max(values.get("turboserve_inference_duration_seconds_sum", 0.0), 1e-9),
-            "overrun": values.get("turboserve_cost_model_overrun_ratio", float("nan"))}
+            "overrun": values.get("turboserve_cost_model_overrun_ratio", float("nan")),
+            "batches": values.get("turboserve_batch_size_count", 0.0),
+            "model_seconds": values.get("turboserve_inference_duration_seconds_sum", 0.0), "plan_seconds": plan_s}
 
 
 @dataclass
