@@ -9,6 +9,7 @@ maximum queue delay) and `sort_slice` (infinity: sort by length, slice).
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -83,7 +84,21 @@ class PolicyConfig:
     # of one length run before older ones of another: under bursts with a 2 s SLO dp's p99 at 0.9 load was 1.43 s
     # against token_budget's 1.22 s, 1.17 s with 0.01 (bench/RESULTS.md, section 2, session 22). 0: the paper's cut.
     order_tolerance: float = 0.01
+    # dp: while the pending work (as predicted) is more than BACKLOG_SLOS SLOs, the next batch holds at least enough
+    # requests to serve them this many times as fast as they arrived lately (0: off). Small batches that save a
+    # few deadlines each cost the fixed work of a batch; near capacity that left dp 5% below triton's throughput live,
+    # and a backlog that starts then grows (bench/RESULTS.md, section 2, session 23).
+    keep_up: float = 1.1
     extra: dict = field(default_factory=dict)
+
+
+RATE_WINDOW = 2.0  # seconds of arrivals the worker counts for the recent arrival rate
+
+
+def recent_rate(arrivals: Sequence[float], now: float, window: float = RATE_WINDOW) -> float:
+    """Arrivals a second over the last `window` seconds before `now` (`arrivals` ascending; later ones ignored)."""
+    hi = bisect.bisect_right(arrivals, now)
+    return (hi - bisect.bisect_left(arrivals, now - window, 0, hi)) / window
 
 
 def chunk(order: Sequence[int], lengths: Sequence[int], limits: Limits, size: int | None = None) -> list[Batch]:
@@ -164,10 +179,10 @@ def plan_sort_slice(requests, limits, cost, now, config) -> Plan:
     return evaluate(chunk(order, lengths, limits), requests, cost, now)
 
 
-def _plan_dp(requests, limits, cost, now, config, next_only: bool = False) -> Plan:
+def _plan_dp(requests, limits, cost, now, config, next_only: bool = False, arrival_rate: float = 0.0) -> Plan:
     from scheduler.dp import plan_dp  # noqa: PLC0415 - dp builds on this module's types
 
-    return plan_dp(requests, limits, cost, now, config, next_only)
+    return plan_dp(requests, limits, cost, now, config, next_only, arrival_rate)
 
 
 POLICIES = {
@@ -180,10 +195,11 @@ POLICIES = {
 
 
 def plan(requests: Sequence[Request], limits: Limits, cost: CostModel | None = None, now: float = 0.0,
-         config: PolicyConfig | None = None, next_only: bool = False) -> Plan:
+         config: PolicyConfig | None = None, next_only: bool = False, arrival_rate: float = 0.0) -> Plan:
     """Plan every pending request into ordered batches with the configured policy. With `next_only` a policy may
     stop once the batch to run next is settled (the worker runs batches[0] and plans again): dp then leaves out the
-    priority classes after the first, and the plan's cost and late requests are those of what it holds."""
+    priority classes after the first, and the plan's cost and late requests are those of what it holds.
+    `arrival_rate`: requests a second lately (`recent_rate`; 0: unknown), for dp's `keep_up`."""
     config = config or PolicyConfig()
     try:
         planner = POLICIES[config.name]
@@ -193,6 +209,6 @@ def plan(requests: Sequence[Request], limits: Limits, cost: CostModel | None = N
         return Plan([])
     if config.name == "dp" and cost is None:
         raise ValueError("the dp policy needs a cost model")
-    if next_only and planner is _plan_dp:
-        return planner(requests, limits, cost, now, config, next_only=True)
+    if planner is _plan_dp:
+        return planner(requests, limits, cost, now, config, next_only, arrival_rate)
     return planner(requests, limits, cost, now, config)

@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 from scheduler.cost_model import CostModel
 from scheduler.errors import NotReady, Overloaded
-from scheduler.planner import Limits, PolicyConfig, Request, plan
+from scheduler.planner import RATE_WINDOW, Limits, PolicyConfig, Request, plan
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class BatchQueue:
         self.cost = cost
         self.clock = clock
         self._pending: list[WorkItem] = []
+        self._admitted: deque[float] = deque()  # when each sequence of the last RATE_WINDOW seconds was admitted
         self._cond = threading.Condition()
         self._closed = False
         self._no_waiting = False  # draining: no more arrivals to wait for, so no batch is held back for a fuller one
@@ -87,8 +89,15 @@ class BatchQueue:
             if len(self._pending) + len(items) > self.max_size:
                 raise Overloaded(f"queue is full ({len(self._pending)} of {self.max_size} waiting)")
             self._pending.extend(items)
+            now = self.clock()
+            self._admitted.extend([now] * len(items))
+            self._forget_admitted(now)
             if wake:
                 self._cond.notify()
+
+    def _forget_admitted(self, now: float) -> None:
+        while self._admitted and self._admitted[0] < now - RATE_WINDOW:
+            self._admitted.popleft()
 
     def wake(self) -> None:
         """Let the worker plan what submit(wake=False) admitted."""
@@ -132,7 +141,9 @@ class BatchQueue:
                 if not self._pending:
                     return None
                 snapshot, closed = list(self._pending), self._closed or self._no_waiting
-            now = self.clock()
+                now = self.clock()
+                self._forget_admitted(now)
+                rate = len(self._admitted) / RATE_WINDOW  # sequences a second lately (as planner.recent_rate counts)
             dead = [it for it in snapshot if it.expires_at <= now or it.future.cancelled()]
             if dead and (taken := self._take(dead)):
                 return taken  # alone and unplanned: the worker drops them, and no batch is planned around them
@@ -140,7 +151,7 @@ class BatchQueue:
             started = time.perf_counter()
             requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
             try:
-                decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True)
+                decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True, arrival_rate=rate)
             except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
                 log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
                 decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))

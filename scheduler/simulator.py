@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from scheduler.cost_model import CostModel
-from scheduler.planner import Limits, PolicyConfig, Request, plan
+from scheduler.planner import Limits, PolicyConfig, Request, plan, recent_rate
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,15 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
             now = trace.arrivals[next_arrival]
             continue
         requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in pending]
-        decided = plan(requests, limits, planner_cost, now, config, next_only=True)  # as the server's worker
+        rate = recent_rate(trace.arrivals, now)
+        decided = plan(requests, limits, planner_cost, now, config, next_only=True, arrival_rate=rate)  # as the server's worker
         upcoming = trace.arrivals[next_arrival] if next_arrival < n else math.inf
         if decided.wait_until is not None and decided.wait_until > now:
             now = min(decided.wait_until, upcoming)  # wait, unless a new arrival comes first
             if now == decided.wait_until and upcoming > now:
                 decided = plan(requests, limits, planner_cost, now, PolicyConfig(**{**config.__dict__, "max_wait": 0.0,
-                                                                                     "max_queue_delay": 0.0}), next_only=True)
+                                                                                     "max_queue_delay": 0.0}), next_only=True,
+                               arrival_rate=rate)
             else:
                 continue
         chosen = [pending[i] for i in decided.batches[0].indices]

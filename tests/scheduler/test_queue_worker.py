@@ -322,3 +322,26 @@ def test_a_split_batch_does_not_compute_the_rest_of_a_request_that_failed_in_its
     assert rec.failed == 1 and rec.dropped_by == {"failed": 3}
     q.close()
     worker.join(5)
+
+
+def test_the_queue_tells_the_planner_how_fast_sequences_arrived_and_how_long_it_planned(monkeypatch):
+    import scheduler.queue as queue_module  # noqa: PLC0415
+
+    seen, planned = [], []
+    real_plan = queue_module.plan
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["arrival_rate"])
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(queue_module, "plan", spy)
+    clock = [100.0]
+    q = BatchQueue(50, Limits(100, 4), clock=lambda: clock[0], on_plan=lambda n, s: planned.append((n, s)))
+    q.submit([WorkItem([1]) for _ in range(3)])  # at 100.0
+    clock[0] = 101.0
+    q.submit([WorkItem([1]) for _ in range(5)])  # at 101.0
+    q.next_batch()
+    clock[0] = 102.5  # the first three are more than 2 s old now
+    q.next_batch()
+    assert seen == [8 / 2.0, 5 / 2.0]
+    assert [n for n, _ in planned] == [8, 4] and all(s >= 0 for _, s in planned)
