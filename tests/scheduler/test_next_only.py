@@ -45,4 +45,5 @@ def test_under_overload_only_the_first_class_is_planned():
     assert len(whole.late) == 30 and head.late == ()  # what it holds: the fresh batch, in time
     for policy in ("fifo", "triton", "token_budget", "sort_slice"):  # the baselines plan everything either way
         config = PolicyConfig(policy)
-        assert plan(requests, Limits(4096, 8), cost, 10.0, config, next_only=True) == plan(requests, Limits(4096, 8), cost, 10.0, config)
+        assert plan(requests, Limits(4096, 8), cost, 10.0, config, next_only=True) == \
+            plan(requests, Limits(4096, 8), cost, 10.0, config)
