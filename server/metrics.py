@@ -16,6 +16,7 @@ from server.metrics_tei import TEIMetrics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_PENDING_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # a queue holds up to max_queue_size
 _PLAN_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -39,7 +40,7 @@ class Metrics:
             "once before each batch (and again when a held batch's queue changes); the device waits meanwhile.",
             buckets=_PLAN_BUCKETS, registry=r)
         self.plan_pending = Histogram(
-            "turboserve_scheduler_plan_pending", "Sequences pending when the scheduler planned.", buckets=_SIZE_BUCKETS,
+            "turboserve_scheduler_plan_pending", "Sequences pending when the scheduler planned.", buckets=_PENDING_BUCKETS,
             registry=r)
         self.batch_size = Histogram("turboserve_batch_size", "Sequences in one batch.", buckets=_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("turboserve_batch_tokens", "Packed tokens in one batch.", buckets=_TOKEN_BUCKETS, registry=r)
