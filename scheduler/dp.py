@@ -314,7 +314,8 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         classes = [np.arange(len(requests))]
     groups: list[list[int]] = []
     t = now
-    for members in classes:
+    planned_all = True
+    for k, members in enumerate(classes):
         if len(members) > horizon:  # beyond the horizon: a cheap cut, re-planned before it runs
             members = members[np.lexsort((lengths[members], deadlines[members]))]  # by deadline, then length
         members = members.tolist()
@@ -328,10 +329,11 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         horizon -= len(members)
         groups.extend(class_groups)
         if next_only and groups:
+            planned_all = k == len(classes) - 1
             break
         t = pending.ends(class_groups, t)[-1] if class_groups else t
     plan = _evaluate(groups, pending, now, alone)
-    if sum(len(g) for g in groups) < len(requests):  # classes left unplanned: more than one batch, never a wait
+    if not planned_all:  # classes left unplanned: more than one batch, never a wait
         return plan
     wait = _bounded_wait(plan, requests, limits, cost, now, config)
     return plan if wait is None else Plan(plan.batches, plan.cost, plan.late, plan.infeasible, wait)
