@@ -156,6 +156,10 @@ class SchedulerSettings(_Section):
                                    "the length-sorted cut is cheaper by more than this share of predicted time (0: the cheapest cut).")
     keep_up: float = Field(1.1, ge=0, le=10, description="dp: while the pending work is more than two SLOs, the next batch holds "
                            "at least the requests needed to serve this many times the arrival rate of the last 2 s (0: off).")
+    partition_cost: Literal["profiled", "refined"] = Field("profiled", description="dp: the cost model that prices candidate "
+                                                           "partitions: as profiled (or loaded), or as refined online (its knots wander "
+                                                           "with the batches' scatter, and dp then picks partitions for that noise). "
+                                                           "Deadlines are checked with the refined model either way.")
     cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
     profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")

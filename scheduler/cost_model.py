@@ -104,6 +104,7 @@ class CostModel:
     #                       the conditions of this run, like a passing drift, not the runtime)
     scale: float = 1.0  # model-wide factor, a running median of observed / predicted; not saved, for the same reason
     anchor: list[float] = field(init=False, repr=False, compare=False)  # the factors as made or loaded
+    _profiled: CostModel | None = field(default=None, init=False, repr=False, compare=False)  # profiled()'s, made once
 
     def __post_init__(self) -> None:
         self.anchor = list(self.factors)
@@ -199,6 +200,16 @@ class CostModel:
         """The same model predicting `factor` times its batch seconds (a machine that runs slower or faster)."""
         return replace(self, coef=[c * factor for c in self.coef], knots=list(self.knots), factors=list(self.factors),
                        key=dict(self.key), cells=list(self.cells))
+
+    def profiled(self) -> CostModel:
+        """The model as profiled (made once, then kept): the fit of the saved cells, or the knots as made or loaded
+        where no cells are kept; scale 1. What one batch shape costs against another, without the online
+        refinement's wander: each knot's EWMA moves ~5% with batch times that scatter by 15%, and the differences
+        between partitions that dp weighs are often smaller than that."""
+        if self._profiled is None:
+            base = self.measured() if self.cells else CostModel(list(self.coef), list(self.knots), list(self.anchor))
+            self._profiled = CostModel(list(base.coef), list(base.knots), list(base.factors))
+        return self._profiled
 
     def measured(self) -> CostModel:
         """The model as profiled, before any online refinement (self when no cells are kept)."""

@@ -97,21 +97,23 @@ def cheapest_partition(members: list[int], pending: Pending, limits: Limits) -> 
     """The cheapest predicted of: the paper's DP over sorted lengths, first-fit-decreasing, and TEI's
     arrival-order greedy (so it never costs more than the token-budget baseline); but the same DP over the
     requests in deadline order when that costs at most `pending.order_tolerance` more than the cheapest and no
-    more than TEI's split (older requests are then not held back behind newer ones of a cheaper length)."""
+    more than TEI's split (older requests are then not held back behind newer ones of a cheaper length).
+    Prices are `pending.shape`'s (the profiled model unless PolicyConfig.partition_cost is "refined")."""
     idx = np.asarray(members)
+    shape = pending.shape  # the prices the candidates are compared by
     by_length = idx[np.argsort(pending.length_arr[idx], kind="stable")]
-    segments, best_cost = cost_dp(pending.length_arr[by_length], limits, pending.cost)
+    segments, best_cost = cost_dp(pending.length_arr[by_length], limits, shape.cost)
     best = [by_length[s:e].tolist() for s, e in segments]
     tei = greedy(sorted(members), pending, limits)
     for candidate in (first_fit_decreasing(members, pending.lengths, limits), tei):
-        c = pending.total(candidate)
+        c = shape.total(candidate)
         if c < best_cost:
             best, best_cost = candidate, c
     if pending.order_tolerance > 0 and len(members) > 1:
         by_deadline = idx[np.lexsort((pending.length_arr[idx], pending.deadline_arr[idx]))]
         if not np.array_equal(by_deadline, by_length):  # equal deadlines: the deadline order is the sorted one
-            segments, c = cost_dp(pending.length_arr[by_deadline], limits, pending.cost)
-            if c <= min(best_cost * (1 + pending.order_tolerance), pending.total(tei)):
+            segments, c = cost_dp(pending.length_arr[by_deadline], limits, shape.cost)
+            if c <= min(best_cost * (1 + pending.order_tolerance), shape.total(tei)):
                 return [by_deadline[s:e].tolist() for s, e in segments]
     return best
 
@@ -253,6 +255,8 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     if len(requests) == 1:  # nothing to choose: skip the numpy machinery (~0.3 ms) on the latency path
         return evaluate([Batch((0,), requests[0].length)], requests, cost, now)
     pending = Pending(requests, cost, config.order_tolerance)
+    if config.partition_cost == "profiled":
+        pending.shape = pending.priced_by(cost.profiled())
     lengths, deadlines = pending.length_arr, pending.deadline_arr
     alone = cost.predict(np.ones_like(lengths), lengths, lengths * lengths)
     hopeless = now + alone > deadlines

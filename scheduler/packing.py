@@ -8,6 +8,7 @@ the one before (bin packing).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from itertools import chain
 
@@ -37,6 +38,15 @@ class Pending:
         # due_arr before dp's deadline margin tightened it (None: no margin): what "a deadline that can be met" means
         self.plain_due: np.ndarray | None = None
         self._memo: dict[tuple[int, ...], tuple[float, int]] = {}  # group -> (seconds, tokens)
+        # What dp compares candidate partitions with (PolicyConfig.partition_cost): itself, or priced_by(another model).
+        self.shape: Pending = self
+
+    def priced_by(self, cost: CostModel) -> Pending:
+        """The same requests (arrays shared) priced by `cost`, with a memo of its own."""
+        view = copy.copy(self)
+        view.cost, view._memo = cost, {}
+        view.shape = view
+        return view
 
     def _entries(self, groups: list[list[int]], keys: list[tuple[int, ...]] | None = None) -> list[tuple[float, int]]:
         keys = keys or [tuple(g) for g in groups]

@@ -89,6 +89,13 @@ class PolicyConfig:
     # few deadlines each cost the fixed work of a batch; near capacity that left dp 5% below triton's throughput live,
     # and a backlog that starts then grows (bench/RESULTS.md, section 2, session 23).
     keep_up: float = 1.1
+    # dp: the model that prices the candidate partitions ("profiled": as measured at start-up or loaded; "refined":
+    # the live one). The refined knots wander ~5% with batch times that scatter by 15%, and picking the cheapest of
+    # candidates priced with that noise picks the noise: simulated at 0.93 load (English bursts, 2 s SLO) dp ran 123
+    # batches where the profiled prices gave 74, its plans 2.6% cheaper than TEI's split by the refined model and
+    # 0.1% dearer by the device's (bench/RESULTS.md, section 2, session 24). The deadlines are always checked with
+    # the refined model: it predicts the times.
+    partition_cost: str = "profiled"
     extra: dict = field(default_factory=dict)
 
 

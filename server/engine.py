@@ -59,6 +59,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         deadline_margin=sched.deadline_margin,
         order_tolerance=sched.order_tolerance,
         keep_up=sched.keep_up,
+        partition_cost=sched.partition_cost,
     )
 
 
