@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -150,13 +152,14 @@ def main() -> int:
                 lengths = make_trace(capacity, args.capacity_requests, draw, seed=1, bursty=bursty, inputs=args.inputs).lengths
                 ceiling = throughput_ceiling(lengths, limits, cost) / args.inputs  # the bisection's traces share these lengths
                 for name in POLICIES:
-                    load = median_capacity(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1,
-                                                                bursty=bursty, inputs=args.inputs),
-                                           policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
-                                           refine=args.refine, noise=args.noise)
+                    loads = seed_capacities(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1,
+                                                                 bursty=bursty, inputs=args.inputs),
+                                            policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
+                                            refine=args.refine, noise=args.noise)
+                    load = statistics.median(loads)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                        "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
-                                       "ceiling_rps": round(ceiling, 3)})
+                                       "ceiling_rps": round(ceiling, 3), "seed_loads": [round(x, 4) for x in loads]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"cost_model": path, "refined": args.refined, "slo_s": slo, "inputs": args.inputs, "host": host.__dict__,
@@ -187,13 +190,27 @@ def holds_slo(p99: float, throughput: float, offered: float, slo: float) -> bool
 NOISE_SEEDS = tuple(range(1, 8))
 
 
+def seed_capacities(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
+                    slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None,
+                    refine: bool = False, noise: float = 0.0) -> list[float]:
+    """slo_capacity at each of NOISE_SEEDS, in their order (with no noise: the one capacity)."""
+    return [slo_capacity(trace_at, config, limits, cost, slo, steps, planner_cost, host, refine, noise, seed)
+            for seed in (NOISE_SEEDS if noise else (0,))]
+
+
 def median_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
                     slo: float, steps: int, planner_cost: CostModel | None = None, host: HostLoad | None = None,
                     refine: bool = False, noise: float = 0.0) -> float:
     """slo_capacity; with noise, the median over NOISE_SEEDS (one seed's bisection swings with its draws)."""
-    loads = sorted(slo_capacity(trace_at, config, limits, cost, slo, steps, planner_cost, host, refine, noise, seed)
-                   for seed in (NOISE_SEEDS if noise else (0,)))
-    return loads[len(loads) // 2]
+    return statistics.median(seed_capacities(trace_at, config, limits, cost, slo, steps, planner_cost, host, refine, noise))
+
+
+def paired_gap(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+    """Mean and standard error over noise seeds of ours / theirs - 1 (each seed's trace and draws are shared, so
+    the pairs cancel what the seed does to both); se 0 with fewer than two seeds."""
+    gaps = [a / b - 1 if b > 0 else (0.0 if a == 0 else math.inf) for a, b in zip(ours, theirs)]
+    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else 0.0
+    return statistics.mean(gaps), se
 
 
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
@@ -236,6 +253,21 @@ def summarize_capacity(capacities: list[dict]) -> None:
         ceiling = fam["fifo"]["ceiling_rps"]
         parts = " ".join(f"{p} {fam[p]['rps']:.2f} ({fam[p]['rps'] / fifo:.2f}x, {fam[p]['rps'] / ceiling:.0%})" for p in POLICIES)
         print(f"  {dist:28} {arrivals:12} ceiling {ceiling:.2f}/s: {parts}")
+    if len(capacities[0].get("seed_loads", [])) < 2:
+        return
+    # A median over 7 seeds of a bisected load moves by a bisection step or two with the draws: "dp below a
+    # baseline" needs the pairs (session 24: 0.976x by the medians, -0.26% +- 0.38% paired over 15 seeds).
+    print("\ndp against each baseline, paired over the noise seeds (mean of dp / baseline - 1, +- its standard error):")
+    behind = 0
+    families = sorted({(c["distribution"], c["arrivals"]) for c in capacities})
+    for dist, arrivals in families:
+        fam = {c["policy"]: c["seed_loads"] for c in capacities if c["distribution"] == dist and c["arrivals"] == arrivals}
+        gaps = {p: paired_gap(fam["dp"], fam[p]) for p in POLICIES if p != "dp"}
+        worse = [p for p, (mean, se) in gaps.items() if mean + 2 * se < 0]
+        behind += bool(worse)
+        parts = " ".join(f"{p} {mean:+.1%} +- {se:.1%}" for p, (mean, se) in gaps.items())
+        print(f"  {dist:28} {arrivals:12} {parts}" + (f"  BEHIND {', '.join(worse)}" if worse else ""))
+    print(f"  dp behind a baseline by more than two standard errors on {behind} of {len(families)} traces")
 
 
 def summarize(rows: list[dict], slo: float) -> None:

@@ -1,6 +1,7 @@
 """bench/simulate.slo_capacity: the bisection both the simulation and the live benchmark use."""
 
 import random
+import statistics
 
 import pytest
 
@@ -49,3 +50,22 @@ def test_the_ceiling_is_the_cheapest_cut_of_the_sorted_lengths_not_full_batches(
     assert throughput_ceiling(lengths, limits, cost) == pytest.approx(len(lengths) / best)
     greedy = cost.predict_lengths(sorted(lengths)[:8]) + cost.predict_lengths(sorted(lengths)[8:])  # full batches
     assert len(lengths) / best > 1.2 * len(lengths) / greedy
+
+
+def test_dp_is_behind_a_baseline_only_beyond_two_standard_errors_of_the_paired_seeds(capsys):
+    from bench.simulate import POLICIES, paired_gap, summarize_capacity  # noqa: PLC0415
+
+    assert paired_gap([1.0, 1.1], [1.0, 1.0]) == pytest.approx((0.05, 0.05))
+    assert paired_gap([0.9], [1.0]) == pytest.approx((-0.1, 0.0))
+
+    def family(dist: str, dp: list[float], others: list[float]) -> list[dict]:
+        return [{"distribution": dist, "arrivals": "poisson", "policy": p, "load": statistics.median(v), "rps": statistics.median(v),
+                 "ceiling_rps": 2.0, "seed_loads": v} for p in POLICIES for v in [dp if p == "dp" else others]]
+
+    # The medians put dp below the others in both; only the first is behind seed for seed.
+    behind = family("a", [0.95, 0.96, 0.97, 0.94], [1.0, 1.0, 1.0, 1.0])
+    noise = family("b", [0.95, 1.06, 0.97, 1.00], [1.0, 1.0, 1.0, 1.0])
+    summarize_capacity(behind + noise)
+    paired = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "+-" in line and line.startswith("  ")}
+    assert paired["a"].endswith("BEHIND token_budget, fifo, triton, sort_slice")
+    assert "BEHIND" not in paired["b"] and "-0.5% +- 2.4%" in paired["b"]
