@@ -13,7 +13,8 @@ request is answered, p99 is within the SLO and the server keeps up (throughput >
 simulator's criterion). A capacity at either end of the bracket is reported as such (the ends are not run).
 With --calibrate the simulation scatters batch times as the calibration's scattered (bench/live_server.sim_capacities),
 and after the live runs simulates every capacity again at the machine's median speed during them (`sim@runs`: this
-VM's speed moves by up to 2x between spells, and a calibration of 13 s catches one).
+VM's speed moves by up to 2x between spells, and a calibration of 13 s catches one), with each policy's planning
+time a batch as its runs measured it (the device idles meanwhile: dp 1.7-3.2 ms a plan here, the baselines 0.05).
 Loopback only; every run is bounded by the trace and --timeout.
 """
 
@@ -112,6 +113,7 @@ def main() -> int:
                           models.scatter)
     unit = report["sim_capacity"]["unit_rps"]
     speeds = []  # each run's speed against the profile, its host work taken out (with --calibrate)
+    planning: dict[str, list[float]] = {p: [] for p in policies}  # each run's planning seconds a batch, by policy
 
     def run(policy: str, load: float) -> bool:
         arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
@@ -120,6 +122,7 @@ def main() -> int:
         sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host,
                        refine=models.scatter > 0, noise=models.scatter, seed=NOISE_SEEDS[0]).row()
         ok = passes(live, offered, slo)
+        planning[policy].append(live["plan_seconds_a_batch"])
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})
         if models.profiled is not None and not args.device_only:
@@ -143,10 +146,13 @@ def main() -> int:
     at_runs = None  # the simulated capacities again, at the speed the machine ran during the live runs
     if speeds:
         speed = statistics.median(speeds)
+        per_batch = {p: statistics.median(v) for p, v in planning.items() if v}
         print(f"\nthe live runs' median speed against the profile: {speed:.3f} (the calibration's: "
-              f"{report['host_fit']['speed']:.3f}); simulated again at it:", flush=True)
+              f"{report['host_fit']['speed']:.3f}), and planning a batch (ms, median over runs): "
+              + ", ".join(f"{p} {1e3 * s:.2f}" for p, s in per_batch.items()) + "; simulated again at them:", flush=True)
         shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, models.profiled.scaled(speed),
-                              models.host, tuple(policies), models.scatter, key="sim_capacity_at_runs")
+                              models.host, tuple(policies), models.scatter, key="sim_capacity_at_runs", batch_seconds=per_batch)
+        report["sim_capacity_at_runs"]["plan_seconds_a_batch"] = per_batch
         at_runs = report["sim_capacity_at_runs"]["loads"]
     print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
     print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "

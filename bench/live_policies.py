@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,8 +157,9 @@ def main() -> int:
         run = {"load": load, "offered_rps": args.rps or load * capacity, "live": live, "sim": sim,
                "sim_device": sim_device, "sim_learn": sim_learn, "sim_end": sim_end, "start_model": cost.to_json()}
         if device is not None:  # and at the speed the machine ran during this run (see bench/host_load.py)
+            own = replace(host, per_batch=live["plan_seconds_a_batch"])  # this run's planning, a batch
             run["speed"], sim_run = simulate_at_run_speed(trace_of(arrivals), sim_config(policy), limits, results,
-                                                          profiled, host, cost, slo)
+                                                          profiled, own, cost, slo)
             run["sim_run"] = sim_run.row()
         report["runs"].append(run)
         err = live["cost_model_error"]

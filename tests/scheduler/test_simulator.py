@@ -70,6 +70,19 @@ def test_an_arrival_during_the_host_work_lengthens_the_batch_too():
     assert abs(r.p50 - (0.3 - 0.09)) < 1e-9
 
 
+def test_planning_idles_the_device_before_each_batch():
+    # One request a batch, 0.1 s each, all four there at 0: each batch starts 0.03 s after the one before ends
+    # (the worker plans meanwhile); the requests that arrive during that time wait for the batch after.
+    trace = Trace([0.0] * 4, [10] * 4)
+    one_at_a_time = PolicyConfig("fifo", fixed_batch_size=1, max_queue_delay=0.0)
+    r = simulate(trace, one_at_a_time, Limits(16384, 1), CostModel.linear(0.1, 0.0), slo=10.0, host=HostLoad(per_batch=0.03))
+    assert r.duration == pytest.approx(4 * 0.13)
+    assert r.p50 == pytest.approx(3 * 0.13)  # the third request, sorted latencies [0.13, 0.26, 0.39, 0.52]
+    late = Trace([0.0, 0.11], [10, 10])  # arrives while the first batch runs: taken after it, planned, then run
+    r = simulate(late, one_at_a_time, Limits(16384, 1), CostModel.linear(0.1, 0.0), slo=10.0, host=HostLoad(per_batch=0.03))
+    assert r.duration == pytest.approx(0.13 + 0.13)
+
+
 def test_no_host_load_is_the_device_alone():
     trace = make_trace(30.0, 300, lengths_uniform(8, 256), seed=4, bursty=True)
     for name in ("dp", "fifo"):
