@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,7 @@ def resimulate(folder: Path) -> list[dict]:
     """Every run of a finished `bench/live_policies.py --calibrate` folder through `simulate_at_run_speed`, with
     the calibration's profile and host terms. One dict a run: load, policy, speed, live and sim@run goodput and
     attainment."""
-    from bench.live_server import sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
+    from bench.live_server import file_label, sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
 
     report = json.loads((folder / "live_policies.json").read_text())
     calibration = json.loads((folder / "calibration.json").read_text())
@@ -139,9 +139,11 @@ def resimulate(folder: Path) -> list[dict]:
     for i, run in enumerate(report["runs"]):
         policy, load = run["live"]["policy"], run["load"]
         trace = json.loads((folder / f"trace-{load}.json").read_text())
-        answers = json.loads((folder / f"answers-{load}-{policy}-{i}.json").read_text())
+        answers = json.loads((folder / f"answers-{load}-{file_label(policy)}-{i}.json").read_text())
+        live = run["live"]  # its planning a batch (folders from before session 23 have none: 0)
+        planning = live.get("plan_seconds", 0.0) / max(live.get("batches", 0.0), 1.0)
         speed, sim = simulate_at_run_speed(Trace(trace["arrivals"], trace["lengths"]), sim_config(policy),
-                                           simulation_limits(), answers, profile, host,
+                                           simulation_limits(), answers, profile, replace(host, per_batch=planning),
                                            CostModel.from_json(run["start_model"]), report["slo_s"])
         out.append({"load": load, "policy": policy, "speed": speed, "live_goodput": run["live"]["goodput"],
                     "sim_run_goodput": sim.goodput, "live_slo": run["live"]["slo_attainment"],
