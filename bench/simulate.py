@@ -206,11 +206,16 @@ def median_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, li
 
 
 def paired_gap(ours: list[float], theirs: list[float]) -> tuple[float, float]:
-    """Mean and standard error over noise seeds of ours / theirs - 1 (each seed's trace and draws are shared, so
-    the pairs cancel what the seed does to both); se 0 with fewer than two seeds."""
-    gaps = [a / b - 1 if b > 0 else (0.0 if a == 0 else math.inf) for a, b in zip(ours, theirs)]
-    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else 0.0
-    return statistics.mean(gaps), se
+    """The mean over noise seeds of ours - theirs, and its standard error, both as shares of theirs' mean (each
+    seed's trace and draws are shared, so the pairs cancel what the seed does to both; a baseline that holds no
+    load at some seed, as under bursts with a short SLO, stays finite). se 0 with fewer than two seeds; inf when only
+    ours holds any load."""
+    base = statistics.mean(theirs)
+    diffs = [a - b for a, b in zip(ours, theirs)]
+    if base <= 0:
+        return (math.inf if statistics.mean(ours) > 0 else 0.0), 0.0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return statistics.mean(diffs) / base, se / base
 
 
 def slo_capacity(trace_at: Callable[[float], Trace], config: PolicyConfig, limits: Limits, cost: CostModel,
@@ -257,7 +262,7 @@ def summarize_capacity(capacities: list[dict]) -> None:
         return
     # A median over 7 seeds of a bisected load moves by a bisection step or two with the draws: "dp below a
     # baseline" needs the pairs (session 24: 0.976x by the medians, -0.26% +- 0.38% paired over 15 seeds).
-    print("\ndp against each baseline, paired over the noise seeds (mean of dp / baseline - 1, +- its standard error):")
+    print("\ndp against each baseline, paired over the noise seeds (mean of dp - baseline, +- its standard error, as shares of the baseline):")
     behind = 0
     families = sorted({(c["distribution"], c["arrivals"]) for c in capacities})
     for dist, arrivals in families:

@@ -1,5 +1,6 @@
 """bench/simulate.slo_capacity: the bisection both the simulation and the live benchmark use."""
 
+import math
 import random
 import statistics
 
@@ -57,6 +58,8 @@ def test_dp_is_behind_a_baseline_only_beyond_two_standard_errors_of_the_paired_s
 
     assert paired_gap([1.0, 1.1], [1.0, 1.0]) == pytest.approx((0.05, 0.05))
     assert paired_gap([0.9], [1.0]) == pytest.approx((-0.1, 0.0))
+    assert paired_gap([0.2, 0.4], [0.0, 0.0]) == (math.inf, 0.0)  # only dp held any load
+    assert paired_gap([0.3, 0.6], [0.0, 0.2]) == pytest.approx((3.5, 0.5))  # a seed where the baseline held none
 
     def family(dist: str, dp: list[float], others: list[float]) -> list[dict]:
         return [{"distribution": dist, "arrivals": "poisson", "policy": p, "load": statistics.median(v), "rps": statistics.median(v),
