@@ -1,0 +1,49 @@
+"""Per-seed SLO capacities of dp and the baselines on one trace family: is dp's shortfall at the ceiling beyond
+the seed-to-seed spread? usage: seed_spread.py SLO_S DIST(english|lognormal|uniform) ARRIVALS(poisson|bursts) NSEEDS [REQUESTS [POLICIES]]
+POLICIES: comma-separated, dp:KEY=VAL sets PolicyConfig.extra[KEY] (a float); the first is compared with the rest."""
+import argparse, dataclasses, statistics, sys
+sys.path.insert(0, "/work/main")
+from bench.simulate import POLICIES, corpus_lengths, policy_config, slo_capacity
+from scheduler.cost_model import CostModel
+from scheduler.planner import Limits
+from scheduler.simulator import lengths_empirical, lengths_lognormal, lengths_uniform, make_trace
+import random
+
+slo, dist, arr, nseeds = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+requests = int(sys.argv[5]) if len(sys.argv) > 5 else 3000
+names = sys.argv[6].split(',') if len(sys.argv) > 6 else list(POLICIES)
+
+
+def config(spec):
+    name, _, opts = spec.partition(':')
+    c = policy_config(name, args)
+    for kv in filter(None, opts.split(';')):
+        k, v = kv.split('=')
+        if hasattr(c, k):
+            c = dataclasses.replace(c, **{k: v if isinstance(getattr(c, k), str) else type(getattr(c, k))(float(v))})
+        else:
+            c.extra[k] = float(v)
+    return c
+
+
+args = argparse.Namespace(fixed_batch_size=32, delay_ms=5.0, late_grace=4.0)
+cost = CostModel.load("bench/results/s21/cost_amd.json").measured()
+limits = Limits(16384, 64)
+if dist == "english":
+    corpus = corpus_lengths(); draw = lengths_empirical(corpus); mean_len = sum(corpus) / len(corpus)
+elif dist == "uniform":
+    draw, mean_len = lengths_uniform(8, 256), 132
+else:
+    draw = lengths_lognormal(64, 0.7, 4, 256); rng = random.Random(0); s = [draw(rng) for _ in range(5000)]; mean_len = sum(s) / len(s)
+n_full = max(1, min(64, int(16384 // mean_len)))
+capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full)
+bursty = arr == "bursts"
+trace_at = lambda x: make_trace(x * capacity, requests, draw, seed=1, bursty=bursty)
+caps = {p: [slo_capacity(trace_at, config(p), limits, cost, slo, 8, refine=True, noise=0.15, seed=s)
+            for s in range(1, nseeds + 1)] for p in names}
+for p, c in caps.items():
+    print(f"{p:12} median {statistics.median(c):.4f} mean {statistics.mean(c):.4f} sd {statistics.stdev(c):.4f}  " + " ".join(f"{x:.3f}" for x in c))
+for p in names[1:]:
+    d = [a / b - 1 for a, b in zip(caps[names[0]], caps[p])]
+    print(f"{names[0]} vs {p:12}: paired mean {statistics.mean(d):+.2%} sd {statistics.stdev(d):.2%} (se {statistics.stdev(d) / len(d) ** 0.5:.2%}); "
+          f"dp >= in {sum(x >= 0 for x in d)} of {len(d)} seeds")
