@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import random
 import statistics
 import sys
 from collections.abc import Callable
@@ -46,6 +47,23 @@ def corpus_lengths(max_tokens: int = 256) -> list[int]:
     tok = load_tokenizer()
     paragraphs = [p.strip() for m in CORPUS_MODULES for d in _docstrings(m) for p in d.split("\n\n") if len(p.split()) >= 3]
     return [min(len(e.ids), max_tokens) for e in tok.encode_batch(paragraphs)]
+
+
+def length_families() -> dict[str, tuple[Callable[[random.Random], int], float]]:
+    """The table's length distributions: name -> (draw(rng), mean length)."""
+    corpus = corpus_lengths()
+    lognormal = lengths_lognormal(64, 0.7, 4, 256)
+    rng = random.Random(0)
+    sample = [lognormal(rng) for _ in range(5000)]
+    return {"uniform 8-256": (lengths_uniform(8, 256), 132),
+            "lognormal median 64": (lognormal, sum(sample) / len(sample)),
+            f"english paragraphs ({len(corpus)})": (lengths_empirical(corpus), sum(corpus) / len(corpus))}
+
+
+def full_batch_rate(mean_len: float, limits: Limits, cost: CostModel) -> float:
+    """Requests/s at full batches of the mean length: the unit of the table's loads."""
+    n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean_len)))
+    return n_full / cost.predict_lengths([round(mean_len)] * n_full)
 
 
 def policy_config(name: str, args) -> PolicyConfig:
@@ -120,23 +138,9 @@ def main() -> int:
     print(f"cost model {path} ({'refined' if args.refined else 'as measured'}; drift {cost.drift():.2f}x)")
     limits = Limits(args.max_batch_tokens, args.max_batch_requests)
     slo = args.slo_ms / 1000
-    corpus = corpus_lengths()
-    distributions = {
-        "uniform 8-256": (lengths_uniform(8, 256), 132),
-        "lognormal median 64": (lengths_lognormal(64, 0.7, 4, 256), None),
-        f"english paragraphs ({len(corpus)})": (lengths_empirical(corpus), sum(corpus) / len(corpus)),
-    }
     rows, capacities = [], []
-    for dist_name, (draw, mean_len) in distributions.items():
-        if mean_len is None:
-            import random  # noqa: PLC0415
-
-            rng = random.Random(0)
-            sample = [draw(rng) for _ in range(5000)]
-            mean_len = sum(sample) / len(sample)
-        # Capacity: requests/s at full batches of the mean length.
-        n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean_len)))
-        capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full) / args.inputs
+    for dist_name, (draw, mean_len) in length_families().items():
+        capacity = full_batch_rate(mean_len, limits, cost) / args.inputs
         for bursty in (False, True):
             for load in args.loads:
                 trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty, inputs=args.inputs)

@@ -1,8 +1,7 @@
 """How much the planning charged a batch (HostLoad.per_batch) moved dp's sim@runs capacity in live_capacity/:
 dp's simulated SLO capacity at the runs' speed with its measured planning a batch and with none (the calibration's
 start model as profile and planner, the calibration's host fit; an approximation of live_capacity.py's own call)."""
-import json, random, sys
-from dataclasses import replace
+import json, sys
 sys.path.insert(0, "/work/main")
 from bench import live_server as shared
 from bench.host_load import fit_host, live_batches

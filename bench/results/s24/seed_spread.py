@@ -1,13 +1,13 @@
 """Per-seed SLO capacities of dp and the baselines on one trace family: is dp's shortfall at the ceiling beyond
 the seed-to-seed spread? usage: seed_spread.py SLO_S DIST(english|lognormal|uniform) ARRIVALS(poisson|bursts) NSEEDS [REQUESTS [POLICIES]]
-POLICIES: comma-separated, dp:KEY=VAL sets PolicyConfig.extra[KEY] (a float); the first is compared with the rest."""
+POLICIES: comma-separated, name:FIELD=VALUE;... sets PolicyConfig fields (an unknown KEY goes to extra, a float); the first is
+compared with the rest. The figures in RESULTS were taken before length_families() replaced this script's own set-up (same lengths)."""
 import argparse, dataclasses, statistics, sys
 sys.path.insert(0, "/work/main")
-from bench.simulate import POLICIES, corpus_lengths, policy_config, slo_capacity
+from bench.simulate import POLICIES, full_batch_rate, length_families, policy_config, slo_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits
-from scheduler.simulator import lengths_empirical, lengths_lognormal, lengths_uniform, make_trace
-import random
+from scheduler.simulator import make_trace
 
 slo, dist, arr, nseeds = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 requests = int(sys.argv[5]) if len(sys.argv) > 5 else 3000
@@ -29,14 +29,8 @@ def config(spec):
 args = argparse.Namespace(fixed_batch_size=32, delay_ms=5.0, late_grace=4.0)
 cost = CostModel.load("bench/results/s21/cost_amd.json").measured()
 limits = Limits(16384, 64)
-if dist == "english":
-    corpus = corpus_lengths(); draw = lengths_empirical(corpus); mean_len = sum(corpus) / len(corpus)
-elif dist == "uniform":
-    draw, mean_len = lengths_uniform(8, 256), 132
-else:
-    draw = lengths_lognormal(64, 0.7, 4, 256); rng = random.Random(0); s = [draw(rng) for _ in range(5000)]; mean_len = sum(s) / len(s)
-n_full = max(1, min(64, int(16384 // mean_len)))
-capacity = n_full / cost.predict_lengths([round(mean_len)] * n_full)
+draw, mean_len = next(v for k, v in length_families().items() if k.startswith(dist))
+capacity = full_batch_rate(mean_len, limits, cost)
 bursty = arr == "bursts"
 trace_at = lambda x: make_trace(x * capacity, requests, draw, seed=1, bursty=bursty)
 caps = {p: [slo_capacity(trace_at, config(p), limits, cost, slo, 8, refine=True, noise=0.15, seed=s)
