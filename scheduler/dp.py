@@ -8,7 +8,9 @@
    arrival-order greedy split (TEI's) are candidates too, and the cheapest predicted partition wins. But the
    same DP over the requests in deadline order is taken when it costs at most `order_tolerance` (1%) more: in
    packed execution the cuts cost about the same, and the length-sorted one runs newer requests of one length
-   before older ones of another (a longer tail, with no time saved).
+   before older ones of another (a longer tail, with no time saved). The candidates are priced by the model as
+   profiled (PolicyConfig.partition_cost), not as refined online: the refined knots' noise is larger than most
+   differences between candidates, and the cheapest by noisy prices is mostly the one with the kindest noise.
 2. Priorities are strict classes: a higher class's batches all run before a lower class's.
 3. Deadlines. Batches run earliest-deadline first. If that order still leaves a request late, an
    EDF DP (requests in deadline order, consecutive batches, minimising (late count, finish time)) is
