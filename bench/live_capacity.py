@@ -14,7 +14,7 @@ simulator's criterion). A capacity at either end of the bracket is reported as s
 With --calibrate the simulation scatters batch times as the calibration's scattered (bench/live_server.sim_capacities),
 and after the live runs simulates every capacity again at the machine's median speed during them (`sim@runs`: this
 VM's speed moves by up to 2x between spells, and a calibration of 13 s catches one), with each policy's planning
-time a batch as its runs measured it (the device idles meanwhile: dp 1.7-3.2 ms a plan here, the baselines 0.05).
+time a batch as its runs measured it (the device idles meanwhile: dp 1.1-2.6 ms a batch here, the baselines 0.04-0.08).
 Loopback only; every run is bounded by the trace and --timeout.
 """
 
