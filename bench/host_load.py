@@ -125,6 +125,14 @@ def simulate_at_run_speed(trace: Trace, config: PolicyConfig, limits: Limits, an
     return speed, simulate(trace, config, limits, profile.scaled(speed), slo, planner, host)
 
 
+def calibration_fit(folder: Path) -> tuple[CostModel, HostFit]:
+    """A finished `--calibrate` run folder's calibration: the model its server started from (the profile) and the
+    host fit on its batches."""
+    calibration = json.loads((folder / "calibration.json").read_text())
+    profile = CostModel.from_json(calibration["start_model"])
+    return profile, fit_host(live_batches(calibration["results"], calibration["lengths"]), profile)
+
+
 def resimulate(folder: Path) -> list[dict]:
     """Every run of a finished `bench/live_policies.py --calibrate` folder through `simulate_at_run_speed`, with
     the calibration's profile and host terms. One dict a run: load, policy, speed, live and sim@run goodput and
@@ -132,9 +140,8 @@ def resimulate(folder: Path) -> list[dict]:
     from bench.live_server import file_label, sim_config, simulation_limits  # noqa: PLC0415 (the bench imports this module)
 
     report = json.loads((folder / "live_policies.json").read_text())
-    calibration = json.loads((folder / "calibration.json").read_text())
-    profile = CostModel.from_json(calibration["start_model"])
-    host = fit_host(live_batches(calibration["results"], calibration["lengths"]), profile).host
+    profile, fit = calibration_fit(folder)
+    host = fit.host
     out = []
     for i, run in enumerate(report["runs"]):
         policy, load = run["live"]["policy"], run["load"]

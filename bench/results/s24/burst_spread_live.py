@@ -3,18 +3,16 @@ the runs' speed 1.146, host fit and scatter, its trace's lengths, the server's p
 measured): simulated SLO capacities with each burst's k-th request k x GAP after the burst's instant.
 usage: burst_spread_live.py GAP_MS[,GAP_MS...]"""
 import json, sys
+from pathlib import Path
 sys.path.insert(0, "/work/main")
 from bench import live_server as shared
-from bench.host_load import fit_host, live_batches
+from bench.host_load import calibration_fit
 from bench.workload import count_tokens, make_texts
-from scheduler.cost_model import CostModel
 from scheduler.simulator import bursty_arrivals
 
-folder = "bench/results/s24/live_capacity_bursts"
-rep = json.load(open(f"{folder}/live_capacity.json"))
-cal = json.load(open(f"{folder}/calibration.json"))
-profile = CostModel.from_json(cal["start_model"])
-fit = fit_host(live_batches(cal["results"], cal["lengths"]), profile)
+folder = Path("bench/results/s24/live_capacity_bursts")
+rep = json.loads((folder / "live_capacity.json").read_text())
+profile, fit = calibration_fit(folder)
 lengths = count_tokens(make_texts(1280, 8, 256, seed=11))
 per = rep["sim_capacity_at_runs"]["plan_seconds_a_batch"]
 for gap in [float(g) / 1000 for g in sys.argv[1].split(",")]:
