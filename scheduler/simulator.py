@@ -118,11 +118,33 @@ class HostLoad:
     `per_batch` seconds pass between the decision to run a batch and its start, the device idle: the worker plans
     (and hands the batch over) between batches. It is the policy's own: live on a 2-vCPU host dp's plan took 1.7-3.2
     ms, a baseline's 0.05 ms (the server's turboserve_scheduler_plan_seconds).
+
+    `per_forward` seconds are added to every batch's own time: what a live forward costs beyond the profile's
+    (which times the model alone, in a loop). On the 2-vCPU VM 1.7-2.9 ms a batch (bench/RESULTS.md, section 2,
+    session 25); without it a single speed factor fitted on short batches overstates long ones by 5-7%.
     """
 
     per_arrival: float = 0.0
     per_completion: float = 0.0
     per_batch: float = 0.0
+    per_forward: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """How single batch times scatter about the model: a log-normal factor (median 1) whose sigma falls with
+    the batch's length, sigma(t)^2 = floor^2 + jitter^2 / t (t in seconds): a slow or fast spell of the whole
+    batch (`floor`) and short hiccups that a long batch averages out (`jitter`, in sqrt-seconds). Live on the
+    2-vCPU VM the robust sigma went from 0.12 for 10 ms batches to 0.04-0.06 for 300 ms ones."""
+
+    floor: float = 0.0
+    jitter: float = 0.0
+
+    def sigma(self, seconds: float) -> float:
+        return math.sqrt(self.floor ** 2 + self.jitter ** 2 / max(seconds, 1e-3))
+
+    def __bool__(self) -> bool:
+        return self.floor > 0 or self.jitter > 0
 
 
 def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], first: int, host: HostLoad) -> float:
@@ -140,15 +162,16 @@ def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], 
 
 def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
              planner_cost: CostModel | None = None, host: HostLoad | None = None, refine: bool = False,
-             noise: float = 0.0, seed: int = 0) -> Result:
+             noise: float | Scatter = 0.0, seed: int = 0) -> Result:
     """Run `trace` through one worker whose batch times are `device`'s predictions (plus `host`'s work, if given).
 
     The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`. With `refine`
     the planner's model (a copy) learns from every simulated batch's time, host work included, as the
     server's model does from live batches. `noise` > 0 multiplies each batch's device time by a log-normal
     factor of that sigma (median 1; drawn from `seed`): a device whose batches scatter about the model, as a
-    CPU host's do (session 19: 10-30% median error live).
+    CPU host's do (session 19: 10-30% median error live); a `Scatter`, by a sigma that depends on the batch's time.
     """
+    scatter = noise if isinstance(noise, Scatter) else Scatter(noise)
     planner_cost = planner_cost or device
     if refine:
         planner_cost = CostModel.from_json(planner_cost.to_json())
@@ -186,7 +209,9 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
         now += host.per_batch
         started = now
-        seconds = device.predict_lengths(lengths) * (math.exp(rng.gauss(0.0, noise)) if noise > 0 else 1.0)
+        seconds = device.predict_lengths(lengths) + host.per_forward
+        if scatter:
+            seconds *= math.exp(rng.gauss(0.0, scatter.sigma(seconds)))
         now = _batch_end(now, seconds, after, trace.arrivals, next_arrival, host)
         if refine:
             planner_cost.observe(lengths, now - started)
