@@ -22,6 +22,7 @@ VM's speed changed between the calibration and the run.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,7 +112,7 @@ def fit_host(batches: list[LiveBatch], cost: CostModel, min_quiet: int = 5) -> H
 @dataclass(frozen=True)
 class RunsFit:
     host: HostLoad  # per_forward, per_arrival, per_completion (per_batch: 0, the policy's own)
-    speeds: list[float]  # each run's against the profile
+    speeds: list[float]  # each run's against the profile (nan for a run with no batch)
     scatter: Scatter
     batches: int
     median_error: float  # |fitted - observed| / observed
@@ -150,7 +151,7 @@ def fit_runs(runs: list[list[LiveBatch]], cost: CostModel, rounds: int = 40) -> 
     coefficients >= 0. Runs at several loads span batches of a few to hundreds of milliseconds, which separates a
     batch's fixed cost from the speed (one calibration at one load does not: session 25 fitted 2.3 to 11.9 ms on
     calibrations alone)."""
-    runs = [r for r in runs if r]
+    given, runs = runs, [r for r in runs if r]
     if sum(len(r) for r in runs) < 8:
         raise ValueError("too few batches to fit the host's load")
     pred = np.concatenate([[cost.predict_lengths(b.lengths) for b in r] for r in runs])
@@ -164,9 +165,11 @@ def fit_runs(runs: list[list[LiveBatch]], cost: CostModel, rounds: int = 40) -> 
         coef = nonnegative_fit(x * w[:, None], y * w, relative=False)
         w = 1.0 / np.sqrt(np.maximum(np.abs(y - x @ coef), 1e-4 * y) * y)
     fitted = x @ coef
-    speeds, (per_forward, per_arrival, per_completion) = coef[:len(runs)], coef[len(runs):]
-    return RunsFit(HostLoad(float(per_arrival), float(per_completion), per_forward=float(per_forward)),
-                   [float(v) for v in speeds], _scatter(fitted, y), len(y), float(np.median(np.abs(fitted - y) / y)))
+    fitted_speeds = iter(coef[:len(runs)])
+    speeds = [float(next(fitted_speeds)) if r else math.nan for r in given]
+    per_forward, per_arrival, per_completion = coef[len(runs):]
+    return RunsFit(HostLoad(float(per_arrival), float(per_completion), per_forward=float(per_forward)), speeds,
+                   _scatter(fitted, y), len(y), float(np.median(np.abs(fitted - y) / y)))
 
 
 def run_speed(batches: list[LiveBatch], cost: CostModel, host: HostLoad) -> float:

@@ -12,10 +12,12 @@ Each policy is bisected over [sim x (1 - span), sim x (1 + span)] around its own
 request is answered, p99 is within the SLO and the server keeps up (throughput >= 0.97 x offered, as the
 simulator's criterion). A capacity at either end of the bracket is reported as such (the ends are not run).
 With --calibrate the simulation scatters batch times as the calibration's scattered (bench/live_server.sim_capacities),
-and after the live runs simulates every capacity again at the machine's median speed during them (`sim@runs`: this
-VM's speed moves by up to 2x between spells, and a calibration of 13 s catches one), with each policy's planning
-time a batch as its runs measured it (the device idles meanwhile: dp 1.1-2.6 ms a batch here, the baselines 0.04-0.08).
-Loopback only; every run is bounded by the trace and --timeout.
+and after the live runs bench/sim_fidelity.py reads the folder: one host fit over all the runs' batches (each run's
+speed: this VM's moves by 10-40% between runs, and a calibration of 13 s catches one spell), every run simulated
+at its own speed against its live p99, and per policy the live capacity at the runs' median speed beside the
+simulated one there (`sim@runs`), each policy's planning time a batch as its runs measured it (the device idles
+meanwhile: dp 1.1-2.6 ms a batch here, the baselines 0.04-0.08). Loopback only; every run is bounded by the trace
+and --timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,8 +33,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench import live_server as shared  # noqa: E402
 from bench.harness import machine_info  # noqa: E402
-from bench.host_load import live_batches, run_speed  # noqa: E402
 from bench.samples import CLIENTS  # noqa: E402
+from bench.sim_fidelity import fidelity  # noqa: E402
 from bench.simulate import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
@@ -112,8 +113,7 @@ def main() -> int:
     shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies),
                           models.scatter)
     unit = report["sim_capacity"]["unit_rps"]
-    speeds = []  # each run's speed against the profile, its host work taken out (with --calibrate)
-    planning: dict[str, list[float]] = {p: [] for p in policies}  # each run's planning seconds a batch, by policy
+    report["start_model"] = models.start.to_json()  # what every server plans with first (bench/sim_fidelity.py)
 
     def run(policy: str, load: float) -> bool:
         arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
@@ -122,15 +122,8 @@ def main() -> int:
         sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host,
                        refine=models.scatter > 0, noise=models.scatter, seed=NOISE_SEEDS[0]).row()
         ok = passes(live, offered, slo)
-        planning[policy].append(live["plan_seconds_a_batch"])
         report["runs"].append({"policy": policy, "load": load, "offered_rps": offered, "passed": ok, "live": live,
                                "sim": sim})
-        if models.profiled is not None and not args.device_only:
-            try:
-                speeds.append(run_speed(live_batches(results, lengths), models.profiled, models.host))
-                report["runs"][-1]["speed"] = speeds[-1]
-            except ValueError:  # no batch answered
-                pass
         (out / f"answers-{shared.file_label(policy)}-{len(report['runs'])}.json").write_text(json.dumps(results))
         err = live["cost_model_error"].get("median_abs", float("nan"))
         print(f"{policy:12} load {load:.4f} ({offered:6.2f}/s): {'PASS' if ok else 'fail'} p99 {live['p99']:6.3f}s "
@@ -143,17 +136,11 @@ def main() -> int:
     brackets = {p: bracket or (sim_loads[p] * (1 - args.span), sim_loads[p] * (1 + args.span)) for p in policies}
     found = bisect_live(policies, brackets, args.steps, run)
     report["live_capacity"] = found
-    at_runs = None  # the simulated capacities again, at the speed the machine ran during the live runs
-    if speeds:
-        speed = statistics.median(speeds)
-        per_batch = {p: statistics.median(v) for p, v in planning.items() if v}
-        print(f"\nthe live runs' median speed against the profile: {speed:.3f} (the calibration's: "
-              f"{report['host_fit']['speed']:.3f}), and planning a batch (ms, median over runs): "
-              + ", ".join(f"{p} {1e3 * s:.2f}" for p, s in per_batch.items()) + "; simulated again at them:", flush=True)
-        shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, models.profiled.scaled(speed),
-                              models.host, tuple(policies), models.scatter, key="sim_capacity_at_runs", batch_seconds=per_batch)
-        report["sim_capacity_at_runs"]["plan_seconds_a_batch"] = per_batch
-        at_runs = report["sim_capacity_at_runs"]["loads"]
+    (out / "live_capacity.json").write_text(json.dumps(report, indent=1))
+    at_runs = None  # the simulated capacities at the runs' median speed, and the live ones there
+    if models.profiled is not None and not args.device_only:
+        report["fidelity"] = fidelity(out)
+        at_runs = report["fidelity"]["capacities"]
     print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
     print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "
           f"{'sim / fifo':>10} {'live / fifo':>11}" + (f" {'sim@runs':>8} {'live/sim@runs':>13}" if at_runs else ""))
@@ -163,7 +150,10 @@ def main() -> int:
         print(f"{p:12} {sim_loads[p]:8.4f} {sim_loads[p] * unit:9.2f} {live_load:9.4f} {live_load * unit:10.2f} "
               f"{live_load / max(sim_loads[p], 1e-9):8.2f} {sim_loads[p] / max(sim_loads['fifo'], 1e-9):10.2f} "
               f"{live_load / max(found['fifo']['capacity'], 1e-9):11.2f}"
-              + (f" {at_runs[p]:8.4f} {live_load / max(at_runs[p], 1e-9):13.2f}" if at_runs else "") + flag)
+              + (f" {at_runs[p]['simulated']:8.4f} {at_runs[p]['live_over_sim']:13.2f}" if at_runs else "") + flag)
+    if at_runs:
+        print("(sim@runs: simulated at the runs' median speed; live/sim@runs: the middle of the live bracket there, "
+              "bench/sim_fidelity.py)")
     (out / "live_capacity.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'live_capacity.json'}")
     return 0

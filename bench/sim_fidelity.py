@@ -11,7 +11,10 @@ simulation instead, two ways:
   per-arrival and per-answer terms, one scatter sigma), the run's speed by run_speed;
 - `runs`: bench/host_load.fit_runs over every run of the folder (each run's speed, a fixed cost a forward, the
   per-arrival and per-answer terms, a scatter that falls with the batch's length). Fitted on batch times only,
-  never on latencies: the p99s it predicts are still predictions.
+  never on latencies: the p99s it predicts are still predictions;
+- `spells`: the same, and the machine's speed as it moved during the run: the median of observed / fitted over
+  the batches that started in each window of --window seconds (a VM's slow spells last seconds, and one in the
+  middle of a run near capacity decides its p99). A diagnostic: it replays the run's speed, not only its mean.
 
 Per run: live p99 and the simulated p99 (median over bench/simulate.NOISE_SEEDS), and whether both pass (p99
 within the SLO and keeping up). Then per policy the live capacity on a common speed: each run's load times its
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -62,16 +66,29 @@ def load_folder(folder: Path) -> dict:
             "calibration": calibration, "runs": runs, "planner": planner, "unit": report["sim_capacity"]["unit_rps"]}
 
 
-def simulated_p99(trace: Trace, policy: str, device: CostModel, planner: CostModel, host, noise, slo: float) -> tuple[float, int]:
+def simulated_p99(trace: Trace, policy: str, device: CostModel, planner: CostModel, host, noise, slo: float,
+                  speed_at=None) -> tuple[float, int]:
     """The median p99 over the noise seeds, and in how many of them the run passes."""
     limits = simulation_limits()
     offered = offered_rate(trace.arrivals, trace.request_count)
-    results = [simulate(trace, sim_config(policy), limits, device, slo, planner, host, refine=True, noise=noise, seed=s)
-               for s in NOISE_SEEDS]
+    results = [simulate(trace, sim_config(policy), limits, device, slo, planner, host, refine=True, noise=noise, seed=s,
+                        speed_at=speed_at) for s in NOISE_SEEDS]
     return statistics.median(r.p99 for r in results), sum(holds_slo(r.p99, r.throughput, offered, slo) for r in results)
 
 
-def fidelity(folder: Path) -> dict:
+def spells(batches: list, profile: CostModel, speed: float, host, window: float):
+    """The run's speed over time relative to its mean: per window of `window` seconds (the replay's clock, which
+    is the trace's), the median observed / fitted of the batches that started in it (1 where fewer than 5 did)."""
+    ratios: dict[int, list[float]] = {}
+    for b in batches:
+        fitted = speed * profile.predict_lengths(b.lengths) + host.per_forward + host.per_arrival * b.arrivals \
+            + host.per_completion * b.after
+        ratios.setdefault(int(b.start // window), []).append((b.end - b.start) / fitted)
+    factor = {k: statistics.median(v) for k, v in ratios.items() if len(v) >= 5}
+    return (lambda t: factor.get(int(t // window), 1.0)), [math.log(f) for f in factor.values()]
+
+
+def fidelity(folder: Path, window: float = 3.0) -> dict:
     d = load_folder(folder)
     slo, runs, profile = d["report"]["slo_s"], d["runs"], d["profile"]
     pooled = fit_runs([r["batches"] for r in runs], profile)
@@ -84,26 +101,40 @@ def fidelity(folder: Path) -> dict:
           f"{pooled.host.per_arrival * 1e3:.2f} ms an arrival, {pooled.host.per_completion * 1e3:.2f} ms an answer, "
           f"sigma floor {pooled.scatter.floor:.3f} jitter {pooled.scatter.jitter:.4f} "
           f"(10 ms: {pooled.scatter.sigma(0.01):.3f}, 300 ms: {pooled.scatter.sigma(0.3):.3f})")
-    print(f"  {'policy':13} {'load':>6} {'speed':>6} {'live p99':>8}    | {'calibration sim':>17} | {'runs sim':>17}")
+    moves = [spells(run["batches"], profile, speed, pooled.host, window) for run, speed in zip(runs, pooled.speeds)
+             if not math.isnan(speed)]
+    spread = [x for _, logs in moves for x in logs]
+    between = (1.4826 * statistics.median(abs(x - statistics.median(spread)) for x in spread)) if spread else 0.0
+    within = replace(pooled.scatter, floor=math.sqrt(max(pooled.scatter.floor ** 2 - between ** 2, 0.0)))
+    print(f"  spells: windows' speeds scatter by sigma {between:.3f}; the batches' floor within a window "
+          f"{within.floor:.3f} (of {pooled.scatter.floor:.3f})")
+    print(f"  {'policy':13} {'load':>6} {'speed':>6} {'live p99':>8}    | {'calibration sim':>17} | {'runs sim':>17} | "
+          f"{'spells sim':>17}")
     rows = []
     for run, speed in zip(runs, pooled.speeds):
         policy, load = run["policy"], run["load"]
+        if math.isnan(speed):
+            print(f"  {policy:13} {load:6.3f}: no batch answered, not simulated")
+            continue
         trace = Trace(d["arrivals_at"](load * d["unit"], len(d["lengths"]), random.Random(7)), d["lengths"])
         planning = run["live"].get("plan_seconds_a_batch", 0.0)
         old_speed = run_speed(run["batches"], profile, cal.host)
         old = simulated_p99(trace, policy, profile.scaled(old_speed), d["planner"], replace(cal.host, per_batch=planning),
                             cal.scatter, slo)
-        new = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], replace(pooled.host, per_batch=planning),
-                            pooled.scatter, slo)
+        host = replace(pooled.host, per_batch=planning)
+        new = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host, pooled.scatter, slo)
+        moved = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host, within, slo,
+                              spells(run["batches"], profile, speed, pooled.host, window)[0])
         live_p99, passed = run["live"]["p99"], run["passed"]
         row = {"policy": policy, "load": load, "speed": speed, "live_p99": live_p99, "passed": passed,
-               "calibration": {"p99": old[0], "passes": old[1]}, "runs": {"p99": new[0], "passes": new[1]}}
+               "calibration": {"p99": old[0], "passes": old[1]}, "runs": {"p99": new[0], "passes": new[1]},
+               "spells": {"p99": moved[0], "passes": moved[1]}}
         rows.append(row)
-        print(f"  {policy:13} {load:6.3f} {speed:6.3f} {live_p99:8.3f} {'P' if passed else 'f'}  | "
-              f"{old[0]:8.3f} {old[1]}/{len(NOISE_SEEDS)} {'ok' if (old[1] * 2 > len(NOISE_SEEDS)) == passed else '--'}   | "
-              f"{new[0]:8.3f} {new[1]}/{len(NOISE_SEEDS)} {'ok' if (new[1] * 2 > len(NOISE_SEEDS)) == passed else '--'}")
+        print(f"  {policy:13} {load:6.3f} {speed:6.3f} {live_p99:8.3f} {'P' if passed else 'f'}  | " + " | ".join(
+            f"{p99:8.3f} {n}/{len(NOISE_SEEDS)} {'ok' if (n * 2 > len(NOISE_SEEDS)) == passed else '--'}  "
+            for p99, n in (old, new, moved)))
     summary = {}
-    for key in ("calibration", "runs"):
+    for key in ("calibration", "runs", "spells"):
         agree = sum((r[key]["passes"] * 2 > len(NOISE_SEEDS)) == r["passed"] for r in rows)
         ratios = [r[key]["p99"] / r["live_p99"] for r in rows]
         within = sum(abs(x - 1) <= 0.15 for x in ratios)
@@ -154,8 +185,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", help="bench/live_capacity.py --calibrate output folders")
     ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--window", type=float, default=3.0, help="seconds a window of the `spells` replay")
     args = ap.parse_args()
-    results = [fidelity(Path(f)) for f in args.folders]
+    results = [fidelity(Path(f), args.window) for f in args.folders]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.out}")

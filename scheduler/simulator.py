@@ -162,7 +162,7 @@ def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], 
 
 def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
              planner_cost: CostModel | None = None, host: HostLoad | None = None, refine: bool = False,
-             noise: float | Scatter = 0.0, seed: int = 0) -> Result:
+             noise: float | Scatter = 0.0, seed: int = 0, speed_at: Callable[[float], float] | None = None) -> Result:
     """Run `trace` through one worker whose batch times are `device`'s predictions (plus `host`'s work, if given).
 
     The planner sees `planner_cost` (default: the same model); deadlines are arrival + `slo`. With `refine`
@@ -170,6 +170,8 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
     server's model does from live batches. `noise` > 0 multiplies each batch's device time by a log-normal
     factor of that sigma (median 1; drawn from `seed`): a device whose batches scatter about the model, as a
     CPU host's do (session 19: 10-30% median error live); a `Scatter`, by a sigma that depends on the batch's time.
+    `speed_at(t)`, when given, multiplies the device time of a batch that starts at t: a machine whose speed moves
+    during the trace, as a VM's does in spells of seconds (bench/sim_fidelity.py replays a live run's).
     """
     scatter = noise if isinstance(noise, Scatter) else Scatter(noise)
     planner_cost = planner_cost or device
@@ -209,7 +211,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
         now += host.per_batch
         started = now
-        seconds = device.predict_lengths(lengths) + host.per_forward
+        seconds = device.predict_lengths(lengths) * (speed_at(now) if speed_at else 1.0) + host.per_forward
         if scatter:
             seconds *= math.exp(rng.gauss(0.0, scatter.sigma(seconds)))
         now = _batch_end(now, seconds, after, trace.arrivals, next_arrival, host)

@@ -1,6 +1,7 @@
 """bench/host_load.fit_runs: one host fit over several live runs, each at its own speed, and bench/sim_fidelity's
 reading of a run folder's command."""
 
+import math
 import random
 
 import pytest
@@ -62,3 +63,10 @@ def test_a_folders_command_gives_its_trace():
     assert command_option(command, "--arrivals", "bursts") == "poisson"
     assert command_option(command, "--requests", "1280") == "1200"
     assert command_option("bench/live_capacity.py --steps 3", "--requests", "1280") == "1280"
+
+
+def test_a_run_with_no_batch_keeps_its_place():
+    runs = make_runs(0.0, 0.001, 0.0, Scatter(0.02), n=50)
+    fit = fit_runs([runs[0], [], runs[1]], COST)
+    assert math.isnan(fit.speeds[1]) and fit.speeds[0] == pytest.approx(SPEEDS[0], rel=0.05)
+    assert fit.speeds[2] == pytest.approx(SPEEDS[1], rel=0.05)

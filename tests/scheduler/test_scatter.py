@@ -57,3 +57,12 @@ def test_short_batches_scatter_more_than_long_ones():
     assert statistics.stdev(short) == pytest.approx(scatter.sigma(COST.predict_lengths([8])), rel=0.15)
     assert statistics.stdev(trace_long) == pytest.approx(scatter.sigma(model_long), rel=0.15)
     assert statistics.stdev(short) > 1.5 * statistics.stdev(trace_long)
+
+
+def test_a_machine_that_slows_down_mid_trace_takes_longer_from_then_on():
+    trace = Trace([0.0, 1.0, 10.0], [64, 64, 64])  # each alone; p50 is the second, p99 the third
+    alone = COST.predict_lengths([64])
+    r = simulate(trace, PolicyConfig("dp"), LIMITS, COST, 100.0, speed_at=lambda t: 1.0 if t < 5.0 else 2.0)
+    steady = simulate(trace, PolicyConfig("dp"), LIMITS, COST, 100.0)
+    assert steady.p50 == pytest.approx(alone) and steady.p99 == pytest.approx(alone)
+    assert r.p50 == pytest.approx(alone) and r.p99 == pytest.approx(2 * alone)
