@@ -29,6 +29,7 @@ from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.recurrences import cost_dp  # noqa: E402
 from scheduler.simulator import (  # noqa: E402
     HostLoad,
+    Scatter,
     Trace,
     lengths_empirical,
     lengths_lognormal,
@@ -102,9 +103,10 @@ def main() -> int:
     ap.add_argument("--bisect-steps", type=int, default=10, help="bisection steps per policy for the SLO capacity (0: skip)")
     ap.add_argument("--capacity-requests", type=int, default=5000,
                     help="requests per trace when bisecting the SLO capacity (long enough that an unstable queue shows)")
-    ap.add_argument("--host-ms", default="0,0", metavar="ARRIVAL,COMPLETION",
+    ap.add_argument("--host-ms", default="0,0", metavar="ARRIVAL,COMPLETION[,FORWARD]",
                     help="the host's request handling, ms added to the running batch per arrival and to the next batch "
-                         "per answer (HostLoad; bench/live_policies.py --calibrate fits it on a CPU host; 0,0: a GPU host)")
+                         "per answer, and to every batch (HostLoad; bench/sim_fidelity.py fits them over a live_capacity "
+                         "run's batches on a CPU host; 0,0: a GPU host)")
     ap.add_argument("--refine", action="store_true",
                     help="the planners' model learns from every simulated batch time (host work included), as the "
                          "server's does from live batches; without it a planner never sees the host's share")
@@ -115,15 +117,24 @@ def main() -> int:
                     help="each simulated batch takes its time times a log-normal factor of this sigma (live batches "
                          "scatter about the calibrated fit by 0.11-0.17 on a 2-vCPU VM: HostFit.scatter); SLO capacities "
                          "are then the median over noise seeds 1-7. Use with --refine, as the server learns")
+    ap.add_argument("--jitter", type=float, default=0.0, metavar="J",
+                    help="with --noise as the floor: sigma(t)^2 = noise^2 + J^2 / t for a batch of t seconds (Scatter: "
+                         "short batches scatter more; fitted live 0.012-0.03 with a floor of 0.055-0.085)")
     args = ap.parse_args()
     if not 0 < args.alpha <= 1:
         ap.error(f"--alpha must be in (0, 1], got {args.alpha}")
-    if args.noise < 0:
-        ap.error(f"--noise must be >= 0, got {args.noise}")
+    if args.noise < 0 or args.jitter < 0:
+        ap.error(f"--noise and --jitter must be >= 0, got {args.noise} and {args.jitter}")
     if args.inputs < 1:
         ap.error(f"--inputs must be at least 1, got {args.inputs}")
-    per_arrival, per_completion = (float(x) / 1000 for x in args.host_ms.split(","))
-    host = HostLoad(per_arrival, per_completion)
+    try:
+        ms = [float(x) / 1000 for x in args.host_ms.split(",")]
+    except ValueError:
+        ms = []
+    if len(ms) not in (2, 3) or min(ms) < 0:
+        ap.error(f"--host-ms: two or three numbers >= 0, ARRIVAL,COMPLETION[,FORWARD], got {args.host_ms!r}")
+    host = HostLoad(ms[0], ms[1], per_forward=ms[2] if len(ms) == 3 else 0.0)
+    noise = Scatter(args.noise, args.jitter)
 
     saved = glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json"))
     if not args.cost and not saved:
@@ -146,7 +157,7 @@ def main() -> int:
                 trace = make_trace(load * capacity, args.requests, draw, seed=1, bursty=bursty, inputs=args.inputs)
                 for name in POLICIES:
                     r = simulate(trace, policy_config(name, args), limits, cost, slo, host=host, refine=args.refine,
-                                 noise=args.noise, seed=1)
+                                 noise=noise, seed=1)
                     rows.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                  "load": load, "offered_rps": round(load * capacity, 3), **r.row()})
                     print(f"{dist_name:28} {'burst' if bursty else 'poiss'} load {load:4.2f} {name:12} "
@@ -159,7 +170,7 @@ def main() -> int:
                     loads = seed_capacities(lambda x: make_trace(x * capacity, args.capacity_requests, draw, seed=1,
                                                                  bursty=bursty, inputs=args.inputs),
                                             policy_config(name, args), limits, cost, slo, args.bisect_steps, host=host,
-                                            refine=args.refine, noise=args.noise)
+                                            refine=args.refine, noise=noise)
                     load = statistics.median(loads)
                     capacities.append({"distribution": dist_name, "arrivals": "bursts of 16" if bursty else "poisson",
                                        "policy": name, "load": round(load, 4), "rps": round(load * capacity, 3),
@@ -167,7 +178,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"cost_model": path, "refined": args.refined, "slo_s": slo, "inputs": args.inputs, "host": host.__dict__,
-               "refine": args.refine, "noise": args.noise, "rows": rows, "slo_capacity": capacities}
+               "refine": args.refine, "noise": args.noise, "jitter": args.jitter, "rows": rows, "slo_capacity": capacities}
     (out / "simulation.json").write_text(json.dumps(summary, indent=1))
     summarize(rows, slo)
     summarize_capacity(capacities)
