@@ -139,8 +139,11 @@ def main() -> int:
     (out / "live_capacity.json").write_text(json.dumps(report, indent=1))
     at_runs = None  # the simulated capacities at the runs' median speed, and the live ones there
     if models.profiled is not None and not args.device_only:
-        report["fidelity"] = fidelity(out)
-        at_runs = report["fidelity"]["capacities"]
+        try:
+            report["fidelity"] = fidelity(out)
+            at_runs = report["fidelity"]["capacities"]
+        except ValueError as exc:  # too few batches answered to fit the host over the runs
+            print(f"no per-run simulation: {exc}")
     print(f"\nSLO capacity (p99 <= {args.slo_ms:.0f} ms), load and requests/s; {args.arrivals}, {args.requests} requests:")
     print(f"{'policy':12} {'sim load':>8} {'sim req/s':>9} {'live load':>9} {'live req/s':>10} {'live/sim':>8} "
           f"{'sim / fifo':>10} {'live / fifo':>11}" + (f" {'sim@runs':>8} {'live/sim@runs':>13}" if at_runs else ""))

@@ -96,14 +96,15 @@ def fidelity(folder: Path, window: float = 3.0) -> dict:
     print(f"\n{folder}: {len(runs)} runs, SLO {slo * 1000:.0f} ms")
     print(f"  calibration fit: speed {cal.speed:.3f}, {cal.host.per_arrival * 1e3:.2f} ms an arrival, "
           f"{cal.host.per_completion * 1e3:.2f} ms an answer, sigma {cal.scatter:.3f}")
+    speeds = [v for v in pooled.speeds if not math.isnan(v)]
     print(f"  runs fit ({pooled.batches} batches, median error {pooled.median_error:.1%}): speeds "
-          f"{min(pooled.speeds):.3f}-{max(pooled.speeds):.3f}, {pooled.host.per_forward * 1e3:.2f} ms a forward, "
+          f"{min(speeds):.3f}-{max(speeds):.3f}, {pooled.host.per_forward * 1e3:.2f} ms a forward, "
           f"{pooled.host.per_arrival * 1e3:.2f} ms an arrival, {pooled.host.per_completion * 1e3:.2f} ms an answer, "
           f"sigma floor {pooled.scatter.floor:.3f} jitter {pooled.scatter.jitter:.4f} "
           f"(10 ms: {pooled.scatter.sigma(0.01):.3f}, 300 ms: {pooled.scatter.sigma(0.3):.3f})")
-    moves = [spells(run["batches"], profile, speed, pooled.host, window) for run, speed in zip(runs, pooled.speeds)
-             if not math.isnan(speed)]
-    spread = [x for _, logs in moves for x in logs]
+    moves = {i: spells(run["batches"], profile, speed, pooled.host, window)
+             for i, (run, speed) in enumerate(zip(runs, pooled.speeds)) if not math.isnan(speed)}
+    spread = [x for _, logs in moves.values() for x in logs]
     between = (1.4826 * statistics.median(abs(x - statistics.median(spread)) for x in spread)) if spread else 0.0
     within = replace(pooled.scatter, floor=math.sqrt(max(pooled.scatter.floor ** 2 - between ** 2, 0.0)))
     print(f"  spells: windows' speeds scatter by sigma {between:.3f}; the batches' floor within a window "
@@ -111,7 +112,7 @@ def fidelity(folder: Path, window: float = 3.0) -> dict:
     print(f"  {'policy':13} {'load':>6} {'speed':>6} {'live p99':>8}    | {'calibration sim':>17} | {'runs sim':>17} | "
           f"{'spells sim':>17}")
     rows = []
-    for run, speed in zip(runs, pooled.speeds):
+    for i, (run, speed) in enumerate(zip(runs, pooled.speeds)):
         policy, load = run["policy"], run["load"]
         if math.isnan(speed):
             print(f"  {policy:13} {load:6.3f}: no batch answered, not simulated")
@@ -124,7 +125,7 @@ def fidelity(folder: Path, window: float = 3.0) -> dict:
         host = replace(pooled.host, per_batch=planning)
         new = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host, pooled.scatter, slo)
         moved = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host, within, slo,
-                              spells(run["batches"], profile, speed, pooled.host, window)[0])
+                              moves[i][0])
         live_p99, passed = run["live"]["p99"], run["passed"]
         row = {"policy": policy, "load": load, "speed": speed, "live_p99": live_p99, "passed": passed,
                "calibration": {"p99": old[0], "passes": old[1]}, "runs": {"p99": new[0], "passes": new[1]},
@@ -137,11 +138,11 @@ def fidelity(folder: Path, window: float = 3.0) -> dict:
     for key in ("calibration", "runs", "spells"):
         agree = sum((r[key]["passes"] * 2 > len(NOISE_SEEDS)) == r["passed"] for r in rows)
         ratios = [r[key]["p99"] / r["live_p99"] for r in rows]
-        within = sum(abs(x - 1) <= 0.15 for x in ratios)
-        summary[key] = {"agree": agree, "runs": len(rows), "p99_within_15pct": within,
+        close = sum(abs(x - 1) <= 0.15 for x in ratios)
+        summary[key] = {"agree": agree, "runs": len(rows), "p99_within_15pct": close,
                         "median_p99_ratio": statistics.median(ratios),
                         "median_abs_p99_error": statistics.median(abs(x - 1) for x in ratios)}
-        print(f"  {key:11}: pass/fail agrees on {agree} of {len(rows)} runs; simulated p99 within 15% of live on {within}; "
+        print(f"  {key:11}: pass/fail agrees on {agree} of {len(rows)} runs; simulated p99 within 15% of live on {close}; "
               f"median sim/live p99 {statistics.median(ratios):.3f}, median |error| {summary[key]['median_abs_p99_error']:.1%}")
     capacities = common_speed_capacities(d, rows, pooled, slo)
     return {"folder": str(folder), "rows": rows, "summary": summary, "capacities": capacities,
@@ -173,10 +174,11 @@ def common_speed_capacities(d: dict, rows: list[dict], pooled, slo: float) -> di
 
         sim = median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=d["planner"],
                               host=replace(pooled.host, per_batch=planning), refine=True, noise=pooled.scatter)
-        live = (lo + hi) / 2 if lo < hi < float("inf") else lo
+        live = float("nan") if not passed else (lo if not failed else (lo + hi) / 2)  # the bracket's middle
         out[policy] = {"passed_up_to": lo, "failed_from": hi, "consistent": lo < hi, "simulated": sim,
                        "live_over_sim": live / sim if sim else float("nan")}
-        print(f"    {policy:13} live passed up to {lo:.3f}, failed from {hi:.3f}{'' if lo < hi else ' (overlap)'}; "
+        print(f"    {policy:13} live passed up to {lo:.3f}{' (none passed)' if not passed else ''}, failed from {hi:.3f}"
+              f"{'' if lo < hi else ' (overlap)'}; "
               f"simulated {sim:.3f}; live midpoint / sim {out[policy]['live_over_sim']:.2f}")
     return out
 
