@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -144,32 +144,29 @@ def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> 
 
 
 def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict, cost: CostModel,
-                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES, scatter: float = 0.0,
-                   key: str = "sim_capacity", batch_seconds: dict[str, float] | None = None) -> list[float]:
+                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES, scatter: float = 0.0) -> list[float]:
     """The simulated SLO capacity (load) of fifo and of dp on this trace: the planners see `cost` (the model
     the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
     the report. With `scatter` > 0 each simulated batch takes its time times a log-normal factor of that sigma,
     as live batches scatter about the fit, and the planners learn from every batch as the servers do; the
     capacity is then the median over bench/simulate.NOISE_SEEDS. Without it the baselines' simulated capacities stood
     12-30% above their live ones on Poisson arrivals (a policy that does not plan for deadlines loses its p99
-    to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). `key`: the report's entry.
-    `batch_seconds`: each policy's host time a batch outside the model (HostLoad.per_batch: its planning, as live
-    runs measured it; policies not named: none)."""
+    to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). After the live runs
+    bench/sim_fidelity.py simulates them again with a host fitted on all of them, each policy's planning charged."""
     capacity = full_batch_capacity(lengths, limits, cost)
     found = {}
     for policy in policies:
         def at(x: float) -> Trace:
             return Trace(arrivals_at(x * capacity, len(lengths), random.Random(7)), lengths)
-        own = replace(host, per_batch=batch_seconds.get(policy, 0.0)) if batch_seconds else host
-        found[policy] = median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=own,
+        found[policy] = median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host,
                                         refine=scatter > 0, noise=scatter)
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
               f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)
-    report[key] = {"unit_rps": capacity, "loads": found, "scatter": scatter,
+    report["sim_capacity"] = {"unit_rps": capacity, "loads": found, "scatter": scatter,
                    "dp_over_fifo": found.get("dp", 0.0) / max(found["fifo"], 1e-9)}
     if "dp" in found:
-        print(f"dp / fifo simulated SLO capacity: {report[key]['dp_over_fifo']:.2f}x", flush=True)
+        print(f"dp / fifo simulated SLO capacity: {report['sim_capacity']['dp_over_fifo']:.2f}x", flush=True)
     return [round(found[p], 4) for p in ("fifo", "dp") if p in found]
 
 

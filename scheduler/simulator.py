@@ -120,8 +120,9 @@ class HostLoad:
     ms, a baseline's 0.05 ms (the server's turboserve_scheduler_plan_seconds).
 
     `per_forward` seconds are added to every batch's own time: what a live forward costs beyond the profile's
-    (which times the model alone, in a loop). On the 2-vCPU VM 1.7-2.9 ms a batch (bench/RESULTS.md, section 2,
-    session 25); without it a single speed factor fitted on short batches overstates long ones by 5-7%.
+    (which times the model alone, in a loop). On the 2-vCPU VM 0.8-2.0 ms a batch on Poisson runs, 5-7 ms on bursts
+    (bench/RESULTS.md, section 2, session 25); without it one speed factor fitted on short batches overstated long
+    ones by 5-7%.
     """
 
     per_arrival: float = 0.0
