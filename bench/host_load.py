@@ -172,13 +172,19 @@ def fit_runs(runs: list[list[LiveBatch]], cost: CostModel, rounds: int = 40) -> 
                    _scatter(fitted, y), len(y), float(np.median(np.abs(fitted - y) / y)))
 
 
+def host_seconds(batch: LiveBatch, host: HostLoad) -> float:
+    """What `host` adds to this batch's time beyond the device's: the forward's fixed cost, its arrivals, the
+    answers of the batch before."""
+    return host.per_forward + host.per_arrival * batch.arrivals + host.per_completion * batch.after
+
+
 def run_speed(batches: list[LiveBatch], cost: CostModel, host: HostLoad) -> float:
     """How fast the machine ran against `cost` during these batches, the host's work taken out: the median of
     (observed - host terms) / predicted."""
     if not batches:
         raise ValueError("no batches to measure the machine's speed on")
-    return float(np.median([((b.end - b.start) - host.per_forward - host.per_arrival * b.arrivals
-                             - host.per_completion * b.after) / cost.predict_lengths(b.lengths) for b in batches]))
+    return float(np.median([((b.end - b.start) - host_seconds(b, host)) / cost.predict_lengths(b.lengths)
+                            for b in batches]))
 
 
 def simulate_at_run_speed(trace: Trace, config: PolicyConfig, limits: Limits, answers: list[dict], profile: CostModel,

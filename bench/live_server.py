@@ -18,7 +18,7 @@ import httpx
 from bench.harness import SpawnedServer, percentile
 from bench.host_load import LiveBatch, fit_host, live_batches
 from bench.samples import CLIENT_ERRORS, make_client
-from bench.simulate import median_capacity
+from bench.simulate import full_batch_rate, median_capacity
 from configs.settings import SchedulerSettings
 from scheduler.cost_model import FEATURES, CostModel
 from scheduler.planner import Limits
@@ -138,9 +138,18 @@ def sim_config(policy: str):
 
 def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> float:
     """Requests/s at full batches of the mean length: the unit of --loads."""
-    mean = sum(lengths) / len(lengths)
-    n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean)))
-    return n_full / cost.predict_lengths([round(mean)] * n_full)
+    return full_batch_rate(sum(lengths) / len(lengths), limits, cost)
+
+
+def sim_capacity(policy: str, lengths: list[int], arrivals_at, unit: float, limits: Limits, slo: float, cost: CostModel,
+                 device: CostModel, host: HostLoad, scatter=0.0) -> float:
+    """One policy's simulated SLO capacity on the seeded trace at x times `unit` requests/s (the live runs' trace):
+    planners see `cost`, the device is `device` plus `host`; with a scatter (a sigma, or a simulator.Scatter) the
+    median over bench/simulate.NOISE_SEEDS, the planners learning from every batch."""
+    def at(x: float) -> Trace:
+        return Trace(arrivals_at(x * unit, len(lengths), random.Random(7)), lengths)
+    return median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host,
+                           refine=bool(scatter), noise=scatter)
 
 
 def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict, cost: CostModel,
@@ -154,12 +163,8 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
     to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). After the live runs
     bench/sim_fidelity.py simulates them again with a host fitted on all of them, each policy's planning charged."""
     capacity = full_batch_capacity(lengths, limits, cost)
-    found = {}
-    for policy in policies:
-        def at(x: float) -> Trace:
-            return Trace(arrivals_at(x * capacity, len(lengths), random.Random(7)), lengths)
-        found[policy] = median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host,
-                                        refine=scatter > 0, noise=scatter)
+    found = {policy: sim_capacity(policy, lengths, arrivals_at, capacity, limits, slo, cost, device, host, scatter)
+             for policy in policies}
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "
               f"({load / max(found['fifo'], 1e-9):.2f}x fifo)", flush=True)

@@ -37,9 +37,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.host_load import calibration_fit, fit_runs, live_batches, run_speed  # noqa: E402
-from bench.live_server import file_label, sim_config, simulation_limits  # noqa: E402
-from bench.simulate import NOISE_SEEDS, holds_slo, median_capacity, offered_rate  # noqa: E402
+from bench.host_load import calibration_fit, fit_runs, host_seconds, live_batches, run_speed  # noqa: E402
+from bench.live_server import file_label, sim_capacity, sim_config, simulation_limits  # noqa: E402
+from bench.simulate import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
@@ -81,8 +81,7 @@ def spells(batches: list, profile: CostModel, speed: float, host, window: float)
     is the trace's), the median observed / fitted of the batches that started in it (1 where fewer than 5 did)."""
     ratios: dict[int, list[float]] = {}
     for b in batches:
-        fitted = speed * profile.predict_lengths(b.lengths) + host.per_forward + host.per_arrival * b.arrivals \
-            + host.per_completion * b.after
+        fitted = speed * profile.predict_lengths(b.lengths) + host_seconds(b, host)
         ratios.setdefault(int(b.start // window), []).append((b.end - b.start) / fitted)
     factor = {k: statistics.median(v) for k, v in ratios.items() if len(v) >= 5}
     return (lambda t: factor.get(int(t // window), 1.0)), [math.log(f) for f in factor.values()]
@@ -156,9 +155,7 @@ def common_speed_capacities(d: dict, rows: list[dict], pooled, slo: float) -> di
     """Per policy the live capacity bracket at the folder's median speed and the runs fit's simulated capacity
     there (median over the noise seeds, planning charged as the runs measured it)."""
     ref = statistics.median(r["speed"] for r in rows)
-    lengths, limits, profile = d["lengths"], simulation_limits(), d["profile"]
-    device = profile.scaled(ref)
-    unit = d["unit"]
+    device = d["profile"].scaled(ref)
     print(f"  live capacity at the median speed {ref:.3f} (each run's load x its speed / {ref:.3f}) and simulated there:")
     out = {}
     for policy in dict.fromkeys(r["policy"] for r in rows):
@@ -168,12 +165,8 @@ def common_speed_capacities(d: dict, rows: list[dict], pooled, slo: float) -> di
         lo, hi = max(passed, default=0.0), min(failed, default=float("inf"))
         planning = statistics.median(r_live["live"].get("plan_seconds_a_batch", 0.0)
                                      for r_live in d["runs"] if r_live["policy"] == policy)
-
-        def at(x: float) -> Trace:
-            return Trace(d["arrivals_at"](x * unit, len(lengths), random.Random(7)), lengths)
-
-        sim = median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=d["planner"],
-                              host=replace(pooled.host, per_batch=planning), refine=True, noise=pooled.scatter)
+        sim = sim_capacity(policy, d["lengths"], d["arrivals_at"], d["unit"], simulation_limits(), slo, d["planner"], device,
+                           replace(pooled.host, per_batch=planning), pooled.scatter)
         live = float("nan") if not passed else (lo if not failed else (lo + hi) / 2)  # the bracket's middle
         out[policy] = {"passed_up_to": lo, "failed_from": hi, "consistent": lo < hi, "simulated": sim,
                        "live_over_sim": live / sim if sim else float("nan")}
