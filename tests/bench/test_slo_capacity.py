@@ -53,6 +53,24 @@ def test_the_ceiling_is_the_cheapest_cut_of_the_sorted_lengths_not_full_batches(
     assert len(lengths) / best > 1.2 * len(lengths) / greedy
 
 
+def test_with_the_host_the_ceiling_bounds_a_saturated_server_and_is_nearly_reached():
+    """The host's work per sequence and per batch comes off the ceiling; a server flooded with far more than it
+    can take (every batch full, the device never idle) runs just below it, and above the device-only ceiling's
+    share that the host leaves."""
+    from bench.simulate import throughput_ceiling  # noqa: PLC0415
+    from scheduler.simulator import HostLoad  # noqa: PLC0415
+
+    host = HostLoad(per_arrival=0.002, per_completion=0.0005, per_forward=0.003)
+    device_only = throughput_ceiling(LENGTHS, LIMITS, COST)
+    with_host = throughput_ceiling(LENGTHS, LIMITS, COST, host)
+    assert with_host < 0.9 * device_only
+    flood = Trace([i * 1e-4 for i in range(len(LENGTHS))], LENGTHS)  # 10,000 a second
+    for name in ("token_budget", "fifo", "dp"):
+        r = simulate(flood, PolicyConfig(name), LIMITS, COST, 1e9, host=host)
+        assert r.throughput <= with_host * 1.01  # the last batch's answers are written after the run: not counted
+        assert r.throughput >= 0.95 * with_host
+
+
 def test_dp_is_behind_a_baseline_only_beyond_two_standard_errors_of_the_paired_seeds(capsys):
     from bench.simulate import POLICIES, paired_gap, summarize_capacity  # noqa: PLC0415
 
