@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dlrm-cache", default="0.05,0.2", help="device cache fractions, comma-separated")
     p.add_argument("--dlrm-warm", type=int, default=None, help="warm-up batches (default 800; quick 32)")
     p.add_argument("--dlrm-policy", default="lru", choices=("lru", "lfu", "tinylfu"), help="device cache policy")
+    p.add_argument("--dlrm-device", default="cpu", help="the model's and the device cache's device (cuda on a GPU machine)")
     return p
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         results["dlrm"] = dlrm_end_to_end(scale, args.dlrm_dim, args.dlrm_batch, 1.05, fractions,
                                           warm_batches=args.dlrm_warm or (32 if quick else 800),
                                           timed_batches=3 if quick else 10, rounds=2 if quick else 3, seed=args.seed, log=log,
-                                          policy=args.dlrm_policy)
+                                          policy=args.dlrm_policy, device=args.dlrm_device)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["loadavg_end"] = os.getloadavg()
     print()

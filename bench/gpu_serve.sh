@@ -11,7 +11,8 @@ set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
 if [ -z "${GPU_SERVE_NO_INSTALL:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_carry/whl/*.whl || exit 1
+    source "$(dirname "$0")/carry_site.sh"
+    carry_site || exit 1
     export PYTHONPATH=/tmp/site:.
 else
     export PYTHONPATH=.

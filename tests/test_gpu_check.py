@@ -145,3 +145,26 @@ def test_the_session_summary_reads_a_gpu_run_with_only_what_the_device_has(tmp_p
     assert rows["server float16 vs ST fp32 (cosine >= 0.999)"].endswith("met")
     assert "2.5x (900 req/s)" in rows["server float16 vs ST on the GPU (req/s)"]
     assert rows["cost model live error float16 (issue 3, median <= 10%)"].endswith("met")
+
+
+def test_the_dlrm_part_runs_with_what_the_device_has_once_the_wheels_are_carried(tmp_path):
+    """gpu_session.sh's DLRM part (issue 6 end to end), small and on the CPU, with only the device's packages and the
+    carried ones (rocksdict and redis are not on the GPU machine): it writes embedding_cache.json, and the session's
+    summary turns it into a row against the 5x target."""
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    assert "bench/embedding_cache.py --only dlrm --dlrm-device" in script and "carry_site" in script
+    env = device_like_env(tmp_path, carried=True)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "bench/embedding_cache.py", "--only", "dlrm", "--quick", "--dlrm-device", "cpu",
+                           "--dlrm-cache", "0.2", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    import json  # noqa: PLC0415
+
+    (result,) = json.loads((out / "embedding_cache.json").read_text())["dlrm"]
+    assert result["device"] == "cpu" and result["max_score_diff"] <= 1e-5 and result["ratio"] > 0
+    summary = subprocess.run([sys.executable, "bench/gpu_summary.py", str(out)], cwd=ROOT, env=device_like_env(tmp_path),
+                             capture_output=True, text=True, timeout=60)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    row = next(line for line in summary.stdout.splitlines() if line.startswith("DLRM end to end, device cache 20% on cpu"))
+    assert f"{result['ratio']:.2f}x" in row and row.rstrip().endswith("met" if result["ratio"] >= 5 else "missed")
