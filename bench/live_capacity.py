@@ -35,13 +35,13 @@ from bench import live_server as shared  # noqa: E402
 from bench.harness import machine_info  # noqa: E402
 from bench.samples import CLIENTS  # noqa: E402
 from bench.sim_fidelity import fidelity  # noqa: E402
-from bench.simulate import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
+from bench.slo_capacity import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 
 
 def passes(live: dict, offered_rps: float, slo: float) -> bool:
-    """The simulator's SLO-capacity criterion on a live run (bench/simulate.holds_slo), and no failed request."""
+    """The simulator's SLO-capacity criterion on a live run (bench/slo_capacity.holds_slo), and no failed request."""
     return live["errors"] == 0 and holds_slo(live["p99"], live["throughput"], offered_rps, slo)
 
 

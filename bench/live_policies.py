@@ -40,7 +40,7 @@ from bench.live_server import (  # noqa: E402
     simulation_limits,
 )
 from bench.samples import CLIENTS  # noqa: E402
-from bench.simulate import NOISE_SEEDS  # noqa: E402
+from bench.slo_capacity import NOISE_SEEDS  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 

@@ -18,7 +18,7 @@ import httpx
 from bench.harness import SpawnedServer, percentile
 from bench.host_load import LiveBatch, fit_host, live_batches
 from bench.samples import CLIENT_ERRORS, make_client
-from bench.simulate import full_batch_rate, median_capacity
+from bench.slo_capacity import full_batch_rate, median_capacity
 from configs.settings import SchedulerSettings
 from scheduler.cost_model import FEATURES, CostModel
 from scheduler.planner import Limits
@@ -145,7 +145,7 @@ def sim_capacity(policy: str, lengths: list[int], arrivals_at, unit: float, limi
                  device: CostModel, host: HostLoad, scatter=0.0) -> float:
     """One policy's simulated SLO capacity on the seeded trace at x times `unit` requests/s (the live runs' trace):
     planners see `cost`, the device is `device` plus `host`; with a scatter (a sigma, or a simulator.Scatter) the
-    median over bench/simulate.NOISE_SEEDS, the planners learning from every batch."""
+    median over bench/slo_capacity.NOISE_SEEDS, the planners learning from every batch."""
     def at(x: float) -> Trace:
         return Trace(arrivals_at(x * unit, len(lengths), random.Random(7)), lengths)
     return median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host,
@@ -158,7 +158,7 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
     the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
     the report. With `scatter` > 0 each simulated batch takes its time times a log-normal factor of that sigma,
     as live batches scatter about the fit, and the planners learn from every batch as the servers do; the
-    capacity is then the median over bench/simulate.NOISE_SEEDS. Without it the baselines' simulated capacities stood
+    capacity is then the median over bench/slo_capacity.NOISE_SEEDS. Without it the baselines' simulated capacities stood
     12-30% above their live ones on Poisson arrivals (a policy that does not plan for deadlines loses its p99
     to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). After the live runs
     bench/sim_fidelity.py simulates them again with a host fitted on all of them, each policy's planning charged."""

@@ -16,7 +16,7 @@ simulation instead, two ways:
   the batches that started in each window of --window seconds (a VM's slow spells last seconds, and one in the
   middle of a run near capacity decides its p99). A diagnostic: it replays the run's speed, not only its mean.
 
-Per run: live p99 and the simulated p99 (median over bench/simulate.NOISE_SEEDS), and whether both pass (p99
+Per run: live p99 and the simulated p99 (median over bench/slo_capacity.NOISE_SEEDS), and whether both pass (p99
 within the SLO and keeping up). Then per policy the live capacity on a common speed: each run's load times its
 speed over the folder's median speed (a run at load x on a machine 10% slow offers what load 1.1x does at the
 median speed), the highest such load that passed and the lowest that failed, beside the simulated capacity at
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.host_load import calibration_fit, fit_runs, host_seconds, live_batches, run_speed  # noqa: E402
 from bench.live_server import file_label, sim_capacity, sim_config, simulation_limits  # noqa: E402
-from bench.simulate import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
+from bench.slo_capacity import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402

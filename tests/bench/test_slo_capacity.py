@@ -1,4 +1,4 @@
-"""bench/simulate.slo_capacity: the bisection both the simulation and the live benchmark use."""
+"""bench/slo_capacity: the bisection both the simulation and the live benchmark use, and the bounds it is read against."""
 
 import math
 import random
@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from bench.simulate import slo_capacity
+from bench.slo_capacity import slo_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.simulator import Trace, poisson_arrivals, simulate
@@ -41,7 +41,7 @@ def test_the_capacity_holds_the_slo_and_the_next_step_up_does_not():
 def test_the_ceiling_is_the_cheapest_cut_of_the_sorted_lengths_not_full_batches():
     """A cost per token that doubles past 512 tokens (a CPU whose caches a big batch overflows): the cheapest
     batches are not the fullest, and the ceiling must not take the greedy full-batch cut for the cheapest."""
-    from bench.simulate import throughput_ceiling  # noqa: PLC0415
+    from bench.slo_capacity import throughput_ceiling  # noqa: PLC0415
     from scheduler.brute_force import min_cost_consecutive  # noqa: PLC0415
 
     cost = CostModel([0.002, 0.0, 0.0001, 0.0], [256.0, 512.0, 1024.0], [1.0, 1.0, 2.0])
@@ -57,7 +57,7 @@ def test_with_the_host_the_ceiling_bounds_a_saturated_server_and_is_nearly_reach
     """The host's work per sequence and per batch comes off the ceiling; a server flooded with far more than it
     can take (every batch full, the device never idle) runs just below it, and above the device-only ceiling's
     share that the host leaves."""
-    from bench.simulate import throughput_ceiling  # noqa: PLC0415
+    from bench.slo_capacity import throughput_ceiling  # noqa: PLC0415
     from scheduler.simulator import HostLoad  # noqa: PLC0415
 
     host = HostLoad(per_arrival=0.002, per_completion=0.0005, per_forward=0.003)
@@ -72,7 +72,8 @@ def test_with_the_host_the_ceiling_bounds_a_saturated_server_and_is_nearly_reach
 
 
 def test_dp_is_behind_a_baseline_only_beyond_two_standard_errors_of_the_paired_seeds(capsys):
-    from bench.simulate import POLICIES, paired_gap, summarize_capacity  # noqa: PLC0415
+    from bench.simulate import POLICIES, summarize_capacity  # noqa: PLC0415
+    from bench.slo_capacity import paired_gap  # noqa: PLC0415
 
     assert paired_gap([1.0, 1.1], [1.0, 1.0]) == pytest.approx((0.05, 0.05))
     assert paired_gap([0.9], [1.0]) == pytest.approx((-0.1, 0.0))

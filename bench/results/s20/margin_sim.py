@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from bench.simulate import slo_capacity  # noqa: E402
+from bench.slo_capacity import slo_capacity  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.simulator import lengths_lognormal, lengths_uniform, make_trace  # noqa: E402

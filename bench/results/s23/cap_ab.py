@@ -2,7 +2,8 @@
 import sys, time, dataclasses
 sys.path.insert(0, "/work/main")
 import random
-from bench.simulate import corpus_lengths, median_capacity
+from bench.simulate import corpus_lengths
+from bench.slo_capacity import median_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.simulator import lengths_empirical, lengths_lognormal, lengths_uniform, make_trace

@@ -5,7 +5,7 @@ import scheduler.simulator as S
 from scheduler.cost_model import CostModel
 from bench import live_server as shared
 from bench.workload import count_tokens, make_texts
-from bench.simulate import NOISE_SEEDS
+from bench.slo_capacity import NOISE_SEEDS
 loads = [float(x) for x in sys.argv[1].split(",")]
 variants = sys.argv[2].split(",")
 overhead = float(sys.argv[3]); nseeds = int(sys.argv[4]); N = int(sys.argv[5])

@@ -5,7 +5,7 @@ import scheduler.simulator as S
 from scheduler.cost_model import CostModel
 from bench import live_server as shared
 from bench.workload import count_tokens, make_texts
-from bench.simulate import NOISE_SEEDS
+from bench.slo_capacity import NOISE_SEEDS
 
 K = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 loads = [float(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0.55, 0.6, 0.65, 0.7, 0.75]

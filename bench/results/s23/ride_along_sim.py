@@ -6,7 +6,7 @@ from scheduler import dp
 from scheduler.cost_model import CostModel
 from bench import live_server as shared
 from bench.workload import count_tokens, make_texts
-from bench.simulate import NOISE_SEEDS
+from bench.slo_capacity import NOISE_SEEDS
 loads = [float(x) for x in sys.argv[1].split(",")]
 arrivals_kind = sys.argv[2] if len(sys.argv) > 2 else "poisson"
 slo = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5

@@ -3,7 +3,8 @@ the 7-seed median (the table's statistic) and the paired mean difference with it
 usage: ab_spread.py SLO_S NSEEDS SPEC_A SPEC_B   (SPEC: name[:field=value;...], as seed_spread.py's)"""
 import dataclasses, statistics, sys, time
 sys.path.insert(0, "/work/main")
-from bench.simulate import full_batch_rate, length_families, slo_capacity
+from bench.simulate import length_families
+from bench.slo_capacity import full_batch_rate, slo_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
 from scheduler.simulator import make_trace

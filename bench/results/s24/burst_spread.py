@@ -4,7 +4,8 @@ bursts run's answers as received - x-total-time) move the simulated SLO capaciti
 profile and noise. usage: burst_spread.py GAP_MS[,GAP_MS...] NSEEDS"""
 import argparse, statistics, sys
 sys.path.insert(0, "/work/main")
-from bench.simulate import full_batch_rate, length_families, policy_config, slo_capacity
+from bench.simulate import length_families, policy_config
+from bench.slo_capacity import full_batch_rate, slo_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits
 from scheduler.simulator import Trace, make_trace

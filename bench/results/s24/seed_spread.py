@@ -4,7 +4,8 @@ POLICIES: comma-separated, name:FIELD=VALUE;... sets PolicyConfig fields (an unk
 compared with the rest. The figures in RESULTS were taken before length_families() replaced this script's own set-up (same lengths)."""
 import argparse, dataclasses, statistics, sys
 sys.path.insert(0, "/work/main")
-from bench.simulate import POLICIES, full_batch_rate, length_families, policy_config, slo_capacity
+from bench.simulate import POLICIES, length_families, policy_config
+from bench.slo_capacity import full_batch_rate, slo_capacity
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits
 from scheduler.simulator import make_trace

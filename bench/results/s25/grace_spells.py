@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from bench.host_load import fit_runs  # noqa: E402
 from bench.live_server import sim_config, simulation_limits  # noqa: E402
 from bench.sim_fidelity import load_folder, spells  # noqa: E402
-from bench.simulate import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
+from bench.slo_capacity import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from scheduler.simulator import Trace, simulate  # noqa: E402
 
 GRACES = (4.0, 2.0, 1.0, 0.5)
