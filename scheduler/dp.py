@@ -241,6 +241,14 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
     return until
 
 
+def full_batch_seconds(lengths: np.ndarray, limits: Limits, cost: CostModel) -> float:
+    """Predicted seconds of the fullest batch the limits allow of the pending set's median length: how long one
+    batch ahead of a request can take (the deadline margin counts a request's slack in such batches)."""
+    median = max(1.0, float(np.median(lengths)))
+    n = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // median)))
+    return float(cost.predict(n, n * median, n * median * median))
+
+
 def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig,
             next_only: bool = False, arrival_rate: float = 0.0) -> Plan:
     """The DP policy: priority classes in turn, each planned by cost DP with deadline repair.
@@ -289,7 +297,11 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         due = pending.due_arr
         if factor > 1 and np.isfinite(due).any():
             with np.errstate(invalid="ignore"):
-                pending.plain_due, pending.due_arr = due, np.where(due > now, now + (due - now) / factor, due)
+                slack = due - now
+                if config.margin_averaging > 0:  # a request is at risk when the work ahead fills its slack: k batches
+                    k = np.maximum(1.0, slack / full_batch_seconds(lengths, limits, cost))
+                    factor = 1 + (factor - 1) / k ** config.margin_averaging
+                pending.plain_due, pending.due_arr = due, np.where(due > now, now + slack / factor, due)
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)

@@ -78,6 +78,13 @@ class PolicyConfig:
     # margin of 1 raised dp's SLO capacity 1.12-1.55x on bursts and left Poisson arrivals level
     # (bench/results/s20/margin_sim.py).
     deadline_margin: float = 1.0
+    # dp: the margin for a request whose slack holds k full batches is (factor - 1) / k ** margin_averaging, factor
+    # the one above: the batches ahead of it overrun one by one, not all at once, and their sum overruns its
+    # prediction less than one batch does (independent overruns: sqrt(k)). 0: the whole slack shrunk by the factor,
+    # which with a 2 s SLO and short requests had dp cut batches small for deadlines that were not at risk, 2.3% behind
+    # token_budget's SLO capacity on English bursts (simulated with the noise and host fitted on live runs,
+    # bench/RESULTS.md, section 2, session 26).
+    margin_averaging: float = 0.5
     # dp: keep requests in deadline order (cut by the same DP) unless the paper's length-sorted cut is cheaper by more
     # than this share of the plan's predicted time. In packed execution the two cost about the same (a batch's
     # attention term is its own sequences' squares wherever they go), and a length-sorted cut lets newer requests

@@ -57,6 +57,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         late_grace=sched.late_grace_slos,
         shed_longest=sched.shed_longest,
         deadline_margin=sched.deadline_margin,
+        margin_averaging=sched.margin_averaging,
         order_tolerance=sched.order_tolerance,
         keep_up=sched.keep_up,
         partition_cost=sched.partition_cost,

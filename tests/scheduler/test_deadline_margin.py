@@ -26,6 +26,18 @@ def test_with_a_margin_an_urgent_request_is_not_batched_up_to_the_edge_of_its_de
         assert not got.late  # lateness is still judged on the deadlines themselves
 
 
+def test_a_slack_of_many_batches_is_shrunk_less_than_by_the_whole_overrun_factor():
+    """Four short requests due in 2.6 s, with slack for ten full batches of their length (0.26 s each), and a long one
+    due later: together they take 1.64 s. Shrunk by the whole p90 factor (2) the slack is 1.3 s and dp runs the short
+    ones apart first (1.74 s in all); averaged over ten batches the margin is 1 + 1 / sqrt(10): 1.98 s, and they go
+    together. A request whose slack holds one batch keeps the whole factor (the test above)."""
+    requests = [Request(1500, 0.0, 10.0)] + [Request(10, 0.0, 2.6) for _ in range(4)]
+    for averaging, expected in ((0.0, [(1, 2, 3, 4), (0,)]), (0.5, [(0, 1, 2, 3, 4)])):
+        got = plan(requests, LIMITS, _cost(2.0), 0.0, PolicyConfig("dp", deadline_margin=1.0, margin_averaging=averaging))
+        assert [tuple(sorted(b.indices)) for b in got.batches] == expected, averaging
+        assert not got.late
+
+
 def test_no_margin_while_the_model_has_not_overrun_and_none_for_late_or_unbounded_requests():
     requests = [Request(400, 0.0, 10.0), Request(100, 0.0, 0.9)]
     got = plan(requests, LIMITS, _cost(1.0), 0.0, PolicyConfig("dp", deadline_margin=1.0))
@@ -52,3 +64,17 @@ def test_noise_scatters_batch_times_about_the_model_reproducibly():
     lat = simulate(alone, config, LIMITS, cost, 100.0, noise=0.2, seed=7)
     assert 0.9 * base < lat.p50 < 1.1 * base
     assert lat.p99 > base * math.exp(0.2 * 1.5)  # a log-normal tail (2.33 sigma at p99)
+
+
+def test_the_averaging_setting_reaches_the_planner(monkeypatch):
+    import pytest  # noqa: PLC0415
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from configs.settings import SchedulerSettings, Settings  # noqa: PLC0415
+    from server.engine import policy_config  # noqa: PLC0415
+
+    assert policy_config(SchedulerSettings()).margin_averaging == PolicyConfig().margin_averaging == 0.5
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__MARGIN_AVERAGING", "0")
+    assert policy_config(Settings().scheduler).margin_averaging == 0.0
+    with pytest.raises(ValidationError):
+        SchedulerSettings(margin_averaging=-1)
