@@ -6,7 +6,8 @@ found per policy by bisection on the live server, beside the simulator's SLO cap
 
 bench/live_policies.py --at-sim-capacity runs every policy at the loads the simulator names; this script asks
 the live server the simulator's question itself. The trace at load x is the one the simulator bisects over
-(seeded arrivals at x times the cost model's full-batch capacity, texts of 8-256 tokens from bench/workload.py).
+(seeded arrivals at x times the cost model's full-batch capacity, texts of 8-256 tokens from bench/workload.py, or with
+--texts english the corpus's paragraphs as written, mostly short).
 Each policy is bisected over [sim x (1 - span), sim x (1 + span)] around its own simulated capacity (or over
 --bracket LO,HI, the same for all), the policies' steps interleaved so that a slow spell of the machine falls on all of them. A load passes when every
 request is answered, p99 is within the SLO and the server keeps up (throughput >= 0.97 x offered, as the
@@ -36,7 +37,7 @@ from bench.harness import machine_info  # noqa: E402
 from bench.samples import CLIENTS  # noqa: E402
 from bench.sim_fidelity import fidelity  # noqa: E402
 from bench.slo_capacity import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
-from bench.workload import count_tokens, make_texts  # noqa: E402
+from bench.workload import count_tokens, make_texts, paragraph_texts  # noqa: E402
 from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 
 
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1280)
     ap.add_argument("--slo-ms", type=float, default=1000.0)
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="bursts")
+    ap.add_argument("--texts", choices=("uniform", "english"), default="uniform",
+                    help="uniform: 8-256 tokens, uniformly spread; english: the corpus's paragraphs as written (mostly short)")
     ap.add_argument("--policies", default="dp,fifo", help="as bench/live_policies.py's (dp:deadline_margin=0: a knob's A/B)")
     ap.add_argument("--steps", type=int, default=5, help="bisection steps a policy (one live run each)")
     ap.add_argument("--span", type=float, default=0.5, help="bracket: the simulated capacity x (1 -/+ span)")
@@ -103,11 +106,11 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slo = args.slo_ms / 1000
-    texts = make_texts(args.requests, 8, 256, seed=11)
+    texts = make_texts(args.requests, 8, 256, seed=11) if args.texts == "uniform" else paragraph_texts(args.requests, seed=11)
     lengths = count_tokens(texts)
     limits = shared.simulation_limits()
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
-    report = {"machine": machine_info(), "command": " ".join(sys.argv), "slo_s": slo, "runs": []}
+    report = {"machine": machine_info(), "command": " ".join(sys.argv), "slo_s": slo, "lengths": lengths, "runs": []}
     models = shared.prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
     device = models.device or models.start
     shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies),

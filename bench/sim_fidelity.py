@@ -55,7 +55,10 @@ def load_folder(folder: Path) -> dict:
     report = json.loads((folder / "live_capacity.json").read_text())
     arrivals_at = bursty_arrivals if command_option(report["command"], "--arrivals", "bursts") == "bursts" else poisson_arrivals
     count = int(command_option(report["command"], "--requests", "1280"))
-    lengths = count_tokens(make_texts(count, 8, 256, seed=11))
+    if "lengths" in report:
+        lengths = report["lengths"]
+    else:  # a folder from before session 26: its trace was always make_texts' uniform lengths
+        lengths = count_tokens(make_texts(count, 8, 256, seed=11))
     profile, calibration = calibration_fit(folder)
     runs = []
     for i, run in enumerate(report["runs"], 1):

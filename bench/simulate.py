@@ -41,11 +41,9 @@ POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
 
 def corpus_lengths(max_tokens: int = 256) -> list[int]:
     """Token counts (with [CLS]/[SEP]) of the paragraphs of standard-library docstrings."""
-    from bench.workload import CORPUS_MODULES, _docstrings, load_tokenizer  # noqa: PLC0415
+    from bench.workload import corpus_paragraphs, load_tokenizer  # noqa: PLC0415
 
-    tok = load_tokenizer()
-    paragraphs = [p.strip() for m in CORPUS_MODULES for d in _docstrings(m) for p in d.split("\n\n") if len(p.split()) >= 3]
-    return [min(len(e.ids), max_tokens) for e in tok.encode_batch(paragraphs)]
+    return [min(len(e.ids), max_tokens) for e in load_tokenizer().encode_batch(list(corpus_paragraphs()))]
 
 
 def length_families() -> dict[str, tuple[Callable[[random.Random], int], float]]:

@@ -79,6 +79,22 @@ def corpus_words() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
+def corpus_paragraphs() -> tuple[str, ...]:
+    """The docstrings' paragraphs (blank-line separated, at least three words), in a fixed order: prose of the lengths
+    real English has, as written (the simulator's "english paragraphs" length family)."""
+    return tuple(p.strip() for m in CORPUS_MODULES for d in _docstrings(m) for p in d.split("\n\n") if len(p.split()) >= 3)
+
+
+def paragraph_texts(n: int, max_tokens: int = 256, seed: int = 0, tokenizer: Tokenizer | None = None) -> list[str]:
+    """n of the corpus's paragraphs, drawn with replacement (seeded) from those of at most `max_tokens` tokens (special
+    tokens counted): short texts of real English lengths, where make_texts spreads lengths uniformly."""
+    paragraphs = corpus_paragraphs()
+    fit = [p for p, c in zip(paragraphs, count_tokens(paragraphs, tokenizer)) if c <= max_tokens]
+    rng = random.Random(f"paragraphs/{seed}")
+    return [rng.choice(fit) for _ in range(n)]
+
+
+@lru_cache(maxsize=1)
 def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
     """The served model's tokenizer (tokenizer.json of `folder`, default the embedded all-MiniLM-L6-v2), no padding
     or truncation."""

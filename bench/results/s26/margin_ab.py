@@ -13,8 +13,12 @@ slo, nseeds, specs = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 cost = CostModel.load("/work/main/bench/results/s21/cost_amd.json").measured()
 cost.alpha = DEFAULT_ALPHA
 limits = Limits(16384, 64)
-host = HostLoad(0.00174, 0.00027, per_forward=0.00082)  # bench/simulate.py --host-ms 1.74,0.27,0.82
-noise = Scatter(0.06, 0.0125)  # --noise 0.06 --jitter 0.0125
+# Default: bench/simulate.py --host-ms 1.74,0.27,0.82 --noise 0.06 --jitter 0.0125 (fitted on live runs, session 25);
+# env HOST_MS=A,C,F NOISE=S JITTER=J FAMILY=prefix for another device model or one length family.
+import os
+host = HostLoad(*[float(x) / 1000 for x in os.environ.get("HOST_MS", "1.74,0.27,0.82").split(",")])
+host = HostLoad(host.per_arrival, host.per_completion, per_forward=host.per_batch)  # third field: per forward
+noise = Scatter(float(os.environ.get("NOISE", "0.06")), float(os.environ.get("JITTER", "0.0125")))
 
 
 def config(spec):
@@ -27,6 +31,8 @@ def config(spec):
 
 
 for dist, (draw, mean_len) in length_families().items():
+    if not dist.startswith(os.environ.get("FAMILY", "")):
+        continue
     capacity = full_batch_rate(mean_len, limits, cost)
     for bursty in (False, True):
         t0 = time.time()
