@@ -3,7 +3,8 @@
     python3 bench/gpu_summary.py [OUT]          (OUT: the folder gpu_session.sh wrote, default bench/out)
 
 Reads gpu_kernels.json (bench/gpu_kernels.py), device_cache_gpu.json (bench/device_cache_gpu.py),
-embedding_cache.json (bench/embedding_cache.py --only dlrm), serve_load_<dtype>.json (bench/loadgen.py), serve_check_<dtype>.txt (bench/gpu_serve_check.py) and parts.txt;
+embedding_cache.json (bench/embedding_cache.py --only dlrm), serve_load_<dtype>.json (bench/loadgen.py),
+serve_check_<dtype>.txt (bench/gpu_serve_check.py) and parts.txt;
 a missing file is a row that says so, never a stop: the table is printed whatever part ran out of time.
 Standard library only (the device has no project dependencies beyond torch's).
 """
