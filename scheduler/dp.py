@@ -249,6 +249,19 @@ def full_batch_seconds(lengths: np.ndarray, limits: Limits, cost: CostModel) -> 
     return float(cost.predict(n, n * median, n * median * median))
 
 
+def margin_due(due: np.ndarray, origin: float, factor: float, batch: float, averaging: float) -> np.ndarray:
+    """Deadlines to plan with when batches may overrun by `factor` (a p90 of observed / predicted): each slack from
+    `origin` divided by 1 + (factor - 1) / k ** averaging, k the slack in batches of `batch` seconds (at least 1).
+    The batches ahead of a request overrun one by one, and their sum overruns its prediction by less than one batch
+    does (about 1 / sqrt(k) of it for independent overruns: averaging 0.5); averaging 0 divides every slack by the
+    factor. Past and infinite deadlines stay as they are."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slack = due - origin
+        if averaging > 0:
+            factor = 1 + (factor - 1) / np.maximum(1.0, slack / batch) ** averaging
+        return np.where(due > origin, origin + slack / factor, due)
+
+
 def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: float, config: PolicyConfig,
             next_only: bool = False, arrival_rate: float = 0.0) -> Plan:
     """The DP policy: priority classes in turn, each planned by cost DP with deadline repair.
@@ -292,16 +305,12 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
             # ignored, the cheapest partition mixed them all and finished each later (goodput 0.98 against 1.10
             # a second on bursts of 8-input requests at 1.3x load, bench/results/s16/).
             pending.due_arr = np.where(hopeless, np.inf, deadlines)
+    batch = full_batch_seconds(lengths, limits, cost) if config.margin_averaging > 0 else 1.0
     if config.deadline_margin > 0:
         factor = cost.pessimism() ** config.deadline_margin
         due = pending.due_arr
-        if factor > 1 and np.isfinite(due).any():
-            with np.errstate(invalid="ignore"):
-                slack = due - now
-                if config.margin_averaging > 0:  # a request is at risk when the work ahead fills its slack: k batches
-                    k = np.maximum(1.0, slack / full_batch_seconds(lengths, limits, cost))
-                    factor = 1 + (factor - 1) / k ** config.margin_averaging
-                pending.plain_due, pending.due_arr = due, np.where(due > now, now + slack / factor, due)
+        if factor > 1 and np.isfinite(due).any():  # a request is at risk when the work ahead fills its slack
+            pending.plain_due, pending.due_arr = due, margin_due(due, now, factor, batch, config.margin_averaging)
     priorities = [r.priority for r in requests]
     horizon = max(HORIZON, URGENT_BATCHES * limits.max_batch_requests)  # requests planned in full detail
     late_cost = math.inf  # lexicographic (late count, finish time)
@@ -315,8 +324,12 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     if config.shed_longest and shares is not None:
         # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
         start = now + float(shares[overdue].sum())
-        shed = shed_overload(deadlines, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
-                             horizon, jobs)
+        if config.margin_averaging > 0:  # the work ahead overrunning as the margin has it, not all at once
+            shed = shed_overload(margin_due(deadlines, start, cost.pessimism(), batch, config.margin_averaging), start,
+                                 hopeless | overdue, np.array(priorities), shares, horizon, jobs)
+        else:
+            shed = shed_overload(deadlines, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
+                                 horizon, jobs)
         if shed.any():
             # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request
             # go late when that saves more than LATE_COST_SHARES typical requests' worth of device time

@@ -83,7 +83,8 @@ class PolicyConfig:
     # prediction less than one batch does (independent overruns: sqrt(k)). 0: the whole slack shrunk by the factor,
     # which with a 2 s SLO and short requests had dp cut batches small for deadlines that were not at risk, 2.3% behind
     # token_budget's SLO capacity on English bursts (simulated with the noise and host fitted on live runs,
-    # bench/RESULTS.md, section 2, session 26).
+    # bench/RESULTS.md, section 2, session 26). Overload shedding judges what can still make it the same way (with
+    # the p90 factor itself), so that it does not shed requests the margin plans in time.
     margin_averaging: float = 0.5
     # dp: keep requests in deadline order (cut by the same DP) unless the paper's length-sorted cut is cheaper by more
     # than this share of the plan's predicted time. In packed execution the two cost about the same (a batch's
