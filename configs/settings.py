@@ -152,10 +152,10 @@ class SchedulerSettings(_Section):
     deadline_margin: float = Field(1.0, ge=0, le=10, description="dp: plans each request's slack as if batches ran the cost "
                                    "model's running p90 overrun to this power as long as predicted (0: as predicted), so that batches that "
                                    "run long do not push planned-just-in-time requests past their deadline.")
-    margin_averaging: float = Field(0.5, ge=0, le=4, description="dp: the margin of a request whose slack holds k full "
-                                    "batches is (overrun factor - 1) / k to this power, in planning and in overload shedding: the "
-                                    "batches ahead overrun one by one, and their sum less than one does (0: the whole slack shrunk "
-                                    "by the factor).")
+    margin_averaging: float = Field(0.0, ge=0, le=4, description="dp: the margin of a request whose slack holds k full "
+                                    "batches is (overrun factor - 1) / k to this power, in planning and in overload shedding, for "
+                                    "batches that overrun one by one (0, the default: the whole slack shrunk by the factor, as "
+                                    "for a host whose batches overrun in spells).")
     order_tolerance: float = Field(0.01, ge=0, le=1, description="dp: cuts batches from the requests in deadline order unless "
                                    "the length-sorted cut is cheaper by more than this share of predicted time (0: the cheapest cut).")
     keep_up: float = Field(1.1, ge=0, le=10, description="dp: while the pending work is more than two SLOs, the next batch holds "

@@ -73,8 +73,8 @@ def test_the_averaging_setting_reaches_the_planner(monkeypatch):
     from configs.settings import SchedulerSettings, Settings  # noqa: PLC0415
     from server.engine import policy_config  # noqa: PLC0415
 
-    assert policy_config(SchedulerSettings()).margin_averaging == PolicyConfig().margin_averaging == 0.5
-    monkeypatch.setenv("TURBOSERVE_SCHEDULER__MARGIN_AVERAGING", "0")
-    assert policy_config(Settings().scheduler).margin_averaging == 0.0
+    assert policy_config(SchedulerSettings()).margin_averaging == PolicyConfig().margin_averaging == 0.0
+    monkeypatch.setenv("TURBOSERVE_SCHEDULER__MARGIN_AVERAGING", "0.5")
+    assert policy_config(Settings().scheduler).margin_averaging == 0.5
     with pytest.raises(ValidationError):
         SchedulerSettings(margin_averaging=-1)

@@ -108,12 +108,13 @@ def test_a_model_whose_batches_overrun_sheds_sooner():
         assert sorted(i for b in p.batches for i in b.indices) == list(range(40))  # all planned, none dropped
         return [[requests[i].length for i in b.indices] for b in p.batches]
 
+    averaged = PolicyConfig("dp", margin_averaging=0.5)
     exact = batches(1.0, PolicyConfig("dp"))
     assert exact[0].count(200) == 5  # first, in time
-    for overrun, config in ((2.0, PolicyConfig("dp", margin_averaging=0.0)), (4.0, PolicyConfig("dp"))):
+    for overrun, config in ((2.0, PolicyConfig("dp")), (4.0, averaged)):
         shed = batches(overrun, config)
         assert set(shed[-1]) == {200} and shed[0].count(200) < 5, overrun  # some long ones run after every short one
-    assert batches(2.0, PolicyConfig("dp"))[0].count(200) == 5
+    assert batches(2.0, averaged)[0].count(200) == 5
 
 
 def test_an_overdue_request_runs_first_even_while_shedding():
