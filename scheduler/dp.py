@@ -181,7 +181,7 @@ def keep_up_size(lengths: np.ndarray, limits: Limits, cost: CostModel, rate: flo
     """Fewest requests of the pending mean length a batch needs to serve `rate` requests a second, its time as the
     model predicts it; the largest batch the limits allow when none does."""
     mean = max(float(lengths.mean()), 1.0)
-    n = np.arange(1, max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // mean))) + 1, dtype=np.float64)
+    n = np.arange(1, full_batch_size(mean, limits) + 1, dtype=np.float64)
     served = n / cost.predict(n, n * mean, n * mean * mean)  # requests a second at each size
     enough = np.flatnonzero(served >= rate)
     return int(n[enough[0]] if enough.size else n[-1])
@@ -226,9 +226,7 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
         return None
     mean_len = batch.tokens / len(batch.indices)
     per_token_now = plan.cost / batch.tokens
-    n_full = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // max(mean_len, 1))))
-    full_tokens = n_full * mean_len
-    per_token_full = float(cost.predict(n_full, full_tokens, full_tokens * mean_len)) / full_tokens
+    per_token_full = full_batch_seconds(mean_len, limits, cost) / (full_batch_size(mean_len, limits) * mean_len)
     if per_token_full >= per_token_now * config.efficient_fraction:
         return None  # a fuller batch would not be cheaper enough per token to be worth a wait
     arrivals = [r.arrival for r in requests]
@@ -241,12 +239,16 @@ def _bounded_wait(plan: Plan, requests: Sequence[Request], limits: Limits, cost:
     return until
 
 
-def full_batch_seconds(lengths: np.ndarray, limits: Limits, cost: CostModel) -> float:
-    """Predicted seconds of the fullest batch the limits allow of the pending set's median length: how long one
-    batch ahead of a request can take (the deadline margin counts a request's slack in such batches)."""
-    median = max(1.0, float(np.median(lengths)))
-    n = max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // median)))
-    return float(cost.predict(n, n * median, n * median * median))
+def full_batch_size(length: float, limits: Limits) -> int:
+    """Most requests of `length` tokens one batch may hold (at least 1)."""
+    return max(1, min(limits.max_batch_requests, int(limits.max_batch_tokens // max(length, 1.0))))
+
+
+def full_batch_seconds(length: float, limits: Limits, cost: CostModel) -> float:
+    """Predicted seconds of the fullest batch the limits allow of requests of `length` tokens (the bounded wait's
+    best per-token cost; the deadline margin counts a request's slack in such batches of the median length)."""
+    n = full_batch_size(length, limits)
+    return float(cost.predict(n, n * length, n * length * length))
 
 
 def margin_due(due: np.ndarray, origin: float, factor: float, batch: float, averaging: float) -> np.ndarray:
@@ -305,7 +307,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
             # ignored, the cheapest partition mixed them all and finished each later (goodput 0.98 against 1.10
             # a second on bursts of 8-input requests at 1.3x load, bench/results/s16/).
             pending.due_arr = np.where(hopeless, np.inf, deadlines)
-    batch = full_batch_seconds(lengths, limits, cost) if config.margin_averaging > 0 else 1.0
+    batch = full_batch_seconds(max(1.0, float(np.median(lengths))), limits, cost) if config.margin_averaging > 0 else 1.0
     if config.deadline_margin > 0:
         factor = cost.pessimism() ** config.deadline_margin
         due = pending.due_arr
@@ -324,12 +326,9 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     if config.shed_longest and shares is not None:
         # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
         start = now + float(shares[overdue].sum())
-        if config.margin_averaging > 0:  # the work ahead overrunning as the margin has it, not all at once
-            shed = shed_overload(margin_due(deadlines, start, cost.pessimism(), batch, config.margin_averaging), start,
-                                 hopeless | overdue, np.array(priorities), shares, horizon, jobs)
-        else:
-            shed = shed_overload(deadlines, start, hopeless | overdue, np.array(priorities), shares * cost.pessimism(),
-                                 horizon, jobs)
+        # Judged with the work ahead overrunning as the margin has it (averaging 0: all of it by the p90 factor).
+        shed = shed_overload(margin_due(deadlines, start, cost.pessimism(), batch, config.margin_averaging), start,
+                             hopeless | overdue, np.array(priorities), shares, horizon, jobs)
         if shed.any():
             # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request
             # go late when that saves more than LATE_COST_SHARES typical requests' worth of device time
