@@ -29,6 +29,7 @@ from scheduler.planner import Limits, PolicyConfig  # noqa: E402
 from scheduler.simulator import (  # noqa: E402
     HostLoad,
     Scatter,
+    Spells,
     lengths_empirical,
     lengths_lognormal,
     lengths_uniform,
@@ -72,6 +73,28 @@ def _loads(text: str) -> list[float]:
     return loads
 
 
+def host_ms(text: str) -> HostLoad:
+    """ARRIVAL,COMPLETION[,FORWARD] in ms (--host-ms)."""
+    try:
+        ms = [float(x) / 1000 for x in text.split(",")]
+    except ValueError:
+        ms = []
+    if len(ms) not in (2, 3) or min(ms) < 0:
+        raise argparse.ArgumentTypeError(f"two or three numbers >= 0, ARRIVAL,COMPLETION[,FORWARD], got {text!r}")
+    return HostLoad(ms[0], ms[1], per_forward=ms[2] if len(ms) == 3 else 0.0)
+
+
+def spells(text: str) -> Spells:
+    """SIGMA:TAU[,SIGMA:TAU...] (empty: none)."""
+    try:
+        pairs = [tuple(float(x) for x in part.split(":")) for part in text.split(",") if part]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError
+        return Spells(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIGMA:TAU[,SIGMA:TAU] with sigma >= 0 and tau > 0") from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cost", help="saved cost model JSON (default: the newest in ~/.cache/turboserve)")
@@ -93,7 +116,7 @@ def main() -> int:
     ap.add_argument("--bisect-steps", type=int, default=10, help="bisection steps per policy for the SLO capacity (0: skip)")
     ap.add_argument("--capacity-requests", type=int, default=5000,
                     help="requests per trace when bisecting the SLO capacity (long enough that an unstable queue shows)")
-    ap.add_argument("--host-ms", default="0,0", metavar="ARRIVAL,COMPLETION[,FORWARD]",
+    ap.add_argument("--host-ms", default="0,0", type=host_ms, metavar="ARRIVAL,COMPLETION[,FORWARD]",
                     help="the host's request handling, ms added to the running batch per arrival and to the next batch "
                          "per answer, and to every batch (HostLoad; bench/sim_fidelity.py fits them over a live_capacity "
                          "run's batches on a CPU host; 0,0: a GPU host)")
@@ -110,6 +133,10 @@ def main() -> int:
     ap.add_argument("--jitter", type=float, default=0.0, metavar="J",
                     help="with --noise as the floor: sigma(t)^2 = noise^2 + J^2 / t for a batch of t seconds (Scatter: "
                          "short batches scatter more; fitted live 0.012-0.03 with a floor of 0.055-0.085)")
+    ap.add_argument("--spells", default="", type=spells, metavar="SIGMA:TAU[,SIGMA:TAU]",
+                    help="and the machine's speed moves in spells (Spells: Ornstein-Uhlenbeck processes of that sd and "
+                         "correlation time in seconds in the log of every batch's time; bench/spell_fit.py fits them on "
+                         "live runs: 0.079:0.32,0.075:9.28 on the 2-vCPU VM, with --noise 0 for the floor left)")
     args = ap.parse_args()
     if not 0 < args.alpha <= 1:
         ap.error(f"--alpha must be in (0, 1], got {args.alpha}")
@@ -117,14 +144,8 @@ def main() -> int:
         ap.error(f"--noise and --jitter must be >= 0, got {args.noise} and {args.jitter}")
     if args.inputs < 1:
         ap.error(f"--inputs must be at least 1, got {args.inputs}")
-    try:
-        ms = [float(x) / 1000 for x in args.host_ms.split(",")]
-    except ValueError:
-        ms = []
-    if len(ms) not in (2, 3) or min(ms) < 0:
-        ap.error(f"--host-ms: two or three numbers >= 0, ARRIVAL,COMPLETION[,FORWARD], got {args.host_ms!r}")
-    host = HostLoad(ms[0], ms[1], per_forward=ms[2] if len(ms) == 3 else 0.0)
-    noise = Scatter(args.noise, args.jitter)
+    host = args.host_ms
+    noise = Scatter(args.noise, args.jitter, args.spells)
 
     saved = glob.glob(os.path.expanduser("~/.cache/turboserve/cost-*.json"))
     if not args.cost and not saved:
@@ -168,7 +189,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"cost_model": path, "refined": args.refined, "slo_s": slo, "inputs": args.inputs, "host": host.__dict__,
-               "refine": args.refine, "noise": args.noise, "jitter": args.jitter, "rows": rows, "slo_capacity": capacities}
+               "refine": args.refine, "noise": args.noise, "jitter": args.jitter,
+               "spells": {"sigma": list(args.spells.sigma), "tau": list(args.spells.tau)}, "rows": rows, "slo_capacity": capacities}
     (out / "simulation.json").write_text(json.dumps(summary, indent=1))
     summarize(rows, slo)
     summarize_capacity(capacities)

@@ -327,7 +327,8 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
         # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
         start = now + float(shares[overdue].sum())
         # Judged with the work ahead overrunning as the margin has it (averaging 0: all of it by the p90 factor).
-        shed = shed_overload(margin_due(deadlines, start, cost.pessimism(), batch, config.margin_averaging), start,
+        shed = shed_overload(margin_due(deadlines, start, cost.pessimism() ** config.shed_margin, batch,
+                                        config.margin_averaging), start,
                              hopeless | overdue, np.array(priorities), shares, horizon, jobs)
         if shed.any():
             # Overloaded: a second saved now serves requests that arrive later, so the DPs may let a request

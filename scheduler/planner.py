@@ -89,6 +89,9 @@ class PolicyConfig:
     # that very trace (dp's capacity -16% and -13%, +9% in the third; requests planned just in time went late together
     # and waited out their grace).
     margin_averaging: float = 0.0
+    # dp: overload shedding (shed_longest) judges which requests can still make it with batches running
+    # pessimism() ** shed_margin times as long as predicted (0: as predicted).
+    shed_margin: float = 1.0
     # dp: keep requests in deadline order (cut by the same DP) unless the paper's length-sorted cut is cheaper by more
     # than this share of the plan's predicted time. In packed execution the two cost about the same (a batch's
     # attention term is its own sequences' squares wherever they go), and a length-sorted cut lets newer requests

@@ -132,6 +132,47 @@ class HostLoad:
 
 
 @dataclass(frozen=True)
+class Spells:
+    """The machine's speed drifting in spells: the log of a factor on every batch's time is a sum of
+    Ornstein-Uhlenbeck processes in the trace's time, process k with stationary standard deviation sigma[k] and
+    correlation time tau[k] seconds (median factor 1). Batches close in time overrun together, as they do live on a
+    VM (bench/spell_fit.py: on the 2-vCPU VM the residuals of batches 0.1 s apart correlate 0.4-0.6, 2-4 s apart
+    0.1-0.25), where a per-batch draw makes overruns independent."""
+
+    sigma: tuple[float, ...] = ()
+    tau: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.sigma) != len(self.tau) or any(t <= 0 for t in self.tau) or any(s < 0 for s in self.sigma):
+            raise ValueError("spells need one positive correlation time per non-negative sigma")
+
+    def __bool__(self) -> bool:
+        return any(s > 0 for s in self.sigma)
+
+    def variance(self) -> float:
+        return sum(s * s for s in self.sigma)
+
+    def path(self, seed: int) -> Callable[[float], float]:
+        """One realisation, drawn from `seed`: a function of the time (non-decreasing across calls) giving the
+        factor then. Each process starts from its stationary distribution at the first call."""
+        rng = random.Random(f"spells-{seed}")
+        state: list[float] = []
+        last = [0.0]
+
+        def factor(t: float) -> float:
+            if not state:
+                state.extend(rng.gauss(0.0, s) for s in self.sigma)
+            elif t > last[0]:
+                for k, (s, tau) in enumerate(zip(self.sigma, self.tau)):
+                    keep = math.exp(-(t - last[0]) / tau)
+                    state[k] = state[k] * keep + s * math.sqrt(1.0 - keep * keep) * rng.gauss(0.0, 1.0)
+            last[0] = max(last[0], t)
+            return math.exp(sum(state))
+
+        return factor
+
+
+@dataclass(frozen=True)
 class Scatter:
     """How single batch times scatter about the model: a log-normal factor (median 1) whose sigma falls with
     the batch's length, sigma(t)^2 = floor^2 + jitter^2 / t (t in seconds): a slow or fast spell of the whole
@@ -140,12 +181,13 @@ class Scatter:
 
     floor: float = 0.0
     jitter: float = 0.0
+    spells: Spells = Spells()  # and the whole machine's speed in spells, batches close in time alike
 
     def sigma(self, seconds: float) -> float:
         return math.sqrt(self.floor ** 2 + self.jitter ** 2 / max(seconds, 1e-3))
 
     def __bool__(self) -> bool:
-        return self.floor > 0 or self.jitter > 0
+        return self.floor > 0 or self.jitter > 0 or bool(self.spells)
 
 
 def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], first: int, host: HostLoad) -> float:
@@ -170,7 +212,8 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
     the planner's model (a copy) learns from every simulated batch's time, host work included, as the
     server's model does from live batches. `noise` > 0 multiplies each batch's device time by a log-normal
     factor of that sigma (median 1; drawn from `seed`): a device whose batches scatter about the model, as a
-    CPU host's do (session 19: 10-30% median error live); a `Scatter`, by a sigma that depends on the batch's time.
+    CPU host's do (session 19: 10-30% median error live); a `Scatter`, by a sigma that depends on the batch's time,
+    and with `Scatter.spells` by a factor that moves in time (its own draws from `seed`: the per-batch ones unchanged).
     `speed_at(t)`, when given, multiplies the device time of a batch that starts at t: a machine whose speed moves
     during the trace, as a VM's does in spells of seconds (bench/sim_fidelity.py replays a live run's).
     """
@@ -188,6 +231,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
     padded_tokens = real_tokens = 0
     last_end, last_size = -math.inf, 0
     rng = random.Random(seed)
+    drift = scatter.spells.path(seed) if scatter.spells else None
     while next_arrival < n or pending:
         while next_arrival < n and trace.arrivals[next_arrival] <= now:
             pending.append(next_arrival)
@@ -215,6 +259,8 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         seconds = device.predict_lengths(lengths) * (speed_at(now) if speed_at else 1.0) + host.per_forward
         if scatter:
             seconds *= math.exp(rng.gauss(0.0, scatter.sigma(seconds)))
+        if drift is not None:
+            seconds *= drift(now)
         now = _batch_end(now, seconds, after, trace.arrivals, next_arrival, host)
         if refine:
             planner_cost.observe(lengths, now - started)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig
-from scheduler.simulator import HostLoad, Scatter, Trace, lengths_uniform, make_trace, simulate
+from scheduler.simulator import HostLoad, Scatter, Spells, Trace, lengths_uniform, make_trace, simulate
 
 COST = CostModel.linear(0.0127, 0.00025, 4e-7, 0.00024)
 LIMITS = Limits(16384, 64)
@@ -66,3 +67,46 @@ def test_a_machine_that_slows_down_mid_trace_takes_longer_from_then_on():
     steady = simulate(trace, PolicyConfig("dp"), LIMITS, COST, 100.0)
     assert steady.p50 == pytest.approx(alone) and steady.p99 == pytest.approx(alone)
     assert r.p50 == pytest.approx(alone) and r.p99 == pytest.approx(2 * alone)
+
+
+def spell_logs(spells: Spells, times, seed: int) -> np.ndarray:
+    path = spells.path(seed)
+    return np.array([math.log(path(t)) for t in times])
+
+
+def test_spells_have_their_sd_and_correlation_time():
+    """One Ornstein-Uhlenbeck process: log factor sd sigma, correlation exp(-lag / tau) between two times."""
+    spells = Spells((0.1,), (0.5,))
+    times = np.arange(0, 2000.0, 0.05)
+    logs = np.concatenate([spell_logs(spells, times, seed) for seed in range(3)])
+    assert np.std(logs) == pytest.approx(0.1, rel=0.1)
+    x = spell_logs(spells, times, 7)
+    for lag_steps, expected in ((10, math.exp(-1.0)), (40, math.exp(-4.0))):  # 0.5 s and 2 s apart
+        assert np.corrcoef(x[:-lag_steps], x[lag_steps:])[0, 1] == pytest.approx(expected, abs=0.05)
+    assert np.array_equal(spell_logs(spells, times[:50], 3), spell_logs(spells, times[:50], 3))
+    assert not np.array_equal(spell_logs(spells, times[:50], 3), spell_logs(spells, times[:50], 4))
+
+
+def test_spells_validate_and_none_is_falsy():
+    assert not Spells() and not Spells((0.0,), (1.0,)) and Spells((0.1,), (1.0,))
+    assert Spells((0.03, 0.04), (0.2, 5.0)).variance() == pytest.approx(0.0025)
+    assert Scatter(spells=Spells((0.1,), (1.0,))) and not Scatter()
+    for sigma, tau in (((0.1,), ()), ((0.1,), (0.0,)), ((-0.1,), (1.0,))):
+        with pytest.raises(ValueError):
+            Spells(sigma, tau)
+
+
+def test_batches_close_in_time_overrun_together_under_spells():
+    """Lone requests 50 ms apart for 20 s: under a spell much longer than the trace every batch runs at about the
+    same factor (p99 / p50 near 1 within a seed, the factor moving between seeds); drawn batch by batch with the same
+    sd, they spread within a seed."""
+    trace = Trace([0.05 * i for i in range(400)], [64] * 400)
+    alone = COST.predict_lengths([64])
+    fifo = PolicyConfig("fifo", fixed_batch_size=1, max_queue_delay=0.0)
+    slow = [simulate(trace, fifo, LIMITS, COST, 100.0, noise=Scatter(spells=Spells((0.2,), (1e5,))), seed=s)
+            for s in range(20)]
+    apart = [simulate(trace, fifo, LIMITS, COST, 100.0, noise=Scatter(0.2), seed=s) for s in range(20)]
+    assert all(r.completed == r.batches == 400 for r in slow + apart)
+    assert max(r.p99 / r.p50 for r in slow) < 1.03 < 1.3 < min(r.p99 / r.p50 for r in apart)
+    assert statistics.stdev(math.log(r.p50 / alone) for r in slow) == pytest.approx(0.2, rel=0.4)
+    assert statistics.stdev(math.log(r.p50 / alone) for r in apart) < 0.05
