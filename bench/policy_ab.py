@@ -2,7 +2,7 @@
 bench/simulate.py's traces, against the first spec on the same trace and draws.
 
     .venv/bin/python bench/policy_ab.py --slo-ms 2000 --family english --arrivals bursts \\
-        --host-ms 1.74,0.27,0.82 --noise 0 --jitter 0.0125 --spells 0.079:0.32,0.075:9.28 \\
+        --host-ms 1.74,0.27,0.82 --noise 0 --jitter 0.0125 --spells 0.082:0.37,0.115:40 \\
         dp dp:margin_averaging=0.5 token_budget
 
 A spec is a policy name and PolicyConfig fields to change, `name[:field=value;field=value]`, from the table's

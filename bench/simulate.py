@@ -136,7 +136,7 @@ def main() -> int:
     ap.add_argument("--spells", default="", type=spells, metavar="SIGMA:TAU[,SIGMA:TAU]",
                     help="and the machine's speed moves in spells (Spells: Ornstein-Uhlenbeck processes of that sd and "
                          "correlation time in seconds in the log of every batch's time; bench/spell_fit.py fits them on "
-                         "live runs: 0.079:0.32,0.075:9.28 on the 2-vCPU VM, with --noise 0 for the floor left)")
+                         "live runs: 0.082:0.37,0.115:40 on the 2-vCPU VM, with --noise 0 for the floor left)")
     args = ap.parse_args()
     if not 0 < args.alpha <= 1:
         ap.error(f"--alpha must be in (0, 1], got {args.alpha}")

@@ -3,8 +3,8 @@
     .venv/bin/python bench/spell_fit.py bench/results/s24/live_capacity [more bench/live_capacity.py folders]
 
 Each live batch's residual is log(observed / fitted), fitted by bench/host_load.fit_runs (the run's speed, the
-host's terms). The simulator's `Scatter` draws these apart, batch by batch; live they are not: two batches 0.1 s
-apart have residuals correlated 0.4-0.6 on the 2-vCPU VM, and 2-4 s apart still 0.1-0.25. So their covariance is
+host's terms). The simulator's `Scatter` draws these apart, batch by batch; live they are not: two batches 0.15 s
+apart have residuals correlated 0.4-0.6 on the 2-vCPU VM, and 3 s apart still up to 0.25. So their covariance is
 binned by the lag between the batches' starts (pairs of one run) and fitted with two exponentials,
 
     cov(lag) = sigma1^2 exp(-lag / tau1) + sigma2^2 exp(-lag / tau2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig, Request, plan, recent_rate
@@ -136,11 +136,12 @@ class Spells:
     """The machine's speed drifting in spells: the log of a factor on every batch's time is a sum of
     Ornstein-Uhlenbeck processes in the trace's time, process k with stationary standard deviation sigma[k] and
     correlation time tau[k] seconds (median factor 1). Batches close in time overrun together, as they do live on a
-    VM (bench/spell_fit.py: on the 2-vCPU VM the residuals of batches 0.1 s apart correlate 0.4-0.6, 2-4 s apart
-    0.1-0.25), where a per-batch draw makes overruns independent."""
+    VM (bench/spell_fit.py: on the 2-vCPU VM the residuals of batches 0.15 s apart correlate 0.4-0.6, 3 s apart
+    0.02-0.25), where a per-batch draw makes overruns independent."""
 
     sigma: tuple[float, ...] = ()
     tau: tuple[float, ...] = ()
+    STEP: ClassVar[float] = 0.01  # seconds a value of the path holds
 
     def __post_init__(self) -> None:
         if len(self.sigma) != len(self.tau) or any(t <= 0 for t in self.tau) or any(s < 0 for s in self.sigma):
@@ -153,21 +154,21 @@ class Spells:
         return sum(s * s for s in self.sigma)
 
     def path(self, seed: int) -> Callable[[float], float]:
-        """One realisation, drawn from `seed`: a function of the time (non-decreasing across calls) giving the
-        factor then. Each process starts from its stationary distribution at the first call."""
+        """One realisation, drawn from `seed`: the factor at a time t >= 0 (seconds), held over steps of STEP. The
+        same seed gives the same path whenever it is asked (policies compared on a seed run in the same spells)."""
         rng = random.Random(f"spells-{seed}")
-        state: list[float] = []
-        last = [0.0]
+        keep = [math.exp(-self.STEP / tau) for tau in self.tau]
+        shock = [s * math.sqrt(1.0 - k * k) for s, k in zip(self.sigma, keep)]
+        state = [rng.gauss(0.0, s) for s in self.sigma]  # stationary from the start
+        values = [math.exp(sum(state))]
 
         def factor(t: float) -> float:
-            if not state:
-                state.extend(rng.gauss(0.0, s) for s in self.sigma)
-            elif t > last[0]:
-                for k, (s, tau) in enumerate(zip(self.sigma, self.tau)):
-                    keep = math.exp(-(t - last[0]) / tau)
-                    state[k] = state[k] * keep + s * math.sqrt(1.0 - keep * keep) * rng.gauss(0.0, 1.0)
-            last[0] = max(last[0], t)
-            return math.exp(sum(state))
+            step = max(0, int(t / self.STEP))
+            while len(values) <= step:
+                for k, (kept, sd) in enumerate(zip(keep, shock)):
+                    state[k] = state[k] * kept + sd * rng.gauss(0.0, 1.0)
+                values.append(math.exp(sum(state)))
+            return values[step]
 
         return factor
 

@@ -110,3 +110,12 @@ def test_batches_close_in_time_overrun_together_under_spells():
     assert max(r.p99 / r.p50 for r in slow) < 1.03 < 1.3 < min(r.p99 / r.p50 for r in apart)
     assert statistics.stdev(math.log(r.p50 / alone) for r in slow) == pytest.approx(0.2, rel=0.4)
     assert statistics.stdev(math.log(r.p50 / alone) for r in apart) < 0.05
+
+
+def test_a_seed_gives_one_path_whenever_it_is_asked():
+    """Policies that start batches at different times see the same spells on a seed (paired comparisons)."""
+    spells = Spells((0.1, 0.05), (0.3, 10.0))
+    early, late = spells.path(4), spells.path(4)
+    forwards = [early(t) for t in (0.0, 0.5, 1.0, 7.25, 30.0)]
+    assert [late(t) for t in (30.0, 7.25, 1.0, 0.5, 0.0)] == forwards[::-1]
+    assert late(7.25 + 0.004) == late(7.25)  # held over a step
