@@ -156,6 +156,9 @@ class SchedulerSettings(_Section):
                                     "batches is (overrun factor - 1) / k to this power, in planning and in overload shedding, for "
                                     "batches that overrun one by one (0, the default: the whole slack shrunk by the factor, as "
                                     "for a host whose batches overrun in spells).")
+    shed_margin: float = Field(0.0, ge=0, le=10, description="dp: overload shedding (shed_longest) judges which requests "
+                               "can still make it with the work ahead running the overrun factor to this power as long as "
+                               "predicted (0, the default: as predicted; the planning margin keeps the rest in time).")
     order_tolerance: float = Field(0.01, ge=0, le=1, description="dp: cuts batches from the requests in deadline order unless "
                                    "the length-sorted cut is cheaper by more than this share of predicted time (0: the cheapest cut).")
     keep_up: float = Field(1.1, ge=0, le=10, description="dp: while the pending work is more than two SLOs, the next batch holds "

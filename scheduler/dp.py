@@ -326,7 +326,7 @@ def plan_dp(requests: Sequence[Request], limits: Limits, cost: CostModel, now: f
     if config.shed_longest and shares is not None:
         # Overdue requests are never shed (they would starve behind a stream of fresh ones): they run first.
         start = now + float(shares[overdue].sum())
-        # Judged with the work ahead overrunning as the margin has it (averaging 0: all of it by the p90 factor).
+        # Judged with the work ahead as predicted (shed_margin 0), or overrunning by a power of the p90 factor.
         shed = shed_overload(margin_due(deadlines, start, cost.pessimism() ** config.shed_margin, batch,
                                         config.margin_averaging), start,
                              hopeless | overdue, np.array(priorities), shares, horizon, jobs)

@@ -2,9 +2,9 @@
 
 Moore-Hodgson's rule gives the fewest late jobs on one machine: in deadline order, whenever the running total
 passes a deadline, drop the longest job so far. dp applies it before planning, each request counted at its
-share of a full batch of its length (a lower bound of its cost; times the cost model's recent overrun: how much longer than predicted
-batches have run 1 time in 10, so that a host whose batches overrun sheds before its kept requests go late),
-and the requests it drops go behind, with those that would be late even alone (served after the others,
+share of a full batch of its length (a lower bound of its cost; with PolicyConfig.shed_margin > 0, times a power of
+the cost model's recent overrun, how much longer than predicted batches have run 1 time in 10), and the requests it
+drops go behind, with those that would be late even alone (served after the others,
 never dropped). Without it dp served requests in deadline order and kept every
 long one, so shortest-first (infinity's sort-and-slice) answered more requests in time than dp once the load
 passed capacity (bench/RESULTS.md, section 2, session 5).

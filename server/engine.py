@@ -58,6 +58,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         shed_longest=sched.shed_longest,
         deadline_margin=sched.deadline_margin,
         margin_averaging=sched.margin_averaging,
+        shed_margin=sched.shed_margin,
         order_tolerance=sched.order_tolerance,
         keep_up=sched.keep_up,
         partition_cost=sched.partition_cost,

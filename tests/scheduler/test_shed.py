@@ -94,10 +94,11 @@ def test_the_model_overrun_tracks_how_late_batches_run():
 
 def test_a_model_whose_batches_overrun_sheds_sooner():
     # 35 short and 5 long requests, the long ones due a little earlier: 0.18 s of work in full batches for
-    # 0.3 s of time, so an exact model keeps all and runs the long ones first (deadline order). A model whose
-    # batches have run 2x late, all of them at once (margin_averaging 0: 0.35 s, not all can make it), sheds long
-    # ones behind every short one. Averaged over the ~5 full batches (0.056 s) the slack holds, 2x a batch is 1.43x
-    # for them all (0.26 s): all can make it, none is shed; 4x a batch (2.3x: 0.41 s) sheds again.
+    # 0.3 s of time, so an exact model keeps all and runs the long ones first (deadline order). With shed_margin 1,
+    # a model whose batches have run 2x late, all of them at once (margin_averaging 0: 0.35 s, not all can make it),
+    # sheds long ones behind every short one. Averaged over the ~5 full batches (0.056 s) the slack holds, 2x a batch
+    # is 1.43x for them all (0.26 s): all can make it, none is shed; 4x a batch (2.3x: 0.41 s) sheds again. With
+    # shed_margin 0 (the default) shedding judges the predictions: none is shed at 2x.
     requests = [Request(200, 0.0, 0.29) if i % 8 == 0 else Request(64, 0.0, 0.3) for i in range(40)]
     limits = Limits(4096, 16)
 
@@ -108,13 +109,14 @@ def test_a_model_whose_batches_overrun_sheds_sooner():
         assert sorted(i for b in p.batches for i in b.indices) == list(range(40))  # all planned, none dropped
         return [[requests[i].length for i in b.indices] for b in p.batches]
 
-    averaged = PolicyConfig("dp", margin_averaging=0.5)
+    whole, averaged = PolicyConfig("dp", shed_margin=1.0), PolicyConfig("dp", shed_margin=1.0, margin_averaging=0.5)
     exact = batches(1.0, PolicyConfig("dp"))
     assert exact[0].count(200) == 5  # first, in time
-    for overrun, config in ((2.0, PolicyConfig("dp")), (4.0, averaged)):
+    for overrun, config in ((2.0, whole), (4.0, averaged)):
         shed = batches(overrun, config)
         assert set(shed[-1]) == {200} and shed[0].count(200) < 5, overrun  # some long ones run after every short one
     assert batches(2.0, averaged)[0].count(200) == 5
+    assert batches(2.0, PolicyConfig("dp"))[0].count(200) == 5
 
 
 def test_an_overdue_request_runs_first_even_while_shedding():
