@@ -15,6 +15,9 @@ simulation instead, two ways:
 - `spells`: the same, and the machine's speed as it moved during the run: the median of observed / fitted over
   the batches that started in each window of --window seconds (a VM's slow spells last seconds, and one in the
   middle of a run near capacity decides its p99). A diagnostic: it replays the run's speed, not only its mean.
+- `synthetic` (with --spells SIGMA:TAU,...): the runs fit, its scatter's floor partly moved into spells of that
+  kind (bench/spell_fit.py fits them; the simulator's Spells draws a path per noise seed): the speed moving as it
+  does live, but not the run's own moves.
 
 Per run: live p99 and the simulated p99 (median over bench/slo_capacity.NOISE_SEEDS), and whether both pass (p99
 within the SLO and keeping up). Then per policy the live capacity on a common speed: each run's load times its
@@ -39,10 +42,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.host_load import calibration_fit, fit_runs, host_seconds, live_batches, run_speed  # noqa: E402
 from bench.live_server import file_label, sim_capacity, sim_config, simulation_limits  # noqa: E402
+from bench.simulate import spells as spells_option  # noqa: E402
 from bench.slo_capacity import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
-from scheduler.simulator import Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
+from scheduler.simulator import Spells, Trace, bursty_arrivals, poisson_arrivals, simulate  # noqa: E402
 
 
 def command_option(command: str, name: str, default: str) -> str:
@@ -90,7 +94,7 @@ def spells(batches: list, profile: CostModel, speed: float, host, window: float)
     return (lambda t: factor.get(int(t // window), 1.0)), [math.log(f) for f in factor.values()]
 
 
-def fidelity(folder: Path, window: float = 3.0) -> dict:
+def fidelity(folder: Path, window: float = 3.0, synthetic: Spells | None = None) -> dict:
     d = load_folder(folder)
     slo, runs, profile = d["report"]["slo_s"], d["runs"], d["profile"]
     pooled = fit_runs([r["batches"] for r in runs], profile)
@@ -111,8 +115,8 @@ def fidelity(folder: Path, window: float = 3.0) -> dict:
     within = replace(pooled.scatter, floor=math.sqrt(max(pooled.scatter.floor ** 2 - between ** 2, 0.0)))
     print(f"  spells: windows' speeds scatter by sigma {between:.3f}; the batches' floor within a window "
           f"{within.floor:.3f} (of {pooled.scatter.floor:.3f})")
-    print(f"  {'policy':13} {'load':>6} {'speed':>6} {'live p99':>8}    | {'calibration sim':>17} | {'runs sim':>17} | "
-          f"{'spells sim':>17}")
+    columns = ["calibration", "runs", "spells"] + (["synthetic"] if synthetic else [])
+    print(f"  {'policy':13} {'load':>6} {'speed':>6} {'live p99':>8}    | " + " | ".join(f"{c + ' sim':>17}" for c in columns))
     rows = []
     for i, (run, speed) in enumerate(zip(runs, pooled.speeds)):
         policy, load = run["policy"], run["load"]
@@ -128,16 +132,19 @@ def fidelity(folder: Path, window: float = 3.0) -> dict:
         new = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host, pooled.scatter, slo)
         moved = simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host, within, slo,
                               moves[i][0])
+        sims = [old, new, moved]
+        if synthetic:
+            sims.append(simulated_p99(trace, policy, profile.scaled(speed), d["planner"], host,
+                                      pooled.scatter.with_spells(synthetic), slo))
         live_p99, passed = run["live"]["p99"], run["passed"]
         row = {"policy": policy, "load": load, "speed": speed, "live_p99": live_p99, "passed": passed,
-               "calibration": {"p99": old[0], "passes": old[1]}, "runs": {"p99": new[0], "passes": new[1]},
-               "spells": {"p99": moved[0], "passes": moved[1]}}
+               **{c: {"p99": p99, "passes": n} for c, (p99, n) in zip(columns, sims)}}
         rows.append(row)
         print(f"  {policy:13} {load:6.3f} {speed:6.3f} {live_p99:8.3f} {'P' if passed else 'f'}  | " + " | ".join(
             f"{p99:8.3f} {n}/{len(NOISE_SEEDS)} {'ok' if (n * 2 > len(NOISE_SEEDS)) == passed else '--'}  "
-            for p99, n in (old, new, moved)))
+            for p99, n in sims))
     summary = {}
-    for key in ("calibration", "runs", "spells"):
+    for key in columns:
         agree = sum((r[key]["passes"] * 2 > len(NOISE_SEEDS)) == r["passed"] for r in rows)
         ratios = [r[key]["p99"] / r["live_p99"] for r in rows]
         close = sum(abs(x - 1) <= 0.15 for x in ratios)
@@ -184,8 +191,10 @@ def main() -> int:
     ap.add_argument("folders", nargs="+", help="bench/live_capacity.py --calibrate output folders")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--window", type=float, default=3.0, help="seconds a window of the `spells` replay")
+    ap.add_argument("--spells", type=spells_option, default="", metavar="SIGMA:TAU[,SIGMA:TAU]",
+                    help="add the `synthetic` column: spells of this kind (bench/spell_fit.py)")
     args = ap.parse_args()
-    results = [fidelity(Path(f), args.window) for f in args.folders]
+    results = [fidelity(Path(f), args.window, args.spells or None) for f in args.folders]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.out}")

@@ -139,11 +139,6 @@ def fit_spells(c: Covariance, taus1=None, taus2=None) -> tuple[Spells, float]:
     return Spells((float(np.sqrt(coef[0])), float(np.sqrt(coef[1]))), (float(t1), float(t2))), err
 
 
-def floor_left(scatter: Scatter, spells: Spells) -> float:
-    """The part of the scatter's floor that the spells do not already account for (what batches do apart)."""
-    return math.sqrt(max(scatter.floor ** 2 - spells.variance(), 0.0))
-
-
 def report(name: str, c: Covariance, scatter: Scatter | None) -> dict:
     spells, err = fit_spells(c)
     print(f"\n{name}: {c.batches} batches, residual sd {math.sqrt(c.variance):.3f}")
@@ -157,7 +152,7 @@ def report(name: str, c: Covariance, scatter: Scatter | None) -> dict:
            "corr": (c.cov / c.variance).tolist(), "sigma": list(spells.sigma), "tau": list(spells.tau)}
     option = f"--spells {spells.sigma[0]:.3f}:{spells.tau[0]:.2f},{spells.sigma[1]:.3f}:{spells.tau[1]:.2f}"
     if scatter is not None:
-        left = floor_left(scatter, spells)
+        left = scatter.with_spells(spells).floor
         print(f"  scatter floor {scatter.floor:.3f} -> {left:.3f} apart from the spells, jitter {scatter.jitter:.4f}")
         option += f" --noise {left:.3f} --jitter {scatter.jitter:.4f}"
         out |= {"floor": scatter.floor, "floor_left": left, "jitter": scatter.jitter}

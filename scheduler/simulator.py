@@ -190,6 +190,11 @@ class Scatter:
     def __bool__(self) -> bool:
         return self.floor > 0 or self.jitter > 0 or bool(self.spells)
 
+    def with_spells(self, spells: Spells) -> Scatter:
+        """The same scatter with as much of its floor as `spells` vary moved into them (a floor fitted on batches
+        as if apart already holds the spells' share; what is left is what batches do apart)."""
+        return Scatter(math.sqrt(max(self.floor ** 2 - spells.variance(), 0.0)), self.jitter, spells)
+
 
 def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], first: int, host: HostLoad) -> float:
     """When a batch that starts at `start` with `seconds` of device time ends, with the host's work: the

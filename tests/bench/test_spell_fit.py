@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bench.spell_fit import binned_covariance, fit_spells, floor_left
+from bench.spell_fit import binned_covariance, fit_spells
 from scheduler.simulator import Scatter, Spells
 
 TRUE = Spells((0.08, 0.07), (0.3, 8.0))
@@ -50,5 +50,7 @@ def test_pooled_covariance_is_the_pairs_weighted_mean():
 
 
 def test_the_floor_left_is_what_the_spells_do_not_explain():
-    assert floor_left(Scatter(0.1, 0.01), Spells((0.06,), (1.0,))) == pytest.approx(0.08)
-    assert floor_left(Scatter(0.05), Spells((0.06,), (1.0,))) == 0.0
+    spells = Spells((0.06,), (1.0,))
+    moved = Scatter(0.1, 0.01).with_spells(spells)
+    assert moved.floor == pytest.approx(0.08) and moved.jitter == 0.01 and moved.spells == spells
+    assert Scatter(0.05).with_spells(spells).floor == 0.0
