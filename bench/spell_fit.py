@@ -10,9 +10,9 @@ binned by the lag between the batches' starts (pairs of one run) and fitted with
     cov(lag) = sigma1^2 exp(-lag / tau1) + sigma2^2 exp(-lag / tau2)
 
 each as it is once a run's residuals are centred on the run's own speed (which takes the run's mean of a slow spell
-out of them: `centred_exp`), a grid over tau1 < tau2 with non-negative least squares for the sigmas. What the spells leave of the
-scatter's floor is what batches do apart; the jitter (short hiccups) stays. Printed per folder and for all of them
-pooled, with the options bench/simulate.py takes (--spells, and --noise for the floor left).
+out of them: `centred_exp`), a grid over tau1 < tau2 with non-negative least squares for the sigmas. What the spells
+leave of the scatter's floor is what batches do apart; the jitter (short hiccups) stays. Printed per folder and for all
+of them pooled, with the options bench/simulate.py takes (--spells, and --noise for the floor left).
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ class PolicyConfig:
     # dp: overload shedding (shed_longest) judges which requests can still make it with batches running
     # pessimism() ** shed_margin times as long as predicted (0: as predicted). With the whole factor (1, before session
     # 27) a burst's backlog that the margin saw as overload had its longest requests shed, late for certain, where
-    # most would have made it: simulated, 0 raised dp's SLO capacity on bursts 5-10% at 1-2 s SLOs (English
-    # paragraphs: from 2.3% behind token_budget to 3.3% ahead) for -0.9% to +0.3% on Poisson arrivals
+    # most would have made it: simulated, 0 raised dp's SLO capacity on bursts by up to 10% at 1-2 s SLOs (English
+    # paragraphs +5.6% to +10.3%: from 2.3% behind token_budget to 3.2% ahead) for -0.9% to 0.0% on Poisson arrivals
     # (bench/RESULTS.md, section 2, session 27). The planning margin (deadline_margin) still keeps the rest in time.
     shed_margin: float = 0.0
     # dp: keep requests in deadline order (cut by the same DP) unless the paper's length-sorted cut is cheaper by more
