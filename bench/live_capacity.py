@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--arrivals", choices=("poisson", "bursts"), default="bursts")
     ap.add_argument("--texts", choices=("uniform", "english"), default="uniform",
                     help="uniform: 8-256 tokens, uniformly spread; english: the corpus's paragraphs as written (mostly short)")
+    ap.add_argument("--text-seed", type=int, default=11,
+                    help="which texts, in which order (the arrival times are the same for every seed): another trace")
     ap.add_argument("--policies", default="dp,fifo", help="as bench/live_policies.py's (dp:deadline_margin=0: a knob's A/B)")
     ap.add_argument("--steps", type=int, default=5, help="bisection steps a policy (one live run each)")
     ap.add_argument("--span", type=float, default=0.5, help="bracket: the simulated capacity x (1 -/+ span)")
@@ -106,7 +108,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slo = args.slo_ms / 1000
-    texts = make_texts(args.requests, 8, 256, seed=11) if args.texts == "uniform" else paragraph_texts(args.requests, seed=11)
+    texts = (make_texts(args.requests, 8, 256, seed=args.text_seed) if args.texts == "uniform"
+             else paragraph_texts(args.requests, seed=args.text_seed))
     lengths = count_tokens(texts)
     limits = shared.simulation_limits()
     arrivals_at = bursty_arrivals if args.arrivals == "bursts" else poisson_arrivals
