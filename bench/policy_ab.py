@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.simulate import host_ms, length_families, spells  # noqa: E402
+from bench.simulate import host_ms, length_families, policy_config, spells  # noqa: E402
 from bench.slo_capacity import full_batch_rate, paired_gap, slo_capacity  # noqa: E402
 from scheduler.cost_model import DEFAULT_ALPHA, CostModel  # noqa: E402
 from scheduler.planner import Limits, PolicyConfig  # noqa: E402
@@ -34,8 +34,7 @@ DEFAULT_COST = Path(__file__).resolve().parent / "results" / "s21" / "cost_amd.j
 def spec_config(spec: str) -> PolicyConfig:
     """`name[:field=value;...]` as a PolicyConfig with the table's settings."""
     name, _, options = spec.partition(":")
-    config = PolicyConfig(name, fixed_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay=0.005,
-                          max_wait=0.005, late_grace=4.0)
+    config = policy_config(name)
     fields = {f.name for f in dataclasses.fields(PolicyConfig)}
     for item in filter(None, options.split(";")):
         key, sep, value = item.partition("=")

@@ -112,7 +112,7 @@ def fidelity(folder: Path, window: float = 3.0, synthetic: Spells | None = None)
              for i, (run, speed) in enumerate(zip(runs, pooled.speeds)) if not math.isnan(speed)}
     spread = [x for _, logs in moves.values() for x in logs]
     between = (1.4826 * statistics.median(abs(x - statistics.median(spread)) for x in spread)) if spread else 0.0
-    within = replace(pooled.scatter, floor=math.sqrt(max(pooled.scatter.floor ** 2 - between ** 2, 0.0)))
+    within = pooled.scatter.less_floor(between ** 2)
     print(f"  spells: windows' speeds scatter by sigma {between:.3f}; the batches' floor within a window "
           f"{within.floor:.3f} (of {pooled.scatter.floor:.3f})")
     columns = ["calibration", "runs", "spells"] + (["synthetic"] if synthetic else [])

@@ -58,7 +58,11 @@ def length_families() -> dict[str, tuple[Callable[[random.Random], int], float]]
             f"english paragraphs ({len(corpus)})": (lengths_empirical(corpus), sum(corpus) / len(corpus))}
 
 
-def policy_config(name: str, args) -> PolicyConfig:
+# The table's own policy settings (its command line's defaults; bench/policy_ab.py starts from them too).
+TABLE_SETTINGS = argparse.Namespace(fixed_batch_size=32, delay_ms=5.0, late_grace=4.0)
+
+
+def policy_config(name: str, args=TABLE_SETTINGS) -> PolicyConfig:
     return PolicyConfig(name, fixed_batch_size=args.fixed_batch_size, preferred_batch_sizes=(8, 16, 32),
                         max_queue_delay=args.delay_ms / 1000, max_wait=args.delay_ms / 1000, late_grace=args.late_grace)
 
@@ -107,9 +111,9 @@ def main() -> int:
                     help="sequences per request (a request of several inputs is answered when its last one is)")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--max-batch-requests", type=int, default=64)
-    ap.add_argument("--fixed-batch-size", type=int, default=32)
-    ap.add_argument("--delay-ms", type=float, default=5.0, help="fifo/triton max queue delay and dp max wait")
-    ap.add_argument("--late-grace", type=float, default=4.0, help="dp: SLOs past its deadline a hopeless request stays demoted")
+    ap.add_argument("--fixed-batch-size", type=int, default=TABLE_SETTINGS.fixed_batch_size)
+    ap.add_argument("--delay-ms", type=float, default=TABLE_SETTINGS.delay_ms, help="fifo/triton max queue delay and dp max wait")
+    ap.add_argument("--late-grace", type=float, default=TABLE_SETTINGS.late_grace, help="dp: SLOs past its deadline a hopeless request stays demoted")
     ap.add_argument("--out", default="bench/out", help="folder for the PNG and the JSON")
     ap.add_argument("--refined", action="store_true",
                     help="use the saved model as refined by live batches (default: as measured by `turboserve profile`)")

@@ -256,7 +256,9 @@ def margin_due(due: np.ndarray, origin: float, factor: float, batch: float, aver
     `origin` divided by 1 + (factor - 1) / k ** averaging, k the slack in batches of `batch` seconds (at least 1).
     The batches ahead of a request overrun one by one, and their sum overruns its prediction by less than one batch
     does (about 1 / sqrt(k) of it for independent overruns: averaging 0.5); averaging 0 divides every slack by the
-    factor. Past and infinite deadlines stay as they are."""
+    factor. Past and infinite deadlines stay as they are (all of them with a factor of at most 1)."""
+    if factor <= 1:
+        return due
     with np.errstate(invalid="ignore", divide="ignore"):
         slack = due - origin
         if averaging > 0:

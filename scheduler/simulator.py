@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Sequence
 
 from scheduler.cost_model import CostModel
@@ -190,10 +190,14 @@ class Scatter:
     def __bool__(self) -> bool:
         return self.floor > 0 or self.jitter > 0 or bool(self.spells)
 
+    def less_floor(self, variance: float) -> Scatter:
+        """The same scatter with `variance` taken out of its floor's (at least 0): a share something else varies."""
+        return replace(self, floor=math.sqrt(max(self.floor ** 2 - variance, 0.0)))
+
     def with_spells(self, spells: Spells) -> Scatter:
         """The same scatter with as much of its floor as `spells` vary moved into them (a floor fitted on batches
         as if apart already holds the spells' share; what is left is what batches do apart)."""
-        return Scatter(math.sqrt(max(self.floor ** 2 - spells.variance(), 0.0)), self.jitter, spells)
+        return replace(self.less_floor(spells.variance()), spells=spells)
 
 
 def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], first: int, host: HostLoad) -> float:
@@ -263,7 +267,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         now += host.per_batch
         started = now
         seconds = device.predict_lengths(lengths) * (speed_at(now) if speed_at else 1.0) + host.per_forward
-        if scatter:
+        if scatter.floor > 0 or scatter.jitter > 0:
             seconds *= math.exp(rng.gauss(0.0, scatter.sigma(seconds)))
         if drift is not None:
             seconds *= drift(now)
