@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from scheduler.cost_model import CostModel
 from scheduler.planner import Limits, PolicyConfig, Request, plan
 from scheduler.simulator import Trace, lengths_uniform, make_trace, simulate
@@ -66,15 +68,15 @@ def test_noise_scatters_batch_times_about_the_model_reproducibly():
     assert lat.p99 > base * math.exp(0.2 * 1.5)  # a log-normal tail (2.33 sigma at p99)
 
 
-def test_the_averaging_setting_reaches_the_planner(monkeypatch):
-    import pytest  # noqa: PLC0415
+@pytest.mark.parametrize("name, value", [("margin_averaging", 0.5), ("shed_margin", 1.0)])
+def test_the_margin_settings_reach_the_planner(monkeypatch, name, value):
     from pydantic import ValidationError  # noqa: PLC0415
 
     from configs.settings import SchedulerSettings, Settings  # noqa: PLC0415
     from server.engine import policy_config  # noqa: PLC0415
 
-    assert policy_config(SchedulerSettings()).margin_averaging == PolicyConfig().margin_averaging == 0.0
-    monkeypatch.setenv("TURBOSERVE_SCHEDULER__MARGIN_AVERAGING", "0.5")
-    assert policy_config(Settings().scheduler).margin_averaging == 0.5
+    assert getattr(policy_config(SchedulerSettings()), name) == getattr(PolicyConfig(), name) == 0.0
+    monkeypatch.setenv(f"TURBOSERVE_SCHEDULER__{name.upper()}", str(value))
+    assert getattr(policy_config(Settings().scheduler), name) == value
     with pytest.raises(ValidationError):
-        SchedulerSettings(margin_averaging=-1)
+        SchedulerSettings(**{name: -1})

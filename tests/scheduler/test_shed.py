@@ -215,15 +215,3 @@ def test_a_client_request_late_as_a_whole_is_not_cut_to_run_a_few_of_its_sequenc
     separate = plan([Request(128, 0.0, 2.0) for _ in range(16)], limits, cost, 0.0, PolicyConfig())
     assert len(separate.batches[0].indices) == 3 and len(separate.late) == 13
 
-
-def test_the_shed_margin_setting_reaches_the_planner(monkeypatch):
-    from pydantic import ValidationError  # noqa: PLC0415
-
-    from configs.settings import SchedulerSettings, Settings  # noqa: PLC0415
-    from server.engine import policy_config  # noqa: PLC0415
-
-    assert policy_config(SchedulerSettings()).shed_margin == PolicyConfig().shed_margin == 0.0
-    monkeypatch.setenv("TURBOSERVE_SCHEDULER__SHED_MARGIN", "1")
-    assert policy_config(Settings().scheduler).shed_margin == 1.0
-    with pytest.raises(ValidationError):
-        SchedulerSettings(shed_margin=-1)
