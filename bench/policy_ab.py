@@ -7,6 +7,8 @@ bench/simulate.py's traces, against the first spec on the same trace and draws.
 
 A spec is a policy name and PolicyConfig fields to change, `name[:field=value;field=value]`, from the table's
 settings (bench/simulate.py: fixed batches of 32, preferred 8/16/32, 5 ms delay and wait, late grace 4 SLOs).
+`--plan-ms dp=7,fifo=0.3` charges each policy's planning a batch as device idle time (HostLoad.per_batch; live dp
+planned 4-10 ms a batch on the 2-vCPU VM, the baselines 0.1-0.6 ms); a spec with plan_ahead=1 hides it.
 Per trace: each spec's median capacity (requests/s) and its mean paired gap to the first spec with the standard
 error over the seeds (slo_capacity.paired_gap).
 """
@@ -50,6 +52,18 @@ def spec_config(spec: str) -> PolicyConfig:
     return config
 
 
+def plan_ms(text: str) -> dict[str, float]:
+    """POLICY=MS[,POLICY=MS...] (--plan-ms) as seconds by policy name."""
+    try:
+        pairs = [part.split("=") for part in text.split(",") if part]
+        out = {name: float(ms) / 1000 for name, ms in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not POLICY=MS[,POLICY=MS...]") from None
+    if min(out.values(), default=0.0) < 0:
+        raise argparse.ArgumentTypeError(f"planning times must be >= 0, got {text!r}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+", type=spec_config, help="name[:field=value;...]; the first is the reference")
@@ -64,6 +78,7 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.06)
     ap.add_argument("--jitter", type=float, default=0.0125)
     ap.add_argument("--spells", type=spells, default="", help="as bench/simulate.py's")
+    ap.add_argument("--plan-ms", type=plan_ms, default="", help="POLICY=MS,...: planning a batch, device idle (default 0)")
     args = ap.parse_args()
     cost = CostModel.load(args.cost).measured()
     cost.alpha = DEFAULT_ALPHA
@@ -71,16 +86,17 @@ def main() -> int:
     noise = Scatter(args.noise, args.jitter, args.spells)
     names = [f"{c.name}" + "".join(f" {f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c)
                                    if getattr(c, f.name) != getattr(spec_config(c.name), f.name)) for c in args.specs]
-    print(f"SLO {slo} s, seeds 1-{args.seeds}, {args.host_ms}, {noise}")
+    print(f"SLO {slo} s, seeds 1-{args.seeds}, {args.host_ms}, {noise}, planning {args.plan_ms or 'none'}")
     for family, (draw, mean_len) in length_families().items():
         if not family.startswith(args.family):
             continue
         unit = full_batch_rate(mean_len, limits, cost)
         for bursty in {"poisson": (False,), "bursts": (True,), "both": (False, True)}[args.arrivals]:
             t0 = time.time()
+            hosts = [dataclasses.replace(args.host_ms, per_batch=args.plan_ms.get(c.name, 0.0)) for c in args.specs]
             caps = [[slo_capacity(lambda x: make_trace(x * unit, args.requests, draw, seed=1, bursty=bursty), config,
-                                  limits, cost, slo, args.bisect_steps, host=args.host_ms, refine=True, noise=noise,
-                                  seed=seed) for seed in range(1, args.seeds + 1)] for config in args.specs]
+                                  limits, cost, slo, args.bisect_steps, host=host, refine=True, noise=noise, seed=seed)
+                     for seed in range(1, args.seeds + 1)] for config, host in zip(args.specs, hosts)]
             parts = []
             for name, mine in zip(names, caps):
                 gap = "" if mine is caps[0] else " ({:+.1%} se {:.1%})".format(*paired_gap(mine, caps[0]))

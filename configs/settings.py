@@ -167,6 +167,9 @@ class SchedulerSettings(_Section):
                                                            "partitions: as profiled (or loaded), or as refined online (its knots wander "
                                                            "with the batches' scatter, and dp then picks partitions for that noise). "
                                                            "Deadlines are checked with the refined model either way.")
+    plan_ahead: bool = Field(False, description="Every policy: plans the next batch while the current one runs (as if it starts "
+                             "when the current one is predicted to end), so the device does not idle while the planner runs; "
+                             "requests that arrive meanwhile wait for the plan after, unless one is more urgent than all it planned.")
     cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
     profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")

@@ -8,13 +8,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.cost_model import CostModel
 from scheduler.errors import NotReady, Overloaded
-from scheduler.planner import RATE_WINDOW, Limits, PolicyConfig, Request, plan
+from scheduler.planner import RATE_WINDOW, Limits, Plan, PolicyConfig, Request, plan
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,13 @@ class BatchQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._no_waiting = False  # draining: no more arrivals to wait for, so no batch is held back for a fuller one
-        # Told (pending count, seconds) after every plan: the planner runs between batches, so its time is the device's idle time.
+        # Told (pending count, seconds) after every plan: the planner runs between batches, so its time is the device's
+        # idle time, except a plan made ahead (PolicyConfig.plan_ahead) while a batch runs.
         self.on_plan = on_plan
+        # plan_ahead: one thread plans the next batch while the worker runs the current one; `_ahead` is that plan's future.
+        self._planner = ThreadPoolExecutor(1, "turboserve-plan-ahead") if self.policy.plan_ahead else None
+        self._ahead: Future | None = None
+        self.ahead_used = self.ahead_dropped = 0  # plans made ahead that the worker ran, and those it planned again instead
 
     @property
     def depth(self) -> int:
@@ -139,6 +144,8 @@ class BatchQueue:
                 if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
                     return []
                 if not self._pending:
+                    if self._planner is not None:
+                        self._planner.shutdown(wait=False)
                     return None
                 snapshot, closed = list(self._pending), self._closed or self._no_waiting
                 now = self.clock()
@@ -147,6 +154,8 @@ class BatchQueue:
             dead = [it for it in snapshot if it.expires_at <= now or it.future.cancelled()]
             if dead and (taken := self._take(dead)):
                 return taken  # alone and unplanned: the worker drops them, and no batch is planned around them
+            if (batch := self._planned_ahead(snapshot, now, closed, rate)) is not None:
+                return batch
             # Plan outside the lock: producers (the event loop) never wait for the planner.
             started = time.perf_counter()
             requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
@@ -164,7 +173,57 @@ class BatchQueue:
                 continue
             batch = self._take([snapshot[i] for i in decided.batches[0].indices])
             if batch:
+                self._plan_ahead(batch, now, rate)
                 return batch
+
+    def _plan_ahead(self, batch: list[WorkItem], now: float, rate: float) -> None:
+        """With plan_ahead: plan, in the planner thread, the batch to run after `batch` from what is pending beside it,
+        as if it starts when `batch` is predicted to end."""
+        if self._planner is None:
+            return
+        with self._cond:
+            snapshot = list(self._pending)
+        if not snapshot:
+            return
+        ends = now + (self.cost.predict_lengths([it.length for it in batch]) if self.cost is not None else 0.0)
+        self._ahead = self._planner.submit(self._plan_snapshot, snapshot, ends, rate)
+
+    def _plan_snapshot(self, snapshot: list[WorkItem], now: float, rate: float) -> tuple[list[WorkItem], Plan] | None:
+        started = time.perf_counter()
+        requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
+        try:
+            decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True, arrival_rate=rate)
+        except Exception:  # the worker plans again itself (and falls back to token_budget if that fails too)
+            log.exception("policy %s failed to plan %d requests ahead", self.policy.name, len(requests))
+            return None
+        if self.on_plan is not None:
+            self.on_plan(len(requests), time.perf_counter() - started)
+        return snapshot, decided
+
+    def _planned_ahead(self, pending: list[WorkItem], now: float, closed: bool, rate: float) -> list[WorkItem] | None:
+        """Take the batch planned ahead, if there is one and it still holds: the plan does not wait (or the queue
+        drains), and nothing pending now that it did not see is more urgent than all it saw (a higher priority, or an
+        earlier deadline); arrivals since wait for the next plan. None: plan now."""
+        future, self._ahead = self._ahead, None
+        if future is None:
+            return None
+        got = future.result()  # waits if it is still planning: it started before this batch ran, so no later than planning now
+        if got is None:
+            return None
+        snapshot, decided = got
+        seen = {id(it) for it in snapshot}
+        top = max(it.priority for it in snapshot)
+        soonest = min(it.deadline for it in snapshot)
+        fresh = [it for it in pending if id(it) not in seen]
+        holds = (decided.wait_until is None or decided.wait_until <= now or closed) and not any(
+            it.priority > top or it.deadline < soonest for it in fresh)
+        batch = self._take([snapshot[i] for i in decided.batches[0].indices]) if holds else []
+        if not batch:
+            self.ahead_dropped += 1
+            return None
+        self.ahead_used += 1
+        self._plan_ahead(batch, now, rate)
+        return batch
 
     def _take(self, chosen: list[WorkItem]) -> list[WorkItem]:
         """Remove `chosen` from the queue; return those still in it. withdraw() may have removed some since the

@@ -213,6 +213,17 @@ def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], 
     return end
 
 
+def _plan_ahead(rest: list[int], trace: Trace, slo: float, group: list[int], limits: Limits, cost: CostModel,
+                now: float, ends: float, config: PolicyConfig) -> tuple[list[int], float] | None:
+    """The batch to run after the one that is predicted to end at `ends`, planned from `rest` (what is pending beside it),
+    and when it may start (-inf, or the policy's wait_until: if the device is free before, the worker plans again)."""
+    if not rest:
+        return None
+    requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in rest]
+    decided = plan(requests, limits, cost, ends, config, next_only=True, arrival_rate=recent_rate(trace.arrivals, now))
+    return [rest[i] for i in decided.batches[0].indices], -math.inf if decided.wait_until is None else decided.wait_until
+
+
 def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostModel, slo: float,
              planner_cost: CostModel | None = None, host: HostLoad | None = None, refine: bool = False,
              noise: float | Scatter = 0.0, seed: int = 0, speed_at: Callable[[float], float] | None = None) -> Result:
@@ -242,6 +253,8 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
     last_end, last_size = -math.inf, 0
     rng = random.Random(seed)
     drift = scatter.spells.path(seed) if scatter.spells else None
+    ahead: tuple[list[int], float] | None = None  # plan_ahead: the batch planned while the last one ran, and from when
+    # it may start (one SLO: nothing that arrived since is more urgent)
     while next_arrival < n or pending:
         while next_arrival < n and trace.arrivals[next_arrival] <= now:
             pending.append(next_arrival)
@@ -249,23 +262,31 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         if not pending:
             now = trace.arrivals[next_arrival]
             continue
-        requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in pending]
-        rate = recent_rate(trace.arrivals, now)
-        decided = plan(requests, limits, planner_cost, now, config, next_only=True, arrival_rate=rate)  # as the server's worker
-        upcoming = trace.arrivals[next_arrival] if next_arrival < n else math.inf
-        if decided.wait_until is not None and decided.wait_until > now:
-            now = min(decided.wait_until, upcoming)  # wait, unless a new arrival comes first
-            if now == decided.wait_until and upcoming > now:
-                decided = plan(requests, limits, planner_cost, now, PolicyConfig(**{**config.__dict__, "max_wait": 0.0,
-                                                                                     "max_queue_delay": 0.0}), next_only=True,
-                               arrival_rate=rate)
-            else:
-                continue
-        chosen = [pending[i] for i in decided.batches[0].indices]
+        if ahead and ahead[1] <= now:
+            chosen, ahead, gap = ahead[0], None, 0.0  # planned while the device ran: no planning time between the batches
+        else:
+            ahead = None
+            requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in pending]
+            rate = recent_rate(trace.arrivals, now)
+            decided = plan(requests, limits, planner_cost, now, config, next_only=True, arrival_rate=rate)  # as the server's worker
+            upcoming = trace.arrivals[next_arrival] if next_arrival < n else math.inf
+            if decided.wait_until is not None and decided.wait_until > now:
+                now = min(decided.wait_until, upcoming)  # wait, unless a new arrival comes first
+                if now == decided.wait_until and upcoming > now:
+                    decided = plan(requests, limits, planner_cost, now, PolicyConfig(**{**config.__dict__, "max_wait": 0.0,
+                                                                                         "max_queue_delay": 0.0}),
+                                   next_only=True, arrival_rate=rate)
+                else:
+                    continue
+            chosen, gap = [pending[i] for i in decided.batches[0].indices], host.per_batch
         lengths = [trace.lengths[i] for i in chosen]
         after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
-        now += host.per_batch
+        now += gap
         started = now
+        if config.plan_ahead:
+            taken = set(chosen)
+            ahead = _plan_ahead([i for i in pending if i not in taken], trace, slo, group, limits, planner_cost,
+                                now, now + planner_cost.predict_lengths(lengths), config)
         seconds = device.predict_lengths(lengths) * (speed_at(now) if speed_at else 1.0) + host.per_forward
         if scatter.floor > 0 or scatter.jitter > 0:
             seconds *= math.exp(rng.gauss(0.0, scatter.sigma(seconds)))

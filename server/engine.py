@@ -62,6 +62,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         order_tolerance=sched.order_tolerance,
         keep_up=sched.keep_up,
         partition_cost=sched.partition_cost,
+        plan_ahead=sched.plan_ahead,
     )
 
 
@@ -117,6 +118,8 @@ class Engine:
     def scheduler_info(self) -> dict:
         """The policy, the cost model and how well it predicts live batches (for /info)."""
         out: dict = {"policy": self.settings.scheduler.policy, "slo_ms": self.settings.scheduler.slo_ms}
+        if self.queue.policy.plan_ahead:
+            out["plans_ahead"] = {"run": self.queue.ahead_used, "planned_again": self.queue.ahead_dropped}
         if self.cost is not None:
             out["cost_model"] = self.cost.summary()
             out["cost_model_error"] = self.metrics.cost_error_summary()
