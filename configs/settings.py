@@ -170,6 +170,9 @@ class SchedulerSettings(_Section):
     plan_ahead: bool = Field(False, description="Every policy: plans the next batch while the current one runs (as if it starts "
                              "when the current one is predicted to end), so the device does not idle while the planner runs; "
                              "requests that arrive meanwhile wait for the plan after, unless one is more urgent than all it planned.")
+    answer_after_plan: bool = Field(False, description="Every policy: hands out a batch's answers once the next batch is "
+                                    "chosen (or before the worker would wait), so that writing them does not share the GIL "
+                                    "with the planner while the device idles; answers then wait for the plan.")
     cost_model_dir: str | None = Field("~/.cache/turboserve", description="Where measured cost models are saved; empty: never saved.")
     profile: Literal["auto", "always"] = Field("auto", description="auto: load a saved cost model for this model/device/software, else measure; always: measure.")
     profile_runs: int = Field(3, ge=1, description="Timed runs per grid cell when measuring the cost model.")

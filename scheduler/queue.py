@@ -132,14 +132,27 @@ class BatchQueue:
                 self._pending = [it for it in self._pending if not match(it)]
         return removed
 
-    def next_batch(self, timeout: float | None = None) -> list[WorkItem] | None:
+    def next_batch(self, timeout: float | None = None, idle: Callable[[], None] | None = None) -> list[WorkItem] | None:
         """Block until the policy releases a batch; remove and return it.
+
+        `idle`, if given, is called outside the lock before this call would block, and before it returns (so perhaps
+        twice: it must be idempotent): the worker hands out the last batch's answers then (PolicyConfig.answer_after_plan).
 
         Plans again whenever work arrives while the policy holds a batch back for a fuller one. Items whose
         request gave up (cancelled future) or whose hard deadline passed come out first, as a batch of
         their own, for the worker to drop. Returns None when closed and empty, or [] after `timeout` seconds with nothing pending.
         """
+        try:
+            return self._next_batch(timeout, idle)
+        finally:
+            if idle is not None:
+                idle()
+
+    def _next_batch(self, timeout: float | None, idle: Callable[[], None] | None) -> list[WorkItem] | None:
         while True:
+            if idle is not None and not (self._pending or self._closed):  # a racy read: at worst it answers early
+                idle, settle = None, idle
+                settle()
             with self._cond:
                 if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
                     return []
@@ -167,6 +180,9 @@ class BatchQueue:
             if self.on_plan is not None:
                 self.on_plan(len(requests), time.perf_counter() - started)
             if decided.wait_until is not None and decided.wait_until > now and not closed:
+                if idle is not None:
+                    idle, settle = None, idle
+                    settle()
                 with self._cond:
                     if len(self._pending) == len(snapshot) and not self._no_waiting:  # nothing new while planning
                         self._cond.wait(decided.wait_until - now)  # an arrival (or the drain) wakes us to plan again

@@ -44,6 +44,8 @@ class BatchWorker:
         self.observer = observer
         self.clock = clock
         self.executions = 0  # batches this worker ran (Triton's execution_count of its model); its thread only
+        # answer_after_plan: the last batch's items and outputs, resolved once the next batch is chosen; its thread only
+        self._held: tuple[list[WorkItem], list] | None = None
         self._thread = threading.Thread(target=self._loop, name="turboserve-worker", daemon=True)
 
     @property
@@ -58,13 +60,19 @@ class BatchWorker:
 
     def _loop(self) -> None:
         batch: list[WorkItem] = []
+        idle = self._answer if self.queue.policy.answer_after_plan else None
         try:
-            while (batch := self.queue.next_batch()) is not None:
+            while (batch := self.queue.next_batch(idle=idle)) is not None:
                 live = self._admit(batch)
                 if live:
                     self._run(live)
+            self._answer()
         except Exception:  # the loop itself broke: refuse new work and fail what waits, never hang it
             log.exception("batching worker crashed")
+            try:
+                self._answer()  # computed before the crash: still theirs
+            except Exception:
+                log.exception("could not hand out the last batch's answers")
             self.queue.close()
             stopped = BackendError("the batching worker stopped")
             for it in batch or []:
@@ -110,7 +118,15 @@ class BatchWorker:
         error = cost.observe([it.length for it in batch], seconds) if cost is not None and whole else None
         self.executions += 1
         self.observer.batch_done(items, seconds, error)
-        resolve(items, [row for _, row in done])
+        self._held = (items, [row for _, row in done])
+        if not self.queue.policy.answer_after_plan:
+            self._answer()
+
+    def _answer(self) -> None:
+        """Resolve the last batch's held answers, if any (the event loop then writes them)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            resolve(*held)
 
     def _compute(self, batch: list[WorkItem], done: list[tuple[WorkItem, object]]) -> bool:
         """Run `batch`, appending (item, row) to `done`; True if it ran whole, in one call.

@@ -63,6 +63,7 @@ def policy_config(sched: SchedulerSettings) -> PolicyConfig:
         keep_up=sched.keep_up,
         partition_cost=sched.partition_cost,
         plan_ahead=sched.plan_ahead,
+        answer_after_plan=sched.answer_after_plan,
     )
 
 
