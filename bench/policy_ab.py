@@ -8,7 +8,7 @@ bench/simulate.py's traces, against the first spec on the same trace and draws.
 A spec is a policy name and PolicyConfig fields to change, `name[:field=value;field=value]`, from the table's
 settings (bench/simulate.py: fixed batches of 32, preferred 8/16/32, 5 ms delay and wait, late grace 4 SLOs).
 `--plan-ms dp=7,fifo=0.3` charges each policy's planning a batch as device idle time (HostLoad.per_batch; live dp
-planned 4-10 ms a batch on the 2-vCPU VM, the baselines 0.1-0.6 ms); a spec with plan_ahead=1 hides it.
+planned 4-17 ms a batch on 2-vCPU VMs, the baselines 0.1-0.9 ms); a spec with plan_ahead=1 hides it.
 Per trace: each spec's median capacity (requests/s) and its mean paired gap to the first spec with the standard
 error over the seeds (slo_capacity.paired_gap).
 """

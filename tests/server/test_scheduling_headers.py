@@ -102,3 +102,22 @@ def test_a_refinement_far_from_the_profile_is_not_saved(tmp_path):
         assert s.app.state.engine.cost.drift() > MAX_DRIFT
     (saved,) = tmp_path.glob("cost-*.json")
     assert CostModel.load(saved).observations == 0
+
+
+def test_planning_ahead_and_answering_after_the_plan_through_http():
+    embedder = DummyEmbedder()
+    with dummy_server(embedder, scheduler={"max_batch_requests": 2, "plan_ahead": True, "answer_after_plan": True}) as s, \
+            ThreadPoolExecutor(8) as pool, s.client() as c:
+        blocker = embedder.occupy(pool, c)
+        engine = s.app.state.engine
+        texts = [f"request number {i}" for i in range(7)]
+        futures = [pool.submit(c.post, "/embed", json={"inputs": t}) for t in texts]
+        wait_for(lambda: engine.queue.depth == len(texts))
+        embedder.gate.set()  # then batches of two back to back, each planned while the one before ran
+        assert blocker.result(10).status_code == 200
+        answers = [f.result(10) for f in futures]
+        assert [r.status_code for r in answers] == [200] * len(texts)
+        alone = [c.post("/embed", json={"inputs": t}).json() for t in texts]  # one at a time: nothing to plan ahead
+        assert [r.json() for r in answers] == alone
+        ahead = c.get("/info").json()["scheduler"]["plans_ahead"]
+        assert ahead["run"] >= 2 and ahead["planned_again"] >= 0
