@@ -71,7 +71,9 @@ def main() -> int:
     ap.add_argument("--texts", choices=("uniform", "english"), default="uniform",
                     help="uniform: 8-256 tokens, uniformly spread; english: the corpus's paragraphs as written (mostly short)")
     ap.add_argument("--text-seed", type=int, default=11,
-                    help="which texts, in which order (the arrival times are the same for every seed): another trace")
+                    help="which texts, in which order (the arrival times are --arrival-seed's): another trace")
+    ap.add_argument("--arrival-seed", type=int, default=shared.ARRIVAL_SEED,
+                    help="the arrival times' seed (the same at every load, scaled): another trace")
     ap.add_argument("--policies", default="dp,fifo", help="as bench/live_policies.py's (dp:deadline_margin=0: a knob's A/B)")
     ap.add_argument("--steps", type=int, default=5, help="bisection steps a policy (one live run each)")
     ap.add_argument("--span", type=float, default=0.5, help="bracket: the simulated capacity x (1 -/+ span)")
@@ -117,12 +119,12 @@ def main() -> int:
     models = shared.prepare_models(args, out, texts, lengths, limits, arrivals_at, report)
     device = models.device or models.start
     shared.sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device, models.host, tuple(policies),
-                          models.scatter)
+                          models.scatter, args.arrival_seed)
     unit = report["sim_capacity"]["unit_rps"]
     report["start_model"] = models.start.to_json()  # what every server plans with first (bench/sim_fidelity.py)
 
     def run(policy: str, load: float) -> bool:
-        arrivals = arrivals_at(load * unit, len(texts), random.Random(7))
+        arrivals = arrivals_at(load * unit, len(texts), random.Random(args.arrival_seed))
         offered = offered_rate(arrivals, len(arrivals))
         results, live, _, _ = shared.serve_trace(policy, models, arrivals, texts, args)
         sim = simulate(Trace(arrivals, lengths), shared.sim_config(policy), limits, device, slo, models.start, models.host,

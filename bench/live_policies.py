@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench.harness import machine_info  # noqa: E402
 from bench.host_load import simulate_at_run_speed  # noqa: E402
 from bench.live_server import (  # noqa: E402
+    ARRIVAL_SEED,
     POLICIES,
     file_label,
     full_batch_capacity,
@@ -138,7 +139,7 @@ def main() -> int:
         if load not in traces:  # one trace a load, replayed to every policy and round alike
             capacity = full_batch_capacity(lengths, limits, models.start) / k  # requests/s
             rate = args.rps if args.rps else load * capacity
-            traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(7)))
+            traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(ARRIVAL_SEED)))
             (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
                                                                 "texts": texts, "inputs": k}))
         capacity, arrivals = traces[load]

@@ -26,6 +26,7 @@ from scheduler.simulator import HostLoad, Trace
 from server.engine import policy_config
 
 POLICIES = ("dp", "token_budget", "fifo", "triton", "sort_slice")
+ARRIVAL_SEED = 7  # the live runs' arrival times (bench/live_capacity.py --arrival-seed; the calibration's are seed 3)
 
 
 async def replay(url: str, arrivals: list[float], texts: list[str] | list[list[str]], slo_ms: float,
@@ -142,18 +143,19 @@ def full_batch_capacity(lengths: list[int], limits: Limits, cost: CostModel) -> 
 
 
 def sim_capacity(policy: str, lengths: list[int], arrivals_at, unit: float, limits: Limits, slo: float, cost: CostModel,
-                 device: CostModel, host: HostLoad, scatter=0.0) -> float:
+                 device: CostModel, host: HostLoad, scatter=0.0, arrival_seed: int = ARRIVAL_SEED) -> float:
     """One policy's simulated SLO capacity on the seeded trace at x times `unit` requests/s (the live runs' trace):
     planners see `cost`, the device is `device` plus `host`; with a scatter (a sigma, or a simulator.Scatter) the
     median over bench/slo_capacity.NOISE_SEEDS, the planners learning from every batch."""
     def at(x: float) -> Trace:
-        return Trace(arrivals_at(x * unit, len(lengths), random.Random(7)), lengths)
+        return Trace(arrivals_at(x * unit, len(lengths), random.Random(arrival_seed)), lengths)
     return median_capacity(at, sim_config(policy), limits, device, slo, steps=10, planner_cost=cost, host=host,
                            refine=bool(scatter), noise=scatter)
 
 
 def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, report: dict, cost: CostModel,
-                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES, scatter: float = 0.0) -> list[float]:
+                   device: CostModel, host: HostLoad, policies: tuple[str, ...] = POLICIES, scatter: float = 0.0,
+                   arrival_seed: int = ARRIVAL_SEED) -> list[float]:
     """The simulated SLO capacity (load) of fifo and of dp on this trace: the planners see `cost` (the model
     the servers start with), the simulated device is `device` plus `host`; every policy's capacity goes into
     the report. With `scatter` > 0 each simulated batch takes its time times a log-normal factor of that sigma,
@@ -163,7 +165,7 @@ def sim_capacities(lengths: list[int], arrivals_at, limits: Limits, slo: float, 
     to a few slow batches), dp's within 1% (bench/RESULTS.md, section 2, session 21). After the live runs
     bench/sim_fidelity.py simulates them again with a host fitted on all of them, each policy's planning charged."""
     capacity = full_batch_capacity(lengths, limits, cost)
-    found = {policy: sim_capacity(policy, lengths, arrivals_at, capacity, limits, slo, cost, device, host, scatter)
+    found = {policy: sim_capacity(policy, lengths, arrivals_at, capacity, limits, slo, cost, device, host, scatter, arrival_seed)
              for policy in policies}
     for policy, load in found.items():
         print(f"simulated SLO capacity {policy:12} load {load:.4f} = {load * capacity:.2f} requests/s "

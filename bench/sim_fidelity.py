@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.host_load import calibration_fit, fit_runs, host_seconds, live_batches, run_speed  # noqa: E402
-from bench.live_server import file_label, sim_capacity, sim_config, simulation_limits  # noqa: E402
+from bench.live_server import ARRIVAL_SEED, file_label, sim_capacity, sim_config, simulation_limits  # noqa: E402
 from bench.simulate import spells as spells_option  # noqa: E402
 from bench.slo_capacity import NOISE_SEEDS, holds_slo, offered_rate  # noqa: E402
 from bench.workload import count_tokens, make_texts  # noqa: E402
@@ -69,7 +69,8 @@ def load_folder(folder: Path) -> dict:
         answers = json.loads((folder / f"answers-{file_label(run['policy'])}-{i}.json").read_text())
         runs.append(run | {"answers": answers, "batches": live_batches(answers, lengths)})
     planner = CostModel.from_json(report["start_model"]) if "start_model" in report else profile.scaled(calibration.speed)
-    return {"report": report, "arrivals_at": arrivals_at, "lengths": lengths, "profile": profile,
+    seed = int(command_option(report["command"], "--arrival-seed", str(ARRIVAL_SEED)))
+    return {"report": report, "arrivals_at": arrivals_at, "arrival_seed": seed, "lengths": lengths, "profile": profile,
             "calibration": calibration, "runs": runs, "planner": planner, "unit": report["sim_capacity"]["unit_rps"]}
 
 
@@ -123,7 +124,7 @@ def fidelity(folder: Path, window: float = 3.0, synthetic: Spells | None = None)
         if math.isnan(speed):
             print(f"  {policy:13} {load:6.3f}: no batch answered, not simulated")
             continue
-        trace = Trace(d["arrivals_at"](load * d["unit"], len(d["lengths"]), random.Random(7)), d["lengths"])
+        trace = Trace(d["arrivals_at"](load * d["unit"], len(d["lengths"]), random.Random(d["arrival_seed"])), d["lengths"])
         planning = run["live"].get("plan_seconds_a_batch", 0.0)
         old_speed = run_speed(run["batches"], profile, cal.host)
         old = simulated_p99(trace, policy, profile.scaled(old_speed), d["planner"], replace(cal.host, per_batch=planning),
@@ -176,7 +177,7 @@ def common_speed_capacities(d: dict, rows: list[dict], pooled, slo: float) -> di
         planning = statistics.median(r_live["live"].get("plan_seconds_a_batch", 0.0)
                                      for r_live in d["runs"] if r_live["policy"] == policy)
         sim = sim_capacity(policy, d["lengths"], d["arrivals_at"], d["unit"], simulation_limits(), slo, d["planner"], device,
-                           replace(pooled.host, per_batch=planning), pooled.scatter)
+                           replace(pooled.host, per_batch=planning), pooled.scatter, d["arrival_seed"])
         live = float("nan") if not passed else (lo if not failed else (lo + hi) / 2)  # the bracket's middle
         out[policy] = {"passed_up_to": lo, "failed_from": hi, "consistent": lo < hi, "simulated": sim,
                        "live_over_sim": live / sim if sim else float("nan")}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +73,29 @@ def test_scattered_batch_times_lower_a_baselines_simulated_capacity():
         found[scatter] = report["sim_capacity"]["loads"]["fifo"]
         assert report["sim_capacity"]["scatter"] == scatter
     assert 0 < found[0.4] < found[0.0]
+
+
+def test_the_arrival_seed_picks_the_trace_the_simulation_bisects_over(tmp_path):
+    from bench.live_server import ARRIVAL_SEED, sim_capacity  # noqa: PLC0415
+    from bench.sim_fidelity import load_folder  # noqa: PLC0415
+    from scheduler.simulator import bursty_arrivals  # noqa: PLC0415
+
+    cost = CostModel([0.004, 0.0002, 0.00008, 0.0], [1.0], [1.0])
+    rng = random.Random(3)
+    lengths = [rng.randint(8, 256) for _ in range(300)]
+
+    def capacity(seed):
+        return sim_capacity("fifo", lengths, bursty_arrivals, 100.0, simulation_limits(), 0.5, cost, cost, HostLoad(),
+                            arrival_seed=seed)
+
+    assert ARRIVAL_SEED == 7 and capacity(7) == sim_capacity("fifo", lengths, bursty_arrivals, 100.0, simulation_limits(),
+                                                            0.5, cost, cost, HostLoad())
+    assert len({capacity(seed) for seed in (7, 8, 9)}) > 1  # other bursts, other capacities
+    # bench/sim_fidelity.py replays a folder on the seed its command named (7 when it named none)
+    recorded = Path(__file__).resolve().parents[2] / "bench" / "results" / "s24" / "live_capacity_bursts"
+    report = json.loads((recorded / "live_capacity.json").read_text())
+    report["runs"] = []
+    for seed, command in ((7, report["command"]), (12, report["command"] + " --arrival-seed 12")):
+        (tmp_path / "live_capacity.json").write_text(json.dumps(report | {"command": command}))
+        shutil.copy(recorded / "calibration.json", tmp_path / "calibration.json")
+        assert load_folder(tmp_path)["arrival_seed"] == seed
