@@ -143,7 +143,9 @@ def test_disconnected_client_is_dropped_before_compute():
 
 
 def test_requests_are_batched_under_the_limits():
-    embedder = DummyEmbedder()
+    # A batch's fixed time, which the profile measures: an instant dummy gave dp a cost model of timer noise, by which
+    # two batches of two could price below one of four (half the runs on a faster VM).
+    embedder = DummyEmbedder(delay_s=0.002)
     with dummy_server(embedder, scheduler={"max_batch_requests": 4, "max_batch_tokens": 64}) as s, \
             ThreadPoolExecutor(12) as pool, httpx.Client(base_url=s.url, timeout=30) as c:
         first = embedder.occupy(pool, c, "first")
