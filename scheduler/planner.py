@@ -118,7 +118,9 @@ class PolicyConfig:
     # to end, with what was pending when it started; the worker runs that batch as soon as the device is free, unless
     # a request more urgent than everything it planned with (higher priority, or an earlier deadline) arrived
     # meanwhile or the plan said wait. Those that arrived meanwhile wait for the plan after. The device no longer
-    # idles while the planner runs (0.5-10 ms a batch for dp on a 2-vCPU host).
+    # idles while the planner runs (dp: 5-17 ms a batch live on a 2-vCPU host). Simulated with that planning time,
+    # +1-5% SLO capacity; live on that host no better, the planner thread slowing the forward it overlaps
+    # (bench/RESULTS.md, section 2, session 28). For hosts whose model does not run on the planning cores.
     plan_ahead: bool = False
     # every policy: the worker hands out a batch's answers once it has chosen the next batch (or before it would wait),
     # not before planning it. Answers are written by the event loop, in Python, and under the GIL each one written

@@ -151,8 +151,7 @@ class BatchQueue:
     def _next_batch(self, timeout: float | None, idle: Callable[[], None] | None) -> list[WorkItem] | None:
         while True:
             if idle is not None and not (self._pending or self._closed):  # a racy read: at worst it answers early
-                idle, settle = None, idle
-                settle()
+                idle()
             with self._cond:
                 if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
                     return []
@@ -169,20 +168,10 @@ class BatchQueue:
                 return taken  # alone and unplanned: the worker drops them, and no batch is planned around them
             if (batch := self._planned_ahead(snapshot, now, closed, rate)) is not None:
                 return batch
-            # Plan outside the lock: producers (the event loop) never wait for the planner.
-            started = time.perf_counter()
-            requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
-            try:
-                decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True, arrival_rate=rate)
-            except Exception:  # a planner bug must not stop serving: fall back to TEI's budget
-                log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
-                decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
-            if self.on_plan is not None:
-                self.on_plan(len(requests), time.perf_counter() - started)
+            decided = self._plan(snapshot, now, rate)  # outside the lock: producers (the event loop) never wait for it
             if decided.wait_until is not None and decided.wait_until > now and not closed:
                 if idle is not None:
-                    idle, settle = None, idle
-                    settle()
+                    idle()
                 with self._cond:
                     if len(self._pending) == len(snapshot) and not self._no_waiting:  # nothing new while planning
                         self._cond.wait(decided.wait_until - now)  # an arrival (or the drain) wakes us to plan again
@@ -191,6 +180,20 @@ class BatchQueue:
             if batch:
                 self._plan_ahead(batch, now, rate)
                 return batch
+
+    def _plan(self, snapshot: list[WorkItem], now: float, rate: float) -> Plan:
+        """The policy's plan of `snapshot` from `now` (told to on_plan with its time); a planner bug falls back to TEI's
+        budget rather than stop serving."""
+        started = time.perf_counter()
+        requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
+        try:
+            decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True, arrival_rate=rate)
+        except Exception:
+            log.exception("policy %s failed to plan %d requests; using token_budget", self.policy.name, len(requests))
+            decided = plan(requests, self.limits, None, now, PolicyConfig("token_budget"))
+        if self.on_plan is not None:
+            self.on_plan(len(requests), time.perf_counter() - started)
+        return decided
 
     def _plan_ahead(self, batch: list[WorkItem], now: float, rate: float) -> None:
         """With plan_ahead: plan, in the planner thread, the batch to run after `batch` from what is pending beside it,
@@ -202,19 +205,7 @@ class BatchQueue:
         if not snapshot:
             return
         ends = now + (self.cost.predict_lengths([it.length for it in batch]) if self.cost is not None else 0.0)
-        self._ahead = self._planner.submit(self._plan_snapshot, snapshot, ends, rate)
-
-    def _plan_snapshot(self, snapshot: list[WorkItem], now: float, rate: float) -> tuple[list[WorkItem], Plan] | None:
-        started = time.perf_counter()
-        requests = [Request(it.length, it.enqueued_at, it.deadline, it.priority, it.group) for it in snapshot]
-        try:
-            decided = plan(requests, self.limits, self.cost, now, self.policy, next_only=True, arrival_rate=rate)
-        except Exception:  # the worker plans again itself (and falls back to token_budget if that fails too)
-            log.exception("policy %s failed to plan %d requests ahead", self.policy.name, len(requests))
-            return None
-        if self.on_plan is not None:
-            self.on_plan(len(requests), time.perf_counter() - started)
-        return snapshot, decided
+        self._ahead = self._planner.submit(lambda: (snapshot, self._plan(snapshot, ends, rate)))
 
     def _planned_ahead(self, pending: list[WorkItem], now: float, closed: bool, rate: float) -> list[WorkItem] | None:
         """Take the batch planned ahead, if there is one and it still holds: the plan does not wait (or the queue
@@ -223,10 +214,7 @@ class BatchQueue:
         future, self._ahead = self._ahead, None
         if future is None:
             return None
-        got = future.result()  # waits if it is still planning: it started before this batch ran, so no later than planning now
-        if got is None:
-            return None
-        snapshot, decided = got
+        snapshot, decided = future.result()  # if still planning, wait: it began before this batch, no later than planning now
         seen = {id(it) for it in snapshot}
         top = max(it.priority for it in snapshot)
         soonest = min(it.deadline for it in snapshot)

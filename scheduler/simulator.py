@@ -213,14 +213,19 @@ def _batch_end(start: float, seconds: float, after: int, arrivals: list[float], 
     return end
 
 
+def _requests(indices: list[int], trace: Trace, slo: float, group: list[int]) -> list[Request]:
+    """The planner's view of trace requests `indices`: deadline arrival + `slo`."""
+    return [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in indices]
+
+
 def _plan_ahead(rest: list[int], trace: Trace, slo: float, group: list[int], limits: Limits, cost: CostModel,
                 now: float, ends: float, config: PolicyConfig) -> tuple[list[int], float] | None:
     """The batch to run after the one that is predicted to end at `ends`, planned from `rest` (what is pending beside it),
     and when it may start (-inf, or the policy's wait_until: if the device is free before, the worker plans again)."""
     if not rest:
         return None
-    requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in rest]
-    decided = plan(requests, limits, cost, ends, config, next_only=True, arrival_rate=recent_rate(trace.arrivals, now))
+    decided = plan(_requests(rest, trace, slo, group), limits, cost, ends, config, next_only=True,
+                   arrival_rate=recent_rate(trace.arrivals, now))
     return [rest[i] for i in decided.batches[0].indices], -math.inf if decided.wait_until is None else decided.wait_until
 
 
@@ -266,7 +271,7 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
             chosen, ahead, gap = ahead[0], None, 0.0  # planned while the device ran: no planning time between the batches
         else:
             ahead = None
-            requests = [Request(trace.lengths[i], trace.arrivals[i], trace.arrivals[i] + slo, group=group[i]) for i in pending]
+            requests = _requests(pending, trace, slo, group)
             rate = recent_rate(trace.arrivals, now)
             decided = plan(requests, limits, planner_cost, now, config, next_only=True, arrival_rate=rate)  # as the server's worker
             upcoming = trace.arrivals[next_arrival] if next_arrival < n else math.inf
@@ -283,8 +288,8 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         after = last_size if now <= last_end else 0  # back to back: its answers are written during this batch
         now += gap
         started = now
+        taken = set(chosen)
         if config.plan_ahead:
-            taken = set(chosen)
             ahead = _plan_ahead([i for i in pending if i not in taken], trace, slo, group, limits, planner_cost,
                                 now, now + planner_cost.predict_lengths(lengths), config)
         seconds = device.predict_lengths(lengths) * (speed_at(now) if speed_at else 1.0) + host.per_forward
@@ -298,7 +303,6 @@ def simulate(trace: Trace, config: PolicyConfig, limits: Limits, device: CostMod
         last_end, last_size = now, len(chosen)
         for i in chosen:
             finish[i] = now
-        taken = set(chosen)
         pending = [i for i in pending if i not in taken]
         batches += 1
         batch_requests += len(chosen)

@@ -214,4 +214,3 @@ def test_a_client_request_late_as_a_whole_is_not_cut_to_run_a_few_of_its_sequenc
     assert got.cost == pytest.approx(plan([Request(128) for _ in range(16)], limits, cost, 0.0, PolicyConfig()).cost)
     separate = plan([Request(128, 0.0, 2.0) for _ in range(16)], limits, cost, 0.0, PolicyConfig())
     assert len(separate.batches[0].indices) == 3 and len(separate.late) == 13
-
