@@ -1,10 +1,11 @@
 """The volatile tier in this process's memory: partitioned hash maps with a capacity and an overflow policy.
 
-Each table is split into `partitions` partitions by a multiplicative hash of the key. A partition
-is a dict (key -> slot) over numpy slabs (`vectors [slots, dim]`, `keys`, `uses`, `last`), grown by
-doubling up to `capacity` rows. The per-key work is one dict probe; gathering and scattering the
-rows is vectorised numpy. `lookup_many` / `insert_many` take every table of a batch in one pass: one
-C-level loop of dict probes over all keys, then the row writes per (table, partition) with keys.
+Each table is split into `partitions` partitions by a multiplicative hash of the key; capacity and overflow
+are per partition. A table's rows sit in numpy slabs (`vectors [slots, dim]`, `keys`, `uses`, `last`, and
+each slot's `part`ition) under one dict key -> slot, grown by doubling up to partitions * capacity rows.
+The per-key work is one dict probe; gathering and scattering the rows is vectorised numpy, one gather per
+table. `lookup_many` / `insert_many` take every table of a batch in one pass: one C-level loop of dict
+probes over all keys, then the row reads or writes per table.
 
 Overflow: when an insert would take a partition past `capacity`, rows are evicted first, down to
 `target_fill * capacity` (so overflow work is amortised over many inserts), chosen by policy:
@@ -18,7 +19,7 @@ than a partition holds, the last `capacity` of them are kept.
 from __future__ import annotations
 
 import logging
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Literal
 
 import numpy as np
@@ -46,17 +47,23 @@ def group_by(part: np.ndarray, partitions: int) -> list[tuple[int, np.ndarray]]:
     return [(p, order[bounds[p]:bounds[p + 1]]) for p in range(partitions) if bounds[p + 1] > bounds[p]]
 
 
-class _Partition:
-    """One partition's rows: a dict key -> slot over numpy slabs."""
+class _Table:
+    """One table's rows: a dict key -> slot over numpy slabs shared by its partitions, and each slot's partition.
 
-    def __init__(self, dim: int, capacity: int) -> None:
-        self.capacity = capacity
+    A partition is the keys whose hash falls in it: its capacity and overflow are counted per partition, but its
+    rows sit in the table's slabs, so a lookup gathers a table's rows in one vectorised take whatever the
+    partitions (per-partition slabs cost a few numpy calls per (table, partition) of every batch)."""
+
+    def __init__(self, dim: int, partitions: int, capacity: int) -> None:
+        self.partitions, self.capacity = partitions, capacity
         self.index: dict[int, int] = {}
-        n = min(capacity, 1024)
+        n = min(partitions * capacity, 1024)
         self.vectors = np.zeros((n, dim), dtype=np.float32)  # [slots, dim]
         self.keys = np.zeros(n, dtype=np.int64)  # [slots]
         self.uses = np.zeros(n, dtype=np.int64)  # [slots] lookup hits since insertion
         self.last = np.zeros(n, dtype=np.int64)  # [slots] tick of the last insert or hit
+        self.part = np.full(n, -1, dtype=np.int32)  # [slots] partition of the row held, -1 where free
+        self.fill = np.zeros(partitions, dtype=np.int64)  # [partitions] rows held in each
         self.free: list[int] = []  # freed slots below `fresh`
         self.fresh = 0  # slots from here on were never used
 
@@ -66,29 +73,35 @@ class _Partition:
         return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
 
     def take(self, n: int) -> np.ndarray | slice:
-        """n free slots (freed ones first, then never used ones), growing the slabs within capacity; a slice when
-        they are all never used ones (contiguous: slice writes are cheaper than scattered ones)."""
+        """n free slots (freed ones first, then never used ones), growing the slabs; a slice when they are all never
+        used ones (contiguous: slice writes are cheaper than scattered ones)."""
         reused = self.free[len(self.free) - min(n, len(self.free)):]
         del self.free[len(self.free) - len(reused):]
         extra = n - len(reused)
         if self.fresh + extra > self.keys.size:
-            self._grow(min(self.capacity, max(2 * self.keys.size, self.fresh + extra)))
+            self._grow(min(self.partitions * self.capacity, max(2 * self.keys.size, self.fresh + extra)))
         start, self.fresh = self.fresh, self.fresh + extra
         if not reused:
             return slice(start, start + extra)
         return np.concatenate([np.array(reused, dtype=np.int64), np.arange(start, start + extra, dtype=np.int64)])
 
     def _grow(self, size: int) -> None:
-        for name in ("vectors", "keys", "uses", "last"):
+        for name in ("vectors", "keys", "uses", "last", "part"):
             old = getattr(self, name)
-            new = np.zeros((size, *old.shape[1:]), dtype=old.dtype)
+            new = np.full((size, *old.shape[1:]), -1 if name == "part" else 0, dtype=old.dtype)
             new[:old.shape[0]] = old
             setattr(self, name, new)
+
+    def held_in(self, partition: int) -> np.ndarray:
+        """Slots of the rows the partition holds."""
+        return np.flatnonzero(self.part[:self.fresh] == partition)
 
     def drop(self, slots: np.ndarray) -> None:
         """Free the slots."""
         for k in self.keys[slots].tolist():
             del self.index[k]
+        np.subtract.at(self.fill, self.part[slots], 1)
+        self.part[slots] = -1
         self.free.extend(slots.tolist())
 
 
@@ -115,79 +128,63 @@ class VolatileTier(Tier):
         self.partitions, self.capacity = partitions, capacity_per_partition
         self.policy, self.target_fill = overflow_policy, target_fill
         self._rng = np.random.default_rng(seed)
-        self._parts: dict[str, list[_Partition]] = {}
+        self._tables: dict[str, _Table] = {}
         self._tick = 0
 
     def create_table(self, spec: TableSpec) -> None:
         """Create the table's empty partitions (a no-op if it exists)."""
         super().create_table(spec)
-        if spec.name not in self._parts:
-            self._parts[spec.name] = [_Partition(spec.dim, self.capacity) for _ in range(self.partitions)]
+        if spec.name not in self._tables:
+            self._tables[spec.name] = _Table(spec.dim, self.partitions, self.capacity)
 
-    def _table(self, table: str) -> list[_Partition]:
+    def _table(self, table: str) -> _Table:
         self.spec(table)
-        return self._parts[table]
+        return self._tables[table]
 
     def fill(self, table: str) -> list[int]:
         """Rows held in each partition of the table."""
-        return [len(p.index) for p in self._table(table)]
+        return self._table(table).fill.tolist()
 
     def lookup(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows held: vectors [n, dim] and found [n] (CPU tensors); a hit counts as a use."""
         return self.lookup_many({table: keys})[table]
 
     def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """`lookup` of several tables in one pass: the dict probes of every table's keys in one C-level loop."""
+        """`lookup` of several tables in one pass: the dict probes of every table's keys in one C-level loop, then
+        per table with hits three vectorised row operations."""
         tables = list(requests)
         specs = [self.spec(t) for t in tables]
         ks = [keys_to_numpy(check_keys(requests[t])) for t in tables]
-        counts = np.array([k.size for k in ks], dtype=np.int64)
-        starts = np.cumsum(counts) - counts  # [T] first batch position of each table
+        counts = [k.size for k in ks]
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()  # [T + 1] each table's batch positions
         k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
-        if len(specs) > 1 and len({spec.dim for spec in specs}) == 1:  # one output for every table; each part a view
-            whole = np.empty((k.size, specs[0].dim), dtype=np.float32)  # [n, dim]
-            outs = np.split(whole, np.cumsum(counts)[:-1])
-        else:
-            whole, outs = None, [np.empty((c, spec.dim), dtype=np.float32) for c, spec in zip(counts.tolist(), specs)]
-        for out, spec in zip(outs, specs):
-            out[:] = spec.default.numpy()
-        found = np.zeros(k.size, dtype=bool)
+        index_of = [self._tables[t].index for t in tables]
+        # One C-level loop of dict probes over every table's keys: slot, -1 where absent
+        slots = np.fromiter(map(dict.get, chain.from_iterable(map(repeat, index_of, counts)), k.tolist(),
+                                repeat(-1)), dtype=np.int64, count=k.size)  # [n]
+        found = slots >= 0  # [n]
         self._tick += 1
-        # One C-level pass of dict probes over the keys sorted by (table, partition) (each partition's dict is
-        # probed in a burst: cache-friendly), then per partition with hits only three vectorised row operations.
-        P = self.partitions
-        part = partition_of(k, P)  # [n]
-        if len(ks) > 1:
-            part += np.repeat(np.arange(len(ks), dtype=np.int64) * P, counts)  # [n] table * P + partition
-        order = np.argsort(part, kind="stable")  # [n]
-        part_sorted = part[order]
-        parts = [q for t in tables for q in self._table(t)]  # [T * P]
-        index_of = [q.index for q in parts]
-        slots = np.fromiter(map(dict.get, map(index_of.__getitem__, part_sorted.tolist()), k[order].tolist(),
-                                repeat(-1)), dtype=np.int64, count=k.size)  # [n] slot, -1 where absent; sorted order
-        hit = np.flatnonzero(slots >= 0)  # [h] into the sorted order, grouped by (table, partition)
-        pos, slots, part_sorted = order[hit], slots[hit], part_sorted[hit]  # [h] batch positions, slots, partitions
-        found[pos] = True
-        bounds = np.searchsorted(part_sorted, np.arange(len(parts) + 1)).tolist()
-        rows = np.empty((hit.size, outs[0].shape[1]), dtype=np.float32) if whole is not None else None  # [h, dim]
-        for g in range(len(parts)):  # (table, partition) groups with hits
-            lo, hi = bounds[g], bounds[g + 1]
-            if hi == lo:
-                continue
-            q, hs = parts[g], slots[lo:hi]
-            if rows is not None:  # a contiguous write here, one scatter of every row after the loop
-                np.take(q.vectors, hs, axis=0, out=rows[lo:hi], mode="clip")  # clip: unbuffered (slots are valid)
+        answers = {}
+        for t, (table, spec) in enumerate(zip(tables, specs)):
+            lo, hi = bounds[t], bounds[t + 1]
+            s, f = slots[lo:hi], found[lo:hi]
+            out = np.empty((hi - lo, spec.dim), dtype=np.float32)  # [m, dim]
+            hit = np.flatnonzero(f)
+            if hit.size == hi - lo:  # every key held: one gather, no default rows
+                np.take(self._tables[table].vectors, s, axis=0, out=out, mode="clip")  # clip: unbuffered (valid)
             else:
-                t = g // P
-                outs[t][pos[lo:hi] - starts[t]] = q.vectors[hs]
-            q.uses[hs] += 1
-            q.last[hs] = self._tick
-        if rows is not None:
-            whole[pos] = rows
+                out[:] = spec.default.numpy()
+                if hit.size:
+                    out[hit] = self._tables[table].vectors[s[hit]]
+            if hit.size:
+                held = s[hit] if hit.size < hi - lo else s
+                tab = self._tables[table]
+                tab.uses[held] += 1  # a key twice in a batch counts once
+                tab.last[held] = self._tick
+            answers[table] = torch.from_numpy(out), torch.from_numpy(f)
         hits = int(found.sum())
         self.count(hits=hits, misses=k.size - hits)
-        return {t: (torch.from_numpy(out), torch.from_numpy(f))
-                for t, out, f in zip(tables, outs, np.split(found, np.cumsum(counts)[:-1]))}
+        return answers
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """Put the rows; a full partition first evicts by policy down to its target fill."""
@@ -195,122 +192,112 @@ class VolatileTier(Tier):
 
     def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:
         """Overwrite the rows held (not a use); return how many were."""
-        return self._write(table, keys, vectors)
-
-    def _write(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> int:
-        """Overwrite the rows held (update); inserts go through `insert_many`."""
-        parts, spec = self._table(table), self.spec(table)
+        tab, spec = self._table(table), self.spec(table)
         keys = check_keys(keys)
         vecs = check_vectors(spec, keys, vectors).cpu().numpy()
         uniq, last_pos = last_occurrence(keys_to_numpy(keys))
-        # keep batch order (by last occurrence) so "the last `capacity` rows" means the batch's last
-        order = np.argsort(last_pos, kind="stable")
-        uniq, last_pos = uniq[order], last_pos[order]
-        self._tick += 1
-        written = 0
-        for p, pos in group_by(partition_of(uniq, self.partitions), self.partitions):
-            part = parts[p]
-            pkeys, pvecs = uniq[pos], vecs[last_pos[pos]]
-            slots = part.slots_of(pkeys.tolist())
-            held = slots >= 0
-            part.vectors[slots[held]] = pvecs[held]
-            written += int(held.sum())
-        return written
+        slots = tab.slots_of(uniq.tolist())
+        held = slots >= 0
+        tab.vectors[slots[held]] = vecs[last_pos[held]]
+        return int(held.sum())
 
     def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
-        """`insert` of several tables in one pass: the dict probes of every table's keys in one C-level loop, then per
-        (table, partition) with keys the row writes. unique: no key repeats within a table (skips de-duplication)."""
+        """`insert` of several tables in one pass: the dict probes of every table's keys in one C-level loop, then
+        per table the row writes. unique: no key repeats within a table (skips de-duplication)."""
         tables = list(rows)
         if not tables:
             return
-        P, ks, vs = self.partitions, [], []
+        ks, vs = [], []
         for table in tables:
             keys = check_keys(rows[table][0])
             vecs = check_vectors(self.spec(table), keys, rows[table][1]).cpu().numpy()
             k = keys_to_numpy(keys)
-            if not unique:  # the last occurrence wins, in batch order of last occurrences (as `_write`)
+            if not unique:  # the last occurrence wins, in batch order of last occurrences
                 uniq, last_pos = last_occurrence(k)
                 order = np.argsort(last_pos, kind="stable")
                 k, vecs = uniq[order], vecs[last_pos[order]]
             ks.append(k)
             vs.append(vecs)
-        counts = np.array([k.size for k in ks], dtype=np.int64)
-        k = np.concatenate(ks)  # [n]
-        group = partition_of(k, P) + np.repeat(np.arange(len(tables), dtype=np.int64) * P, counts)  # [n]
-        order = np.argsort(group, kind="stable")  # [n]: grouped, batch order within a group
-        k, group = k[order], group[order]
-        same_dim = len({v.shape[1] for v in vs}) == 1
-        v = np.concatenate(vs)[order] if same_dim else None  # [n, dim] in group order
-        starts = np.cumsum(counts) - counts
-        parts = [q for t in tables for q in self._table(t)]  # [T * P]
-        index_of = [q.index for q in parts]
-        slots = np.fromiter(map(dict.get, map(index_of.__getitem__, group.tolist()), k.tolist(), repeat(-1)),
-                            dtype=np.int64, count=k.size)  # [n] slot, -1 where absent
-        held_before = np.concatenate([[0], np.cumsum(slots >= 0)]).tolist()
-        bounds = np.searchsorted(group, np.arange(len(parts) + 1)).tolist()
+        counts = [k.size for k in ks]
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
+        index_of = [self._tables[t].index for t in tables]
+        slots = np.fromiter(map(dict.get, chain.from_iterable(map(repeat, index_of, counts)), k.tolist(),
+                                repeat(-1)), dtype=np.int64, count=k.size)  # [n] slot, -1 where absent
         self._tick += 1
-        for g in range(len(parts)):
-            lo, hi = bounds[g], bounds[g + 1]
+        for t, table in enumerate(tables):
+            lo, hi = bounds[t], bounds[t + 1]
             if hi == lo:
                 continue
-            part, t = parts[g], g // P
-            gv = v[lo:hi] if v is not None else vs[t][order[lo:hi] - starts[t]]  # [hi - lo, dim]
-            if held_before[hi] == held_before[lo]:  # every key is new (the ParameterServer's promoted rows)
-                self._add(part, slots[:0], k[lo:hi], gv)
-                continue
-            s = slots[lo:hi]
+            tab, s, gv, gk = self._tables[table], slots[lo:hi], vs[t], k[lo:hi]
             held = s >= 0
-            part.vectors[s[held]] = gv[held]
-            part.last[s[held]] = self._tick
-            self._add(part, s[held], k[lo:hi][~held], gv[~held])
+            if held.any():
+                tab.vectors[s[held]] = gv[held]
+                tab.last[s[held]] = self._tick
+                new = ~held
+                self._add(tab, s[held], gk[new], gv[new])
+            else:  # every key is new (the ParameterServer's promoted rows)
+                self._add(tab, s[:0], gk, gv)
 
-    def _add(self, part: _Partition, protected: np.ndarray, keys: np.ndarray, vecs: np.ndarray) -> int:
-        """Add new rows to a partition, evicting first if it would overflow; return rows added."""
-        room = part.capacity - protected.size
-        if keys.size > room:
-            keys, vecs = keys[keys.size - room:], vecs[keys.size - room:]
-        size = len(part.index)
-        if size + keys.size > part.capacity:
-            # existing rows to keep: down to the target fill, and at least the batch's own
-            keep = max(protected.size, min(int(part.capacity * self.target_fill), part.capacity - keys.size))
-            self._evict_down(part, protected, size - keep)
-        slots = part.take(keys.size)
-        part.keys[slots], part.vectors[slots] = keys, vecs
-        part.uses[slots], part.last[slots] = 0, self._tick
+    def _add(self, tab: _Table, protected: np.ndarray, keys: np.ndarray, vecs: np.ndarray) -> None:
+        """Add new rows (keys in batch order) to a table, evicting first in each partition they would overflow; a
+        partition that gets more new rows than it has room keeps the last ones. protected: slots this batch wrote."""
+        if not keys.size:
+            return
+        P, cap = self.partitions, self.capacity
+        part = partition_of(keys, P)  # [m]
+        new = np.bincount(part, minlength=P)  # [P]
+        over = np.flatnonzero(tab.fill + new > cap)
+        if over.size:
+            mine = np.bincount(tab.part[protected], minlength=P) if protected.size else np.zeros(P, np.int64)
+            keep = np.ones(keys.size, dtype=bool)
+            for p in over.tolist():
+                room = cap - int(mine[p])
+                at = np.flatnonzero(part == p)
+                if at.size > room:  # more new rows than the partition holds: its last ones
+                    keep[at[:at.size - room]] = False
+                    at = at[at.size - room:]
+                n_new, size = at.size, int(tab.fill[p])
+                if size + n_new > cap:  # rows to keep: down to the target fill, and at least the batch's own
+                    stay = max(int(mine[p]), min(int(cap * self.target_fill), cap - n_new))
+                    self._evict_down(tab, p, protected, size - stay)
+            if not keep.all():
+                keys, vecs, part = keys[keep], vecs[keep], part[keep]
+                new = np.bincount(part, minlength=P)
+        slots = tab.take(keys.size)
+        tab.keys[slots], tab.vectors[slots], tab.part[slots] = keys, vecs, part
+        tab.uses[slots], tab.last[slots] = 0, self._tick
+        tab.fill += new
         numbers = range(slots.start, slots.stop) if isinstance(slots, slice) else slots.tolist()
-        part.index.update(zip(keys.tolist(), numbers))
-        return keys.size
+        tab.index.update(zip(keys.tolist(), numbers))
 
-    def _evict_down(self, part: _Partition, protected: np.ndarray, n: int) -> None:
-        """Evict n rows (or all evictable ones) chosen by the overflow policy."""
-        slots = np.fromiter(part.index.values(), dtype=np.int64, count=len(part.index))
-        slots = slots[~np.isin(slots, protected)]
+    def _evict_down(self, tab: _Table, partition: int, protected: np.ndarray, n: int) -> None:
+        """Evict n rows of the partition (or all evictable ones) chosen by the overflow policy."""
+        slots = tab.held_in(partition)
+        if protected.size:
+            slots = slots[~np.isin(slots, protected)]
         n = min(n, slots.size)
         if n <= 0:
             return
         if self.policy == "evict_random":
             victims = self._rng.choice(slots, size=n, replace=False)
         elif self.policy == "evict_least_used":
-            victims = slots[np.lexsort((slots, part.last[slots], part.uses[slots]))[:n]]
+            victims = slots[np.lexsort((slots, tab.last[slots], tab.uses[slots]))[:n]]
         else:
-            victims = slots[np.lexsort((slots, part.last[slots]))[:n]]
-        part.drop(victims)
+            victims = slots[np.lexsort((slots, tab.last[slots]))[:n]]
+        tab.drop(victims)
         self.count(evictions=n)
         logger.debug("volatile: evicted %d rows by %s", n, self.policy)
 
     def evict(self, table: str, keys: torch.Tensor) -> int:
         """Drop the rows held; return how many were."""
-        parts = self._table(table)
-        k = np.unique(keys_to_numpy(check_keys(keys)))
-        dropped = 0
-        for p, pos in group_by(partition_of(k, self.partitions), self.partitions):
-            slots = parts[p].slots_of(k[pos].tolist())
-            slots = slots[slots >= 0]
-            parts[p].drop(slots)
-            dropped += slots.size
-        return dropped
+        tab = self._table(table)
+        slots = tab.slots_of(np.unique(keys_to_numpy(check_keys(keys))).tolist())
+        slots = slots[slots >= 0]
+        tab.drop(slots)
+        return int(slots.size)
 
     def keys(self, table: str) -> np.ndarray:
         """All keys held for the table, sorted; for tests and inspection."""
-        held = [np.fromiter(p.index.keys(), np.int64, len(p.index)) for p in self._table(table)]
-        return np.sort(np.concatenate(held))
+        index = self._table(table).index
+        return np.sort(np.fromiter(index.keys(), np.int64, len(index)))
