@@ -31,6 +31,8 @@
    same trace (the device hit rate is steady by then), against the same model looking rows up straight from the
    persistent tier. Both see the same fresh batches each round; their scores must agree. One request = one sample
    scored. The time inside the ParameterServer is split by tier method (device lookup/insert, volatile ...).
+   --dlrm-preload F first loads F of each table into the volatile tier (`ParameterServer.preload`, the server's
+   embeddings.volatile_preload; HPS's initial cache rate): at 1.0 no lookup reaches RocksDB.
 4. Fixed cost of one call: median ms of one lookup / insert of new random keys (dim 16): DeviceCache with 100
    keys in caches of 16k to 4M slots; VolatileTier and PersistentTier with 100, 1,000 and 16,384 keys.
 
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dlrm-warm", type=int, default=None, help="warm-up batches (default 800; quick 32)")
     p.add_argument("--dlrm-policy", default="lru", choices=("lru", "lfu", "tinylfu"), help="device cache policy")
     p.add_argument("--dlrm-device", default="cpu", help="the model's and the device cache's device (cuda on a GPU machine)")
+    p.add_argument("--dlrm-preload", type=float, default=0.0,
+                   help="fraction of each table preloaded into the volatile tier before the warm-up (embeddings.volatile_preload)")
     return p
 
 
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         results["dlrm"] = dlrm_end_to_end(scale, args.dlrm_dim, args.dlrm_batch, 1.05, fractions,
                                           warm_batches=args.dlrm_warm or (32 if quick else 800),
                                           timed_batches=3 if quick else 10, rounds=2 if quick else 3, seed=args.seed, log=log,
-                                          policy=args.dlrm_policy, device=args.dlrm_device)
+                                          policy=args.dlrm_policy, device=args.dlrm_device, preload=args.dlrm_preload)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["loadavg_end"] = os.getloadavg()
     print()

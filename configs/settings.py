@@ -201,6 +201,7 @@ class EmbeddingSettings(_Section):
     partition_capacity: int = Field(1 << 20, ge=1, description="Most rows in one volatile partition.")
     overflow_policy: Literal["evict_random", "evict_least_used", "evict_oldest"] = Field("evict_oldest", description="Which rows a full partition evicts (least_used: memory backend only).")
     target_fill: float = Field(0.8, gt=0, le=1, description="Fraction of capacity a full partition is evicted down to.")
+    volatile_preload: float = Field(0.0, ge=0, le=1, description="Fraction of each table's rows loaded from RocksDB into the volatile tier at start-up, in key order, before the server is ready (HPS's initial cache rate); at most the tier's capacity at target_fill. 0: the tier fills on misses.")
     async_defaults: bool = Field(False, description="High-hit-rate mode: above hit_rate_threshold, misses get default vectors now and are fetched in the background.")
     hit_rate_threshold: float = Field(0.9, ge=0, le=1, description="Device cache hit rate of a batch above which async_defaults applies.")
     max_keys: int = Field(65536, ge=1, description="Most keys in one lookup, update or recommendation request (413 above).")

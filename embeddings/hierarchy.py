@@ -34,10 +34,12 @@ never write a row older than an update that came before it into a cache.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from embeddings.device_cache import DeviceCache
@@ -69,7 +71,8 @@ class ParameterServer:
         self.device = device_cache.device if device_cache is not None else torch.device("cpu")
         self._lock = threading.RLock()
         self._counts = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0,
-                        "background_fetched": 0, "background_dropped": 0, "volatile_fills_skipped": 0}
+                        "background_fetched": 0, "background_dropped": 0, "volatile_fills_skipped": 0,
+                        "volatile_preloaded": 0}
         self._pending: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=max_pending)
         self._worker: threading.Thread | None = None
         for spec in persistent.tables.values():
@@ -229,6 +232,47 @@ class ParameterServer:
     def drain(self) -> None:
         """Wait until every queued background fetch is done."""
         self._pending.join()
+
+    def preload(self, fraction: float, chunk: int = 1 << 16, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Fill the volatile tier from the persistent tier (HPS's initial cache rate), before serving: each table's
+        first `fraction` of its rows (TableSpec.rows, else RocksDB's estimate) in key order, at most what the tier
+        holds at its target fill (a load past it would evict its own rows). Returns the rows loaded per table;
+        progress(n) is called after each chunk of n rows.
+
+        Each chunk is read and inserted under the lock, so an update lands before or after a chunk, never between
+        its read and its insert: no row loaded is older than an update. A shared tier this replica is behind
+        (`shared_current`) is not filled."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"preload fraction={fraction} must be in [0, 1]")
+        if self.volatile is None or fraction == 0.0:
+            return {}
+        if not self._volatile_writable():
+            logger.warning("volatile tier not preloaded: this replica is behind the shared tier's update stream")
+            return {}
+        room = getattr(self.volatile, "partitions", 1) * getattr(self.volatile, "capacity", 1 << 62)
+        room = int(room * getattr(self.volatile, "target_fill", 1.0))
+        loaded = {}
+        for table, spec in self.tables.items():
+            if spec.rows is None and fraction == 1.0:
+                want = room  # every stored row the tier can hold (the table's size is not recorded)
+            else:
+                rows = spec.rows if spec.rows is not None else self.persistent.estimated_rows(table)
+                want = min(room, math.ceil(fraction * rows))
+            start: int | None = None
+            loaded[table] = 0
+            while loaded[table] < want:
+                with self._lock:
+                    keys, vectors = self.persistent.scan(table, start, min(chunk, want - loaded[table]))
+                    if keys.size:
+                        self.volatile.insert_many({table: (torch.from_numpy(keys), torch.from_numpy(vectors))}, unique=True)
+                loaded[table] += int(keys.size)
+                if progress is not None and keys.size:
+                    progress(int(keys.size))
+                if keys.size < chunk or keys[-1] == np.iinfo(np.int64).max:
+                    break
+                start = int(keys[-1]) + 1
+        self._count(volatile_preloaded=sum(loaded.values()))
+        return loaded
 
     def update(self, table: str, keys: torch.Tensor, vectors: torch.Tensor, sync: bool | None = None) -> None:
         """Write rows: persistent first (fsynced unless sync=False), then volatile, then the device cache."""

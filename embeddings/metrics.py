@@ -17,7 +17,8 @@ from embeddings.hierarchy import ParameterServer
 class EmbeddingCollector(Collector):
     """Exports `turboserve_embedding_cache_{hits,misses}_total{tier}`, `..._errors_total{tier}`,
     `turboserve_embedding_defaults_total{reason}` (async | missing), `turboserve_embedding_lookup_keys_total`,
-    `turboserve_embedding_shared_fills_skipped_total` and `turboserve_embedding_device_cache_bytes`."""
+    `turboserve_embedding_shared_fills_skipped_total`,
+    `turboserve_embedding_volatile_preloaded_rows_total` and `turboserve_embedding_device_cache_bytes`."""
 
     def __init__(self, server: ParameterServer) -> None:
         self.server = server
@@ -43,6 +44,9 @@ class EmbeddingCollector(Collector):
         yield CounterMetricFamily("turboserve_embedding_shared_fills_skipped",
                                   "Rows not filled into the shared Redis tier because this replica was behind the update stream.",
                                   value=own["volatile_fills_skipped"])
+        yield CounterMetricFamily("turboserve_embedding_volatile_preloaded_rows",
+                                  "Rows loaded from the persistent tier into the volatile tier at start-up (embeddings.volatile_preload).",
+                                  value=own["volatile_preloaded"])
         cache = self.server.device_cache
         yield GaugeMetricFamily("turboserve_embedding_device_cache_bytes", "Bytes held by the device cache.",
                                 value=cache.memory_bytes if cache is not None else 0)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+from itertools import islice
 
 import numpy as np
 import torch
@@ -138,6 +139,20 @@ class PersistentTier(Tier):
             rows = b"".join(v for v in values if v is not None)
             out[found] = np.frombuffer(rows, dtype=np.float32).reshape(-1, spec.dim)
         return torch.from_numpy(out), torch.from_numpy(found)
+
+    def scan(self, table: str, start: int | None = None, limit: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `limit` stored rows in key order, from key `start` on (None: the first): keys [m] int64 ascending and
+        vectors [m, dim] float32; fewer than `limit` only at the table's end. Not counted as lookups."""
+        spec, cf = self.spec(table), self._cf(table)
+        from_key = encode_keys(np.array([start], dtype=np.int64))[0] if start is not None else None
+        items = list(islice(cf.items(from_key=from_key), limit))
+        keys = (np.frombuffer(b"".join(k for k, _ in items), dtype=">u8").astype(np.uint64) ^ _SIGN).view(np.int64)
+        vectors = np.frombuffer(bytearray().join(v for _, v in items), dtype=np.float32).reshape(-1, spec.dim)  # writable
+        return keys, vectors
+
+    def estimated_rows(self, table: str) -> int:
+        """RocksDB's estimate of the rows the table stores (exact after a flush with no overwrites)."""
+        return int(self._cf(table).property_int_value("rocksdb.estimate-num-keys") or 0)
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor, sync: bool | None = None) -> None:
         """Write the rows in one atomic batch through the WAL (fsynced if `sync`, default the tier's)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +294,17 @@ def _check_cache_fits(emb, specs: list[TableSpec]) -> None:
                          f"{free / 2**30:.1f} GiB are free: lower embeddings.cache_fraction or set embeddings.cache_rows")
 
 
+def preload_volatile(ps: ParameterServer, fraction: float) -> None:
+    """Fill the volatile tier from RocksDB before the server is ready (embeddings.volatile_preload), with a progress bar."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(desc="preloading the volatile tier", unit="rows", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
+        loaded = ps.preload(fraction, progress=bar.update)
+    log.info("volatile tier preloaded with %d rows of %d tables in %.1f s", sum(loaded.values()), len(loaded),
+             time.perf_counter() - t0)
+
+
 def build_recommender(settings: Settings) -> Recommender:
     """Open the parameter server and load the DLRM whose tables it must hold; start the update consumer."""
     emb, rec = settings.embeddings, settings.recommend
@@ -312,6 +325,8 @@ def build_recommender(settings: Settings) -> Recommender:
                                 "is imported (turboserve import-embeddings)", table, emb.path)
                     ps.create_table(table, config.embedding_dim, rows=rows)
             model = load_dlrm(rec.model_path, device=ps.device)
+        if emb.volatile_preload > 0:
+            preload_volatile(ps, emb.volatile_preload)
         consumer = None
         if emb.update_stream:
             consumer = UpdateConsumer(ps, emb.update_stream_url or emb.redis_urls[0], emb.update_stream, emb.update_group,

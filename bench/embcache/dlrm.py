@@ -105,7 +105,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                     cache_fractions: tuple[float, ...] = (0.05, 0.2), warm_batches: int = 800, timed_batches: int = 10,
                     rounds: int = 3, bottom: tuple[int, ...] = (512, 256, 64), top: tuple[int, ...] = (512, 256),
                     seed: int = 0, workdir: Path | None = None, log: Callable[[str], None] = lambda s: None,
-                    policy: str = "lru", device: str = "cpu") -> list[dict]:
+                    policy: str = "lru", device: str = "cpu", preload: float = 0.0) -> list[dict]:
     """Samples/s of a DLRM through a warm ParameterServer vs straight from the persistent tier; one dict per cache size.
 
     `device`: where the model and the device cache live ("cuda" on a GPU machine: the dense part then takes a small
@@ -113,7 +113,8 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
 
     Warm-up: `warm_batches` batches of the trace looked up through the ParameterServer (16 batches a call, no model;
     the device cache reaches the same steady hit rate as with one batch a call). Timed: `rounds` rounds of
-    `timed_batches` further batches, each round through both paths (who goes first alternates)."""
+    `timed_batches` further batches, each round through both paths (who goes first alternates). `preload`: the
+    fraction of each table loaded into the volatile tier before the warm-up (`ParameterServer.preload`)."""
     cards = criteo_cardinalities(scale)
     config = dlrm_config(cards, dim, bottom, top)
     own_tmp = workdir is None
@@ -142,6 +143,11 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
             cache = DeviceCache(fraction, 16, policy, device)  # type: ignore[arg-type]
             volatile = VolatileTier(16, 1 << 20)
             server = ParameterServer(persistent, volatile, cache)
+            preloaded = 0
+            if preload:
+                with Phase("preload") as phase:
+                    preloaded = sum(server.preload(preload).values())
+                log(f"  cache {fraction:.0%}: {preloaded:,} rows preloaded into the volatile tier in {phase.wall_s:.1f} s")
             via_server = TimedLookup(lambda t, k, server=server: server.lookup(t, k)[0], server, config)
             with Phase("warm") as warm:
                 for g in range(0, warm_batches, 16):
@@ -189,7 +195,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                 "device": str(cache.device), "device_name": _device_name(cache.device),
                 "rows": int(cards.sum()), "largest_table": int(cards.max()), "bottom_mlp": [*bottom, dim],
                 "top_mlp": [*top, 1], "warm_batches": warm_batches, "timed_batches": timed_batches, "rounds": rounds,
-                "device_cache_bytes": cache.memory_bytes, "fill_s": round(fill.wall_s, 1), "warm_s": round(warm.wall_s, 1),
+                "device_cache_bytes": cache.memory_bytes, "volatile_preload": preload, "preloaded_rows": preloaded, "fill_s": round(fill.wall_s, 1), "warm_s": round(warm.wall_s, 1),
                 "server_samples_per_s": batch / med["server"], "persistent_samples_per_s": batch / med["persistent"],
                 "server_ms_per_batch": 1e3 * med["server"], "persistent_ms_per_batch": 1e3 * med["persistent"],
                 "server_lookup_ms_per_batch": 1e3 * med_lookup["server"],

@@ -211,3 +211,46 @@ def test_lookup_distinct_and_prefetched_lookup(ps):
     rows_of = PrefetchedLookup(ps, {"t": [torch.tensor([9, 3]), torch.tensor([9, 700])]})
     assert torch.equal(rows_of("t", torch.tensor([3, 9, 700])), vectors)  # the DLRM's query: answered up front
     assert torch.equal(rows_of("t", torch.tensor([5])), rows([5]))  # any other: a lookup of its own
+
+
+def test_preload_fills_the_volatile_tier_so_lookups_skip_rocksdb(ps):
+    assert ps.preload(0.05) == {"t": 50}  # 5% of the table's 1,000 rows, in key order
+    assert ps.volatile.keys("t").tolist() == list(range(50))
+    assert ps.preload(1.0) == {"t": 100}  # every stored row (the table's recorded 1,000 are not all there)
+    assert ps.stats()["server"]["volatile_preloaded"] == 150
+    vectors, found = ps.lookup("t", torch.tensor([3, 40, 99]))
+    assert found.all() and torch.equal(vectors, rows([3, 40, 99]))
+    assert ps.stats()["persistent"]["hits"] + ps.stats()["persistent"]["misses"] == 0  # not asked
+    with pytest.raises(ValueError, match="fraction"):
+        ps.preload(1.5)
+
+
+def test_preload_stops_at_the_volatile_tiers_target_fill(tmp_path):
+    ps = ParameterServer(PersistentTier(tmp_path / "db", sync=False), VolatileTier(2, 20, "evict_oldest", 0.75), None)
+    ps.create_table("t", DIM, rows=100)
+    ps.update("t", torch.arange(100), rows(range(100)))
+    assert ps.preload(1.0) == {"t": 30}  # 2 partitions x 20 rows x 0.75: a fuller load would evict its own rows
+    assert ps.volatile.keys("t").tolist() == list(range(30)) and ps.volatile.counters()["evictions"] == 0
+
+
+def test_preload_reads_in_chunks_and_sees_updates_made_between_them(tmp_path):
+    ps = ParameterServer(PersistentTier(tmp_path / "db", sync=False), VolatileTier(2, 1000), None)
+    ps.create_table("u", DIM)  # no recorded size: fraction 1 loads every stored row
+    keys = torch.tensor([-(2**63), -5, 0, 9, 2**62, 2**63 - 1])
+    ps.update("u", keys, rows(keys.double().clamp(-1e3, 1e3)))
+    seen = []
+
+    def progress(n):
+        seen.append(n)
+        if len(seen) == 1:  # an update between two chunks: a row of the first and one of the second
+            ps.update("u", torch.tensor([-5, 2**62]), torch.zeros(2, DIM))
+
+    assert ps.preload(1.0, chunk=3, progress=progress) == {"u": 6} and seen == [3, 3]
+    assert ps.volatile.keys("u").tolist() == sorted(keys.tolist())
+    held, found = ps.volatile.lookup("u", torch.tensor([-5, 2**62, 9]))
+    assert found.all() and held[:2].abs().sum() == 0 and torch.equal(held[2], rows([9])[0])
+
+
+def test_a_replica_behind_a_shared_tier_does_not_preload(ps):
+    ps.shared_current = lambda: False
+    assert ps.preload(1.0) == {} and ps.volatile.keys("t").size == 0

@@ -97,3 +97,18 @@ def test_the_servers_own_reads_are_not_counted_as_lookups(tmp_path):
     server.lookup("t", torch.tensor([1, 3]))
     assert server.persistent.counters()["hits"] == 1 and server.persistent.counters()["misses"] == 1
     server.close()
+
+
+def test_scan_reads_rows_in_key_order_in_chunks(tmp_path):
+    tier = PersistentTier(tmp_path / "db", sync=False)
+    tier.create_table(TableSpec("t", 2))
+    keys = np.array([5, -7, 2**62, 0, -(2**63), 2**63 - 1, 42])
+    tier.insert("t", torch.from_numpy(keys), torch.from_numpy(np.stack([keys / 2**60, -keys / 2**60], 1)))
+    got, vectors = tier.scan("t")
+    assert got.tolist() == sorted(keys.tolist()) and got.dtype == np.int64
+    np.testing.assert_array_equal(vectors[:, 0], (got / 2**60).astype(np.float32))
+    assert tier.scan("t", 1, limit=2)[0].tolist() == [5, 42] and tier.scan("t", 2**62 + 1)[0].tolist() == [2**63 - 1]
+    assert tier.scan("t", limit=0)[0].size == 0 and tier.counters()["hits"] == 0  # a scan is not a lookup
+    tier.flush()
+    assert tier.estimated_rows("t") == 7
+    tier.close()

@@ -11,7 +11,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from server.import_tables import import_table
-from tests.server.recommend_support import DENSE, NAME, SPARSE, embedding_sections, reference_scores, wait_until
+from tests.server.recommend_support import DENSE, NAME, SPARSE, embedding_sections, make_dlrm, reference_scores, wait_until
 from tests.support import MODEL, dummy_server
 
 
@@ -73,6 +73,19 @@ def test_embedding_metrics_and_request_metrics(client):
                    "turboserve_embedding_shared_fills_skipped_total 0.0",
                    'turboserve_requests_total{route="/v1/recommend",status="200"}'):
         assert needle in text, needle
+
+
+def test_volatile_preload_answers_from_memory_before_the_first_request(tmp_path):
+    own = make_dlrm(tmp_path)  # its own RocksDB: the module's server holds the shared one's lock
+    with dummy_server(**embedding_sections(own, volatile_preload=1.0)) as s, s.client() as c:
+        ps = s.app.state.recommender.ps
+        assert ps.volatile.keys("users").tolist() == list(range(200)) and ps.volatile.keys("items").size == 100
+        r = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["scores"], reference_scores(own, DENSE, SPARSE), atol=1e-5, rtol=0)
+        stats = ps.stats()
+        assert stats["volatile"]["hits"] > 0 and stats["persistent"]["hits"] + stats["persistent"]["misses"] == 0
+        assert "turboserve_embedding_volatile_preloaded_rows_total 350.0" in c.get("/metrics").text  # 200 + 100 + 50
 
 
 def test_encoder_still_served_beside_the_dlrm(client):
