@@ -116,16 +116,24 @@ class ParameterServer:
             out[table] = vectors.index_select(0, inverse), found.index_select(0, inverse)  # [n, dim], [n]
         return out
 
-    def lookup_distinct(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def lookup_distinct(self, requests: dict[str, torch.Tensor],
+                        asked: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """As `lookup_many`, answered per distinct key: for each table (uniq [u] sorted, as `torch.unique`,
-        vectors [u, dim], found [u]); what a caller that de-duplicates keys itself needs (models/dlrm.py)."""
-        return {t: (uniq, vectors, found) for t, (uniq, _, vectors, found) in self._lookup_distinct(requests).items()}
+        vectors [u, dim], found [u]). asked: the caller de-duplicated the keys itself (models/dlrm.py does, to pool
+        them): each table's keys are taken as distinct, answered in their order, and asked[table] keys are counted
+        as looked up (the server's `keys` counter counts keys before de-duplication)."""
+        return {t: (uniq, vectors, found)
+                for t, (uniq, _, vectors, found) in self._lookup_distinct(requests, asked=asked).items()}
 
-    def _lookup_distinct(self, requests: dict[str, torch.Tensor], inverse: bool = False) -> dict[str, tuple]:
+    def _lookup_distinct(self, requests: dict[str, torch.Tensor], inverse: bool = False,
+                         asked: dict[str, int] | None = None) -> dict[str, tuple]:
         checked = {}
         for table, keys in requests.items():
             keys = check_keys(keys).cpu()
             spec = self.persistent.spec(table)  # KeyError naming an unknown table, before any work
+            if asked is not None:
+                checked[table] = (spec, asked.get(table, keys.numel()), keys, None)
+                continue
             uniq, inv = torch.unique(keys, return_inverse=True) if inverse else (torch.unique(keys), None)
             checked[table] = (spec, keys.numel(), uniq, inv)  # uniq: [u], inv: [n]
         totals = {"keys": 0, "unique_keys": 0, "defaults_async": 0, "defaults_missing": 0}
@@ -345,20 +353,17 @@ class ParameterServer:
             tier.close()
 
 
-class PrefetchedLookup:
-    """A `lookup(table, keys) -> rows` callable for a model that asks one table at a time (models/dlrm.py), answered
-    from one `ParameterServer.lookup_many` of the whole batch made up front.
+class ServerLookup:
+    """The DLRM's lookup (models/dlrm.py) through a ParameterServer: `many` answers every table of a batch in one
+    `lookup_distinct` of the keys the model de-duplicated (each tier asked once for all the tables); a call of
+    one table is a `lookup`."""
 
-    keys_by_table: every key tensor the batch holds for each table. The rows fetched are those of each table's
-    distinct keys (sorted: `torch.unique`, as `DLRM.pool` queries them); a call with other keys goes to `lookup`."""
-
-    def __init__(self, ps: ParameterServer, keys_by_table: dict[str, list[torch.Tensor]]) -> None:
+    def __init__(self, ps: ParameterServer) -> None:
         self.ps = ps
-        requests = {t: torch.cat(ks) for t, ks in keys_by_table.items() if sum(k.numel() for k in ks)}
-        self.rows = ps.lookup_distinct(requests)  # table -> (uniq [u], vectors [u, dim], found [u])
 
     def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor:
-        uniq, vectors, _ = self.rows.get(table, (None, None, None))
-        if uniq is not None and uniq.shape == keys.shape and torch.equal(uniq, keys.cpu()):
-            return vectors
         return self.ps.lookup(table, keys)[0]
+
+    def many(self, queries: dict[str, torch.Tensor], asked: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Rows [u, dim] of each table's distinct keys [u]; asked: the keys before de-duplication, per table."""
+        return {t: vectors for t, (_, vectors, _) in self.ps.lookup_distinct(queries, asked=asked).items()}

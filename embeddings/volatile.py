@@ -2,10 +2,10 @@
 
 Each table is split into `partitions` partitions by a multiplicative hash of the key; capacity and overflow
 are per partition. A table's rows sit in numpy slabs (`vectors [slots, dim]`, `keys`, `uses`, `last`, and
-each slot's `part`ition) under one dict key -> slot, grown by doubling up to partitions * capacity rows.
-The per-key work is one dict probe; gathering and scattering the rows is vectorised numpy, one gather per
-table. `lookup_many` / `insert_many` take every table of a batch in one pass: one C-level loop of dict
-probes over all keys, then the row reads or writes per table.
+each slot's `part`ition), grown by doubling up to partitions * capacity rows; one vectorised hash map for
+every table (embeddings/key_index.py) maps (table, key) to a slot. `lookup_many` / `insert_many` take every
+table of a batch in one pass: one batched probe of the map for all keys, then one row gather (or scatter) a
+table. (Python dicts probed key by key, per partition, took 4-5x longer on a DLRM batch.)
 
 Overflow: when an insert would take a partition past `capacity`, rows are evicted first, down to
 `target_fill * capacity` (so overflow work is amortised over many inserts), chosen by policy:
@@ -19,12 +19,12 @@ than a partition holds, the last `capacity` of them are kept.
 from __future__ import annotations
 
 import logging
-from itertools import chain, repeat
 from typing import Literal
 
 import numpy as np
 import torch
 
+from embeddings.key_index import KeyIndex
 from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, keys_to_numpy, last_occurrence
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,16 @@ def group_by(part: np.ndarray, partitions: int) -> list[tuple[int, np.ndarray]]:
 
 
 class _Table:
-    """One table's rows: a dict key -> slot over numpy slabs shared by its partitions, and each slot's partition.
+    """One table's rows: numpy slabs shared by its partitions (the tier's index maps keys to slots), and each slot's
+    partition.
 
     A partition is the keys whose hash falls in it: its capacity and overflow are counted per partition, but its
     rows sit in the table's slabs, so a lookup gathers a table's rows in one vectorised take whatever the
     partitions (per-partition slabs cost a few numpy calls per (table, partition) of every batch)."""
 
-    def __init__(self, dim: int, partitions: int, capacity: int) -> None:
+    def __init__(self, number: int, index: KeyIndex, dim: int, partitions: int, capacity: int) -> None:
+        self.number, self.index = number, index  # the table's number in the tier's index (key -> slot)
         self.partitions, self.capacity = partitions, capacity
-        self.index: dict[int, int] = {}
         n = min(partitions * capacity, 1024)
         self.vectors = np.zeros((n, dim), dtype=np.float32)  # [slots, dim]
         self.keys = np.zeros(n, dtype=np.int64)  # [slots]
@@ -67,10 +68,9 @@ class _Table:
         self.free: list[int] = []  # freed slots below `fresh`
         self.fresh = 0  # slots from here on were never used
 
-    def slots_of(self, keys: list[int]) -> np.ndarray:
+    def slots_of(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, -1 where absent."""
-        get = self.index.get
-        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        return self.index.get(np.full(keys.size, self.number, dtype=np.int32), keys)
 
     def take(self, n: int) -> np.ndarray | slice:
         """n free slots (freed ones first, then never used ones), growing the slabs; a slice when they are all never
@@ -98,8 +98,7 @@ class _Table:
 
     def drop(self, slots: np.ndarray) -> None:
         """Free the slots."""
-        for k in self.keys[slots].tolist():
-            del self.index[k]
+        self.index.delete(np.full(slots.size, self.number, dtype=np.int32), self.keys[slots])
         np.subtract.at(self.fill, self.part[slots], 1)
         self.part[slots] = -1
         self.free.extend(slots.tolist())
@@ -129,17 +128,22 @@ class VolatileTier(Tier):
         self.policy, self.target_fill = overflow_policy, target_fill
         self._rng = np.random.default_rng(seed)
         self._tables: dict[str, _Table] = {}
+        self._index = KeyIndex()  # (table number, key) -> slot in that table's slabs, every table's
         self._tick = 0
 
     def create_table(self, spec: TableSpec) -> None:
         """Create the table's empty partitions (a no-op if it exists)."""
         super().create_table(spec)
         if spec.name not in self._tables:
-            self._tables[spec.name] = _Table(spec.dim, self.partitions, self.capacity)
+            self._tables[spec.name] = _Table(len(self._tables), self._index, spec.dim, self.partitions, self.capacity)
 
     def _table(self, table: str) -> _Table:
         self.spec(table)
         return self._tables[table]
+
+    def _numbers(self, tables: list[str], counts: list[int]) -> np.ndarray:
+        """The index's table number of each key of a batch (tables[i]'s counts[i] keys in turn)."""
+        return np.repeat(np.array([self._tables[t].number for t in tables], dtype=np.int32), counts)
 
     def fill(self, table: str) -> list[int]:
         """Rows held in each partition of the table."""
@@ -150,7 +154,7 @@ class VolatileTier(Tier):
         return self.lookup_many({table: keys})[table]
 
     def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """`lookup` of several tables in one pass: the dict probes of every table's keys in one C-level loop, then
+        """`lookup` of several tables in one pass: one batched probe of the index for every table's keys, then
         per table with hits three vectorised row operations."""
         tables = list(requests)
         specs = [self.spec(t) for t in tables]
@@ -158,10 +162,7 @@ class VolatileTier(Tier):
         counts = [k.size for k in ks]
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()  # [T + 1] each table's batch positions
         k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
-        index_of = [self._tables[t].index for t in tables]
-        # One C-level loop of dict probes over every table's keys: slot, -1 where absent
-        slots = np.fromiter(map(dict.get, chain.from_iterable(map(repeat, index_of, counts)), k.tolist(),
-                                repeat(-1)), dtype=np.int64, count=k.size)  # [n]
+        slots = self._index.get(self._numbers(tables, counts), k)  # [n] slot, -1 where absent
         found = slots >= 0  # [n]
         self._tick += 1
         answers = {}
@@ -196,13 +197,13 @@ class VolatileTier(Tier):
         keys = check_keys(keys)
         vecs = check_vectors(spec, keys, vectors).cpu().numpy()
         uniq, last_pos = last_occurrence(keys_to_numpy(keys))
-        slots = tab.slots_of(uniq.tolist())
+        slots = tab.slots_of(uniq)
         held = slots >= 0
         tab.vectors[slots[held]] = vecs[last_pos[held]]
         return int(held.sum())
 
     def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
-        """`insert` of several tables in one pass: the dict probes of every table's keys in one C-level loop, then
+        """`insert` of several tables in one pass: one batched probe of the index for every table's keys, then
         per table the row writes. unique: no key repeats within a table (skips de-duplication)."""
         tables = list(rows)
         if not tables:
@@ -221,9 +222,7 @@ class VolatileTier(Tier):
         counts = [k.size for k in ks]
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
         k = ks[0] if len(ks) == 1 else np.concatenate(ks)  # [n]
-        index_of = [self._tables[t].index for t in tables]
-        slots = np.fromiter(map(dict.get, chain.from_iterable(map(repeat, index_of, counts)), k.tolist(),
-                                repeat(-1)), dtype=np.int64, count=k.size)  # [n] slot, -1 where absent
+        slots = self._index.get(self._numbers(tables, counts), k)  # [n] slot, -1 where absent
         self._tick += 1
         for t, table in enumerate(tables):
             lo, hi = bounds[t], bounds[t + 1]
@@ -268,8 +267,8 @@ class VolatileTier(Tier):
         tab.keys[slots], tab.vectors[slots], tab.part[slots] = keys, vecs, part
         tab.uses[slots], tab.last[slots] = 0, self._tick
         tab.fill += new
-        numbers = range(slots.start, slots.stop) if isinstance(slots, slice) else slots.tolist()
-        tab.index.update(zip(keys.tolist(), numbers))
+        numbers = np.arange(slots.start, slots.stop, dtype=np.int64) if isinstance(slots, slice) else slots
+        self._index.put(np.full(keys.size, tab.number, dtype=np.int32), keys, numbers)
 
     def _evict_down(self, tab: _Table, partition: int, protected: np.ndarray, n: int) -> None:
         """Evict n rows of the partition (or all evictable ones) chosen by the overflow policy."""
@@ -292,12 +291,11 @@ class VolatileTier(Tier):
     def evict(self, table: str, keys: torch.Tensor) -> int:
         """Drop the rows held; return how many were."""
         tab = self._table(table)
-        slots = tab.slots_of(np.unique(keys_to_numpy(check_keys(keys))).tolist())
+        slots = tab.slots_of(np.unique(keys_to_numpy(check_keys(keys))))
         slots = slots[slots >= 0]
         tab.drop(slots)
         return int(slots.size)
 
     def keys(self, table: str) -> np.ndarray:
         """All keys held for the table, sorted; for tests and inspection."""
-        index = self._table(table).index
-        return np.sort(np.fromiter(index.keys(), np.int64, len(index)))
+        return np.sort(self._index.items(self._table(table).number)[0])

@@ -6,7 +6,8 @@
     top MLP on [x, z] (ReLU between layers) ─ sigmoid ─> score [B]
 
 The model owns only the dense weights (a folder: config.json + model.safetensors). Embedding vectors come
-from `lookup(table, keys) -> [n, d]`, called once per table per batch with that batch's unique keys.
+from `lookup(table, keys) -> [n, d]`, called once per table per batch with that batch's unique keys (or from its
+`many`, once for every table: EmbeddingLookup).
 Note: DLRM's reference code flattens Z's *lower* triangle ((i, j), j < i, row by row); this model takes the
 upper triangle row by row, so loading weights trained there needs the top MLP's first columns permuted.
 """
@@ -38,7 +39,11 @@ Bags = tuple[torch.Tensor, torch.Tensor]
 
 
 class EmbeddingLookup(Protocol):
-    """The parameter server's read path: one float32 row [dim] per key, in the order of `keys`."""
+    """The parameter server's read path: one float32 row [dim] per key, in the order of `keys`.
+
+    A lookup that also has `many(queries, asked) -> {table: rows}` (queries: each table's distinct keys; asked:
+    each table's keys before de-duplication) is asked once for every table of a batch instead (a parameter
+    server answers all the tables in one pass: embeddings.hierarchy.ServerLookup)."""
 
     def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor: ...
 
@@ -190,13 +195,17 @@ class DLRM(nn.Module):
         checked = [(f, *_check_bags(f, sparse[f.name], batch)) for f in cfg.sparse_features]
         device, d = self._pairs.device, cfg.embedding_dim
         pooled = torch.zeros(batch, len(checked), d, device=device)  # [B, F, d]
+        queries = {}  # table -> (its features, query [u], inverse [n] or None, keys asked n)
         for table in cfg.tables:
             mine = [(i, f, keys, lengths) for i, (f, keys, lengths) in enumerate(checked) if f.table == table]
             keys = torch.cat([k for _, _, k, _ in mine])  # [n] every key of this table in the batch
-            if keys.numel() == 0:
-                continue
-            query, inverse = torch.unique(keys, return_inverse=True) if dedup else (keys, None)
-            rows = lookup(table, query)  # [u, d]
+            if keys.numel():
+                queries[table] = (mine, *(torch.unique(keys, return_inverse=True) if dedup else (keys, None)), keys.numel())
+        many, answers = getattr(lookup, "many", None), None
+        if many is not None and dedup and queries:  # every table in one call
+            answers = many({t: q for t, (_, q, _, _) in queries.items()}, {t: n for t, (_, _, _, n) in queries.items()})
+        for table, (mine, query, inverse, _) in queries.items():
+            rows = answers.get(table) if answers is not None else lookup(table, query)  # [u, d]
             if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (query.numel(), d):
                 shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
                 u = query.numel()

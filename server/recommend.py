@@ -22,7 +22,7 @@ import torch
 from configs.settings import Settings
 from embeddings.device_cache import DeviceCache
 from embeddings.factory import build_parameter_server
-from embeddings.hierarchy import ParameterServer, PrefetchedLookup
+from embeddings.hierarchy import ParameterServer, ServerLookup
 from embeddings.persistent import PersistentTier
 from embeddings.stream import UpdateConsumer
 from embeddings.tier import TableSpec
@@ -165,13 +165,10 @@ class Recommender:
                 raise InvalidRequest(f"key {bad} of sparse feature {name!r} is out of range [0, {f.cardinality}) "
                                      f"of table {f.table!r}")
             bags[name] = (torch.from_numpy(bag.keys), torch.from_numpy(bag.offsets))
-        keys_by_table: dict[str, list[torch.Tensor]] = {}
-        for f in cfg.sparse_features:
-            keys_by_table.setdefault(f.table, []).append(bags[f.name][0])
         with torch.inference_mode():
             try:
-                rows = PrefetchedLookup(self.ps, keys_by_table)  # every table in one ParameterServer call
-                scores = model(torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), bags, rows)
+                scores = model(torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), bags,
+                               ServerLookup(self.ps))  # every table in one ParameterServer call
             except ValueError as exc:  # the model's own checks, should one slip past those above
                 raise InvalidRequest(str(exc)) from None
         return scores.float().cpu().numpy()

@@ -15,7 +15,7 @@ import torch
 from bench.cache_trace import criteo_cardinalities, make_trace
 from bench.embcache.common import Phase
 from embeddings.device_cache import DeviceCache
-from embeddings.hierarchy import ParameterServer, PrefetchedLookup
+from embeddings.hierarchy import ParameterServer, ServerLookup
 from embeddings.persistent import PersistentTier
 from embeddings.tier import TableSpec, Tier
 from embeddings.volatile import VolatileTier
@@ -40,24 +40,19 @@ def fill_tables(persistent: PersistentTier, config: DLRMConfig, seed: int, chunk
 
 
 class TimedLookup:
-    """A lookup callable for the DLRM that adds up the time spent in it. With a ParameterServer and the model's
-    config, `for_batch` first fetches every table of the batch in one `lookup_many` (timed too), as
-    server/recommend.py does; without, it is the callable itself."""
+    """A lookup callable for the DLRM that adds up the time spent in it. A lookup with `many` (`ServerLookup`, as
+    server/recommend.py passes) keeps it: the model then asks every table of a batch in one call."""
 
-    def __init__(self, fn: Callable[[str, torch.Tensor], torch.Tensor], server: ParameterServer | None = None,
-                 config: DLRMConfig | None = None) -> None:
-        self.fn, self.seconds, self.server, self.config = fn, 0.0, server, config
+    def __init__(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+        self.fn, self.seconds = fn, 0.0
+        if hasattr(fn, "many"):
+            self.many = self._many
 
-    def for_batch(self, sparse: dict) -> TimedLookup:
-        if self.server is None or self.config is None:
-            return self
+    def _many(self, queries: dict[str, torch.Tensor], asked: dict[str, int]) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        keys_by_table: dict[str, list[torch.Tensor]] = {}
-        for f in self.config.sparse_features:
-            keys_by_table.setdefault(f.table, []).append(sparse[f.name][0])
-        self.fn = PrefetchedLookup(self.server, keys_by_table)
+        rows = self.fn.many(queries, asked)  # type: ignore[attr-defined]
         self.seconds += time.perf_counter() - t0
-        return self
+        return rows
 
     def __call__(self, table: str, keys: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -148,7 +143,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                 with Phase("preload") as phase:
                     preloaded = sum(server.preload(preload).values())
                 log(f"  cache {fraction:.0%}: {preloaded:,} rows preloaded into the volatile tier in {phase.wall_s:.1f} s")
-            via_server = TimedLookup(lambda t, k, server=server: server.lookup(t, k)[0], server, config)
+            via_server = TimedLookup(ServerLookup(server))
             with Phase("warm") as warm:
                 for g in range(0, warm_batches, 16):
                     hi = min(warm_batches, g + 16)
@@ -169,7 +164,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                     for name, fn in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
                         fn.seconds, ops.active = 0.0, name == "server"
                         t0 = time.perf_counter()
-                        scores[name] = [model(dense[b], sb, fn.for_batch(sb)) for b in chunk for sb in (sparse(b),)]
+                        scores[name] = [model(dense[b], sparse(b), fn) for b in chunk]
                         sync()
                         per_batch[name].append((time.perf_counter() - t0) / len(chunk))
                         lookup_s[name].append(fn.seconds / len(chunk))

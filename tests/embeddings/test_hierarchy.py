@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from configs.settings import EmbeddingSettings
 from embeddings.device_cache import DeviceCache
 from embeddings.factory import build_parameter_server
-from embeddings.hierarchy import ParameterServer, PrefetchedLookup
+from embeddings.hierarchy import ParameterServer, ServerLookup
 from embeddings.metrics import EmbeddingCollector
 from embeddings.persistent import PersistentTier
 from embeddings.volatile import VolatileTier
@@ -202,15 +202,17 @@ def test_lookup_many_checks_every_table_first(ps):
     assert ps.stats()["server"]["keys"] == 0 and ps.stats()["device"]["misses"] == 0
 
 
-def test_lookup_distinct_and_prefetched_lookup(ps):
+def test_lookup_distinct_and_the_dlrms_lookup(ps):
     got = ps.lookup_distinct({"t": torch.tensor([9, 3, 9, 700])})
     uniq, vectors, found = got["t"]
     assert uniq.tolist() == [3, 9, 700] and found.tolist() == [True, True, False]
     assert torch.equal(vectors, torch.stack([rows([3])[0], rows([9])[0], DEFAULT]))
     assert ps.stats()["server"] == dict(ps.stats()["server"], keys=4, unique_keys=3, defaults_missing=1)
-    rows_of = PrefetchedLookup(ps, {"t": [torch.tensor([9, 3]), torch.tensor([9, 700])]})
-    assert torch.equal(rows_of("t", torch.tensor([3, 9, 700])), vectors)  # the DLRM's query: answered up front
-    assert torch.equal(rows_of("t", torch.tensor([5])), rows([5]))  # any other: a lookup of its own
+    rows_of = ServerLookup(ps)
+    got = rows_of.many({"t": torch.tensor([700, 3, 5])}, asked={"t": 7})  # keys the DLRM de-duplicated, in its order
+    assert torch.equal(got["t"], torch.stack([DEFAULT, rows([3])[0], rows([5])[0]]))
+    assert ps.stats()["server"] == dict(ps.stats()["server"], keys=11, unique_keys=6, defaults_missing=2)
+    assert torch.equal(rows_of("t", torch.tensor([5, 5])), rows([5, 5]))  # one table: a lookup
 
 
 def test_preload_fills_the_volatile_tier_so_lookups_skip_rocksdb(ps):

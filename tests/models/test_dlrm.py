@@ -131,6 +131,39 @@ def test_dedup_same_result_fewer_rows(model_folder):
     torch.testing.assert_close(deduped, plain, rtol=1e-6, atol=1e-6)
 
 
+class BatchLookup(CountingLookup):
+    """A lookup that also answers every table at once (as embeddings.hierarchy.ServerLookup)."""
+
+    def __init__(self, tables):
+        super().__init__(tables)
+        self.batches = []
+
+    def many(self, queries, asked):
+        self.batches.append(({t: q.clone() for t, q in queries.items()}, dict(asked)))
+        return {t: torch.from_numpy(self.tables[t][q.numpy()]) for t, q in queries.items()}
+
+
+def test_a_lookup_with_many_is_asked_once_for_every_table(model_folder):
+    folder, cfg = model_folder
+    tables = {t: np.load(folder / "tables" / f"{t}.npy") for t in cfg.tables}
+    lookup = BatchLookup(tables)
+    model = load_dlrm(folder / "model", lookup)
+    dense, sparse = _batch(cfg, 32, seed=7, max_bag=6)
+    scores = model(dense, sparse)
+    assert lookup.calls == [] and len(lookup.batches) == 1
+    queries, asked = lookup.batches[0]
+    for table in cfg.tables:
+        wanted = torch.cat([sparse[f.name][0] for f in cfg.sparse_features if f.table == table])
+        assert torch.equal(queries[table], torch.unique(wanted)) and asked[table] == wanted.numel()
+    torch.testing.assert_close(scores, load_dlrm(folder / "model", CountingLookup(tables))(dense, sparse), rtol=0, atol=0)
+    model(dense, sparse, dedup=False)  # without de-duplication: one call a table, as before
+    assert len(lookup.batches) == 1 and [t for t, _ in lookup.calls] == list(cfg.tables)
+    bad = BatchLookup(tables)
+    bad.many = lambda queries, asked: {}  # a table missing from the answer: the model's error, not a KeyError
+    with pytest.raises(RuntimeError, match="returned NoneType"):
+        load_dlrm(folder / "model", bad)(dense, sparse)
+
+
 def test_seeded_files_are_deterministic(tmp_path):
     cfg = _config()
     for name in ("a", "b"):
