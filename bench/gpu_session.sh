@@ -29,13 +29,13 @@ check=$?
 pack
 dlrm=0
 source bench/budget.sh
-limit=$(capped_limit "${T_DLRM:-45}")
+limit=$(capped_limit "${T_DLRM:-60}")  # with the volatile tier preloaded (DLRM_PRELOAD, HPS's initial cache rate)
 if [ "$limit" != 0 ]; then  # RocksDB (rocksdict) and redis come with the carried wheels
     started=$SECONDS
     source bench/carry_site.sh
     if carry_site; then
         PYTHONPATH=/tmp/site:. timeout -k 10 "$limit" python3 bench/embedding_cache.py --only dlrm --dlrm-device "${DEVICE:-cuda}" \
-            --dlrm-warm 400 --out "$work" 2>&1 | tee "$work/dlrm.txt"
+            --dlrm-warm 400 --dlrm-preload "${DLRM_PRELOAD:-1.0}" --out "$work" 2>&1 | tee "$work/dlrm.txt"
         dlrm=${PIPESTATUS[0]}
     else
         dlrm=1

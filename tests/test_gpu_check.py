@@ -153,16 +153,19 @@ def test_the_dlrm_part_runs_with_what_the_device_has_once_the_wheels_are_carried
     summary turns it into a row against the 5x target."""
     script = (ROOT / "bench" / "gpu_session.sh").read_text()
     assert "bench/embedding_cache.py --only dlrm --dlrm-device" in script and "carry_site" in script
+    assert "--dlrm-preload" in script
     env = device_like_env(tmp_path, carried=True)
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "bench/embedding_cache.py", "--only", "dlrm", "--quick", "--dlrm-device", "cpu",
-                           "--dlrm-cache", "0.2", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--dlrm-cache", "0.2", "--dlrm-preload", "1.0", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     import json  # noqa: PLC0415
 
     (result,) = json.loads((out / "embedding_cache.json").read_text())["dlrm"]
     assert result["device"] == "cpu" and result["max_score_diff"] <= 1e-5 and result["ratio"] > 0
+    assert result["preloaded_rows"] == result["rows"]  # the volatile tier holds every row, as the session runs it
     summary = subprocess.run([sys.executable, "bench/gpu_summary.py", str(out)], cwd=ROOT, env=device_like_env(tmp_path),
                              capture_output=True, text=True, timeout=60)
     assert summary.returncode == 0, summary.stderr[-2000:]
