@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from embeddings.cache_pool import Located, Pool, set_of
-from embeddings.tier import TableSpec, Tier, check_keys, check_vectors
+from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, moved_together
 from kernels.cache_lookup import cache_lookup
 from kernels.cache_lookup import verified as fused_lookup_ok
 from kernels.cuda import kernels_on, use_kernels
@@ -140,7 +140,7 @@ class DeviceCache(Tier):
 
     def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """`lookup` of several tables: one op sequence per pool (vector size), answers as views of one output."""
-        checked = {t: check_keys(k).to(self.device) for t, k in requests.items()}
+        checked = dict(zip(requests, moved_together([check_keys(k) for k in requests.values()], self.device)))
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         hits = misses = 0
         for pool, idx, names in self._by_pool(list(checked)).values():
@@ -238,13 +238,16 @@ class DeviceCache(Tier):
     def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
         """`insert` of several tables: one op sequence per pool. unique: the caller promises no key repeats
         within a table (the ParameterServer's de-duplicated misses), which skips the de-duplication."""
-        checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        given = {}
         for table, (keys, vectors) in rows.items():
             keys = check_keys(keys)
             vectors = check_vectors(self.spec(table), keys, vectors)
             if keys.numel():
-                keys, vectors = keys.to(self.device), vectors.to(self.device)
-                checked[table] = (keys, vectors) if unique else self._dedupe(keys, vectors)
+                given[table] = keys, vectors
+        moved = moved_together([x for pair in given.values() for x in pair], self.device)  # one copy per dtype
+        checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for table, keys, vectors in zip(given, moved[::2], moved[1::2]):
+            checked[table] = (keys, vectors) if unique else self._dedupe(keys, vectors)
         evicted = 0
         for pool, idx, names in self._by_pool(list(checked)).values():
             at = pool.locate(idx, [checked[n][0] for n in names])

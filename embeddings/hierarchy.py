@@ -44,7 +44,7 @@ import torch
 
 from embeddings.device_cache import DeviceCache
 from embeddings.persistent import PersistentTier
-from embeddings.tier import TableSpec, Tier, check_keys, check_vectors
+from embeddings.tier import TableSpec, Tier, check_keys, check_vectors, moved_together
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +155,9 @@ class ParameterServer:
             answers = {t: (self.persistent.defaults(t, u.numel(), self.device),
                            torch.zeros(u.numel(), dtype=torch.bool, device=self.device)) for t, u in uniqs.items()}
         misses = {}  # table -> [m] positions in uniq
-        for table, uniq in uniqs.items():
-            miss = torch.nonzero(~answers[table][1].cpu()).squeeze(1)
+        cpu = torch.device("cpu")
+        for (table, uniq), found in zip(uniqs.items(), moved_together([answers[t][1] for t in uniqs], cpu)):
+            miss = torch.nonzero(~found).squeeze(1)
             if not miss.numel():
                 continue
             hit_rate = 1.0 - miss.numel() / max(1, uniq.numel())
@@ -167,14 +168,17 @@ class ParameterServer:
                 misses[table] = miss
         if misses:
             fetched = self._fetch({t: uniqs[t].index_select(0, m) for t, m in misses.items()})  # CPU
+            parts = []  # the rows found lower and their positions in uniq, every table's moved to the device at once
             for table, miss in misses.items():
-                vectors, found = answers[table]
                 got_vectors, got = fetched[table]  # [m, dim], [m]
                 got_idx = torch.nonzero(got).squeeze(1)
-                hit = miss.index_select(0, got_idx).to(self.device)
-                vectors.index_copy_(0, hit, got_vectors.index_select(0, got_idx).to(self.device))
-                found.index_fill_(0, hit, True)
+                parts += [miss.index_select(0, got_idx), got_vectors.index_select(0, got_idx)]
                 totals["defaults_missing"] += miss.numel() - got_idx.numel()
+            moved = moved_together(parts, self.device)
+            for table, hit, rows in zip(misses, moved[::2], moved[1::2]):
+                vectors, found = answers[table]
+                vectors.index_copy_(0, hit, rows)
+                found.index_fill_(0, hit, True)
         return answers
 
     def _fetch(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

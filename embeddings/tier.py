@@ -86,6 +86,26 @@ def last_occurrence(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, keys.size - 1 - first_in_rev
 
 
+def moved_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors on `device`, each the same shape, in one copy per dtype: a batch's per-table tensors between the
+    host and a GPU (every small copy from pageable memory is a synchronous transfer of its own; 26 tables' keys,
+    found masks and rows are dozens of them). Tensors already there, and any on a CPU device, are returned as they are."""
+    device = torch.device(device)
+    todo = [i for i, t in enumerate(tensors)  # "cuda" is whichever GPU is current: a tensor on one is there
+            if t.device.type != device.type or device.index is not None and t.device.index != device.index]
+    if len(todo) < 2:
+        return [t.to(device) for t in tensors]
+    out = list(tensors)
+    by_kind: dict[tuple, list[int]] = {}
+    for i in todo:
+        by_kind.setdefault((tensors[i].dtype, tensors[i].device), []).append(i)
+    for idx in by_kind.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to(device)
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
 class Tier(ABC):
     """The interface of one storage level, with its hit/miss/error counters.
 

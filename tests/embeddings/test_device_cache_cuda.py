@@ -146,3 +146,15 @@ def test_fused_lookups_count_their_own_hits_whatever_callers_do_with_found(kerne
         hits, looked = hits + int((keys < 20).sum()), looked + keys.numel()
     counters = cache.counters()
     assert (counters["hits"], counters["misses"]) == (hits, looked - hits)
+
+
+@pytest.mark.gpu
+def test_a_batchs_tensors_move_to_and_from_the_gpu_together():
+    from embeddings.tier import moved_together  # noqa: PLC0415
+
+    tensors = [torch.arange(6).view(2, 3), torch.rand(4, 2), torch.tensor([True, False]), torch.arange(3), torch.rand(1, 5)]
+    on = moved_together(tensors, torch.device("cuda"))
+    assert [(t.shape, t.dtype, t.device.type) for t in on] == [(t.shape, t.dtype, "cuda") for t in tensors]
+    assert moved_together(on, torch.device("cuda:0"))[1] is on[1]  # already there: not copied again
+    back = moved_together(on, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(back, tensors))

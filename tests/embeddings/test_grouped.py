@@ -182,3 +182,15 @@ def test_redis_lookup_many_and_insert_many_equal_one_call_per_table(redis_node):
     finally:
         many.close()
         single.close()
+
+
+def test_moved_together_keeps_shapes_values_and_order():
+    from embeddings.tier import moved_together  # noqa: PLC0415
+
+    tensors = [torch.arange(6).view(2, 3), torch.rand(4, 2), torch.tensor([True, False]), torch.arange(3), torch.rand(1, 5)]
+    out = moved_together(tensors, torch.device("cpu"))
+    assert all(a is b for a, b in zip(out, tensors))  # already there: nothing copied
+    meta = moved_together(tensors, torch.device("meta"))  # another device: one copy per dtype, split back
+    assert [(t.shape, t.dtype, t.device.type) for t in meta] == [(t.shape, t.dtype, "meta") for t in tensors]
+    back = moved_together(out + [tensors[0]], torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(back, out + [tensors[0]]))
