@@ -47,30 +47,20 @@ def group_by(part: np.ndarray, partitions: int) -> list[tuple[int, np.ndarray]]:
     return [(p, order[bounds[p]:bounds[p + 1]]) for p in range(partitions) if bounds[p + 1] > bounds[p]]
 
 
-class _Table:
-    """One table's rows: numpy slabs shared by its partitions (the tier's index maps keys to slots), and each slot's
-    partition.
+class _Slab:
+    """The rows of every table of one vector size: numpy slabs indexed by slot, grown by doubling. A batch's rows of
+    all those tables are gathered in one take (slabs per table cost a few numpy calls per table of every batch)."""
 
-    A partition is the keys whose hash falls in it: its capacity and overflow are counted per partition, but its
-    rows sit in the table's slabs, so a lookup gathers a table's rows in one vectorised take whatever the
-    partitions (per-partition slabs cost a few numpy calls per (table, partition) of every batch)."""
-
-    def __init__(self, number: int, index: KeyIndex, dim: int, partitions: int, capacity: int) -> None:
-        self.number, self.index = number, index  # the table's number in the tier's index (key -> slot)
-        self.partitions, self.capacity = partitions, capacity
-        n = min(partitions * capacity, 1024)
+    def __init__(self, dim: int) -> None:
+        n = 1024
         self.vectors = np.zeros((n, dim), dtype=np.float32)  # [slots, dim]
         self.keys = np.zeros(n, dtype=np.int64)  # [slots]
         self.uses = np.zeros(n, dtype=np.int64)  # [slots] lookup hits since insertion
         self.last = np.zeros(n, dtype=np.int64)  # [slots] tick of the last insert or hit
+        self.table = np.zeros(n, dtype=np.int32)  # [slots] number of the table whose row it holds
         self.part = np.full(n, -1, dtype=np.int32)  # [slots] partition of the row held, -1 where free
-        self.fill = np.zeros(partitions, dtype=np.int64)  # [partitions] rows held in each
         self.free: list[int] = []  # freed slots below `fresh`
         self.fresh = 0  # slots from here on were never used
-
-    def slots_of(self, keys: np.ndarray) -> np.ndarray:
-        """Slot of each key, -1 where absent."""
-        return self.index.get(np.full(keys.size, self.number, dtype=np.int32), keys)
 
     def take(self, n: int) -> np.ndarray | slice:
         """n free slots (freed ones first, then never used ones), growing the slabs; a slice when they are all never
@@ -79,29 +69,46 @@ class _Table:
         del self.free[len(self.free) - len(reused):]
         extra = n - len(reused)
         if self.fresh + extra > self.keys.size:
-            self._grow(min(self.partitions * self.capacity, max(2 * self.keys.size, self.fresh + extra)))
+            self._grow(max(2 * self.keys.size, self.fresh + extra))
         start, self.fresh = self.fresh, self.fresh + extra
         if not reused:
             return slice(start, start + extra)
         return np.concatenate([np.array(reused, dtype=np.int64), np.arange(start, start + extra, dtype=np.int64)])
 
     def _grow(self, size: int) -> None:
-        for name in ("vectors", "keys", "uses", "last", "part"):
+        for name in ("vectors", "keys", "uses", "last", "table", "part"):
             old = getattr(self, name)
             new = np.full((size, *old.shape[1:]), -1 if name == "part" else 0, dtype=old.dtype)
             new[:old.shape[0]] = old
             setattr(self, name, new)
 
+
+class _Table:
+    """One table: its number in the tier's index (key -> slot), its rows' slab (shared with the tables of its vector
+    size), and how many rows each partition holds. A partition is the keys whose hash falls in it: capacity and
+    overflow are counted per partition, the rows sit in the slab."""
+
+    def __init__(self, number: int, index: KeyIndex, slab: _Slab, partitions: int, capacity: int) -> None:
+        self.number, self.index, self.slab = number, index, slab
+        self.partitions, self.capacity = partitions, capacity
+        self.fill = np.zeros(partitions, dtype=np.int64)  # [partitions] rows held in each
+
+    def slots_of(self, keys: np.ndarray) -> np.ndarray:
+        """Slot of each key, -1 where absent."""
+        return self.index.get(np.full(keys.size, self.number, dtype=np.int32), keys)
+
     def held_in(self, partition: int) -> np.ndarray:
         """Slots of the rows the partition holds."""
-        return np.flatnonzero(self.part[:self.fresh] == partition)
+        slab = self.slab
+        return np.flatnonzero((slab.part[:slab.fresh] == partition) & (slab.table[:slab.fresh] == self.number))
 
     def drop(self, slots: np.ndarray) -> None:
         """Free the slots."""
-        self.index.delete(np.full(slots.size, self.number, dtype=np.int32), self.keys[slots])
-        np.subtract.at(self.fill, self.part[slots], 1)
-        self.part[slots] = -1
-        self.free.extend(slots.tolist())
+        slab = self.slab
+        self.index.delete(np.full(slots.size, self.number, dtype=np.int32), slab.keys[slots])
+        np.subtract.at(self.fill, slab.part[slots], 1)
+        slab.part[slots] = -1
+        slab.free.extend(slots.tolist())
 
 
 class VolatileTier(Tier):
@@ -128,14 +135,16 @@ class VolatileTier(Tier):
         self.policy, self.target_fill = overflow_policy, target_fill
         self._rng = np.random.default_rng(seed)
         self._tables: dict[str, _Table] = {}
-        self._index = KeyIndex()  # (table number, key) -> slot in that table's slabs, every table's
+        self._slabs: dict[int, _Slab] = {}  # by vector size
+        self._index = KeyIndex()  # (table number, key) -> slot in that table's slab, every table's
         self._tick = 0
 
     def create_table(self, spec: TableSpec) -> None:
         """Create the table's empty partitions (a no-op if it exists)."""
         super().create_table(spec)
         if spec.name not in self._tables:
-            self._tables[spec.name] = _Table(len(self._tables), self._index, spec.dim, self.partitions, self.capacity)
+            slab = self._slabs.setdefault(spec.dim, _Slab(spec.dim))
+            self._tables[spec.name] = _Table(len(self._tables), self._index, slab, self.partitions, self.capacity)
 
     def _table(self, table: str) -> _Table:
         self.spec(table)
@@ -154,8 +163,8 @@ class VolatileTier(Tier):
         return self.lookup_many({table: keys})[table]
 
     def lookup_many(self, requests: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """`lookup` of several tables in one pass: one batched probe of the index for every table's keys, then
-        per table with hits three vectorised row operations."""
+        """`lookup` of several tables in one pass: one batched probe of the index for every table's keys, then a few
+        vectorised row operations per vector size (one gather for all the tables of a size)."""
         tables = list(requests)
         specs = [self.spec(t) for t in tables]
         ks = [keys_to_numpy(check_keys(requests[t])) for t in tables]
@@ -165,27 +174,36 @@ class VolatileTier(Tier):
         slots = self._index.get(self._numbers(tables, counts), k)  # [n] slot, -1 where absent
         found = slots >= 0  # [n]
         self._tick += 1
+        by_dim: dict[int, list[int]] = {}
+        for t, spec in enumerate(specs):
+            by_dim.setdefault(spec.dim, []).append(t)
         answers = {}
-        for t, (table, spec) in enumerate(zip(tables, specs)):
-            lo, hi = bounds[t], bounds[t + 1]
-            s, f = slots[lo:hi], found[lo:hi]
-            out = np.empty((hi - lo, spec.dim), dtype=np.float32)  # [m, dim]
-            hit = np.flatnonzero(f)
-            if hit.size == hi - lo:  # every key held: one gather, no default rows
-                np.take(self._tables[table].vectors, s, axis=0, out=out, mode="clip")  # clip: unbuffered (valid)
+        for dim, members in by_dim.items():  # usually one: every table of a DLRM has one vector size
+            if len(members) == len(tables):
+                s, f = slots, found
             else:
-                out[:] = spec.default.numpy()
-                if hit.size:
-                    out[hit] = self._tables[table].vectors[s[hit]]
-            if hit.size:
-                held = s[hit] if hit.size < hi - lo else s
-                tab = self._tables[table]
-                tab.uses[held] += 1  # a key twice in a batch counts once
-                tab.last[held] = self._tick
-            answers[table] = torch.from_numpy(out), torch.from_numpy(f)
+                s = np.concatenate([slots[bounds[t]:bounds[t + 1]] for t in members])
+                f = s >= 0
+            slab, sizes = self._slabs[dim], [counts[t] for t in members]
+            out = np.empty((s.size, dim), dtype=np.float32)  # [m, dim]
+            hit = np.flatnonzero(f)
+            if hit.size == s.size:  # every key held: one gather, no default rows
+                np.take(slab.vectors, s, axis=0, out=out, mode="clip")  # clip: unbuffered (the slots are valid)
+                held = s
+            else:
+                miss = np.flatnonzero(~f)
+                defaults = np.stack([specs[t].default.numpy() for t in members])  # [G, dim]
+                out[miss] = defaults[np.repeat(np.arange(len(members)), sizes)[miss]]
+                held = s[hit]
+                out[hit] = slab.vectors[held]
+            slab.uses[held] += 1  # a key twice in a batch counts once
+            slab.last[held] = self._tick
+            cut = np.cumsum(sizes)[:-1]
+            for t, o, fo in zip(members, np.split(out, cut), np.split(f, cut)):
+                answers[tables[t]] = torch.from_numpy(o), torch.from_numpy(fo)
         hits = int(found.sum())
         self.count(hits=hits, misses=k.size - hits)
-        return answers
+        return {t: answers[t] for t in tables}
 
     def insert(self, table: str, keys: torch.Tensor, vectors: torch.Tensor) -> None:
         """Put the rows; a full partition first evicts by policy down to its target fill."""
@@ -199,7 +217,7 @@ class VolatileTier(Tier):
         uniq, last_pos = last_occurrence(keys_to_numpy(keys))
         slots = tab.slots_of(uniq)
         held = slots >= 0
-        tab.vectors[slots[held]] = vecs[last_pos[held]]
+        tab.slab.vectors[slots[held]] = vecs[last_pos[held]]
         return int(held.sum())
 
     def insert_many(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], unique: bool = False) -> None:
@@ -231,8 +249,8 @@ class VolatileTier(Tier):
             tab, s, gv, gk = self._tables[table], slots[lo:hi], vs[t], k[lo:hi]
             held = s >= 0
             if held.any():
-                tab.vectors[s[held]] = gv[held]
-                tab.last[s[held]] = self._tick
+                tab.slab.vectors[s[held]] = gv[held]
+                tab.slab.last[s[held]] = self._tick
                 new = ~held
                 self._add(tab, s[held], gk[new], gv[new])
             else:  # every key is new (the ParameterServer's promoted rows)
@@ -248,7 +266,7 @@ class VolatileTier(Tier):
         new = np.bincount(part, minlength=P)  # [P]
         over = np.flatnonzero(tab.fill + new > cap)
         if over.size:
-            mine = np.bincount(tab.part[protected], minlength=P) if protected.size else np.zeros(P, np.int64)
+            mine = np.bincount(tab.slab.part[protected], minlength=P) if protected.size else np.zeros(P, np.int64)
             keep = np.ones(keys.size, dtype=bool)
             for p in over.tolist():
                 room = cap - int(mine[p])
@@ -263,9 +281,10 @@ class VolatileTier(Tier):
             if not keep.all():
                 keys, vecs, part = keys[keep], vecs[keep], part[keep]
                 new = np.bincount(part, minlength=P)
-        slots = tab.take(keys.size)
-        tab.keys[slots], tab.vectors[slots], tab.part[slots] = keys, vecs, part
-        tab.uses[slots], tab.last[slots] = 0, self._tick
+        slab = tab.slab
+        slots = slab.take(keys.size)
+        slab.keys[slots], slab.vectors[slots], slab.part[slots], slab.table[slots] = keys, vecs, part, tab.number
+        slab.uses[slots], slab.last[slots] = 0, self._tick
         tab.fill += new
         numbers = np.arange(slots.start, slots.stop, dtype=np.int64) if isinstance(slots, slice) else slots
         self._index.put(np.full(keys.size, tab.number, dtype=np.int32), keys, numbers)
@@ -281,9 +300,9 @@ class VolatileTier(Tier):
         if self.policy == "evict_random":
             victims = self._rng.choice(slots, size=n, replace=False)
         elif self.policy == "evict_least_used":
-            victims = slots[np.lexsort((slots, tab.last[slots], tab.uses[slots]))[:n]]
+            victims = slots[np.lexsort((slots, tab.slab.last[slots], tab.slab.uses[slots]))[:n]]
         else:
-            victims = slots[np.lexsort((slots, tab.last[slots]))[:n]]
+            victims = slots[np.lexsort((slots, tab.slab.last[slots]))[:n]]
         tab.drop(victims)
         self.count(evictions=n)
         logger.debug("volatile: evicted %d rows by %s", n, self.policy)
