@@ -67,6 +67,7 @@ class Metrics:
         self.cost_overrun.set(1.0)
         self.tei: TEIMetrics | None = None  # TEI's names, made with the first engine (its input limit)
         self._queues: list = []
+        r.register(_PlanAheadCollector(self._queues))
 
     def watch_engine(self, queue, cost, max_input_length: int) -> TEIMetrics:
         """Read an engine's queue (depths summed over the engines: the model and a reranker) and, for the first
@@ -143,6 +144,23 @@ class Metrics:
         absolute = sorted(abs(e) for e in errors)
         return {"batches": len(errors), "median_abs": statistics.median(absolute),
                 "p90_abs": absolute[int(0.9 * (len(absolute) - 1))], "median_signed": statistics.median(errors)}
+
+
+class _PlanAheadCollector(Collector):
+    """`turboserve_scheduler_plans_ahead_total{outcome}`: batches planned while the one before ran
+    (scheduler.plan_ahead), run as planned or planned again when the worker took them; summed over the engines."""
+
+    def __init__(self, queues: list) -> None:
+        self.queues = queues
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("turboserve_scheduler_plans_ahead", "Batches planned while the batch before them "
+                                     "ran (scheduler.plan_ahead): run as planned, or planned again when the worker took "
+                                     "them (a more urgent request arrived, the plan would wait, or its requests left).",
+                                     labels=["outcome"])
+        family.add_metric(["run"], sum(q.ahead_used for q in self.queues))
+        family.add_metric(["planned_again"], sum(q.ahead_dropped for q in self.queues))
+        yield family
 
 
 class _StreamCollector(Collector):

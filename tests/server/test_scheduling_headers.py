@@ -121,3 +121,6 @@ def test_planning_ahead_and_answering_after_the_plan_through_http():
         assert [r.json() for r in answers] == alone
         ahead = c.get("/info").json()["scheduler"]["plans_ahead"]
         assert ahead["run"] >= 2 and ahead["planned_again"] >= 0
+        text = c.get("/metrics").text  # the same counts for Prometheus
+        for outcome in ("run", "planned_again"):
+            assert f'turboserve_scheduler_plans_ahead_total{{outcome="{outcome}"}} {float(ahead[outcome])}' in text
