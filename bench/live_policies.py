@@ -98,6 +98,8 @@ def main() -> int:
                          "calibration's were, in --at-sim-capacity and the `learning` column)")
     ap.add_argument("--fresh-profile", action="store_true",
                     help="measure a new cost model (default: reuse the one of an earlier run in --out)")
+    ap.add_argument("--arrival-seed", type=int, default=ARRIVAL_SEED,
+                    help="seed of the arrival times (another trace; the calibration's are its own)")
     ap.add_argument("--at-sim-capacity", action="store_true",
                     help="loads: the simulated SLO capacities of fifo and dp on this trace (instead of --loads)")
     args = ap.parse_args()
@@ -132,14 +134,14 @@ def main() -> int:
     loads = [float(ld) for ld in args.loads.split(",")] if not args.rps else [args.rps]
     if args.at_sim_capacity:
         loads = sim_capacities(lengths, arrivals_at, limits, slo, report, models.start, device or models.start, host,
-                               scatter=models.scatter)
+                               scatter=models.scatter, arrival_seed=args.arrival_seed)
     plan_runs = [(ld, p) for ld in loads for _ in range(args.repeats) for p in args.policies.split(",")]
     traces: dict[float, tuple[float, list[float]]] = {}
     for load, policy in plan_runs:
         if load not in traces:  # one trace a load, replayed to every policy and round alike
             capacity = full_batch_capacity(lengths, limits, models.start) / k  # requests/s
             rate = args.rps if args.rps else load * capacity
-            traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(ARRIVAL_SEED)))
+            traces[load] = (capacity, arrivals_at(rate, len(bodies), random.Random(args.arrival_seed)))
             (out / f"trace-{load}.json").write_text(json.dumps({"arrivals": traces[load][1], "lengths": lengths,
                                                                 "texts": texts, "inputs": k}))
         capacity, arrivals = traces[load]
