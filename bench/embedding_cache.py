@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dlrm-warm", type=int, default=None, help="warm-up batches (default 800; quick 32)")
     p.add_argument("--dlrm-policy", default="lru", choices=("lru", "lfu", "tinylfu"), help="device cache policy")
     p.add_argument("--dlrm-device", default="cpu", help="the model's and the device cache's device (cuda on a GPU machine)")
+    p.add_argument("--dlrm-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the DLRM's dense part's compute dtype, both paths (recommend.dtype)")
     p.add_argument("--dlrm-preload", type=float, default=0.0,
                    help="fraction of each table preloaded into the volatile tier before the warm-up (embeddings.volatile_preload)")
     return p
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         results["dlrm"] = dlrm_end_to_end(scale, args.dlrm_dim, args.dlrm_batch, 1.05, fractions,
                                           warm_batches=args.dlrm_warm or (32 if quick else 800),
                                           timed_batches=3 if quick else 10, rounds=2 if quick else 3, seed=args.seed, log=log,
-                                          policy=args.dlrm_policy, device=args.dlrm_device, preload=args.dlrm_preload)
+                                          policy=args.dlrm_policy, device=args.dlrm_device, preload=args.dlrm_preload,
+                                          dtype=args.dlrm_dtype)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["loadavg_end"] = os.getloadavg()
     print()

@@ -321,7 +321,7 @@ def build_recommender(settings: Settings) -> Recommender:
                     log.warning("table %r of the DLRM is not in %s: every key answers the default vector until it "
                                 "is imported (turboserve import-embeddings)", table, emb.path)
                     ps.create_table(table, config.embedding_dim, rows=rows)
-            model = load_dlrm(rec.model_path, device=ps.device)
+            model = load_dlrm(rec.model_path, device=ps.device, dtype=rec.dtype)
         if emb.volatile_preload > 0:
             preload_volatile(ps, emb.volatile_preload)
         consumer = None

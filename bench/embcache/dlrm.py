@@ -100,7 +100,8 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                     cache_fractions: tuple[float, ...] = (0.05, 0.2), warm_batches: int = 800, timed_batches: int = 10,
                     rounds: int = 3, bottom: tuple[int, ...] = (512, 256, 64), top: tuple[int, ...] = (512, 256),
                     seed: int = 0, workdir: Path | None = None, log: Callable[[str], None] = lambda s: None,
-                    policy: str = "lru", device: str = "cpu", preload: float = 0.0) -> list[dict]:
+                    policy: str = "lru", device: str = "cpu", preload: float = 0.0,
+                    dtype: str = "float32") -> list[dict]:
     """Samples/s of a DLRM through a warm ParameterServer vs straight from the persistent tier; one dict per cache size.
 
     `device`: where the model and the device cache live ("cuda" on a GPU machine: the dense part then takes a small
@@ -109,7 +110,8 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
     Warm-up: `warm_batches` batches of the trace looked up through the ParameterServer (16 batches a call, no model;
     the device cache reaches the same steady hit rate as with one batch a call). Timed: `rounds` rounds of
     `timed_batches` further batches, each round through both paths (who goes first alternates). `preload`: the
-    fraction of each table loaded into the volatile tier before the warm-up (`ParameterServer.preload`)."""
+    fraction of each table loaded into the volatile tier before the warm-up (`ParameterServer.preload`). `dtype`: the
+    dense part's compute dtype, in both paths (`load_dlrm(dtype=...)`, the server's recommend.dtype)."""
     cards = criteo_cardinalities(scale)
     config = dlrm_config(cards, dim, bottom, top)
     own_tmp = workdir is None
@@ -121,7 +123,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
             fill_tables(persistent, config, seed)
         log(f"  26 tables, {int(cards.sum()):,} rows of dim {dim} (Criteo × {scale}, largest {int(cards.max()):,}) "
             f"written to RocksDB in {fill.wall_s:.1f} s")
-        model = load_dlrm(save_dlrm(workdir / "model", config, seed), device=device)
+        model = load_dlrm(save_dlrm(workdir / "model", config, seed), device=device, dtype=dtype)
         sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
         total = warm_batches + rounds * timed_batches
         trace = make_trace(cards, batches=total, batch_size=batch, alpha=alpha, seed=seed + 1)
@@ -190,7 +192,7 @@ def dlrm_end_to_end(scale: float = 0.1, dim: int = 16, batch: int = 1024, alpha:
                 "device": str(cache.device), "device_name": _device_name(cache.device),
                 "rows": int(cards.sum()), "largest_table": int(cards.max()), "bottom_mlp": [*bottom, dim],
                 "top_mlp": [*top, 1], "warm_batches": warm_batches, "timed_batches": timed_batches, "rounds": rounds,
-                "device_cache_bytes": cache.memory_bytes, "volatile_preload": preload, "preloaded_rows": preloaded, "fill_s": round(fill.wall_s, 1), "warm_s": round(warm.wall_s, 1),
+                "device_cache_bytes": cache.memory_bytes, "volatile_preload": preload, "dtype": dtype, "preloaded_rows": preloaded, "fill_s": round(fill.wall_s, 1), "warm_s": round(warm.wall_s, 1),
                 "server_samples_per_s": batch / med["server"], "persistent_samples_per_s": batch / med["persistent"],
                 "server_ms_per_batch": 1e3 * med["server"], "persistent_ms_per_batch": 1e3 * med["persistent"],
                 "server_lookup_ms_per_batch": 1e3 * med_lookup["server"],

@@ -49,7 +49,8 @@ def format_report(results: dict) -> str:
         lines.append("")
         lines.append(f"DLRM end to end (batch {d['batch']}, 26 tables, {d['rows']:,} rows dim {d['dim']}, α {d['alpha']}, "
                      f"device cache {d['cache_fraction']:.0%} {d.get('policy', 'lru')}, warm, on {d.get('device_name', 'cpu')}"
-                     + (f"; volatile tier preloaded with {d['preloaded_rows']:,} rows" if d.get("preloaded_rows") else "") + ")")
+                     + (f"; volatile tier preloaded with {d['preloaded_rows']:,} rows" if d.get("preloaded_rows") else "")
+                     + (f"; dense part in {d['dtype']}" if d.get("dtype", "float32") != "float32" else "") + ")")
         lines.append(f"{'path':22} {'samples/s':>10} {'ms/batch':>9} {'lookup ms':>9}")
         lines.append(f"{'ParameterServer':22} {d['server_samples_per_s']:10,.0f} {d['server_ms_per_batch']:9.1f} "
                      f"{d['server_lookup_ms_per_batch']:9.1f}")

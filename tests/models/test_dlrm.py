@@ -164,6 +164,24 @@ def test_a_lookup_with_many_is_asked_once_for_every_table(model_folder):
         load_dlrm(folder / "model", bad)(dense, sparse)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_dense_part_scores_close_to_float32(model_folder, dtype):
+    folder, cfg = model_folder
+    tables = {t: np.load(folder / "tables" / f"{t}.npy") for t in cfg.tables}
+    full = load_dlrm(folder / "model", TableLookup(tables))
+    half = load_dlrm(folder / "model", TableLookup(tables), dtype=dtype)
+    assert half.dtype == getattr(torch, dtype) and full.dtype == torch.float32
+    assert all(p.dtype == half.dtype for p in half.parameters()) and half._pairs.dtype == torch.int64
+    dense, sparse = _batch(cfg, 64, seed=8)
+    with torch.inference_mode():
+        want, got = full(dense, sparse), half(dense, sparse)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02)
+    assert not torch.equal(got, want)  # computed in the lower precision, not silently in float32
+    with pytest.raises(ValueError, match="float64"):
+        load_dlrm(folder / "model", dtype=torch.float64)
+
+
 def test_seeded_files_are_deterministic(tmp_path):
     cfg = _config()
     for name in ("a", "b"):

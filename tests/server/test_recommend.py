@@ -88,6 +88,17 @@ def test_volatile_preload_answers_from_memory_before_the_first_request(tmp_path)
         assert "turboserve_embedding_volatile_preloaded_rows_total 350.0" in c.get("/metrics").text  # 200 + 100 + 50
 
 
+def test_a_bfloat16_dlrm_answers_close_to_the_float32_reference(tmp_path):
+    own = make_dlrm(tmp_path)
+    sections = embedding_sections(own)
+    sections["recommend"]["dtype"] = "bfloat16"
+    with dummy_server(**sections) as s, s.client() as c:
+        assert s.app.state.recommender.model.dtype == torch.bfloat16
+        r = c.post("/v1/recommend", json={"dense": DENSE, "sparse": SPARSE})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["scores"], reference_scores(own, DENSE, SPARSE), atol=0.02, rtol=0)
+
+
 def test_encoder_still_served_beside_the_dlrm(client):
     r = client.post("/v1/embeddings", json={"model": MODEL, "input": "hello"})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 8
