@@ -206,15 +206,16 @@ class DLRM(nn.Module):
             answers = many({t: q for t, (_, q, _, _) in queries.items()}, {t: n for t, (_, _, _, n) in queries.items()})
         # Every key's row in one tensor (table by table, each table's features in turn), then one index_add into
         # pooled viewed as [B * F, d]: the key of sample b's bag of feature i adds to row b * F + i.
-        parts, features, lengths = [], [], []
+        parts, at, features, lengths = [], [], [], []  # rows of each table's query; each key's row among them
         for table, (mine, query, inverse, _) in queries.items():
             rows = answers.get(table) if answers is not None else lookup(table, query)  # [u, d]
             if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (query.numel(), d):
                 shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
                 u = query.numel()
                 raise RuntimeError(f"lookup({table!r}) returned {shape} for {u} keys; expected ({u}, {d})")
-            rows = rows.to(device=device, dtype=torch.float32)
-            parts.append(rows.index_select(0, inverse.to(device)) if inverse is not None else rows)  # [n, d]
+            start = sum(p.shape[0] for p in parts)
+            parts.append(rows.to(device=device, dtype=torch.float32))  # [u, d]
+            at.append((inverse if inverse is not None else torch.arange(query.numel())) + start)  # [n]
             features += [i for i, _, _, _ in mine]
             lengths += [bag_lengths for _, _, _, bag_lengths in mine]
         if parts:
@@ -223,7 +224,8 @@ class DLRM(nn.Module):
             per_bag = torch.stack(lengths).to(device)  # [F', B] keys in each bag
             target = torch.arange(batch, device=device) * n_features + which[:, None]  # [F', B] rows of the view
             bag = torch.repeat_interleave(target.reshape(-1), per_bag.reshape(-1))  # [N] row of each key
-            pooled.view(batch * n_features, d).index_add_(0, bag, torch.cat(parts))
+            rows = torch.cat(parts).index_select(0, torch.cat(at).to(device))  # [N, d]: one copy to a GPU, one gather
+            pooled.view(batch * n_features, d).index_add_(0, bag, rows)
             if cfg.pooling == "mean":
                 count = torch.ones(batch, n_features, device=device)
                 count[:, which] = per_bag.t().clamp(min=1).float()
