@@ -10,4 +10,5 @@ for r in 1 2 3; do
     (cd "$OLD" && $py bench/embedding_cache.py --only dlrm --out "$OLDPWD/$out/old_$r") > "$out/old_$r.txt" 2>&1
     $py bench/embedding_cache.py --only dlrm --out "$out/new_$r" > "$out/new_$r.txt" 2>&1
     $py bench/embedding_cache.py --only dlrm --dlrm-preload 1.0 --out "$out/preload_$r" > "$out/preload_$r.txt" 2>&1
+    $py bench/embedding_cache.py --only dlrm --dlrm-preload 1.0 --dlrm-dtype bfloat16 --out "$out/bf16_$r" > "$out/bf16_$r.txt" 2>&1
 done
