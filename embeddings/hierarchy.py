@@ -10,6 +10,9 @@ tier; RocksDB has no multi-get across column families, so one multi-get per tabl
 so a batch of 26 tables costs a handful of tier calls, not 26 times as many; `lookup` is a
 `lookup_many` of one table.
 
+`preload` fills the volatile tier from RocksDB before serving (embeddings.volatile_preload, HPS's
+initial cache rate), so that lookups of tables that fit in memory never wait on RocksDB.
+
 High-hit-rate mode (`async_defaults=True`, off by default; HPS's behaviour): when the device
 cache answers more than `hit_rate_threshold` of a batch's unique keys, the batch's misses are
 answered with the table's default vector at once and fetched into the cache by a background
