@@ -46,6 +46,11 @@ class Bag:
 
 def bags_from_rows(feature: str, rows: list) -> Bag:
     """JSON rows of one feature, one per sample: a key (a bag of one) or a list of keys (possibly empty)."""
+    if all(type(r) is int for r in rows):  # one key a sample (Criteo's features): converted at once
+        try:
+            return Bag(np.array(rows, dtype=np.int64), np.arange(len(rows), dtype=np.int64))
+        except OverflowError:  # a key past int64: as_keys names it
+            pass
     lengths = np.fromiter((1 if isinstance(r, int) else len(r) for r in rows), dtype=np.int64, count=len(rows))
     flat = [k for r in rows for k in ((r,) if isinstance(r, int) else r)]
     return Bag(as_keys(flat, f"sparse feature {feature!r}"), np.cumsum(lengths) - lengths)
