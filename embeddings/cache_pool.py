@@ -205,13 +205,21 @@ class Pool:
             score = (self.freq.index_select(0, touched).clamp(max=_SCORE_MAX) << 40) | last
         score = torch.where(occupied, score, -1)
         score = torch.where(prot, INT64_MAX, score)
-        victims = torch.sort(score, dim=1, stable=True).indices  # [t, ways]
+        # Victims in the order a stable sort of the scores gives (lowest score, then lowest way). Most sets get one
+        # new key: their first minimum (argmin) is all they need; only the sets that get several are sorted.
         room = ways - prot.sum(dim=1)  # [t]
+        need = torch.minimum(counts, room)  # [t] victims each set gives up
+        deep = max(1, int(need.max()))
+        victims = torch.empty(touched.numel(), deep, dtype=torch.int64, device=dev)  # [t, deep]
+        victims[:, 0] = score.argmin(dim=1)  # the first minimum, as the stable sort's first
+        several = torch.nonzero(need > 1).squeeze(1)
+        if several.numel():
+            ways_sorted = torch.sort(score.index_select(0, several), dim=1, stable=True).indices  # [s, ways]
+            victims.index_copy_(0, several, ways_sorted[:, :deep])
         ok = torch.nonzero(rank < room.index_select(0, group)).squeeze(1)  # [k] new keys that get a slot
         group, rank, idx, nsets = (x.index_select(0, ok) for x in (group, rank, idx, nsets))
-        row = group * ways  # [k] start of each key's set in the [t, ways] arrays
-        way = victims.view(-1).index_select(0, row + rank)  # [k]
-        at_victim = row + way  # [k] into the [t, ways] arrays
+        way = victims.view(-1).index_select(0, group * deep + rank)  # [k]
+        at_victim = group * ways + way  # [k] into the [t, ways] arrays
         taken = occupied.view(-1).index_select(0, at_victim)  # [k] the victim slot holds a key
         if self.sketch is not None:  # admission: a new key must be estimated more frequent than the key it evicts
             salt = at.hkeys.index_select(0, idx) ^ at.keys.index_select(0, idx)  # [k] its table's salt
