@@ -113,12 +113,16 @@ def test_shapes_and_include_last_offset(model_folder):
     assert model(torch.zeros(0, cfg.num_dense), empty).shape == (0,)
 
 
-def test_dedup_same_result_fewer_rows(model_folder):
+def _served(model_folder, make_lookup, seed):
+    """The folder's model over a lookup made from its tables, and a batch of 32 bags of up to 6 keys."""
     folder, cfg = model_folder
     tables = {t: np.load(folder / "tables" / f"{t}.npy") for t in cfg.tables}
-    lookup = CountingLookup(tables)
-    model = load_dlrm(folder / "model", lookup)
-    dense, sparse = _batch(cfg, 32, seed=6, max_bag=6)
+    lookup = make_lookup(tables)
+    return cfg, tables, lookup, load_dlrm(folder / "model", lookup), *_batch(cfg, 32, seed=seed, max_bag=6)
+
+
+def test_dedup_same_result_fewer_rows(model_folder):
+    cfg, _, lookup, model, dense, sparse = _served(model_folder, CountingLookup, seed=6)
     deduped = model(dense, sparse)
     assert [t for t, _ in lookup.calls] == list(cfg.tables)  # one call per table, features on a table merged
     for table, keys in lookup.calls:
@@ -144,11 +148,8 @@ class BatchLookup(CountingLookup):
 
 
 def test_a_lookup_with_many_is_asked_once_for_every_table(model_folder):
-    folder, cfg = model_folder
-    tables = {t: np.load(folder / "tables" / f"{t}.npy") for t in cfg.tables}
-    lookup = BatchLookup(tables)
-    model = load_dlrm(folder / "model", lookup)
-    dense, sparse = _batch(cfg, 32, seed=7, max_bag=6)
+    folder = model_folder[0]
+    cfg, tables, lookup, model, dense, sparse = _served(model_folder, BatchLookup, seed=7)
     scores = model(dense, sparse)
     assert lookup.calls == [] and len(lookup.batches) == 1
     queries, asked = lookup.batches[0]
