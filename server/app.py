@@ -33,6 +33,7 @@ from server import (
     routes_vertex,
     routes_vllm,
 )
+from server.deps import json_media_type
 from server.engine import Engine
 from server.errors import (
     KINDS,
@@ -54,12 +55,6 @@ from server.shared_memory import SharedMemoryRegistry
 log = logging.getLogger(__name__)
 
 Loader = Callable[[], tuple[Embedder, TextTokenizer, ModelInfo]]
-
-
-def json_media_type(value: str) -> bool:
-    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/*+json."""
-    main, _, sub = value.split(";", 1)[0].strip().lower().partition("/")
-    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 def default_loader(settings: Settings) -> Loader:

@@ -99,6 +99,24 @@ def test_a_bfloat16_dlrm_answers_close_to_the_float32_reference(tmp_path):
         np.testing.assert_allclose(r.json()["scores"], reference_scores(own, DENSE, SPARSE), atol=0.02, rtol=0)
 
 
+def test_recommend_reads_its_json_body_in_one_pass_with_fastapis_errors(client, dlrm):
+    body = {"dense": DENSE, "sparse": SPARSE}
+    r = client.post("/v1/recommend", content=b'{"dense": [[1, 2, 3]], "sparse": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "Invalid JSON: EOF while parsing" in r.json()["error"]["message"]
+    r = client.post("/v1/recommend", json={"dense": DENSE})
+    assert r.status_code == 400 and "sparse: Field required" in r.json()["error"]["message"]
+    import json  # noqa: PLC0415
+
+    for kind in ("text/plain", None):  # FastAPI reads neither as JSON: an unsupported media type, as on every route
+        r = client.post("/v1/recommend", content=json.dumps(body), headers={"content-type": kind} if kind else {})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    r = client.post("/v1/recommend", content=json.dumps(body), headers={"content-type": "application/vnd.api+json"})
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json()["scores"], reference_scores(dlrm, DENSE, SPARSE), atol=1e-5, rtol=0)
+    schema = client.get("/openapi.json").json()["paths"]["/v1/recommend"]["post"]["requestBody"]
+    assert schema["content"]["application/json"]["schema"]["required"] == ["dense", "sparse"]
+
+
 def test_encoder_still_served_beside_the_dlrm(client):
     r = client.post("/v1/embeddings", json={"model": MODEL, "input": "hello"})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 8
