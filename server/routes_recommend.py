@@ -73,17 +73,19 @@ async def recommend(request: Request):
     return json_response({"model": rec.name, "scores": scores})
 
 
-@router.post("/embeddings/lookup")
-async def lookup(body: LookupRequest, request: Request):
+@router.post("/embeddings/lookup", openapi_extra=_body_schema(LookupRequest))
+async def lookup(request: Request):
+    body = await json_body(request, LookupRequest)
     rec = recommender_of(request)
     dim = rec.dim(body.table)
     vectors, found = await _timed(request, rec.lookup, body.table, body.keys)
     return json_response({"table": body.table, "dim": dim, "vectors": vectors, "found": found})
 
 
-@router.post("/embeddings/update")
-async def update(body: UpdateRequest, request: Request):
+@router.post("/embeddings/update", openapi_extra=_body_schema(UpdateRequest))
+async def update(request: Request):
     """Write rows here (RocksDB first, fsynced), then, with an update stream, publish them to every replica."""
+    body = await json_body(request, UpdateRequest)
     rec = recommender_of(request)
     rec.dim(body.table)
     consumer = rec.consumer
