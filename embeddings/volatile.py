@@ -88,9 +88,8 @@ class _Table:
     size), and how many rows each partition holds. A partition is the keys whose hash falls in it: capacity and
     overflow are counted per partition, the rows sit in the slab."""
 
-    def __init__(self, number: int, index: KeyIndex, slab: _Slab, partitions: int, capacity: int) -> None:
+    def __init__(self, number: int, index: KeyIndex, slab: _Slab, partitions: int) -> None:
         self.number, self.index, self.slab = number, index, slab
-        self.partitions, self.capacity = partitions, capacity
         self.fill = np.zeros(partitions, dtype=np.int64)  # [partitions] rows held in each
 
     def slots_of(self, keys: np.ndarray) -> np.ndarray:
@@ -144,7 +143,7 @@ class VolatileTier(Tier):
         super().create_table(spec)
         if spec.name not in self._tables:
             slab = self._slabs.setdefault(spec.dim, _Slab(spec.dim))
-            self._tables[spec.name] = _Table(len(self._tables), self._index, slab, self.partitions, self.capacity)
+            self._tables[spec.name] = _Table(len(self._tables), self._index, slab, self.partitions)
 
     def _table(self, table: str) -> _Table:
         self.spec(table)

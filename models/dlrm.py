@@ -207,15 +207,16 @@ class DLRM(nn.Module):
         # Every key's row in one tensor (table by table, each table's features in turn), then one index_add into
         # pooled viewed as [B * F, d]: the key of sample b's bag of feature i adds to row b * F + i.
         parts, at, features, lengths = [], [], [], []  # rows of each table's query; each key's row among them
+        offset = 0  # rows of the tables before this one
         for table, (mine, query, inverse, _) in queries.items():
             rows = answers.get(table) if answers is not None else lookup(table, query)  # [u, d]
             if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (query.numel(), d):
                 shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
                 u = query.numel()
                 raise RuntimeError(f"lookup({table!r}) returned {shape} for {u} keys; expected ({u}, {d})")
-            start = sum(p.shape[0] for p in parts)
             parts.append(rows.to(device=device, dtype=torch.float32))  # [u, d]
-            at.append((inverse if inverse is not None else torch.arange(query.numel())) + start)  # [n]
+            at.append((inverse if inverse is not None else torch.arange(query.numel())) + offset)  # [n]
+            offset += query.numel()
             features += [i for i, _, _, _ in mine]
             lengths += [bag_lengths for _, _, _, bag_lengths in mine]
         if parts:

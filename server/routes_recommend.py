@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.errors import BackendError
-from server.deps import json_body, json_response, recommender_of, timing_of
+from server.deps import json_body, json_body_schema, json_response, recommender_of, timing_of
 from server.errors import InvalidRequest, error_responses
 from server.recommend import Bag, bags_from_rows
 
@@ -51,12 +51,7 @@ async def _timed(request: Request, fn, *args):
         timing_of(request).inference = time.perf_counter() - started
 
 
-def _body_schema(model: type[BaseModel]) -> dict:
-    """openapi_extra declaring a JSON body of `model` for a route that reads it with json_body."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-@router.post("/recommend", openapi_extra=_body_schema(RecommendRequest))
+@router.post("/recommend", openapi_extra=json_body_schema(RecommendRequest))
 async def recommend(request: Request):
     body = await json_body(request, RecommendRequest)  # a DLRM batch's 26,000 keys: pydantic's JSON parser, one pass
     rec = recommender_of(request)
@@ -73,7 +68,7 @@ async def recommend(request: Request):
     return json_response({"model": rec.name, "scores": scores})
 
 
-@router.post("/embeddings/lookup", openapi_extra=_body_schema(LookupRequest))
+@router.post("/embeddings/lookup", openapi_extra=json_body_schema(LookupRequest))
 async def lookup(request: Request):
     body = await json_body(request, LookupRequest)
     rec = recommender_of(request)
@@ -82,7 +77,7 @@ async def lookup(request: Request):
     return json_response({"table": body.table, "dim": dim, "vectors": vectors, "found": found})
 
 
-@router.post("/embeddings/update", openapi_extra=_body_schema(UpdateRequest))
+@router.post("/embeddings/update", openapi_extra=json_body_schema(UpdateRequest))
 async def update(request: Request):
     """Write rows here (RocksDB first, fsynced), then, with an update stream, publish them to every replica."""
     body = await json_body(request, UpdateRequest)
